@@ -1,0 +1,85 @@
+//! JSON helpers for payloads that are passed through untouched.
+//!
+//! Payloads are validated by `serde_json` (as `RawValue`) and then only compacted: whitespace
+//! outside strings is removed so that an event is one line (SSE `data:` needs that) and its
+//! stored size does not depend on the publisher's formatting. Values are never re-ordered or
+//! re-encoded.
+
+use std::borrow::Cow;
+
+/// Removes insignificant whitespace from valid JSON text.
+pub fn compact(json: &str) -> Cow<'_, str> {
+    let bytes = json.as_bytes();
+    let needs = {
+        let mut in_str = false;
+        let mut esc = false;
+        bytes.iter().any(|&b| {
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                false
+            } else if b == b'"' {
+                in_str = true;
+                false
+            } else {
+                matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+            }
+        })
+    };
+    if !needs {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len());
+    let mut in_str = false;
+    let mut esc = false;
+    for c in json.chars() {
+        if in_str {
+            out.push(c);
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn compacts_outside_strings_only() {
+        assert!(matches!(compact(r#"{"a":1}"#), Cow::Borrowed(_)));
+        assert_eq!(compact("{ \"a\" : [1, 2],\n \"b\": \"x y\\\" z\" }"), r#"{"a":[1,2],"b":"x y\" z"}"#);
+        assert_eq!(compact(" 1 "), "1");
+    }
+
+    proptest! {
+        #[test]
+        fn compacting_keeps_the_value(v in any::<Vec<(String, i32)>>()) {
+            let value: serde_json::Value = v.into_iter().map(|(k, n)| (k, serde_json::json!([n, {"s": " x "}]))).collect::<serde_json::Map<_, _>>().into();
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            let c = compact(&pretty);
+            prop_assert!(!c.contains('\n'));
+            let back: serde_json::Value = serde_json::from_str(&c).unwrap();
+            prop_assert_eq!(back, value.clone());
+            let compact_ref = serde_json::to_string(&value).unwrap();
+            prop_assert_eq!(c.as_ref(), compact_ref.as_str());
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Where the log and the sessions live.
+//!
+//! [`Store`] is the one interface the server talks to; `sqlite` (the default: one file, a
+//! single group-committing writer) and `memory` (tests) implement it with the same behaviour,
+//! checked by one shared suite (`tests/behaviour.rs`).
+//!
+//! Contract every implementation keeps:
+//! - `append` answers only once the event is durable, and only then hands it to the
+//!   [`LiveSink`] — live delivery never shows an event a crash could take back.
+//! - Seqs are contiguous per stream, assigned by the store; events never change.
+//! - The sink sees the committed events of one stream in seq order.
+//! - Checkpoints follow [`zerodrop_core::checkpoint::apply`], atomically with the head they
+//!   are checked against.
+//! - Idempotency keys are recorded in the same commit as the append they answer for.
+//! - Retention trims in the same commit as the append that exceeds a limit, and by age at
+//!   least every second; every trim is reported to the sink.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use zerodrop_core::window::LogBounds;
+use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
+
+pub mod memory;
+pub mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Redis,
+    Memory,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Redis => "redis",
+            StoreKind::Memory => "memory",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or cannot write; nothing was applied.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("idempotency key reused with a different request body")]
+    IdempotencyKeyReused,
+    #[error("a request with this idempotency key is still in progress")]
+    IdempotencyInProgress,
+    #[error("ack {requested} is beyond the stream head {head}")]
+    AckBeyondHead { requested: Seq, head: Seq },
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("stream is not part of the session")]
+    NotInSession,
+    #[error("the stream's log was recreated (epoch {current})")]
+    EpochChanged { current: Epoch },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An `Idempotency-Key` and the fingerprint (SHA-256) of the request body it came with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+}
+
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    pub stream: StreamId,
+    /// Compact, valid JSON.
+    pub data: String,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppendOutcome {
+    pub stream: StreamId,
+    pub seq: Seq,
+    pub epoch: Epoch,
+    /// The key had been seen: `seq`/`epoch` are those of the first append, nothing was added.
+    pub duplicate: bool,
+}
+
+/// A stream's log as the store sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub stream: StreamId,
+    pub epoch: Epoch,
+    pub head: Seq,
+    /// Oldest retained seq; `head + 1` when nothing is retained.
+    pub first_seq: Seq,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl StreamInfo {
+    pub fn empty(stream: StreamId, epoch: Epoch) -> StreamInfo {
+        StreamInfo { stream, epoch, head: Seq(0), first_seq: Seq(1), count: 0, bytes: 0 }
+    }
+
+    pub fn bounds(&self) -> LogBounds {
+        LogBounds { epoch: self.epoch.clone(), first_seq: self.first_seq, head: self.head }
+    }
+}
+
+/// Events with seq above some position, read in the same snapshot as `info`.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    pub info: StreamInfo,
+    pub events: Vec<Arc<Event>>,
+}
+
+/// A session's per-stream state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStream {
+    /// The epoch the session's position refers to.
+    pub epoch: Epoch,
+    /// `lastAckSequence`.
+    pub ack: Seq,
+    /// Events up to here were already counted in `dropped_messages` for this session.
+    pub dropped_through: Seq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub sub: String,
+    pub grants: Grants,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub streams: BTreeMap<StreamId, SessionStream>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub sessions: u64,
+    pub streams: u64,
+}
+
+/// Receives what became durable, in commit order. Implemented by the server's live hub.
+pub trait LiveSink: Send + Sync + 'static {
+    /// Events that just became durable. Per stream, in seq order.
+    fn committed(&self, events: &[Arc<Event>]);
+    /// Retention removed `count` events of `stream`; the oldest retained is now `first_seq`.
+    fn trimmed(&self, stream: &StreamId, first_seq: Seq, count: u64);
+    /// The feed may have missed events (e.g. a cross-instance notification channel
+    /// reconnected): whatever the sink caches is suspect, subscribers must re-read the log.
+    fn reset(&self) {}
+}
+
+/// A sink that ignores everything (tools and tests that need no live path).
+pub struct NoSink;
+
+impl LiveSink for NoSink {
+    fn committed(&self, _: &[Arc<Event>]) {}
+    fn trimmed(&self, _: &StreamId, _: Seq, _: u64) {}
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn kind(&self) -> StoreKind;
+
+    /// Appends one event; answers once it is durable.
+    async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome>;
+
+    /// The stream's bounds. A stream never written to has head 0 and the store's epoch.
+    async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo>;
+
+    /// Up to `limit` events with seq > `after`, with the bounds of the same snapshot.
+    async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult>;
+
+    /// The bounds and the chained digest of all retained events ([`zerodrop_core::hash`]).
+    async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)>;
+
+    async fn create_session(&self, session: SessionRecord) -> StoreResult<()>;
+
+    async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>>;
+
+    /// Adds the stream to the session, or replaces its state.
+    async fn put_session_stream(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        state: SessionStream,
+    ) -> StoreResult<()>;
+
+    async fn remove_session_stream(&self, id: &SessionId, stream: &StreamId) -> StoreResult<()>;
+
+    /// Applies an ack under the checkpoint rule, against the stream's current head.
+    async fn checkpoint(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        seq: Seq,
+    ) -> StoreResult<AckUpdate>;
+
+    /// Moves the session's expiry (activity extends the reconnect window).
+    async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;
+
+    /// Records that events up to `through` were counted as dropped for this session's stream.
+    async fn mark_dropped(&self, id: &SessionId, stream: &StreamId, through: Seq)
+    -> StoreResult<()>;
+
+    /// Cheap liveness check used by readiness.
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn stats(&self) -> StoreResult<StoreStats>;
+}

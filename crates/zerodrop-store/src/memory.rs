@@ -1,0 +1,327 @@
+//! The `memory` store: the same behaviour as the others, nothing on disk. For tests.
+//!
+//! All state sits behind one mutex; the sink is told of commits while the mutex is held, which
+//! keeps per-stream order trivially (sinks only enqueue and wake, they never call back).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use zerodrop_core::checkpoint::{self, AckError};
+use zerodrop_core::hash::ChainHash;
+use zerodrop_core::retention::{Retention, plan_trim};
+use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
+
+use crate::{
+    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionRecord, SessionStream, Store,
+    StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+};
+
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    epoch: Epoch,
+    retention: Retention,
+    idempotency_ttl_ms: u64,
+    sink: Arc<dyn LiveSink>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    streams: HashMap<StreamId, MemStream>,
+    sessions: HashMap<SessionId, SessionRecord>,
+    idempotency: HashMap<(StreamId, String), IdemEntry>,
+    last_ts: u64,
+}
+
+struct MemStream {
+    epoch: Epoch,
+    head: Seq,
+    bytes: u64,
+    events: VecDeque<Arc<Event>>,
+}
+
+struct IdemEntry {
+    fingerprint: [u8; 32],
+    seq: Seq,
+    epoch: Epoch,
+    created_ms: u64,
+}
+
+impl MemStream {
+    fn info(&self, stream: &StreamId) -> StreamInfo {
+        StreamInfo {
+            stream: stream.clone(),
+            epoch: self.epoch.clone(),
+            head: self.head,
+            first_seq: self.events.front().map(|e| e.seq()).unwrap_or(self.head.next()),
+            count: self.events.len() as u64,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new(retention: Retention, sink: Arc<dyn LiveSink>) -> MemoryStore {
+        Self::with_idempotency_ttl(retention, 24 * 3600 * 1000, sink)
+    }
+
+    pub fn with_idempotency_ttl(
+        retention: Retention,
+        idempotency_ttl_ms: u64,
+        sink: Arc<dyn LiveSink>,
+    ) -> MemoryStore {
+        let inner = Arc::new(Inner {
+            epoch: Epoch::generate(),
+            retention,
+            idempotency_ttl_ms,
+            sink,
+            state: Mutex::new(State::default()),
+        });
+        spawn_sweeper(Arc::downgrade(&inner));
+        MemoryStore { inner }
+    }
+}
+
+/// Age retention, at least every second, for as long as the store lives.
+fn spawn_sweeper(inner: Weak<Inner>) {
+    std::thread::Builder::new()
+        .name("zerodrop-memory-sweep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let Some(inner) = inner.upgrade() else { return };
+                inner.sweep(now_ms());
+            }
+        })
+        .expect("spawn memory store sweeper");
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every mutation is completed
+        // before anything can panic), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sweep(&self, now: u64) {
+        let mut st = self.lock();
+        let cutoff = now.saturating_sub(self.retention.max_age_ms);
+        let mut trims = Vec::new();
+        for (id, s) in st.streams.iter_mut() {
+            let mut n = 0;
+            while s.events.front().is_some_and(|e| e.ts() < cutoff) {
+                if let Some(e) = s.events.pop_front() {
+                    s.bytes -= e.json().len() as u64;
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                trims.push((id.clone(), s.info(id).first_seq, n));
+            }
+        }
+        let ttl_cut = now.saturating_sub(self.idempotency_ttl_ms);
+        st.idempotency.retain(|_, e| e.created_ms >= ttl_cut);
+        for (id, first, n) in trims {
+            self.sink.trimmed(&id, first, n);
+        }
+    }
+
+    fn stream_mut<'a>(&self, st: &'a mut State, stream: &StreamId) -> &'a mut MemStream {
+        st.streams.entry(stream.clone()).or_insert_with(|| MemStream {
+            epoch: self.epoch.clone(),
+            head: Seq(0),
+            bytes: 0,
+            events: VecDeque::new(),
+        })
+    }
+
+    fn info(&self, st: &State, stream: &StreamId) -> StreamInfo {
+        match st.streams.get(stream) {
+            Some(s) => s.info(stream),
+            None => StreamInfo::empty(stream.clone(), self.epoch.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Memory
+    }
+
+    async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
+        let inner = &self.inner;
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        if let Some(k) = &req.idempotency
+            && let Some(e) = st.idempotency.get(&(req.stream.clone(), k.key.clone()))
+        {
+            if e.fingerprint != k.fingerprint {
+                return Err(StoreError::IdempotencyKeyReused);
+            }
+            return Ok(AppendOutcome {
+                stream: req.stream,
+                seq: e.seq,
+                epoch: e.epoch.clone(),
+                duplicate: true,
+            });
+        }
+        let ts = now_ms().max(st.last_ts);
+        st.last_ts = ts;
+        let s = inner.stream_mut(st, &req.stream);
+        let seq = s.head.next();
+        let event = Arc::new(
+            Event::encode(req.stream.clone(), seq, s.epoch.clone(), ts, &req.data)
+                .with_committed_at(Instant::now()),
+        );
+        s.head = seq;
+        s.bytes += event.json().len() as u64;
+        s.events.push_back(event.clone());
+        let epoch = s.epoch.clone();
+        let oldest = s.events.iter().map(|e| (e.seq(), e.json().len() as u64));
+        let trim = plan_trim(s.events.len() as u64, s.bytes, &inner.retention, oldest);
+        if let Some(t) = trim {
+            for _ in 0..t.count {
+                s.events.pop_front();
+            }
+            s.bytes -= t.bytes;
+        }
+        let first = s.info(&req.stream).first_seq;
+        if let Some(k) = req.idempotency {
+            st.idempotency.insert(
+                (req.stream.clone(), k.key),
+                IdemEntry { fingerprint: k.fingerprint, seq, epoch: epoch.clone(), created_ms: ts },
+            );
+        }
+        inner.sink.committed(std::slice::from_ref(&event));
+        if let Some(t) = trim {
+            inner.sink.trimmed(&req.stream, first, t.count);
+        }
+        Ok(AppendOutcome { stream: req.stream, seq, epoch, duplicate: false })
+    }
+
+    async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
+        let st = self.inner.lock();
+        Ok(self.inner.info(&st, stream))
+    }
+
+    async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
+        let st = self.inner.lock();
+        let info = self.inner.info(&st, stream);
+        let events = match st.streams.get(stream) {
+            Some(s) => {
+                let first = info.first_seq.0;
+                let skip = (after.0 + 1).saturating_sub(first) as usize;
+                s.events.iter().skip(skip).take(limit).cloned().collect()
+            }
+            None => Vec::new(),
+        };
+        Ok(ReadResult { info, events })
+    }
+
+    async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {
+        let st = self.inner.lock();
+        let info = self.inner.info(&st, stream);
+        let mut h = ChainHash::default();
+        if let Some(s) = st.streams.get(stream) {
+            for e in &s.events {
+                h.push(e.json());
+            }
+        }
+        Ok((info, h.hex()))
+    }
+
+    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
+        self.inner.lock().sessions.insert(session.id.clone(), session);
+        Ok(())
+    }
+
+    async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {
+        Ok(self.inner.lock().sessions.get(id).cloned())
+    }
+
+    async fn put_session_stream(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        state: SessionStream,
+    ) -> StoreResult<()> {
+        let mut st = self.inner.lock();
+        let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
+        s.streams.insert(stream.clone(), state);
+        Ok(())
+    }
+
+    async fn remove_session_stream(&self, id: &SessionId, stream: &StreamId) -> StoreResult<()> {
+        let mut st = self.inner.lock();
+        if let Some(s) = st.sessions.get_mut(id) {
+            s.streams.remove(stream);
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        seq: Seq,
+    ) -> StoreResult<AckUpdate> {
+        let mut guard = self.inner.lock();
+        let info = self.inner.info(&guard, stream);
+        let session = guard.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
+        let ss = session.streams.get_mut(stream).ok_or(StoreError::NotInSession)?;
+        apply_checkpoint(ss, &info, seq)
+    }
+
+    async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
+        if let Some(s) = self.inner.lock().sessions.get_mut(id) {
+            s.expires_at_ms = expires_at_ms;
+        }
+        Ok(())
+    }
+
+    async fn mark_dropped(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        through: Seq,
+    ) -> StoreResult<()> {
+        if let Some(ss) =
+            self.inner.lock().sessions.get_mut(id).and_then(|s| s.streams.get_mut(stream))
+        {
+            ss.dropped_through = ss.dropped_through.max(through);
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn stats(&self) -> StoreResult<StoreStats> {
+        let st = self.inner.lock();
+        Ok(StoreStats { sessions: st.sessions.len() as u64, streams: st.streams.len() as u64 })
+    }
+}
+
+/// The checkpoint rule applied to a session's stored stream state (shared by every store
+/// that keeps session state in memory before writing it).
+pub(crate) fn apply_checkpoint(
+    ss: &mut SessionStream,
+    info: &StreamInfo,
+    seq: Seq,
+) -> StoreResult<AckUpdate> {
+    if ss.epoch != info.epoch {
+        return Err(StoreError::EpochChanged { current: info.epoch.clone() });
+    }
+    let update = checkpoint::apply(ss.ack, seq, info.head).map_err(|e| match e {
+        AckError::BeyondHead { requested, head } => StoreError::AckBeyondHead { requested, head },
+    })?;
+    ss.ack = update.last_ack();
+    Ok(update)
+}

@@ -1,0 +1,308 @@
+//! One behaviour suite, run against every store: the stores must be indistinguishable.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use zerodrop_core::retention::Retention;
+use zerodrop_core::window::{WindowError, replay_window};
+use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_store::{
+    AppendRequest, IdempotencyKey, LiveSink, MemoryStore, SessionRecord, SessionStream,
+    SqliteOptions, SqliteStore, Store, StoreError,
+};
+
+/// Records what the store reports, to check the live contract.
+#[derive(Default)]
+struct Recorder {
+    committed: Mutex<Vec<(String, u64)>>,
+    trims: Mutex<Vec<(String, u64, u64)>>,
+}
+
+impl LiveSink for Recorder {
+    fn committed(&self, events: &[Arc<Event>]) {
+        let mut c = self.committed.lock().unwrap();
+        for e in events {
+            c.push((e.stream().to_string(), e.seq().0));
+        }
+    }
+    fn trimmed(&self, stream: &StreamId, first: Seq, count: u64) {
+        self.trims.lock().unwrap().push((stream.to_string(), first.0, count));
+    }
+}
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    sink: Arc<Recorder>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn memory(retention: Retention) -> Fixture {
+    let sink = Arc::new(Recorder::default());
+    Fixture { store: Arc::new(MemoryStore::new(retention, sink.clone())), sink, _dir: None }
+}
+
+fn sqlite(retention: Retention) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let mut opts = SqliteOptions::new(dir.path().join("zerodrop.db"));
+    opts.retention = retention;
+    let store = SqliteStore::open(opts, sink.clone()).unwrap();
+    Fixture { store: Arc::new(store), sink, _dir: Some(dir) }
+}
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+fn req(stream: &str, data: &str) -> AppendRequest {
+    AppendRequest { stream: sid(stream), data: data.into(), idempotency: None }
+}
+
+fn big() -> Retention {
+    Retention { max_events: 1_000_000, max_bytes: 1 << 40, max_age_ms: 86_400_000 }
+}
+
+async fn publish_n(f: &Fixture, stream: &str, n: u64) {
+    for i in 0..n {
+        f.store.append(req(stream, &format!("{{\"i\":{i}}}"))).await.unwrap();
+    }
+}
+
+async fn seqs_contiguous_and_live_in_order(f: Fixture) {
+    for i in 1..=20u64 {
+        let o = f.store.append(req("room:1", &format!("{{\"i\":{i}}}"))).await.unwrap();
+        assert_eq!(o.seq, Seq(i));
+        assert!(!o.duplicate);
+    }
+    f.store.append(req("room:2", "null")).await.unwrap();
+    let r = f.store.read(&sid("room:1"), Seq(0), 100).await.unwrap();
+    let seqs: Vec<u64> = r.events.iter().map(|e| e.seq().0).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    assert_eq!(r.info.head, Seq(20));
+    assert_eq!(r.info.first_seq, Seq(1));
+    assert_eq!(r.info.count, 20);
+    assert_eq!(r.events[4].data(), "{\"i\":5}");
+    let bytes: u64 = r.events.iter().map(|e| e.json().len() as u64).sum();
+    assert_eq!(r.info.bytes, bytes);
+    // Read pages.
+    let page = f.store.read(&sid("room:1"), Seq(15), 3).await.unwrap();
+    assert_eq!(page.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(), vec![16, 17, 18]);
+    // The sink saw every commit, each stream in order.
+    let c = f.sink.committed.lock().unwrap().clone();
+    let room1: Vec<u64> = c.iter().filter(|(s, _)| s == "room:1").map(|(_, q)| *q).collect();
+    assert_eq!(room1, (1..=20).collect::<Vec<_>>());
+    assert_eq!(c.len(), 21);
+    // A stream never written to.
+    let empty = f.store.stream_info(&sid("nobody")).await.unwrap();
+    assert_eq!((empty.head, empty.first_seq, empty.count), (Seq(0), Seq(1), 0));
+    assert_eq!(empty.epoch, r.info.epoch);
+}
+
+async fn concurrent_appends_stay_contiguous(f: Fixture) {
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let store = f.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..25 {
+                let o = store.append(req("hot", &format!("[{w},{i}]"))).await.unwrap();
+                got.push(o.seq.0);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "one writer's seqs increase");
+        all.extend(got);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=400).collect::<Vec<_>>());
+    let r = f.store.read(&sid("hot"), Seq(0), 1000).await.unwrap();
+    assert_eq!(r.events.len(), 400);
+    assert!(r.events.iter().enumerate().all(|(i, e)| e.seq().0 == i as u64 + 1));
+}
+
+async fn idempotency_keys(f: Fixture) {
+    let key = |k: &str, body: u8| IdempotencyKey { key: k.into(), fingerprint: [body; 32] };
+    let mut r1 = req("pay", "{\"amount\":1}");
+    r1.idempotency = Some(key("k1", 1));
+    let a = f.store.append(r1.clone()).await.unwrap();
+    let b = f.store.append(r1.clone()).await.unwrap();
+    assert_eq!((a.seq, a.duplicate), (Seq(1), false));
+    assert_eq!((b.seq, b.duplicate), (Seq(1), true));
+    assert_eq!(a.epoch, b.epoch);
+    let mut other = r1.clone();
+    other.idempotency = Some(key("k1", 2));
+    assert_eq!(f.store.append(other).await.unwrap_err(), StoreError::IdempotencyKeyReused);
+    // Same key on another stream is another key.
+    let mut elsewhere = req("pay2", "{\"amount\":1}");
+    elsewhere.idempotency = Some(key("k1", 1));
+    assert!(!f.store.append(elsewhere).await.unwrap().duplicate);
+    // Concurrent retries: exactly one append.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = f.store.clone();
+        let mut r = req("pay", "{\"amount\":2}");
+        r.idempotency = Some(key("k2", 3));
+        tasks.push(tokio::spawn(async move { store.append(r).await.unwrap() }));
+    }
+    let mut seqs = Vec::new();
+    let mut firsts = 0;
+    for t in tasks {
+        let o = t.await.unwrap();
+        seqs.push(o.seq);
+        firsts += usize::from(!o.duplicate);
+    }
+    assert_eq!(firsts, 1);
+    assert!(seqs.iter().all(|s| *s == Seq(2)));
+    assert_eq!(f.store.stream_info(&sid("pay")).await.unwrap().head, Seq(2));
+}
+
+async fn retention_by_count_and_bytes(f: Fixture) {
+    publish_n(&f, "r", 12).await;
+    let info = f.store.stream_info(&sid("r")).await.unwrap();
+    assert_eq!((info.head, info.first_seq, info.count), (Seq(12), Seq(8), 5));
+    let r = f.store.read(&sid("r"), Seq(0), 100).await.unwrap();
+    assert_eq!(r.events.first().unwrap().seq(), Seq(8));
+    assert!(matches!(
+        replay_window(Seq(3), None, &r.info.bounds()),
+        Err(WindowError::Trimmed { first_available: Seq(8), .. })
+    ));
+    let total: u64 = f.sink.trims.lock().unwrap().iter().map(|t| t.2).sum();
+    assert_eq!(total, 7);
+    // Bytes: each event here is ~60 bytes; a 10-KiB event pushes the older ones out.
+    let big = format!("\"{}\"", "x".repeat(10_000));
+    f.store.append(req("r", &big)).await.unwrap();
+    let info = f.store.stream_info(&sid("r")).await.unwrap();
+    assert_eq!((info.head, info.count, info.first_seq), (Seq(13), 1, Seq(13)));
+}
+
+async fn retention_by_age(f: Fixture) {
+    publish_n(&f, "old", 3).await;
+    // max_age is 1 s here and the sweep runs at least every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = f.store.stream_info(&sid("old")).await.unwrap();
+        if info.count == 0 {
+            assert_eq!((info.head, info.first_seq), (Seq(3), Seq(4)));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "age retention never ran: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(f.sink.trims.lock().unwrap().iter().any(|t| t.0 == "old" && t.1 == 4));
+    // The stream goes on from where it was.
+    let o = f.store.append(req("old", "1")).await.unwrap();
+    assert_eq!(o.seq, Seq(4));
+}
+
+fn session(id: &SessionId, streams: &[(&str, &Epoch, u64)]) -> SessionRecord {
+    SessionRecord {
+        id: id.clone(),
+        sub: "u1".into(),
+        grants: Grants { streams: vec!["room:*".into()], publish: vec![] },
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 900_000,
+        streams: streams
+            .iter()
+            .map(|(s, e, ack)| {
+                (sid(s), SessionStream { epoch: (*e).clone(), ack: Seq(*ack), dropped_through: Seq(0) })
+            })
+            .collect(),
+    }
+}
+
+async fn sessions_and_checkpoints(f: Fixture) {
+    publish_n(&f, "room:1", 10).await;
+    let epoch = f.store.stream_info(&sid("room:1")).await.unwrap().epoch;
+    let id = SessionId::generate();
+    f.store.create_session(session(&id, &[("room:1", &epoch, 2)])).await.unwrap();
+    let loaded = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(loaded.streams[&sid("room:1")].ack, Seq(2));
+    assert_eq!(loaded.grants.streams, vec!["room:*".to_string()]);
+    let room1 = sid("room:1");
+    let ck = |s: u64| f.store.checkpoint(&id, &room1, Seq(s));
+    assert_eq!(ck(5).await.unwrap(), AckUpdate::Applied(Seq(5)));
+    assert_eq!(ck(5).await.unwrap(), AckUpdate::Ignored(Seq(5)));
+    assert_eq!(ck(3).await.unwrap(), AckUpdate::Ignored(Seq(5)));
+    assert_eq!(
+        ck(11).await.unwrap_err(),
+        StoreError::AckBeyondHead { requested: Seq(11), head: Seq(10) }
+    );
+    assert_eq!(ck(10).await.unwrap(), AckUpdate::Applied(Seq(10)));
+    assert_eq!(
+        f.store.checkpoint(&id, &sid("room:9"), Seq(1)).await.unwrap_err(),
+        StoreError::NotInSession
+    );
+    assert_eq!(
+        f.store.checkpoint(&SessionId::generate(), &sid("room:1"), Seq(1)).await.unwrap_err(),
+        StoreError::SessionNotFound
+    );
+    // Streams come and go.
+    let st = SessionStream { epoch: epoch.clone(), ack: Seq(0), dropped_through: Seq(0) };
+    f.store.put_session_stream(&id, &sid("room:2"), st.clone()).await.unwrap();
+    assert_eq!(
+        f.store.put_session_stream(&SessionId::generate(), &sid("room:2"), st).await.unwrap_err(),
+        StoreError::SessionNotFound
+    );
+    f.store.remove_session_stream(&id, &sid("room:1")).await.unwrap();
+    f.store.mark_dropped(&id, &sid("room:2"), Seq(4)).await.unwrap();
+    f.store.touch_session(&id, 42).await.unwrap();
+    let s = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(s.streams.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["room:2"]);
+    assert_eq!(s.streams[&sid("room:2")].dropped_through, Seq(4));
+    assert_eq!(s.expires_at_ms, 42);
+    assert!(f.store.load_session(&SessionId::generate()).await.unwrap().is_none());
+    let stats = f.store.stats().await.unwrap();
+    assert_eq!(stats.sessions, 1);
+    assert!(stats.streams >= 1);
+    // A checkpoint against another epoch is refused.
+    let other = Epoch::generate();
+    let id2 = SessionId::generate();
+    f.store.create_session(session(&id2, &[("room:1", &other, 0)])).await.unwrap();
+    assert!(matches!(
+        f.store.checkpoint(&id2, &sid("room:1"), Seq(1)).await.unwrap_err(),
+        StoreError::EpochChanged { .. }
+    ));
+}
+
+async fn digest_is_the_chain_of_retained_events(f: Fixture) {
+    let (empty, h0) = f.store.digest(&sid("d")).await.unwrap();
+    assert_eq!(empty.count, 0);
+    assert_eq!(h0, "0".repeat(64));
+    publish_n(&f, "d", 3).await;
+    let (_, h) = f.store.digest(&sid("d")).await.unwrap();
+    let r = f.store.read(&sid("d"), Seq(0), 10).await.unwrap();
+    let mut chain = zerodrop_core::hash::ChainHash::default();
+    for e in &r.events {
+        chain.push(e.json());
+    }
+    assert_eq!(h, chain.hex());
+}
+
+macro_rules! suite {
+    ($($name:ident => $retention:expr;)*) => {
+        mod memory_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(memory($retention)).await })*
+        }
+        mod sqlite_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(sqlite($retention)).await })*
+        }
+    };
+}
+
+suite! {
+    seqs_contiguous_and_live_in_order => big();
+    concurrent_appends_stay_contiguous => big();
+    idempotency_keys => big();
+    retention_by_count_and_bytes => Retention { max_events: 5, max_bytes: 4096, max_age_ms: 86_400_000 };
+    retention_by_age => Retention { max_events: 100, max_bytes: 1 << 20, max_age_ms: 1000 };
+    sessions_and_checkpoints => big();
+    digest_is_the_chain_of_retained_events => big();
+}
