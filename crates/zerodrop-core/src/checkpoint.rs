@@ -60,14 +60,29 @@ mod tests {
 
     #[test]
     fn examples() {
-        assert_eq!(apply(Seq(3), Seq(5), Seq(9)), Ok(AckUpdate::Applied(Seq(5))));
-        assert_eq!(apply(Seq(5), Seq(5), Seq(9)), Ok(AckUpdate::Ignored(Seq(5))));
-        assert_eq!(apply(Seq(5), Seq(2), Seq(9)), Ok(AckUpdate::Ignored(Seq(5))));
+        assert_eq!(
+            apply(Seq(3), Seq(5), Seq(9)),
+            Ok(AckUpdate::Applied(Seq(5)))
+        );
+        assert_eq!(
+            apply(Seq(5), Seq(5), Seq(9)),
+            Ok(AckUpdate::Ignored(Seq(5)))
+        );
+        assert_eq!(
+            apply(Seq(5), Seq(2), Seq(9)),
+            Ok(AckUpdate::Ignored(Seq(5)))
+        );
         assert_eq!(
             apply(Seq(5), Seq(10), Seq(9)),
-            Err(AckError::BeyondHead { requested: Seq(10), head: Seq(9) })
+            Err(AckError::BeyondHead {
+                requested: Seq(10),
+                head: Seq(9)
+            })
         );
-        assert_eq!(apply(Seq(0), Seq(0), Seq(0)), Ok(AckUpdate::Ignored(Seq(0))));
+        assert_eq!(
+            apply(Seq(0), Seq(0), Seq(0)),
+            Ok(AckUpdate::Ignored(Seq(0)))
+        );
     }
 
     proptest! {

@@ -184,7 +184,8 @@ mod tests {
         assert_eq!(ErrorCode::IdempotencyInProgress.http_status(), 409);
         assert_eq!(ErrorCode::RateLimited.http_status(), 429);
         assert_eq!(ErrorCode::OverCapacity.http_status(), 503);
-        let names: std::collections::HashSet<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        let names: std::collections::HashSet<_> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(names.len(), ErrorCode::ALL.len());
     }
 }

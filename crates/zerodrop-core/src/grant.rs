@@ -37,14 +37,20 @@ mod tests {
 
     #[test]
     fn exact_and_prefix_patterns() {
-        let g = Grants { streams: vec!["room:*".into(), "user:7".into()], publish: vec![] };
+        let g = Grants {
+            streams: vec!["room:*".into(), "user:7".into()],
+            publish: vec![],
+        };
         assert!(g.may_subscribe("room:1"));
         assert!(g.may_subscribe("room:"));
         assert!(g.may_subscribe("user:7"));
         assert!(!g.may_subscribe("user:70"));
         assert!(!g.may_subscribe("roo"));
         assert!(!g.may_publish("room:1"));
-        let all = Grants { streams: vec!["*".into()], publish: vec!["*".into()] };
+        let all = Grants {
+            streams: vec!["*".into()],
+            publish: vec!["*".into()],
+        };
         assert!(all.may_subscribe("x") && all.may_publish("y"));
     }
 }

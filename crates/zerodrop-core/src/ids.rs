@@ -130,7 +130,8 @@ impl Epoch {
     pub fn parse(s: &str) -> Option<Epoch> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         ok.then(|| Epoch(Arc::from(s)))
     }
 
@@ -167,7 +168,8 @@ impl SessionId {
     pub fn parse(s: &str) -> Option<SessionId> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         ok.then(|| SessionId(Arc::from(s)))
     }
 
@@ -194,11 +196,21 @@ mod tests {
 
     #[test]
     fn stream_ids_follow_the_spec_alphabet() {
-        for ok in ["call:42", "room:abc", "user:7", "a", "A-Z_0.9:x", &"x".repeat(128)] {
+        for ok in [
+            "call:42",
+            "room:abc",
+            "user:7",
+            "a",
+            "A-Z_0.9:x",
+            &"x".repeat(128),
+        ] {
             assert!(StreamId::new(ok).is_ok(), "{ok}");
         }
         assert_eq!(StreamId::new(""), Err(InvalidStreamId::Empty));
-        assert_eq!(StreamId::new(&"x".repeat(129)), Err(InvalidStreamId::TooLong));
+        assert_eq!(
+            StreamId::new(&"x".repeat(129)),
+            Err(InvalidStreamId::TooLong)
+        );
         for bad in ["a b", "a/b", "ü", "a\"b", "a\\b", "room*", "a\nb"] {
             assert_eq!(StreamId::new(bad), Err(InvalidStreamId::BadChar), "{bad:?}");
         }

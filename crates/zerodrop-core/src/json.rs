@@ -65,7 +65,10 @@ mod tests {
     #[test]
     fn compacts_outside_strings_only() {
         assert!(matches!(compact(r#"{"a":1}"#), Cow::Borrowed(_)));
-        assert_eq!(compact("{ \"a\" : [1, 2],\n \"b\": \"x y\\\" z\" }"), r#"{"a":[1,2],"b":"x y\" z"}"#);
+        assert_eq!(
+            compact("{ \"a\" : [1, 2],\n \"b\": \"x y\\\" z\" }"),
+            r#"{"a":[1,2],"b":"x y\" z"}"#
+        );
         assert_eq!(compact(" 1 "), "1");
     }
 

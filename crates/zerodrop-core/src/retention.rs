@@ -15,7 +15,11 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_events: 10_000, max_bytes: 16 * 1024 * 1024, max_age_ms: 86_400_000 }
+        Retention {
+            max_events: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+            max_age_ms: 86_400_000,
+        }
     }
 }
 
@@ -40,7 +44,11 @@ pub fn plan_trim(
     if must_count == 0 && bytes <= limits.max_bytes {
         return None;
     }
-    let mut trim = Trim { through: Seq(0), count: 0, bytes: 0 };
+    let mut trim = Trim {
+        through: Seq(0),
+        count: 0,
+        bytes: 0,
+    };
     for (seq, size) in oldest {
         let remaining = count - trim.count;
         if remaining <= 1 {
@@ -64,7 +72,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn limits(ev: u64, by: u64) -> Retention {
-        Retention { max_events: ev, max_bytes: by, max_age_ms: u64::MAX }
+        Retention {
+            max_events: ev,
+            max_bytes: by,
+            max_age_ms: u64::MAX,
+        }
     }
 
     #[test]
@@ -73,16 +85,28 @@ mod tests {
         assert_eq!(plan_trim(5, 50, &limits(5, 1000), sizes(5)), None);
         assert_eq!(
             plan_trim(6, 60, &limits(5, 1000), sizes(6)),
-            Some(Trim { through: Seq(1), count: 1, bytes: 10 })
+            Some(Trim {
+                through: Seq(1),
+                count: 1,
+                bytes: 10
+            })
         );
         assert_eq!(
             plan_trim(6, 60, &limits(100, 35), sizes(6)),
-            Some(Trim { through: Seq(3), count: 3, bytes: 30 })
+            Some(Trim {
+                through: Seq(3),
+                count: 3,
+                bytes: 30
+            })
         );
         // Never trims the newest event, even if it alone is over the byte limit.
         assert_eq!(
             plan_trim(2, 200, &limits(100, 50), [(Seq(1), 100), (Seq(2), 100)]),
-            Some(Trim { through: Seq(1), count: 1, bytes: 100 })
+            Some(Trim {
+                through: Seq(1),
+                count: 1,
+                bytes: 100
+            })
         );
     }
 

@@ -67,7 +67,9 @@ impl ResumeKeys {
                 .ok_or_else(|| KeysError("each resume key must be `kid:secret`".into()))?;
             let kid_ok = !kid.is_empty()
                 && kid.len() <= 32
-                && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                && kid
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !kid_ok {
                 return Err(KeysError(format!(
                     "resume key id {kid:?} must be 1-32 characters of A-Z a-z 0-9 _ -"
@@ -113,9 +115,13 @@ impl ResumeKeys {
             return Err(TokenError::Invalid("too long"));
         }
         let mut parts = token.split('.');
-        let (Some(v), Some(kid), Some(payload), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(v), Some(kid), Some(payload), Some(sig), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(TokenError::Invalid("malformed"));
         };
         if v != "v1" {
@@ -127,12 +133,16 @@ impl ResumeKeys {
             .find(|(k, _)| k == kid)
             .map(|(_, key)| key)
             .ok_or(TokenError::Invalid("unknown key id"))?;
-        let sig = B64.decode(sig).map_err(|_| TokenError::Invalid("malformed signature"))?;
+        let sig = B64
+            .decode(sig)
+            .map_err(|_| TokenError::Invalid("malformed signature"))?;
         let signed_len = token.len() - sig_b64_len(token);
         mac(key, &token.as_bytes()[..signed_len])
             .verify_slice(&sig)
             .map_err(|_| TokenError::Invalid("bad signature"))?;
-        let raw = B64.decode(payload).map_err(|_| TokenError::Invalid("malformed payload"))?;
+        let raw = B64
+            .decode(payload)
+            .map_err(|_| TokenError::Invalid("malformed payload"))?;
         let claims: ResumeClaims =
             serde_json::from_slice(&raw).map_err(|_| TokenError::Invalid("malformed payload"))?;
         if claims.exp <= now_sec {
@@ -143,7 +153,10 @@ impl ResumeKeys {
 }
 
 fn sig_b64_len(token: &str) -> usize {
-    token.rsplit_once('.').map(|(_, s)| s.len() + 1).unwrap_or(0)
+    token
+        .rsplit_once('.')
+        .map(|(_, s)| s.len() + 1)
+        .unwrap_or(0)
 }
 
 fn mac(key: &[u8], data: &[u8]) -> HmacSha256 {
@@ -187,7 +200,10 @@ mod tests {
         assert!(both.verify(&t_old, 1).is_ok());
         assert!(both.verify(&t_new, 1).is_ok());
         assert!(new_only.verify(&t_new, 1).is_ok());
-        assert_eq!(new_only.verify(&t_old, 1), Err(TokenError::Invalid("unknown key id")));
+        assert_eq!(
+            new_only.verify(&t_old, 1),
+            Err(TokenError::Invalid("unknown key id"))
+        );
     }
 
     #[test]
@@ -195,15 +211,32 @@ mod tests {
         let keys = ResumeKeys::parse("k1:0123456789abcdef0123").unwrap();
         let other = ResumeKeys::parse("k1:xxxxxxxxxxxxxxxxxxxx").unwrap();
         let forged = other.sign(&claims(1000));
-        assert_eq!(keys.verify(&forged, 1), Err(TokenError::Invalid("bad signature")));
+        assert_eq!(
+            keys.verify(&forged, 1),
+            Err(TokenError::Invalid("bad signature"))
+        );
         let t = keys.sign(&claims(1000));
         // Swap the payload for one with a later expiry: the signature no longer matches.
         let parts: Vec<&str> = t.split('.').collect();
         let evil = B64.encode(serde_json::to_vec(&claims(u64::MAX)).unwrap());
         let tampered = format!("v1.k1.{evil}.{}", parts[3]);
-        assert!(matches!(keys.verify(&tampered, 1), Err(TokenError::Invalid(_))));
-        for bad in ["", "v1", "v1.k1.x", "v2.k1.a.b", "v1.k1.a.b.c", "v1.k1.!!.!!", &"a".repeat(5000)] {
-            assert!(matches!(keys.verify(bad, 1), Err(TokenError::Invalid(_))), "{bad}");
+        assert!(matches!(
+            keys.verify(&tampered, 1),
+            Err(TokenError::Invalid(_))
+        ));
+        for bad in [
+            "",
+            "v1",
+            "v1.k1.x",
+            "v2.k1.a.b",
+            "v1.k1.a.b.c",
+            "v1.k1.!!.!!",
+            &"a".repeat(5000),
+        ] {
+            assert!(
+                matches!(keys.verify(bad, 1), Err(TokenError::Invalid(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -57,15 +57,26 @@ pub fn replay_window(
     if let Some(e) = client_epoch
         && *e != log.epoch
     {
-        return Err(WindowError::EpochChanged { current: log.epoch.clone() });
+        return Err(WindowError::EpochChanged {
+            current: log.epoch.clone(),
+        });
     }
     if after > log.head {
-        return Err(WindowError::BeyondHead { after, head: log.head });
+        return Err(WindowError::BeyondHead {
+            after,
+            head: log.head,
+        });
     }
     if after.next() < log.first_seq {
-        return Err(WindowError::Trimmed { after, first_available: log.first_seq });
+        return Err(WindowError::Trimmed {
+            after,
+            first_available: log.first_seq,
+        });
     }
-    Ok(ReplayWindow { from: after.next(), to: log.head })
+    Ok(ReplayWindow {
+        from: after.next(),
+        to: log.head,
+    })
 }
 
 /// How many events a session at `after` can never receive because everything before
@@ -82,21 +93,37 @@ mod tests {
     use proptest::prelude::*;
 
     fn bounds(first: u64, head: u64) -> LogBounds {
-        LogBounds { epoch: Epoch::parse("e1").unwrap(), first_seq: Seq(first), head: Seq(head) }
+        LogBounds {
+            epoch: Epoch::parse("e1").unwrap(),
+            first_seq: Seq(first),
+            head: Seq(head),
+        }
     }
 
     #[test]
     fn examples() {
         let b = bounds(41, 100);
-        assert_eq!(replay_window(Seq(40), None, &b), Ok(ReplayWindow { from: Seq(41), to: Seq(100) }));
+        assert_eq!(
+            replay_window(Seq(40), None, &b),
+            Ok(ReplayWindow {
+                from: Seq(41),
+                to: Seq(100)
+            })
+        );
         assert_eq!(replay_window(Seq(100), None, &b).unwrap().len(), 0);
         assert_eq!(
             replay_window(Seq(39), None, &b),
-            Err(WindowError::Trimmed { after: Seq(39), first_available: Seq(41) })
+            Err(WindowError::Trimmed {
+                after: Seq(39),
+                first_available: Seq(41)
+            })
         );
         assert_eq!(
             replay_window(Seq(101), None, &b),
-            Err(WindowError::BeyondHead { after: Seq(101), head: Seq(100) })
+            Err(WindowError::BeyondHead {
+                after: Seq(101),
+                head: Seq(100)
+            })
         );
         let other = Epoch::parse("e2").unwrap();
         assert!(matches!(

@@ -106,11 +106,22 @@ pub struct StreamInfo {
 
 impl StreamInfo {
     pub fn empty(stream: StreamId, epoch: Epoch) -> StreamInfo {
-        StreamInfo { stream, epoch, head: Seq(0), first_seq: Seq(1), count: 0, bytes: 0 }
+        StreamInfo {
+            stream,
+            epoch,
+            head: Seq(0),
+            first_seq: Seq(1),
+            count: 0,
+            bytes: 0,
+        }
     }
 
     pub fn bounds(&self) -> LogBounds {
-        LogBounds { epoch: self.epoch.clone(), first_seq: self.first_seq, head: self.head }
+        LogBounds {
+            epoch: self.epoch.clone(),
+            first_seq: self.first_seq,
+            head: self.head,
+        }
     }
 }
 
@@ -187,7 +198,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>>;
 
-    /// Adds the stream to the session, or replaces its state.
+    /// Adds the stream to the session, or replaces its state. Within the same epoch the stored
+    /// ack never moves backwards (the larger of the two is kept).
     async fn put_session_stream(
         &self,
         id: &SessionId,
@@ -209,8 +221,12 @@ pub trait Store: Send + Sync + 'static {
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;
 
     /// Records that events up to `through` were counted as dropped for this session's stream.
-    async fn mark_dropped(&self, id: &SessionId, stream: &StreamId, through: Seq)
-    -> StoreResult<()>;
+    async fn mark_dropped(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        through: Seq,
+    ) -> StoreResult<()>;
 
     /// Cheap liveness check used by readiness.
     async fn ping(&self) -> StoreResult<()>;

@@ -58,7 +58,11 @@ impl MemStream {
             stream: stream.clone(),
             epoch: self.epoch.clone(),
             head: self.head,
-            first_seq: self.events.front().map(|e| e.seq()).unwrap_or(self.head.next()),
+            first_seq: self
+                .events
+                .front()
+                .map(|e| e.seq())
+                .unwrap_or(self.head.next()),
             count: self.events.len() as u64,
             bytes: self.bytes,
         }
@@ -132,12 +136,14 @@ impl Inner {
     }
 
     fn stream_mut<'a>(&self, st: &'a mut State, stream: &StreamId) -> &'a mut MemStream {
-        st.streams.entry(stream.clone()).or_insert_with(|| MemStream {
-            epoch: self.epoch.clone(),
-            head: Seq(0),
-            bytes: 0,
-            events: VecDeque::new(),
-        })
+        st.streams
+            .entry(stream.clone())
+            .or_insert_with(|| MemStream {
+                epoch: self.epoch.clone(),
+                head: Seq(0),
+                bytes: 0,
+                events: VecDeque::new(),
+            })
     }
 
     fn info(&self, st: &State, stream: &StreamId) -> StreamInfo {
@@ -195,14 +201,24 @@ impl Store for MemoryStore {
         if let Some(k) = req.idempotency {
             st.idempotency.insert(
                 (req.stream.clone(), k.key),
-                IdemEntry { fingerprint: k.fingerprint, seq, epoch: epoch.clone(), created_ms: ts },
+                IdemEntry {
+                    fingerprint: k.fingerprint,
+                    seq,
+                    epoch: epoch.clone(),
+                    created_ms: ts,
+                },
             );
         }
         inner.sink.committed(std::slice::from_ref(&event));
         if let Some(t) = trim {
             inner.sink.trimmed(&req.stream, first, t.count);
         }
-        Ok(AppendOutcome { stream: req.stream, seq, epoch, duplicate: false })
+        Ok(AppendOutcome {
+            stream: req.stream,
+            seq,
+            epoch,
+            duplicate: false,
+        })
     }
 
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
@@ -237,7 +253,10 @@ impl Store for MemoryStore {
     }
 
     async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
-        self.inner.lock().sessions.insert(session.id.clone(), session);
+        self.inner
+            .lock()
+            .sessions
+            .insert(session.id.clone(), session);
         Ok(())
     }
 
@@ -253,6 +272,13 @@ impl Store for MemoryStore {
     ) -> StoreResult<()> {
         let mut st = self.inner.lock();
         let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
+        let mut state = state;
+        if let Some(old) = s.streams.get(stream)
+            && old.epoch == state.epoch
+        {
+            state.ack = state.ack.max(old.ack);
+            state.dropped_through = state.dropped_through.max(old.dropped_through);
+        }
         s.streams.insert(stream.clone(), state);
         Ok(())
     }
@@ -273,8 +299,14 @@ impl Store for MemoryStore {
     ) -> StoreResult<AckUpdate> {
         let mut guard = self.inner.lock();
         let info = self.inner.info(&guard, stream);
-        let session = guard.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
-        let ss = session.streams.get_mut(stream).ok_or(StoreError::NotInSession)?;
+        let session = guard
+            .sessions
+            .get_mut(id)
+            .ok_or(StoreError::SessionNotFound)?;
+        let ss = session
+            .streams
+            .get_mut(stream)
+            .ok_or(StoreError::NotInSession)?;
         apply_checkpoint(ss, &info, seq)
     }
 
@@ -291,8 +323,12 @@ impl Store for MemoryStore {
         stream: &StreamId,
         through: Seq,
     ) -> StoreResult<()> {
-        if let Some(ss) =
-            self.inner.lock().sessions.get_mut(id).and_then(|s| s.streams.get_mut(stream))
+        if let Some(ss) = self
+            .inner
+            .lock()
+            .sessions
+            .get_mut(id)
+            .and_then(|s| s.streams.get_mut(stream))
         {
             ss.dropped_through = ss.dropped_through.max(through);
         }
@@ -305,7 +341,10 @@ impl Store for MemoryStore {
 
     async fn stats(&self) -> StoreResult<StoreStats> {
         let st = self.inner.lock();
-        Ok(StoreStats { sessions: st.sessions.len() as u64, streams: st.streams.len() as u64 })
+        Ok(StoreStats {
+            sessions: st.sessions.len() as u64,
+            streams: st.streams.len() as u64,
+        })
     }
 }
 
@@ -317,7 +356,9 @@ pub(crate) fn apply_checkpoint(
     seq: Seq,
 ) -> StoreResult<AckUpdate> {
     if ss.epoch != info.epoch {
-        return Err(StoreError::EpochChanged { current: info.epoch.clone() });
+        return Err(StoreError::EpochChanged {
+            current: info.epoch.clone(),
+        });
     }
     let update = checkpoint::apply(ss.ack, seq, info.head).map_err(|e| match e {
         AckError::BeyondHead { requested, head } => StoreError::AckBeyondHead { requested, head },

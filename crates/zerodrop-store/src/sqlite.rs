@@ -107,7 +107,9 @@ impl SqliteStore {
         });
         let up = Arc::new(AtomicBool::new(true));
         let last_ts: u64 = conn
-            .query_row("SELECT COALESCE(MAX(last_ts), 0) FROM streams", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COALESCE(MAX(last_ts), 0) FROM streams", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|v| v.max(0) as u64)
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
@@ -247,7 +249,9 @@ fn init(conn: &Connection, sync: Synchronous) -> rusqlite::Result<Epoch> {
     configure(conn, sync)?;
     conn.execute_batch(SCHEMA)?;
     let existing: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     if let Some(e) = existing.as_deref().and_then(Epoch::parse) {
         return Ok(e);
@@ -267,9 +271,7 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
     )
 }
 
-fn open_or_quarantine(
-    opts: &SqliteOptions,
-) -> StoreResult<(Connection, Epoch, Option<PathBuf>)> {
+fn open_or_quarantine(opts: &SqliteOptions) -> StoreResult<(Connection, Epoch, Option<PathBuf>)> {
     let attempt = || -> rusqlite::Result<(Connection, Epoch)> {
         let conn = Connection::open(&opts.path)?;
         let epoch = init(&conn, opts.synchronous)?;
@@ -550,7 +552,12 @@ impl Writer {
         meta.last_ts = ts;
         self.conn
             .prepare_cached("INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![req.stream.as_str(), seq.0 as i64, ts as i64, &event.json()[..]])?;
+            .execute(params![
+                req.stream.as_str(),
+                seq.0 as i64,
+                ts as i64,
+                &event.json()[..]
+            ])?;
         if let Some(k) = &req.idempotency {
             self.conn
                 .prepare_cached(
@@ -567,8 +574,14 @@ impl Writer {
                 ])?;
         }
         fx.touched.insert(req.stream.clone());
-        fx.events.push(Arc::new(event.with_committed_at(Instant::now())));
-        Ok(Ok(AppendOutcome { stream: req.stream, seq, epoch, duplicate: false }))
+        fx.events
+            .push(Arc::new(event.with_committed_at(Instant::now())));
+        Ok(Ok(AppendOutcome {
+            stream: req.stream,
+            seq,
+            epoch,
+            duplicate: false,
+        }))
     }
 
     fn find_idempotent(
@@ -582,7 +595,11 @@ impl Writer {
                 "SELECT fingerprint, seq, epoch FROM idempotency WHERE stream = ?1 AND key = ?2",
             )?
             .query_row(params![stream.as_str(), k.key], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .optional()?;
         Ok(found.map(|(fp, seq, epoch)| {
@@ -646,7 +663,9 @@ impl Writer {
             .prepare_cached("SELECT id, ts FROM events ORDER BY id LIMIT 1")?
             .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some((first_id, first_ts)) = oldest else { return Ok(()) };
+        let Some((first_id, first_ts)) = oldest else {
+            return Ok(());
+        };
         if first_ts >= cutoff {
             return Ok(());
         }
@@ -657,7 +676,9 @@ impl Writer {
             .optional()?;
         let last_expired = match boundary {
             Some(b) => b - 1,
-            None => self.conn.query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))?,
+            None => self
+                .conn
+                .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))?,
         };
         let upto = last_expired.min(first_id + MAX_AGE_SWEEP_ROWS);
         let groups: Vec<(String, i64, i64, i64)> = self
@@ -666,11 +687,17 @@ impl Writer {
                 "SELECT stream, MAX(seq), COUNT(*), SUM(length(json)) FROM events
                  WHERE id <= ?1 GROUP BY stream",
             )?
-            .query_map(params![upto], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map(params![upto], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
-        self.conn.prepare_cached("DELETE FROM events WHERE id <= ?1")?.execute(params![upto])?;
+        self.conn
+            .prepare_cached("DELETE FROM events WHERE id <= ?1")?
+            .execute(params![upto])?;
         for (stream, max_seq, count, bytes) in groups {
-            let Ok(stream) = StreamId::new(&stream) else { continue };
+            let Ok(stream) = StreamId::new(&stream) else {
+                continue;
+            };
             let meta = self.meta(&stream)?;
             meta.first = meta.first.max(max_seq as u64 + 1);
             meta.count = meta.count.saturating_sub(count as u64);
@@ -685,20 +712,28 @@ impl Writer {
     fn sweep_expired(&mut self) -> rusqlite::Result<()> {
         let now = now_ms();
         let idem_cut = now.saturating_sub(self.idempotency_ttl_ms) as i64;
-        self.conn.execute("DELETE FROM idempotency WHERE created_ms < ?1", params![idem_cut])?;
+        self.conn.execute(
+            "DELETE FROM idempotency WHERE created_ms < ?1",
+            params![idem_cut],
+        )?;
         let sess_cut = now.saturating_sub(self.session_grace_ms) as i64;
         self.conn.execute(
             "DELETE FROM session_streams WHERE session_id IN
              (SELECT id FROM sessions WHERE expires_ms < ?1)",
             params![sess_cut],
         )?;
-        self.conn.execute("DELETE FROM sessions WHERE expires_ms < ?1", params![sess_cut])?;
+        self.conn.execute(
+            "DELETE FROM sessions WHERE expires_ms < ?1",
+            params![sess_cut],
+        )?;
         Ok(())
     }
 
     fn write_meta(&mut self, fx: &BatchEffects) -> rusqlite::Result<()> {
         for stream in &fx.touched {
-            let Some(m) = self.cache.get(stream) else { continue };
+            let Some(m) = self.cache.get(stream) else {
+                continue;
+            };
             self.conn
                 .prepare_cached(
                     "INSERT INTO streams (stream, epoch, head, first_seq, count, bytes, last_ts)
@@ -769,8 +804,13 @@ impl Writer {
     ) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO session_streams (session_id, stream, epoch, ack, dropped_through)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO session_streams (session_id, stream, epoch, ack, dropped_through)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (session_id, stream) DO UPDATE SET
+                   ack = CASE WHEN epoch = excluded.epoch THEN MAX(ack, excluded.ack) ELSE excluded.ack END,
+                   dropped_through = CASE WHEN epoch = excluded.epoch
+                     THEN MAX(dropped_through, excluded.dropped_through) ELSE excluded.dropped_through END,
+                   epoch = excluded.epoch",
             )?
             .execute(params![
                 id.as_str(),
@@ -795,7 +835,11 @@ impl Writer {
                  WHERE session_id = ?1 AND stream = ?2",
             )?
             .query_row(params![id.as_str(), stream.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .optional()?;
         let Some((epoch, ack, dropped)) = row else {
@@ -821,7 +865,11 @@ impl Writer {
                 .prepare_cached(
                     "UPDATE session_streams SET ack = ?3 WHERE session_id = ?1 AND stream = ?2",
                 )?
-                .execute(params![id.as_str(), stream.as_str(), update.last_ack().0 as i64])?;
+                .execute(params![
+                    id.as_str(),
+                    stream.as_str(),
+                    update.last_ack().0 as i64
+                ])?;
         }
         Ok(Ok(update))
     }
@@ -912,7 +960,9 @@ impl Readers {
 
 fn read_info(conn: &Connection, stream: &StreamId, epoch: &Epoch) -> rusqlite::Result<StreamInfo> {
     let row = conn
-        .prepare_cached("SELECT epoch, head, first_seq, count, bytes FROM streams WHERE stream = ?1")?
+        .prepare_cached(
+            "SELECT epoch, head, first_seq, count, bytes FROM streams WHERE stream = ?1",
+        )?
         .query_row(params![stream.as_str()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -948,7 +998,9 @@ fn read_session(conn: &Connection, id: &SessionId) -> rusqlite::Result<Option<Se
             ))
         })
         .optional()?;
-    let Some((sub, grants, created, expires)) = row else { return Ok(None) };
+    let Some((sub, grants, created, expires)) = row else {
+        return Ok(None);
+    };
     let mut streams = BTreeMap::new();
     let mut stmt = conn.prepare_cached(
         "SELECT stream, epoch, ack, dropped_through FROM session_streams WHERE session_id = ?1",
@@ -968,7 +1020,11 @@ fn read_session(conn: &Connection, id: &SessionId) -> rusqlite::Result<Option<Se
         };
         streams.insert(
             stream,
-            SessionStream { epoch, ack: Seq(ack as u64), dropped_through: Seq(dropped as u64) },
+            SessionStream {
+                epoch,
+                ack: Seq(ack as u64),
+                dropped_through: Seq(dropped as u64),
+            },
         );
     }
     Ok(Some(SessionRecord {
@@ -993,7 +1049,9 @@ impl Store for SqliteStore {
 
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
         let stream = stream.clone();
-        self.readers.run(move |c, epoch| read_info(c, &stream, epoch)).await
+        self.readers
+            .run(move |c, epoch| read_info(c, &stream, epoch))
+            .await
     }
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
@@ -1010,7 +1068,13 @@ impl Store for SqliteStore {
                     )?;
                     let rows = stmt.query_map(
                         params![stream.as_str(), after.0 as i64, limit as i64],
-                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)),
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, Vec<u8>>(2)?,
+                            ))
+                        },
                     )?;
                     for row in rows {
                         let (seq, ts, json) = row?;
@@ -1037,9 +1101,8 @@ impl Store for SqliteStore {
                 let info = read_info(&tx, &stream, epoch)?;
                 let mut h = ChainHash::default();
                 {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT json FROM events WHERE stream = ?1 ORDER BY seq",
-                    )?;
+                    let mut stmt = tx
+                        .prepare_cached("SELECT json FROM events WHERE stream = ?1 ORDER BY seq")?;
                     let mut rows = stmt.query(params![stream.as_str()])?;
                     while let Some(r) = rows.next()? {
                         h.push(r.get_ref(0)?.as_blob()?);
@@ -1067,7 +1130,8 @@ impl Store for SqliteStore {
         state: SessionStream,
     ) -> StoreResult<()> {
         let (id, stream) = (id.clone(), stream.clone());
-        self.call(|r| Cmd::PutSessionStream(id, stream, state, r)).await
+        self.call(|r| Cmd::PutSessionStream(id, stream, state, r))
+            .await
     }
 
     async fn remove_session_stream(&self, id: &SessionId, stream: &StreamId) -> StoreResult<()> {
@@ -1097,7 +1161,8 @@ impl Store for SqliteStore {
         through: Seq,
     ) -> StoreResult<()> {
         let (id, stream) = (id.clone(), stream.clone());
-        self.call(|r| Cmd::MarkDropped(id, stream, through, r)).await
+        self.call(|r| Cmd::MarkDropped(id, stream, through, r))
+            .await
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -1105,17 +1170,25 @@ impl Store for SqliteStore {
             return Err(closed());
         }
         if !self.up.load(Ordering::Relaxed) {
-            return Err(StoreError::Unavailable("the last sqlite commit failed".into()));
+            return Err(StoreError::Unavailable(
+                "the last sqlite commit failed".into(),
+            ));
         }
-        self.readers.run(|c, _| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        self.readers
+            .run(|c, _| c.query_row("SELECT 1", [], |_| Ok(())))
+            .await
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {
         self.readers
             .run(|c, _| {
-                let sessions: i64 = c.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?;
+                let sessions: i64 =
+                    c.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?;
                 let streams: i64 = c.query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))?;
-                Ok(StoreStats { sessions: sessions as u64, streams: streams as u64 })
+                Ok(StoreStats {
+                    sessions: sessions as u64,
+                    streams: streams as u64,
+                })
             })
             .await
     }

@@ -26,7 +26,10 @@ impl LiveSink for Recorder {
         }
     }
     fn trimmed(&self, stream: &StreamId, first: Seq, count: u64) {
-        self.trims.lock().unwrap().push((stream.to_string(), first.0, count));
+        self.trims
+            .lock()
+            .unwrap()
+            .push((stream.to_string(), first.0, count));
     }
 }
 
@@ -38,7 +41,11 @@ struct Fixture {
 
 fn memory(retention: Retention) -> Fixture {
     let sink = Arc::new(Recorder::default());
-    Fixture { store: Arc::new(MemoryStore::new(retention, sink.clone())), sink, _dir: None }
+    Fixture {
+        store: Arc::new(MemoryStore::new(retention, sink.clone())),
+        sink,
+        _dir: None,
+    }
 }
 
 fn sqlite(retention: Retention) -> Fixture {
@@ -47,7 +54,11 @@ fn sqlite(retention: Retention) -> Fixture {
     let mut opts = SqliteOptions::new(dir.path().join("zerodrop.db"));
     opts.retention = retention;
     let store = SqliteStore::open(opts, sink.clone()).unwrap();
-    Fixture { store: Arc::new(store), sink, _dir: Some(dir) }
+    Fixture {
+        store: Arc::new(store),
+        sink,
+        _dir: Some(dir),
+    }
 }
 
 fn sid(s: &str) -> StreamId {
@@ -55,22 +66,37 @@ fn sid(s: &str) -> StreamId {
 }
 
 fn req(stream: &str, data: &str) -> AppendRequest {
-    AppendRequest { stream: sid(stream), data: data.into(), idempotency: None }
+    AppendRequest {
+        stream: sid(stream),
+        data: data.into(),
+        idempotency: None,
+    }
 }
 
 fn big() -> Retention {
-    Retention { max_events: 1_000_000, max_bytes: 1 << 40, max_age_ms: 86_400_000 }
+    Retention {
+        max_events: 1_000_000,
+        max_bytes: 1 << 40,
+        max_age_ms: 86_400_000,
+    }
 }
 
 async fn publish_n(f: &Fixture, stream: &str, n: u64) {
     for i in 0..n {
-        f.store.append(req(stream, &format!("{{\"i\":{i}}}"))).await.unwrap();
+        f.store
+            .append(req(stream, &format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
     }
 }
 
 async fn seqs_contiguous_and_live_in_order(f: Fixture) {
     for i in 1..=20u64 {
-        let o = f.store.append(req("room:1", &format!("{{\"i\":{i}}}"))).await.unwrap();
+        let o = f
+            .store
+            .append(req("room:1", &format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
         assert_eq!(o.seq, Seq(i));
         assert!(!o.duplicate);
     }
@@ -86,15 +112,25 @@ async fn seqs_contiguous_and_live_in_order(f: Fixture) {
     assert_eq!(r.info.bytes, bytes);
     // Read pages.
     let page = f.store.read(&sid("room:1"), Seq(15), 3).await.unwrap();
-    assert_eq!(page.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(), vec![16, 17, 18]);
+    assert_eq!(
+        page.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(),
+        vec![16, 17, 18]
+    );
     // The sink saw every commit, each stream in order.
     let c = f.sink.committed.lock().unwrap().clone();
-    let room1: Vec<u64> = c.iter().filter(|(s, _)| s == "room:1").map(|(_, q)| *q).collect();
+    let room1: Vec<u64> = c
+        .iter()
+        .filter(|(s, _)| s == "room:1")
+        .map(|(_, q)| *q)
+        .collect();
     assert_eq!(room1, (1..=20).collect::<Vec<_>>());
     assert_eq!(c.len(), 21);
     // A stream never written to.
     let empty = f.store.stream_info(&sid("nobody")).await.unwrap();
-    assert_eq!((empty.head, empty.first_seq, empty.count), (Seq(0), Seq(1), 0));
+    assert_eq!(
+        (empty.head, empty.first_seq, empty.count),
+        (Seq(0), Seq(1), 0)
+    );
     assert_eq!(empty.epoch, r.info.epoch);
 }
 
@@ -105,7 +141,10 @@ async fn concurrent_appends_stay_contiguous(f: Fixture) {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for i in 0..25 {
-                let o = store.append(req("hot", &format!("[{w},{i}]"))).await.unwrap();
+                let o = store
+                    .append(req("hot", &format!("[{w},{i}]")))
+                    .await
+                    .unwrap();
                 got.push(o.seq.0);
             }
             got
@@ -114,18 +153,29 @@ async fn concurrent_appends_stay_contiguous(f: Fixture) {
     let mut all = Vec::new();
     for t in tasks {
         let got = t.await.unwrap();
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "one writer's seqs increase");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "one writer's seqs increase"
+        );
         all.extend(got);
     }
     all.sort_unstable();
     assert_eq!(all, (1..=400).collect::<Vec<_>>());
     let r = f.store.read(&sid("hot"), Seq(0), 1000).await.unwrap();
     assert_eq!(r.events.len(), 400);
-    assert!(r.events.iter().enumerate().all(|(i, e)| e.seq().0 == i as u64 + 1));
+    assert!(
+        r.events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq().0 == i as u64 + 1)
+    );
 }
 
 async fn idempotency_keys(f: Fixture) {
-    let key = |k: &str, body: u8| IdempotencyKey { key: k.into(), fingerprint: [body; 32] };
+    let key = |k: &str, body: u8| IdempotencyKey {
+        key: k.into(),
+        fingerprint: [body; 32],
+    };
     let mut r1 = req("pay", "{\"amount\":1}");
     r1.idempotency = Some(key("k1", 1));
     let a = f.store.append(r1.clone()).await.unwrap();
@@ -135,7 +185,10 @@ async fn idempotency_keys(f: Fixture) {
     assert_eq!(a.epoch, b.epoch);
     let mut other = r1.clone();
     other.idempotency = Some(key("k1", 2));
-    assert_eq!(f.store.append(other).await.unwrap_err(), StoreError::IdempotencyKeyReused);
+    assert_eq!(
+        f.store.append(other).await.unwrap_err(),
+        StoreError::IdempotencyKeyReused
+    );
     // Same key on another stream is another key.
     let mut elsewhere = req("pay2", "{\"amount\":1}");
     elsewhere.idempotency = Some(key("k1", 1));
@@ -163,12 +216,18 @@ async fn idempotency_keys(f: Fixture) {
 async fn retention_by_count_and_bytes(f: Fixture) {
     publish_n(&f, "r", 12).await;
     let info = f.store.stream_info(&sid("r")).await.unwrap();
-    assert_eq!((info.head, info.first_seq, info.count), (Seq(12), Seq(8), 5));
+    assert_eq!(
+        (info.head, info.first_seq, info.count),
+        (Seq(12), Seq(8), 5)
+    );
     let r = f.store.read(&sid("r"), Seq(0), 100).await.unwrap();
     assert_eq!(r.events.first().unwrap().seq(), Seq(8));
     assert!(matches!(
         replay_window(Seq(3), None, &r.info.bounds()),
-        Err(WindowError::Trimmed { first_available: Seq(8), .. })
+        Err(WindowError::Trimmed {
+            first_available: Seq(8),
+            ..
+        })
     ));
     let total: u64 = f.sink.trims.lock().unwrap().iter().map(|t| t.2).sum();
     assert_eq!(total, 7);
@@ -176,7 +235,10 @@ async fn retention_by_count_and_bytes(f: Fixture) {
     let big = format!("\"{}\"", "x".repeat(10_000));
     f.store.append(req("r", &big)).await.unwrap();
     let info = f.store.stream_info(&sid("r")).await.unwrap();
-    assert_eq!((info.head, info.count, info.first_seq), (Seq(13), 1, Seq(13)));
+    assert_eq!(
+        (info.head, info.count, info.first_seq),
+        (Seq(13), 1, Seq(13))
+    );
 }
 
 async fn retention_by_age(f: Fixture) {
@@ -189,10 +251,20 @@ async fn retention_by_age(f: Fixture) {
             assert_eq!((info.head, info.first_seq), (Seq(3), Seq(4)));
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "age retention never ran: {info:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "age retention never ran: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(f.sink.trims.lock().unwrap().iter().any(|t| t.0 == "old" && t.1 == 4));
+    assert!(
+        f.sink
+            .trims
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.0 == "old" && t.1 == 4)
+    );
     // The stream goes on from where it was.
     let o = f.store.append(req("old", "1")).await.unwrap();
     assert_eq!(o.seq, Seq(4));
@@ -202,13 +274,23 @@ fn session(id: &SessionId, streams: &[(&str, &Epoch, u64)]) -> SessionRecord {
     SessionRecord {
         id: id.clone(),
         sub: "u1".into(),
-        grants: Grants { streams: vec!["room:*".into()], publish: vec![] },
+        grants: Grants {
+            streams: vec!["room:*".into()],
+            publish: vec![],
+        },
         created_at_ms: now_ms(),
         expires_at_ms: now_ms() + 900_000,
         streams: streams
             .iter()
             .map(|(s, e, ack)| {
-                (sid(s), SessionStream { epoch: (*e).clone(), ack: Seq(*ack), dropped_through: Seq(0) })
+                (
+                    sid(s),
+                    SessionStream {
+                        epoch: (*e).clone(),
+                        ack: Seq(*ack),
+                        dropped_through: Seq(0),
+                    },
+                )
             })
             .collect(),
     }
@@ -218,7 +300,10 @@ async fn sessions_and_checkpoints(f: Fixture) {
     publish_n(&f, "room:1", 10).await;
     let epoch = f.store.stream_info(&sid("room:1")).await.unwrap().epoch;
     let id = SessionId::generate();
-    f.store.create_session(session(&id, &[("room:1", &epoch, 2)])).await.unwrap();
+    f.store
+        .create_session(session(&id, &[("room:1", &epoch, 2)]))
+        .await
+        .unwrap();
     let loaded = f.store.load_session(&id).await.unwrap().unwrap();
     assert_eq!(loaded.streams[&sid("room:1")].ack, Seq(2));
     assert_eq!(loaded.grants.streams, vec!["room:*".to_string()]);
@@ -229,41 +314,93 @@ async fn sessions_and_checkpoints(f: Fixture) {
     assert_eq!(ck(3).await.unwrap(), AckUpdate::Ignored(Seq(5)));
     assert_eq!(
         ck(11).await.unwrap_err(),
-        StoreError::AckBeyondHead { requested: Seq(11), head: Seq(10) }
+        StoreError::AckBeyondHead {
+            requested: Seq(11),
+            head: Seq(10)
+        }
     );
     assert_eq!(ck(10).await.unwrap(), AckUpdate::Applied(Seq(10)));
     assert_eq!(
-        f.store.checkpoint(&id, &sid("room:9"), Seq(1)).await.unwrap_err(),
+        f.store
+            .checkpoint(&id, &sid("room:9"), Seq(1))
+            .await
+            .unwrap_err(),
         StoreError::NotInSession
     );
     assert_eq!(
-        f.store.checkpoint(&SessionId::generate(), &sid("room:1"), Seq(1)).await.unwrap_err(),
+        f.store
+            .checkpoint(&SessionId::generate(), &sid("room:1"), Seq(1))
+            .await
+            .unwrap_err(),
         StoreError::SessionNotFound
     );
     // Streams come and go.
-    let st = SessionStream { epoch: epoch.clone(), ack: Seq(0), dropped_through: Seq(0) };
-    f.store.put_session_stream(&id, &sid("room:2"), st.clone()).await.unwrap();
+    let st = SessionStream {
+        epoch: epoch.clone(),
+        ack: Seq(0),
+        dropped_through: Seq(0),
+    };
+    f.store
+        .put_session_stream(&id, &sid("room:2"), st.clone())
+        .await
+        .unwrap();
     assert_eq!(
-        f.store.put_session_stream(&SessionId::generate(), &sid("room:2"), st).await.unwrap_err(),
+        f.store
+            .put_session_stream(&SessionId::generate(), &sid("room:2"), st)
+            .await
+            .unwrap_err(),
         StoreError::SessionNotFound
     );
-    f.store.remove_session_stream(&id, &sid("room:1")).await.unwrap();
-    f.store.mark_dropped(&id, &sid("room:2"), Seq(4)).await.unwrap();
+    // Re-adding a stream in the same epoch never moves its ack backwards.
+    let lower = SessionStream {
+        epoch: epoch.clone(),
+        ack: Seq(1),
+        dropped_through: Seq(0),
+    };
+    f.store
+        .put_session_stream(&id, &sid("room:1"), lower)
+        .await
+        .unwrap();
+    let s = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(s.streams[&sid("room:1")].ack, Seq(10));
+    f.store
+        .remove_session_stream(&id, &sid("room:1"))
+        .await
+        .unwrap();
+    f.store
+        .mark_dropped(&id, &sid("room:2"), Seq(4))
+        .await
+        .unwrap();
     f.store.touch_session(&id, 42).await.unwrap();
     let s = f.store.load_session(&id).await.unwrap().unwrap();
-    assert_eq!(s.streams.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["room:2"]);
+    assert_eq!(
+        s.streams.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        vec!["room:2"]
+    );
     assert_eq!(s.streams[&sid("room:2")].dropped_through, Seq(4));
     assert_eq!(s.expires_at_ms, 42);
-    assert!(f.store.load_session(&SessionId::generate()).await.unwrap().is_none());
+    assert!(
+        f.store
+            .load_session(&SessionId::generate())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let stats = f.store.stats().await.unwrap();
     assert_eq!(stats.sessions, 1);
     assert!(stats.streams >= 1);
     // A checkpoint against another epoch is refused.
     let other = Epoch::generate();
     let id2 = SessionId::generate();
-    f.store.create_session(session(&id2, &[("room:1", &other, 0)])).await.unwrap();
+    f.store
+        .create_session(session(&id2, &[("room:1", &other, 0)]))
+        .await
+        .unwrap();
     assert!(matches!(
-        f.store.checkpoint(&id2, &sid("room:1"), Seq(1)).await.unwrap_err(),
+        f.store
+            .checkpoint(&id2, &sid("room:1"), Seq(1))
+            .await
+            .unwrap_err(),
         StoreError::EpochChanged { .. }
     ));
 }
