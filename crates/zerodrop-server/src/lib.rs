@@ -1,1 +1,23 @@
-//! server
+//! zerodrop's server: the transports (HTTP, WebSocket, SSE), the live hub, drain, metrics.
+//!
+//! Map: [`config`] (every setting) → [`server`] (start-up, listener, shutdown) builds an
+//! [`app::App`] (shared state and the session rules) over a [`zerodrop_store::Store`] and a
+//! [`live::Hub`] (fan-out in front of the log). [`http`], [`ws`] and [`sse`] are thin
+//! transports over the app; [`metrics`] records every figure; [`drain`] takes an instance out
+//! of service without dropping anything.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod http;
+pub mod live;
+pub mod metrics;
+pub mod secrets;
+pub mod server;
+pub mod sse;
+pub mod ws;
+
+pub use config::{Config, ServeArgs};
+pub use server::{Running, start};

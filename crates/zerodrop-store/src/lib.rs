@@ -198,7 +198,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>>;
 
-    /// Adds the stream to the session, or replaces its state.
+    /// Adds the stream to the session, or replaces its state. Within the same epoch the stored
+    /// ack never moves backwards (the larger of the two is kept).
     async fn put_session_stream(
         &self,
         id: &SessionId,

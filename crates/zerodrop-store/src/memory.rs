@@ -272,6 +272,13 @@ impl Store for MemoryStore {
     ) -> StoreResult<()> {
         let mut st = self.inner.lock();
         let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
+        let mut state = state;
+        if let Some(old) = s.streams.get(stream)
+            && old.epoch == state.epoch
+        {
+            state.ack = state.ack.max(old.ack);
+            state.dropped_through = state.dropped_through.max(old.dropped_through);
+        }
         s.streams.insert(stream.clone(), state);
         Ok(())
     }

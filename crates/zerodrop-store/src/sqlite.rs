@@ -804,8 +804,13 @@ impl Writer {
     ) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO session_streams (session_id, stream, epoch, ack, dropped_through)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO session_streams (session_id, stream, epoch, ack, dropped_through)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (session_id, stream) DO UPDATE SET
+                   ack = CASE WHEN epoch = excluded.epoch THEN MAX(ack, excluded.ack) ELSE excluded.ack END,
+                   dropped_through = CASE WHEN epoch = excluded.epoch
+                     THEN MAX(dropped_through, excluded.dropped_through) ELSE excluded.dropped_through END,
+                   epoch = excluded.epoch",
             )?
             .execute(params![
                 id.as_str(),

@@ -351,6 +351,18 @@ async fn sessions_and_checkpoints(f: Fixture) {
             .unwrap_err(),
         StoreError::SessionNotFound
     );
+    // Re-adding a stream in the same epoch never moves its ack backwards.
+    let lower = SessionStream {
+        epoch: epoch.clone(),
+        ack: Seq(1),
+        dropped_through: Seq(0),
+    };
+    f.store
+        .put_session_stream(&id, &sid("room:1"), lower)
+        .await
+        .unwrap();
+    let s = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(s.streams[&sid("room:1")].ack, Seq(10));
     f.store
         .remove_session_stream(&id, &sid("room:1"))
         .await

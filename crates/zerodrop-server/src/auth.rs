@@ -1,0 +1,252 @@
+//! Credentials: api key (backends), admin token, connect tokens (JWT HS256, clients) and
+//! resume tokens (session takeover).
+//!
+//! Shared secrets are compared in constant time, as SHA-256 digests (so the comparison does
+//! not even leak the length). Nothing here logs a credential.
+
+use axum::http::{HeaderMap, header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zerodrop_core::token::{ResumeClaims, TokenError};
+use zerodrop_core::{ErrorCode, Grants, ResumeKeys, SessionId};
+
+use crate::error::ApiError;
+use crate::secrets::Secrets;
+
+/// The claims of a connect token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectClaims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default)]
+    pub streams: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+}
+
+impl ConnectClaims {
+    pub fn grants(&self) -> Grants {
+        Grants {
+            streams: self.streams.clone(),
+            publish: self.publish.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Mints a connect token with `secret` (the `token` command and tests).
+pub fn mint_connect_token(secret: &str, claims: &ConnectClaims) -> String {
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key).unwrap_or_default()
+}
+
+pub struct Auth {
+    api_key: [u8; 32],
+    admin_token: [u8; 32],
+    jwt_decode: DecodingKey,
+    jwt_encode: EncodingKey,
+    validation: Validation,
+    pub resume_keys: ResumeKeys,
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+impl Auth {
+    pub fn new(s: &Secrets) -> Auth {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Auth {
+            api_key: digest(&s.api_key),
+            admin_token: digest(&s.admin_token),
+            jwt_decode: DecodingKey::from_secret(s.jwt_secret.as_bytes()),
+            jwt_encode: EncodingKey::from_secret(s.jwt_secret.as_bytes()),
+            validation,
+            resume_keys: s.resume_keys.clone(),
+        }
+    }
+
+    fn matches(expected: &[u8; 32], presented: Option<&str>) -> bool {
+        let Some(p) = presented else { return false };
+        bool::from(digest(p).ct_eq(expected))
+    }
+
+    pub fn require_api_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if Self::matches(&self.api_key, bearer(headers)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "missing or wrong api key (Authorization: Bearer <key>)",
+            ))
+        }
+    }
+
+    pub fn is_api_key(&self, token: &str) -> bool {
+        Self::matches(&self.api_key, Some(token))
+    }
+
+    pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if Self::matches(&self.admin_token, bearer(headers)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "missing or wrong admin token (Authorization: Bearer <token>)",
+            ))
+        }
+    }
+
+    pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+        jsonwebtoken::decode::<ConnectClaims>(token, &self.jwt_decode, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ApiError::unauthorized("the connect token has expired")
+                }
+                _ => ApiError::unauthorized("invalid connect token"),
+            })
+    }
+
+    pub fn mint_connect(&self, claims: &ConnectClaims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.jwt_encode)
+            .unwrap_or_default()
+    }
+
+    /// Verifies a resume token; `for_session` must match when the route names a session.
+    pub fn verify_resume(
+        &self,
+        token: &str,
+        for_session: Option<&SessionId>,
+    ) -> Result<ResumeClaims, ApiError> {
+        let now = zerodrop_core::now_ms() / 1000;
+        let claims = self.resume_keys.verify(token, now).map_err(|e| match e {
+            TokenError::Invalid(_) => ApiError::new(
+                ErrorCode::InvalidResumeToken,
+                "invalid resume token; start a new session",
+            ),
+            TokenError::Expired => ApiError::new(
+                ErrorCode::ReconnectWindowExpired,
+                "the reconnect window has passed; start a new session and resync",
+            ),
+        })?;
+        if let Some(sid) = for_session
+            && *sid != claims.sid
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidResumeToken,
+                "the resume token belongs to another session",
+            ));
+        }
+        Ok(claims)
+    }
+
+    pub fn mint_resume(&self, sid: &SessionId, sub: &str, lifetime_sec: u64) -> String {
+        let now = zerodrop_core::now_ms() / 1000;
+        let jti = hex::encode(zerodrop_core::random_bytes::<8>());
+        self.resume_keys.sign(&ResumeClaims {
+            sid: sid.clone(),
+            sub: sub.to_string(),
+            iat: now,
+            exp: now + lifetime_sec,
+            jti: Some(jti),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(&Secrets {
+            api_key: "a".repeat(32),
+            admin_token: "b".repeat(32),
+            jwt_secret: "c".repeat(32),
+            resume_keys: ResumeKeys::parse("k1:0123456789abcdef0123").unwrap(),
+        })
+    }
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn api_and_admin_keys() {
+        let a = auth();
+        assert!(
+            a.require_api_key(&headers(&format!("Bearer {}", "a".repeat(32))))
+                .is_ok()
+        );
+        assert!(
+            a.require_api_key(&headers(&format!("bearer {}", "a".repeat(32))))
+                .is_ok()
+        );
+        assert!(a.require_api_key(&headers("Bearer aaaa")).is_err());
+        assert!(a.require_api_key(&HeaderMap::new()).is_err());
+        assert!(
+            a.require_admin(&headers(&format!("Bearer {}", "a".repeat(32))))
+                .is_err()
+        );
+        assert!(
+            a.require_admin(&headers(&format!("Bearer {}", "b".repeat(32))))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn connect_tokens() {
+        let a = auth();
+        let now = zerodrop_core::now_ms() / 1000;
+        let c = ConnectClaims {
+            sub: "u1".into(),
+            exp: now + 60,
+            streams: vec!["room:*".into()],
+            publish: None,
+        };
+        let t = a.mint_connect(&c);
+        assert_eq!(a.verify_connect(&t).unwrap(), c);
+        let expired = a.mint_connect(&ConnectClaims {
+            exp: now - 120,
+            ..c.clone()
+        });
+        assert_eq!(
+            a.verify_connect(&expired).unwrap_err().message,
+            "the connect token has expired"
+        );
+        assert!(a.verify_connect("nonsense").is_err());
+        let mut other = auth();
+        other.jwt_decode = DecodingKey::from_secret(b"another secret entirely");
+        assert!(other.verify_connect(&t).is_err());
+    }
+
+    #[test]
+    fn resume_tokens_bind_to_their_session() {
+        let a = auth();
+        let sid = SessionId::generate();
+        let t = a.mint_resume(&sid, "u1", 60);
+        assert_eq!(a.verify_resume(&t, Some(&sid)).unwrap().sid, sid);
+        let e = a
+            .verify_resume(&t, Some(&SessionId::generate()))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidResumeToken);
+        assert_ne!(
+            a.mint_resume(&sid, "u1", 60),
+            t,
+            "tokens carry a random jti"
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! Every setting in one typed struct, with its documented default.
+//!
+//! Precedence: command-line flag > `ZERODROP_*` environment variable > `--config` file (TOML,
+//! keys named like the flags with `_`) > default. Secrets are never flags (they would show up
+//! in `ps`): they come from the environment or the data dir's `secrets.json`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::Deserialize;
+use zerodrop_core::Retention;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreChoice {
+    Sqlite,
+    Redis,
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncChoice {
+    Full,
+    Normal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `zerodrop serve` flags. Each has an environment variable and a default.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys named like the flags, with `_`).
+    #[arg(long, env = "ZERODROP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "ZERODROP_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Directory for the database and `secrets.json`.
+    #[arg(long, env = "ZERODROP_DATA_DIR", default_value = "./zerodrop-data")]
+    pub data_dir: PathBuf,
+    /// Where streams and sessions live.
+    #[arg(long, env = "ZERODROP_STORE", value_enum, default_value = "sqlite")]
+    pub store: StoreChoice,
+    /// Redis URL(s) for `--store redis`; several comma-separated seeds mean Redis Cluster.
+    #[arg(
+        long,
+        env = "ZERODROP_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Replicas a publish waits for (`WAIT N`) before answering 201, with `--store redis`.
+    #[arg(long, env = "ZERODROP_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+    /// How long a disconnected session can be resumed; also the resume token lifetime.
+    #[arg(long, env = "ZERODROP_RECONNECT_WINDOW_SEC", default_value_t = 900)]
+    pub reconnect_window_sec: u64,
+    /// Events kept per stream at most.
+    #[arg(long, env = "ZERODROP_RETENTION_MAX_EVENTS", default_value_t = 10_000)]
+    pub retention_max_events: u64,
+    /// Bytes of event JSON kept per stream at most.
+    #[arg(
+        long,
+        env = "ZERODROP_RETENTION_MAX_BYTES",
+        default_value_t = 16_777_216
+    )]
+    pub retention_max_bytes: u64,
+    /// Oldest event age kept, in seconds.
+    #[arg(long, env = "ZERODROP_RETENTION_MAX_AGE_SEC", default_value_t = 86_400)]
+    pub retention_max_age_sec: u64,
+    /// On SIGTERM, how long the drain may take before the process exits.
+    #[arg(long, env = "ZERODROP_DRAIN_GRACE_SEC", default_value_t = 30)]
+    pub drain_grace_sec: u64,
+    /// Largest WebSocket frame accepted; a larger one closes the socket with 1009.
+    #[arg(long, env = "ZERODROP_MAX_FRAME_BYTES", default_value_t = 131_072)]
+    pub max_frame_bytes: usize,
+    /// Largest event `data` (compact JSON bytes); larger is 413 `PAYLOAD_TOO_LARGE`.
+    #[arg(long, env = "ZERODROP_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
+    pub max_payload_bytes: usize,
+    /// Server `ping` frame interval; two unanswered pings close the socket (4408).
+    #[arg(long, env = "ZERODROP_PING_INTERVAL_SEC", default_value_t = 25)]
+    pub ping_interval_sec: u64,
+    /// Allowed CORS origins, comma-separated, or `*`.
+    #[arg(long, env = "ZERODROP_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+    /// WebSocket and SSE connections this instance accepts; beyond, 503 `OVER_CAPACITY`.
+    #[arg(long, env = "ZERODROP_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Streams one session may hold.
+    #[arg(long, env = "ZERODROP_MAX_STREAMS_PER_SESSION", default_value_t = 100)]
+    pub max_streams_per_session: usize,
+    /// Frames per second one WebSocket may send (burst: twice that); beyond, `RATE_LIMITED`.
+    #[arg(long, env = "ZERODROP_WS_FRAMES_PER_SEC", default_value_t = 100)]
+    pub ws_frames_per_sec: u32,
+    /// How long an `Idempotency-Key` is remembered, in seconds.
+    #[arg(long, env = "ZERODROP_IDEMPOTENCY_TTL_SEC", default_value_t = 86_400)]
+    pub idempotency_ttl_sec: u64,
+    /// SQLite durability: `full` fsyncs every commit (201 survives power loss); `normal`
+    /// survives a process crash but may lose the last commits on power loss.
+    #[arg(
+        long,
+        env = "ZERODROP_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "full"
+    )]
+    pub sqlite_synchronous: SyncChoice,
+    /// This instance's name in `welcome`, `/health` and `X-Zerodrop-Instance` (default:
+    /// generated at start).
+    #[arg(long, env = "ZERODROP_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Log format.
+    #[arg(long, env = "ZERODROP_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The same settings, as a config file may give them.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    store: Option<StoreChoice>,
+    redis_url: Option<String>,
+    redis_wait_replicas: Option<u32>,
+    reconnect_window_sec: Option<u64>,
+    retention_max_events: Option<u64>,
+    retention_max_bytes: Option<u64>,
+    retention_max_age_sec: Option<u64>,
+    drain_grace_sec: Option<u64>,
+    max_frame_bytes: Option<usize>,
+    max_payload_bytes: Option<usize>,
+    ping_interval_sec: Option<u64>,
+    cors_origins: Option<String>,
+    max_connections: Option<usize>,
+    max_streams_per_session: Option<usize>,
+    ws_frames_per_sec: Option<u32>,
+    idempotency_ttl_sec: Option<u64>,
+    sqlite_synchronous: Option<SyncChoice>,
+    instance_id: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// Secrets as configured in the environment (any may be missing; see `secrets`).
+#[derive(Clone, Default)]
+pub struct SecretOverrides {
+    pub api_key: Option<String>,
+    pub admin_token: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub resume_keys: Option<String>,
+}
+
+impl std::fmt::Debug for SecretOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretOverrides { .. }")
+    }
+}
+
+impl SecretOverrides {
+    pub fn from_env() -> SecretOverrides {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        SecretOverrides {
+            api_key: var("ZERODROP_API_KEY"),
+            admin_token: var("ZERODROP_ADMIN_TOKEN"),
+            jwt_secret: var("ZERODROP_JWT_SECRET"),
+            resume_keys: var("ZERODROP_RESUME_KEYS"),
+        }
+    }
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub store: StoreChoice,
+    pub redis_url: String,
+    pub redis_wait_replicas: u32,
+    pub reconnect_window_sec: u64,
+    pub retention: Retention,
+    pub drain_grace_sec: u64,
+    pub max_frame_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub ping_interval_sec: u64,
+    pub cors_origins: String,
+    pub max_connections: usize,
+    pub max_streams_per_session: usize,
+    pub ws_frames_per_sec: u32,
+    pub idempotency_ttl_sec: u64,
+    pub sqlite_synchronous: SyncChoice,
+    pub instance_id: Option<String>,
+    pub log_format: LogFormat,
+    pub secrets: SecretOverrides,
+}
+
+impl Config {
+    /// Defaults for tests and embedding: memory-free defaults as documented, listening on a
+    /// free loopback port, data in `data_dir`.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Config {
+        let args = <ServeArgsParser as clap::Parser>::parse_from(["zerodrop"]).args;
+        let mut c = Config::from_args(args, None).expect("defaults are valid");
+        c.listen = "127.0.0.1:0".parse().expect("valid address");
+        c.data_dir = data_dir.into();
+        c
+    }
+
+    /// Resolves flags/env (`args`, with `matches` telling which were defaults) over the file.
+    pub fn resolve(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                let f: FileConfig = toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?;
+                Some(f)
+            }
+            None => None,
+        };
+        let mut args = args;
+        if let Some(f) = file {
+            let defaulted = |id: &str| {
+                matches
+                    .value_source(id)
+                    .is_none_or(|s| s == ValueSource::DefaultValue)
+            };
+            macro_rules! take {
+                ($($field:ident),*) => {$(
+                    if defaulted(stringify!($field)) {
+                        if let Some(v) = f.$field { args.$field = v; }
+                    }
+                )*};
+            }
+            take!(
+                listen,
+                data_dir,
+                store,
+                redis_url,
+                redis_wait_replicas,
+                reconnect_window_sec,
+                retention_max_events,
+                retention_max_bytes,
+                retention_max_age_sec,
+                drain_grace_sec,
+                max_frame_bytes,
+                max_payload_bytes,
+                ping_interval_sec,
+                cors_origins,
+                max_connections,
+                max_streams_per_session,
+                ws_frames_per_sec,
+                idempotency_ttl_sec,
+                sqlite_synchronous,
+                log_format
+            );
+            if args.instance_id.is_none() {
+                args.instance_id = f.instance_id;
+            }
+        }
+        Config::from_args(args, Some(SecretOverrides::from_env()))
+    }
+
+    fn from_args(a: ServeArgs, secrets: Option<SecretOverrides>) -> anyhow::Result<Config> {
+        let c = Config {
+            listen: a.listen,
+            data_dir: a.data_dir,
+            store: a.store,
+            redis_url: a.redis_url,
+            redis_wait_replicas: a.redis_wait_replicas,
+            reconnect_window_sec: a.reconnect_window_sec,
+            retention: Retention {
+                max_events: a.retention_max_events,
+                max_bytes: a.retention_max_bytes,
+                max_age_ms: a.retention_max_age_sec.saturating_mul(1000),
+            },
+            drain_grace_sec: a.drain_grace_sec,
+            max_frame_bytes: a.max_frame_bytes,
+            max_payload_bytes: a.max_payload_bytes,
+            ping_interval_sec: a.ping_interval_sec,
+            cors_origins: a.cors_origins,
+            max_connections: a.max_connections,
+            max_streams_per_session: a.max_streams_per_session,
+            ws_frames_per_sec: a.ws_frames_per_sec,
+            idempotency_ttl_sec: a.idempotency_ttl_sec,
+            sqlite_synchronous: a.sqlite_synchronous,
+            instance_id: a.instance_id,
+            log_format: a.log_format,
+            secrets: secrets.unwrap_or_default(),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.reconnect_window_sec == 0 {
+            bail!("--reconnect-window-sec must be at least 1");
+        }
+        if self.retention.max_events == 0 {
+            bail!("--retention-max-events must be at least 1");
+        }
+        if self.retention.max_age_ms == 0 {
+            bail!("--retention-max-age-sec must be at least 1");
+        }
+        if self.max_payload_bytes == 0 || self.max_frame_bytes < 1024 {
+            bail!("--max-payload-bytes must be positive and --max-frame-bytes at least 1024");
+        }
+        if self.ping_interval_sec == 0 {
+            bail!("--ping-interval-sec must be at least 1");
+        }
+        if self.ws_frames_per_sec == 0 {
+            bail!("--ws-frames-per-sec must be at least 1");
+        }
+        if let Some(id) = &self.instance_id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                bail!("--instance-id must be 1-64 characters of A-Z a-z 0-9 - _ .");
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest HTTP request body accepted: room for a maximal payload plus its envelope
+    /// (JSON escaping can at most double `data`'s size when it is sent pretty-printed).
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_payload_bytes
+            .saturating_mul(2)
+            .saturating_add(16 * 1024)
+    }
+}
+
+#[derive(clap::Parser)]
+struct ServeArgsParser {
+    #[command(flatten)]
+    args: ServeArgs,
+}

@@ -1,0 +1,610 @@
+//! Live fan-out: the fast path in front of the log.
+//!
+//! The log is the truth; this module only makes reading its tail cheap. Each stream with
+//! subscribers has a [`Topic`] holding a ring of its newest durable events (each encoded once
+//! and shared by every subscriber, see [`Delivery`]) and the listeners to wake when it grows.
+//! A subscriber is a cursor ([`Subscription`]): on every wake it takes the events after its
+//! cursor from the ring, and when the ring does not reach back that far (a slow consumer, a
+//! new subscription with history, a feed that missed something) it reads them from the store.
+//! Nothing is ever pushed into a per-client queue, so a slow client cannot lose events and
+//! cannot hold anyone else back; it just reads the log from further behind.
+//!
+//! The replay/live seam is safe by construction: a subscription registers with its topic
+//! *before* it first reads, every read starts strictly after the cursor, and the cursor only
+//! moves over contiguous seqs — no gap and no duplicate, whatever races the publishers run.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tokio::sync::Notify;
+use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
+use zerodrop_core::{Epoch, Event, Seq, StreamId, now_ms};
+use zerodrop_store::{LiveSink, Store, StoreError};
+
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 32;
+
+/// One durable event, with its wire encodings built at most once.
+pub struct Delivery {
+    pub event: Arc<Event>,
+    ws: OnceLock<Utf8Bytes>,
+    sse: OnceLock<Bytes>,
+}
+
+impl Delivery {
+    pub fn new(event: Arc<Event>) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            event,
+            ws: OnceLock::new(),
+            sse: OnceLock::new(),
+        })
+    }
+
+    pub fn seq(&self) -> Seq {
+        self.event.seq()
+    }
+
+    /// The WebSocket `event` frame (shared bytes).
+    pub fn ws_frame(&self) -> Utf8Bytes {
+        self.ws
+            .get_or_init(|| Utf8Bytes::from(self.event.ws_frame()))
+            .clone()
+    }
+
+    /// The SSE message: `id: <epoch>:<seq>`, `event: event`, `data: <event JSON>`.
+    pub fn sse_block(&self) -> Bytes {
+        self.sse
+            .get_or_init(|| {
+                let e = &self.event;
+                let json = e.json();
+                let mut b = Vec::with_capacity(json.len() + 64);
+                b.extend_from_slice(b"id: ");
+                b.extend_from_slice(e.epoch().as_str().as_bytes());
+                b.push(b':');
+                b.extend_from_slice(e.seq().to_string().as_bytes());
+                b.extend_from_slice(b"\nevent: event\ndata: ");
+                b.extend_from_slice(json);
+                b.extend_from_slice(b"\n\n");
+                Bytes::from(b)
+            })
+            .clone()
+    }
+
+    fn size(&self) -> usize {
+        self.event.json().len()
+    }
+}
+
+/// Wakes one connection. `wake` is cheap when the connection is already due to look.
+#[derive(Default)]
+pub struct Signal {
+    notify: Notify,
+    pending: AtomicBool,
+}
+
+impl Signal {
+    pub fn new() -> Arc<Signal> {
+        Arc::new(Signal::default())
+    }
+
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once woken. Cancel-safe: a wake that arrives while nobody waits is kept.
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Clears the wake-up; call before looking, so a wake during the look is not lost.
+    pub fn take(&self) {
+        self.pending.store(false, Ordering::Release);
+        // Pairs with the AcqRel swap in `wake`: events pushed before a wake we cleared are
+        // visible to the look that follows.
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+struct Listener {
+    signal: Arc<Signal>,
+    /// Last seq delivered; read at trim time to count drops.
+    cursor: AtomicU64,
+    /// Drops up to here were counted for this listener already.
+    dropped_through: AtomicU64,
+}
+
+#[derive(Default)]
+struct Ring {
+    items: VecDeque<Arc<Delivery>>,
+    bytes: usize,
+    /// The seq the next pushed event must have; `None` when unknown (new or reset).
+    next: Option<Seq>,
+    epoch: Option<Epoch>,
+}
+
+impl Ring {
+    fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+        self.next = None;
+        self.epoch = None;
+    }
+
+    fn push(&mut self, d: Arc<Delivery>, max_events: usize, max_bytes: usize) {
+        let seq = d.seq();
+        if self.epoch.as_ref().is_some_and(|e| e != d.event.epoch()) {
+            self.clear();
+        }
+        match self.next {
+            Some(n) if seq < n => return, // already have it (a feed may repeat itself)
+            Some(n) if seq > n => self.clear(), // the feed skipped something: start over
+            _ => {}
+        }
+        self.epoch = Some(d.event.epoch().clone());
+        self.bytes += d.size();
+        self.items.push_back(d);
+        self.next = Some(seq.next());
+        while self.items.len() > 1 && (self.items.len() > max_events || self.bytes > max_bytes) {
+            if let Some(old) = self.items.pop_front() {
+                self.bytes -= old.size();
+            }
+        }
+    }
+
+    fn trim(&mut self, first: Seq) {
+        while self.items.front().is_some_and(|d| d.seq() < first) {
+            if let Some(old) = self.items.pop_front() {
+                self.bytes -= old.size();
+            }
+        }
+    }
+
+    /// Appends the events after `cursor` (at most `max`) if the ring can tell what they are;
+    /// `false` means "read the store".
+    fn after(&self, cursor: Seq, max: usize, out: &mut Vec<Arc<Delivery>>) -> bool {
+        let Some(next) = self.next else { return false };
+        let want = cursor.next();
+        if want >= next {
+            // Caught up with the feed (or ahead of it, having read a fresher store snapshot):
+            // whatever comes next will be pushed here and wake us.
+            return true;
+        }
+        let Some(front) = self.items.front() else {
+            return false;
+        };
+        if front.seq() > want {
+            return false;
+        }
+        let start = (want.0 - front.seq().0) as usize;
+        out.extend(self.items.iter().skip(start).take(max).cloned());
+        true
+    }
+}
+
+pub struct Topic {
+    ring: RwLock<Ring>,
+    listeners: Mutex<Vec<Arc<Listener>>>,
+    /// When the last listener left (ms), 0 while there are listeners.
+    idle_since_ms: AtomicU64,
+}
+
+impl Topic {
+    fn new() -> Topic {
+        Topic {
+            ring: RwLock::new(Ring::default()),
+            listeners: Mutex::new(Vec::new()),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn wake_all(&self) {
+        for l in lock(&self.listeners).iter() {
+            l.signal.wake();
+        }
+    }
+}
+
+/// Hub settings.
+#[derive(Clone, Copy, Debug)]
+pub struct HubLimits {
+    /// Newest events kept per topic.
+    pub ring_events: usize,
+    /// Bytes of event JSON kept per topic.
+    pub ring_bytes: usize,
+    /// A topic without listeners keeps its ring this long, so a reconnect storm right after a
+    /// drop is served from memory.
+    pub idle_ttl: Duration,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            ring_events: 1024,
+            ring_bytes: 1 << 20,
+            idle_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+pub struct Hub {
+    shards: Vec<Mutex<HashMap<StreamId, Arc<Topic>>>>,
+    limits: HubLimits,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn new(limits: HubLimits, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            limits,
+            metrics,
+        }
+    }
+
+    fn shard(&self, stream: &StreamId) -> &Mutex<HashMap<StreamId, Arc<Topic>>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        stream.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn get(&self, stream: &StreamId) -> Option<Arc<Topic>> {
+        lock(self.shard(stream)).get(stream).cloned()
+    }
+
+    /// Registers a cursor at `after` on `stream`. The caller must then pull: the first pull
+    /// reads whatever the log holds after `after`.
+    pub fn subscribe(
+        &self,
+        stream: StreamId,
+        epoch: Epoch,
+        after: Seq,
+        signal: Arc<Signal>,
+    ) -> Subscription {
+        let topic = lock(self.shard(&stream))
+            .entry(stream.clone())
+            .or_insert_with(|| Arc::new(Topic::new()))
+            .clone();
+        let listener = Arc::new(Listener {
+            signal,
+            cursor: AtomicU64::new(after.0),
+            dropped_through: AtomicU64::new(0),
+        });
+        lock(&topic.listeners).push(listener.clone());
+        topic.idle_since_ms.store(0, Ordering::Relaxed);
+        Subscription {
+            stream,
+            epoch,
+            topic,
+            listener,
+            cursor: after,
+            replay_until: after,
+        }
+    }
+
+    /// Forgets topics that have had no listener for `idle_ttl`.
+    pub fn sweep(&self) {
+        let now = now_ms();
+        let ttl = self.limits.idle_ttl.as_millis() as u64;
+        for shard in &self.shards {
+            lock(shard).retain(|_, t| {
+                let since = t.idle_since_ms.load(Ordering::Relaxed);
+                since == 0 || now.saturating_sub(since) < ttl || !lock(&t.listeners).is_empty()
+            });
+        }
+    }
+
+    /// Topics currently held (for tests and introspection).
+    pub fn topics(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+}
+
+impl LiveSink for Hub {
+    fn committed(&self, events: &[Arc<Event>]) {
+        let mut i = 0;
+        while i < events.len() {
+            let stream = events[i].stream();
+            let mut j = i + 1;
+            while j < events.len() && events[j].stream() == stream {
+                j += 1;
+            }
+            if let Some(topic) = self.get(stream) {
+                {
+                    let mut ring = write(&topic.ring);
+                    for e in &events[i..j] {
+                        ring.push(
+                            Delivery::new(e.clone()),
+                            self.limits.ring_events,
+                            self.limits.ring_bytes,
+                        );
+                    }
+                }
+                topic.wake_all();
+            }
+            i = j;
+        }
+    }
+
+    fn trimmed(&self, stream: &StreamId, first_seq: Seq, count: u64) {
+        self.metrics.trimmed(count);
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        write(&topic.ring).trim(first_seq);
+        let lost_through = first_seq.0.saturating_sub(1);
+        for l in lock(&topic.listeners).iter() {
+            let n = newly_dropped(
+                Seq(l.cursor.load(Ordering::Acquire)),
+                first_seq,
+                Seq(l.dropped_through.load(Ordering::Acquire)),
+            );
+            if n > 0 {
+                self.metrics.dropped(n);
+                l.dropped_through.fetch_max(lost_through, Ordering::AcqRel);
+                // Its next look finds the hole and tells the client.
+                l.signal.wake();
+            }
+        }
+    }
+
+    fn reset(&self) {
+        for shard in &self.shards {
+            let topics: Vec<Arc<Topic>> = lock(shard).values().cloned().collect();
+            for t in topics {
+                write(&t.ring).clear();
+                t.wake_all();
+            }
+        }
+    }
+}
+
+/// Why a subscription cannot go on.
+#[derive(Debug)]
+pub enum Fault {
+    /// Events after the cursor were trimmed. `newly_dropped` were not counted before.
+    Trimmed {
+        first_available: Seq,
+        newly_dropped: u64,
+    },
+    /// The log was recreated (or went backwards): positions of the old epoch mean nothing.
+    EpochChanged {
+        current: Epoch,
+    },
+    Store(StoreError),
+}
+
+/// One client's cursor over one stream.
+pub struct Subscription {
+    pub stream: StreamId,
+    pub epoch: Epoch,
+    topic: Arc<Topic>,
+    listener: Arc<Listener>,
+    cursor: Seq,
+    /// Events up to here were already in the log when the subscription started.
+    replay_until: Seq,
+}
+
+impl Subscription {
+    pub fn cursor(&self) -> Seq {
+        self.cursor
+    }
+
+    /// Events at or below this seq count as replayed rather than live.
+    pub fn set_replay_until(&mut self, head: Seq) {
+        self.replay_until = head;
+    }
+
+    /// Appends up to `max` events after the cursor to `out`, from the ring or the log, and
+    /// moves the cursor over them. Returns how many of them were replays.
+    pub async fn pull(
+        &mut self,
+        store: &dyn Store,
+        max: usize,
+        out: &mut Vec<Arc<Delivery>>,
+    ) -> Result<usize, Fault> {
+        let start = out.len();
+        let from_ring = read(&self.topic.ring).after(self.cursor, max, out);
+        if !from_ring {
+            let res = store
+                .read(&self.stream, self.cursor, max)
+                .await
+                .map_err(Fault::Store)?;
+            match replay_window(self.cursor, Some(&self.epoch), &res.info.bounds()) {
+                Ok(_) => {}
+                Err(WindowError::Trimmed {
+                    first_available, ..
+                }) => {
+                    let counted = Seq(self.listener.dropped_through.load(Ordering::Acquire));
+                    let n = newly_dropped(self.cursor, first_available, counted);
+                    self.listener
+                        .dropped_through
+                        .fetch_max(first_available.0.saturating_sub(1), Ordering::AcqRel);
+                    return Err(Fault::Trimmed {
+                        first_available,
+                        newly_dropped: n,
+                    });
+                }
+                Err(WindowError::EpochChanged { current }) => {
+                    return Err(Fault::EpochChanged { current });
+                }
+                // Our cursor is past the log's head: the log went backwards.
+                Err(WindowError::BeyondHead { .. }) => {
+                    return Err(Fault::EpochChanged {
+                        current: res.info.epoch,
+                    });
+                }
+            }
+            out.extend(res.events.into_iter().map(Delivery::new));
+        }
+        let mut replayed = 0;
+        let mut i = start;
+        while i < out.len() {
+            let (seq, epoch_differs) = {
+                let e = &out[i].event;
+                (e.seq(), *e.epoch() != self.epoch)
+            };
+            if epoch_differs {
+                let current = out[i].event.epoch().clone();
+                out.truncate(i);
+                self.listener.cursor.store(self.cursor.0, Ordering::Release);
+                return Err(Fault::EpochChanged { current });
+            }
+            if seq != self.cursor.next() {
+                // Never skip: leave the rest for the next look, which reads the log.
+                out.truncate(i);
+                self.listener.signal.wake();
+                break;
+            }
+            self.cursor = seq;
+            if seq <= self.replay_until {
+                replayed += 1;
+            }
+            i += 1;
+        }
+        self.listener.cursor.store(self.cursor.0, Ordering::Release);
+        Ok(replayed)
+    }
+
+    /// Whether the ring says there is nothing after the cursor (a cheap check before a pull).
+    pub fn maybe_behind(&self) -> bool {
+        let ring = read(&self.topic.ring);
+        match ring.next {
+            Some(next) => self.cursor.next() < next,
+            None => true,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut ls = lock(&self.topic.listeners);
+        ls.retain(|l| !Arc::ptr_eq(l, &self.listener));
+        if ls.is_empty() {
+            self.topic
+                .idle_since_ms
+                .store(now_ms().max(1), Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerodrop_core::Retention;
+    use zerodrop_store::{AppendRequest, MemoryStore};
+
+    fn ev(seq: u64) -> Arc<Event> {
+        Arc::new(Event::encode(
+            StreamId::new("s").unwrap(),
+            Seq(seq),
+            Epoch::parse("e1").unwrap(),
+            1,
+            "1",
+        ))
+    }
+
+    #[test]
+    fn ring_serves_contiguous_tails_only() {
+        let mut r = Ring::default();
+        let mut out = Vec::new();
+        assert!(
+            !r.after(Seq(0), 10, &mut out),
+            "unknown ring sends readers to the log"
+        );
+        for s in 5..=9 {
+            r.push(Delivery::new(ev(s)), 100, 1 << 20);
+        }
+        assert!(r.after(Seq(6), 10, &mut out));
+        assert_eq!(
+            out.iter().map(|d| d.seq().0).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
+        out.clear();
+        assert!(
+            !r.after(Seq(3), 10, &mut out),
+            "before the ring: read the log"
+        );
+        assert!(r.after(Seq(9), 10, &mut out) && out.is_empty(), "caught up");
+        r.push(Delivery::new(ev(9)), 100, 1 << 20);
+        assert_eq!(r.items.len(), 5, "a repeated event is ignored");
+        r.push(Delivery::new(ev(12)), 100, 1 << 20);
+        assert_eq!(r.items.len(), 1, "a gap in the feed restarts the ring");
+        assert!(!r.after(Seq(9), 10, &mut out));
+        for s in 13..=20 {
+            r.push(Delivery::new(ev(s)), 4, 1 << 20);
+        }
+        assert_eq!(r.items.front().unwrap().seq(), Seq(17));
+        r.trim(Seq(19));
+        assert_eq!(r.items.front().unwrap().seq(), Seq(19));
+    }
+
+    #[tokio::test]
+    async fn subscription_reads_history_then_live_without_gap_or_duplicate() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(HubLimits::default(), metrics));
+        let store = MemoryStore::new(Retention::default(), hub.clone());
+        let s = StreamId::new("room:1").unwrap();
+        for i in 0..5 {
+            store
+                .append(AppendRequest {
+                    stream: s.clone(),
+                    data: i.to_string(),
+                    idempotency: None,
+                })
+                .await
+                .unwrap();
+        }
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        let signal = Signal::new();
+        let mut sub = hub.subscribe(s.clone(), epoch, Seq(2), signal.clone());
+        let mut out = Vec::new();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(
+            out.iter().map(|d| d.seq().0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        for i in 5..8 {
+            store
+                .append(AppendRequest {
+                    stream: s.clone(),
+                    data: i.to_string(),
+                    idempotency: None,
+                })
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(1), signal.woken())
+            .await
+            .unwrap();
+        signal.take();
+        out.clear();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(
+            out.iter().map(|d| d.seq().0).collect::<Vec<_>>(),
+            vec![6, 7, 8]
+        );
+        assert!(!sub.maybe_behind());
+        drop(sub);
+        assert_eq!(hub.topics(), 1);
+    }
+}

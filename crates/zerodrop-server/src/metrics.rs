@@ -1,0 +1,563 @@
+//! Every figure the server reports, recorded in one place.
+//!
+//! Each method updates both views at once: the Prometheus exposition (`metrics` handles
+//! registered on a per-instance `PrometheusRecorder`, so several servers can live in one
+//! process, e.g. in tests) and the JSON view of SPEC §6 (atomics and HDR histograms). Names,
+//! labels and meanings are the SPEC's; `docs/metrics.md` repeats them for dashboards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram as Hdr;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use serde_json::{Map, Value, json};
+use zerodrop_core::ErrorCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Ws,
+    Sse,
+    Http,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::Http => "http",
+        }
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const RTT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Routes listed in the JSON view even before their first request.
+const KNOWN_ROUTES: &[&str] = &[
+    "POST /v1/streams/{stream}/events",
+    "GET /v1/streams/{stream}",
+    "GET /v1/streams/{stream}/events",
+    "POST /v1/sessions",
+    "POST /v1/sessions/{id}/checkpoint",
+    "POST /v1/sessions/{id}/reconnect",
+];
+
+struct RouteStat {
+    count: u64,
+    status: BTreeMap<u16, u64>,
+    latency_us: Hdr<u64>,
+}
+
+impl RouteStat {
+    fn new() -> RouteStat {
+        RouteStat {
+            count: 0,
+            status: BTreeMap::new(),
+            latency_us: new_hdr(),
+        }
+    }
+}
+
+fn new_hdr() -> Hdr<u64> {
+    // 1 µs .. 1 h, 3 significant digits: the bounds are constants, so this cannot fail.
+    Hdr::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub struct Metrics {
+    handle: PrometheusHandle,
+    recorder: PrometheusRecorder,
+
+    ws_active: Gauge,
+    sse_active: Gauge,
+    store_up: Gauge,
+    drain_state: Gauge,
+    connections_ws: Counter,
+    connections_sse: Counter,
+    ws_reconnects: Counter,
+    resumes: [Counter; 3],
+    dropped: Counter,
+    published: Counter,
+    delivered: Counter,
+    replayed: Counter,
+    trims: Counter,
+    checkpoints_applied: Counter,
+    checkpoints_ignored: Counter,
+    upgrades_blocked: Counter,
+    rtt: Histogram,
+    publish_to_deliver: Histogram,
+    dynamic: Mutex<HashMap<(String, String, String), Counter>>,
+    durations: Mutex<HashMap<(String, String), Histogram>>,
+    failures: Mutex<HashMap<(Transport, ErrorCode), Counter>>,
+
+    // JSON view.
+    n_ws_active: AtomicI64,
+    n_sse_active: AtomicI64,
+    n_ws_reconnects: AtomicU64,
+    n_ws_resumes: AtomicU64,
+    n_ws_resume_failures: AtomicU64,
+    n_resumes: AtomicU64,
+    n_resume_failures: AtomicU64,
+    n_dropped: AtomicU64,
+    n_published: AtomicU64,
+    n_trimmed: AtomicU64,
+    n_upgrades_blocked: AtomicU64,
+    rtt_us: Mutex<Hdr<u64>>,
+    routes: Mutex<BTreeMap<String, RouteStat>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// Facts about the store for the JSON view, gathered by the caller.
+pub struct StoreFacts {
+    pub kind: &'static str,
+    pub up: bool,
+    pub sessions: u64,
+    pub streams: u64,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut b = PrometheusBuilder::new();
+        for (name, buckets) in [
+            ("zerodrop_rtt_seconds", RTT_BUCKETS),
+            ("zerodrop_http_request_duration_seconds", LATENCY_BUCKETS),
+            ("zerodrop_publish_to_deliver_seconds", LATENCY_BUCKETS),
+        ] {
+            b = b
+                .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                .expect("bucket lists are non-empty constants");
+        }
+        let recorder = b.build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder);
+        let meta = Metadata::new("zerodrop", metrics::Level::INFO, None);
+        let counter = |name: &str, labels: &[(&str, &str)]| {
+            recorder.register_counter(&key(name, labels), &meta)
+        };
+        let gauge = |name: &str| recorder.register_gauge(&key(name, &[]), &meta);
+        let hist = |name: &str| recorder.register_histogram(&key(name, &[]), &meta);
+        let m = Metrics {
+            ws_active: gauge("zerodrop_ws_active"),
+            sse_active: gauge("zerodrop_sse_active"),
+            store_up: gauge("zerodrop_store_up"),
+            drain_state: gauge("zerodrop_drain_state"),
+            connections_ws: counter("zerodrop_connections_total", &[("transport", "ws")]),
+            connections_sse: counter("zerodrop_connections_total", &[("transport", "sse")]),
+            ws_reconnects: counter("zerodrop_ws_reconnects_total", &[]),
+            resumes: [
+                counter("zerodrop_resumes_total", &[("transport", "ws")]),
+                counter("zerodrop_resumes_total", &[("transport", "sse")]),
+                counter("zerodrop_resumes_total", &[("transport", "http")]),
+            ],
+            dropped: counter("zerodrop_dropped_messages_total", &[]),
+            published: counter("zerodrop_events_published_total", &[]),
+            delivered: counter("zerodrop_events_delivered_total", &[]),
+            replayed: counter("zerodrop_events_replayed_total", &[]),
+            trims: counter("zerodrop_buffer_trims_total", &[]),
+            checkpoints_applied: counter("zerodrop_checkpoints_total", &[("result", "applied")]),
+            checkpoints_ignored: counter("zerodrop_checkpoints_total", &[("result", "ignored")]),
+            upgrades_blocked: counter("zerodrop_upgrades_blocked_during_drain_total", &[]),
+            rtt: hist("zerodrop_rtt_seconds"),
+            publish_to_deliver: hist("zerodrop_publish_to_deliver_seconds"),
+            dynamic: Mutex::new(HashMap::new()),
+            durations: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            n_ws_active: AtomicI64::new(0),
+            n_sse_active: AtomicI64::new(0),
+            n_ws_reconnects: AtomicU64::new(0),
+            n_ws_resumes: AtomicU64::new(0),
+            n_ws_resume_failures: AtomicU64::new(0),
+            n_resumes: AtomicU64::new(0),
+            n_resume_failures: AtomicU64::new(0),
+            n_dropped: AtomicU64::new(0),
+            n_published: AtomicU64::new(0),
+            n_trimmed: AtomicU64::new(0),
+            n_upgrades_blocked: AtomicU64::new(0),
+            rtt_us: Mutex::new(new_hdr()),
+            routes: Mutex::new(
+                KNOWN_ROUTES
+                    .iter()
+                    .map(|r| (r.to_string(), RouteStat::new()))
+                    .collect(),
+            ),
+            errors: Mutex::new(ErrorCode::ALL.iter().map(|c| (c.as_str(), 0)).collect()),
+            handle,
+            recorder,
+        };
+        // Present from the first scrape, so alerts on them have data.
+        m.store_up.set(1.0);
+        m.drain_state.set(0.0);
+        m.ws_active.set(0.0);
+        m.sse_active.set(0.0);
+        for t in [Transport::Ws, Transport::Sse, Transport::Http] {
+            for c in [
+                ErrorCode::InvalidResumeToken,
+                ErrorCode::ReconnectWindowExpired,
+            ] {
+                m.failure_counter(t, c).increment(0);
+            }
+        }
+        m
+    }
+
+    fn failure_counter(&self, t: Transport, code: ErrorCode) -> Counter {
+        let mut map = lock(&self.failures);
+        map.entry((t, code))
+            .or_insert_with(|| {
+                self.recorder.register_counter(
+                    &key(
+                        "zerodrop_resume_failures_total",
+                        &[("transport", t.as_str()), ("code", code.as_str())],
+                    ),
+                    &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                )
+            })
+            .clone()
+    }
+
+    pub fn connection_opened(&self, t: Transport) {
+        match t {
+            Transport::Ws => {
+                self.connections_ws.increment(1);
+                self.ws_active.increment(1.0);
+                self.n_ws_active.fetch_add(1, Ordering::Relaxed);
+            }
+            Transport::Sse => {
+                self.connections_sse.increment(1);
+                self.sse_active.increment(1.0);
+                self.n_sse_active.fetch_add(1, Ordering::Relaxed);
+            }
+            Transport::Http => {}
+        }
+    }
+
+    pub fn connection_closed(&self, t: Transport) {
+        match t {
+            Transport::Ws => {
+                self.ws_active.decrement(1.0);
+                self.n_ws_active.fetch_sub(1, Ordering::Relaxed);
+            }
+            Transport::Sse => {
+                self.sse_active.decrement(1.0);
+                self.n_sse_active.fetch_sub(1, Ordering::Relaxed);
+            }
+            Transport::Http => {}
+        }
+    }
+
+    /// A WebSocket connection arrived with a resume token (an attempt).
+    pub fn ws_reconnect_attempt(&self) {
+        self.ws_reconnects.increment(1);
+        self.n_ws_reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resume_succeeded(&self, t: Transport) {
+        let i = match t {
+            Transport::Ws => 0,
+            Transport::Sse => 1,
+            Transport::Http => 2,
+        };
+        self.resumes[i].increment(1);
+        self.n_resumes.fetch_add(1, Ordering::Relaxed);
+        if t == Transport::Ws {
+            self.n_ws_resumes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn resume_failed(&self, t: Transport, code: ErrorCode) {
+        self.failure_counter(t, code).increment(1);
+        self.n_resume_failures.fetch_add(1, Ordering::Relaxed);
+        if t == Transport::Ws {
+            self.n_ws_resume_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self, n: u64) {
+        if n > 0 {
+            self.dropped.increment(n);
+            self.n_dropped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn published(&self, n: u64) {
+        self.published.increment(n);
+        self.n_published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn delivered(&self, n: u64) {
+        self.delivered.increment(n);
+    }
+
+    pub fn replayed(&self, n: u64) {
+        self.replayed.increment(n);
+    }
+
+    pub fn trimmed(&self, n: u64) {
+        self.trims.increment(n);
+        self.n_trimmed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn checkpoint(&self, applied: bool) {
+        if applied {
+            self.checkpoints_applied.increment(1);
+        } else {
+            self.checkpoints_ignored.increment(1);
+        }
+    }
+
+    pub fn upgrade_blocked_during_drain(&self) {
+        self.upgrades_blocked.increment(1);
+        self.n_upgrades_blocked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rtt(&self, d: Duration) {
+        self.rtt.record(d.as_secs_f64());
+        let _ = lock(&self.rtt_us).record(d.as_micros().max(1) as u64);
+    }
+
+    pub fn publish_to_deliver(&self, d: Duration) {
+        self.publish_to_deliver.record(d.as_secs_f64());
+    }
+
+    pub fn store_up(&self, up: bool) {
+        self.store_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// 0 active, 1 draining, 2 drained.
+    pub fn drain_state(&self, v: u8) {
+        self.drain_state.set(f64::from(v));
+    }
+
+    /// A typed error was sent to a client (HTTP body or WebSocket frame).
+    pub fn error(&self, code: ErrorCode) {
+        *lock(&self.errors).entry(code.as_str()).or_insert(0) += 1;
+    }
+
+    /// One HTTP request, by route template (never the raw path).
+    pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let status_s = status.to_string();
+        let counter = {
+            let mut map = lock(&self.dynamic);
+            map.entry((method.to_string(), route.to_string(), status_s.clone()))
+                .or_insert_with(|| {
+                    self.recorder.register_counter(
+                        &key(
+                            "zerodrop_http_requests_total",
+                            &[("method", method), ("route", route), ("status", &status_s)],
+                        ),
+                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                    )
+                })
+                .clone()
+        };
+        counter.increment(1);
+        let hist = {
+            let mut map = lock(&self.durations);
+            map.entry((method.to_string(), route.to_string()))
+                .or_insert_with(|| {
+                    self.recorder.register_histogram(
+                        &key(
+                            "zerodrop_http_request_duration_seconds",
+                            &[("method", method), ("route", route)],
+                        ),
+                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                    )
+                })
+                .clone()
+        };
+        hist.record(took.as_secs_f64());
+        let mut routes = lock(&self.routes);
+        let r = routes
+            .entry(format!("{method} {route}"))
+            .or_insert_with(RouteStat::new);
+        r.count += 1;
+        *r.status.entry(status).or_insert(0) += 1;
+        let _ = r.latency_us.record(took.as_micros().max(1) as u64);
+    }
+
+    pub fn render_prometheus(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.n_dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn json(&self, store: StoreFacts, blocked_total: u64) -> Value {
+        let ms = |us: u64| (us as f64) / 1000.0;
+        let rtt_p95 = {
+            let h = lock(&self.rtt_us);
+            if h.is_empty() {
+                0.0
+            } else {
+                ms(h.value_at_quantile(0.95))
+            }
+        };
+        let published = self.n_published.load(Ordering::Relaxed);
+        let trimmed = self.n_trimmed.load(Ordering::Relaxed);
+        let ok = self.n_resumes.load(Ordering::Relaxed);
+        let failed = self.n_resume_failures.load(Ordering::Relaxed);
+        let success_rate = if ok + failed == 0 {
+            1.0
+        } else {
+            ok as f64 / (ok + failed) as f64
+        };
+        let mut routes = Map::new();
+        for (name, r) in lock(&self.routes).iter() {
+            let q = |p: f64| {
+                if r.latency_us.is_empty() {
+                    0.0
+                } else {
+                    ms(r.latency_us.value_at_quantile(p))
+                }
+            };
+            let status: Map<String, Value> = r
+                .status
+                .iter()
+                .map(|(s, n)| (s.to_string(), Value::from(*n)))
+                .collect();
+            routes.insert(
+                name.clone(),
+                json!({"count": r.count, "status": status, "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}),
+            );
+        }
+        let errors: Map<String, Value> = lock(&self.errors)
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        json!({
+            "ws_metrics": {
+                "ws_active": self.n_ws_active.load(Ordering::Relaxed).max(0),
+                "sse_active": self.n_sse_active.load(Ordering::Relaxed).max(0),
+                "ws_reconnects": self.n_ws_reconnects.load(Ordering::Relaxed),
+                "ws_resumes": self.n_ws_resumes.load(Ordering::Relaxed),
+                "resume_failures": self.n_ws_resume_failures.load(Ordering::Relaxed),
+                "dropped_messages": self.n_dropped.load(Ordering::Relaxed),
+                "rtt_p95_ms": rtt_p95,
+                "ws_upgrades_blocked_during_drain": blocked_total.max(self.n_upgrades_blocked.load(Ordering::Relaxed)),
+            },
+            "resume_store_metrics": {
+                "store": store.kind,
+                "up": store.up,
+                "sessions": store.sessions,
+                "streams": store.streams,
+                "buffer_trims": trimmed,
+                "buffer_trim_rate": if published == 0 { 0.0 } else { trimmed as f64 / published as f64 },
+                "resume_success_rate": success_rate,
+            },
+            "routes": routes,
+            "errors": errors,
+        })
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key(name: &str, labels: &[(&str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(k.to_string(), v.to_string()))
+        .collect();
+    Key::from_parts(name.to_string(), labels)
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, help: &'static str| {
+        (KeyName::from_const_str(name), SharedString::const_str(help))
+    };
+    let counters = [
+        d(
+            "zerodrop_connections_total",
+            "WebSocket and SSE connections accepted",
+        ),
+        d(
+            "zerodrop_ws_reconnects_total",
+            "WebSocket connections that arrived with a resume token",
+        ),
+        d("zerodrop_resumes_total", "Successful session resumes"),
+        d(
+            "zerodrop_resume_failures_total",
+            "Failed session resumes, by error code",
+        ),
+        d(
+            "zerodrop_dropped_messages_total",
+            "Events a live session can never receive",
+        ),
+        d(
+            "zerodrop_events_published_total",
+            "Events appended (duplicates excluded)",
+        ),
+        d(
+            "zerodrop_events_delivered_total",
+            "Event frames written to WebSocket and SSE clients",
+        ),
+        d(
+            "zerodrop_events_replayed_total",
+            "Events sent from a replay window (resume, history)",
+        ),
+        d("zerodrop_buffer_trims_total", "Events removed by retention"),
+        d(
+            "zerodrop_checkpoints_total",
+            "Checkpoints (acks), by result",
+        ),
+        d(
+            "zerodrop_upgrades_blocked_during_drain_total",
+            "WebSocket/SSE connections refused while draining",
+        ),
+        d(
+            "zerodrop_http_requests_total",
+            "HTTP requests, by route template and status",
+        ),
+    ];
+    for (k, h) in counters {
+        r.describe_counter(k, None, h);
+    }
+    let gauges = [
+        d("zerodrop_ws_active", "Open WebSocket connections"),
+        d("zerodrop_sse_active", "Open SSE connections"),
+        d(
+            "zerodrop_store_up",
+            "1 if the store answered its last check",
+        ),
+        d("zerodrop_drain_state", "0 active, 1 draining, 2 drained"),
+    ];
+    for (k, h) in gauges {
+        r.describe_gauge(k, None, h);
+    }
+    let hists = [
+        d("zerodrop_rtt_seconds", "WebSocket ping round-trip time"),
+        d(
+            "zerodrop_http_request_duration_seconds",
+            "HTTP request latency by route template",
+        ),
+        d(
+            "zerodrop_publish_to_deliver_seconds",
+            "From durable commit to the socket write, for the oldest live event of each write",
+        ),
+    ];
+    for (k, h) in hists {
+        r.describe_histogram(k, Some(metrics::Unit::Seconds), h);
+    }
+}

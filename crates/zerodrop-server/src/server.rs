@@ -1,0 +1,230 @@
+//! Start-up and shutdown: secrets, store, hub, listener, background tasks.
+//!
+//! Shutdown is explicit: a drain first (clients are handed to other instances with fresh
+//! resume tokens), then the listener stops, then the store's writer finishes what it has
+//! queued. Nothing acknowledged is ever in flight when the process exits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use zerodrop_store::{LiveSink, MemoryStore, SqliteOptions, SqliteStore, Store, Synchronous};
+
+use crate::app::App;
+use crate::auth::Auth;
+use crate::config::{Config, StoreChoice, SyncChoice};
+use crate::live::{Hub, HubLimits};
+use crate::metrics::Metrics;
+use crate::secrets::{self, SecretsSource};
+
+pub const DB_FILE: &str = "zerodrop.db";
+
+/// A server that is accepting connections.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+    sqlite: Option<Arc<SqliteStore>>,
+}
+
+impl Running {
+    /// Drains over `grace` (clients get `reconnect` frames), then stops and closes the store.
+    pub async fn shutdown(self, grace: Duration) -> anyhow::Result<()> {
+        drain_for(&self.app, "shutdown", grace).await;
+        let _ = self.stop.send(true);
+        let r = self.task.await.context("server task panicked")?;
+        if let Some(s) = &self.sqlite {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || s.close()).await.ok();
+        }
+        r
+    }
+
+    /// Stops at once without draining (tests that simulate a crash use a process instead).
+    pub async fn stop_now(self) -> anyhow::Result<()> {
+        self.shutdown(Duration::ZERO).await
+    }
+}
+
+/// Starts draining, waits until no connection remains or `grace` passes, then closes the
+/// rest.
+pub async fn drain_for(app: &App, reason: &str, grace: Duration) {
+    let spread = grace.saturating_sub(Duration::from_secs(1)).max(grace / 2);
+    app.drain.start(reason, spread);
+    app.metrics.drain_state(app.drain.state().gauge());
+    let deadline = tokio::time::Instant::now() + grace;
+    while app.conns.current() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.drain.complete();
+    app.metrics.drain_state(app.drain.state().gauge());
+    let closing = tokio::time::Instant::now() + Duration::from_secs(2);
+    while app.conns.current() > 0 && tokio::time::Instant::now() < closing {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    // tokio's default backlog (128) overflows in a reconnect storm; each overflow costs the
+    // client a 1 s SYN retransmit.
+    socket.listen(4096)?;
+    Ok(tokio::net::TcpListener::from_std(socket.into())?)
+}
+
+fn instance_id(cfg: &Config) -> String {
+    cfg.instance_id
+        .clone()
+        .unwrap_or_else(|| format!("zd-{}", hex::encode(zerodrop_core::random_bytes::<3>())))
+}
+
+/// Builds the application: secrets, store, hub.
+pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteStore>>)> {
+    secrets::create_private_dir(&cfg.data_dir)?;
+    let (secrets, source) = secrets::load_or_generate(&cfg.data_dir, &cfg.secrets)?;
+    match &source {
+        SecretsSource::Environment => tracing::info!("secrets from the environment"),
+        SecretsSource::File { path, generated } if !generated.is_empty() => tracing::info!(
+            path = %path.display(),
+            generated = ?generated,
+            "generated secrets (mode 0600); clients need the api key and JWT secret from this file"
+        ),
+        SecretsSource::File { path, .. } => {
+            tracing::info!(path = %path.display(), "secrets from file")
+        }
+    }
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(HubLimits::default(), metrics.clone()));
+    let sink: Arc<dyn LiveSink> = hub.clone();
+    let mut sqlite = None;
+    let store: Arc<dyn Store> = match cfg.store {
+        StoreChoice::Memory => Arc::new(MemoryStore::with_idempotency_ttl(
+            cfg.retention,
+            cfg.idempotency_ttl_sec * 1000,
+            sink,
+        )),
+        StoreChoice::Sqlite => {
+            let mut opts = SqliteOptions::new(cfg.data_dir.join(DB_FILE));
+            opts.retention = cfg.retention;
+            opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
+            opts.synchronous = match cfg.sqlite_synchronous {
+                SyncChoice::Full => Synchronous::Full,
+                SyncChoice::Normal => Synchronous::Normal,
+            };
+            let s = tokio::task::spawn_blocking(move || SqliteStore::open(opts, sink))
+                .await
+                .context("opening the database panicked")?
+                .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+            let s = Arc::new(s);
+            sqlite = Some(s.clone());
+            s
+        }
+        StoreChoice::Redis => {
+            anyhow::bail!("the redis store is not part of this build");
+        }
+    };
+    let auth = Auth::new(&secrets);
+    let app = Arc::new(App::new(
+        cfg.clone(),
+        instance_id(&cfg),
+        store,
+        hub,
+        metrics,
+        auth,
+    ));
+    Ok((app, sqlite))
+}
+
+/// Builds and starts serving; returns once the listener accepts connections.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let listener = listen(cfg.listen)?;
+    let addr = listener.local_addr()?;
+    let (app, sqlite) = build(cfg).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    spawn_background(app.clone(), stop_rx.clone());
+    let router = crate::http::router(app.clone());
+    let mut stop_signal = stop_rx;
+    // Small frames must not wait for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop_signal.wait_for(|s| *s).await;
+            })
+            .await
+            .context("server failed")
+    });
+    tracing::info!(
+        %addr,
+        store = app.store_kind().as_str(),
+        data_dir = %app.cfg.data_dir.display(),
+        instance = %app.instance,
+        "listening"
+    );
+    Ok(Running {
+        addr,
+        app,
+        stop,
+        task,
+        sqlite,
+    })
+}
+
+fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
+    // Store health: readiness, `store_up`, and one log line per transition.
+    {
+        let app = app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+                    Ok(Ok(()))
+                );
+                let was = app.store_up.swap(ok, Ordering::Relaxed);
+                app.metrics.store_up(ok);
+                if was && !ok {
+                    tracing::error!(
+                        store = app.store_kind().as_str(),
+                        "store unreachable; publishes answer 503 STORE_UNAVAILABLE, readiness is 503"
+                    );
+                } else if !was && ok {
+                    tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
+                }
+            }
+        });
+    }
+    // Housekeeping: idle topics, histogram upkeep.
+    {
+        let mut stop = stop;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                app.hub.sweep();
+                app.metrics.upkeep();
+            }
+        });
+    }
+}

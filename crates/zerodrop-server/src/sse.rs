@@ -1,0 +1,357 @@
+//! Server-Sent Events (SPEC §3): one stream per connection, for browsers' `EventSource`.
+//!
+//! Position, in order of precedence: the `Last-Event-ID` header (`<epoch>:<seq>`, or a bare
+//! `<seq>` taken as the current epoch) that browsers send when they reconnect, `?after=N`, the
+//! session's ack with `?resume=`, else the current head (live only). A position that cannot be
+//! served (another epoch, or trimmed) is not an error loop: the client gets `event: reset`
+//! with the reason, and the stream goes on from the oldest retained event. The reset carries
+//! `id: <epoch>:<firstAvailableSeq − 1>`, so a reconnect right after it resumes there.
+//!
+//! Each write carries every event that is ready (encoded once per event, shared by all
+//! subscribers), a `: ping` comment every 15 s keeps proxies from timing out, and a drain
+//! ends the stream at this connection's spread moment so the browser reconnects elsewhere.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::{Interval, MissedTickBehavior, interval};
+use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
+use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
+use zerodrop_store::SessionRecord;
+
+use crate::app::{App, ConnSlot};
+use crate::auth::bearer;
+use crate::drain::DrainPhase;
+use crate::error::{ApiError, ApiResult};
+use crate::live::{Fault, Signal, Subscription};
+use crate::metrics::Transport;
+
+const PING_EVERY: Duration = Duration::from_secs(15);
+const MAX_EVENTS_PER_CHUNK: usize = 512;
+
+#[derive(Deserialize)]
+pub struct SseQuery {
+    token: Option<String>,
+    resume: Option<String>,
+    after: Option<u64>,
+}
+
+pub async fn handler(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<SseQuery>, QueryRejection>,
+) -> Response {
+    match open(app, headers, path, q).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `Last-Event-ID`: `<epoch>:<seq>` or `<seq>`.
+fn parse_last_event_id(headers: &HeaderMap) -> ApiResult<Option<(Option<Epoch>, Seq)>> {
+    let Some(v) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let bad = || ApiError::invalid("Last-Event-ID must be <epoch>:<seq> or <seq>");
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let (epoch, seq) = match s.rsplit_once(':') {
+        Some((e, n)) => (Some(Epoch::parse(e).ok_or_else(bad)?), n),
+        None => (None, s),
+    };
+    let seq = seq.parse::<u64>().map_err(|_| bad())?;
+    Ok(Some((epoch, Seq(seq))))
+}
+
+fn reset_block(code: ErrorCode, epoch: &Epoch, first: Seq) -> Bytes {
+    let data = json!({"code": code.as_str(), "epoch": epoch, "firstAvailableSeq": first});
+    Bytes::from(format!(
+        "id: {}:{}\nevent: reset\ndata: {}\n\n",
+        epoch,
+        first.0.saturating_sub(1),
+        data
+    ))
+}
+
+async fn open(
+    app: Arc<App>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<SseQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let stream = crate::http::stream_id(path)?;
+    let q = crate::http::query(q)?;
+    let last_event_id = parse_last_event_id(&headers)?;
+    let session: Option<SessionRecord> =
+        if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
+            let claims = app.auth.verify_connect(t)?;
+            if !claims.grants().may_subscribe(stream.as_str()) {
+                return Err(ApiError::forbidden(format!(
+                    "stream {stream} is not allowed by the token"
+                ))
+                .with("stream", stream.as_str()));
+            }
+            None
+        } else if let Some(r) = q.resume.as_deref() {
+            let s = app.resume(r, None, Transport::Sse).await?;
+            if !s.streams.contains_key(&stream) {
+                let e = ApiError::forbidden("the stream is not part of this session")
+                    .with("stream", stream.as_str());
+                app.metrics.resume_failed(Transport::Sse, e.code);
+                return Err(e);
+            }
+            Some(s)
+        } else {
+            return Err(ApiError::unauthorized(
+                "pass ?token=<connect token> or ?resume=<resume token>",
+            ));
+        };
+    let slot = app.admit()?;
+    let info = app.store.stream_info(&stream).await?;
+    let session_stream = session.as_ref().and_then(|s| s.streams.get(&stream));
+    let resuming = last_event_id.is_some() || session.is_some();
+    let (client_epoch, position) = match (last_event_id, q.after, session_stream) {
+        (Some((e, seq)), _, _) => (e, seq),
+        (None, Some(a), _) => (None, Seq(a)),
+        (None, None, Some(ss)) => (Some(ss.epoch.clone()), ss.ack),
+        (None, None, None) => (None, info.head),
+    };
+    let mut first_chunk = vec![Bytes::from_static(b"retry: 1000\n\n")];
+    let after = match replay_window(position, client_epoch.as_ref(), &info.bounds()) {
+        Ok(_) => position,
+        Err(e) => {
+            let code = match &e {
+                WindowError::Trimmed {
+                    first_available, ..
+                } => {
+                    let counted = session_stream.map(|s| s.dropped_through).unwrap_or(Seq(0));
+                    app.metrics
+                        .dropped(newly_dropped(position, *first_available, counted));
+                    if let Some(s) = &session {
+                        let through = Seq(first_available.0 - 1);
+                        let _ = app.store.mark_dropped(&s.id, &stream, through).await;
+                    }
+                    ErrorCode::ReplayWindowTrimmed
+                }
+                // Another epoch, or a position the log no longer reaches (it went backwards).
+                WindowError::EpochChanged { .. } | WindowError::BeyondHead { .. } => {
+                    ErrorCode::EpochChanged
+                }
+            };
+            app.metrics.error(code);
+            first_chunk.push(reset_block(code, &info.epoch, info.first_seq));
+            Seq(info.first_seq.0.saturating_sub(1))
+        }
+    };
+    if resuming {
+        app.metrics.resume_succeeded(Transport::Sse);
+    }
+    let signal = Signal::new();
+    let mut sub = app
+        .hub
+        .subscribe(stream.clone(), info.epoch.clone(), after, signal.clone());
+    sub.set_replay_until(info.head);
+    signal.wake();
+    let mut ping = interval(PING_EVERY);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping.reset();
+    let drain_rx = app.drain.watch();
+    let state = SseConn {
+        conn: app.next_conn_id(),
+        session: session.map(|s| s.id.to_string()),
+        fraction: rand_fraction(),
+        drain_deadline: None,
+        app,
+        stream,
+        sub,
+        signal,
+        pending: first_chunk.into(),
+        ping,
+        drain_rx,
+        retry_at: None,
+        opened: Instant::now(),
+        delivered: 0,
+        _slot: slot,
+    };
+    state.app.metrics.connection_opened(Transport::Sse);
+    tracing::info!(conn = state.conn, transport = "sse", stream = %state.stream,
+        session = state.session.as_deref().unwrap_or(""), "connection opened");
+    let body = futures_util::stream::unfold(state, |mut st| async move {
+        st.next_chunk()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), st))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    *res.status_mut() = StatusCode::OK;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+fn rand_fraction() -> f64 {
+    let b = zerodrop_core::random_bytes::<8>();
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+struct SseConn {
+    app: Arc<App>,
+    conn: u64,
+    stream: StreamId,
+    session: Option<String>,
+    sub: Subscription,
+    signal: Arc<Signal>,
+    pending: VecDeque<Bytes>,
+    ping: Interval,
+    drain_rx: watch::Receiver<DrainPhase>,
+    fraction: f64,
+    drain_deadline: Option<Instant>,
+    retry_at: Option<Instant>,
+    opened: Instant,
+    delivered: u64,
+    _slot: ConnSlot,
+}
+
+impl SseConn {
+    /// The next bytes to send, or `None` to end the response.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.fraction);
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Some(b);
+            }
+            let (drain_at, retry_at) = (self.drain_deadline, self.retry_at);
+            tokio::select! {
+                biased;
+                _ = sleep_opt(drain_at) => return None,
+                changed = self.drain_rx.changed() => {
+                    if changed.is_ok() {
+                        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.fraction);
+                    }
+                }
+                _ = self.signal.woken() => self.pull().await,
+                _ = sleep_opt(retry_at) => {
+                    self.retry_at = None;
+                    self.signal.wake();
+                }
+                _ = self.ping.tick() => return Some(Bytes::from_static(b": ping\n\n")),
+            }
+        }
+    }
+
+    async fn pull(&mut self) {
+        self.signal.take();
+        let mut buf = Vec::new();
+        match self
+            .sub
+            .pull(&*self.app.store, MAX_EVENTS_PER_CHUNK, &mut buf)
+            .await
+        {
+            Ok(replayed) => {
+                if buf.is_empty() {
+                    return;
+                }
+                let mut chunk =
+                    Vec::with_capacity(buf.iter().map(|d| d.event.json().len() + 64).sum());
+                let mut oldest: Option<Instant> = None;
+                for d in &buf {
+                    chunk.extend_from_slice(&d.sse_block());
+                    if let Some(at) = d.event.committed_at() {
+                        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                    }
+                }
+                let n = buf.len() as u64;
+                self.delivered += n;
+                self.app.metrics.delivered(n);
+                self.app.metrics.replayed(replayed as u64);
+                if let Some(at) = oldest {
+                    self.app.metrics.publish_to_deliver(at.elapsed());
+                }
+                self.pending.push_back(Bytes::from(chunk));
+                if buf.len() == MAX_EVENTS_PER_CHUNK {
+                    self.signal.wake();
+                }
+            }
+            Err(Fault::Store(e)) => {
+                tracing::debug!(error = %e, "sse catch-up read failed; will retry");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+            Err(Fault::Trimmed { newly_dropped, .. }) => {
+                self.app.metrics.dropped(newly_dropped);
+                self.restart(ErrorCode::ReplayWindowTrimmed).await;
+            }
+            Err(Fault::EpochChanged { .. }) => self.restart(ErrorCode::EpochChanged).await,
+        }
+    }
+
+    /// Tells the client about the hole and goes on from the oldest retained event.
+    async fn restart(&mut self, code: ErrorCode) {
+        match self.app.store.stream_info(&self.stream).await {
+            Ok(info) => {
+                self.app.metrics.error(code);
+                self.pending
+                    .push_back(reset_block(code, &info.epoch, info.first_seq));
+                let after = Seq(info.first_seq.0.saturating_sub(1));
+                let mut sub = self.app.hub.subscribe(
+                    self.stream.clone(),
+                    info.epoch,
+                    after,
+                    self.signal.clone(),
+                );
+                sub.set_replay_until(info.head);
+                self.sub = sub;
+                self.signal.wake();
+            }
+            Err(_) => self.retry_at = Some(Instant::now() + Duration::from_millis(500)),
+        }
+    }
+}
+
+impl Drop for SseConn {
+    fn drop(&mut self) {
+        self.app.metrics.connection_closed(Transport::Sse);
+        tracing::info!(
+            conn = self.conn,
+            transport = "sse",
+            stream = %self.stream,
+            session = self.session.as_deref().unwrap_or(""),
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            delivered = self.delivered,
+            "connection closed"
+        );
+        if let Some(sid) = self
+            .session
+            .as_deref()
+            .and_then(zerodrop_core::SessionId::parse)
+        {
+            let app = self.app.clone();
+            // The reconnect window starts now.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { app.touch(&sid).await });
+            }
+        }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

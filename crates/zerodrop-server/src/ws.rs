@@ -1,0 +1,949 @@
+//! The WebSocket transport (SPEC §4): one task per connection.
+//!
+//! The task owns the socket and a [`Subscription`] per stream. It sleeps until something
+//! happens: a client frame, a wake from the hub (new durable events), a ping tick, an ack
+//! flush, a token refresh, a drain deadline or a takeover by a newer connection. On a wake it
+//! pulls everything after each cursor and writes the frames in one flush, so a burst of events
+//! costs one syscall per subscriber, not one per event.
+//!
+//! Acks are applied in memory under the checkpoint rule and written behind (every 200 ms and
+//! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{MissedTickBehavior, interval, sleep_until};
+use zerodrop_core::checkpoint::{self, AckError};
+use zerodrop_core::window::replay_window;
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+
+use crate::app::{App, ConnSlot};
+use crate::auth::{ConnectClaims, bearer};
+use crate::drain::DrainPhase;
+use crate::error::ApiError;
+use crate::live::{Delivery, Fault, Signal, Subscription};
+use crate::metrics::Transport;
+
+/// Subprotocols this server speaks, newest first (the current one and the previous one).
+pub const PROTOCOLS: &[&str] = &["zerodrop.v1"];
+/// Most event frames written per wake; the rest follows on the next turn of the loop, after
+/// client frames had their chance.
+const MAX_EVENTS_PER_WRITE: usize = 512;
+const ACK_FLUSH: Duration = Duration::from_millis(200);
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+    resume: Option<String>,
+}
+
+enum Start {
+    Connect(ConnectClaims),
+    Resume(String),
+    AwaitResume,
+}
+
+pub async fn handler(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<WsQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade(app, headers, q, ws) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn upgrade(
+    app: Arc<App>,
+    headers: HeaderMap,
+    q: Result<Query<WsQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade: {e}")))?;
+    let q = crate::http::query(q)?;
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let protocol = if offered.is_empty() {
+        PROTOCOLS[0]
+    } else {
+        *PROTOCOLS
+            .iter()
+            .find(|p| offered.contains(p))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "unsupported subprotocol; this server speaks {}",
+                    PROTOCOLS.join(", ")
+                ))
+            })?
+    };
+    let start = if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
+        Start::Connect(app.auth.verify_connect(t)?)
+    } else if let Some(r) = q.resume {
+        Start::Resume(r)
+    } else {
+        Start::AwaitResume
+    };
+    let slot = app.admit()?;
+    let cfg = &app.cfg;
+    let mut ws = ws
+        .max_message_size(cfg.max_frame_bytes)
+        .max_frame_size(cfg.max_frame_bytes)
+        .read_buffer_size(4096)
+        .write_buffer_size(64 * 1024);
+    if !offered.is_empty() {
+        ws = ws.protocols([protocol]);
+    }
+    let app2 = app.clone();
+    Ok(ws.on_upgrade(move |socket| async move {
+        let conn = Conn::new(app2, socket, protocol, slot);
+        conn.run(start).await;
+    }))
+}
+
+/// Why the loop ended.
+enum Exit {
+    /// The client closed or the connection broke.
+    Gone(&'static str),
+    /// We close with this code, after sending `error` if given.
+    Close {
+        code: u16,
+        reason: &'static str,
+        error: Option<ApiError>,
+    },
+}
+
+impl Exit {
+    fn error(e: ApiError) -> Exit {
+        Exit::Close {
+            code: e.code.close_code(),
+            reason: e.code.as_str(),
+            error: Some(e),
+        }
+    }
+}
+
+struct Session {
+    id: SessionId,
+    sub: String,
+    grants: Grants,
+}
+
+#[derive(Clone, Copy)]
+struct AckState {
+    acked: Seq,
+    dirty: bool,
+}
+
+struct Conn {
+    app: Arc<App>,
+    socket: WebSocket,
+    id: u64,
+    protocol: &'static str,
+    signal: Arc<Signal>,
+    session: Option<Session>,
+    subs: Vec<Subscription>,
+    acks: HashMap<StreamId, AckState>,
+    ping_outstanding: Option<(u64, Instant)>,
+    missed_pings: u8,
+    limiter: DefaultDirectRateLimiter,
+    last_limit_notice: Option<Instant>,
+    kicked: Option<oneshot::Receiver<()>>,
+    drain_rx: watch::Receiver<DrainPhase>,
+    drain_fraction: f64,
+    drain_deadline: Option<Instant>,
+    retry_at: Option<Instant>,
+    buf: Vec<Arc<Delivery>>,
+    opened: Instant,
+    delivered: u64,
+    _slot: ConnSlot,
+}
+
+/// Client frames: one flat shape, dispatched on `type`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientFrame<'a> {
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    stream: Option<String>,
+    after: Option<u64>,
+    epoch: Option<String>,
+    seq: Option<u64>,
+    resume_token: Option<String>,
+    last_ack: Option<BTreeMap<String, u64>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    t: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    id: Option<Value>,
+}
+
+/// A present field is `Some`, even when it is JSON `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+impl Conn {
+    fn new(app: Arc<App>, socket: WebSocket, protocol: &'static str, slot: ConnSlot) -> Conn {
+        let per_sec = NonZeroU32::new(app.cfg.ws_frames_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = per_sec.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        let drain_rx = app.drain.watch();
+        let id = app.next_conn_id();
+        Conn {
+            socket,
+            id,
+            protocol,
+            signal: Signal::new(),
+            session: None,
+            subs: Vec::new(),
+            acks: HashMap::new(),
+            ping_outstanding: None,
+            missed_pings: 0,
+            limiter: RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst)),
+            last_limit_notice: None,
+            kicked: None,
+            drain_rx,
+            // Spread drain reconnects evenly, whatever the id pattern.
+            drain_fraction: (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+                / (1u64 << 53) as f64,
+            drain_deadline: None,
+            retry_at: None,
+            buf: Vec::new(),
+            opened: Instant::now(),
+            delivered: 0,
+            _slot: slot,
+            app,
+        }
+    }
+
+    async fn run(mut self, start: Start) {
+        self.app.metrics.connection_opened(Transport::Ws);
+        let exit = match self.begin(start).await {
+            Ok(()) => {
+                tracing::info!(
+                    conn = self.id,
+                    transport = "ws",
+                    session = %self.sid_str(),
+                    sub = self.session.as_ref().map(|s| s.sub.as_str()).unwrap_or(""),
+                    "connection opened"
+                );
+                match self.serve().await {
+                    Ok(()) => Exit::Gone("ended"),
+                    Err(exit) => exit,
+                }
+            }
+            Err(exit) => exit,
+        };
+        let (code, reason) = match &exit {
+            Exit::Gone(r) => (None, *r),
+            Exit::Close { code, reason, .. } => (Some(*code), *reason),
+        };
+        if let Exit::Close {
+            code,
+            reason,
+            error,
+        } = exit
+        {
+            if let Some(e) = error {
+                self.app.metrics.error(e.code);
+                let _ = self.socket.send(Message::Text(e.frame().into())).await;
+            }
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = self.socket.send(Message::Close(Some(frame))).await;
+        }
+        self.flush_acks().await;
+        if let Some(s) = &self.session {
+            self.app.touch(&s.id).await;
+            self.app.release_session(&s.id, self.id);
+        }
+        self.app.metrics.connection_closed(Transport::Ws);
+        tracing::info!(
+            conn = self.id,
+            transport = "ws",
+            session = %self.sid_str(),
+            close_code = code,
+            reason,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            delivered = self.delivered,
+            "connection closed"
+        );
+    }
+
+    fn sid_str(&self) -> &str {
+        self.session.as_ref().map(|s| s.id.as_str()).unwrap_or("")
+    }
+
+    async fn send_json(&mut self, v: Value) -> Result<(), Exit> {
+        self.send_text(v.to_string()).await
+    }
+
+    async fn send_text(&mut self, s: String) -> Result<(), Exit> {
+        self.socket
+            .send(Message::Text(s.into()))
+            .await
+            .map_err(|_| Exit::Gone("write failed"))
+    }
+
+    /// A stream-level error: the socket stays open.
+    async fn send_error(&mut self, e: ApiError) -> Result<(), Exit> {
+        self.app.metrics.error(e.code);
+        self.send_text(e.frame()).await
+    }
+
+    async fn begin(&mut self, start: Start) -> Result<(), Exit> {
+        match start {
+            Start::Connect(claims) => {
+                let rec = self
+                    .app
+                    .open_session(&claims.sub, claims.grants(), &[])
+                    .await
+                    .map_err(Exit::error)?;
+                self.adopt(rec.id, rec.sub, rec.grants).await
+            }
+            Start::Resume(token) => self.resume(&token, BTreeMap::new()).await,
+            Start::AwaitResume => {
+                let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.socket.recv()).await;
+                let text = match first {
+                    Err(_) => {
+                        return Err(Exit::error(ApiError::unauthorized(
+                            "no credentials: pass ?token=, ?resume=, or send a resume frame first",
+                        )));
+                    }
+                    Ok(None) | Ok(Some(Err(_))) => return Err(Exit::Gone("closed before resume")),
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(_))) => {
+                        return Err(Exit::error(ApiError::unauthorized(
+                            "the first frame must be a resume frame",
+                        )));
+                    }
+                };
+                let frame: ClientFrame = serde_json::from_str(text.as_str()).map_err(|_| {
+                    Exit::error(ApiError::unauthorized(
+                        "the first frame must be a resume frame",
+                    ))
+                })?;
+                match (frame.ty.as_deref(), frame.resume_token) {
+                    (Some("resume"), Some(token)) => {
+                        self.resume(&token, frame.last_ack.unwrap_or_default())
+                            .await
+                    }
+                    _ => Err(Exit::error(ApiError::unauthorized(
+                        "the first frame must be a resume frame with resumeToken",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Becomes the session's connection and says `welcome`.
+    async fn adopt(&mut self, id: SessionId, sub: String, grants: Grants) -> Result<(), Exit> {
+        self.kicked = Some(self.app.hold_session(&id, self.id));
+        let token = self.app.mint_token(&id, &sub);
+        let welcome = json!({
+            "type": "welcome",
+            "sessionId": id,
+            "resumeToken": token,
+            "reconnectWindowSec": self.app.cfg.reconnect_window_sec,
+            "instance": self.app.instance,
+            "protocol": self.protocol,
+        });
+        self.session = Some(Session { id, sub, grants });
+        self.send_json(welcome).await
+    }
+
+    async fn resume(&mut self, token: &str, last_ack: BTreeMap<String, u64>) -> Result<(), Exit> {
+        self.app.metrics.ws_reconnect_attempt();
+        let session = self
+            .app
+            .resume(token, None, Transport::Ws)
+            .await
+            .map_err(Exit::error)?;
+        self.adopt(
+            session.id.clone(),
+            session.sub.clone(),
+            session.grants.clone(),
+        )
+        .await?;
+        self.app.metrics.resume_succeeded(Transport::Ws);
+        for (stream, st) in &session.streams {
+            let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
+            match self.app.stream_start(&session, stream, client_ack).await {
+                Ok(start) => {
+                    let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
+                    self.acks.insert(
+                        stream.clone(),
+                        AckState {
+                            acked,
+                            dirty: false,
+                        },
+                    );
+                    self.start_sub(stream.clone(), start.epoch, start.after, start.head)
+                        .await?;
+                }
+                Err(e) => {
+                    let gone = matches!(
+                        e.code,
+                        ErrorCode::ReplayWindowTrimmed | ErrorCode::EpochChanged
+                    );
+                    self.send_error(e).await?;
+                    if gone {
+                        let _ = self
+                            .app
+                            .store
+                            .remove_session_stream(&session.id, stream)
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_sub(
+        &mut self,
+        stream: StreamId,
+        epoch: Epoch,
+        after: Seq,
+        head: Seq,
+    ) -> Result<(), Exit> {
+        self.subs.retain(|s| s.stream != stream);
+        let mut sub =
+            self.app
+                .hub
+                .subscribe(stream.clone(), epoch.clone(), after, self.signal.clone());
+        sub.set_replay_until(head);
+        self.subs.push(sub);
+        self.signal.wake();
+        self.send_json(json!({
+            "type": "subscribed", "stream": stream, "epoch": epoch,
+            "headSeq": head, "fromSeq": after.0 + 1,
+        }))
+        .await
+    }
+
+    async fn serve(&mut self) -> Result<(), Exit> {
+        let ping_every = Duration::from_secs(self.app.cfg.ping_interval_sec);
+        let mut ping = interval(ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ping.reset();
+        let mut acks = interval(ACK_FLUSH);
+        acks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let refresh_every = Duration::from_secs((self.app.cfg.reconnect_window_sec / 3).max(1));
+        let mut refresh = interval(refresh_every);
+        refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        refresh.reset();
+        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.drain_fraction);
+        loop {
+            let drain_at = self.drain_deadline;
+            let retry_at = self.retry_at;
+            let kicked = async {
+                match self.kicked.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = kicked => {
+                    return Err(Exit::error(ApiError::new(
+                        ErrorCode::SessionTakenOver,
+                        "a newer connection resumed this session",
+                    )));
+                }
+                _ = sleep_opt(drain_at) => return self.drain_out().await,
+                changed = self.drain_rx.changed() => {
+                    if changed.is_ok() {
+                        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.drain_fraction);
+                    }
+                }
+                msg = self.socket.recv() => match msg {
+                    None => return Err(Exit::Gone("client closed")),
+                    Some(Err(e)) => return Err(read_error(e)),
+                    Some(Ok(Message::Text(t))) => self.on_text(t).await?,
+                    Some(Ok(Message::Binary(_))) => {
+                        self.send_error(ApiError::invalid("binary frames are not supported")).await?;
+                    }
+                    Some(Ok(Message::Close(_))) => return Err(Exit::Gone("client closed")),
+                    Some(Ok(_)) => {}
+                },
+                _ = self.signal.woken() => self.deliver().await?,
+                _ = sleep_opt(retry_at) => {
+                    self.retry_at = None;
+                    self.signal.wake();
+                }
+                _ = ping.tick() => self.ping().await?,
+                _ = acks.tick() => self.flush_acks().await,
+                _ = refresh.tick() => self.refresh_token().await?,
+            }
+        }
+    }
+
+    async fn drain_out(&mut self) -> Result<(), Exit> {
+        if let Some(s) = &self.session {
+            let token = self.app.mint_token(&s.id, &s.sub);
+            self.send_json(json!({
+                "type": "reconnect", "reason": "draining", "resumeToken": token,
+                "retryAfterMs": 0,
+            }))
+            .await?;
+        }
+        Err(Exit::Close {
+            code: 1012,
+            reason: "DRAINING",
+            error: None,
+        })
+    }
+
+    async fn ping(&mut self) -> Result<(), Exit> {
+        if self.ping_outstanding.is_some() {
+            self.missed_pings += 1;
+            if self.missed_pings >= 2 {
+                return Err(Exit::error(ApiError::new(
+                    ErrorCode::PingTimeout,
+                    "two pings went unanswered",
+                )));
+            }
+        }
+        let t = now_ms();
+        self.ping_outstanding = Some((t, Instant::now()));
+        self.send_json(json!({"type": "ping", "t": t})).await
+    }
+
+    async fn refresh_token(&mut self) -> Result<(), Exit> {
+        let Some(s) = &self.session else {
+            return Ok(());
+        };
+        let (id, token) = (s.id.clone(), self.app.mint_token(&s.id, &s.sub));
+        self.app.touch(&id).await;
+        self.send_json(json!({"type": "token", "resumeToken": token}))
+            .await
+    }
+
+    /// Writes whatever is new after every cursor, in one flush.
+    async fn deliver(&mut self) -> Result<(), Exit> {
+        self.signal.take();
+        let mut budget = MAX_EVENTS_PER_WRITE;
+        let mut frames = 0u64;
+        let mut oldest: Option<Instant> = None;
+        let mut faults = Vec::new();
+        for i in 0..self.subs.len() {
+            if budget == 0 {
+                break;
+            }
+            self.buf.clear();
+            match self.subs[i]
+                .pull(&*self.app.store, budget, &mut self.buf)
+                .await
+            {
+                Ok(replayed) => {
+                    if replayed > 0 {
+                        self.app.metrics.replayed(replayed as u64);
+                    }
+                    for d in &self.buf {
+                        if let Some(at) = d.event.committed_at() {
+                            oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                        }
+                        self.socket
+                            .feed(Message::Text(d.ws_frame()))
+                            .await
+                            .map_err(|_| Exit::Gone("write failed"))?;
+                    }
+                    let n = self.buf.len();
+                    frames += n as u64;
+                    budget -= n;
+                }
+                Err(f) => faults.push((i, f)),
+            }
+        }
+        if frames > 0 {
+            self.socket
+                .flush()
+                .await
+                .map_err(|_| Exit::Gone("write failed"))?;
+            self.delivered += frames;
+            self.app.metrics.delivered(frames);
+            if let Some(at) = oldest {
+                self.app.metrics.publish_to_deliver(at.elapsed());
+            }
+        }
+        for (i, fault) in faults.into_iter().rev() {
+            self.on_fault(i, fault).await?;
+        }
+        if budget == 0 {
+            self.signal.wake();
+        }
+        Ok(())
+    }
+
+    async fn on_fault(&mut self, i: usize, fault: Fault) -> Result<(), Exit> {
+        let stream = self.subs[i].stream.clone();
+        let window_error = match fault {
+            Fault::Store(e) => {
+                // Keep the subscription; look again shortly.
+                tracing::debug!(error = %e, stream = %stream, "catch-up read failed; will retry");
+                self.retry_at = Some(Instant::now() + STORE_RETRY);
+                return Ok(());
+            }
+            Fault::Trimmed {
+                first_available,
+                newly_dropped,
+            } => {
+                self.app.metrics.dropped(newly_dropped);
+                zerodrop_core::WindowError::Trimmed {
+                    after: self.subs[i].cursor(),
+                    first_available,
+                }
+            }
+            Fault::EpochChanged { current } => zerodrop_core::WindowError::EpochChanged { current },
+        };
+        self.subs.remove(i);
+        self.acks.remove(&stream);
+        if let Some(s) = &self.session {
+            let id = s.id.clone();
+            if let Err(e) = self.app.store.remove_session_stream(&id, &stream).await {
+                tracing::debug!(error = %e, "could not remove a stream from a session");
+            }
+        }
+        self.send_error(ApiError::window(window_error, stream.as_str()))
+            .await
+    }
+
+    async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
+        if self.limiter.check().is_err() {
+            let now = Instant::now();
+            if self
+                .last_limit_notice
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_limit_notice = Some(now);
+                let e = ApiError::new(ErrorCode::RateLimited, "too many frames; slow down")
+                    .with("retryAfterMs", 1000);
+                self.send_error(e).await?;
+            }
+            return Ok(());
+        }
+        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                return self
+                    .send_error(ApiError::invalid(format!("invalid frame: {e}")))
+                    .await;
+            }
+        };
+        match frame.ty.as_deref() {
+            Some("subscribe") => self.on_subscribe(frame).await,
+            Some("unsubscribe") => self.on_unsubscribe(frame).await,
+            Some("ack") => self.on_ack(frame).await,
+            Some("publish") => self.on_publish(frame).await,
+            Some("ping") => {
+                let t = frame.t.map(|r| r.get()).unwrap_or("null");
+                self.send_text(format!("{{\"type\":\"pong\",\"t\":{t}}}"))
+                    .await
+            }
+            Some("pong") => {
+                if let Some((_, sent)) = self.ping_outstanding.take() {
+                    self.app.metrics.rtt(sent.elapsed());
+                }
+                self.missed_pings = 0;
+                Ok(())
+            }
+            Some("resume") => {
+                self.send_error(ApiError::invalid("resume is only valid as the first frame"))
+                    .await
+            }
+            Some(other) => {
+                let other = other.chars().take(32).collect::<String>();
+                self.send_error(ApiError::invalid(format!("unknown frame type {other:?}")))
+                    .await
+            }
+            None => {
+                self.send_error(ApiError::invalid("a frame needs a type"))
+                    .await
+            }
+        }
+    }
+
+    /// Validates the `stream` field of a frame (errors are stream-level).
+    async fn frame_stream(&mut self, s: Option<String>) -> Result<Option<StreamId>, Exit> {
+        let Some(s) = s else {
+            self.send_error(ApiError::invalid("the frame needs a stream"))
+                .await?;
+            return Ok(None);
+        };
+        match StreamId::new(&s) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => {
+                let e = ApiError::new(
+                    ErrorCode::InvalidStreamId,
+                    format!("invalid stream id: {e}"),
+                )
+                .with("stream", s.chars().take(160).collect::<String>());
+                self.send_error(e).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn on_subscribe(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(f.stream).await? else {
+            return Ok(());
+        };
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let sid = session.id.clone();
+        if !session.grants.may_subscribe(stream.as_str()) {
+            let e = ApiError::forbidden(format!("stream {stream} is not allowed by the token"))
+                .with("stream", stream.as_str());
+            return self.send_error(e).await;
+        }
+        let already = self.subs.iter().any(|s| s.stream == stream);
+        if !already && self.subs.len() >= self.app.cfg.max_streams_per_session {
+            let e = ApiError::invalid(format!(
+                "a session holds at most {} streams",
+                self.app.cfg.max_streams_per_session
+            ))
+            .with("stream", stream.as_str());
+            return self.send_error(e).await;
+        }
+        let client_epoch = match f.epoch.as_deref().map(Epoch::parse) {
+            Some(None) => {
+                return self
+                    .send_error(ApiError::invalid("invalid epoch").with("stream", stream.as_str()))
+                    .await;
+            }
+            Some(Some(e)) => Some(e),
+            None => None,
+        };
+        let info = match self.app.store.stream_info(&stream).await {
+            Ok(i) => i,
+            Err(e) => {
+                return self
+                    .send_error(ApiError::from(e).with("stream", stream.as_str()))
+                    .await;
+            }
+        };
+        let after = f.after.map(Seq).unwrap_or(info.head);
+        if let Err(e) = replay_window(after, client_epoch.as_ref(), &info.bounds()) {
+            return self.send_error(ApiError::window(e, stream.as_str())).await;
+        }
+        let state = zerodrop_store::SessionStream {
+            epoch: info.epoch.clone(),
+            ack: after,
+            dropped_through: Seq(0),
+        };
+        if let Err(e) = self
+            .app
+            .store
+            .put_session_stream(&sid, &stream, state)
+            .await
+        {
+            return self
+                .send_error(ApiError::from(e).with("stream", stream.as_str()))
+                .await;
+        }
+        let prev = self.acks.get(&stream).map(|a| a.acked).unwrap_or(Seq(0));
+        self.acks.insert(
+            stream.clone(),
+            AckState {
+                acked: prev.max(after),
+                dirty: false,
+            },
+        );
+        self.start_sub(stream, info.epoch, after, info.head).await
+    }
+
+    async fn on_unsubscribe(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(f.stream).await? else {
+            return Ok(());
+        };
+        self.flush_acks().await;
+        self.subs.retain(|s| s.stream != stream);
+        self.acks.remove(&stream);
+        if let Some(s) = &self.session {
+            let id = s.id.clone();
+            if let Err(e) = self.app.store.remove_session_stream(&id, &stream).await {
+                return self
+                    .send_error(ApiError::from(e).with("stream", stream.as_str()))
+                    .await;
+            }
+        }
+        self.send_json(json!({"type": "unsubscribed", "stream": stream}))
+            .await
+    }
+
+    async fn on_ack(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(f.stream).await? else {
+            return Ok(());
+        };
+        let Some(seq) = f.seq.map(Seq) else {
+            return self
+                .send_error(ApiError::invalid("ack needs a seq").with("stream", stream.as_str()))
+                .await;
+        };
+        let Some(state) = self.acks.get(&stream).copied() else {
+            let e = ApiError::invalid("ack for a stream this connection is not subscribed to")
+                .with("stream", stream.as_str());
+            return self.send_error(e).await;
+        };
+        // The head we know without asking the store: what was delivered. Beyond it, ask.
+        let delivered = self
+            .subs
+            .iter()
+            .find(|s| s.stream == stream)
+            .map(|s| s.cursor())
+            .unwrap_or(Seq(0));
+        let head = if seq <= delivered {
+            delivered
+        } else {
+            match self.app.store.stream_info(&stream).await {
+                Ok(i) => i.head,
+                Err(e) => {
+                    return self
+                        .send_error(ApiError::from(e).with("stream", stream.as_str()))
+                        .await;
+                }
+            }
+        };
+        match checkpoint::apply(state.acked, seq, head) {
+            Ok(u) => {
+                self.app.metrics.checkpoint(u.is_applied());
+                if u.is_applied() {
+                    self.acks.insert(
+                        stream,
+                        AckState {
+                            acked: u.last_ack(),
+                            dirty: true,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Err(AckError::BeyondHead { requested, head }) => {
+                self.send_error(ApiError::beyond_head(requested, head, stream.as_str()))
+                    .await
+            }
+        }
+    }
+
+    async fn flush_acks(&mut self) {
+        let Some(s) = &self.session else { return };
+        let id = s.id.clone();
+        let dirty: Vec<(StreamId, Seq)> = self
+            .acks
+            .iter_mut()
+            .filter(|(_, a)| a.dirty)
+            .map(|(k, a)| {
+                a.dirty = false;
+                (k.clone(), a.acked)
+            })
+            .collect();
+        for (stream, seq) in dirty {
+            if let Err(e) = self.app.store.checkpoint(&id, &stream, seq).await {
+                tracing::debug!(error = %e, stream = %stream, "could not store an ack");
+            }
+        }
+    }
+
+    async fn on_publish(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+        let id = f.id.clone().unwrap_or(Value::Null);
+        let Some(stream) = self.frame_stream(f.stream).await? else {
+            return Ok(());
+        };
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        if !session.grants.may_publish(stream.as_str()) {
+            let e = ApiError::forbidden(format!(
+                "publishing to {stream} is not allowed by the token"
+            ))
+            .with("stream", stream.as_str())
+            .with("id", id);
+            return self.send_error(e).await;
+        }
+        let Some(data) = f.data else {
+            let e = ApiError::invalid("publish needs data")
+                .with("stream", stream.as_str())
+                .with("id", id);
+            return self.send_error(e).await;
+        };
+        // A frame id makes the publish idempotent for this session (a retry after a
+        // reconnect is answered with the first result).
+        let key = match &id {
+            Value::Null => None,
+            Value::String(s) if s.len() <= 128 => Some(format!("ws:{}:{s}", session.id)),
+            Value::Number(n) => Some(format!("ws:{}:{n}", session.id)),
+            _ => {
+                let e =
+                    ApiError::invalid("id must be a string of at most 128 characters or a number")
+                        .with("stream", stream.as_str());
+                return self.send_error(e).await;
+            }
+        };
+        match self.app.publish(stream.clone(), data, key).await {
+            Ok(out) => {
+                self.send_json(
+                    json!({"type": "published", "stream": stream, "seq": out.seq, "id": id}),
+                )
+                .await
+            }
+            Err(e) => {
+                self.send_error(e.with("stream", stream.as_str()).with("id", id))
+                    .await
+            }
+        }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn read_error(e: axum::Error) -> Exit {
+    let too_big = e
+        .into_inner()
+        .downcast::<tungstenite::Error>()
+        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+    if too_big {
+        Exit::Close {
+            code: 1009,
+            reason: "PAYLOAD_TOO_LARGE",
+            error: Some(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "frame larger than the limit",
+            )),
+        }
+    } else {
+        Exit::Gone("read failed")
+    }
+}
