@@ -294,7 +294,7 @@ pub async fn ws_client(
             }
             r = storm.changed(), if !stormed => {
                 stormed = true;
-                if r.is_ok() {
+                if r.is_ok() && *storm.borrow() > 0 {
                     st.forced += 1;
                     let token_now = c.resume_token().to_string();
                     if let Some(c) = conn.take() { c.abort(); }

@@ -241,7 +241,12 @@ pub async fn execute(
             let behaviour = sp.behaviour.clone();
             client_no += 1;
             let n = client_no;
-            let storm = storm_rx.clone();
+            // Only the storm scenario's clients hear the storm.
+            let storm = if matches!(sp.behaviour, Behaviour::StormAt(_)) {
+                storm_rx.clone()
+            } else {
+                watch::channel(0u32).1
+            };
             let h = match sp.scenario {
                 Scenario::SseFanout => {
                     tokio::spawn(engine::sse_client(ctx, n, base + k, stream, behaviour, fin))
@@ -354,7 +359,8 @@ pub async fn execute(
                 Err(_) => break,
             }
         }
-        let _ = head_txs[idx].send(Some(head));
+        // `send_replace` also stores the value when no client listens (publish-only streams).
+        head_txs[idx].send_replace(Some(head));
     }
 
     // Clients finish once they hold every seq, or at the drain deadline.
