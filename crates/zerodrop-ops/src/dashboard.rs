@@ -170,7 +170,7 @@ fn line_chart(
     series: &[(&str, Vec<Option<f64>>)],
     limit: Option<(&str, f64)>,
 ) -> String {
-    let (w, h, l, r, t, b) = (560.0, 220.0, 56.0, 12.0, 28.0, 28.0);
+    let (w, h, l, r, t, b) = (560.0, 236.0, 56.0, 12.0, 28.0, 40.0);
     let n = series.iter().map(|s| s.1.len()).max().unwrap_or(0);
     let mut max = series
         .iter()
@@ -208,11 +208,21 @@ fn line_chart(
     }
     let _ = write!(
         s,
-        r#"<text x="{}" y="{}" class="ax">{}</text>"#,
-        w - r - 40.0,
-        h - 8.0,
+        r#"<text x="{}" y="{}" class="ax" text-anchor="end">{}</text>"#,
+        w - r,
+        h - 6.0,
         esc(unit)
     );
+    // Run numbers on the x axis (they match the table's # column).
+    for i in (0..n).step_by((n / 12).max(1)) {
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{}" class="ax" text-anchor="middle">#{}</text>"#,
+            x(i),
+            h - b + 14.0,
+            i + 1
+        );
+    }
     if let Some((label, v)) = limit {
         let yy = y(v);
         let _ = write!(
@@ -256,10 +266,10 @@ fn line_chart(
             s,
             r#"<rect x="{lx}" y="{ly}" width="10" height="10" fill="{c}"/><text x="{tx}" y="{ty}" class="ax">{}</text>"#,
             esc(name),
-            lx = l + 140.0 + si as f64 * 90.0,
-            ly = 9,
-            tx = l + 154.0 + si as f64 * 90.0,
-            ty = 18
+            lx = l + si as f64 * 100.0,
+            ly = h - 15.0,
+            tx = l + 14.0 + si as f64 * 100.0,
+            ty = h - 6.0
         );
     }
     if n == 0 {

@@ -248,12 +248,13 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
                 creds: secrets.creds(),
             };
             let slo2 = slo.clone();
-            let drill =
-                tokio::spawn(
-                    async move { crate::drill::drive(&target, &load, &slo2, "gameday").await },
-                );
-            // Connect phase, then 40 % of the run.
-            let at = Duration::from_secs(2) + plan.duration.mul_f64(0.4);
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let drill = tokio::spawn(async move {
+                crate::drill::drive_with(&target, &load, &slo2, "gameday", Some(started_tx)).await
+            });
+            // The fault strikes at 40 % of the publishing phase.
+            let _ = tokio::time::timeout(Duration::from_secs(60), started_rx).await;
+            let at = plan.duration.mul_f64(0.4);
             tokio::time::sleep(at).await;
             let t = Instant::now();
             let notes = match inject(fault, &mut inst, &proxy, &secrets).await {

@@ -132,6 +132,18 @@ pub async fn drive(
     slo: &Slo,
     tool: &str,
 ) -> anyhow::Result<DrillReport> {
+    drive_with(target, load, slo, tool, None).await
+}
+
+/// [`drive`], telling `publishing` when every client is connected and publishing starts
+/// (a game day times its faults from there).
+pub async fn drive_with(
+    target: &TargetArgs,
+    load: &LoadArgs,
+    slo: &Slo,
+    tool: &str,
+    publishing: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<DrillReport> {
     let plan = load.plan()?;
     let creds = target.creds.resolve()?;
     let http = HttpClient::new(&target.url, Some(creds.api_key()?.to_string()))?;
@@ -165,6 +177,7 @@ pub async fn drive(
         Duration::from_secs_f64(load.drain_sec.max(1.0)),
         slo,
         tool,
+        publishing,
     )
     .await
 }
@@ -187,6 +200,7 @@ pub async fn execute(
     drain: Duration,
     slo: &Slo,
     tool: &str,
+    publishing: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<DrillReport> {
     let started_at_ms = now_ms();
     let metrics_before = http.metrics_json().await.ok();
@@ -298,6 +312,10 @@ pub async fn execute(
             )));
             w += 1;
         }
+    }
+
+    if let Some(p) = publishing {
+        let _ = p.send(());
     }
 
     // The run: progress, the storm, then stop publishing.
