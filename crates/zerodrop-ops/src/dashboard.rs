@@ -421,7 +421,8 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
     // Error rates against the SLO.
     h.push_str(r#"<h2>Error rates against the SLO</h2><div class="grid">"#);
     type Pick = fn(&crate::report::ScenarioReport) -> f64;
-    let kinds: [(&str, Pick, fn(&crate::slo::ScenarioSlo) -> Option<f64>); 3] = [
+    type Limit = fn(&crate::slo::ScenarioSlo) -> Option<f64>;
+    let kinds: [(&str, Pick, Limit); 3] = [
         ("5xx rate", |s| s.http.error_5xx_rate, |s| s.error_5xx_rate),
         (
             "network error rate",
