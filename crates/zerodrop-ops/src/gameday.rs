@@ -237,6 +237,7 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
                 duration: args.duration,
                 limit: args.limit,
                 rate: None,
+                publishers: None,
                 payload_bytes: 100,
                 drain_sec: args.drain_sec,
                 token_pool_file: None,

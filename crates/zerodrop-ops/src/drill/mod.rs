@@ -50,6 +50,9 @@ pub struct LoadArgs {
     /// Events/s per publisher, or `max` (one request in flight, as fast as answers come).
     #[arg(long)]
     pub rate: Option<String>,
+    /// HTTP publishers per scenario, overriding the profile.
+    #[arg(long)]
+    pub publishers: Option<usize>,
     /// Payload size in bytes of padding per event.
     #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
@@ -88,6 +91,7 @@ impl LoadArgs {
                 limit: self.limit,
                 rate,
                 scenarios: self.scenarios.clone(),
+                publishers: self.publishers,
             },
         ))
     }

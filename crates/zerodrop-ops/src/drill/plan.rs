@@ -114,6 +114,8 @@ pub struct PlanOverrides {
     /// `Some(None)` = max.
     pub rate: Option<Option<f64>>,
     pub scenarios: Vec<Scenario>,
+    /// Publishers per scenario.
+    pub publishers: Option<usize>,
 }
 
 fn base(s: Scenario) -> ScenarioPlan {
@@ -173,6 +175,11 @@ pub fn plan(profile: Profile, o: &PlanOverrides) -> Plan {
     if let Some(r) = o.rate {
         for s in &mut scenarios {
             s.rate = r;
+        }
+    }
+    if let Some(p) = o.publishers {
+        for s in &mut scenarios {
+            s.publishers = p.max(1);
         }
     }
     Plan {
