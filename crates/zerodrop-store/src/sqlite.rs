@@ -157,7 +157,7 @@ impl SqliteStore {
         let (reply, rx) = oneshot::channel();
         {
             let tx = lock(&self.tx);
-            let tx = tx.as_ref().ok_or_else(|| closed())?;
+            let tx = tx.as_ref().ok_or_else(closed)?;
             tx.send(make(reply)).map_err(|_| closed())?;
         }
         rx.await.map_err(|_| closed())?
