@@ -537,7 +537,16 @@ impl Shared {
         what: &str,
         fut: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> StoreResult<T> {
-        match tokio::time::timeout(self.opts.command_timeout, fut).await {
+        self.run_within(self.opts.command_timeout, what, fut).await
+    }
+
+    async fn run_within<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("redis answers again");
@@ -743,8 +752,9 @@ impl Shared {
         let mut values = Vec::new();
         for by_hash in [true, false] {
             let p = send(by_hash);
+            let limit = self.opts.command_timeout + self.opts.wait_timeout;
             values = self
-                .run("append", async {
+                .run_within(limit, "append", async {
                     match &mut conn {
                         Conn::Cluster(c) => c.route_pipeline(p, 0, 2, route.clone()).await,
                         other => p.query_async::<Vec<Value>>(other).await,
