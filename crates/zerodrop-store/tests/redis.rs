@@ -13,7 +13,7 @@ use zerodrop_store::{
     AppendRequest, LiveSink, MemoryStore, NoSink, RedisOptions, RedisStore, SessionRecord,
     SessionStream, Store, StoreError,
 };
-use zerodrop_testkit::redis::{RedisConfig, RedisServer};
+use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
 
 #[derive(Default)]
 struct Recorder {
@@ -454,4 +454,86 @@ async fn stored_events_are_exactly_the_encoded_events() {
     let ts: Vec<u64> = r.events.iter().map(|e| e.ts()).collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]));
     assert!(ts[0].abs_diff(now_ms()) < 60_000);
+}
+
+/// The same store on a three-node Redis Cluster: every script stays on its stream's slot,
+/// sessions on theirs, and the live path carries events from every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let mut opts = RedisOptions::new(&cluster.urls());
+    opts.retention = Retention {
+        max_events: 5,
+        max_bytes: 1 << 20,
+        max_age_ms: 86_400_000,
+    };
+    let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
+    // Enough streams to land on every node.
+    let streams: Vec<String> = (0..12).map(|i| format!("room:{i}")).collect();
+    for s in &streams {
+        for i in 1..=7u64 {
+            assert_eq!(
+                store.append(req(s, &i.to_string())).await.unwrap().seq,
+                Seq(i)
+            );
+        }
+    }
+    for s in &streams {
+        let r = store.read(&sid(s), Seq(0), 100).await.unwrap();
+        assert_eq!(
+            r.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(),
+            vec![3, 4, 5, 6, 7]
+        );
+        assert_eq!(
+            (r.info.head, r.info.first_seq, r.info.count),
+            (Seq(7), Seq(3), 5)
+        );
+        assert_eq!(sink.seqs_of(s), (1..=7).collect::<Vec<_>>());
+        // A stream's epoch is stable from its first touch on.
+        assert_eq!(
+            store.stream_info(&sid(s)).await.unwrap().epoch,
+            r.info.epoch
+        );
+    }
+    let quiet = store.stream_info(&sid("room:quiet")).await.unwrap();
+    assert_eq!(
+        store.stream_info(&sid("room:quiet")).await.unwrap().epoch,
+        quiet.epoch
+    );
+    let o = store.append(req("room:quiet", "1")).await.unwrap();
+    assert_eq!(o.epoch, quiet.epoch);
+    // Idempotency, sessions and checkpoints.
+    let mut r1 = req("room:0", "\"pay\"");
+    r1.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k".into(),
+        fingerprint: [1; 32],
+    });
+    let first = store.append(r1.clone()).await.unwrap();
+    assert!(store.append(r1).await.unwrap().duplicate);
+    let id = SessionId::generate();
+    store
+        .create_session(session(&id, "room:0", &first.epoch, 0))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .checkpoint(&id, &sid("room:0"), first.seq)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.sessions, stats.streams), (1, 13));
+    store.ping().await.unwrap();
+    assert_eq!(cluster.nodes().len(), 3);
+    // WAIT goes to the node that holds the stream, in the same pipeline as the append.
+    let mut opts = RedisOptions::new(&cluster.urls());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let waiting = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    match waiting.append(req("room:5", "8")).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
 }

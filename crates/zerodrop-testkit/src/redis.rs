@@ -215,13 +215,14 @@ impl RedisServer {
             if let Ok(reply) = command(self.port, &["PING"], Duration::from_millis(500))
                 && reply == "+PONG"
             {
-                // A server that answers PING may still be loading its AOF; LOADING replies
-                // come as errors, so wait for a plain reply to a data command too.
+                // A server that answers PING may still be loading its AOF; wait until a data
+                // command is no longer refused with LOADING (a cluster node without slots
+                // answers CLUSTERDOWN, which is fine here).
                 if let Ok(r) = command(
                     self.port,
                     &["EXISTS", "zerodrop-testkit-probe"],
                     Duration::from_millis(500),
-                ) && r.starts_with(':')
+                ) && !r.starts_with("-LOADING")
                 {
                     self.child = Some(child);
                     return Ok(());
@@ -312,4 +313,83 @@ fn command(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
         ));
     }
     Ok(line.trim_end().to_string())
+}
+
+/// A Redis Cluster of `masters` primaries (no replicas) on free loopback ports, created with
+/// `redis-cli --cluster create`. The nodes are killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> io::Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..masters.max(3) {
+            nodes.push(RedisServer::start_with(RedisConfig {
+                extra_args: [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ]
+                .map(String::from)
+                .to_vec(),
+                ..RedisConfig::default()
+            })?);
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )));
+        }
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !cluster.is_ok()? {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "cluster_state never became ok",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(cluster)
+    }
+
+    /// Every node agrees the cluster is up.
+    fn is_ok(&self) -> io::Result<bool> {
+        for n in &self.nodes {
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port().to_string(), "cluster", "info"])
+                .stdin(Stdio::null())
+                .output()?;
+            if !String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The seed node list, as `ZERODROP_REDIS_URL` takes it: `redis://a,redis://b,…`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
 }
