@@ -268,6 +268,11 @@ impl<'a> Call<'a> {
     }
 }
 
+/// The connection, not the command, failed.
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
 fn is_noscript(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
@@ -553,7 +558,12 @@ impl Shared {
                 }
                 Ok(v)
             }
-            Ok(Err(e)) => Err(self.down(what, &e.to_string())),
+            Ok(Err(e)) if is_outage(&e) => Err(self.down(what, &e.to_string())),
+            Ok(Err(e)) => {
+                // Redis answered, but refused: not an outage, and worth a line each time.
+                tracing::error!(operation = what, error = %e, "redis refused a command");
+                Err(StoreError::Unavailable(format!("redis {what}: {e}")))
+            }
             Err(_) => Err(self.down(what, "timed out")),
         }
     }
@@ -657,13 +667,14 @@ impl Shared {
             self.renewed(stream, &info);
         }
         self.observe(stream, &info.epoch, info.head.0);
-        let mut events = Vec::with_capacity((v.len() - 6) / 3);
-        for chunk in v[6..].chunks(3) {
-            let [seq, ts, json] = chunk else {
-                return Err(unexpected("read"));
-            };
-            let (Some(seq), Some(ts), Value::BulkString(json)) = (as_u64(seq), as_u64(ts), json)
-            else {
+        let mut events = Vec::with_capacity(v.len().saturating_sub(6) / 3);
+        let mut rest = v.into_iter().skip(6);
+        while let Some(seq) = rest.next() {
+            let (Some(seq), Some(ts), Some(Value::BulkString(json))) = (
+                as_u64(&seq),
+                rest.next().as_ref().and_then(as_u64),
+                rest.next(),
+            ) else {
                 return Err(unexpected("read"));
             };
             events.push(Arc::new(Event::from_stored(
@@ -671,7 +682,7 @@ impl Shared {
                 Seq(seq),
                 info.epoch.clone(),
                 ts,
-                Bytes::from(json.clone()),
+                Bytes::from(json),
             )));
         }
         Ok(ReadResult { info, events })
@@ -819,26 +830,25 @@ impl Shared {
             .max(now_ms() + SESSION_MIN_KEEP_MS)
     }
 
-    async fn index_session(
-        &self,
-        id: &SessionId,
-        deadline: u64,
-        only_existing: bool,
-    ) -> StoreResult<()> {
+    /// The stats index only: a failure here loses nothing but an approximate count.
+    async fn index_session(&self, id: &SessionId, deadline: u64, only_existing: bool) {
         let mut conn = self.conn.clone();
-        self.run("session index", async {
-            let mut c = ::redis::cmd("ZADD");
-            c.arg(SESSIONS_INDEX);
-            if only_existing {
-                c.arg("XX");
-            }
-            c.arg(deadline)
-                .arg(id.as_str())
-                .query_async::<Value>(&mut conn)
-                .await
-        })
-        .await?;
-        Ok(())
+        let indexed = self
+            .run("session index", async {
+                let mut c = ::redis::cmd("ZADD");
+                c.arg(SESSIONS_INDEX);
+                if only_existing {
+                    c.arg("XX");
+                }
+                c.arg(deadline)
+                    .arg(id.as_str())
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Err(e) = indexed {
+            tracing::debug!(session = %id, error = %e, "session stats index not updated");
+        }
     }
 
     fn on_live(&self, payload: &[u8]) {
@@ -1082,6 +1092,7 @@ impl Store for RedisStore {
                 }
                 if let Some(rx) = echo {
                     let _ = tokio::time::timeout(ECHO_WAIT, rx).await;
+                    lock(&s.waiters).remove(&n);
                 }
                 return Ok(AppendOutcome {
                     stream: req.stream,
@@ -1150,7 +1161,8 @@ impl Store for RedisStore {
                 .arg(encode_session_stream(st));
         }
         s.eval("create session", &call).await?;
-        s.index_session(&session.id, deadline, false).await
+        s.index_session(&session.id, deadline, false).await;
+        Ok(())
     }
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {
@@ -1283,7 +1295,7 @@ impl Store for RedisStore {
             .arg(expires_at_ms)
             .arg(deadline);
         if let Value::Int(1) = s.eval("touch session", &call).await? {
-            s.index_session(id, deadline, true).await?;
+            s.index_session(id, deadline, true).await;
         }
         Ok(())
     }
