@@ -4,7 +4,7 @@
 //! - **One Lua script per operation.** An append checks and records its idempotency key,
 //!   assigns the next seq, `XADD`s the event JSON with the explicit id `0-<seq>`, trims to the
 //!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`), all
-//!   in one atomic step on the server (see [`lua`]). Nothing is ever re-sent after a failure:
+//!   in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
 //!   a command error answers `Unavailable`, because a blindly repeated `XADD` would be a
 //!   duplicate append. [`ConnectionManager`] reconnects in the background.
 //! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
@@ -40,6 +40,25 @@
 //! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
 //! stream appended to since the data set began), sessions = members of `zd:sessions` whose
 //! delete-at time (expiry + grace) is still ahead, by this instance's clock.
+//!
+//! Keys (`S` a stream id, `I` a session id):
+//! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
+//!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
+//!   idempotency TTL).
+//! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
+//!   <dropped_through>`), expiring at `max(expires + grace, last write + 60 s)`: the other
+//!   stores delete expired sessions in a sweep about that often.
+//! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
+//!   `zd:live` the pub/sub channel.
+//!
+//! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
+//! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
+//! (`XTRIM MINID`, `ZADD LT`); tested with 7.0.
+//!
+//! On a cluster there is no key every slot can read, so a stream's first epoch is its own
+//! (random, stored at its first touch — `stream_info` included — and stable from then on)
+//! rather than shared with its neighbours. The cluster client never retries: a request that
+//! meets a `MOVED` during resharding answers `Unavailable` once while the slot map refreshes.
 
 mod lua;
 
@@ -104,8 +123,8 @@ pub struct RedisOptions {
     pub urls: Vec<String>,
     pub retention: Retention,
     pub idempotency_ttl_ms: u64,
-    /// Sessions are deleted this long after they expired (at least [`SESSION_MIN_KEEP_MS`]
-    /// after their last write).
+    /// Sessions are deleted this long after they expired (and at least 60 s after their
+    /// last write).
     pub session_grace_ms: u64,
     /// `ZERODROP_REDIS_WAIT_REPLICAS`: replicas that must hold an append before it is
     /// acknowledged. 0 = do not wait.
@@ -1350,5 +1369,80 @@ impl Store for RedisStore {
             sessions: sessions?,
             streams: streams?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ::redis::cluster_routing::Slot;
+
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_stream_is_on_one_slot() {
+        for s in ["room:1", "a", "call:42", "x.y_z-0", &"q".repeat(128)] {
+            let stream = StreamId::new(s).unwrap();
+            let slot = Slot::for_key(meta_key(&stream));
+            assert_eq!(Slot::for_key(log_key(&stream)), slot);
+            assert_eq!(Slot::for_key(idem_key(&stream, "any {key} at all")), slot);
+            assert_eq!(slot, Slot::for_key(s), "the tag is the stream id itself");
+        }
+        let id = SessionId::generate();
+        assert_eq!(Slot::for_key(session_key(&id)), Slot::for_key(id.as_str()));
+    }
+
+    #[test]
+    fn session_streams_round_trip() {
+        let st = SessionStream {
+            epoch: Epoch::generate(),
+            ack: Seq(41),
+            dropped_through: Seq(7),
+        };
+        assert_eq!(decode_session_stream(&encode_session_stream(&st)), Some(st));
+        assert_eq!(decode_session_stream("not an entry"), None);
+        assert_eq!(decode_session_stream("e 1"), None);
+    }
+
+    #[test]
+    fn live_messages_decode() {
+        let e = Event::encode(
+            StreamId::new("room:1").unwrap(),
+            Seq(3),
+            Epoch::parse("00ff00ff00ff00ff").unwrap(),
+            1_700_000_000_123,
+            "{\"a\":\"x|y\"}",
+        );
+        let mut msg = b"e|inst-9|room:1|3|00ff00ff00ff00ff|1700000000123|".to_vec();
+        msg.extend_from_slice(e.json());
+        let Some(Live::Event { origin, event }) = parse_live(&msg) else {
+            panic!("not an event")
+        };
+        assert_eq!(origin, "inst-9");
+        assert_eq!(event.json(), e.json());
+        assert_eq!(event.data(), "{\"a\":\"x|y\"}");
+        assert_eq!((event.seq(), event.ts()), (Seq(3), 1_700_000_000_123));
+        assert!(matches!(
+            parse_live(b"t|room:1|8|7"),
+            Some(Live::Trimmed {
+                first: Seq(8),
+                count: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_live(b"r|room:1|abc"),
+            Some(Live::Renewed { .. })
+        ));
+        assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
+        assert!(parse_live(b"z|whatever").is_none());
+    }
+
+    #[test]
+    fn url_lists() {
+        assert_eq!(RedisOptions::new("redis://a:1").urls, vec!["redis://a:1"]);
+        assert_eq!(
+            RedisOptions::new(" redis://a:1, redis://b:2 ,").urls,
+            vec!["redis://a:1", "redis://b:2"]
+        );
     }
 }
