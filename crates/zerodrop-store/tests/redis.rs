@@ -191,6 +191,54 @@ async fn outage_fails_fast_and_a_restart_with_data_continues_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_started_while_redis_is_down_works_once_it_is_up() {
+    let mut server = RedisServer::start().unwrap();
+    server.stop().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let store = connect(&server, sink.clone()).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!store.live_connected());
+    assert!(matches!(
+        store.append(req("room:1", "1")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(store.ping().await.is_err());
+    server.start_again().unwrap();
+    let o = eventually(Duration::from_secs(10), || store.append(req("room:1", "1"))).await;
+    assert_eq!(o.seq, Seq(1));
+    wait_until(Duration::from_secs(10), "the live path", || {
+        store.live_connected()
+    })
+    .await;
+    store.append(req("room:1", "2")).await.unwrap();
+    assert_eq!(sink.seqs_of("room:1").last(), Some(&2));
+    // A session with more streams than one Lua call can unpack.
+    let epoch = o.epoch;
+    let id = SessionId::generate();
+    let mut s = session(&id, "room:1", &epoch, 0);
+    for i in 0..5000 {
+        let st = SessionStream {
+            epoch: epoch.clone(),
+            ack: Seq(0),
+            dropped_through: Seq(0),
+        };
+        s.streams.insert(sid(&format!("many:{i}")), st);
+    }
+    store.create_session(s).await.unwrap();
+    assert_eq!(
+        store
+            .load_session(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .streams
+            .len(),
+        5001
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_without_data_renews_epochs_and_forgets_sessions() {
     let mut server = RedisServer::start().unwrap();
     let store = connect(&server, Arc::new(NoSink)).await;

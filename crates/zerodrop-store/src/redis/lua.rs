@@ -227,9 +227,15 @@ return 1
 "#;
 
 /// `KEYS[1]` session hash; `ARGV[1]` delete-at (ms), then field/value pairs. Replaces the session.
+/// Fields go in chunks: `unpack` of thousands of values would overflow Lua's C stack.
 pub const SESSION_CREATE: &str = r#"
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local i = 2
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, j))
+  i = j + 1
+end
 redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 return 1
 "#;
