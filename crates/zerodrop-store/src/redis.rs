@@ -475,11 +475,23 @@ impl RedisStore {
                 .response_timeout(opts.command_timeout + opts.wait_timeout)
                 .build()
                 .map_err(bad_url)?;
-            let conn = tokio::time::timeout(opts.command_timeout, client.get_async_connection())
-                .await
-                .map_err(|_| StoreError::Unavailable("redis cluster: connect timed out".into()))?
-                .map_err(|e| StoreError::Unavailable(format!("redis cluster: {e}")))?;
-            (Conn::Cluster(conn), None)
+            let connect = || async {
+                tokio::time::timeout(opts.command_timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("redis cluster: connect timed out".into())
+                    })?
+                    .map_err(|e| StoreError::Unavailable(format!("redis cluster: {e}")))
+                    .map(Conn::Cluster)
+            };
+            let conn = connect().await?;
+            // Its own node connections, so that a blocked WAIT holds up no other command.
+            let wait_conn = if opts.wait_replicas > 0 {
+                Some(connect().await?)
+            } else {
+                None
+            };
+            (conn, wait_conn)
         } else {
             let manager = |response: Duration| {
                 let config = ConnectionManagerConfig::new()
