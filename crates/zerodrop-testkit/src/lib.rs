@@ -3,9 +3,11 @@
 //! - [`server`]: zerodrop in this process ([`server::TestServer`]) or as a real process
 //!   ([`server::ServerProcess`], for `kill -9` and signal tests);
 //! - [`http`]: a small HTTP client for the API;
-//! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions.
+//! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
+//! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart.
 
 pub mod http;
+pub mod redis;
 pub mod server;
 pub mod sse;
 pub mod ws;
