@@ -8,15 +8,9 @@
 
 use sha2::{Digest, Sha256};
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ChainHash {
     h: [u8; 32],
-}
-
-impl Default for ChainHash {
-    fn default() -> Self {
-        ChainHash { h: [0u8; 32] }
-    }
 }
 
 impl ChainHash {

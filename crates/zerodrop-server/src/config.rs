@@ -112,6 +112,10 @@ pub struct ServeArgs {
         default_value = "full"
     )]
     pub sqlite_synchronous: SyncChoice,
+    /// Newest events each subscribed stream keeps in memory for live fan-out; subscribers
+    /// further behind read the log.
+    #[arg(long, env = "ZERODROP_LIVE_RING_EVENTS", default_value_t = 1024)]
+    pub live_ring_events: usize,
     /// This instance's name in `welcome`, `/health` and `X-Zerodrop-Instance` (default:
     /// generated at start).
     #[arg(long, env = "ZERODROP_INSTANCE_ID")]
@@ -144,6 +148,7 @@ struct FileConfig {
     ws_frames_per_sec: Option<u32>,
     idempotency_ttl_sec: Option<u64>,
     sqlite_synchronous: Option<SyncChoice>,
+    live_ring_events: Option<usize>,
     instance_id: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -195,6 +200,7 @@ pub struct Config {
     pub ws_frames_per_sec: u32,
     pub idempotency_ttl_sec: u64,
     pub sqlite_synchronous: SyncChoice,
+    pub live_ring_events: usize,
     pub instance_id: Option<String>,
     pub log_format: LogFormat,
     pub secrets: SecretOverrides,
@@ -257,6 +263,7 @@ impl Config {
                 ws_frames_per_sec,
                 idempotency_ttl_sec,
                 sqlite_synchronous,
+                live_ring_events,
                 log_format
             );
             if args.instance_id.is_none() {
@@ -289,6 +296,7 @@ impl Config {
             ws_frames_per_sec: a.ws_frames_per_sec,
             idempotency_ttl_sec: a.idempotency_ttl_sec,
             sqlite_synchronous: a.sqlite_synchronous,
+            live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,
             log_format: a.log_format,
             secrets: secrets.unwrap_or_default(),
@@ -312,6 +320,9 @@ impl Config {
         }
         if self.ping_interval_sec == 0 {
             bail!("--ping-interval-sec must be at least 1");
+        }
+        if self.live_ring_events == 0 {
+            bail!("--live-ring-events must be at least 1");
         }
         if self.ws_frames_per_sec == 0 {
             bail!("--ws-frames-per-sec must be at least 1");

@@ -105,7 +105,11 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         }
     }
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(HubLimits::default(), metrics.clone()));
+    let limits = HubLimits {
+        ring_events: cfg.live_ring_events,
+        ..HubLimits::default()
+    };
+    let hub = Arc::new(Hub::new(limits, metrics.clone()));
     let sink: Arc<dyn LiveSink> = hub.clone();
     let mut sqlite = None;
     let store: Arc<dyn Store> = match cfg.store {

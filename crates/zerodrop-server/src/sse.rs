@@ -239,14 +239,14 @@ impl SseConn {
             let (drain_at, retry_at) = (self.drain_deadline, self.retry_at);
             tokio::select! {
                 biased;
-                _ = sleep_opt(drain_at) => return None,
+                _ = crate::sleep_until_opt(drain_at) => return None,
                 changed = self.drain_rx.changed() => {
                     if changed.is_ok() {
                         self.drain_deadline = self.drain_rx.borrow().deadline_for(self.fraction);
                     }
                 }
                 _ = self.signal.woken() => self.pull().await,
-                _ = sleep_opt(retry_at) => {
+                _ = crate::sleep_until_opt(retry_at) => {
                     self.retry_at = None;
                     self.signal.wake();
                 }
@@ -346,12 +346,5 @@ impl Drop for SseConn {
                 rt.spawn(async move { app.touch(&sid).await });
             }
         }
-    }
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }

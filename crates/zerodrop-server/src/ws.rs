@@ -25,7 +25,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
-use tokio::time::{MissedTickBehavior, interval, sleep_until};
+use tokio::time::{MissedTickBehavior, interval};
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
@@ -477,7 +477,7 @@ impl Conn {
                         "a newer connection resumed this session",
                     )));
                 }
-                _ = sleep_opt(drain_at) => return self.drain_out().await,
+                _ = crate::sleep_until_opt(drain_at) => return self.drain_out().await,
                 changed = self.drain_rx.changed() => {
                     if changed.is_ok() {
                         self.drain_deadline = self.drain_rx.borrow().deadline_for(self.drain_fraction);
@@ -494,7 +494,7 @@ impl Conn {
                     Some(Ok(_)) => {}
                 },
                 _ = self.signal.woken() => self.deliver().await?,
-                _ = sleep_opt(retry_at) => {
+                _ = crate::sleep_until_opt(retry_at) => {
                     self.retry_at = None;
                     self.signal.wake();
                 }
@@ -919,13 +919,6 @@ impl Conn {
                     .await
             }
         }
-    }
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Where the log and the sessions live.
 //!
 //! [`Store`] is the one interface the server talks to; `sqlite` (the default: one file, a
-//! single group-committing writer) and `memory` (tests) implement it with the same behaviour,
-//! checked by one shared suite (`tests/behaviour.rs`).
+//! single group-committing writer), `redis` (several instances sharing one Redis or Redis
+//! Cluster) and `memory` (tests) implement it with the same behaviour, checked by one shared
+//! suite (`tests/behaviour.rs`).
 //!
 //! Contract every implementation keeps:
 //! - `append` answers only once the event is durable, and only then hands it to the
@@ -24,8 +25,10 @@ use zerodrop_core::window::LogBounds;
 use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
+pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 

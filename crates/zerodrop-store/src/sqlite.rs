@@ -150,6 +150,9 @@ impl SqliteStore {
     /// `Unavailable`.
     pub fn close(&self) {
         drop(lock(&self.tx).take());
+        // Readers first, so that the writer's connection is the last one and checkpoints the
+        // WAL into the main file as it closes.
+        lock(&self.readers.pool).clear();
         if let Some(h) = lock(&self.writer).take() {
             let _ = h.join();
         }
@@ -159,7 +162,7 @@ impl SqliteStore {
         let (reply, rx) = oneshot::channel();
         {
             let tx = lock(&self.tx);
-            let tx = tx.as_ref().ok_or_else(|| closed())?;
+            let tx = tx.as_ref().ok_or_else(closed)?;
             tx.send(make(reply)).map_err(|_| closed())?;
         }
         rx.await.map_err(|_| closed())?
@@ -273,6 +276,14 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
 
 fn open_or_quarantine(opts: &SqliteOptions) -> StoreResult<(Connection, Epoch, Option<PathBuf>)> {
     let attempt = || -> rusqlite::Result<(Connection, Epoch)> {
+        // A file that does not start like a database is not one, whatever a leftover WAL
+        // would make SQLite believe about page 1.
+        if !has_database_header(&opts.path) {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+                Some("the file does not start with the SQLite header".into()),
+            ));
+        }
         let conn = Connection::open(&opts.path)?;
         let epoch = init(&conn, opts.synchronous)?;
         Ok((conn, epoch))
@@ -292,6 +303,20 @@ fn open_or_quarantine(opts: &SqliteOptions) -> StoreResult<(Connection, Epoch, O
             Ok((c, e, Some(moved)))
         }
         Err(err) => Err(unavailable(err)),
+    }
+}
+
+/// True for a missing or empty file (SQLite creates it) and for one with the SQLite header.
+fn has_database_header(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return true;
+    };
+    let mut head = [0u8; 16];
+    match f.read(&mut head) {
+        Ok(0) => true,
+        Ok(16) => &head == b"SQLite format 3\0",
+        _ => false,
     }
 }
 

@@ -7,9 +7,10 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, IdempotencyKey, LiveSink, MemoryStore, SessionRecord, SessionStream,
-    SqliteOptions, SqliteStore, Store, StoreError,
+    AppendRequest, IdempotencyKey, LiveSink, MemoryStore, RedisOptions, RedisStore, SessionRecord,
+    SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
 };
+use zerodrop_testkit::redis::RedisServer;
 
 /// Records what the store reports, to check the live contract.
 #[derive(Default)]
@@ -37,6 +38,7 @@ struct Fixture {
     store: Arc<dyn Store>,
     sink: Arc<Recorder>,
     _dir: Option<tempfile::TempDir>,
+    _redis: Option<RedisServer>,
 }
 
 fn memory(retention: Retention) -> Fixture {
@@ -45,6 +47,7 @@ fn memory(retention: Retention) -> Fixture {
         store: Arc::new(MemoryStore::new(retention, sink.clone())),
         sink,
         _dir: None,
+        _redis: None,
     }
 }
 
@@ -58,6 +61,22 @@ fn sqlite(retention: Retention) -> Fixture {
         store: Arc::new(store),
         sink,
         _dir: Some(dir),
+        _redis: None,
+    }
+}
+
+/// A store on its own `redis-server`, so that tests never see each other's keys.
+async fn redis(retention: Retention) -> Fixture {
+    let server = RedisServer::start().expect("start redis-server");
+    let sink = Arc::new(Recorder::default());
+    let mut opts = RedisOptions::new(&server.url());
+    opts.retention = retention;
+    let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
+    Fixture {
+        store: Arc::new(store),
+        sink,
+        _dir: None,
+        _redis: Some(server),
     }
 }
 
@@ -430,6 +449,11 @@ macro_rules! suite {
             use super::*;
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(sqlite($retention)).await })*
+        }
+        mod redis_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(redis($retention).await).await })*
         }
     };
 }

@@ -1,1 +1,24 @@
+//! Shared test support. Everything binds loopback on free ports and stops what it starts.
+//!
+//! - [`server`]: zerodrop in this process ([`server::TestServer`]) or as a real process
+//!   ([`server::ServerProcess`], for `kill -9` and signal tests);
+//! - [`http`]: a small HTTP client for the API;
+//! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
+//! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart.
 
+pub mod http;
+pub mod redis;
+pub mod server;
+pub mod sse;
+pub mod ws;
+
+use std::time::Duration;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free TCP port on 127.0.0.1 (for processes that must be restarted on the same port).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}

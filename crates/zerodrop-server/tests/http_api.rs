@@ -1,0 +1,408 @@
+//! The HTTP API over loopback, on a real SQLite file: every route, every error code it can
+//! produce, and bad input that leaves stored data intact.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use zerodrop_testkit::server::TestServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_read_and_stream_info() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let a = api.publish("room:1", json!({"hello": "world"})).await;
+    assert_eq!(a["seq"], 1);
+    assert_eq!(a["stream"], "room:1");
+    assert_eq!(a["duplicate"], false);
+    let epoch = a["epoch"].as_str().unwrap().to_string();
+    for i in 2..=5 {
+        let r = api.publish("room:1", json!({"n": i})).await;
+        assert_eq!(r["seq"], i);
+        assert_eq!(r["epoch"], epoch.as_str());
+    }
+    let r = api.read("room:1", 2, 100).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["headSeq"], 5);
+    assert_eq!(r.json["epoch"], epoch.as_str());
+    let seqs: Vec<u64> = r.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+    let e = &r.json["events"][0];
+    assert_eq!(e["stream"], "room:1");
+    assert_eq!(e["data"], json!({"n": 3}));
+    assert!(e["ts"].as_u64().unwrap() > 1_700_000_000_000);
+    // limit, and clamping to 1000
+    let r = api.read("room:1", 0, 2).await;
+    assert_eq!(r.json["events"].as_array().unwrap().len(), 2);
+    let r = api.read("room:1", 0, 5000).await;
+    assert_eq!(r.json["events"].as_array().unwrap().len(), 5);
+    // a position past the head reads nothing
+    let r = api.read("room:1", 9, 10).await;
+    assert_eq!(
+        (r.status, r.json["events"].as_array().unwrap().len()),
+        (200, 0)
+    );
+    let info = api.info("room:1").await;
+    assert_eq!(info["headSeq"], 5);
+    assert_eq!(info["firstSeq"], 1);
+    assert_eq!(info["count"], 5);
+    assert_eq!(info["epoch"], epoch.as_str());
+    let bytes: usize = api.read("room:1", 0, 100).await.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.to_string().len())
+        .sum();
+    assert_eq!(info["bytes"].as_u64().unwrap() as usize, bytes);
+    assert_eq!(info["hash"].as_str().unwrap().len(), 64);
+    // Payloads are stored compact, whatever the publisher's formatting.
+    let body = "{ \"data\" :\n { \"a\" : [ 1 , 2 ] , \"s\": \"x  y\" } }";
+    let path = "/v1/streams/fmt/events";
+    let key = s.creds.api_key.clone();
+    let r = api
+        .request(Method::POST, path, Some(&key), Some(body.into()), &[])
+        .await;
+    assert_eq!(r.status, 201);
+    let r = api.read("fmt", 0, 1).await;
+    assert!(
+        r.text.contains(r#""data":{"a":[1,2],"s":"x  y"}"#),
+        "{}",
+        r.text
+    );
+    assert!(r.json["events"][0]["data"] == json!({"a": [1, 2], "s": "x  y"}));
+    assert!(r.headers.get("x-zerodrop-instance").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    let post = |body: &'static str, idem: &'static str| {
+        let api = api.clone();
+        let key = key.clone();
+        async move {
+            api.request(
+                Method::POST,
+                "/v1/streams/pay/events",
+                Some(&key),
+                Some(body.into()),
+                &[("idempotency-key", idem)],
+            )
+            .await
+        }
+    };
+    let first = post(r#"{"data":{"amount":5}}"#, "order-1").await;
+    assert_eq!(
+        (first.status, first.json["duplicate"].clone()),
+        (201, json!(false))
+    );
+    let again = post(r#"{"data": {"amount": 5}}"#, "order-1").await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.json["duplicate"], true);
+    assert_eq!(again.json["seq"], first.json["seq"]);
+    assert_eq!(again.json["epoch"], first.json["epoch"]);
+    let other = post(r#"{"data":{"amount":6}}"#, "order-1").await;
+    assert_eq!(
+        (other.status, other.code()),
+        (422, "IDEMPOTENCY_KEY_REUSED")
+    );
+    let bad = post(r#"{"data":1}"#, "").await;
+    assert_eq!((bad.status, bad.code()), (400, "INVALID_REQUEST"));
+    // Concurrent retries append once.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(post(r#"{"data":"x"}"#, "order-2")));
+    }
+    let mut seqs = Vec::new();
+    let mut firsts = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 201);
+        seqs.push(r.json["seq"].as_u64().unwrap());
+        firsts += usize::from(r.json["duplicate"] == false);
+    }
+    assert_eq!(firsts, 1);
+    assert!(seqs.iter().all(|s| *s == 2));
+    assert_eq!(api.info("pay").await["headSeq"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_typed_and_leaves_data_intact() {
+    let s = TestServer::with(|c| c.max_payload_bytes = 1024).await;
+    let api = s.api();
+    for i in 0..3 {
+        api.publish("keep", json!(i)).await;
+    }
+    let before = api.info("keep").await;
+    let key = s.creds.api_key.clone();
+    let post = |path: String, body: String, bearer: Option<String>| {
+        let api = api.clone();
+        async move {
+            api.request(Method::POST, &path, bearer.as_deref(), Some(body), &[])
+                .await
+        }
+    };
+    let ev = "/v1/streams/keep/events".to_string();
+    let cases: Vec<(String, String, Option<String>, u16, &str)> = vec![
+        (
+            ev.clone(),
+            r#"{"data":1}"#.into(),
+            None,
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            ev.clone(),
+            r#"{"data":1}"#.into(),
+            Some("wrong-key-wrong-key".into()),
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            ev.clone(),
+            "not json".into(),
+            Some(key.clone()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            ev.clone(),
+            "{\"data\":".into(),
+            Some(key.clone()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            ev.clone(),
+            r#"{"nodata":1}"#.into(),
+            Some(key.clone()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            ev.clone(),
+            "[1,2]".into(),
+            Some(key.clone()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            ev.clone(),
+            format!("{{\"data\":\"{}\"}}", "x".repeat(2000)),
+            Some(key.clone()),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            ev.clone(),
+            format!("{{\"data\":\"{}\"}}", "x".repeat(200_000)),
+            Some(key.clone()),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "/v1/streams/bad%20id/events".into(),
+            r#"{"data":1}"#.into(),
+            Some(key.clone()),
+            400,
+            "INVALID_STREAM_ID",
+        ),
+        (
+            format!("/v1/streams/{}/events", "x".repeat(129)),
+            r#"{"data":1}"#.into(),
+            Some(key.clone()),
+            400,
+            "INVALID_STREAM_ID",
+        ),
+        (
+            "/v1/streams/a%2Fb/events".into(),
+            r#"{"data":1}"#.into(),
+            Some(key.clone()),
+            400,
+            "INVALID_STREAM_ID",
+        ),
+    ];
+    for (path, body, bearer, status, code) in cases {
+        let r = post(path.clone(), body.clone(), bearer).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (status, code),
+            "{path} {}: {}",
+            &body[..body.len().min(40)],
+            r.text
+        );
+        assert!(
+            r.json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    let after = api.info("keep").await;
+    assert_eq!(before, after, "stored data is untouched");
+    // Reads and info need credentials; unknown routes and methods are typed too.
+    let r = api.get("/v1/streams/keep/events", None).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    let r = api.get("/v1/streams/keep", None).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    let r = api
+        .get("/v1/streams/keep/events?after=abc", Some(&key))
+        .await;
+    assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"));
+    let r = api.get("/v1/nothing", None).await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
+    let r = api
+        .request(
+            Method::DELETE,
+            "/v1/streams/keep/events",
+            Some(&key),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_with_a_connect_token_and_trimmed_windows() {
+    let s = TestServer::with(|c| c.retention.max_events = 5).await;
+    let api = s.api();
+    for i in 1..=12 {
+        api.publish("room:7", json!(i)).await;
+    }
+    let tok = s.token("u1", &["room:*"]);
+    let r = api
+        .get("/v1/streams/room:7/events?after=8", Some(&tok))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["events"].as_array().unwrap().len(), 4);
+    let r = api
+        .get(
+            &format!("/v1/streams/room:7/events?after=10&token={tok}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let other = s.token("u1", &["user:*"]);
+    let r = api.get("/v1/streams/room:7/events", Some(&other)).await;
+    assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
+    let r = api.read("room:7", 3, 10).await;
+    assert_eq!((r.status, r.code()), (409, "REPLAY_WINDOW_TRIMMED"));
+    assert_eq!(r.json["error"]["firstAvailableSeq"], 8);
+    assert_eq!(r.json["error"]["stream"], "room:7");
+    // seq 8 is still there: after=7 is fine.
+    assert_eq!(api.read("room:7", 7, 10).await.status, 200);
+    let epoch = api.info("room:7").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = s.creds.api_key.clone();
+    let r = api
+        .get(
+            &format!("/v1/streams/room:7/events?after=9&epoch={epoch}"),
+            Some(&key),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = api
+        .get(
+            "/v1/streams/room:7/events?after=9&epoch=0123456789abcdef",
+            Some(&key),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (409, "EPOCH_CHANGED"));
+    assert_eq!(r.json["error"]["epoch"], epoch.as_str());
+    let info = api.info("room:7").await;
+    assert_eq!(
+        (info["firstSeq"].as_u64(), info["count"].as_u64()),
+        (Some(8), Some(5))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let h = api.get("/health", None).await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json["status"], "ok");
+    assert_eq!(h.json["store"], json!({"kind": "sqlite", "up": true}));
+    assert_eq!(h.json["drain"]["state"], "active");
+    assert_eq!(h.json["instance"], s.app().instance.as_str());
+    assert_eq!(api.get("/health/live", None).await.status, 200);
+    let r = api.get("/health/ready", None).await;
+    assert_eq!((r.status, r.json.clone()), (200, json!({"ready": true})));
+    // Draining: readiness 503 with the reason; publishes still work.
+    let admin = s.creds.admin_token.clone();
+    let r = api
+        .post(
+            "/admin/drain/start",
+            Some(&admin),
+            json!({"reason":"test","max_session_age_seconds":1}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = api.get("/health/ready", None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json["ready"], false);
+    assert!(
+        r.json["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("draining"))
+    );
+    assert_eq!(api.get("/health", None).await.json["status"], "draining");
+    assert_eq!(api.try_publish("x", json!(1)).await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_and_headers() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let r = api
+        .request(
+            Method::OPTIONS,
+            "/v1/streams/x/events",
+            None,
+            None,
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization,idempotency-key",
+                ),
+            ],
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.status);
+    assert_eq!(r.headers.get("access-control-allow-origin").unwrap(), "*");
+    let s2 = TestServer::with(|c| c.cors_origins = "https://ok.example".into()).await;
+    let api2 = s2.api();
+    let r = api2
+        .request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("origin", "https://ok.example")],
+        )
+        .await;
+    assert_eq!(
+        r.headers.get("access-control-allow-origin").unwrap(),
+        "https://ok.example"
+    );
+    let r = api2
+        .request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("origin", "https://evil.example")],
+        )
+        .await;
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+}

@@ -1,0 +1,529 @@
+//! The WebSocket protocol over loopback: frames, resume, acks, limits and every close code.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use zerodrop_testkit::server::TestServer;
+use zerodrop_testkit::ws::{Next, WsClient};
+
+fn seq(f: &Value) -> u64 {
+    f["seq"].as_u64().unwrap()
+}
+
+async fn connect(s: &TestServer, streams: &[&str]) -> (WsClient, Value) {
+    let tok = s.token("u1", streams);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    let welcome = c.expect("welcome").await;
+    (c, welcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_receive_and_resume_exactly_the_missed_events() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    for i in 1..=3 {
+        api.publish("room:1", json!(i)).await;
+    }
+    let (mut c, welcome) = connect(&s, &["room:*"]).await;
+    assert_eq!(c.protocol.as_deref(), Some("zerodrop.v1"));
+    assert_eq!(welcome["protocol"], "zerodrop.v1");
+    assert_eq!(welcome["reconnectWindowSec"], 900);
+    assert_eq!(welcome["instance"], s.app().instance.as_str());
+    let sid = welcome["sessionId"].as_str().unwrap().to_string();
+    // Live only: starts at the head.
+    c.send(json!({"type":"subscribe","stream":"room:1"})).await;
+    let sub = c.expect("subscribed").await;
+    assert_eq!(
+        (sub["headSeq"].as_u64(), sub["fromSeq"].as_u64()),
+        (Some(3), Some(4))
+    );
+    let epoch = sub["epoch"].as_str().unwrap().to_string();
+    // With history.
+    c.send(json!({"type":"subscribe","stream":"room:2","after":0}))
+        .await;
+    c.expect("subscribed").await;
+    api.publish("room:2", json!("a")).await;
+    let e = c.events(1).await;
+    assert_eq!((e[0]["stream"].as_str(), seq(&e[0])), (Some("room:2"), 1));
+    for i in 4..=6 {
+        api.publish("room:1", json!(i)).await;
+    }
+    let evs = c.events(3).await;
+    assert_eq!(evs.iter().map(seq).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert_eq!(evs[0]["epoch"], epoch.as_str());
+    assert_eq!(evs[0]["data"], 4);
+    c.send(json!({"type":"ack","stream":"room:1","seq":5}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // acks are written behind
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    c.abort();
+    for i in 7..=10 {
+        api.publish("room:1", json!(i)).await;
+    }
+    // Resume with a first frame, no lastAck: from the stored ack (5).
+    let mut c = WsClient::connect(&format!("{}/v1/ws", s.ws_url()))
+        .await
+        .unwrap();
+    c.send(json!({"type":"resume","resumeToken": token})).await;
+    let w = c.expect("welcome").await;
+    assert_eq!(w["sessionId"], sid.as_str());
+    let fresh = w["resumeToken"].as_str().unwrap().to_string();
+    let mut subscribed = Vec::new();
+    let mut events = Vec::new();
+    while events.len() < 6 {
+        let f = c.recv().await;
+        match f["type"].as_str().unwrap() {
+            "subscribed" => subscribed.push(f["stream"].as_str().unwrap().to_string()),
+            "event" => events.push((f["stream"].as_str().unwrap().to_string(), seq(&f))),
+            other => panic!("unexpected {other}: {f}"),
+        }
+    }
+    subscribed.sort();
+    assert_eq!(subscribed, vec!["room:1", "room:2"]);
+    let room1: Vec<u64> = events
+        .iter()
+        .filter(|(s, _)| s == "room:1")
+        .map(|(_, q)| *q)
+        .collect();
+    assert_eq!(room1, vec![6, 7, 8, 9, 10]);
+    assert!(
+        events.contains(&("room:2".to_string(), 1)),
+        "room:2 was never acked"
+    );
+    c.expect_silence(Duration::from_millis(300)).await;
+    c.abort();
+    // Resume with ?resume= and the client's own lastAck: exactly what it is missing.
+    api.publish("room:1", json!(11)).await;
+    let mut c = WsClient::connect(&format!("{}/v1/ws?resume={fresh}", s.ws_url()))
+        .await
+        .unwrap();
+    assert_eq!(c.expect("welcome").await["sessionId"], sid.as_str());
+    c.send(json!({"type":"ping","t":1})).await;
+    let mut got = Vec::new();
+    let mut pong = false;
+    while got.len() < 6 || !pong {
+        let f = c.recv().await;
+        match f["type"].as_str().unwrap() {
+            "event" if f["stream"] == "room:1" => got.push(seq(&f)),
+            "pong" => {
+                assert_eq!(f["t"], 1);
+                pong = true;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got,
+        vec![6, 7, 8, 9, 10, 11],
+        "the ack frames were not sent, so 6.. again"
+    );
+    let m = api.metrics_json().await;
+    assert_eq!(m["ws_metrics"]["ws_reconnects"], 2);
+    assert_eq!(m["ws_metrics"]["ws_resumes"], 2);
+    assert_eq!(m["ws_metrics"]["dropped_messages"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_last_ack_and_stream_errors() {
+    let s = TestServer::with(|c| c.retention.max_events = 5).await;
+    let api = s.api();
+    let (mut c, welcome) = connect(&s, &["room:*"]).await;
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    for st in ["room:a", "room:b"] {
+        c.send(json!({"type":"subscribe","stream":st,"after":0}))
+            .await;
+        c.expect("subscribed").await;
+    }
+    api.publish("room:a", json!(1)).await;
+    api.publish("room:b", json!(1)).await;
+    c.events(2).await;
+    c.abort();
+    for i in 2..=4 {
+        api.publish("room:a", json!(i)).await;
+    }
+    for i in 2..=20 {
+        api.publish("room:b", json!(i)).await;
+    }
+    let mut c = WsClient::connect(&format!("{}/v1/ws", s.ws_url()))
+        .await
+        .unwrap();
+    c.send(json!({"type":"resume","resumeToken": token,"lastAck":{"room:a":2,"room:b":1}}))
+        .await;
+    c.expect("welcome").await;
+    let mut a = Vec::new();
+    let mut b_error = None;
+    while a.len() < 2 || b_error.is_none() {
+        let f = c.recv().await;
+        match (f["type"].as_str().unwrap(), f["stream"].as_str()) {
+            ("event", Some("room:a")) => a.push(seq(&f)),
+            ("error", Some("room:b")) => b_error = Some(f),
+            ("subscribed", Some("room:a")) => assert_eq!(f["fromSeq"], 3),
+            other => panic!("unexpected {other:?}: {f}"),
+        }
+    }
+    assert_eq!(a, vec![3, 4]);
+    let e = b_error.unwrap();
+    assert_eq!(e["code"], "REPLAY_WINDOW_TRIMMED");
+    assert_eq!(e["firstAvailableSeq"], 16);
+    // The socket and the other stream keep going.
+    api.publish("room:a", json!(5)).await;
+    assert_eq!(seq(&c.events(1).await[0]), 5);
+    let m = api.metrics_json().await;
+    assert_eq!(m["ws_metrics"]["dropped_messages"], 14);
+    // room:b is no longer part of the session; it can be subscribed again after a resync.
+    c.send(json!({"type":"subscribe","stream":"room:b","after":15}))
+        .await;
+    let sub = c.expect("subscribed").await;
+    assert_eq!(sub["fromSeq"], 16);
+    assert_eq!(
+        c.events(5).await.iter().map(seq).collect::<Vec<_>>(),
+        vec![16, 17, 18, 19, 20]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_follow_the_checkpoint_rule() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let (mut c, welcome) = connect(&s, &["room:*"]).await;
+    let sid = welcome["sessionId"].as_str().unwrap().to_string();
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    c.send(json!({"type":"subscribe","stream":"room:1","after":0}))
+        .await;
+    c.expect("subscribed").await;
+    for i in 1..=5 {
+        api.publish("room:1", json!(i)).await;
+    }
+    c.events(5).await;
+    c.send(json!({"type":"ack","stream":"room:1","seq":4}))
+        .await;
+    c.send(json!({"type":"ack","stream":"room:1","seq":2}))
+        .await;
+    c.send(json!({"type":"ack","stream":"room:1","seq":6}))
+        .await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (
+            e["code"].as_str(),
+            e["stream"].as_str(),
+            e["headSeq"].as_u64()
+        ),
+        (Some("ACK_BEYOND_HEAD"), Some("room:1"), Some(5))
+    );
+    c.send(json!({"type":"ack","stream":"room:9","seq":1}))
+        .await;
+    assert_eq!(c.expect("error").await["code"], "INVALID_REQUEST");
+    c.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The stored ack is 4: a stale ack never regressed it.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&token),
+            json!({"stream":"room:1","seq":3}),
+        )
+        .await;
+    assert_eq!(r.json, json!({"ackUpdate":"ignored","lastAckSequence":4}));
+    let m = s.api().get("/metrics", None).await.text;
+    assert!(
+        m.contains("zerodrop_checkpoints_total{result=\"applied\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("zerodrop_checkpoints_total{result=\"ignored\"} 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_typed_errors_and_the_socket_stays_open() {
+    let s = TestServer::with(|c| {
+        c.max_frame_bytes = 4096;
+        c.max_streams_per_session = 2;
+    })
+    .await;
+    let api = s.api();
+    let (mut c, _) = connect(&s, &["room:*"]).await;
+    let cases = [
+        ("not json".to_string(), "INVALID_REQUEST"),
+        ("{\"type\":\"nope\"}".into(), "INVALID_REQUEST"),
+        ("{\"no\":\"type\"}".into(), "INVALID_REQUEST"),
+        ("[1,2,3]".into(), "INVALID_REQUEST"),
+        ("{\"type\":\"subscribe\"}".into(), "INVALID_REQUEST"),
+        (
+            "{\"type\":\"subscribe\",\"stream\":\"bad id\"}".into(),
+            "INVALID_STREAM_ID",
+        ),
+        (
+            "{\"type\":\"subscribe\",\"stream\":\"user:1\"}".into(),
+            "FORBIDDEN",
+        ),
+        (
+            "{\"type\":\"subscribe\",\"stream\":\"room:1\",\"after\":-1}".into(),
+            "INVALID_REQUEST",
+        ),
+        (
+            "{\"type\":\"subscribe\",\"stream\":\"room:1\",\"after\":99}".into(),
+            "ACK_BEYOND_HEAD",
+        ),
+        (
+            "{\"type\":\"subscribe\",\"stream\":\"room:1\",\"epoch\":\"ffffffffffffffff\"}".into(),
+            "EPOCH_CHANGED",
+        ),
+        (
+            "{\"type\":\"publish\",\"stream\":\"room:1\",\"data\":1}".into(),
+            "FORBIDDEN",
+        ),
+        (
+            "{\"type\":\"resume\",\"resumeToken\":\"x\"}".into(),
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (frame, code) in &cases {
+        c.send_raw(frame.clone()).await;
+        let e = c.expect("error").await;
+        assert_eq!(e["code"], *code, "{frame}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    c.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(c.expect("error").await["code"], "INVALID_REQUEST");
+    for st in ["room:1", "room:2"] {
+        c.send(json!({"type":"subscribe","stream":st})).await;
+        c.expect("subscribed").await;
+    }
+    c.send(json!({"type":"subscribe","stream":"room:3"})).await;
+    assert_eq!(c.expect("error").await["code"], "INVALID_REQUEST");
+    // Still working.
+    api.publish("room:1", json!("alive")).await;
+    assert_eq!(c.events(1).await[0]["data"], "alive");
+    c.send(json!({"type":"unsubscribe","stream":"room:1"}))
+        .await;
+    assert_eq!(c.expect("unsubscribed").await["stream"], "room:1");
+    api.publish("room:1", json!("not delivered")).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    // A frame over the limit closes with 1009.
+    c.send_raw(format!(
+        "{{\"type\":\"ping\",\"t\":\"{}\"}}",
+        "x".repeat(5000)
+    ))
+    .await;
+    let mut code = None;
+    loop {
+        match c.next_within(Duration::from_secs(5)).await {
+            Next::Frame(f) => assert_eq!(f["code"], "PAYLOAD_TOO_LARGE"),
+            Next::Closed(c) => {
+                code = c;
+                break;
+            }
+            Next::Timeout => break,
+        }
+    }
+    assert_eq!(code, Some(1009));
+    assert_eq!(api.info("room:1").await["headSeq"], 2, "stored data intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_frames() {
+    let s = TestServer::start().await;
+    let tok = s.creds.token("u1", &["room:*"], &["room:chat"]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    c.send(json!({"type":"subscribe","stream":"room:chat"}))
+        .await;
+    c.expect("subscribed").await;
+    c.send(json!({"type":"publish","stream":"room:chat","data":{"m":"hi"},"id":"c1"}))
+        .await;
+    let mut published = None;
+    let mut event = None;
+    while published.is_none() || event.is_none() {
+        let f = c.recv().await;
+        match f["type"].as_str().unwrap() {
+            "published" => published = Some(f),
+            "event" => event = Some(f),
+            other => panic!("{other}"),
+        }
+    }
+    let p = published.unwrap();
+    assert_eq!(
+        (p["stream"].as_str(), p["seq"].as_u64(), p["id"].as_str()),
+        (Some("room:chat"), Some(1), Some("c1"))
+    );
+    assert_eq!(event.unwrap()["data"], json!({"m":"hi"}));
+    // The same id again is the same publish.
+    c.send(json!({"type":"publish","stream":"room:chat","data":{"m":"hi"},"id":"c1"}))
+        .await;
+    assert_eq!(c.expect("published").await["seq"], 1);
+    c.send(json!({"type":"publish","stream":"room:other","data":1}))
+        .await;
+    assert_eq!(c.expect("error").await["code"], "FORBIDDEN");
+    c.send(json!({"type":"publish","stream":"room:chat"})).await;
+    assert_eq!(c.expect("error").await["code"], "INVALID_REQUEST");
+    assert_eq!(s.api().info("room:chat").await["headSeq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_and_session_level_errors() {
+    let s = TestServer::with(|c| c.reconnect_window_sec = 2).await;
+    let base = s.ws_url();
+    // Subprotocols: none offered gets the current one; only unknown ones are refused.
+    let tok = s.token("u1", &["room:*"]);
+    let mut c = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(c.expect("welcome").await["protocol"], "zerodrop.v1");
+    let c2 = WsClient::connect_with(
+        &format!("{base}/v1/ws?token={tok}"),
+        &["zerodrop.v0", "zerodrop.v1"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c2.protocol.as_deref(), Some("zerodrop.v1"));
+    let r = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &["zerodrop.v9"])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    // A bad connect token is refused before the upgrade.
+    let r = WsClient::connect(&format!("{base}/v1/ws?token=garbage"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED"))
+    );
+    // A plain GET is not an upgrade.
+    let r = s.api().get("/v1/ws", None).await;
+    assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"));
+    // Session-level resume errors: error frame, then the close code.
+    let tok_welcome = {
+        let (c3, w) = connect(&s, &["room:*"]).await;
+        c3.abort();
+        w
+    };
+    let valid = tok_welcome["resumeToken"].as_str().unwrap().to_string();
+    let ghost = s
+        .app()
+        .mint_token(&zerodrop_core::SessionId::generate(), "u1");
+    for (first, code, close) in [
+        (
+            json!({"type":"resume","resumeToken":"v1.k1.bad.sig"}),
+            "INVALID_RESUME_TOKEN",
+            4401,
+        ),
+        (
+            json!({"type":"resume","resumeToken": ghost}),
+            "SESSION_NOT_FOUND",
+            4404,
+        ),
+        (
+            json!({"type":"subscribe","stream":"room:1"}),
+            "UNAUTHORIZED",
+            4401,
+        ),
+    ] {
+        let mut c = WsClient::connect(&format!("{base}/v1/ws")).await.unwrap();
+        c.send(first).await;
+        let e = c.expect("error").await;
+        assert_eq!(e["code"], code);
+        assert_eq!(c.expect_close().await, Some(close), "{code}");
+    }
+    let mut c = WsClient::connect(&format!("{base}/v1/ws?resume=nonsense"))
+        .await
+        .unwrap();
+    assert_eq!(c.expect("error").await["code"], "INVALID_RESUME_TOKEN");
+    assert_eq!(c.expect_close().await, Some(4401));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut c = WsClient::connect(&format!("{base}/v1/ws?resume={valid}"))
+        .await
+        .unwrap();
+    assert_eq!(c.expect("error").await["code"], "RECONNECT_WINDOW_EXPIRED");
+    assert_eq!(c.expect_close().await, Some(4410));
+    let m = s.api().metrics_json().await;
+    assert_eq!(m["ws_metrics"]["resume_failures"], 4);
+    let prom = s.api().get("/metrics", None).await.text;
+    assert!(
+        prom.contains(
+            "zerodrop_resume_failures_total{transport=\"ws\",code=\"INVALID_RESUME_TOKEN\"} 2"
+        ),
+        "{prom}"
+    );
+    c2.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_and_takeover() {
+    let s = TestServer::with(|c| c.max_connections = 2).await;
+    let (mut a, welcome) = connect(&s, &["room:*"]).await;
+    let (_b, _) = connect(&s, &["room:*"]).await;
+    let tok = s.token("u1", &["room:*"]);
+    let r = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "OVER_CAPACITY");
+    let sse = zerodrop_testkit::sse::SseClient::connect(
+        &format!("{}/v1/streams/room:1/sse?token={tok}", s.url),
+        &[],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(
+        (sse.status, sse.json["error"]["code"].as_str()),
+        (503, Some("OVER_CAPACITY")),
+        "SSE counts too"
+    );
+    // A resume of a session held by a live socket takes it over: the old socket is closed.
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    drop(_b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = WsClient::connect(&format!("{}/v1/ws?resume={token}", s.ws_url()))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    assert_eq!(a.expect("error").await["code"], "SESSION_TAKEN_OVER");
+    assert_eq!(a.expect_close().await, Some(4409));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_measure_rtt_and_silent_clients_are_closed() {
+    let s = TestServer::with(|c| c.ping_interval_sec = 1).await;
+    let (mut c, _) = connect(&s, &["room:*"]).await;
+    // recv() answers pings: the connection stays up across several intervals.
+    c.send(json!({"type":"subscribe","stream":"room:1"})).await;
+    c.expect("subscribed").await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    while tokio::time::Instant::now() < until {
+        match c.next_within(Duration::from_millis(200)).await {
+            Next::Frame(f) if f["type"] == "ping" => {
+                c.send(json!({"type":"pong","t":f["t"]})).await
+            }
+            Next::Closed(code) => panic!("closed: {code:?}"),
+            _ => {}
+        }
+    }
+    let m = s.api().metrics_json().await;
+    assert!(m["ws_metrics"]["rtt_p95_ms"].as_f64().unwrap() > 0.0);
+    // A client that never answers is closed with 4408 after two missed pings.
+    let (mut quiet, _) = connect(&s, &["room:*"]).await;
+    let mut pings = 0;
+    let code = loop {
+        match quiet.next_within(Duration::from_secs(5)).await {
+            Next::Frame(f) if f["type"] == "ping" => pings += 1,
+            Next::Frame(_) => {}
+            Next::Closed(code) => break code,
+            Next::Timeout => panic!("never closed"),
+        }
+    };
+    assert_eq!(code, Some(4408));
+    assert!(pings >= 2);
+}

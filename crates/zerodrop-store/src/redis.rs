@@ -1,0 +1,1460 @@
+//! The `redis` store: several zerodrop instances share one Redis (or a Redis Cluster).
+//!
+//! Why this shape:
+//! - **One Lua script per operation.** An append checks and records its idempotency key,
+//!   assigns the next seq, `XADD`s the event JSON with the explicit id `0-<seq>`, trims to the
+//!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`), all
+//!   in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
+//!   a command error answers `Unavailable`, because a blindly repeated `XADD` would be a
+//!   duplicate append. [`ConnectionManager`] reconnects in the background.
+//! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
+//!   slot; the same code serves a single server and a Redis Cluster (several comma-separated
+//!   `redis://` seed nodes select the cluster client). Sessions are tagged by their id.
+//! - **Epochs beside the log.** Each stream's bounds hash holds its epoch. On a single server
+//!   a never-written stream reports the shared base epoch (`zd:epoch`, created with the first
+//!   touch), so its epoch is stable before the first append and equal to its neighbours'. A log
+//!   that vanished (Redis restarted empty: the base epoch key is gone too) or went backwards
+//!   (a head lower than one this instance saw in the same epoch: a failover to a stale replica,
+//!   a lost AOF tail) starts again, empty, in a new epoch — clients are told `EPOCH_CHANGED`
+//!   instead of being handed a hole.
+//! - **Live path = pub/sub only.** The sink is fed solely from this instance's subscription to
+//!   the live channel, for events of every instance including its own; one channel delivered
+//!   in publication order keeps each stream in seq order. An append waits (briefly, bounded)
+//!   until its own event came back through the subscription, so when `append` returns the
+//!   local sink has seen it, as with the other stores. Pub/sub is only a doorbell: when its
+//!   connection drops, `append` stops waiting, and once it is subscribed again the sink is told
+//!   to [`LiveSink::reset`] so subscribers re-read the log.
+//! - **Checkpoints** decide with [`zerodrop_core::checkpoint::apply`] (via the shared helper)
+//!   on a snapshot of the session stream and the stream's bounds, then commit with a
+//!   compare-and-set script; a concurrent change makes it start over. The ack rule stays in
+//!   one place, and sessions and streams may live in different cluster slots.
+//!
+//! `ZERODROP_REDIS_WAIT_REPLICAS=N`: after the append script, `WAIT N timeout` on the same
+//! connection (a pipeline of both). Fewer acknowledgements in time answer `Unavailable`: the
+//! event *is* in the log (Redis cannot take it back) but its durability was not confirmed, so a
+//! publisher retries with its `Idempotency-Key`. The doorbell rings inside the script, before
+//! `WAIT`, to keep per-stream order across instances; an event shown live and then lost in a
+//! failover is caught by the epoch check above. Appends in this mode use their own connection
+//! so that reads never queue behind a blocked `WAIT`.
+//!
+//! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
+//! stream appended to since the data set began), sessions = members of `zd:sessions` whose
+//! delete-at time (expiry + grace) is still ahead, by this instance's clock.
+//!
+//! Keys (`S` a stream id, `I` a session id):
+//! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
+//!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
+//!   idempotency TTL).
+//! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
+//!   <dropped_through>`), expiring at `max(expires + grace, last write + 60 s)`: the other
+//!   stores delete expired sessions in a sweep about that often.
+//! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
+//!   `zd:live` the pub/sub channel.
+//!
+//! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
+//! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
+//! (`XTRIM MINID`, `ZADD LT`); tested with 7.0.
+//!
+//! On a cluster there is no key every slot can read, so a stream's first epoch is its own
+//! (random, stored at its first touch — `stream_info` included — and stable from then on)
+//! rather than shared with its neighbours. The cluster client never retries: a request that
+//! meets a `MOVED` during resharding answers `Unavailable` once while the slot map refreshes.
+
+mod lua;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClientBuilder;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::{
+    Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind,
+    ToRedisArgs, Value,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zerodrop_core::hash::ChainHash;
+use zerodrop_core::retention::Retention;
+use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
+
+use crate::memory::apply_checkpoint;
+use crate::{
+    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionRecord, SessionStream, Store,
+    StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+};
+
+/// The shared base epoch of a single server's streams.
+const BASE_EPOCH_KEY: &str = "zd:epoch";
+/// Sorted set: stream → time before which it needs no age check.
+const STREAMS_INDEX: &str = "zd:streams";
+/// Sorted set: session id → delete-at time (ms).
+const SESSIONS_INDEX: &str = "zd:sessions";
+/// The live doorbell.
+const CHANNEL: &str = "zd:live";
+/// How often age retention runs.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// Streams visited per age sweep step, and events removed per stream per call.
+const SWEEP_BATCH: usize = 256;
+const SWEEP_CAP: u64 = 10_000;
+/// How often expired sessions leave the stats index.
+const SESSION_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// A session is kept at least this long after any write, however old its expiry (the other
+/// stores delete expired sessions in a sweep that runs about this often).
+const SESSION_MIN_KEEP_MS: u64 = 60_000;
+/// How long an append waits for its own event to come back through pub/sub.
+const ECHO_WAIT: Duration = Duration::from_secs(1);
+/// Checkpoint compare-and-set attempts before giving up.
+const CAS_ATTEMPTS: usize = 16;
+/// Streams whose last seen position this instance remembers (to notice a log going back).
+const MAX_KNOWN_STREAMS: usize = 100_000;
+/// The pub/sub connection is pinged this often; a silent one is replaced.
+const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes).
+    pub urls: Vec<String>,
+    pub retention: Retention,
+    pub idempotency_ttl_ms: u64,
+    /// Sessions are deleted this long after they expired (and at least 60 s after their
+    /// last write).
+    pub session_grace_ms: u64,
+    /// `ZERODROP_REDIS_WAIT_REPLICAS`: replicas that must hold an append before it is
+    /// acknowledged. 0 = do not wait.
+    pub wait_replicas: u32,
+    /// The `WAIT` timeout.
+    pub wait_timeout: Duration,
+    /// Longest time one operation may take before it answers `Unavailable`.
+    pub command_timeout: Duration,
+    /// Connection attempts give up after this long.
+    pub connect_timeout: Duration,
+    /// `ping` answers within this.
+    pub ping_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// From `ZERODROP_REDIS_URL`: one URL, or several comma-separated cluster seed nodes.
+    pub fn new(urls: &str) -> RedisOptions {
+        RedisOptions {
+            urls: urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(String::from)
+                .collect(),
+            retention: Retention::default(),
+            idempotency_ttl_ms: 24 * 3600 * 1000,
+            session_grace_ms: 24 * 3600 * 1000,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One connection that may be a single server's or a cluster's; both pipeline and are `Clone`.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A script and its source (`EVAL` needs the source when the server lost its script cache).
+struct Lua {
+    script: Script,
+    body: String,
+}
+
+impl Lua {
+    fn new(body: impl Into<String>) -> Lua {
+        let body = body.into();
+        Lua {
+            script: Script::new(&body),
+            body,
+        }
+    }
+}
+
+struct Scripts {
+    append: Lua,
+    info: Lua,
+    read: Lua,
+    age: Lua,
+    indexed: Lua,
+    session_create: Lua,
+    session_put: Lua,
+    session_touch: Lua,
+    session_dropped: Lua,
+    session_cas: Lua,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            append: Lua::new(lua::append()),
+            info: Lua::new(lua::info()),
+            read: Lua::new(lua::read()),
+            age: Lua::new(lua::age()),
+            indexed: Lua::new(lua::INDEXED),
+            session_create: Lua::new(lua::SESSION_CREATE),
+            session_put: Lua::new(lua::SESSION_PUT),
+            session_touch: Lua::new(lua::SESSION_TOUCH),
+            session_dropped: Lua::new(lua::SESSION_DROPPED),
+            session_cas: Lua::new(lua::SESSION_CAS),
+        }
+    }
+}
+
+/// One script call: keys and arguments, sent as `EVALSHA` (or `EVAL` once the server said it
+/// does not know the script — nothing ran then, so sending it again is safe).
+struct Call<'a> {
+    lua: &'a Lua,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    fn new(lua: &'a Lua) -> Call<'a> {
+        Call {
+            lua,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    fn key(mut self, k: impl Into<String>) -> Self {
+        self.keys.push(k.into());
+        self
+    }
+
+    fn arg(mut self, a: impl ToRedisArgs) -> Self {
+        self.args.extend(a.to_redis_args());
+        self
+    }
+
+    fn cmd(&self, by_hash: bool) -> Cmd {
+        let mut c = if by_hash {
+            let mut c = ::redis::cmd("EVALSHA");
+            c.arg(self.lua.script.get_hash());
+            c
+        } else {
+            let mut c = ::redis::cmd("EVAL");
+            c.arg(self.lua.body.as_str());
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys);
+        for a in &self.args {
+            c.arg(&a[..]);
+        }
+        c
+    }
+}
+
+/// The connection, not the command, failed.
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    opts: RedisOptions,
+    cluster: bool,
+    conn: Conn,
+    /// Appends go here when they `WAIT`, so that nothing else queues behind a blocked `WAIT`.
+    wait_conn: Option<Conn>,
+    scripts: Scripts,
+    sink: Arc<dyn LiveSink>,
+    /// This instance's prefix for the origin tokens of its appends.
+    instance: String,
+    next_token: AtomicU64,
+    /// Appends waiting for their own event to come back through pub/sub.
+    waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// The pub/sub subscription is up (appends wait for their echo only then).
+    live_up: AtomicBool,
+    /// Highest head seen per stream, with its epoch.
+    known: Mutex<HashMap<StreamId, (Epoch, u64)>>,
+    /// Redis answered the last command (outages are logged once, not per request).
+    up: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn meta_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:m")
+}
+
+fn log_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:l")
+}
+
+fn idem_key(s: &StreamId, key: &str) -> String {
+    format!("zd:{{{s}}}:i:{key}")
+}
+
+fn session_key(id: &SessionId) -> String {
+    format!("zd:s:{{{id}}}")
+}
+
+fn stream_field(s: &StreamId) -> String {
+    format!("t:{s}")
+}
+
+fn encode_session_stream(st: &SessionStream) -> String {
+    format!("{} {} {}", st.epoch, st.ack.0, st.dropped_through.0)
+}
+
+fn decode_session_stream(v: &str) -> Option<SessionStream> {
+    let mut it = v.split(' ');
+    let epoch = Epoch::parse(it.next()?)?;
+    let ack = it.next()?.parse().ok()?;
+    let dropped = it.next()?.parse().ok()?;
+    Some(SessionStream {
+        epoch,
+        ack: Seq(ack),
+        dropped_through: Seq(dropped),
+    })
+}
+
+fn unexpected(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("redis: unexpected reply to {what}"))
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn as_str(v: &Value) -> Option<&str> {
+    as_bytes(v).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => as_str(v)?.parse().ok(),
+    }
+}
+
+fn as_array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// The bounds part of a stream script's reply: `epoch, head, first, count, bytes, renewed`.
+fn parse_bounds(stream: &StreamId, v: &[Value]) -> Option<(StreamInfo, bool)> {
+    let info = StreamInfo {
+        stream: stream.clone(),
+        epoch: Epoch::parse(as_str(v.first()?)?)?,
+        head: Seq(as_u64(v.get(1)?)?),
+        first_seq: Seq(as_u64(v.get(2)?)?),
+        count: as_u64(v.get(3)?)?,
+        bytes: as_u64(v.get(4)?)?,
+    };
+    Some((info, as_u64(v.get(5)?)? == 1))
+}
+
+/// A decoded live message.
+enum Live<'a> {
+    Event {
+        origin: &'a str,
+        event: Event,
+    },
+    Trimmed {
+        stream: StreamId,
+        first: Seq,
+        count: u64,
+    },
+    Renewed {
+        stream: StreamId,
+        epoch: Epoch,
+    },
+}
+
+fn text(p: Option<&[u8]>) -> Option<&str> {
+    p.and_then(|b| std::str::from_utf8(b).ok())
+}
+
+fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
+    let mut parts = payload.splitn(7, |b| *b == b'|');
+    let kind = parts.next()?;
+    match kind {
+        b"e" => {
+            let origin = text(parts.next())?;
+            let stream = StreamId::new(text(parts.next())?).ok()?;
+            let seq = text(parts.next())?.parse().ok()?;
+            let epoch = Epoch::parse(text(parts.next())?)?;
+            let ts = text(parts.next())?.parse().ok()?;
+            let json = Bytes::copy_from_slice(parts.next()?);
+            let event = Event::from_stored(stream, Seq(seq), epoch, ts, json);
+            Some(Live::Event { origin, event })
+        }
+        b"t" => Some(Live::Trimmed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            first: Seq(text(parts.next())?.parse().ok()?),
+            count: text(parts.next())?.parse().ok()?,
+        }),
+        b"r" => Some(Live::Renewed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            epoch: Epoch::parse(text(parts.next())?)?,
+        }),
+        _ => None,
+    }
+}
+
+impl RedisStore {
+    /// Connects and subscribes to the live channel. A single server that is down at start is
+    /// not an error: the store answers `Unavailable` until it is reachable. A cluster must be
+    /// reachable to learn its slots.
+    pub async fn connect(opts: RedisOptions, sink: Arc<dyn LiveSink>) -> StoreResult<RedisStore> {
+        if opts.urls.is_empty() {
+            return Err(StoreError::Unavailable("no redis URL configured".into()));
+        }
+        let bad_url = |e: RedisError| StoreError::Unavailable(format!("redis URL: {e}"));
+        let cluster = opts.urls.len() > 1;
+        let mut live_clients = Vec::new();
+        for u in &opts.urls {
+            live_clients.push(Client::open(u.as_str()).map_err(bad_url)?);
+        }
+        let (conn, wait_conn) = if cluster {
+            // No retries: a request that may have reached a node is never sent again.
+            let client = ClusterClientBuilder::new(opts.urls.clone())
+                .retries(0)
+                .connection_timeout(opts.connect_timeout)
+                .response_timeout(opts.command_timeout + opts.wait_timeout)
+                .build()
+                .map_err(bad_url)?;
+            let connect = || async {
+                tokio::time::timeout(opts.command_timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("redis cluster: connect timed out".into())
+                    })?
+                    .map_err(|e| StoreError::Unavailable(format!("redis cluster: {e}")))
+                    .map(Conn::Cluster)
+            };
+            let conn = connect().await?;
+            // Its own node connections, so that a blocked WAIT holds up no other command.
+            let wait_conn = if opts.wait_replicas > 0 {
+                Some(connect().await?)
+            } else {
+                None
+            };
+            (conn, wait_conn)
+        } else {
+            let manager = |response: Duration| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(opts.connect_timeout))
+                    .set_response_timeout(Some(response))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_lazy_with_config(live_clients[0].clone(), config)
+                    .map(Conn::Single)
+                    .map_err(bad_url)
+            };
+            let conn = manager(opts.command_timeout)?;
+            let wait_conn = if opts.wait_replicas > 0 {
+                Some(manager(opts.command_timeout + opts.wait_timeout)?)
+            } else {
+                None
+            };
+            (conn, wait_conn)
+        };
+        let shared = Arc::new(Shared {
+            cluster,
+            conn,
+            wait_conn,
+            scripts: Scripts::new(),
+            sink,
+            instance: Epoch::generate().to_string(),
+            next_token: AtomicU64::new(1),
+            waiters: Mutex::new(HashMap::new()),
+            live_up: AtomicBool::new(false),
+            known: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(true),
+            opts,
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let live = tokio::spawn(live_loop(shared.clone(), live_clients, ready_tx));
+        let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        // Subscribe before the first append, so that its event reaches the sink.
+        let _ = tokio::time::timeout(shared.opts.command_timeout, ready_rx).await;
+        Ok(RedisStore {
+            shared,
+            tasks: vec![live, sweeper],
+        })
+    }
+
+    /// Whether the live subscription is up (the sink gets events of every instance).
+    pub fn live_connected(&self) -> bool {
+        self.shared.live_up.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+enum Appended {
+    New {
+        seq: u64,
+        epoch: Epoch,
+        ts: u64,
+        indexed: bool,
+    },
+    Duplicate {
+        seq: u64,
+        epoch: Epoch,
+    },
+    Reused,
+}
+
+impl Shared {
+    /// Runs a Redis operation under the command timeout; maps every failure to `Unavailable`
+    /// and logs an outage once.
+    async fn run<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> StoreResult<T> {
+        self.run_within(self.opts.command_timeout, what, fut).await
+    }
+
+    async fn run_within<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(v)) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("redis answers again");
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) if is_outage(&e) => Err(self.down(what, &e.to_string())),
+            Ok(Err(e)) => {
+                // Redis answered, but refused: not an outage, and worth a line each time.
+                tracing::error!(operation = what, error = %e, "redis refused a command");
+                Err(StoreError::Unavailable(format!("redis {what}: {e}")))
+            }
+            Err(_) => Err(self.down(what, "timed out")),
+        }
+    }
+
+    fn down(&self, what: &str, why: &str) -> StoreError {
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                operation = what,
+                error = why,
+                "redis is unreachable; requests answer STORE_UNAVAILABLE until it is back"
+            );
+        }
+        StoreError::Unavailable(format!("redis {what}: {why}"))
+    }
+
+    async fn eval(&self, what: &str, call: &Call<'_>) -> StoreResult<Value> {
+        let mut conn = self.conn.clone();
+        self.run(what, async {
+            match call.cmd(true).query_async::<Value>(&mut conn).await {
+                Err(e) if is_noscript(&e) => call.cmd(false).query_async(&mut conn).await,
+                other => other,
+            }
+        })
+        .await
+    }
+
+    fn known(&self, stream: &StreamId) -> (String, u64) {
+        match lock(&self.known).get(stream) {
+            Some((e, h)) => (e.to_string(), *h),
+            None => (String::new(), 0),
+        }
+    }
+
+    /// Remembers the highest head seen in an epoch; a later, lower head in the same epoch
+    /// means the log went back.
+    fn observe(&self, stream: &StreamId, epoch: &Epoch, head: u64) {
+        let mut known = lock(&self.known);
+        if known.len() >= MAX_KNOWN_STREAMS && !known.contains_key(stream) {
+            known.clear();
+        }
+        match known.get_mut(stream) {
+            Some((e, h)) if e == epoch => *h = (*h).max(head),
+            Some(entry) => *entry = (epoch.clone(), head),
+            None => {
+                known.insert(stream.clone(), (epoch.clone(), head));
+            }
+        }
+    }
+
+    /// A stream script call with the shared prelude's arguments filled in.
+    fn stream_call<'a>(
+        &self,
+        script: &'a Lua,
+        stream: &StreamId,
+        extra_key: Option<String>,
+    ) -> Call<'a> {
+        let (known_epoch, known_head) = self.known(stream);
+        let mut call = Call::new(script).key(meta_key(stream)).key(log_key(stream));
+        if let Some(k) = extra_key {
+            call = call.key(k);
+        }
+        if !self.cluster {
+            call = call.key(BASE_EPOCH_KEY);
+        }
+        call.arg(stream.as_str())
+            .arg(Epoch::generate().as_str())
+            .arg(known_epoch)
+            .arg(known_head)
+            .arg(if self.cluster { "0" } else { "1" })
+            .arg(CHANNEL)
+    }
+
+    fn renewed(&self, stream: &StreamId, info: &StreamInfo) {
+        tracing::warn!(
+            stream = %stream,
+            epoch = %info.epoch,
+            "the stream's log was lost or went back; it starts again in a new epoch"
+        );
+    }
+
+    async fn info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
+        let call = self.stream_call(&self.scripts.info, stream, None);
+        let v =
+            as_array(self.eval("stream info", &call).await?).ok_or_else(|| unexpected("info"))?;
+        let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("info"))?;
+        if renewed {
+            self.renewed(stream, &info);
+        }
+        self.observe(stream, &info.epoch, info.head.0);
+        Ok(info)
+    }
+
+    async fn read(&self, stream: &StreamId, after: Seq, limit: i64) -> StoreResult<ReadResult> {
+        let call = self
+            .stream_call(&self.scripts.read, stream, None)
+            .arg(after.0)
+            .arg(limit);
+        let v = as_array(self.eval("read", &call).await?).ok_or_else(|| unexpected("read"))?;
+        let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("read"))?;
+        if renewed {
+            self.renewed(stream, &info);
+        }
+        self.observe(stream, &info.epoch, info.head.0);
+        let mut events = Vec::with_capacity(v.len().saturating_sub(6) / 3);
+        let mut rest = v.into_iter().skip(6);
+        while let Some(seq) = rest.next() {
+            let (Some(seq), Some(ts), Some(Value::BulkString(json))) = (
+                as_u64(&seq),
+                rest.next().as_ref().and_then(as_u64),
+                rest.next(),
+            ) else {
+                return Err(unexpected("read"));
+            };
+            events.push(Arc::new(Event::from_stored(
+                stream.clone(),
+                Seq(seq),
+                info.epoch.clone(),
+                ts,
+                Bytes::from(json),
+            )));
+        }
+        Ok(ReadResult { info, events })
+    }
+
+    async fn append_once(&self, req: &AppendRequest, token: &str) -> StoreResult<Appended> {
+        let (idem, fp) = match &req.idempotency {
+            Some(k) => (idem_key(&req.stream, &k.key), hex::encode(k.fingerprint)),
+            None => (meta_key(&req.stream), String::new()),
+        };
+        let r = &self.opts.retention;
+        let call = self
+            .stream_call(&self.scripts.append, &req.stream, Some(idem))
+            .arg(req.data.as_str())
+            .arg(fp)
+            .arg(self.opts.idempotency_ttl_ms.max(1))
+            .arg(r.max_events)
+            .arg(r.max_bytes)
+            .arg(token);
+        let reply = match &self.wait_conn {
+            None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
+            _ => self.eval_and_wait(&req.stream, &call).await?,
+        };
+        let v = as_array(reply).ok_or_else(|| unexpected("append"))?;
+        match v.first().and_then(as_str) {
+            Some("ok") => {
+                let (Some(seq), Some(epoch), Some(ts), Some(indexed), Some(renewed)) = (
+                    v.get(1).and_then(as_u64),
+                    v.get(2).and_then(as_str).and_then(Epoch::parse),
+                    v.get(3).and_then(as_u64),
+                    v.get(4).and_then(as_u64),
+                    v.get(5).and_then(as_u64),
+                ) else {
+                    return Err(unexpected("append"));
+                };
+                if renewed == 1 {
+                    tracing::warn!(stream = %req.stream, epoch = %epoch,
+                        "the stream's log was lost or went back; it starts again in a new epoch");
+                }
+                Ok(Appended::New {
+                    seq,
+                    epoch,
+                    ts,
+                    indexed: indexed == 1,
+                })
+            }
+            Some("dup") => {
+                let (Some(seq), Some(epoch)) = (
+                    v.get(1).and_then(as_u64),
+                    v.get(2).and_then(as_str).and_then(Epoch::parse),
+                ) else {
+                    return Err(unexpected("append"));
+                };
+                Ok(Appended::Duplicate { seq, epoch })
+            }
+            Some("reused") => Ok(Appended::Reused),
+            _ => Err(unexpected("append")),
+        }
+    }
+
+    /// The append script and `WAIT` in one pipeline, so both run on the same connection and
+    /// `WAIT` covers the append.
+    async fn eval_and_wait(&self, stream: &StreamId, call: &Call<'_>) -> StoreResult<Value> {
+        let n = self.opts.wait_replicas;
+        let timeout_ms = self.opts.wait_timeout.as_millis() as u64;
+        let mut conn = self.wait_conn.clone().unwrap_or_else(|| self.conn.clone());
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            meta_key(stream),
+            SlotAddr::Master,
+        ));
+        let send = |by_hash: bool| {
+            let mut p = ::redis::pipe();
+            p.ignore_errors();
+            p.add_command(call.cmd(by_hash));
+            p.cmd("WAIT").arg(n).arg(timeout_ms);
+            p
+        };
+        let mut values = Vec::new();
+        for by_hash in [true, false] {
+            let p = send(by_hash);
+            let limit = self.opts.command_timeout + self.opts.wait_timeout;
+            values = self
+                .run_within(limit, "append", async {
+                    match &mut conn {
+                        Conn::Cluster(c) => c.route_pipeline(p, 0, 2, route.clone()).await,
+                        other => p.query_async::<Vec<Value>>(other).await,
+                    }
+                })
+                .await?;
+            match values.first() {
+                Some(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let mut it = values.into_iter();
+        let (Some(script), Some(acks)) = (it.next(), it.next()) else {
+            return Err(unexpected("append + WAIT"));
+        };
+        if let Value::ServerError(e) = &script {
+            return Err(self.down("append", &format!("{e:?}")));
+        }
+        let acked = as_u64(&acks).unwrap_or(0);
+        let appended = matches!(
+            as_array(script.clone())
+                .as_deref()
+                .and_then(|v| v.first())
+                .and_then(as_str),
+            Some("ok")
+        );
+        if appended && acked < u64::from(n) {
+            return Err(StoreError::Unavailable(format!(
+                "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \
+                 (it is in the log but its durability is not confirmed; retry with an idempotency key)"
+            )));
+        }
+        Ok(script)
+    }
+
+    /// Adds a stream to the age index (once per incarnation of its log).
+    async fn index(&self, stream: &StreamId, ts: u64) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        self.run("index", async {
+            ::redis::cmd("ZADD")
+                .arg(STREAMS_INDEX)
+                .arg("LT")
+                .arg(ts)
+                .arg(stream.as_str())
+                .query_async::<Value>(&mut conn)
+                .await
+        })
+        .await?;
+        self.eval(
+            "index",
+            &Call::new(&self.scripts.indexed).key(meta_key(stream)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn session_deadline(&self, expires_at_ms: u64) -> u64 {
+        expires_at_ms
+            .saturating_add(self.opts.session_grace_ms)
+            .max(now_ms() + SESSION_MIN_KEEP_MS)
+    }
+
+    /// The stats index only: a failure here loses nothing but an approximate count.
+    async fn index_session(&self, id: &SessionId, deadline: u64, only_existing: bool) {
+        let mut conn = self.conn.clone();
+        let indexed = self
+            .run("session index", async {
+                let mut c = ::redis::cmd("ZADD");
+                c.arg(SESSIONS_INDEX);
+                if only_existing {
+                    c.arg("XX");
+                }
+                c.arg(deadline)
+                    .arg(id.as_str())
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Err(e) = indexed {
+            tracing::debug!(session = %id, error = %e, "session stats index not updated");
+        }
+    }
+
+    fn on_live(&self, payload: &[u8]) {
+        match parse_live(payload) {
+            Some(Live::Event { origin, event }) => {
+                let stream = event.stream().clone();
+                let (epoch, seq) = (event.epoch().clone(), event.seq().0);
+                let event = Arc::new(event.with_committed_at(Instant::now()));
+                self.sink.committed(std::slice::from_ref(&event));
+                self.observe(&stream, &epoch, seq);
+                if let Some(token) = origin
+                    .strip_prefix(self.instance.as_str())
+                    .and_then(|t| t.strip_prefix('-'))
+                    .and_then(|t| t.parse::<u64>().ok())
+                    && let Some(w) = lock(&self.waiters).remove(&token)
+                {
+                    let _ = w.send(());
+                }
+            }
+            Some(Live::Trimmed {
+                stream,
+                first,
+                count,
+            }) => self.sink.trimmed(&stream, first, count),
+            Some(Live::Renewed { stream, epoch }) => {
+                self.observe(&stream, &epoch, 0);
+                self.sink.reset();
+            }
+            None => tracing::debug!("ignored a live message in an unknown format"),
+        }
+    }
+
+    /// The live path is down: nobody waits for an echo that may never come.
+    fn live_lost(&self) {
+        self.live_up.store(false, Ordering::Relaxed);
+        lock(&self.waiters).clear();
+    }
+}
+
+/// Keeps this instance subscribed to the live channel, feeding the sink. After any gap in the
+/// subscription the sink is reset, because events published meanwhile were not seen.
+async fn live_loop(shared: Arc<Shared>, clients: Vec<Client>, ready: oneshot::Sender<()>) {
+    let mut ready = Some(ready);
+    let mut gap = false;
+    let mut attempt: usize = 0;
+    let mut logged = false;
+    loop {
+        let client = &clients[attempt % clients.len()];
+        attempt = attempt.wrapping_add(1);
+        let timeout = shared.opts.connect_timeout;
+        let subscribed = tokio::time::timeout(timeout, async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(CHANNEL).await?;
+            Ok::<_, RedisError>(ps)
+        })
+        .await;
+        let ps = match subscribed {
+            Ok(Ok(ps)) => ps,
+            Ok(Err(e)) => {
+                gap = true;
+                if !logged {
+                    tracing::warn!(error = %e, "redis live subscription failed; retrying");
+                    logged = true;
+                }
+                ready.take();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => {
+                gap = true;
+                ready.take();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if logged {
+            tracing::info!("redis live subscription restored");
+            logged = false;
+        }
+        shared.live_up.store(true, Ordering::Relaxed);
+        if gap {
+            shared.sink.reset();
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        let (mut sink, mut stream) = ps.split();
+        let mut ping = tokio::time::interval(LIVE_PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => shared.on_live(msg.get_payload_bytes()),
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(timeout, sink.ping::<Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        shared.live_lost();
+        gap = true;
+        if !logged {
+            tracing::warn!("redis live subscription lost; resubscribing");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Age retention at least every second, and the session index's housekeeping.
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_session_sweep = Instant::now();
+    loop {
+        tick.tick().await;
+        if shared.sweep_age().await.is_err() {
+            continue;
+        }
+        if Instant::now() >= next_session_sweep {
+            next_session_sweep = Instant::now() + SESSION_SWEEP_EVERY;
+            let mut conn = shared.conn.clone();
+            let _ = shared
+                .run("session sweep", async {
+                    ::redis::cmd("ZREMRANGEBYSCORE")
+                        .arg(SESSIONS_INDEX)
+                        .arg("-inf")
+                        .arg(now_ms())
+                        .query_async::<Value>(&mut conn)
+                        .await
+                })
+                .await;
+        }
+    }
+}
+
+impl Shared {
+    async fn sweep_age(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (u64, u64) = self
+            .run("time", async {
+                ::redis::cmd("TIME").query_async(&mut conn).await
+            })
+            .await?;
+        let cutoff = (secs * 1000 + micros / 1000).saturating_sub(self.opts.retention.max_age_ms);
+        // Bounded: a sweep never runs longer than a few batches.
+        for _ in 0..8 {
+            let due: Vec<String> = self
+                .run("age index", async {
+                    ::redis::cmd("ZRANGEBYSCORE")
+                        .arg(STREAMS_INDEX)
+                        .arg("-inf")
+                        .arg(format!("({cutoff}"))
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(SWEEP_BATCH)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            for name in &due {
+                let Ok(stream) = StreamId::new(name) else {
+                    continue;
+                };
+                let call = Call::new(&self.scripts.age)
+                    .key(meta_key(&stream))
+                    .key(log_key(&stream));
+                let call = if self.cluster {
+                    call
+                } else {
+                    call.key(BASE_EPOCH_KEY)
+                };
+                let call = call
+                    .arg(stream.as_str())
+                    .arg(Epoch::generate().as_str())
+                    .arg("")
+                    .arg(0)
+                    .arg(if self.cluster { "0" } else { "1" })
+                    .arg(CHANNEL)
+                    .arg(self.opts.retention.max_age_ms)
+                    .arg(SWEEP_CAP);
+                let v = as_array(self.eval("age retention", &call).await?)
+                    .ok_or_else(|| unexpected("age retention"))?;
+                let score = v
+                    .first()
+                    .and_then(as_u64)
+                    .ok_or_else(|| unexpected("age retention"))?;
+                self.run("age index", async {
+                    ::redis::cmd("ZADD")
+                        .arg(STREAMS_INDEX)
+                        .arg("XX")
+                        .arg(score)
+                        .arg(name)
+                        .query_async::<Value>(&mut conn)
+                        .await
+                })
+                .await?;
+            }
+            if due.len() < SWEEP_BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Redis
+    }
+
+    async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
+        let s = &self.shared;
+        let n = s.next_token.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{n}", s.instance);
+        let echo = if s.live_up.load(Ordering::Relaxed) {
+            let (tx, rx) = oneshot::channel();
+            lock(&s.waiters).insert(n, tx);
+            Some(rx)
+        } else {
+            None
+        };
+        let result = s.append_once(&req, &token).await;
+        let outcome = match result {
+            Ok(Appended::New {
+                seq,
+                epoch,
+                ts,
+                indexed,
+            }) => {
+                s.observe(&req.stream, &epoch, seq);
+                if !indexed && let Err(e) = s.index(&req.stream, ts).await {
+                    // The event is durable; only age retention of this stream waits for the
+                    // next append to index it.
+                    tracing::debug!(stream = %req.stream, error = %e, "age index not updated");
+                }
+                if let Some(rx) = echo {
+                    let _ = tokio::time::timeout(ECHO_WAIT, rx).await;
+                    lock(&s.waiters).remove(&n);
+                }
+                return Ok(AppendOutcome {
+                    stream: req.stream,
+                    seq: Seq(seq),
+                    epoch,
+                    duplicate: false,
+                });
+            }
+            Ok(Appended::Duplicate { seq, epoch }) => Ok(AppendOutcome {
+                stream: req.stream,
+                seq: Seq(seq),
+                epoch,
+                duplicate: true,
+            }),
+            Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
+            Err(e) => Err(e),
+        };
+        lock(&s.waiters).remove(&n);
+        outcome
+    }
+
+    async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
+        self.shared.info(stream).await
+    }
+
+    async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
+        if limit == 0 {
+            let info = self.shared.info(stream).await?;
+            return Ok(ReadResult {
+                info,
+                events: Vec::new(),
+            });
+        }
+        self.shared
+            .read(stream, after, i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+    }
+
+    async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {
+        let r = self.shared.read(stream, Seq(0), -1).await?;
+        let mut h = ChainHash::default();
+        for e in &r.events {
+            h.push(e.json());
+        }
+        Ok((r.info, h.hex()))
+    }
+
+    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
+        let s = &self.shared;
+        let deadline = s.session_deadline(session.expires_at_ms);
+        let grants = serde_json::to_string(&session.grants).unwrap_or_else(|_| "{}".into());
+        let mut call = Call::new(&s.scripts.session_create)
+            .key(session_key(&session.id))
+            .arg(deadline)
+            .arg("sub")
+            .arg(session.sub.as_str())
+            .arg("grants")
+            .arg(grants)
+            .arg("created")
+            .arg(session.created_at_ms)
+            .arg("expires")
+            .arg(session.expires_at_ms);
+        for (stream, st) in &session.streams {
+            call = call
+                .arg(stream_field(stream))
+                .arg(encode_session_stream(st));
+        }
+        s.eval("create session", &call).await?;
+        s.index_session(&session.id, deadline, false).await;
+        Ok(())
+    }
+
+    async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {
+        let s = &self.shared;
+        let mut conn = s.conn.clone();
+        let key = session_key(id);
+        let fields: HashMap<String, String> = s
+            .run("load session", async {
+                ::redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let Some(sub) = fields.get("sub") else {
+            return Ok(None);
+        };
+        let num = |k: &str| {
+            fields
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let mut streams = BTreeMap::new();
+        for (k, v) in &fields {
+            let Some(name) = k.strip_prefix("t:") else {
+                continue;
+            };
+            let (Ok(stream), Some(st)) = (StreamId::new(name), decode_session_stream(v)) else {
+                continue;
+            };
+            streams.insert(stream, st);
+        }
+        Ok(Some(SessionRecord {
+            id: id.clone(),
+            sub: sub.clone(),
+            grants: fields
+                .get("grants")
+                .and_then(|g| serde_json::from_str::<Grants>(g).ok())
+                .unwrap_or_default(),
+            created_at_ms: num("created"),
+            expires_at_ms: num("expires"),
+            streams,
+        }))
+    }
+
+    async fn put_session_stream(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        state: SessionStream,
+    ) -> StoreResult<()> {
+        let s = &self.shared;
+        let call = Call::new(&s.scripts.session_put)
+            .key(session_key(id))
+            .arg(stream_field(stream))
+            .arg(encode_session_stream(&state));
+        match s.eval("put session stream", &call).await? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(StoreError::SessionNotFound),
+            _ => Err(unexpected("put session stream")),
+        }
+    }
+
+    async fn remove_session_stream(&self, id: &SessionId, stream: &StreamId) -> StoreResult<()> {
+        let s = &self.shared;
+        let mut conn = s.conn.clone();
+        s.run("remove session stream", async {
+            ::redis::cmd("HDEL")
+                .arg(session_key(id))
+                .arg(stream_field(stream))
+                .query_async::<Value>(&mut conn)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        seq: Seq,
+    ) -> StoreResult<AckUpdate> {
+        let s = &self.shared;
+        let key = session_key(id);
+        let field = stream_field(stream);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut conn = s.conn.clone();
+            let read_session = s.run("checkpoint", async {
+                ::redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("sub")
+                    .arg(&field)
+                    .query_async::<(Option<String>, Option<String>)>(&mut conn)
+                    .await
+            });
+            let (session, info) = tokio::join!(read_session, s.info(stream));
+            let (sub, stored) = session?;
+            if sub.is_none() {
+                return Err(StoreError::SessionNotFound);
+            }
+            let Some(stored) = stored else {
+                return Err(StoreError::NotInSession);
+            };
+            let mut ss = decode_session_stream(&stored).ok_or_else(|| unexpected("checkpoint"))?;
+            let update = apply_checkpoint(&mut ss, &info?, seq)?;
+            if !update.is_applied() {
+                return Ok(update);
+            }
+            let call = Call::new(&s.scripts.session_cas)
+                .key(key.as_str())
+                .arg(field.as_str())
+                .arg(stored.as_str())
+                .arg(encode_session_stream(&ss));
+            if let Value::Int(1) = s.eval("checkpoint", &call).await? {
+                return Ok(update);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "checkpoint: the session stream kept changing".into(),
+        ))
+    }
+
+    async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
+        let s = &self.shared;
+        let deadline = s.session_deadline(expires_at_ms);
+        let call = Call::new(&s.scripts.session_touch)
+            .key(session_key(id))
+            .arg(expires_at_ms)
+            .arg(deadline);
+        if let Value::Int(1) = s.eval("touch session", &call).await? {
+            s.index_session(id, deadline, true).await;
+        }
+        Ok(())
+    }
+
+    async fn mark_dropped(
+        &self,
+        id: &SessionId,
+        stream: &StreamId,
+        through: Seq,
+    ) -> StoreResult<()> {
+        let s = &self.shared;
+        let call = Call::new(&s.scripts.session_dropped)
+            .key(session_key(id))
+            .arg(stream_field(stream))
+            .arg(through.0);
+        s.eval("mark dropped", &call).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let s = &self.shared;
+        let mut conn = s.conn.clone();
+        let cmd = ::redis::cmd("PING");
+        let ping = cmd.query_async::<Value>(&mut conn);
+        match tokio::time::timeout(s.opts.ping_timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(s.down("ping", &e.to_string())),
+            Err(_) => Err(s.down("ping", "timed out")),
+        }
+    }
+
+    async fn stats(&self) -> StoreResult<StoreStats> {
+        let s = &self.shared;
+        let mut c1 = s.conn.clone();
+        let mut c2 = s.conn.clone();
+        let sessions = s.run("stats", async {
+            ::redis::cmd("ZCOUNT")
+                .arg(SESSIONS_INDEX)
+                .arg(format!("({}", now_ms()))
+                .arg("+inf")
+                .query_async::<u64>(&mut c1)
+                .await
+        });
+        let streams = s.run("stats", async {
+            ::redis::cmd("ZCARD")
+                .arg(STREAMS_INDEX)
+                .query_async::<u64>(&mut c2)
+                .await
+        });
+        let (sessions, streams) = tokio::join!(sessions, streams);
+        Ok(StoreStats {
+            sessions: sessions?,
+            streams: streams?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ::redis::cluster_routing::Slot;
+
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_stream_is_on_one_slot() {
+        for s in ["room:1", "a", "call:42", "x.y_z-0", &"q".repeat(128)] {
+            let stream = StreamId::new(s).unwrap();
+            let slot = Slot::for_key(meta_key(&stream));
+            assert_eq!(Slot::for_key(log_key(&stream)), slot);
+            assert_eq!(Slot::for_key(idem_key(&stream, "any {key} at all")), slot);
+            assert_eq!(slot, Slot::for_key(s), "the tag is the stream id itself");
+        }
+        let id = SessionId::generate();
+        assert_eq!(Slot::for_key(session_key(&id)), Slot::for_key(id.as_str()));
+    }
+
+    #[test]
+    fn session_streams_round_trip() {
+        let st = SessionStream {
+            epoch: Epoch::generate(),
+            ack: Seq(41),
+            dropped_through: Seq(7),
+        };
+        assert_eq!(decode_session_stream(&encode_session_stream(&st)), Some(st));
+        assert_eq!(decode_session_stream("not an entry"), None);
+        assert_eq!(decode_session_stream("e 1"), None);
+    }
+
+    #[test]
+    fn live_messages_decode() {
+        let e = Event::encode(
+            StreamId::new("room:1").unwrap(),
+            Seq(3),
+            Epoch::parse("00ff00ff00ff00ff").unwrap(),
+            1_700_000_000_123,
+            "{\"a\":\"x|y\"}",
+        );
+        let mut msg = b"e|inst-9|room:1|3|00ff00ff00ff00ff|1700000000123|".to_vec();
+        msg.extend_from_slice(e.json());
+        let Some(Live::Event { origin, event }) = parse_live(&msg) else {
+            panic!("not an event")
+        };
+        assert_eq!(origin, "inst-9");
+        assert_eq!(event.json(), e.json());
+        assert_eq!(event.data(), "{\"a\":\"x|y\"}");
+        assert_eq!((event.seq(), event.ts()), (Seq(3), 1_700_000_000_123));
+        assert!(matches!(
+            parse_live(b"t|room:1|8|7"),
+            Some(Live::Trimmed {
+                first: Seq(8),
+                count: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_live(b"r|room:1|abc"),
+            Some(Live::Renewed { .. })
+        ));
+        assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
+        assert!(parse_live(b"z|whatever").is_none());
+    }
+
+    #[test]
+    fn url_lists() {
+        assert_eq!(RedisOptions::new("redis://a:1").urls, vec!["redis://a:1"]);
+        assert_eq!(
+            RedisOptions::new(" redis://a:1, redis://b:2 ,").urls,
+            vec!["redis://a:1", "redis://b:2"]
+        );
+    }
+}

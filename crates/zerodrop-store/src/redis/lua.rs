@@ -1,0 +1,307 @@
+//! The Lua scripts that make each store operation one atomic step on the Redis server.
+//!
+//! Every stream script touches only keys tagged `{<stream>}` (one cluster slot), plus, on a
+//! single server, the shared base-epoch key passed as the last key. They share one prelude:
+//! `load_meta` reads a stream's bounds and decides its epoch, which is where a lost or rolled
+//! back log is turned into a new epoch instead of a silent hole.
+//!
+//! Argument layout shared by the stream scripts:
+//! - `KEYS[1]` bounds hash (`epoch head first count bytes ts ix`), `KEYS[2]` the Redis Stream
+//!   holding the events (entry id `0-<seq>`, fields `t` = ts, `j` = event JSON), and
+//!   `KEYS[#KEYS]` the base-epoch key when `ARGV[5] == '1'`.
+//! - `ARGV[1]` stream id, `ARGV[2]` a fresh random epoch to use if a new one is needed,
+//!   `ARGV[3]`/`ARGV[4]` the epoch and highest head this instance has seen for the stream
+//!   (`''`/`0` if none), `ARGV[5]` base-epoch flag, `ARGV[6]` the live pub/sub channel.
+//!
+//! Live messages (`PUBLISH`, fields separated by `|`, which neither stream ids nor epochs may
+//! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>`, `t|<stream>|<first>|<count>`
+//! (trimmed) and `r|<stream>|<epoch>` (the stream got a new epoch).
+
+const PRELUDE: &str = r#"
+local stream, candidate, known_epoch = ARGV[1], ARGV[2], ARGV[3]
+local known_head = tonumber(ARGV[4])
+local channel = ARGV[6]
+local basekey = nil
+if ARGV[5] == '1' then basekey = KEYS[#KEYS] end
+
+local function int(n) return string.format('%d', n) end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function seq_of(id) return tonumber(string.sub(id, 3)) end
+
+local function base_epoch()
+  if not basekey then return candidate end
+  local e = redis.call('GET', basekey)
+  if e then return e end
+  redis.call('SET', basekey, candidate)
+  return candidate
+end
+
+local function new_log(epoch, last_ts)
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
+    'ts', int(last_ts))
+  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts}
+end
+
+-- The stream's bounds, and whether its log got a new epoch just now. A log that is behind a
+-- head this instance saw in the same epoch, or events without bounds, or bounds that vanished
+-- while this instance knew the stream, cannot be trusted: positions in it would point at
+-- other events. Such a log starts again, empty, in a new epoch.
+local function load_meta(create)
+  local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts')
+  if m[1] then
+    local meta = {epoch = m[1], head = tonumber(m[2]), first = tonumber(m[3]),
+      count = tonumber(m[4]), bytes = tonumber(m[5]), ts = tonumber(m[6]) or 0}
+    if meta.epoch == known_epoch and meta.head < known_head then
+      local fresh = new_log(candidate, meta.ts)
+      redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. candidate)
+      return fresh, true
+    end
+    return meta, false
+  end
+  local epoch = base_epoch()
+  local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', KEYS[2]) == 1
+  if lost then epoch = candidate end
+  local renewed = lost or (known_epoch ~= '' and epoch ~= known_epoch)
+  if renewed then
+    redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
+  end
+  if create or lost or not basekey then
+    return new_log(epoch, 0), renewed
+  end
+  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0}, renewed
+end
+
+local function bounds_reply(m, renewed)
+  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0}
+end
+"#;
+
+/// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
+/// idempotency TTL in ms, `ARGV[10]` max events, `ARGV[11]` max bytes, `ARGV[12]` origin
+/// token. `KEYS[3]` is the idempotency key (any key of the stream when there is none).
+///
+/// Replies `{'ok', seq, epoch, ts, indexed, renewed}`, `{'dup', seq, epoch}` or `{'reused'}`.
+///
+/// The trim loop is `zerodrop_core::retention::plan_trim`, evaluated where the events are:
+/// drop the oldest while over `max_events` or `max_bytes`, never the newest. The store's tests
+/// check it against the memory store, which calls `plan_trim` itself.
+const APPEND: &str = r#"
+local data, fp, idem_ttl = ARGV[7], ARGV[8], ARGV[9]
+local max_events, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
+local origin = ARGV[12]
+if fp ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
+    if pfp ~= fp then return {'reused'} end
+    return {'dup', tonumber(pseq), pepoch}
+  end
+end
+local m, renewed = load_meta(true)
+local ts = math.max(now_ms(), m.ts)
+local seq = m.head + 1
+local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
+  '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
+redis.call('XADD', KEYS[2], '0-' .. int(seq), 't', int(ts), 'j', json)
+m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
+
+if max_events < 1 then max_events = 1 end
+local removed, removed_bytes, through = 0, 0, 0
+local must = m.count - max_events
+if must > 0 or m.bytes > max_bytes then
+  local cursor, done = m.first, false
+  while not done do
+    local want = math.max(must - removed, 0) + 16
+    local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(cursor), '+', 'COUNT', want)
+    if #entries == 0 then break end
+    for _, e in ipairs(entries) do
+      local over_count = removed < must
+      local over_bytes = m.bytes - removed_bytes > max_bytes
+      if m.count - removed <= 1 or (not over_count and not over_bytes) then
+        done = true
+        break
+      end
+      through = seq_of(e[1])
+      removed = removed + 1
+      removed_bytes = removed_bytes + #e[2][4]
+      cursor = through + 1
+    end
+  end
+  if removed > 0 then
+    redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. int(through + 1))
+    m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
+  end
+end
+
+redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count', int(m.count),
+  'bytes', int(m.bytes), 'ts', int(ts))
+if fp ~= '' then
+  redis.call('SET', KEYS[3], fp .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX', idem_ttl)
+end
+redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
+  m.epoch .. '|' .. int(ts) .. '|' .. json)
+if removed > 0 then
+  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+end
+return {'ok', seq, m.epoch, ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0}
+"#;
+
+/// The bounds: `{epoch, head, first, count, bytes, renewed}`.
+const INFO: &str = r#"
+return bounds_reply(load_meta(false))
+"#;
+
+/// `ARGV[7]` after, `ARGV[8]` limit (negative: all). The bounds, then `seq, ts, json` per
+/// event with seq > after, all read in one step so they describe the same log.
+const READ: &str = r#"
+local after, limit = tonumber(ARGV[7]), tonumber(ARGV[8])
+local m, renewed = load_meta(false)
+local out = bounds_reply(m, renewed)
+local from = math.max(after + 1, m.first)
+if m.count > 0 and limit ~= 0 and from <= m.head then
+  local entries
+  if limit > 0 then
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '+', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '+')
+  end
+  for _, e in ipairs(entries) do
+    out[#out + 1] = seq_of(e[1])
+    out[#out + 1] = e[2][2]
+    out[#out + 1] = e[2][4]
+  end
+end
+return out
+"#;
+
+/// Age retention for one stream. `ARGV[7]` max age in ms, `ARGV[8]` most events removed in
+/// one call. Replies `{score, removed}`: the time before which the stream needs no other age
+/// check (its oldest retained event's ts, or now when it is empty).
+const AGE: &str = r#"
+local max_age, cap = tonumber(ARGV[7]), tonumber(ARGV[8])
+local now = now_ms()
+if redis.call('EXISTS', KEYS[1]) == 0 then return {now, 0} end
+local m = load_meta(false)
+local cutoff = now - max_age
+local removed, removed_bytes, through, score = 0, 0, 0, nil
+local cursor = m.first
+while removed < cap and not score do
+  local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(cursor), '+', 'COUNT', 128)
+  if #entries == 0 then break end
+  for _, e in ipairs(entries) do
+    local t = tonumber(e[2][2])
+    if t >= cutoff then
+      score = t
+      break
+    end
+    through = seq_of(e[1])
+    removed = removed + 1
+    removed_bytes = removed_bytes + #e[2][4]
+    cursor = through + 1
+    if removed >= cap then
+      score = t
+      break
+    end
+  end
+end
+if removed > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. int(through + 1))
+  m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
+  redis.call('HSET', KEYS[1], 'first', int(m.first), 'count', int(m.count), 'bytes',
+    int(m.bytes))
+  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+end
+return {score or now, removed}
+"#;
+
+/// Marks the stream as present in the age index, if its bounds still exist.
+pub const INDEXED: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ix', 1) end
+return 1
+"#;
+
+/// `KEYS[1]` session hash; `ARGV[1]` delete-at (ms), then field/value pairs. Replaces the session.
+/// Fields go in chunks: `unpack` of thousands of values would overflow Lua's C stack.
+pub const SESSION_CREATE: &str = r#"
+redis.call('DEL', KEYS[1])
+local i = 2
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, j))
+  i = j + 1
+end
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// `ARGV[1]` field, `ARGV[2]` value (`epoch ack dropped_through`); in the same epoch the larger
+/// ack and dropped_through are kept. 0 when the session does not exist.
+pub const SESSION_PUT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local new = ARGV[2]
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local oe, oa, od = string.match(old, '^(%S+) (%d+) (%d+)$')
+  local ne, na, nd = string.match(new, '^(%S+) (%d+) (%d+)$')
+  if oe and ne and oe == ne then
+    -- Within one epoch a stream's ack never moves backwards.
+    local a = math.max(tonumber(oa), tonumber(na))
+    local d = math.max(tonumber(od), tonumber(nd))
+    new = string.format('%s %d %d', ne, a, d)
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+return 1
+"#;
+
+/// `ARGV[1]` expires_at_ms, `ARGV[2]` delete-at (ms).
+pub const SESSION_TOUCH: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'expires', ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// `ARGV[1]` field, `ARGV[2]` through. Raises `dropped_through`, never lowers it.
+pub const SESSION_DROPPED: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local epoch, ack, dropped = string.match(v, '^(%S+) (%d+) (%d+)$')
+if not epoch then return 0 end
+local through = tonumber(ARGV[2])
+if through > tonumber(dropped) then
+  redis.call('HSET', KEYS[1], ARGV[1], epoch .. ' ' .. ack .. ' ' .. string.format('%d', through))
+end
+return 1
+"#;
+
+/// Compare-and-set of one session stream: `ARGV[1]` field, `ARGV[2]` expected, `ARGV[3]` new.
+pub const SESSION_CAS: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+pub fn append() -> String {
+    format!("{PRELUDE}{APPEND}")
+}
+
+pub fn info() -> String {
+    format!("{PRELUDE}{INFO}")
+}
+
+pub fn read() -> String {
+    format!("{PRELUDE}{READ}")
+}
+
+pub fn age() -> String {
+    format!("{PRELUDE}{AGE}")
+}

@@ -1,0 +1,587 @@
+//! What only the `redis` store has to get right: outages, restarts with and without data, a
+//! log that goes back, several instances sharing the live path, pub/sub reconnects and `WAIT`.
+//! Every test runs its own `redis-server` processes; every wait is bounded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zerodrop_core::retention::Retention;
+use zerodrop_core::window::{WindowError, replay_window};
+use zerodrop_core::{Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_store::{
+    AppendRequest, LiveSink, MemoryStore, NoSink, RedisOptions, RedisStore, SessionRecord,
+    SessionStream, Store, StoreError,
+};
+use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
+
+#[derive(Default)]
+struct Recorder {
+    committed: Mutex<Vec<(String, u64)>>,
+    trims: Mutex<Vec<(String, u64, u64)>>,
+    resets: AtomicU64,
+}
+
+impl LiveSink for Recorder {
+    fn committed(&self, events: &[Arc<Event>]) {
+        let mut c = self.committed.lock().unwrap();
+        for e in events {
+            c.push((e.stream().to_string(), e.seq().0));
+        }
+    }
+    fn trimmed(&self, stream: &StreamId, first: Seq, count: u64) {
+        self.trims
+            .lock()
+            .unwrap()
+            .push((stream.to_string(), first.0, count));
+    }
+    fn reset(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Recorder {
+    fn seqs_of(&self, stream: &str) -> Vec<u64> {
+        let c = self.committed.lock().unwrap();
+        c.iter()
+            .filter(|(s, _)| s == stream)
+            .map(|(_, q)| *q)
+            .collect()
+    }
+}
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+fn req(stream: &str, data: &str) -> AppendRequest {
+    AppendRequest {
+        stream: sid(stream),
+        data: data.into(),
+        idempotency: None,
+    }
+}
+
+fn big() -> Retention {
+    Retention {
+        max_events: 1_000_000,
+        max_bytes: 1 << 40,
+        max_age_ms: 86_400_000,
+    }
+}
+
+async fn connect(server: &RedisServer, sink: Arc<dyn LiveSink>) -> RedisStore {
+    let mut opts = RedisOptions::new(&server.url());
+    opts.retention = big();
+    RedisStore::connect(opts, sink).await.unwrap()
+}
+
+/// Retries `f` until it succeeds, for at most `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still failing after {limit:?}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn session(id: &SessionId, stream: &str, epoch: &Epoch, ack: u64) -> SessionRecord {
+    SessionRecord {
+        id: id.clone(),
+        sub: "u1".into(),
+        grants: Grants {
+            streams: vec!["*".into()],
+            publish: vec![],
+        },
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 900_000,
+        streams: [(
+            sid(stream),
+            SessionStream {
+                epoch: epoch.clone(),
+                ack: Seq(ack),
+                dropped_through: Seq(0),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_fast_and_a_restart_with_data_continues_the_log() {
+    let mut server = RedisServer::start_durable().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let store = connect(&server, sink.clone()).await;
+    for i in 1..=5u64 {
+        assert_eq!(
+            store
+                .append(req("room:1", &i.to_string()))
+                .await
+                .unwrap()
+                .seq,
+            Seq(i)
+        );
+    }
+    let epoch = store.stream_info(&sid("room:1")).await.unwrap().epoch;
+
+    server.stop().unwrap();
+    let outage = Instant::now();
+    let mut failures = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        let started = Instant::now();
+        match store.append(req("room:1", "\"lost?\"")).await {
+            Err(StoreError::Unavailable(_)) => failures += 1,
+            other => panic!("an append while Redis is down answered {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "an append took {:?}",
+            started.elapsed()
+        );
+        assert!(store.ping().await.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failures >= 3);
+
+    server.start_again().unwrap();
+    let o = eventually(Duration::from_secs(10), || store.append(req("room:1", "6"))).await;
+    assert_eq!(
+        (o.seq, &o.epoch),
+        (Seq(6), &epoch),
+        "same log, same epoch, no gap"
+    );
+    eventually(Duration::from_secs(5), || store.ping()).await;
+    let r = store.read(&sid("room:1"), Seq(0), 100).await.unwrap();
+    assert_eq!(
+        r.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(r.events[5].data(), "6");
+    assert_eq!(r.info.epoch, epoch);
+    // The live path came back too, and told the sink to re-read what it may have missed.
+    wait_until(Duration::from_secs(10), "the live path", || {
+        store.live_connected()
+    })
+    .await;
+    assert!(sink.resets.load(Ordering::SeqCst) >= 1);
+    let o = store.append(req("room:1", "7")).await.unwrap();
+    assert_eq!(o.seq, Seq(7));
+    assert_eq!(sink.seqs_of("room:1").last(), Some(&7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_started_while_redis_is_down_works_once_it_is_up() {
+    let mut server = RedisServer::start().unwrap();
+    server.stop().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let store = connect(&server, sink.clone()).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!store.live_connected());
+    assert!(matches!(
+        store.append(req("room:1", "1")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(store.ping().await.is_err());
+    server.start_again().unwrap();
+    let o = eventually(Duration::from_secs(10), || store.append(req("room:1", "1"))).await;
+    assert_eq!(o.seq, Seq(1));
+    wait_until(Duration::from_secs(10), "the live path", || {
+        store.live_connected()
+    })
+    .await;
+    store.append(req("room:1", "2")).await.unwrap();
+    assert_eq!(sink.seqs_of("room:1").last(), Some(&2));
+    // A session with more streams than one Lua call can unpack.
+    let epoch = o.epoch;
+    let id = SessionId::generate();
+    let mut s = session(&id, "room:1", &epoch, 0);
+    for i in 0..5000 {
+        let st = SessionStream {
+            epoch: epoch.clone(),
+            ack: Seq(0),
+            dropped_through: Seq(0),
+        };
+        s.streams.insert(sid(&format!("many:{i}")), st);
+    }
+    store.create_session(s).await.unwrap();
+    assert_eq!(
+        store
+            .load_session(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .streams
+            .len(),
+        5001
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_data_renews_epochs_and_forgets_sessions() {
+    let mut server = RedisServer::start().unwrap();
+    let store = connect(&server, Arc::new(NoSink)).await;
+    for i in 1..=5u64 {
+        store.append(req("room:1", &i.to_string())).await.unwrap();
+    }
+    let old = store.stream_info(&sid("room:1")).await.unwrap();
+    let never_written = store.stream_info(&sid("room:quiet")).await.unwrap();
+    assert_eq!(never_written.epoch, old.epoch);
+    let id = SessionId::generate();
+    store
+        .create_session(session(&id, "room:1", &old.epoch, 3))
+        .await
+        .unwrap();
+    assert!(store.load_session(&id).await.unwrap().is_some());
+
+    server.restart_empty().unwrap();
+    let loaded = eventually(Duration::from_secs(10), || store.load_session(&id)).await;
+    assert!(loaded.is_none(), "SESSION_NOT_FOUND after the data is gone");
+    let info = store.stream_info(&sid("room:1")).await.unwrap();
+    assert_ne!(info.epoch, old.epoch, "a lost log must get a new epoch");
+    assert_eq!((info.head, info.count), (Seq(0), 0));
+    assert!(matches!(
+        replay_window(Seq(3), Some(&old.epoch), &info.bounds()),
+        Err(WindowError::EpochChanged { .. })
+    ));
+    // Streams never written to move to the new epoch too, and stay stable there.
+    let quiet = store.stream_info(&sid("room:quiet")).await.unwrap();
+    assert_ne!(quiet.epoch, old.epoch);
+    assert_eq!(quiet.epoch, info.epoch);
+    let o = store.append(req("room:1", "1")).await.unwrap();
+    assert_eq!((o.seq, &o.epoch), (Seq(1), &info.epoch));
+    assert!(matches!(
+        store.checkpoint(&id, &sid("room:1"), Seq(1)).await,
+        Err(StoreError::SessionNotFound)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_went_back_or_lost_its_bounds_gets_a_new_epoch() {
+    let server = RedisServer::start().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let store = connect(&server, sink.clone()).await;
+    for i in 1..=10u64 {
+        store.append(req("room:1", &i.to_string())).await.unwrap();
+    }
+    let before = store.stream_info(&sid("room:1")).await.unwrap();
+    // What a failover to a replica that missed the last writes looks like.
+    assert_eq!(
+        server.cmd(&["HSET", "zd:{room:1}:m", "head", "7"]).unwrap(),
+        ":0"
+    );
+    let after = store.stream_info(&sid("room:1")).await.unwrap();
+    assert_ne!(after.epoch, before.epoch);
+    assert_eq!(
+        (after.head, after.first_seq, after.count),
+        (Seq(0), Seq(1), 0)
+    );
+    let o = store.append(req("room:1", "\"again\"")).await.unwrap();
+    assert_eq!((o.seq, &o.epoch), (Seq(1), &after.epoch));
+    wait_until(Duration::from_secs(5), "a reset", || {
+        sink.resets.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+
+    // Bounds gone while the events are still there (e.g. evicted): not trusted either.
+    for _ in 0..3 {
+        store.append(req("room:2", "1")).await.unwrap();
+    }
+    let before = store.stream_info(&sid("room:2")).await.unwrap();
+    assert_eq!(server.cmd(&["DEL", "zd:{room:2}:m"]).unwrap(), ":1");
+    let after = store.stream_info(&sid("room:2")).await.unwrap();
+    assert_ne!(after.epoch, before.epoch);
+    assert_eq!(after.head, Seq(0));
+    assert!(
+        store
+            .read(&sid("room:2"), Seq(0), 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_sees_every_append_in_order() {
+    let server = RedisServer::start().unwrap();
+    let sink_a = Arc::new(Recorder::default());
+    let sink_b = Arc::new(Recorder::default());
+    let a = Arc::new(connect(&server, sink_a.clone()).await);
+    let b = Arc::new(connect(&server, sink_b.clone()).await);
+    let mut tasks = Vec::new();
+    for (n, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .append(req("room:shared", &format!("[{n},{i}]")))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all: Vec<u64> = (1..=200).collect();
+    wait_until(Duration::from_secs(5), "both sinks", || {
+        sink_a.seqs_of("room:shared").len() == 200 && sink_b.seqs_of("room:shared").len() == 200
+    })
+    .await;
+    assert_eq!(sink_a.seqs_of("room:shared"), all);
+    assert_eq!(sink_b.seqs_of("room:shared"), all);
+    // Any instance reads what another wrote, with the same bytes.
+    let ra = a.read(&sid("room:shared"), Seq(190), 100).await.unwrap();
+    let rb = b.read(&sid("room:shared"), Seq(190), 100).await.unwrap();
+    assert_eq!(ra.events.len(), 10);
+    for (x, y) in ra.events.iter().zip(&rb.events) {
+        assert_eq!(x.json(), y.json());
+    }
+    // Sessions too.
+    let id = SessionId::generate();
+    a.create_session(session(&id, "room:shared", &ra.info.epoch, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.checkpoint(&id, &sid("room:shared"), Seq(150))
+            .await
+            .unwrap()
+            .last_ack(),
+        Seq(150)
+    );
+    assert_eq!(
+        a.load_session(&id).await.unwrap().unwrap().streams[&sid("room:shared")].ack,
+        Seq(150)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_resets_the_sink_and_live_delivery_resumes() {
+    let server = RedisServer::start().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let store = connect(&server, sink.clone()).await;
+    store.append(req("room:1", "1")).await.unwrap();
+    assert_eq!(sink.resets.load(Ordering::SeqCst), 0);
+    let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert_eq!(killed, ":1");
+    wait_until(Duration::from_secs(5), "a reset", || {
+        sink.resets.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    wait_until(Duration::from_secs(5), "the live path", || {
+        store.live_connected()
+    })
+    .await;
+    store.append(req("room:1", "2")).await.unwrap();
+    assert_eq!(sink.seqs_of("room:1"), vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_refuses_to_acknowledge_what_no_replica_holds() {
+    let primary = RedisServer::start().unwrap();
+    let mut opts = RedisOptions::new(&primary.url());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let store = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    let started = Instant::now();
+    match store.append(req("room:1", "1")).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Reads are not held up by the waiting connection.
+    assert_eq!(
+        store.stream_info(&sid("room:1")).await.unwrap().head,
+        Seq(1)
+    );
+
+    // With a replica attached, the same append is acknowledged.
+    let _replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let o = eventually(Duration::from_secs(15), || store.append(req("room:1", "2"))).await;
+    assert!(o.seq >= Seq(2));
+}
+
+/// The append script's trimming is `plan_trim` evaluated in Lua: it must agree with the memory
+/// store (which calls `plan_trim`) on every bound, for events of varied sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_agrees_with_plan_trim() {
+    let server = RedisServer::start().unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for case in 0..6 {
+        let retention = Retention {
+            max_events: 1 + next(12),
+            max_bytes: 200 + next(2_000),
+            max_age_ms: 86_400_000,
+        };
+        let mut opts = RedisOptions::new(&server.url());
+        opts.retention = retention;
+        let redis_sink = Arc::new(Recorder::default());
+        let memory_sink = Arc::new(Recorder::default());
+        let redis = RedisStore::connect(opts, redis_sink.clone()).await.unwrap();
+        let memory = MemoryStore::new(retention, memory_sink.clone());
+        let stream = format!("case:{case}");
+        for _ in 0..40 {
+            let data = format!("\"{}\"", "x".repeat(next(400) as usize));
+            redis.append(req(&stream, &data)).await.unwrap();
+            memory.append(req(&stream, &data)).await.unwrap();
+            let r = redis.stream_info(&sid(&stream)).await.unwrap();
+            let m = memory.stream_info(&sid(&stream)).await.unwrap();
+            assert_eq!(
+                (r.head, r.first_seq, r.count, r.bytes),
+                (m.head, m.first_seq, m.count, m.bytes),
+                "{retention:?}"
+            );
+        }
+        let trimmed = |s: &Recorder| s.trims.lock().unwrap().iter().map(|t| t.2).sum::<u64>();
+        wait_until(Duration::from_secs(5), "trim notices", || {
+            trimmed(&redis_sink) == trimmed(&memory_sink)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_events_are_exactly_the_encoded_events() {
+    let server = RedisServer::start().unwrap();
+    let store = connect(&server, Arc::new(NoSink)).await;
+    let datas = [
+        "{\"a\":[1,2,{\"b\":\"c|d\"}]}",
+        "\"\\u00e9 é 😀\"",
+        "null",
+        "-1.5e3",
+    ];
+    for d in datas {
+        store.append(req("enc", d)).await.unwrap();
+    }
+    let r = store.read(&sid("enc"), Seq(0), 10).await.unwrap();
+    for (e, d) in r.events.iter().zip(datas) {
+        let expected = Event::encode(e.stream().clone(), e.seq(), e.epoch().clone(), e.ts(), d);
+        assert_eq!(e.json(), expected.json());
+        assert_eq!(e.data(), d);
+        let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
+        assert_eq!(v["epoch"], r.info.epoch.as_str());
+    }
+    let ts: Vec<u64> = r.events.iter().map(|e| e.ts()).collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]));
+    assert!(ts[0].abs_diff(now_ms()) < 60_000);
+}
+
+/// The same store on a three-node Redis Cluster: every script stays on its stream's slot,
+/// sessions on theirs, and the live path carries events from every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let mut opts = RedisOptions::new(&cluster.urls());
+    opts.retention = Retention {
+        max_events: 5,
+        max_bytes: 1 << 20,
+        max_age_ms: 86_400_000,
+    };
+    let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
+    // Enough streams to land on every node.
+    let streams: Vec<String> = (0..12).map(|i| format!("room:{i}")).collect();
+    for s in &streams {
+        for i in 1..=7u64 {
+            assert_eq!(
+                store.append(req(s, &i.to_string())).await.unwrap().seq,
+                Seq(i)
+            );
+        }
+    }
+    for s in &streams {
+        let r = store.read(&sid(s), Seq(0), 100).await.unwrap();
+        assert_eq!(
+            r.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(),
+            vec![3, 4, 5, 6, 7]
+        );
+        assert_eq!(
+            (r.info.head, r.info.first_seq, r.info.count),
+            (Seq(7), Seq(3), 5)
+        );
+        assert_eq!(sink.seqs_of(s), (1..=7).collect::<Vec<_>>());
+        // A stream's epoch is stable from its first touch on.
+        assert_eq!(
+            store.stream_info(&sid(s)).await.unwrap().epoch,
+            r.info.epoch
+        );
+    }
+    let quiet = store.stream_info(&sid("room:quiet")).await.unwrap();
+    assert_eq!(
+        store.stream_info(&sid("room:quiet")).await.unwrap().epoch,
+        quiet.epoch
+    );
+    let o = store.append(req("room:quiet", "1")).await.unwrap();
+    assert_eq!(o.epoch, quiet.epoch);
+    // Idempotency, sessions and checkpoints.
+    let mut r1 = req("room:0", "\"pay\"");
+    r1.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k".into(),
+        fingerprint: [1; 32],
+    });
+    let first = store.append(r1.clone()).await.unwrap();
+    assert!(store.append(r1).await.unwrap().duplicate);
+    let id = SessionId::generate();
+    store
+        .create_session(session(&id, "room:0", &first.epoch, 0))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .checkpoint(&id, &sid("room:0"), first.seq)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.sessions, stats.streams), (1, 13));
+    store.ping().await.unwrap();
+    assert_eq!(cluster.nodes().len(), 3);
+    // WAIT goes to the node that holds the stream, in the same pipeline as the append.
+    let mut opts = RedisOptions::new(&cluster.urls());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let waiting = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    match waiting.append(req("room:5", "8")).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}

@@ -1,0 +1,182 @@
+//! A raw WebSocket client that exposes every frame, for exact assertions.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::WAIT;
+
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub protocol: Option<String>,
+}
+
+/// The handshake was refused: its HTTP status and body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Refused {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// What the next read brought.
+#[derive(Debug)]
+pub enum Next {
+    Frame(Value),
+    Closed(Option<u16>),
+    Timeout,
+}
+
+impl WsClient {
+    /// Connects to `url` (`ws://host/v1/ws?…`) offering `zerodrop.v1`.
+    pub async fn connect(url: &str) -> Result<WsClient, Refused> {
+        Self::connect_with(url, &["zerodrop.v1"]).await
+    }
+
+    pub async fn connect_with(url: &str, protocols: &[&str]) -> Result<WsClient, Refused> {
+        let mut req = url.into_client_request().expect("valid ws url");
+        if !protocols.is_empty() {
+            req.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(&protocols.join(", ")).expect("header"),
+            );
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, res)) => {
+                let protocol = res
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
+                Ok(WsClient { ws, protocol })
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(Refused {
+                status: res.status().as_u16(),
+                body: res
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default(),
+            }),
+            Err(e) => Err(Refused {
+                status: 0,
+                body: e.to_string(),
+            }),
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(v.to_string()).await;
+    }
+
+    pub async fn send_raw(&mut self, text: String) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_binary(&mut self, b: Vec<u8>) {
+        self.ws.send(Message::Binary(b.into())).await.expect("send");
+    }
+
+    /// The next text frame (server pings included), a close, or a timeout after `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Next {
+        loop {
+            match tokio::time::timeout(within, self.ws.next()).await {
+                Err(_) => return Next::Timeout,
+                Ok(None) => return Next::Closed(None),
+                Ok(Some(Err(_))) => return Next::Closed(None),
+                Ok(Some(Ok(Message::Close(c)))) => {
+                    return Next::Closed(c.map(|c| u16::from(c.code)));
+                }
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Next::Frame(
+                        serde_json::from_str(t.as_str()).expect("server frames are JSON"),
+                    );
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The next frame that is not a server `ping` or `token` refresh (pings are answered).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_within(WAIT).await {
+                Next::Frame(f) if f["type"] == "ping" => {
+                    let pong = serde_json::json!({"type": "pong", "t": f["t"]});
+                    self.send(pong).await;
+                }
+                Next::Frame(f) if f["type"] == "token" => {}
+                Next::Frame(f) => return f,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, which must have this type.
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        let f = self.recv().await;
+        assert_eq!(f["type"], ty, "unexpected frame: {f}");
+        f
+    }
+
+    /// Reads `n` event frames (any other frame fails the test); returns their seqs.
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let f = self.recv().await;
+            assert_eq!(f["type"], "event", "expected an event, got {f}");
+            out.push(f);
+        }
+        out
+    }
+
+    /// Waits for the server to close; returns the close code.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next_within(WAIT).await {
+                Next::Closed(c) => return c,
+                Next::Frame(_) => continue,
+                Next::Timeout => panic!("the server did not close"),
+            }
+        }
+    }
+
+    /// Asserts nothing but pings arrives for `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        let until = tokio::time::Instant::now() + quiet;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.next_within(left).await {
+                Next::Timeout => return,
+                Next::Frame(f) if f["type"] == "ping" || f["type"] == "token" => continue,
+                other => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Drops the TCP connection without a close frame (a network failure).
+    pub fn abort(self) {
+        drop(self.ws);
+    }
+
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+}

@@ -1,0 +1,357 @@
+//! The real binary as a process: crash safety (`kill -9`), corrupt files, SIGTERM drains,
+//! secrets, logs and configuration precedence.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use zerodrop_testkit::server::ServerProcess;
+use zerodrop_testkit::ws::WsClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
+
+fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    ServerProcess::spawn(Path::new(BIN), dir, "127.0.0.1:0", args, env).expect("zerodrop starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_burst_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &[], &[]);
+    let api = p.api();
+    // A session with a checkpoint, to check it survives too.
+    let tok = p.creds.token("u1", &["crash:*"], &[]);
+    let sess = api
+        .post("/v1/sessions", Some(&tok), json!({"streams":["crash:0"]}))
+        .await
+        .json;
+    let sid = sess["sessionId"].as_str().unwrap().to_string();
+    let rt = sess["resumeToken"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        api.publish("crash:0", json!({"w": 99, "i": i})).await;
+    }
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&rt),
+            json!({"stream":"crash:0","seq":2}),
+        )
+        .await;
+    assert_eq!(r.json["ackUpdate"], "applied");
+    // 8 publishers on 4 streams, recording every 201.
+    let acked: Arc<Mutex<HashMap<(String, u64), Value>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let (api, acked) = (api.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100_000u64 {
+                let stream = format!("crash:{}", w % 4);
+                let data = json!({"w": w, "i": i});
+                let body = json!({"data": data}).to_string();
+                let url = format!("{}/v1/streams/{stream}/events", api.base);
+                let res = api
+                    .client
+                    .post(url)
+                    .bearer_auth(&api.creds.api_key)
+                    .body(body)
+                    .send()
+                    .await;
+                let Ok(res) = res else { return }; // the server is gone
+                if res.status().as_u16() != 201 {
+                    return;
+                }
+                let Ok(v) = res.json::<Value>().await else {
+                    return;
+                };
+                let seq = v["seq"].as_u64().unwrap();
+                acked.lock().unwrap().insert((stream, seq), data);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "the burst ran ({} acknowledged)",
+        acked.len()
+    );
+    let p = spawn(dir.path(), &[], &[]);
+    let api = p.api();
+    for k in 0..4 {
+        let stream = format!("crash:{k}");
+        let info = api.info(&stream).await;
+        let head = info["headSeq"].as_u64().unwrap();
+        let mut got = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = api.read(&stream, after, 1000).await.json;
+            let evs = page["events"].as_array().unwrap().clone();
+            if evs.is_empty() {
+                break;
+            }
+            after = evs.last().unwrap()["seq"].as_u64().unwrap();
+            got.extend(evs);
+        }
+        let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "{stream}: contiguous");
+        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| *s == stream) {
+            assert!(
+                *seq <= head,
+                "{s} seq {seq} was acknowledged but is gone (head {head})"
+            );
+            assert_eq!(&got[(*seq - 1) as usize]["data"], data, "{s} seq {seq}");
+        }
+    }
+    // The session and its checkpoint survived; the old token still resumes it.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&rt),
+            json!({"stream":"crash:0","seq":1}),
+        )
+        .await;
+    assert_eq!(r.json, json!({"ackUpdate":"ignored","lastAckSequence":2}));
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": rt}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["replay"]["crash:0"]["fromSeq"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_is_moved_aside_and_streams_get_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &[], &[]);
+    let api = p.api();
+    let old_epoch = api.publish("room:1", json!(1)).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tok = p.creds.token("u1", &["room:*"], &[]);
+    let sess = api
+        .post("/v1/sessions", Some(&tok), json!({"streams":["room:1"]}))
+        .await
+        .json;
+    p.terminate(Duration::from_secs(30)).unwrap();
+    let db = dir.path().join("zerodrop.db");
+    std::fs::write(
+        &db,
+        b"this is not a database, it is garbage from a bad disk............",
+    )
+    .unwrap();
+    let p = spawn(dir.path(), &[], &[]);
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("zerodrop.db.corrupt-"))
+        .collect();
+    assert!(
+        moved
+            .iter()
+            .any(|n| n.len() == "zerodrop.db.corrupt-20261122T000000Z".len()),
+        "{moved:?}"
+    );
+    let line = p
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("moved aside"))
+        .expect("an error line about the quarantine");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "ERROR");
+    assert!(v["path"].as_str().unwrap().ends_with("zerodrop.db"));
+    assert!(
+        v["moved_to"]
+            .as_str()
+            .unwrap()
+            .contains("zerodrop.db.corrupt-")
+    );
+    let api = p.api();
+    let info = api.info("room:1").await;
+    assert_ne!(
+        info["epoch"],
+        old_epoch.as_str(),
+        "a new epoch: clients must resync"
+    );
+    assert_eq!(info["headSeq"], 0);
+    // A client holding the old epoch is told so instead of being handed a silent hole.
+    let r = api
+        .get(
+            &format!("/v1/streams/room:1/events?after=0&epoch={old_epoch}"),
+            Some(&p.creds.api_key),
+        )
+        .await;
+    assert_eq!(r.code(), "EPOCH_CHANGED");
+    let sid = sess["sessionId"].as_str().unwrap();
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": sess["resumeToken"]}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "SESSION_NOT_FOUND"));
+    // Secrets were untouched: the same api key works.
+    assert_eq!(api.try_publish("room:1", json!(1)).await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_websockets_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &["--drain-grace-sec", "3"], &[]);
+    let tok = p.creds.token("u1", &["room:*"], &[]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", p.ws_url()))
+        .await
+        .unwrap();
+    let welcome = c.expect("welcome").await;
+    c.send(json!({"type":"subscribe","stream":"room:1"})).await;
+    c.expect("subscribed").await;
+    let pid = p.pid();
+    let waiter = std::thread::spawn(move || p.terminate(Duration::from_secs(20)).map(|s| s.code()));
+    let f = c.recv().await;
+    assert_eq!(f["type"], "reconnect", "{f}");
+    assert_eq!(f["reason"], "draining");
+    let token = f["resumeToken"].as_str().unwrap();
+    assert!(token.starts_with("v1.") && token != welcome["resumeToken"].as_str().unwrap());
+    assert_eq!(c.expect_close().await, Some(1012));
+    let code = waiter.join().unwrap().unwrap();
+    assert_eq!(code, Some(0), "pid {pid} exits 0 after draining");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_generates_private_secrets_and_logs_are_json_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fresh");
+    let p = spawn(&data, &[], &[]);
+    let secrets = data.join("secrets.json");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(&secrets).unwrap()).unwrap();
+    for k in ["apiKey", "adminToken", "jwtSecret", "resumeKeys"] {
+        assert!(f[k].as_str().is_some_and(|v| v.len() >= 16), "{k}");
+    }
+    // `zerodrop token` mints a token this server accepts.
+    let out = std::process::Command::new(BIN)
+        .args(["token", "--sub", "u1", "--streams", "room:*", "--data-dir"])
+        .arg(&data)
+        .env_remove("ZERODROP_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", p.ws_url()))
+        .await
+        .unwrap();
+    let w = c.expect("welcome").await;
+    let rt = w["resumeToken"].as_str().unwrap().to_string();
+    c.abort();
+    let mut bad = WsClient::connect(&format!("{}/v1/ws?resume=v1.k1.x.y", p.ws_url()))
+        .await
+        .unwrap();
+    bad.expect("error").await;
+    let api = p.api();
+    api.publish("room:1", json!(1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = p.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("secrets.json")),
+        "the secrets' path is logged"
+    );
+    assert!(logs.iter().any(|l| l.contains("connection opened")));
+    assert!(logs.iter().any(|l| l.contains("connection closed")));
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("resume failed") && l.contains("INVALID_RESUME_TOKEN"))
+    );
+    for l in &logs {
+        serde_json::from_str::<Value>(l).unwrap_or_else(|_| panic!("not JSON: {l}"));
+        for k in ["apiKey", "adminToken", "jwtSecret"] {
+            assert!(
+                !l.contains(f[k].as_str().unwrap()),
+                "a secret leaked into the logs: {l}"
+            );
+        }
+        assert!(
+            !l.contains(&rt) && !l.contains(&tok),
+            "a token leaked into the logs: {l}"
+        );
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["token", "--sub", "u1", "--data-dir"])
+        .arg(dir.path().join("nowhere"))
+        .env_remove("ZERODROP_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no JWT secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_then_env_then_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("zerodrop.toml");
+    std::fs::write(
+        &file,
+        "retention_max_events = 7\ninstance_id = \"from-file\"\nmax_connections = 5\n",
+    )
+    .unwrap();
+    let data = dir.path().join("d");
+    let p = spawn(
+        &data,
+        &["--config", file.to_str().unwrap(), "--max-connections", "9"],
+        &[
+            ("ZERODROP_INSTANCE_ID", "from-env"),
+            ("ZERODROP_MAX_CONNECTIONS", "8"),
+        ],
+    );
+    let api = p.api();
+    let snap = api
+        .get("/admin/snapshot", Some(&p.creds.admin_token))
+        .await
+        .json;
+    assert_eq!(snap["config"]["instance"], "from-env");
+    assert_eq!(snap["config"]["retention"]["maxEvents"], 7);
+    assert_eq!(snap["config"]["maxConnections"], 9);
+    for key in [
+        "drain",
+        "store",
+        "rateLimit",
+        "circuits",
+        "bulkheads",
+        "idempotency",
+        "jobs",
+        "cache",
+    ] {
+        assert!(snap.get(key).is_some(), "snapshot has {key}");
+    }
+    let r = api.get("/admin/snapshot", None).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    // Bad settings are refused at start-up with a message.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--retention-max-events", "0", "--data-dir"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--retention-max-events"));
+}
