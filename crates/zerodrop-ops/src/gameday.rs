@@ -26,6 +26,7 @@ use crate::common::{OutArgs, TargetArgs, write_report};
 use crate::drill::{LoadArgs, Profile, Scenario};
 use crate::instance::{Instance, Secrets, Spec};
 use crate::proxy::Proxy;
+use crate::redis::RedisProcess;
 use crate::report::DrillReport;
 use crate::slo::Slo;
 
@@ -74,9 +75,12 @@ pub struct GamedayArgs {
     /// The zerodrop binary to start [default: this executable].
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
-    /// Store of the instances: sqlite (default) or redis.
+    /// Store of the instances: sqlite (default) or redis (a redis-server is started for them).
     #[arg(long, default_value = "sqlite")]
     pub store: String,
+    /// The redis-server to start for `--store redis`.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server_bin: PathBuf,
     /// Run length per drill in seconds, overriding the profile.
     #[arg(long)]
     pub duration: Option<f64>,
@@ -145,6 +149,7 @@ async fn inject(
     inst: &mut Instance,
     proxy: &Proxy,
     secrets: &Secrets,
+    redis: Option<&mut RedisProcess>,
 ) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     match fault {
@@ -182,9 +187,13 @@ async fn inject(
             *inst = next;
         }
         Fault::NetworkCut => proxy.partition(Duration::from_secs(1)).await,
-        Fault::StoreOutage => {
-            unreachable!("store_outage is skipped before injection without redis")
-        }
+        Fault::StoreOutage => match redis {
+            Some(r) => {
+                r.outage(Duration::from_secs(3)).await?;
+                notes.push(format!("redis-server on port {} was down for 3 s", r.port));
+            }
+            None => anyhow::bail!("store_outage needs --store redis"),
+        },
     }
     Ok(notes)
 }
@@ -228,6 +237,12 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             let data = work.path().join(format!("{}-{}", profile.id(), fault.id()));
             let mut spec = Spec::new(&bin, &data, &secrets);
             spec.store = args.store.clone();
+            let mut redis = None;
+            if args.store == "redis" {
+                let r = RedisProcess::start(&args.redis_server_bin, &data.join("redis")).await?;
+                spec.args.extend(["--redis-url".to_string(), r.url()]);
+                redis = Some(r);
+            }
             let mut inst = Instance::start(spec).await?;
             let proxy = Proxy::start(inst.addr).await?;
             let load = LoadArgs {
@@ -258,7 +273,7 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             let at = plan.duration.mul_f64(0.4);
             tokio::time::sleep(at).await;
             let t = Instant::now();
-            let notes = match inject(fault, &mut inst, &proxy, &secrets).await {
+            let notes = match inject(fault, &mut inst, &proxy, &secrets, redis.as_mut()).await {
                 Ok(n) => n,
                 Err(e) => vec![format!("injection failed: {e:#}")],
             };

@@ -15,6 +15,7 @@ pub mod gate;
 pub mod instance;
 pub mod probe;
 pub mod proxy;
+pub mod redis;
 pub mod report;
 pub mod slo;
 pub mod snapshot;
