@@ -24,17 +24,19 @@ pub struct TargetArgs {
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct CredArgs {
-    /// API key for publishing and reading (backends' credential).
-    #[arg(long, env = "ZERODROP_API_KEY", hide_env_values = true)]
+    /// API key for publishing and reading (backends' credential) [env: ZERODROP_API_KEY]
+    #[arg(long)]
     pub api_key: Option<String>,
-    /// JWT secret used to mint connect tokens for the synthetic clients.
-    #[arg(long, env = "ZERODROP_JWT_SECRET", hide_env_values = true)]
+    /// JWT secret used to mint connect tokens for the synthetic clients
+    /// [env: ZERODROP_JWT_SECRET]
+    #[arg(long)]
     pub jwt_secret: Option<String>,
-    /// Admin token for /admin/* (drain, snapshot).
-    #[arg(long, env = "ZERODROP_ADMIN_TOKEN", hide_env_values = true)]
+    /// Admin token for /admin/* (drain, snapshot) [env: ZERODROP_ADMIN_TOKEN]
+    #[arg(long)]
     pub admin_token: Option<String>,
-    /// Data directory whose secrets.json supplies any credential not given otherwise.
-    #[arg(long, env = "ZERODROP_DATA_DIR")]
+    /// Data directory whose secrets.json supplies any credential not given otherwise
+    /// [env: ZERODROP_DATA_DIR; default: ./zerodrop-data when it has one]
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
 
@@ -54,19 +56,39 @@ struct SecretsFile {
     jwt_secret: Option<String>,
 }
 
+/// A variable's value; unset and empty are the same (an empty secret is no secret).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
 impl CredArgs {
+    /// Flags, then `ZERODROP_*` variables, then `secrets.json`.
     pub fn resolve(&self) -> anyhow::Result<Creds> {
+        self.resolve_with(env_var)
+    }
+
+    fn resolve_with(&self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Creds> {
         let mut c = Creds {
-            api_key: self.api_key.clone(),
-            jwt_secret: self.jwt_secret.clone(),
-            admin_token: self.admin_token.clone(),
+            api_key: self.api_key.clone().or_else(|| env("ZERODROP_API_KEY")),
+            jwt_secret: self
+                .jwt_secret
+                .clone()
+                .or_else(|| env("ZERODROP_JWT_SECRET")),
+            admin_token: self
+                .admin_token
+                .clone()
+                .or_else(|| env("ZERODROP_ADMIN_TOKEN")),
         };
         if c.api_key.is_some() && c.jwt_secret.is_some() && c.admin_token.is_some() {
             return Ok(c);
         }
         // An explicit data dir must be readable; the server's default one is only a fallback.
-        let (dir, explicit) = match &self.data_dir {
-            Some(d) => (d.clone(), true),
+        let (dir, explicit) = match self
+            .data_dir
+            .clone()
+            .or_else(|| env("ZERODROP_DATA_DIR").map(PathBuf::from))
+        {
+            Some(d) => (d, true),
             None => (PathBuf::from("zerodrop-data"), false),
         };
         let path = dir.join("secrets.json");
@@ -201,15 +223,32 @@ mod tests {
             data_dir: Some(dir.path().to_path_buf()),
             ..CredArgs::default()
         };
-        let c = args.resolve().unwrap();
-        assert_eq!(c.api_key.as_deref(), Some("k-flag"));
+        let env = |k: &str| (k == "ZERODROP_JWT_SECRET").then(|| "j-env".to_string());
+        let c = args.resolve_with(env).unwrap();
+        assert_eq!(c.api_key.as_deref(), Some("k-flag"), "a flag wins");
+        assert_eq!(
+            c.jwt_secret.as_deref(),
+            Some("j-env"),
+            "a variable beats the file"
+        );
+        let c = args.resolve_with(|_| None).unwrap();
         assert_eq!(c.jwt_secret.as_deref(), Some("j-file"));
         assert_eq!(c.admin_token.as_deref(), Some("a-file"));
         let missing = CredArgs {
             data_dir: Some(dir.path().join("nope")),
             ..CredArgs::default()
         };
-        assert!(missing.resolve().is_err());
+        assert!(missing.resolve_with(|_| None).is_err());
+        let from_env = CredArgs::default();
+        let dir_var = dir.path().to_str().unwrap().to_string();
+        let c = from_env
+            .resolve_with(|k| (k == "ZERODROP_DATA_DIR").then(|| dir_var.clone()))
+            .unwrap();
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("a-file"),
+            "ZERODROP_DATA_DIR is honoured"
+        );
     }
 
     #[test]
