@@ -357,3 +357,49 @@ async fn credentials_come_from_the_data_dir() {
     assert_eq!(bad.code, 1);
     assert!(bad.stdout.contains("HTTP 401"), "{}", bad.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pool_replaces_the_jwt_secret() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let pool = work.path().join("tokens.txt");
+    let mut lines = vec!["# pre-minted connect tokens".to_string()];
+    for i in 0..3 {
+        lines.push(
+            zerodrop_client::mint_connect_token(
+                &s.secrets.jwt_secret,
+                &format!("pool-{i}"),
+                &["drill:*".into()],
+                None,
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap(),
+        );
+    }
+    std::fs::write(&pool, lines.join("\n")).unwrap();
+    let run = tool(
+        work.path(),
+        &args(&[
+            "drill",
+            "--url",
+            &s.url(),
+            "--api-key",
+            &s.secrets.api_key,
+            "--token-pool-file",
+            pool.to_str().unwrap(),
+            "--duration",
+            "2",
+            "--limit",
+            "6",
+            "--scenarios",
+            "ws_fanout,resume",
+        ]),
+    )
+    .await;
+    assert_eq!(run.code, 0, "pool tokens connect every client");
+    assert!(
+        run.stdout.contains("missing 0 duplicated 0"),
+        "{}",
+        run.stdout
+    );
+}
