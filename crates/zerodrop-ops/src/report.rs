@@ -69,6 +69,9 @@ pub struct LogCheck {
     pub duplicated: u64,
     /// Seqs that are not 1..head contiguous.
     pub seq_holes: u64,
+    /// Events already trimmed by retention when the log was read (not checked, not lost).
+    #[serde(default)]
+    pub trimmed: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
