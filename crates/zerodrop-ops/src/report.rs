@@ -234,7 +234,11 @@ impl DrillReport {
             t.published_per_sec,
             t.delivered,
             t.delivered_per_sec,
-            t.dropped,
+            if self.server.get("available").and_then(|v| v.as_bool()) == Some(true) {
+                t.dropped.to_string()
+            } else {
+                "n/a (no metrics)".to_string()
+            },
             t.missing,
             t.duplicated,
             t.out_of_order,

@@ -679,6 +679,10 @@ fn metrics_delta(
     let (Some(b), Some(a)) = (before, after) else {
         return serde_json::json!({"available": false});
     };
+    if a.pointer("/ws_metrics/dropped_messages").is_none() {
+        // Not the SPEC §6 shape: say so rather than report a silent zero.
+        return serde_json::json!({"available": false});
+    }
     let d = |path: &[&str]| -> u64 {
         let get = |v: &serde_json::Value| {
             path.iter()
