@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
@@ -20,9 +19,9 @@ use zerodrop_store::{
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::drain::{Connections, Drain};
+use crate::drain::{Connections, Drain, DrainState};
 use crate::error::ApiError;
-use crate::live::Hub;
+use crate::live::{Hub, Signal};
 use crate::metrics::{Metrics, StoreFacts, Transport};
 
 pub struct App {
@@ -36,7 +35,9 @@ pub struct App {
     pub conns: Connections,
     pub store_up: AtomicBool,
     /// Which connection on this instance holds each session, so a resume can take it over.
-    holders: Mutex<HashMap<SessionId, (u64, oneshot::Sender<()>)>>,
+    holders: Mutex<HashMap<SessionId, (u64, Arc<Signal>)>>,
+    /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
+    doorbells: Mutex<HashMap<u64, Arc<Signal>>>,
     next_conn_id: AtomicU64,
 }
 
@@ -61,6 +62,10 @@ impl Drop for ConnSlot {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl App {
     pub fn new(
         cfg: Config,
@@ -82,6 +87,7 @@ impl App {
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
             holders: Mutex::new(HashMap::new()),
+            doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -92,10 +98,6 @@ impl App {
 
     pub fn store_kind(&self) -> StoreKind {
         self.store.kind()
-    }
-
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Admission for a new WebSocket/SSE connection: refused while draining (`DRAINING`) or
@@ -325,26 +327,53 @@ impl App {
         Ok(out)
     }
 
-    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder is told to
-    /// close. Returns the signal this connection gets when it is taken over in turn.
-    pub fn hold_session(&self, sid: &SessionId, conn: u64) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let previous = self
-            .holders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(sid.clone(), (conn, tx));
-        if let Some((_, kick)) = previous {
-            let _ = kick.send(());
+    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder is kicked
+    /// (its socket closes with `SESSION_TAKEN_OVER`).
+    pub fn hold_session(&self, sid: &SessionId, conn: u64, signal: &Arc<Signal>) {
+        let previous = lock(&self.holders).insert(sid.clone(), (conn, signal.clone()));
+        if let Some((_, old)) = previous {
+            old.kick();
         }
-        rx
     }
 
     pub fn release_session(&self, sid: &SessionId, conn: u64) {
-        let mut h = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = lock(&self.holders);
         if h.get(sid).is_some_and(|(c, _)| *c == conn) {
             h.remove(sid);
         }
+    }
+
+    /// A new connection's id, with its doorbell registered for drains.
+    pub fn register_connection(&self, signal: &Arc<Signal>) -> u64 {
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.doorbells).insert(id, signal.clone());
+        id
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        lock(&self.doorbells).remove(&id);
+    }
+
+    fn ring_every_connection(&self) {
+        let bells: Vec<Arc<Signal>> = lock(&self.doorbells).values().cloned().collect();
+        for b in bells {
+            b.wake();
+        }
+    }
+
+    /// Starts a drain: connections learn their reconnect moment when they next look.
+    pub fn start_drain(&self, reason: &str, spread: Duration) -> DrainState {
+        let state = self.drain.start(reason, spread);
+        self.metrics.drain_state(state.gauge());
+        self.ring_every_connection();
+        state
+    }
+
+    /// Ends a drain: every remaining connection is closed now.
+    pub fn complete_drain(&self) {
+        self.drain.complete();
+        self.metrics.drain_state(self.drain.state().gauge());
+        self.ring_every_connection();
     }
 
     pub async fn metrics_json(&self) -> serde_json::Value {

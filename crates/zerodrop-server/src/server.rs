@@ -55,14 +55,12 @@ impl Running {
 /// rest.
 pub async fn drain_for(app: &App, reason: &str, grace: Duration) {
     let spread = grace.saturating_sub(Duration::from_secs(1)).max(grace / 2);
-    app.drain.start(reason, spread);
-    app.metrics.drain_state(app.drain.state().gauge());
+    app.start_drain(reason, spread);
     let deadline = tokio::time::Instant::now() + grace;
     while app.conns.current() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    app.drain.complete();
-    app.metrics.drain_state(app.drain.state().gauge());
+    app.complete_drain();
     let closing = tokio::time::Instant::now() + Duration::from_secs(2);
     while app.conns.current() > 0 && tokio::time::Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(20)).await;
