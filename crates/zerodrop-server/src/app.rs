@@ -34,6 +34,8 @@ pub struct App {
     pub drain: Drain,
     pub conns: Connections,
     pub store_up: AtomicBool,
+    /// WebSocket acks applied in memory and not yet written to the store.
+    pub acks: AckBuffer,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, (u64, Arc<Signal>)>>,
     /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
@@ -48,6 +50,44 @@ pub struct StreamStart {
     /// Deliver events after this seq.
     pub after: Seq,
     pub head: Seq,
+}
+
+/// WebSocket acks are applied in memory under the checkpoint rule at once, and written to the
+/// store in one batch per second (and when their connection closes): thousands of sockets
+/// acking every few events would otherwise cost the store a write each. A crash loses at most
+/// the last second of acks, which only means a resuming client is offered events it already
+/// has (and its own `lastAck` overrides the stored one anyway).
+#[derive(Default)]
+pub struct AckBuffer {
+    pending: Mutex<HashMap<(SessionId, StreamId), Seq>>,
+}
+
+impl AckBuffer {
+    pub fn record(&self, sid: &SessionId, stream: &StreamId, seq: Seq) {
+        let mut p = lock(&self.pending);
+        let slot = p.entry((sid.clone(), stream.clone())).or_insert(seq);
+        *slot = (*slot).max(seq);
+    }
+
+    /// The ack waiting to be written for this session's stream, if any.
+    pub fn pending(&self, sid: &SessionId, stream: &StreamId) -> Option<Seq> {
+        lock(&self.pending)
+            .get(&(sid.clone(), stream.clone()))
+            .copied()
+    }
+
+    fn take(&self, only: Option<&SessionId>) -> Vec<(SessionId, StreamId, Seq)> {
+        let mut p = lock(&self.pending);
+        match only {
+            None => p.drain().map(|((a, b), c)| (a, b, c)).collect(),
+            Some(sid) => {
+                let keys: Vec<_> = p.keys().filter(|(s, _)| s == sid).cloned().collect();
+                keys.into_iter()
+                    .filter_map(|k| p.remove(&k).map(|seq| (k.0, k.1, seq)))
+                    .collect()
+            }
+        }
+    }
 }
 
 /// A long-lived connection's claim on a slot of `--max-connections`.
@@ -86,6 +126,7 @@ impl App {
             drain: Drain::new(),
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
+            acks: AckBuffer::default(),
             holders: Mutex::new(HashMap::new()),
             doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
@@ -131,6 +172,20 @@ impl App {
         let until = now_ms() + self.cfg.reconnect_window_sec * 1000;
         if let Err(e) = self.store.touch_session(sid, until).await {
             tracing::debug!(error = %e, "could not extend a session's reconnect window");
+        }
+    }
+
+    /// Writes buffered WebSocket acks (all of them, or one session's) in one store call.
+    pub async fn flush_acks(&self, only: Option<&SessionId>) {
+        let batch = self.acks.take(only);
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.checkpoint_many(batch.clone()).await {
+            tracing::debug!(error = %e, "could not store acks; keeping them for the next flush");
+            for (sid, stream, seq) in batch {
+                self.acks.record(&sid, &stream, seq);
+            }
         }
     }
 
@@ -254,11 +309,14 @@ impl App {
             };
             return Err(ApiError::window(e, stream.as_str()));
         }
-        let after = client_ack.unwrap_or(ss.ack);
+        let stored = ss
+            .ack
+            .max(self.acks.pending(&session.id, stream).unwrap_or(Seq(0)));
+        let after = client_ack.unwrap_or(stored);
         if after > info.head {
             return Err(ApiError::beyond_head(after, info.head, stream.as_str()));
         }
-        if after > ss.ack {
+        if after > stored {
             match self.store.checkpoint(&session.id, stream, after).await {
                 Ok(u) => self.metrics.checkpoint(u.is_applied()),
                 Err(e) => return Err(ApiError::from(e).with("stream", stream.as_str())),

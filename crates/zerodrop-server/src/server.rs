@@ -37,6 +37,7 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) -> anyhow::Result<()> {
         drain_for(&self.app, "shutdown", grace).await;
         let _ = self.stop.send(true);
+        self.app.flush_acks(None).await;
         let r = self.task.await.context("server task panicked")?;
         if let Some(s) = &self.sqlite {
             let s = s.clone();
@@ -211,6 +212,21 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
                 } else if !was && ok {
                     tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
                 }
+            }
+        });
+    }
+    // Written-behind WebSocket acks, once a second, in one batch.
+    {
+        let app = app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                app.flush_acks(None).await;
             }
         });
     }

@@ -41,8 +41,6 @@ pub const PROTOCOLS: &[&str] = &["zerodrop.v1"];
 /// Most event frames written per wake; the rest follows on the next turn of the loop, after
 /// client frames had their chance.
 const MAX_EVENTS_PER_WRITE: usize = 512;
-/// Acks are written behind, at most this long after they were applied in memory.
-const ACK_FLUSH: Duration = Duration::from_secs(1);
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
@@ -151,12 +149,6 @@ struct Session {
     grants: Grants,
 }
 
-#[derive(Clone, Copy)]
-struct AckState {
-    acked: Seq,
-    dirty: bool,
-}
-
 struct Conn {
     app: Arc<App>,
     socket: WebSocket,
@@ -165,7 +157,8 @@ struct Conn {
     signal: Arc<Signal>,
     session: Option<Session>,
     subs: Vec<Subscription>,
-    acks: HashMap<StreamId, AckState>,
+    /// Per subscribed stream, the ack as applied (written behind by `App::acks`).
+    acks: HashMap<StreamId, Seq>,
     ping_outstanding: Option<(u64, Instant)>,
     missed_pings: u8,
     limiter: DefaultDirectRateLimiter,
@@ -183,24 +176,17 @@ struct Conn {
 struct Timers {
     ping: Instant,
     refresh: Instant,
-    ack_flush: Option<Instant>,
     drain: Option<Instant>,
     retry: Option<Instant>,
 }
 
 impl Timers {
     fn next(&self) -> Instant {
-        [
-            Some(self.ping),
-            Some(self.refresh),
-            self.ack_flush,
-            self.drain,
-            self.retry,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(self.ping)
+        [Some(self.ping), Some(self.refresh), self.drain, self.retry]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.ping)
     }
 }
 
@@ -242,7 +228,6 @@ impl Conn {
         let timers = Timers {
             ping: now + Duration::from_secs(app.cfg.ping_interval_sec),
             refresh: now + refresh_every(&app),
-            ack_flush: None,
             drain: drain_rx.borrow_and_update().deadline_for(drain_fraction),
             retry: None,
         };
@@ -427,13 +412,7 @@ impl Conn {
             match self.app.stream_start(&session, stream, client_ack).await {
                 Ok(start) => {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
-                    self.acks.insert(
-                        stream.clone(),
-                        AckState {
-                            acked,
-                            dirty: false,
-                        },
-                    );
+                    self.acks.insert(stream.clone(), acked);
                     self.start_sub(stream.clone(), start.epoch, start.after, start.head)
                         .await?;
                 }
@@ -528,9 +507,6 @@ impl Conn {
         if self.timers.retry.is_some_and(|t| t <= now) {
             self.timers.retry = None;
             self.signal.wake();
-        }
-        if self.timers.ack_flush.is_some_and(|t| t <= now) {
-            self.flush_acks().await;
         }
         if self.timers.ping <= now {
             self.timers.ping = now + Duration::from_secs(self.app.cfg.ping_interval_sec);
@@ -806,14 +782,8 @@ impl Conn {
                 .send_error(ApiError::from(e).with("stream", stream.as_str()))
                 .await;
         }
-        let prev = self.acks.get(&stream).map(|a| a.acked).unwrap_or(Seq(0));
-        self.acks.insert(
-            stream.clone(),
-            AckState {
-                acked: prev.max(after),
-                dirty: false,
-            },
-        );
+        let prev = self.acks.get(&stream).copied().unwrap_or(Seq(0));
+        self.acks.insert(stream.clone(), prev.max(after));
         self.start_sub(stream, info.epoch, after, info.head).await
     }
 
@@ -845,7 +815,7 @@ impl Conn {
                 .send_error(ApiError::invalid("ack needs a seq").with("stream", stream.as_str()))
                 .await;
         };
-        let Some(state) = self.acks.get(&stream).copied() else {
+        let Some(acked) = self.acks.get(&stream).copied() else {
             let e = ApiError::invalid("ack for a stream this connection is not subscribed to")
                 .with("stream", stream.as_str());
             return self.send_error(e).await;
@@ -869,20 +839,14 @@ impl Conn {
                 }
             }
         };
-        match checkpoint::apply(state.acked, seq, head) {
+        match checkpoint::apply(acked, seq, head) {
             Ok(u) => {
                 self.app.metrics.checkpoint(u.is_applied());
                 if u.is_applied() {
-                    self.acks.insert(
-                        stream,
-                        AckState {
-                            acked: u.last_ack(),
-                            dirty: true,
-                        },
-                    );
-                    self.timers
-                        .ack_flush
-                        .get_or_insert_with(|| Instant::now() + ACK_FLUSH);
+                    self.acks.insert(stream.clone(), u.last_ack());
+                    if let Some(s) = &self.session {
+                        self.app.acks.record(&s.id, &stream, u.last_ack());
+                    }
                 }
                 Ok(())
             }
@@ -893,23 +857,12 @@ impl Conn {
         }
     }
 
+    /// Writes this session's buffered acks now (before the socket goes, or before a stream
+    /// leaves the session).
     async fn flush_acks(&mut self) {
-        self.timers.ack_flush = None;
-        let Some(s) = &self.session else { return };
-        let id = s.id.clone();
-        let dirty: Vec<(StreamId, Seq)> = self
-            .acks
-            .iter_mut()
-            .filter(|(_, a)| a.dirty)
-            .map(|(k, a)| {
-                a.dirty = false;
-                (k.clone(), a.acked)
-            })
-            .collect();
-        for (stream, seq) in dirty {
-            if let Err(e) = self.app.store.checkpoint(&id, &stream, seq).await {
-                tracing::debug!(error = %e, stream = %stream, "could not store an ack");
-            }
+        if let Some(s) = &self.session {
+            let (app, sid) = (self.app.clone(), s.id.clone());
+            app.flush_acks(Some(&sid)).await;
         }
     }
 

@@ -94,6 +94,7 @@ fn serve(args: ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("zerodrop")
+        .max_blocking_threads(32)
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
