@@ -253,7 +253,15 @@ impl App {
         expected: Option<&SessionId>,
     ) -> Result<SessionRecord, ApiError> {
         let session = self.session_for(token, expected).await?;
-        self.touch(&session.id).await;
+        // The new window is recorded in the background: a resume storm must not queue a
+        // thousand durable writes in front of its replays.
+        let store = self.store.clone();
+        let (sid, until) = (session.id.clone(), now_ms() + self.cfg.reconnect_window_sec * 1000);
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_session(&sid, until).await {
+                tracing::debug!(error = %e, "could not extend a session's reconnect window");
+            }
+        });
         Ok(session)
     }
 
@@ -317,10 +325,10 @@ impl App {
             return Err(ApiError::beyond_head(after, info.head, stream.as_str()));
         }
         if after > stored {
-            match self.store.checkpoint(&session.id, stream, after).await {
-                Ok(u) => self.metrics.checkpoint(u.is_applied()),
-                Err(e) => return Err(ApiError::from(e).with("stream", stream.as_str())),
-            }
+            // Applied at once (this instance resumes from it), written behind with the
+            // WebSocket acks.
+            self.acks.record(&session.id, stream, after);
+            self.metrics.checkpoint(true);
         }
         match replay_window(after, Some(&ss.epoch), &info.bounds()) {
             Ok(_) => Ok(StreamStart {

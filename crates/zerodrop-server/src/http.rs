@@ -412,6 +412,8 @@ async fn checkpoint(
             format!("invalid stream id: {e}"),
         )
     })?;
+    // Acks applied on this instance but not yet written go first, so the rule sees them.
+    app.flush_acks(Some(&session.id)).await;
     let update = app
         .store
         .checkpoint(&session.id, &stream, Seq(b.seq))

@@ -124,7 +124,10 @@ async fn open(
     let (client_epoch, position) = match (last_event_id, q.after, session_stream) {
         (Some((e, seq)), _, _) => (e, seq),
         (None, Some(a), _) => (None, Seq(a)),
-        (None, None, Some(ss)) => (Some(ss.epoch.clone()), ss.ack),
+        (None, None, Some(ss)) => {
+            let pending = session.as_ref().and_then(|s| app.acks.pending(&s.id, &stream));
+            (Some(ss.epoch.clone()), ss.ack.max(pending.unwrap_or(Seq(0))))
+        }
         (None, None, None) => (None, info.head),
     };
     let mut first_chunk = vec![Bytes::from_static(b"retry: 1000\n\n")];
