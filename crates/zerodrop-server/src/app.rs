@@ -36,8 +36,21 @@ pub struct App {
     pub conns: Connections,
     pub store_up: AtomicBool,
     /// Which connection on this instance holds each session, so a resume can take it over.
-    holders: Mutex<HashMap<SessionId, (u64, oneshot::Sender<()>)>>,
+    holders: Mutex<HashMap<SessionId, Holder>>,
+    /// Names this process's connections in holder notices (instance ids may be reused).
+    holder_prefix: String,
     next_conn_id: AtomicU64,
+}
+
+/// A WebSocket connection holding a session on this instance.
+struct Holder {
+    conn: u64,
+    /// Closes the connection with `SESSION_TAKEN_OVER`.
+    kick: oneshot::Sender<()>,
+    /// Our own holder notice came back through the shared store: any notice for this
+    /// session heard after it is from a newer connection elsewhere. Notices heard before it
+    /// were sent before ours, by connections older than this one, and change nothing.
+    confirmed: bool,
 }
 
 /// Where a resumed (or newly subscribed) stream starts.
@@ -82,6 +95,7 @@ impl App {
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
             holders: Mutex::new(HashMap::new()),
+            holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -325,25 +339,64 @@ impl App {
         Ok(out)
     }
 
-    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder is told to
-    /// close. Returns the signal this connection gets when it is taken over in turn.
+    fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Holder>> {
+        self.holders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn holder_name(&self, conn: u64) -> String {
+        format!("{}-{conn}", self.holder_prefix)
+    }
+
+    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder here is
+    /// told to close. With a shared store the other instances are told too (best effort), so
+    /// a holder there closes as well. Returns the signal this connection gets when it is taken
+    /// over in turn.
     pub fn hold_session(&self, sid: &SessionId, conn: u64) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let previous = self
-            .holders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(sid.clone(), (conn, tx));
-        if let Some((_, kick)) = previous {
-            let _ = kick.send(());
+        let holder = Holder {
+            conn,
+            kick: tx,
+            confirmed: false,
+        };
+        let previous = self.holders().insert(sid.clone(), holder);
+        if let Some(old) = previous {
+            let _ = old.kick.send(());
+        }
+        if self.store_kind() == StoreKind::Redis {
+            let (store, sid, name) = (self.store.clone(), sid.clone(), self.holder_name(conn));
+            tokio::spawn(async move {
+                if let Err(e) = store.announce_holder(&sid, &name).await {
+                    tracing::debug!(error = %e, "could not announce a session holder");
+                }
+            });
         }
         rx
     }
 
     pub fn release_session(&self, sid: &SessionId, conn: u64) {
-        let mut h = self.holders.lock().unwrap_or_else(|p| p.into_inner());
-        if h.get(sid).is_some_and(|(c, _)| *c == conn) {
+        let mut h = self.holders();
+        if h.get(sid).is_some_and(|x| x.conn == conn) {
             h.remove(sid);
+        }
+    }
+
+    /// A holder notice from the shared store (ours included, in one order for every
+    /// instance): a newer connection anywhere closes ours with `SESSION_TAKEN_OVER`.
+    pub fn session_held(&self, sid: &SessionId, holder: &str) {
+        let mut h = self.holders();
+        let Some(mine) = h.get_mut(sid) else { return };
+        if holder == self.holder_name(mine.conn) {
+            mine.confirmed = true;
+        } else if holder
+            .strip_prefix(self.holder_prefix.as_str())
+            .is_some_and(|rest| rest.starts_with('-'))
+        {
+            // One of ours: local takeovers are settled in `hold_session`, and our own notices
+            // may arrive in any order.
+        } else if mine.confirmed
+            && let Some(old) = h.remove(sid)
+        {
+            let _ = old.kick.send(());
         }
     }
 
