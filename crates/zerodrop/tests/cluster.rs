@@ -722,3 +722,55 @@ async fn redis_outages_with_and_without_data() {
         assert_eq!(dropped(api).await, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_instance() {
+    let c = Cluster::start(bin(), 2, &["--retention-max-events", "5"]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let tok = c.token("u1", &["trim:*"]);
+    let sess = apis[0]
+        .post("/v1/sessions", Some(&tok), json!({"streams":["trim:1"]}))
+        .await
+        .json;
+    let sid = sess["sessionId"].as_str().unwrap().to_string();
+    for k in 1..=8 {
+        apis[k % 2].publish("trim:1", json!(k)).await;
+    }
+    // The log keeps 5 events, in Redis too; the session expires with its reconnect window.
+    let info = apis[1].info("trim:1").await;
+    assert_eq!(
+        (
+            info["headSeq"].as_u64(),
+            info["firstSeq"].as_u64(),
+            info["count"].as_u64()
+        ),
+        (Some(8), Some(4), Some(5))
+    );
+    assert_eq!(c.redis.cmd(&["XLEN", "zd:{trim:1}:l"]).unwrap(), ":5");
+    let ttl = c.redis.cmd(&["PTTL", &format!("zd:s:{{{sid}}}")]).unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!(ttl > 0, "sessions expire in Redis: {ttl}");
+    // A resume on the other instance gets the same typed error as on SQLite.
+    let r = apis[1]
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": sess["resumeToken"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let e = &r.json["replay"]["trim:1"]["error"];
+    assert_eq!(
+        (e["code"].as_str(), e["firstAvailableSeq"].as_u64()),
+        (Some("REPLAY_WINDOW_TRIMMED"), Some(4)),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        dropped(&apis[1]).await,
+        3,
+        "the trimmed events are counted once"
+    );
+    let r = apis[0].read("trim:1", 0, 10).await;
+    assert_eq!((r.status, r.code()), (409, "REPLAY_WINDOW_TRIMMED"));
+}
