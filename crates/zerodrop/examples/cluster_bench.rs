@@ -91,7 +91,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn cluster(bin: &PathBuf, redis: RedisServer, n: usize) -> Res<Cluster> {
+fn cluster(bin: &std::path::Path, redis: RedisServer, n: usize) -> Res<Cluster> {
     Cluster::start_on(bin, redis, n, &["--max-connections", "5000"]).map_err(|e| e.to_string())
 }
 
