@@ -413,3 +413,35 @@ impl App {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    use super::*;
+    use crate::config::StoreChoice;
+
+    #[tokio::test]
+    async fn holder_notices_close_only_a_holder_whose_own_notice_came_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = Config::for_tests(dir.path());
+        cfg.store = StoreChoice::Memory;
+        let (app, _) = crate::server::build(cfg).await.expect("app");
+        let sid = SessionId::generate();
+        let mut kicked = app.hold_session(&sid, 7);
+        // Heard before our own notice: sent earlier, by an older connection elsewhere.
+        app.session_held(&sid, "0a0b0c-3");
+        assert_eq!(kicked.try_recv(), Err(TryRecvError::Empty));
+        app.session_held(&sid, &app.holder_name(7));
+        // Our own connections settle takeovers locally, whatever order their notices take.
+        app.session_held(&sid, &app.holder_name(6));
+        assert_eq!(kicked.try_recv(), Err(TryRecvError::Empty));
+        // A newer connection elsewhere.
+        app.session_held(&sid, "0a0b0c-9");
+        assert_eq!(kicked.try_recv(), Ok(()));
+        // A local takeover closes the older local holder at once.
+        let mut first = app.hold_session(&sid, 10);
+        let _second = app.hold_session(&sid, 11);
+        assert_eq!(first.try_recv(), Ok(()));
+    }
+}

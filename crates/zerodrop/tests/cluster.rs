@@ -495,7 +495,11 @@ async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
     eventually(
         "node-1 reports draining",
         Duration::from_secs(3),
-        || async { apis[1].get("/health/ready", None).await.status == 503 },
+        || async {
+            let url = format!("{}/health/ready", apis[1].base);
+            let r = apis[1].client.get(url).send().await;
+            r.is_ok_and(|r| r.status().as_u16() == 503)
+        },
     )
     .await;
     let (status, logs) =
