@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
@@ -20,9 +19,9 @@ use zerodrop_store::{
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::drain::{Connections, Drain};
+use crate::drain::{Connections, Drain, DrainState};
 use crate::error::ApiError;
-use crate::live::Hub;
+use crate::live::{Hub, Signal};
 use crate::metrics::{Metrics, StoreFacts, Transport};
 
 pub struct App {
@@ -35,18 +34,22 @@ pub struct App {
     pub drain: Drain,
     pub conns: Connections,
     pub store_up: AtomicBool,
+    /// WebSocket acks applied in memory and not yet written to the store.
+    pub acks: AckBuffer,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, Holder>>,
     /// Names this process's connections in holder notices (instance ids may be reused).
     holder_prefix: String,
+    /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
+    doorbells: Mutex<HashMap<u64, Arc<Signal>>>,
     next_conn_id: AtomicU64,
 }
 
 /// A WebSocket connection holding a session on this instance.
 struct Holder {
     conn: u64,
-    /// Closes the connection with `SESSION_TAKEN_OVER`.
-    kick: oneshot::Sender<()>,
+    /// Kicked, the connection closes with `SESSION_TAKEN_OVER`.
+    signal: Arc<Signal>,
     /// Our own holder notice came back through the shared store: any notice for this
     /// session heard after it is from a newer connection elsewhere. Notices heard before it
     /// were sent before ours, by connections older than this one, and change nothing.
@@ -62,6 +65,44 @@ pub struct StreamStart {
     pub head: Seq,
 }
 
+/// WebSocket acks are applied in memory under the checkpoint rule at once, and written to the
+/// store in one batch per second (and when their connection closes): thousands of sockets
+/// acking every few events would otherwise cost the store a write each. A crash loses at most
+/// the last second of acks, which only means a resuming client is offered events it already
+/// has (and its own `lastAck` overrides the stored one anyway).
+#[derive(Default)]
+pub struct AckBuffer {
+    pending: Mutex<HashMap<(SessionId, StreamId), Seq>>,
+}
+
+impl AckBuffer {
+    pub fn record(&self, sid: &SessionId, stream: &StreamId, seq: Seq) {
+        let mut p = lock(&self.pending);
+        let slot = p.entry((sid.clone(), stream.clone())).or_insert(seq);
+        *slot = (*slot).max(seq);
+    }
+
+    /// The ack waiting to be written for this session's stream, if any.
+    pub fn pending(&self, sid: &SessionId, stream: &StreamId) -> Option<Seq> {
+        lock(&self.pending)
+            .get(&(sid.clone(), stream.clone()))
+            .copied()
+    }
+
+    fn take(&self, only: Option<&SessionId>) -> Vec<(SessionId, StreamId, Seq)> {
+        let mut p = lock(&self.pending);
+        match only {
+            None => p.drain().map(|((a, b), c)| (a, b, c)).collect(),
+            Some(sid) => {
+                let keys: Vec<_> = p.keys().filter(|(s, _)| s == sid).cloned().collect();
+                keys.into_iter()
+                    .filter_map(|k| p.remove(&k).map(|seq| (k.0, k.1, seq)))
+                    .collect()
+            }
+        }
+    }
+}
+
 /// A long-lived connection's claim on a slot of `--max-connections`.
 pub struct ConnSlot {
     app: Arc<App>,
@@ -72,6 +113,10 @@ impl Drop for ConnSlot {
         let left = self.app.conns.release();
         self.app.drain.on_connections(left);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl App {
@@ -94,8 +139,10 @@ impl App {
             drain: Drain::new(),
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
+            acks: AckBuffer::default(),
             holders: Mutex::new(HashMap::new()),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
+            doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -106,10 +153,6 @@ impl App {
 
     pub fn store_kind(&self) -> StoreKind {
         self.store.kind()
-    }
-
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Admission for a new WebSocket/SSE connection: refused while draining (`DRAINING`) or
@@ -143,6 +186,20 @@ impl App {
         let until = now_ms() + self.cfg.reconnect_window_sec * 1000;
         if let Err(e) = self.store.touch_session(sid, until).await {
             tracing::debug!(error = %e, "could not extend a session's reconnect window");
+        }
+    }
+
+    /// Writes buffered WebSocket acks (all of them, or one session's) in one store call.
+    pub async fn flush_acks(&self, only: Option<&SessionId>) {
+        let batch = self.acks.take(only);
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.checkpoint_many(batch.clone()).await {
+            tracing::debug!(error = %e, "could not store acks; keeping them for the next flush");
+            for (sid, stream, seq) in batch {
+                self.acks.record(&sid, &stream, seq);
+            }
         }
     }
 
@@ -266,11 +323,14 @@ impl App {
             };
             return Err(ApiError::window(e, stream.as_str()));
         }
-        let after = client_ack.unwrap_or(ss.ack);
+        let stored = ss
+            .ack
+            .max(self.acks.pending(&session.id, stream).unwrap_or(Seq(0)));
+        let after = client_ack.unwrap_or(stored);
         if after > info.head {
             return Err(ApiError::beyond_head(after, info.head, stream.as_str()));
         }
-        if after > ss.ack {
+        if after > stored {
             match self.store.checkpoint(&session.id, stream, after).await {
                 Ok(u) => self.metrics.checkpoint(u.is_applied()),
                 Err(e) => return Err(ApiError::from(e).with("stream", stream.as_str())),
@@ -339,28 +399,22 @@ impl App {
         Ok(out)
     }
 
-    fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Holder>> {
-        self.holders.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn holder_name(&self, conn: u64) -> String {
         format!("{}-{conn}", self.holder_prefix)
     }
 
     /// Registers `conn` as the holder of `sid` on this instance; an earlier holder here is
-    /// told to close. With a shared store the other instances are told too (best effort), so
-    /// a holder there closes as well. Returns the signal this connection gets when it is taken
-    /// over in turn.
-    pub fn hold_session(&self, sid: &SessionId, conn: u64) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
+    /// kicked (its socket closes with `SESSION_TAKEN_OVER`). With a shared store the other
+    /// instances are told too (best effort), so that a holder there closes as well.
+    pub fn hold_session(&self, sid: &SessionId, conn: u64, signal: &Arc<Signal>) {
         let holder = Holder {
             conn,
-            kick: tx,
+            signal: signal.clone(),
             confirmed: false,
         };
-        let previous = self.holders().insert(sid.clone(), holder);
+        let previous = lock(&self.holders).insert(sid.clone(), holder);
         if let Some(old) = previous {
-            let _ = old.kick.send(());
+            old.signal.kick();
         }
         if self.store_kind() == StoreKind::Redis {
             let (store, sid, name) = (self.store.clone(), sid.clone(), self.holder_name(conn));
@@ -370,11 +424,10 @@ impl App {
                 }
             });
         }
-        rx
     }
 
     pub fn release_session(&self, sid: &SessionId, conn: u64) {
-        let mut h = self.holders();
+        let mut h = lock(&self.holders);
         if h.get(sid).is_some_and(|x| x.conn == conn) {
             h.remove(sid);
         }
@@ -383,7 +436,7 @@ impl App {
     /// A holder notice from the shared store (ours included, in one order for every
     /// instance): a newer connection anywhere closes ours with `SESSION_TAKEN_OVER`.
     pub fn session_held(&self, sid: &SessionId, holder: &str) {
-        let mut h = self.holders();
+        let mut h = lock(&self.holders);
         let Some(mine) = h.get_mut(sid) else { return };
         if holder == self.holder_name(mine.conn) {
             mine.confirmed = true;
@@ -396,8 +449,41 @@ impl App {
         } else if mine.confirmed
             && let Some(old) = h.remove(sid)
         {
-            let _ = old.kick.send(());
+            old.signal.kick();
         }
+    }
+
+    /// A new connection's id, with its doorbell registered for drains.
+    pub fn register_connection(&self, signal: &Arc<Signal>) -> u64 {
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.doorbells).insert(id, signal.clone());
+        id
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        lock(&self.doorbells).remove(&id);
+    }
+
+    fn ring_every_connection(&self) {
+        let bells: Vec<Arc<Signal>> = lock(&self.doorbells).values().cloned().collect();
+        for b in bells {
+            b.wake();
+        }
+    }
+
+    /// Starts a drain: connections learn their reconnect moment when they next look.
+    pub fn start_drain(&self, reason: &str, spread: Duration) -> DrainState {
+        let state = self.drain.start(reason, spread);
+        self.metrics.drain_state(state.gauge());
+        self.ring_every_connection();
+        state
+    }
+
+    /// Ends a drain: every remaining connection is closed now.
+    pub fn complete_drain(&self) {
+        self.drain.complete();
+        self.metrics.drain_state(self.drain.state().gauge());
+        self.ring_every_connection();
     }
 
     pub async fn metrics_json(&self) -> serde_json::Value {
@@ -416,8 +502,6 @@ impl App {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::oneshot::error::TryRecvError;
-
     use super::*;
     use crate::config::StoreChoice;
 
@@ -428,20 +512,22 @@ mod tests {
         cfg.store = StoreChoice::Memory;
         let (app, _) = crate::server::build(cfg).await.expect("app");
         let sid = SessionId::generate();
-        let mut kicked = app.hold_session(&sid, 7);
+        let conn = Signal::new();
+        app.hold_session(&sid, 7, &conn);
         // Heard before our own notice: sent earlier, by an older connection elsewhere.
         app.session_held(&sid, "0a0b0c-3");
-        assert_eq!(kicked.try_recv(), Err(TryRecvError::Empty));
+        assert!(!conn.is_kicked());
         app.session_held(&sid, &app.holder_name(7));
         // Our own connections settle takeovers locally, whatever order their notices take.
         app.session_held(&sid, &app.holder_name(6));
-        assert_eq!(kicked.try_recv(), Err(TryRecvError::Empty));
+        assert!(!conn.is_kicked());
         // A newer connection elsewhere.
         app.session_held(&sid, "0a0b0c-9");
-        assert_eq!(kicked.try_recv(), Ok(()));
-        // A local takeover closes the older local holder at once.
-        let mut first = app.hold_session(&sid, 10);
-        let _second = app.hold_session(&sid, 11);
-        assert_eq!(first.try_recv(), Ok(()));
+        assert!(conn.is_kicked());
+        // A local takeover kicks the older local holder at once.
+        let (first, second) = (Signal::new(), Signal::new());
+        app.hold_session(&sid, 10, &first);
+        app.hold_session(&sid, 11, &second);
+        assert!(first.is_kicked() && !second.is_kicked());
     }
 }

@@ -602,8 +602,7 @@ async fn drain_start(
     };
     let spread = Duration::from_secs(b.max_session_age_seconds.unwrap_or(app.cfg.drain_grace_sec));
     let reason = b.reason.unwrap_or_else(|| "manual".into());
-    let state = app.drain.start(&reason, spread);
-    app.metrics.drain_state(state.gauge());
+    app.start_drain(&reason, spread);
     Ok(drain_json(&app))
 }
 
@@ -616,8 +615,7 @@ async fn drain_status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiRes
 
 async fn drain_complete(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     app.auth.require_admin(&headers)?;
-    app.drain.complete();
-    app.metrics.drain_state(app.drain.state().gauge());
+    app.complete_drain();
     Ok(drain_json(&app))
 }
 

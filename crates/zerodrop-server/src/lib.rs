@@ -21,11 +21,3 @@ pub mod ws;
 
 pub use config::{Config, ServeArgs};
 pub use server::{Running, start};
-
-/// Sleeps until `at`, or forever when there is no deadline (a `select!` branch that is off).
-pub(crate) async fn sleep_until_opt(at: Option<std::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
-}

@@ -16,11 +16,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{Epoch, Event, Seq, StreamId, now_ms};
 use zerodrop_store::{LiveSink, Store, StoreError};
@@ -80,11 +81,14 @@ impl Delivery {
     }
 }
 
-/// Wakes one connection. `wake` is cheap when the connection is already due to look.
+/// A connection's doorbell: the hub rings it when its streams grow; drains and takeovers ring
+/// it too. `wake` is a couple of atomic operations (no lock), and cheap when the connection is
+/// already due to look.
 #[derive(Default)]
 pub struct Signal {
-    notify: Notify,
     pending: AtomicBool,
+    kicked: AtomicBool,
+    waker: AtomicWaker,
 }
 
 impl Signal {
@@ -94,21 +98,39 @@ impl Signal {
 
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
+            self.waker.wake();
         }
     }
 
-    /// Resolves once woken. Cancel-safe: a wake that arrives while nobody waits is kept.
-    pub async fn woken(&self) {
-        self.notify.notified().await;
+    /// Asks the connection to close because a newer one took its session over.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        self.wake();
     }
 
-    /// Clears the wake-up; call before looking, so a wake during the look is not lost.
+    pub fn is_kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
+    }
+
+    /// Resolves once rung (at once if a ring is pending). Cancel-safe.
+    pub fn woken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.pending.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.pending.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Clears the ring; call before looking, so a ring during the look is not lost. (An RMW,
+    /// so that whatever was published before the ring we clear is visible to the look.)
     pub fn take(&self) {
-        self.pending.store(false, Ordering::Release);
-        // Pairs with the AcqRel swap in `wake`: events pushed before a wake we cleared are
-        // visible to the look that follows.
-        std::sync::atomic::fence(Ordering::SeqCst);
+        self.pending.swap(false, Ordering::AcqRel);
     }
 }
 

@@ -40,6 +40,7 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) -> anyhow::Result<()> {
         drain_for(&self.app, "shutdown", grace).await;
         let _ = self.stop.send(true);
+        self.app.flush_acks(None).await;
         let r = self.task.await.context("server task panicked")?;
         if let Some(s) = &self.sqlite {
             let s = s.clone();
@@ -58,14 +59,12 @@ impl Running {
 /// rest.
 pub async fn drain_for(app: &App, reason: &str, grace: Duration) {
     let spread = grace.saturating_sub(Duration::from_secs(1)).max(grace / 2);
-    app.drain.start(reason, spread);
-    app.metrics.drain_state(app.drain.state().gauge());
+    app.start_drain(reason, spread);
     let deadline = tokio::time::Instant::now() + grace;
     while app.conns.current() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    app.drain.complete();
-    app.metrics.drain_state(app.drain.state().gauge());
+    app.complete_drain();
     let closing = tokio::time::Instant::now() + Duration::from_secs(2);
     while app.conns.current() > 0 && tokio::time::Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -267,6 +266,21 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
                 } else if !was && ok {
                     tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
                 }
+            }
+        });
+    }
+    // Written-behind WebSocket acks, once a second, in one batch.
+    {
+        let app = app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                app.flush_acks(None).await;
             }
         });
     }

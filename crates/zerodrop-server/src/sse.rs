@@ -23,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
-use tokio::time::{Interval, MissedTickBehavior, interval};
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
 use zerodrop_store::SessionRecord;
@@ -164,21 +163,20 @@ async fn open(
         .subscribe(stream.clone(), info.epoch.clone(), after, signal.clone());
     sub.set_replay_until(info.head);
     signal.wake();
-    let mut ping = interval(PING_EVERY);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ping.reset();
-    let drain_rx = app.drain.watch();
+    let mut drain_rx = app.drain.watch();
+    let fraction = rand_fraction();
+    let drain_at = drain_rx.borrow_and_update().deadline_for(fraction);
     let state = SseConn {
-        conn: app.next_conn_id(),
+        conn: app.register_connection(&signal),
         session: session.map(|s| s.id.to_string()),
-        fraction: rand_fraction(),
-        drain_deadline: None,
+        fraction,
+        drain_at,
         app,
         stream,
         sub,
         signal,
         pending: first_chunk.into(),
-        ping,
+        ping_at: Instant::now() + PING_EVERY,
         drain_rx,
         retry_at: None,
         opened: Instant::now(),
@@ -218,10 +216,10 @@ struct SseConn {
     sub: Subscription,
     signal: Arc<Signal>,
     pending: VecDeque<Bytes>,
-    ping: Interval,
+    ping_at: Instant,
     drain_rx: watch::Receiver<DrainPhase>,
     fraction: f64,
-    drain_deadline: Option<Instant>,
+    drain_at: Option<Instant>,
     retry_at: Option<Instant>,
     opened: Instant,
     delivered: u64,
@@ -231,32 +229,43 @@ struct SseConn {
 impl SseConn {
     /// The next bytes to send, or `None` to end the response.
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.fraction);
         loop {
             if let Some(b) = self.pending.pop_front() {
                 return Some(b);
             }
-            let (drain_at, retry_at) = (self.drain_deadline, self.retry_at);
+            let next = [Some(self.ping_at), self.drain_at, self.retry_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(self.ping_at);
             tokio::select! {
                 biased;
-                _ = crate::sleep_until_opt(drain_at) => return None,
-                changed = self.drain_rx.changed() => {
-                    if changed.is_ok() {
-                        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.fraction);
+                _ = self.signal.woken() => {
+                    self.signal.take();
+                    if self.drain_rx.has_changed().unwrap_or(false) {
+                        self.drain_at = self.drain_rx.borrow_and_update().deadline_for(self.fraction);
+                    }
+                    self.pull().await;
+                }
+                _ = tokio::time::sleep_until(next.into()) => {
+                    let now = Instant::now();
+                    if self.drain_at.is_some_and(|t| t <= now) {
+                        return None;
+                    }
+                    if self.retry_at.is_some_and(|t| t <= now) {
+                        self.retry_at = None;
+                        self.signal.wake();
+                    }
+                    if self.ping_at <= now {
+                        self.ping_at = now + PING_EVERY;
+                        return Some(Bytes::from_static(b": ping\n\n"));
                     }
                 }
-                _ = self.signal.woken() => self.pull().await,
-                _ = crate::sleep_until_opt(retry_at) => {
-                    self.retry_at = None;
-                    self.signal.wake();
-                }
-                _ = self.ping.tick() => return Some(Bytes::from_static(b": ping\n\n")),
             }
         }
     }
 
     async fn pull(&mut self) {
-        self.signal.take();
         let mut buf = Vec::new();
         match self
             .sub
@@ -325,6 +334,7 @@ impl SseConn {
 
 impl Drop for SseConn {
     fn drop(&mut self) {
+        self.app.unregister_connection(self.conn);
         self.app.metrics.connection_closed(Transport::Sse);
         tracing::info!(
             conn = self.conn,

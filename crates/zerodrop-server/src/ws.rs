@@ -24,8 +24,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
-use tokio::time::{MissedTickBehavior, interval};
+use tokio::sync::watch;
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
@@ -42,7 +41,6 @@ pub const PROTOCOLS: &[&str] = &["zerodrop.v1"];
 /// Most event frames written per wake; the rest follows on the next turn of the loop, after
 /// client frames had their chance.
 const MAX_EVENTS_PER_WRITE: usize = 512;
-const ACK_FLUSH: Duration = Duration::from_millis(200);
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
@@ -151,12 +149,6 @@ struct Session {
     grants: Grants,
 }
 
-#[derive(Clone, Copy)]
-struct AckState {
-    acked: Seq,
-    dirty: bool,
-}
-
 struct Conn {
     app: Arc<App>,
     socket: WebSocket,
@@ -165,20 +157,37 @@ struct Conn {
     signal: Arc<Signal>,
     session: Option<Session>,
     subs: Vec<Subscription>,
-    acks: HashMap<StreamId, AckState>,
+    /// Per subscribed stream, the ack as applied (written behind by `App::acks`).
+    acks: HashMap<StreamId, Seq>,
     ping_outstanding: Option<(u64, Instant)>,
     missed_pings: u8,
     limiter: DefaultDirectRateLimiter,
     last_limit_notice: Option<Instant>,
-    kicked: Option<oneshot::Receiver<()>>,
     drain_rx: watch::Receiver<DrainPhase>,
     drain_fraction: f64,
-    drain_deadline: Option<Instant>,
-    retry_at: Option<Instant>,
+    timers: Timers,
     buf: Vec<Arc<Delivery>>,
     opened: Instant,
     delivered: u64,
     _slot: ConnSlot,
+}
+
+/// Everything a connection must do at a given moment; one timer serves them all.
+struct Timers {
+    ping: Instant,
+    refresh: Instant,
+    drain: Option<Instant>,
+    retry: Option<Instant>,
+}
+
+impl Timers {
+    fn next(&self) -> Instant {
+        [Some(self.ping), Some(self.refresh), self.drain, self.retry]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.ping)
+    }
 }
 
 /// Client frames: one flat shape, dispatched on `type`.
@@ -209,13 +218,24 @@ impl Conn {
     fn new(app: Arc<App>, socket: WebSocket, protocol: &'static str, slot: ConnSlot) -> Conn {
         let per_sec = NonZeroU32::new(app.cfg.ws_frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = per_sec.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let drain_rx = app.drain.watch();
-        let id = app.next_conn_id();
+        let mut drain_rx = app.drain.watch();
+        let signal = Signal::new();
+        let id = app.register_connection(&signal);
+        // Spread drain reconnects evenly, whatever the id pattern.
+        let drain_fraction =
+            (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        let now = Instant::now();
+        let timers = Timers {
+            ping: now + Duration::from_secs(app.cfg.ping_interval_sec),
+            refresh: now + refresh_every(&app),
+            drain: drain_rx.borrow_and_update().deadline_for(drain_fraction),
+            retry: None,
+        };
         Conn {
             socket,
             id,
             protocol,
-            signal: Signal::new(),
+            signal,
             session: None,
             subs: Vec::new(),
             acks: HashMap::new(),
@@ -223,15 +243,11 @@ impl Conn {
             missed_pings: 0,
             limiter: RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst)),
             last_limit_notice: None,
-            kicked: None,
             drain_rx,
-            // Spread drain reconnects evenly, whatever the id pattern.
-            drain_fraction: (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
-                / (1u64 << 53) as f64,
-            drain_deadline: None,
-            retry_at: None,
+            drain_fraction,
+            timers,
             buf: Vec::new(),
-            opened: Instant::now(),
+            opened: now,
             delivered: 0,
             _slot: slot,
             app,
@@ -281,6 +297,7 @@ impl Conn {
             self.app.touch(&s.id).await;
             self.app.release_session(&s.id, self.id);
         }
+        self.app.unregister_connection(self.id);
         self.app.metrics.connection_closed(Transport::Ws);
         tracing::info!(
             conn = self.id,
@@ -362,7 +379,7 @@ impl Conn {
 
     /// Becomes the session's connection and says `welcome`.
     async fn adopt(&mut self, id: SessionId, sub: String, grants: Grants) -> Result<(), Exit> {
-        self.kicked = Some(self.app.hold_session(&id, self.id));
+        self.app.hold_session(&id, self.id, &self.signal);
         let token = self.app.mint_token(&id, &sub);
         let welcome = json!({
             "type": "welcome",
@@ -395,13 +412,7 @@ impl Conn {
             match self.app.stream_start(&session, stream, client_ack).await {
                 Ok(start) => {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
-                    self.acks.insert(
-                        stream.clone(),
-                        AckState {
-                            acked,
-                            dirty: false,
-                        },
-                    );
+                    self.acks.insert(stream.clone(), acked);
                     self.start_sub(stream.clone(), start.epoch, start.after, start.head)
                         .await?;
                 }
@@ -447,42 +458,11 @@ impl Conn {
     }
 
     async fn serve(&mut self) -> Result<(), Exit> {
-        let ping_every = Duration::from_secs(self.app.cfg.ping_interval_sec);
-        let mut ping = interval(ping_every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ping.reset();
-        let mut acks = interval(ACK_FLUSH);
-        acks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let refresh_every = Duration::from_secs((self.app.cfg.reconnect_window_sec / 3).max(1));
-        let mut refresh = interval(refresh_every);
-        refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        refresh.reset();
-        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.drain_fraction);
+        let timer = tokio::time::sleep_until(self.timers.next().into());
+        tokio::pin!(timer);
         loop {
-            let drain_at = self.drain_deadline;
-            let retry_at = self.retry_at;
-            let kicked = async {
-                match self.kicked.as_mut() {
-                    Some(rx) => {
-                        let _ = rx.await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
-                _ = kicked => {
-                    return Err(Exit::error(ApiError::new(
-                        ErrorCode::SessionTakenOver,
-                        "a newer connection resumed this session",
-                    )));
-                }
-                _ = crate::sleep_until_opt(drain_at) => return self.drain_out().await,
-                changed = self.drain_rx.changed() => {
-                    if changed.is_ok() {
-                        self.drain_deadline = self.drain_rx.borrow().deadline_for(self.drain_fraction);
-                    }
-                }
                 msg = self.socket.recv() => match msg {
                     None => return Err(Exit::Gone("client closed")),
                     Some(Err(e)) => return Err(read_error(e)),
@@ -493,16 +473,50 @@ impl Conn {
                     Some(Ok(Message::Close(_))) => return Err(Exit::Gone("client closed")),
                     Some(Ok(_)) => {}
                 },
-                _ = self.signal.woken() => self.deliver().await?,
-                _ = crate::sleep_until_opt(retry_at) => {
-                    self.retry_at = None;
-                    self.signal.wake();
-                }
-                _ = ping.tick() => self.ping().await?,
-                _ = acks.tick() => self.flush_acks().await,
-                _ = refresh.tick() => self.refresh_token().await?,
+                _ = self.signal.woken() => self.on_wake().await?,
+                _ = &mut timer => self.on_timer().await?,
+            }
+            let next = tokio::time::Instant::from_std(self.timers.next());
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
             }
         }
+    }
+
+    /// The doorbell rang: new events, a drain phase change, or a takeover.
+    async fn on_wake(&mut self) -> Result<(), Exit> {
+        self.signal.take();
+        if self.signal.is_kicked() {
+            return Err(Exit::error(ApiError::new(
+                ErrorCode::SessionTakenOver,
+                "a newer connection resumed this session",
+            )));
+        }
+        if self.drain_rx.has_changed().unwrap_or(false) {
+            let phase = *self.drain_rx.borrow_and_update();
+            self.timers.drain = phase.deadline_for(self.drain_fraction);
+        }
+        self.deliver().await
+    }
+
+    async fn on_timer(&mut self) -> Result<(), Exit> {
+        let now = Instant::now();
+        if self.timers.drain.is_some_and(|t| t <= now) {
+            return self.drain_out().await;
+        }
+        if self.timers.retry.is_some_and(|t| t <= now) {
+            self.timers.retry = None;
+            self.signal.wake();
+        }
+        if self.timers.ping <= now {
+            self.timers.ping = now + Duration::from_secs(self.app.cfg.ping_interval_sec);
+            self.ping().await?;
+        }
+        if self.timers.refresh <= now {
+            self.timers.refresh = now + refresh_every(&self.app);
+            self.refresh_token().await?;
+        }
+        Ok(())
     }
 
     async fn drain_out(&mut self) -> Result<(), Exit> {
@@ -548,7 +562,6 @@ impl Conn {
 
     /// Writes whatever is new after every cursor, in one flush.
     async fn deliver(&mut self) -> Result<(), Exit> {
-        self.signal.take();
         let mut budget = MAX_EVENTS_PER_WRITE;
         let mut frames = 0u64;
         let mut oldest: Option<Instant> = None;
@@ -608,7 +621,7 @@ impl Conn {
             Fault::Store(e) => {
                 // Keep the subscription; look again shortly.
                 tracing::debug!(error = %e, stream = %stream, "catch-up read failed; will retry");
-                self.retry_at = Some(Instant::now() + STORE_RETRY);
+                self.timers.retry = Some(Instant::now() + STORE_RETRY);
                 return Ok(());
             }
             Fault::Trimmed {
@@ -773,14 +786,8 @@ impl Conn {
                 .send_error(ApiError::from(e).with("stream", stream.as_str()))
                 .await;
         }
-        let prev = self.acks.get(&stream).map(|a| a.acked).unwrap_or(Seq(0));
-        self.acks.insert(
-            stream.clone(),
-            AckState {
-                acked: prev.max(after),
-                dirty: false,
-            },
-        );
+        let prev = self.acks.get(&stream).copied().unwrap_or(Seq(0));
+        self.acks.insert(stream.clone(), prev.max(after));
         self.start_sub(stream, info.epoch, after, info.head).await
     }
 
@@ -812,7 +819,7 @@ impl Conn {
                 .send_error(ApiError::invalid("ack needs a seq").with("stream", stream.as_str()))
                 .await;
         };
-        let Some(state) = self.acks.get(&stream).copied() else {
+        let Some(acked) = self.acks.get(&stream).copied() else {
             let e = ApiError::invalid("ack for a stream this connection is not subscribed to")
                 .with("stream", stream.as_str());
             return self.send_error(e).await;
@@ -836,17 +843,14 @@ impl Conn {
                 }
             }
         };
-        match checkpoint::apply(state.acked, seq, head) {
+        match checkpoint::apply(acked, seq, head) {
             Ok(u) => {
                 self.app.metrics.checkpoint(u.is_applied());
                 if u.is_applied() {
-                    self.acks.insert(
-                        stream,
-                        AckState {
-                            acked: u.last_ack(),
-                            dirty: true,
-                        },
-                    );
+                    self.acks.insert(stream.clone(), u.last_ack());
+                    if let Some(s) = &self.session {
+                        self.app.acks.record(&s.id, &stream, u.last_ack());
+                    }
                 }
                 Ok(())
             }
@@ -857,22 +861,12 @@ impl Conn {
         }
     }
 
+    /// Writes this session's buffered acks now (before the socket goes, or before a stream
+    /// leaves the session).
     async fn flush_acks(&mut self) {
-        let Some(s) = &self.session else { return };
-        let id = s.id.clone();
-        let dirty: Vec<(StreamId, Seq)> = self
-            .acks
-            .iter_mut()
-            .filter(|(_, a)| a.dirty)
-            .map(|(k, a)| {
-                a.dirty = false;
-                (k.clone(), a.acked)
-            })
-            .collect();
-        for (stream, seq) in dirty {
-            if let Err(e) = self.app.store.checkpoint(&id, &stream, seq).await {
-                tracing::debug!(error = %e, stream = %stream, "could not store an ack");
-            }
+        if let Some(s) = &self.session {
+            let (app, sid) = (self.app.clone(), s.id.clone());
+            app.flush_acks(Some(&sid)).await;
         }
     }
 
@@ -924,6 +918,10 @@ impl Conn {
             }
         }
     }
+}
+
+fn refresh_every(app: &App) -> Duration {
+    Duration::from_secs((app.cfg.reconnect_window_sec / 3).max(1))
 }
 
 fn read_error(e: axum::Error) -> Exit {

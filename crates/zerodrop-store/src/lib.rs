@@ -6,8 +6,8 @@
 //! suite (`tests/behaviour.rs`).
 //!
 //! Contract every implementation keeps:
-//! - `append` answers only once the event is durable, and only then hands it to the
-//!   [`LiveSink`] — live delivery never shows an event a crash could take back.
+//! - `append` answers only once the event is durable, and only then (right after answering)
+//!   hands it to the [`LiveSink`] — live delivery never shows an event a crash could take back.
 //! - Seqs are contiguous per stream, assigned by the store; events never change.
 //! - The sink sees the committed events of one stream in seq order.
 //! - Checkpoints follow [`zerodrop_core::checkpoint::apply`], atomically with the head they
@@ -225,6 +225,21 @@ pub trait Store: Send + Sync + 'static {
         stream: &StreamId,
         seq: Seq,
     ) -> StoreResult<AckUpdate>;
+
+    /// Applies many acks (written-behind WebSocket acks) under the same rule. Entries that
+    /// cannot be applied (the session or stream is gone, the ack is stale) are skipped: the
+    /// result says how many were applied.
+    async fn checkpoint_many(&self, acks: Vec<(SessionId, StreamId, Seq)>) -> StoreResult<usize> {
+        let mut applied = 0;
+        for (id, stream, seq) in acks {
+            match self.checkpoint(&id, &stream, seq).await {
+                Ok(u) => applied += usize::from(u.is_applied()),
+                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                Err(_) => {}
+            }
+        }
+        Ok(applied)
+    }
 
     /// Moves the session's expiry (activity extends the reconnect window).
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;

@@ -116,6 +116,8 @@ const SESSION_MIN_KEEP_MS: u64 = 60_000;
 const ECHO_WAIT: Duration = Duration::from_secs(1);
 /// Checkpoint compare-and-set attempts before giving up.
 const CAS_ATTEMPTS: usize = 16;
+/// Written-behind acks applied concurrently by `checkpoint_many`.
+const CHECKPOINTS_AT_ONCE: usize = 32;
 /// Streams whose last seen position this instance remembers (to notice a log going back).
 const MAX_KNOWN_STREAMS: usize = 100_000;
 /// The pub/sub connection is pinged this often; a silent one is replaced.
@@ -1344,6 +1346,44 @@ impl Store for RedisStore {
         Err(StoreError::Unavailable(
             "checkpoint: the session stream kept changing".into(),
         ))
+    }
+
+    async fn checkpoint_many(&self, acks: Vec<(SessionId, StreamId, Seq)>) -> StoreResult<usize> {
+        // Each ack is its own compare-and-set over a few round trips. Acks of different
+        // session streams are independent, so several run at once (a flush of many sessions'
+        // acks does not take one round trip after another); those of one session stream run
+        // in the order given, as one after another would.
+        let mut groups: Vec<((SessionId, StreamId), Vec<Seq>)> = Vec::new();
+        let mut index: HashMap<(SessionId, StreamId), usize> = HashMap::new();
+        for (id, stream, seq) in acks {
+            let key = (id, stream);
+            match index.get(&key) {
+                Some(&i) => groups[i].1.push(seq),
+                None => {
+                    index.insert(key.clone(), groups.len());
+                    groups.push((key, vec![seq]));
+                }
+            }
+        }
+        let results: Vec<StoreResult<usize>> = futures_util::stream::iter(groups)
+            .map(|((id, stream), seqs)| async move {
+                let mut applied = 0;
+                for seq in seqs {
+                    match self.checkpoint(&id, &stream, seq).await {
+                        Ok(u) => applied += usize::from(u.is_applied()),
+                        Err(StoreError::Unavailable(e)) => {
+                            return Err(StoreError::Unavailable(e));
+                        }
+                        // The session or stream is gone, or the ack is beyond the head.
+                        Err(_) => {}
+                    }
+                }
+                Ok(applied)
+            })
+            .buffer_unordered(CHECKPOINTS_AT_ONCE)
+            .collect()
+            .await;
+        results.into_iter().sum()
     }
 
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {

@@ -84,6 +84,7 @@ enum Cmd {
     PutSessionStream(SessionId, StreamId, SessionStream, Reply<()>),
     RemoveSessionStream(SessionId, StreamId, Reply<()>),
     Checkpoint(SessionId, StreamId, Seq, Reply<AckUpdate>),
+    CheckpointMany(Vec<(SessionId, StreamId, Seq)>, Reply<usize>),
     Touch(SessionId, u64, Reply<()>),
     MarkDropped(SessionId, StreamId, Seq, Reply<()>),
 }
@@ -367,6 +368,7 @@ enum Done {
     Append(Reply<AppendOutcome>, StoreResult<AppendOutcome>),
     Unit(Reply<()>, StoreResult<()>),
     Ack(Reply<AckUpdate>, StoreResult<AckUpdate>),
+    Count(Reply<usize>, StoreResult<usize>),
 }
 
 impl Done {
@@ -376,6 +378,7 @@ impl Done {
             Done::Append(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Unit(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Ack(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
+            Done::Count(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
         }
     }
 }
@@ -444,14 +447,17 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.up.store(true, Ordering::Relaxed);
+                // Answer the callers first: a publisher's 201 must not queue behind the wake-ups
+                // of every subscriber (its next publish then overlaps this fan-out, and the
+                // subscribers find several events per write).
+                for d in fx.done {
+                    d.send(None);
+                }
                 if !fx.events.is_empty() {
                     self.sink.committed(&fx.events);
                 }
                 for (stream, first, count) in &fx.trims {
                     self.sink.trimmed(stream, *first, *count);
-                }
-                for d in fx.done {
-                    d.send(None);
                 }
                 if self.cache.len() > MAX_CACHED_STREAMS {
                     self.cache.clear();
@@ -498,6 +504,15 @@ impl Writer {
                     )?
                     .execute(params![id.as_str(), stream.as_str()])?;
                 fx.done.push(Done::Unit(reply, Ok(())));
+            }
+            Cmd::CheckpointMany(acks, reply) => {
+                let mut applied = 0;
+                for (id, stream, seq) in acks {
+                    if let Ok(u) = self.checkpoint(&id, &stream, seq)? {
+                        applied += usize::from(u.is_applied());
+                    }
+                }
+                fx.done.push(Done::Count(reply, Ok(applied)));
             }
             Cmd::Checkpoint(id, stream, seq, reply) => {
                 let r = self.checkpoint(&id, &stream, seq)?;
@@ -933,6 +948,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
         | Cmd::Touch(_, _, r)
         | Cmd::MarkDropped(_, _, _, r) => send(r, err),
         Cmd::Checkpoint(_, _, _, r) => send(r, err),
+        Cmd::CheckpointMany(_, r) => send(r, err),
     }
 }
 
@@ -1172,6 +1188,10 @@ impl Store for SqliteStore {
     ) -> StoreResult<AckUpdate> {
         let (id, stream) = (id.clone(), stream.clone());
         self.call(|r| Cmd::Checkpoint(id, stream, seq, r)).await
+    }
+
+    async fn checkpoint_many(&self, acks: Vec<(SessionId, StreamId, Seq)>) -> StoreResult<usize> {
+        self.call(|r| Cmd::CheckpointMany(acks, r)).await
     }
 
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {

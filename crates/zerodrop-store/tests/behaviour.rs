@@ -135,7 +135,12 @@ async fn seqs_contiguous_and_live_in_order(f: Fixture) {
         page.events.iter().map(|e| e.seq().0).collect::<Vec<_>>(),
         vec![16, 17, 18]
     );
-    // The sink saw every commit, each stream in order.
+    // The sink saw every commit, each stream in order (it is told right after the callers
+    // are answered, so give it a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f.sink.committed.lock().unwrap().len() < 21 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let c = f.sink.committed.lock().unwrap().clone();
     let room1: Vec<u64> = c
         .iter()
@@ -370,6 +375,38 @@ async fn sessions_and_checkpoints(f: Fixture) {
             .unwrap_err(),
         StoreError::SessionNotFound
     );
+    // Batched acks: applied, stale, unknown session and unknown stream in one call.
+    let batch = vec![
+        (id.clone(), sid("room:1"), Seq(10)),
+        (id.clone(), sid("room:1"), Seq(3)),
+        (SessionId::generate(), sid("room:1"), Seq(5)),
+        (id.clone(), sid("room:9"), Seq(1)),
+    ];
+    assert_eq!(
+        f.store.checkpoint_many(batch).await.unwrap(),
+        0,
+        "10 was already the ack"
+    );
+    f.store
+        .put_session_stream(
+            &id,
+            &sid("room:2"),
+            SessionStream {
+                epoch: epoch.clone(),
+                ack: Seq(0),
+                dropped_through: Seq(0),
+            },
+        )
+        .await
+        .unwrap();
+    publish_n(&f, "room:2", 3).await;
+    let batch = vec![
+        (id.clone(), sid("room:2"), Seq(2)),
+        (id.clone(), sid("room:2"), Seq(1)),
+    ];
+    assert_eq!(f.store.checkpoint_many(batch).await.unwrap(), 1);
+    let s = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(s.streams[&sid("room:2")].ack, Seq(2));
     // Re-adding a stream in the same epoch never moves its ack backwards.
     let lower = SessionStream {
         epoch: epoch.clone(),

@@ -27,6 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print a connect token (JWT HS256) for development.
     Token(TokenArgs),
+    #[command(flatten)]
+    Ops(zerodrop_ops::OpsCommand),
 }
 
 #[derive(clap::Args)]
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             serve(args, &sub)
         }
         Command::Token(args) => token(args),
+        Command::Ops(cmd) => ops(cmd),
     };
     match result {
         Ok(code) => code,
@@ -91,6 +94,7 @@ fn serve(args: ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("zerodrop")
+        .max_blocking_threads(32)
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
@@ -127,6 +131,16 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The operator tools (probe, drill, gate, …): clients of a server, never a server.
+fn ops(cmd: zerodrop_ops::OpsCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("zerodrop-ops")
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(zerodrop_ops::run(cmd))
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,353 @@
+//! The HTTP API of SPEC §3.
+//!
+//! Every call returns the server's typed error ([`ClientError::Http`] with the SPEC code) or
+//! a network error; nothing is retried behind the caller's back, because the operator tools
+//! must see every status the server produced. `publish` takes an `Idempotency-Key` so a caller
+//! *can* retry safely.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{ApiError, ClientError};
+use crate::frames::Event;
+
+/// The answer to a publish: `201 {stream, seq, epoch, duplicate}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Published {
+    pub stream: String,
+    pub seq: u64,
+    pub epoch: String,
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamInfo {
+    pub stream: String,
+    pub epoch: String,
+    pub head_seq: u64,
+    #[serde(default)]
+    pub first_seq: u64,
+    #[serde(default)]
+    pub count: u64,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsPage {
+    pub stream: String,
+    pub epoch: String,
+    pub head_seq: u64,
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionStream {
+    #[serde(default)]
+    pub epoch: String,
+    #[serde(default)]
+    pub head_seq: u64,
+    #[serde(default)]
+    pub last_ack_sequence: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    pub session_id: String,
+    pub resume_token: String,
+    #[serde(default)]
+    pub reconnect_window_sec: u64,
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub streams: BTreeMap<String, SessionStream>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    /// `applied` or `ignored`.
+    pub ack_update: String,
+    pub last_ack_sequence: u64,
+}
+
+/// One stream's replay window in a reconnect answer, or the reason it cannot be served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayEntry {
+    #[serde(default)]
+    pub epoch: Option<String>,
+    #[serde(default)]
+    pub from_seq: u64,
+    #[serde(default)]
+    pub to_seq: u64,
+    #[serde(default)]
+    pub events: Vec<Event>,
+    #[serde(default)]
+    pub complete: Option<bool>,
+    #[serde(default)]
+    pub error: Option<ApiError>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconnectAnswer {
+    pub session_id: String,
+    pub resume_token: String,
+    #[serde(default)]
+    pub replay: BTreeMap<String, ReplayEntry>,
+}
+
+/// A status and JSON body, for routes the caller inspects whatever the status
+/// (health, readiness, admin).
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    base: String,
+    api_key: Option<String>,
+    http: reqwest::Client,
+    /// No overall timeout: SSE bodies stay open for as long as the caller reads.
+    streaming: reqwest::Client,
+}
+
+impl HttpClient {
+    /// `base_url` is `http://host:port` (an optional path prefix is kept).
+    pub fn new(base_url: &str, api_key: Option<String>) -> Result<HttpClient, ClientError> {
+        Self::with_timeout(base_url, api_key, Duration::from_secs(10))
+    }
+
+    pub fn with_timeout(
+        base_url: &str,
+        api_key: Option<String>,
+        timeout: Duration,
+    ) -> Result<HttpClient, ClientError> {
+        crate::ws_base(base_url)?;
+        let build = |total: Option<Duration>| {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .pool_idle_timeout(Duration::from_secs(30));
+            if let Some(t) = total {
+                b = b.timeout(t);
+            }
+            b.build().map_err(|e| ClientError::Network(e.to_string()))
+        };
+        Ok(HttpClient {
+            base: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            http: build(Some(timeout))?,
+            streaming: build(None)?,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
+    pub(crate) fn streaming_client(&self) -> &reqwest::Client {
+        &self.streaming
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn api_key_header(&self) -> Result<String, ClientError> {
+        self.api_key
+            .as_deref()
+            .map(|k| format!("Bearer {k}"))
+            .ok_or_else(|| ClientError::Token("no API key configured".into()))
+    }
+
+    /// `POST /v1/streams/{stream}/events` with `{"data": data}`; `data` is JSON text.
+    pub async fn publish(
+        &self,
+        stream: &str,
+        data_json: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, ClientError> {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/v1/streams/{stream}/events")))
+            .header(AUTHORIZATION, self.api_key_header()?)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(format!("{{\"data\":{data_json}}}"));
+        if let Some(k) = idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        expect_json(req.send().await).await
+    }
+
+    /// `GET /v1/streams/{stream}` (api key).
+    pub async fn stream_info(&self, stream: &str) -> Result<StreamInfo, ClientError> {
+        let req = self
+            .http
+            .get(self.url(&format!("/v1/streams/{stream}")))
+            .header(AUTHORIZATION, self.api_key_header()?);
+        expect_json(req.send().await).await
+    }
+
+    /// `GET /v1/streams/{stream}/events?after=N&limit=M`, with the api key or, when given, a
+    /// connect token.
+    pub async fn read_events(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: u32,
+        connect_token: Option<&str>,
+    ) -> Result<EventsPage, ClientError> {
+        let auth = match connect_token {
+            Some(t) => format!("Bearer {t}"),
+            None => self.api_key_header()?,
+        };
+        let req = self
+            .http
+            .get(self.url(&format!("/v1/streams/{stream}/events")))
+            .query(&[("after", after.to_string()), ("limit", limit.to_string())])
+            .header(AUTHORIZATION, auth);
+        expect_json(req.send().await).await
+    }
+
+    /// `POST /v1/sessions` with a connect token.
+    pub async fn open_session(
+        &self,
+        connect_token: &str,
+        streams: &[String],
+    ) -> Result<Session, ClientError> {
+        let req = self
+            .http
+            .post(self.url("/v1/sessions"))
+            .header(AUTHORIZATION, format!("Bearer {connect_token}"))
+            .json(&serde_json::json!({ "streams": streams }));
+        expect_json(req.send().await).await
+    }
+
+    /// `POST /v1/sessions/{id}/checkpoint` with the resume token.
+    pub async fn checkpoint(
+        &self,
+        session_id: &str,
+        resume_token: &str,
+        stream: &str,
+        seq: u64,
+    ) -> Result<Checkpoint, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&format!("/v1/sessions/{session_id}/checkpoint")))
+            .header(AUTHORIZATION, format!("Bearer {resume_token}"))
+            .json(&serde_json::json!({ "stream": stream, "seq": seq }));
+        expect_json(req.send().await).await
+    }
+
+    /// `POST /v1/sessions/{id}/reconnect`.
+    pub async fn reconnect(
+        &self,
+        session_id: &str,
+        resume_token: &str,
+        last_ack: Option<&BTreeMap<String, u64>>,
+    ) -> Result<ReconnectAnswer, ClientError> {
+        let mut body = serde_json::json!({ "resumeToken": resume_token });
+        if let Some(l) = last_ack {
+            body["lastAckSequence"] = serde_json::to_value(l).unwrap_or(Value::Null);
+        }
+        let req = self
+            .http
+            .post(self.url(&format!("/v1/sessions/{session_id}/reconnect")))
+            .json(&body);
+        expect_json(req.send().await).await
+    }
+
+    /// Any GET whose status and JSON body the caller judges itself (`/health`,
+    /// `/health/ready`, `/metrics?format=json`). A non-JSON body becomes a JSON string.
+    pub async fn get_answer(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<Answer, ClientError> {
+        let mut req = self.http.get(self.url(path));
+        if let Some(b) = bearer {
+            req = req.header(AUTHORIZATION, format!("Bearer {b}"));
+        }
+        answer(req.send().await).await
+    }
+
+    /// A POST with a JSON body whose status and body the caller judges (admin routes).
+    pub async fn post_answer(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &Value,
+    ) -> Result<Answer, ClientError> {
+        let mut req = self.http.post(self.url(path)).json(body);
+        if let Some(b) = bearer {
+            req = req.header(AUTHORIZATION, format!("Bearer {b}"));
+        }
+        answer(req.send().await).await
+    }
+
+    /// `GET /metrics?format=json`.
+    pub async fn metrics_json(&self) -> Result<Value, ClientError> {
+        let a = self.get_answer("/metrics?format=json", None).await?;
+        if a.status != 200 {
+            return Err(ClientError::Protocol(format!(
+                "/metrics?format=json answered {}",
+                a.status
+            )));
+        }
+        Ok(a.body)
+    }
+}
+
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    h.get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+async fn expect_json<T: DeserializeOwned>(
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<T, ClientError> {
+    let resp = sent.map_err(ClientError::from_reqwest)?;
+    let status = resp.status().as_u16();
+    let ra = retry_after(resp.headers());
+    let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
+    if !(200..300).contains(&status) {
+        return Err(ClientError::from_body(status, &body, ra));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ClientError::Protocol(format!(
+            "unexpected {status} body ({e}): {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))
+    })
+}
+
+async fn answer(sent: Result<reqwest::Response, reqwest::Error>) -> Result<Answer, ClientError> {
+    let resp = sent.map_err(ClientError::from_reqwest)?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
+    let body = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    Ok(Answer { status, body })
+}

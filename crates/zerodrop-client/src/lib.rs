@@ -1,0 +1,66 @@
+//! A small zerodrop SDK that speaks the wire protocol exactly like any user would.
+//!
+//! - [`HttpClient`]: publish (with `Idempotency-Key`), read, stream info, sessions,
+//!   checkpoints, HTTP reconnect, health, metrics and the admin routes.
+//! - [`WsConnection`]: `GET /v1/ws` with a connect token or a resume token, the frames of
+//!   SPEC §4, automatic `pong` answers and resume-token refresh.
+//! - [`SseConnection`]: `GET /v1/streams/{stream}/sse` with `Last-Event-ID` / `?after=`.
+//! - [`Deduper`]: per-stream seq bookkeeping — drop what was already delivered, flag gaps and
+//!   epoch changes. Every transport's events should pass through one.
+//! - [`mint_connect_token`]: HS256 connect tokens for backends that hold the JWT secret.
+//!
+//! The SDK never links the server: it is what the operator tools use to judge a deployment
+//! from the outside.
+
+pub mod dedupe;
+pub mod error;
+pub mod frames;
+pub mod http;
+pub mod sse;
+pub mod token;
+pub mod ws;
+
+pub use dedupe::{Deduper, Delivery};
+pub use error::{ApiError, ClientError};
+pub use frames::{ClientFrame, ErrorFrame, Event, ServerFrame, Welcome};
+pub use http::{
+    Answer, Checkpoint, EventsPage, HttpClient, Published, ReconnectAnswer, ReplayEntry, Session,
+    SessionStream, StreamInfo,
+};
+pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
+pub use token::{ConnectClaims, mint_connect_token};
+pub use ws::{WsAuth, WsConnection};
+
+/// The WebSocket subprotocol this SDK speaks.
+pub const PROTOCOL: &str = "zerodrop.v1";
+
+/// Turns `http://host:port[/prefix]` into its base without a trailing slash, and the matching
+/// `ws://` base.
+pub(crate) fn ws_base(http_base: &str) -> Result<String, ClientError> {
+    let base = http_base.trim_end_matches('/');
+    if let Some(rest) = base.strip_prefix("http://") {
+        Ok(format!("ws://{rest}"))
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        Ok(format!("wss://{rest}"))
+    } else {
+        Err(ClientError::InvalidUrl(format!(
+            "{http_base}: expected http:// or https://"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ws_base_follows_the_scheme() {
+        assert_eq!(
+            super::ws_base("http://127.0.0.1:7700/").unwrap(),
+            "ws://127.0.0.1:7700"
+        );
+        assert_eq!(
+            super::ws_base("https://x.example/zd").unwrap(),
+            "wss://x.example/zd"
+        );
+        assert!(super::ws_base("127.0.0.1:7700").is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! `GET /v1/ws`: one WebSocket session, opened with a connect token or resumed with a
+//! resume token.
+//!
+//! The connection answers the server's `ping` with `pong` by itself and always keeps the
+//! newest resume token (from `welcome`, `token` and `reconnect` frames), so a caller can
+//! resume after any drop with [`WsConnection::resume_token`]. Every frame is still handed to
+//! the caller, who ignores the kinds it does not care about.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::error::ClientError;
+use crate::frames::{ClientFrame, ServerFrame, Welcome};
+
+/// How a connection authenticates.
+#[derive(Clone, Debug)]
+pub enum WsAuth {
+    /// A connect token (`?token=`): a new session.
+    Token(String),
+    /// Take over a session: no token on the URL, the first frame is
+    /// `{"type":"resume","resumeToken":…,"lastAck":{…}}`.
+    Resume {
+        resume_token: String,
+        last_ack: BTreeMap<String, u64>,
+    },
+    /// Take over a session with `?resume=<token>` (the session's stored acks apply).
+    ResumeQuery(String),
+}
+
+pub struct WsConnection {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    welcome: Welcome,
+    resume_token: String,
+}
+
+fn config() -> WebSocketConfig {
+    // Small read buffers: a drill holds hundreds of these and tungstenite zero-fills the
+    // whole buffer before each read.
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(4 << 20))
+}
+
+fn ws_error(e: WsError) -> ClientError {
+    match e {
+        WsError::Http(resp) => {
+            let status = resp.status().as_u16();
+            let ra = crate::http::retry_after(resp.headers());
+            let body = resp.body().clone().unwrap_or_default();
+            ClientError::from_body(status, &body, ra)
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed => ClientError::Closed {
+            code: None,
+            reason: "connection closed".into(),
+        },
+        WsError::Io(e) => ClientError::Network(e.to_string()),
+        WsError::Protocol(p) => ClientError::Network(format!("websocket protocol: {p}")),
+        other => ClientError::Network(other.to_string()),
+    }
+}
+
+impl WsConnection {
+    /// Connects, authenticates and waits for `welcome` (at most `timeout` in all).
+    pub async fn connect(
+        base_url: &str,
+        auth: WsAuth,
+        timeout: Duration,
+    ) -> Result<WsConnection, ClientError> {
+        let fut = Self::connect_inner(base_url, auth);
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout("websocket connect and welcome".into()))?
+    }
+
+    async fn connect_inner(base_url: &str, auth: WsAuth) -> Result<WsConnection, ClientError> {
+        let base = crate::ws_base(base_url)?;
+        let url = match &auth {
+            WsAuth::Token(t) => format!("{base}/v1/ws?token={t}"),
+            WsAuth::Resume { .. } => format!("{base}/v1/ws"),
+            WsAuth::ResumeQuery(t) => format!("{base}/v1/ws?resume={t}"),
+        };
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ClientError::InvalidUrl(e.to_string()))?;
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(crate::PROTOCOL),
+        );
+        let (ws, _resp) = tokio_tungstenite::connect_async_with_config(req, Some(config()), true)
+            .await
+            .map_err(ws_error)?;
+        let mut conn = WsConnection {
+            ws,
+            welcome: Welcome {
+                session_id: String::new(),
+                resume_token: String::new(),
+                reconnect_window_sec: 0,
+                instance: String::new(),
+                protocol: String::new(),
+            },
+            resume_token: String::new(),
+        };
+        if let WsAuth::Resume {
+            resume_token,
+            last_ack,
+        } = auth
+        {
+            let last_ack = (!last_ack.is_empty()).then_some(last_ack);
+            conn.send(&ClientFrame::Resume {
+                resume_token,
+                last_ack,
+            })
+            .await?;
+        }
+        loop {
+            match conn.recv().await? {
+                ServerFrame::Welcome(w) => {
+                    conn.welcome = w;
+                    return Ok(conn);
+                }
+                ServerFrame::Error(e) => return Err(ClientError::Frame(e.error)),
+                // Nothing else is expected before `welcome`; tolerate pings and unknowns.
+                _ => continue,
+            }
+        }
+    }
+
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.welcome.session_id
+    }
+
+    /// The newest resume token the server handed out on this connection.
+    pub fn resume_token(&self) -> &str {
+        &self.resume_token
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        self.ws
+            .send(Message::text(frame.to_json()))
+            .await
+            .map_err(ws_error)
+    }
+
+    pub async fn subscribe(
+        &mut self,
+        stream: &str,
+        after: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Subscribe {
+            stream: stream.to_string(),
+            after,
+            epoch: epoch.map(str::to_string),
+        })
+        .await
+    }
+
+    pub async fn ack(&mut self, stream: &str, seq: u64) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Ack {
+            stream: stream.to_string(),
+            seq,
+        })
+        .await
+    }
+
+    pub async fn publish(
+        &mut self,
+        stream: &str,
+        data: serde_json::Value,
+        id: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Publish {
+            stream: stream.to_string(),
+            data,
+            id,
+        })
+        .await
+    }
+
+    /// The next frame from the server. `ping` is answered before it is returned; a close
+    /// becomes [`ClientError::Closed`] with the server's close code. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<ServerFrame, ClientError> {
+        loop {
+            let msg = match self.ws.next().await {
+                None => {
+                    return Err(ClientError::Closed {
+                        code: None,
+                        reason: "connection closed".into(),
+                    });
+                }
+                Some(Err(e)) => return Err(ws_error(e)),
+                Some(Ok(m)) => m,
+            };
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Close(c) => {
+                    return Err(ClientError::Closed {
+                        code: c.as_ref().map(|c| u16::from(c.code)),
+                        reason: c.map(|c| c.reason.to_string()).unwrap_or_default(),
+                    });
+                }
+                // Binary frames are not part of the protocol; control frames are handled
+                // by tungstenite.
+                _ => continue,
+            };
+            let frame = ServerFrame::parse(text.as_str())?;
+            match &frame {
+                ServerFrame::Ping { t } => {
+                    let pong = ClientFrame::Pong { t: t.clone() };
+                    self.send(&pong).await?;
+                }
+                ServerFrame::Welcome(w) => self.resume_token = w.resume_token.clone(),
+                ServerFrame::Token { resume_token }
+                | ServerFrame::Reconnect { resume_token, .. } => {
+                    self.resume_token = resume_token.clone()
+                }
+                _ => {}
+            }
+            return Ok(frame);
+        }
+    }
+
+    /// Waits for `subscribed` for `stream` (or its stream-level error), handing every other
+    /// frame that arrives meanwhile to `other`.
+    pub async fn await_subscribed(
+        &mut self,
+        stream: &str,
+        mut other: impl FnMut(ServerFrame),
+    ) -> Result<(String, u64, u64), ClientError> {
+        loop {
+            match self.recv().await? {
+                ServerFrame::Subscribed {
+                    stream: s,
+                    epoch,
+                    head_seq,
+                    from_seq,
+                } if s == stream => return Ok((epoch, head_seq, from_seq)),
+                ServerFrame::Error(e) if e.error.stream.as_deref() == Some(stream) => {
+                    return Err(ClientError::Frame(e.error));
+                }
+                f => other(f),
+            }
+        }
+    }
+
+    /// Closes politely (close frame, bounded wait).
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.ws.close(None)).await;
+    }
+
+    /// Drops the connection abruptly: the TCP connection closes without a WebSocket close
+    /// frame, like a phone losing its network. Returns the newest resume token.
+    pub fn abort(self) -> String {
+        self.resume_token
+    }
+}

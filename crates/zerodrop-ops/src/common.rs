@@ -1,0 +1,287 @@
+//! What every tool shares: where the server is, where the credentials come from, where the
+//! report goes, and the progress bar.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// The server a tool talks to and the credentials it may need.
+///
+/// Credentials are looked up flag → `ZERODROP_*` variable → `--data-dir`'s `secrets.json`,
+/// in that order (clap handles the first two).
+#[derive(Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// Base URL of the zerodrop instance.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    #[command(flatten)]
+    pub creds: CredArgs,
+}
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct CredArgs {
+    /// API key for publishing and reading (backends' credential) [env: ZERODROP_API_KEY]
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// JWT secret used to mint connect tokens for the synthetic clients
+    /// [env: ZERODROP_JWT_SECRET]
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// Admin token for /admin/* (drain, snapshot) [env: ZERODROP_ADMIN_TOKEN]
+    #[arg(long)]
+    pub admin_token: Option<String>,
+    /// Data directory whose secrets.json supplies any credential not given otherwise
+    /// [env: ZERODROP_DATA_DIR; default: ./zerodrop-data when it has one]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Credentials after the lookup.
+#[derive(Clone, Debug, Default)]
+pub struct Creds {
+    pub api_key: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub admin_token: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct SecretsFile {
+    api_key: Option<String>,
+    admin_token: Option<String>,
+    jwt_secret: Option<String>,
+}
+
+/// A variable's value; unset and empty are the same (an empty secret is no secret).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl CredArgs {
+    /// Flags, then `ZERODROP_*` variables, then `secrets.json`.
+    pub fn resolve(&self) -> anyhow::Result<Creds> {
+        self.resolve_with(env_var)
+    }
+
+    fn resolve_with(&self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Creds> {
+        let mut c = Creds {
+            api_key: self.api_key.clone().or_else(|| env("ZERODROP_API_KEY")),
+            jwt_secret: self
+                .jwt_secret
+                .clone()
+                .or_else(|| env("ZERODROP_JWT_SECRET")),
+            admin_token: self
+                .admin_token
+                .clone()
+                .or_else(|| env("ZERODROP_ADMIN_TOKEN")),
+        };
+        if c.api_key.is_some() && c.jwt_secret.is_some() && c.admin_token.is_some() {
+            return Ok(c);
+        }
+        // An explicit data dir must be readable; the server's default one is only a fallback.
+        let (dir, explicit) = match self
+            .data_dir
+            .clone()
+            .or_else(|| env("ZERODROP_DATA_DIR").map(PathBuf::from))
+        {
+            Some(d) => (d, true),
+            None => (PathBuf::from("zerodrop-data"), false),
+        };
+        let path = dir.join("secrets.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => return Ok(c),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let s: SecretsFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a zerodrop secrets file", path.display()))?;
+        c.api_key = c.api_key.or(s.api_key);
+        c.jwt_secret = c.jwt_secret.or(s.jwt_secret);
+        c.admin_token = c.admin_token.or(s.admin_token);
+        Ok(c)
+    }
+}
+
+impl Creds {
+    pub fn api_key(&self) -> anyhow::Result<&str> {
+        self.api_key.as_deref().context(
+            "no API key: pass --api-key, set ZERODROP_API_KEY, or point --data-dir at the server's data directory",
+        )
+    }
+    pub fn jwt_secret(&self) -> anyhow::Result<&str> {
+        self.jwt_secret.as_deref().context(
+            "no JWT secret: pass --jwt-secret, set ZERODROP_JWT_SECRET, or point --data-dir at the server's data directory",
+        )
+    }
+    pub fn admin_token(&self) -> anyhow::Result<&str> {
+        self.admin_token.as_deref().context(
+            "no admin token: pass --admin-token, set ZERODROP_ADMIN_TOKEN, or point --data-dir at the server's data directory",
+        )
+    }
+}
+
+/// Where reports go.
+#[derive(Args, Clone, Debug, Default)]
+pub struct OutArgs {
+    /// Directory for the JSON report [default: .output/reliability].
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+impl OutArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.out_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".output/reliability"))
+    }
+}
+
+/// Writes `<tool>[-<profile>]-<UTC stamp>.json` into `dir` and returns its path. Two reports
+/// in the same second get `-2`, `-3`… rather than overwriting each other.
+pub fn write_report(
+    dir: &Path,
+    tool: &str,
+    profile: Option<&str>,
+    report: &impl Serialize,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = zerodrop_core::utc_stamp(zerodrop_core::now_ms());
+    let stem = match profile {
+        Some(p) => format!("{tool}-{p}-{stamp}"),
+        None => format!("{tool}-{stamp}"),
+    };
+    let body = serde_json::to_vec_pretty(report)?;
+    for n in 1..1000 {
+        let name = if n == 1 {
+            format!("{stem}.json")
+        } else {
+            format!("{stem}-{n}.json")
+        };
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(&body)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+    bail!("too many reports named {stem} in {}", dir.display())
+}
+
+/// A bar over a known duration; hidden when stderr is not a terminal (indicatif's default).
+pub fn duration_bar(total: Duration, label: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(total.as_secs().max(1)),
+        ProgressDrawTarget::stderr_with_hz(4),
+    );
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    zerodrop_core::now_ms()
+}
+
+/// A short random id for stream names and client ids of one run.
+pub fn run_id() -> String {
+    let b = zerodrop_core::random_bytes::<4>();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_fall_back_to_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("secrets.json"),
+            r#"{"apiKey":"k-file","adminToken":"a-file","jwtSecret":"j-file","resumeKeys":"k1:xxxxxxxxxxxxxxxxxxxx"}"#,
+        )
+        .unwrap();
+        let args = CredArgs {
+            api_key: Some("k-flag".into()),
+            data_dir: Some(dir.path().to_path_buf()),
+            ..CredArgs::default()
+        };
+        let env = |k: &str| (k == "ZERODROP_JWT_SECRET").then(|| "j-env".to_string());
+        let c = args.resolve_with(env).unwrap();
+        assert_eq!(c.api_key.as_deref(), Some("k-flag"), "a flag wins");
+        assert_eq!(
+            c.jwt_secret.as_deref(),
+            Some("j-env"),
+            "a variable beats the file"
+        );
+        let c = args.resolve_with(|_| None).unwrap();
+        assert_eq!(c.jwt_secret.as_deref(), Some("j-file"));
+        assert_eq!(c.admin_token.as_deref(), Some("a-file"));
+        let missing = CredArgs {
+            data_dir: Some(dir.path().join("nope")),
+            ..CredArgs::default()
+        };
+        assert!(missing.resolve_with(|_| None).is_err());
+        let from_env = CredArgs::default();
+        let dir_var = dir.path().to_str().unwrap().to_string();
+        let c = from_env
+            .resolve_with(|k| (k == "ZERODROP_DATA_DIR").then(|| dir_var.clone()))
+            .unwrap();
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("a-file"),
+            "ZERODROP_DATA_DIR is honoured"
+        );
+    }
+
+    #[test]
+    fn reports_get_unique_spec_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_report(
+            dir.path(),
+            "drill",
+            Some("quick"),
+            &serde_json::json!({"a":1}),
+        )
+        .unwrap();
+        let b = write_report(
+            dir.path(),
+            "drill",
+            Some("quick"),
+            &serde_json::json!({"a":2}),
+        )
+        .unwrap();
+        assert_ne!(a, b);
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("drill-quick-") && name.ends_with("Z.json"),
+            "{name}"
+        );
+        assert_eq!(name.len(), "drill-quick-".len() + 16 + 5);
+        let c = write_report(dir.path(), "capacity", None, &1).unwrap();
+        assert!(
+            c.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("capacity-2")
+        );
+    }
+}

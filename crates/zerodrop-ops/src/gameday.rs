@@ -1,0 +1,358 @@
+//! `zerodrop gameday`: drills against instances this tool starts itself, while it injects
+//! faults, and for each fault whether zero-drop held.
+//!
+//! One drill per (profile, fault): the fault strikes at 40 % of the run, the instance comes
+//! back, publishing goes on to the end and every client must then hold every event, once,
+//! in order. Clients reach the instance through a loopback proxy, so a restarted instance
+//! (new port) is reached at the same address, and a network cut is the proxy dropping every
+//! connection.
+//!
+//! Faults: `restart` (SIGTERM: graceful drain, then a new process on the same data),
+//! `drain` (admin drain first, as a zero-drop deploy does, then restart), `kill9` (SIGKILL,
+//! then restart: nothing acknowledged may be lost), `network_cut` (every connection cut,
+//! new ones refused for a second), `store_outage` (needs `--store redis`: the Redis server
+//! stops for a few seconds; skipped, and reported as skipped, with SQLite).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use zerodrop_client::HttpClient;
+
+use crate::common::{OutArgs, TargetArgs, write_report};
+use crate::drill::{LoadArgs, Profile, Scenario};
+use crate::instance::{Instance, Secrets, Spec};
+use crate::proxy::Proxy;
+use crate::redis::RedisProcess;
+use crate::report::DrillReport;
+use crate::slo::Slo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    #[value(name = "restart")]
+    Restart,
+    #[value(name = "drain")]
+    Drain,
+    #[value(name = "kill9")]
+    Kill9,
+    #[value(name = "network_cut")]
+    NetworkCut,
+    #[value(name = "store_outage")]
+    StoreOutage,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 5] = [
+        Fault::Restart,
+        Fault::Drain,
+        Fault::Kill9,
+        Fault::NetworkCut,
+        Fault::StoreOutage,
+    ];
+    pub fn id(self) -> &'static str {
+        match self {
+            Fault::Restart => "restart",
+            Fault::Drain => "drain",
+            Fault::Kill9 => "kill9",
+            Fault::NetworkCut => "network_cut",
+            Fault::StoreOutage => "store_outage",
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct GamedayArgs {
+    /// Profiles to run, each once per fault.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "burst,soak")]
+    pub profiles: Vec<Profile>,
+    /// Faults to inject [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub faults: Vec<Fault>,
+    /// The zerodrop binary to start [default: this executable].
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Store of the instances: sqlite (default) or redis (a redis-server is started for them).
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    /// The redis-server to start for `--store redis`.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server_bin: PathBuf,
+    /// Run length per drill in seconds, overriding the profile.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Scenarios (comma-separated) [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenarios: Vec<Scenario>,
+    /// Concurrent clients per drill.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// How long clients may take to catch up after publishing stops, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub drain_sec: f64,
+    #[arg(long)]
+    pub slo: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultResult {
+    pub profile: String,
+    pub fault: Fault,
+    pub skipped: Option<String>,
+    pub injected_at_sec: f64,
+    /// From the fault until the instance answered /health/ready again.
+    pub recovery_sec: f64,
+    pub zero_drop_held: bool,
+    pub resume_success_rate: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub notes: Vec<String>,
+    pub drill: Option<DrillReport>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GamedayReport {
+    pub tool: &'static str,
+    pub profile: String,
+    pub store: String,
+    pub passed: bool,
+    pub faults: Vec<FaultResult>,
+}
+
+async fn wait_ready(url: &str, within: Duration) -> bool {
+    let Ok(http) = HttpClient::with_timeout(url, None, Duration::from_secs(2)) else {
+        return false;
+    };
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(a) = http.get_answer("/health/ready", None).await
+            && a.status == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Injects `fault` into `inst` (replacing it when it restarts); returns notes.
+async fn inject(
+    fault: Fault,
+    inst: &mut Instance,
+    proxy: &Proxy,
+    secrets: &Secrets,
+    redis: Option<&mut RedisProcess>,
+) -> anyhow::Result<Vec<String>> {
+    let mut notes = Vec::new();
+    match fault {
+        Fault::Restart | Fault::Drain | Fault::Kill9 => {
+            if fault == Fault::Drain {
+                let http = HttpClient::new(&inst.url(), None)?;
+                let a = http
+                    .post_answer(
+                        "/admin/drain/start",
+                        Some(&secrets.admin_token),
+                        &serde_json::json!({"reason": "gameday", "max_session_age_seconds": 1}),
+                    )
+                    .await?;
+                notes.push(format!("drain/start answered {}", a.status));
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    let s = http
+                        .get_answer("/admin/drain/status", Some(&secrets.admin_token))
+                        .await?;
+                    if s.body.get("state").and_then(|v| v.as_str()) == Some("drained") {
+                        notes.push("drained".into());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            if fault == Fault::Kill9 {
+                inst.kill9().await?;
+            } else {
+                let code = inst.terminate(Duration::from_secs(15)).await?;
+                notes.push(format!("exit code after SIGTERM: {code:?}"));
+            }
+            let next = inst.restart().await.context("restarting the instance")?;
+            proxy.set_upstream(next.addr);
+            *inst = next;
+        }
+        Fault::NetworkCut => proxy.partition(Duration::from_secs(1)).await,
+        Fault::StoreOutage => match redis {
+            Some(r) => {
+                r.outage(Duration::from_secs(3)).await?;
+                notes.push(format!("redis-server on port {} was down for 3 s", r.port));
+            }
+            None => anyhow::bail!("store_outage needs --store redis"),
+        },
+    }
+    Ok(notes)
+}
+
+pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("locating the zerodrop executable")?,
+    };
+    let slo = Slo::load(args.slo.as_deref())?;
+    let faults: Vec<Fault> = if args.faults.is_empty() {
+        Fault::ALL.to_vec()
+    } else {
+        args.faults.clone()
+    };
+    let secrets = Secrets::generate();
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let mut results = Vec::new();
+    for profile in &args.profiles {
+        for fault in &faults {
+            let fault = *fault;
+            println!("== gameday {} / {}", profile.id(), fault.id());
+            if fault == Fault::StoreOutage && args.store != "redis" {
+                println!("   skipped: store_outage needs --store redis");
+                results.push(FaultResult {
+                    profile: profile.id().into(),
+                    fault,
+                    skipped: Some("store_outage needs --store redis (SQLite is in-process: it has no outage of its own)".into()),
+                    injected_at_sec: 0.0,
+                    recovery_sec: 0.0,
+                    zero_drop_held: true,
+                    resume_success_rate: 1.0,
+                    lost: 0,
+                    duplicated: 0,
+                    out_of_order: 0,
+                    notes: Vec::new(),
+                    drill: None,
+                });
+                continue;
+            }
+            let data = work.path().join(format!("{}-{}", profile.id(), fault.id()));
+            let mut spec = Spec::new(&bin, &data, &secrets);
+            spec.store = args.store.clone();
+            let mut redis = None;
+            if args.store == "redis" {
+                let r = RedisProcess::start(&args.redis_server_bin, &data.join("redis")).await?;
+                spec.args.extend(["--redis-url".to_string(), r.url()]);
+                redis = Some(r);
+            }
+            let mut inst = Instance::start(spec).await?;
+            let proxy = Proxy::start(inst.addr).await?;
+            let load = LoadArgs {
+                profile: *profile,
+                scenarios: args.scenarios.clone(),
+                minutes: None,
+                duration: args.duration,
+                limit: args.limit,
+                rate: None,
+                publishers: None,
+                payload_bytes: 100,
+                drain_sec: args.drain_sec,
+                token_pool_file: None,
+                slo: args.slo.clone(),
+            };
+            let plan = load.plan()?;
+            let target = TargetArgs {
+                url: proxy.url(),
+                creds: secrets.creds(),
+            };
+            let slo2 = slo.clone();
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let drill = tokio::spawn(async move {
+                crate::drill::drive_with(&target, &load, &slo2, "gameday", Some(started_tx)).await
+            });
+            // The fault strikes at 40 % of the publishing phase.
+            let _ = tokio::time::timeout(Duration::from_secs(60), started_rx).await;
+            let at = plan.duration.mul_f64(0.4);
+            tokio::time::sleep(at).await;
+            let t = Instant::now();
+            let notes = match inject(fault, &mut inst, &proxy, &secrets, redis.as_mut()).await {
+                Ok(n) => n,
+                Err(e) => vec![format!("injection failed: {e:#}")],
+            };
+            let ready = wait_ready(&inst.url(), Duration::from_secs(30)).await;
+            let recovery = t.elapsed().as_secs_f64();
+            let report = drill.await.context("the drill task failed")??;
+            let held = report.zero_drop_held() && ready && report.totals.published > 0;
+            println!("{}", report.summary());
+            println!(
+                "   {}: zero-drop {} (recovered in {recovery:.2} s)",
+                fault.id(),
+                if held { "HELD" } else { "BROKEN" }
+            );
+            let _ = inst.terminate(Duration::from_secs(10)).await;
+            results.push(FaultResult {
+                profile: profile.id().into(),
+                fault,
+                skipped: None,
+                injected_at_sec: at.as_secs_f64(),
+                recovery_sec: (recovery * 100.0).round() / 100.0,
+                zero_drop_held: held,
+                resume_success_rate: report.totals.resume_success_rate,
+                lost: report.totals.dropped + report.totals.missing,
+                duplicated: report.totals.duplicated,
+                out_of_order: report.totals.out_of_order,
+                notes,
+                drill: Some(report),
+            });
+        }
+    }
+    let passed = results.iter().all(|r| r.zero_drop_held);
+    println!(
+        "{:<10} {:<14} {:>9} {:>8} {:>6} {:>5} {:>9}",
+        "profile", "fault", "zero-drop", "resume", "lost", "dup", "recovery"
+    );
+    for r in &results {
+        println!(
+            "{:<10} {:<14} {:>9} {:>7.1}% {:>6} {:>5} {:>8.2}s{}",
+            r.profile,
+            r.fault.id(),
+            if r.skipped.is_some() {
+                "skipped"
+            } else if r.zero_drop_held {
+                "held"
+            } else {
+                "BROKEN"
+            },
+            r.resume_success_rate * 100.0,
+            r.lost,
+            r.duplicated,
+            r.recovery_sec,
+            r.skipped
+                .as_ref()
+                .map(|s| format!("  ({s})"))
+                .unwrap_or_default()
+        );
+    }
+    let profile = args
+        .profiles
+        .iter()
+        .map(|p| p.id())
+        .collect::<Vec<_>>()
+        .join("+");
+    let report = GamedayReport {
+        tool: "gameday",
+        profile: profile.clone(),
+        store: args.store.clone(),
+        passed,
+        faults: results,
+    };
+    let path = write_report(&args.out.dir(), "gameday", Some(&profile), &report)?;
+    println!(
+        "gameday {}; report: {}",
+        if passed { "PASSED" } else { "FAILED" },
+        path.display()
+    );
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,346 @@
+//! The SLO baseline file (`slo.json`) and the judge that holds a drill report against it.
+//!
+//! A breach is a sentence naming the scenario, the measure, the measured value and the
+//! limit. A drill that measured nothing (no event published or delivered where the scenario
+//! should have some) is a breach too: a gate that passes on an empty run cannot fail.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::report::{DrillReport, ScenarioReport};
+
+/// The SLO file shipped at the repository root; used when `--slo` is not given and no
+/// `slo.json` is in the current directory.
+pub const SHIPPED: &str = include_str!("../../../slo.json");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Slo {
+    pub version: u32,
+    #[serde(default)]
+    pub scenarios: BTreeMap<String, ScenarioSlo>,
+    #[serde(default)]
+    pub global: GlobalSlo,
+    #[serde(default)]
+    pub canary: CanarySlo,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct ScenarioSlo {
+    /// Publish-to-deliver p95 (for `publish`: the publish request's p95), milliseconds.
+    pub p95_ms: Option<f64>,
+    pub error_5xx_rate: Option<f64>,
+    pub network_error_rate: Option<f64>,
+    pub unknown_status_rate: Option<f64>,
+    /// HTTP statuses that are expected answers; anything else counts as unknown.
+    pub allowed_statuses: Option<Vec<u16>>,
+    pub min_resume_success_rate: Option<f64>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct GlobalSlo {
+    /// Dropped (server-counted) plus missing (never received by a drill client).
+    #[serde(default)]
+    pub max_dropped: u64,
+    #[serde(default)]
+    pub max_duplicated: u64,
+    #[serde(default)]
+    pub max_out_of_order: u64,
+    #[serde(default = "default_min_resume")]
+    pub min_resume_success_rate: f64,
+}
+
+fn default_min_resume() -> f64 {
+    0.98
+}
+
+impl Default for GlobalSlo {
+    fn default() -> Self {
+        GlobalSlo {
+            max_dropped: 0,
+            max_duplicated: 0,
+            max_out_of_order: 0,
+            min_resume_success_rate: default_min_resume(),
+        }
+    }
+}
+
+/// How much worse a canary may be than its control.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct CanarySlo {
+    /// Candidate p95 may exceed control p95 by at most this percentage…
+    #[serde(default = "d20")]
+    pub max_p95_regression_pct: f64,
+    /// …unless the difference is below this many milliseconds (noise floor).
+    #[serde(default = "d5")]
+    pub min_p95_delta_ms: f64,
+    /// Candidate error rate (5xx + network + unknown status) minus control's.
+    #[serde(default = "d001")]
+    pub max_error_rate_delta: f64,
+    /// Control resume success rate minus candidate's.
+    #[serde(default = "d002")]
+    pub max_resume_success_rate_drop: f64,
+}
+
+fn d20() -> f64 {
+    20.0
+}
+fn d5() -> f64 {
+    5.0
+}
+fn d001() -> f64 {
+    0.01
+}
+fn d002() -> f64 {
+    0.02
+}
+
+impl Default for CanarySlo {
+    fn default() -> Self {
+        CanarySlo {
+            max_p95_regression_pct: d20(),
+            min_p95_delta_ms: d5(),
+            max_error_rate_delta: d001(),
+            max_resume_success_rate_drop: d002(),
+        }
+    }
+}
+
+impl Slo {
+    pub fn parse(text: &str) -> anyhow::Result<Slo> {
+        let slo: Slo = serde_json::from_str(text).context("not an SLO file")?;
+        anyhow::ensure!(
+            slo.version == 1,
+            "unsupported SLO file version {}",
+            slo.version
+        );
+        for (id, s) in &slo.scenarios {
+            anyhow::ensure!(
+                crate::drill::Scenario::from_id(id).is_some(),
+                "unknown scenario {id:?} in SLO file (known: {})",
+                crate::drill::Scenario::ALL.map(|s| s.id()).join(", ")
+            );
+            for (name, v) in [
+                ("error_5xx_rate", s.error_5xx_rate),
+                ("network_error_rate", s.network_error_rate),
+                ("unknown_status_rate", s.unknown_status_rate),
+                ("min_resume_success_rate", s.min_resume_success_rate),
+            ] {
+                if let Some(v) = v {
+                    anyhow::ensure!((0.0..=1.0).contains(&v), "{id}.{name} must be 0..1, is {v}");
+                }
+            }
+        }
+        Ok(slo)
+    }
+
+    /// `path`, else `./slo.json`, else the shipped file.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Slo> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Slo::parse(&text).with_context(|| format!("in {}", p.display()))
+            }
+            None => match std::fs::read_to_string("slo.json") {
+                Ok(t) => Slo::parse(&t).context("in ./slo.json"),
+                Err(_) => Slo::parse(SHIPPED),
+            },
+        }
+    }
+
+    /// Allowed statuses of a scenario (201 and 200 when the file names none).
+    pub fn allowed_statuses(&self, scenario: &str) -> Vec<u16> {
+        self.scenarios
+            .get(scenario)
+            .and_then(|s| s.allowed_statuses.clone())
+            .unwrap_or_else(|| vec![200, 201])
+    }
+
+    /// Every breach of `report` against this SLO; empty means the gate passes.
+    pub fn judge(&self, report: &DrillReport) -> Vec<String> {
+        let mut breaches = Vec::new();
+        for sc in &report.scenarios {
+            if let Some(s) = self.scenarios.get(&sc.scenario) {
+                judge_scenario(sc, s, &mut breaches);
+            }
+            vacuous(sc, &mut breaches);
+        }
+        let t = &report.totals;
+        let g = &self.global;
+        if t.dropped + t.missing > g.max_dropped {
+            breaches.push(format!(
+                "global: {} events lost (server-counted dropped {}, never received by a client {}), max_dropped is {}",
+                t.dropped + t.missing,
+                t.dropped,
+                t.missing,
+                g.max_dropped
+            ));
+        }
+        if t.duplicated > g.max_duplicated {
+            breaches.push(format!(
+                "global: {} duplicated deliveries, max_duplicated is {}",
+                t.duplicated, g.max_duplicated
+            ));
+        }
+        if t.out_of_order > g.max_out_of_order {
+            breaches.push(format!(
+                "global: {} out-of-order deliveries, max_out_of_order is {}",
+                t.out_of_order, g.max_out_of_order
+            ));
+        }
+        if t.resume_attempts > 0 && t.resume_success_rate < g.min_resume_success_rate {
+            breaches.push(format!(
+                "global: resume success rate {:.4} ({} of {}) below {}",
+                t.resume_success_rate,
+                t.resume_successes,
+                t.resume_attempts,
+                g.min_resume_success_rate
+            ));
+        }
+        breaches
+    }
+}
+
+fn judge_scenario(sc: &ScenarioReport, s: &ScenarioSlo, out: &mut Vec<String>) {
+    let id = &sc.scenario;
+    if let Some(max) = s.p95_ms
+        && sc.latency_ms.count > 0
+        && sc.latency_ms.p95 > max
+    {
+        out.push(format!(
+            "{id}: p95 latency {:.1} ms above {max} ms",
+            sc.latency_ms.p95
+        ));
+    }
+    let checks = [
+        ("5xx rate", sc.http.error_5xx_rate, s.error_5xx_rate),
+        (
+            "network error rate",
+            sc.network_error_rate,
+            s.network_error_rate,
+        ),
+        (
+            "unknown status rate",
+            sc.http.unknown_status_rate,
+            s.unknown_status_rate,
+        ),
+    ];
+    for (name, got, max) in checks {
+        if let Some(max) = max
+            && got > max
+        {
+            out.push(format!("{id}: {name} {got:.4} above {max}"));
+        }
+    }
+    if let Some(allowed) = &s.allowed_statuses {
+        let odd: Vec<String> = sc
+            .http
+            .statuses
+            .keys()
+            .filter(|k| {
+                k.parse::<u16>()
+                    .map(|c| !allowed.contains(&c))
+                    .unwrap_or(true)
+            })
+            .map(|k| format!("{k}×{}", sc.http.statuses[k]))
+            .collect();
+        if !odd.is_empty() && s.unknown_status_rate.is_none() {
+            out.push(format!(
+                "{id}: statuses outside allowed {allowed:?}: {}",
+                odd.join(", ")
+            ));
+        }
+    }
+    if let Some(min) = s.min_resume_success_rate
+        && sc.resume.attempts > 0
+        && sc.resume.success_rate < min
+    {
+        out.push(format!(
+            "{id}: resume success rate {:.4} ({} of {}) below {min}",
+            sc.resume.success_rate, sc.resume.successes, sc.resume.attempts
+        ));
+    }
+}
+
+/// A scenario that should have carried events but carried none measured nothing.
+fn vacuous(sc: &ScenarioReport, out: &mut Vec<String>) {
+    if sc.publishers > 0 && sc.published == 0 {
+        out.push(format!(
+            "{}: no event was published (nothing was measured)",
+            sc.scenario
+        ));
+    } else if sc.clients > 0 && sc.published > 0 && sc.delivered == 0 {
+        out.push(format!(
+            "{}: {} events published, none delivered to {} clients",
+            sc.scenario, sc.published, sc.clients
+        ));
+    }
+    if sc.resume.expected && sc.resume.attempts == 0 {
+        out.push(format!(
+            "{}: no resume was attempted (nothing was measured)",
+            sc.scenario
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample_report;
+
+    #[test]
+    fn the_shipped_file_parses() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        assert!(slo.scenarios.contains_key("publish"));
+        assert_eq!(slo.global.max_dropped, 0);
+        assert!(slo.canary.max_p95_regression_pct > 0.0);
+    }
+
+    #[test]
+    fn unknown_scenarios_and_bad_rates_are_refused() {
+        assert!(Slo::parse(r#"{"version":1,"scenarios":{"nope":{}}}"#).is_err());
+        assert!(
+            Slo::parse(r#"{"version":1,"scenarios":{"publish":{"error_5xx_rate":3}}}"#).is_err()
+        );
+        assert!(Slo::parse(r#"{"version":2}"#).is_err());
+    }
+
+    #[test]
+    fn a_clean_report_passes_and_each_breach_is_named() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        let good = sample_report();
+        assert_eq!(slo.judge(&good), Vec::<String>::new());
+
+        let mut bad = sample_report();
+        bad.scenarios[0].latency_ms.p95 = 1e6;
+        bad.scenarios[0].http.error_5xx_rate = 0.5;
+        bad.totals.missing = 1;
+        bad.totals.duplicated = 2;
+        bad.totals.resume_success_rate = 0.5;
+        bad.totals.resume_attempts = 10;
+        let b = slo.judge(&bad);
+        assert!(
+            b.iter().any(|s| s.contains("publish: p95 latency")),
+            "{b:?}"
+        );
+        assert!(b.iter().any(|s| s.contains("5xx rate 0.5000")), "{b:?}");
+        assert!(b.iter().any(|s| s.contains("1 events lost")), "{b:?}");
+        assert!(b.iter().any(|s| s.contains("2 duplicated")), "{b:?}");
+        assert!(
+            b.iter().any(|s| s.contains("resume success rate 0.5000")),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_run_is_a_breach() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        let mut r = sample_report();
+        r.scenarios[1].delivered = 0;
+        let b = slo.judge(&r);
+        assert!(b.iter().any(|s| s.contains("none delivered")), "{b:?}");
+    }
+}

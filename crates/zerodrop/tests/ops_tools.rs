@@ -1,0 +1,405 @@
+//! The operator tools against a real server started by the test, and against a deliberately
+//! broken proxy in front of it: probe, gate and canary must pass on the healthy server and
+//! FAIL, naming why, on the broken one.
+
+mod support;
+
+use support::{Faults, Server, args, broken_proxy, lenient_slo, reports, tool};
+
+fn with(mut a: Vec<String>, more: Vec<String>) -> Vec<String> {
+    a.extend(more);
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_passes_on_a_real_server_and_names_the_failed_step_when_an_event_is_dropped() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let ok = tool(
+        work.path(),
+        &with(args(&["probe", "--url", &s.url()]), s.creds()),
+    )
+    .await;
+    assert_eq!(ok.code, 0, "probe must pass on a healthy server");
+    assert!(ok.stdout.contains("probe passed"));
+    assert_eq!(
+        reports(&work.path().join(".output/reliability"), "probe-").len(),
+        1
+    );
+
+    let broken = broken_proxy(
+        s.inst.addr,
+        Faults {
+            drop_event_seq: Some(2),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(
+        work.path(),
+        &with(
+            args(&[
+                "probe",
+                "--url",
+                &format!("http://{broken}"),
+                "--step-timeout",
+                "2",
+            ]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(bad.code, 1, "probe must fail when an event is lost");
+    assert!(
+        bad.stdout.contains("probe FAILED at step `ws resume`"),
+        "{}",
+        bad.stdout
+    );
+
+    let failing = broken_proxy(
+        s.inst.addr,
+        Faults {
+            fail_publish_every: Some(1),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(
+        work.path(),
+        &with(
+            args(&["probe", "--url", &format!("http://{failing}")]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stdout.contains("probe FAILED at step `publish`"),
+        "{}",
+        bad.stdout
+    );
+    assert!(bad.stdout.contains("HTTP 500"), "{}", bad.stdout);
+
+    // No credentials at all: a clear error, exit 1.
+    let none = tool(work.path(), &args(&["probe", "--url", &s.url()])).await;
+    assert_eq!(none.code, 1);
+    assert!(
+        none.stdout.contains("no API key") || none.stderr.contains("no API key"),
+        "{}",
+        none.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_passes_a_healthy_server_and_fails_on_500s_and_on_lost_events() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let slo = lenient_slo(work.path());
+    let gate = |url: String| {
+        with(
+            args(&[
+                "gate",
+                "--url",
+                &url,
+                "--profile",
+                "quick",
+                "--duration",
+                "3",
+                "--limit",
+                "24",
+                "--scenarios",
+                "publish,ws_fanout,resume",
+                "--slo",
+                slo.to_str().unwrap(),
+            ]),
+            s.creds(),
+        )
+    };
+    let ok = tool(work.path(), &gate(s.url())).await;
+    assert_eq!(ok.code, 0, "gate must pass a healthy server");
+    assert!(ok.stdout.contains("gate PASSED"));
+
+    let failing = broken_proxy(
+        s.inst.addr,
+        Faults {
+            fail_publish_every: Some(4),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(work.path(), &gate(format!("http://{failing}"))).await;
+    assert_eq!(bad.code, 1, "gate must fail on 500s");
+    assert!(bad.stdout.contains("publish: 5xx rate"), "{}", bad.stdout);
+    assert!(
+        bad.stdout.contains("unknown status rate"),
+        "500 is not an allowed status: {}",
+        bad.stdout
+    );
+
+    let dropping = broken_proxy(
+        s.inst.addr,
+        Faults {
+            drop_event_seq: Some(2),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(work.path(), &gate(format!("http://{dropping}"))).await;
+    assert_eq!(bad.code, 1, "gate must fail when events are lost");
+    assert!(bad.stdout.contains("events lost"), "{}", bad.stdout);
+
+    // The gate reports embed the drill and name the breaches.
+    let r = reports(&work.path().join(".output/reliability"), "gate-quick-");
+    assert_eq!(r.len(), 3);
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.last().unwrap()).unwrap()).unwrap();
+    assert!(
+        last["breaches"].as_array().is_some_and(|b| !b.is_empty())
+            || !last["passed"].as_bool().unwrap_or(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_passes_equal_releases_and_fails_a_candidate_that_errors() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let slo = lenient_slo(work.path());
+    let canary = |candidate: String| {
+        with(
+            args(&[
+                "canary",
+                "--control-url",
+                &s.url(),
+                "--candidate-url",
+                &candidate,
+                "--profile",
+                "quick",
+                "--duration",
+                "2",
+                "--limit",
+                "12",
+                "--scenarios",
+                "publish,ws_fanout",
+                "--rounds",
+                "1",
+                "--slo",
+                slo.to_str().unwrap(),
+            ]),
+            s.creds(),
+        )
+    };
+    let same = tool(work.path(), &canary(s.url())).await;
+    assert_eq!(same.code, 0, "the same release against itself passes");
+    assert!(same.stdout.contains("canary PASSED"));
+
+    let failing = broken_proxy(
+        s.inst.addr,
+        Faults {
+            fail_publish_every: Some(3),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(work.path(), &canary(format!("http://{failing}"))).await;
+    assert_eq!(
+        bad.code, 1,
+        "a candidate answering 500s must fail the canary"
+    );
+    assert!(
+        bad.stdout.contains("candidate error rate"),
+        "{}",
+        bad.stdout
+    );
+    let r = reports(&work.path().join(".output/reliability"), "canary-quick-");
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.last().unwrap()).unwrap()).unwrap();
+    assert_eq!(last["passed"], false);
+    assert!(last["deltas"].as_array().is_some_and(|d| {
+        d.iter()
+            .any(|x| x["errorRateDelta"].as_f64().unwrap_or(0.0) > 0.01)
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_then_capacity_dashboard_and_snapshot() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("reports");
+    let o = out.to_str().unwrap().to_string();
+    let drill = tool(
+        work.path(),
+        &with(
+            args(&[
+                "drill",
+                "--url",
+                &s.url(),
+                "--profile",
+                "quick",
+                "--duration",
+                "3",
+                "--limit",
+                "30",
+                "--out-dir",
+                &o,
+            ]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(drill.code, 0, "zero-drop holds on a healthy server");
+    let r = reports(&out, "drill-quick-");
+    assert_eq!(r.len(), 1);
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
+    assert_eq!(rep["scenarios"].as_array().unwrap().len(), 5);
+    assert_eq!(rep["totals"]["missing"], 0);
+    assert_eq!(rep["totals"]["duplicated"], 0);
+    assert!(rep["totals"]["delivered"].as_u64().unwrap() > 0);
+    assert!(
+        rep["totals"]["resumeAttempts"].as_u64().unwrap() > 0,
+        "forced disconnects happened"
+    );
+    for sc in rep["scenarios"].as_array().unwrap() {
+        assert_eq!(sc["log"]["missing"], 0, "{sc}");
+        assert_eq!(sc["log"]["duplicated"], 0, "{sc}");
+    }
+
+    let cap = tool(
+        work.path(),
+        &args(&[
+            "capacity",
+            "--expected-peak-streams",
+            "5000",
+            "--out-dir",
+            &o,
+        ]),
+    )
+    .await;
+    assert_eq!(cap.code, 0);
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reports(&out, "capacity-")[0]).unwrap())
+            .unwrap();
+    for k in [
+        "expectedPeakStreams",
+        "perInstanceCapacity",
+        "headroom",
+        "instancesNeeded",
+        "multiRegionThreshold",
+        "activateMultiRegionProgram",
+    ] {
+        assert!(c.get(k).is_some(), "capacity report lacks {k}: {c}");
+    }
+    assert_eq!(c["headroom"], 0.7);
+    assert!(c["instancesNeeded"].as_u64().unwrap() >= 1);
+
+    let dash = tool(work.path(), &args(&["dashboard", "--out-dir", &o])).await;
+    assert_eq!(dash.code, 0);
+    let html = std::fs::read_to_string(out.join("dashboard.html")).unwrap();
+    assert!(html.contains("ws_fanout latency"));
+
+    let snap = tool(
+        work.path(),
+        &with(
+            args(&["snapshot", "--url", &s.url(), "--out-dir", &o]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(snap.code, 0);
+    assert!(snap.stdout.contains("== drain"), "{}", snap.stdout);
+    let bad = tool(
+        work.path(),
+        &args(&[
+            "snapshot",
+            "--url",
+            &s.url(),
+            "--admin-token",
+            "wrong",
+            "--api-key",
+            "x",
+        ]),
+    )
+    .await;
+    assert_eq!(bad.code, 1, "a refused snapshot is a failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_data_dir() {
+    let s = Server::start_self_generated().await;
+    let work = tempfile::tempdir().unwrap();
+    let data = s.dir.path().join("data");
+    let ok = tool(
+        work.path(),
+        &args(&[
+            "probe",
+            "--url",
+            &s.url(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]),
+    )
+    .await;
+    assert_eq!(ok.code, 0, "secrets.json supplies the credentials");
+    // A flag wins over the file: a wrong API key on the command line fails.
+    let bad = tool(
+        work.path(),
+        &args(&[
+            "probe",
+            "--url",
+            &s.url(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api-key",
+            "wrong",
+        ]),
+    )
+    .await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stdout.contains("HTTP 401"), "{}", bad.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pool_replaces_the_jwt_secret() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let pool = work.path().join("tokens.txt");
+    let mut lines = vec!["# pre-minted connect tokens".to_string()];
+    for i in 0..3 {
+        lines.push(
+            zerodrop_client::mint_connect_token(
+                &s.secrets.jwt_secret,
+                &format!("pool-{i}"),
+                &["drill:*".into()],
+                None,
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap(),
+        );
+    }
+    std::fs::write(&pool, lines.join("\n")).unwrap();
+    let run = tool(
+        work.path(),
+        &args(&[
+            "drill",
+            "--url",
+            &s.url(),
+            "--api-key",
+            &s.secrets.api_key,
+            "--token-pool-file",
+            pool.to_str().unwrap(),
+            "--duration",
+            "2",
+            "--limit",
+            "6",
+            "--scenarios",
+            "ws_fanout,resume",
+        ]),
+    )
+    .await;
+    assert_eq!(run.code, 0, "pool tokens connect every client");
+    assert!(
+        run.stdout.contains("missing 0 duplicated 0"),
+        "{}",
+        run.stdout
+    );
+}
