@@ -121,6 +121,13 @@ fn upgrade(
     }))
 }
 
+/// What woke the connection's loop.
+enum Turn {
+    Frame(Option<Result<Message, axum::Error>>),
+    Wake,
+    Timer,
+}
+
 /// Why the loop ended.
 enum Exit {
     /// The client closed or the connection broke.
@@ -460,21 +467,41 @@ impl Conn {
     async fn serve(&mut self) -> Result<(), Exit> {
         let timer = tokio::time::sleep_until(self.timers.next().into());
         tokio::pin!(timer);
+        let mut turn: u32 = 0;
         loop {
-            tokio::select! {
-                biased;
-                msg = self.socket.recv() => match msg {
+            // The doorbell is looked at first, so a wake-up does not also pay for a read
+            // attempt; every eighth turn the socket goes first, so a busy stream can never
+            // starve the client's frames (pongs, acks).
+            turn = turn.wrapping_add(1);
+            let ev = if turn % 8 == 0 {
+                tokio::select! {
+                    biased;
+                    m = self.socket.recv() => Turn::Frame(m),
+                    _ = self.signal.woken() => Turn::Wake,
+                    _ = &mut timer => Turn::Timer,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = self.signal.woken() => Turn::Wake,
+                    m = self.socket.recv() => Turn::Frame(m),
+                    _ = &mut timer => Turn::Timer,
+                }
+            };
+            match ev {
+                Turn::Wake => self.on_wake().await?,
+                Turn::Timer => self.on_timer().await?,
+                Turn::Frame(msg) => match msg {
                     None => return Err(Exit::Gone("client closed")),
                     Some(Err(e)) => return Err(read_error(e)),
                     Some(Ok(Message::Text(t))) => self.on_text(t).await?,
                     Some(Ok(Message::Binary(_))) => {
-                        self.send_error(ApiError::invalid("binary frames are not supported")).await?;
+                        self.send_error(ApiError::invalid("binary frames are not supported"))
+                            .await?;
                     }
                     Some(Ok(Message::Close(_))) => return Err(Exit::Gone("client closed")),
                     Some(Ok(_)) => {}
                 },
-                _ = self.signal.woken() => self.on_wake().await?,
-                _ = &mut timer => self.on_timer().await?,
             }
             let next = tokio::time::Instant::from_std(self.timers.next());
             if timer.deadline() != next {
