@@ -473,7 +473,7 @@ impl Conn {
             // attempt; every eighth turn the socket goes first, so a busy stream can never
             // starve the client's frames (pongs, acks).
             turn = turn.wrapping_add(1);
-            let ev = if turn % 8 == 0 {
+            let ev = if turn.is_multiple_of(8) {
                 tokio::select! {
                     biased;
                     m = self.socket.recv() => Turn::Frame(m),
