@@ -109,14 +109,16 @@ fn upgrade(
     let mut ws = ws
         .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes)
-        .read_buffer_size(4096)
+        // Client frames are small (acks, pongs); tungstenite allocates and zero-fills this
+        // much per connection and read, and reserves more for a larger frame when needed.
+        .read_buffer_size(1024)
         .write_buffer_size(64 * 1024);
     if !offered.is_empty() {
         ws = ws.protocols([protocol]);
     }
     let app2 = app.clone();
     Ok(ws.on_upgrade(move |socket| async move {
-        let conn = Conn::new(app2, socket, protocol, slot);
+        let mut conn = Conn::new(app2, socket, protocol, slot);
         conn.run(start).await;
     }))
 }
@@ -261,9 +263,11 @@ impl Conn {
         }
     }
 
-    async fn run(mut self, start: Start) {
+    async fn run(&mut self, start: Start) {
         self.app.metrics.connection_opened(Transport::Ws);
-        let exit = match self.begin(start).await {
+        // Start and finish are boxed: they need more state than the long wait in `serve`, and
+        // an idle connection should carry only what waiting needs.
+        let exit = match Box::pin(self.begin(start)).await {
             Ok(()) => {
                 tracing::info!(
                     conn = self.id,
@@ -279,6 +283,10 @@ impl Conn {
             }
             Err(exit) => exit,
         };
+        Box::pin(self.finish(exit)).await;
+    }
+
+    async fn finish(&mut self, exit: Exit) {
         let (code, reason) = match &exit {
             Exit::Gone(r) => (None, *r),
             Exit::Close { code, reason, .. } => (Some(*code), *reason),
@@ -301,8 +309,9 @@ impl Conn {
         }
         self.flush_acks().await;
         if let Some(s) = &self.session {
-            self.app.touch(&s.id).await;
-            self.app.release_session(&s.id, self.id);
+            let (app, sid) = (self.app.clone(), s.id.clone());
+            app.touch(&sid).await;
+            app.release_session(&sid, self.id);
         }
         self.app.unregister_connection(self.id);
         self.app.metrics.connection_closed(Transport::Ws);
@@ -494,7 +503,9 @@ impl Conn {
                 Turn::Frame(msg) => match msg {
                     None => return Err(Exit::Gone("client closed")),
                     Some(Err(e)) => return Err(read_error(e)),
-                    Some(Ok(Message::Text(t))) => self.on_text(t).await?,
+                    // Boxed: handling a client frame needs far more state than waiting does,
+                    // and idle connections should not carry it.
+                    Some(Ok(Message::Text(t))) => Box::pin(self.on_text(t)).await?,
                     Some(Ok(Message::Binary(_))) => {
                         self.send_error(ApiError::invalid("binary frames are not supported"))
                             .await?;
