@@ -37,10 +37,23 @@ pub struct App {
     /// WebSocket acks applied in memory and not yet written to the store.
     pub acks: AckBuffer,
     /// Which connection on this instance holds each session, so a resume can take it over.
-    holders: Mutex<HashMap<SessionId, (u64, Arc<Signal>)>>,
+    holders: Mutex<HashMap<SessionId, Holder>>,
+    /// Names this process's connections in holder notices (instance ids may be reused).
+    holder_prefix: String,
     /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
     doorbells: Mutex<HashMap<u64, Arc<Signal>>>,
     next_conn_id: AtomicU64,
+}
+
+/// A WebSocket connection holding a session on this instance.
+struct Holder {
+    conn: u64,
+    /// Kicked, the connection closes with `SESSION_TAKEN_OVER`.
+    signal: Arc<Signal>,
+    /// Our own holder notice came back through the shared store: any notice for this
+    /// session heard after it is from a newer connection elsewhere. Notices heard before it
+    /// were sent before ours, by connections older than this one, and change nothing.
+    confirmed: bool,
 }
 
 /// Where a resumed (or newly subscribed) stream starts.
@@ -128,6 +141,7 @@ impl App {
             store_up: AtomicBool::new(true),
             acks: AckBuffer::default(),
             holders: Mutex::new(HashMap::new()),
+            holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         }
@@ -393,19 +407,57 @@ impl App {
         Ok(out)
     }
 
-    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder is kicked
-    /// (its socket closes with `SESSION_TAKEN_OVER`).
+    fn holder_name(&self, conn: u64) -> String {
+        format!("{}-{conn}", self.holder_prefix)
+    }
+
+    /// Registers `conn` as the holder of `sid` on this instance; an earlier holder here is
+    /// kicked (its socket closes with `SESSION_TAKEN_OVER`). With a shared store the other
+    /// instances are told too (best effort), so that a holder there closes as well.
     pub fn hold_session(&self, sid: &SessionId, conn: u64, signal: &Arc<Signal>) {
-        let previous = lock(&self.holders).insert(sid.clone(), (conn, signal.clone()));
-        if let Some((_, old)) = previous {
-            old.kick();
+        let holder = Holder {
+            conn,
+            signal: signal.clone(),
+            confirmed: false,
+        };
+        let previous = lock(&self.holders).insert(sid.clone(), holder);
+        if let Some(old) = previous {
+            old.signal.kick();
+        }
+        if self.store_kind() == StoreKind::Redis {
+            let (store, sid, name) = (self.store.clone(), sid.clone(), self.holder_name(conn));
+            tokio::spawn(async move {
+                if let Err(e) = store.announce_holder(&sid, &name).await {
+                    tracing::debug!(error = %e, "could not announce a session holder");
+                }
+            });
         }
     }
 
     pub fn release_session(&self, sid: &SessionId, conn: u64) {
         let mut h = lock(&self.holders);
-        if h.get(sid).is_some_and(|(c, _)| *c == conn) {
+        if h.get(sid).is_some_and(|x| x.conn == conn) {
             h.remove(sid);
+        }
+    }
+
+    /// A holder notice from the shared store (ours included, in one order for every
+    /// instance): a newer connection anywhere closes ours with `SESSION_TAKEN_OVER`.
+    pub fn session_held(&self, sid: &SessionId, holder: &str) {
+        let mut h = lock(&self.holders);
+        let Some(mine) = h.get_mut(sid) else { return };
+        if holder == self.holder_name(mine.conn) {
+            mine.confirmed = true;
+        } else if holder
+            .strip_prefix(self.holder_prefix.as_str())
+            .is_some_and(|rest| rest.starts_with('-'))
+        {
+            // One of ours: local takeovers are settled in `hold_session`, and our own notices
+            // may arrive in any order.
+        } else if mine.confirmed
+            && let Some(old) = h.remove(sid)
+        {
+            old.signal.kick();
         }
     }
 
@@ -453,5 +505,37 @@ impl App {
             },
             self.drain.blocked_total(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreChoice;
+
+    #[tokio::test]
+    async fn holder_notices_close_only_a_holder_whose_own_notice_came_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = Config::for_tests(dir.path());
+        cfg.store = StoreChoice::Memory;
+        let (app, _) = crate::server::build(cfg).await.expect("app");
+        let sid = SessionId::generate();
+        let conn = Signal::new();
+        app.hold_session(&sid, 7, &conn);
+        // Heard before our own notice: sent earlier, by an older connection elsewhere.
+        app.session_held(&sid, "0a0b0c-3");
+        assert!(!conn.is_kicked());
+        app.session_held(&sid, &app.holder_name(7));
+        // Our own connections settle takeovers locally, whatever order their notices take.
+        app.session_held(&sid, &app.holder_name(6));
+        assert!(!conn.is_kicked());
+        // A newer connection elsewhere.
+        app.session_held(&sid, "0a0b0c-9");
+        assert!(conn.is_kicked());
+        // A local takeover kicks the older local holder at once.
+        let (first, second) = (Signal::new(), Signal::new());
+        app.hold_session(&sid, 10, &first);
+        app.hold_session(&sid, 11, &second);
+        assert!(first.is_kicked() && !second.is_kicked());
     }
 }

@@ -445,7 +445,12 @@ impl Subscription {
         out: &mut Vec<Arc<Delivery>>,
     ) -> Result<usize, Fault> {
         let start = out.len();
-        let from_ring = read(&self.topic.ring).after(self.cursor, max, out);
+        let from_ring = {
+            let ring = read(&self.topic.ring);
+            // A ring already in another epoch says nothing about this cursor: ask the log.
+            ring.epoch.as_ref().is_none_or(|e| *e == self.epoch)
+                && ring.after(self.cursor, max, out)
+        };
         if !from_ring {
             let res = store
                 .read(&self.stream, self.cursor, max)

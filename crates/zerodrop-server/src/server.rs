@@ -5,14 +5,17 @@
 //! queued. Nothing acknowledged is ever in flight when the process exits.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use zerodrop_store::{LiveSink, MemoryStore, SqliteOptions, SqliteStore, Store, Synchronous};
+use zerodrop_core::{Event, Seq, SessionId, StreamId};
+use zerodrop_store::{
+    LiveSink, MemoryStore, RedisOptions, RedisStore, SqliteOptions, SqliteStore, Store, Synchronous,
+};
 
 use crate::app::App;
 use crate::auth::Auth;
@@ -88,6 +91,33 @@ fn instance_id(cfg: &Config) -> String {
         .unwrap_or_else(|| format!("zd-{}", hex::encode(zerodrop_core::random_bytes::<3>())))
 }
 
+/// What the store reports, routed: the log's growth to the hub, session holder notices to
+/// the app (which does not exist yet when the store is opened, hence the late binding).
+struct Sink {
+    hub: Arc<Hub>,
+    app: OnceLock<Weak<App>>,
+}
+
+impl LiveSink for Sink {
+    fn committed(&self, events: &[Arc<Event>]) {
+        self.hub.committed(events);
+    }
+
+    fn trimmed(&self, stream: &StreamId, first_seq: Seq, count: u64) {
+        self.hub.trimmed(stream, first_seq, count);
+    }
+
+    fn reset(&self) {
+        self.hub.reset();
+    }
+
+    fn session_held(&self, id: &SessionId, holder: &str) {
+        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+            app.session_held(id, holder);
+        }
+    }
+}
+
 /// Builds the application: secrets, store, hub.
 pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteStore>>)> {
     secrets::create_private_dir(&cfg.data_dir)?;
@@ -109,7 +139,11 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         ..HubLimits::default()
     };
     let hub = Arc::new(Hub::new(limits, metrics.clone()));
-    let sink: Arc<dyn LiveSink> = hub.clone();
+    let routed = Arc::new(Sink {
+        hub: hub.clone(),
+        app: OnceLock::new(),
+    });
+    let sink: Arc<dyn LiveSink> = routed.clone();
     let mut sqlite = None;
     let store: Arc<dyn Store> = match cfg.store {
         StoreChoice::Memory => Arc::new(MemoryStore::with_idempotency_ttl(
@@ -134,7 +168,26 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
             s
         }
         StoreChoice::Redis => {
-            anyhow::bail!("the redis store is not part of this build");
+            let mut opts = RedisOptions::new(&cfg.redis_url);
+            opts.retention = cfg.retention;
+            opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
+            opts.wait_replicas = cfg.redis_wait_replicas;
+            let s = RedisStore::connect(opts, sink)
+                .await
+                // Not the URL itself: it may carry a password.
+                .map_err(|e| anyhow::anyhow!("cannot use the redis store (--redis-url): {e}"))?;
+            if !s.live_connected() {
+                tracing::warn!(
+                    "redis is not reachable yet; the instance starts not ready and recovers by itself"
+                );
+            }
+            if matches!(&source, SecretsSource::File { generated, .. } if !generated.is_empty()) {
+                tracing::warn!(
+                    "with --store redis every instance needs the same secrets: copy secrets.json \
+                     to the other instances' data dirs or set the ZERODROP_* secret variables"
+                );
+            }
+            Arc::new(s)
         }
     };
     let auth = Auth::new(&secrets);
@@ -146,6 +199,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         metrics,
         auth,
     ));
+    let _ = routed.app.set(Arc::downgrade(&app));
     Ok((app, sqlite))
 }
 

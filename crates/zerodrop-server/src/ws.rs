@@ -816,6 +816,10 @@ impl Conn {
             .put_session_stream(&sid, &stream, state)
             .await
         {
+            if e == zerodrop_store::StoreError::SessionNotFound {
+                // The store lost the session (restarted empty): a session-level error.
+                return Err(Exit::error(ApiError::from(e)));
+            }
             return self
                 .send_error(ApiError::from(e).with("stream", stream.as_str()))
                 .await;

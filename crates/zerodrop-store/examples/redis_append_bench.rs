@@ -8,7 +8,6 @@
 //! `cargo run --release -p zerodrop-store --example redis_append_bench [-- --durable]`
 //! (`--durable`: AOF with `appendfsync always`, as a deployment that must survive a crash).
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -16,7 +15,7 @@ use std::time::Instant;
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{Event, Seq, StreamId};
 use zerodrop_store::{AppendRequest, LiveSink, RedisOptions, RedisStore, Store};
-use zerodrop_testkit::redis::RedisServer;
+use zerodrop_testkit::redis::{RedisServer, xadd_baseline};
 
 /// Counts what the live path delivers, like a hub with no subscribers would.
 #[derive(Default)]
@@ -27,38 +26,6 @@ impl LiveSink for Count {
         self.0.fetch_add(events.len() as u64, Ordering::Relaxed);
     }
     fn trimmed(&self, _: &StreamId, _: Seq, _: u64) {}
-}
-
-fn redis_benchmark(port: u16, clients: u32, n: u32) -> Result<f64, String> {
-    let args = [
-        "-p".to_string(),
-        port.to_string(),
-        "-n".into(),
-        n.to_string(),
-        "-c".into(),
-        clients.to_string(),
-        "-q".into(),
-        "XADD".into(),
-        "bench".into(),
-        "*".into(),
-        "f".into(),
-        "v".into(),
-    ];
-    println!("$ redis-benchmark {}", args.join(" "));
-    let out = Command::new("redis-benchmark")
-        .args(&args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // `-q` prints e.g. "XADD bench * f v: 81234.56 requests per second, p50=0.311 msec"; the
-    // line may carry progress output before a carriage return.
-    let line = text.rsplit('\r').next().unwrap_or(&text).trim().to_string();
-    println!("  {line}");
-    line.split(": ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("cannot read redis-benchmark output: {text:?}"))
 }
 
 async fn store_rate(store: Arc<RedisStore>, appenders: u64, per_appender: u64) -> f64 {
@@ -105,8 +72,8 @@ async fn main() -> Result<(), String> {
             "no persistence"
         }
     );
-    let base_1 = redis_benchmark(server.port(), 1, 20_000)?;
-    let base_64 = redis_benchmark(server.port(), 64, 100_000)?;
+    let base_1 = xadd_baseline(server.port(), 1, 20_000)?;
+    let base_64 = xadd_baseline(server.port(), 64, 100_000)?;
 
     let sink = Arc::new(Count::default());
     let mut opts = RedisOptions::new(&server.url());

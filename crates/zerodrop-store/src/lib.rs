@@ -171,6 +171,12 @@ pub trait LiveSink: Send + Sync + 'static {
     /// The feed may have missed events (e.g. a cross-instance notification channel
     /// reconnected): whatever the sink caches is suspect, subscribers must re-read the log.
     fn reset(&self) {}
+    /// Another connection, possibly on another instance sharing the store, now holds the
+    /// session `id`; `holder` names it (see [`Store::announce_holder`]). Best effort: stores
+    /// that are not shared never call it.
+    fn session_held(&self, id: &SessionId, holder: &str) {
+        let _ = (id, holder);
+    }
 }
 
 /// A sink that ignores everything (tools and tests that need no live path).
@@ -248,6 +254,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap liveness check used by readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Tells every instance sharing this store that the connection named `holder` (an opaque
+    /// token without `|`) now holds session `id`, so that an older connection elsewhere can be
+    /// closed. Every instance's sink, this one's included, hears it through
+    /// [`LiveSink::session_held`], in one order for all. A store that only one instance uses
+    /// has nothing to tell and does nothing. Best effort: correctness never depends on it.
+    async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {
+        let _ = (id, holder);
+        Ok(())
+    }
 
     async fn stats(&self) -> StoreResult<StoreStats>;
 }

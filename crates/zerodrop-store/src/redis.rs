@@ -24,6 +24,10 @@
 //!   local sink has seen it, as with the other stores. Pub/sub is only a doorbell: when its
 //!   connection drops, `append` stops waiting, and once it is subscribed again the sink is told
 //!   to [`LiveSink::reset`] so subscribers re-read the log.
+//! - **Holder notices.** [`Store::announce_holder`] publishes `h|<holder>|<session>` on the
+//!   same channel; every instance hears it in channel order ([`LiveSink::session_held`]) and
+//!   can close an older connection of a session that was resumed elsewhere. A notice lost in a
+//!   pub/sub gap only leaves that older socket open a while; nothing depends on it.
 //! - **Checkpoints** decide with [`zerodrop_core::checkpoint::apply`] (via the shared helper)
 //!   on a snapshot of the session stream and the stream's bounds, then commit with a
 //!   compare-and-set script; a concurrent change makes it start over. The ack rule stays in
@@ -49,7 +53,7 @@
 //!   <dropped_through>`), expiring at `max(expires + grace, last write + 60 s)`: the other
 //!   stores delete expired sessions in a sweep about that often.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
-//!   `zd:live` the pub/sub channel.
+//!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //!
 //! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
 //! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
@@ -112,6 +116,8 @@ const SESSION_MIN_KEEP_MS: u64 = 60_000;
 const ECHO_WAIT: Duration = Duration::from_secs(1);
 /// Checkpoint compare-and-set attempts before giving up.
 const CAS_ATTEMPTS: usize = 16;
+/// Written-behind acks applied concurrently by `checkpoint_many`.
+const CHECKPOINTS_AT_ONCE: usize = 32;
 /// Streams whose last seen position this instance remembers (to notice a log going back).
 const MAX_KNOWN_STREAMS: usize = 100_000;
 /// The pub/sub connection is pinged this often; a silent one is replaced.
@@ -287,9 +293,23 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The connection, not the command, failed.
+/// The connection, not the command, failed — or the server says it cannot serve yet (loading
+/// its data after a restart, no master, cluster down): an outage too, logged once, not a
+/// refusal worth a line per request.
 fn is_outage(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+            )
+        )
 }
 
 fn is_noscript(e: &RedisError) -> bool {
@@ -420,6 +440,11 @@ enum Live<'a> {
         stream: StreamId,
         epoch: Epoch,
     },
+    /// A connection (on any instance) now holds a session.
+    Held {
+        holder: &'a str,
+        session: SessionId,
+    },
 }
 
 fn text(p: Option<&[u8]>) -> Option<&str> {
@@ -448,6 +473,10 @@ fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
         b"r" => Some(Live::Renewed {
             stream: StreamId::new(text(parts.next())?).ok()?,
             epoch: Epoch::parse(text(parts.next())?)?,
+        }),
+        b"h" => Some(Live::Held {
+            holder: text(parts.next())?,
+            session: SessionId::parse(text(parts.next())?)?,
         }),
         _ => None,
     }
@@ -908,6 +937,7 @@ impl Shared {
                 self.observe(&stream, &epoch, 0);
                 self.sink.reset();
             }
+            Some(Live::Held { holder, session }) => self.sink.session_held(&session, holder),
             None => tracing::debug!("ignored a live message in an unknown format"),
         }
     }
@@ -1318,6 +1348,44 @@ impl Store for RedisStore {
         ))
     }
 
+    async fn checkpoint_many(&self, acks: Vec<(SessionId, StreamId, Seq)>) -> StoreResult<usize> {
+        // Each ack is its own compare-and-set over a few round trips. Acks of different
+        // session streams are independent, so several run at once (a flush of many sessions'
+        // acks does not take one round trip after another); those of one session stream run
+        // in the order given, as one after another would.
+        let mut groups: Vec<((SessionId, StreamId), Vec<Seq>)> = Vec::new();
+        let mut index: HashMap<(SessionId, StreamId), usize> = HashMap::new();
+        for (id, stream, seq) in acks {
+            let key = (id, stream);
+            match index.get(&key) {
+                Some(&i) => groups[i].1.push(seq),
+                None => {
+                    index.insert(key.clone(), groups.len());
+                    groups.push((key, vec![seq]));
+                }
+            }
+        }
+        let results: Vec<StoreResult<usize>> = futures_util::stream::iter(groups)
+            .map(|((id, stream), seqs)| async move {
+                let mut applied = 0;
+                for seq in seqs {
+                    match self.checkpoint(&id, &stream, seq).await {
+                        Ok(u) => applied += usize::from(u.is_applied()),
+                        Err(StoreError::Unavailable(e)) => {
+                            return Err(StoreError::Unavailable(e));
+                        }
+                        // The session or stream is gone, or the ack is beyond the head.
+                        Err(_) => {}
+                    }
+                }
+                Ok(applied)
+            })
+            .buffer_unordered(CHECKPOINTS_AT_ONCE)
+            .collect()
+            .await;
+        results.into_iter().sum()
+    }
+
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
         let s = &self.shared;
         let deadline = s.session_deadline(expires_at_ms);
@@ -1356,6 +1424,26 @@ impl Store for RedisStore {
             Ok(Err(e)) => Err(s.down("ping", &e.to_string())),
             Err(_) => Err(s.down("ping", "timed out")),
         }
+    }
+
+    async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {
+        if holder.contains('|') {
+            return Err(StoreError::Unavailable(
+                "a holder name must not contain '|'".into(),
+            ));
+        }
+        let s = &self.shared;
+        let mut conn = s.conn.clone();
+        let payload = format!("h|{holder}|{id}");
+        s.run("announce holder", async {
+            ::redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(payload)
+                .query_async::<Value>(&mut conn)
+                .await
+        })
+        .await?;
+        Ok(())
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {
@@ -1445,6 +1533,11 @@ mod tests {
             parse_live(b"r|room:1|abc"),
             Some(Live::Renewed { .. })
         ));
+        assert!(matches!(
+            parse_live(b"h|ab12-7|s_1-x"),
+            Some(Live::Held { holder: "ab12-7", session }) if session.as_str() == "s_1-x"
+        ));
+        assert!(parse_live(b"h|ab12-7|bad id").is_none());
         assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
         assert!(parse_live(b"z|whatever").is_none());
     }

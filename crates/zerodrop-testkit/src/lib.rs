@@ -4,10 +4,14 @@
 //!   ([`server::ServerProcess`], for `kill -9` and signal tests);
 //! - [`http`]: a small HTTP client for the API;
 //! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
-//! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart.
+//! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart;
+//! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
+//!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies.
 
+pub mod cluster;
 pub mod http;
 pub mod redis;
+pub mod roam;
 pub mod server;
 pub mod sse;
 pub mod ws;

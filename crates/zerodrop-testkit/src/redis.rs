@@ -393,3 +393,37 @@ impl RedisCluster {
         &self.nodes
     }
 }
+
+/// `redis-benchmark -p <port> -n <n> -c <clients> -q XADD bench '*' f v`: the raw `XADD` rate
+/// of a server, the baseline benchmarks compare with. Prints the command and its result line.
+pub fn xadd_baseline(port: u16, clients: u32, n: u32) -> Result<f64, String> {
+    let args = [
+        "-p".to_string(),
+        port.to_string(),
+        "-n".into(),
+        n.to_string(),
+        "-c".into(),
+        clients.to_string(),
+        "-q".into(),
+        "XADD".into(),
+        "bench".into(),
+        "*".into(),
+        "f".into(),
+        "v".into(),
+    ];
+    println!("$ redis-benchmark {}", args.join(" "));
+    let out = Command::new("redis-benchmark")
+        .args(&args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `-q` prints e.g. "XADD bench * f v: 81234.56 requests per second, p50=0.311 msec"; the
+    // line may carry progress output before a carriage return.
+    let line = text.rsplit('\r').next().unwrap_or(&text).trim().to_string();
+    println!("  {line}");
+    line.split(": ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("cannot read redis-benchmark output: {text:?}"))
+}

@@ -231,11 +231,24 @@ impl ServerProcess {
 
     /// SIGTERM, then waits (at most `limit`) for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        let mut c = self.child.take().context("not running")?;
-        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
-        unsafe {
-            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        self.send_term();
+        self.wait_exit(limit)
+    }
+
+    /// SIGTERM without waiting (the server drains; [`ServerProcess::wait_exit`] collects it).
+    pub fn send_term(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) with a pid we own and a valid signal number has no memory
+            // effects.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
         }
+    }
+
+    /// Waits (at most `limit`, then kills) for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = c.try_wait()? {
@@ -244,7 +257,7 @@ impl ServerProcess {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!("zerodrop did not exit within {limit:?} of SIGTERM");
+                bail!("zerodrop did not exit within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -32,6 +32,18 @@ pub struct SseRefused {
     pub json: Value,
 }
 
+/// What one read of a stream brought.
+#[derive(Debug)]
+pub enum SseRead {
+    Event(SseEvent),
+    /// Nothing within the wait.
+    Timeout,
+    /// The response ended (the server finished it, e.g. in a drain).
+    Ended,
+    /// The connection broke mid-response (the server died, the network failed).
+    Broken,
+}
+
 impl SseClient {
     pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<SseClient, SseRefused> {
         let client = reqwest::Client::new();
@@ -40,6 +52,30 @@ impl SseClient {
             r = r.header(*k, *v);
         }
         let res = r.send().await.expect("request sent");
+        Self::from_response(res).await
+    }
+
+    /// Like [`SseClient::connect`], but a connection that cannot be made at all (nothing
+    /// listens) is a refusal with status 0 instead of a panic.
+    pub async fn try_connect(
+        client: &reqwest::Client,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<SseClient, SseRefused> {
+        let mut r = client.get(url).header("accept", "text/event-stream");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        match r.send().await {
+            Ok(res) => Self::from_response(res).await,
+            Err(e) => Err(SseRefused {
+                status: 0,
+                json: Value::String(e.to_string()),
+            }),
+        }
+    }
+
+    async fn from_response(res: reqwest::Response) -> Result<SseClient, SseRefused> {
         if res.status().as_u16() != 200 {
             let status = res.status().as_u16();
             let json = res.json().await.unwrap_or(Value::Null);
@@ -73,6 +109,26 @@ impl SseClient {
             match tokio::time::timeout(left, self.res.chunk()).await {
                 Ok(Ok(Some(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
                 _ => return None,
+            }
+        }
+    }
+
+    /// The next event, telling a quiet stream from one that ended.
+    pub async fn read(&mut self, within: Duration) -> SseRead {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                if let Some(ev) = self.parse(&block) {
+                    return SseRead::Event(ev);
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.res.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Ok(None)) => return SseRead::Ended,
+                Ok(Err(_)) => return SseRead::Broken,
+                Err(_) => return SseRead::Timeout,
             }
         }
     }

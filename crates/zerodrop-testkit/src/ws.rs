@@ -87,6 +87,15 @@ impl WsClient {
             .expect("send");
     }
 
+    /// Sends a frame; `false` if the connection is gone (for clients that must survive a
+    /// server that dies under them).
+    pub async fn try_send(&mut self, v: Value) -> bool {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .is_ok()
+    }
+
     pub async fn send_binary(&mut self, b: Vec<u8>) {
         self.ws.send(Message::Binary(b.into())).await.expect("send");
     }

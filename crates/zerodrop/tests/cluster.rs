@@ -1,0 +1,780 @@
+//! Several real zerodrop processes on one real `redis-server`: fan-out across instances,
+//! resumes on another instance over every transport, rolling restarts and crashes under
+//! publish load, and Redis outages with and without its data.
+//!
+//! Every wait is bounded; every process is killed on drop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::http::Api;
+use zerodrop_testkit::redis::RedisServer;
+use zerodrop_testkit::roam::{Publisher, SseRoamer, Tally, WsRoamer, verify_log};
+use zerodrop_testkit::sse::SseClient;
+use zerodrop_testkit::ws::WsClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// Polls `f` every 50 ms until it holds, at most `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+async fn ws(url: &str) -> WsClient {
+    WsClient::connect(url).await.expect("websocket connects")
+}
+
+/// The JSON metrics' `dropped_messages`.
+async fn dropped(api: &Api) -> u64 {
+    api.metrics_json().await["ws_metrics"]["dropped_messages"]
+        .as_u64()
+        .expect("dropped_messages")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_fan_out_and_resume_each_others_sessions() {
+    let c = Cluster::start(bin(), 3, &[]).expect("cluster starts");
+    let apis: Vec<Api> = (0..3).map(|i| c.api(i)).collect();
+    let tok = c.token("u1", &["fan:*", "res:*"]);
+
+    // Every instance answers with its own name; the admin API wants the admin token.
+    for (i, api) in apis.iter().enumerate() {
+        let h = api.get("/health", None).await;
+        assert_eq!(h.json["instance"], format!("node-{i}"));
+        assert_eq!(h.json["store"], json!({"kind": "redis", "up": true}));
+        assert_eq!(
+            h.headers["x-zerodrop-instance"].to_str().unwrap(),
+            format!("node-{i}")
+        );
+        let r = api.get("/admin/drain/status", None).await;
+        assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+        assert_eq!(
+            r.headers["x-zerodrop-instance"].to_str().unwrap(),
+            format!("node-{i}")
+        );
+        let r = api
+            .get("/admin/drain/status", Some("not-the-admin-token-at-all"))
+            .await;
+        assert_eq!(r.status, 401);
+        let r = api
+            .post("/admin/drain/start", Some(&c.creds.api_key), json!({}))
+            .await;
+        assert_eq!(r.status, 401, "the api key is not the admin token");
+        let r = api
+            .get("/admin/drain/status", Some(&c.creds.admin_token))
+            .await;
+        assert_eq!((r.status, r.json["state"].as_str()), (200, Some("active")));
+    }
+
+    // A WebSocket and an SSE subscriber on every instance; publishes on every instance.
+    let mut wss = Vec::new();
+    let mut sses = Vec::new();
+    for i in 0..3 {
+        let mut w = ws(&format!("{}/v1/ws?token={tok}", c.ws_url(i))).await;
+        assert_eq!(w.expect("welcome").await["instance"], format!("node-{i}"));
+        w.send(json!({"type":"subscribe","stream":"fan:1","after":0}))
+            .await;
+        w.expect("subscribed").await;
+        wss.push(w);
+        let url = format!("{}/v1/streams/fan:1/sse?token={tok}&after=0", c.url(i));
+        sses.push(SseClient::connect(&url, &[]).await.expect("sse opens"));
+    }
+    for round in 0..3 {
+        for (i, api) in apis.iter().enumerate() {
+            api.publish("fan:1", json!({"from": i, "round": round}))
+                .await;
+        }
+    }
+    for w in &mut wss {
+        let evs = w.events(9).await;
+        assert_eq!(seqs(&evs), (1..=9).collect::<Vec<_>>());
+        assert_eq!(evs[4]["data"], json!({"from": 1, "round": 1}));
+    }
+    for s in &mut sses {
+        let evs = s.events(9).await;
+        let got: Vec<u64> = evs
+            .iter()
+            .map(|e| e.json()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, (1..=9).collect::<Vec<_>>());
+    }
+
+    // A session opened on node-0 (WebSocket) resumes on node-1 with exactly what it missed.
+    let mut a = ws(&format!("{}/v1/ws?token={tok}", c.ws_url(0))).await;
+    let welcome = a.expect("welcome").await;
+    let sid = welcome["sessionId"].as_str().unwrap().to_string();
+    a.send(json!({"type":"subscribe","stream":"res:1"})).await;
+    a.expect("subscribed").await;
+    for k in 1..=3 {
+        apis[2].publish("res:1", json!(k)).await;
+    }
+    assert_eq!(seqs(&a.events(3).await), vec![1, 2, 3]);
+    a.abort(); // the network drops
+    for k in 4..=6 {
+        apis[2].publish("res:1", json!(k)).await;
+    }
+    let mut b = ws(&format!("{}/v1/ws", c.ws_url(1))).await;
+    b.send(
+        json!({"type":"resume","resumeToken": welcome["resumeToken"],
+                  "lastAck": {"res:1": 3}}),
+    )
+    .await;
+    let wb = b.expect("welcome").await;
+    assert_eq!(
+        (wb["sessionId"].as_str(), wb["instance"].as_str()),
+        (Some(sid.as_str()), Some("node-1"))
+    );
+    let sub = b.expect("subscribed").await;
+    assert_eq!(
+        (sub["stream"].as_str(), sub["fromSeq"].as_u64()),
+        (Some("res:1"), Some(4))
+    );
+    assert_eq!(seqs(&b.events(3).await), vec![4, 5, 6]);
+    apis[0].publish("res:1", json!(7)).await; // published on another instance: live on B
+    assert_eq!(seqs(&b.events(1).await), vec![7]);
+
+    // The same session resumed on node-2 while node-1 still holds it: node-1's socket is
+    // told and closed (a holder notice through Redis), the new one goes on.
+    let mut c2 = ws(&format!(
+        "{}/v1/ws?resume={}",
+        c.ws_url(2),
+        wb["resumeToken"].as_str().unwrap()
+    ))
+    .await;
+    let wc = c2.expect("welcome").await;
+    assert_eq!(wc["instance"], "node-2");
+    let f = b.recv().await;
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("SESSION_TAKEN_OVER")),
+        "{f}"
+    );
+    assert_eq!(b.expect_close().await, Some(4409));
+    // `?resume=` starts after the stored ack (3: node-1 got no ack for 4..7).
+    assert_eq!(c2.expect("subscribed").await["fromSeq"], 4);
+    assert_eq!(seqs(&c2.events(4).await), vec![4, 5, 6, 7]);
+    c2.expect_silence(Duration::from_millis(300)).await;
+    let rt = wc["resumeToken"].as_str().unwrap().to_string();
+    c2.close().await;
+
+    // HTTP checkpoint on node-0, then SSE `?resume=` on node-0 starts after it.
+    let r = apis[0]
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&rt),
+            json!({"stream":"res:1","seq":5}),
+        )
+        .await;
+    assert_eq!(r.json, json!({"ackUpdate":"applied","lastAckSequence":5}));
+    let mut s0 = SseClient::connect(
+        &format!("{}/v1/streams/res:1/sse?resume={rt}", c.url(0)),
+        &[],
+    )
+    .await
+    .expect("sse resumes on node-0");
+    let evs = s0.events(2).await;
+    assert_eq!(
+        evs.iter()
+            .map(|e| e.json()["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![6, 7]
+    );
+    let epoch = evs[0].json()["epoch"].as_str().unwrap().to_string();
+
+    // SSE with `Last-Event-ID` (what a browser sends after a drop) on node-1.
+    apis[1].publish("res:1", json!(8)).await;
+    assert_eq!(
+        s0.events(1).await[0].id.as_deref(),
+        Some(format!("{epoch}:8").as_str())
+    );
+    let last_id = format!("{epoch}:6");
+    let mut s1 = SseClient::connect(
+        &format!("{}/v1/streams/res:1/sse?token={tok}", c.url(1)),
+        &[("last-event-id", &last_id)],
+    )
+    .await
+    .expect("sse resumes on node-1");
+    let evs = s1.events(2).await;
+    assert_eq!(
+        evs.iter()
+            .map(|e| e.json()["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![7, 8]
+    );
+
+    // HTTP reconnect on node-2: the window after the stored ack (5).
+    let r = apis[2]
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": rt}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let w = &r.json["replay"]["res:1"];
+    assert_eq!(
+        (
+            w["fromSeq"].as_u64(),
+            w["toSeq"].as_u64(),
+            w["complete"].as_bool()
+        ),
+        (Some(6), Some(8), Some(true))
+    );
+    assert_eq!(seqs(w["events"].as_array().unwrap()), vec![6, 7, 8]);
+
+    // Sessions opened over HTTP on one instance resume on another as well.
+    let sess = apis[1]
+        .post("/v1/sessions", Some(&tok), json!({"streams":["res:1"]}))
+        .await;
+    assert_eq!(
+        (sess.status, sess.json["instance"].as_str()),
+        (201, Some("node-1"))
+    );
+    apis[1].publish("res:1", json!(9)).await;
+    let r = apis[0]
+        .post(
+            &format!(
+                "/v1/sessions/{}/reconnect",
+                sess.json["sessionId"].as_str().unwrap()
+            ),
+            None,
+            json!({"resumeToken": sess.json["resumeToken"]}),
+        )
+        .await;
+    assert_eq!(
+        seqs(r.json["replay"]["res:1"]["events"].as_array().unwrap()),
+        vec![9]
+    );
+
+    for api in &apis {
+        assert_eq!(dropped(api).await, 0);
+    }
+}
+
+/// Spawns `ws` WebSocket roamers (two streams each) and `sse` SSE roamers, spread over the
+/// instances, all subscribed from seq 0.
+fn spawn_clients(
+    c: &Cluster,
+    streams: &[String],
+    ws: usize,
+    sse: usize,
+    finish: &zerodrop_testkit::roam::Finish,
+) -> Vec<tokio::task::JoinHandle<Tally>> {
+    let tok = c.token("roamer", &["load:*"]);
+    let n = streams.len();
+    let deadline = Duration::from_secs(120);
+    let mut out = Vec::new();
+    for k in 0..ws {
+        let r = WsRoamer {
+            name: format!("ws-{k}"),
+            urls: c.ws_urls(),
+            start: k % c.len(),
+            token: tok.clone(),
+            streams: vec![streams[k % n].clone(), streams[(k + 1) % n].clone()],
+            ack_every: 25,
+            deadline,
+        };
+        out.push(r.spawn(finish.clone()));
+    }
+    for k in 0..sse {
+        let r = SseRoamer {
+            name: format!("sse-{k}"),
+            urls: c.urls(),
+            start: k % c.len(),
+            token: tok.clone(),
+            stream: streams[k % n].clone(),
+            deadline,
+        };
+        out.push(r.spawn(finish.clone()));
+    }
+    out
+}
+
+/// WebSocket + SSE connections open on instance `i`.
+async fn connections(api: &Api) -> u64 {
+    let m = api.metrics_json().await;
+    m["ws_metrics"]["ws_active"].as_u64().unwrap_or(0)
+        + m["ws_metrics"]["sse_active"].as_u64().unwrap_or(0)
+}
+
+/// Stops publishing, checks the log of every stream against what was acknowledged, lets the
+/// clients catch up to the heads and checks every client saw every seq exactly once, in
+/// order. Returns the tallies.
+async fn settle(
+    apis: &[Api],
+    streams: &[String],
+    stop: watch::Sender<bool>,
+    publisher: tokio::task::JoinHandle<zerodrop_testkit::roam::Published>,
+    finish: watch::Sender<Option<Arc<BTreeMap<String, u64>>>>,
+    clients: Vec<tokio::task::JoinHandle<Tally>>,
+) -> Vec<Tally> {
+    stop.send_replace(true);
+    let published = publisher.await.expect("publisher");
+    assert!(
+        published.failures.is_empty(),
+        "unpublished: {:?}",
+        published.failures
+    );
+    let mut heads = BTreeMap::new();
+    for s in streams {
+        let acked = published.acked.get(s).cloned().unwrap_or_default();
+        let head = verify_log(&apis[0], s, &acked)
+            .await
+            .expect("the log holds every acknowledged event");
+        assert!(head > 0, "{s} was published to");
+        heads.insert(s.clone(), head);
+    }
+    finish.send_replace(Some(Arc::new(heads.clone())));
+    let mut tallies = Vec::new();
+    for h in clients {
+        let t = tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .expect("clients finish")
+            .expect("client task");
+        tallies.push(t);
+    }
+    let failed: Vec<String> = tallies
+        .iter()
+        .filter_map(|t| t.check(&heads).err())
+        .collect();
+    let dup: u64 = tallies.iter().map(|t| t.duplicates).sum();
+    let moved: u32 = tallies.iter().map(|t| t.resumed).sum();
+    let refused: u32 = tallies.iter().map(|t| t.refused).sum();
+    let mut ms: Vec<u64> = tallies
+        .iter()
+        .flat_map(|t| t.reconnect_ms.iter().copied())
+        .collect();
+    ms.sort_unstable();
+    println!(
+        "{} clients, {} events published ({} retried), heads {heads:?}; {moved} resumes \
+         (reconnect p50 {} ms, max {} ms), {refused} refused attempts, {dup} duplicates dropped \
+         by the clients, {} clients failed",
+        tallies.len(),
+        published.count(),
+        published.retries,
+        ms.get(ms.len() / 2).copied().unwrap_or(0),
+        ms.last().copied().unwrap_or(0),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} clients failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(tallies.iter().map(|t| t.failed_resumes).sum::<u32>(), 0);
+    tallies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
+    let mut c = Cluster::start(bin(), 2, &["--drain-grace-sec", "4"]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let admin = c.creds.admin_token.clone();
+    let streams: Vec<String> = (0..4).map(|i| format!("load:roll{i}")).collect();
+    let (finish_tx, finish) = watch::channel(None);
+    let clients = spawn_clients(&c, &streams, 160, 60, &finish);
+    eventually(
+        "220 clients are connected",
+        Duration::from_secs(30),
+        || async { connections(&apis[0]).await + connections(&apis[1]).await == 220 },
+    )
+    .await;
+    let (stop_tx, stop) = watch::channel(false);
+    let publisher = Publisher {
+        apis: apis.clone(),
+        streams: streams.clone(),
+        every: Duration::from_millis(8),
+        attempts: 200,
+    }
+    .spawn(stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // node-0: drained through the admin API, then restarted.
+    let r = apis[0]
+        .post(
+            "/admin/drain/start",
+            Some(&admin),
+            json!({"reason":"rolling_deployment","max_session_age_seconds":3}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.json["state"].as_str(),
+            r.json["reason"].as_str()
+        ),
+        (200, Some("draining"), Some("rolling_deployment")),
+        "{}",
+        r.text
+    );
+    let at_start = r.json["sessionsRemaining"].as_u64().unwrap();
+    assert!(at_start > 50, "node-0 held its clients: {at_start}");
+    let ready = apis[0].get("/health/ready", None).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json["reasons"], json!(["draining"]));
+    let tok = c.token("late", &["load:*"]);
+    let refused = WsClient::connect(&format!("{}/v1/ws?token={tok}", c.ws_url(0)))
+        .await
+        .err()
+        .expect("no new WebSocket while draining");
+    assert_eq!(
+        (refused.status, refused.json()["error"]["code"].as_str()),
+        (503, Some("DRAINING"))
+    );
+    let sse = apis[0]
+        .get(&format!("/v1/streams/load:roll0/sse?token={tok}"), None)
+        .await;
+    assert_eq!((sse.status, sse.code()), (503, "DRAINING"));
+    assert!(sse.headers.contains_key("retry-after"));
+    // Progress, until no session remains.
+    let mut seen = vec![at_start];
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = apis[0].get("/admin/drain/status", Some(&admin)).await.json;
+        seen.push(s["sessionsRemaining"].as_u64().unwrap_or(u64::MAX));
+        if s["state"] == "drained" {
+            break;
+        }
+        assert!(Instant::now() < until, "node-0 drains in time: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        seen.iter().any(|n| *n > 0 && *n < at_start) || seen.len() < 3,
+        "sessionsRemaining went down gradually: {seen:?}"
+    );
+    let s = apis[0]
+        .post("/admin/drain/complete", Some(&admin), json!({}))
+        .await;
+    assert_eq!(
+        (
+            s.status,
+            s.json["state"].as_str(),
+            s.json["sessionsRemaining"].as_u64()
+        ),
+        (200, Some("drained"), Some(0))
+    );
+    let blocked = s.json["upgradesBlocked"].as_u64().unwrap();
+    assert!(blocked >= 2, "refused upgrades are counted: {blocked}");
+    let m = apis[0].metrics_json().await;
+    assert_eq!(
+        m["ws_metrics"]["ws_upgrades_blocked_during_drain"].as_u64(),
+        Some(blocked)
+    );
+    assert_eq!(dropped(&apis[0]).await, 0);
+    let (status, _) = tokio::task::block_in_place(|| c.terminate(0, Duration::from_secs(20)))
+        .expect("node-0 stops");
+    assert_eq!(status.code(), Some(0));
+    tokio::task::block_in_place(|| c.spawn_node(0)).expect("node-0 restarts");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // node-1: SIGTERM drains it over --drain-grace-sec, then it exits 0; then it restarts.
+    assert_eq!(dropped(&apis[1]).await, 0);
+    c.signal_term(1);
+    eventually(
+        "node-1 reports draining",
+        Duration::from_secs(3),
+        || async {
+            let url = format!("{}/health/ready", apis[1].base);
+            let r = apis[1].client.get(url).send().await;
+            r.is_ok_and(|r| r.status().as_u16() == 503)
+        },
+    )
+    .await;
+    let (status, logs) =
+        tokio::task::block_in_place(|| c.reap(1, Duration::from_secs(20))).expect("node-1 stops");
+    assert_eq!(status.code(), Some(0));
+    assert!(logs.iter().any(|l| l.contains("drain started")));
+    tokio::task::block_in_place(|| c.spawn_node(1)).expect("node-1 restarts");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let tallies = settle(&apis, &streams, stop_tx, publisher, finish_tx, clients).await;
+    for t in &tallies {
+        assert!(t.told_to_move >= 1, "{} was drained at least once", t.name);
+    }
+    for api in &apis {
+        assert_eq!(dropped(api).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_instance_under_load_loses_nothing() {
+    let mut c = Cluster::start(bin(), 2, &[]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let streams: Vec<String> = (0..3).map(|i| format!("load:crash{i}")).collect();
+    let (finish_tx, finish) = watch::channel(None);
+    let clients = spawn_clients(&c, &streams, 60, 20, &finish);
+    eventually(
+        "80 clients are connected",
+        Duration::from_secs(30),
+        || async { connections(&apis[0]).await + connections(&apis[1]).await == 80 },
+    )
+    .await;
+    let (stop_tx, stop) = watch::channel(false);
+    let publisher = Publisher {
+        apis: apis.clone(),
+        streams: streams.clone(),
+        every: Duration::from_millis(5),
+        attempts: 200,
+    }
+    .spawn(stop);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kill9(0);
+    eventually(
+        "every client is on node-1",
+        Duration::from_secs(20),
+        || async { connections(&apis[1]).await == 80 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tallies = settle(&apis[1..], &streams, stop_tx, publisher, finish_tx, clients).await;
+    let moved = tallies.iter().filter(|t| t.lost > 0).count();
+    assert_eq!(
+        moved, 40,
+        "the clients of node-0 lost their connection and resumed"
+    );
+    assert_eq!(dropped(&apis[1]).await, 0);
+}
+
+/// Log lines of instance `i` whose message contains `needle`.
+fn log_count(c: &Cluster, i: usize, needle: &str) -> usize {
+    c.logs(i)
+        .iter()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(|m| m.contains(needle)))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outages_with_and_without_data() {
+    let redis = RedisServer::start_durable().expect("redis-server starts");
+    let mut c = Cluster::start_on(bin(), redis, 2, &[]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let tok = c.token("u1", &["out:*"]);
+    let mut w = ws(&format!("{}/v1/ws?token={tok}", c.ws_url(0))).await;
+    let welcome = w.expect("welcome").await;
+    w.send(json!({"type":"subscribe","stream":"out:1","after":0}))
+        .await;
+    w.expect("subscribed").await;
+    let mut s = SseClient::connect(
+        &format!("{}/v1/streams/out:1/sse?token={tok}&after=0", c.url(1)),
+        &[],
+    )
+    .await
+    .expect("sse opens");
+    let sess = apis[1]
+        .post("/v1/sessions", Some(&tok), json!({"streams":["out:1"]}))
+        .await
+        .json;
+    let mut epoch = String::new();
+    for k in 1..=3 {
+        epoch = apis[k % 2].publish("out:1", json!(k)).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    assert_eq!(seqs(&w.events(3).await), vec![1, 2, 3]);
+    assert_eq!(s.events(3).await.len(), 3);
+
+    // Redis stops for a few seconds (its data is on disk).
+    c.redis.stop().expect("redis stops");
+    let down_at = Instant::now();
+    for api in &apis {
+        eventually(
+            "readiness reports the store",
+            Duration::from_secs(5),
+            || async {
+                let r = api.get("/health/ready", None).await;
+                r.status == 503 && r.json["reasons"] == json!(["store_unavailable"])
+            },
+        )
+        .await;
+        let r = api.try_publish("out:1", json!("lost?")).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (503, "STORE_UNAVAILABLE"),
+            "{}",
+            r.text
+        );
+        assert!(r.headers.contains_key("retry-after"));
+        let h = api.get("/health", None).await.json;
+        assert_eq!(
+            (h["status"].as_str(), &h["store"]["up"]),
+            (Some("degraded"), &json!(false))
+        );
+        let text = api.get("/metrics", None).await.text;
+        assert!(
+            text.lines().any(|l| l == "zerodrop_store_up 0"),
+            "store_up is 0"
+        );
+    }
+    // Connected clients stay connected.
+    w.send(json!({"type":"ping","t":7})).await;
+    assert_eq!(w.expect("pong").await["t"], 7);
+    assert!(matches!(
+        s.read(Duration::from_millis(300)).await,
+        zerodrop_testkit::sse::SseRead::Timeout
+    ));
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down_at.elapsed())).await;
+    c.redis.start_again().expect("redis starts again");
+    for api in &apis {
+        eventually("ready again", Duration::from_secs(10), || async {
+            api.get("/health/ready", None).await.status == 200
+        })
+        .await;
+    }
+    // Nothing was stored while it was down; the log goes on in the same epoch.
+    let r = apis[0].publish("out:1", json!(4)).await;
+    assert_eq!(
+        (r["seq"].as_u64(), r["epoch"].as_str()),
+        (Some(4), Some(epoch.as_str()))
+    );
+    assert_eq!(seqs(&w.events(1).await), vec![4]);
+    assert_eq!(s.events(1).await[0].json()["seq"], 4);
+    for i in 0..2 {
+        assert_eq!(
+            log_count(&c, i, "store unreachable"),
+            1,
+            "node-{i}: logged once"
+        );
+        assert_eq!(log_count(&c, i, "store reachable again"), 1, "node-{i}");
+        assert_eq!(log_count(&c, i, "redis refused a command"), 0, "node-{i}");
+    }
+
+    // Redis comes back empty: sessions are gone, streams start a new epoch, and connected
+    // clients are told.
+    c.redis.restart_empty().expect("redis restarts empty");
+    let f = w.recv().await;
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str(), f["stream"].as_str()),
+        (Some("error"), Some("EPOCH_CHANGED"), Some("out:1")),
+        "{f}"
+    );
+    let new_epoch = f["epoch"].as_str().unwrap().to_string();
+    assert_ne!(new_epoch, epoch);
+    let reset = s.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(reset.json()["code"], "EPOCH_CHANGED");
+    assert_eq!(reset.json()["epoch"], new_epoch.as_str());
+    assert_eq!(reset.id.as_deref(), Some(format!("{new_epoch}:0").as_str()));
+    // Its session is gone: resubscribing closes the socket with SESSION_NOT_FOUND.
+    w.send(json!({"type":"subscribe","stream":"out:1","after":0}))
+        .await;
+    let f = w.recv().await;
+    assert_eq!(f["code"], "SESSION_NOT_FOUND", "{f}");
+    assert_eq!(w.expect_close().await, Some(4404));
+    for api in &apis {
+        eventually(
+            "ready after the empty restart",
+            Duration::from_secs(10),
+            || async { api.get("/health/ready", None).await.status == 200 },
+        )
+        .await;
+    }
+    let r = apis[0]
+        .post(
+            &format!(
+                "/v1/sessions/{}/reconnect",
+                sess["sessionId"].as_str().unwrap()
+            ),
+            None,
+            json!({"resumeToken": sess["resumeToken"]}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "SESSION_NOT_FOUND"));
+    let mut again = ws(&format!(
+        "{}/v1/ws?resume={}",
+        c.ws_url(1),
+        welcome["resumeToken"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(again.expect("error").await["code"], "SESSION_NOT_FOUND");
+    assert_eq!(again.expect_close().await, Some(4404));
+    let r = apis[1].publish("out:1", json!("new")).await;
+    assert_eq!(
+        (r["seq"].as_u64(), r["epoch"].as_str()),
+        (Some(1), Some(new_epoch.as_str()))
+    );
+    let e = s.events(1).await;
+    assert_eq!(e[0].id.as_deref(), Some(format!("{new_epoch}:1").as_str()));
+    for api in &apis {
+        assert_eq!(dropped(api).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_instance() {
+    let c = Cluster::start(bin(), 2, &["--retention-max-events", "5"]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let tok = c.token("u1", &["trim:*"]);
+    let sess = apis[0]
+        .post("/v1/sessions", Some(&tok), json!({"streams":["trim:1"]}))
+        .await
+        .json;
+    let sid = sess["sessionId"].as_str().unwrap().to_string();
+    for k in 1..=8 {
+        apis[k % 2].publish("trim:1", json!(k)).await;
+    }
+    // The log keeps 5 events, in Redis too; the session expires with its reconnect window.
+    let info = apis[1].info("trim:1").await;
+    assert_eq!(
+        (
+            info["headSeq"].as_u64(),
+            info["firstSeq"].as_u64(),
+            info["count"].as_u64()
+        ),
+        (Some(8), Some(4), Some(5))
+    );
+    assert_eq!(c.redis.cmd(&["XLEN", "zd:{trim:1}:l"]).unwrap(), ":5");
+    let ttl = c.redis.cmd(&["PTTL", &format!("zd:s:{{{sid}}}")]).unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!(ttl > 0, "sessions expire in Redis: {ttl}");
+    // A resume on the other instance gets the same typed error as on SQLite.
+    let r = apis[1]
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": sess["resumeToken"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let e = &r.json["replay"]["trim:1"]["error"];
+    assert_eq!(
+        (e["code"].as_str(), e["firstAvailableSeq"].as_u64()),
+        (Some("REPLAY_WINDOW_TRIMMED"), Some(4)),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        dropped(&apis[1]).await,
+        3,
+        "the trimmed events are counted once"
+    );
+    let r = apis[0].read("trim:1", 0, 10).await;
+    assert_eq!((r.status, r.code()), (409, "REPLAY_WINDOW_TRIMMED"));
+}
