@@ -270,7 +270,10 @@ impl App {
         // The new window is recorded in the background: a resume storm must not queue a
         // thousand durable writes in front of its replays.
         let store = self.store.clone();
-        let (sid, until) = (session.id.clone(), now_ms() + self.cfg.reconnect_window_sec * 1000);
+        let (sid, until) = (
+            session.id.clone(),
+            now_ms() + self.cfg.reconnect_window_sec * 1000,
+        );
         tokio::spawn(async move {
             if let Err(e) = store.touch_session(&sid, until).await {
                 tracing::debug!(error = %e, "could not extend a session's reconnect window");

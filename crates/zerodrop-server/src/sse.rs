@@ -125,8 +125,13 @@ async fn open(
         (Some((e, seq)), _, _) => (e, seq),
         (None, Some(a), _) => (None, Seq(a)),
         (None, None, Some(ss)) => {
-            let pending = session.as_ref().and_then(|s| app.acks.pending(&s.id, &stream));
-            (Some(ss.epoch.clone()), ss.ack.max(pending.unwrap_or(Seq(0))))
+            let pending = session
+                .as_ref()
+                .and_then(|s| app.acks.pending(&s.id, &stream));
+            (
+                Some(ss.epoch.clone()),
+                ss.ack.max(pending.unwrap_or(Seq(0))),
+            )
         }
         (None, None, None) => (None, info.head),
     };

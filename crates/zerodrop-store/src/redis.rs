@@ -19,11 +19,10 @@
 //!   instead of being handed a hole.
 //! - **Live path = pub/sub only.** The sink is fed solely from this instance's subscription to
 //!   the live channel, for events of every instance including its own; one channel delivered
-//!   in publication order keeps each stream in seq order. An append waits (briefly, bounded)
-//!   until its own event came back through the subscription, so when `append` returns the
-//!   local sink has seen it, as with the other stores. Pub/sub is only a doorbell: when its
-//!   connection drops, `append` stops waiting, and once it is subscribed again the sink is told
-//!   to [`LiveSink::reset`] so subscribers re-read the log.
+//!   in publication order keeps each stream in seq order. An append answers once the script
+//!   ran (the event is stored); the local sink hears of it a round trip later, like every
+//!   other instance. Pub/sub is only a doorbell: once it is subscribed again after a drop, the
+//!   sink is told to [`LiveSink::reset`] so subscribers re-read the log.
 //! - **Holder notices.** [`Store::announce_holder`] publishes `h|<holder>|<session>` on the
 //!   same channel; every instance hears it in channel order ([`LiveSink::session_held`]) and
 //!   can close an older connection of a session that was resumed elsewhere. A notice lost in a
@@ -112,8 +111,6 @@ const SESSION_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// A session is kept at least this long after any write, however old its expiry (the other
 /// stores delete expired sessions in a sweep that runs about this often).
 const SESSION_MIN_KEEP_MS: u64 = 60_000;
-/// How long an append waits for its own event to come back through pub/sub.
-const ECHO_WAIT: Duration = Duration::from_secs(1);
 /// Checkpoint compare-and-set attempts before giving up.
 const CAS_ATTEMPTS: usize = 16;
 /// Written-behind acks applied concurrently by `checkpoint_many`.
@@ -332,9 +329,7 @@ struct Shared {
     /// This instance's prefix for the origin tokens of its appends.
     instance: String,
     next_token: AtomicU64,
-    /// Appends waiting for their own event to come back through pub/sub.
-    waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    /// The pub/sub subscription is up (appends wait for their echo only then).
+    /// The pub/sub subscription is up.
     live_up: AtomicBool,
     /// Highest head seen per stream, with its epoch.
     known: Mutex<HashMap<StreamId, (Epoch, u64)>>,
@@ -427,8 +422,8 @@ fn parse_bounds(stream: &StreamId, v: &[Value]) -> Option<(StreamInfo, bool)> {
 
 /// A decoded live message.
 enum Live<'a> {
+    /// A new event (the message also names the append that made it, for diagnostics).
     Event {
-        origin: &'a str,
         event: Event,
     },
     Trimmed {
@@ -456,14 +451,14 @@ fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
     let kind = parts.next()?;
     match kind {
         b"e" => {
-            let origin = text(parts.next())?;
+            let _origin = text(parts.next())?;
             let stream = StreamId::new(text(parts.next())?).ok()?;
             let seq = text(parts.next())?.parse().ok()?;
             let epoch = Epoch::parse(text(parts.next())?)?;
             let ts = text(parts.next())?.parse().ok()?;
             let json = Bytes::copy_from_slice(parts.next()?);
             let event = Event::from_stored(stream, Seq(seq), epoch, ts, json);
-            Some(Live::Event { origin, event })
+            Some(Live::Event { event })
         }
         b"t" => Some(Live::Trimmed {
             stream: StreamId::new(text(parts.next())?).ok()?,
@@ -549,7 +544,6 @@ impl RedisStore {
             sink,
             instance: Epoch::generate().to_string(),
             next_token: AtomicU64::new(1),
-            waiters: Mutex::new(HashMap::new()),
             live_up: AtomicBool::new(false),
             known: Mutex::new(HashMap::new()),
             up: AtomicBool::new(true),
@@ -913,20 +907,12 @@ impl Shared {
 
     fn on_live(&self, payload: &[u8]) {
         match parse_live(payload) {
-            Some(Live::Event { origin, event }) => {
+            Some(Live::Event { event }) => {
                 let stream = event.stream().clone();
                 let (epoch, seq) = (event.epoch().clone(), event.seq().0);
                 let event = Arc::new(event.with_committed_at(Instant::now()));
                 self.sink.committed(std::slice::from_ref(&event));
                 self.observe(&stream, &epoch, seq);
-                if let Some(token) = origin
-                    .strip_prefix(self.instance.as_str())
-                    .and_then(|t| t.strip_prefix('-'))
-                    .and_then(|t| t.parse::<u64>().ok())
-                    && let Some(w) = lock(&self.waiters).remove(&token)
-                {
-                    let _ = w.send(());
-                }
             }
             Some(Live::Trimmed {
                 stream,
@@ -942,10 +928,9 @@ impl Shared {
         }
     }
 
-    /// The live path is down: nobody waits for an echo that may never come.
+    /// The live path is down.
     fn live_lost(&self) {
         self.live_up.store(false, Ordering::Relaxed);
-        lock(&self.waiters).clear();
     }
 }
 
@@ -1130,13 +1115,6 @@ impl Store for RedisStore {
         let s = &self.shared;
         let n = s.next_token.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}-{n}", s.instance);
-        let echo = if s.live_up.load(Ordering::Relaxed) {
-            let (tx, rx) = oneshot::channel();
-            lock(&s.waiters).insert(n, tx);
-            Some(rx)
-        } else {
-            None
-        };
         let result = s.append_once(&req, &token).await;
         let outcome = match result {
             Ok(Appended::New {
@@ -1150,10 +1128,6 @@ impl Store for RedisStore {
                     // The event is durable; only age retention of this stream waits for the
                     // next append to index it.
                     tracing::debug!(stream = %req.stream, error = %e, "age index not updated");
-                }
-                if let Some(rx) = echo {
-                    let _ = tokio::time::timeout(ECHO_WAIT, rx).await;
-                    lock(&s.waiters).remove(&n);
                 }
                 return Ok(AppendOutcome {
                     stream: req.stream,
@@ -1171,7 +1145,6 @@ impl Store for RedisStore {
             Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
             Err(e) => Err(e),
         };
-        lock(&s.waiters).remove(&n);
         outcome
     }
 
@@ -1514,10 +1487,9 @@ mod tests {
         );
         let mut msg = b"e|inst-9|room:1|3|00ff00ff00ff00ff|1700000000123|".to_vec();
         msg.extend_from_slice(e.json());
-        let Some(Live::Event { origin, event }) = parse_live(&msg) else {
+        let Some(Live::Event { event }) = parse_live(&msg) else {
             panic!("not an event")
         };
-        assert_eq!(origin, "inst-9");
         assert_eq!(event.json(), e.json());
         assert_eq!(event.data(), "{\"a\":\"x|y\"}");
         assert_eq!((event.seq(), event.ts()), (Seq(3), 1_700_000_000_123));

@@ -187,7 +187,10 @@ async fn outage_fails_fast_and_a_restart_with_data_continues_the_log() {
     assert!(sink.resets.load(Ordering::SeqCst) >= 1);
     let o = store.append(req("room:1", "7")).await.unwrap();
     assert_eq!(o.seq, Seq(7));
-    assert_eq!(sink.seqs_of("room:1").last(), Some(&7));
+    wait_until(Duration::from_secs(5), "seq 7 on the live path", || {
+        sink.seqs_of("room:1").last() == Some(&7)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +215,10 @@ async fn a_store_started_while_redis_is_down_works_once_it_is_up() {
     })
     .await;
     store.append(req("room:1", "2")).await.unwrap();
-    assert_eq!(sink.seqs_of("room:1").last(), Some(&2));
+    wait_until(Duration::from_secs(5), "seq 2 on the live path", || {
+        sink.seqs_of("room:1").last() == Some(&2)
+    })
+    .await;
     // A session with more streams than one Lua call can unpack.
     let epoch = o.epoch;
     let id = SessionId::generate();
@@ -397,7 +403,11 @@ async fn a_dropped_subscription_resets_the_sink_and_live_delivery_resumes() {
     })
     .await;
     store.append(req("room:1", "2")).await.unwrap();
-    assert_eq!(sink.seqs_of("room:1"), vec![1, 2]);
+    // The sink hears of an append right after it is answered.
+    wait_until(Duration::from_secs(5), "seq 2 on the live path", || {
+        sink.seqs_of("room:1") == vec![1, 2]
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,6 +547,10 @@ async fn runs_on_a_redis_cluster() {
             (r.info.head, r.info.first_seq, r.info.count),
             (Seq(7), Seq(3), 5)
         );
+        wait_until(Duration::from_secs(5), "every seq on the live path", || {
+            sink.seqs_of(s).len() == 7
+        })
+        .await;
         assert_eq!(sink.seqs_of(s), (1..=7).collect::<Vec<_>>());
         // A stream's epoch is stable from its first touch on.
         assert_eq!(
