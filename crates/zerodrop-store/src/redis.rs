@@ -1115,8 +1115,7 @@ impl Store for RedisStore {
         let s = &self.shared;
         let n = s.next_token.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}-{n}", s.instance);
-        let result = s.append_once(&req, &token).await;
-        let outcome = match result {
+        match s.append_once(&req, &token).await {
             Ok(Appended::New {
                 seq,
                 epoch,
@@ -1129,12 +1128,12 @@ impl Store for RedisStore {
                     // next append to index it.
                     tracing::debug!(stream = %req.stream, error = %e, "age index not updated");
                 }
-                return Ok(AppendOutcome {
+                Ok(AppendOutcome {
                     stream: req.stream,
                     seq: Seq(seq),
                     epoch,
                     duplicate: false,
-                });
+                })
             }
             Ok(Appended::Duplicate { seq, epoch }) => Ok(AppendOutcome {
                 stream: req.stream,
@@ -1144,8 +1143,7 @@ impl Store for RedisStore {
             }),
             Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
             Err(e) => Err(e),
-        };
-        outcome
+        }
     }
 
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
