@@ -103,6 +103,13 @@ impl AckBuffer {
     }
 }
 
+/// When a resume's `lastAck` checkpoint is written (see [`App::stream_start`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckWrite {
+    Wait,
+    Background,
+}
+
 /// A long-lived connection's claim on a slot of `--max-connections`.
 pub struct ConnSlot {
     app: Arc<App>,
@@ -315,11 +322,16 @@ impl App {
     /// stored ack is also applied as a checkpoint, one below never regresses it), else after
     /// the stored ack; it must be in the same epoch and still retained. A trimmed window
     /// counts its lost events once per session.
+    ///
+    /// `ack_write` says when a client's higher `lastAck` is stored: an HTTP reconnect waits
+    /// for it (its answer promises the checkpoint); a socket resuming does not (the write runs
+    /// in the background, so a resume storm does not queue behind a thousand durable writes).
     pub async fn stream_start(
         &self,
         session: &SessionRecord,
         stream: &StreamId,
         client_ack: Option<Seq>,
+        ack_write: AckWrite,
     ) -> Result<StreamStart, ApiError> {
         let Some(ss) = session.streams.get(stream) else {
             return Err(
@@ -342,10 +354,22 @@ impl App {
             return Err(ApiError::beyond_head(after, info.head, stream.as_str()));
         }
         if after > stored {
-            // Applied at once (this instance resumes from it), written behind with the
-            // WebSocket acks.
-            self.acks.record(&session.id, stream, after);
-            self.metrics.checkpoint(true);
+            match ack_write {
+                AckWrite::Wait => match self.store.checkpoint(&session.id, stream, after).await {
+                    Ok(u) => self.metrics.checkpoint(u.is_applied()),
+                    Err(e) => return Err(ApiError::from(e).with("stream", stream.as_str())),
+                },
+                AckWrite::Background => {
+                    self.metrics.checkpoint(true);
+                    let (store, sid, stream) =
+                        (self.store.clone(), session.id.clone(), stream.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = store.checkpoint(&sid, &stream, after).await {
+                            tracing::debug!(error = %e, "could not store a resume's lastAck");
+                        }
+                    });
+                }
+            }
         }
         match replay_window(after, Some(&ss.epoch), &info.bounds()) {
             Ok(_) => Ok(StreamStart {

@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use zerodrop_core::window::replay_window;
 use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId};
 
-use crate::app::App;
+use crate::app::{AckWrite, App};
 use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Transport;
@@ -487,7 +487,9 @@ async fn window_json(
     stream: &StreamId,
     client_ack: Option<Seq>,
 ) -> ApiResult<(String, u64)> {
-    let start = app.stream_start(session, stream, client_ack).await?;
+    let start = app
+        .stream_start(session, stream, client_ack, AckWrite::Wait)
+        .await?;
     let res = app.store.read(stream, start.after, MAX_PAGE).await?;
     replay_window(start.after, Some(&start.epoch), &res.info.bounds())
         .map_err(|e| ApiError::window(e, stream.as_str()))?;

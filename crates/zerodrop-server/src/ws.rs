@@ -29,7 +29,7 @@ use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::app::{App, ConnSlot};
+use crate::app::{AckWrite, App, ConnSlot};
 use crate::auth::{ConnectClaims, bearer};
 use crate::drain::DrainPhase;
 use crate::error::ApiError;
@@ -425,7 +425,11 @@ impl Conn {
         self.app.metrics.resume_succeeded(Transport::Ws);
         for (stream, st) in &session.streams {
             let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
-            match self.app.stream_start(&session, stream, client_ack).await {
+            match self
+                .app
+                .stream_start(&session, stream, client_ack, AckWrite::Background)
+                .await
+            {
                 Ok(start) => {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
                     self.acks.insert(stream.clone(), acked);
