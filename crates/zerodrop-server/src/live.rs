@@ -29,6 +29,8 @@ use zerodrop_store::{LiveSink, Store, StoreError};
 use crate::metrics::Metrics;
 
 const SHARDS: usize = 32;
+/// Most events one catch-up read takes from the log.
+const LOG_READ_EVENTS: usize = 256;
 
 /// One durable event, with its wire encodings built at most once.
 pub struct Delivery {
@@ -452,8 +454,9 @@ impl Subscription {
                 && ring.after(self.cursor, max, out)
         };
         if !from_ring {
+            // Small reads are cheap (and run inline on SQLite); the next look reads on.
             let res = store
-                .read(&self.stream, self.cursor, max)
+                .read(&self.stream, self.cursor, max.min(LOG_READ_EVENTS))
                 .await
                 .map_err(Fault::Store)?;
             match replay_window(self.cursor, Some(&self.epoch), &res.info.bounds()) {

@@ -301,9 +301,9 @@ impl SseConn {
                     self.app.metrics.publish_to_deliver(at.elapsed());
                 }
                 self.pending.push_back(Bytes::from(chunk));
-                if buf.len() == MAX_EVENTS_PER_CHUNK {
-                    self.signal.wake();
-                }
+                // One pull may stop short of everything that is ready (catch-up reads are
+                // bounded): look again after this chunk is sent; an empty look ends it.
+                self.signal.wake();
             }
             Err(Fault::Store(e)) => {
                 tracing::debug!(error = %e, "sse catch-up read failed; will retry");

@@ -609,32 +609,42 @@ impl Conn {
         let mut oldest: Option<Instant> = None;
         let mut faults = Vec::new();
         for i in 0..self.subs.len() {
+            // Pull until this cursor is caught up (an empty pull) or the budget is spent: one
+            // pull may stop short of everything that is ready (a catch-up read is bounded).
+            while budget > 0 {
+                self.buf.clear();
+                match self.subs[i]
+                    .pull(&*self.app.store, budget, &mut self.buf)
+                    .await
+                {
+                    Ok(replayed) => {
+                        if replayed > 0 {
+                            self.app.metrics.replayed(replayed as u64);
+                        }
+                        for d in &self.buf {
+                            if let Some(at) = d.event.committed_at() {
+                                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                            }
+                            self.socket
+                                .feed(Message::Text(d.ws_frame()))
+                                .await
+                                .map_err(|_| Exit::Gone("write failed"))?;
+                        }
+                        let n = self.buf.len();
+                        frames += n as u64;
+                        budget -= n;
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    Err(f) => {
+                        faults.push((i, f));
+                        break;
+                    }
+                }
+            }
             if budget == 0 {
                 break;
-            }
-            self.buf.clear();
-            match self.subs[i]
-                .pull(&*self.app.store, budget, &mut self.buf)
-                .await
-            {
-                Ok(replayed) => {
-                    if replayed > 0 {
-                        self.app.metrics.replayed(replayed as u64);
-                    }
-                    for d in &self.buf {
-                        if let Some(at) = d.event.committed_at() {
-                            oldest = Some(oldest.map_or(at, |o| o.min(at)));
-                        }
-                        self.socket
-                            .feed(Message::Text(d.ws_frame()))
-                            .await
-                            .map_err(|_| Exit::Gone("write failed"))?;
-                    }
-                    let n = self.buf.len();
-                    frames += n as u64;
-                    budget -= n;
-                }
-                Err(f) => faults.push((i, f)),
             }
         }
         if frames > 0 {

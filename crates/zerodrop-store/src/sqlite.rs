@@ -42,6 +42,9 @@ const MAX_AGE_SWEEP_ROWS: i64 = 50_000;
 /// Streams whose bounds the writer keeps in memory before it starts over.
 const MAX_CACHED_STREAMS: usize = 100_000;
 const READERS_KEPT: usize = 8;
+/// Reads of at most this many events run on the calling thread; larger ones on the blocking
+/// pool.
+const INLINE_READ_EVENTS: usize = 256;
 
 /// `PRAGMA synchronous` for the write connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -430,7 +433,7 @@ impl Writer {
         let mut fx = BatchEffects::default();
         let mut pending = batch.into_iter();
         let result = (|| -> rusqlite::Result<()> {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             for cmd in pending.by_ref() {
                 self.apply(cmd, &mut fx)?;
             }
@@ -442,7 +445,7 @@ impl Writer {
                 self.sweep_expired()?;
             }
             self.write_meta(&fx)?;
-            self.conn.execute_batch("COMMIT")
+            self.conn.prepare_cached("COMMIT")?.execute([]).map(|_| ())
         })();
         match result {
             Ok(()) => {
@@ -988,6 +991,16 @@ impl Readers {
         r.map_err(unavailable)
     }
 
+    /// Runs a small read on this thread: a WAL read of a few pages costs far less than the two
+    /// thread hand-offs of the blocking pool (on one core those dominated resume storms).
+    fn run_now<R>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Epoch) -> rusqlite::Result<R>,
+    ) -> StoreResult<R> {
+        self.with(|c| f(c, &self.epoch))
+    }
+
+    /// Runs a read that may touch many rows on the blocking pool.
     async fn run<R: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut Connection, &Epoch) -> rusqlite::Result<R> + Send + 'static,
@@ -997,6 +1010,55 @@ impl Readers {
             .await
             .map_err(|e| StoreError::Unavailable(format!("reader task failed: {e}")))?
     }
+}
+
+/// Runs `f` in one read transaction (one WAL snapshot), with cached `BEGIN`/`COMMIT`.
+fn snapshot<R>(
+    c: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+) -> rusqlite::Result<R> {
+    c.prepare_cached("BEGIN")?.execute([])?;
+    let r = f(c);
+    let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    c.prepare_cached(end)?.execute([])?;
+    r
+}
+
+fn read_events(
+    c: &Connection,
+    stream: &StreamId,
+    epoch: &Epoch,
+    after: Seq,
+    limit: usize,
+) -> rusqlite::Result<ReadResult> {
+    snapshot(c, |c| {
+        let info = read_info(c, stream, epoch)?;
+        let mut events = Vec::new();
+        let mut stmt = c.prepare_cached(
+            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![stream.as_str(), after.0 as i64, limit as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )?;
+        for row in rows {
+            let (seq, ts, json) = row?;
+            events.push(Arc::new(Event::from_stored(
+                stream.clone(),
+                Seq(seq as u64),
+                info.epoch.clone(),
+                ts as u64,
+                Bytes::from(json),
+            )));
+        }
+        Ok(ReadResult { info, events })
+    })
 }
 
 fn read_info(conn: &Connection, stream: &StreamId, epoch: &Epoch) -> rusqlite::Result<StreamInfo> {
@@ -1089,48 +1151,18 @@ impl Store for SqliteStore {
     }
 
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
-        let stream = stream.clone();
-        self.readers
-            .run(move |c, epoch| read_info(c, &stream, epoch))
-            .await
+        self.readers.run_now(|c, epoch| read_info(c, stream, epoch))
     }
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
+        if limit <= INLINE_READ_EVENTS {
+            return self
+                .readers
+                .run_now(|c, epoch| read_events(c, stream, epoch, after, limit));
+        }
         let stream = stream.clone();
         self.readers
-            .run(move |c, epoch| {
-                let tx = c.transaction()?;
-                let info = read_info(&tx, &stream, epoch)?;
-                let mut events = Vec::new();
-                {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq > ?2
-                         ORDER BY seq LIMIT ?3",
-                    )?;
-                    let rows = stmt.query_map(
-                        params![stream.as_str(), after.0 as i64, limit as i64],
-                        |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, i64>(1)?,
-                                r.get::<_, Vec<u8>>(2)?,
-                            ))
-                        },
-                    )?;
-                    for row in rows {
-                        let (seq, ts, json) = row?;
-                        events.push(Arc::new(Event::from_stored(
-                            stream.clone(),
-                            Seq(seq as u64),
-                            info.epoch.clone(),
-                            ts as u64,
-                            Bytes::from(json),
-                        )));
-                    }
-                }
-                tx.commit()?;
-                Ok(ReadResult { info, events })
-            })
+            .run(move |c, epoch| read_events(c, &stream, epoch, after, limit))
             .await
     }
 
@@ -1138,19 +1170,17 @@ impl Store for SqliteStore {
         let stream = stream.clone();
         self.readers
             .run(move |c, epoch| {
-                let tx = c.transaction()?;
-                let info = read_info(&tx, &stream, epoch)?;
-                let mut h = ChainHash::default();
-                {
-                    let mut stmt = tx
-                        .prepare_cached("SELECT json FROM events WHERE stream = ?1 ORDER BY seq")?;
+                snapshot(c, |c| {
+                    let info = read_info(c, &stream, epoch)?;
+                    let mut h = ChainHash::default();
+                    let mut stmt =
+                        c.prepare_cached("SELECT json FROM events WHERE stream = ?1 ORDER BY seq")?;
                     let mut rows = stmt.query(params![stream.as_str()])?;
                     while let Some(r) = rows.next()? {
                         h.push(r.get_ref(0)?.as_blob()?);
                     }
-                }
-                tx.commit()?;
-                Ok((info, h.hex()))
+                    Ok((info, h.hex()))
+                })
             })
             .await
     }
@@ -1160,8 +1190,7 @@ impl Store for SqliteStore {
     }
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {
-        let id = id.clone();
-        self.readers.run(move |c, _| read_session(c, &id)).await
+        self.readers.run_now(|c, _| read_session(c, id))
     }
 
     async fn put_session_stream(
@@ -1220,8 +1249,7 @@ impl Store for SqliteStore {
             ));
         }
         self.readers
-            .run(|c, _| c.query_row("SELECT 1", [], |_| Ok(())))
-            .await
+            .run_now(|c, _| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {
