@@ -72,14 +72,7 @@ fn main() {
         .unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
-    let p = ServerProcess::spawn(
-        bin,
-        dir.path(),
-        "127.0.0.1:0",
-        &[],
-        &[("ZERODROP_LOG", "warn")],
-    )
-    .expect("server starts");
+    let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &[], &[]).expect("server starts");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
