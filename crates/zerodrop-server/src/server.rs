@@ -240,63 +240,58 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Runs `work` every `period` until the server stops.
+fn every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut work: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            work().await;
+        }
+    });
+}
+
 fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
     // Store health: readiness, `store_up`, and one log line per transition.
-    {
-        let app = app.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                let ok = matches!(
-                    tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
-                    Ok(Ok(()))
+    let a = app.clone();
+    every(Duration::from_secs(1), stop.clone(), move || {
+        let app = a.clone();
+        async move {
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+                Ok(Ok(()))
+            );
+            let was = app.store_up.swap(ok, Ordering::Relaxed);
+            app.metrics.store_up(ok);
+            if was && !ok {
+                tracing::error!(
+                    store = app.store_kind().as_str(),
+                    "store unreachable; publishes answer 503 STORE_UNAVAILABLE, readiness is 503"
                 );
-                let was = app.store_up.swap(ok, Ordering::Relaxed);
-                app.metrics.store_up(ok);
-                if was && !ok {
-                    tracing::error!(
-                        store = app.store_kind().as_str(),
-                        "store unreachable; publishes answer 503 STORE_UNAVAILABLE, readiness is 503"
-                    );
-                } else if !was && ok {
-                    tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
-                }
+            } else if !was && ok {
+                tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
             }
-        });
-    }
+        }
+    });
     // Written-behind WebSocket acks, once a second, in one batch.
-    {
-        let app = app.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                app.flush_acks(None).await;
-            }
-        });
-    }
+    let a = app.clone();
+    every(Duration::from_secs(1), stop.clone(), move || {
+        let app = a.clone();
+        async move { app.flush_acks(None).await }
+    });
     // Housekeeping: idle topics, histogram upkeep.
-    {
-        let mut stop = stop;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                app.hub.sweep();
-                app.metrics.upkeep();
-            }
-        });
-    }
+    every(Duration::from_secs(5), stop, move || {
+        let app = app.clone();
+        async move {
+            app.hub.sweep();
+            app.metrics.upkeep();
+        }
+    });
 }

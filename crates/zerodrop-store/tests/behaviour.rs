@@ -253,8 +253,21 @@ async fn retention_by_count_and_bytes(f: Fixture) {
             ..
         })
     ));
-    let total: u64 = f.sink.trims.lock().unwrap().iter().map(|t| t.2).sum();
-    assert_eq!(total, 7);
+    // The sink hears of trims right after the append is answered.
+    let trimmed = || {
+        f.sink
+            .trims
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.2)
+            .sum::<u64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while trimmed() < 7 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(trimmed(), 7);
     // Bytes: each event here is ~60 bytes; a 10-KiB event pushes the older ones out.
     let big = format!("\"{}\"", "x".repeat(10_000));
     f.store.append(req("r", &big)).await.unwrap();
@@ -281,14 +294,20 @@ async fn retention_by_age(f: Fixture) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
+    // The sink hears of the trim right after the commit that made it.
+    let told = || {
         f.sink
             .trims
             .lock()
             .unwrap()
             .iter()
             .any(|t| t.0 == "old" && t.1 == 4)
-    );
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !told() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(told());
     // The stream goes on from where it was.
     let o = f.store.append(req("old", "1")).await.unwrap();
     assert_eq!(o.seq, Seq(4));
