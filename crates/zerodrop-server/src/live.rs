@@ -637,4 +637,57 @@ mod tests {
         drop(sub);
         assert_eq!(hub.topics(), 1);
     }
+
+    #[tokio::test]
+    async fn events_trimmed_under_a_connected_subscriber_are_dropped_once() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(HubLimits::default(), metrics.clone()));
+        let retention = Retention {
+            max_events: 5,
+            ..Retention::default()
+        };
+        let store = MemoryStore::new(retention, hub.clone());
+        let s = StreamId::new("room:1").unwrap();
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        // A connected subscriber at 0 that does not read (a stalled client).
+        let mut sub = hub.subscribe(s.clone(), epoch, Seq(0), Signal::new());
+        for i in 0..12 {
+            let req = AppendRequest {
+                stream: s.clone(),
+                data: i.to_string(),
+                idempotency: None,
+            };
+            store.append(req).await.unwrap();
+        }
+        // Seqs 1..=7 are gone: counted at trim time, once.
+        assert_eq!(metrics.dropped_total(), 7);
+        let mut out = Vec::new();
+        match sub.pull(&store, 100, &mut out).await {
+            Err(Fault::Trimmed {
+                first_available,
+                newly_dropped,
+            }) => {
+                assert_eq!((first_available, newly_dropped), (Seq(8), 0));
+            }
+            other => panic!("expected a trimmed fault, got {other:?}"),
+        }
+        assert_eq!(metrics.dropped_total(), 7);
+        // A connection ends a trimmed subscription (the client resyncs); one that kept up
+        // loses nothing when more trims happen.
+        let epoch = sub.epoch.clone();
+        drop(sub);
+        let mut fast = hub.subscribe(s.clone(), epoch, Seq(12), Signal::new());
+        for i in 0..6 {
+            let req = AppendRequest {
+                stream: s.clone(),
+                data: i.to_string(),
+                idempotency: None,
+            };
+            store.append(req).await.unwrap();
+            out.clear();
+            fast.pull(&store, 100, &mut out).await.unwrap();
+        }
+        assert_eq!(fast.cursor(), Seq(18));
+        assert_eq!(metrics.dropped_total(), 7);
+    }
 }
