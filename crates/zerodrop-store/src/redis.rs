@@ -154,7 +154,7 @@ impl RedisOptions {
                 .collect(),
             retention: Retention::default(),
             idempotency_ttl_ms: 24 * 3600 * 1000,
-            session_grace_ms: 24 * 3600 * 1000,
+            session_grace_ms: 3600 * 1000,
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(2),

@@ -74,7 +74,7 @@ impl SqliteOptions {
             retention: Retention::default(),
             synchronous: Synchronous::Full,
             idempotency_ttl_ms: 24 * 3600 * 1000,
-            session_grace_ms: 24 * 3600 * 1000,
+            session_grace_ms: 3600 * 1000,
         }
     }
 }
