@@ -1,38 +1,17 @@
 //! One behaviour suite, run against every store: the stores must be indistinguishable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
-use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, IdempotencyKey, LiveSink, MemoryStore, RedisOptions, RedisStore, SessionRecord,
+    AppendRequest, IdempotencyKey, MemoryStore, RedisOptions, RedisStore, SessionRecord,
     SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
 };
 use zerodrop_testkit::redis::RedisServer;
-
-/// Records what the store reports, to check the live contract.
-#[derive(Default)]
-struct Recorder {
-    committed: Mutex<Vec<(String, u64)>>,
-    trims: Mutex<Vec<(String, u64, u64)>>,
-}
-
-impl LiveSink for Recorder {
-    fn committed(&self, events: &[Arc<Event>]) {
-        let mut c = self.committed.lock().unwrap();
-        for e in events {
-            c.push((e.stream().to_string(), e.seq().0));
-        }
-    }
-    fn trimmed(&self, stream: &StreamId, first: Seq, count: u64) {
-        self.trims
-            .lock()
-            .unwrap()
-            .push((stream.to_string(), first.0, count));
-    }
-}
+use zerodrop_testkit::sink::{Recorder, wait_until};
 
 struct Fixture {
     store: Arc<dyn Store>,
@@ -137,10 +116,10 @@ async fn seqs_contiguous_and_live_in_order(f: Fixture) {
     );
     // The sink saw every commit, each stream in order (it is told right after the callers
     // are answered, so give it a moment).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while f.sink.committed.lock().unwrap().len() < 21 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(Duration::from_secs(5), "every commit", || {
+        f.sink.committed.lock().unwrap().len() >= 21
+    })
+    .await;
     let c = f.sink.committed.lock().unwrap().clone();
     let room1: Vec<u64> = c
         .iter()
@@ -254,20 +233,11 @@ async fn retention_by_count_and_bytes(f: Fixture) {
         })
     ));
     // The sink hears of trims right after the append is answered.
-    let trimmed = || {
-        f.sink
-            .trims
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|t| t.2)
-            .sum::<u64>()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while trimmed() < 7 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(trimmed(), 7);
+    wait_until(Duration::from_secs(5), "7 trims", || {
+        f.sink.trimmed_total() >= 7
+    })
+    .await;
+    assert_eq!(f.sink.trimmed_total(), 7);
     // Bytes: each event here is ~60 bytes; a 10-KiB event pushes the older ones out.
     let big = format!("\"{}\"", "x".repeat(10_000));
     f.store.append(req("r", &big)).await.unwrap();
@@ -295,19 +265,15 @@ async fn retention_by_age(f: Fixture) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The sink hears of the trim right after the commit that made it.
-    let told = || {
+    wait_until(Duration::from_secs(5), "the age trim", || {
         f.sink
             .trims
             .lock()
             .unwrap()
             .iter()
             .any(|t| t.0 == "old" && t.1 == 4)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !told() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(told());
+    })
+    .await;
     // The stream goes on from where it was.
     let o = f.store.append(req("old", "1")).await.unwrap();
     assert_eq!(o.seq, Seq(4));

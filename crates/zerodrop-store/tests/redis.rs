@@ -2,8 +2,8 @@
 //! log that goes back, several instances sharing the live path, pub/sub reconnects and `WAIT`.
 //! Every test runs its own `redis-server` processes; every wait is bounded.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use zerodrop_core::retention::Retention;
@@ -14,41 +14,7 @@ use zerodrop_store::{
     SessionStream, Store, StoreError,
 };
 use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
-
-#[derive(Default)]
-struct Recorder {
-    committed: Mutex<Vec<(String, u64)>>,
-    trims: Mutex<Vec<(String, u64, u64)>>,
-    resets: AtomicU64,
-}
-
-impl LiveSink for Recorder {
-    fn committed(&self, events: &[Arc<Event>]) {
-        let mut c = self.committed.lock().unwrap();
-        for e in events {
-            c.push((e.stream().to_string(), e.seq().0));
-        }
-    }
-    fn trimmed(&self, stream: &StreamId, first: Seq, count: u64) {
-        self.trims
-            .lock()
-            .unwrap()
-            .push((stream.to_string(), first.0, count));
-    }
-    fn reset(&self) {
-        self.resets.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Recorder {
-    fn seqs_of(&self, stream: &str) -> Vec<u64> {
-        let c = self.committed.lock().unwrap();
-        c.iter()
-            .filter(|(s, _)| s == stream)
-            .map(|(_, q)| *q)
-            .collect()
-    }
-}
+use zerodrop_testkit::sink::{Recorder, wait_until};
 
 fn sid(s: &str) -> StreamId {
     StreamId::new(s).unwrap()
@@ -94,14 +60,6 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-async fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod redis;
 pub mod roam;
 pub mod server;
+pub mod sink;
 pub mod sse;
 pub mod ws;
 
