@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +33,7 @@ const DEFAULT_PAGE: usize = 100;
 
 pub fn router(app: Arc<App>) -> Router {
     let cors = cors(&app.cfg.cors_origins);
+    let body_limit = DefaultBodyLimit::max(app.cfg.max_body_bytes());
     Router::new()
         .route(
             "/v1/streams/{stream}/events",
@@ -53,6 +54,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/drain/complete", post(drain_complete))
         .route("/admin/snapshot", get(snapshot))
         .route_layer(middleware::from_fn_with_state(app.clone(), track))
+        // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
+        .layer(body_limit)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), stamp))

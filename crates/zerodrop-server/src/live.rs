@@ -22,8 +22,9 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{Epoch, Event, Seq, StreamId, now_ms};
+use zerodrop_core::{Epoch, Event, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{LiveSink, Store, StoreError};
 
 use crate::metrics::Metrics;
@@ -142,6 +143,37 @@ struct Listener {
     cursor: AtomicU64,
     /// Drops up to here were counted for this listener already.
     dropped_through: AtomicU64,
+    /// The session this cursor serves, if any: drops counted here are recorded in it.
+    session: Option<SessionId>,
+}
+
+impl Listener {
+    /// Asks for drops counted through `through` to be recorded in this cursor's session.
+    fn remember_drops(
+        &self,
+        marks: &mpsc::UnboundedSender<DropMark>,
+        stream: &StreamId,
+        through: Seq,
+    ) {
+        if let Some(session) = &self.session {
+            let _ = marks.send(DropMark {
+                session: session.clone(),
+                stream: stream.clone(),
+                through,
+            });
+        }
+    }
+}
+
+/// Drops counted for a session's stream while it was connected. The server records each in
+/// the store (`Store::mark_dropped`), so that a later resume of the session, on any instance,
+/// does not count the same events again (`dropped_messages` counts once per session and
+/// event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropMark {
+    pub session: SessionId,
+    pub stream: StreamId,
+    pub through: Seq,
 }
 
 #[derive(Default)]
@@ -261,6 +293,8 @@ pub struct Hub {
     shards: Vec<Mutex<HashMap<StreamId, Arc<Topic>>>>,
     limits: HubLimits,
     metrics: Arc<Metrics>,
+    marks: mpsc::UnboundedSender<DropMark>,
+    marks_rx: Mutex<Option<mpsc::UnboundedReceiver<DropMark>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -277,11 +311,29 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl Hub {
     pub fn new(limits: HubLimits, metrics: Arc<Metrics>) -> Hub {
+        let (marks, marks_rx) = mpsc::unbounded_channel();
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             limits,
             metrics,
+            marks,
+            marks_rx: Mutex::new(Some(marks_rx)),
         }
+    }
+
+    /// The drops counted for sessions, to record in the store (taken once, by the server).
+    pub fn take_drop_marks(&self) -> Option<mpsc::UnboundedReceiver<DropMark>> {
+        lock(&self.marks_rx).take()
+    }
+
+    /// Counts `n` newly dropped events for a listener and remembers it in its session.
+    fn count_drops(&self, l: &Listener, stream: &StreamId, n: u64, through: Seq) {
+        if n == 0 {
+            return;
+        }
+        self.metrics.dropped(n);
+        l.dropped_through.fetch_max(through.0, Ordering::AcqRel);
+        l.remember_drops(&self.marks, stream, through);
     }
 
     fn shard(&self, stream: &StreamId) -> &Mutex<HashMap<StreamId, Arc<Topic>>> {
@@ -295,14 +347,15 @@ impl Hub {
         lock(self.shard(stream)).get(stream).cloned()
     }
 
-    /// Registers a cursor at `after` on `stream`. The caller must then pull: the first pull
-    /// reads whatever the log holds after `after`.
+    /// Registers a cursor at `after` on `stream`, for `session` if the connection has one.
+    /// The caller must then pull: the first pull reads whatever the log holds after `after`.
     pub fn subscribe(
         &self,
         stream: StreamId,
         epoch: Epoch,
         after: Seq,
         signal: Arc<Signal>,
+        session: Option<SessionId>,
     ) -> Subscription {
         let topic = lock(self.shard(&stream))
             .entry(stream.clone())
@@ -312,6 +365,7 @@ impl Hub {
             signal,
             cursor: AtomicU64::new(after.0),
             dropped_through: AtomicU64::new(0),
+            session,
         });
         lock(&topic.listeners).push(listener.clone());
         topic.idle_since_ms.store(0, Ordering::Relaxed);
@@ -322,6 +376,7 @@ impl Hub {
             listener,
             cursor: after,
             replay_until: after,
+            marks: self.marks.clone(),
         }
     }
 
@@ -383,8 +438,7 @@ impl LiveSink for Hub {
                 Seq(l.dropped_through.load(Ordering::Acquire)),
             );
             if n > 0 {
-                self.metrics.dropped(n);
-                l.dropped_through.fetch_max(lost_through, Ordering::AcqRel);
+                self.count_drops(l, stream, n, Seq(lost_through));
                 // Its next look finds the hole and tells the client.
                 l.signal.wake();
             }
@@ -426,6 +480,7 @@ pub struct Subscription {
     cursor: Seq,
     /// Events up to here were already in the log when the subscription started.
     replay_until: Seq,
+    marks: mpsc::UnboundedSender<DropMark>,
 }
 
 impl Subscription {
@@ -466,9 +521,14 @@ impl Subscription {
                 }) => {
                     let counted = Seq(self.listener.dropped_through.load(Ordering::Acquire));
                     let n = newly_dropped(self.cursor, first_available, counted);
+                    let through = Seq(first_available.0.saturating_sub(1));
                     self.listener
                         .dropped_through
-                        .fetch_max(first_available.0.saturating_sub(1), Ordering::AcqRel);
+                        .fetch_max(through.0, Ordering::AcqRel);
+                    if n > 0 {
+                        self.listener
+                            .remember_drops(&self.marks, &self.stream, through);
+                    }
                     return Err(Fault::Trimmed {
                         first_available,
                         newly_dropped: n,
@@ -606,7 +666,7 @@ mod tests {
         }
         let epoch = store.stream_info(&s).await.unwrap().epoch;
         let signal = Signal::new();
-        let mut sub = hub.subscribe(s.clone(), epoch, Seq(2), signal.clone());
+        let mut sub = hub.subscribe(s.clone(), epoch, Seq(2), signal.clone(), None);
         let mut out = Vec::new();
         sub.pull(&store, 100, &mut out).await.unwrap();
         assert_eq!(
@@ -634,6 +694,21 @@ mod tests {
             vec![6, 7, 8]
         );
         assert!(!sub.maybe_behind());
+        // Every live subscriber gets the same encoded frame: built once, shared.
+        let mut other = hub.subscribe(s.clone(), sub.epoch.clone(), Seq(5), Signal::new(), None);
+        let mut theirs = Vec::new();
+        other.pull(&store, 100, &mut theirs).await.unwrap();
+        assert_eq!(theirs.len(), 3);
+        for (mine, theirs) in out.iter().zip(&theirs) {
+            assert!(Arc::ptr_eq(mine, theirs), "one delivery per event");
+            assert_eq!(
+                mine.ws_frame().as_str().as_ptr(),
+                theirs.ws_frame().as_str().as_ptr(),
+                "one frame encoding per event"
+            );
+            assert_eq!(mine.sse_block().as_ptr(), theirs.sse_block().as_ptr());
+        }
+        drop(other);
         drop(sub);
         assert_eq!(hub.topics(), 1);
     }
@@ -649,8 +724,16 @@ mod tests {
         let store = MemoryStore::new(retention, hub.clone());
         let s = StreamId::new("room:1").unwrap();
         let epoch = store.stream_info(&s).await.unwrap().epoch;
-        // A connected subscriber at 0 that does not read (a stalled client).
-        let mut sub = hub.subscribe(s.clone(), epoch, Seq(0), Signal::new());
+        let mut marks = hub.take_drop_marks().unwrap();
+        // A connected subscriber at 0 that does not read (a stalled client), for a session.
+        let session = SessionId::generate();
+        let mut sub = hub.subscribe(
+            s.clone(),
+            epoch,
+            Seq(0),
+            Signal::new(),
+            Some(session.clone()),
+        );
         for i in 0..12 {
             let req = AppendRequest {
                 stream: s.clone(),
@@ -659,8 +742,15 @@ mod tests {
             };
             store.append(req).await.unwrap();
         }
-        // Seqs 1..=7 are gone: counted at trim time, once.
+        // Seqs 1..=7 are gone: counted at trim time, once, and remembered in the session
+        // (so that its resume does not count them again).
         assert_eq!(metrics.dropped_total(), 7);
+        let mut last = None;
+        while let Ok(m) = marks.try_recv() {
+            assert_eq!((&m.session, &m.stream), (&session, &s));
+            last = Some(m.through);
+        }
+        assert_eq!(last, Some(Seq(7)));
         let mut out = Vec::new();
         match sub.pull(&store, 100, &mut out).await {
             Err(Fault::Trimmed {
@@ -676,7 +766,7 @@ mod tests {
         // loses nothing when more trims happen.
         let epoch = sub.epoch.clone();
         drop(sub);
-        let mut fast = hub.subscribe(s.clone(), epoch, Seq(12), Signal::new());
+        let mut fast = hub.subscribe(s.clone(), epoch, Seq(12), Signal::new(), None);
         for i in 0..6 {
             let req = AppendRequest {
                 stream: s.clone(),

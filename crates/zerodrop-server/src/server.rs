@@ -280,6 +280,23 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
             }
         }
     });
+    // Drops counted under connected sessions are remembered in the sessions, so that a later
+    // resume does not count them again.
+    if let Some(mut marks) = app.hub.take_drop_marks() {
+        let (store, mut stop) = (app.store.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    m = marks.recv() => m,
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(m) = m else { return };
+                if let Err(e) = store.mark_dropped(&m.session, &m.stream, m.through).await {
+                    tracing::debug!(error = %e, "could not record counted drops");
+                }
+            }
+        });
+    }
     // Written-behind WebSocket acks, once a second, in one batch.
     let a = app.clone();
     every(Duration::from_secs(1), stop.clone(), move || {

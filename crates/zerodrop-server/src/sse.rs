@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
+use zerodrop_core::{Epoch, ErrorCode, Seq, SessionId, StreamId};
 use zerodrop_store::SessionRecord;
 
 use crate::app::{App, ConnSlot};
@@ -166,9 +166,13 @@ async fn open(
         app.metrics.resume_succeeded(Transport::Sse);
     }
     let signal = Signal::new();
-    let mut sub = app
-        .hub
-        .subscribe(stream.clone(), info.epoch.clone(), after, signal.clone());
+    let mut sub = app.hub.subscribe(
+        stream.clone(),
+        info.epoch.clone(),
+        after,
+        signal.clone(),
+        session.as_ref().map(|s| s.id.clone()),
+    );
     sub.set_replay_until(info.head);
     signal.wake();
     let mut drain_rx = app.drain.watch();
@@ -330,6 +334,7 @@ impl SseConn {
                     info.epoch,
                     after,
                     self.signal.clone(),
+                    self.session.as_deref().and_then(SessionId::parse),
                 );
                 sub.set_replay_until(info.head);
                 self.sub = sub;
@@ -353,11 +358,7 @@ impl Drop for SseConn {
             delivered = self.delivered,
             "connection closed"
         );
-        if let Some(sid) = self
-            .session
-            .as_deref()
-            .and_then(zerodrop_core::SessionId::parse)
-        {
+        if let Some(sid) = self.session.as_deref().and_then(SessionId::parse) {
             let app = self.app.clone();
             // The reconnect window starts now.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {

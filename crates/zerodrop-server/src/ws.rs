@@ -463,10 +463,14 @@ impl Conn {
         head: Seq,
     ) -> Result<(), Exit> {
         self.subs.retain(|s| s.stream != stream);
-        let mut sub =
-            self.app
-                .hub
-                .subscribe(stream.clone(), epoch.clone(), after, self.signal.clone());
+        let session = self.session.as_ref().map(|s| s.id.clone());
+        let mut sub = self.app.hub.subscribe(
+            stream.clone(),
+            epoch.clone(),
+            after,
+            self.signal.clone(),
+            session,
+        );
         sub.set_replay_until(head);
         self.subs.push(sub);
         self.signal.wake();

@@ -34,7 +34,7 @@ async fn publish_read_and_stream_info() {
     assert_eq!(e["stream"], "room:1");
     assert_eq!(e["data"], json!({"n": 3}));
     assert!(e["ts"].as_u64().unwrap() > 1_700_000_000_000);
-    // limit, and clamping to 1000
+    // limit
     let r = api.read("room:1", 0, 2).await;
     assert_eq!(r.json["events"].as_array().unwrap().len(), 2);
     let r = api.read("room:1", 0, 5000).await;
@@ -200,6 +200,15 @@ async fn bad_input_is_typed_and_leaves_data_intact() {
         (
             ev.clone(),
             format!("{{\"data\":\"{}\"}}", "x".repeat(200_000)),
+            Some(key.clone()),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            // Past the body limit (2 × 1 KiB + 16 KiB) the body is refused unread, so even
+            // a body that is not JSON is 413, not 400.
+            ev.clone(),
+            "y".repeat(19 * 1024),
             Some(key.clone()),
             413,
             "PAYLOAD_TOO_LARGE",
@@ -405,4 +414,76 @@ async fn cors_preflight_and_headers() {
         )
         .await;
     assert!(r.headers.get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_limit_follows_the_payload_limit() {
+    // A payload limit above the HTTP stack's own default (2 MiB) is honoured: the body limit
+    // is 2 × max-payload-bytes + 16 KiB, documented in docs/configuration.md.
+    let s = TestServer::with(|c| c.max_payload_bytes = 3 << 20).await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    let big = format!("{{\"data\":\"{}\"}}", "z".repeat(5 << 19)); // 2.5 MiB of data
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/big/events",
+            Some(&key),
+            Some(big),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", &r.text[..r.text.len().min(200)]);
+    let over = "w".repeat((6 << 20) + 16 * 1024 + 1);
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/big/events",
+            Some(&key),
+            Some(over),
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (413, "PAYLOAD_TOO_LARGE"));
+    assert_eq!(api.info("big").await["headSeq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_default_to_100_events_and_clamp_to_1000() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    // 1,100 events, published by 50 concurrent publishers (group commit keeps this quick).
+    let mut tasks = Vec::new();
+    for w in 0..50 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..22 {
+                let r = api.try_publish("many", json!({"w": w, "i": i})).await;
+                assert_eq!(r.status, 201, "{}", r.text);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let key = s.creds.api_key.clone();
+    let seqs = |r: &zerodrop_testkit::http::Resp| -> Vec<u64> {
+        r.json["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let r = api.get("/v1/streams/many/events?after=0", Some(&key)).await;
+    assert_eq!((r.status, r.json["headSeq"].as_u64()), (200, Some(1100)));
+    assert_eq!(seqs(&r), (1..=100).collect::<Vec<_>>(), "default page");
+    let r = api
+        .get("/v1/streams/many/events?after=0&limit=5000", Some(&key))
+        .await;
+    assert_eq!(seqs(&r), (1..=1000).collect::<Vec<_>>(), "clamped to 1000");
+    let r = api
+        .get("/v1/streams/many/events?after=1000&limit=1000", Some(&key))
+        .await;
+    assert_eq!(seqs(&r), (1001..=1100).collect::<Vec<_>>());
 }

@@ -33,7 +33,13 @@ async fn an_event_of_a_new_epoch_surfaces_epoch_changed_at_once() {
     append(&old, &stream, 50).await;
     let old_epoch = old.stream_info(&stream).await.unwrap().epoch;
     let signal = Signal::new();
-    let mut sub = hub.subscribe(stream.clone(), old_epoch.clone(), Seq(50), signal.clone());
+    let mut sub = hub.subscribe(
+        stream.clone(),
+        old_epoch.clone(),
+        Seq(50),
+        signal.clone(),
+        None,
+    );
     let mut out = Vec::new();
     assert_eq!(sub.pull(&old, 100, &mut out).await.unwrap(), 0);
     assert!(out.is_empty());
@@ -62,7 +68,7 @@ async fn a_reset_makes_subscribers_ask_the_store_which_reports_the_new_epoch() {
     append(&old, &stream, 5).await;
     let old_epoch = old.stream_info(&stream).await.unwrap().epoch;
     let signal = Signal::new();
-    let mut sub = hub.subscribe(stream.clone(), old_epoch, Seq(5), signal.clone());
+    let mut sub = hub.subscribe(stream.clone(), old_epoch, Seq(5), signal.clone(), None);
     let mut out = Vec::new();
     sub.pull(&old, 100, &mut out).await.unwrap();
 

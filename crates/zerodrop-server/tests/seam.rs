@@ -51,7 +51,7 @@ async fn seam_case(before: u64, during: u64, publishers: u64, after: u64, ring: 
     }
     tokio::task::yield_now().await;
     let signal = Signal::new();
-    let mut sub = hub.subscribe(stream.clone(), epoch, Seq(after), signal.clone());
+    let mut sub = hub.subscribe(stream.clone(), epoch, Seq(after), signal.clone(), None);
     let head = before + during;
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

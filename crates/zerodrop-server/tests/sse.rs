@@ -204,3 +204,47 @@ async fn resume_tokens_and_auth() {
         "{prom}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_counted_while_connected_are_not_counted_again_on_resume() {
+    let s = TestServer::with(|c| c.retention.max_events = 5).await;
+    let api = s.api();
+    let tok = s.token("u1", &["big"]);
+    let sess = api
+        .post("/v1/sessions", Some(&tok), json!({"streams":["big"]}))
+        .await
+        .json;
+    let rt = sess["resumeToken"].as_str().unwrap().to_string();
+    let url = format!("{}/v1/streams/big/sse?resume={rt}", s.url);
+    // A client that stops reading: once the socket buffers are full its cursor stays behind,
+    // and the events trimmed under it are counted while it is connected.
+    let stalled = SseClient::connect(&url, &[]).await.unwrap();
+    let fat = "x".repeat(60_000);
+    for i in 0..150 {
+        api.publish("big", json!({"i": i, "pad": fat})).await;
+    }
+    let dropped = |m: serde_json::Value| m["ws_metrics"]["dropped_messages"].as_u64().unwrap();
+    let while_connected = dropped(api.metrics_json().await);
+    assert!(
+        while_connected > 0,
+        "the stalled client should have lost events at trim time"
+    );
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The session comes back: its window is trimmed (typed reset), and the events already
+    // counted for it are not counted a second time.
+    let mut c = SseClient::connect(&url, &[]).await.unwrap();
+    let reset = c.next().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.json()["code"], "REPLAY_WINDOW_TRIMMED");
+    assert_eq!(reset.json()["firstAvailableSeq"], 146);
+    assert_eq!(
+        c.events(5)
+            .await
+            .iter()
+            .map(|e| seq_of(&e.id))
+            .collect::<Vec<_>>(),
+        vec![146, 147, 148, 149, 150]
+    );
+    assert_eq!(dropped(api.metrics_json().await), while_connected);
+}

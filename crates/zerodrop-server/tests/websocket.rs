@@ -482,6 +482,25 @@ async fn connection_limit_and_takeover() {
         (503, Some("OVER_CAPACITY")),
         "SSE counts too"
     );
+    // Both refusals say when to come back.
+    let http = reqwest::Client::new();
+    let ws_upgrade = http
+        .get(format!("{}/v1/ws?token={tok}", s.url))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    let sse_get = http.get(format!("{}/v1/streams/room:1/sse?token={tok}", s.url));
+    for req in [ws_upgrade, sse_get] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 503);
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {retry:?}");
+    }
     // A resume of a session held by a live socket takes it over: the old socket is closed.
     let token = welcome["resumeToken"].as_str().unwrap().to_string();
     drop(_b);

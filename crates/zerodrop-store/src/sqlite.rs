@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,6 +97,7 @@ pub struct SqliteStore {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<Readers>,
     up: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
     quarantined: Option<PathBuf>,
 }
 
@@ -110,6 +111,7 @@ impl SqliteStore {
             pool: Mutex::new(Vec::new()),
         });
         let up = Arc::new(AtomicBool::new(true));
+        let commits = Arc::new(AtomicU64::new(0));
         let last_ts: u64 = conn
             .query_row("SELECT COALESCE(MAX(last_ts), 0) FROM streams", [], |r| {
                 r.get::<_, i64>(0)
@@ -125,6 +127,7 @@ impl SqliteStore {
             session_grace_ms: opts.session_grace_ms,
             sink,
             up: up.clone(),
+            commits: commits.clone(),
             cache: HashMap::new(),
             last_ts,
         };
@@ -137,8 +140,14 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
             readers,
             up,
+            commits,
             quarantined,
         })
+    }
+
+    /// Transactions committed by the writer so far (each is one fsync, whatever it held).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Where a corrupt database file was moved at open, if one was.
@@ -362,6 +371,7 @@ struct Writer {
     session_grace_ms: u64,
     sink: Arc<dyn LiveSink>,
     up: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
     cache: HashMap<StreamId, Meta>,
     last_ts: u64,
 }
@@ -450,6 +460,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.up.store(true, Ordering::Relaxed);
+                self.commits.fetch_add(1, Ordering::Relaxed);
                 // Answer the callers first: a publisher's 201 must not queue behind the wake-ups
                 // of every subscriber (its next publish then overlaps this fan-out, and the
                 // subscribers find several events per write).

@@ -60,3 +60,68 @@ async fn reopening_keeps_everything() {
     assert_eq!(s.append(req("keep", 50)).await.unwrap().seq, Seq(51));
     assert!(!dir.path().join("zerodrop.db-wal").exists() || s.ping().await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(
+            SqliteOptions::new(dir.path().join("zerodrop.db")),
+            Arc::new(NoSink),
+        )
+        .unwrap(),
+    );
+    let before = store.commits();
+    let tasks: Vec<_> = (0..256u64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(req(&format!("s{}", i % 8), i)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let commits = store.commits() - before;
+    // Group commit: callers waiting at the same time share one transaction (one fsync).
+    assert!(
+        commits < 128,
+        "256 concurrent appends took {commits} commits"
+    );
+    let mut total = 0;
+    for k in 0..8 {
+        let info = store
+            .stream_info(&StreamId::new(&format!("s{k}")).unwrap())
+            .await
+            .unwrap();
+        total += info.head.0;
+    }
+    assert_eq!(
+        total, 256,
+        "every append is there, seqs contiguous per stream"
+    );
+    store.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_wait_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let store = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    for i in 1..=3 {
+        store.append(req("s", i)).await.unwrap();
+    }
+    // Another connection holds the write lock (a writer mid-transaction).
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let stream = StreamId::new("s").unwrap();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let r = store.read(&stream, Seq(0), 10).await.unwrap();
+        let info = store.stream_info(&stream).await.unwrap();
+        (r.events.len(), info.head)
+    })
+    .await
+    .expect("a read waited for the write lock");
+    assert_eq!(read, (3, Seq(3)));
+    other.execute_batch("ROLLBACK").unwrap();
+    store.close();
+}
