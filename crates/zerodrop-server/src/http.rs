@@ -151,10 +151,19 @@ pub fn stream_id(p: Result<Path<String>, PathRejection>) -> ApiResult<StreamId> 
     })
 }
 
-fn session_id(p: Result<Path<String>, PathRejection>) -> ApiResult<SessionId> {
+/// The session id of the path; `None` when it is malformed. Such an id names no session, so
+/// no resume token can be for it: callers check the credential first and then answer
+/// [`not_this_session`].
+fn session_id(p: Result<Path<String>, PathRejection>) -> ApiResult<Option<SessionId>> {
     let Path(s) = p.map_err(|_| ApiError::invalid("the session id is not valid UTF-8"))?;
-    // A malformed id names no session; the token check reports it as the wrong session.
-    SessionId::parse(&s).ok_or_else(|| ApiError::new(ErrorCode::SessionNotFound, "no such session"))
+    Ok(SessionId::parse(&s))
+}
+
+fn not_this_session() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidResumeToken,
+        "the resume token is not for this session",
+    )
 }
 
 fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
@@ -406,6 +415,7 @@ async fn checkpoint(
     let token = bearer(&headers).ok_or_else(|| {
         ApiError::unauthorized("the resume token is required (Authorization: Bearer <resumeToken>)")
     })?;
+    let sid = sid.ok_or_else(not_this_session)?;
     let session = app.session_for(token, Some(&sid)).await?;
     let body = body_bytes(body)?;
     let b: CheckpointBody = json_body(&body, "{\"stream\": …, \"seq\": n}")?;
@@ -447,6 +457,11 @@ async fn reconnect(
         &body,
         "{\"resumeToken\": …, \"lastAckSequence\": {stream: n}}",
     )?;
+    let Some(sid) = sid else {
+        let e = not_this_session();
+        app.metrics.resume_failed(Transport::Http, e.code);
+        return Err(e);
+    };
     let session = app
         .resume(&b.resume_token, Some(&sid), Transport::Http)
         .await?;

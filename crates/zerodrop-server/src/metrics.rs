@@ -43,13 +43,15 @@ const RTT_BUCKETS: &[f64] = &[
 ];
 
 /// Routes listed in the JSON view even before their first request.
-const KNOWN_ROUTES: &[&str] = &[
-    "POST /v1/streams/{stream}/events",
-    "GET /v1/streams/{stream}",
-    "GET /v1/streams/{stream}/events",
-    "POST /v1/sessions",
-    "POST /v1/sessions/{id}/checkpoint",
-    "POST /v1/sessions/{id}/reconnect",
+/// The API's routes, each with its success status: listed (at 0) in the JSON view before
+/// their first request, so a dashboard sees every route from the start.
+const KNOWN_ROUTES: &[(&str, u16)] = &[
+    ("POST /v1/streams/{stream}/events", 201),
+    ("GET /v1/streams/{stream}", 200),
+    ("GET /v1/streams/{stream}/events", 200),
+    ("POST /v1/sessions", 201),
+    ("POST /v1/sessions/{id}/checkpoint", 200),
+    ("POST /v1/sessions/{id}/reconnect", 200),
 ];
 
 struct RouteStat {
@@ -65,6 +67,12 @@ impl RouteStat {
             status: BTreeMap::new(),
             latency_us: new_hdr(),
         }
+    }
+
+    fn expecting(status: u16) -> RouteStat {
+        let mut r = RouteStat::new();
+        r.status.insert(status, 0);
+        r
     }
 }
 
@@ -186,7 +194,7 @@ impl Metrics {
             routes: Mutex::new(
                 KNOWN_ROUTES
                     .iter()
-                    .map(|r| (r.to_string(), RouteStat::new()))
+                    .map(|(r, ok)| (r.to_string(), RouteStat::expecting(*ok)))
                     .collect(),
             ),
             errors: Mutex::new(ErrorCode::ALL.iter().map(|c| (c.as_str(), 0)).collect()),

@@ -193,6 +193,11 @@ async fn prometheus_names_and_json_shape() {
     }
     assert_eq!(m["errors"]["INVALID_RESUME_TOKEN"], 0);
     assert_eq!(m["errors"]["RECONNECT_WINDOW_EXPIRED"], 0);
+    // A route not called yet is listed at zero with its success status.
+    assert_eq!(
+        m["routes"]["POST /v1/sessions/{id}/reconnect"],
+        json!({"count": 0, "status": {"200": 0}, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0})
+    );
     let r = api.get("/metrics?format=xml", None).await;
     assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"));
 }

@@ -125,6 +125,53 @@ async fn open_checkpoint_and_reconnect() {
         )
         .await;
     assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    // Credentials that are not for this session: a forged token, another session's token, or a
+    // path that names no session at all.
+    let other = api
+        .post(
+            "/v1/sessions",
+            Some(&s.token("u2", &["room:*"])),
+            json!({"streams":["room:1"]}),
+        )
+        .await
+        .json["resumeToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut forged = token.clone();
+    forged.replace_range(
+        forged.len() - 2..,
+        if token.ends_with("AA") { "BB" } else { "AA" },
+    );
+    for bad in [forged.as_str(), other.as_str()] {
+        let r = ck("room:1", 1, bad).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "INVALID_RESUME_TOKEN"),
+            "{}",
+            r.text
+        );
+        let r = rc(json!({"resumeToken": bad})).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "INVALID_RESUME_TOKEN"),
+            "{}",
+            r.text
+        );
+    }
+    let cases = [
+        ("checkpoint", json!({"stream": "room:1", "seq": 1})),
+        ("reconnect", json!({"resumeToken": token})),
+    ];
+    for (route, body) in cases {
+        let path = format!("/v1/sessions/not-a-session/{route}");
+        let r = api.post(&path, Some(&token), body).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "INVALID_RESUME_TOKEN"),
+            "{path}"
+        );
+    }
     let r = rc(json!({"resumeToken": token})).await;
     assert_eq!(seqs(&r.json["replay"]["room:1"]), vec![5, 6, 7]);
     // A client's lastAckSequence above the stored ack is applied; the window starts after it.
