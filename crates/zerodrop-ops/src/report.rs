@@ -143,8 +143,15 @@ pub struct LoadGenerator {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capacity {
-    /// Concurrent client connections the drill held.
+    /// Concurrent client connections the drill planned.
     pub connections: u64,
+    /// Clients connected and subscribed when publishing started.
+    #[serde(default)]
+    pub connected_at_start: u64,
+    /// The server's open WebSocket + SSE connections (`ws_active + sse_active` of
+    /// `/metrics?format=json`) when publishing started; `null` when unreadable.
+    #[serde(default)]
+    pub server_active_at_start: Option<u64>,
     pub streams: u64,
     pub delivered_per_sec: f64,
     pub published_per_sec: f64,

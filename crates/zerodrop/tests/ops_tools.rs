@@ -259,6 +259,20 @@ async fn drill_then_capacity_dashboard_and_snapshot() {
         rep["totals"]["resumeAttempts"].as_u64().unwrap() > 0,
         "forced disconnects happened"
     );
+    // Every planned client was connected and subscribed when publishing started, and the
+    // server saw them.
+    let planned = rep["capacity"]["connections"].as_u64().unwrap();
+    assert!(planned >= 30, "{}", rep["capacity"]);
+    assert_eq!(
+        rep["capacity"]["connectedAtStart"], planned,
+        "{}",
+        rep["capacity"]
+    );
+    assert!(
+        rep["capacity"]["serverActiveAtStart"].as_u64().unwrap() > 0,
+        "{}",
+        rep["capacity"]
+    );
     for sc in rep["scenarios"].as_array().unwrap() {
         assert_eq!(sc["log"]["missing"], 0, "{sc}");
         assert_eq!(sc["log"]["duplicated"], 0, "{sc}");

@@ -240,6 +240,7 @@ pub async fn execute(
         published: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         ready: AtomicUsize::new(0),
+        connected: AtomicUsize::new(0),
     });
     let (storm_tx, storm_rx) = watch::channel(0u32);
     let mut all_streams: Vec<String> = Vec::new();
@@ -309,6 +310,14 @@ pub async fn execute(
     while ctx.ready.load(Ordering::Relaxed) < total_clients && Instant::now() < connect_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // What publishing starts against: the clients that connected and subscribed, and the
+    // server's own count of open WebSocket and SSE connections.
+    let connected_at_start = ctx.connected.load(Ordering::Relaxed) as u64;
+    let server_active_at_start = http
+        .metrics_json()
+        .await
+        .ok()
+        .and_then(|m| server_active(&m));
 
     // Publishers.
     let mut w = 0u32;
@@ -492,6 +501,8 @@ pub async fn execute(
     report.breaches = slo.judge(&report);
     report.capacity = Capacity {
         connections: plan.clients() as u64,
+        connected_at_start,
+        server_active_at_start,
         streams: all_streams.len() as u64,
         delivered_per_sec: report.totals.delivered_per_sec,
         published_per_sec: report.totals.published_per_sec,
@@ -700,6 +711,13 @@ async fn check_log(
     lc
 }
 
+/// Open WebSocket + SSE connections in a `GET /metrics?format=json` document.
+fn server_active(m: &serde_json::Value) -> Option<u64> {
+    let ws = m.pointer("/ws_metrics/ws_active")?.as_u64()?;
+    let sse = m.pointer("/ws_metrics/sse_active")?.as_u64()?;
+    Some(ws + sse)
+}
+
 /// Differences of the counters of `GET /metrics?format=json` over the run.
 fn metrics_delta(
     before: Option<&serde_json::Value>,
@@ -844,5 +862,8 @@ mod tests {
         let d = metrics_delta(Some(&b), Some(&a));
         assert_eq!(d["droppedMessages"], 3);
         assert_eq!(metrics_delta(None, Some(&a))["available"], false);
+        let m = serde_json::json!({"ws_metrics":{"ws_active":7,"sse_active":3}});
+        assert_eq!(server_active(&m), Some(10));
+        assert_eq!(server_active(&a), None);
     }
 }
