@@ -335,6 +335,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_has_a_p95_for_every_scenario() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        for sc in crate::drill::Scenario::ALL {
+            let s = &slo.scenarios[sc.id()];
+            assert!(s.p95_ms.is_some_and(|v| v > 0.0), "{}", sc.id());
+        }
+        assert_eq!(slo.scenarios["resume"].p95_ms, Some(400.0));
+        assert_eq!(slo.scenarios["reconnect_storm"].p95_ms, Some(200.0));
+    }
+
+    #[test]
     fn unknown_scenarios_and_bad_rates_are_refused() {
         assert!(Slo::parse(r#"{"version":1,"scenarios":{"nope":{}}}"#).is_err());
         assert!(
