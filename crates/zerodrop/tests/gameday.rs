@@ -164,3 +164,59 @@ async fn a_redis_store_outage_is_injected_for_real_and_zero_drop_holds() {
         "the store outage touched no publish: {publish}"
     );
 }
+
+/// The in-memory store keeps nothing across a kill -9: every acknowledged event is gone, and
+/// the game day must say so (NOT HELD, exit 1), while a store_outage it cannot inject on that
+/// store is skipped, not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_that_loses_events_fails_the_game_day() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("reports");
+    let run = tool(
+        work.path(),
+        &args(&[
+            "gameday",
+            "--profiles",
+            "quick",
+            "--duration",
+            "3",
+            "--limit",
+            "16",
+            "--scenarios",
+            "publish,ws_fanout,resume",
+            "--faults",
+            "kill9,store_outage",
+            "--store",
+            "memory",
+            "--drain-sec",
+            "5",
+            "--server-bin",
+            BIN,
+            "--out-dir",
+            out.to_str().unwrap(),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        run.code, 1,
+        "losing events under kill -9 fails the game day"
+    );
+    assert!(run.stdout.contains("gameday FAILED"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("1 fault(s) ran, 0 held; 1 skipped"),
+        "{}",
+        run.stdout
+    );
+    let r = reports(&out, "gameday-quick-");
+    assert_eq!(r.len(), 1);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
+    assert_eq!(v["passed"], false);
+    let kill9 = &v["faults"][0];
+    assert_eq!(kill9["fault"], "kill9");
+    assert_eq!(kill9["outcome"], "not_held", "{kill9}");
+    assert_eq!(kill9["injected"], true, "the fault itself was injected");
+    assert_eq!(kill9["zeroDropHeld"], false);
+    assert!(kill9["lost"].as_u64().unwrap() > 0, "{kill9}");
+    assert_eq!(v["faults"][1]["outcome"], "skipped");
+}
