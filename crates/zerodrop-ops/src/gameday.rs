@@ -127,6 +127,9 @@ pub struct GamedayArgs {
     /// The redis-server to start for `--store redis`.
     #[arg(long, default_value = "redis-server")]
     pub redis_server_bin: PathBuf,
+    /// Run length per drill in minutes (soak; required with standard).
+    #[arg(long)]
+    pub minutes: Option<f64>,
     /// Run length per drill in seconds, overriding the profile.
     #[arg(long)]
     pub duration: Option<f64>,
@@ -278,6 +281,22 @@ async fn inject(
     Ok(notes)
 }
 
+fn load_args(args: &GamedayArgs, profile: Profile) -> LoadArgs {
+    LoadArgs {
+        profile,
+        scenarios: args.scenarios.clone(),
+        minutes: args.minutes,
+        duration: args.duration,
+        limit: args.limit,
+        rate: None,
+        publishers: None,
+        payload_bytes: 100,
+        drain_sec: args.drain_sec,
+        token_pool_file: None,
+        slo: args.slo.clone(),
+    }
+}
+
 pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     let bin = match &args.server_bin {
         Some(b) => b.clone(),
@@ -289,6 +308,12 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.faults.clone()
     };
+    // Refuse a profile that cannot run before any instance starts.
+    for p in &args.profiles {
+        load_args(&args, *p)
+            .plan()
+            .with_context(|| format!("gameday profile {}", p.id()))?;
+    }
     let secrets = Secrets::generate();
     let work = tempfile::tempdir().context("creating a work directory")?;
     let mut results = Vec::new();
@@ -332,19 +357,7 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             }
             let mut inst = Instance::start(spec).await?;
             let proxy = Proxy::start(inst.addr).await?;
-            let load = LoadArgs {
-                profile: *profile,
-                scenarios: args.scenarios.clone(),
-                minutes: None,
-                duration: args.duration,
-                limit: args.limit,
-                rate: None,
-                publishers: None,
-                payload_bytes: 100,
-                drain_sec: args.drain_sec,
-                token_pool_file: None,
-                slo: args.slo.clone(),
-            };
+            let load = load_args(&args, *profile);
             let plan = load.plan()?;
             let target = TargetArgs {
                 url: proxy.url(),
@@ -497,6 +510,34 @@ mod tests {
         let mut empty = sample_report();
         empty.totals.published = 0;
         assert_eq!(outcome(true, true, &empty), Outcome::NotHeld);
+    }
+
+    #[test]
+    fn standard_game_days_need_minutes_and_limit() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: GamedayArgs,
+        }
+        use clap::Parser;
+        let a = Cli::try_parse_from(["x", "--profiles", "standard", "--limit", "100"])
+            .unwrap()
+            .a;
+        let e = load_args(&a, Profile::Standard).plan().unwrap_err();
+        assert!(e.to_string().contains("missing: --minutes"), "{e}");
+        let a = Cli::try_parse_from([
+            "x",
+            "--profiles",
+            "standard",
+            "--limit",
+            "100",
+            "--minutes",
+            "1",
+        ])
+        .unwrap()
+        .a;
+        let p = load_args(&a, Profile::Standard).plan().unwrap();
+        assert_eq!(p.duration, Duration::from_secs(60));
     }
 
     #[test]
