@@ -204,6 +204,9 @@ async fn wait_ready(url: &str, within: Duration) -> bool {
     false
 }
 
+/// How long a `drain` fault waits for the instance to report `drained`.
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
+
 /// Injects `fault` into `inst` (replacing it when it restarts); returns notes.
 async fn inject(
     fault: Fault,
@@ -232,7 +235,7 @@ async fn inject(
                     a.status,
                     a.body
                 );
-                let deadline = Instant::now() + Duration::from_secs(5);
+                let deadline = Instant::now() + DRAIN_WITHIN;
                 let mut last_state = String::from("(no answer)");
                 let mut drained = false;
                 while Instant::now() < deadline {
@@ -255,7 +258,8 @@ async fn inject(
                 }
                 anyhow::ensure!(
                     drained,
-                    "the instance did not reach `drained` within 5 s (last state: {last_state})"
+                    "the instance did not reach `drained` within {} s (last state: {last_state})",
+                    DRAIN_WITHIN.as_secs()
                 );
                 notes.push("drained".into());
             }
