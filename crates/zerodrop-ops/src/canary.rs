@@ -71,9 +71,29 @@ pub struct CanaryReport {
     pub candidate: Vec<DrillReport>,
 }
 
-fn error_rate(d: &DrillReport, scenario: &str) -> f64 {
+/// A scenario's error rate: 5xx + network + unknown status, where an answer that is both 5xx
+/// and outside the allowed statuses (a 500, usually) counts once.
+pub fn error_rate(d: &DrillReport, scenario: &str) -> f64 {
     d.scenario(scenario)
-        .map(|s| s.http.error_5xx_rate + s.network_error_rate + s.http.unknown_status_rate)
+        .map(|s| {
+            let both = s
+                .http
+                .statuses
+                .iter()
+                .filter(|(k, _)| {
+                    k.parse::<u16>()
+                        .is_ok_and(|c| c >= 500 && !s.http.allowed_statuses.contains(&c))
+                })
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            let overlap = if s.http.requests == 0 {
+                0.0
+            } else {
+                both as f64 / s.http.requests as f64
+            };
+            let http = (s.http.error_5xx_rate + s.http.unknown_status_rate - overlap).max(0.0);
+            http + s.network_error_rate
+        })
         .unwrap_or(0.0)
 }
 
@@ -322,6 +342,35 @@ mod tests {
         );
         assert!(b.iter().any(|s| s.contains("zero-drop broken")), "{b:?}");
         assert_eq!(d[1].candidate_p95_ms, 40.0);
+    }
+
+    #[test]
+    fn a_500_that_is_also_an_unknown_status_counts_once() {
+        let mut r = sample_report();
+        let h = &mut r.scenarios[0].http;
+        h.requests = 100;
+        h.statuses = [
+            ("201".to_string(), 80),
+            ("500".to_string(), 10),
+            ("418".to_string(), 5),
+            ("503".to_string(), 5),
+        ]
+        .into_iter()
+        .collect();
+        h.allowed_statuses = vec![201, 503];
+        h.error_5xx_rate = 0.15; // 500 and 503
+        h.unknown_status_rate = 0.15; // 500 and 418
+        r.scenarios[0].network_error_rate = 0.01;
+        // 500 (once) + 503 + 418 = 20 of 100 answers, plus 1 % network errors.
+        assert!(
+            (error_rate(&r, "publish") - 0.21).abs() < 1e-9,
+            "{}",
+            error_rate(&r, "publish")
+        );
+        assert_eq!(error_rate(&r, "nope"), 0.0);
+        // And in the comparison: 0.21 against a clean control, not 0.31.
+        let (d, _) = compare(&[sample_report()], &[r], &CanarySlo::default());
+        assert!((d[0].error_rate_delta - 0.21).abs() < 1e-9, "{d:?}");
     }
 
     #[test]

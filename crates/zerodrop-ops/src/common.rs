@@ -206,9 +206,52 @@ pub fn run_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit: every
+/// drill client holds a socket, and the default soft limit (often 1,024) is below a scale
+/// milestone. Returns the (soft, hard) limits now in force. Processes this one starts (a game
+/// day's instances) inherit the raised limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            r = want;
+        }
+    }
+    Ok((r.rlim_cur as u64, r.rlim_max as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unnecessary_cast)]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let (soft, hard) = raise_nofile_limit().unwrap();
+        assert_eq!(soft, hard);
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+        assert_eq!(r.rlim_cur as u64, hard);
+    }
 
     #[test]
     fn credentials_fall_back_to_the_data_dir() {

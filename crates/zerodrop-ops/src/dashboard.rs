@@ -40,7 +40,8 @@ pub struct Collected {
     pub runs: Vec<Run>,
     pub probes: Vec<(u64, bool, Option<String>, String)>,
     pub capacity: Option<Value>,
-    pub gamedays: Vec<(String, Vec<(String, bool)>)>,
+    /// Per game-day report: (fault, outcome: `held`, `not_held` or `skipped`).
+    pub gamedays: Vec<(String, Vec<(String, String)>)>,
     pub files: usize,
 }
 
@@ -122,11 +123,15 @@ pub fn collect(dir: &Path) -> anyhow::Result<Collected> {
                         .and_then(|x| x.as_str())
                         .unwrap_or("?")
                         .to_string();
-                    let held = f
-                        .get("zeroDropHeld")
-                        .and_then(|x| x.as_bool())
-                        .unwrap_or(false);
-                    faults.push((fault.clone(), held));
+                    // `outcome` since skipped faults exist; older reports only say held or not.
+                    let outcome = match f.get("outcome").and_then(|x| x.as_str()) {
+                        Some(o) => o.to_string(),
+                        None if f.get("zeroDropHeld").and_then(|x| x.as_bool()) == Some(true) => {
+                            "held".to_string()
+                        }
+                        None => "not_held".to_string(),
+                    };
+                    faults.push((fault.clone(), outcome));
                     if let Some(d) = f.get("drill").and_then(drill_of) {
                         c.runs.push(Run {
                             label: format!("gameday {fault}"),
@@ -502,14 +507,19 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
     if !c.gamedays.is_empty() {
         h.push_str(r#"<h2>Game days</h2><table><tr><th class="l">report</th><th class="l">fault</th><th class="l">zero-drop</th></tr>"#);
         for (name, faults) in &c.gamedays {
-            for (f, held) in faults {
+            for (f, outcome) in faults {
+                let (class, text) = match outcome.as_str() {
+                    "held" => ("ok", "held"),
+                    "skipped" => ("", "skipped"),
+                    _ => ("bad", "BROKEN"),
+                };
                 let _ = write!(
                     h,
                     r#"<tr><td class="l">{}</td><td class="l">{}</td><td class="l {}">{}</td></tr>"#,
                     esc(name),
                     esc(f),
-                    if *held { "ok" } else { "bad" },
-                    if *held { "held" } else { "BROKEN" }
+                    class,
+                    text
                 );
             }
         }

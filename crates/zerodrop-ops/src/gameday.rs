@@ -12,6 +12,12 @@
 //! then restart: nothing acknowledged may be lost), `network_cut` (every connection cut,
 //! new ones refused for a second), `store_outage` (needs `--store redis`: the Redis server
 //! stops for a few seconds; skipped, and reported as skipped, with SQLite).
+//!
+//! Each fault ends in one [`Outcome`]: `held`, `not_held` (events lost, duplicated or
+//! reordered, the instance not ready again, nothing published, or the fault could not be
+//! injected — a drain that was refused or never drained included) or `skipped` (the fault
+//! does not exist on this store). A skipped fault is never counted as held; the game day
+//! passes when at least one fault ran and every fault that ran held.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +70,46 @@ impl Fault {
     }
 }
 
+/// What became of one fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Injected, and nothing was lost, duplicated or reordered.
+    Held,
+    /// Zero-drop broke, the instance did not come back, nothing was measured, or the fault
+    /// could not be injected.
+    NotHeld,
+    /// The fault does not exist on this store; nothing was tested.
+    Skipped,
+}
+
+impl Outcome {
+    pub fn id(self) -> &'static str {
+        match self {
+            Outcome::Held => "held",
+            Outcome::NotHeld => "NOT HELD",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// The outcome of a fault that ran.
+pub fn outcome(injected: bool, ready: bool, report: &DrillReport) -> Outcome {
+    if injected && ready && report.totals.published > 0 && report.zero_drop_held() {
+        Outcome::Held
+    } else {
+        Outcome::NotHeld
+    }
+}
+
+/// Whether a game day passed: at least one fault ran, and every fault that ran held.
+pub fn passed(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().any(|o| *o != Outcome::Skipped)
+        && outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Held | Outcome::Skipped))
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct GamedayArgs {
     /// Profiles to run, each once per fault.
@@ -81,6 +127,9 @@ pub struct GamedayArgs {
     /// The redis-server to start for `--store redis`.
     #[arg(long, default_value = "redis-server")]
     pub redis_server_bin: PathBuf,
+    /// Run length per drill in minutes (soak; required with standard).
+    #[arg(long)]
+    pub minutes: Option<f64>,
     /// Run length per drill in seconds, overriding the profile.
     #[arg(long)]
     pub duration: Option<f64>,
@@ -104,11 +153,18 @@ pub struct GamedayArgs {
 pub struct FaultResult {
     pub profile: String,
     pub fault: Fault,
+    pub outcome: Outcome,
+    /// Why the fault was skipped (not injectable on this store).
     pub skipped: Option<String>,
+    /// Whether the fault was injected as intended.
+    pub injected: bool,
+    /// Why injecting the fault failed (the fault then counts as not held).
+    pub injection_error: Option<String>,
     pub injected_at_sec: f64,
     /// From the fault until the instance answered /health/ready again.
     pub recovery_sec: f64,
-    pub zero_drop_held: bool,
+    /// `null` when the fault was skipped: nothing was tested, so nothing held.
+    pub zero_drop_held: Option<bool>,
     pub resume_success_rate: f64,
     pub lost: u64,
     pub duplicated: u64,
@@ -123,7 +179,12 @@ pub struct GamedayReport {
     pub tool: &'static str,
     pub profile: String,
     pub store: String,
+    /// At least one fault ran and every fault that ran held.
     pub passed: bool,
+    /// Faults that ran (injected or not), held, and skipped.
+    pub ran: usize,
+    pub held: usize,
+    pub skipped: usize,
     pub faults: Vec<FaultResult>,
 }
 
@@ -142,6 +203,9 @@ async fn wait_ready(url: &str, within: Duration) -> bool {
     }
     false
 }
+
+/// How long a `drain` fault waits for the instance to report `drained`.
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 
 /// Injects `fault` into `inst` (replacing it when it restarts); returns notes.
 async fn inject(
@@ -162,19 +226,42 @@ async fn inject(
                         Some(&secrets.admin_token),
                         &serde_json::json!({"reason": "gameday", "max_session_age_seconds": 1}),
                     )
-                    .await?;
+                    .await
+                    .context("POST /admin/drain/start")?;
                 notes.push(format!("drain/start answered {}", a.status));
-                let deadline = Instant::now() + Duration::from_secs(5);
+                anyhow::ensure!(
+                    a.status == 200,
+                    "POST /admin/drain/start answered {} (expected 200): {}",
+                    a.status,
+                    a.body
+                );
+                let deadline = Instant::now() + DRAIN_WITHIN;
+                let mut last_state = String::from("(no answer)");
+                let mut drained = false;
                 while Instant::now() < deadline {
-                    let s = http
+                    if let Ok(s) = http
                         .get_answer("/admin/drain/status", Some(&secrets.admin_token))
-                        .await?;
-                    if s.body.get("state").and_then(|v| v.as_str()) == Some("drained") {
-                        notes.push("drained".into());
-                        break;
+                        .await
+                    {
+                        last_state = s
+                            .body
+                            .get("state")
+                            .and_then(|v| v.as_str())
+                            .map(str::to_string)
+                            .unwrap_or_else(|| format!("HTTP {}", s.status));
+                        if last_state == "drained" {
+                            drained = true;
+                            break;
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                anyhow::ensure!(
+                    drained,
+                    "the instance did not reach `drained` within {} s (last state: {last_state})",
+                    DRAIN_WITHIN.as_secs()
+                );
+                notes.push("drained".into());
             }
             if fault == Fault::Kill9 {
                 inst.kill9().await?;
@@ -198,6 +285,22 @@ async fn inject(
     Ok(notes)
 }
 
+fn load_args(args: &GamedayArgs, profile: Profile) -> LoadArgs {
+    LoadArgs {
+        profile,
+        scenarios: args.scenarios.clone(),
+        minutes: args.minutes,
+        duration: args.duration,
+        limit: args.limit,
+        rate: None,
+        publishers: None,
+        payload_bytes: 100,
+        drain_sec: args.drain_sec,
+        token_pool_file: None,
+        slo: args.slo.clone(),
+    }
+}
+
 pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     let bin = match &args.server_bin {
         Some(b) => b.clone(),
@@ -209,6 +312,12 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.faults.clone()
     };
+    // Refuse a profile that cannot run before any instance starts.
+    for p in &args.profiles {
+        load_args(&args, *p)
+            .plan()
+            .with_context(|| format!("gameday profile {}", p.id()))?;
+    }
     let secrets = Secrets::generate();
     let work = tempfile::tempdir().context("creating a work directory")?;
     let mut results = Vec::new();
@@ -217,15 +326,22 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             let fault = *fault;
             println!("== gameday {} / {}", profile.id(), fault.id());
             if fault == Fault::StoreOutage && args.store != "redis" {
-                println!("   skipped: store_outage needs --store redis");
+                let why = format!(
+                    "store_outage needs --store redis (the {} store is in-process: it has no outage of its own)",
+                    args.store
+                );
+                println!("   skipped (not counted as held): {why}");
                 results.push(FaultResult {
                     profile: profile.id().into(),
                     fault,
-                    skipped: Some("store_outage needs --store redis (SQLite is in-process: it has no outage of its own)".into()),
+                    outcome: Outcome::Skipped,
+                    skipped: Some(why),
+                    injected: false,
+                    injection_error: None,
                     injected_at_sec: 0.0,
                     recovery_sec: 0.0,
-                    zero_drop_held: true,
-                    resume_success_rate: 1.0,
+                    zero_drop_held: None,
+                    resume_success_rate: 0.0,
                     lost: 0,
                     duplicated: 0,
                     out_of_order: 0,
@@ -245,19 +361,7 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             }
             let mut inst = Instance::start(spec).await?;
             let proxy = Proxy::start(inst.addr).await?;
-            let load = LoadArgs {
-                profile: *profile,
-                scenarios: args.scenarios.clone(),
-                minutes: None,
-                duration: args.duration,
-                limit: args.limit,
-                rate: None,
-                publishers: None,
-                payload_bytes: 100,
-                drain_sec: args.drain_sec,
-                token_pool_file: None,
-                slo: args.slo.clone(),
-            };
+            let load = load_args(&args, *profile);
             let plan = load.plan()?;
             let target = TargetArgs {
                 url: proxy.url(),
@@ -273,28 +377,41 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             let at = plan.duration.mul_f64(0.4);
             tokio::time::sleep(at).await;
             let t = Instant::now();
-            let notes = match inject(fault, &mut inst, &proxy, &secrets, redis.as_mut()).await {
-                Ok(n) => n,
-                Err(e) => vec![format!("injection failed: {e:#}")],
-            };
+            let (notes, injection_error) =
+                match inject(fault, &mut inst, &proxy, &secrets, redis.as_mut()).await {
+                    Ok(n) => (n, None),
+                    Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+                };
             let ready = wait_ready(&inst.url(), Duration::from_secs(30)).await;
             let recovery = t.elapsed().as_secs_f64();
             let report = drill.await.context("the drill task failed")??;
-            let held = report.zero_drop_held() && ready && report.totals.published > 0;
+            let outcome = outcome(injection_error.is_none(), ready, &report);
             println!("{}", report.summary());
+            if let Some(e) = &injection_error {
+                println!("   {}: the fault could NOT be injected: {e}", fault.id());
+            }
+            if !ready {
+                println!(
+                    "   {}: the instance did not answer /health/ready within 30 s",
+                    fault.id()
+                );
+            }
             println!(
                 "   {}: zero-drop {} (recovered in {recovery:.2} s)",
                 fault.id(),
-                if held { "HELD" } else { "BROKEN" }
+                outcome.id()
             );
             let _ = inst.terminate(Duration::from_secs(10)).await;
             results.push(FaultResult {
                 profile: profile.id().into(),
                 fault,
+                outcome,
                 skipped: None,
+                injected: injection_error.is_none(),
+                injection_error,
                 injected_at_sec: at.as_secs_f64(),
                 recovery_sec: (recovery * 100.0).round() / 100.0,
-                zero_drop_held: held,
+                zero_drop_held: Some(outcome == Outcome::Held),
                 resume_success_rate: report.totals.resume_success_rate,
                 lost: report.totals.dropped + report.totals.missing,
                 duplicated: report.totals.duplicated,
@@ -304,32 +421,48 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
             });
         }
     }
-    let passed = results.iter().all(|r| r.zero_drop_held);
+    let outcomes: Vec<Outcome> = results.iter().map(|r| r.outcome).collect();
+    let passed = passed(&outcomes);
     println!(
         "{:<10} {:<14} {:>9} {:>8} {:>6} {:>5} {:>9}",
         "profile", "fault", "zero-drop", "resume", "lost", "dup", "recovery"
     );
     for r in &results {
-        println!(
-            "{:<10} {:<14} {:>9} {:>7.1}% {:>6} {:>5} {:>8.2}s{}",
-            r.profile,
-            r.fault.id(),
-            if r.skipped.is_some() {
-                "skipped"
-            } else if r.zero_drop_held {
-                "held"
-            } else {
-                "BROKEN"
-            },
-            r.resume_success_rate * 100.0,
-            r.lost,
-            r.duplicated,
-            r.recovery_sec,
-            r.skipped
-                .as_ref()
-                .map(|s| format!("  ({s})"))
-                .unwrap_or_default()
-        );
+        let note = match (&r.skipped, &r.injection_error) {
+            (Some(s), _) => format!("  ({s})"),
+            (None, Some(e)) => format!("  (injection failed: {e})"),
+            _ => String::new(),
+        };
+        if r.outcome == Outcome::Skipped {
+            println!(
+                "{:<10} {:<14} {:>9} {:>8} {:>6} {:>5} {:>9}{note}",
+                r.profile,
+                r.fault.id(),
+                r.outcome.id(),
+                "-",
+                "-",
+                "-",
+                "-"
+            );
+        } else {
+            println!(
+                "{:<10} {:<14} {:>9} {:>7.1}% {:>6} {:>5} {:>8.2}s{note}",
+                r.profile,
+                r.fault.id(),
+                r.outcome.id(),
+                r.resume_success_rate * 100.0,
+                r.lost,
+                r.duplicated,
+                r.recovery_sec
+            );
+        }
+    }
+    let ran = outcomes.iter().filter(|o| **o != Outcome::Skipped).count();
+    let skipped = outcomes.len() - ran;
+    let held = outcomes.iter().filter(|o| **o == Outcome::Held).count();
+    println!("{ran} fault(s) ran, {held} held; {skipped} skipped (not counted as held)");
+    if ran == 0 {
+        println!("no fault ran: nothing was tested");
     }
     let profile = args
         .profiles
@@ -342,6 +475,9 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
         profile: profile.clone(),
         store: args.store.clone(),
         passed,
+        ran,
+        held,
+        skipped,
         faults: results,
     };
     let path = write_report(&args.out.dir(), "gameday", Some(&profile), &report)?;
@@ -355,4 +491,69 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample_report;
+
+    #[test]
+    fn a_fault_holds_only_when_injected_ready_published_and_lossless() {
+        let good = sample_report();
+        assert_eq!(outcome(true, true, &good), Outcome::Held);
+        assert_eq!(
+            outcome(false, true, &good),
+            Outcome::NotHeld,
+            "not injected"
+        );
+        assert_eq!(outcome(true, false, &good), Outcome::NotHeld, "not ready");
+        let mut lost = sample_report();
+        lost.totals.missing = 1;
+        assert_eq!(outcome(true, true, &lost), Outcome::NotHeld);
+        let mut empty = sample_report();
+        empty.totals.published = 0;
+        assert_eq!(outcome(true, true, &empty), Outcome::NotHeld);
+    }
+
+    #[test]
+    fn standard_game_days_need_minutes_and_limit() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: GamedayArgs,
+        }
+        use clap::Parser;
+        let a = Cli::try_parse_from(["x", "--profiles", "standard", "--limit", "100"])
+            .unwrap()
+            .a;
+        let e = load_args(&a, Profile::Standard).plan().unwrap_err();
+        assert!(e.to_string().contains("missing: --minutes"), "{e}");
+        let a = Cli::try_parse_from([
+            "x",
+            "--profiles",
+            "standard",
+            "--limit",
+            "100",
+            "--minutes",
+            "1",
+        ])
+        .unwrap()
+        .a;
+        let p = load_args(&a, Profile::Standard).plan().unwrap();
+        assert_eq!(p.duration, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn skipped_faults_are_neither_held_nor_failures() {
+        use Outcome::*;
+        assert!(passed(&[Held, Skipped]));
+        assert!(!passed(&[Held, NotHeld, Skipped]));
+        assert!(!passed(&[Skipped]), "nothing ran: nothing was tested");
+        assert!(!passed(&[]));
+        assert_eq!(
+            serde_json::to_value(NotHeld).unwrap(),
+            serde_json::json!("not_held")
+        );
+    }
 }

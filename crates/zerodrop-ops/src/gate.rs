@@ -1,7 +1,9 @@
 //! `zerodrop gate`: a drill judged against the SLO file; exit 1 names every breach.
 //!
 //! `--milestone m1_1k|m2_5k|m3_20k` is release evidence at scale: that many concurrent
-//! subscribed WebSocket connections (fan-out and resume), judged the same way.
+//! subscribed WebSocket connections (fan-out and resume), judged the same way — and a breach
+//! when fewer clients than the milestone were connected and subscribed when publishing
+//! started.
 //! `--report FILE` judges an existing drill report instead of running one.
 
 use std::path::PathBuf;
@@ -43,6 +45,24 @@ impl Milestone {
     }
 }
 
+/// The milestone breach: fewer clients connected and subscribed when publishing started than
+/// the milestone asks for.
+pub fn milestone_breach(m: Milestone, drill: &DrillReport) -> Option<String> {
+    let want = m.connections() as u64;
+    let got = drill.capacity.connected_at_start;
+    (got < want).then(|| {
+        format!(
+            "milestone {}: {got} of {want} clients were connected and subscribed when publishing started (server counted {} open WebSocket/SSE connections)",
+            m.id(),
+            drill
+                .capacity
+                .server_active_at_start
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "no".into())
+        )
+    })
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct GateArgs {
     #[command(flatten)]
@@ -82,6 +102,16 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     let mut load = args.load.clone();
     if let Some(m) = args.milestone {
         load.limit = Some(m.connections());
+        if let Ok((soft, _)) = crate::common::raise_nofile_limit()
+            && args.report.is_none()
+            && soft < m.connections() as u64 + 256
+        {
+            println!(
+                "warning: this process may open only {soft} files, fewer than the {} connections of {} need (raise the hard limit: ulimit -Hn)",
+                m.connections(),
+                m.id()
+            );
+        }
         if load.scenarios.is_empty() {
             load.scenarios = vec![Scenario::Publish, Scenario::WsFanout, Scenario::Resume];
         }
@@ -99,7 +129,21 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
         }
         None => crate::drill::drive(&args.target, &load, &slo, "gate").await?,
     };
-    let breaches = slo.judge(&drill);
+    let mut breaches = slo.judge(&drill);
+    if let Some(m) = args.milestone {
+        println!(
+            "milestone {}: {} of {} clients connected and subscribed when publishing started (server: {} open connections)",
+            m.id(),
+            drill.capacity.connected_at_start,
+            m.connections(),
+            drill
+                .capacity
+                .server_active_at_start
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "n/a".into())
+        );
+        breaches.extend(milestone_breach(m, &drill));
+    }
     println!("{}", drill.summary());
     let profile = match args.milestone {
         Some(m) => m.id().to_string(),
@@ -133,5 +177,40 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
         }
         println!("report: {}", path.display());
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample_report;
+
+    #[test]
+    fn fewer_connected_clients_than_the_milestone_is_a_breach() {
+        let mut r = sample_report();
+        r.capacity.connected_at_start = 1_000;
+        r.capacity.server_active_at_start = Some(1_000);
+        assert_eq!(milestone_breach(Milestone::M1, &r), None);
+        let b = milestone_breach(Milestone::M2, &r).unwrap();
+        assert!(
+            b.starts_with("milestone m2_5k: 1000 of 5000 clients were connected and subscribed"),
+            "{b}"
+        );
+        r.capacity.connected_at_start = 999;
+        r.capacity.server_active_at_start = None;
+        let b = milestone_breach(Milestone::M1, &r).unwrap();
+        assert!(b.contains("999 of 1000"), "{b}");
+        assert!(b.contains("server counted no open"), "{b}");
+        // A report from before the count existed proves nothing.
+        let old: DrillReport = serde_json::from_value({
+            let mut v = serde_json::to_value(sample_report()).unwrap();
+            v["capacity"]
+                .as_object_mut()
+                .unwrap()
+                .remove("connectedAtStart");
+            v
+        })
+        .unwrap();
+        assert!(milestone_breach(Milestone::M1, &old).is_some());
     }
 }

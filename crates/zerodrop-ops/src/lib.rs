@@ -51,6 +51,10 @@ pub enum OpsCommand {
 /// Runs one tool. Tools return `ExitCode::FAILURE` for a failed verdict and `Err` for a
 /// failure to run at all (the binary prints it and exits 1 as well).
 pub async fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
+    // Every drill client is a socket: allow as many as the hard limit does.
+    if let Err(e) = common::raise_nofile_limit() {
+        eprintln!("warning: could not raise the open-file limit (RLIMIT_NOFILE): {e}");
+    }
     match cmd {
         OpsCommand::Probe(a) => probe::run(a).await,
         OpsCommand::Drill(a) => drill::run(a).await,

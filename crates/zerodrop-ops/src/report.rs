@@ -115,7 +115,8 @@ pub struct ScenarioReport {
 pub struct Totals {
     pub published: u64,
     pub delivered: u64,
-    /// Server-counted `dropped_messages` during the run (null metrics → 0, see `server`).
+    /// Server-counted `dropped_messages` during the run (0 when the metrics could not be
+    /// read: `server.available` is then false, and the SLO judge reports a breach).
     pub dropped: u64,
     pub missing: u64,
     pub duplicated: u64,
@@ -133,7 +134,7 @@ pub struct LoadGenerator {
     /// CPU the drill process used, % of one core, over the run.
     pub cpu_percent: f64,
     pub cores: u64,
-    /// Deliveries received and verified per second by this process.
+    /// Deliveries received and verified per second by this process (publishes excluded).
     pub verified_events_per_sec: f64,
     /// True when the drill itself was near saturation (its numbers then understate the server).
     pub saturated: bool,
@@ -142,8 +143,15 @@ pub struct LoadGenerator {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capacity {
-    /// Concurrent client connections the drill held.
+    /// Concurrent client connections the drill planned.
     pub connections: u64,
+    /// Clients connected and subscribed when publishing started.
+    #[serde(default)]
+    pub connected_at_start: u64,
+    /// The server's open WebSocket + SSE connections (`ws_active + sse_active` of
+    /// `/metrics?format=json`) when publishing started; `null` when unreadable.
+    #[serde(default)]
+    pub server_active_at_start: Option<u64>,
     pub streams: u64,
     pub delivered_per_sec: f64,
     pub published_per_sec: f64,
@@ -305,6 +313,7 @@ pub(crate) mod tests {
                 sc("ws_fanout", 10, 12.5),
                 sc("resume", 5, 30.0),
             ],
+            server: serde_json::json!({"available": true, "droppedMessages": 0}),
             totals: Totals {
                 published: 300,
                 delivered: 1500,

@@ -2,7 +2,11 @@
 //!
 //! A breach is a sentence naming the scenario, the measure, the measured value and the
 //! limit. A drill that measured nothing (no event published or delivered where the scenario
-//! should have some) is a breach too: a gate that passes on an empty run cannot fail.
+//! should have some) is a breach too: a gate that passes on an empty run cannot fail. So is
+//! a run whose server-counted dropped messages could not be read, and a log with seq holes.
+//!
+//! Unknown keys are refused (a misspelt limit would otherwise silently not apply); every
+//! section may carry an `about` string for documentation.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,8 +21,12 @@ use crate::report::{DrillReport, ScenarioReport};
 pub const SHIPPED: &str = include_str!("../../../slo.json");
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Slo {
     pub version: u32,
+    /// Documentation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     #[serde(default)]
     pub scenarios: BTreeMap<String, ScenarioSlo>,
     #[serde(default)]
@@ -28,7 +36,11 @@ pub struct Slo {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScenarioSlo {
+    /// Documentation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     /// Publish-to-deliver p95 (for `publish`: the publish request's p95), milliseconds.
     pub p95_ms: Option<f64>,
     pub error_5xx_rate: Option<f64>,
@@ -40,7 +52,11 @@ pub struct ScenarioSlo {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct GlobalSlo {
+    /// Documentation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     /// Dropped (server-counted) plus missing (never received by a drill client).
     #[serde(default)]
     pub max_dropped: u64,
@@ -59,6 +75,7 @@ fn default_min_resume() -> f64 {
 impl Default for GlobalSlo {
     fn default() -> Self {
         GlobalSlo {
+            about: None,
             max_dropped: 0,
             max_duplicated: 0,
             max_out_of_order: 0,
@@ -69,7 +86,11 @@ impl Default for GlobalSlo {
 
 /// How much worse a canary may be than its control.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct CanarySlo {
+    /// Documentation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     /// Candidate p95 may exceed control p95 by at most this percentage…
     #[serde(default = "d20")]
     pub max_p95_regression_pct: f64,
@@ -100,6 +121,7 @@ fn d002() -> f64 {
 impl Default for CanarySlo {
     fn default() -> Self {
         CanarySlo {
+            about: None,
             max_p95_regression_pct: d20(),
             min_p95_delta_ms: d5(),
             max_error_rate_delta: d001(),
@@ -167,9 +189,22 @@ impl Slo {
                 judge_scenario(sc, s, &mut breaches);
             }
             vacuous(sc, &mut breaches);
+            if sc.log.seq_holes > 0 {
+                breaches.push(format!(
+                    "{}: {} seq hole(s) in the log (seqs not contiguous from 1 to head)",
+                    sc.scenario, sc.log.seq_holes
+                ));
+            }
         }
         let t = &report.totals;
         let g = &self.global;
+        if report.server.get("available").and_then(|v| v.as_bool()) != Some(true) {
+            breaches.push(
+                "global: server dropped count unavailable (GET /metrics?format=json could not be read \
+                 before and after the run), so server-side drops cannot be ruled out"
+                    .to_string(),
+            );
+        }
         if t.dropped + t.missing > g.max_dropped {
             breaches.push(format!(
                 "global: {} events lost (server-counted dropped {}, never received by a client {}), max_dropped is {}",
@@ -300,6 +335,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_has_a_p95_for_every_scenario() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        for sc in crate::drill::Scenario::ALL {
+            let s = &slo.scenarios[sc.id()];
+            assert!(s.p95_ms.is_some_and(|v| v > 0.0), "{}", sc.id());
+        }
+        assert_eq!(slo.scenarios["resume"].p95_ms, Some(400.0));
+        assert_eq!(slo.scenarios["reconnect_storm"].p95_ms, Some(200.0));
+    }
+
+    #[test]
     fn unknown_scenarios_and_bad_rates_are_refused() {
         assert!(Slo::parse(r#"{"version":1,"scenarios":{"nope":{}}}"#).is_err());
         assert!(
@@ -333,6 +379,54 @@ mod tests {
             b.iter().any(|s| s.contains("resume success rate 0.5000")),
             "{b:?}"
         );
+    }
+
+    #[test]
+    fn log_seq_holes_are_a_breach() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        let mut r = sample_report();
+        r.scenarios[1].log.seq_holes = 2;
+        let b = slo.judge(&r);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("ws_fanout: 2 seq hole(s) in the log"),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_server_dropped_count_is_a_breach_not_zero() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        for server in [
+            serde_json::Value::Null,
+            serde_json::json!({"available": false}),
+        ] {
+            let mut r = sample_report();
+            r.server = server;
+            let b = slo.judge(&r);
+            assert_eq!(b.len(), 1, "{b:?}");
+            assert!(b[0].contains("server dropped count unavailable"), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_and_about_is_allowed() {
+        for bad in [
+            r#"{"version":1,"scenarios":{"publish":{"p95":50}}}"#,
+            r#"{"version":1,"global":{"max_droped":0}}"#,
+            r#"{"version":1,"canary":{"max_p95_regression":20}}"#,
+            r#"{"version":1,"scenarioz":{}}"#,
+        ] {
+            let e = Slo::parse(bad).unwrap_err();
+            assert!(format!("{e:#}").contains("unknown field"), "{bad}: {e:#}");
+        }
+        let ok = Slo::parse(
+            r#"{"version":1,"about":"x","scenarios":{"publish":{"about":"y","p95_ms":5}},
+               "global":{"about":"z"},"canary":{"about":"w"}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.scenarios["publish"].p95_ms, Some(5.0));
+        assert_eq!(ok.about.as_deref(), Some("x"));
     }
 
     #[test]

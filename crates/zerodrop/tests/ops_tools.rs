@@ -259,6 +259,20 @@ async fn drill_then_capacity_dashboard_and_snapshot() {
         rep["totals"]["resumeAttempts"].as_u64().unwrap() > 0,
         "forced disconnects happened"
     );
+    // Every planned client was connected and subscribed when publishing started, and the
+    // server saw them.
+    let planned = rep["capacity"]["connections"].as_u64().unwrap();
+    assert!(planned >= 30, "{}", rep["capacity"]);
+    assert_eq!(
+        rep["capacity"]["connectedAtStart"], planned,
+        "{}",
+        rep["capacity"]
+    );
+    assert!(
+        rep["capacity"]["serverActiveAtStart"].as_u64().unwrap() > 0,
+        "{}",
+        rep["capacity"]
+    );
     for sc in rep["scenarios"].as_array().unwrap() {
         assert_eq!(sc["log"]["missing"], 0, "{sc}");
         assert_eq!(sc["log"]["duplicated"], 0, "{sc}");
@@ -402,4 +416,73 @@ async fn a_token_pool_replaces_the_jwt_secret() {
         "{}",
         run.stdout
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_exits_1_when_events_are_lost() {
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("reports");
+    let dropping = broken_proxy(
+        s.inst.addr,
+        Faults {
+            drop_event_seq: Some(2),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let run = tool(
+        work.path(),
+        &with(
+            args(&[
+                "drill",
+                "--url",
+                &format!("http://{dropping}"),
+                "--profile",
+                "quick",
+                "--duration",
+                "2",
+                "--limit",
+                "8",
+                "--scenarios",
+                "ws_fanout",
+                "--drain-sec",
+                "2",
+                "--out-dir",
+                out.to_str().unwrap(),
+            ]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(run.code, 1, "drill must fail when events are lost");
+    assert!(
+        run.stdout.contains("zero-drop did NOT hold"),
+        "{}",
+        run.stdout
+    );
+    let r = reports(&out, "drill-quick-");
+    assert_eq!(r.len(), 1, "the failed drill still writes its report");
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
+    let fanout = &rep["scenarios"][0];
+    assert_eq!(fanout["scenario"], "ws_fanout");
+    // Seq 2 never reached any of the clients of the stream(s) it was published on.
+    assert!(
+        fanout["missing"].as_u64().unwrap() >= 1,
+        "the lost event is counted: {fanout}"
+    );
+    assert!(fanout["clientsWithLoss"].as_u64().unwrap() >= 1, "{fanout}");
+    assert!(rep["totals"]["missing"].as_u64().unwrap() >= 1);
+    assert!(
+        rep["breaches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b.as_str().unwrap().contains("events lost")),
+        "{}",
+        rep["breaches"]
+    );
+    // The log itself is whole: the loss is on the way to the clients.
+    assert_eq!(fanout["log"]["missing"], 0);
 }

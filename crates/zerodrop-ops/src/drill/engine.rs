@@ -67,7 +67,10 @@ pub struct Ctx {
     pub hard_deadline: Instant,
     pub published: AtomicU64,
     pub delivered: AtomicU64,
+    /// Clients whose first connect attempt ended (connected or not).
     pub ready: AtomicUsize,
+    /// Clients that connected and subscribed in the connect phase.
+    pub connected: AtomicUsize,
 }
 
 impl Ctx {
@@ -231,6 +234,9 @@ pub async fn ws_client(
         }
     };
     let mut conn = fresh(&ctx, &mut st, &token, &stream, 0, &mut t).await;
+    if conn.is_some() {
+        ctx.connected.fetch_add(1, Ordering::Relaxed);
+    }
     ctx.ready.fetch_add(1, Ordering::Relaxed);
     let mut next_drop = match &behaviour {
         Behaviour::DropEvery(a, b) => Some(Instant::now() + jitter(*a, *b)),
@@ -466,6 +472,9 @@ pub async fn sse_client(
     };
     let auth = SseAuth::Token(token);
     let mut conn = sse_open(&ctx, &mut st, &auth, &stream, &t).await;
+    if conn.is_some() {
+        ctx.connected.fetch_add(1, Ordering::Relaxed);
+    }
     ctx.ready.fetch_add(1, Ordering::Relaxed);
     let mut next_drop = match &behaviour {
         Behaviour::DropEvery(a, b) => Some(Instant::now() + jitter(*a, *b)),

@@ -70,6 +70,21 @@ pub struct LoadArgs {
 
 impl LoadArgs {
     pub fn plan(&self) -> anyhow::Result<Plan> {
+        if self.profile == Profile::Standard {
+            anyhow::ensure!(
+                self.minutes.is_some() && self.limit.is_some(),
+                "--profile standard needs --minutes M and --limit L (standard = soak judged with \
+                 --minutes M --limit L, L concurrent clients); missing: {}",
+                [
+                    self.minutes.is_none().then_some("--minutes"),
+                    self.limit.is_none().then_some("--limit"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" and ")
+            );
+        }
         let rate = match self.rate.as_deref() {
             None => None,
             Some("max") => Some(None),
@@ -189,7 +204,8 @@ pub async fn drive_with(
 struct ScenarioRun {
     streams: Vec<String>,
     stream_base: usize,
-    tasks: Vec<tokio::task::JoinHandle<TaskStats>>,
+    /// Each client's task with the index of the stream it follows.
+    tasks: Vec<(usize, tokio::task::JoinHandle<TaskStats>)>,
     publishers: Vec<tokio::task::JoinHandle<TaskStats>>,
 }
 
@@ -224,6 +240,7 @@ pub async fn execute(
         published: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         ready: AtomicUsize::new(0),
+        connected: AtomicUsize::new(0),
     });
     let (storm_tx, storm_rx) = watch::channel(0u32);
     let mut all_streams: Vec<String> = Vec::new();
@@ -279,7 +296,7 @@ pub async fn execute(
                     fin,
                 )),
             };
-            tasks.push(h);
+            tasks.push((base + k, h));
         }
         runs.push(ScenarioRun {
             streams,
@@ -293,6 +310,14 @@ pub async fn execute(
     while ctx.ready.load(Ordering::Relaxed) < total_clients && Instant::now() < connect_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // What publishing starts against: the clients that connected and subscribed, and the
+    // server's own count of open WebSocket and SSE connections.
+    let connected_at_start = ctx.connected.load(Ordering::Relaxed) as u64;
+    let server_active_at_start = http
+        .metrics_json()
+        .await
+        .ok()
+        .and_then(|m| server_active(&m));
 
     // Publishers.
     let mut w = 0u32;
@@ -389,17 +414,15 @@ pub async fn execute(
     let mut client_stats: Vec<Vec<TaskStats>> = Vec::new();
     for r in &mut runs {
         let mut v = Vec::new();
-        for h in r.tasks.drain(..) {
+        for (idx, mut h) in r.tasks.drain(..) {
             let left = drain_deadline.saturating_duration_since(Instant::now());
-            let mut h = h;
             match tokio::time::timeout(left, &mut h).await {
                 Ok(Ok(s)) => v.push(s),
                 _ => {
-                    // Still waiting for events that never came: its count is lost.
+                    // Still waiting for events that never came: its count is lost, and it is
+                    // charged every event of its own stream.
                     h.abort();
-                    let mut s = TaskStats::default();
-                    s.unexpected += 1;
-                    v.push(s);
+                    v.push(cut_off(idx));
                 }
             }
         }
@@ -473,17 +496,29 @@ pub async fn execute(
         capacity: Capacity::default(),
         breaches: Vec::new(),
     };
-    report.load_generator.verified_events_per_sec =
-        (report.totals.delivered + report.totals.published) as f64 / secs;
+    // Deliveries this process received and verified (publishes are not deliveries).
+    report.load_generator.verified_events_per_sec = report.totals.delivered as f64 / secs;
     report.breaches = slo.judge(&report);
     report.capacity = Capacity {
         connections: plan.clients() as u64,
+        connected_at_start,
+        server_active_at_start,
         streams: all_streams.len() as u64,
         delivered_per_sec: report.totals.delivered_per_sec,
         published_per_sec: report.totals.published_per_sec,
         slo_met: report.breaches.is_empty(),
     };
     Ok(report)
+}
+
+/// The stats of a client cut off at the deadline: it received nothing that counts, on the
+/// stream `idx` it followed, and its connection ended unexpectedly.
+fn cut_off(idx: usize) -> TaskStats {
+    TaskStats {
+        unexpected: 1,
+        tracker: Some((idx, track::Tracker::default())),
+        ..TaskStats::default()
+    }
 }
 
 fn rate(n: u64, d: u64, empty: f64) -> f64 {
@@ -534,6 +569,7 @@ fn assemble(
     for s in clients {
         match &s.tracker {
             Some((idx, t)) => {
+                // `idx` is the client's own stream (a client cut off at the deadline too).
                 let head = heads.get(*idx).copied().unwrap_or(0);
                 let _ = deliver_latency.add(&t.latency_us);
                 let missing = t.missing(head);
@@ -547,8 +583,12 @@ fn assemble(
                 }
             }
             None => {
-                // A client that never reported (aborted at the deadline) lost everything.
-                let head = heads.get(r.stream_base).copied().unwrap_or(0);
+                // Every client reports its stream (see `cut_off`); one that did not cannot be
+                // verified, so it is charged the longest stream of its scenario.
+                let head = (r.stream_base..r.stream_base + r.streams.len())
+                    .filter_map(|i| heads.get(i).copied())
+                    .max()
+                    .unwrap_or(0);
                 sc.expected_deliveries += head;
                 sc.missing += head;
                 sc.clients_with_loss += 1;
@@ -671,6 +711,13 @@ async fn check_log(
     lc
 }
 
+/// Open WebSocket + SSE connections in a `GET /metrics?format=json` document.
+fn server_active(m: &serde_json::Value) -> Option<u64> {
+    let ws = m.pointer("/ws_metrics/ws_active")?.as_u64()?;
+    let sse = m.pointer("/ws_metrics/sse_active")?.as_u64()?;
+    Some(ws + sse)
+}
+
 /// Differences of the counters of `GET /metrics?format=json` over the run.
 fn metrics_delta(
     before: Option<&serde_json::Value>,
@@ -732,6 +779,82 @@ mod tests {
         assert!(cpu_seconds().unwrap() >= a);
     }
 
+    fn load(profile: Profile, minutes: Option<f64>, limit: Option<usize>) -> LoadArgs {
+        LoadArgs {
+            profile,
+            scenarios: Vec::new(),
+            minutes,
+            duration: None,
+            limit,
+            rate: None,
+            publishers: None,
+            payload_bytes: 100,
+            drain_sec: 10.0,
+            token_pool_file: None,
+            slo: None,
+        }
+    }
+
+    #[test]
+    fn standard_needs_minutes_and_limit() {
+        for (m, l, missing) in [
+            (None, None, "missing: --minutes and --limit"),
+            (Some(5.0), None, "missing: --limit"),
+            (None, Some(800), "missing: --minutes"),
+        ] {
+            let e = load(Profile::Standard, m, l)
+                .plan()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--profile standard needs --minutes M and --limit L"),
+                "{e}"
+            );
+            assert!(e.ends_with(missing), "{e}");
+        }
+        let p = load(Profile::Standard, Some(5.0), Some(800))
+            .plan()
+            .unwrap();
+        assert_eq!(p.duration, Duration::from_secs(300));
+        assert!((790..=810).contains(&p.clients()), "{}", p.clients());
+        // The other profiles have defaults of their own.
+        assert!(load(Profile::Soak, None, None).plan().is_ok());
+    }
+
+    #[test]
+    fn a_client_cut_off_at_the_deadline_is_charged_its_own_stream() {
+        let sp = plan::plan(
+            Profile::Quick,
+            &PlanOverrides {
+                scenarios: vec![Scenario::WsFanout],
+                ..Default::default()
+            },
+        )
+        .scenarios
+        .remove(0);
+        let r = ScenarioRun {
+            streams: vec!["a".into(), "b".into()],
+            stream_base: 3,
+            tasks: Vec::new(),
+            publishers: Vec::new(),
+        };
+        // Stream 3 (the scenario's first) has 10 events, stream 4 has 70.
+        let heads = [0, 0, 0, 10, 70];
+        let sc = assemble(
+            &sp,
+            &r,
+            &[],
+            &[cut_off(4)],
+            LogCheck::default(),
+            &heads,
+            &Slo::parse(crate::slo::SHIPPED).unwrap(),
+        );
+        assert_eq!(sc.missing, 70);
+        assert_eq!(sc.expected_deliveries, 70);
+        assert_eq!(sc.clients_with_loss, 1);
+        assert_eq!(sc.unexpected_disconnects, 1);
+    }
+
     #[test]
     fn metric_deltas() {
         let b = serde_json::json!({"ws_metrics":{"dropped_messages":2}});
@@ -739,5 +862,8 @@ mod tests {
         let d = metrics_delta(Some(&b), Some(&a));
         assert_eq!(d["droppedMessages"], 3);
         assert_eq!(metrics_delta(None, Some(&a))["available"], false);
+        let m = serde_json::json!({"ws_metrics":{"ws_active":7,"sse_active":3}});
+        assert_eq!(server_active(&m), Some(10));
+        assert_eq!(server_active(&a), None);
     }
 }
