@@ -65,8 +65,11 @@ pub struct StreamStart {
     pub head: Seq,
 }
 
+/// Most written-behind acks in one store call (one transaction).
+const ACK_CHUNK: usize = 128;
+
 /// WebSocket acks are applied in memory under the checkpoint rule at once, and written to the
-/// store in one batch per second (and when their connection closes): thousands of sockets
+/// store once a second, in chunks of [`ACK_CHUNK`] (and when their connection closes): thousands of sockets
 /// acking every few events would otherwise cost the store a write each. A crash loses at most
 /// the last second of acks, which only means a resuming client is offered events it already
 /// has (and its own `lastAck` overrides the stored one anyway).
@@ -196,17 +199,22 @@ impl App {
         }
     }
 
-    /// Writes buffered WebSocket acks (all of them, or one session's) in one store call.
+    /// Writes buffered WebSocket acks (all of them, or one session's). A large flush goes to
+    /// the store in chunks, one after the other, so that a publish queued behind it waits for
+    /// one chunk rather than for thousands of acks (and a single-core server is never busy
+    /// with them for long at a stretch).
     pub async fn flush_acks(&self, only: Option<&SessionId>) {
-        let batch = self.acks.take(only);
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = self.store.checkpoint_many(batch.clone()).await {
-            tracing::debug!(error = %e, "could not store acks; keeping them for the next flush");
-            for (sid, stream, seq) in batch {
-                self.acks.record(&sid, &stream, seq);
+        let mut batch = self.acks.take(only);
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(ACK_CHUNK));
+            if let Err(e) = self.store.checkpoint_many(batch.clone()).await {
+                tracing::debug!(error = %e, "could not store acks; keeping them for the next flush");
+                for (sid, stream, seq) in batch.into_iter().chain(rest) {
+                    self.acks.record(&sid, &stream, seq);
+                }
+                return;
             }
+            batch = rest;
         }
     }
 

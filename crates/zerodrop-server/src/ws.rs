@@ -6,7 +6,7 @@
 //! pulls everything after each cursor and writes the frames in one flush, so a burst of events
 //! costs one syscall per subscriber, not one per event.
 //!
-//! Acks are applied in memory under the checkpoint rule and written behind (every 200 ms and
+//! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
 
 use std::collections::{BTreeMap, HashMap};
