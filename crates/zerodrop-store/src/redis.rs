@@ -35,7 +35,8 @@
 //! `ZERODROP_REDIS_WAIT_REPLICAS=N`: after the append script, `WAIT N timeout` on the same
 //! connection (a pipeline of both). Fewer acknowledgements in time answer `Unavailable`: the
 //! event *is* in the log (Redis cannot take it back) but its durability was not confirmed, so a
-//! publisher retries with its `Idempotency-Key`. The doorbell rings inside the script, before
+//! publisher retries with its `Idempotency-Key`. A duplicate is acknowledged only under the
+//! same `WAIT` (the script makes a write after the original for it to cover). The doorbell rings inside the script, before
 //! `WAIT`, to keep per-stream order across instances; an event shown live and then lost in a
 //! failover is caught by the epoch check above. Appends in this mode use their own connection
 //! so that reads never queue behind a blocked `WAIT`.
@@ -290,23 +291,32 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The connection, not the command, failed — or the server says it cannot serve yet (loading
-/// its data after a restart, no master, cluster down): an outage too, logged once, not a
-/// refusal worth a line per request.
+/// Server errors that mean "not here, not now" rather than "this request is wrong": the data
+/// is loading after a restart (`LOADING`), this node was demoted to a replica by a failover
+/// (`READONLY`), a slot is moving or just moved (`MOVED`, `ASK`, `TRYAGAIN`), or the cluster or
+/// its master is down (`CLUSTERDOWN`, `MASTERDOWN`). They pass once the deployment settles.
+fn is_transient(kind: ServerErrorKind) -> bool {
+    matches!(
+        kind,
+        ServerErrorKind::BusyLoading
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ClusterDown
+    )
+}
+
+/// The connection, not the command, failed — or the server says it cannot serve here and now
+/// ([`is_transient`]): an outage, logged once and answered `STORE_UNAVAILABLE` with
+/// `Retry-After`, not a refusal worth a line per request.
 fn is_outage(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_unrecoverable_error()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-            )
-        )
+        || matches!(e.kind(), ErrorKind::Server(k) if is_transient(k))
 }
 
 fn is_noscript(e: &RedisError) -> bool {
@@ -755,7 +765,12 @@ impl Shared {
             .arg(self.opts.idempotency_ttl_ms.max(1))
             .arg(r.max_events)
             .arg(r.max_bytes)
-            .arg(token);
+            .arg(token)
+            .arg(if self.opts.wait_replicas > 0 {
+                "1"
+            } else {
+                "0"
+            });
         let reply = match &self.wait_conn {
             None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
             _ => self.eval_and_wait(&req.stream, &call).await?,
@@ -838,21 +853,37 @@ impl Shared {
             return Err(unexpected("append + WAIT"));
         };
         if let Value::ServerError(e) = &script {
-            return Err(self.down("append", &format!("{e:?}")));
+            if e.kind().is_some_and(is_transient) {
+                return Err(self.down("append", &format!("{e:?}")));
+            }
+            tracing::error!(operation = "append", error = ?e, "redis refused a command");
+            return Err(StoreError::Unavailable(format!("redis append: {e:?}")));
         }
         let acked = as_u64(&acks).unwrap_or(0);
-        let appended = matches!(
-            as_array(script.clone())
-                .as_deref()
-                .and_then(|v| v.first())
-                .and_then(as_str),
-            Some("ok")
-        );
-        if appended && acked < u64::from(n) {
-            return Err(StoreError::Unavailable(format!(
-                "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \
-                 (it is in the log but its durability is not confirmed; retry with an idempotency key)"
-            )));
+        let kind = as_array(script.clone())
+            .as_deref()
+            .and_then(|v| v.first())
+            .and_then(as_str)
+            .map(String::from);
+        // Every acknowledgement waits: a new event, and a duplicate as well, since the
+        // original it points at may not be replicated yet (the script made a write after it
+        // for this `WAIT` to cover).
+        if acked < u64::from(n) {
+            match kind.as_deref() {
+                Some("ok") => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \
+                         (it is in the log but its durability is not confirmed; retry with an idempotency key)"
+                    )));
+                }
+                Some("dup") => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis: the earlier append with this idempotency key reached {acked} of {n} \
+                         replicas within {timeout_ms} ms (its durability is not confirmed; retry later)"
+                    )));
+                }
+                _ => {}
+            }
         }
         Ok(script)
     }
@@ -1510,6 +1541,40 @@ mod tests {
         assert!(parse_live(b"h|ab12-7|bad id").is_none());
         assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
         assert!(parse_live(b"z|whatever").is_none());
+    }
+
+    fn server_error(line: &str) -> RedisError {
+        match ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(Value::ServerError(e)) => e.into(),
+            Ok(v) => panic!("not an error reply: {v:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn errors_that_pass_with_the_deployment_are_outages() {
+        for line in [
+            "READONLY You can't write against a read only replica.",
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "LOADING Redis is loading the dataset in memory",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        ] {
+            assert!(is_outage(&server_error(line)), "{line}");
+        }
+        for line in [
+            "ERR Error running script (call to f_0123): @user_script:1: bad argument",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "CROSSSLOT Keys in request don't hash to the same slot",
+            "NOPERM this user has no permissions to run the 'eval' command",
+        ] {
+            assert!(!is_outage(&server_error(line)), "{line}");
+        }
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(is_outage(&io));
     }
 
     #[test]

@@ -401,6 +401,54 @@ async fn wait_replicas_refuses_to_acknowledge_what_no_replica_holds() {
     assert!(o.seq >= Seq(2));
 }
 
+/// A retry with the same `Idempotency-Key` is a duplicate, and its answer promises the same
+/// thing as the first: the event is held by the replicas. Without one it is refused again;
+/// once a replica holds the original, the retry is acknowledged as the duplicate it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_refuses_a_duplicate_until_a_replica_holds_the_original() {
+    let primary = RedisServer::start().unwrap();
+    let mut opts = RedisOptions::new(&primary.url());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let store = RedisStore::connect(opts.clone(), Arc::new(NoSink))
+        .await
+        .unwrap();
+    let mut keyed = req("room:1", "\"pay\"");
+    keyed.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k1".into(),
+        fingerprint: [7; 32],
+    });
+    for attempt in 0..2 {
+        match store.append(keyed.clone()).await {
+            Err(StoreError::Unavailable(msg)) => {
+                assert!(msg.contains("0 of 1"), "attempt {attempt}: {msg}");
+            }
+            other => panic!("attempt {attempt}: expected Unavailable, got {other:?}"),
+        }
+    }
+    // Another instance (its own connections) is refused the same way.
+    let other = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    match other.append(keyed.clone()).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(
+        store.stream_info(&sid("room:1")).await.unwrap().head,
+        Seq(1),
+        "stored once, however often retried"
+    );
+
+    let _replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let o = eventually(Duration::from_secs(15), || other.append(keyed.clone())).await;
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+    let o = store.append(keyed.clone()).await.unwrap();
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+}
+
 /// The append script's trimming is `plan_trim` evaluated in Lua: it must agree with the memory
 /// store (which calls `plan_trim`) on every bound, for events of varied sizes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

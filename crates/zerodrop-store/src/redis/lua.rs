@@ -84,9 +84,16 @@ end
 
 /// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
 /// idempotency TTL in ms, `ARGV[10]` max events, `ARGV[11]` max bytes, `ARGV[12]` origin
-/// token. `KEYS[3]` is the idempotency key (any key of the stream when there is none).
+/// token, `ARGV[13]` `'1'` when the caller follows with `WAIT`. `KEYS[3]` is the idempotency
+/// key (any key of the stream when there is none).
 ///
 /// Replies `{'ok', seq, epoch, ts, indexed, renewed}`, `{'dup', seq, epoch}` or `{'reused'}`.
+///
+/// A duplicate writes nothing, so a `WAIT` after it would cover only this connection's own
+/// earlier writes, not the original append (which may come from another connection or
+/// instance and may not be replicated yet). When the caller waits, a duplicate rewrites its
+/// idempotency record unchanged (`KEEPTTL`): a replicated write made after the original, so
+/// `WAIT` acknowledges it only once the replicas also hold the original.
 ///
 /// The trim loop is `zerodrop_core::retention::plan_trim`, evaluated where the events are:
 /// drop the oldest while over `max_events` or `max_bytes`, never the newest. The store's tests
@@ -94,12 +101,13 @@ end
 const APPEND: &str = r#"
 local data, fp, idem_ttl = ARGV[7], ARGV[8], ARGV[9]
 local max_events, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
-local origin = ARGV[12]
+local origin, waits = ARGV[12], ARGV[13] == '1'
 if fp ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
     local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
     if pfp ~= fp then return {'reused'} end
+    if waits then redis.call('SET', KEYS[3], prev, 'KEEPTTL') end
     return {'dup', tonumber(pseq), pepoch}
   end
 end
