@@ -43,15 +43,20 @@
 //!
 //! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
 //! stream appended to since the data set began), sessions = members of `zd:sessions` whose
-//! delete-at time (expiry + grace) is still ahead, by this instance's clock.
+//! delete-at time (the end of their reconnect window) is still ahead, by this instance's clock.
 //!
 //! Keys (`S` a stream id, `I` a session id):
 //! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
 //!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
 //!   idempotency TTL).
 //! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
-//!   <dropped_through>`), expiring at `max(expires + grace, last write + 60 s)`: the other
-//!   stores delete expired sessions in a sweep about that often.
+//!   <dropped_through>`), expiring when its reconnect window ends (`expires`; at least 60 s
+//!   after its last create or touch, so a window shorter than that still reads as expired
+//!   rather than missing for a moment). Nothing is lost by not keeping it longer: the server
+//!   mints a resume token together with the write that sets the window's end (and touches
+//!   again when a connection closes), so the token expires with the window, to within
+//!   milliseconds, and a later resume is answered `RECONNECT_WINDOW_EXPIRED` on the token
+//!   alone, before the session is looked up.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //!
@@ -109,8 +114,8 @@ const SWEEP_BATCH: usize = 256;
 const SWEEP_CAP: u64 = 10_000;
 /// How often expired sessions leave the stats index.
 const SESSION_SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// A session is kept at least this long after any write, however old its expiry (the other
-/// stores delete expired sessions in a sweep that runs about this often).
+/// A session is kept at least this long after it was created or touched, however old its
+/// expiry (the other stores delete expired sessions in a sweep that runs about this often).
 const SESSION_MIN_KEEP_MS: u64 = 60_000;
 /// Checkpoint compare-and-set attempts before giving up.
 const CAS_ATTEMPTS: usize = 16;
@@ -127,8 +132,8 @@ pub struct RedisOptions {
     pub urls: Vec<String>,
     pub retention: Retention,
     pub idempotency_ttl_ms: u64,
-    /// Sessions are deleted this long after they expired (and at least 60 s after their
-    /// last write).
+    /// Sessions are deleted this long after their reconnect window ends (and at least 60 s
+    /// after their last create or touch). 0 (the default): the key's TTL is the window.
     pub session_grace_ms: u64,
     /// `ZERODROP_REDIS_WAIT_REPLICAS`: replicas that must hold an append before it is
     /// acknowledged. 0 = do not wait.
@@ -155,7 +160,7 @@ impl RedisOptions {
                 .collect(),
             retention: Retention::default(),
             idempotency_ttl_ms: 24 * 3600 * 1000,
-            session_grace_ms: 3600 * 1000,
+            session_grace_ms: 0,
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(2),

@@ -757,7 +757,18 @@ async fn redis_outages_with_and_without_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_instance() {
-    let c = Cluster::start(bin(), 2, &["--retention-max-events", "5"]).expect("cluster starts");
+    let window_ms: i64 = 600_000;
+    let c = Cluster::start(
+        bin(),
+        2,
+        &[
+            "--retention-max-events",
+            "5",
+            "--reconnect-window-sec",
+            "600",
+        ],
+    )
+    .expect("cluster starts");
     let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
     let tok = c.token("u1", &["trim:*"]);
     let sess = apis[0]
@@ -781,7 +792,10 @@ async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_inst
     assert_eq!(c.redis.cmd(&["XLEN", "zd:{trim:1}:l"]).unwrap(), ":5");
     let ttl = c.redis.cmd(&["PTTL", &format!("zd:s:{{{sid}}}")]).unwrap();
     let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
-    assert!(ttl > 0, "sessions expire in Redis: {ttl}");
+    assert!(
+        ttl > window_ms - 30_000 && ttl <= window_ms,
+        "a session's TTL in Redis is its reconnect window ({window_ms} ms): {ttl}"
+    );
     // A resume on the other instance gets the same typed error as on SQLite.
     let r = apis[1]
         .post(
