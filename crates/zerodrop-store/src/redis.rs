@@ -9,7 +9,8 @@
 //!   duplicate append. [`ConnectionManager`] reconnects in the background.
 //! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
 //!   slot; the same code serves a single server and a Redis Cluster (several comma-separated
-//!   `redis://` seed nodes select the cluster client). Sessions are tagged by their id.
+//!   `redis://` seed nodes select the cluster client, and so does a single URL whose server
+//!   says `cluster_enabled:1` at start). Sessions are tagged by their id.
 //! - **Epochs beside the log.** Each stream's bounds hash holds its epoch. On a single server
 //!   a never-written stream reports the shared base epoch (`zd:epoch`, created with the first
 //!   touch), so its epoch is stable before the first append and equal to its neighbours'. A log
@@ -128,7 +129,8 @@ const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
-    /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes).
+    /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes), as
+    /// does one that points at a cluster node.
     pub urls: Vec<String>,
     pub retention: Retention,
     pub idempotency_ttl_ms: u64,
@@ -495,17 +497,30 @@ fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
 impl RedisStore {
     /// Connects and subscribes to the live channel. A single server that is down at start is
     /// not an error: the store answers `Unavailable` until it is reachable. A cluster must be
-    /// reachable to learn its slots.
+    /// reachable to learn its slots. One URL is asked `INFO cluster` first: a cluster node
+    /// gets the cluster client (a server that does not answer is taken for a single one).
     pub async fn connect(opts: RedisOptions, sink: Arc<dyn LiveSink>) -> StoreResult<RedisStore> {
         if opts.urls.is_empty() {
             return Err(StoreError::Unavailable("no redis URL configured".into()));
         }
         let bad_url = |e: RedisError| StoreError::Unavailable(format!("redis URL: {e}"));
-        let cluster = opts.urls.len() > 1;
         let mut live_clients = Vec::new();
         for u in &opts.urls {
             live_clients.push(Client::open(u.as_str()).map_err(bad_url)?);
         }
+        let cluster = opts.urls.len() > 1 || {
+            let probe = opts.connect_timeout + opts.command_timeout;
+            match cluster_enabled(&live_clients[0], probe).await {
+                Some(enabled) => enabled,
+                None => {
+                    tracing::warn!(
+                        "redis did not answer INFO at start; assuming a single server (list \
+                         several seed nodes in ZERODROP_REDIS_URL to select Redis Cluster)"
+                    );
+                    false
+                }
+            }
+        };
         let (conn, wait_conn) = if cluster {
             // No retries: a request that may have reached a node is never sent again.
             let client = ClusterClientBuilder::new(opts.urls.clone())
@@ -587,6 +602,20 @@ impl Drop for RedisStore {
             t.abort();
         }
     }
+}
+
+/// Whether the server is a Redis Cluster node (`INFO cluster` says `cluster_enabled:1`), or
+/// `None` if it did not answer in time.
+async fn cluster_enabled(client: &Client, limit: Duration) -> Option<bool> {
+    let probe = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let info: String = ::redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, RedisError>(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
+    };
+    tokio::time::timeout(limit, probe).await.ok()?.ok()
 }
 
 enum Appended {

@@ -604,4 +604,32 @@ async fn runs_on_a_redis_cluster() {
         Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
+
+    // One seed URL of a cluster node is enough: the store notices the cluster and follows
+    // the slots instead of meeting MOVED for every stream that lives on another node.
+    let seed_sink = Arc::new(Recorder::default());
+    let seeded = RedisStore::connect(
+        RedisOptions::new(&cluster.nodes()[0].url()),
+        seed_sink.clone(),
+    )
+    .await
+    .unwrap();
+    for s in &streams {
+        let one = format!("one:{s}");
+        assert_eq!(seeded.append(req(&one, "1")).await.unwrap().seq, Seq(1));
+        assert_eq!(store.stream_info(&sid(&one)).await.unwrap().head, Seq(1));
+        assert_eq!(
+            seeded.read(&sid(s), Seq(0), 100).await.unwrap().info,
+            store.stream_info(&sid(s)).await.unwrap()
+        );
+    }
+    for s in &streams {
+        let one = format!("one:{s}");
+        wait_until(
+            Duration::from_secs(5),
+            "the live path of a seeded store",
+            || seed_sink.seqs_of(&one) == vec![1],
+        )
+        .await;
+    }
 }
