@@ -3,8 +3,8 @@
 //! Why this shape:
 //! - **One Lua script per operation.** An append checks and records its idempotency key,
 //!   assigns the next seq, `XADD`s the event JSON with the explicit id `0-<seq>`, trims to the
-//!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`), all
-//!   in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
+//!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`;
+//!   after `WAIT` instead, when appends wait for replicas), all in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
 //!   a command error answers `Unavailable`, because a blindly repeated `XADD` would be a
 //!   duplicate append. [`ConnectionManager`] reconnects in the background.
 //! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
@@ -37,10 +37,16 @@
 //! connection (a pipeline of both). Fewer acknowledgements in time answer `Unavailable`: the
 //! event *is* in the log (Redis cannot take it back) but its durability was not confirmed, so a
 //! publisher retries with its `Idempotency-Key`. A duplicate is acknowledged only under the
-//! same `WAIT` (the script makes a write after the original for it to cover). The doorbell rings inside the script, before
-//! `WAIT`, to keep per-stream order across instances; an event shown live and then lost in a
-//! failover is caught by the epoch check above. Appends in this mode use their own connection
-//! so that reads never queue behind a blocked `WAIT`.
+//! same `WAIT` (the script makes a write after the original for it to cover). In this mode the
+//! doorbell does not ring inside the script: once `WAIT` confirmed an append (or a duplicate),
+//! a second script publishes every event of the stream up to it that was not published yet,
+//! behind a per-stream watermark (`lua::PUBLISH_THROUGH`), so the channel stays in seq order
+//! per stream whichever instance's `WAIT` answers first, and no event is rung live before N
+//! replicas hold it. Reads of the log are not held back: a subscriber that re-reads the log
+//! (it fell behind, it resumes) may see an event whose `WAIT` has not answered yet, and an
+//! event shown that way and then lost in a failover is caught by the epoch check above.
+//! Appends in this mode use their own connection so that reads never queue behind a blocked
+//! `WAIT`.
 //!
 //! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
 //! stream appended to since the data set began), sessions = members of `zd:sessions` whose
@@ -124,6 +130,9 @@ const CAS_ATTEMPTS: usize = 16;
 const CHECKPOINTS_AT_ONCE: usize = 32;
 /// Streams whose last seen position this instance remembers (to notice a log going back).
 const MAX_KNOWN_STREAMS: usize = 100_000;
+/// Events one doorbell after `WAIT` publishes at most (a backlog beyond is skipped: the live
+/// hub re-reads the log when it sees a seq skipped).
+const PUBLISH_THROUGH_MAX: u64 = 1_000;
 /// The pub/sub connection is pinged this often; a silent one is replaced.
 const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -234,6 +243,7 @@ struct Scripts {
     session_touch: Lua,
     session_dropped: Lua,
     session_cas: Lua,
+    publish_through: Lua,
 }
 
 impl Scripts {
@@ -249,6 +259,7 @@ impl Scripts {
             session_touch: Lua::new(lua::SESSION_TOUCH),
             session_dropped: Lua::new(lua::SESSION_DROPPED),
             session_cas: Lua::new(lua::SESSION_CAS),
+            publish_through: Lua::new(lua::PUBLISH_THROUGH),
         }
     }
 }
@@ -922,6 +933,25 @@ impl Shared {
         Ok(script)
     }
 
+    /// The doorbell of an append that `WAIT`ed, rung once `WAIT` confirmed it (see
+    /// `lua::PUBLISH_THROUGH`). A failure here loses no event: it is durable, and subscribers
+    /// get it with the next doorbell of its stream (the hub re-reads the log on a skipped seq)
+    /// or when they next read the log.
+    async fn publish_through(&self, stream: &StreamId, epoch: &Epoch, seq: u64, token: &str) {
+        let call = Call::new(&self.scripts.publish_through)
+            .key(meta_key(stream))
+            .key(log_key(stream))
+            .arg(stream.as_str())
+            .arg(epoch.as_str())
+            .arg(seq)
+            .arg(CHANNEL)
+            .arg(token)
+            .arg(PUBLISH_THROUGH_MAX);
+        if let Err(e) = self.eval("live doorbell", &call).await {
+            tracing::debug!(stream = %stream, seq, error = %e, "live doorbell not rung");
+        }
+    }
+
     /// Adds a stream to the age index (once per incarnation of its log).
     async fn index(&self, stream: &StreamId, ts: u64) -> StoreResult<()> {
         let mut conn = self.conn.clone();
@@ -1188,6 +1218,9 @@ impl Store for RedisStore {
                 indexed,
             }) => {
                 s.observe(&req.stream, &epoch, seq);
+                if s.opts.wait_replicas > 0 {
+                    s.publish_through(&req.stream, &epoch, seq, &token).await;
+                }
                 if !indexed && let Err(e) = s.index(&req.stream, ts).await {
                     // The event is durable; only age retention of this stream waits for the
                     // next append to index it.
@@ -1200,12 +1233,18 @@ impl Store for RedisStore {
                     duplicate: false,
                 })
             }
-            Ok(Appended::Duplicate { seq, epoch }) => Ok(AppendOutcome {
-                stream: req.stream,
-                seq: Seq(seq),
-                epoch,
-                duplicate: true,
-            }),
+            Ok(Appended::Duplicate { seq, epoch }) => {
+                if s.opts.wait_replicas > 0 {
+                    // The first attempt may have had its WAIT refused: no doorbell yet.
+                    s.publish_through(&req.stream, &epoch, seq, &token).await;
+                }
+                Ok(AppendOutcome {
+                    stream: req.stream,
+                    seq: Seq(seq),
+                    epoch,
+                    duplicate: true,
+                })
+            }
             Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
             Err(e) => Err(e),
         }

@@ -449,6 +449,76 @@ async fn wait_replicas_refuses_a_duplicate_until_a_replica_holds_the_original() 
     assert_eq!((o.seq, o.duplicate), (Seq(1), true));
 }
 
+/// With `WAIT`, no instance hears of an event before the replicas hold it: a refused
+/// append rings no doorbell; a confirmed one (a retry included) rings it for everything up to
+/// it, and concurrent appends of two instances reach every sink once each, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_events_go_live_only_once_replicated() {
+    let primary = RedisServer::start().unwrap();
+    let mut opts = RedisOptions::new(&primary.url());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let sinks = [Arc::new(Recorder::default()), Arc::new(Recorder::default())];
+    let a = RedisStore::connect(opts.clone(), sinks[0].clone())
+        .await
+        .unwrap();
+    let b = RedisStore::connect(opts, sinks[1].clone()).await.unwrap();
+    let mut keyed = req("live:1", "\"first\"");
+    keyed.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k".into(),
+        fingerprint: [3; 32],
+    });
+    assert!(matches!(
+        a.append(keyed.clone()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // In the log, but not on the live path.
+    assert_eq!(a.stream_info(&sid("live:1")).await.unwrap().head, Seq(1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for s in &sinks {
+        assert!(s.seqs_of("live:1").is_empty(), "{:?}", s.seqs_of("live:1"));
+    }
+
+    let _replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let o = eventually(Duration::from_secs(15), || b.append(keyed.clone())).await;
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+    for s in &sinks {
+        wait_until(Duration::from_secs(5), "seq 1 live once confirmed", || {
+            s.seqs_of("live:1") == vec![1]
+        })
+        .await;
+    }
+
+    // Both instances append at once: every sink gets 2..=41 once each, in order.
+    let (ra, rb) = tokio::join!(
+        async {
+            for i in 0..20 {
+                a.append(req("live:1", &i.to_string())).await?;
+            }
+            Ok::<_, StoreError>(())
+        },
+        async {
+            for i in 0..20 {
+                b.append(req("live:1", &i.to_string())).await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+    );
+    ra.unwrap();
+    rb.unwrap();
+    for s in &sinks {
+        wait_until(Duration::from_secs(5), "every seq live", || {
+            s.seqs_of("live:1").len() >= 41
+        })
+        .await;
+        assert_eq!(s.seqs_of("live:1"), (1..=41).collect::<Vec<_>>());
+    }
+}
+
 /// The append script's trimming is `plan_trim` evaluated in Lua: it must agree with the memory
 /// store (which calls `plan_trim`) on every bound, for events of varied sizes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
