@@ -133,6 +133,8 @@ const MAX_KNOWN_STREAMS: usize = 100_000;
 /// Events one doorbell after `WAIT` publishes at most (a backlog beyond is skipped: the live
 /// hub re-reads the log when it sees a seq skipped).
 const PUBLISH_THROUGH_MAX: u64 = 1_000;
+/// An outage is logged at most this often (see `Shared::down`).
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(30);
 /// The pub/sub connection is pinged this often; a silent one is replaced.
 const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -363,6 +365,10 @@ struct Shared {
     known: Mutex<HashMap<StreamId, (Epoch, u64)>>,
     /// Redis answered the last command (outages are logged once, not per request).
     up: AtomicBool,
+    /// The current outage was logged (so its end is logged too).
+    announced: AtomicBool,
+    /// When an outage was last logged.
+    last_announced: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -588,6 +594,8 @@ impl RedisStore {
             live_up: AtomicBool::new(false),
             known: Mutex::new(HashMap::new()),
             up: AtomicBool::new(true),
+            announced: AtomicBool::new(false),
+            last_announced: Mutex::new(None),
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -662,7 +670,9 @@ impl Shared {
     ) -> StoreResult<T> {
         match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => {
-                if !self.up.swap(true, Ordering::Relaxed) {
+                if !self.up.swap(true, Ordering::Relaxed)
+                    && self.announced.swap(false, Ordering::Relaxed)
+                {
                     tracing::info!("redis answers again");
                 }
                 Ok(v)
@@ -677,13 +687,22 @@ impl Shared {
         }
     }
 
+    /// Logs the start of an outage — at most every [`OUTAGE_LOG_EVERY`], because some
+    /// outages flap per request: a master demoted by a failover still answers reads, so
+    /// every read would otherwise end an outage that the next write starts again.
     fn down(&self, what: &str, why: &str) -> StoreError {
         if self.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                operation = what,
-                error = why,
-                "redis is unreachable; requests answer STORE_UNAVAILABLE until it is back"
-            );
+            let mut last = lock(&self.last_announced);
+            if last.is_none_or(|t| t.elapsed() >= OUTAGE_LOG_EVERY) {
+                *last = Some(Instant::now());
+                self.announced.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    operation = what,
+                    error = why,
+                    "redis is unreachable or cannot serve; requests answer STORE_UNAVAILABLE \
+                     until it is back"
+                );
+            }
         }
         StoreError::Unavailable(format!("redis {what}: {why}"))
     }
@@ -1489,14 +1508,25 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    /// A single server is asked its `ROLE`: a master demoted to a replica by a failover still
+    /// answers, but refuses every write (`READONLY`), so it is not ready. A cluster client
+    /// follows the masters itself; it is asked `PING`.
     async fn ping(&self) -> StoreResult<()> {
         let s = &self.shared;
         let mut conn = s.conn.clone();
-        let cmd = ::redis::cmd("PING");
+        let cmd = ::redis::cmd(if s.cluster { "PING" } else { "ROLE" });
         let ping = cmd.query_async::<Value>(&mut conn);
         match tokio::time::timeout(s.opts.ping_timeout, ping).await {
+            Ok(Ok(Value::Array(role))) if !s.cluster => match role.first().and_then(as_str) {
+                Some("slave" | "replica") => {
+                    Err(s.down("ping", "the server is a read-only replica"))
+                }
+                _ => Ok(()),
+            },
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(s.down("ping", &e.to_string())),
+            Ok(Err(e)) if is_outage(&e) => Err(s.down("ping", &e.to_string())),
+            // It answered (`ROLE` may be denied by an ACL): reachable.
+            Ok(Err(_)) => Ok(()),
             Err(_) => Err(s.down("ping", "timed out")),
         }
     }

@@ -519,6 +519,45 @@ async fn with_wait_replicas_events_go_live_only_once_replicated() {
     }
 }
 
+/// A store pointed at a replica (what a single URL becomes when a failover demotes its
+/// master): it is not ready, writes answer `Unavailable` (an outage, not a refusal), reads
+/// still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replica_is_an_outage_for_writes_and_readiness() {
+    let primary = RedisServer::start().unwrap();
+    let writer = connect(&primary, Arc::new(NoSink)).await;
+    writer.append(req("ro:1", "1")).await.unwrap();
+    writer.ping().await.unwrap();
+    let replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let store = connect(&replica, Arc::new(NoSink)).await;
+    let info = eventually(Duration::from_secs(15), || async {
+        let i = store.stream_info(&sid("ro:1")).await?;
+        if i.head == Seq(1) {
+            Ok(i)
+        } else {
+            Err(StoreError::Unavailable("not replicated yet".into()))
+        }
+    })
+    .await;
+    assert_eq!(info.count, 1);
+    match store.ping().await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("replica"), "{msg}"),
+        other => panic!("a replica is not ready: {other:?}"),
+    }
+    match store.append(req("ro:1", "2")).await {
+        Err(StoreError::Unavailable(msg)) => assert!(
+            msg.contains("READONLY") || msg.contains("ReadOnly"),
+            "{msg}"
+        ),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(writer.stream_info(&sid("ro:1")).await.unwrap().head, Seq(1));
+}
+
 /// The append script's trimming is `plan_trim` evaluated in Lua: it must agree with the memory
 /// store (which calls `plan_trim`) on every bound, for events of varied sizes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
