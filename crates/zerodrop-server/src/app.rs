@@ -139,6 +139,7 @@ impl App {
         auth: Auth,
     ) -> App {
         let max = cfg.max_connections;
+        let gauge = metrics.clone();
         App {
             cfg,
             instance,
@@ -146,7 +147,7 @@ impl App {
             hub,
             metrics,
             auth,
-            drain: Drain::new(),
+            drain: Drain::observed(move |s| gauge.drain_state(s.gauge())),
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
             acks: AckBuffer::default(),

@@ -79,10 +79,14 @@ struct Info {
     deadline_ms: Option<u64>,
 }
 
+/// Told every state change, under the drain's lock (so calls arrive in order).
+type OnState = Box<dyn Fn(DrainState) + Send + Sync>;
+
 pub struct Drain {
     phase: watch::Sender<DrainPhase>,
     info: Mutex<Info>,
     blocked: AtomicU64,
+    on_state: OnState,
 }
 
 impl Default for Drain {
@@ -93,7 +97,14 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Drain {
+        Drain::observed(|_| {})
+    }
+
+    /// A drain that reports every state change to `on_state` (the `zerodrop_drain_state`
+    /// gauge), whoever made it: the admin API, a signal, or the last connection leaving.
+    pub fn observed(on_state: impl Fn(DrainState) + Send + Sync + 'static) -> Drain {
         Drain {
+            on_state: Box::new(on_state),
             phase: watch::Sender::new(DrainPhase::Active),
             info: Mutex::new(Info {
                 state: DrainState::Active,
@@ -135,6 +146,7 @@ impl Drain {
                 started: Instant::now(),
                 spread,
             });
+            (self.on_state)(info.state);
             tracing::warn!(reason, spread_sec = spread.as_secs_f64(), "drain started");
         }
         info.state
@@ -153,6 +165,7 @@ impl Drain {
             tracing::warn!("drain completed");
         }
         info.state = DrainState::Drained;
+        (self.on_state)(info.state);
         self.phase.send_replace(DrainPhase::Closing);
     }
 
@@ -162,6 +175,7 @@ impl Drain {
             let mut info = self.info();
             if info.state == DrainState::Draining {
                 info.state = DrainState::Drained;
+                (self.on_state)(info.state);
                 tracing::warn!("drain finished: no connection remains");
             }
         }
@@ -254,6 +268,27 @@ mod tests {
         );
         d.complete();
         assert_eq!(*rx.borrow(), DrainPhase::Closing);
+    }
+
+    #[test]
+    fn every_state_change_is_reported() {
+        use std::sync::Arc;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let d = Drain::observed(move |s| log.lock().unwrap().push(s.gauge()));
+        d.on_connections(0);
+        d.start("test", Duration::from_secs(1));
+        d.start("again", Duration::from_secs(1));
+        d.on_connections(1);
+        d.on_connections(0);
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2], "drained by itself");
+        d.complete();
+        assert_eq!(seen.lock().unwrap().last(), Some(&2));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let d = Drain::observed(move |s| log.lock().unwrap().push(s.gauge()));
+        d.complete();
+        assert_eq!(*seen.lock().unwrap(), vec![2], "completed without a start");
     }
 
     #[test]

@@ -93,6 +93,8 @@ async fn open(
     let stream = crate::http::stream_id(path)?;
     let q = crate::http::query(q)?;
     let last_event_id = parse_last_event_id(&headers)?;
+    // Refused (draining, full) before any store work: a refused upgrade costs nothing.
+    let slot = app.admit()?;
     let session: Option<SessionRecord> =
         if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
             let claims = app.auth.verify_connect(t)?;
@@ -117,7 +119,6 @@ async fn open(
                 "pass ?token=<connect token> or ?resume=<resume token>",
             ));
         };
-    let slot = app.admit()?;
     let info = app.store.stream_info(&stream).await?;
     let session_stream = session.as_ref().and_then(|s| s.streams.get(&stream));
     let resuming = last_event_id.is_some() || session.is_some();

@@ -3,13 +3,14 @@
 //! Why this shape:
 //! - **One Lua script per operation.** An append checks and records its idempotency key,
 //!   assigns the next seq, `XADD`s the event JSON with the explicit id `0-<seq>`, trims to the
-//!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`), all
-//!   in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
+//!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`;
+//!   after `WAIT` instead, when appends wait for replicas), all in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
 //!   a command error answers `Unavailable`, because a blindly repeated `XADD` would be a
 //!   duplicate append. [`ConnectionManager`] reconnects in the background.
 //! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
 //!   slot; the same code serves a single server and a Redis Cluster (several comma-separated
-//!   `redis://` seed nodes select the cluster client). Sessions are tagged by their id.
+//!   `redis://` seed nodes select the cluster client, and so does a single URL whose server
+//!   says `cluster_enabled:1` at start). Sessions are tagged by their id.
 //! - **Epochs beside the log.** Each stream's bounds hash holds its epoch. On a single server
 //!   a never-written stream reports the shared base epoch (`zd:epoch`, created with the first
 //!   touch), so its epoch is stable before the first append and equal to its neighbours'. A log
@@ -35,22 +36,34 @@
 //! `ZERODROP_REDIS_WAIT_REPLICAS=N`: after the append script, `WAIT N timeout` on the same
 //! connection (a pipeline of both). Fewer acknowledgements in time answer `Unavailable`: the
 //! event *is* in the log (Redis cannot take it back) but its durability was not confirmed, so a
-//! publisher retries with its `Idempotency-Key`. The doorbell rings inside the script, before
-//! `WAIT`, to keep per-stream order across instances; an event shown live and then lost in a
-//! failover is caught by the epoch check above. Appends in this mode use their own connection
-//! so that reads never queue behind a blocked `WAIT`.
+//! publisher retries with its `Idempotency-Key`. A duplicate is acknowledged only under the
+//! same `WAIT` (the script makes a write after the original for it to cover). In this mode the
+//! doorbell does not ring inside the script: once `WAIT` confirmed an append (or a duplicate),
+//! a second script publishes every event of the stream up to it that was not published yet,
+//! behind a per-stream watermark (`lua::PUBLISH_THROUGH`), so the channel stays in seq order
+//! per stream whichever instance's `WAIT` answers first, and no event is rung live before N
+//! replicas hold it. Reads of the log are not held back: a subscriber that re-reads the log
+//! (it fell behind, it resumes) may see an event whose `WAIT` has not answered yet, and an
+//! event shown that way and then lost in a failover is caught by the epoch check above.
+//! Appends in this mode use their own connection so that reads never queue behind a blocked
+//! `WAIT`.
 //!
 //! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
 //! stream appended to since the data set began), sessions = members of `zd:sessions` whose
-//! delete-at time (expiry + grace) is still ahead, by this instance's clock.
+//! delete-at time (the end of their reconnect window) is still ahead, by this instance's clock.
 //!
 //! Keys (`S` a stream id, `I` a session id):
 //! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
 //!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
 //!   idempotency TTL).
 //! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
-//!   <dropped_through>`), expiring at `max(expires + grace, last write + 60 s)`: the other
-//!   stores delete expired sessions in a sweep about that often.
+//!   <dropped_through>`), expiring when its reconnect window ends (`expires`; at least 60 s
+//!   after its last create or touch, so a window shorter than that still reads as expired
+//!   rather than missing for a moment). Nothing is lost by not keeping it longer: the server
+//!   mints a resume token together with the write that sets the window's end (and touches
+//!   again when a connection closes), so the token expires with the window, to within
+//!   milliseconds, and a later resume is answered `RECONNECT_WINDOW_EXPIRED` on the token
+//!   alone, before the session is looked up.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //!
@@ -108,8 +121,8 @@ const SWEEP_BATCH: usize = 256;
 const SWEEP_CAP: u64 = 10_000;
 /// How often expired sessions leave the stats index.
 const SESSION_SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// A session is kept at least this long after any write, however old its expiry (the other
-/// stores delete expired sessions in a sweep that runs about this often).
+/// A session is kept at least this long after it was created or touched, however old its
+/// expiry (the other stores delete expired sessions in a sweep that runs about this often).
 const SESSION_MIN_KEEP_MS: u64 = 60_000;
 /// Checkpoint compare-and-set attempts before giving up.
 const CAS_ATTEMPTS: usize = 16;
@@ -117,17 +130,23 @@ const CAS_ATTEMPTS: usize = 16;
 const CHECKPOINTS_AT_ONCE: usize = 32;
 /// Streams whose last seen position this instance remembers (to notice a log going back).
 const MAX_KNOWN_STREAMS: usize = 100_000;
+/// Events one doorbell after `WAIT` publishes at most (a backlog beyond is skipped: the live
+/// hub re-reads the log when it sees a seq skipped).
+const PUBLISH_THROUGH_MAX: u64 = 1_000;
+/// An outage is logged at most this often (see `Shared::down`).
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(30);
 /// The pub/sub connection is pinged this often; a silent one is replaced.
 const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
-    /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes).
+    /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes), as
+    /// does one that points at a cluster node.
     pub urls: Vec<String>,
     pub retention: Retention,
     pub idempotency_ttl_ms: u64,
-    /// Sessions are deleted this long after they expired (and at least 60 s after their
-    /// last write).
+    /// Sessions are deleted this long after their reconnect window ends (and at least 60 s
+    /// after their last create or touch). 0 (the default): the key's TTL is the window.
     pub session_grace_ms: u64,
     /// `ZERODROP_REDIS_WAIT_REPLICAS`: replicas that must hold an append before it is
     /// acknowledged. 0 = do not wait.
@@ -154,7 +173,7 @@ impl RedisOptions {
                 .collect(),
             retention: Retention::default(),
             idempotency_ttl_ms: 24 * 3600 * 1000,
-            session_grace_ms: 3600 * 1000,
+            session_grace_ms: 0,
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(2),
@@ -226,6 +245,7 @@ struct Scripts {
     session_touch: Lua,
     session_dropped: Lua,
     session_cas: Lua,
+    publish_through: Lua,
 }
 
 impl Scripts {
@@ -241,6 +261,7 @@ impl Scripts {
             session_touch: Lua::new(lua::SESSION_TOUCH),
             session_dropped: Lua::new(lua::SESSION_DROPPED),
             session_cas: Lua::new(lua::SESSION_CAS),
+            publish_through: Lua::new(lua::PUBLISH_THROUGH),
         }
     }
 }
@@ -290,23 +311,32 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The connection, not the command, failed — or the server says it cannot serve yet (loading
-/// its data after a restart, no master, cluster down): an outage too, logged once, not a
-/// refusal worth a line per request.
+/// Server errors that mean "not here, not now" rather than "this request is wrong": the data
+/// is loading after a restart (`LOADING`), this node was demoted to a replica by a failover
+/// (`READONLY`), a slot is moving or just moved (`MOVED`, `ASK`, `TRYAGAIN`), or the cluster or
+/// its master is down (`CLUSTERDOWN`, `MASTERDOWN`). They pass once the deployment settles.
+fn is_transient(kind: ServerErrorKind) -> bool {
+    matches!(
+        kind,
+        ServerErrorKind::BusyLoading
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ClusterDown
+    )
+}
+
+/// The connection, not the command, failed — or the server says it cannot serve here and now
+/// ([`is_transient`]): an outage, logged once and answered `STORE_UNAVAILABLE` with
+/// `Retry-After`, not a refusal worth a line per request.
 fn is_outage(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_unrecoverable_error()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-            )
-        )
+        || matches!(e.kind(), ErrorKind::Server(k) if is_transient(k))
 }
 
 fn is_noscript(e: &RedisError) -> bool {
@@ -335,6 +365,10 @@ struct Shared {
     known: Mutex<HashMap<StreamId, (Epoch, u64)>>,
     /// Redis answered the last command (outages are logged once, not per request).
     up: AtomicBool,
+    /// The current outage was logged (so its end is logged too).
+    announced: AtomicBool,
+    /// When an outage was last logged.
+    last_announced: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -480,17 +514,30 @@ fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
 impl RedisStore {
     /// Connects and subscribes to the live channel. A single server that is down at start is
     /// not an error: the store answers `Unavailable` until it is reachable. A cluster must be
-    /// reachable to learn its slots.
+    /// reachable to learn its slots. One URL is asked `INFO cluster` first: a cluster node
+    /// gets the cluster client (a server that does not answer is taken for a single one).
     pub async fn connect(opts: RedisOptions, sink: Arc<dyn LiveSink>) -> StoreResult<RedisStore> {
         if opts.urls.is_empty() {
             return Err(StoreError::Unavailable("no redis URL configured".into()));
         }
         let bad_url = |e: RedisError| StoreError::Unavailable(format!("redis URL: {e}"));
-        let cluster = opts.urls.len() > 1;
         let mut live_clients = Vec::new();
         for u in &opts.urls {
             live_clients.push(Client::open(u.as_str()).map_err(bad_url)?);
         }
+        let cluster = opts.urls.len() > 1 || {
+            let probe = opts.connect_timeout + opts.command_timeout;
+            match cluster_enabled(&live_clients[0], probe).await {
+                Some(enabled) => enabled,
+                None => {
+                    tracing::warn!(
+                        "redis did not answer INFO at start; assuming a single server (list \
+                         several seed nodes in ZERODROP_REDIS_URL to select Redis Cluster)"
+                    );
+                    false
+                }
+            }
+        };
         let (conn, wait_conn) = if cluster {
             // No retries: a request that may have reached a node is never sent again.
             let client = ClusterClientBuilder::new(opts.urls.clone())
@@ -547,6 +594,8 @@ impl RedisStore {
             live_up: AtomicBool::new(false),
             known: Mutex::new(HashMap::new()),
             up: AtomicBool::new(true),
+            announced: AtomicBool::new(false),
+            last_announced: Mutex::new(None),
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -572,6 +621,20 @@ impl Drop for RedisStore {
             t.abort();
         }
     }
+}
+
+/// Whether the server is a Redis Cluster node (`INFO cluster` says `cluster_enabled:1`), or
+/// `None` if it did not answer in time.
+async fn cluster_enabled(client: &Client, limit: Duration) -> Option<bool> {
+    let probe = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let info: String = ::redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, RedisError>(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
+    };
+    tokio::time::timeout(limit, probe).await.ok()?.ok()
 }
 
 enum Appended {
@@ -607,7 +670,9 @@ impl Shared {
     ) -> StoreResult<T> {
         match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => {
-                if !self.up.swap(true, Ordering::Relaxed) {
+                if !self.up.swap(true, Ordering::Relaxed)
+                    && self.announced.swap(false, Ordering::Relaxed)
+                {
                     tracing::info!("redis answers again");
                 }
                 Ok(v)
@@ -622,13 +687,22 @@ impl Shared {
         }
     }
 
+    /// Logs the start of an outage — at most every [`OUTAGE_LOG_EVERY`], because some
+    /// outages flap per request: a master demoted by a failover still answers reads, so
+    /// every read would otherwise end an outage that the next write starts again.
     fn down(&self, what: &str, why: &str) -> StoreError {
         if self.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                operation = what,
-                error = why,
-                "redis is unreachable; requests answer STORE_UNAVAILABLE until it is back"
-            );
+            let mut last = lock(&self.last_announced);
+            if last.is_none_or(|t| t.elapsed() >= OUTAGE_LOG_EVERY) {
+                *last = Some(Instant::now());
+                self.announced.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    operation = what,
+                    error = why,
+                    "redis is unreachable or cannot serve; requests answer STORE_UNAVAILABLE \
+                     until it is back"
+                );
+            }
         }
         StoreError::Unavailable(format!("redis {what}: {why}"))
     }
@@ -755,7 +829,12 @@ impl Shared {
             .arg(self.opts.idempotency_ttl_ms.max(1))
             .arg(r.max_events)
             .arg(r.max_bytes)
-            .arg(token);
+            .arg(token)
+            .arg(if self.opts.wait_replicas > 0 {
+                "1"
+            } else {
+                "0"
+            });
         let reply = match &self.wait_conn {
             None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
             _ => self.eval_and_wait(&req.stream, &call).await?,
@@ -838,23 +917,58 @@ impl Shared {
             return Err(unexpected("append + WAIT"));
         };
         if let Value::ServerError(e) = &script {
-            return Err(self.down("append", &format!("{e:?}")));
+            if e.kind().is_some_and(is_transient) {
+                return Err(self.down("append", &format!("{e:?}")));
+            }
+            tracing::error!(operation = "append", error = ?e, "redis refused a command");
+            return Err(StoreError::Unavailable(format!("redis append: {e:?}")));
         }
         let acked = as_u64(&acks).unwrap_or(0);
-        let appended = matches!(
-            as_array(script.clone())
-                .as_deref()
-                .and_then(|v| v.first())
-                .and_then(as_str),
-            Some("ok")
-        );
-        if appended && acked < u64::from(n) {
-            return Err(StoreError::Unavailable(format!(
-                "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \
-                 (it is in the log but its durability is not confirmed; retry with an idempotency key)"
-            )));
+        let kind = as_array(script.clone())
+            .as_deref()
+            .and_then(|v| v.first())
+            .and_then(as_str)
+            .map(String::from);
+        // Every acknowledgement waits: a new event, and a duplicate as well, since the
+        // original it points at may not be replicated yet (the script made a write after it
+        // for this `WAIT` to cover).
+        if acked < u64::from(n) {
+            match kind.as_deref() {
+                Some("ok") => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \
+                         (it is in the log but its durability is not confirmed; retry with an idempotency key)"
+                    )));
+                }
+                Some("dup") => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis: the earlier append with this idempotency key reached {acked} of {n} \
+                         replicas within {timeout_ms} ms (its durability is not confirmed; retry later)"
+                    )));
+                }
+                _ => {}
+            }
         }
         Ok(script)
+    }
+
+    /// The doorbell of an append that `WAIT`ed, rung once `WAIT` confirmed it (see
+    /// `lua::PUBLISH_THROUGH`). A failure here loses no event: it is durable, and subscribers
+    /// get it with the next doorbell of its stream (the hub re-reads the log on a skipped seq)
+    /// or when they next read the log.
+    async fn publish_through(&self, stream: &StreamId, epoch: &Epoch, seq: u64, token: &str) {
+        let call = Call::new(&self.scripts.publish_through)
+            .key(meta_key(stream))
+            .key(log_key(stream))
+            .arg(stream.as_str())
+            .arg(epoch.as_str())
+            .arg(seq)
+            .arg(CHANNEL)
+            .arg(token)
+            .arg(PUBLISH_THROUGH_MAX);
+        if let Err(e) = self.eval("live doorbell", &call).await {
+            tracing::debug!(stream = %stream, seq, error = %e, "live doorbell not rung");
+        }
     }
 
     /// Adds a stream to the age index (once per incarnation of its log).
@@ -1123,6 +1237,9 @@ impl Store for RedisStore {
                 indexed,
             }) => {
                 s.observe(&req.stream, &epoch, seq);
+                if s.opts.wait_replicas > 0 {
+                    s.publish_through(&req.stream, &epoch, seq, &token).await;
+                }
                 if !indexed && let Err(e) = s.index(&req.stream, ts).await {
                     // The event is durable; only age retention of this stream waits for the
                     // next append to index it.
@@ -1135,12 +1252,18 @@ impl Store for RedisStore {
                     duplicate: false,
                 })
             }
-            Ok(Appended::Duplicate { seq, epoch }) => Ok(AppendOutcome {
-                stream: req.stream,
-                seq: Seq(seq),
-                epoch,
-                duplicate: true,
-            }),
+            Ok(Appended::Duplicate { seq, epoch }) => {
+                if s.opts.wait_replicas > 0 {
+                    // The first attempt may have had its WAIT refused: no doorbell yet.
+                    s.publish_through(&req.stream, &epoch, seq, &token).await;
+                }
+                Ok(AppendOutcome {
+                    stream: req.stream,
+                    seq: Seq(seq),
+                    epoch,
+                    duplicate: true,
+                })
+            }
             Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
             Err(e) => Err(e),
         }
@@ -1385,14 +1508,25 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    /// A single server is asked its `ROLE`: a master demoted to a replica by a failover still
+    /// answers, but refuses every write (`READONLY`), so it is not ready. A cluster client
+    /// follows the masters itself; it is asked `PING`.
     async fn ping(&self) -> StoreResult<()> {
         let s = &self.shared;
         let mut conn = s.conn.clone();
-        let cmd = ::redis::cmd("PING");
+        let cmd = ::redis::cmd(if s.cluster { "PING" } else { "ROLE" });
         let ping = cmd.query_async::<Value>(&mut conn);
         match tokio::time::timeout(s.opts.ping_timeout, ping).await {
+            Ok(Ok(Value::Array(role))) if !s.cluster => match role.first().and_then(as_str) {
+                Some("slave" | "replica") => {
+                    Err(s.down("ping", "the server is a read-only replica"))
+                }
+                _ => Ok(()),
+            },
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(s.down("ping", &e.to_string())),
+            Ok(Err(e)) if is_outage(&e) => Err(s.down("ping", &e.to_string())),
+            // It answered (`ROLE` may be denied by an ACL): reachable.
+            Ok(Err(_)) => Ok(()),
             Err(_) => Err(s.down("ping", "timed out")),
         }
     }
@@ -1510,6 +1644,40 @@ mod tests {
         assert!(parse_live(b"h|ab12-7|bad id").is_none());
         assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
         assert!(parse_live(b"z|whatever").is_none());
+    }
+
+    fn server_error(line: &str) -> RedisError {
+        match ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(Value::ServerError(e)) => e.into(),
+            Ok(v) => panic!("not an error reply: {v:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn errors_that_pass_with_the_deployment_are_outages() {
+        for line in [
+            "READONLY You can't write against a read only replica.",
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "LOADING Redis is loading the dataset in memory",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        ] {
+            assert!(is_outage(&server_error(line)), "{line}");
+        }
+        for line in [
+            "ERR Error running script (call to f_0123): @user_script:1: bad argument",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "CROSSSLOT Keys in request don't hash to the same slot",
+            "NOPERM this user has no permissions to run the 'eval' command",
+        ] {
+            assert!(!is_outage(&server_error(line)), "{line}");
+        }
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(is_outage(&io));
     }
 
     #[test]

@@ -401,6 +401,163 @@ async fn wait_replicas_refuses_to_acknowledge_what_no_replica_holds() {
     assert!(o.seq >= Seq(2));
 }
 
+/// A retry with the same `Idempotency-Key` is a duplicate, and its answer promises the same
+/// thing as the first: the event is held by the replicas. Without one it is refused again;
+/// once a replica holds the original, the retry is acknowledged as the duplicate it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_refuses_a_duplicate_until_a_replica_holds_the_original() {
+    let primary = RedisServer::start().unwrap();
+    let mut opts = RedisOptions::new(&primary.url());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let store = RedisStore::connect(opts.clone(), Arc::new(NoSink))
+        .await
+        .unwrap();
+    let mut keyed = req("room:1", "\"pay\"");
+    keyed.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k1".into(),
+        fingerprint: [7; 32],
+    });
+    for attempt in 0..2 {
+        match store.append(keyed.clone()).await {
+            Err(StoreError::Unavailable(msg)) => {
+                assert!(msg.contains("0 of 1"), "attempt {attempt}: {msg}");
+            }
+            other => panic!("attempt {attempt}: expected Unavailable, got {other:?}"),
+        }
+    }
+    // Another instance (its own connections) is refused the same way.
+    let other = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    match other.append(keyed.clone()).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(
+        store.stream_info(&sid("room:1")).await.unwrap().head,
+        Seq(1),
+        "stored once, however often retried"
+    );
+
+    let _replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let o = eventually(Duration::from_secs(15), || other.append(keyed.clone())).await;
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+    let o = store.append(keyed.clone()).await.unwrap();
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+}
+
+/// With `WAIT`, no instance hears of an event before the replicas hold it: a refused
+/// append rings no doorbell; a confirmed one (a retry included) rings it for everything up to
+/// it, and concurrent appends of two instances reach every sink once each, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_events_go_live_only_once_replicated() {
+    let primary = RedisServer::start().unwrap();
+    let mut opts = RedisOptions::new(&primary.url());
+    opts.wait_replicas = 1;
+    opts.wait_timeout = Duration::from_millis(300);
+    let sinks = [Arc::new(Recorder::default()), Arc::new(Recorder::default())];
+    let a = RedisStore::connect(opts.clone(), sinks[0].clone())
+        .await
+        .unwrap();
+    let b = RedisStore::connect(opts, sinks[1].clone()).await.unwrap();
+    let mut keyed = req("live:1", "\"first\"");
+    keyed.idempotency = Some(zerodrop_store::IdempotencyKey {
+        key: "k".into(),
+        fingerprint: [3; 32],
+    });
+    assert!(matches!(
+        a.append(keyed.clone()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // In the log, but not on the live path.
+    assert_eq!(a.stream_info(&sid("live:1")).await.unwrap().head, Seq(1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for s in &sinks {
+        assert!(s.seqs_of("live:1").is_empty(), "{:?}", s.seqs_of("live:1"));
+    }
+
+    let _replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let o = eventually(Duration::from_secs(15), || b.append(keyed.clone())).await;
+    assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+    for s in &sinks {
+        wait_until(Duration::from_secs(5), "seq 1 live once confirmed", || {
+            s.seqs_of("live:1") == vec![1]
+        })
+        .await;
+    }
+
+    // Both instances append at once: every sink gets 2..=41 once each, in order.
+    let (ra, rb) = tokio::join!(
+        async {
+            for i in 0..20 {
+                a.append(req("live:1", &i.to_string())).await?;
+            }
+            Ok::<_, StoreError>(())
+        },
+        async {
+            for i in 0..20 {
+                b.append(req("live:1", &i.to_string())).await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+    );
+    ra.unwrap();
+    rb.unwrap();
+    for s in &sinks {
+        wait_until(Duration::from_secs(5), "every seq live", || {
+            s.seqs_of("live:1").len() >= 41
+        })
+        .await;
+        assert_eq!(s.seqs_of("live:1"), (1..=41).collect::<Vec<_>>());
+    }
+}
+
+/// A store pointed at a replica (what a single URL becomes when a failover demotes its
+/// master): it is not ready, writes answer `Unavailable` (an outage, not a refusal), reads
+/// still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replica_is_an_outage_for_writes_and_readiness() {
+    let primary = RedisServer::start().unwrap();
+    let writer = connect(&primary, Arc::new(NoSink)).await;
+    writer.append(req("ro:1", "1")).await.unwrap();
+    writer.ping().await.unwrap();
+    let replica = RedisServer::start_with(RedisConfig {
+        replica_of: Some(primary.port()),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let store = connect(&replica, Arc::new(NoSink)).await;
+    let info = eventually(Duration::from_secs(15), || async {
+        let i = store.stream_info(&sid("ro:1")).await?;
+        if i.head == Seq(1) {
+            Ok(i)
+        } else {
+            Err(StoreError::Unavailable("not replicated yet".into()))
+        }
+    })
+    .await;
+    assert_eq!(info.count, 1);
+    match store.ping().await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("replica"), "{msg}"),
+        other => panic!("a replica is not ready: {other:?}"),
+    }
+    match store.append(req("ro:1", "2")).await {
+        Err(StoreError::Unavailable(msg)) => assert!(
+            msg.contains("READONLY") || msg.contains("ReadOnly"),
+            "{msg}"
+        ),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(writer.stream_info(&sid("ro:1")).await.unwrap().head, Seq(1));
+}
+
 /// The append script's trimming is `plan_trim` evaluated in Lua: it must agree with the memory
 /// store (which calls `plan_trim`) on every bound, for events of varied sizes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,5 +712,33 @@ async fn runs_on_a_redis_cluster() {
     match waiting.append(req("room:5", "8")).await {
         Err(StoreError::Unavailable(msg)) => assert!(msg.contains("0 of 1"), "{msg}"),
         other => panic!("expected Unavailable, got {other:?}"),
+    }
+
+    // One seed URL of a cluster node is enough: the store notices the cluster and follows
+    // the slots instead of meeting MOVED for every stream that lives on another node.
+    let seed_sink = Arc::new(Recorder::default());
+    let seeded = RedisStore::connect(
+        RedisOptions::new(&cluster.nodes()[0].url()),
+        seed_sink.clone(),
+    )
+    .await
+    .unwrap();
+    for s in &streams {
+        let one = format!("one:{s}");
+        assert_eq!(seeded.append(req(&one, "1")).await.unwrap().seq, Seq(1));
+        assert_eq!(store.stream_info(&sid(&one)).await.unwrap().head, Seq(1));
+        assert_eq!(
+            seeded.read(&sid(s), Seq(0), 100).await.unwrap().info,
+            store.stream_info(&sid(s)).await.unwrap()
+        );
+    }
+    for s in &streams {
+        let one = format!("one:{s}");
+        wait_until(
+            Duration::from_secs(5),
+            "the live path of a seeded store",
+            || seed_sink.seqs_of(&one) == vec![1],
+        )
+        .await;
     }
 }

@@ -45,6 +45,8 @@ pub struct Tally {
     pub errors: Vec<String>,
     /// Times the server told the client to go (`reconnect` frame, SSE response ended).
     pub told_to_move: u32,
+    /// When each of those happened.
+    pub told_at: Vec<Instant>,
     /// Times the connection broke without being told (crash, network).
     pub lost: u32,
     /// Successful reconnects (each a resume on some instance).
@@ -245,6 +247,7 @@ impl WsRoamer {
                         "reconnect" => {
                             resume = f["resumeToken"].as_str().map(String::from).or(resume);
                             t.told_to_move += 1;
+                            t.told_at.push(Instant::now());
                             lost_at = Some(Instant::now());
                             break;
                         }
@@ -339,6 +342,7 @@ impl SseRoamer {
                     SseRead::Timeout => {}
                     SseRead::Ended => {
                         t.told_to_move += 1;
+                        t.told_at.push(Instant::now());
                         lost_at = Some(Instant::now());
                         break;
                     }

@@ -22,6 +22,8 @@ pub struct WsClient {
 pub struct Refused {
     pub status: u16,
     pub body: String,
+    /// The `Retry-After` header, if the refusal had one.
+    pub retry_after: Option<String>,
 }
 
 impl Refused {
@@ -68,10 +70,16 @@ impl WsClient {
                     .as_ref()
                     .map(|b| String::from_utf8_lossy(b).to_string())
                     .unwrap_or_default(),
+                retry_after: res
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
             }),
             Err(e) => Err(Refused {
                 status: 0,
                 body: e.to_string(),
+                retry_after: None,
             }),
         }
     }

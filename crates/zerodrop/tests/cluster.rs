@@ -412,6 +412,7 @@ async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // node-0: drained through the admin API, then restarted.
+    let drain_started = Instant::now();
     let r = apis[0]
         .post(
             "/admin/drain/start",
@@ -461,7 +462,7 @@ async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
-        seen.iter().any(|n| *n > 0 && *n < at_start) || seen.len() < 3,
+        seen.iter().any(|n| *n > 0 && *n < at_start),
         "sessionsRemaining went down gradually: {seen:?}"
     );
     let s = apis[0]
@@ -491,6 +492,7 @@ async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
 
     // node-1: SIGTERM drains it over --drain-grace-sec, then it exits 0; then it restarts.
     assert_eq!(dropped(&apis[1]).await, 0);
+    let second_drain = Instant::now();
     c.signal_term(1);
     eventually(
         "node-1 reports draining",
@@ -513,6 +515,32 @@ async fn rolling_restart_of_two_instances_under_load_drops_nothing() {
     for t in &tallies {
         assert!(t.told_to_move >= 1, "{} was drained at least once", t.name);
     }
+    // node-0's clients were told to move over the 3 s it was given, not all at once: when
+    // each got its `reconnect` frame (or its SSE response ended), from the drain's start.
+    let mut told: Vec<u64> = tallies
+        .iter()
+        .flat_map(|t| t.told_at.iter())
+        .filter(|at| **at >= drain_started && **at < second_drain)
+        .map(|at| at.duration_since(drain_started).as_millis() as u64)
+        .collect();
+    told.sort_unstable();
+    assert!(
+        told.len() as u64 >= at_start * 9 / 10,
+        "{} of node-0's {at_start} clients were told to move",
+        told.len()
+    );
+    let pct = |p: usize| told[(told.len() - 1) * p / 100];
+    println!(
+        "node-0 drain: reconnects told at p0 {} ms, p25 {} ms, p75 {} ms, p100 {} ms",
+        pct(0),
+        pct(25),
+        pct(75),
+        pct(100)
+    );
+    assert!(
+        pct(100) - pct(0) >= 1_500 && pct(75) - pct(25) >= 750,
+        "reconnects spread over most of max_session_age_seconds (3 s): {told:?}"
+    );
     for api in &apis {
         assert_eq!(dropped(api).await, 0);
     }
@@ -729,7 +757,18 @@ async fn redis_outages_with_and_without_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_instance() {
-    let c = Cluster::start(bin(), 2, &["--retention-max-events", "5"]).expect("cluster starts");
+    let window_ms: i64 = 600_000;
+    let c = Cluster::start(
+        bin(),
+        2,
+        &[
+            "--retention-max-events",
+            "5",
+            "--reconnect-window-sec",
+            "600",
+        ],
+    )
+    .expect("cluster starts");
     let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
     let tok = c.token("u1", &["trim:*"]);
     let sess = apis[0]
@@ -753,7 +792,10 @@ async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_inst
     assert_eq!(c.redis.cmd(&["XLEN", "zd:{trim:1}:l"]).unwrap(), ":5");
     let ttl = c.redis.cmd(&["PTTL", &format!("zd:s:{{{sid}}}")]).unwrap();
     let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
-    assert!(ttl > 0, "sessions expire in Redis: {ttl}");
+    assert!(
+        ttl > window_ms - 30_000 && ttl <= window_ms,
+        "a session's TTL in Redis is its reconnect window ({window_ms} ms): {ttl}"
+    );
     // A resume on the other instance gets the same typed error as on SQLite.
     let r = apis[1]
         .post(

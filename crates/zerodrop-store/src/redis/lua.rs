@@ -6,7 +6,8 @@
 //! back log is turned into a new epoch instead of a silent hole.
 //!
 //! Argument layout shared by the stream scripts:
-//! - `KEYS[1]` bounds hash (`epoch head first count bytes ts ix`), `KEYS[2]` the Redis Stream
+//! - `KEYS[1]` bounds hash (`epoch head first count bytes ts ix`, and `pub` when appends
+//!   `WAIT`: the last seq the doorbell rang for), `KEYS[2]` the Redis Stream
 //!   holding the events (entry id `0-<seq>`, fields `t` = ts, `j` = event JSON), and
 //!   `KEYS[#KEYS]` the base-epoch key when `ARGV[5] == '1'`.
 //! - `ARGV[1]` stream id, `ARGV[2]` a fresh random epoch to use if a new one is needed,
@@ -84,9 +85,21 @@ end
 
 /// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
 /// idempotency TTL in ms, `ARGV[10]` max events, `ARGV[11]` max bytes, `ARGV[12]` origin
-/// token. `KEYS[3]` is the idempotency key (any key of the stream when there is none).
+/// token, `ARGV[13]` `'1'` when the caller follows with `WAIT`. `KEYS[3]` is the idempotency
+/// key (any key of the stream when there is none).
+///
+/// Without `WAIT` the event is published on the live channel here. With it, the script only
+/// makes sure the bounds have a `pub` watermark, and the caller rings the doorbell with
+/// [`PUBLISH_THROUGH`] once `WAIT` confirmed the append: no instance shows an event live
+/// before N replicas hold it.
 ///
 /// Replies `{'ok', seq, epoch, ts, indexed, renewed}`, `{'dup', seq, epoch}` or `{'reused'}`.
+///
+/// A duplicate writes nothing, so a `WAIT` after it would cover only this connection's own
+/// earlier writes, not the original append (which may come from another connection or
+/// instance and may not be replicated yet). When the caller waits, a duplicate rewrites its
+/// idempotency record unchanged (`KEEPTTL`): a replicated write made after the original, so
+/// `WAIT` acknowledges it only once the replicas also hold the original.
 ///
 /// The trim loop is `zerodrop_core::retention::plan_trim`, evaluated where the events are:
 /// drop the oldest while over `max_events` or `max_bytes`, never the newest. The store's tests
@@ -94,12 +107,13 @@ end
 const APPEND: &str = r#"
 local data, fp, idem_ttl = ARGV[7], ARGV[8], ARGV[9]
 local max_events, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
-local origin = ARGV[12]
+local origin, waits = ARGV[12], ARGV[13] == '1'
 if fp ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
     local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
     if pfp ~= fp then return {'reused'} end
+    if waits then redis.call('SET', KEYS[3], prev, 'KEEPTTL') end
     return {'dup', tonumber(pseq), pepoch}
   end
 end
@@ -144,12 +158,46 @@ redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count',
 if fp ~= '' then
   redis.call('SET', KEYS[3], fp .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX', idem_ttl)
 end
-redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
-  m.epoch .. '|' .. int(ts) .. '|' .. json)
+if waits then
+  -- The doorbell rings after WAIT, from PUBLISH_THROUGH; `pub` is the last seq it rang for.
+  if redis.call('HEXISTS', KEYS[1], 'pub') == 0 then
+    redis.call('HSET', KEYS[1], 'pub', int(seq - 1))
+  end
+else
+  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
+    m.epoch .. '|' .. int(ts) .. '|' .. json)
+end
 if removed > 0 then
   redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
 end
 return {'ok', seq, m.epoch, ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0}
+"#;
+
+/// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
+/// stream after the bounds' `pub` field up to `ARGV[3]`, and moves `pub` there. `KEYS[1]`
+/// bounds, `KEYS[2]` log; `ARGV[1]` stream, `ARGV[2]` the epoch the caller appended in (a
+/// log renewed since is left alone), `ARGV[3]` through seq, `ARGV[4]` channel, `ARGV[5]`
+/// origin token, `ARGV[6]` most events published in one call (older ones are skipped; the
+/// live hub re-reads the log when a seq is skipped). Replies the number published.
+///
+/// Run only after `WAIT` confirmed the append of seq `ARGV[3]`: that `WAIT` covered every
+/// earlier write on the same server, so every event up to it is held by the replicas too.
+/// One atomic step with the watermark keeps the channel in seq order per stream, whichever
+/// instance's `WAIT` answers first, and rings each event once.
+pub const PUBLISH_THROUGH: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'pub')
+if m[1] ~= ARGV[2] or not m[4] then return 0 end
+local function int(n) return string.format('%d', n) end
+local through = math.min(tonumber(ARGV[3]), tonumber(m[2]))
+local from = math.max(tonumber(m[4]) + 1, tonumber(m[3]), through - tonumber(ARGV[6]) + 1)
+if from > through then return 0 end
+local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '0-' .. int(through))
+for _, e in ipairs(entries) do
+  redis.call('PUBLISH', ARGV[4], 'e|' .. ARGV[5] .. '|' .. ARGV[1] .. '|' ..
+    string.sub(e[1], 3) .. '|' .. m[1] .. '|' .. e[2][2] .. '|' .. e[2][4])
+end
+redis.call('HSET', KEYS[1], 'pub', int(through))
+return #entries
 "#;
 
 /// The bounds: `{epoch, head, first, count, bytes, renewed}`.
