@@ -153,6 +153,23 @@ async fn three_instances_fan_out_and_resume_each_others_sessions() {
     assert_eq!(seqs(&b.events(3).await), vec![4, 5, 6]);
     apis[0].publish("res:1", json!(7)).await; // published on another instance: live on B
     assert_eq!(seqs(&b.events(1).await), vec![7]);
+    // A socket's resume stores a higher lastAck in the background: wait (bounded) until the
+    // store holds it. A checkpoint at 0 is always ignored and reports the stored ack.
+    let ck = format!("/v1/sessions/{sid}/checkpoint");
+    let token = wb["resumeToken"].as_str().unwrap().to_string();
+    let mut stored = None;
+    for _ in 0..100 {
+        let r = apis[2]
+            .post(&ck, Some(&token), json!({"stream": "res:1", "seq": 0}))
+            .await;
+        assert_eq!(r.json["ackUpdate"], "ignored", "{}", r.text);
+        stored = r.json["lastAckSequence"].as_u64();
+        if stored == Some(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, Some(3), "the resume's lastAck reached the store");
 
     // The same session resumed on node-2 while node-1 still holds it: node-1's socket is
     // told and closed (a holder notice through Redis), the new one goes on.
