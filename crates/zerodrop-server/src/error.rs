@@ -118,7 +118,7 @@ impl From<StoreError> for ApiError {
                 tracing::debug!(error = %m, "store unavailable");
                 ApiError::new(
                     ErrorCode::StoreUnavailable,
-                    "the store is unreachable; nothing was stored; retry with backoff",
+                    "the store is unavailable and nothing was acknowledged; retry with backoff (with the same Idempotency-Key, a retry never appends twice)",
                 )
             }
             StoreError::IdempotencyKeyReused => ApiError::new(
