@@ -3,38 +3,50 @@
 
 mod support;
 
-use support::{BIN, args, reports, tool};
+use std::path::Path;
+
+use serde_json::Value;
+use support::{BIN, ToolRun, args, reports, tool};
+
+/// A short game day (quick profile, 3 s drills of 16 clients) with `faults` and `extra`
+/// flags, on instances of the binary under test, writing its report under `work/reports`.
+async fn gameday(work: &Path, faults: &str, extra: &[&str]) -> (ToolRun, Value) {
+    let out = work.join("reports");
+    let mut a = args(&[
+        "gameday",
+        "--profiles",
+        "quick",
+        "--duration",
+        "3",
+        "--limit",
+        "16",
+        "--scenarios",
+        "publish,ws_fanout,resume",
+        "--faults",
+        faults,
+        "--server-bin",
+        BIN,
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    a.extend(args(extra));
+    let run = tool(work, &a).await;
+    let r = reports(&out, "gameday-quick-");
+    assert_eq!(r.len(), 1, "one report: {}", run.stdout);
+    let v = serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
+    (run, v)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_drop_holds_through_restart_drain_kill9_and_a_network_cut() {
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("reports");
-    let run = tool(
+    let (run, v) = gameday(
         work.path(),
-        &args(&[
-            "gameday",
-            "--profiles",
-            "quick",
-            "--duration",
-            "3",
-            "--limit",
-            "16",
-            "--scenarios",
-            "publish,ws_fanout,resume",
-            "--faults",
-            "restart,drain,kill9,network_cut,store_outage",
-            "--server-bin",
-            BIN,
-            "--out-dir",
-            out.to_str().unwrap(),
-        ]),
+        "restart,drain,kill9,network_cut,store_outage",
+        &[],
     )
     .await;
     assert_eq!(run.code, 0, "zero-drop must hold through every fault");
-    let r = reports(&out, "gameday-quick-");
-    assert_eq!(r.len(), 1);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
     assert_eq!(v["passed"], true);
     assert_eq!(v["ran"], 4);
     assert_eq!(v["held"], 4);
@@ -92,35 +104,8 @@ async fn zero_drop_holds_through_restart_drain_kill9_and_a_network_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_store_outage_is_injected_for_real_and_zero_drop_holds() {
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("reports");
-    let run = tool(
-        work.path(),
-        &args(&[
-            "gameday",
-            "--profiles",
-            "quick",
-            "--duration",
-            "3",
-            "--limit",
-            "16",
-            "--scenarios",
-            "publish,ws_fanout,resume",
-            "--faults",
-            "store_outage",
-            "--store",
-            "redis",
-            "--server-bin",
-            BIN,
-            "--out-dir",
-            out.to_str().unwrap(),
-        ]),
-    )
-    .await;
+    let (run, v) = gameday(work.path(), "store_outage", &["--store", "redis"]).await;
     assert_eq!(run.code, 0, "zero-drop must hold through a Redis outage");
-    let r = reports(&out, "gameday-quick-");
-    assert_eq!(r.len(), 1);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
     assert_eq!(v["store"], "redis");
     assert_eq!(v["passed"], true);
     assert_eq!(
@@ -171,30 +156,10 @@ async fn a_redis_store_outage_is_injected_for_real_and_zero_drop_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_that_loses_events_fails_the_game_day() {
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("reports");
-    let run = tool(
+    let (run, v) = gameday(
         work.path(),
-        &args(&[
-            "gameday",
-            "--profiles",
-            "quick",
-            "--duration",
-            "3",
-            "--limit",
-            "16",
-            "--scenarios",
-            "publish,ws_fanout,resume",
-            "--faults",
-            "kill9,store_outage",
-            "--store",
-            "memory",
-            "--drain-sec",
-            "5",
-            "--server-bin",
-            BIN,
-            "--out-dir",
-            out.to_str().unwrap(),
-        ]),
+        "kill9,store_outage",
+        &["--store", "memory", "--drain-sec", "5"],
     )
     .await;
     assert_eq!(
@@ -207,10 +172,6 @@ async fn a_fault_that_loses_events_fails_the_game_day() {
         "{}",
         run.stdout
     );
-    let r = reports(&out, "gameday-quick-");
-    assert_eq!(r.len(), 1);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
     assert_eq!(v["passed"], false);
     let kill9 = &v["faults"][0];
     assert_eq!(kill9["fault"], "kill9");
