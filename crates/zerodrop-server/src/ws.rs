@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
@@ -20,6 +20,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
+use governor::clock::DefaultClock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -250,7 +251,10 @@ impl Conn {
             acks: HashMap::new(),
             ping_outstanding: None,
             missed_pings: 0,
-            limiter: RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst)),
+            limiter: RateLimiter::direct_with_clock(
+                Quota::per_second(per_sec).allow_burst(burst),
+                limiter_clock(),
+            ),
             last_limit_notice: None,
             drain_rx,
             drain_fraction,
@@ -974,6 +978,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// The clock of every connection's frame limiter, made once: making a clock probes the CPU
+/// (CPUID, which traps to the hypervisor in a VM), far too dear to do per connection.
+fn limiter_clock() -> DefaultClock {
+    static CLOCK: OnceLock<DefaultClock> = OnceLock::new();
+    CLOCK.get_or_init(DefaultClock::default).clone()
 }
 
 fn refresh_every(app: &App) -> Duration {
