@@ -4,7 +4,9 @@
 
 mod support;
 
-use support::{Faults, Server, args, broken_proxy, lenient_slo, reports, tool};
+use support::{
+    Faults, Server, args, broken_proxy, event_dropping_proxy, lenient_slo, reports, tool,
+};
 
 fn with(mut a: Vec<String>, more: Vec<String>) -> Vec<String> {
     a.extend(more);
@@ -27,14 +29,7 @@ async fn probe_passes_on_a_real_server_and_names_the_failed_step_when_an_event_i
         1
     );
 
-    let broken = broken_proxy(
-        s.inst.addr,
-        Faults {
-            drop_event_seq: Some(2),
-            ..Faults::default()
-        },
-    )
-    .await;
+    let broken = event_dropping_proxy(s.inst.addr).await;
     let bad = tool(
         work.path(),
         &with(
@@ -136,14 +131,7 @@ async fn gate_passes_a_healthy_server_and_fails_on_500s_and_on_lost_events() {
         bad.stdout
     );
 
-    let dropping = broken_proxy(
-        s.inst.addr,
-        Faults {
-            drop_event_seq: Some(2),
-            ..Faults::default()
-        },
-    )
-    .await;
+    let dropping = event_dropping_proxy(s.inst.addr).await;
     let bad = tool(work.path(), &gate(format!("http://{dropping}"))).await;
     assert_eq!(bad.code, 1, "gate must fail when events are lost");
     assert!(bad.stdout.contains("events lost"), "{}", bad.stdout);
@@ -423,14 +411,7 @@ async fn drill_exits_1_when_events_are_lost() {
     let s = Server::start().await;
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("reports");
-    let dropping = broken_proxy(
-        s.inst.addr,
-        Faults {
-            drop_event_seq: Some(2),
-            ..Faults::default()
-        },
-    )
-    .await;
+    let dropping = event_dropping_proxy(s.inst.addr).await;
     let run = tool(
         work.path(),
         &with(

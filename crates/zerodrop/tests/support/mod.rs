@@ -165,6 +165,15 @@ struct ProxyState {
     publishes: AtomicU64,
 }
 
+/// A broken proxy that drops the WebSocket event with seq 2: zero-drop is broken on purpose.
+pub async fn event_dropping_proxy(upstream: SocketAddr) -> SocketAddr {
+    let faults = Faults {
+        drop_event_seq: Some(2),
+        ..Faults::default()
+    };
+    broken_proxy(upstream, faults).await
+}
+
 /// Starts the broken proxy in front of `upstream`; it lives as long as the runtime.
 pub async fn broken_proxy(upstream: SocketAddr, faults: Faults) -> SocketAddr {
     let state = Arc::new(ProxyState {
