@@ -219,8 +219,10 @@ async fn drops_counted_while_connected_are_not_counted_again_on_resume() {
     // A client that stops reading: once the socket buffers are full its cursor stays behind,
     // and the events trimmed under it are counted while it is connected.
     let stalled = SseClient::connect(&url, &[]).await.unwrap();
+    // 24 MB in all: far more than the socket buffers between a server and a client that
+    // does not read can hold.
     let fat = "x".repeat(60_000);
-    for i in 0..150 {
+    for i in 0..400 {
         api.publish("big", json!({"i": i, "pad": fat})).await;
     }
     let dropped = |m: serde_json::Value| m["ws_metrics"]["dropped_messages"].as_u64().unwrap();
@@ -237,14 +239,14 @@ async fn drops_counted_while_connected_are_not_counted_again_on_resume() {
     let reset = c.next().await;
     assert_eq!(reset.event, "reset");
     assert_eq!(reset.json()["code"], "REPLAY_WINDOW_TRIMMED");
-    assert_eq!(reset.json()["firstAvailableSeq"], 146);
+    assert_eq!(reset.json()["firstAvailableSeq"], 396);
     assert_eq!(
         c.events(5)
             .await
             .iter()
             .map(|e| seq_of(&e.id))
             .collect::<Vec<_>>(),
-        vec![146, 147, 148, 149, 150]
+        vec![396, 397, 398, 399, 400]
     );
     assert_eq!(dropped(api.metrics_json().await), while_connected);
 }
