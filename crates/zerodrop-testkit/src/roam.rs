@@ -422,8 +422,14 @@ impl Publisher {
             let key = format!("roam-{nonce}-{k}");
             let body = json!({"data": {"n": k}}).to_string();
             let mut ok = false;
+            // Bounded in count (`attempts`) and in time: one event never holds the run up for
+            // more than half a minute.
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
             for attempt in 0..self.attempts {
                 let api = &self.apis[(k as usize + attempt) % n];
+                if attempt > 0 && tokio::time::Instant::now() >= give_up {
+                    break;
+                }
                 if attempt > 0 {
                     out.retries += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;

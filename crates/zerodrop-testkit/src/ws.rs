@@ -128,10 +128,13 @@ impl WsClient {
         }
     }
 
-    /// The next frame that is not a server `ping` or `token` refresh (pings are answered).
+    /// The next frame that is not a server `ping` or `token` refresh (pings are answered),
+    /// within [`WAIT`] in all.
     pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match self.next_within(WAIT).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
                 Next::Frame(f) if f["type"] == "ping" => {
                     let pong = serde_json::json!({"type": "pong", "t": f["t"]});
                     self.send(pong).await;
@@ -161,10 +164,13 @@ impl WsClient {
         out
     }
 
-    /// Waits for the server to close; returns the close code.
+    /// Waits (at most [`WAIT`], whatever arrives meanwhile) for the server to close; returns
+    /// the close code.
     pub async fn expect_close(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match self.next_within(WAIT).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
                 Next::Closed(c) => return c,
                 Next::Frame(_) => continue,
                 Next::Timeout => panic!("the server did not close"),
