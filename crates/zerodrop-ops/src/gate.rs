@@ -45,22 +45,26 @@ impl Milestone {
     }
 }
 
+/// Where a drill stood against a milestone when publishing started: `milestone m1_1k: 987 of
+/// 1000 clients were connected and subscribed … (server counted 990 open … connections)`.
+fn milestone_status(m: Milestone, drill: &DrillReport) -> String {
+    format!(
+        "milestone {}: {} of {} clients were connected and subscribed when publishing started (server counted {} open WebSocket/SSE connections)",
+        m.id(),
+        drill.capacity.connected_at_start,
+        m.connections(),
+        drill
+            .capacity
+            .server_active_at_start
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "no".into())
+    )
+}
+
 /// The milestone breach: fewer clients connected and subscribed when publishing started than
 /// the milestone asks for.
 pub fn milestone_breach(m: Milestone, drill: &DrillReport) -> Option<String> {
-    let want = m.connections() as u64;
-    let got = drill.capacity.connected_at_start;
-    (got < want).then(|| {
-        format!(
-            "milestone {}: {got} of {want} clients were connected and subscribed when publishing started (server counted {} open WebSocket/SSE connections)",
-            m.id(),
-            drill
-                .capacity
-                .server_active_at_start
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "no".into())
-        )
-    })
+    (drill.capacity.connected_at_start < m.connections() as u64).then(|| milestone_status(m, drill))
 }
 
 #[derive(Args, Clone, Debug)]
@@ -131,17 +135,7 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     };
     let mut breaches = slo.judge(&drill);
     if let Some(m) = args.milestone {
-        println!(
-            "milestone {}: {} of {} clients connected and subscribed when publishing started (server: {} open connections)",
-            m.id(),
-            drill.capacity.connected_at_start,
-            m.connections(),
-            drill
-                .capacity
-                .server_active_at_start
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "n/a".into())
-        );
+        println!("{}", milestone_status(m, &drill));
         breaches.extend(milestone_breach(m, &drill));
     }
     println!("{}", drill.summary());

@@ -326,16 +326,6 @@ impl Hub {
         lock(&self.marks_rx).take()
     }
 
-    /// Counts `n` newly dropped events for a listener and remembers it in its session.
-    fn count_drops(&self, l: &Listener, stream: &StreamId, n: u64, through: Seq) {
-        if n == 0 {
-            return;
-        }
-        self.metrics.dropped(n);
-        l.dropped_through.fetch_max(through.0, Ordering::AcqRel);
-        l.remember_drops(&self.marks, stream, through);
-    }
-
     fn shard(&self, stream: &StreamId) -> &Mutex<HashMap<StreamId, Arc<Topic>>> {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
@@ -438,7 +428,9 @@ impl LiveSink for Hub {
                 Seq(l.dropped_through.load(Ordering::Acquire)),
             );
             if n > 0 {
-                self.count_drops(l, stream, n, Seq(lost_through));
+                self.metrics.dropped(n);
+                l.dropped_through.fetch_max(lost_through, Ordering::AcqRel);
+                l.remember_drops(&self.marks, stream, Seq(lost_through));
                 // Its next look finds the hole and tells the client.
                 l.signal.wake();
             }

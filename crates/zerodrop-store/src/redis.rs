@@ -4,9 +4,10 @@
 //! - **One Lua script per operation.** An append checks and records its idempotency key,
 //!   assigns the next seq, `XADD`s the event JSON with the explicit id `0-<seq>`, trims to the
 //!   retention limits, updates the stream's bounds and rings the live doorbell (`PUBLISH`;
-//!   after `WAIT` instead, when appends wait for replicas), all in one atomic step on the server (see `redis/lua.rs`). Nothing is ever re-sent after a failure:
-//!   a command error answers `Unavailable`, because a blindly repeated `XADD` would be a
-//!   duplicate append. [`ConnectionManager`] reconnects in the background.
+//!   after `WAIT` instead, when appends wait for replicas), all in one atomic step on the
+//!   server (see `redis/lua.rs`). Nothing is ever re-sent after a failure: a command error
+//!   answers `Unavailable`, because a blindly repeated `XADD` would be a duplicate append.
+//!   [`ConnectionManager`] reconnects in the background.
 //! - **Hash tags.** Every key of one stream is tagged `{<stream>}` so each script runs on one
 //!   slot; the same code serves a single server and a Redis Cluster (several comma-separated
 //!   `redis://` seed nodes select the cluster client, and so does a single URL whose server
@@ -677,14 +678,19 @@ impl Shared {
                 }
                 Ok(v)
             }
-            Ok(Err(e)) if is_outage(&e) => Err(self.down(what, &e.to_string())),
-            Ok(Err(e)) => {
-                // Redis answered, but refused: not an outage, and worth a line each time.
-                tracing::error!(operation = what, error = %e, "redis refused a command");
-                Err(StoreError::Unavailable(format!("redis {what}: {e}")))
-            }
+            Ok(Err(e)) => Err(self.failed(what, e)),
             Err(_) => Err(self.down(what, "timed out")),
         }
+    }
+
+    /// A command that failed: an outage ([`is_outage`], logged once), or a refusal — Redis
+    /// answered but said no, which is not an outage and is worth a line each time.
+    fn failed(&self, what: &str, e: RedisError) -> StoreError {
+        if is_outage(&e) {
+            return self.down(what, &e.to_string());
+        }
+        tracing::error!(operation = what, error = %e, "redis refused a command");
+        StoreError::Unavailable(format!("redis {what}: {e}"))
     }
 
     /// Logs the start of an outage — at most every [`OUTAGE_LOG_EVERY`], because some
@@ -917,11 +923,7 @@ impl Shared {
             return Err(unexpected("append + WAIT"));
         };
         if let Value::ServerError(e) = &script {
-            if e.kind().is_some_and(is_transient) {
-                return Err(self.down("append", &format!("{e:?}")));
-            }
-            tracing::error!(operation = "append", error = ?e, "redis refused a command");
-            return Err(StoreError::Unavailable(format!("redis append: {e:?}")));
+            return Err(self.failed("append", e.clone().into()));
         }
         let acked = as_u64(&acks).unwrap_or(0);
         let kind = as_array(script.clone())
