@@ -65,7 +65,9 @@ pub async fn drain_for(app: &App, reason: &str, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.complete_drain();
-    let closing = tokio::time::Instant::now() + Duration::from_secs(2);
+    // Each closing socket waits (bounded) for its client's close frame, so that nothing still
+    // queued for the client is lost to a reset.
+    let closing = tokio::time::Instant::now() + crate::ws::CLOSE_HANDSHAKE + Duration::from_secs(1);
     while app.conns.current() > 0 && tokio::time::Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

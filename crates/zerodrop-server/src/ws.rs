@@ -43,6 +43,11 @@ pub const PROTOCOLS: &[&str] = &["zerodrop.v1"];
 /// client frames had their chance.
 const MAX_EVENTS_PER_WRITE: usize = 512;
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a socket the server closes waits for the client's close frame (RFC 6455 §7.1.1).
+/// Dropping the TCP connection while the client's frames are still unread makes the kernel
+/// reset it, and a reset throws away whatever is still queued for the client: a slow or busy
+/// client would never read the `reconnect` frame or the close frame in front of it.
+pub(crate) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(5);
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Deserialize)]
@@ -309,7 +314,9 @@ impl Conn {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = self.socket.send(Message::Close(Some(frame))).await;
+            if self.socket.send(Message::Close(Some(frame))).await.is_ok() {
+                self.await_close_reply().await;
+            }
         }
         self.flush_acks().await;
         if let Some(s) = &self.session {
@@ -329,6 +336,19 @@ impl Conn {
             delivered = self.delivered,
             "connection closed"
         );
+    }
+
+    /// Reads (and discards) what the client still sends until its close frame, its end of the
+    /// stream, or [`CLOSE_HANDSHAKE`]: only then is the TCP connection dropped, with nothing
+    /// unread, so everything written before the close frame reaches the client.
+    async fn await_close_reply(&mut self) {
+        let until = tokio::time::Instant::now() + CLOSE_HANDSHAKE;
+        loop {
+            match tokio::time::timeout_at(until, self.socket.recv()).await {
+                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
     }
 
     fn sid_str(&self) -> &str {
@@ -490,6 +510,11 @@ impl Conn {
         tokio::pin!(timer);
         let mut turn: u32 = 0;
         loop {
+            // A timer that is due runs first: under a steady flow of events the doorbell is
+            // always ready, and a drain, a ping or a token refresh must not wait for a lull.
+            if self.timers.next() <= Instant::now() {
+                self.on_timer().await?;
+            }
             // The doorbell is looked at first, so a wake-up does not also pay for a read
             // attempt; every eighth turn the socket goes first, so a busy stream can never
             // starve the client's frames (pongs, acks).

@@ -116,6 +116,9 @@ impl WsClient {
                 Ok(None) => return Next::Closed(None),
                 Ok(Some(Err(_))) => return Next::Closed(None),
                 Ok(Some(Ok(Message::Close(c)))) => {
+                    // Send the close reply now, as a browser does: the server waits for it
+                    // before it drops the connection.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.flush()).await;
                     return Next::Closed(c.map(|c| u16::from(c.code)));
                 }
                 Ok(Some(Ok(Message::Text(t)))) => {

@@ -837,3 +837,185 @@ async fn retention_in_redis_is_bounded_and_trimmed_windows_are_typed_on_any_inst
     let r = apis[0].read("trim:1", 0, 10).await;
     assert_eq!((r.status, r.code()), (409, "REPLAY_WINDOW_TRIMMED"));
 }
+
+/// What one drained client saw, in order: frames up to and including the socket's end.
+#[derive(Debug)]
+struct DrainedClient {
+    /// Events received (each acked at once, so acks are in flight when the drain comes).
+    events: u64,
+    /// The `reconnect` frame's resume token, if one arrived.
+    reconnect_token: Option<String>,
+    /// Frames that arrived after `reconnect` (there must be none).
+    after_reconnect: Vec<String>,
+    /// The close code; `None` for a connection that broke without a close frame.
+    close: Option<u16>,
+}
+
+/// A client that subscribes, then stalls for `stall` (a phone in the background, a busy
+/// event loop): it reads nothing but keeps sending acks. Then it reads until its socket ends,
+/// acking every event and answering pings.
+async fn drained_client(
+    url: String,
+    stream: String,
+    stall: Duration,
+    limit: Duration,
+) -> DrainedClient {
+    let mut ws = ws(&url).await;
+    ws.expect("welcome").await;
+    ws.send(json!({"type":"subscribe","stream":stream,"after":0}))
+        .await;
+    let mut out = DrainedClient {
+        events: 0,
+        reconnect_token: None,
+        after_reconnect: Vec::new(),
+        close: None,
+    };
+    let stalled = tokio::time::Instant::now() + stall;
+    while tokio::time::Instant::now() < stalled {
+        ws.try_send(json!({"type":"ack","stream":stream,"seq":0}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            out.after_reconnect
+                .push("no close before the deadline".into());
+            return out;
+        }
+        match ws.next_within(left).await {
+            zerodrop_testkit::ws::Next::Frame(f) => {
+                if out.reconnect_token.is_some() {
+                    out.after_reconnect.push(f.to_string());
+                    continue;
+                }
+                match f["type"].as_str().unwrap_or("") {
+                    "event" => {
+                        out.events += 1;
+                        let ack = json!({"type":"ack","stream":f["stream"],"seq":f["seq"]});
+                        ws.try_send(ack).await;
+                    }
+                    "ping" => {
+                        ws.try_send(json!({"type":"pong","t":f["t"]})).await;
+                    }
+                    "reconnect" => {
+                        out.reconnect_token = f["resumeToken"].as_str().map(String::from);
+                    }
+                    _ => {}
+                }
+            }
+            zerodrop_testkit::ws::Next::Closed(code) => {
+                out.close = code;
+                return out;
+            }
+            zerodrop_testkit::ws::Next::Timeout => {}
+        }
+    }
+}
+
+/// SPEC §5: a drained socket is closed with 1012 only once its `reconnect` frame is flushed.
+/// Clients stall while the drain starts (their sockets fill up) and keep acking, and busy
+/// threads load both cores: when the server closes a socket, frames from the client are still
+/// unread and frames to it are still queued. A socket closed with unread input is reset by the
+/// kernel, which throws away what was queued for the client — its `reconnect` frame included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_on_a_busy_machine_hands_every_client_its_reconnect_frame_before_1012() {
+    let c = Cluster::start(bin(), 2, &[]).expect("cluster starts");
+    let apis: Vec<Api> = (0..2).map(|i| c.api(i)).collect();
+    let tok = c.token("busy", &["busy:*"]);
+    let clients: Vec<_> = (0..50)
+        .map(|i| {
+            let url = format!("{}/v1/ws?token={tok}", c.ws_url(0));
+            tokio::spawn(drained_client(
+                url,
+                format!("busy:{}", i % 5),
+                Duration::from_secs(4),
+                Duration::from_secs(60),
+            ))
+        })
+        .collect();
+    eventually(
+        "50 clients are connected",
+        Duration::from_secs(30),
+        || async { connections(&apis[0]).await == 50 },
+    )
+    .await;
+    // 60 KiB events, as fast as one publisher goes.
+    let blob = "x".repeat(60 * 1024);
+    let publisher = {
+        let api = apis[1].clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let until = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < until {
+                api.publish(&format!("busy:{}", n % 5), json!({"n": n, "blob": blob}))
+                    .await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        })
+    };
+    let hog = zerodrop_testkit::hog::CpuHog::start(4, Duration::from_secs(60));
+    eventually(
+        "every stream has events queued for its clients",
+        Duration::from_secs(20),
+        || async {
+            for i in 0..5 {
+                let r = apis[1]
+                    .get(&format!("/v1/streams/busy:{i}"), Some(&c.creds.api_key))
+                    .await;
+                if r.json["headSeq"].as_u64().unwrap_or(0) < 3 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let r = apis[0]
+        .post(
+            "/admin/drain/start",
+            Some(&c.creds.admin_token),
+            json!({"reason":"rolling_deployment","max_session_age_seconds":3}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut seen = Vec::new();
+    for h in clients {
+        seen.push(h.await.expect("client task"));
+    }
+    drop(hog);
+    let published = publisher.await.expect("publisher");
+    let bad: Vec<&DrainedClient> = seen
+        .iter()
+        .filter(|d| {
+            d.reconnect_token.is_none() || d.close != Some(1012) || !d.after_reconnect.is_empty()
+        })
+        .collect();
+    println!(
+        "{} events published; {} clients received {} events; {} without reconnect-then-1012",
+        published,
+        seen.len(),
+        seen.iter().map(|d| d.events).sum::<u64>(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "every client gets `reconnect` (with a resume token) and then close 1012: {bad:?}"
+    );
+    assert!(
+        seen.iter().all(|d| d.events > 0),
+        "acks were in flight during the drain"
+    );
+    // The token in the frame is fresh and takes the session over on the other instance.
+    let token = seen[0].reconnect_token.clone().unwrap_or_default();
+    let mut moved = ws(&format!("{}/v1/ws", c.ws_url(1))).await;
+    moved
+        .send(json!({"type":"resume","resumeToken":token}))
+        .await;
+    assert_eq!(moved.expect("welcome").await["instance"], "node-1");
+    assert_eq!(moved.expect("subscribed").await["stream"], "busy:0");
+    assert_eq!(dropped(&apis[0]).await, 0);
+}
