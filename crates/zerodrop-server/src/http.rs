@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use zerodrop_core::window::replay_window;
 use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId};
 
@@ -75,10 +75,17 @@ fn cors(origins: &str) -> CorsLayer {
             .collect();
         AllowOrigin::list(list)
     };
+    // Listed, not `*`: by the Fetch standard a wildcard never covers `Authorization`, so
+    // Firefox and Safari would refuse a cross-origin publish or session open with a bearer.
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods(Any)
-        .allow_headers(Any)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
         .expose_headers([
             header::RETRY_AFTER,
             HeaderName::from_static(INSTANCE_HEADER),

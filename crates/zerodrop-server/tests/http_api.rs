@@ -388,7 +388,47 @@ async fn cors_preflight_and_headers() {
         )
         .await;
     assert!(r.status < 300, "{}", r.status);
-    assert_eq!(r.headers.get("access-control-allow-origin").unwrap(), "*");
+    let h = |name: &str| {
+        r.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(h("access-control-allow-origin"), "*");
+    // Listed one by one: a `*` would not cover `Authorization` (Fetch standard), and Firefox
+    // and Safari would refuse the request.
+    assert_eq!(
+        h("access-control-allow-headers"),
+        "authorization,content-type,idempotency-key,last-event-id"
+    );
+    assert_eq!(h("access-control-allow-methods"), "GET,POST,DELETE");
+    assert_eq!(h("access-control-max-age"), "600");
+    assert!(
+        h("access-control-allow-credentials").is_empty(),
+        "no credentials"
+    );
+    // A session open from a page: the same answer on every route.
+    let r = api
+        .request(
+            Method::OPTIONS,
+            "/v1/sessions",
+            None,
+            None,
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                ),
+            ],
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.status);
+    assert_eq!(
+        r.headers.get("access-control-allow-headers").unwrap(),
+        "authorization,content-type,idempotency-key,last-event-id"
+    );
     let s2 = TestServer::with(|c| c.cors_origins = "https://ok.example".into()).await;
     let api2 = s2.api();
     let r = api2
