@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
     AppendOutcome, AppendRequest, IdempotencyKey, SessionRecord, SessionStream, Store, StoreKind,
 };
@@ -23,6 +23,16 @@ use crate::drain::{Connections, Drain, DrainState};
 use crate::error::ApiError;
 use crate::live::{Hub, Signal};
 use crate::metrics::{Metrics, StoreFacts, Transport};
+
+/// One stream of a session being opened, and where it starts.
+#[derive(Clone, Debug)]
+pub struct OpenAt {
+    pub stream: StreamId,
+    /// The last seq the client already holds (from a snapshot); `None`: the stream's head.
+    pub after: Option<Seq>,
+    /// The epoch that position belongs to, when the client knows it.
+    pub epoch: Option<Epoch>,
+}
 
 pub struct App {
     pub cfg: Config,
@@ -219,13 +229,17 @@ impl App {
         }
     }
 
-    /// Creates a session for `sub` holding `streams`, each starting at its current head.
+    /// Creates a session for `sub` holding `streams`. Each starts at its current head, or
+    /// right after the position the client says it already holds (a snapshot it loaded at
+    /// seq N, optionally of a known epoch): the position must still be servable under the
+    /// replay window rule, so the session never starts on a hole. Returns the record and each
+    /// stream's head at opening.
     pub async fn open_session(
         &self,
         sub: &str,
         grants: Grants,
-        streams: &[StreamId],
-    ) -> Result<SessionRecord, ApiError> {
+        streams: &[OpenAt],
+    ) -> Result<(SessionRecord, Vec<Seq>), ApiError> {
         if streams.len() > self.cfg.max_streams_per_session {
             return Err(ApiError::invalid(format!(
                 "a session holds at most {} streams",
@@ -240,7 +254,9 @@ impl App {
             expires_at_ms: now_ms() + self.cfg.reconnect_window_sec * 1000,
             streams: Default::default(),
         };
-        for s in streams {
+        let mut heads = Vec::with_capacity(streams.len());
+        for at in streams {
+            let s = &at.stream;
             if !rec.grants.may_subscribe(s.as_str()) {
                 return Err(
                     ApiError::forbidden(format!("stream {s} is not allowed by the token"))
@@ -248,17 +264,26 @@ impl App {
                 );
             }
             let info = self.store.stream_info(s).await?;
+            let ack = match at.after {
+                None => info.head,
+                Some(after) => {
+                    replay_window(after, at.epoch.as_ref(), &info.bounds())
+                        .map_err(|e| ApiError::window(e, s.as_str()))?;
+                    after
+                }
+            };
+            heads.push(info.head);
             rec.streams.insert(
                 s.clone(),
                 SessionStream {
                     epoch: info.epoch,
-                    ack: info.head,
+                    ack,
                     dropped_through: Seq(0),
                 },
             );
         }
         self.store.create_session(rec.clone()).await?;
-        Ok(rec)
+        Ok((rec, heads))
     }
 
     /// Takes over a session with a resume token. Counts a failure (with its code) for

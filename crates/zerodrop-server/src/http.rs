@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use zerodrop_core::window::replay_window;
-use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId};
+use zerodrop_core::{Epoch, ErrorCode, Seq, SessionId, StreamId};
 
-use crate::app::{AckWrite, App};
+use crate::app::{AckWrite, App, OpenAt};
 use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Transport;
@@ -349,6 +349,53 @@ async fn read_events(
 struct OpenBody {
     #[serde(default)]
     streams: Vec<String>,
+    /// Per stream, the position the client already holds: `N`, or `{"seq": N, "epoch": E}`.
+    #[serde(default)]
+    after: BTreeMap<String, Position>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Position {
+    Seq(u64),
+    At { seq: u64, epoch: Option<String> },
+}
+
+/// The streams of `POST /v1/sessions` with where each starts; every `after` key must be one of
+/// the streams.
+fn open_at(b: OpenBody) -> ApiResult<Vec<OpenAt>> {
+    let streams = stream_list(&b.streams)?;
+    for name in b.after.keys() {
+        if !streams.iter().any(|s| s.as_str() == name) {
+            return Err(ApiError::invalid(format!(
+                "after names {name:?}, which is not in streams"
+            )));
+        }
+    }
+    streams
+        .into_iter()
+        .map(|stream| {
+            let (after, epoch) = match b.after.get(stream.as_str()) {
+                None => (None, None),
+                Some(Position::Seq(n)) => (Some(Seq(*n)), None),
+                Some(Position::At { seq, epoch }) => {
+                    let epoch = match epoch.as_deref() {
+                        None => None,
+                        Some(e) => Some(Epoch::parse(e).ok_or_else(|| {
+                            ApiError::invalid(format!("invalid epoch {e:?}"))
+                                .with("stream", stream.as_str())
+                        })?),
+                    };
+                    (Some(Seq(*seq)), epoch)
+                }
+            };
+            Ok(OpenAt {
+                stream,
+                after,
+                epoch,
+            })
+        })
+        .collect()
 }
 
 fn stream_list(names: &[String]) -> ApiResult<Vec<StreamId>> {
@@ -380,21 +427,20 @@ async fn open_session(
     let b: OpenBody = if body.is_empty() {
         OpenBody::default()
     } else {
-        json_body(&body, "{\"streams\": […]}")?
+        json_body(&body, "{\"streams\": […], \"after\"?: {stream: seq}}")?
     };
-    let streams = stream_list(&b.streams)?;
-    let rec = app
-        .open_session(&claims.sub, claims.grants(), &streams)
-        .await?;
+    let at = open_at(b)?;
+    let (rec, heads) = app.open_session(&claims.sub, claims.grants(), &at).await?;
     let token = app.mint_token(&rec.id, &rec.sub);
-    let streams: serde_json::Map<String, Value> = rec
-        .streams
+    let streams: serde_json::Map<String, Value> = at
         .iter()
-        .map(|(s, st)| {
-            (
-                s.to_string(),
-                json!({"epoch": st.epoch, "headSeq": st.ack, "lastAckSequence": st.ack}),
-            )
+        .zip(heads)
+        .filter_map(|(a, head)| {
+            let st = rec.streams.get(&a.stream)?;
+            Some((
+                a.stream.to_string(),
+                json!({"epoch": st.epoch, "headSeq": head, "lastAckSequence": st.ack}),
+            ))
         })
         .collect();
     let body = json!({

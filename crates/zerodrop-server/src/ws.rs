@@ -375,7 +375,7 @@ impl Conn {
     async fn begin(&mut self, start: Start) -> Result<(), Exit> {
         match start {
             Start::Connect(claims) => {
-                let rec = self
+                let (rec, _) = self
                     .app
                     .open_session(&claims.sub, claims.grants(), &[])
                     .await

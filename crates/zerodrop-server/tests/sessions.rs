@@ -448,3 +448,181 @@ async fn resume_keys_rotate_gradually() {
     assert_eq!(r.status, 200);
     s.stop().await;
 }
+
+/// A page that loaded a snapshot at seq N opens its session there (`after`), so the events
+/// published while it loaded are replayed, not skipped; every position that cannot be served
+/// is a typed error and opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opens_after_a_snapshot_position_with_no_hole() {
+    let s = TestServer::with(|c| c.retention.max_events = 5).await;
+    let api = s.api();
+    for i in 1..=4 {
+        api.publish("room:a", json!(i)).await;
+    }
+    let snapshot = api
+        .get("/v1/streams/room:a/events?after=0", Some(&s.creds.api_key))
+        .await
+        .json;
+    let epoch = snapshot["epoch"].as_str().unwrap().to_string();
+    assert_eq!(snapshot["headSeq"], 4);
+    // Published while the page was rendering its snapshot.
+    for i in 5..=7 {
+        api.publish("room:a", json!(i)).await;
+    }
+    let tok = s.token("u1", &["room:*"]);
+    let open = |body: Value| {
+        let api = api.clone();
+        let tok = tok.clone();
+        async move { api.post("/v1/sessions", Some(&tok), body).await }
+    };
+    let sessions = || async {
+        api.metrics_json().await["resume_store_metrics"]["sessions"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = sessions().await;
+
+    // Every position that cannot be served is refused, with its code, and opens no session.
+    let refused = [
+        (
+            json!({"streams":["room:a"],"after":{"room:a":8}}),
+            400,
+            "ACK_BEYOND_HEAD",
+        ),
+        (
+            json!({"streams":["room:a"],"after":{"room:a":1}}),
+            409,
+            "REPLAY_WINDOW_TRIMMED",
+        ),
+        (
+            json!({"streams":["room:a"],"after":{"room:b":1}}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"streams":["room:a"],"after":{"room:a":"4"}}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"streams":["room:a"],"after":{"room:a":{"seq":4,"epoch":"no such epoch!"}}}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"streams":["other:a"],"after":{"other:a":0}}),
+            403,
+            "FORBIDDEN",
+        ),
+    ];
+    for (body, status, code) in refused {
+        let r = open(body.clone()).await;
+        assert_eq!((r.status, r.code()), (status, code), "{body}: {}", r.text);
+    }
+    let r = open(json!({"streams":["room:a"],"after":{"room:a":1}})).await;
+    assert_eq!(r.json["error"]["firstAvailableSeq"], 3, "{}", r.text);
+    let r = open(json!({"streams":["room:a"],"after":{"room:a":8}})).await;
+    assert_eq!(r.json["error"]["headSeq"], 7, "{}", r.text);
+    // A snapshot of another incarnation of the log: EPOCH_CHANGED, never a silent hole.
+    let other = TestServer::start().await;
+    other.api().publish("room:a", json!(1)).await;
+    let other_epoch = other
+        .api()
+        .get("/v1/streams/room:a", Some(&other.creds.api_key))
+        .await
+        .json["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r =
+        open(json!({"streams":["room:a"],"after":{"room:a":{"seq":4,"epoch":other_epoch}}})).await;
+    assert_eq!((r.status, r.code()), (409, "EPOCH_CHANGED"), "{}", r.text);
+    assert_eq!(r.json["error"]["epoch"], epoch.as_str());
+    assert_eq!(sessions().await, before, "a refused open stores nothing");
+
+    // Opened at the snapshot: the stream starts after seq 4; another without `after` at head.
+    let r = open(json!({
+        "streams": ["room:a", "room:c"],
+        "after": {"room:a": {"seq": 4, "epoch": epoch}},
+    }))
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        r.json["streams"]["room:a"],
+        json!({"epoch": epoch, "headSeq": 7, "lastAckSequence": 4})
+    );
+    assert_eq!(r.json["streams"]["room:c"]["lastAckSequence"], 0);
+    let sid = r.json["sessionId"].as_str().unwrap().to_string();
+    let token = r.json["resumeToken"].as_str().unwrap().to_string();
+    let rc = api
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": token}),
+        )
+        .await;
+    assert_eq!(
+        seqs(&rc.json["replay"]["room:a"]),
+        vec![5, 6, 7],
+        "{}",
+        rc.text
+    );
+    // A bare number works the same, and a WebSocket resume starts at the same place.
+    let r = open(json!({"streams":["room:a"],"after":{"room:a":6}})).await;
+    assert_eq!(r.json["streams"]["room:a"]["lastAckSequence"], 6);
+    let token = r.json["resumeToken"].as_str().unwrap().to_string();
+    let mut ws =
+        zerodrop_testkit::ws::WsClient::connect(&format!("{}/v1/ws?resume={token}", s.ws_url()))
+            .await
+            .unwrap();
+    ws.expect("welcome").await;
+    let sub = ws.expect("subscribed").await;
+    assert_eq!(sub["fromSeq"], 7);
+    let evs = ws.events(1).await;
+    assert_eq!(evs[0]["seq"], 7);
+}
+
+/// The WebSocket way to the same: `subscribe {stream, after, epoch}` records the position in
+/// the session, so a socket that drops before its first ack resumes right after the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_subscribe_after_a_snapshot_survives_a_drop_before_any_ack() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    for i in 1..=3 {
+        api.publish("room:w", json!(i)).await;
+    }
+    let epoch = api
+        .get("/v1/streams/room:w", Some(&s.creds.api_key))
+        .await
+        .json["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tok = s.token("u1", &["room:*"]);
+    let mut ws =
+        zerodrop_testkit::ws::WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+            .await
+            .unwrap();
+    let token = ws.expect("welcome").await["resumeToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ws.send(json!({"type":"subscribe","stream":"room:w","after":2,"epoch":epoch}))
+        .await;
+    assert_eq!(ws.expect("subscribed").await["fromSeq"], 3);
+    ws.abort();
+    api.publish("room:w", json!(4)).await;
+    let mut back =
+        zerodrop_testkit::ws::WsClient::connect(&format!("{}/v1/ws?resume={token}", s.ws_url()))
+            .await
+            .unwrap();
+    back.expect("welcome").await;
+    assert_eq!(back.expect("subscribed").await["fromSeq"], 3);
+    let got: Vec<u64> = back
+        .events(2)
+        .await
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![3, 4]);
+}
