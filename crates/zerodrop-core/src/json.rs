@@ -57,9 +57,51 @@ pub fn compact(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// How deep event `data` may nest (arrays and objects). `serde_json` validates a `RawValue`
+/// without a recursion limit, but the clients that parse an event (browsers, SDKs, serde's own
+/// default of 128 for a whole frame) have one: a deeper payload would be stored and then be
+/// unreadable to its subscribers.
+pub const MAX_DEPTH: usize = 64;
+
+/// The deepest nesting of arrays and objects in valid JSON text (0 for a scalar).
+pub fn depth(json: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_str, mut esc) = (false, false);
+    for &b in json.as_bytes() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_counts_nesting_outside_strings() {
+        assert_eq!(depth("1"), 0);
+        assert_eq!(depth(r#""[[[""#), 0);
+        assert_eq!(depth(r#"{"a":[1,{"b":[]}],"c":"]]]\"[["}"#), 4);
+        assert_eq!(depth(&format!("{}{}", "[".repeat(65), "]".repeat(65))), 65);
+    }
     use proptest::prelude::*;
 
     #[test]

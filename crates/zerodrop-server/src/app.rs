@@ -450,6 +450,13 @@ impl App {
                 ),
             ));
         }
+        let depth = zerodrop_core::json::depth(&data);
+        if depth > zerodrop_core::json::MAX_DEPTH {
+            return Err(ApiError::invalid(format!(
+                "data nests {depth} levels deep; the limit is {}",
+                zerodrop_core::json::MAX_DEPTH
+            )));
+        }
         let idempotency = idempotency_key.map(|key| IdempotencyKey {
             key,
             fingerprint: Sha256::digest(data.as_bytes()).into(),

@@ -30,6 +30,10 @@ pub const INSTANCE_HEADER: &str = "x-zerodrop-instance";
 /// Most events one read or one reconnect window returns.
 pub const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
+/// Most bytes of request headers (names and values) and of a request target. Below the HTTP
+/// layer's own limits, so a request past them gets a typed error rather than a bare status.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const MAX_URI_BYTES: usize = 16 * 1024;
 
 pub fn router(app: Arc<App>) -> Router {
     let cors = cors(&app.cfg.cors_origins);
@@ -58,6 +62,7 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(body_limit)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(head_limits))
         .layer(middleware::from_fn_with_state(app.clone(), stamp))
         .layer(cors)
         .with_state(app)
@@ -109,6 +114,38 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         res.status().as_u16(),
         started.elapsed(),
     );
+    res
+}
+
+/// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
+/// headers, 414 past [`MAX_URI_BYTES`] of request target.
+async fn head_limits(req: Request, next: Next) -> Response {
+    let uri = req.uri().to_string().len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let (status, what, size, limit) = if uri > MAX_URI_BYTES {
+        (
+            StatusCode::URI_TOO_LONG,
+            "request target",
+            uri,
+            MAX_URI_BYTES,
+        )
+    } else if headers > MAX_HEADER_BYTES {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers",
+            headers,
+            MAX_HEADER_BYTES,
+        )
+    } else {
+        return next.run(req).await;
+    };
+    let mut res = ApiError::invalid(format!("the {what} is {size} bytes; the limit is {limit}"))
+        .into_response();
+    *res.status_mut() = status;
     res
 }
 

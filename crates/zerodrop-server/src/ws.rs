@@ -747,6 +747,17 @@ impl Conn {
             }
             return Ok(());
         }
+        // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
+        // echoed) may nest as deep as event data may, and no deeper.
+        let depth = zerodrop_core::json::depth(text.as_str());
+        if depth > zerodrop_core::json::MAX_DEPTH + 1 {
+            return self
+                .send_error(ApiError::invalid(format!(
+                    "the frame nests {depth} levels deep; its fields may nest {} at most",
+                    zerodrop_core::json::MAX_DEPTH
+                )))
+                .await;
+        }
         let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
             Ok(f) => f,
             Err(e) => {

@@ -1,0 +1,362 @@
+//! A black-box pass with hostile input: forged and tampered credentials, payloads nested too
+//! deep to parse, oversized request heads, odd stream ids on every transport. Each gets its
+//! typed error; nothing stored changes; the server stays up and keeps serving.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use reqwest::Method;
+use serde_json::{Value, json};
+use zerodrop_testkit::server::TestServer;
+use zerodrop_testkit::ws::{Next, WsClient};
+
+fn b64(v: &Value) -> String {
+    B64.encode(v.to_string())
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Connect tokens that must not open anything: 401 `UNAUTHORIZED` on every route that takes
+/// one, and a refused upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_connect_tokens_are_unauthorized_everywhere() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let now = zerodrop_core::now_ms() / 1000;
+    let claims = json!({"sub": "mallory", "exp": now + 3600, "streams": ["*"]});
+    let good = s.token("mallory", &["room:1"]);
+    let parts: Vec<&str> = good.split('.').collect();
+    let hs = |alg: jsonwebtoken::Algorithm, secret: &str, claims: &Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let secret = s.creds.jwt_secret.clone();
+    let forged = vec![
+        ("garbage", "not-a-jwt".to_string()),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg":"none","typ":"JWT"})),
+                b64(&claims)
+            ),
+        ),
+        (
+            "HS512 with the real secret",
+            hs(jsonwebtoken::Algorithm::HS512, &secret, &claims),
+        ),
+        (
+            "HS256 with another secret",
+            hs(jsonwebtoken::Algorithm::HS256, &"z".repeat(32), &claims),
+        ),
+        (
+            "expired",
+            hs(
+                jsonwebtoken::Algorithm::HS256,
+                &secret,
+                &json!({"sub": "mallory", "exp": now - 120, "streams": ["*"]}),
+            ),
+        ),
+        (
+            "no exp",
+            hs(
+                jsonwebtoken::Algorithm::HS256,
+                &secret,
+                &json!({"sub": "mallory", "streams": ["*"]}),
+            ),
+        ),
+        (
+            "widened streams under the original signature",
+            format!("{}.{}.{}", parts[0], b64(&claims), parts[2]),
+        ),
+        ("empty signature", format!("{}.{}.", parts[0], parts[1])),
+    ];
+    for (what, tok) in &forged {
+        let r = api
+            .post("/v1/sessions", Some(tok), json!({"streams":["room:1"]}))
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "UNAUTHORIZED"),
+            "{what}: {}",
+            r.text
+        );
+        let r = api
+            .get(&format!("/v1/streams/room:1/events?after=0"), Some(tok))
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "UNAUTHORIZED"),
+            "{what}: {}",
+            r.text
+        );
+        let r = api
+            .get(&format!("/v1/streams/room:1/sse?token={tok}"), None)
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "UNAUTHORIZED"),
+            "{what}: {}",
+            r.text
+        );
+        let refused = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the upgrade is refused"));
+        assert_eq!(
+            (refused.status, refused.json()["error"]["code"].as_str()),
+            (401, Some("UNAUTHORIZED")),
+            "{what}"
+        );
+    }
+    // The real token still works: nothing was locked out or changed.
+    let r = api
+        .post("/v1/sessions", Some(&good), json!({"streams":["room:1"]}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        api.metrics_json().await["resume_store_metrics"]["sessions"],
+        1
+    );
+}
+
+/// Resume tokens that are malformed, tampered with or signed by an unknown key:
+/// `INVALID_RESUME_TOKEN` over HTTP (401) and WebSocket (close 4401), never a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_resume_tokens_are_invalid_on_every_transport() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    api.publish("room:1", json!("kept")).await;
+    let tok = s.token("u1", &["room:*"]);
+    let open = api
+        .post("/v1/sessions", Some(&tok), json!({"streams":["room:1"]}))
+        .await
+        .json;
+    let sid = open["sessionId"].as_str().unwrap().to_string();
+    let real = open["resumeToken"].as_str().unwrap().to_string();
+    let p: Vec<&str> = real.split('.').collect();
+    assert_eq!(p.len(), 4, "{real}");
+    let payload: Value = serde_json::from_slice(&B64.decode(p[2]).unwrap()).unwrap();
+    let mut other_sid = payload.clone();
+    other_sid["sid"] = json!("0000000000000000000000000000000000000000");
+    let mut longer = payload.clone();
+    longer["exp"] = json!(payload["exp"].as_u64().unwrap() + 86_400);
+    let mut flipped = p[3].to_string();
+    let last = flipped.pop().unwrap();
+    flipped.push(if last == 'A' { 'B' } else { 'A' });
+    let forged = vec![
+        ("empty", String::new()),
+        ("garbage", "v1.k1.garbage.garbage".to_string()),
+        ("three parts", format!("{}.{}.{}", p[0], p[1], p[2])),
+        ("five parts", format!("{real}.x")),
+        ("another version", format!("v2.{}.{}.{}", p[1], p[2], p[3])),
+        ("unknown key id", format!("v1.k9.{}.{}", p[2], p[3])),
+        (
+            "flipped signature",
+            format!("v1.{}.{}.{flipped}", p[1], p[2]),
+        ),
+        (
+            "another session under the original signature",
+            format!("v1.{}.{}.{}", p[1], b64(&other_sid), p[3]),
+        ),
+        (
+            "a later expiry under the original signature",
+            format!("v1.{}.{}.{}", p[1], b64(&longer), p[3]),
+        ),
+        (
+            "a payload that is not JSON",
+            format!("v1.{}.{}.{}", p[1], B64.encode("{{{"), p[3]),
+        ),
+        ("very long", format!("v1.k1.{}.{}", "A".repeat(8000), p[3])),
+    ];
+    for (what, bad) in &forged {
+        let r = api
+            .post(
+                &format!("/v1/sessions/{sid}/reconnect"),
+                None,
+                json!({"resumeToken": bad}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "INVALID_RESUME_TOKEN"),
+            "{what}: {}",
+            r.text
+        );
+        let r = api
+            .post(
+                &format!("/v1/sessions/{sid}/checkpoint"),
+                Some(bad),
+                json!({"stream":"room:1","seq":1}),
+            )
+            .await;
+        assert!(
+            matches!(
+                (r.status, r.code()),
+                (401, "INVALID_RESUME_TOKEN") | (401, "UNAUTHORIZED")
+            ),
+            "{what}: {}",
+            r.text
+        );
+        if bad.is_empty() {
+            continue;
+        }
+        let mut ws = WsClient::connect(&format!("{}/v1/ws", s.ws_url()))
+            .await
+            .unwrap();
+        ws.send(json!({"type":"resume","resumeToken":bad})).await;
+        let f = ws.recv().await;
+        assert_eq!(
+            (f["type"].as_str(), f["code"].as_str()),
+            (Some("error"), Some("INVALID_RESUME_TOKEN")),
+            "{what}: {f}"
+        );
+        assert_eq!(ws.expect_close().await, Some(4401), "{what}");
+    }
+    // The real token still resumes, with the stored ack untouched.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": real}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["replay"]["room:1"]["fromSeq"], 2);
+}
+
+/// Payloads nested deeper than clients can parse, oversized request heads and odd stream ids
+/// on every transport: each a typed error, with the log, the socket and the server intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_heads_and_stream_ids_leave_everything_intact() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    for i in 0..3 {
+        api.publish("keep", json!(i)).await;
+    }
+    let before = api.info("keep").await;
+    let publish_raw = |body: String| {
+        let api = api.clone();
+        let key = key.clone();
+        async move {
+            api.request(
+                Method::POST,
+                "/v1/streams/keep/events",
+                Some(&key),
+                Some(body),
+                &[],
+            )
+            .await
+        }
+    };
+    // Nesting: 64 levels are data; 65 or 20,000 (which fits in the payload limit) are not.
+    for depth in [65, 20_000] {
+        let r = publish_raw(format!("{{\"data\":{}}}", nested(depth))).await;
+        assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"), "{}", r.text);
+        assert!(r.text.contains("limit is 64"), "{}", r.text);
+    }
+    assert_eq!(api.info("keep").await, before, "nothing was stored");
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/deep/events",
+            Some(&key),
+            Some(format!("{{\"data\":{}}}", nested(64))),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "64 levels are data: {}", r.text);
+    // Heads past the limits: typed, with their own statuses.
+    let big = "h".repeat(40 * 1024);
+    let r = api
+        .request(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-big", big.as_str())],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (431, "INVALID_REQUEST"), "{}", r.text);
+    let r = api
+        .get(
+            &format!(
+                "/v1/streams/keep/events?after=0&pad={}",
+                "p".repeat(20 * 1024)
+            ),
+            Some(&key),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (414, "INVALID_REQUEST"), "{}", r.text);
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/keep/events",
+            Some(&format!("{key}{}", "k".repeat(40 * 1024))),
+            Some(r#"{"data":1}"#.into()),
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (431, "INVALID_REQUEST"), "{}", r.text);
+
+    // The same over WebSocket: a deep `publish` and odd subscribe ids are frame errors, and
+    // the socket goes on.
+    let tok = s.creds.token("u1", &["*"], &["*"]);
+    let mut ws = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    ws.expect("welcome").await;
+    ws.send_raw(format!(
+        r#"{{"type":"publish","stream":"keep","data":{},"id":1}}"#,
+        nested(65)
+    ))
+    .await;
+    let f = ws.expect("error").await;
+    assert_eq!(f["code"], "INVALID_REQUEST", "{f}");
+    ws.send_raw(format!(r#"{{"type":"ping","t":{}}}"#, nested(20_000)))
+        .await;
+    assert_eq!(ws.expect("error").await["code"], "INVALID_REQUEST");
+    let long = "x".repeat(129);
+    for id in ["", "a b", "a/b", "café", "a*", long.as_str(), "\u{0}"] {
+        ws.send(json!({"type":"subscribe","stream":id,"after":0}))
+            .await;
+        let f = ws.expect("error").await;
+        assert_eq!(f["code"], "INVALID_STREAM_ID", "{id:?}: {f}");
+    }
+    ws.send(json!({"type":"subscribe","stream":"keep","after":0}))
+        .await;
+    assert_eq!(ws.expect("subscribed").await["fromSeq"], 1);
+    assert_eq!(ws.events(3).await.len(), 3, "the socket still serves");
+    // The deepest event allowed is readable by a client that parses whole frames.
+    ws.send(json!({"type":"subscribe","stream":"deep","after":0}))
+        .await;
+    ws.expect("subscribed").await;
+    assert_eq!(ws.events(1).await[0]["data"].to_string(), nested(64));
+    match ws.next_within(std::time::Duration::from_millis(200)).await {
+        Next::Timeout => {}
+        other => panic!("nothing else arrives: {other:?}"),
+    }
+    // SSE and reads refuse odd ids before anything starts.
+    for id in ["a%20b", "a%2Fb", "caf%C3%A9", "%00"] {
+        let r = api
+            .get(&format!("/v1/streams/{id}/sse?token={tok}"), None)
+            .await;
+        assert_eq!((r.status, r.code()), (400, "INVALID_STREAM_ID"), "{id}");
+        let r = api
+            .get(&format!("/v1/streams/{id}/events"), Some(&key))
+            .await;
+        assert_eq!((r.status, r.code()), (400, "INVALID_STREAM_ID"), "{id}");
+    }
+    assert_eq!(api.info("keep").await, before, "stored data is untouched");
+    assert_eq!(api.get("/health/ready", None).await.status, 200);
+    assert_eq!(
+        api.metrics_json().await["ws_metrics"]["dropped_messages"],
+        0
+    );
+}
