@@ -87,7 +87,7 @@ async fn forged_connect_tokens_are_unauthorized_everywhere() {
             r.text
         );
         let r = api
-            .get(&format!("/v1/streams/room:1/events?after=0"), Some(tok))
+            .get("/v1/streams/room:1/events?after=0", Some(tok))
             .await;
         assert_eq!(
             (r.status, r.code()),
