@@ -6,9 +6,11 @@
 //! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
 //! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart;
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
-//!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies.
+//!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies;
+//! - [`files`]: damage done to a data file the way a bad disk does it.
 
 pub mod cluster;
+pub mod files;
 pub mod http;
 pub mod redis;
 pub mod roam;
