@@ -689,65 +689,81 @@ impl Writer {
         }
     }
 
+    /// Runs one command inside the batch's transaction. Its reply joins the batch's whatever
+    /// happens, so that a statement that fails (a full disk, a damaged page) answers its own
+    /// caller with the batch's error too.
     fn apply(&mut self, cmd: Cmd, fx: &mut BatchEffects) -> rusqlite::Result<()> {
         match cmd {
             Cmd::Append(req, reply) => {
-                let r = self.append(req, fx)?;
-                fx.done.push(Done::Append(reply, r));
+                let r = self.append(req, fx);
+                settle(fx, reply, Done::Append, r)
             }
             Cmd::CreateSession(s, reply) => {
-                self.create_session(&s)?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                let r = self.create_session(&s).map(Ok);
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::PutSessionStream(id, stream, state, reply) => {
-                let r = self.put_session_stream(&id, &stream, &state)?;
-                fx.done.push(Done::Unit(reply, r));
+                let r = self.put_session_stream(&id, &stream, &state);
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::RemoveSessionStream(id, stream, reply) => {
-                self.conn
+                let r = self
+                    .conn
                     .prepare_cached(
                         "DELETE FROM session_streams WHERE session_id = ?1 AND stream = ?2",
-                    )?
-                    .execute(params![id.as_str(), stream.as_str()])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                    )
+                    .and_then(|mut st| st.execute(params![id.as_str(), stream.as_str()]))
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::CheckpointMany(acks, reply) => {
-                let mut applied = 0;
-                for (id, stream, seq) in acks {
-                    if let Ok(u) = self.checkpoint(&id, &stream, seq)? {
-                        applied += usize::from(u.is_applied());
+                let r = (|| {
+                    let mut applied = 0;
+                    for (id, stream, seq) in acks {
+                        if let Ok(u) = self.checkpoint(&id, &stream, seq)? {
+                            applied += usize::from(u.is_applied());
+                        }
                     }
-                }
-                fx.done.push(Done::Count(reply, Ok(applied)));
+                    Ok(Ok(applied))
+                })();
+                settle(fx, reply, Done::Count, r)
             }
             Cmd::Checkpoint(id, stream, seq, reply) => {
-                let r = self.checkpoint(&id, &stream, seq)?;
-                fx.done.push(Done::Ack(reply, r));
+                let r = self.checkpoint(&id, &stream, seq);
+                settle(fx, reply, Done::Ack, r)
             }
             Cmd::Touch(id, expires, reply) => {
-                self.conn
-                    .prepare_cached("UPDATE sessions SET expires_ms = ?2 WHERE id = ?1")?
-                    .execute(params![id.as_str(), expires as i64])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                let r = self
+                    .conn
+                    .prepare_cached("UPDATE sessions SET expires_ms = ?2 WHERE id = ?1")
+                    .and_then(|mut st| st.execute(params![id.as_str(), expires as i64]))
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::MarkDropped(id, stream, through, reply) => {
-                self.conn
+                let r = self
+                    .conn
                     .prepare_cached(
                         "UPDATE session_streams SET dropped_through = MAX(dropped_through, ?3)
                          WHERE session_id = ?1 AND stream = ?2",
-                    )?
-                    .execute(params![id.as_str(), stream.as_str(), through.0 as i64])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![id.as_str(), stream.as_str(), through.0 as i64])
+                    })
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::MaxPages(pages, reply) => {
                 let want = pages.unwrap_or(self.default_max_pages).max(1) as i64;
-                let now: i64 =
-                    self.conn
-                        .query_row(&format!("PRAGMA max_page_count = {want}"), [], |r| r.get(0))?;
-                fx.done.push(Done::Count64(reply, Ok(now.max(0) as u64)));
+                let r = self
+                    .conn
+                    .query_row(&format!("PRAGMA max_page_count = {want}"), [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map(|now| Ok(now.max(0) as u64));
+                settle(fx, reply, Done::Count64, r)
             }
         }
-        Ok(())
     }
 
     fn meta(&mut self, stream: &StreamId) -> rusqlite::Result<&mut Meta> {
@@ -1125,6 +1141,26 @@ impl Writer {
                 ])?;
         }
         Ok(Ok(update))
+    }
+}
+
+/// Adds a command's reply to the batch's; a statement that failed fails the batch (the batch's
+/// error then answers every reply, this one included).
+fn settle<T>(
+    fx: &mut BatchEffects,
+    reply: Reply<T>,
+    done: fn(Reply<T>, StoreResult<T>) -> Done,
+    r: rusqlite::Result<StoreResult<T>>,
+) -> rusqlite::Result<()> {
+    match r {
+        Ok(v) => {
+            fx.done.push(done(reply, v));
+            Ok(())
+        }
+        Err(e) => {
+            fx.done.push(done(reply, Err(closed())));
+            Err(e)
+        }
     }
 }
 
