@@ -352,9 +352,9 @@ fn fault_of(e: &rusqlite::Error) -> Option<StoreFault> {
     }
 }
 
-/// `PRAGMA quick_check`: every page and b-tree well formed (not the index contents, which
-/// `integrity_check` would also compare, at several times the cost). A damaged file fails as
-/// `SQLITE_CORRUPT` with the first problem found.
+/// `PRAGMA quick_check`: every page and b-tree well formed (`integrity_check` would also
+/// compare every index with its table). A damaged file fails as `SQLITE_CORRUPT` with the
+/// first problem found.
 fn quick_check(conn: &Connection) -> rusqlite::Result<()> {
     let first: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
     if first == "ok" {
