@@ -112,6 +112,14 @@ pub struct ServeArgs {
         default_value = "full"
     )]
     pub sqlite_synchronous: SyncChoice,
+    /// How often the SQLite file is checked for damage (`PRAGMA quick_check`) while serving,
+    /// in seconds; 0 turns the scheduled check off (the start-up check always runs).
+    #[arg(
+        long,
+        env = "ZERODROP_SQLITE_CHECK_INTERVAL_SEC",
+        default_value_t = 3600
+    )]
+    pub sqlite_check_interval_sec: u64,
     /// Newest events each subscribed stream keeps in memory for live fan-out; subscribers
     /// further behind read the log.
     #[arg(long, env = "ZERODROP_LIVE_RING_EVENTS", default_value_t = 1024)]
@@ -148,6 +156,7 @@ struct FileConfig {
     ws_frames_per_sec: Option<u32>,
     idempotency_ttl_sec: Option<u64>,
     sqlite_synchronous: Option<SyncChoice>,
+    sqlite_check_interval_sec: Option<u64>,
     live_ring_events: Option<usize>,
     instance_id: Option<String>,
     log_format: Option<LogFormat>,
@@ -200,6 +209,7 @@ pub struct Config {
     pub ws_frames_per_sec: u32,
     pub idempotency_ttl_sec: u64,
     pub sqlite_synchronous: SyncChoice,
+    pub sqlite_check_interval_sec: u64,
     pub live_ring_events: usize,
     pub instance_id: Option<String>,
     pub log_format: LogFormat,
@@ -263,6 +273,7 @@ impl Config {
                 ws_frames_per_sec,
                 idempotency_ttl_sec,
                 sqlite_synchronous,
+                sqlite_check_interval_sec,
                 live_ring_events,
                 log_format
             );
@@ -296,6 +307,7 @@ impl Config {
             ws_frames_per_sec: a.ws_frames_per_sec,
             idempotency_ttl_sec: a.idempotency_ttl_sec,
             sqlite_synchronous: a.sqlite_synchronous,
+            sqlite_check_interval_sec: a.sqlite_check_interval_sec,
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,
             log_format: a.log_format,

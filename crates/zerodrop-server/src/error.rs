@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use zerodrop_core::window::WindowError;
 use zerodrop_core::{ErrorCode, Seq};
-use zerodrop_store::StoreError;
+use zerodrop_store::{StoreError, StoreFault};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -120,6 +120,27 @@ impl From<StoreError> for ApiError {
                     ErrorCode::StoreUnavailable,
                     "the store is unavailable and nothing was acknowledged; retry with backoff (with the same Idempotency-Key, a retry never appends twice)",
                 )
+            }
+            // The store has logged it (with the file, at most once per kind every 10 s).
+            StoreError::Fault { fault, detail } => {
+                tracing::debug!(error = %detail, "store failed");
+                let (message, retry) = match fault {
+                    StoreFault::DiskFull => (
+                        "the store's disk is full and nothing was acknowledged; stored events are intact and readable; retry once space is freed (with the same Idempotency-Key, a retry never appends twice)",
+                        5,
+                    ),
+                    StoreFault::Corrupt => (
+                        "the store's data file is damaged and nothing was acknowledged; this instance serves no stored data until it is restarted; retry, on another instance if there is one",
+                        30,
+                    ),
+                    StoreFault::Io => (
+                        "the store's disk failed a read or write and nothing was acknowledged; retry with backoff (with the same Idempotency-Key, a retry never appends twice)",
+                        1,
+                    ),
+                };
+                ApiError::new(ErrorCode::StoreUnavailable, message)
+                    .with("reason", fault.as_str())
+                    .retry_after(retry)
             }
             StoreError::IdempotencyKeyReused => ApiError::new(
                 ErrorCode::IdempotencyKeyReused,

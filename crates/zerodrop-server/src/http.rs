@@ -644,7 +644,9 @@ async fn live() -> Json<Value> {
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let mut reasons = Vec::new();
-    if !store_up(&app) {
+    if app.store.corrupt() {
+        reasons.push("store_corrupt");
+    } else if !store_up(&app) {
         reasons.push("store_unavailable");
     }
     if app.drain.is_refusing() {

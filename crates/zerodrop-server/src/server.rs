@@ -49,6 +49,11 @@ impl Running {
         r
     }
 
+    /// The SQLite store, when it is the one in use.
+    pub fn sqlite(&self) -> Option<&Arc<SqliteStore>> {
+        self.sqlite.as_ref()
+    }
+
     /// Stops at once without draining (tests that simulate a crash use a process instead).
     pub async fn stop_now(self) -> anyhow::Result<()> {
         self.shutdown(Duration::ZERO).await
@@ -212,6 +217,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (app, sqlite) = build(cfg).await?;
     let (stop, stop_rx) = watch::channel(false);
     spawn_background(app.clone(), stop_rx.clone());
+    if let Some(s) = &sqlite {
+        spawn_sqlite_check(
+            s.clone(),
+            app.cfg.sqlite_check_interval_sec,
+            stop_rx.clone(),
+        );
+    }
     let router = crate::http::router(app.clone());
     let mut stop_signal = stop_rx;
     // Small frames must not wait for Nagle's algorithm.
@@ -256,6 +268,27 @@ where
                 _ = stop.wait_for(|s| *s) => return,
             }
             work().await;
+        }
+    });
+}
+
+/// The scheduled `PRAGMA quick_check` (the first one a period after start: the start-up check
+/// just ran). A damaged file latches the store (it logs why and what to do); later checks stop.
+fn spawn_sqlite_check(store: Arc<SqliteStore>, period_sec: u64, mut stop: watch::Receiver<bool>) {
+    if period_sec == 0 {
+        return;
+    }
+    let period = Duration::from_secs(period_sec);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        while !store.corrupt() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = store.check().await {
+                tracing::debug!(error = %e, "scheduled database check");
+            }
         }
     });
 }

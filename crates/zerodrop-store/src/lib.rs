@@ -55,6 +55,10 @@ pub enum StoreError {
     /// The store cannot be reached or cannot write; nothing was applied.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store's storage failed (disk full, damaged file, I/O error); nothing was applied
+    /// and what was stored before is untouched. The detail names the file and the cause.
+    #[error("store failed ({}): {detail}", fault.as_str())]
+    Fault { fault: StoreFault, detail: String },
     #[error("idempotency key reused with a different request body")]
     IdempotencyKeyReused,
     #[error("a request with this idempotency key is still in progress")]
@@ -67,6 +71,37 @@ pub enum StoreError {
     NotInSession,
     #[error("the stream's log was recreated (epoch {current})")]
     EpochChanged { current: Epoch },
+}
+
+impl StoreError {
+    /// The store could not do the work at all (as opposed to refusing the request): the
+    /// client should retry later, `STORE_UNAVAILABLE`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Fault { .. })
+    }
+}
+
+/// Why a store's storage failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreFault {
+    /// No space left for the file (`SQLITE_FULL`): writes fail until space is freed; reads
+    /// go on.
+    DiskFull,
+    /// The file is damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`, or a failed
+    /// `PRAGMA quick_check`): the store stops serving it until a restart moves it aside.
+    Corrupt,
+    /// The operating system failed a read or a write (`SQLITE_IOERR*`).
+    Io,
+}
+
+impl StoreFault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFault::DiskFull => "disk_full",
+            StoreFault::Corrupt => "corrupt",
+            StoreFault::Io => "io_error",
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -234,7 +269,7 @@ pub trait Store: Send + Sync + 'static {
         for (id, stream, seq) in acks {
             match self.checkpoint(&id, &stream, seq).await {
                 Ok(u) => applied += usize::from(u.is_applied()),
-                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                Err(e) if e.is_unavailable() => return Err(e),
                 Err(_) => {}
             }
         }
@@ -254,6 +289,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap liveness check used by readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The store found its data damaged and refuses every call until the instance restarts
+    /// (readiness says `store_corrupt` rather than `store_unavailable`).
+    fn corrupt(&self) -> bool {
+        false
+    }
 
     /// Tells every instance sharing this store that the connection named `holder` (an opaque
     /// token without `|`) now holds session `id`, so that an older connection elsewhere can be

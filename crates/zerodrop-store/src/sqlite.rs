@@ -11,8 +11,12 @@
 //! writer keeps `ts` monotonic, the oldest rows by rowid are the oldest by time, which makes the
 //! age sweep a cheap prefix delete. Per-stream bounds live in `streams`, cached by the writer.
 //!
-//! A file that is not a database is moved aside to `<name>.corrupt-<UTC stamp>` and a new one
-//! (with a new epoch, so clients resync) takes its place.
+//! A file that is not a database, or that fails `PRAGMA quick_check` at open, is moved aside to
+//! `<name>.corrupt-<UTC stamp>` and a new one (with a new epoch, so clients resync) takes its
+//! place. At run time every SQLite failure is classified once ([`Health::fault`]): a full disk
+//! or an I/O error fails that call with [`StoreError::Fault`] and the next call tries again; a
+//! damaged file (`SQLITE_CORRUPT`, `SQLITE_NOTADB`, or a failed scheduled [`SqliteStore::check`])
+//! latches the store into refusing every call until a restart quarantines the file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +36,7 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, n
 use crate::memory::apply_checkpoint;
 use crate::{
     AppendOutcome, AppendRequest, IdempotencyKey, LiveSink, ReadResult, SessionRecord,
-    SessionStream, Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    SessionStream, Store, StoreError, StoreFault, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
 /// Most commands committed together.
@@ -45,6 +49,8 @@ const READERS_KEPT: usize = 8;
 /// Reads of at most this many events run on the calling thread; larger ones on the blocking
 /// pool.
 const INLINE_READ_EVENTS: usize = 256;
+/// At most one log line per kind of storage failure this often (the line counts the others).
+const FAULT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// `PRAGMA synchronous` for the write connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -90,12 +96,14 @@ enum Cmd {
     CheckpointMany(Vec<(SessionId, StreamId, Seq)>, Reply<usize>),
     Touch(SessionId, u64, Reply<()>),
     MarkDropped(SessionId, StreamId, Seq, Reply<()>),
+    MaxPages(Option<u64>, Reply<u64>),
 }
 
 pub struct SqliteStore {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<Readers>,
+    health: Arc<Health>,
     up: Arc<AtomicBool>,
     commits: Arc<AtomicU64>,
     quarantined: Option<PathBuf>,
@@ -105,10 +113,12 @@ impl SqliteStore {
     /// Opens (or creates) the database, quarantining a file that is not a database.
     pub fn open(opts: SqliteOptions, sink: Arc<dyn LiveSink>) -> StoreResult<SqliteStore> {
         let (conn, epoch, quarantined) = open_or_quarantine(&opts)?;
+        let health = Arc::new(Health::new(opts.path.clone()));
         let readers = Arc::new(Readers {
             path: opts.path.clone(),
             epoch: epoch.clone(),
             pool: Mutex::new(Vec::new()),
+            health: health.clone(),
         });
         let up = Arc::new(AtomicBool::new(true));
         let commits = Arc::new(AtomicU64::new(0));
@@ -118,10 +128,16 @@ impl SqliteStore {
             })
             .map(|v| v.max(0) as u64)
             .map_err(unavailable)?;
+        let default_max_pages: u64 = conn
+            .query_row("PRAGMA max_page_count", [], |r| r.get::<_, i64>(0))
+            .map(|v| v.max(1) as u64)
+            .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
             conn,
             epoch,
+            health: health.clone(),
+            default_max_pages,
             retention: opts.retention,
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
@@ -139,6 +155,7 @@ impl SqliteStore {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             readers,
+            health,
             up,
             commits,
             quarantined,
@@ -157,6 +174,46 @@ impl SqliteStore {
 
     pub fn epoch(&self) -> &Epoch {
         &self.readers.epoch
+    }
+
+    /// Runs `PRAGMA quick_check` on the file as it is on disk now (a fresh read-only
+    /// connection, so neither the writer nor the readers wait for it). A file that fails it is
+    /// damaged: the store latches into refusing every call ([`StoreFault::Corrupt`]) and logs
+    /// one error naming the file, so that the operator restarts the instance, whose start-up
+    /// check then moves the file aside.
+    pub async fn check(&self) -> StoreResult<()> {
+        if let Some(e) = self.health.refusal() {
+            return Err(e);
+        }
+        let (path, health) = (self.readers.path.clone(), self.health.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(Duration::from_secs(5))?;
+            quick_check(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the quick_check task failed: {e}")))?;
+        found.map_err(|e| health.fault(e))
+    }
+
+    /// Caps the file at `pages` pages (`PRAGMA max_page_count`; `None` lifts the cap), and
+    /// answers the cap now in force. Never lower than the file's current size: what a full
+    /// disk looks like to the writer, without filling one. For tests and drills.
+    #[doc(hidden)]
+    pub async fn limit_pages(&self, pages: Option<u64>) -> StoreResult<u64> {
+        self.call(|r| Cmd::MaxPages(pages, r)).await
+    }
+
+    /// Pages the file holds now (its size over the page size).
+    #[doc(hidden)]
+    pub async fn page_count(&self) -> StoreResult<u64> {
+        self.readers.run_now(|c, _| {
+            c.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+                .map(|v| v.max(0) as u64)
+        })
     }
 
     /// Lets the writer finish what is queued, then stops it. Later calls fail with
@@ -281,10 +338,32 @@ fn init(conn: &Connection, sync: Synchronous) -> rusqlite::Result<Epoch> {
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
-    )
+    fault_of(e) == Some(StoreFault::Corrupt)
+}
+
+/// The storage failure an SQLite error stands for, if it is one.
+fn fault_of(e: &rusqlite::Error) -> Option<StoreFault> {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code()? {
+        C::DiskFull => Some(StoreFault::DiskFull),
+        C::NotADatabase | C::DatabaseCorrupt => Some(StoreFault::Corrupt),
+        C::SystemIoFailure => Some(StoreFault::Io),
+        _ => None,
+    }
+}
+
+/// `PRAGMA quick_check`: every page and b-tree well formed (`integrity_check` would also
+/// compare every index with its table). A damaged file fails as `SQLITE_CORRUPT` with the
+/// first problem found.
+fn quick_check(conn: &Connection) -> rusqlite::Result<()> {
+    let first: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+    if first == "ok" {
+        return Ok(());
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+        Some(format!("PRAGMA quick_check: {first}")),
+    ))
 }
 
 fn open_or_quarantine(opts: &SqliteOptions) -> StoreResult<(Connection, Epoch, Option<PathBuf>)> {
@@ -298,6 +377,8 @@ fn open_or_quarantine(opts: &SqliteOptions) -> StoreResult<(Connection, Epoch, O
             ));
         }
         let conn = Connection::open(&opts.path)?;
+        // Before anything is written to it: a damaged file is moved aside as it was found.
+        quick_check(&conn)?;
         let epoch = init(&conn, opts.synchronous)?;
         Ok((conn, epoch))
     };
@@ -351,6 +432,105 @@ fn quarantine(path: &Path) -> StoreResult<PathBuf> {
     Ok(target)
 }
 
+// ------------------------------------------------------------------------------------ health
+
+/// What the store knows of its file's health, shared by the writer, the readers and
+/// [`SqliteStore::check`]: the one place an SQLite failure becomes a [`StoreError`] and a log
+/// line.
+struct Health {
+    path: PathBuf,
+    /// Set once the file was found damaged; never cleared (a restart quarantines the file).
+    corrupt: AtomicBool,
+    logged: Mutex<FaultLog>,
+}
+
+/// Per kind of failure: when it was last logged and how many went unlogged since.
+#[derive(Default)]
+struct FaultLog(HashMap<StoreFault, (Instant, u64)>);
+
+impl FaultLog {
+    /// Whether a failure of this kind at `now` gets a log line (`force`: always) and, if so,
+    /// how many of its kind went unlogged before it.
+    fn admit(&mut self, fault: StoreFault, now: Instant, force: bool) -> Option<u64> {
+        match self.0.get_mut(&fault) {
+            Some((at, n)) if !force && now.saturating_duration_since(*at) < FAULT_LOG_EVERY => {
+                *n += 1;
+                None
+            }
+            Some((at, n)) => {
+                let was = *n;
+                (*at, *n) = (now, 0);
+                Some(was)
+            }
+            None => {
+                self.0.insert(fault, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl Health {
+    fn new(path: PathBuf) -> Health {
+        Health {
+            path,
+            corrupt: AtomicBool::new(false),
+            logged: Mutex::new(FaultLog::default()),
+        }
+    }
+
+    fn is_corrupt(&self) -> bool {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// The error every call gets once the file was found damaged.
+    fn refusal(&self) -> Option<StoreError> {
+        self.is_corrupt().then(|| StoreError::Fault {
+            fault: StoreFault::Corrupt,
+            detail: format!(
+                "{} is damaged; restart the instance to move it aside",
+                self.path.display()
+            ),
+        })
+    }
+
+    /// Classifies a failed SQLite call: a storage failure is logged (at most once per
+    /// [`FAULT_LOG_EVERY`] and kind) and, for a damaged file, latched; anything else is
+    /// `Unavailable`.
+    fn fault(&self, e: rusqlite::Error) -> StoreError {
+        let Some(fault) = fault_of(&e) else {
+            return unavailable(e);
+        };
+        let detail = format!("{}: {e}", self.path.display());
+        let newly_corrupt =
+            fault == StoreFault::Corrupt && !self.corrupt.swap(true, Ordering::Relaxed);
+        let admitted = lock(&self.logged).admit(fault, Instant::now(), newly_corrupt);
+        if let Some(suppressed) = admitted {
+            let path = self.path.display();
+            match fault {
+                StoreFault::DiskFull => tracing::error!(
+                    path = %path, error = %e, fault = fault.as_str(), suppressed,
+                    "the disk holding the database is full; publishes and session writes answer \
+                     503 STORE_UNAVAILABLE (reads go on, nothing stored is lost) until space is freed"
+                ),
+                StoreFault::Io => tracing::error!(
+                    path = %path, error = %e, fault = fault.as_str(), suppressed,
+                    "an I/O error on the database file; the call answered 503 STORE_UNAVAILABLE \
+                     and the next one tries again"
+                ),
+                StoreFault::Corrupt => tracing::error!(
+                    path = %path, error = %e, fault = fault.as_str(), suppressed,
+                    "the database file is damaged; the instance stops serving it (readiness 503 \
+                     store_corrupt, every publish and read 503 STORE_UNAVAILABLE): restart the \
+                     instance, whose start-up check moves the file aside and starts a new one \
+                     (every stream gets a new epoch)"
+                ),
+            }
+        }
+        StoreError::Fault { fault, detail }
+    }
+}
+
 // ------------------------------------------------------------------------------------ writer
 
 #[derive(Clone)]
@@ -366,6 +546,9 @@ struct Meta {
 struct Writer {
     conn: Connection,
     epoch: Epoch,
+    health: Arc<Health>,
+    /// `PRAGMA max_page_count` as SQLite set it, restored when a test lifts its cap.
+    default_max_pages: u64,
     retention: Retention,
     idempotency_ttl_ms: u64,
     session_grace_ms: u64,
@@ -382,6 +565,7 @@ enum Done {
     Unit(Reply<()>, StoreResult<()>),
     Ack(Reply<AckUpdate>, StoreResult<AckUpdate>),
     Count(Reply<usize>, StoreResult<usize>),
+    Count64(Reply<u64>, StoreResult<u64>),
 }
 
 impl Done {
@@ -392,6 +576,7 @@ impl Done {
             Done::Unit(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Ack(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Count(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
+            Done::Count64(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
         }
     }
 }
@@ -440,6 +625,13 @@ impl Writer {
     }
 
     fn process(&mut self, batch: Vec<Cmd>, sweep: bool, slow: bool) {
+        if let Some(err) = self.health.refusal() {
+            self.up.store(false, Ordering::Relaxed);
+            for cmd in batch {
+                fail(cmd, &err);
+            }
+            return;
+        }
         let mut fx = BatchEffects::default();
         let mut pending = batch.into_iter();
         let result = (|| -> rusqlite::Result<()> {
@@ -482,10 +674,10 @@ impl Writer {
                 self.cache.clear();
                 self.last_ts = self.last_ts.max(now_ms());
                 let was_up = self.up.swap(false, Ordering::Relaxed);
-                if was_up {
+                if was_up && fault_of(&e).is_none() {
                     tracing::error!(error = %e, "sqlite commit failed; writes answer STORE_UNAVAILABLE until one succeeds");
                 }
-                let err = StoreError::Unavailable(format!("sqlite: {e}"));
+                let err = self.health.fault(e);
                 for d in fx.done {
                     d.send(Some(&err));
                 }
@@ -497,58 +689,81 @@ impl Writer {
         }
     }
 
+    /// Runs one command inside the batch's transaction. Its reply joins the batch's whatever
+    /// happens, so that a statement that fails (a full disk, a damaged page) answers its own
+    /// caller with the batch's error too.
     fn apply(&mut self, cmd: Cmd, fx: &mut BatchEffects) -> rusqlite::Result<()> {
         match cmd {
             Cmd::Append(req, reply) => {
-                let r = self.append(req, fx)?;
-                fx.done.push(Done::Append(reply, r));
+                let r = self.append(req, fx);
+                settle(fx, reply, Done::Append, r)
             }
             Cmd::CreateSession(s, reply) => {
-                self.create_session(&s)?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                let r = self.create_session(&s).map(Ok);
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::PutSessionStream(id, stream, state, reply) => {
-                let r = self.put_session_stream(&id, &stream, &state)?;
-                fx.done.push(Done::Unit(reply, r));
+                let r = self.put_session_stream(&id, &stream, &state);
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::RemoveSessionStream(id, stream, reply) => {
-                self.conn
+                let r = self
+                    .conn
                     .prepare_cached(
                         "DELETE FROM session_streams WHERE session_id = ?1 AND stream = ?2",
-                    )?
-                    .execute(params![id.as_str(), stream.as_str()])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                    )
+                    .and_then(|mut st| st.execute(params![id.as_str(), stream.as_str()]))
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::CheckpointMany(acks, reply) => {
-                let mut applied = 0;
-                for (id, stream, seq) in acks {
-                    if let Ok(u) = self.checkpoint(&id, &stream, seq)? {
-                        applied += usize::from(u.is_applied());
+                let r = (|| {
+                    let mut applied = 0;
+                    for (id, stream, seq) in acks {
+                        if let Ok(u) = self.checkpoint(&id, &stream, seq)? {
+                            applied += usize::from(u.is_applied());
+                        }
                     }
-                }
-                fx.done.push(Done::Count(reply, Ok(applied)));
+                    Ok(Ok(applied))
+                })();
+                settle(fx, reply, Done::Count, r)
             }
             Cmd::Checkpoint(id, stream, seq, reply) => {
-                let r = self.checkpoint(&id, &stream, seq)?;
-                fx.done.push(Done::Ack(reply, r));
+                let r = self.checkpoint(&id, &stream, seq);
+                settle(fx, reply, Done::Ack, r)
             }
             Cmd::Touch(id, expires, reply) => {
-                self.conn
-                    .prepare_cached("UPDATE sessions SET expires_ms = ?2 WHERE id = ?1")?
-                    .execute(params![id.as_str(), expires as i64])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                let r = self
+                    .conn
+                    .prepare_cached("UPDATE sessions SET expires_ms = ?2 WHERE id = ?1")
+                    .and_then(|mut st| st.execute(params![id.as_str(), expires as i64]))
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
             }
             Cmd::MarkDropped(id, stream, through, reply) => {
-                self.conn
+                let r = self
+                    .conn
                     .prepare_cached(
                         "UPDATE session_streams SET dropped_through = MAX(dropped_through, ?3)
                          WHERE session_id = ?1 AND stream = ?2",
-                    )?
-                    .execute(params![id.as_str(), stream.as_str(), through.0 as i64])?;
-                fx.done.push(Done::Unit(reply, Ok(())));
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![id.as_str(), stream.as_str(), through.0 as i64])
+                    })
+                    .map(|_| Ok(()));
+                settle(fx, reply, Done::Unit, r)
+            }
+            Cmd::MaxPages(pages, reply) => {
+                let want = pages.unwrap_or(self.default_max_pages).max(1) as i64;
+                let r = self
+                    .conn
+                    .query_row(&format!("PRAGMA max_page_count = {want}"), [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map(|now| Ok(now.max(0) as u64));
+                settle(fx, reply, Done::Count64, r)
             }
         }
-        Ok(())
     }
 
     fn meta(&mut self, stream: &StreamId) -> rusqlite::Result<&mut Meta> {
@@ -929,6 +1144,26 @@ impl Writer {
     }
 }
 
+/// Adds a command's reply to the batch's; a statement that failed fails the batch (the batch's
+/// error then answers every reply, this one included).
+fn settle<T>(
+    fx: &mut BatchEffects,
+    reply: Reply<T>,
+    done: fn(Reply<T>, StoreResult<T>) -> Done,
+    r: rusqlite::Result<StoreResult<T>>,
+) -> rusqlite::Result<()> {
+    match r {
+        Ok(v) => {
+            fx.done.push(done(reply, v));
+            Ok(())
+        }
+        Err(e) => {
+            fx.done.push(done(reply, Err(closed())));
+            Err(e)
+        }
+    }
+}
+
 fn record_trim(fx: &mut BatchEffects, stream: &StreamId, first: Seq, count: u64) {
     match fx.trims.iter_mut().find(|(s, _, _)| s == stream) {
         Some(t) => {
@@ -963,6 +1198,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
         | Cmd::MarkDropped(_, _, _, r) => send(r, err),
         Cmd::Checkpoint(_, _, _, r) => send(r, err),
         Cmd::CheckpointMany(_, r) => send(r, err),
+        Cmd::MaxPages(_, r) => send(r, err),
     }
 }
 
@@ -972,6 +1208,7 @@ struct Readers {
     path: PathBuf,
     epoch: Epoch,
     pool: Mutex<Vec<Connection>>,
+    health: Arc<Health>,
 }
 
 impl Readers {
@@ -987,10 +1224,13 @@ impl Readers {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> StoreResult<R> {
+        if let Some(err) = self.health.refusal() {
+            return Err(err);
+        }
         let pooled = lock(&self.pool).pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => self.open().map_err(unavailable)?,
+            None => self.open().map_err(|e| self.health.fault(e))?,
         };
         let r = f(&mut conn);
         if r.is_ok() {
@@ -999,7 +1239,7 @@ impl Readers {
                 pool.push(conn);
             }
         }
-        r.map_err(unavailable)
+        r.map_err(|e| self.health.fault(e))
     }
 
     /// Runs a small read on this thread: a WAL read of a few pages costs far less than the two
@@ -1263,6 +1503,10 @@ impl Store for SqliteStore {
             .run_now(|c, _| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
     }
 
+    fn corrupt(&self) -> bool {
+        self.health.is_corrupt()
+    }
+
     async fn stats(&self) -> StoreResult<StoreStats> {
         self.readers
             .run(|c, _| {
@@ -1275,5 +1519,90 @@ impl Store for SqliteStore {
                 })
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn sqlite_failures_map_to_faults() {
+        use rusqlite::ffi;
+        assert_eq!(
+            fault_of(&failure(ffi::SQLITE_FULL)),
+            Some(StoreFault::DiskFull)
+        );
+        assert_eq!(
+            fault_of(&failure(ffi::SQLITE_CORRUPT)),
+            Some(StoreFault::Corrupt)
+        );
+        assert_eq!(
+            fault_of(&failure(ffi::SQLITE_NOTADB)),
+            Some(StoreFault::Corrupt)
+        );
+        for io in [
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_READ,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_IOERR_SHORT_READ,
+        ] {
+            assert_eq!(fault_of(&failure(io)), Some(StoreFault::Io), "code {io}");
+        }
+        assert_eq!(fault_of(&failure(ffi::SQLITE_BUSY)), None);
+        assert_eq!(fault_of(&rusqlite::Error::InvalidQuery), None);
+    }
+
+    #[test]
+    fn a_failure_is_classified_once_and_a_damaged_file_latches() {
+        let h = Health::new(PathBuf::from("/data/zerodrop.db"));
+        match h.fault(failure(rusqlite::ffi::SQLITE_IOERR_WRITE)) {
+            StoreError::Fault { fault, detail } => {
+                assert_eq!(fault, StoreFault::Io);
+                assert!(detail.starts_with("/data/zerodrop.db: "), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(h.refusal().is_none(), "an I/O error does not latch");
+        assert!(matches!(
+            h.fault(failure(rusqlite::ffi::SQLITE_BUSY)),
+            StoreError::Unavailable(_)
+        ));
+        let _ = h.fault(failure(rusqlite::ffi::SQLITE_CORRUPT));
+        assert!(h.is_corrupt());
+        assert!(matches!(
+            h.refusal(),
+            Some(StoreError::Fault {
+                fault: StoreFault::Corrupt,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn failures_of_one_kind_are_logged_once_per_period_with_a_count() {
+        let mut log = FaultLog::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(log.admit(StoreFault::DiskFull, t0, false), Some(0));
+        for i in 1..=500 {
+            assert_eq!(log.admit(StoreFault::DiskFull, t0 + ms(i), false), None);
+        }
+        // Another kind has its own budget; a newly damaged file is always told.
+        assert_eq!(log.admit(StoreFault::Io, t0 + ms(10), false), Some(0));
+        assert_eq!(log.admit(StoreFault::Io, t0 + ms(20), true), Some(0));
+        assert_eq!(
+            log.admit(StoreFault::DiskFull, t0 + FAULT_LOG_EVERY, false),
+            Some(500)
+        );
+        assert_eq!(
+            log.admit(StoreFault::DiskFull, t0 + FAULT_LOG_EVERY + ms(1), false),
+            None
+        );
     }
 }

@@ -39,6 +39,51 @@ async fn garbage_is_quarantined_even_with_a_leftover_wal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_pages_behind_a_valid_header_are_quarantined_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let first = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    let pad = "x".repeat(200);
+    for i in 0..3000u64 {
+        first
+            .append(AppendRequest {
+                stream: StreamId::new("s").unwrap(),
+                data: format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"),
+                idempotency: None,
+            })
+            .await
+            .unwrap();
+    }
+    let old_epoch = first.epoch().clone();
+    first.close();
+    drop(first);
+    assert!(zerodrop_testkit::files::damage_middle_pages(&path).unwrap() >= 2);
+    let damaged = std::fs::read(&path).unwrap();
+    assert_eq!(&damaged[..16], b"SQLite format 3\0", "the header is intact");
+
+    let second = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    let moved = second.quarantined().expect("moved aside").to_path_buf();
+    let name = moved.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(
+        name.len(),
+        "zerodrop.db.corrupt-20261122T000000Z".len(),
+        "{name}"
+    );
+    assert!(name.starts_with("zerodrop.db.corrupt-"), "{name}");
+    assert_eq!(
+        std::fs::read(&moved).unwrap(),
+        damaged,
+        "kept as it was found"
+    );
+    assert_ne!(second.epoch(), &old_epoch);
+    let s = StreamId::new("s").unwrap();
+    let info = second.stream_info(&s).await.unwrap();
+    assert_eq!((info.head, &info.epoch), (Seq(0), second.epoch()));
+    assert_eq!(second.append(req("s", 1)).await.unwrap().seq, Seq(1));
+    assert_eq!(second.check().await, Ok(()), "the new file is sound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopening_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zerodrop.db");

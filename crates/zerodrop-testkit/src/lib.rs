@@ -7,9 +7,11 @@
 //! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart;
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
 //!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies;
-//! - [`hog`]: busy threads that load the machine for timing-sensitive guarantees.
+//! - [`hog`]: busy threads that load the machine for timing-sensitive guarantees;
+//! - [`files`]: damage done to a data file the way a bad disk does it.
 
 pub mod cluster;
+pub mod files;
 pub mod hog;
 pub mod http;
 pub mod redis;

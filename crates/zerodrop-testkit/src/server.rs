@@ -93,6 +93,11 @@ impl TestServer {
         &self.running.as_ref().expect("running").app
     }
 
+    /// The SQLite store (the default), to reach its test hooks.
+    pub fn sqlite(&self) -> Option<&Arc<zerodrop_store::SqliteStore>> {
+        self.running.as_ref().and_then(|r| r.sqlite())
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}", self.addr)
     }

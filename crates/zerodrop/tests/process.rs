@@ -150,32 +150,7 @@ async fn a_corrupt_database_is_moved_aside_and_streams_get_a_new_epoch() {
     )
     .unwrap();
     let p = spawn(dir.path(), &[], &[]);
-    let moved: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("zerodrop.db.corrupt-"))
-        .collect();
-    assert!(
-        moved
-            .iter()
-            .any(|n| n.len() == "zerodrop.db.corrupt-20261122T000000Z".len()),
-        "{moved:?}"
-    );
-    let line = p
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("moved aside"))
-        .expect("an error line about the quarantine");
-    let v: Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["level"], "ERROR");
-    assert!(v["path"].as_str().unwrap().ends_with("zerodrop.db"));
-    assert!(
-        v["moved_to"]
-            .as_str()
-            .unwrap()
-            .contains("zerodrop.db.corrupt-")
-    );
+    assert_quarantined_at_start(dir.path(), &p);
     let api = p.api();
     let info = api.info("room:1").await;
     assert_ne!(
@@ -203,6 +178,146 @@ async fn a_corrupt_database_is_moved_aside_and_streams_get_a_new_epoch() {
     assert_eq!((r.status, r.code()), (404, "SESSION_NOT_FOUND"));
     // Secrets were untouched: the same api key works.
     assert_eq!(api.try_publish("room:1", json!(1)).await.status, 201);
+}
+
+/// The start-up quarantine as SPEC §2 tells it: the file moved to
+/// `zerodrop.db.corrupt-<UTC stamp>` and one error line naming both paths.
+fn assert_quarantined_at_start(dir: &Path, p: &ServerProcess) {
+    let moved: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("zerodrop.db.corrupt-"))
+        .collect();
+    assert!(
+        moved
+            .iter()
+            .any(|n| n.len() == "zerodrop.db.corrupt-20261122T000000Z".len()),
+        "{moved:?}"
+    );
+    let line = p
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("moved aside"))
+        .expect("an error line about the quarantine");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "ERROR");
+    let path = dir.join("zerodrop.db");
+    assert_eq!(v["path"].as_str(), path.to_str());
+    let moved_to = v["moved_to"].as_str().unwrap();
+    assert!(
+        moved.iter().any(|n| dir.join(n).to_str() == Some(moved_to)),
+        "{moved_to} is one of {moved:?}"
+    );
+}
+
+/// `n` events of about 1 KB on `stream` (enough pages for the middle of the file to be only
+/// events); returns the epoch.
+async fn fill(api: &zerodrop_testkit::http::Api, stream: &str, n: u64) -> String {
+    let mut epoch = String::new();
+    for i in 1..=n {
+        let r = api
+            .publish(stream, json!({"i": i, "pad": "p".repeat(1000)}))
+            .await;
+        epoch = r["epoch"].as_str().unwrap().to_string();
+    }
+    epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_damaged_behind_a_valid_header_is_moved_aside_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &[], &[]);
+    let old_epoch = fill(&p.api(), "room:1", 1_500).await;
+    p.terminate(Duration::from_secs(30)).unwrap();
+    let db = dir.path().join("zerodrop.db");
+    assert!(zerodrop_testkit::files::damage_middle_pages(&db).unwrap() > 0);
+
+    let p = spawn(dir.path(), &[], &[]);
+    assert_quarantined_at_start(dir.path(), &p);
+    let api = p.api();
+    let info = api.info("room:1").await;
+    assert_ne!(
+        info["epoch"],
+        old_epoch.as_str(),
+        "a new epoch: clients resync"
+    );
+    assert_eq!(info["headSeq"], 0);
+    let r = api
+        .get(
+            &format!("/v1/streams/room:1/events?after=1500&epoch={old_epoch}"),
+            Some(&p.creds.api_key),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (409, "EPOCH_CHANGED"));
+    assert_eq!(api.publish("room:1", json!(1)).await["seq"], 1);
+    assert_eq!(api.get("/health/ready", None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_check_stops_serving_a_damaged_file_and_a_restart_quarantines_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &[], &[]);
+    let old_epoch = fill(&p.api(), "room:1", 1_500).await;
+    p.terminate(Duration::from_secs(30)).unwrap();
+
+    // Served while a bad disk damages it; the check runs every second.
+    let mut p = spawn(dir.path(), &["--sqlite-check-interval-sec", "1"], &[]);
+    let api = p.api();
+    assert_eq!(api.get("/health/ready", None).await.status, 200);
+    let db = dir.path().join("zerodrop.db");
+    assert!(zerodrop_testkit::files::damage_middle_pages(&db).unwrap() > 0);
+    let deadline = std::time::Instant::now() + zerodrop_testkit::WAIT;
+    let ready = loop {
+        let r = api.get("/health/ready", None).await;
+        if r.status != 200 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (ready.status, ready.json.clone()),
+        (503, json!({"ready": false, "reasons": ["store_corrupt"]}))
+    );
+    let r = api.try_publish("room:1", json!(1)).await;
+    assert_eq!(
+        (r.status, r.code(), r.json["error"]["reason"].as_str()),
+        (503, "STORE_UNAVAILABLE", Some("corrupt")),
+        "{}",
+        r.text
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(api.read("room:1", 0, 10).await.code(), "STORE_UNAVAILABLE");
+    let damaged: Vec<Value> = p
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fault"] == "corrupt")
+        .collect();
+    assert_eq!(
+        damaged.len(),
+        1,
+        "one line, however many calls failed: {damaged:?}"
+    );
+    assert_eq!(damaged[0]["level"], "ERROR");
+    assert_eq!(damaged[0]["path"].as_str(), db.to_str());
+    assert!(
+        damaged[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("restart the instance"),
+        "{}",
+        damaged[0]
+    );
+    p.terminate(Duration::from_secs(30)).unwrap();
+
+    // The restart's check moves the file aside; streams start over in a new epoch.
+    let p = spawn(dir.path(), &[], &[]);
+    assert_quarantined_at_start(dir.path(), &p);
+    let info = p.api().info("room:1").await;
+    assert_ne!(info["epoch"], old_epoch.as_str());
+    assert_eq!(info["headSeq"], 0);
+    assert_eq!(p.api().get("/health/ready", None).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
