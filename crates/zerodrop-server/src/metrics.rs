@@ -509,8 +509,10 @@ struct ProcessGauges {
 impl ProcessGauges {
     #[cfg(target_os = "linux")]
     fn register(gauge: &dyn Fn(&str) -> Gauge) -> Option<ProcessGauges> {
-        let start = gauge("process_start_time_seconds");
-        start.set(process_start_time()?);
+        // Where `/proc/stat` is hidden (systemd's `ProcSubset=pid`), the rest still works.
+        if let Some(t) = process_start_time() {
+            gauge("process_start_time_seconds").set(t);
+        }
         let p = ProcessGauges {
             open_fds: gauge("process_open_fds"),
             max_fds: gauge("process_max_fds"),
