@@ -319,25 +319,28 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.reconnect_window_sec == 0 {
-            bail!("--reconnect-window-sec must be at least 1");
+            bail!("--reconnect-window-sec (reconnect_window_sec) must be at least 1");
         }
         if self.retention.max_events == 0 {
-            bail!("--retention-max-events must be at least 1");
+            bail!("--retention-max-events (retention_max_events) must be at least 1");
         }
         if self.retention.max_age_ms == 0 {
-            bail!("--retention-max-age-sec must be at least 1");
+            bail!("--retention-max-age-sec (retention_max_age_sec) must be at least 1");
         }
-        if self.max_payload_bytes == 0 || self.max_frame_bytes < 1024 {
-            bail!("--max-payload-bytes must be positive and --max-frame-bytes at least 1024");
+        if self.max_payload_bytes == 0 {
+            bail!("--max-payload-bytes (max_payload_bytes) must be at least 1");
+        }
+        if self.max_frame_bytes < 1024 {
+            bail!("--max-frame-bytes (max_frame_bytes) must be at least 1024");
         }
         if self.ping_interval_sec == 0 {
-            bail!("--ping-interval-sec must be at least 1");
+            bail!("--ping-interval-sec (ping_interval_sec) must be at least 1");
         }
         if self.live_ring_events == 0 {
-            bail!("--live-ring-events must be at least 1");
+            bail!("--live-ring-events (live_ring_events) must be at least 1");
         }
         if self.ws_frames_per_sec == 0 {
-            bail!("--ws-frames-per-sec must be at least 1");
+            bail!("--ws-frames-per-sec (ws_frames_per_sec) must be at least 1");
         }
         if let Some(id) = &self.instance_id {
             let ok = !id.is_empty()
@@ -346,7 +349,7 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
             if !ok {
-                bail!("--instance-id must be 1-64 characters of A-Z a-z 0-9 - _ .");
+                bail!("--instance-id (instance_id) must be 1-64 characters of A-Z a-z 0-9 - _ .");
             }
         }
         Ok(())

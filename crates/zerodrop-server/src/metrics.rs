@@ -101,6 +101,7 @@ pub struct Metrics {
     checkpoints_applied: Counter,
     checkpoints_ignored: Counter,
     upgrades_blocked: Counter,
+    process: Option<ProcessGauges>,
     rtt: Histogram,
     publish_to_deliver: Histogram,
     dynamic: Mutex<HashMap<(String, String, String), Counter>>,
@@ -153,7 +154,11 @@ impl Metrics {
         };
         let gauge = |name: &str| recorder.register_gauge(&key(name, &[]), &meta);
         let hist = |name: &str| recorder.register_histogram(&key(name, &[]), &meta);
+        let build_info =
+            recorder.register_gauge(&key("zerodrop_build_info", &build_labels()), &meta);
+        build_info.set(1.0);
         let m = Metrics {
+            process: ProcessGauges::register(&gauge),
             ws_active: gauge("zerodrop_ws_active"),
             sse_active: gauge("zerodrop_sse_active"),
             store_up: gauge("zerodrop_store_up"),
@@ -393,6 +398,9 @@ impl Metrics {
     }
 
     pub fn render_prometheus(&self) -> String {
+        if let Some(p) = &self.process {
+            p.refresh();
+        }
         self.handle.render()
     }
 
@@ -479,6 +487,104 @@ impl Default for Metrics {
     }
 }
 
+/// `version`, and `commit` when `ZERODROP_GIT_COMMIT` was set at build time (the
+/// Dockerfile passes it as a build argument; a plain `cargo build` has none).
+fn build_labels() -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("version", env!("CARGO_PKG_VERSION"))];
+    if let Some(c) = option_env!("ZERODROP_GIT_COMMIT").filter(|c| !c.is_empty()) {
+        v.push(("commit", c));
+    }
+    v
+}
+
+/// The process's own figures, under the names Prometheus client libraries use, read from
+/// `/proc/self` at every scrape. Only on Linux: elsewhere they are not exported at all
+/// (an absent series, never a made-up 0).
+struct ProcessGauges {
+    open_fds: Gauge,
+    max_fds: Gauge,
+    resident_memory: Gauge,
+}
+
+impl ProcessGauges {
+    #[cfg(target_os = "linux")]
+    fn register(gauge: &dyn Fn(&str) -> Gauge) -> Option<ProcessGauges> {
+        // Where `/proc/stat` is hidden (systemd's `ProcSubset=pid`), the rest still works.
+        if let Some(t) = process_start_time() {
+            gauge("process_start_time_seconds").set(t);
+        }
+        let p = ProcessGauges {
+            open_fds: gauge("process_open_fds"),
+            max_fds: gauge("process_max_fds"),
+            resident_memory: gauge("process_resident_memory_bytes"),
+        };
+        p.refresh();
+        Some(p)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn register(_gauge: &dyn Fn(&str) -> Gauge) -> Option<ProcessGauges> {
+        None
+    }
+
+    fn refresh(&self) {
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The count includes the descriptor of this listing itself, as other exporters'.
+            self.open_fds.set(dir.count() as f64);
+        }
+        if let Some(n) = max_open_files() {
+            self.max_fds.set(n);
+        }
+        if let Some(b) = resident_bytes() {
+            self.resident_memory.set(b);
+        }
+    }
+}
+
+/// The soft `RLIMIT_NOFILE`, from `/proc/self/limits` (absent when unlimited).
+fn max_open_files() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `VmRSS` from `/proc/self/status`, in bytes.
+fn resident_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line["VmRSS:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+/// When this process started, in seconds since the Unix epoch: the boot time (`btime` in
+/// `/proc/stat`) plus the process's start in clock ticks after boot (`/proc/self/stat`).
+#[cfg(target_os = "linux")]
+fn process_start_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')';
+    // `starttime` is field 22, the 20th after it.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| boot + ticks / hz as f64)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -550,6 +656,20 @@ fn describe(r: &PrometheusRecorder) {
             "1 if the store answered its last check",
         ),
         d("zerodrop_drain_state", "0 active, 1 draining, 2 drained"),
+        d(
+            "zerodrop_build_info",
+            "Always 1; the labels say which build runs",
+        ),
+        d(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+        ),
+        d("process_open_fds", "Open file descriptors"),
+        d(
+            "process_max_fds",
+            "Most file descriptors the process may open (soft limit)",
+        ),
+        d("process_resident_memory_bytes", "Resident memory, in bytes"),
     ];
     for (k, h) in gauges {
         r.describe_gauge(k, None, h);

@@ -125,14 +125,35 @@ pub fn load_or_generate(
     Ok((s, SecretsSource::File { path, generated }))
 }
 
+/// Shortest api key, admin token or JWT secret accepted.
+const MIN_SECRET_LEN: usize = 16;
+
+/// Checks the secrets set in the environment by the rules a start applies to them, without
+/// reading or writing the data dir (`zerodrop check-config`).
+pub fn check_overrides(env: &SecretOverrides) -> anyhow::Result<()> {
+    for (var, v) in [
+        ("ZERODROP_API_KEY", &env.api_key),
+        ("ZERODROP_ADMIN_TOKEN", &env.admin_token),
+        ("ZERODROP_JWT_SECRET", &env.jwt_secret),
+    ] {
+        if v.as_ref().is_some_and(|v| v.len() < MIN_SECRET_LEN) {
+            bail!("{var} must be at least {MIN_SECRET_LEN} characters");
+        }
+    }
+    if let Some(r) = &env.resume_keys {
+        ResumeKeys::parse(r).context("ZERODROP_RESUME_KEYS")?;
+    }
+    Ok(())
+}
+
 fn build(api_key: String, admin: String, jwt: String, resume: &str) -> anyhow::Result<Secrets> {
     for (name, v) in [
         ("api key", &api_key),
         ("admin token", &admin),
         ("JWT secret", &jwt),
     ] {
-        if v.len() < 16 {
-            bail!("the {name} must be at least 16 characters");
+        if v.len() < MIN_SECRET_LEN {
+            bail!("the {name} must be at least {MIN_SECRET_LEN} characters");
         }
     }
     let resume_keys = ResumeKeys::parse(resume).context("ZERODROP_RESUME_KEYS")?;

@@ -1,13 +1,19 @@
-//! `zerodrop`: the one binary. `serve` runs the gateway; `token` mints a connect token for
-//! development.
+//! `zerodrop`: the one binary. `serve` runs the gateway; `check-config` checks its settings
+//! without starting it; `token` mints a connect token for development; `secrets show` prints
+//! one secret for scripts; `healthcheck` asks a running server's health endpoint (the
+//! container's HEALTHCHECK); the operator tools come from `zerodrop-ops`.
 
-use std::path::PathBuf;
+mod check_config;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use zerodrop_server::config::LogFormat;
+use anyhow::{Context, bail};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use zerodrop_server::config::{LogFormat, SecretOverrides};
 use zerodrop_server::{Config, ServeArgs};
 
 #[derive(Parser)]
@@ -25,8 +31,16 @@ struct Cli {
 enum Command {
     /// Run the gateway (embedded SQLite by default; no set-up needed).
     Serve(ServeArgs),
+    /// Resolve the settings exactly as `serve` would and print them (secrets redacted); exit
+    /// 1 naming the bad setting. Starts nothing and leaves the data dir alone.
+    CheckConfig(ServeArgs),
     /// Print a connect token (JWT HS256) for development.
     Token(TokenArgs),
+    /// The secrets a server runs with.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// Ask a running server's `/health/live` (or `--ready`: `/health/ready`); exit 0 on 200.
+    Healthcheck(HealthcheckArgs),
     #[command(flatten)]
     Ops(zerodrop_ops::OpsCommand),
 }
@@ -50,6 +64,55 @@ struct TokenArgs {
     data_dir: PathBuf,
 }
 
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print one secret to stdout and nothing else (`KEY=$(zerodrop secrets show api-key)`):
+    /// its `ZERODROP_*` variable if set, else the data dir's `secrets.json`.
+    Show(SecretsShowArgs),
+}
+
+#[derive(clap::Args)]
+struct SecretsShowArgs {
+    /// Which secret.
+    name: SecretName,
+    /// Where `secrets.json` is (when the secret's variable is not set).
+    #[arg(long, env = "ZERODROP_DATA_DIR", default_value = "./zerodrop-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SecretName {
+    ApiKey,
+    AdminToken,
+    JwtSecret,
+    ResumeKeys,
+}
+
+impl SecretName {
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            SecretName::ApiKey => ("api key", "ZERODROP_API_KEY"),
+            SecretName::AdminToken => ("admin token", "ZERODROP_ADMIN_TOKEN"),
+            SecretName::JwtSecret => ("JWT secret", "ZERODROP_JWT_SECRET"),
+            SecretName::ResumeKeys => ("resume keys", "ZERODROP_RESUME_KEYS"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// The server's address; an unspecified one (`0.0.0.0`, `[::]`) means this host's
+    /// loopback, so the default follows the server's own `ZERODROP_LISTEN`.
+    #[arg(long, env = "ZERODROP_LISTEN", default_value = "127.0.0.1:7700")]
+    addr: SocketAddr,
+    /// Ask `/health/ready` (store reachable, not draining) instead of `/health/live`.
+    #[arg(long)]
+    ready: bool,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3)]
+    timeout_sec: u64,
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -64,7 +127,16 @@ fn main() -> ExitCode {
                 .unwrap_or_default();
             serve(args, &sub)
         }
+        Command::CheckConfig(args) => {
+            let sub = matches
+                .subcommand_matches("check-config")
+                .cloned()
+                .unwrap_or_default();
+            check_config::run(args, &sub)
+        }
         Command::Token(args) => token(args),
+        Command::Secrets(SecretsCommand::Show(args)) => secrets_show(args),
+        Command::Healthcheck(args) => healthcheck(args),
         Command::Ops(cmd) => ops(cmd),
     };
     match result {
@@ -143,22 +215,92 @@ fn ops(cmd: zerodrop_ops::OpsCommand) -> anyhow::Result<ExitCode> {
     rt.block_on(zerodrop_ops::run(cmd))
 }
 
-fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
-    let secret = match std::env::var("ZERODROP_JWT_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-    {
-        Some(s) => s,
-        None => zerodrop_server::secrets::read_file(&args.data_dir)?
-            .and_then(|f| f.jwt_secret)
-            .with_context(|| {
-                format!(
-                    "no JWT secret: set ZERODROP_JWT_SECRET or run `zerodrop serve` once with \
-                     --data-dir {}",
-                    args.data_dir.display()
-                )
-            })?,
+/// One secret as a server started with `data_dir` and this environment would use it: its
+/// `ZERODROP_*` variable if set, else `secrets.json`.
+fn secret(name: SecretName, data_dir: &Path) -> anyhow::Result<String> {
+    let env = SecretOverrides::from_env();
+    let from_env = match name {
+        SecretName::ApiKey => env.api_key,
+        SecretName::AdminToken => env.admin_token,
+        SecretName::JwtSecret => env.jwt_secret,
+        SecretName::ResumeKeys => env.resume_keys,
     };
+    if let Some(s) = from_env {
+        return Ok(s);
+    }
+    let path = zerodrop_server::secrets::path_in(data_dir);
+    let (what, var) = name.describe();
+    let why = match zerodrop_server::secrets::read_file(data_dir)? {
+        None => format!("{} does not exist", path.display()),
+        Some(f) => {
+            let held = match name {
+                SecretName::ApiKey => f.api_key,
+                SecretName::AdminToken => f.admin_token,
+                SecretName::JwtSecret => f.jwt_secret,
+                SecretName::ResumeKeys => f.resume_keys,
+            };
+            match held.filter(|s| !s.is_empty()) {
+                Some(s) => return Ok(s),
+                None => format!("{} does not hold it", path.display()),
+            }
+        }
+    };
+    bail!(
+        "no {what}: {why}; set {var} or run `zerodrop serve` once with --data-dir {}",
+        data_dir.display()
+    )
+}
+
+fn secrets_show(args: SecretsShowArgs) -> anyhow::Result<ExitCode> {
+    let s = secret(args.name, &args.data_dir)?;
+    println!("{s}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A plain HTTP/1.1 GET over loopback: the runtime image needs no curl or wget.
+fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let mut addr = args.addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let path = if args.ready {
+        "/health/ready"
+    } else {
+        "/health/live"
+    };
+    let limit = Duration::from_secs(args.timeout_sec.max(1));
+    let mut conn = TcpStream::connect_timeout(&addr, limit)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    conn.set_read_timeout(Some(limit))?;
+    conn.set_write_timeout(Some(limit))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("cannot send to {addr}"))?;
+    let mut answer = Vec::new();
+    conn.take(64 * 1024)
+        .read_to_end(&mut answer)
+        .with_context(|| format!("no answer from {addr}{path} within {limit:?}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+    if status != "200" {
+        bail!("{addr}{path} answered {status:?}: {body}");
+    }
+    println!("{body}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let secret = secret(SecretName::JwtSecret, &args.data_dir)?;
     let list = |s: &str| -> Vec<String> {
         s.split(',')
             .map(str::trim)
