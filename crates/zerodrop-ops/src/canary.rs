@@ -15,9 +15,12 @@ use crate::slo::{CanarySlo, Slo};
 
 #[derive(Args, Clone, Debug)]
 pub struct CanaryArgs {
-    /// The running release.
+    /// Base URL of the control when --control-url is not given.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    /// The running release [default: --url].
     #[arg(long)]
-    pub control_url: String,
+    pub control_url: Option<String>,
     /// The release under test.
     #[arg(long)]
     pub candidate_url: String,
@@ -212,10 +215,17 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
+impl CanaryArgs {
+    /// The control: `--control-url`, else `--url`.
+    pub fn control_url(&self) -> &str {
+        self.control_url.as_deref().unwrap_or(&self.url)
+    }
+}
+
 pub async fn run(args: CanaryArgs) -> anyhow::Result<ExitCode> {
     let slo = Slo::load(args.load.slo.as_deref())?;
     let control = TargetArgs {
-        url: args.control_url.clone(),
+        url: args.control_url().to_string(),
         creds: args.creds.clone(),
     };
     let mut ccreds = args.creds.clone();
@@ -277,7 +287,7 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<ExitCode> {
     let report = CanaryReport {
         tool: "canary",
         profile: profile.clone(),
-        control_url: args.control_url.clone(),
+        control_url: args.control_url().to_string(),
         candidate_url: args.candidate_url.clone(),
         tolerances: slo.canary.clone(),
         passed: breaches.is_empty(),

@@ -2,11 +2,12 @@
 //! report goes, and the progress bar.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 /// The server a tool talks to and the credentials it may need.
@@ -180,12 +181,22 @@ pub fn write_report(
     bail!("too many reports named {stem} in {}", dir.display())
 }
 
+/// Every progress bar of this process, stacked on one stderr target (a game day's overall
+/// bar above the bar of the drill it is running); hidden when stderr is not a terminal
+/// (indicatif's default).
+pub fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4)))
+}
+
+/// Prints a summary line to stdout without tearing the progress bars on stderr.
+pub fn say(line: impl std::fmt::Display) {
+    bars().suspend(|| println!("{line}"));
+}
+
 /// A bar over a known duration; hidden when stderr is not a terminal (indicatif's default).
 pub fn duration_bar(total: Duration, label: &str) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
-        Some(total.as_secs().max(1)),
-        ProgressDrawTarget::stderr_with_hz(4),
-    );
+    let pb = bars().add(ProgressBar::new(total.as_secs().max(1)));
     pb.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len}s {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())

@@ -1,7 +1,8 @@
 //! `zerodrop dashboard`: one self-contained HTML page from the JSON reports in the reports
 //! directory — latency percentiles over time, error rates against their SLO lines, resume
 //! success, losses, the latest probe and capacity. Inline SVG and CSS only: the page needs
-//! no network to be viewed.
+//! no network to be viewed. With `--url` it also carries a snapshot of that server taken
+//! when the page was written (readiness, open connections, dropped count, resume success).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,10 @@ use crate::slo::Slo;
 
 #[derive(Args, Clone, Debug)]
 pub struct DashboardArgs {
+    /// A running instance to add a live snapshot of (taken when the page is written)
+    /// [default: none; the page shows the reports only].
+    #[arg(long)]
+    pub url: Option<String>,
     /// SLO file whose limits are drawn as lines.
     #[arg(long)]
     pub slo: Option<PathBuf>,
@@ -43,6 +48,48 @@ pub struct Collected {
     /// Per game-day report: (fault, outcome: `held`, `not_held` or `skipped`).
     pub gamedays: Vec<(String, Vec<(String, String)>)>,
     pub files: usize,
+    /// The `--url` server as it was when the page was written.
+    pub live: Option<Live>,
+}
+
+/// A server's state at one moment: `/health/ready` and `/metrics?format=json`.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub url: String,
+    pub at_ms: u64,
+    /// Why the server could not be read.
+    pub error: Option<String>,
+    pub ready: bool,
+    pub metrics: Option<Value>,
+}
+
+/// Reads `url`'s readiness and metrics (never fails: an unreachable server is a state).
+pub async fn live(url: &str) -> Live {
+    let mut l = Live {
+        url: url.to_string(),
+        at_ms: zerodrop_core::now_ms(),
+        ..Live::default()
+    };
+    let http = match zerodrop_client::HttpClient::with_timeout(
+        url,
+        None,
+        std::time::Duration::from_secs(5),
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            l.error = Some(e.to_string());
+            return l;
+        }
+    };
+    match http.get_answer("/health/ready", None).await {
+        Ok(a) => l.ready = a.status == 200,
+        Err(e) => {
+            l.error = Some(e.to_string());
+            return l;
+        }
+    }
+    l.metrics = http.metrics_json().await.ok();
+    l
 }
 
 fn drill_of(v: &Value) -> Option<DrillReport> {
@@ -373,6 +420,42 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
             esc(step.as_deref().unwrap_or("all steps"))
         );
     }
+    if let Some(l) = &c.live {
+        let m = |p: &str| {
+            l.metrics
+                .as_ref()
+                .and_then(|m| m.pointer(p))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .unwrap_or_else(|| "?".into())
+        };
+        let (class, state, detail) = match &l.error {
+            Some(e) => ("bad", "unreachable", e.clone()),
+            None => (
+                if l.ready { "ok" } else { "bad" },
+                if l.ready { "ready" } else { "NOT READY" },
+                format!(
+                    "ws {} · sse {} · dropped {} · resume success {} · store {} up {}",
+                    m("/ws_metrics/ws_active"),
+                    m("/ws_metrics/sse_active"),
+                    m("/ws_metrics/dropped_messages"),
+                    m("/resume_store_metrics/resume_success_rate"),
+                    m("/resume_store_metrics/store"),
+                    m("/resume_store_metrics/up")
+                ),
+            ),
+        };
+        let _ = write!(
+            h,
+            r#"<div class="card"><div class="k">live {} at {}</div><div class="v {class}" id="live">{state}</div><div class="k">{}</div></div>"#,
+            esc(&l.url),
+            zerodrop_core::utc_stamp(l.at_ms),
+            esc(&detail)
+        );
+    }
     if let Some(cap) = &c.capacity {
         let g = |k: &str| cap.get(k).map(|v| v.to_string()).unwrap_or_default();
         let _ = write!(
@@ -571,7 +654,18 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
 pub async fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
     let dir = args.out.dir();
     let slo = Slo::load(args.slo.as_deref())?;
-    let c = collect(&dir)?;
+    let mut c = collect(&dir)?;
+    if let Some(u) = &args.url {
+        let l = live(u).await;
+        match &l.error {
+            Some(e) => println!("live snapshot of {u}: unreachable ({e})"),
+            None => println!(
+                "live snapshot of {u}: {}",
+                if l.ready { "ready" } else { "NOT ready" }
+            ),
+        }
+        c.live = Some(l);
+    }
     let html = render(&c, &slo);
     let path = dir.join("dashboard.html");
     std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))?;

@@ -14,21 +14,29 @@
 //! stops for a few seconds; skipped, and reported as skipped, with SQLite).
 //!
 //! Each fault ends in one [`Outcome`]: `held`, `not_held` (events lost, duplicated or
-//! reordered, the instance not ready again, nothing published, or the fault could not be
-//! injected — a drain that was refused or never drained included) or `skipped` (the fault
-//! does not exist on this store). A skipped fault is never counted as held; the game day
-//! passes when at least one fault ran and every fault that ran held.
+//! reordered, the instance not ready again, nothing published, the fault could not be
+//! injected — a drain that was refused or never drained included — or the fault ran past
+//! its own time limit) or `skipped` (the fault does not exist on this store, or the
+//! `--max-minutes` budget left no time for it). A skipped fault is never counted as held;
+//! the game day passes when at least one fault ran and every fault that ran held.
+//!
+//! Time is bounded at three levels: every injection has its own timeout
+//! ([`Fault::timeout`]), every (profile, fault) its own time limit ([`limit`]), and the whole
+//! game day the budget: a fault starts only when its expected length ([`expected`]) fits in
+//! what is left ([`admit`]), and one still running when the budget ends is stopped; it and
+//! every fault after it are reported as skipped, with the reason.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use zerodrop_client::HttpClient;
 
-use crate::common::{OutArgs, TargetArgs, write_report};
+use crate::common::{OutArgs, TargetArgs, bars, say, write_report};
 use crate::drill::{LoadArgs, Profile, Scenario};
 use crate::instance::{Instance, Secrets, Spec};
 use crate::proxy::Proxy;
@@ -79,7 +87,8 @@ pub enum Outcome {
     /// Zero-drop broke, the instance did not come back, nothing was measured, or the fault
     /// could not be injected.
     NotHeld,
-    /// The fault does not exist on this store; nothing was tested.
+    /// The fault does not exist on this store, or the budget left no time for it; nothing
+    /// was tested.
     Skipped,
 }
 
@@ -112,12 +121,21 @@ pub fn passed(outcomes: &[Outcome]) -> bool {
 
 #[derive(Args, Clone, Debug)]
 pub struct GamedayArgs {
+    /// Accepted like on every tool, but a game day never talks to the server at this URL: it
+    /// starts its own instances on free loopback ports and injects its faults into those.
+    #[arg(long)]
+    pub url: Option<String>,
     /// Profiles to run, each once per fault.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "burst,soak")]
     pub profiles: Vec<Profile>,
     /// Faults to inject [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub faults: Vec<Fault>,
+    /// Budget for the whole game day, minutes. A fault starts only when its expected length
+    /// fits in what is left; one still running when the budget ends is stopped. Both, and
+    /// every fault after them, are reported as skipped with the reason.
+    #[arg(long, default_value_t = DEFAULT_MAX_MINUTES)]
+    pub max_minutes: f64,
     /// The zerodrop binary to start [default: this executable].
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
@@ -148,14 +166,28 @@ pub struct GamedayArgs {
     pub out: OutArgs,
 }
 
+/// The default `--max-minutes`: `burst` (every fault) and the first two `soak` faults fit.
+pub const DEFAULT_MAX_MINUTES: f64 = 8.0;
+
+/// Why a fault was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipKind {
+    /// The fault does not exist on this store (`store_outage` without Redis).
+    Store,
+    /// The `--max-minutes` budget left no time for it, or ran out while it ran.
+    Budget,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultResult {
     pub profile: String,
     pub fault: Fault,
     pub outcome: Outcome,
-    /// Why the fault was skipped (not injectable on this store).
+    /// Why the fault was skipped (not injectable on this store, or out of budget).
     pub skipped: Option<String>,
+    pub skip_kind: Option<SkipKind>,
     /// Whether the fault was injected as intended.
     pub injected: bool,
     /// Why injecting the fault failed (the fault then counts as not held).
@@ -169,8 +201,62 @@ pub struct FaultResult {
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// How long the fault was expected to take (what the budget reserved for it).
+    pub expected_sec: f64,
+    /// The fault's own time limit: past it, it is stopped and counts as not held.
+    pub limit_sec: f64,
+    /// How long it took (0 when it never started).
+    pub elapsed_sec: f64,
+    /// It was stopped at its own time limit (not held).
+    pub timed_out: bool,
     pub notes: Vec<String>,
     pub drill: Option<DrillReport>,
+}
+
+impl FaultResult {
+    /// A fault that produced no drill: skipped, or stopped at its time limit.
+    fn without_drill(profile: Profile, fault: Fault, outcome: Outcome) -> FaultResult {
+        FaultResult {
+            profile: profile.id().into(),
+            fault,
+            outcome,
+            skipped: None,
+            skip_kind: None,
+            injected: false,
+            injection_error: None,
+            injected_at_sec: 0.0,
+            recovery_sec: 0.0,
+            zero_drop_held: (outcome != Outcome::Skipped).then_some(outcome == Outcome::Held),
+            resume_success_rate: 0.0,
+            lost: 0,
+            duplicated: 0,
+            out_of_order: 0,
+            expected_sec: 0.0,
+            limit_sec: 0.0,
+            elapsed_sec: 0.0,
+            timed_out: false,
+            notes: Vec::new(),
+            drill: None,
+        }
+    }
+
+    fn skipped(profile: Profile, fault: Fault, kind: SkipKind, why: String) -> FaultResult {
+        FaultResult {
+            skipped: Some(why),
+            skip_kind: Some(kind),
+            ..FaultResult::without_drill(profile, fault, Outcome::Skipped)
+        }
+    }
+}
+
+/// One skipped fault, for the report's `skippedFaults` list.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Skipped {
+    pub profile: String,
+    pub fault: Fault,
+    pub kind: SkipKind,
+    pub reason: String,
 }
 
 #[derive(Serialize)]
@@ -185,8 +271,19 @@ pub struct GamedayReport {
     pub ran: usize,
     pub held: usize,
     pub skipped: usize,
+    /// `--max-minutes`, in seconds.
+    pub budget_sec: f64,
+    /// Wall time of the whole game day.
+    pub elapsed_sec: f64,
+    /// The budget stopped or kept out at least one fault.
+    pub budget_exhausted: bool,
+    /// Every skipped fault with its reason, in run order.
+    pub skipped_faults: Vec<Skipped>,
     pub faults: Vec<FaultResult>,
 }
+
+/// How long the instance may take to answer /health/ready after a fault.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 async fn wait_ready(url: &str, within: Duration) -> bool {
     let Ok(http) = HttpClient::with_timeout(url, None, Duration::from_secs(2)) else {
@@ -207,6 +304,69 @@ async fn wait_ready(url: &str, within: Duration) -> bool {
 /// How long a `drain` fault waits for the instance to report `drained`.
 const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 
+/// What a fault costs besides its drill's publishing phase, typically: the instance
+/// starting, the clients connecting, the log check and the instance stopping.
+const SETUP: Duration = Duration::from_secs(10);
+
+/// Room a fault's time limit leaves beyond its drill, injection and recovery: the instance
+/// start (30 s at most), the clients' connect phase (30 s) and the log check.
+const LIMIT_SLACK: Duration = Duration::from_secs(90);
+
+impl Fault {
+    /// What injecting the fault typically adds to a drill.
+    pub fn expected_extra(self) -> Duration {
+        Duration::from_secs(match self {
+            Fault::Restart => 5,
+            Fault::Drain => 6,
+            Fault::Kill9 => 3,
+            Fault::NetworkCut => 2,
+            Fault::StoreOutage => 5,
+        })
+    }
+
+    /// The longest injecting the fault may take: past it the fault was not injected. A
+    /// restart has 15 s to exit after SIGTERM and 30 s to come back; a drain 10 s for
+    /// `drain/start`, 10 s to reach `drained`, then a restart's 45 s; a kill -9 10 s to reap
+    /// and 30 s to come back; a network cut lasts 1 s; a Redis outage 10 s to stop, 3 s down
+    /// and 10 s to answer PING again.
+    pub fn timeout(self) -> Duration {
+        Duration::from_secs(match self {
+            Fault::Restart => 50,
+            Fault::Drain => 70,
+            Fault::Kill9 => 45,
+            Fault::NetworkCut => 10,
+            Fault::StoreOutage => 30,
+        })
+    }
+}
+
+/// How long one (profile, fault) is expected to take with a `publishing`-long drill.
+pub fn expected(publishing: Duration, fault: Fault) -> Duration {
+    publishing + SETUP + fault.expected_extra()
+}
+
+/// The time limit of one (profile, fault): its drill (publishing and catch-up), the
+/// injection's own timeout, the recovery wait and [`LIMIT_SLACK`].
+pub fn limit(publishing: Duration, drain: Duration, fault: Fault) -> Duration {
+    publishing + drain + fault.timeout() + READY_WITHIN + LIMIT_SLACK
+}
+
+/// Whether a fault expected to take `need` may start with `elapsed` of `budget` spent;
+/// `Err` says why not.
+pub fn admit(budget: Duration, elapsed: Duration, need: Duration) -> Result<(), String> {
+    let left = budget.saturating_sub(elapsed);
+    if need <= left {
+        Ok(())
+    } else {
+        Err(format!(
+            "not started: {:.0} s of the {:.0} s budget (--max-minutes) left, and it takes about {:.0} s",
+            left.as_secs_f64(),
+            budget.as_secs_f64(),
+            need.as_secs_f64()
+        ))
+    }
+}
+
 /// Injects `fault` into `inst` (replacing it when it restarts); returns notes.
 async fn inject(
     fault: Fault,
@@ -219,7 +379,7 @@ async fn inject(
     match fault {
         Fault::Restart | Fault::Drain | Fault::Kill9 => {
             if fault == Fault::Drain {
-                let http = HttpClient::new(&inst.url(), None)?;
+                let http = HttpClient::with_timeout(&inst.url(), None, Duration::from_secs(10))?;
                 let a = http
                     .post_answer(
                         "/admin/drain/start",
@@ -301,11 +461,149 @@ fn load_args(args: &GamedayArgs, profile: Profile) -> LoadArgs {
     }
 }
 
+/// What every fault of one game day shares.
+struct Run<'a> {
+    args: &'a GamedayArgs,
+    bin: &'a Path,
+    secrets: &'a Secrets,
+    slo: &'a Slo,
+    work: &'a Path,
+}
+
+/// One drill on a fresh instance with `fault` striking at 40 % of its publishing phase.
+/// Everything it starts (instance, proxy, redis-server, the drill's own work) is stopped
+/// when it returns or is dropped.
+async fn run_fault(
+    r: &Run<'_>,
+    profile: Profile,
+    fault: Fault,
+    expected_sec: f64,
+    limit_sec: f64,
+) -> anyhow::Result<FaultResult> {
+    let started = Instant::now();
+    let data = r.work.join(format!("{}-{}", profile.id(), fault.id()));
+    let mut spec = Spec::new(r.bin, &data, r.secrets);
+    spec.store = r.args.store.clone();
+    let mut redis = None;
+    if r.args.store == "redis" {
+        let p = RedisProcess::start(&r.args.redis_server_bin, &data.join("redis")).await?;
+        spec.args.extend(["--redis-url".to_string(), p.url()]);
+        redis = Some(p);
+    }
+    let mut inst = Instance::start(spec).await?;
+    let proxy = Proxy::start(inst.addr).await?;
+    let load = load_args(r.args, profile);
+    let plan = load.plan()?;
+    let target = TargetArgs {
+        url: proxy.url(),
+        creds: r.secrets.creds(),
+    };
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    // The drill and the fault run side by side in this one future, so that stopping it
+    // (the fault's time limit, the budget) stops both.
+    let drill = crate::drill::drive_with(&target, &load, r.slo, "gameday", Some(started_tx));
+    let at = plan.duration.mul_f64(0.4);
+    let strike = async {
+        let _ = tokio::time::timeout(Duration::from_secs(60), started_rx).await;
+        tokio::time::sleep(at).await;
+        let t = Instant::now();
+        let injected = match tokio::time::timeout(
+            fault.timeout(),
+            inject(fault, &mut inst, &proxy, r.secrets, redis.as_mut()),
+        )
+        .await
+        {
+            Ok(Ok(n)) => (n, None),
+            Ok(Err(e)) => (Vec::new(), Some(format!("{e:#}"))),
+            Err(_) => (
+                Vec::new(),
+                Some(format!(
+                    "{} did not complete within its {} s timeout",
+                    fault.id(),
+                    fault.timeout().as_secs()
+                )),
+            ),
+        };
+        let ready = wait_ready(&inst.url(), READY_WITHIN).await;
+        (injected, ready, t.elapsed().as_secs_f64())
+    };
+    let (report, ((notes, injection_error), ready, recovery)) = tokio::join!(drill, strike);
+    let report = report.context("the drill failed")?;
+    let outcome = outcome(injection_error.is_none(), ready, &report);
+    say(report.summary());
+    if let Some(e) = &injection_error {
+        say(format!(
+            "   {}: the fault could NOT be injected: {e}",
+            fault.id()
+        ));
+    }
+    if !ready {
+        say(format!(
+            "   {}: the instance did not answer /health/ready within {} s",
+            fault.id(),
+            READY_WITHIN.as_secs()
+        ));
+    }
+    say(format!(
+        "   {}: zero-drop {} (recovered in {recovery:.2} s)",
+        fault.id(),
+        outcome.id()
+    ));
+    let _ = inst.terminate(Duration::from_secs(10)).await;
+    Ok(FaultResult {
+        profile: profile.id().into(),
+        fault,
+        outcome,
+        skipped: None,
+        skip_kind: None,
+        injected: injection_error.is_none(),
+        injection_error,
+        injected_at_sec: at.as_secs_f64(),
+        recovery_sec: round2(recovery),
+        zero_drop_held: Some(outcome == Outcome::Held),
+        resume_success_rate: report.totals.resume_success_rate,
+        lost: report.totals.dropped + report.totals.missing,
+        duplicated: report.totals.duplicated,
+        out_of_order: report.totals.out_of_order,
+        expected_sec,
+        limit_sec,
+        elapsed_sec: round2(started.elapsed().as_secs_f64()),
+        timed_out: false,
+        notes,
+        drill: Some(report),
+    })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The overall bar: faults done of all planned, time spent, the budget and what runs now.
+fn overall_bar(total: usize) -> ProgressBar {
+    let bar = bars().add(ProgressBar::new(total as u64));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} faults, {elapsed} spent {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("gameday");
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
 pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
+    let clock = Instant::now();
     let bin = match &args.server_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating the zerodrop executable")?,
     };
+    anyhow::ensure!(
+        args.max_minutes.is_finite() && args.max_minutes > 0.0,
+        "--max-minutes is the game day's budget in minutes (> 0)"
+    );
+    let budget = Duration::from_secs_f64(args.max_minutes * 60.0);
     let slo = Slo::load(args.slo.as_deref())?;
     let faults: Vec<Fault> = if args.faults.is_empty() {
         Fault::ALL.to_vec()
@@ -313,114 +611,110 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
         args.faults.clone()
     };
     // Refuse a profile that cannot run before any instance starts.
+    let mut plans = Vec::new();
     for p in &args.profiles {
-        load_args(&args, *p)
+        let plan = load_args(&args, *p)
             .plan()
             .with_context(|| format!("gameday profile {}", p.id()))?;
+        plans.push((*p, plan.duration));
     }
+    if let Some(u) = &args.url {
+        say(format!(
+            "note: --url {u} is not used: a game day starts its own instances and never touches a running server"
+        ));
+    }
+    let drain = Duration::from_secs_f64(args.drain_sec.max(1.0));
     let secrets = Secrets::generate();
     let work = tempfile::tempdir().context("creating a work directory")?;
+    let r = Run {
+        args: &args,
+        bin: &bin,
+        secrets: &secrets,
+        slo: &slo,
+        work: work.path(),
+    };
+    let bar = overall_bar(plans.len() * faults.len());
     let mut results = Vec::new();
-    for profile in &args.profiles {
+    // Set once the budget stops or keeps out a fault: every later fault is skipped too.
+    let mut out_of_budget: Option<String> = None;
+    for (profile, publishing) in &plans {
+        let profile = *profile;
         for fault in &faults {
             let fault = *fault;
-            println!("== gameday {} / {}", profile.id(), fault.id());
-            if fault == Fault::StoreOutage && args.store != "redis" {
+            let name = format!("{}/{}", profile.id(), fault.id());
+            bar.set_message(format!(
+                "of {:.0} min budget · {name}",
+                budget.as_secs_f64() / 60.0
+            ));
+            say(format!("== gameday {} / {}", profile.id(), fault.id()));
+            let result = if fault == Fault::StoreOutage && args.store != "redis" {
                 let why = format!(
                     "store_outage needs --store redis (the {} store is in-process: it has no outage of its own)",
                     args.store
                 );
-                println!("   skipped (not counted as held): {why}");
-                results.push(FaultResult {
-                    profile: profile.id().into(),
-                    fault,
-                    outcome: Outcome::Skipped,
-                    skipped: Some(why),
-                    injected: false,
-                    injection_error: None,
-                    injected_at_sec: 0.0,
-                    recovery_sec: 0.0,
-                    zero_drop_held: None,
-                    resume_success_rate: 0.0,
-                    lost: 0,
-                    duplicated: 0,
-                    out_of_order: 0,
-                    notes: Vec::new(),
-                    drill: None,
-                });
-                continue;
-            }
-            let data = work.path().join(format!("{}-{}", profile.id(), fault.id()));
-            let mut spec = Spec::new(&bin, &data, &secrets);
-            spec.store = args.store.clone();
-            let mut redis = None;
-            if args.store == "redis" {
-                let r = RedisProcess::start(&args.redis_server_bin, &data.join("redis")).await?;
-                spec.args.extend(["--redis-url".to_string(), r.url()]);
-                redis = Some(r);
-            }
-            let mut inst = Instance::start(spec).await?;
-            let proxy = Proxy::start(inst.addr).await?;
-            let load = load_args(&args, *profile);
-            let plan = load.plan()?;
-            let target = TargetArgs {
-                url: proxy.url(),
-                creds: secrets.creds(),
+                FaultResult::skipped(profile, fault, SkipKind::Store, why)
+            } else if let Some(first) = &out_of_budget {
+                let why = format!("not started: the budget (--max-minutes) ran out at {first}");
+                FaultResult::skipped(profile, fault, SkipKind::Budget, why)
+            } else {
+                let need = expected(*publishing, fault);
+                let own = limit(*publishing, drain, fault);
+                match admit(budget, clock.elapsed(), need) {
+                    Err(why) => {
+                        out_of_budget = Some(name.clone());
+                        FaultResult::skipped(profile, fault, SkipKind::Budget, why)
+                    }
+                    Ok(()) => {
+                        let t = Instant::now();
+                        let budget_end = clock + budget;
+                        let by_budget = budget_end <= t + own;
+                        let stop = if by_budget { budget_end } else { t + own };
+                        let f =
+                            run_fault(&r, profile, fault, need.as_secs_f64(), own.as_secs_f64());
+                        match tokio::time::timeout_at(stop.into(), f).await {
+                            Ok(res) => res?,
+                            Err(_) if by_budget => {
+                                out_of_budget = Some(name.clone());
+                                let why = format!(
+                                    "stopped when the budget (--max-minutes {}) ran out, {:.1} s into the fault, before its drill finished: not judged",
+                                    args.max_minutes,
+                                    t.elapsed().as_secs_f64()
+                                );
+                                let mut s =
+                                    FaultResult::skipped(profile, fault, SkipKind::Budget, why);
+                                s.expected_sec = need.as_secs_f64();
+                                s.limit_sec = own.as_secs_f64();
+                                s.elapsed_sec = round2(t.elapsed().as_secs_f64());
+                                s
+                            }
+                            Err(_) => {
+                                let why = format!(
+                                    "stopped at its time limit of {:.0} s: the drill, the injection or the recovery hung",
+                                    own.as_secs_f64()
+                                );
+                                say(format!("   {}: zero-drop NOT HELD ({why})", fault.id()));
+                                let mut s =
+                                    FaultResult::without_drill(profile, fault, Outcome::NotHeld);
+                                s.timed_out = true;
+                                s.expected_sec = need.as_secs_f64();
+                                s.limit_sec = own.as_secs_f64();
+                                s.elapsed_sec = round2(t.elapsed().as_secs_f64());
+                                s.notes.push(why);
+                                s
+                            }
+                        }
+                    }
+                }
             };
-            let slo2 = slo.clone();
-            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-            let drill = tokio::spawn(async move {
-                crate::drill::drive_with(&target, &load, &slo2, "gameday", Some(started_tx)).await
-            });
-            // The fault strikes at 40 % of the publishing phase.
-            let _ = tokio::time::timeout(Duration::from_secs(60), started_rx).await;
-            let at = plan.duration.mul_f64(0.4);
-            tokio::time::sleep(at).await;
-            let t = Instant::now();
-            let (notes, injection_error) =
-                match inject(fault, &mut inst, &proxy, &secrets, redis.as_mut()).await {
-                    Ok(n) => (n, None),
-                    Err(e) => (Vec::new(), Some(format!("{e:#}"))),
-                };
-            let ready = wait_ready(&inst.url(), Duration::from_secs(30)).await;
-            let recovery = t.elapsed().as_secs_f64();
-            let report = drill.await.context("the drill task failed")??;
-            let outcome = outcome(injection_error.is_none(), ready, &report);
-            println!("{}", report.summary());
-            if let Some(e) = &injection_error {
-                println!("   {}: the fault could NOT be injected: {e}", fault.id());
+            if let Some(why) = &result.skipped {
+                say(format!("   skipped (not counted as held): {why}"));
             }
-            if !ready {
-                println!(
-                    "   {}: the instance did not answer /health/ready within 30 s",
-                    fault.id()
-                );
-            }
-            println!(
-                "   {}: zero-drop {} (recovered in {recovery:.2} s)",
-                fault.id(),
-                outcome.id()
-            );
-            let _ = inst.terminate(Duration::from_secs(10)).await;
-            results.push(FaultResult {
-                profile: profile.id().into(),
-                fault,
-                outcome,
-                skipped: None,
-                injected: injection_error.is_none(),
-                injection_error,
-                injected_at_sec: at.as_secs_f64(),
-                recovery_sec: (recovery * 100.0).round() / 100.0,
-                zero_drop_held: Some(outcome == Outcome::Held),
-                resume_success_rate: report.totals.resume_success_rate,
-                lost: report.totals.dropped + report.totals.missing,
-                duplicated: report.totals.duplicated,
-                out_of_order: report.totals.out_of_order,
-                notes,
-                drill: Some(report),
-            });
+            results.push(result);
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
+    bars().remove(&bar);
     let outcomes: Vec<Outcome> = results.iter().map(|r| r.outcome).collect();
     let passed = passed(&outcomes);
     println!(
@@ -431,9 +725,10 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
         let note = match (&r.skipped, &r.injection_error) {
             (Some(s), _) => format!("  ({s})"),
             (None, Some(e)) => format!("  (injection failed: {e})"),
+            _ if r.timed_out => format!("  ({})", r.notes.join("; ")),
             _ => String::new(),
         };
-        if r.outcome == Outcome::Skipped {
+        if r.outcome == Outcome::Skipped || r.timed_out {
             println!(
                 "{:<10} {:<14} {:>9} {:>8} {:>6} {:>5} {:>9}{note}",
                 r.profile,
@@ -461,9 +756,30 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
     let skipped = outcomes.len() - ran;
     let held = outcomes.iter().filter(|o| **o == Outcome::Held).count();
     println!("{ran} fault(s) ran, {held} held; {skipped} skipped (not counted as held)");
+    let skipped_faults: Vec<Skipped> = results
+        .iter()
+        .filter_map(|r| {
+            Some(Skipped {
+                profile: r.profile.clone(),
+                fault: r.fault,
+                kind: r.skip_kind?,
+                reason: r.skipped.clone()?,
+            })
+        })
+        .collect();
+    for s in &skipped_faults {
+        println!("skipped {}/{}: {}", s.profile, s.fault.id(), s.reason);
+    }
     if ran == 0 {
         println!("no fault ran: nothing was tested");
     }
+    let elapsed = clock.elapsed().as_secs_f64();
+    println!(
+        "elapsed {:.0} s of the {:.0} s budget (--max-minutes {})",
+        elapsed,
+        budget.as_secs_f64(),
+        args.max_minutes
+    );
     let profile = args
         .profiles
         .iter()
@@ -478,6 +794,10 @@ pub async fn run(args: GamedayArgs) -> anyhow::Result<ExitCode> {
         ran,
         held,
         skipped,
+        budget_sec: budget.as_secs_f64(),
+        elapsed_sec: round2(elapsed),
+        budget_exhausted: out_of_budget.is_some(),
+        skipped_faults,
         faults: results,
     };
     let path = write_report(&args.out.dir(), "gameday", Some(&profile), &report)?;
@@ -542,6 +862,25 @@ mod tests {
         .a;
         let p = load_args(&a, Profile::Standard).plan().unwrap();
         assert_eq!(p.duration, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_fault_starts_only_when_its_expected_length_fits_the_budget() {
+        let s = Duration::from_secs;
+        // burst: 30 s of publishing + 10 s around it + the fault's own cost.
+        assert_eq!(expected(s(30), Fault::Restart), s(45));
+        assert_eq!(expected(s(30), Fault::NetworkCut), s(42));
+        assert_eq!(admit(s(480), s(435), s(45)), Ok(()), "exactly fits");
+        assert_eq!(
+            admit(s(480), s(436), s(45)),
+            Err("not started: 44 s of the 480 s budget (--max-minutes) left, and it takes about 45 s".into())
+        );
+        assert!(admit(s(60), s(90), s(1)).is_err(), "an overspent budget");
+        // The own limit covers the drill, the injection's timeout and the recovery wait.
+        assert_eq!(limit(s(30), s(20), Fault::Drain), s(30 + 20 + 70 + 30 + 90));
+        for f in Fault::ALL {
+            assert!(f.timeout() > f.expected_extra(), "{f:?}");
+        }
     }
 
     #[test]

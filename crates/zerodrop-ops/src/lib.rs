@@ -97,4 +97,62 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["x", "drill", "--scenarios", "nope"]).is_err());
     }
+
+    /// SPEC §8: every tool takes `--url`.
+    #[test]
+    fn every_subcommand_takes_url() {
+        let cmd = Cli::command();
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "probe",
+                "drill",
+                "gate",
+                "canary",
+                "gameday",
+                "dashboard",
+                "capacity",
+                "snapshot"
+            ]
+        );
+        for name in &names {
+            let mut line = vec!["x", name.as_str(), "--url", "http://127.0.0.1:7700"];
+            match name.as_str() {
+                "capacity" => line.extend(["--expected-peak-streams", "50000"]),
+                "canary" => line.extend(["--candidate-url", "http://127.0.0.1:2"]),
+                _ => {}
+            }
+            let r = Cli::try_parse_from(&line);
+            assert!(r.is_ok(), "{line:?}: {:?}", r.err());
+        }
+        // canary's --url is the control unless --control-url names one.
+        let control = |more: &[&str]| -> String {
+            let mut line = vec!["x", "canary", "--candidate-url", "http://127.0.0.1:2"];
+            line.extend(more);
+            match Cli::try_parse_from(&line) {
+                Ok(Cli {
+                    cmd: super::OpsCommand::Canary(c),
+                }) => c.control_url().to_string(),
+                other => panic!("{line:?}: {:?}", other.err()),
+            }
+        };
+        assert_eq!(
+            control(&["--url", "http://127.0.0.1:1"]),
+            "http://127.0.0.1:1"
+        );
+        assert_eq!(control(&[]), "http://127.0.0.1:7700", "the SPEC default");
+        assert_eq!(
+            control(&[
+                "--url",
+                "http://127.0.0.1:1",
+                "--control-url",
+                "http://127.0.0.1:3"
+            ]),
+            "http://127.0.0.1:3"
+        );
+    }
 }

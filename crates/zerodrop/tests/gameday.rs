@@ -11,24 +11,30 @@ use support::{BIN, ToolRun, args, reports, tool};
 /// A short game day (quick profile, 3 s drills of 16 clients) with `faults` and `extra`
 /// flags, on instances of the binary under test, writing its report under `work/reports`.
 async fn gameday(work: &Path, faults: &str, extra: &[&str]) -> (ToolRun, Value) {
+    gameday_of(work, "3", faults, extra).await
+}
+
+/// [`gameday`] with `duration` seconds of publishing per drill.
+async fn gameday_of(work: &Path, duration: &str, faults: &str, extra: &[&str]) -> (ToolRun, Value) {
     let out = work.join("reports");
     let mut a = args(&[
         "gameday",
         "--profiles",
         "quick",
         "--duration",
-        "3",
+        duration,
         "--limit",
         "16",
         "--scenarios",
         "publish,ws_fanout,resume",
         "--faults",
         faults,
-        "--server-bin",
-        BIN,
         "--out-dir",
         out.to_str().unwrap(),
     ]);
+    if !extra.contains(&"--server-bin") {
+        a.extend(args(&["--server-bin", BIN]));
+    }
     a.extend(args(extra));
     let run = tool(work, &a).await;
     let r = reports(&out, "gameday-quick-");
@@ -180,4 +186,142 @@ async fn a_fault_that_loses_events_fails_the_game_day() {
     assert_eq!(kill9["zeroDropHeld"], false);
     assert!(kill9["lost"].as_u64().unwrap() > 0, "{kill9}");
     assert_eq!(v["faults"][1]["outcome"], "skipped");
+}
+
+/// A fault starts only when its expected length fits in what is left of `--max-minutes`;
+/// the first that does not fit, and every fault after it, is skipped and says why, and the
+/// game day still ends with a verdict on what ran and a full report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_that_do_not_fit_the_budget_are_skipped_with_the_reason() {
+    let work = tempfile::tempdir().unwrap();
+    // With 3 s of publishing, restart is expected to take 3 + 10 + 5 = 18 s and drain
+    // 3 + 10 + 6 = 19 s. A 21 s budget lets restart start; once it has run (3 s of
+    // publishing at least) at most 18 s are left, so drain does not fit.
+    let (run, v) = gameday(
+        work.path(),
+        "restart,drain,network_cut",
+        &["--max-minutes", "0.35", "--url", "http://127.0.0.1:7700"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "the fault that ran held: {}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("note: --url http://127.0.0.1:7700 is not used"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(v["passed"], true);
+    assert_eq!(
+        (v["ran"].as_u64(), v["held"].as_u64(), v["skipped"].as_u64()),
+        (Some(1), Some(1), Some(2))
+    );
+    assert_eq!(v["budgetSec"], 21.0);
+    assert_eq!(v["budgetExhausted"], true);
+    let f = v["faults"].as_array().unwrap();
+    assert_eq!(f[0]["fault"], "restart");
+    assert_eq!(f[0]["outcome"], "held", "{}", f[0]);
+    assert_eq!(f[0]["expectedSec"], 18.0);
+    // Its own limit: 3 s publishing + 20 s catch-up + 50 s restart timeout + 30 s recovery
+    // + 90 s slack.
+    assert_eq!(f[0]["limitSec"], 193.0);
+    assert!(f[0]["skipped"].is_null() && f[0]["skipKind"].is_null());
+    let reason = "not started: the budget (--max-minutes) ran out at quick/drain";
+    for (x, id) in f[1..].iter().zip(["drain", "network_cut"]) {
+        assert_eq!(x["fault"], id);
+        assert_eq!(x["outcome"], "skipped", "{x}");
+        assert_eq!(x["skipKind"], "budget", "{x}");
+        assert!(x["zeroDropHeld"].is_null() && x["drill"].is_null(), "{x}");
+        assert_eq!(x["injected"], false);
+    }
+    let first = f[1]["skipped"].as_str().unwrap();
+    assert!(
+        first.starts_with("not started: ") && first.ends_with("left, and it takes about 19 s"),
+        "{first}"
+    );
+    assert_eq!(f[2]["skipped"], reason);
+    let listed = v["skippedFaults"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        (
+            &listed[0]["fault"],
+            &listed[0]["kind"],
+            &listed[0]["reason"]
+        ),
+        (&f[1]["fault"], &f[1]["skipKind"], &f[1]["skipped"])
+    );
+    assert_eq!(listed[1]["reason"], reason);
+    assert!(
+        run.stdout
+            .contains("1 fault(s) ran, 1 held; 2 skipped (not counted as held)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("skipped quick/network_cut: {reason}")),
+        "{}",
+        run.stdout
+    );
+    // stderr is not a terminal here: no progress bar was drawn.
+    assert!(!run.stderr.contains("faults,"), "{}", run.stderr);
+}
+
+/// A fault still running when the budget ends is stopped there (here an instance that never
+/// comes up, which on its own would only give up after 30 s) and reported as skipped with
+/// the reason; nothing ran, so the game day fails, with its report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_running_when_the_budget_ends_is_stopped_and_reported_skipped() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let hang = work.path().join("never-listens");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // restart with 0.5 s of publishing is expected to take 15.5 s: it starts inside a
+    // 16.2 s budget, and the budget stops it.
+    let (run, v) = gameday_of(
+        work.path(),
+        "0.5",
+        "restart,kill9",
+        &[
+            "--max-minutes",
+            "0.27",
+            "--server-bin",
+            hang.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "nothing ran: {}", run.stdout);
+    assert!(run.stdout.contains("no fault ran: nothing was tested"));
+    assert!(run.stdout.contains("gameday FAILED"), "{}", run.stdout);
+    assert_eq!(v["passed"], false);
+    assert_eq!(
+        (v["ran"].as_u64(), v["skipped"].as_u64()),
+        (Some(0), Some(2))
+    );
+    let f = v["faults"].as_array().unwrap();
+    assert_eq!(f[0]["outcome"], "skipped", "{}", f[0]);
+    assert_eq!(f[0]["skipKind"], "budget");
+    let why = f[0]["skipped"].as_str().unwrap();
+    assert!(
+        why.starts_with("stopped when the budget (--max-minutes 0.27) ran out")
+            && why.ends_with("before its drill finished: not judged"),
+        "{why}"
+    );
+    assert!(f[0]["timedOut"] == false && f[0]["drill"].is_null());
+    assert_eq!(
+        f[1]["skipped"],
+        "not started: the budget (--max-minutes) ran out at quick/restart"
+    );
+    // The budget is what ended the run: the instance's own 30 s start-up limit never came.
+    let budget = v["budgetSec"].as_f64().unwrap();
+    assert!(v["elapsedSec"].as_f64().unwrap() < budget + 10.0, "{v}");
+
+    // A budget that is not a positive number of minutes is refused before anything starts.
+    let bad = tool(
+        work.path(),
+        &args(&["gameday", "--profiles", "quick", "--max-minutes", "0"]),
+    )
+    .await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("--max-minutes"), "{}", bad.stderr);
 }

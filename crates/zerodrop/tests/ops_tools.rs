@@ -298,6 +298,23 @@ async fn drill_then_capacity_dashboard_and_snapshot() {
     assert_eq!(dash.code, 0);
     let html = std::fs::read_to_string(out.join("dashboard.html")).unwrap();
     assert!(html.contains("ws_fanout latency"));
+    assert!(!html.contains(r#"id="live""#), "no --url, no live card");
+    // With --url the page carries the server's state as it was when the page was written.
+    let dash = tool(
+        work.path(),
+        &args(&["dashboard", "--out-dir", &o, "--url", &s.url()]),
+    )
+    .await;
+    assert_eq!(dash.code, 0);
+    assert!(
+        dash.stdout
+            .contains(&format!("live snapshot of {}: ready", s.url())),
+        "{}",
+        dash.stdout
+    );
+    let html = std::fs::read_to_string(out.join("dashboard.html")).unwrap();
+    assert!(html.contains(r#"<div class="v ok" id="live">ready</div>"#));
+    assert!(html.contains("store sqlite up true"), "live card details");
 
     let snap = tool(
         work.path(),
@@ -466,4 +483,186 @@ async fn drill_exits_1_when_events_are_lost() {
     );
     // The log itself is whole: the loss is on the way to the clients.
     assert_eq!(fanout["log"]["missing"], 0);
+}
+
+/// `capacity --url` reads the server's own figures: its connection limit (from
+/// `/admin/snapshot`) bounds the plan, and its counters are recorded. The delivery ceiling
+/// still comes from a drill report: a server does not measure its own, and the tool says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_url_plans_with_the_servers_own_connection_limit() {
+    use zerodrop_ops::instance::{Instance, Secrets, Spec};
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = Secrets::generate();
+    let mut spec = Spec::new(
+        std::path::Path::new(support::BIN),
+        &dir.path().join("data"),
+        &secrets,
+    );
+    spec.args.extend(["--max-connections".into(), "300".into()]);
+    let inst = Instance::start(spec).await.expect("zerodrop serve starts");
+    let s = Server { inst, secrets, dir };
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("reports");
+    let o = out.to_str().unwrap().to_string();
+    let url = s.url();
+    let capacity = |more: &[&str]| {
+        let mut a = args(&[
+            "capacity",
+            "--expected-peak-streams",
+            "1000",
+            "--events-per-stream-per-sec",
+            "0.1",
+            "--sample-sec",
+            "1",
+            "--out-dir",
+            &o,
+        ]);
+        a.extend(args(more));
+        a
+    };
+    let admin = ["--admin-token", s.secrets.admin_token.as_str()];
+    let with_url = [&["--url", url.as_str()][..], &admin[..]].concat();
+
+    // No report yet, and an idle server has no delivery rate to offer: nothing to plan from.
+    let none = tool(work.path(), &capacity(&with_url)).await;
+    assert_eq!(none.code, 1, "{}", none.stdout);
+    assert!(
+        none.stdout.contains(&format!(
+            "server {url}: 0 connection(s) open (ws 0, sse 0), 0.0 deliveries/s over 1.0 s; \
+             connection limit 300 (from /admin/snapshot)"
+        )),
+        "{}",
+        none.stdout
+    );
+    assert!(
+        none.stderr.contains("no measurement to plan from")
+            && none
+                .stderr
+                .contains("this one delivered nothing during the 1.0 s sample"),
+        "{}",
+        none.stderr
+    );
+
+    let drill = tool(
+        work.path(),
+        &with(
+            args(&[
+                "drill",
+                "--url",
+                &url,
+                "--duration",
+                "2",
+                "--limit",
+                "8",
+                "--scenarios",
+                "ws_fanout",
+                "--out-dir",
+                &o,
+            ]),
+            s.creds(),
+        ),
+    )
+    .await;
+    assert_eq!(drill.code, 0);
+    let drill_report = reports(&out, "drill-quick-").pop().unwrap();
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&drill_report).unwrap()).unwrap();
+    // The one capacity report written since the last call.
+    let mut seen: Vec<std::path::PathBuf> = Vec::new();
+    let mut read = |n: usize| -> serde_json::Value {
+        let r = reports(&out, "capacity-");
+        assert_eq!(r.len(), n, "{r:?}");
+        let new: Vec<_> = r.into_iter().filter(|p| !seen.contains(p)).collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        seen.push(new[0].clone());
+        serde_json::from_str(&std::fs::read_to_string(&new[0]).unwrap()).unwrap()
+    };
+
+    // With the server: 300 connections ÷ 2 subscribers per stream = 150 streams (the rate,
+    // at 0.1 event/s per stream, allows far more); 1000 ÷ floor(150 × 0.7) → 10 instances.
+    let ok = tool(work.path(), &capacity(&with_url)).await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stdout.contains(&format!(
+            "a server does not measure its own delivery ceiling: deliveries/s come from {}",
+            drill_report.display()
+        )),
+        "{}",
+        ok.stdout
+    );
+    let c = read(1);
+    assert_eq!(c["perInstanceCapacity"], 150, "{c}");
+    assert_eq!(c["instancesNeeded"], 10, "{c}");
+    let b = &c["basis"];
+    assert_eq!(b["source"], drill_report.display().to_string());
+    assert_eq!(b["maxConnections"], 300);
+    assert_eq!(b["maxConnectionsSource"], "server");
+    assert_eq!(b["server"]["url"], url);
+    assert_eq!(b["server"]["reachable"], true);
+    assert_eq!(b["server"]["maxConnections"], 300);
+    assert!(b["server"]["maxConnectionsError"].is_null(), "{b}");
+    // The server wrote at least every event the drill's clients verified.
+    assert!(
+        b["server"]["eventsDeliveredTotal"].as_f64().unwrap()
+            >= d["totals"]["delivered"].as_f64().unwrap(),
+        "{b}"
+    );
+    assert!(d["totals"]["delivered"].as_u64().unwrap() > 0);
+
+    // Without --url the model's default limit of 1,000 applies: 500 streams.
+    let plain = tool(work.path(), &capacity(&[])).await;
+    assert_eq!(plain.code, 0);
+    let c = read(2);
+    assert_eq!(c["perInstanceCapacity"], 500);
+    assert_eq!(c["basis"]["maxConnectionsSource"], "default");
+    assert!(c["basis"]["server"].is_null());
+
+    // --url without the admin token: the limit cannot be read, and the tool says why.
+    let no_admin = tool(work.path(), &capacity(&["--url", &url])).await;
+    assert_eq!(no_admin.code, 0);
+    assert!(
+        no_admin
+            .stdout
+            .contains("connection limit not read: no admin token"),
+        "{}",
+        no_admin.stdout
+    );
+    let c = read(3);
+    assert_eq!(c["perInstanceCapacity"], 500);
+    assert_eq!(c["basis"]["maxConnectionsSource"], "default");
+    assert!(
+        c["basis"]["server"]["maxConnectionsError"]
+            .as_str()
+            .unwrap()
+            .starts_with("no admin token")
+    );
+
+    // An explicit --max-connections wins over the server's.
+    let flag = tool(
+        work.path(),
+        &capacity(&[&with_url[..], &["--max-connections", "200"][..]].concat()),
+    )
+    .await;
+    assert_eq!(flag.code, 0);
+    let c = read(4);
+    assert_eq!(c["perInstanceCapacity"], 100);
+    assert_eq!(c["basis"]["maxConnectionsSource"], "--max-connections");
+
+    // A server that cannot be reached: said so, and the plan falls back to the report.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gone = format!("http://{closed}");
+    let off = tool(work.path(), &capacity(&["--url", &gone])).await;
+    assert_eq!(off.code, 0);
+    assert!(
+        off.stdout
+            .contains(&format!("server {gone}: could not be read")),
+        "{}",
+        off.stdout
+    );
+    let c = read(5);
+    assert_eq!(c["perInstanceCapacity"], 500);
+    assert_eq!(c["basis"]["server"]["reachable"], false);
 }

@@ -372,6 +372,7 @@ pub async fn execute(
     let _ = stop_tx.send(true);
     let measured = run_start.elapsed();
     bar.finish_and_clear();
+    crate::common::bars().remove(&bar);
 
     // Publishers' results, then each stream's final head.
     let mut pub_stats: Vec<Vec<TaskStats>> = Vec::new();
