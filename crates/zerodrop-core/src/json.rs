@@ -7,53 +7,49 @@
 
 use std::borrow::Cow;
 
-/// Removes insignificant whitespace from valid JSON text.
-pub fn compact(json: &str) -> Cow<'_, str> {
-    let bytes = json.as_bytes();
-    let needs = {
-        let mut in_str = false;
-        let mut esc = false;
-        bytes.iter().any(|&b| {
-            if in_str {
-                if esc {
-                    esc = false;
-                } else if b == b'\\' {
-                    esc = true;
-                } else if b == b'"' {
-                    in_str = false;
-                }
-                false
-            } else if b == b'"' {
-                in_str = true;
-                false
-            } else {
-                matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-            }
-        })
-    };
-    if !needs {
-        return Cow::Borrowed(json);
-    }
-    let mut out = String::with_capacity(json.len());
-    let mut in_str = false;
-    let mut esc = false;
-    for c in json.chars() {
+/// The bytes of valid JSON text that stand outside strings, with their offsets (the quotes
+/// and everything between them are skipped).
+fn outside_strings(json: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let (mut in_str, mut esc) = (false, false);
+    json.bytes().enumerate().filter(move |&(_, b)| {
         if in_str {
-            out.push(c);
             if esc {
                 esc = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 esc = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_str = false;
             }
-        } else if c == '"' {
+            false
+        } else if b == b'"' {
             in_str = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
+            false
+        } else {
+            true
         }
+    })
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Removes insignificant whitespace from valid JSON text.
+pub fn compact(json: &str) -> Cow<'_, str> {
+    let mut spaces = outside_strings(json)
+        .filter(|&(_, b)| is_space(b))
+        .peekable();
+    if spaces.peek().is_none() {
+        return Cow::Borrowed(json);
     }
+    // Whitespace is ASCII, so cutting at its offsets keeps the text valid UTF-8.
+    let mut out = String::with_capacity(json.len());
+    let mut from = 0;
+    for (i, _) in spaces {
+        out.push_str(&json[from..i]);
+        from = i + 1;
+    }
+    out.push_str(&json[from..]);
     Cow::Owned(out)
 }
 
@@ -66,20 +62,8 @@ pub const MAX_DEPTH: usize = 64;
 /// The deepest nesting of arrays and objects in valid JSON text (0 for a scalar).
 pub fn depth(json: &str) -> usize {
     let (mut depth, mut max) = (0usize, 0usize);
-    let (mut in_str, mut esc) = (false, false);
-    for &b in json.as_bytes() {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
-            continue;
-        }
+    for (_, b) in outside_strings(json) {
         match b {
-            b'"' => in_str = true,
             b'[' | b'{' => {
                 depth += 1;
                 max = max.max(depth);

@@ -80,6 +80,10 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("ws_frames_per_sec", Some(int(c.ws_frames_per_sec))),
         ("idempotency_ttl_sec", Some(int(c.idempotency_ttl_sec))),
         ("sqlite_synchronous", Some(enum_name(c.sqlite_synchronous))),
+        (
+            "sqlite_check_interval_sec",
+            Some(int(c.sqlite_check_interval_sec)),
+        ),
         ("live_ring_events", Some(int(c.live_ring_events))),
         ("instance_id", c.instance_id.clone().map(Value::String)),
         ("log_format", Some(enum_name(c.log_format))),
