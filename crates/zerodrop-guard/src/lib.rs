@@ -4,6 +4,8 @@
 //! Pure logic over a [`Clock`]: no I/O, no threads, no timers of their own. The server wires
 //! them to routes, upstreams and the store; tests drive them with a [`ManualClock`].
 
+pub mod bulkhead;
+pub mod circuit;
 pub mod clock;
 
 pub use clock::{Clock, ManualClock, SystemClock};
