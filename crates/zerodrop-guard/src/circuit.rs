@@ -867,6 +867,7 @@ mod tests {
     fn completions_from_before_a_transition_are_ignored() {
         let (b, clock) = breaker(small());
         let early = b.acquire().unwrap();
+        let from_first_closed = b.acquire().unwrap();
         open_it(&b);
         assert!(!b.complete(early, Outcome::Failure), "issued while closed");
         clock.advance(5_000);
@@ -884,6 +885,8 @@ mod tests {
         assert!(b.complete(t3, Outcome::Success));
         assert!(b.complete(t4, Outcome::Success));
         assert_eq!(b.state(), CircuitState::Closed);
+        // Closed again, but this permit is from the closed state before the first opening.
+        assert!(!b.complete(from_first_closed, Outcome::Failure));
         assert_eq!(b.snapshot().calls_in_window, 0);
     }
 
