@@ -165,7 +165,7 @@ impl Bulkhead {
         let lease = Lease {
             id: inner.next_id,
             acquired_at_ms: now,
-            expires_at_ms: now + self.settings.lease_ttl_ms,
+            expires_at_ms: now.saturating_add(self.settings.lease_ttl_ms),
         };
         inner.next_id += 1;
         inner.leases.insert(lease.id, lease);
@@ -258,6 +258,14 @@ mod tests {
     }
 
     #[test]
+    fn settings_deserialize_with_defaults_and_refuse_unknown_keys() {
+        let s: BulkheadSettings = serde_json::from_str(r#"{"max_in_flight":4}"#).unwrap();
+        assert_eq!(s.max_in_flight, 4);
+        assert_eq!(s.lease_ttl_ms, 30_000);
+        assert!(serde_json::from_str::<BulkheadSettings>(r#"{"max":4}"#).is_err());
+    }
+
+    #[test]
     fn at_most_max_in_flight_and_release_frees_a_slot() {
         let (b, clock) = bulkhead(2);
         let a = b.acquire().unwrap();
@@ -341,6 +349,31 @@ mod tests {
                 "expired": 0,
             })
         );
+    }
+
+    #[test]
+    fn many_threads_never_hold_more_than_max() {
+        let (b, _clock) = bulkhead(3);
+        let peak = std::sync::atomic::AtomicU32::new(0);
+        let granted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        if let Ok(l) = b.acquire() {
+                            granted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            peak.fetch_max(b.in_flight(), std::sync::atomic::Ordering::SeqCst);
+                            assert!(b.release(&l));
+                        }
+                    }
+                });
+            }
+        });
+        assert!(peak.into_inner() <= 3);
+        assert!(granted.into_inner() >= 1);
+        let s = b.snapshot(10);
+        assert_eq!(s.in_flight, 0);
+        assert_eq!(s.expired, 0);
     }
 
     proptest! {

@@ -317,7 +317,10 @@ impl CircuitBreaker {
             }
             CircuitState::Open => {
                 inner.rejected += 1;
-                let until = inner.opened_at_ms.unwrap_or(now) + self.settings.cooldown_ms;
+                let until = inner
+                    .opened_at_ms
+                    .unwrap_or(now)
+                    .saturating_add(self.settings.cooldown_ms);
                 Err(Rejected {
                     state: CircuitState::Open,
                     retry_after_ms: until.saturating_sub(now).max(1),
@@ -329,7 +332,7 @@ impl CircuitBreaker {
                     inner.next_id += 1;
                     inner.trials.push(Trial {
                         id,
-                        expires_at_ms: now + self.settings.trial_lease_ttl_ms,
+                        expires_at_ms: now.saturating_add(self.settings.trial_lease_ttl_ms),
                     });
                     Ok(Permit {
                         id,
@@ -410,7 +413,9 @@ impl CircuitBreaker {
         self.catch_up(&mut inner, now);
         let (calls, failure_rate_pct, slow_call_rate_pct) = rates(&inner.window);
         let next_half_open_at_ms = match inner.state {
-            CircuitState::Open => inner.opened_at_ms.map(|t| t + self.settings.cooldown_ms),
+            CircuitState::Open => inner
+                .opened_at_ms
+                .map(|t| t.saturating_add(self.settings.cooldown_ms)),
             _ => None,
         };
         CircuitSnapshot {
@@ -434,7 +439,10 @@ impl CircuitBreaker {
     fn catch_up(&self, inner: &mut Inner, now: u64) {
         self.prune(inner, now);
         if inner.state == CircuitState::Open {
-            let until = inner.opened_at_ms.unwrap_or(now) + self.settings.cooldown_ms;
+            let until = inner
+                .opened_at_ms
+                .unwrap_or(now)
+                .saturating_add(self.settings.cooldown_ms);
             if now >= until {
                 let reason = format!("cooldown of {} ms elapsed", self.settings.cooldown_ms);
                 self.transition(inner, now, CircuitState::HalfOpen, reason);
@@ -454,7 +462,11 @@ impl CircuitBreaker {
             }
             WindowKind::Time => {
                 let span = u64::from(self.settings.window_size) * 1000;
-                while inner.window.front().is_some_and(|c| c.at_ms + span <= now) {
+                while inner
+                    .window
+                    .front()
+                    .is_some_and(|c| c.at_ms.saturating_add(span) <= now)
+                {
                     inner.window.pop_front();
                 }
             }
@@ -941,6 +953,39 @@ mod tests {
         assert_eq!(s.window_size, 60);
         assert_eq!(s.min_calls, 10);
         assert!(serde_json::from_str::<CircuitSettings>(r#"{"windw":1}"#).is_err());
+    }
+
+    #[test]
+    fn huge_settings_saturate_instead_of_overflowing() {
+        let (b, clock) = breaker(CircuitSettings {
+            cooldown_ms: u64::MAX,
+            trial_lease_ttl_ms: u64::MAX,
+            ..small()
+        });
+        open_it(&b);
+        clock.advance(1_000_000);
+        assert_eq!(b.state(), CircuitState::Open);
+        assert_eq!(b.snapshot().next_half_open_at_ms, Some(u64::MAX));
+    }
+
+    #[test]
+    fn shared_between_threads_every_call_is_counted_once() {
+        let (b, _clock) = breaker(CircuitSettings {
+            window_size: 1_000,
+            min_calls: 1_000,
+            ..small()
+        });
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        let p = b.acquire().expect("closed never rejects");
+                        assert!(b.complete(p, Outcome::Success));
+                    }
+                });
+            }
+        });
+        assert_eq!(b.snapshot().calls_in_window, 400);
     }
 
     #[derive(Debug, Clone)]
