@@ -734,7 +734,23 @@ impl Conn {
     }
 
     async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
-        if self.limiter.check().is_err() {
+        // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
+        // echoed) may nest as deep as event data may, and no deeper.
+        let depth = zerodrop_core::json::depth(text.as_str());
+        let parsed: Result<ClientFrame, ApiError> = if depth > zerodrop_core::json::MAX_DEPTH + 1 {
+            Err(ApiError::invalid(format!(
+                "the frame nests {depth} levels deep; its fields may nest {} at most",
+                zerodrop_core::json::MAX_DEPTH
+            )))
+        } else {
+            serde_json::from_str(text.as_str())
+                .map_err(|e| ApiError::invalid(format!("invalid frame: {e}")))
+        };
+        // `ack` and `pong` are never limited: they cost an in-memory update, and dropping
+        // them would lose a client's progress (a page acking every event of a replay) or
+        // close a healthy socket for missed pings. Everything else, garbage included, counts.
+        let control = matches!(&parsed, Ok(f) if matches!(f.ty.as_deref(), Some("ack" | "pong")));
+        if !control && self.limiter.check().is_err() {
             let now = Instant::now();
             if self
                 .last_limit_notice
@@ -747,24 +763,9 @@ impl Conn {
             }
             return Ok(());
         }
-        // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
-        // echoed) may nest as deep as event data may, and no deeper.
-        let depth = zerodrop_core::json::depth(text.as_str());
-        if depth > zerodrop_core::json::MAX_DEPTH + 1 {
-            return self
-                .send_error(ApiError::invalid(format!(
-                    "the frame nests {depth} levels deep; its fields may nest {} at most",
-                    zerodrop_core::json::MAX_DEPTH
-                )))
-                .await;
-        }
-        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+        let frame = match parsed {
             Ok(f) => f,
-            Err(e) => {
-                return self
-                    .send_error(ApiError::invalid(format!("invalid frame: {e}")))
-                    .await;
-            }
+            Err(e) => return self.send_error(e).await,
         };
         match frame.ty.as_deref() {
             Some("subscribe") => self.on_subscribe(frame).await,

@@ -546,3 +546,75 @@ async fn pings_measure_rtt_and_silent_clients_are_closed() {
     assert_eq!(code, Some(4408));
     assert!(pings >= 2);
 }
+
+/// A page that acks every event of a large replay (as the README's browser snippet does) and
+/// answers pings is never rate-limited: `ack` and `pong` are exempt from the frame limiter.
+/// Everything else, garbage included, still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_pongs_are_never_rate_limited_but_other_frames_are() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    for i in 1..=300 {
+        api.publish("room:flood", json!(i)).await;
+    }
+    let (mut c, welcome) = connect(&s, &["room:*"]).await;
+    let sid = welcome["sessionId"].as_str().unwrap().to_string();
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    c.send(json!({"type":"subscribe","stream":"room:flood","after":0}))
+        .await;
+    c.expect("subscribed").await;
+    let events = c.events(300).await;
+    // 300 acks and 50 pongs in one burst: more than twice the default 100 frames a second.
+    for e in &events {
+        c.send(json!({"type":"ack","stream":"room:flood","seq":e["seq"]}))
+            .await;
+    }
+    for t in 0..50 {
+        c.send(json!({"type":"pong","t":t})).await;
+    }
+    c.expect_silence(Duration::from_millis(300)).await;
+    // The last ack is applied: a lower checkpoint is stale.
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&token),
+            json!({"stream":"room:flood","seq":299}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.json["ackUpdate"].as_str(),
+            r.json["lastAckSequence"].as_u64()
+        ),
+        (Some("ignored"), Some(300)),
+        "{}",
+        r.text
+    );
+    // Other frames are still limited: a burst of garbage and subscribes gets RATE_LIMITED
+    // (once a second at most), and the socket stays open.
+    for i in 0..250 {
+        if i % 2 == 0 {
+            c.send_raw("not json".into()).await;
+        } else {
+            c.send(json!({"type":"subscribe","stream":"room:flood"}))
+                .await;
+        }
+    }
+    let mut limited = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < until {
+        match c.next_within(Duration::from_millis(500)).await {
+            Next::Frame(f) if f["code"] == "RATE_LIMITED" => limited += 1,
+            Next::Frame(_) => {}
+            Next::Timeout => break,
+            Next::Closed(code) => panic!("the socket closed: {code:?}"),
+        }
+    }
+    assert!(limited >= 1, "a flood of other frames is limited");
+    c.send(json!({"type":"ping","t":1})).await;
+    let pong = c.recv().await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["t"].as_u64()),
+        (Some("pong"), Some(1))
+    );
+}
