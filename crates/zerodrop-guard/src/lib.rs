@@ -5,5 +5,6 @@
 //! them to routes, upstreams and the store; tests drive them with a [`ManualClock`].
 
 pub mod clock;
+pub mod ratelimit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
