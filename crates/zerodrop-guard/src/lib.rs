@@ -7,5 +7,6 @@
 pub mod bulkhead;
 pub mod circuit;
 pub mod clock;
+pub mod ratelimit;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -98,6 +98,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ZERODROP_MAX_STREAMS_PER_SESSION", default_value_t = 100)]
     pub max_streams_per_session: usize,
     /// Frames per second one WebSocket may send (burst: twice that); beyond, `RATE_LIMITED`.
+    /// `pong` and acks of delivered events are exempt.
     #[arg(long, env = "ZERODROP_WS_FRAMES_PER_SEC", default_value_t = 100)]
     pub ws_frames_per_sec: u32,
     /// How long an `Idempotency-Key` is remembered, in seconds.

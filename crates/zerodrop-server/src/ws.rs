@@ -733,40 +733,77 @@ impl Conn {
             .await
     }
 
+    /// Takes one cell of the frame limiter: `false` when the connection is over its rate (the
+    /// frame is then dropped; a `RATE_LIMITED` notice goes out at most once a second).
+    async fn admit(&mut self) -> Result<bool, Exit> {
+        if self.limiter.check().is_ok() {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if self
+            .last_limit_notice
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_limit_notice = Some(now);
+            let e = ApiError::new(ErrorCode::RateLimited, "too many frames; slow down")
+                .with("retryAfterMs", 1000);
+            self.send_error(e).await?;
+        }
+        Ok(false)
+    }
+
+    /// Whether a parsed frame is a control frame the limiter never drops: a `pong`, or an
+    /// `ack` the connection can apply without the store (a subscribed stream, a seq it was
+    /// delivered). Any other ack (malformed, unsubscribed, beyond what was delivered) may
+    /// cost a store read or an error reply, so it is limited like every other frame. A
+    /// client `ping` is limited too: each one makes the server write a reply.
+    fn is_exempt(&self, f: &ClientFrame<'_>) -> bool {
+        match f.ty.as_deref() {
+            Some("pong") => true,
+            Some("ack") => {
+                let (Some(stream), Some(seq)) = (f.stream.as_deref(), f.seq) else {
+                    return false;
+                };
+                self.subs
+                    .iter()
+                    .find(|s| s.stream.as_str() == stream)
+                    .is_some_and(|s| Seq(seq) <= s.cursor() && self.acks.contains_key(&s.stream))
+            }
+            _ => false,
+        }
+    }
+
     async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
+        // Parsed before it is limited, so acks and pongs can pass; a frame that does not
+        // parse (or nests too deep) still costs a cell, so floods of garbage are limited.
         // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
         // echoed) may nest as deep as event data may, and no deeper.
         let depth = zerodrop_core::json::depth(text.as_str());
-        let parsed: Result<ClientFrame, ApiError> = if depth > zerodrop_core::json::MAX_DEPTH + 1 {
-            Err(ApiError::invalid(format!(
-                "the frame nests {depth} levels deep; its fields may nest {} at most",
-                zerodrop_core::json::MAX_DEPTH
-            )))
-        } else {
-            serde_json::from_str(text.as_str())
-                .map_err(|e| ApiError::invalid(format!("invalid frame: {e}")))
-        };
-        // `ack` and `pong` are never limited: they cost an in-memory update, and dropping
-        // them would lose a client's progress (a page acking every event of a replay) or
-        // close a healthy socket for missed pings. Everything else, garbage included, counts.
-        let control = matches!(&parsed, Ok(f) if matches!(f.ty.as_deref(), Some("ack" | "pong")));
-        if !control && self.limiter.check().is_err() {
-            let now = Instant::now();
-            if self
-                .last_limit_notice
-                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-            {
-                self.last_limit_notice = Some(now);
-                let e = ApiError::new(ErrorCode::RateLimited, "too many frames; slow down")
-                    .with("retryAfterMs", 1000);
-                self.send_error(e).await?;
+        if depth > zerodrop_core::json::MAX_DEPTH + 1 {
+            if !self.admit().await? {
+                return Ok(());
             }
+            return self
+                .send_error(ApiError::invalid(format!(
+                    "the frame nests {depth} levels deep; its fields may nest {} at most",
+                    zerodrop_core::json::MAX_DEPTH
+                )))
+                .await;
+        }
+        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                if !self.admit().await? {
+                    return Ok(());
+                }
+                return self
+                    .send_error(ApiError::invalid(format!("invalid frame: {e}")))
+                    .await;
+            }
+        };
+        if !self.is_exempt(&frame) && !self.admit().await? {
             return Ok(());
         }
-        let frame = match parsed {
-            Ok(f) => f,
-            Err(e) => return self.send_error(e).await,
-        };
         match frame.ty.as_deref() {
             Some("subscribe") => self.on_subscribe(frame).await,
             Some("unsubscribe") => self.on_unsubscribe(frame).await,
