@@ -46,6 +46,8 @@ pub struct App {
     pub store_up: AtomicBool,
     /// WebSocket acks applied in memory and not yet written to the store.
     pub acks: AckBuffer,
+    /// HTTP rate limits per route and key; `None` when `--http-requests-per-sec` is 0.
+    pub limits: Option<crate::ratelimit::HttpLimits>,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, Holder>>,
     /// Names this process's connections in holder notices (instance ids may be reused).
@@ -149,6 +151,7 @@ impl App {
         auth: Auth,
     ) -> App {
         let max = cfg.max_connections;
+        let limits = crate::ratelimit::HttpLimits::new(cfg.http_requests_per_sec);
         let gauge = metrics.clone();
         App {
             cfg,
@@ -161,6 +164,7 @@ impl App {
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
             acks: AckBuffer::default(),
+            limits,
             holders: Mutex::new(HashMap::new()),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),

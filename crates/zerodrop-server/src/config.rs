@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// `pong` and acks of delivered events are exempt.
     #[arg(long, env = "ZERODROP_WS_FRAMES_PER_SEC", default_value_t = 100)]
     pub ws_frames_per_sec: u32,
+    /// Requests per second one key (the request's credential, or none) may make to one
+    /// `/v1` route (burst: twice that); beyond, 429 `RATE_LIMITED` with `Retry-After`. 0: off.
+    #[arg(long, env = "ZERODROP_HTTP_REQUESTS_PER_SEC", default_value_t = 0)]
+    pub http_requests_per_sec: u32,
     /// How long an `Idempotency-Key` is remembered, in seconds.
     #[arg(long, env = "ZERODROP_IDEMPOTENCY_TTL_SEC", default_value_t = 86_400)]
     pub idempotency_ttl_sec: u64,
@@ -155,6 +159,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_streams_per_session: Option<usize>,
     ws_frames_per_sec: Option<u32>,
+    http_requests_per_sec: Option<u32>,
     idempotency_ttl_sec: Option<u64>,
     sqlite_synchronous: Option<SyncChoice>,
     sqlite_check_interval_sec: Option<u64>,
@@ -208,6 +213,7 @@ pub struct Config {
     pub max_connections: usize,
     pub max_streams_per_session: usize,
     pub ws_frames_per_sec: u32,
+    pub http_requests_per_sec: u32,
     pub idempotency_ttl_sec: u64,
     pub sqlite_synchronous: SyncChoice,
     pub sqlite_check_interval_sec: u64,
@@ -272,6 +278,7 @@ impl Config {
                 max_connections,
                 max_streams_per_session,
                 ws_frames_per_sec,
+                http_requests_per_sec,
                 idempotency_ttl_sec,
                 sqlite_synchronous,
                 sqlite_check_interval_sec,
@@ -306,6 +313,7 @@ impl Config {
             max_connections: a.max_connections,
             max_streams_per_session: a.max_streams_per_session,
             ws_frames_per_sec: a.ws_frames_per_sec,
+            http_requests_per_sec: a.http_requests_per_sec,
             idempotency_ttl_sec: a.idempotency_ttl_sec,
             sqlite_synchronous: a.sqlite_synchronous,
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,

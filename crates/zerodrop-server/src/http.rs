@@ -57,6 +57,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/drain/status", get(drain_status))
         .route("/admin/drain/complete", post(drain_complete))
         .route("/admin/snapshot", get(snapshot))
+        .route("/admin/ratelimit/summary", get(ratelimit_summary))
+        .route("/admin/ratelimit/alerts", get(ratelimit_alerts))
+        .route("/admin/ratelimit/events", get(ratelimit_events))
+        .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), track))
         // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
         .layer(body_limit)
@@ -115,6 +119,38 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         started.elapsed(),
     );
     res
+}
+
+/// Rate limits per `/v1` route and key (SPEC §7): 429 `RATE_LIMITED` with `Retry-After`.
+/// Health, metrics and admin routes are never limited, so operators are not locked out.
+async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(limits) = &app.limits else {
+        return next.run(req).await;
+    };
+    let Some(route) = req.extensions().get::<MatchedPath>().map(|m| m.as_str()) else {
+        return next.run(req).await;
+    };
+    if !route.starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let bucket = format!("{} {route}", req.method());
+    let credential = bearer(req.headers()).map(String::from).or_else(|| {
+        req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "token" || *k == "resume")
+                .map(|(_, v)| v.to_string())
+        })
+    });
+    match limits.check(&bucket, credential.as_deref()) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => ApiError::new(
+            ErrorCode::RateLimited,
+            format!("too many requests to {bucket} with this credential; retry after {wait} s"),
+        )
+        .retry_after(wait)
+        .into_response(),
+    }
 }
 
 /// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
@@ -727,6 +763,55 @@ async fn drain_status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiRes
     Ok(out)
 }
 
+#[derive(Deserialize)]
+struct LimitQuery {
+    minutes: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The rate-limit ledger's views; `{"enabled": false}` when HTTP limits are off.
+fn ratelimit_view(
+    app: &App,
+    headers: &HeaderMap,
+    view: impl FnOnce(&crate::ratelimit::HttpLimits) -> (&'static str, Value),
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(headers)?;
+    Ok(Json(match &app.limits {
+        None => json!({"enabled": false}),
+        Some(l) => {
+            let (key, v) = view(l);
+            json!({"enabled": true, key: v})
+        }
+    }))
+}
+
+async fn ratelimit_summary(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let minutes = query(q)?.minutes.unwrap_or(15);
+    ratelimit_view(&app, &headers, |l| ("summary", l.summary(minutes)))
+}
+
+async fn ratelimit_alerts(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let limit = query(q)?.limit.unwrap_or(20);
+    ratelimit_view(&app, &headers, |l| ("alerts", l.alerts(limit)))
+}
+
+async fn ratelimit_events(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let limit = query(q)?.limit.unwrap_or(50);
+    ratelimit_view(&app, &headers, |l| ("events", l.events(limit)))
+}
+
 async fn drain_complete(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     app.auth.require_admin(&headers)?;
     app.complete_drain();
@@ -763,7 +848,10 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<
             "sessions": stats.as_ref().map(|s| s.sessions),
             "streams": stats.as_ref().map(|s| s.streams),
         },
-        "rateLimit": {"summary": [], "alerts": []},
+        "rateLimit": match &app.limits {
+            None => json!({"enabled": false, "summary": [], "alerts": []}),
+            Some(l) => json!({"enabled": true, "summary": l.summary(15), "alerts": l.alerts(20)}),
+        },
         "circuits": [],
         "bulkheads": {"inFlightByProvider": {}},
         "idempotency": {"byScope": {}},

@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod live;
 pub mod metrics;
+pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod sse;

@@ -338,12 +338,15 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
         let app = a.clone();
         async move { app.flush_acks(None).await }
     });
-    // Housekeeping: idle topics, histogram upkeep.
+    // Housekeeping: idle topics, histogram upkeep, rate-limit keys back to a full burst.
     every(Duration::from_secs(5), stop, move || {
         let app = app.clone();
         async move {
             app.hub.sweep();
             app.metrics.upkeep();
+            if let Some(l) = &app.limits {
+                l.retain_recent();
+            }
         }
     });
 }

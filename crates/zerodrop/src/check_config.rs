@@ -78,6 +78,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
             Some(int(c.max_streams_per_session)),
         ),
         ("ws_frames_per_sec", Some(int(c.ws_frames_per_sec))),
+        ("http_requests_per_sec", Some(int(c.http_requests_per_sec))),
         ("idempotency_ttl_sec", Some(int(c.idempotency_ttl_sec))),
         ("sqlite_synchronous", Some(enum_name(c.sqlite_synchronous))),
         (
