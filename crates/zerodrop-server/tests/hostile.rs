@@ -77,33 +77,22 @@ async fn forged_connect_tokens_are_unauthorized_everywhere() {
         ("empty signature", format!("{}.{}.", parts[0], parts[1])),
     ];
     for (what, tok) in &forged {
-        let r = api
-            .post("/v1/sessions", Some(tok), json!({"streams":["room:1"]}))
-            .await;
-        assert_eq!(
-            (r.status, r.code()),
-            (401, "UNAUTHORIZED"),
-            "{what}: {}",
-            r.text
-        );
-        let r = api
-            .get("/v1/streams/room:1/events?after=0", Some(tok))
-            .await;
-        assert_eq!(
-            (r.status, r.code()),
-            (401, "UNAUTHORIZED"),
-            "{what}: {}",
-            r.text
-        );
-        let r = api
-            .get(&format!("/v1/streams/room:1/sse?token={tok}"), None)
-            .await;
-        assert_eq!(
-            (r.status, r.code()),
-            (401, "UNAUTHORIZED"),
-            "{what}: {}",
-            r.text
-        );
+        let answers = [
+            api.post("/v1/sessions", Some(tok), json!({"streams":["room:1"]}))
+                .await,
+            api.get("/v1/streams/room:1/events?after=0", Some(tok))
+                .await,
+            api.get(&format!("/v1/streams/room:1/sse?token={tok}"), None)
+                .await,
+        ];
+        for r in answers {
+            assert_eq!(
+                (r.status, r.code()),
+                (401, "UNAUTHORIZED"),
+                "{what}: {}",
+                r.text
+            );
+        }
         let refused = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
             .await
             .err()
