@@ -151,22 +151,8 @@ async fn a_corrupt_database_is_moved_aside_and_streams_get_a_new_epoch() {
     .unwrap();
     let p = spawn(dir.path(), &[], &[]);
     assert_quarantined_at_start(dir.path(), &p);
+    assert_a_new_epoch(&p, &old_epoch, 0).await;
     let api = p.api();
-    let info = api.info("room:1").await;
-    assert_ne!(
-        info["epoch"],
-        old_epoch.as_str(),
-        "a new epoch: clients must resync"
-    );
-    assert_eq!(info["headSeq"], 0);
-    // A client holding the old epoch is told so instead of being handed a silent hole.
-    let r = api
-        .get(
-            &format!("/v1/streams/room:1/events?after=0&epoch={old_epoch}"),
-            Some(&p.creds.api_key),
-        )
-        .await;
-    assert_eq!(r.code(), "EPOCH_CHANGED");
     let sid = sess["sessionId"].as_str().unwrap();
     let r = api
         .post(
@@ -182,6 +168,22 @@ async fn a_corrupt_database_is_moved_aside_and_streams_get_a_new_epoch() {
 
 /// The start-up quarantine as SPEC §2 tells it: the file moved to
 /// `zerodrop.db.corrupt-<UTC stamp>` and one error line naming both paths.
+/// `room:1` starts again in a new epoch, and a client that held position `after` of the old
+/// one is told so (409 `EPOCH_CHANGED`) instead of being handed a silent hole.
+async fn assert_a_new_epoch(p: &ServerProcess, old_epoch: &str, after: u64) {
+    let api = p.api();
+    let info = api.info("room:1").await;
+    assert_ne!(info["epoch"], old_epoch, "a new epoch: clients must resync");
+    assert_eq!(info["headSeq"], 0);
+    let r = api
+        .get(
+            &format!("/v1/streams/room:1/events?after={after}&epoch={old_epoch}"),
+            Some(&p.creds.api_key),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (409, "EPOCH_CHANGED"));
+}
+
 fn assert_quarantined_at_start(dir: &Path, p: &ServerProcess) {
     let moved: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -235,21 +237,8 @@ async fn a_database_damaged_behind_a_valid_header_is_moved_aside_at_start() {
 
     let p = spawn(dir.path(), &[], &[]);
     assert_quarantined_at_start(dir.path(), &p);
+    assert_a_new_epoch(&p, &old_epoch, 1500).await;
     let api = p.api();
-    let info = api.info("room:1").await;
-    assert_ne!(
-        info["epoch"],
-        old_epoch.as_str(),
-        "a new epoch: clients resync"
-    );
-    assert_eq!(info["headSeq"], 0);
-    let r = api
-        .get(
-            &format!("/v1/streams/room:1/events?after=1500&epoch={old_epoch}"),
-            Some(&p.creds.api_key),
-        )
-        .await;
-    assert_eq!((r.status, r.code()), (409, "EPOCH_CHANGED"));
     assert_eq!(api.publish("room:1", json!(1)).await["seq"], 1);
     assert_eq!(api.get("/health/ready", None).await.status, 200);
 }
