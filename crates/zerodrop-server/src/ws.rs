@@ -779,31 +779,23 @@ impl Conn {
         // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
         // echoed) may nest as deep as event data may, and no deeper.
         let depth = zerodrop_core::json::depth(text.as_str());
-        if depth > zerodrop_core::json::MAX_DEPTH + 1 {
-            if !self.admit().await? {
-                return Ok(());
-            }
-            return self
-                .send_error(ApiError::invalid(format!(
-                    "the frame nests {depth} levels deep; its fields may nest {} at most",
-                    zerodrop_core::json::MAX_DEPTH
-                )))
-                .await;
-        }
-        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
-            Ok(f) => f,
-            Err(e) => {
-                if !self.admit().await? {
-                    return Ok(());
-                }
-                return self
-                    .send_error(ApiError::invalid(format!("invalid frame: {e}")))
-                    .await;
-            }
+        let parsed: Result<ClientFrame, ApiError> = if depth > zerodrop_core::json::MAX_DEPTH + 1 {
+            Err(ApiError::invalid(format!(
+                "the frame nests {depth} levels deep; its fields may nest {} at most",
+                zerodrop_core::json::MAX_DEPTH
+            )))
+        } else {
+            serde_json::from_str(text.as_str())
+                .map_err(|e| ApiError::invalid(format!("invalid frame: {e}")))
         };
-        if !self.is_exempt(&frame) && !self.admit().await? {
+        let exempt = matches!(&parsed, Ok(f) if self.is_exempt(f));
+        if !exempt && !self.admit().await? {
             return Ok(());
         }
+        let frame = match parsed {
+            Ok(f) => f,
+            Err(e) => return self.send_error(e).await,
+        };
         match frame.ty.as_deref() {
             Some("subscribe") => self.on_subscribe(frame).await,
             Some("unsubscribe") => self.on_unsubscribe(frame).await,

@@ -10,6 +10,17 @@ fn seq(f: &Value) -> u64 {
     f["seq"].as_u64().unwrap()
 }
 
+/// An HTTP checkpoint on `room:1` with the session's resume token; its answer.
+async fn checkpoint(api: &zerodrop_testkit::http::Api, sid: &str, token: &str, seq: u64) -> Value {
+    api.post(
+        &format!("/v1/sessions/{sid}/checkpoint"),
+        Some(token),
+        json!({"stream":"room:1","seq":seq}),
+    )
+    .await
+    .json
+}
+
 async fn connect(s: &TestServer, streams: &[&str]) -> (WsClient, Value) {
     let tok = s.token("u1", streams);
     let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
@@ -218,14 +229,10 @@ async fn acks_follow_the_checkpoint_rule() {
     c.close().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The stored ack is 4: a stale ack never regressed it.
-    let r = api
-        .post(
-            &format!("/v1/sessions/{sid}/checkpoint"),
-            Some(&token),
-            json!({"stream":"room:1","seq":3}),
-        )
-        .await;
-    assert_eq!(r.json, json!({"ackUpdate":"ignored","lastAckSequence":4}));
+    assert_eq!(
+        checkpoint(&api, &sid, &token, 3).await,
+        json!({"ackUpdate":"ignored","lastAckSequence":4})
+    );
     let m = s.api().get("/metrics", None).await.text;
     assert!(
         m.contains("zerodrop_checkpoints_total{result=\"applied\"} 1"),
@@ -603,12 +610,8 @@ async fn acks_and_pongs_are_never_rate_limited_other_frames_are() {
     c.close().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The last ack of the burst was applied: 300 is stored, a lower one is ignored.
-    let r = api
-        .post(
-            &format!("/v1/sessions/{sid}/checkpoint"),
-            Some(&token),
-            json!({"stream":"room:1","seq":299}),
-        )
-        .await;
-    assert_eq!(r.json, json!({"ackUpdate":"ignored","lastAckSequence":300}));
+    assert_eq!(
+        checkpoint(&api, &sid, &token, 299).await,
+        json!({"ackUpdate":"ignored","lastAckSequence":300})
+    );
 }
