@@ -29,11 +29,20 @@ pub enum ErrorCode {
     SessionTakenOver,
     /// The client missed two pings in a row; the socket is closed with 4408.
     PingTimeout,
+    /// Every target of an upstream is refused by its open circuit; `Retry-After` says when
+    /// a trial call is next allowed.
+    UpstreamUnavailable,
+    /// The upstream answered with an error (5xx) or could not be reached.
+    UpstreamFailed,
+    /// The upstream did not answer within its timeout.
+    UpstreamTimeout,
+    /// A job queue class is at its queued cap; nothing was enqueued.
+    QueueFull,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -55,6 +64,10 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::SessionTakenOver,
         ErrorCode::PingTimeout,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::UpstreamFailed,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::QueueFull,
         ErrorCode::Internal,
     ];
 
@@ -81,6 +94,10 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::SessionTakenOver => "SESSION_TAKEN_OVER",
             ErrorCode::PingTimeout => "PING_TIMEOUT",
+            ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            ErrorCode::UpstreamFailed => "UPSTREAM_FAILED",
+            ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
+            ErrorCode::QueueFull => "QUEUE_FULL",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -95,7 +112,13 @@ impl ErrorCode {
             | ErrorCode::EpochChanged
             | ErrorCode::IdempotencyInProgress
             | ErrorCode::SessionTakenOver => 409,
-            ErrorCode::StoreUnavailable | ErrorCode::Draining | ErrorCode::OverCapacity => 503,
+            ErrorCode::StoreUnavailable
+            | ErrorCode::Draining
+            | ErrorCode::OverCapacity
+            | ErrorCode::UpstreamUnavailable
+            | ErrorCode::QueueFull => 503,
+            ErrorCode::UpstreamFailed => 502,
+            ErrorCode::UpstreamTimeout => 504,
             ErrorCode::Forbidden => 403,
             ErrorCode::InvalidRequest | ErrorCode::InvalidStreamId | ErrorCode::AckBeyondHead => {
                 400
@@ -116,7 +139,12 @@ impl ErrorCode {
             ErrorCode::ReconnectWindowExpired => 4410,
             ErrorCode::SessionNotFound => 4404,
             ErrorCode::Forbidden => 4403,
-            ErrorCode::StoreUnavailable | ErrorCode::OverCapacity => 1013,
+            ErrorCode::StoreUnavailable
+            | ErrorCode::OverCapacity
+            | ErrorCode::UpstreamUnavailable
+            | ErrorCode::UpstreamFailed
+            | ErrorCode::UpstreamTimeout
+            | ErrorCode::QueueFull => 1013,
             ErrorCode::Draining => 1012,
             ErrorCode::PayloadTooLarge => 1009,
             ErrorCode::RateLimited => 4429,
@@ -144,6 +172,10 @@ impl ErrorCode {
                 | ErrorCode::OverCapacity
                 | ErrorCode::RateLimited
                 | ErrorCode::IdempotencyInProgress
+                | ErrorCode::UpstreamUnavailable
+                | ErrorCode::UpstreamFailed
+                | ErrorCode::UpstreamTimeout
+                | ErrorCode::QueueFull
         )
     }
 }

@@ -167,6 +167,19 @@ impl From<StoreError> for ApiError {
                 "the stream's log was recreated; resync",
             )
             .with("epoch", current.as_str()),
+            StoreError::QueueFull { class, cap } => ApiError::new(
+                ErrorCode::QueueFull,
+                format!(
+                    "the {} job queue holds its cap of {cap} queued jobs and nothing was enqueued; retry later",
+                    class.as_str()
+                ),
+            )
+            .with("class", class.as_str())
+            .retry_after(5),
+            StoreError::StaleLease { job, attempt } => ApiError::new(
+                ErrorCode::Internal,
+                format!("job {job}: the lease of attempt {attempt} is no longer held"),
+            ),
         }
     }
 }

@@ -24,10 +24,16 @@ use serde::{Deserialize, Serialize};
 use zerodrop_core::window::LogBounds;
 use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 
+pub mod guard;
 pub mod memory;
+mod memory_guard;
 pub mod redis;
 pub mod sqlite;
 
+pub use self::guard::{
+    Enqueued, Failure, GuardStore, IdemBegin, IdemRecord, IdemScopeStats, JobId, JobRecord,
+    JobStats, JobStatus, Lease, LeasedJob, NewJob, QosClass, QueuedCaps, RunningCaps,
+};
 pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
@@ -71,6 +77,13 @@ pub enum StoreError {
     NotInSession,
     #[error("the stream's log was recreated (epoch {current})")]
     EpochChanged { current: Epoch },
+    /// The class's queued cap is reached: nothing was enqueued.
+    #[error("the {} queue is full ({cap} jobs queued)", class.as_str())]
+    QueueFull { class: QosClass, cap: u64 },
+    /// The lease is not the job's current one (or the job is no longer running): nothing
+    /// changed.
+    #[error("job {job}: the lease of attempt {attempt} is no longer held")]
+    StaleLease { job: JobId, attempt: u32 },
 }
 
 impl StoreError {
@@ -223,7 +236,7 @@ impl LiveSink for NoSink {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: GuardStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
 
     /// Appends one event; answers once it is durable.

@@ -19,23 +19,24 @@ use crate::{
 };
 
 pub struct MemoryStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     epoch: Epoch,
     retention: Retention,
-    idempotency_ttl_ms: u64,
+    pub(crate) idempotency_ttl_ms: u64,
     sink: Arc<dyn LiveSink>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     streams: HashMap<StreamId, MemStream>,
     sessions: HashMap<SessionId, SessionRecord>,
-    idempotency: HashMap<(StreamId, String), IdemEntry>,
+    pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
     last_ts: u64,
+    pub(crate) guard: crate::memory_guard::GuardState,
 }
 
 struct MemStream {
@@ -45,11 +46,12 @@ struct MemStream {
     events: VecDeque<Arc<Event>>,
 }
 
-struct IdemEntry {
+pub(crate) struct IdemEntry {
     fingerprint: [u8; 32],
     seq: Seq,
     epoch: Epoch,
-    created_ms: u64,
+    pub(crate) created_ms: u64,
+    pub(crate) hit_count: u64,
 }
 
 impl MemStream {
@@ -106,7 +108,7 @@ fn spawn_sweeper(inner: Weak<Inner>) {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every mutation is completed
         // before anything can panic), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -165,11 +167,12 @@ impl Store for MemoryStore {
         let mut guard = inner.lock();
         let st = &mut *guard;
         if let Some(k) = &req.idempotency
-            && let Some(e) = st.idempotency.get(&(req.stream.clone(), k.key.clone()))
+            && let Some(e) = st.idempotency.get_mut(&(req.stream.clone(), k.key.clone()))
         {
             if e.fingerprint != k.fingerprint {
                 return Err(StoreError::IdempotencyKeyReused);
             }
+            e.hit_count += 1;
             return Ok(AppendOutcome {
                 stream: req.stream,
                 seq: e.seq,
@@ -206,6 +209,7 @@ impl Store for MemoryStore {
                     seq,
                     epoch: epoch.clone(),
                     created_ms: ts,
+                    hit_count: 0,
                 },
             );
         }

@@ -1606,3 +1606,82 @@ mod tests {
         );
     }
 }
+
+// Replaced by the real implementation: every call is refused as unavailable until then.
+#[async_trait]
+impl crate::guard::GuardStore for SqliteStore {
+    async fn job_enqueue(
+        &self,
+        _: crate::NewJob,
+        _: &crate::QueuedCaps,
+        _: u64,
+    ) -> StoreResult<crate::Enqueued> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_claim(
+        &self,
+        _: &str,
+        _: usize,
+        _: &crate::RunningCaps,
+        _: u64,
+        _: u64,
+    ) -> StoreResult<Vec<crate::LeasedJob>> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_heartbeat(&self, _: crate::Lease, _: u64, _: u64) -> StoreResult<()> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_complete(&self, _: crate::Lease, _: u64) -> StoreResult<()> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_fail(&self, _: crate::Lease, _: crate::Failure, _: u64) -> StoreResult<()> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_requeue(&self, _: crate::JobId, _: u64) -> StoreResult<bool> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_get(&self, _: crate::JobId) -> StoreResult<Option<crate::JobRecord>> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_list(
+        &self,
+        _: Option<crate::JobStatus>,
+        _: usize,
+    ) -> StoreResult<Vec<crate::JobRecord>> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_stats(&self, _: u64) -> StoreResult<crate::JobStats> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn job_purge_done(&self, _: u64) -> StoreResult<u64> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn idem_begin(
+        &self,
+        _: &str,
+        _: &str,
+        _: [u8; 32],
+        _: u64,
+        _: u64,
+        _: u64,
+    ) -> StoreResult<crate::IdemBegin> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn idem_finish(&self, _: &str, _: &str, _: &str, _: u64) -> StoreResult<()> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn idem_list(
+        &self,
+        _: Option<&str>,
+        _: usize,
+        _: u64,
+    ) -> StoreResult<Vec<crate::IdemRecord>> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+    async fn idem_scopes(
+        &self,
+        _: u64,
+    ) -> StoreResult<std::collections::BTreeMap<String, crate::IdemScopeStats>> {
+        Err(StoreError::Unavailable("jobs: not implemented".into()))
+    }
+}
