@@ -48,6 +48,8 @@ pub struct App {
     pub acks: AckBuffer,
     /// HTTP rate limits per route and key; `None` when `--http-requests-per-sec` is 0.
     pub limits: Option<crate::ratelimit::HttpLimits>,
+    /// Upstreams, their circuits, bulkheads and cache, and the job queue's settings.
+    pub guard: crate::guard::Guard,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, Holder>>,
     /// Names this process's connections in holder notices (instance ids may be reused).
@@ -149,6 +151,7 @@ impl App {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         auth: Auth,
+        guard: crate::guard::Guard,
     ) -> App {
         let max = cfg.max_connections;
         let limits = crate::ratelimit::HttpLimits::new(cfg.http_requests_per_sec);
@@ -165,6 +168,7 @@ impl App {
             store_up: AtomicBool::new(true),
             acks: AckBuffer::default(),
             limits,
+            guard,
             holders: Mutex::new(HashMap::new()),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),

@@ -4,6 +4,7 @@
 //! keys named like the flags with `_`) > default. Secrets are never flags (they would show up
 //! in `ps`): they come from the environment or the data dir's `secrets.json`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -12,6 +13,11 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::Deserialize;
 use zerodrop_core::Retention;
+use zerodrop_guard::retry::RetryPolicy;
+use zerodrop_store::{QueuedCaps, RunningCaps};
+
+use crate::guard::config::named_tables;
+pub use crate::guard::config::{GuardConfig, JobsConfig, UpstreamConfig, WebhookConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -136,6 +142,55 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "ZERODROP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// How long a worker holds a job before another may take it over (a heartbeat renews it while the delivery runs), in ms.
+    #[arg(long, env = "ZERODROP_JOBS_LEASE_MS", default_value_t = 30_000)]
+    pub jobs_lease_ms: u64,
+    /// How often a running job's lease is renewed, in ms (at most half the lease).
+    #[arg(long, env = "ZERODROP_JOBS_HEARTBEAT_MS", default_value_t = 10_000)]
+    pub jobs_heartbeat_ms: u64,
+    /// Delivery attempts per job, the first included; after the last the job is a dead letter.
+    #[arg(long, env = "ZERODROP_JOBS_MAX_ATTEMPTS", default_value_t = 8)]
+    pub jobs_max_attempts: u32,
+    /// Ceiling of the first retry's delay in ms; each retry doubles it (full jitter: the delay is drawn from 0 to the ceiling).
+    #[arg(long, env = "ZERODROP_JOBS_BACKOFF_BASE_MS", default_value_t = 500)]
+    pub jobs_backoff_base_ms: u64,
+    /// No retry delay ceiling grows beyond this, in ms.
+    #[arg(long, env = "ZERODROP_JOBS_BACKOFF_CAP_MS", default_value_t = 60_000)]
+    pub jobs_backoff_cap_ms: u64,
+    /// `realtime` jobs one instance runs at once.
+    #[arg(long, env = "ZERODROP_JOBS_RUNNING_REALTIME", default_value_t = 32)]
+    pub jobs_running_realtime: u64,
+    /// `interactive` jobs one instance runs at once.
+    #[arg(long, env = "ZERODROP_JOBS_RUNNING_INTERACTIVE", default_value_t = 16)]
+    pub jobs_running_interactive: u64,
+    /// `batch` jobs one instance runs at once.
+    #[arg(long, env = "ZERODROP_JOBS_RUNNING_BATCH", default_value_t = 4)]
+    pub jobs_running_batch: u64,
+    /// Jobs of one kind (`publish`, `webhook:<source>`) one instance runs at once; 0: no cap beyond the class caps.
+    #[arg(long, env = "ZERODROP_JOBS_RUNNING_PER_KIND", default_value_t = 0)]
+    pub jobs_running_per_kind: u64,
+    /// `realtime` jobs queued at most; beyond, 503 `QUEUE_FULL`. 0: no cap.
+    #[arg(long, env = "ZERODROP_JOBS_QUEUED_REALTIME", default_value_t = 100_000)]
+    pub jobs_queued_realtime: u64,
+    /// `interactive` jobs queued at most; beyond, 503 `QUEUE_FULL`. 0: no cap.
+    #[arg(
+        long,
+        env = "ZERODROP_JOBS_QUEUED_INTERACTIVE",
+        default_value_t = 100_000
+    )]
+    pub jobs_queued_interactive: u64,
+    /// `batch` jobs queued at most; beyond, 503 `QUEUE_FULL`. 0: no cap.
+    #[arg(long, env = "ZERODROP_JOBS_QUEUED_BATCH", default_value_t = 100_000)]
+    pub jobs_queued_batch: u64,
+    /// The jobs alert fires while the oldest due queued job has waited longer than this, in seconds.
+    #[arg(long, env = "ZERODROP_JOBS_OLDEST_ALERT_SEC", default_value_t = 60)]
+    pub jobs_oldest_alert_sec: u64,
+    /// Delivered jobs are kept (listed, and their dedupe keys held) this long, in seconds.
+    #[arg(long, env = "ZERODROP_JOBS_DONE_KEEP_SEC", default_value_t = 3600)]
+    pub jobs_done_keep_sec: u64,
+    /// Upstream GET answers cached at most, over all namespaces.
+    #[arg(long, env = "ZERODROP_CACHE_MAX_ENTRIES", default_value_t = 5000)]
+    pub cache_max_entries: usize,
 }
 
 /// The same settings, as a config file may give them.
@@ -166,6 +221,25 @@ struct FileConfig {
     live_ring_events: Option<usize>,
     instance_id: Option<String>,
     log_format: Option<LogFormat>,
+    jobs_lease_ms: Option<u64>,
+    jobs_heartbeat_ms: Option<u64>,
+    jobs_max_attempts: Option<u32>,
+    jobs_backoff_base_ms: Option<u64>,
+    jobs_backoff_cap_ms: Option<u64>,
+    jobs_running_realtime: Option<u64>,
+    jobs_running_interactive: Option<u64>,
+    jobs_running_batch: Option<u64>,
+    jobs_running_per_kind: Option<u64>,
+    jobs_queued_realtime: Option<u64>,
+    jobs_queued_interactive: Option<u64>,
+    jobs_queued_batch: Option<u64>,
+    jobs_oldest_alert_sec: Option<u64>,
+    jobs_done_keep_sec: Option<u64>,
+    cache_max_entries: Option<usize>,
+    /// `[upstreams.<name>]` tables (see `guard::config`).
+    upstreams: Option<toml::Table>,
+    /// `[webhooks.<source>]` tables.
+    webhooks: Option<toml::Table>,
 }
 
 /// Secrets as configured in the environment (any may be missing; see `secrets`).
@@ -220,6 +294,8 @@ pub struct Config {
     pub live_ring_events: usize,
     pub instance_id: Option<String>,
     pub log_format: LogFormat,
+    /// Upstreams, webhook sources, the job queue and the response cache.
+    pub guard: GuardConfig,
     pub secrets: SecretOverrides,
 }
 
@@ -228,7 +304,8 @@ impl Config {
     /// free loopback port, data in `data_dir`.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Config {
         let args = <ServeArgsParser as clap::Parser>::parse_from(["zerodrop"]).args;
-        let mut c = Config::from_args(args, None).expect("defaults are valid");
+        let mut c = Config::from_args(args, None, BTreeMap::new(), BTreeMap::new())
+            .expect("defaults are valid");
         c.listen = "127.0.0.1:0".parse().expect("valid address");
         c.data_dir = data_dir.into();
         c
@@ -236,7 +313,7 @@ impl Config {
 
     /// Resolves flags/env (`args`, with `matches` telling which were defaults) over the file.
     pub fn resolve(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result<Config> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -247,6 +324,11 @@ impl Config {
             None => None,
         };
         let mut args = args;
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        let (upstreams, webhooks) = match &mut file {
+            Some(f) => named_tables(f.upstreams.take(), f.webhooks.take(), &vars)?,
+            None => named_tables(None, None, &vars)?,
+        };
         if let Some(f) = file {
             let defaulted = |id: &str| {
                 matches
@@ -283,16 +365,36 @@ impl Config {
                 sqlite_synchronous,
                 sqlite_check_interval_sec,
                 live_ring_events,
-                log_format
+                log_format,
+                jobs_lease_ms,
+                jobs_heartbeat_ms,
+                jobs_max_attempts,
+                jobs_backoff_base_ms,
+                jobs_backoff_cap_ms,
+                jobs_running_realtime,
+                jobs_running_interactive,
+                jobs_running_batch,
+                jobs_running_per_kind,
+                jobs_queued_realtime,
+                jobs_queued_interactive,
+                jobs_queued_batch,
+                jobs_oldest_alert_sec,
+                jobs_done_keep_sec,
+                cache_max_entries
             );
             if args.instance_id.is_none() {
                 args.instance_id = f.instance_id;
             }
         }
-        Config::from_args(args, Some(SecretOverrides::from_env()))
+        Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)
     }
 
-    fn from_args(a: ServeArgs, secrets: Option<SecretOverrides>) -> anyhow::Result<Config> {
+    fn from_args(
+        a: ServeArgs,
+        secrets: Option<SecretOverrides>,
+        upstreams: BTreeMap<String, UpstreamConfig>,
+        webhooks: BTreeMap<String, WebhookConfig>,
+    ) -> anyhow::Result<Config> {
         let c = Config {
             listen: a.listen,
             data_dir: a.data_dir,
@@ -320,6 +422,38 @@ impl Config {
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,
             log_format: a.log_format,
+            guard: GuardConfig {
+                upstreams,
+                webhooks,
+                jobs: JobsConfig {
+                    lease_ms: a.jobs_lease_ms,
+                    heartbeat_ms: a.jobs_heartbeat_ms,
+                    retry: RetryPolicy {
+                        max_attempts: a.jobs_max_attempts,
+                        base_ms: a.jobs_backoff_base_ms,
+                        cap_ms: a.jobs_backoff_cap_ms,
+                    },
+                    running: RunningCaps {
+                        per_class: [
+                            a.jobs_running_realtime,
+                            a.jobs_running_interactive,
+                            a.jobs_running_batch,
+                        ],
+                        per_kind: BTreeMap::new(),
+                        default_per_kind: a.jobs_running_per_kind,
+                    },
+                    queued: QueuedCaps {
+                        per_class: [
+                            a.jobs_queued_realtime,
+                            a.jobs_queued_interactive,
+                            a.jobs_queued_batch,
+                        ],
+                    },
+                    oldest_alert_sec: a.jobs_oldest_alert_sec,
+                    done_keep_sec: a.jobs_done_keep_sec,
+                },
+                cache_max_entries: a.cache_max_entries,
+            },
             secrets: secrets.unwrap_or_default(),
         };
         c.validate()?;
@@ -351,6 +485,7 @@ impl Config {
         if self.ws_frames_per_sec == 0 {
             bail!("--ws-frames-per-sec (ws_frames_per_sec) must be at least 1");
         }
+        self.guard.validate()?;
         if let Some(id) = &self.instance_id {
             let ok = !id.is_empty()
                 && id.len() <= 64

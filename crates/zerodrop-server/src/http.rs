@@ -60,6 +60,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/ratelimit/summary", get(ratelimit_summary))
         .route("/admin/ratelimit/alerts", get(ratelimit_alerts))
         .route("/admin/ratelimit/events", get(ratelimit_events))
+        .merge(crate::guard::routes::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), track))
         // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
@@ -142,14 +143,31 @@ async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
                 .map(|(_, v)| v.to_string())
         })
     });
-    match limits.check(&bucket, credential.as_deref()) {
+    let key = match credential.as_deref() {
+        Some(c) if app.auth.is_api_key(c) => "api-key".to_string(),
+        Some(c) => match app.auth.verify_connect(c) {
+            Ok(claims) => format!("sub:{}", claims.sub),
+            Err(_) => crate::ratelimit::label(Some(c)),
+        },
+        None => match req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        {
+            Some(axum::extract::ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
+            None => crate::ratelimit::label(None),
+        },
+    };
+    match limits.check_key(&bucket, key) {
         Ok(()) => next.run(req).await,
-        Err(wait) => ApiError::new(
-            ErrorCode::RateLimited,
-            format!("too many requests to {bucket} with this credential; retry after {wait} s"),
-        )
-        .retry_after(wait)
-        .into_response(),
+        Err(wait) => {
+            app.metrics.rate_limited("http");
+            ApiError::new(
+                ErrorCode::RateLimited,
+                format!("too many requests to {bucket} from this key; retry after {wait} s"),
+            )
+            .retry_after(wait)
+            .into_response()
+        }
     }
 }
 
@@ -246,7 +264,7 @@ fn not_this_session() -> ApiError {
     )
 }
 
-fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+pub(crate) fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     b.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(ErrorCode::PayloadTooLarge, "request body too large")
@@ -820,6 +838,20 @@ async fn drain_complete(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiR
 
 /// The reliability snapshot (SPEC §7). Sections whose feature is not enabled on this build
 /// are present and empty.
+/// What this deployment's topology is, as far as the instance knows: one instance on its own
+/// store, or instances sharing one Redis. zerodrop has no notion of regions: every instance
+/// sharing the store is one region.
+fn region_topology(app: &App) -> Value {
+    let shared = app.store_kind() == zerodrop_store::StoreKind::Redis;
+    json!({
+        "mode": if shared { "shared-store" } else { "single-instance" },
+        "store": app.store_kind().as_str(),
+        "instance": app.instance,
+        "regions": [{"name": "default", "instances": if shared { Value::Null } else { json!([app.instance]) }}],
+        "multiRegion": false,
+    })
+}
+
 async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     app.auth.require_admin(&headers)?;
     let c = &app.cfg;
@@ -839,7 +871,7 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<
             "maxFrameBytes": c.max_frame_bytes,
             "pingIntervalSec": c.ping_interval_sec,
             "drainGraceSec": c.drain_grace_sec,
-            "regionTopology": {"regions": [], "multiRegion": false},
+            "regionTopology": region_topology(&app),
         },
         "drain": app.drain.status(app.conns.current()),
         "store": {
@@ -852,10 +884,17 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<
             None => json!({"enabled": false, "summary": [], "alerts": []}),
             Some(l) => json!({"enabled": true, "summary": l.summary(15), "alerts": l.alerts(20)}),
         },
-        "circuits": [],
-        "bulkheads": {"inFlightByProvider": {}},
-        "idempotency": {"byScope": {}},
-        "jobs": {"byStatus": {}, "oldestQueuedAgeMs": 0, "recentDeadLetters": [], "alerts": []},
-        "cache": {"byNamespace": {}},
+        "circuits": crate::guard::routes::circuits_view(&app, 20),
+        "bulkheads": {
+            "enabled": !app.guard.upstreams.is_empty(),
+            "inFlightByProvider": app.guard.in_flight_by_provider(),
+        },
+        "idempotency": {
+            "enabled": true,
+            "webhookSources": app.guard.cfg.webhooks.keys().collect::<Vec<_>>(),
+            "byScope": app.store.idem_scopes(zerodrop_core::now_ms()).await?,
+        },
+        "jobs": crate::guard::routes::jobs_view(&app, 10).await?,
+        "cache": crate::guard::routes::cache_view(&app),
     })))
 }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod guard;
 pub mod http;
 pub mod live;
 pub mod metrics;

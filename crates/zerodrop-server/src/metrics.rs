@@ -107,6 +107,10 @@ pub struct Metrics {
     dynamic: Mutex<HashMap<(String, String, String), Counter>>,
     durations: Mutex<HashMap<(String, String), Histogram>>,
     failures: Mutex<HashMap<(Transport, ErrorCode), Counter>>,
+    /// The guardrails' labelled series (`rate_limited_total`, `jobs_*`, `circuit_state`, …).
+    labelled_counters: Mutex<HashMap<String, Counter>>,
+    labelled_gauges: Mutex<HashMap<String, Gauge>>,
+    n_rate_limited: AtomicU64,
 
     // JSON view.
     n_ws_active: AtomicI64,
@@ -184,6 +188,9 @@ impl Metrics {
             dynamic: Mutex::new(HashMap::new()),
             durations: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            labelled_counters: Mutex::new(HashMap::new()),
+            labelled_gauges: Mutex::new(HashMap::new()),
+            n_rate_limited: AtomicU64::new(0),
             n_ws_active: AtomicI64::new(0),
             n_sse_active: AtomicI64::new(0),
             n_ws_reconnects: AtomicU64::new(0),
@@ -211,6 +218,9 @@ impl Metrics {
         m.drain_state.set(0.0);
         m.ws_active.set(0.0);
         m.sse_active.set(0.0);
+        for t in ["http", "ws"] {
+            m.count("zerodrop_rate_limited_total", &[("transport", t)], 0);
+        }
         for t in [Transport::Ws, Transport::Sse, Transport::Http] {
             for c in [
                 ErrorCode::InvalidResumeToken,
@@ -235,6 +245,50 @@ impl Metrics {
                 )
             })
             .clone()
+    }
+
+    /// Adds `n` to a labelled counter (registered on first use).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)], n: u64) {
+        let id = series_id(name, labels);
+        let c = lock(&self.labelled_counters)
+            .entry(id)
+            .or_insert_with(|| {
+                self.recorder.register_counter(
+                    &key(name, labels),
+                    &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                )
+            })
+            .clone();
+        c.increment(n);
+    }
+
+    /// Sets a labelled gauge (registered on first use).
+    pub fn set(&self, name: &str, labels: &[(&str, &str)], v: f64) {
+        let id = series_id(name, labels);
+        let g = lock(&self.labelled_gauges)
+            .entry(id)
+            .or_insert_with(|| {
+                self.recorder.register_gauge(
+                    &key(name, labels),
+                    &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                )
+            })
+            .clone();
+        g.set(v);
+    }
+
+    /// A request or frame refused by a rate limit (`transport` is `http` or `ws`).
+    pub fn rate_limited(&self, transport: &str) {
+        self.count(
+            "zerodrop_rate_limited_total",
+            &[("transport", transport)],
+            1,
+        );
+        self.n_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rate_limited_total(&self) -> u64 {
+        self.n_rate_limited.load(Ordering::Relaxed)
     }
 
     pub fn connection_opened(&self, t: Transport) {
@@ -597,6 +651,17 @@ fn key(name: &str, labels: &[(&str, &str)]) -> Key {
     Key::from_parts(name.to_string(), labels)
 }
 
+fn series_id(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut id = name.to_string();
+    for (k, v) in labels {
+        id.push('|');
+        id.push_str(k);
+        id.push('=');
+        id.push_str(v);
+    }
+    id
+}
+
 fn describe(r: &PrometheusRecorder) {
     let d = |name: &'static str, help: &'static str| {
         (KeyName::from_const_str(name), SharedString::const_str(help))
@@ -644,6 +709,34 @@ fn describe(r: &PrometheusRecorder) {
             "zerodrop_http_requests_total",
             "HTTP requests, by route template and status",
         ),
+        d(
+            "zerodrop_rate_limited_total",
+            "Requests (http) and frames (ws) refused with RATE_LIMITED",
+        ),
+        d(
+            "zerodrop_webhooks_total",
+            "Webhooks received, by source and result (accepted, duplicate, reused)",
+        ),
+        d(
+            "zerodrop_jobs_completed_total",
+            "Upstream deliveries completed, by upstream",
+        ),
+        d(
+            "zerodrop_jobs_failed_total",
+            "Failed delivery attempts, by upstream and outcome (retry, dead)",
+        ),
+        d(
+            "zerodrop_bulkhead_rejected_total",
+            "Upstream calls refused because the bulkhead was full",
+        ),
+        d(
+            "zerodrop_upstream_requests_total",
+            "Calls made to upstreams, by upstream, target and result",
+        ),
+        d(
+            "zerodrop_cache_requests_total",
+            "Response cache lookups, by namespace and result (hit, miss)",
+        ),
     ];
     for (k, h) in counters {
         r.describe_counter(k, None, h);
@@ -656,6 +749,27 @@ fn describe(r: &PrometheusRecorder) {
             "1 if the store answered its last check",
         ),
         d("zerodrop_drain_state", "0 active, 1 draining, 2 drained"),
+        d(
+            "zerodrop_jobs_backlog",
+            "Queued upstream deliveries, by QoS class",
+        ),
+        d(
+            "zerodrop_jobs_running",
+            "Running upstream deliveries, by QoS class",
+        ),
+        d(
+            "zerodrop_jobs_oldest_queued_age_seconds",
+            "Age of the oldest due queued job (0 when none waits)",
+        ),
+        d("zerodrop_jobs_dead_letters", "Jobs in the dead letters"),
+        d(
+            "zerodrop_circuit_state",
+            "Circuit breaker state per upstream target: 0 closed, 1 half-open, 2 open",
+        ),
+        d(
+            "zerodrop_bulkhead_in_flight",
+            "Upstream calls in flight, per upstream",
+        ),
         d(
             "zerodrop_build_info",
             "Always 1; the labels say which build runs",

@@ -1,9 +1,10 @@
 //! HTTP rate limits (SPEC §7): GCRA per route and key (`governor`), every verdict recorded
 //! in the guardrails' ledger for `/admin/ratelimit/*` and the snapshot.
 //!
-//! A key is what the request presented: its bearer credential, else its `?token=` or
-//! `?resume=`, else nothing (one shared key). It is labelled by the first 12 hex digits of its
-//! SHA-256, so no secret ever reaches the ledger, a log or an admin answer.
+//! A key is who the request is from: `api-key` for the api key, `sub:<sub>` for a valid
+//! connect token (all of one user's tokens share it), `ip:<address>` for a request with no
+//! credential, and otherwise (resume tokens, unknown credentials) the first 12 hex digits of
+//! the credential's SHA-256, so no secret ever reaches the ledger, a log or an admin answer.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,11 @@ impl HttpLimits {
     /// One request of `bucket` (`"METHOD /route"`) by `credential`: `Err(seconds to wait)`
     /// when it is over the limit.
     pub fn check(&self, bucket: &str, credential: Option<&str>) -> Result<(), u64> {
-        let key = label(credential);
+        self.check_key(bucket, label(credential))
+    }
+
+    /// One request of `bucket` by the key `key` (see the module doc for the labels).
+    pub fn check_key(&self, bucket: &str, key: String) -> Result<(), u64> {
         let verdict = self
             .limiter
             .check_key(&(bucket.to_string(), key.clone()))
@@ -84,7 +89,7 @@ impl HttpLimits {
 }
 
 /// A credential's label: never the credential itself.
-fn label(credential: Option<&str>) -> String {
+pub fn label(credential: Option<&str>) -> String {
     match credential {
         None | Some("") => "anonymous".into(),
         Some(c) => hex::encode(&Sha256::digest(c.as_bytes())[..6]),

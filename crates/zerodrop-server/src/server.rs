@@ -198,6 +198,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         }
     };
     let auth = Auth::new(&secrets);
+    let guard = crate::guard::Guard::new(cfg.guard.clone(), metrics.clone())?;
     let app = Arc::new(App::new(
         cfg.clone(),
         instance_id(&cfg),
@@ -205,6 +206,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         hub,
         metrics,
         auth,
+        guard,
     ));
     let _ = routed.app.set(Arc::downgrade(&app));
     Ok((app, sqlite))
@@ -217,6 +219,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (app, sqlite) = build(cfg).await?;
     let (stop, stop_rx) = watch::channel(false);
     spawn_background(app.clone(), stop_rx.clone());
+    crate::guard::worker::spawn(app.clone(), stop_rx.clone());
     if let Some(s) = &sqlite {
         spawn_sqlite_check(
             s.clone(),
@@ -231,6 +234,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         let _ = tcp.set_nodelay(true);
     });
     let task = tokio::spawn(async move {
+        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = stop_signal.wait_for(|s| *s).await;
@@ -344,6 +348,7 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
         async move {
             app.hub.sweep();
             app.metrics.upkeep();
+            crate::guard::worker::upkeep(&app).await;
             if let Some(l) = &app.limits {
                 l.retain_recent();
             }

@@ -739,6 +739,7 @@ impl Conn {
         if self.limiter.check().is_ok() {
             return Ok(true);
         }
+        self.app.metrics.rate_limited("ws");
         let now = Instant::now();
         if self
             .last_limit_notice
@@ -1031,12 +1032,19 @@ impl Conn {
                 return self.send_error(e).await;
             }
         };
-        match self.app.publish(stream.clone(), data, key).await {
+        let sub = session.sub.clone();
+        match self
+            .app
+            .client_publish(stream.clone(), data, key, &sub)
+            .await
+        {
             Ok(out) => {
-                self.send_json(
-                    json!({"type": "published", "stream": stream, "seq": out.seq, "id": id}),
-                )
-                .await
+                let mut frame =
+                    json!({"type": "published", "stream": stream, "seq": out.seq, "id": id});
+                if let Some(job) = out.job {
+                    frame["jobId"] = json!(job);
+                }
+                self.send_json(frame).await
             }
             Err(e) => {
                 self.send_error(e.with("stream", stream.as_str()).with("id", id))

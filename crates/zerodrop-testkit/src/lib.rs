@@ -8,7 +8,8 @@
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
 //!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies;
 //! - [`hog`]: busy threads that load the machine for timing-sensitive guarantees;
-//! - [`files`]: damage done to a data file the way a bad disk does it.
+//! - [`files`]: damage done to a data file the way a bad disk does it;
+//! - [`upstream`]: a fake application backend that fails, slows down and recovers on command.
 
 pub mod cluster;
 pub mod files;
@@ -19,6 +20,7 @@ pub mod roam;
 pub mod server;
 pub mod sink;
 pub mod sse;
+pub mod upstream;
 pub mod ws;
 
 use std::time::Duration;

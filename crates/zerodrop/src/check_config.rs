@@ -88,7 +88,89 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("live_ring_events", Some(int(c.live_ring_events))),
         ("instance_id", c.instance_id.clone().map(Value::String)),
         ("log_format", Some(enum_name(c.log_format))),
+        ("jobs_lease_ms", Some(int(c.guard.jobs.lease_ms))),
+        ("jobs_heartbeat_ms", Some(int(c.guard.jobs.heartbeat_ms))),
+        (
+            "jobs_max_attempts",
+            Some(int(c.guard.jobs.retry.max_attempts)),
+        ),
+        (
+            "jobs_backoff_base_ms",
+            Some(int(c.guard.jobs.retry.base_ms)),
+        ),
+        ("jobs_backoff_cap_ms", Some(int(c.guard.jobs.retry.cap_ms))),
+        (
+            "jobs_running_realtime",
+            Some(int(c.guard.jobs.running.per_class[0])),
+        ),
+        (
+            "jobs_running_interactive",
+            Some(int(c.guard.jobs.running.per_class[1])),
+        ),
+        (
+            "jobs_running_batch",
+            Some(int(c.guard.jobs.running.per_class[2])),
+        ),
+        (
+            "jobs_running_per_kind",
+            Some(int(c.guard.jobs.running.default_per_kind)),
+        ),
+        (
+            "jobs_queued_realtime",
+            Some(int(c.guard.jobs.queued.per_class[0])),
+        ),
+        (
+            "jobs_queued_interactive",
+            Some(int(c.guard.jobs.queued.per_class[1])),
+        ),
+        (
+            "jobs_queued_batch",
+            Some(int(c.guard.jobs.queued.per_class[2])),
+        ),
+        (
+            "jobs_oldest_alert_sec",
+            Some(int(c.guard.jobs.oldest_alert_sec)),
+        ),
+        ("jobs_done_keep_sec", Some(int(c.guard.jobs.done_keep_sec))),
+        ("cache_max_entries", Some(int(c.guard.cache_max_entries))),
     ]
+}
+
+/// The named upstreams and webhook sources, as comment lines (their keys are listed in
+/// docs/guardrails.md; an URL is printed without anything after its host).
+fn render_named(c: &Config, out: &mut String) {
+    if c.guard.upstreams.is_empty() && c.guard.webhooks.is_empty() {
+        let _ = writeln!(out, "# upstreams: none; webhook sources: none");
+        return;
+    }
+    for (name, u) in &c.guard.upstreams {
+        let _ = writeln!(
+            out,
+            "# [upstreams.{name}] primary {}, secondary {}, timeout_ms {}, streams {:?}, circuit min_calls {} of {} ({:?} window), bulkhead max_in_flight {}, cache ttl {} s",
+            redact_urls(&u.primary),
+            u.secondary
+                .as_deref()
+                .map(redact_urls)
+                .unwrap_or_else(|| "none".into()),
+            u.timeout_ms,
+            u.streams,
+            u.circuit.min_calls,
+            u.circuit.window_size,
+            u.circuit.window_kind,
+            u.bulkhead.max_in_flight,
+            u.cache_ttl_sec,
+        );
+    }
+    for (name, w) in &c.guard.webhooks {
+        let _ = writeln!(
+            out,
+            "# [webhooks.{name}] id from {:?}, stream {}, upstream {}, ttl_sec {}",
+            w.id_source(),
+            w.stream.as_deref().unwrap_or("none"),
+            w.upstream.as_deref().unwrap_or("none"),
+            w.ttl_sec,
+        );
+    }
 }
 
 fn render(
@@ -124,6 +206,7 @@ fn render(
             }
         }
     }
+    render_named(c, &mut out);
     let _ = writeln!(out, "# secrets (values are never printed):");
     let secrets_file = zerodrop_server::secrets::path_in(&c.data_dir);
     for (name, env, set) in secret_sources(&c.secrets) {

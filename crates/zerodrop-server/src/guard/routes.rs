@@ -1,0 +1,500 @@
+//! The guardrails' routes: webhook intake, upstream GETs through the cache, and the admin
+//! views of circuits, bulkheads, idempotency keys, the cache and the job queue.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use zerodrop_core::{ErrorCode, StreamId};
+use zerodrop_store::{IdemBegin, JobStatus};
+
+use super::config::IdSource;
+use super::{Answer, CallError};
+use crate::app::App;
+use crate::auth::bearer;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{body_bytes, query};
+
+/// How long a webhook's first request owns its message id before a retry may take over (the
+/// first crashed): a retry meanwhile is 409 `IDEMPOTENCY_IN_PROGRESS`.
+const WEBHOOK_CLAIM_MS: u64 = 10_000;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/webhooks/{source}", post(webhook))
+        .route("/v1/upstreams/{upstream}/{*path}", get(upstream_get))
+        .route("/admin/circuits", get(circuits))
+        .route("/admin/bulkheads", get(bulkheads))
+        .route("/admin/idempotency", get(idempotency))
+        .route("/admin/cache", get(cache))
+        .route("/admin/cache/{namespace}", delete(cache_clear))
+        .route("/admin/jobs", get(jobs))
+        .route("/admin/jobs/dead-letters/{id}/requeue", post(requeue))
+}
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))
+}
+
+fn retry_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// The message id of a webhook, where its source says it is.
+fn message_id(src: &IdSource, headers: &HeaderMap, body: &Value) -> ApiResult<String> {
+    let (found, place) = match src {
+        IdSource::Header(h) => (
+            headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+            format!("header `{h}`"),
+        ),
+        IdSource::Pointer(p) => (
+            body.pointer(p).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+            format!("JSON pointer `{p}` (a string or a number)"),
+        ),
+    };
+    let id = found
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::invalid(format!("the webhook has no message id at {place}")))?;
+    if id.len() > 255 || !id.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ApiError::invalid(
+            "a message id must be 1-255 visible ASCII characters",
+        ));
+    }
+    Ok(id)
+}
+
+/// `POST /v1/webhooks/{source}`: deduplicated by the provider's message id per scope. The
+/// first request runs (append and/or enqueue, each itself idempotent on the id, so a takeover
+/// after a crash never doubles either); a duplicate gets the first answer with
+/// `duplicate: true` and its `hitCount`.
+async fn webhook(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    source: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    app.auth.require_api_key(&headers)?;
+    let source = path(source)?;
+    let Some(cfg) = app.guard.cfg.webhooks.get(&source) else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "no webhook source `{source}` is configured (see [webhooks.<source>] in docs/guardrails.md)"
+            ),
+        ));
+    };
+    let body = body_bytes(body)?;
+    let raw: Box<serde_json::value::RawValue> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("the webhook body must be JSON: {e}")))?;
+    let value: Value = serde_json::from_str(raw.get())
+        .map_err(|e| ApiError::invalid(format!("the webhook body must be JSON: {e}")))?;
+    let id = message_id(&cfg.id_source(), &headers, &value)?;
+    let scope = cfg.scope.clone().unwrap_or_else(|| source.clone());
+    let compact = zerodrop_core::json::compact(raw.get());
+    let fingerprint: [u8; 32] = Sha256::digest(compact.as_bytes()).into();
+    let now = zerodrop_core::now_ms();
+    let count = |result: &str| {
+        app.metrics.count(
+            "zerodrop_webhooks_total",
+            &[("source", &source), ("result", result)],
+            1,
+        )
+    };
+    let begin = app
+        .store
+        .idem_begin(
+            &scope,
+            &id,
+            fingerprint,
+            cfg.ttl_sec.saturating_mul(1000),
+            WEBHOOK_CLAIM_MS,
+            now,
+        )
+        .await?;
+    match begin {
+        IdemBegin::Reused => {
+            count("reused");
+            Err(ApiError::new(
+                ErrorCode::IdempotencyKeyReused,
+                format!("message id `{id}` was already received with a different body"),
+            )
+            .with("scope", scope.as_str()))
+        }
+        IdemBegin::InProgress => {
+            count("duplicate");
+            Err(ApiError::new(
+                ErrorCode::IdempotencyInProgress,
+                format!(
+                    "the first delivery of message id `{id}` is still being processed; retry later"
+                ),
+            )
+            .retry_after(1))
+        }
+        IdemBegin::Done { answer, hit_count } => {
+            count("duplicate");
+            let mut a: Value = serde_json::from_str(&answer).unwrap_or_else(|_| json!({}));
+            a["duplicate"] = json!(true);
+            a["hitCount"] = json!(hit_count);
+            Ok((StatusCode::ACCEPTED, Json(a)).into_response())
+        }
+        IdemBegin::Fresh => {
+            let dedupe = format!("webhook:{scope}:{id}");
+            let mut answer = json!({
+                "source": source, "scope": scope, "messageId": id,
+                "duplicate": false, "hitCount": 0,
+            });
+            if let Some(s) = &cfg.stream {
+                let stream = StreamId::new(s).map_err(|_| {
+                    ApiError::new(ErrorCode::Internal, "the source's stream id is invalid")
+                })?;
+                let out = app.publish(stream, &raw, Some(dedupe.clone())).await?;
+                answer["stream"] = json!(out.stream);
+                answer["seq"] = json!(out.seq);
+                answer["epoch"] = json!(out.epoch);
+            }
+            if let Some(u) = &cfg.upstream {
+                let payload = json!({"source": source, "messageId": id, "data": value});
+                let job = app
+                    .enqueue_job(
+                        format!("webhook:{source}"),
+                        cfg.class.0,
+                        u,
+                        payload.to_string(),
+                        Some(dedupe),
+                    )
+                    .await?;
+                answer["jobId"] = json!(job.id());
+            }
+            app.store
+                .idem_finish(&scope, &id, &answer.to_string(), zerodrop_core::now_ms())
+                .await?;
+            count("accepted");
+            Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+        }
+    }
+}
+
+/// The typed error for a call that got no usable answer.
+pub fn call_error(upstream: &str, e: CallError) -> ApiError {
+    match e {
+        CallError::UnknownUpstream => ApiError::new(
+            ErrorCode::NotFound,
+            format!("no upstream named `{upstream}` is configured"),
+        ),
+        CallError::Saturated { retry_after_ms } => ApiError::new(
+            ErrorCode::OverCapacity,
+            format!("upstream `{upstream}` has its maximum of calls in flight; retry later"),
+        )
+        .with("upstream", upstream)
+        .retry_after(retry_secs(retry_after_ms)),
+        CallError::Open { retry_after_ms } => ApiError::new(
+            ErrorCode::UpstreamUnavailable,
+            format!("upstream `{upstream}` is failing (every circuit open); retry later"),
+        )
+        .with("upstream", upstream)
+        .retry_after(retry_secs(retry_after_ms)),
+        CallError::Timeout { target } => ApiError::new(
+            ErrorCode::UpstreamTimeout,
+            format!("upstream `{upstream}` ({target}) did not answer in time"),
+        )
+        .with("upstream", upstream),
+        CallError::Failed { target, .. } => ApiError::new(
+            ErrorCode::UpstreamFailed,
+            format!("upstream `{upstream}` ({target}) could not be reached"),
+        )
+        .with("upstream", upstream),
+    }
+}
+
+/// `GET /v1/upstreams/{upstream}/{*path}`: the upstream's answer to `GET /{path}`, through its
+/// bulkhead and circuits, cached per namespace. With a connect token the cache key includes
+/// the token's `sub` (answers may be per user) and `X-Zerodrop-Sub` tells the upstream who asks.
+async fn upstream_get(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (name, rest) = path(p)?;
+    let Some(t) = bearer(&headers) else {
+        return Err(ApiError::unauthorized(
+            "an api key or a connect token is required",
+        ));
+    };
+    let sub = if app.auth.is_api_key(t) {
+        None
+    } else {
+        Some(app.auth.verify_connect(t)?.sub)
+    };
+    let Some(up) = app.guard.upstreams.get(&name) else {
+        return Err(call_error(&name, CallError::UnknownUpstream));
+    };
+    let target = match uri.query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    let key = match &sub {
+        Some(s) => format!("{s} {target}"),
+        None => format!("* {target}"),
+    };
+    let ns = up.namespace.clone();
+    let ttl_ms = up.cfg.cache_ttl_sec.saturating_mul(1000);
+    let cached = (ttl_ms > 0)
+        .then(|| app.guard.cache.get(&ns, &key))
+        .flatten();
+    if ttl_ms > 0 {
+        let result = if cached.is_some() { "hit" } else { "miss" };
+        app.metrics.count(
+            "zerodrop_cache_requests_total",
+            &[("namespace", &ns), ("result", result)],
+            1,
+        );
+    }
+    let (answer, hit) = match cached {
+        Some(a) => (a, true),
+        None => {
+            let mut h = Vec::new();
+            if let Some(s) = &sub {
+                h.push(("x-zerodrop-sub", s.clone()));
+            }
+            let a = app
+                .guard
+                .call(&name, reqwest::Method::GET, &target, None, &h)
+                .await
+                .map_err(|e| call_error(&name, e))?;
+            if a.status == 200 && ttl_ms > 0 {
+                app.guard
+                    .cache
+                    .put(&ns, &key, a.clone(), a.body.len(), ttl_ms);
+            }
+            (a, false)
+        }
+    };
+    Ok(answer_response(answer, hit))
+}
+
+fn answer_response(a: Answer, hit: bool) -> Response {
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = Response::new(Body::from(a.body));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    if let Some(ct) = a.content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    h.insert(
+        "x-zerodrop-cache",
+        HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+    );
+    h.insert(
+        "x-zerodrop-upstream-target",
+        HeaderValue::from_static(a.target),
+    );
+    res
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    provider: Option<String>,
+    scope: Option<String>,
+    status: Option<String>,
+}
+
+async fn circuits(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let limit = query(q)?.limit.unwrap_or(20);
+    Ok(Json(circuits_view(&app, limit)))
+}
+
+pub fn circuits_view(app: &App, limit: usize) -> Value {
+    json!({
+        "enabled": !app.guard.upstreams.is_empty(),
+        "circuits": app.guard.circuits(limit),
+    })
+}
+
+async fn bulkheads(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let q = query(q)?;
+    if let Some(p) = &q.provider
+        && !app.guard.upstreams.contains_key(p)
+    {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no upstream named `{p}` is configured"),
+        ));
+    }
+    Ok(Json(json!({
+        "enabled": !app.guard.upstreams.is_empty(),
+        "inFlightByProvider": app.guard.in_flight_by_provider(),
+        "bulkheads": app.guard.bulkheads(q.provider.as_deref(), q.limit.unwrap_or(100)),
+    })))
+}
+
+async fn idempotency(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let keys = app
+        .store
+        .idem_list(q.scope.as_deref(), limit, zerodrop_core::now_ms())
+        .await?;
+    Ok(Json(json!({"scope": q.scope, "keys": keys})))
+}
+
+async fn cache(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let limit = query(q)?.limit.unwrap_or(5000);
+    let mut v = cache_view(&app);
+    v["entries"] = json!(app.guard.cache.entries(limit));
+    Ok(Json(v))
+}
+
+pub fn cache_view(app: &App) -> Value {
+    json!({
+        "enabled": !app.guard.upstreams.is_empty() && app.guard.cfg.cache_max_entries > 0,
+        "maxEntries": app.guard.cfg.cache_max_entries,
+        "evicted": app.guard.cache.evicted(),
+        "byNamespace": app.guard.cache.by_namespace(),
+    })
+}
+
+async fn cache_clear(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    ns: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let ns = path(ns)?;
+    let cleared = app.guard.cache.clear(&ns);
+    Ok(Json(json!({"namespace": ns, "cleared": cleared})))
+}
+
+/// The queue's counts, its alerts and the latest dead letters (snapshot and `/admin/jobs`).
+pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
+    let enabled = !app.guard.upstreams.is_empty();
+    let now = zerodrop_core::now_ms();
+    let stats = app.store.job_stats(now).await?;
+    let dead = app
+        .store
+        .job_list(Some(JobStatus::Dead), dead_limit)
+        .await?;
+    let age = stats
+        .oldest_queued_at_ms
+        .map(|t| now.saturating_sub(t))
+        .unwrap_or(0);
+    let threshold = app.guard.cfg.jobs.oldest_alert_sec.saturating_mul(1000);
+    let mut alerts = Vec::new();
+    if age > threshold {
+        alerts.push(json!({
+            "alert": "oldest_queued_job",
+            "oldestQueuedAgeMs": age,
+            "thresholdMs": threshold,
+            "message": format!("the oldest due job has waited {} s (threshold {} s): upstreams are slow, failing, or the running caps are too low", age / 1000, threshold / 1000),
+        }));
+    }
+    let n_dead = stats.by_status.get(&JobStatus::Dead).copied().unwrap_or(0);
+    if n_dead > 0 {
+        alerts.push(json!({
+            "alert": "dead_letters",
+            "deadLetters": n_dead,
+            "message": format!("{n_dead} job(s) gave up; inspect them in /admin/jobs?status=dead and requeue with POST /admin/jobs/dead-letters/{{id}}/requeue"),
+        }));
+    }
+    let by_status: serde_json::Map<String, Value> = stats
+        .by_status
+        .iter()
+        .map(|(s, n)| (s.as_str().to_string(), json!(n)))
+        .collect();
+    let by_class = |m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>| {
+        let o: serde_json::Map<String, Value> = m
+            .iter()
+            .map(|(c, n)| (c.as_str().to_string(), json!(n)))
+            .collect();
+        Value::Object(o)
+    };
+    Ok(json!({
+        "enabled": enabled,
+        "byStatus": by_status,
+        "queuedByClass": by_class(&stats.queued_by_class),
+        "runningByClass": by_class(&stats.running_by_class),
+        "oldestQueuedAgeMs": age,
+        "recentDeadLetters": dead,
+        "alerts": alerts,
+    }))
+}
+
+async fn jobs(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let q = query(q)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "unknown status `{s}`: expected queued, running, done or dead"
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let mut v = jobs_view(&app, 20).await?;
+    v["jobs"] = json!(app.store.job_list(status, limit).await?);
+    Ok(Json(v))
+}
+
+async fn requeue(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    app.auth.require_admin(&headers)?;
+    let id = path(id)?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("no dead letter with id `{id}`"),
+        )
+    };
+    let n: u64 = id.parse().map_err(|_| not_found())?;
+    if !app.store.job_requeue(n, zerodrop_core::now_ms()).await? {
+        return Err(not_found());
+    }
+    app.guard.wake.notify_one();
+    let job = app.store.job_get(n).await?;
+    Ok(Json(json!({"requeued": true, "job": job})))
+}
