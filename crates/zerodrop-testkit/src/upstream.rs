@@ -34,7 +34,7 @@ pub struct Received {
     /// Header names in lower case.
     pub headers: BTreeMap<String, String>,
     pub body: String,
-    /// The status it was answered with.
+    /// The status it was (or, while a slow answer is pending, will be) answered with.
     pub status: u16,
 }
 
@@ -74,17 +74,14 @@ async fn answer(
 ) -> impl IntoResponse {
     let mode = *lock(&s.mode);
     let status = match mode {
-        Mode::Ok => 200,
+        Mode::Ok | Mode::Slow(_) => 200,
         Mode::Status(c) => c,
-        Mode::Slow(d) => {
-            tokio::time::sleep(d).await;
-            200
-        }
     };
     let target = uri
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
+    // Recorded on arrival, so that a test sees a slow call while it is still in flight.
     let n = {
         let mut r = lock(&s.received);
         r.push(Received {
@@ -99,6 +96,9 @@ async fn answer(
         });
         r.len()
     };
+    if let Mode::Slow(d) = mode {
+        tokio::time::sleep(d).await;
+    }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         code,
