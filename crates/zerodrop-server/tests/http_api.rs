@@ -592,6 +592,50 @@ async fn http_rate_limits_per_route_and_key() {
         !ev.text.contains(&s.creds.api_key),
         "no credential is shown"
     );
+    assert_eq!(events[0]["key"], "api-key", "{}", ev.text);
+    // Keys: one user's tokens share theirs; requests without a credential are keyed by
+    // their address. Each has its own burst.
+    let tok2 = s.token("u1", &["rl:1"]);
+    let mut user = Vec::new();
+    for t in [&tok, &tok2, &tok, &tok2, &tok, &tok2] {
+        user.push(
+            api.get("/v1/streams/rl:1/events?after=0", Some(t))
+                .await
+                .status,
+        );
+    }
+    assert!(
+        user.contains(&429),
+        "u1's two tokens share one key: {user:?}"
+    );
+    let mut anon = Vec::new();
+    for _ in 0..6 {
+        anon.push(api.get("/v1/streams/rl:1", None).await.status);
+    }
+    assert!(anon.contains(&429) && anon.contains(&401), "{anon:?}");
+    let ev = api
+        .get("/admin/ratelimit/events?limit=50", Some(&admin))
+        .await;
+    let keys: std::collections::BTreeSet<&str> = ev.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["api-key", "ip:127.0.0.1", "sub:u1"].into_iter().collect(),
+        "{}",
+        ev.text
+    );
+    let m = api.get("/metrics", None).await.text;
+    let refused = user.iter().chain(&anon).filter(|s| **s == 429).count() + (8 - ok);
+    assert!(
+        m.contains(&format!(
+            "zerodrop_rate_limited_total{{transport=\"http\"}} {refused}"
+        )),
+        "{m}"
+    );
     let al = api.get("/admin/ratelimit/alerts", Some(&admin)).await;
     assert_eq!((al.status, al.json["enabled"].as_bool()), (200, Some(true)));
     assert_eq!(

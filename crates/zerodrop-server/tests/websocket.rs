@@ -607,6 +607,13 @@ async fn acks_and_pongs_are_never_rate_limited_other_frames_are() {
         }
     }
     assert!(limited, "a flood of non-control frames is rate limited");
+    let m = api.get("/metrics", None).await.text;
+    let n = m
+        .lines()
+        .find_map(|l| l.strip_prefix("zerodrop_rate_limited_total{transport=\"ws\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(n > 0, "dropped frames are counted: {n}");
     c.close().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The last ack of the burst was applied: 300 is stored, a lower one is ignored.
