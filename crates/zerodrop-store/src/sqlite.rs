@@ -10,6 +10,8 @@
 //! Layout: `events` is a rowid table in append order with `UNIQUE(stream, seq)`; because the
 //! writer keeps `ts` monotonic, the oldest rows by rowid are the oldest by time, which makes the
 //! age sweep a cheap prefix delete. Per-stream bounds live in `streams`, cached by the writer.
+//! The guardrails' job queue and webhook idempotency records (`guard`) are written by the same
+//! writer, in the same group commits.
 //!
 //! A file that is not a database, or that fails `PRAGMA quick_check` at open, is moved aside to
 //! `<name>.corrupt-<UTC stamp>` and a new one (with a new epoch, so clients resync) takes its
@@ -38,6 +40,8 @@ use crate::{
     AppendOutcome, AppendRequest, IdempotencyKey, LiveSink, ReadResult, SessionRecord,
     SessionStream, Store, StoreError, StoreFault, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
+
+mod guard;
 
 /// Most commands committed together.
 pub const MAX_BATCH: usize = 1024;
@@ -97,6 +101,38 @@ enum Cmd {
     Touch(SessionId, u64, Reply<()>),
     MarkDropped(SessionId, StreamId, Seq, Reply<()>),
     MaxPages(Option<u64>, Reply<u64>),
+    /// Any other write (the job queue, the webhook idempotency records).
+    Run(Box<dyn WriterOp>),
+}
+
+/// A write run by the writer like the log's own commands: inside the batch's transaction,
+/// answered after `COMMIT` (or with the batch's error).
+trait WriterOp: Send {
+    fn apply(self: Box<Self>, conn: &Connection, fx: &mut BatchEffects) -> rusqlite::Result<()>;
+    /// The batch failed (or the store refuses every call) before it ran.
+    fn refuse(self: Box<Self>, err: &StoreError);
+}
+
+/// One write: `run` must not change anything when it answers an `Err` of its own (a refusal
+/// such as a stale lease), since the batch commits regardless.
+struct Op<T, F> {
+    run: F,
+    reply: Reply<T>,
+}
+
+impl<T, F> WriterOp for Op<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> rusqlite::Result<StoreResult<T>> + Send,
+{
+    fn apply(self: Box<Self>, conn: &Connection, fx: &mut BatchEffects) -> rusqlite::Result<()> {
+        let Op { run, reply } = *self;
+        settle(fx, reply, Done::other, run(conn))
+    }
+
+    fn refuse(self: Box<Self>, err: &StoreError) {
+        let _ = self.reply.send(Err(err.clone()));
+    }
 }
 
 pub struct SqliteStore {
@@ -107,6 +143,8 @@ pub struct SqliteStore {
     up: Arc<AtomicBool>,
     commits: Arc<AtomicU64>,
     quarantined: Option<PathBuf>,
+    /// How long a publish `Idempotency-Key` is kept (listed with this expiry).
+    idempotency_ttl_ms: u64,
 }
 
 impl SqliteStore {
@@ -159,6 +197,7 @@ impl SqliteStore {
             up,
             commits,
             quarantined,
+            idempotency_ttl_ms: opts.idempotency_ttl_ms,
         })
     }
 
@@ -237,6 +276,15 @@ impl SqliteStore {
         }
         rx.await.map_err(|_| closed())?
     }
+
+    /// Runs `run` on the writer, in the next group commit; answers once that is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        run: impl FnOnce(&Connection) -> rusqlite::Result<StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.call(|reply| Cmd::Run(Box::new(Op { run, reply })))
+            .await
+    }
 }
 
 impl Drop for SqliteStore {
@@ -297,6 +345,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     seq INTEGER NOT NULL,
     epoch TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
+    hit_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (stream, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_ms);
@@ -321,6 +370,8 @@ CREATE TABLE IF NOT EXISTS session_streams (
 fn init(conn: &Connection, sync: Synchronous) -> rusqlite::Result<Epoch> {
     configure(conn, sync)?;
     conn.execute_batch(SCHEMA)?;
+    migrate(conn)?;
+    conn.execute_batch(guard::SCHEMA)?;
     let existing: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
             r.get(0)
@@ -335,6 +386,19 @@ fn init(conn: &Connection, sync: Synchronous) -> rusqlite::Result<Epoch> {
         params![epoch.as_str()],
     )?;
     Ok(epoch)
+}
+
+/// Brings a file written by an older version up to [`SCHEMA`], keeping what it holds.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_hits = conn
+        .prepare("SELECT 1 FROM pragma_table_info('idempotency') WHERE name = 'hit_count'")?
+        .exists([])?;
+    if !has_hits {
+        conn.execute_batch(
+            "ALTER TABLE idempotency ADD COLUMN hit_count INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -566,7 +630,11 @@ enum Done {
     Ack(Reply<AckUpdate>, StoreResult<AckUpdate>),
     Count(Reply<usize>, StoreResult<usize>),
     Count64(Reply<u64>, StoreResult<u64>),
+    Other(SendReply),
 }
+
+/// A [`WriterOp`]'s reply, whatever its type: sends the value, or the batch's error.
+type SendReply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 impl Done {
     fn send(self, failure: Option<&StoreError>) {
@@ -577,7 +645,14 @@ impl Done {
             Done::Ack(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Count(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
             Done::Count64(r, v) => drop(r.send(failure.map_or(v, |e| Err(e.clone())))),
+            Done::Other(send) => send(failure),
         }
+    }
+
+    fn other<T: Send + 'static>(r: Reply<T>, v: StoreResult<T>) -> Done {
+        Done::Other(Box::new(move |failure: Option<&StoreError>| {
+            drop(r.send(failure.map_or(v, |e| Err(e.clone()))))
+        }))
     }
 }
 
@@ -763,6 +838,7 @@ impl Writer {
                     .map(|now| Ok(now.max(0) as u64));
                 settle(fx, reply, Done::Count64, r)
             }
+            Cmd::Run(op) => op.apply(&self.conn, fx),
         }
     }
 
@@ -871,17 +947,24 @@ impl Writer {
                 ))
             })
             .optional()?;
-        Ok(found.map(|(fp, seq, epoch)| {
-            if fp.as_slice() != k.fingerprint.as_slice() {
-                return Err(StoreError::IdempotencyKeyReused);
-            }
-            Ok(AppendOutcome {
-                stream: stream.clone(),
-                seq: Seq(seq as u64),
-                epoch: Epoch::parse(&epoch).unwrap_or_else(|| self.epoch.clone()),
-                duplicate: true,
-            })
-        }))
+        let Some((fp, seq, epoch)) = found else {
+            return Ok(None);
+        };
+        if fp.as_slice() != k.fingerprint.as_slice() {
+            return Ok(Some(Err(StoreError::IdempotencyKeyReused)));
+        }
+        // Counted in the commit that answers the duplicate (the batch commits either way).
+        self.conn
+            .prepare_cached(
+                "UPDATE idempotency SET hit_count = hit_count + 1 WHERE stream = ?1 AND key = ?2",
+            )?
+            .execute(params![stream.as_str(), k.key])?;
+        Ok(Some(Ok(AppendOutcome {
+            stream: stream.clone(),
+            seq: Seq(seq as u64),
+            epoch: Epoch::parse(&epoch).unwrap_or_else(|| self.epoch.clone()),
+            duplicate: true,
+        })))
     }
 
     /// Count and size limits, for the streams this batch appended to.
@@ -985,6 +1068,7 @@ impl Writer {
             "DELETE FROM idempotency WHERE created_ms < ?1",
             params![idem_cut],
         )?;
+        guard::sweep_expired(&self.conn, now)?;
         let sess_cut = now.saturating_sub(self.session_grace_ms) as i64;
         self.conn.execute(
             "DELETE FROM session_streams WHERE session_id IN
@@ -1199,6 +1283,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
         Cmd::Checkpoint(_, _, _, r) => send(r, err),
         Cmd::CheckpointMany(_, r) => send(r, err),
         Cmd::MaxPages(_, r) => send(r, err),
+        Cmd::Run(op) => op.refuse(err),
     }
 }
 
@@ -1604,84 +1689,5 @@ mod tests {
             log.admit(StoreFault::DiskFull, t0 + FAULT_LOG_EVERY + ms(1), false),
             None
         );
-    }
-}
-
-// Replaced by the real implementation: every call is refused as unavailable until then.
-#[async_trait]
-impl crate::guard::GuardStore for SqliteStore {
-    async fn job_enqueue(
-        &self,
-        _: crate::NewJob,
-        _: &crate::QueuedCaps,
-        _: u64,
-    ) -> StoreResult<crate::Enqueued> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_claim(
-        &self,
-        _: &str,
-        _: usize,
-        _: &crate::RunningCaps,
-        _: u64,
-        _: u64,
-    ) -> StoreResult<Vec<crate::LeasedJob>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_heartbeat(&self, _: crate::Lease, _: u64, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_complete(&self, _: crate::Lease, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_fail(&self, _: crate::Lease, _: crate::Failure, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_requeue(&self, _: crate::JobId, _: u64) -> StoreResult<bool> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_get(&self, _: crate::JobId) -> StoreResult<Option<crate::JobRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_list(
-        &self,
-        _: Option<crate::JobStatus>,
-        _: usize,
-    ) -> StoreResult<Vec<crate::JobRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_stats(&self, _: u64) -> StoreResult<crate::JobStats> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_purge_done(&self, _: u64) -> StoreResult<u64> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_begin(
-        &self,
-        _: &str,
-        _: &str,
-        _: [u8; 32],
-        _: u64,
-        _: u64,
-        _: u64,
-    ) -> StoreResult<crate::IdemBegin> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_finish(&self, _: &str, _: &str, _: &str, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_list(
-        &self,
-        _: Option<&str>,
-        _: usize,
-        _: u64,
-    ) -> StoreResult<Vec<crate::IdemRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_scopes(
-        &self,
-        _: u64,
-    ) -> StoreResult<std::collections::BTreeMap<String, crate::IdemScopeStats>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
     }
 }

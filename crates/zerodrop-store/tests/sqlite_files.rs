@@ -1,9 +1,13 @@
-//! The SQLite store's files: quarantine of a corrupt file, durability across reopen.
+//! The SQLite store's files: quarantine of a corrupt file, durability across reopen and
+//! crash (the log, the job queue, the idempotency records), files from older versions.
 
 use std::sync::Arc;
 
 use zerodrop_core::{Seq, StreamId};
-use zerodrop_store::{AppendRequest, NoSink, SqliteOptions, SqliteStore, Store};
+use zerodrop_store::{
+    AppendRequest, Enqueued, Failure, GuardStore, IdemBegin, IdempotencyKey, JobStatus, Lease,
+    NewJob, NoSink, QosClass, QueuedCaps, RunningCaps, SqliteOptions, SqliteStore, Store,
+};
 
 fn req(stream: &str, i: u64) -> AppendRequest {
     AppendRequest {
@@ -169,4 +173,252 @@ async fn reads_do_not_wait_for_the_writer() {
     assert_eq!(read, (3, Seq(3)));
     other.execute_batch("ROLLBACK").unwrap();
     store.close();
+}
+
+fn job(kind: &str, class: QosClass, available_at_ms: u64) -> NewJob {
+    NewJob {
+        kind: kind.into(),
+        class,
+        upstream: "app".into(),
+        payload: format!("{{\"kind\":\"{kind}\"}}"),
+        dedupe_key: None,
+        max_attempts: 3,
+        available_at_ms,
+    }
+}
+
+fn keyed(stream: &str, key: &str) -> AppendRequest {
+    AppendRequest {
+        stream: StreamId::new(stream).unwrap(),
+        data: "{}".into(),
+        idempotency: Some(IdempotencyKey {
+            key: key.into(),
+            fingerprint: [9; 32],
+        }),
+    }
+}
+
+/// What a store holds after the calls below, checked on a reopened file: a dead letter, a
+/// running job whose lease is still current, a queued job, a finished webhook record and a
+/// publish key that answered one duplicate.
+struct Held {
+    dead: u64,
+    running: Lease,
+    queued: u64,
+}
+
+const WEBHOOK_TTL: u64 = 72 * 3600 * 1000;
+
+async fn fill(s: &SqliteStore, t: u64) -> Held {
+    let caps = QueuedCaps::default();
+    let dead = s
+        .job_enqueue(job("webhook:gh", QosClass::Realtime, t), &caps, t)
+        .await
+        .unwrap()
+        .id();
+    let running = s
+        .job_enqueue(job("publish", QosClass::Interactive, t), &caps, t)
+        .await
+        .unwrap()
+        .id();
+    let l = s
+        .job_claim("w1", 1, &RunningCaps::default(), 60_000, t)
+        .await
+        .unwrap()[0]
+        .lease;
+    assert_eq!(l.job, dead);
+    let failure = Failure::Dead {
+        error: "gave up".into(),
+    };
+    s.job_fail(l, failure, t + 1).await.unwrap();
+    let held = s
+        .job_claim("w2", 1, &RunningCaps::default(), 60_000, t + 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        held[0].lease,
+        Lease {
+            job: running,
+            attempt: 1
+        }
+    );
+    let queued = s
+        .job_enqueue(job("report", QosClass::Batch, t), &caps, t + 3)
+        .await
+        .unwrap()
+        .id();
+    assert_eq!(
+        s.idem_begin("gh", "m1", [1; 32], WEBHOOK_TTL, 30_000, t)
+            .await
+            .unwrap(),
+        IdemBegin::Fresh
+    );
+    s.idem_finish("gh", "m1", "{\"status\":202}", t + 4)
+        .await
+        .unwrap();
+    s.append(keyed("orders", "o-1")).await.unwrap();
+    assert!(s.append(keyed("orders", "o-1")).await.unwrap().duplicate);
+    Held {
+        dead,
+        running: held[0].lease,
+        queued,
+    }
+}
+
+async fn still_holds(s: &SqliteStore, h: &Held, t: u64) {
+    let dead = s.job_list(Some(JobStatus::Dead), 10).await.unwrap();
+    assert_eq!(dead.iter().map(|j| j.id).collect::<Vec<_>>(), vec![h.dead]);
+    assert_eq!(dead[0].last_error.as_deref(), Some("gave up"));
+    // The running job's lease is still the current one: it is not handed out again, and its
+    // holder can extend it.
+    let got = s
+        .job_claim("w3", 10, &RunningCaps::default(), 60_000, t + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|j| j.job.id).collect::<Vec<_>>(),
+        vec![h.queued]
+    );
+    s.job_heartbeat(h.running, 60_000, t + 11).await.unwrap();
+    let running = s.job_get(h.running.job).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            running.status,
+            running.worker.as_deref(),
+            running.lease_expires_at_ms
+        ),
+        (JobStatus::Running, Some("w2"), t + 11 + 60_000)
+    );
+    s.job_complete(h.running, t + 12).await.unwrap();
+    assert_eq!(
+        s.idem_begin("gh", "m1", [1; 32], WEBHOOK_TTL, 30_000, t + 13)
+            .await
+            .unwrap(),
+        IdemBegin::Done {
+            answer: "{\"status\":202}".into(),
+            hit_count: 1
+        }
+    );
+    let now = zerodrop_core::now_ms();
+    let publish = s.idem_list(Some("publish:orders"), 10, now).await.unwrap();
+    assert_eq!(
+        publish
+            .iter()
+            .map(|r| (r.key.as_str(), r.hit_count))
+            .collect::<Vec<_>>(),
+        vec![("o-1", 1)]
+    );
+    // Ids keep growing past every id the file ever gave.
+    let next = s
+        .job_enqueue(
+            job("report", QosClass::Batch, t),
+            &QueuedCaps::default(),
+            t + 14,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Enqueued::New(id) if id > h.queued),
+        "{next:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_idempotency_records_survive_a_crash_and_a_reopen() {
+    let t = zerodrop_core::now_ms();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    let held = fill(&s, t).await;
+    // What a `kill -9` leaves: the files as they are once the calls answered, the store still
+    // open (nothing checkpointed, nothing flushed on close).
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crashed.path().join("zerodrop.db");
+    std::fs::copy(&path, &copy).unwrap();
+    std::fs::copy(
+        dir.path().join("zerodrop.db-wal"),
+        crashed.path().join("zerodrop.db-wal"),
+    )
+    .unwrap();
+    let after_crash = SqliteStore::open(SqliteOptions::new(&copy), Arc::new(NoSink)).unwrap();
+    assert!(after_crash.quarantined().is_none());
+    still_holds(&after_crash, &held, t).await;
+    after_crash.close();
+    // A clean close and reopen of the original.
+    s.close();
+    drop(s);
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    still_holds(&s, &held, t).await;
+    s.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_from_before_the_job_queue_gains_its_tables_and_keeps_its_keys() {
+    let t = zerodrop_core::now_ms();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    let first = s.append(keyed("orders", "o-1")).await.unwrap();
+    let epoch = s.epoch().clone();
+    s.close();
+    drop(s);
+    // Take the file back to the schema it had before the job queue.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "DROP TABLE jobs; DROP TABLE webhook_idempotency; DELETE FROM sqlite_sequence;
+             ALTER TABLE idempotency DROP COLUMN hit_count;",
+        )
+        .unwrap();
+        let cols: Vec<String> = c
+            .prepare("SELECT name FROM pragma_table_info('idempotency')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!cols.iter().any(|c| c == "hit_count"), "{cols:?}");
+    }
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    assert!(s.quarantined().is_none());
+    assert_eq!(s.epoch(), &epoch, "nothing was lost: same epoch");
+    let again = s.append(keyed("orders", "o-1")).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seq, first.seq);
+    let listed = s
+        .idem_list(Some("publish:orders"), 10, zerodrop_core::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| (r.key.as_str(), r.hit_count))
+            .collect::<Vec<_>>(),
+        vec![("o-1", 1)],
+        "the old key counts from 0"
+    );
+    let id = s
+        .job_enqueue(
+            job("publish", QosClass::Realtime, t),
+            &QueuedCaps::default(),
+            t,
+        )
+        .await
+        .unwrap();
+    assert_eq!(id, Enqueued::New(1));
+    assert_eq!(
+        s.idem_begin("gh", "m1", [1; 32], WEBHOOK_TTL, 30_000, t)
+            .await
+            .unwrap(),
+        IdemBegin::Fresh
+    );
+    s.close();
+    drop(s);
+    // Opening the migrated file again changes nothing.
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    assert_eq!(
+        s.job_get(1).await.unwrap().map(|j| j.status),
+        Some(JobStatus::Queued)
+    );
+    s.close();
 }
