@@ -56,7 +56,8 @@
 //! Keys (`S` a stream id, `I` a session id):
 //! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
 //!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
-//!   idempotency TTL).
+//!   idempotency TTL), `zd:{S}:ih:<key>` the duplicates it answered (same TTL), `zd:{S}:ik`
+//!   the stream's keys by creation time (listed by [`crate::GuardStore::idem_list`]).
 //! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
 //!   <dropped_through>`), expiring when its reconnect window ends (`expires`; at least 60 s
 //!   after its last create or touch, so a window shorter than that still reads as expired
@@ -67,6 +68,8 @@
 //!   alone, before the session is looked up.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
+//! - The job queue (`zd:{jobs}:…`) and the webhook idempotency records (`zd:{idem}:…`): see
+//!   `redis/guard.rs`.
 //!
 //! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
 //! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
@@ -77,6 +80,8 @@
 //! rather than shared with its neighbours. The cluster client never retries: a request that
 //! meets a `MOVED` during resharding answers `Unavailable` once while the slot map refreshes.
 
+mod guard;
+mod guard_lua;
 mod lua;
 
 use std::collections::{BTreeMap, HashMap};
@@ -247,6 +252,8 @@ struct Scripts {
     session_dropped: Lua,
     session_cas: Lua,
     publish_through: Lua,
+    keys_listed: Lua,
+    guard: guard::GuardScripts,
 }
 
 impl Scripts {
@@ -263,6 +270,8 @@ impl Scripts {
             session_dropped: Lua::new(lua::SESSION_DROPPED),
             session_cas: Lua::new(lua::SESSION_CAS),
             publish_through: Lua::new(lua::PUBLISH_THROUGH),
+            keys_listed: Lua::new(lua::KEYS_LISTED),
+            guard: guard::GuardScripts::new(),
         }
     }
 }
@@ -644,10 +653,13 @@ enum Appended {
         epoch: Epoch,
         ts: u64,
         indexed: bool,
+        /// The stream is not known to be among those with publish keys yet.
+        unlisted: bool,
     },
     Duplicate {
         seq: u64,
         epoch: Epoch,
+        unlisted: bool,
     },
     Reused,
 }
@@ -752,11 +764,11 @@ impl Shared {
         &self,
         script: &'a Lua,
         stream: &StreamId,
-        extra_key: Option<String>,
+        extra_keys: Vec<String>,
     ) -> Call<'a> {
         let (known_epoch, known_head) = self.known(stream);
         let mut call = Call::new(script).key(meta_key(stream)).key(log_key(stream));
-        if let Some(k) = extra_key {
+        for k in extra_keys {
             call = call.key(k);
         }
         if !self.cluster {
@@ -779,7 +791,7 @@ impl Shared {
     }
 
     async fn info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
-        let call = self.stream_call(&self.scripts.info, stream, None);
+        let call = self.stream_call(&self.scripts.info, stream, Vec::new());
         let v =
             as_array(self.eval("stream info", &call).await?).ok_or_else(|| unexpected("info"))?;
         let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("info"))?;
@@ -792,7 +804,7 @@ impl Shared {
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: i64) -> StoreResult<ReadResult> {
         let call = self
-            .stream_call(&self.scripts.read, stream, None)
+            .stream_call(&self.scripts.read, stream, Vec::new())
             .arg(after.0)
             .arg(limit);
         let v = as_array(self.eval("read", &call).await?).ok_or_else(|| unexpected("read"))?;
@@ -823,13 +835,21 @@ impl Shared {
     }
 
     async fn append_once(&self, req: &AppendRequest, token: &str) -> StoreResult<Appended> {
-        let (idem, fp) = match &req.idempotency {
-            Some(k) => (idem_key(&req.stream, &k.key), hex::encode(k.fingerprint)),
-            None => (meta_key(&req.stream), String::new()),
+        let (keys, fp, key) = match &req.idempotency {
+            Some(k) => (
+                vec![
+                    idem_key(&req.stream, &k.key),
+                    guard::publish_hits_key(&req.stream, &k.key),
+                    guard::publish_index_key(&req.stream),
+                ],
+                hex::encode(k.fingerprint),
+                k.key.as_str(),
+            ),
+            None => (vec![meta_key(&req.stream)], String::new(), ""),
         };
         let r = &self.opts.retention;
         let call = self
-            .stream_call(&self.scripts.append, &req.stream, Some(idem))
+            .stream_call(&self.scripts.append, &req.stream, keys)
             .arg(req.data.as_str())
             .arg(fp)
             .arg(self.opts.idempotency_ttl_ms.max(1))
@@ -840,7 +860,8 @@ impl Shared {
                 "1"
             } else {
                 "0"
-            });
+            })
+            .arg(key);
         let reply = match &self.wait_conn {
             None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
             _ => self.eval_and_wait(&req.stream, &call).await?,
@@ -848,12 +869,13 @@ impl Shared {
         let v = as_array(reply).ok_or_else(|| unexpected("append"))?;
         match v.first().and_then(as_str) {
             Some("ok") => {
-                let (Some(seq), Some(epoch), Some(ts), Some(indexed), Some(renewed)) = (
+                let (Some(seq), Some(epoch), Some(ts), Some(indexed), Some(renewed), Some(keys)) = (
                     v.get(1).and_then(as_u64),
                     v.get(2).and_then(as_str).and_then(Epoch::parse),
                     v.get(3).and_then(as_u64),
                     v.get(4).and_then(as_u64),
                     v.get(5).and_then(as_u64),
+                    v.get(6).and_then(as_u64),
                 ) else {
                     return Err(unexpected("append"));
                 };
@@ -866,66 +888,34 @@ impl Shared {
                     epoch,
                     ts,
                     indexed: indexed == 1,
+                    unlisted: keys == 1,
                 })
             }
             Some("dup") => {
-                let (Some(seq), Some(epoch)) = (
+                let (Some(seq), Some(epoch), Some(unlisted)) = (
                     v.get(1).and_then(as_u64),
                     v.get(2).and_then(as_str).and_then(Epoch::parse),
+                    v.get(3).and_then(as_u64),
                 ) else {
                     return Err(unexpected("append"));
                 };
-                Ok(Appended::Duplicate { seq, epoch })
+                Ok(Appended::Duplicate {
+                    seq,
+                    epoch,
+                    unlisted: unlisted == 1,
+                })
             }
             Some("reused") => Ok(Appended::Reused),
             _ => Err(unexpected("append")),
         }
     }
 
-    /// The append script and `WAIT` in one pipeline, so both run on the same connection and
-    /// `WAIT` covers the append.
+    /// The append script and `WAIT` in one pipeline (see [`Shared::eval_waiting`]); an append
+    /// or a duplicate that fewer replicas than asked acknowledged answers `Unavailable`.
     async fn eval_and_wait(&self, stream: &StreamId, call: &Call<'_>) -> StoreResult<Value> {
+        let (script, acked) = self.eval_waiting("append", &meta_key(stream), call).await?;
         let n = self.opts.wait_replicas;
         let timeout_ms = self.opts.wait_timeout.as_millis() as u64;
-        let mut conn = self.wait_conn.clone().unwrap_or_else(|| self.conn.clone());
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-            meta_key(stream),
-            SlotAddr::Master,
-        ));
-        let send = |by_hash: bool| {
-            let mut p = ::redis::pipe();
-            p.ignore_errors();
-            p.add_command(call.cmd(by_hash));
-            p.cmd("WAIT").arg(n).arg(timeout_ms);
-            p
-        };
-        let mut values = Vec::new();
-        for by_hash in [true, false] {
-            let p = send(by_hash);
-            let limit = self.opts.command_timeout + self.opts.wait_timeout;
-            values = self
-                .run_within(limit, "append", async {
-                    match &mut conn {
-                        Conn::Cluster(c) => c.route_pipeline(p, 0, 2, route.clone()).await,
-                        other => p.query_async::<Vec<Value>>(other).await,
-                    }
-                })
-                .await?;
-            match values.first() {
-                Some(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
-                    continue;
-                }
-                _ => break,
-            }
-        }
-        let mut it = values.into_iter();
-        let (Some(script), Some(acks)) = (it.next(), it.next()) else {
-            return Err(unexpected("append + WAIT"));
-        };
-        if let Value::ServerError(e) = &script {
-            return Err(self.failed("append", e.clone().into()));
-        }
-        let acked = as_u64(&acks).unwrap_or(0);
         let kind = as_array(script.clone())
             .as_deref()
             .and_then(|v| v.first())
@@ -952,6 +942,57 @@ impl Shared {
             }
         }
         Ok(script)
+    }
+
+    /// A script and `WAIT` in one pipeline, so both run on the same connection (the waiting
+    /// one, on the master of `route_key`'s slot) and `WAIT` covers the script's writes — and
+    /// every earlier write on that server, replication being one ordered stream. Replies the
+    /// script's value and how many replicas acknowledged; judging that is the caller's.
+    async fn eval_waiting(
+        &self,
+        what: &str,
+        route_key: &str,
+        call: &Call<'_>,
+    ) -> StoreResult<(Value, u64)> {
+        let n = self.opts.wait_replicas;
+        let timeout_ms = self.opts.wait_timeout.as_millis() as u64;
+        let mut conn = self.wait_conn.clone().unwrap_or_else(|| self.conn.clone());
+        let route =
+            SingleNodeRoutingInfo::SpecificNode(Route::with_key(route_key, SlotAddr::Master));
+        let send = |by_hash: bool| {
+            let mut p = ::redis::pipe();
+            p.ignore_errors();
+            p.add_command(call.cmd(by_hash));
+            p.cmd("WAIT").arg(n).arg(timeout_ms);
+            p
+        };
+        let mut values = Vec::new();
+        for by_hash in [true, false] {
+            let p = send(by_hash);
+            let limit = self.opts.command_timeout + self.opts.wait_timeout;
+            values = self
+                .run_within(limit, what, async {
+                    match &mut conn {
+                        Conn::Cluster(c) => c.route_pipeline(p, 0, 2, route.clone()).await,
+                        other => p.query_async::<Vec<Value>>(other).await,
+                    }
+                })
+                .await?;
+            match values.first() {
+                Some(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let mut it = values.into_iter();
+        let (Some(script), Some(acks)) = (it.next(), it.next()) else {
+            return Err(unexpected(what));
+        };
+        if let Value::ServerError(e) = &script {
+            return Err(self.failed(what, e.clone().into()));
+        }
+        Ok((script, as_u64(&acks).unwrap_or(0)))
     }
 
     /// The doorbell of an append that `WAIT`ed, rung once `WAIT` confirmed it (see
@@ -1237,6 +1278,7 @@ impl Store for RedisStore {
                 epoch,
                 ts,
                 indexed,
+                unlisted,
             }) => {
                 s.observe(&req.stream, &epoch, seq);
                 if s.opts.wait_replicas > 0 {
@@ -1247,6 +1289,9 @@ impl Store for RedisStore {
                     // next append to index it.
                     tracing::debug!(stream = %req.stream, error = %e, "age index not updated");
                 }
+                if unlisted {
+                    s.list_publish_keys(&req.stream).await;
+                }
                 Ok(AppendOutcome {
                     stream: req.stream,
                     seq: Seq(seq),
@@ -1254,10 +1299,17 @@ impl Store for RedisStore {
                     duplicate: false,
                 })
             }
-            Ok(Appended::Duplicate { seq, epoch }) => {
+            Ok(Appended::Duplicate {
+                seq,
+                epoch,
+                unlisted,
+            }) => {
                 if s.opts.wait_replicas > 0 {
                     // The first attempt may have had its WAIT refused: no doorbell yet.
                     s.publish_through(&req.stream, &epoch, seq, &token).await;
+                }
+                if unlisted {
+                    s.list_publish_keys(&req.stream).await;
                 }
                 Ok(AppendOutcome {
                     stream: req.stream,
@@ -1592,6 +1644,8 @@ mod tests {
             let slot = Slot::for_key(meta_key(&stream));
             assert_eq!(Slot::for_key(log_key(&stream)), slot);
             assert_eq!(Slot::for_key(idem_key(&stream, "any {key} at all")), slot);
+            assert_eq!(Slot::for_key(guard::publish_hits_key(&stream, "{k}")), slot);
+            assert_eq!(Slot::for_key(guard::publish_index_key(&stream)), slot);
             assert_eq!(slot, Slot::for_key(s), "the tag is the stream id itself");
         }
         let id = SessionId::generate();
@@ -1689,84 +1743,5 @@ mod tests {
             RedisOptions::new(" redis://a:1, redis://b:2 ,").urls,
             vec!["redis://a:1", "redis://b:2"]
         );
-    }
-}
-
-// Replaced by the real implementation: every call is refused as unavailable until then.
-#[async_trait]
-impl crate::guard::GuardStore for RedisStore {
-    async fn job_enqueue(
-        &self,
-        _: crate::NewJob,
-        _: &crate::QueuedCaps,
-        _: u64,
-    ) -> StoreResult<crate::Enqueued> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_claim(
-        &self,
-        _: &str,
-        _: usize,
-        _: &crate::RunningCaps,
-        _: u64,
-        _: u64,
-    ) -> StoreResult<Vec<crate::LeasedJob>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_heartbeat(&self, _: crate::Lease, _: u64, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_complete(&self, _: crate::Lease, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_fail(&self, _: crate::Lease, _: crate::Failure, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_requeue(&self, _: crate::JobId, _: u64) -> StoreResult<bool> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_get(&self, _: crate::JobId) -> StoreResult<Option<crate::JobRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_list(
-        &self,
-        _: Option<crate::JobStatus>,
-        _: usize,
-    ) -> StoreResult<Vec<crate::JobRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_stats(&self, _: u64) -> StoreResult<crate::JobStats> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn job_purge_done(&self, _: u64) -> StoreResult<u64> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_begin(
-        &self,
-        _: &str,
-        _: &str,
-        _: [u8; 32],
-        _: u64,
-        _: u64,
-        _: u64,
-    ) -> StoreResult<crate::IdemBegin> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_finish(&self, _: &str, _: &str, _: &str, _: u64) -> StoreResult<()> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_list(
-        &self,
-        _: Option<&str>,
-        _: usize,
-        _: u64,
-    ) -> StoreResult<Vec<crate::IdemRecord>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
-    }
-    async fn idem_scopes(
-        &self,
-        _: u64,
-    ) -> StoreResult<std::collections::BTreeMap<String, crate::IdemScopeStats>> {
-        Err(StoreError::Unavailable("jobs: not implemented".into()))
     }
 }

@@ -16,6 +16,9 @@ use zerodrop_store::{
 use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
 use zerodrop_testkit::sink::{Recorder, wait_until};
 
+#[path = "redis/guard.rs"]
+mod guard;
+
 fn sid(s: &str) -> StreamId {
     StreamId::new(s).unwrap()
 }
@@ -702,6 +705,7 @@ async fn runs_on_a_redis_cluster() {
     );
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.sessions, stats.streams), (1, 13));
+    guard::on_a_cluster(&store).await;
     store.ping().await.unwrap();
     assert_eq!(cluster.nodes().len(), 3);
     // WAIT goes to the node that holds the stream, in the same pipeline as the append.

@@ -85,21 +85,32 @@ end
 
 /// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
 /// idempotency TTL in ms, `ARGV[10]` max events, `ARGV[11]` max bytes, `ARGV[12]` origin
-/// token, `ARGV[13]` `'1'` when the caller follows with `WAIT`. `KEYS[3]` is the idempotency
-/// key (any key of the stream when there is none).
+/// token, `ARGV[13]` `'1'` when the caller follows with `WAIT`, `ARGV[14]` the
+/// `Idempotency-Key` (or `''`). With a key, `KEYS[3]` is its record, `KEYS[4]` its hit counter
+/// and `KEYS[5]` the stream's key index; without, `KEYS[3]` is any key of the stream.
+///
+/// Only a keyed append pays for the key's bookkeeping: a duplicate counts itself in the hit
+/// counter (`INCR`, expiring with the record: `PTTL` + `PEXPIRE`); a new keyed event adds the
+/// key to the index (`ZADD`) and drops at most 64 expired entries from it (`ZCOUNT`, then
+/// `ZREMRANGEBYRANK` when there are any); both read the bounds' `pk` flag (`HEXISTS`). The
+/// record keeps its format, so records written before the counter existed still answer
+/// duplicates (their count starts at 0).
 ///
 /// Without `WAIT` the event is published on the live channel here. With it, the script only
 /// makes sure the bounds have a `pub` watermark, and the caller rings the doorbell with
 /// [`PUBLISH_THROUGH`] once `WAIT` confirmed the append: no instance shows an event live
 /// before N replicas hold it.
 ///
-/// Replies `{'ok', seq, epoch, ts, indexed, renewed}`, `{'dup', seq, epoch}` or `{'reused'}`.
+/// Replies `{'ok', seq, epoch, ts, indexed, renewed, unlisted}`, `{'dup', seq, epoch,
+/// unlisted}` or `{'reused'}`. `unlisted` is 1 for a keyed append while the stream is not yet
+/// known to be in the set of streams with publish keys (the bounds have no `pk` flag): the
+/// caller adds it there, then sets the flag ([`KEYS_LISTED`]). Until that succeeded every keyed
+/// append says so again.
 ///
-/// A duplicate writes nothing, so a `WAIT` after it would cover only this connection's own
-/// earlier writes, not the original append (which may come from another connection or
-/// instance and may not be replicated yet). When the caller waits, a duplicate rewrites its
-/// idempotency record unchanged (`KEEPTTL`): a replicated write made after the original, so
-/// `WAIT` acknowledges it only once the replicas also hold the original.
+/// A `WAIT` after a duplicate must cover the original append (which may come from another
+/// connection or instance and may not be replicated yet), not only this connection's own
+/// earlier writes. The duplicate's hit count is a replicated write made after the original,
+/// so `WAIT` acknowledges it only once the replicas also hold the original.
 ///
 /// The trim loop is `zerodrop_core::retention::plan_trim`, evaluated where the events are:
 /// drop the oldest while over `max_events` or `max_bytes`, never the newest. The store's tests
@@ -113,8 +124,10 @@ if fp ~= '' then
   if prev then
     local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
     if pfp ~= fp then return {'reused'} end
-    if waits then redis.call('SET', KEYS[3], prev, 'KEEPTTL') end
-    return {'dup', tonumber(pseq), pepoch}
+    local left = redis.call('PTTL', KEYS[3])
+    redis.call('INCR', KEYS[4])
+    if left > 0 then redis.call('PEXPIRE', KEYS[4], left) end
+    return {'dup', tonumber(pseq), pepoch, 1 - redis.call('HEXISTS', KEYS[1], 'pk')}
   end
 end
 local m, renewed = load_meta(true)
@@ -155,8 +168,13 @@ end
 
 redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count', int(m.count),
   'bytes', int(m.bytes), 'ts', int(ts))
+local unlisted = 0
 if fp ~= '' then
   redis.call('SET', KEYS[3], fp .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX', idem_ttl)
+  unlisted = 1 - redis.call('HEXISTS', KEYS[1], 'pk')
+  redis.call('ZADD', KEYS[5], int(ts), ARGV[14])
+  local expired = redis.call('ZCOUNT', KEYS[5], '-inf', int(ts - tonumber(idem_ttl)))
+  if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, math.min(expired, 64) - 1) end
 end
 if waits then
   -- The doorbell rings after WAIT, from PUBLISH_THROUGH; `pub` is the last seq it rang for.
@@ -170,7 +188,8 @@ end
 if removed > 0 then
   redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
 end
-return {'ok', seq, m.epoch, ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0}
+return {'ok', seq, m.epoch, ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0,
+  unlisted}
 "#;
 
 /// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
@@ -271,6 +290,13 @@ return {score or now, removed}
 /// Marks the stream as present in the age index, if its bounds still exist.
 pub const INDEXED: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ix', 1) end
+return 1
+"#;
+
+/// Marks the stream as present in the set of streams with publish keys, if its bounds still
+/// exist.
+pub const KEYS_LISTED: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'pk', 1) end
 return 1
 "#;
 
