@@ -90,7 +90,7 @@ async fn admin_until(
 }
 
 async fn intake_dedupes_and_never_runs_twice(kind: Kind) {
-    let Setup { s, .. } = server(kind, |c| {
+    let Setup { s, _redis } = server(kind, |c| {
         c.guard.webhooks.insert(
             "shop".into(),
             WebhookConfig {
@@ -283,7 +283,7 @@ async fn intake_dedupes_and_never_runs_twice(kind: Kind) {
 async fn deliveries_retry_dead_letter_and_requeue(kind: Kind) {
     let up = FakeUpstream::start().await;
     let url = up.url.clone();
-    let Setup { s, .. } = server(kind, move |c| {
+    let Setup { s, _redis } = server(kind, move |c| {
         c.guard.jobs.retry.max_attempts = 3;
         c.guard.upstreams.insert(
             "app".into(),
@@ -456,7 +456,7 @@ async fn circuits_open_fail_over_and_close(kind: Kind) {
     let secondary = FakeUpstream::start().await;
     let lone = FakeUpstream::start().await;
     let (p, sec, l) = (primary.url.clone(), secondary.url.clone(), lone.url.clone());
-    let Setup { s, .. } = server(kind, move |c| {
+    let Setup { s, _redis } = server(kind, move |c| {
         let mut app = UpstreamConfig {
             secondary: Some(sec),
             ..upstream(&p)
@@ -552,7 +552,7 @@ async fn circuits_open_fail_over_and_close(kind: Kind) {
 async fn bulkheads_and_the_cache(kind: Kind) {
     let up = FakeUpstream::start().await;
     let url = up.url.clone();
-    let Setup { s, .. } = server(kind, move |c| {
+    let Setup { s, _redis } = server(kind, move |c| {
         let mut u = upstream(&url);
         u.bulkhead.max_in_flight = 1;
         u.cache_ttl_sec = 60;
@@ -651,7 +651,7 @@ async fn bulkheads_and_the_cache(kind: Kind) {
 async fn client_publishes_on_bound_streams_reach_the_upstream(kind: Kind) {
     let up = FakeUpstream::start().await;
     let url = up.url.clone();
-    let Setup { s, .. } = server(kind, move |c| {
+    let Setup { s, _redis } = server(kind, move |c| {
         let mut u = upstream(&url);
         u.streams = vec!["orders:*".into()];
         c.guard.upstreams.insert("app".into(), u);
