@@ -46,6 +46,25 @@ async fn server(kind: Kind, f: impl FnOnce(&mut zerodrop_server::Config)) -> Set
     Setup { s, _redis: redis }
 }
 
+/// A fake upstream, and a server configured knowing its URL.
+async fn with_upstream(
+    kind: Kind,
+    f: impl FnOnce(&mut zerodrop_server::Config, &str),
+) -> (FakeUpstream, Setup) {
+    let up = FakeUpstream::start().await;
+    let url = up.url.clone();
+    let setup = server(kind, move |c| f(c, &url)).await;
+    (up, setup)
+}
+
+/// Panics unless `/metrics` has every one of `lines` (series and value).
+async fn metrics_have(s: &TestServer, lines: &[&str]) {
+    let m = s.api().get("/metrics", None).await.text;
+    for l in lines {
+        assert!(m.lines().any(|x| x == *l), "no `{l}` in {m}");
+    }
+}
+
 fn upstream(url: &str) -> UpstreamConfig {
     UpstreamConfig {
         primary: url.to_string(),
@@ -273,17 +292,15 @@ async fn intake_dedupes_and_never_runs_twice(kind: Kind) {
     let snap = admin(&s, "/admin/snapshot").await;
     assert_eq!(snap["idempotency"]["byScope"]["shop"]["hitCount"], 13);
     assert_eq!(snap["idempotency"]["byScope"]["publish:orders"]["keys"], 1);
-    let m = s.api().get("/metrics", None).await.text;
-    assert!(
-        m.contains("zerodrop_webhooks_total{source=\"shop\",result=\"reused\"} 1"),
-        "{m}"
-    );
+    metrics_have(
+        &s,
+        &["zerodrop_webhooks_total{source=\"shop\",result=\"reused\"} 1"],
+    )
+    .await;
 }
 
 async fn deliveries_retry_dead_letter_and_requeue(kind: Kind) {
-    let up = FakeUpstream::start().await;
-    let url = up.url.clone();
-    let Setup { s, _redis } = server(kind, move |c| {
+    let (up, Setup { s, _redis }) = with_upstream(kind, |c, url| {
         c.guard.jobs.retry.max_attempts = 3;
         c.guard.upstreams.insert(
             "app".into(),
@@ -501,11 +518,11 @@ async fn circuits_open_fail_over_and_close(kind: Kind) {
             .len(),
         1
     );
-    let m = s.api().get("/metrics", None).await.text;
-    assert!(
-        m.contains("zerodrop_circuit_state{upstream=\"app\",target=\"primary\"} 2"),
-        "{m}"
-    );
+    metrics_have(
+        &s,
+        &["zerodrop_circuit_state{upstream=\"app\",target=\"primary\"} 2"],
+    )
+    .await;
     // After the cooldown, with no traffic meanwhile, the next call is a trial on the primary;
     // it succeeds and the circuit closes.
     primary.set(Mode::Ok);
@@ -550,9 +567,7 @@ async fn circuits_open_fail_over_and_close(kind: Kind) {
 }
 
 async fn bulkheads_and_the_cache(kind: Kind) {
-    let up = FakeUpstream::start().await;
-    let url = up.url.clone();
-    let Setup { s, _redis } = server(kind, move |c| {
+    let (up, Setup { s, _redis }) = with_upstream(kind, |c, url| {
         let mut u = upstream(&url);
         u.bulkhead.max_in_flight = 1;
         u.cache_ttl_sec = 60;
@@ -637,21 +652,18 @@ async fn bulkheads_and_the_cache(kind: Kind) {
         .get("/admin/bulkheads?provider=nope", Some(&s.creds.admin_token))
         .await;
     assert_eq!(r.code(), "NOT_FOUND");
-    let m = s.api().get("/metrics", None).await.text;
-    assert!(
-        m.contains("zerodrop_bulkhead_rejected_total{upstream=\"app\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("zerodrop_cache_requests_total{namespace=\"catalog\",result=\"hit\"} 1"),
-        "{m}"
-    );
+    metrics_have(
+        &s,
+        &[
+            "zerodrop_bulkhead_rejected_total{upstream=\"app\"} 1",
+            "zerodrop_cache_requests_total{namespace=\"catalog\",result=\"hit\"} 1",
+        ],
+    )
+    .await;
 }
 
 async fn client_publishes_on_bound_streams_reach_the_upstream(kind: Kind) {
-    let up = FakeUpstream::start().await;
-    let url = up.url.clone();
-    let Setup { s, _redis } = server(kind, move |c| {
+    let (up, Setup { s, _redis }) = with_upstream(kind, |c, url| {
         let mut u = upstream(&url);
         u.streams = vec!["orders:*".into()];
         c.guard.upstreams.insert("app".into(), u);
