@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// Jobs of one kind (`publish`, `webhook:<source>`) one instance runs at once; 0: no cap beyond the class caps.
     #[arg(long, env = "ZERODROP_JOBS_RUNNING_PER_KIND", default_value_t = 0)]
     pub jobs_running_per_kind: u64,
+    /// Running caps of named kinds, overriding `--jobs-running-per-kind` for them:
+    /// comma-separated `kind=N` (e.g. `webhook:github=4,publish=64`). Default: none.
+    #[arg(long, env = "ZERODROP_JOBS_RUNNING_KINDS", default_value = "")]
+    pub jobs_running_kinds: String,
     /// `realtime` jobs queued at most; beyond, 503 `QUEUE_FULL`. 0: no cap.
     #[arg(long, env = "ZERODROP_JOBS_QUEUED_REALTIME", default_value_t = 100_000)]
     pub jobs_queued_realtime: u64,
@@ -230,6 +234,7 @@ struct FileConfig {
     jobs_running_interactive: Option<u64>,
     jobs_running_batch: Option<u64>,
     jobs_running_per_kind: Option<u64>,
+    jobs_running_kinds: Option<String>,
     jobs_queued_realtime: Option<u64>,
     jobs_queued_interactive: Option<u64>,
     jobs_queued_batch: Option<u64>,
@@ -375,6 +380,7 @@ impl Config {
                 jobs_running_interactive,
                 jobs_running_batch,
                 jobs_running_per_kind,
+                jobs_running_kinds,
                 jobs_queued_realtime,
                 jobs_queued_interactive,
                 jobs_queued_batch,
@@ -439,7 +445,7 @@ impl Config {
                             a.jobs_running_interactive,
                             a.jobs_running_batch,
                         ],
-                        per_kind: BTreeMap::new(),
+                        per_kind: kind_caps(&a.jobs_running_kinds)?,
                         default_per_kind: a.jobs_running_per_kind,
                     },
                     queued: QueuedCaps {
@@ -506,6 +512,24 @@ impl Config {
             .saturating_mul(2)
             .saturating_add(16 * 1024)
     }
+}
+
+/// `kind=N,kind=N` → caps per kind.
+fn kind_caps(text: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut caps = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = item
+            .rsplit_once('=')
+            .and_then(|(k, n)| Some((k.trim(), n.trim().parse::<u64>().ok()?)))
+            .filter(|(k, n)| !k.is_empty() && *n > 0);
+        let Some((kind, n)) = parsed else {
+            bail!(
+                "--jobs-running-kinds (jobs_running_kinds): `{item}` is not `kind=N` with N at least 1"
+            );
+        };
+        caps.insert(kind.to_string(), n);
+    }
+    Ok(caps)
 }
 
 #[derive(clap::Parser)]

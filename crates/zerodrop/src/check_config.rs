@@ -116,6 +116,17 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
             Some(int(c.guard.jobs.running.default_per_kind)),
         ),
         (
+            "jobs_running_kinds",
+            s(c.guard
+                .jobs
+                .running
+                .per_kind
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(",")),
+        ),
+        (
             "jobs_queued_realtime",
             Some(int(c.guard.jobs.queued.per_class[0])),
         ),

@@ -130,9 +130,18 @@ fn upstreams_come_from_the_file_and_the_environment_and_bad_ones_are_refused() {
     let f = file.to_str().unwrap();
     let (ok, out, err) = check_config(
         &["--config", f],
-        &[("ZERODROP_UPSTREAM_APP_SECONDARY", "http://127.0.0.1:10")],
+        &[
+            ("ZERODROP_UPSTREAM_APP_SECONDARY", "http://127.0.0.1:10"),
+            ("ZERODROP_JOBS_RUNNING_KINDS", "webhook:gh=2, publish=9"),
+        ],
     );
     assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "jobs_running_kinds = \"publish=9,webhook:gh=2\"  # env ZERODROP_JOBS_RUNNING_KINDS"
+        ),
+        "{out}"
+    );
     assert!(
         out.contains("# [upstreams.app] primary http://127.0.0.1:9, secondary http://127.0.0.1:10"),
         "{out}"
@@ -170,6 +179,14 @@ fn upstreams_come_from_the_file_and_the_environment_and_bad_ones_are_refused() {
         (
             vec![("ZERODROP_JOBS_HEARTBEAT_MS", "20000")],
             "--jobs-heartbeat-ms",
+        ),
+        (
+            vec![("ZERODROP_JOBS_RUNNING_KINDS", "publish=0")],
+            "--jobs-running-kinds",
+        ),
+        (
+            vec![("ZERODROP_JOBS_RUNNING_KINDS", "publish")],
+            "`publish` is not `kind=N`",
         ),
     ];
     for (env, want) in refused {
