@@ -26,6 +26,29 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// The answer to a webhook: `202 {source, scope, messageId, duplicate, hitCount, stream?,
+/// seq?, jobId?}`. A duplicate is answered like the first (same `stream`, `seq`, `jobId`)
+/// with `duplicate: true` and the number of duplicates so far in `hitCount`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAccepted {
+    pub source: String,
+    pub scope: String,
+    pub message_id: String,
+    #[serde(default)]
+    pub duplicate: bool,
+    #[serde(default)]
+    pub hit_count: u64,
+    /// The stream the body was appended to, when the source appends to one.
+    #[serde(default)]
+    pub stream: Option<String>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    /// The delivery job, when the source delivers to an upstream.
+    #[serde(default)]
+    pub job_id: Option<u64>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamInfo {
@@ -193,6 +216,27 @@ impl HttpClient {
             .header(AUTHORIZATION, self.api_key_header()?)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(format!("{{\"data\":{data_json}}}"));
+        if let Some(k) = idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        expect_json(req.send().await).await
+    }
+
+    /// `POST /v1/webhooks/{source}` with `body_json` as the body, as a webhook provider sends
+    /// it; `idempotency_key` goes in the `Idempotency-Key` header (the default place a source
+    /// reads the message id from).
+    pub async fn webhook(
+        &self,
+        source: &str,
+        body_json: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<WebhookAccepted, ClientError> {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/v1/webhooks/{source}")))
+            .header(AUTHORIZATION, self.api_key_header()?)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body_json.to_string());
         if let Some(k) = idempotency_key {
             req = req.header("Idempotency-Key", k);
         }

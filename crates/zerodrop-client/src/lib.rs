@@ -25,7 +25,7 @@ pub use error::{ApiError, ClientError};
 pub use frames::{ClientFrame, ErrorFrame, Event, ServerFrame, Welcome};
 pub use http::{
     Answer, Checkpoint, EventsPage, HttpClient, Published, ReconnectAnswer, ReplayEntry, Session,
-    SessionStream, StreamInfo,
+    SessionStream, StreamInfo, WebhookAccepted,
 };
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
 pub use token::{ConnectClaims, mint_connect_token};
