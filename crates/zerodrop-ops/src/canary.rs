@@ -121,6 +121,13 @@ pub fn compare(
     }
     let mut deltas = Vec::new();
     let mut breaches = Vec::new();
+    // Only the rounds in which a scenario ran say anything about it.
+    let ran = |runs: &[DrillReport], id: &str| -> Vec<DrillReport> {
+        runs.iter()
+            .filter(|d| d.scenario(id).is_some_and(|s| s.not_run.is_none()))
+            .cloned()
+            .collect()
+    };
     let p95 = |runs: &[DrillReport], id: &str| {
         mean(
             runs.iter()
@@ -137,6 +144,20 @@ pub fn compare(
         )
     };
     for id in ids {
+        let (control, candidate) = (&ran(control, &id)[..], &ran(candidate, &id)[..]);
+        if candidate.is_empty() {
+            // What the control can do and the candidate cannot is a regression.
+            if !control.is_empty() {
+                breaches.push(format!(
+                    "{id}: not run on the candidate but run on the control"
+                ));
+            }
+            continue;
+        }
+        if control.is_empty() {
+            println!("note: {id} ran on the candidate only, so it is not compared");
+            continue;
+        }
         let (cp, kp) = (p95(control, &id), p95(candidate, &id));
         let (ce, ke) = (
             mean(control.iter().map(|d| error_rate(d, &id))),
@@ -192,11 +213,11 @@ pub fn compare(
                 t.out_of_order
             ));
         }
-        for b in d
-            .breaches
-            .iter()
-            .filter(|b| b.contains("nothing was measured") || b.contains("none delivered"))
-        {
+        for b in d.breaches.iter().filter(|b| {
+            b.contains("nothing was measured")
+                || b.contains("none delivered")
+                || b.contains(": not run — ")
+        }) {
             breaches.push(format!("candidate round {}: {b}", i + 1));
         }
     }
@@ -381,6 +402,44 @@ mod tests {
         // And in the comparison: 0.21 against a clean control, not 0.31.
         let (d, _) = compare(&[sample_report()], &[r], &CanarySlo::default());
         assert!((d[0].error_rate_delta - 0.21).abs() < 1e-9, "{d:?}");
+    }
+
+    #[test]
+    fn a_scenario_the_candidate_could_not_run_is_a_regression() {
+        let not_run = |mut r: DrillReport| {
+            r.scenarios[0].not_run = Some(crate::report::NotRun {
+                reason: "no webhook source".into(),
+                required: false,
+            });
+            r
+        };
+        let (d, b) = compare(
+            &[sample_report()],
+            &[not_run(sample_report())],
+            &CanarySlo::default(),
+        );
+        assert_eq!(
+            b,
+            vec!["publish: not run on the candidate but run on the control".to_string()]
+        );
+        assert_eq!(d.len(), 2, "{d:?}");
+        // Not run on either: nothing to compare, nothing broken.
+        let (d, b) = compare(
+            &[not_run(sample_report())],
+            &[not_run(sample_report())],
+            &CanarySlo::default(),
+        );
+        assert!(b.is_empty(), "{b:?}");
+        assert_eq!(d.len(), 2);
+        // A round that did not run it does not dilute the rounds that did.
+        let mut slow = sample_report();
+        slow.scenarios[0].latency_ms.p95 = 40.0;
+        let (d, _) = compare(
+            &[sample_report(), not_run(sample_report())],
+            &[slow, not_run(sample_report())],
+            &CanarySlo::default(),
+        );
+        assert_eq!((d[0].control_p95_ms, d[0].candidate_p95_ms), (8.0, 40.0));
     }
 
     #[test]

@@ -392,6 +392,16 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
             d.totals.resume_attempts
         );
         for sc in &d.scenarios {
+            if sc.not_run.is_some() {
+                let _ = write!(
+                    h,
+                    r#"<div class="card"><div class="k">{} p95</div><div class="v" data-scenario="{}">not run</div><div class="k">{}</div></div>"#,
+                    esc(&sc.scenario),
+                    esc(&sc.scenario),
+                    esc(sc.not_run.as_ref().map(|n| n.reason.as_str()).unwrap_or(""))
+                );
+                continue;
+            }
             let _ = write!(
                 h,
                 r#"<div class="card"><div class="k">{} p95</div><div class="v" data-scenario="{}">{} ms</div><div class="k">p50 {} · p99 {}</div></div>"#,
@@ -531,7 +541,12 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
                     sc.id(),
                     c.runs
                         .iter()
-                        .map(|r| r.drill.scenario(sc.id()).map(pick))
+                        .map(|r| {
+                            r.drill
+                                .scenario(sc.id())
+                                .filter(|s| s.not_run.is_none())
+                                .map(pick)
+                        })
                         .collect::<Vec<_>>(),
                 )
             })
@@ -626,7 +641,7 @@ table{{border-collapse:collapse;background:#fff}}td,th{{border:1px solid #e5e7eb
             d.totals.delivered
         );
         for sc in Scenario::ALL {
-            match d.scenario(sc.id()) {
+            match d.scenario(sc.id()).filter(|s| s.not_run.is_none()) {
                 Some(s) => {
                     let _ = write!(h, "<td>{}</td>", fmt_num(s.latency_ms.p95));
                 }
@@ -711,5 +726,33 @@ mod tests {
             !html.contains("http://") && !html.contains("https://") && !html.contains("src="),
             "self-contained"
         );
+    }
+
+    #[test]
+    fn a_scenario_not_run_shows_as_such_and_plots_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = sample_report();
+        r.finished_at_ms = 1_795_000_000_000;
+        let mut w = r.scenarios[0].clone();
+        w.scenario = "webhook".into();
+        w.latency_ms = Default::default();
+        w.http.error_5xx_rate = 0.5;
+        w.not_run = Some(crate::report::NotRun {
+            reason: "the server has no webhook source `drill`".into(),
+            required: false,
+        });
+        r.scenarios.push(w);
+        crate::common::write_report(dir.path(), "drill", Some("quick"), &r).unwrap();
+        let html = render(
+            &collect(dir.path()).unwrap(),
+            &Slo::parse(crate::slo::SHIPPED).unwrap(),
+        );
+        assert!(
+            html.contains(r#"<div class="v" data-scenario="webhook">not run</div><div class="k">the server has no webhook source `drill`</div>"#),
+            "{html}"
+        );
+        // Its (empty) rates are not plotted as measurements: no webhook series anywhere.
+        assert!(!html.contains(">webhook<"), "{html}");
+        assert!(!html.contains("webhook latency"), "{html}");
     }
 }

@@ -458,6 +458,7 @@ fn load_args(args: &GamedayArgs, profile: Profile) -> LoadArgs {
         drain_sec: args.drain_sec,
         token_pool_file: None,
         slo: args.slo.clone(),
+        webhook_source: "drill".into(),
     }
 }
 
@@ -484,6 +485,11 @@ async fn run_fault(
     let data = r.work.join(format!("{}-{}", profile.id(), fault.id()));
     let mut spec = Spec::new(r.bin, &data, r.secrets);
     spec.store = r.args.store.clone();
+    // The source the drill's `webhook` scenario posts to, so it runs through every fault.
+    spec.env.push((
+        "ZERODROP_WEBHOOK_DRILL_STREAM".into(),
+        "drill:webhooks".into(),
+    ));
     let mut redis = None;
     if r.args.store == "redis" {
         let p = RedisProcess::start(&r.args.redis_server_bin, &data.join("redis")).await?;

@@ -74,6 +74,63 @@ pub struct LogCheck {
     pub trimmed: u64,
 }
 
+/// Why a planned scenario did not run (its server lacks what it needs).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NotRun {
+    pub reason: String,
+    /// Whether that is a breach: the scenario was named in `--scenarios`, or what it met was
+    /// a failure rather than a feature left unconfigured.
+    pub required: bool,
+}
+
+/// The `webhook` scenario's own findings. Drops and doubles also count in the scenario's
+/// `log.missing` and `log.duplicated` (and so in the totals), like a publish's.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookStats {
+    /// `--webhook-source`.
+    pub source: String,
+    /// The dedupe scope the server answered with.
+    pub scope: String,
+    /// The stream the source appends to (from the first 202), read back afterwards.
+    pub stream: Option<String>,
+    /// The read-back started at this seq (the first webhook of the run).
+    pub from_seq: u64,
+    /// Distinct message ids sent.
+    pub sent: u64,
+    /// Message ids answered 202 at least once.
+    pub accepted: u64,
+    /// Message ids never answered 202 (given up after retries, or refused).
+    pub failed: u64,
+    /// Second copies sent of an id: after its first answer, or at the same time as it.
+    pub duplicates_sent: u64,
+    pub duplicates_sequential: u64,
+    pub duplicates_concurrent: u64,
+    /// 202 answers that said `duplicate: true` (second copies, and retries of a request whose
+    /// first answer was lost after it was accepted).
+    pub duplicate_answers: u64,
+    /// Answers that said `duplicate: false` for an id already answered so: run twice.
+    pub answered_as_new: u64,
+    /// `duplicate: true` answers with a `hitCount` of 0 (the duplicate was not counted).
+    pub uncounted_duplicates: u64,
+    pub max_hit_count: u64,
+    /// Answers whose seq differs from the id's first answer, or from where the stream holds it.
+    pub seq_mismatches: u64,
+    /// Requests sent again after 429, 503, 409, 5xx or a network error.
+    pub retries: u64,
+    /// Accepted ids missing from the stream.
+    pub drops: u64,
+    /// Appends beyond the first of one id (accepted or not): ran more than once.
+    pub doubles: u64,
+    /// Ids in the stream that were never answered 202 (their answer was lost): no loss.
+    pub appended_unacknowledged: u64,
+    /// Accepted ids already trimmed by retention when the stream was read (not checked).
+    pub trimmed: u64,
+    /// Why the stream could not be read back (nothing could be verified).
+    pub read_error: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ScenarioReport {
@@ -108,6 +165,12 @@ pub struct ScenarioReport {
     pub forced_disconnects: u64,
     pub unexpected_disconnects: u64,
     pub log: LogCheck,
+    /// Set when the scenario did not run; its other figures are then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<NotRun>,
+    /// The `webhook` scenario's findings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookStats>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -212,6 +275,10 @@ impl DrillReport {
             "dup"
         );
         for sc in &self.scenarios {
+            if let Some(n) = &sc.not_run {
+                let _ = writeln!(s, "{:<16} not run: {}", sc.scenario, n.reason);
+                continue;
+            }
             let resume = if sc.resume.attempts > 0 {
                 format!("{:.1}%", sc.resume.success_rate * 100.0)
             } else {
@@ -232,6 +299,35 @@ impl DrillReport {
                 resume,
                 sc.missing + sc.log.missing,
                 sc.duplicated + sc.log.duplicated
+            );
+        }
+        for w in self
+            .scenarios
+            .iter()
+            .filter(|sc| sc.not_run.is_none())
+            .filter_map(|sc| sc.webhook.as_ref())
+        {
+            let _ = writeln!(
+                s,
+                "webhook {} → {}: sent {}, accepted {}, failed {}, retries {}; duplicates sent {} ({} after the answer, {} concurrent), answered as duplicates {}, as new {}; seq mismatches {}; drops {}, doubles {}{}",
+                w.source,
+                w.stream.as_deref().unwrap_or("no stream"),
+                w.sent,
+                w.accepted,
+                w.failed,
+                w.retries,
+                w.duplicates_sent,
+                w.duplicates_sequential,
+                w.duplicates_concurrent,
+                w.duplicate_answers,
+                w.answered_as_new,
+                w.seq_mismatches,
+                w.drops,
+                w.doubles,
+                w.read_error
+                    .as_ref()
+                    .map(|e| format!("; stream NOT read back: {e}"))
+                    .unwrap_or_default()
             );
         }
         let t = &self.totals;

@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{DrillReport, ScenarioReport};
+use crate::report::{DrillReport, ScenarioReport, WebhookStats};
 
 /// The SLO file shipped at the repository root; used when `--slo` is not given and no
 /// `slo.json` is in the current directory.
@@ -185,6 +185,16 @@ impl Slo {
     pub fn judge(&self, report: &DrillReport) -> Vec<String> {
         let mut breaches = Vec::new();
         for sc in &report.scenarios {
+            if let Some(n) = &sc.not_run {
+                // Not run for want of configuration is a note, unless it was asked for.
+                if n.required {
+                    breaches.push(format!("{}: not run — {}", sc.scenario, n.reason));
+                }
+                continue;
+            }
+            if let Some(w) = &sc.webhook {
+                judge_webhook(&sc.scenario, w, &self.global, &mut breaches);
+            }
             if let Some(s) = self.scenarios.get(&sc.scenario) {
                 judge_scenario(sc, s, &mut breaches);
             }
@@ -300,13 +310,68 @@ fn judge_scenario(sc: &ScenarioReport, s: &ScenarioSlo, out: &mut Vec<String>) {
     }
 }
 
+/// What the webhook verification found: always breaches (a duplicate answered as new ran
+/// twice, an answer naming another seq is a lie about where the event is, a stream that
+/// could not be read verified nothing), and drops and doubles by name against the global
+/// limits that also count them.
+fn judge_webhook(id: &str, w: &WebhookStats, g: &GlobalSlo, out: &mut Vec<String>) {
+    let stream = w.stream.as_deref().unwrap_or("its stream");
+    if let Some(e) = &w.read_error {
+        out.push(format!(
+            "{id}: {stream} could not be read back, nothing was verified: {e}"
+        ));
+    }
+    if w.drops > g.max_dropped {
+        out.push(format!(
+            "{id}: {} accepted webhook(s) missing from {stream} (drops), max_dropped is {}",
+            w.drops, g.max_dropped
+        ));
+    }
+    if w.doubles > g.max_duplicated {
+        out.push(format!(
+            "{id}: {} webhook append(s) beyond the first of their message id in {stream} (doubles: run twice), max_duplicated is {}",
+            w.doubles, g.max_duplicated
+        ));
+    }
+    if w.answered_as_new > 0 {
+        out.push(format!(
+            "{id}: {} duplicate(s) answered as new (duplicate: false for an id already accepted)",
+            w.answered_as_new
+        ));
+    }
+    if w.seq_mismatches > 0 {
+        out.push(format!(
+            "{id}: {} answer(s) name a seq other than the first answer's or than where {stream} holds the id",
+            w.seq_mismatches
+        ));
+    }
+    if w.uncounted_duplicates > 0 {
+        out.push(format!(
+            "{id}: {} duplicate answer(s) with hitCount 0 (the duplicate was not counted)",
+            w.uncounted_duplicates
+        ));
+    }
+    if w.accepted > 0 && w.duplicates_sent == 0 {
+        out.push(format!(
+            "{id}: no duplicate was sent (nothing was measured)"
+        ));
+    } else if w.duplicates_sent > 0 && w.duplicate_answers == 0 {
+        out.push(format!(
+            "{id}: {} duplicate(s) sent, none answered as a duplicate (nothing was measured)",
+            w.duplicates_sent
+        ));
+    }
+}
+
 /// A scenario that should have carried events but carried none measured nothing.
 fn vacuous(sc: &ScenarioReport, out: &mut Vec<String>) {
     if sc.publishers > 0 && sc.published == 0 {
-        out.push(format!(
-            "{}: no event was published (nothing was measured)",
-            sc.scenario
-        ));
+        let what = if sc.webhook.is_some() {
+            "no webhook was accepted"
+        } else {
+            "no event was published"
+        };
+        out.push(format!("{}: {what} (nothing was measured)", sc.scenario));
     } else if sc.clients > 0 && sc.published > 0 && sc.delivered == 0 {
         out.push(format!(
             "{}: {} events published, none delivered to {} clients",
@@ -427,6 +492,134 @@ mod tests {
         .unwrap();
         assert_eq!(ok.scenarios["publish"].p95_ms, Some(5.0));
         assert_eq!(ok.about.as_deref(), Some("x"));
+    }
+
+    /// `sample_report` with a clean webhook scenario added.
+    fn with_webhook() -> DrillReport {
+        let mut r = sample_report();
+        let mut sc = r.scenarios[0].clone();
+        sc.scenario = "webhook".into();
+        sc.http.statuses = [("202".to_string(), 130), ("429".to_string(), 3)]
+            .into_iter()
+            .collect();
+        sc.webhook = Some(WebhookStats {
+            source: "drill".into(),
+            stream: Some("drill:webhooks".into()),
+            sent: 100,
+            accepted: 100,
+            duplicates_sent: 30,
+            duplicate_answers: 30,
+            max_hit_count: 1,
+            ..WebhookStats::default()
+        });
+        r.scenarios.push(sc);
+        r
+    }
+
+    #[test]
+    fn webhook_findings_are_breaches_by_name() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        assert_eq!(slo.judge(&with_webhook()), Vec::<String>::new());
+        let mut r = with_webhook();
+        let w = r.scenarios[3].webhook.as_mut().unwrap();
+        w.doubles = 1;
+        w.answered_as_new = 1;
+        w.seq_mismatches = 2;
+        w.uncounted_duplicates = 3;
+        r.scenarios[3].log.duplicated = 1;
+        r.totals.duplicated = 1;
+        let b = slo.judge(&r);
+        assert_eq!(b.len(), 5, "{b:?}");
+        assert!(
+            b[0].starts_with("webhook: 1 webhook append(s) beyond the first"),
+            "{b:?}"
+        );
+        assert!(
+            b[0].contains("in drill:webhooks (doubles: run twice)"),
+            "{b:?}"
+        );
+        assert!(
+            b[1].starts_with("webhook: 1 duplicate(s) answered as new"),
+            "{b:?}"
+        );
+        assert!(
+            b[2].starts_with("webhook: 2 answer(s) name a seq other"),
+            "{b:?}"
+        );
+        assert!(
+            b[3].starts_with("webhook: 3 duplicate answer(s) with hitCount 0"),
+            "{b:?}"
+        );
+        assert!(b[4].starts_with("global: 1 duplicated"), "{b:?}");
+
+        let mut r = with_webhook();
+        let w = r.scenarios[3].webhook.as_mut().unwrap();
+        w.drops = 2;
+        w.read_error = Some("reading drill:webhooks after 4: HTTP 500".into());
+        r.totals.missing = 2;
+        let b = slo.judge(&r);
+        assert!(
+            b.iter()
+                .any(|s| s.starts_with("webhook: drill:webhooks could not be read back")),
+            "{b:?}"
+        );
+        assert!(
+            b.iter().any(|s| s
+                .starts_with("webhook: 2 accepted webhook(s) missing from drill:webhooks (drops)")),
+            "{b:?}"
+        );
+        assert!(
+            b.iter().any(|s| s.starts_with("global: 2 events lost")),
+            "{b:?}"
+        );
+
+        // A webhook run that sent no duplicate, or got none answered, measured nothing.
+        let mut r = with_webhook();
+        r.scenarios[3].webhook.as_mut().unwrap().duplicates_sent = 0;
+        assert_eq!(
+            slo.judge(&r),
+            vec!["webhook: no duplicate was sent (nothing was measured)"]
+        );
+        let mut r = with_webhook();
+        r.scenarios[3].webhook.as_mut().unwrap().duplicate_answers = 0;
+        let b = slo.judge(&r);
+        assert_eq!(
+            b,
+            vec![
+                "webhook: 30 duplicate(s) sent, none answered as a duplicate (nothing was measured)"
+            ]
+        );
+        let mut r = with_webhook();
+        r.scenarios[3].published = 0;
+        assert_eq!(
+            slo.judge(&r),
+            vec!["webhook: no webhook was accepted (nothing was measured)"]
+        );
+        // 422 (the same id with another body) is not an answer the drill expects.
+        let mut r = with_webhook();
+        r.scenarios[3].http.statuses.insert("422".into(), 1);
+        r.scenarios[3].http.unknown_status_rate = 0.5;
+        assert_eq!(
+            slo.judge(&r),
+            vec!["webhook: unknown status rate 0.5000 above 0.01"]
+        );
+    }
+
+    #[test]
+    fn a_scenario_not_run_breaches_only_when_required() {
+        let slo = Slo::parse(SHIPPED).unwrap();
+        let mut r = with_webhook();
+        r.scenarios[3].published = 0;
+        r.scenarios[3].not_run = Some(crate::report::NotRun {
+            reason: "the server has no webhook source `drill`".into(),
+            required: false,
+        });
+        assert_eq!(slo.judge(&r), Vec::<String>::new());
+        r.scenarios[3].not_run.as_mut().unwrap().required = true;
+        assert_eq!(
+            slo.judge(&r),
+            vec!["webhook: not run — the server has no webhook source `drill`"]
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod support;
 use support::{
     Faults, Server, args, broken_proxy, event_dropping_proxy, lenient_slo, reports, tool,
 };
+use zerodrop_server::config::WebhookConfig;
+use zerodrop_testkit::server::TestServer;
 
 fn with(mut a: Vec<String>, more: Vec<String>) -> Vec<String> {
     a.extend(more);
@@ -208,6 +210,165 @@ async fn canary_passes_equal_releases_and_fails_a_candidate_that_errors() {
     }));
 }
 
+/// The `webhook` scenario against a real server with a `drill` source (SQLite): every
+/// accepted message id is in the stream once and every second copy was answered as a
+/// duplicate, and gate passes; behind a proxy that hides the message ids from the server's
+/// dedupe, the same gate fails on the doubles; a source the server lacks is a named breach
+/// when the scenario was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gate_passes_a_deduplicating_server_and_fails_on_doubles() {
+    let s = TestServer::with(|c| {
+        c.guard.webhooks.insert(
+            "drill".into(),
+            WebhookConfig {
+                stream: Some("drill:webhooks".into()),
+                ..WebhookConfig::default()
+            },
+        );
+    })
+    .await;
+    let creds = args(&[
+        "--api-key",
+        &s.creds.api_key,
+        "--jwt-secret",
+        &s.creds.jwt_secret,
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    let slo = lenient_slo(work.path());
+    let out = work.path().join(".output/reliability");
+    let gate = |url: &str, more: &[&str]| {
+        let mut a = args(&[
+            "gate",
+            "--url",
+            url,
+            "--profile",
+            "quick",
+            "--duration",
+            "2",
+            "--scenarios",
+            "webhook",
+            "--slo",
+            slo.to_str().unwrap(),
+        ]);
+        a.extend(args(more));
+        with(a, creds.clone())
+    };
+    let last_webhook = || -> serde_json::Value {
+        let r = reports(&out, "gate-quick-");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r.last().unwrap()).unwrap()).unwrap();
+        v["drill"]["scenarios"][0].clone()
+    };
+
+    let ok = tool(work.path(), &gate(&s.url, &[])).await;
+    assert_eq!(ok.code, 0, "gate must pass a server that deduplicates");
+    assert!(ok.stdout.contains("gate PASSED"), "{}", ok.stdout);
+    assert!(
+        ok.stdout.contains("webhook drill → drill:webhooks: sent"),
+        "{}",
+        ok.stdout
+    );
+    let sc = last_webhook();
+    assert_eq!(sc["scenario"], "webhook");
+    let w = &sc["webhook"];
+    let accepted = w["accepted"].as_u64().unwrap();
+    assert!(accepted >= 10, "{w}");
+    assert_eq!(w["failed"], 0, "{w}");
+    assert_eq!(w["stream"], "drill:webhooks");
+    assert_eq!(w["scope"], "drill");
+    assert!(w["duplicatesSequential"].as_u64().unwrap() > 0, "{w}");
+    assert!(w["duplicatesConcurrent"].as_u64().unwrap() > 0, "{w}");
+    let dups = w["duplicatesSent"].as_u64().unwrap();
+    assert!(w["duplicateAnswers"].as_u64().unwrap() >= dups, "{w}");
+    for k in [
+        "drops",
+        "doubles",
+        "answeredAsNew",
+        "seqMismatches",
+        "uncountedDuplicates",
+    ] {
+        assert_eq!(w[k], 0, "{k}: {w}");
+    }
+    assert_eq!(sc["published"], accepted);
+    assert_eq!(
+        sc["log"]["events"], accepted,
+        "each accepted id once in the stream"
+    );
+    assert!(sc["http"]["statuses"]["202"].as_u64().unwrap() >= accepted + dups);
+    assert!(sc["latencyMs"]["count"].as_u64().unwrap() > 0);
+    // What the drill read back is what the server holds: the run's ids, once each.
+    let run = format!(
+        "drill-{}-",
+        reports(&out, "gate-quick-")
+            .last()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .map(
+                |t| serde_json::from_str::<serde_json::Value>(&t).unwrap()["drill"]["runId"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            )
+            .unwrap()
+    );
+    let page = s
+        .api()
+        .get(
+            "/v1/streams/drill:webhooks/events?after=0&limit=1000",
+            Some(&s.creds.api_key),
+        )
+        .await
+        .json;
+    let mut ids: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["data"]["id"].as_str())
+        .filter(|id| id.starts_with(&run))
+        .collect();
+    assert_eq!(ids.len() as u64, accepted);
+    ids.dedup();
+    assert_eq!(ids.len() as u64, accepted);
+
+    // Every copy looks new to the server: it runs them twice, and the gate says so.
+    let broken = broken_proxy(
+        s.addr,
+        Faults {
+            break_webhook_dedupe: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let bad = tool(work.path(), &gate(&format!("http://{broken}"), &[])).await;
+    assert_eq!(bad.code, 1, "gate must fail when webhooks run twice");
+    assert!(
+        bad.stdout.contains("(doubles: run twice)"),
+        "{}",
+        bad.stdout
+    );
+    assert!(
+        bad.stdout.contains("duplicate(s) answered as new"),
+        "{}",
+        bad.stdout
+    );
+    assert!(bad.stdout.contains("global: "), "{}", bad.stdout);
+    let w = &last_webhook()["webhook"];
+    assert_eq!(w["doubles"], w["duplicatesSent"], "{w}");
+    assert_eq!(w["drops"], 0, "{w}");
+
+    // Asked for a source the server does not have: not run, and a breach naming the fix.
+    let missing = tool(work.path(), &gate(&s.url, &["--webhook-source", "nope"])).await;
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stdout.contains(
+            "webhook: not run — the server has no webhook source `nope` (POST /v1/webhooks/nope answered 404 NOT_FOUND): add [webhooks.nope] with stream = \"drill:webhooks\" to its config file (or set ZERODROP_WEBHOOK_NOPE_STREAM=drill:webhooks)"
+        ),
+        "{}",
+        missing.stdout
+    );
+    let sc = last_webhook();
+    assert_eq!(sc["notRun"]["required"], true, "{sc}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_then_capacity_dashboard_and_snapshot() {
     let s = Server::start().await;
@@ -239,7 +400,31 @@ async fn drill_then_capacity_dashboard_and_snapshot() {
     assert_eq!(r.len(), 1);
     let rep: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&r[0]).unwrap()).unwrap();
-    assert_eq!(rep["scenarios"].as_array().unwrap().len(), 5);
+    assert_eq!(rep["scenarios"].as_array().unwrap().len(), 6);
+    // This server has no webhook source: part of the default set, the scenario is reported
+    // as not run, saying what to configure, and breaches nothing.
+    let webhook = &rep["scenarios"][5];
+    assert_eq!(webhook["scenario"], "webhook");
+    assert_eq!(webhook["notRun"]["required"], false, "{webhook}");
+    assert!(
+        webhook["notRun"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("add [webhooks.drill] with stream = \"drill:webhooks\""),
+        "{webhook}"
+    );
+    assert!(
+        drill
+            .stdout
+            .contains("webhook          not run: the server has no webhook source `drill`"),
+        "{}",
+        drill.stdout
+    );
+    assert!(
+        !rep["breaches"].to_string().contains("webhook"),
+        "{}",
+        rep["breaches"]
+    );
     assert_eq!(rep["totals"]["missing"], 0);
     assert_eq!(rep["totals"]["duplicated"], 0);
     assert!(rep["totals"]["delivered"].as_u64().unwrap() > 0);

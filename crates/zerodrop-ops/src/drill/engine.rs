@@ -77,7 +77,7 @@ impl Ctx {
     pub fn now_ns(&self) -> u64 {
         self.t0.elapsed().as_nanos() as u64
     }
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
 }
@@ -96,6 +96,8 @@ pub struct TaskStats {
     pub forced: u64,
     pub unexpected: u64,
     pub tracker: Option<(usize, Tracker)>,
+    /// The webhook senders' message ids and their answers.
+    pub webhooks: Vec<super::webhook::Sent>,
 }
 
 impl Default for TaskStats {
@@ -113,12 +115,13 @@ impl Default for TaskStats {
             forced: 0,
             unexpected: 0,
             tracker: None,
+            webhooks: Vec::new(),
         }
     }
 }
 
 impl TaskStats {
-    fn count_error(&mut self, e: &ClientError) {
+    pub(crate) fn count_error(&mut self, e: &ClientError) {
         match e.status() {
             Some(s) => *self.statuses.entry(s).or_default() += 1,
             None => self.network_errors += 1,
@@ -131,6 +134,42 @@ fn jitter(min: Duration, max: Duration) -> Duration {
     min + (max.saturating_sub(min)).mul_f64(r)
 }
 
+/// Paces a sender at a fixed rate (or not at all: as fast as answers come).
+pub(crate) struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: Option<f64>) -> Pacer {
+        Pacer {
+            interval: rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001))),
+            next: Instant::now(),
+        }
+    }
+
+    /// Waits for the next slot; false once the run stops (or is past its deadline).
+    pub(crate) async fn ready(&mut self, ctx: &Ctx) -> bool {
+        if ctx.stopped() || Instant::now() >= ctx.hard_deadline {
+            return false;
+        }
+        if let Some(iv) = self.interval {
+            let now = Instant::now();
+            if self.next > now {
+                let mut stop = ctx.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(self.next) => {}
+                    _ = stop.wait_for(|s| *s) => return false,
+                }
+            } else if now - self.next > Duration::from_secs(1) {
+                self.next = now; // fell behind (server stalled): do not burst to catch up
+            }
+            self.next += iv;
+        }
+        true
+    }
+}
+
 /// One publisher: paced at `rate` ev/s (or as fast as answers come), round-robin over its
 /// streams, retrying each event with the same key until it is acknowledged or the deadline.
 pub async fn publisher(
@@ -140,23 +179,9 @@ pub async fn publisher(
     rate: Option<f64>,
 ) -> TaskStats {
     let mut st = TaskStats::default();
-    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
-    let mut next = Instant::now();
+    let mut pacer = Pacer::new(rate);
     let mut c: u64 = 0;
-    while !ctx.stopped() && Instant::now() < ctx.hard_deadline {
-        if let Some(iv) = interval {
-            let now = Instant::now();
-            if next > now {
-                let mut stop = ctx.stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next) => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            } else if now - next > Duration::from_secs(1) {
-                next = now; // fell behind (server stalled): do not burst to catch up
-            }
-            next += iv;
-        }
+    while pacer.ready(&ctx).await {
         c += 1;
         let (idx, stream) = &streams[(c as usize) % streams.len()];
         let payload = format!(

@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod plan;
 pub mod track;
+pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -66,6 +67,11 @@ pub struct LoadArgs {
     /// SLO file (allowed statuses; the drill's informational breaches).
     #[arg(long)]
     pub slo: Option<PathBuf>,
+    /// Webhook source the `webhook` scenario posts to (`POST /v1/webhooks/{source}`); the
+    /// server's config must declare it with a stream (`[webhooks.drill]`,
+    /// `stream = "drill:webhooks"`).
+    #[arg(long, default_value = "drill")]
+    pub webhook_source: String,
 }
 
 impl LoadArgs {
@@ -194,6 +200,7 @@ pub async fn drive_with(
         run,
         load.payload_bytes,
         Duration::from_secs_f64(load.drain_sec.max(1.0)),
+        &load.webhook_source,
         slo,
         tool,
         publishing,
@@ -207,6 +214,8 @@ struct ScenarioRun {
     /// Each client's task with the index of the stream it follows.
     tasks: Vec<(usize, tokio::task::JoinHandle<TaskStats>)>,
     publishers: Vec<tokio::task::JoinHandle<TaskStats>>,
+    /// The `webhook` scenario's target (or why it cannot run); its publishers are senders.
+    webhook: Option<webhook::Prepared>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -218,6 +227,7 @@ pub async fn execute(
     run: String,
     payload_bytes: usize,
     drain: Duration,
+    webhook_source: &str,
     slo: &Slo,
     tool: &str,
     publishing: Option<tokio::sync::oneshot::Sender<()>>,
@@ -252,6 +262,17 @@ pub async fn execute(
     // Clients first: they subscribe from seq 0 of fresh streams, then publishing starts.
     for sp in &plan.scenarios {
         let base = all_streams.len();
+        if sp.scenario == Scenario::Webhook {
+            // The source's stream is the server's; the drill learns it from the first answer.
+            runs.push(ScenarioRun {
+                streams: Vec::new(),
+                stream_base: base,
+                tasks: Vec::new(),
+                publishers: Vec::new(),
+                webhook: Some(webhook::preflight(&http, webhook_source, &run, sp.requested).await),
+            });
+            continue;
+        }
         let streams: Vec<String> = (0..sp.streams.max(1))
             .map(|k| format!("drill:{run}:{}:{k}", sp.scenario.id()))
             .collect();
@@ -303,6 +324,7 @@ pub async fn execute(
             stream_base: base,
             tasks,
             publishers: Vec::new(),
+            webhook: None,
         });
     }
     let total_clients = plan.clients();
@@ -321,7 +343,22 @@ pub async fn execute(
 
     // Publishers.
     let mut w = 0u32;
+    let source: Arc<str> = Arc::from(webhook_source);
     for (sp, r) in plan.scenarios.iter().zip(runs.iter_mut()) {
+        if let Some(prep) = &r.webhook {
+            if prep.outcome.is_ok() {
+                for _ in 0..sp.publishers {
+                    r.publishers.push(tokio::spawn(webhook::sender(
+                        ctx.clone(),
+                        w,
+                        source.clone(),
+                        sp.rate,
+                    )));
+                    w += 1;
+                }
+            }
+            continue;
+        }
         for p in 0..sp.publishers {
             let n = r.streams.len();
             let ks: Vec<usize> = if sp.publishers >= n {
@@ -379,6 +416,9 @@ pub async fn execute(
     let mut acked_max: HashMap<usize, u64> = HashMap::new();
     for r in &mut runs {
         let mut v = Vec::new();
+        if let Some(prep) = &mut r.webhook {
+            v.push(std::mem::take(&mut prep.stats));
+        }
         for h in r.publishers.drain(..) {
             if let Ok(s) = h.await {
                 for (idx, _, _, seq) in &s.acked {
@@ -434,24 +474,54 @@ pub async fn execute(
 
     // The log check: every acknowledged payload once, seqs contiguous.
     let mut log_checks: Vec<LogCheck> = Vec::new();
+    let mut webhook_checks: Vec<Option<WebhookStats>> = Vec::new();
     for (r, pubs) in runs.iter().zip(&pub_stats) {
+        if let Some(prep) = &r.webhook {
+            // The webhook scenario's log is the source's stream, checked by message id.
+            let (w, log) = match &prep.outcome {
+                Ok(t) => webhook::check(&http, webhook_source, &run, t, pubs).await,
+                Err(_) => (WebhookStats::default(), LogCheck::default()),
+            };
+            log_checks.push(log);
+            webhook_checks.push(Some(w));
+            continue;
+        }
         let acked: Vec<&(usize, u32, u64, u64)> =
             pubs.iter().flat_map(|p| p.acked.iter()).collect();
         log_checks.push(check_log(&http, &r.streams, r.stream_base, &acked, &heads).await);
+        webhook_checks.push(None);
     }
     let metrics_after = http.metrics_json().await.ok();
 
     // Assemble.
     let mut scenarios = Vec::new();
     let mut totals = Totals::default();
-    for (((sp, r), pubs), (clients, log)) in plan
+    for ((((sp, r), pubs), (clients, log)), wh) in plan
         .scenarios
         .iter()
         .zip(&runs)
         .zip(&pub_stats)
         .zip(client_stats.iter().zip(log_checks))
+        .zip(webhook_checks)
     {
-        let sc = assemble(sp, r, pubs, clients, log, &heads, slo);
+        let mut sc = assemble(sp, r, pubs, clients, log, &heads, slo);
+        if let (Some(prep), Some(w)) = (&r.webhook, wh) {
+            match &prep.outcome {
+                Ok(_) => {
+                    sc.streams = 1;
+                    sc.published = w.accepted;
+                    sc.webhook = Some(w);
+                }
+                Err(not_run) => {
+                    sc.publishers = 0;
+                    sc.not_run = Some(not_run.clone());
+                    sc.webhook = Some(WebhookStats {
+                        source: webhook_source.to_string(),
+                        ..w
+                    });
+                }
+            }
+        }
         totals.published += sc.published;
         totals.delivered += sc.delivered;
         totals.missing += sc.missing + sc.log.missing;
@@ -617,7 +687,7 @@ fn assemble(
     sc.network_errors = network_errors;
     sc.network_error_rate = rate(network_errors, attempts.max(requests + network_errors), 0.0);
     sc.publish_latency_ms = Percentiles::from_us(&publish_latency);
-    sc.latency_ms = if sp.scenario == Scenario::Publish {
+    sc.latency_ms = if matches!(sp.scenario, Scenario::Publish | Scenario::Webhook) {
         sc.publish_latency_ms.clone()
     } else {
         Percentiles::from_us(&deliver_latency)
@@ -793,6 +863,7 @@ mod tests {
             drain_sec: 10.0,
             token_pool_file: None,
             slo: None,
+            webhook_source: "drill".into(),
         }
     }
 
@@ -838,6 +909,7 @@ mod tests {
             stream_base: 3,
             tasks: Vec::new(),
             publishers: Vec::new(),
+            webhook: None,
         };
         // Stream 3 (the scenario's first) has 10 events, stream 4 has 70.
         let heads = [0, 0, 0, 10, 70];

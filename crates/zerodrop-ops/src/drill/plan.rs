@@ -22,15 +22,21 @@ pub enum Scenario {
     /// WebSocket clients that all drop at once mid-run and resume together.
     #[value(name = "reconnect_storm")]
     ReconnectStorm,
+    /// HTTP senders posting webhooks to `POST /v1/webhooks/{source}`, some of them twice
+    /// (after the first answer, or at the same time), retrying like a provider; every
+    /// accepted message id is looked up in the source's stream afterwards (once, no more).
+    #[value(name = "webhook")]
+    Webhook,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Publish,
         Scenario::WsFanout,
         Scenario::SseFanout,
         Scenario::Resume,
         Scenario::ReconnectStorm,
+        Scenario::Webhook,
     ];
 
     pub fn id(self) -> &'static str {
@@ -40,6 +46,7 @@ impl Scenario {
             Scenario::SseFanout => "sse_fanout",
             Scenario::Resume => "resume",
             Scenario::ReconnectStorm => "reconnect_storm",
+            Scenario::Webhook => "webhook",
         }
     }
 
@@ -90,6 +97,9 @@ pub struct ScenarioPlan {
     /// Events/s per publisher; `None` = as fast as answers come (one request in flight).
     pub rate: Option<f64>,
     pub behaviour: Behaviour,
+    /// Named in `--scenarios` (not just part of the default set): a scenario that could not
+    /// run is then a breach, not a note.
+    pub requested: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -125,6 +135,8 @@ fn base(s: Scenario) -> ScenarioPlan {
         Scenario::SseFanout => (1, 10, 1, 20.0, Behaviour::DropEvery(secs(3.0), secs(6.0))),
         Scenario::Resume => (2, 20, 2, 20.0, Behaviour::DropEvery(secs(1.5), secs(4.0))),
         Scenario::ReconnectStorm => (1, 50, 1, 20.0, Behaviour::StormAt(0.5)),
+        // The stream is the source's, configured on the server: the drill makes none.
+        Scenario::Webhook => (0, 0, 2, 20.0, Behaviour::Steady),
     };
     ScenarioPlan {
         scenario: s,
@@ -133,6 +145,7 @@ fn base(s: Scenario) -> ScenarioPlan {
         publishers,
         rate: Some(rate),
         behaviour,
+        requested: false,
     }
 }
 
@@ -158,6 +171,7 @@ pub fn plan(profile: Profile, o: &PlanOverrides) -> Plan {
         .into_iter()
         .map(|s| {
             let mut p = base(s);
+            p.requested = o.scenarios.contains(&s);
             p.clients = (p.clients as f64 * client_factor).round() as usize;
             p.rate = p.rate.map(|r| r * rate_factor);
             p
@@ -197,7 +211,8 @@ mod tests {
     fn profiles_scale_clients_and_time() {
         let q = plan(Profile::Quick, &PlanOverrides::default());
         assert_eq!(q.duration, Duration::from_secs(15));
-        assert_eq!(q.scenarios.len(), 5);
+        assert_eq!(q.scenarios.len(), 6);
+        assert!(q.scenarios.iter().all(|s| !s.requested));
         assert_eq!(q.clients(), 120);
         let b = plan(Profile::Burst, &PlanOverrides::default());
         assert_eq!(b.clients(), 480);
@@ -230,10 +245,12 @@ mod tests {
         let ids: Vec<_> = p.scenarios.iter().map(|s| s.scenario.id()).collect();
         assert_eq!(ids, ["publish", "resume"]);
         assert!(p.scenarios.iter().all(|s| s.rate.is_none()));
+        assert!(p.scenarios.iter().all(|s| s.requested));
         assert_eq!(
             Scenario::from_id("reconnect_storm"),
             Some(Scenario::ReconnectStorm)
         );
-        assert_eq!(Scenario::from_id("webhook"), None);
+        assert_eq!(Scenario::from_id("webhook"), Some(Scenario::Webhook));
+        assert_eq!(Scenario::from_id("webhooks"), None);
     }
 }

@@ -156,6 +156,9 @@ pub struct Faults {
     pub fail_publish_every: Option<u64>,
     /// WebSocket `event` frames with this seq never reach the client.
     pub drop_event_seq: Option<u64>,
+    /// Every webhook reaches the server with an `Idempotency-Key` of its own (the provider's
+    /// id plus a counter), so the server cannot tell a duplicate from a new message.
+    pub break_webhook_dedupe: bool,
 }
 
 struct ProxyState {
@@ -214,6 +217,10 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
                 .into_response();
         }
     }
+    let rekey = (st.faults.break_webhook_dedupe
+        && parts.method == axum::http::Method::POST
+        && parts.uri.path().starts_with("/v1/webhooks/"))
+    .then(|| st.publishes.fetch_add(1, Ordering::Relaxed));
     let Ok(bytes) = axum::body::to_bytes(body, 4 << 20).await else {
         return axum::http::StatusCode::BAD_REQUEST.into_response();
     };
@@ -226,7 +233,12 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         .body(bytes);
     for (k, v) in parts.headers.iter() {
         if k != "host" && k != "content-length" {
-            rb = rb.header(k, v);
+            rb = match rekey {
+                Some(n) if k == "idempotency-key" => {
+                    rb.header(k, format!("{}-{n}", v.to_str().unwrap_or("")))
+                }
+                _ => rb.header(k, v),
+            };
         }
     }
     match rb.send().await {
