@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use zerodrop_server::config::{UpstreamConfig, WebhookConfig};
 use zerodrop_testkit::http::Api;
 use zerodrop_testkit::server::{ServerProcess, TestServer};
 use zerodrop_testkit::sse::SseClient;
@@ -41,9 +42,28 @@ fn promtool() -> Command {
     tool("promtool", "--version", "prometheus")
 }
 
-/// Every `zerodrop_*` metric family a running server exports after some traffic.
+/// Every `zerodrop_*` metric family a running server exports after some traffic, with the
+/// upstream side configured (an upstream, so the job worker and its gauges run, and a webhook
+/// source).
 async fn exported() -> (String, BTreeSet<String>) {
-    let s = TestServer::start().await;
+    let s = TestServer::with(|c| {
+        c.guard.upstreams.insert(
+            "app".into(),
+            UpstreamConfig {
+                // Never called: nothing is delivered in this test.
+                primary: "http://127.0.0.1:9".into(),
+                ..UpstreamConfig::default()
+            },
+        );
+        c.guard.webhooks.insert(
+            "drill".into(),
+            WebhookConfig {
+                stream: Some("drill:webhooks".into()),
+                ..WebhookConfig::default()
+            },
+        );
+    })
+    .await;
     let api = s.api();
     api.publish("room:1", json!(1)).await;
     let tok = s.token("u1", &["room:*"]);
@@ -60,7 +80,17 @@ async fn exported() -> (String, BTreeSet<String>) {
     c.send(json!({"type":"ack","stream":"room:1","seq":2}))
         .await;
     c.close().await;
-    let text = api.get("/metrics", None).await.text;
+    // The job gauges appear with the worker's first upkeep (every 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut text = api.get("/metrics", None).await.text;
+    while !text.contains("# TYPE zerodrop_jobs_oldest_queued_age_seconds ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job gauges after 15 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        text = api.get("/metrics", None).await.text;
+    }
     let names = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -237,6 +267,12 @@ async fn alert_rules_pass_promtool_and_use_exported_names() {
         "ZerodropInstanceDown",
         "ZerodropRestarting",
         "ZerodropFileDescriptorsNearLimit",
+        "ZerodropJobsOldestQueuedHigh",
+        "ZerodropDeadLetters",
+        "ZerodropDeadLettersRising",
+        "ZerodropCircuitOpen",
+        "ZerodropBulkheadRejectionsRising",
+        "ZerodropRateLimitedSustained",
     ] {
         assert!(text.contains(&format!("alert: {alert}")), "missing {alert}");
     }
@@ -281,7 +317,7 @@ fn every_alert_has_a_runbook_section() {
         .map(anchor)
         .collect();
     let alerts = alerts();
-    assert_eq!(alerts.len(), 10);
+    assert_eq!(alerts.len(), 16);
     let mut linked = BTreeSet::new();
     for (name, body) in &alerts {
         let url = body
@@ -324,6 +360,19 @@ async fn dashboard_uses_exported_names() {
         }
     }
     assert!(used.len() >= 12, "{used:?}");
+    // The upstream side has its panels.
+    for n in [
+        "zerodrop_jobs_backlog",
+        "zerodrop_jobs_running",
+        "zerodrop_jobs_oldest_queued_age_seconds",
+        "zerodrop_jobs_dead_letters",
+        "zerodrop_circuit_state",
+        "zerodrop_bulkhead_in_flight",
+        "zerodrop_rate_limited_total",
+        "zerodrop_webhooks_total",
+    ] {
+        assert!(used.contains(n), "no panel shows {n}");
+    }
     for n in &used {
         assert!(
             exported.contains(n),
