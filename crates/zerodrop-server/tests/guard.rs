@@ -306,7 +306,7 @@ async fn deliveries_retry_dead_letter_and_requeue(kind: Kind) {
             "app".into(),
             UpstreamConfig {
                 deliver_path: "/hooks".into(),
-                ..upstream(&url)
+                ..upstream(url)
             },
         );
         c.guard.webhooks.insert(
@@ -568,7 +568,7 @@ async fn circuits_open_fail_over_and_close(kind: Kind) {
 
 async fn bulkheads_and_the_cache(kind: Kind) {
     let (up, Setup { s, _redis }) = with_upstream(kind, |c, url| {
-        let mut u = upstream(&url);
+        let mut u = upstream(url);
         u.bulkhead.max_in_flight = 1;
         u.cache_ttl_sec = 60;
         u.cache_namespace = Some("catalog".into());
@@ -664,7 +664,7 @@ async fn bulkheads_and_the_cache(kind: Kind) {
 
 async fn client_publishes_on_bound_streams_reach_the_upstream(kind: Kind) {
     let (up, Setup { s, _redis }) = with_upstream(kind, |c, url| {
-        let mut u = upstream(&url);
+        let mut u = upstream(url);
         u.streams = vec!["orders:*".into()];
         c.guard.upstreams.insert("app".into(), u);
     })
