@@ -572,7 +572,7 @@ impl App {
 
     pub async fn metrics_json(&self) -> serde_json::Value {
         let stats = self.store.stats().await.unwrap_or_default();
-        self.metrics.json(
+        let mut v = self.metrics.json(
             StoreFacts {
                 kind: self.store_kind().as_str(),
                 up: self.store_up.load(Ordering::Relaxed),
@@ -580,7 +580,38 @@ impl App {
                 streams: stats.streams,
             },
             self.drain.blocked_total(),
-        )
+        );
+        v["guard_metrics"] = self.guard_metrics_json().await;
+        v
+    }
+
+    /// The JSON view's `guard_metrics`: the queue's backlog, oldest age and dead letters (from
+    /// the store, so every instance reports the shared queue), and this instance's rate-limit
+    /// refusals. `jobs` is `{"enabled": false}` while no upstream is configured.
+    async fn guard_metrics_json(&self) -> serde_json::Value {
+        let rate_limited = self.metrics.rate_limited_total();
+        if self.guard.upstreams.is_empty() {
+            return serde_json::json!({"rate_limited": rate_limited, "jobs": {"enabled": false}});
+        }
+        let now = zerodrop_core::now_ms();
+        let jobs = match self.store.job_stats(now).await {
+            Ok(s) => {
+                let by_class = |m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>| {
+                    m.iter()
+                        .map(|(c, n)| (c.as_str().to_string(), serde_json::json!(n)))
+                        .collect::<serde_json::Map<_, _>>()
+                };
+                serde_json::json!({
+                    "enabled": true,
+                    "backlog": by_class(&s.queued_by_class),
+                    "running": by_class(&s.running_by_class),
+                    "oldest_queued_age_ms": s.oldest_queued_at_ms.map(|t| now.saturating_sub(t)).unwrap_or(0),
+                    "dead_letters": s.by_status.get(&zerodrop_store::JobStatus::Dead).copied().unwrap_or(0),
+                })
+            }
+            Err(_) => serde_json::json!({"enabled": true, "store_unavailable": true}),
+        };
+        serde_json::json!({"rate_limited": rate_limited, "jobs": jobs})
     }
 }
 

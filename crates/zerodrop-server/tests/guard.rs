@@ -416,6 +416,12 @@ async fn deliveries_retry_dead_letter_and_requeue(kind: Kind) {
         v["byStatus"]["done"] == 2 && v["byStatus"]["dead"] == 1
     })
     .await;
+    let j = s.api().metrics_json().await["guard_metrics"]["jobs"].clone();
+    assert_eq!(
+        (&j["enabled"], &j["dead_letters"], &j["backlog"]["batch"]),
+        (&json!(true), &json!(1), &json!(0)),
+        "{j}"
+    );
     let last = up.received().into_iter().last().unwrap();
     assert_eq!(
         last.header("x-zerodrop-job"),
@@ -745,5 +751,7 @@ async fn an_unconfigured_guard_says_so_in_the_snapshot() {
         snap["config"]["instance"]
     );
     assert_eq!(admin(&s, "/admin/jobs").await["enabled"], false);
+    let g = s.api().metrics_json().await["guard_metrics"].clone();
+    assert_eq!(g, json!({"rate_limited": 0, "jobs": {"enabled": false}}));
     assert_eq!(admin(&s, "/admin/circuits").await["circuits"], json!([]));
 }
