@@ -146,9 +146,20 @@ async fn prometheus_names_and_json_shape() {
     };
     assert_eq!(
         keys(&m),
-        ["errors", "resume_store_metrics", "routes", "ws_metrics"]
-            .map(String::from)
-            .into()
+        [
+            "errors",
+            "guard_metrics",
+            "resume_store_metrics",
+            "routes",
+            "ws_metrics"
+        ]
+        .map(String::from)
+        .into()
+    );
+    // The upstream side's figures, said to be off while no upstream is configured.
+    assert_eq!(
+        m["guard_metrics"],
+        serde_json::json!({"rate_limited": 0, "jobs": {"enabled": false}})
     );
     assert_eq!(
         keys(&m["ws_metrics"]),
