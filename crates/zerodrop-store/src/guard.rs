@@ -11,7 +11,9 @@
 //!   order (`realtime`, `interactive`, `batch`), oldest `available_at_ms` first (then lowest
 //!   id) within a class. Running caps per class and per kind count the running jobs whose
 //!   lease has not expired, including the ones this claim hands out. Every claim increments
-//!   `attempts`; the lease is the pair (job id, attempts).
+//!   `attempts`; the lease is the pair (job id, attempts). `attempts` never goes back (only an
+//!   uncounted retry gives back the attempt it just took, before anyone else can claim), so
+//!   no two claims of a job ever hand out the same lease.
 //! - Only the current lease holder may heartbeat, complete or fail a job: a lease whose
 //!   attempt number is not the job's current one, or a job no longer running, is refused with
 //!   `StoreError::StaleLease` and changes nothing. An expired lease that nobody has claimed
@@ -286,9 +288,10 @@ pub trait GuardStore: Send + Sync {
     /// Ends a failed attempt: back to the queue or to the dead letters.
     async fn job_fail(&self, lease: Lease, failure: Failure, now_ms: u64) -> StoreResult<()>;
 
-    /// Puts a dead letter back in the queue (attempts reset to 0, due now). `false` when no
-    /// dead letter has this id.
-    async fn job_requeue(&self, id: JobId, now_ms: u64) -> StoreResult<bool>;
+    /// Puts a dead letter back in the queue, due now, with `budget` more attempts
+    /// (`max_attempts` = `attempts` + `budget`; `attempts` keeps counting, so a lease from
+    /// before the requeue stays stale). `false` when no dead letter has this id.
+    async fn job_requeue(&self, id: JobId, budget: u32, now_ms: u64) -> StoreResult<bool>;
 
     async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
 

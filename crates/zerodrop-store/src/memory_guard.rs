@@ -214,12 +214,12 @@ impl GuardStore for MemoryStore {
         Ok(())
     }
 
-    async fn job_requeue(&self, id: JobId, now_ms: u64) -> StoreResult<bool> {
+    async fn job_requeue(&self, id: JobId, budget: u32, now_ms: u64) -> StoreResult<bool> {
         let mut st = self.inner.lock();
         match st.guard.jobs.get_mut(&id) {
             Some(j) if j.status == JobStatus::Dead => {
                 j.status = JobStatus::Queued;
-                j.attempts = 0;
+                j.max_attempts = j.attempts.saturating_add(budget);
                 j.available_at_ms = now_ms;
                 j.finished_at_ms = 0;
                 Ok(true)

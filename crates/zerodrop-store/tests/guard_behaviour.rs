@@ -233,24 +233,30 @@ async fn retries_backoff_dead_letter_and_requeue(f: Fixture) {
     let listed = s.job_list(Some(JobStatus::Dead), 10).await.unwrap();
     assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a]);
     assert!(
-        !s.job_requeue(a + 1000, T0 + 800).await.unwrap(),
+        !s.job_requeue(a + 1000, 3, T0 + 800).await.unwrap(),
         "unknown id"
     );
-    assert!(s.job_requeue(a, T0 + 800).await.unwrap());
+    assert!(s.job_requeue(a, 3, T0 + 800).await.unwrap());
     assert!(
-        !s.job_requeue(a, T0 + 800).await.unwrap(),
+        !s.job_requeue(a, 3, T0 + 800).await.unwrap(),
         "no longer a dead letter"
     );
     let j = s.job_get(a).await.unwrap().unwrap();
+    // Three more attempts; the count goes on, so no earlier lease becomes current again.
     assert_eq!(
-        (j.status, j.attempts, j.available_at_ms),
-        (JobStatus::Queued, 0, T0 + 800)
+        (j.status, j.attempts, j.max_attempts, j.available_at_ms),
+        (JobStatus::Queued, 2, 5, T0 + 800)
     );
     let l = s.job_claim("w", 1, &open(), 1000, T0 + 800).await.unwrap()[0].lease;
-    assert_eq!(l.attempt, 1);
+    assert_eq!(l.attempt, 3);
+    assert_eq!(
+        s.job_complete(l2, T0 + 850).await.unwrap_err(),
+        StoreError::StaleLease { job: a, attempt: 2 },
+        "a lease from before the dead letter"
+    );
     s.job_complete(l, T0 + 900).await.unwrap();
     // A done job is not a dead letter.
-    assert!(!s.job_requeue(a, T0 + 1000).await.unwrap());
+    assert!(!s.job_requeue(a, 3, T0 + 1000).await.unwrap());
 }
 
 async fn classes_in_priority_and_caps(f: Fixture) {

@@ -248,8 +248,8 @@ async fn check(model: &MemoryStore, sqlite: &SqliteStore, ops: Vec<Op>) {
                     let newest = model.job_list(None, 1).await.unwrap();
                     (job as u64) % (newest.first().map_or(0, |j| j.id) + 2)
                 };
-                let want = model.job_requeue(job, now).await;
-                let got = sqlite.job_requeue(job, now).await;
+                let want = model.job_requeue(job, 3, now).await;
+                let got = sqlite.job_requeue(job, 3, now).await;
                 assert_eq!(got, want, "{at}: job {job}");
             }
             Op::Purge { at_done, job, ms } => {

@@ -491,7 +491,8 @@ async fn requeue(
         )
     };
     let n: u64 = id.parse().map_err(|_| not_found())?;
-    if !app.store.job_requeue(n, zerodrop_core::now_ms()).await? {
+    let budget = app.guard.cfg.jobs.retry.max_attempts;
+    if !app.store.job_requeue(n, budget, zerodrop_core::now_ms()).await? {
         return Err(not_found());
     }
     app.guard.wake.notify_one();

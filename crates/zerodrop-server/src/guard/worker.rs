@@ -250,6 +250,7 @@ async fn run(app: &App, leased: LeasedJob) {
         }
         Ok(a) => retry(
             app,
+            &job,
             lease.attempt,
             format!("upstream answered {}", a.status),
         ),
@@ -266,14 +267,19 @@ async fn run(app: &App, leased: LeasedJob) {
                 counted: false,
             }
         }
-        Err(e) => retry(app, lease.attempt, e.describe()),
+        Err(e) => retry(app, &job, lease.attempt, e.describe()),
     };
     end(app, &job.upstream, lease, failure).await;
 }
 
-fn retry(app: &App, attempt: u32, error: String) -> Failure {
+/// The retry policy counts attempts of the job's current budget: a requeued dead letter's
+/// attempts go on counting (so that no old lease is current again), and its budget ends at
+/// the job's own `max_attempts`.
+fn retry(app: &App, job: &zerodrop_store::JobRecord, attempt: u32, error: String) -> Failure {
     let random = u64::from_le_bytes(zerodrop_core::random_bytes::<8>());
-    match app.guard.cfg.jobs.retry.after_failure(attempt, random) {
+    let policy = &app.guard.cfg.jobs.retry;
+    let before = job.max_attempts.saturating_sub(policy.max_attempts);
+    match policy.after_failure(attempt.saturating_sub(before), random) {
         Next::RetryIn { delay_ms } => Failure::Retry {
             at_ms: zerodrop_core::now_ms() + delay_ms,
             error,

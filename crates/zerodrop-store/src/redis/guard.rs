@@ -573,12 +573,13 @@ impl GuardStore for RedisStore {
         leased(s.eval("fail", &call).await?, lease, "fail")
     }
 
-    async fn job_requeue(&self, id: JobId, now_ms: u64) -> StoreResult<bool> {
+    async fn job_requeue(&self, id: JobId, budget: u32, now_ms: u64) -> StoreResult<bool> {
         let s = &self.shared;
         let call = Call::new(&s.scripts.guard.requeue)
             .key(JOB_SEQ)
             .arg(id)
-            .arg(now_ms);
+            .arg(now_ms)
+            .arg(budget);
         match s.eval("requeue", &call).await? {
             Value::Int(1) => Ok(true),
             Value::Int(0) => Ok(false),

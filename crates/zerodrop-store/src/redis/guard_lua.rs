@@ -256,14 +256,15 @@ index(id, how, class, kind, now, 0)
 return 1
 "#;
 
-/// `ARGV`: id, now. 1 when a dead letter was put back in the queue, else 0.
+/// `ARGV`: id, now, budget. 1 when a dead letter was put back in the queue (with `budget` more
+/// attempts: `max` = `att` + budget, `att` unchanged), else 0.
 const REQUEUE: &str = r#"
-local id, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local id, now, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local key = job_key(id)
-local j = redis.call('HMGET', key, 'st', 'class', 'kind', 'cr')
+local j = redis.call('HMGET', key, 'st', 'class', 'kind', 'cr', 'att')
 if j[1] ~= 'dead' then return 0 end
 unindex(id, 'dead', j[2], j[3])
-redis.call('HSET', key, 'st', 'queued', 'att', 0, 'av', int(now), 'fin', 0)
+redis.call('HSET', key, 'st', 'queued', 'max', int(tonumber(j[5]) + budget), 'av', int(now), 'fin', 0)
 index(id, 'queued', j[2], j[3], now, tonumber(j[4]))
 return 1
 "#;

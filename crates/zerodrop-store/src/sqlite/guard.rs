@@ -608,15 +608,15 @@ impl GuardStore for SqliteStore {
         self.write(move |c| fail(c, lease, failure, now_ms)).await
     }
 
-    async fn job_requeue(&self, id: JobId, now_ms: u64) -> StoreResult<bool> {
+    async fn job_requeue(&self, id: JobId, budget: u32, now_ms: u64) -> StoreResult<bool> {
         self.write(move |c| {
             let changed = c
                 .prepare_cached(
-                    "UPDATE jobs SET status = 'queued', attempts = 0, available_at_ms = ?2,
-                       finished_ms = 0
+                    "UPDATE jobs SET status = 'queued', max_attempts = attempts + ?3,
+                       available_at_ms = ?2, finished_ms = 0
                      WHERE id = ?1 AND status = 'dead'",
                 )?
-                .execute(params![sql(id), sql(now_ms)])?;
+                .execute(params![sql(id), sql(now_ms), i64::from(budget)])?;
             Ok(Ok(changed == 1))
         })
         .await

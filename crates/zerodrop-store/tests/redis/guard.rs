@@ -437,7 +437,7 @@ pub async fn on_a_cluster(store: &RedisStore) {
     store.job_complete(got[0].lease, T0 + 2).await.unwrap();
     let dead = Failure::Dead { error: "x".into() };
     store.job_fail(got[1].lease, dead, T0 + 3).await.unwrap();
-    assert!(store.job_requeue(a, T0 + 4).await.unwrap());
+    assert!(store.job_requeue(a, 3, T0 + 4).await.unwrap());
     let st = store.job_stats(T0 + 4).await.unwrap();
     assert_eq!(
         (
@@ -669,8 +669,8 @@ async fn run_model(seed: u64, redis: &RedisStore, memory: &MemoryStore) {
                 agree(
                     step,
                     "requeue",
-                    redis.job_requeue(r, now).await,
-                    memory.job_requeue(m, now).await,
+                    redis.job_requeue(r, 3, now).await,
+                    memory.job_requeue(m, 3, now).await,
                 );
             }
             90..=91 => {
