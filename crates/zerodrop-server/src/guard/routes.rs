@@ -492,7 +492,11 @@ async fn requeue(
     };
     let n: u64 = id.parse().map_err(|_| not_found())?;
     let budget = app.guard.cfg.jobs.retry.max_attempts;
-    if !app.store.job_requeue(n, budget, zerodrop_core::now_ms()).await? {
+    if !app
+        .store
+        .job_requeue(n, budget, zerodrop_core::now_ms())
+        .await?
+    {
         return Err(not_found());
     }
     app.guard.wake.notify_one();

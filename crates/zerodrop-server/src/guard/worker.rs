@@ -163,6 +163,8 @@ pub fn spawn(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 tokio::spawn(async move {
                     run(&app, job).await;
                     drop(permit);
+                    // A slot is free: claim again now rather than at the next poll.
+                    app.guard.wake.notify_one();
                 });
             }
             if got == 0 || got == free {
