@@ -12,6 +12,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::error::{ApiError, ClientError};
 use crate::frames::Event;
@@ -72,6 +73,17 @@ pub struct EventsPage {
     pub epoch: String,
     pub head_seq: u64,
     pub events: Vec<Event>,
+}
+
+/// A page of `GET …/events` whose events are kept as the exact text the server sent: what
+/// the stream digest is computed over (re-serialising a parsed event could change its bytes).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawEventsPage {
+    pub stream: String,
+    pub epoch: String,
+    pub head_seq: u64,
+    pub events: Vec<Box<RawValue>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -261,6 +273,26 @@ impl HttpClient {
         limit: u32,
         connect_token: Option<&str>,
     ) -> Result<EventsPage, ClientError> {
+        self.events_page(stream, after, limit, connect_token).await
+    }
+
+    /// [`HttpClient::read_events`] with every event as the exact JSON text served.
+    pub async fn read_events_raw(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<RawEventsPage, ClientError> {
+        self.events_page(stream, after, limit, None).await
+    }
+
+    async fn events_page<T: DeserializeOwned>(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: u32,
+        connect_token: Option<&str>,
+    ) -> Result<T, ClientError> {
         let auth = match connect_token {
             Some(t) => format!("Bearer {t}"),
             None => self.api_key_header()?,

@@ -7,11 +7,14 @@
 //! - [`SseConnection`]: `GET /v1/streams/{stream}/sse` with `Last-Event-ID` / `?after=`.
 //! - [`Deduper`]: per-stream seq bookkeeping — drop what was already delivered, flag gaps and
 //!   epoch changes. Every transport's events should pass through one.
+//! - [`check_stream`]: the consistency check — a stream's `hash` against the chain over the
+//!   events it serves.
 //! - [`mint_connect_token`]: HS256 connect tokens for backends that hold the JWT secret.
 //!
 //! The SDK never links the server: it is what the operator tools use to judge a deployment
 //! from the outside.
 
+pub mod consistency;
 pub mod dedupe;
 pub mod error;
 pub mod frames;
@@ -20,12 +23,13 @@ pub mod sse;
 pub mod token;
 pub mod ws;
 
+pub use consistency::{CheckError, StreamCheck, Verdict, check_stream};
 pub use dedupe::{Deduper, Delivery};
 pub use error::{ApiError, ClientError};
 pub use frames::{ClientFrame, ErrorFrame, Event, ServerFrame, Welcome};
 pub use http::{
-    Answer, Checkpoint, EventsPage, HttpClient, Published, ReconnectAnswer, ReplayEntry, Session,
-    SessionStream, StreamInfo, WebhookAccepted,
+    Answer, Checkpoint, EventsPage, HttpClient, Published, RawEventsPage, ReconnectAnswer,
+    ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
 pub use token::{ConnectClaims, mint_connect_token};

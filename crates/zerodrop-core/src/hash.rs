@@ -45,4 +45,54 @@ mod tests {
         c.push(b"2");
         assert_eq!(a.hex(), c.hex());
     }
+
+    /// The published vectors (docs/vectors/stream-digest.json) are what every implementation,
+    /// the browser SDK's included, must reproduce byte for byte.
+    #[test]
+    fn the_published_vectors_hold() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/vectors/stream-digest.json"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = doc["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 4);
+        let mut trimmed = 0;
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let first = case["firstSeq"].as_u64().unwrap();
+            let head = case["headSeq"].as_u64().unwrap();
+            let events = case["events"].as_array().unwrap();
+            let mut h = ChainHash::default();
+            for (i, e) in events.iter().enumerate() {
+                let text = e.as_str().unwrap();
+                let seq = serde_json::from_str::<serde_json::Value>(text).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap();
+                assert_eq!(
+                    seq,
+                    first + i as u64,
+                    "{name}: retained events run from firstSeq"
+                );
+                h.push(text.as_bytes());
+            }
+            assert_eq!(
+                head + 1 - first,
+                events.len() as u64,
+                "{name}: up to headSeq"
+            );
+            assert_eq!(
+                case["count"].as_u64().unwrap(),
+                events.len() as u64,
+                "{name}"
+            );
+            assert_eq!(case["hash"].as_str().unwrap(), h.hex(), "{name}");
+            if first > 1 {
+                trimmed += 1;
+            }
+        }
+        assert_eq!(trimmed, 1, "one case covers a trimmed log");
+        assert_eq!(cases[0]["hash"].as_str().unwrap(), "0".repeat(64));
+    }
 }
