@@ -19,6 +19,7 @@ pub mod redis;
 pub mod report;
 pub mod slo;
 pub mod snapshot;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,9 @@ pub enum OpsCommand {
     Capacity(capacity::CapacityArgs),
     /// The admin reliability snapshot, readable.
     Snapshot(snapshot::SnapshotArgs),
+    /// Whether instances serve the same log of a stream (epoch, bounds, count, hash);
+    /// `--recompute` also checks each hash against its events. Exit 1 on divergence.
+    Verify(verify::VerifyArgs),
 }
 
 /// Runs one tool. Tools return `ExitCode::FAILURE` for a failed verdict and `Err` for a
@@ -64,6 +68,7 @@ pub async fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
         OpsCommand::Dashboard(a) => dashboard::run(a).await,
         OpsCommand::Capacity(a) => capacity::run(a).await,
         OpsCommand::Snapshot(a) => snapshot::run(a).await,
+        OpsCommand::Verify(a) => verify::run(a).await,
     }
 }
 
@@ -90,6 +95,7 @@ mod tests {
             "x dashboard",
             "x capacity --expected-peak-streams 50000",
             "x snapshot --url http://127.0.0.1:7700",
+            "x verify --stream room:1 --url http://127.0.0.1:1 --peer http://127.0.0.1:2 --peer http://127.0.0.1:3 --recompute",
             "x drill --profile standard --minutes 5 --limit 800 --rate max",
         ] {
             let r = Cli::try_parse_from(line.split(' '));
@@ -116,7 +122,8 @@ mod tests {
                 "gameday",
                 "dashboard",
                 "capacity",
-                "snapshot"
+                "snapshot",
+                "verify"
             ]
         );
         for name in &names {
@@ -124,6 +131,7 @@ mod tests {
             match name.as_str() {
                 "capacity" => line.extend(["--expected-peak-streams", "50000"]),
                 "canary" => line.extend(["--candidate-url", "http://127.0.0.1:2"]),
+                "verify" => line.extend(["--stream", "room:1"]),
                 _ => {}
             }
             let r = Cli::try_parse_from(&line);
