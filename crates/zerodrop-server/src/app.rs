@@ -596,17 +596,13 @@ impl App {
         let now = zerodrop_core::now_ms();
         let jobs = match self.store.job_stats(now).await {
             Ok(s) => {
-                let by_class = |m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>| {
-                    m.iter()
-                        .map(|(c, n)| (c.as_str().to_string(), serde_json::json!(n)))
-                        .collect::<serde_json::Map<_, _>>()
-                };
+                use crate::guard::routes::by_class;
                 serde_json::json!({
                     "enabled": true,
                     "backlog": by_class(&s.queued_by_class),
                     "running": by_class(&s.running_by_class),
-                    "oldest_queued_age_ms": s.oldest_queued_at_ms.map(|t| now.saturating_sub(t)).unwrap_or(0),
-                    "dead_letters": s.by_status.get(&zerodrop_store::JobStatus::Dead).copied().unwrap_or(0),
+                    "oldest_queued_age_ms": s.oldest_queued_age_ms(now),
+                    "dead_letters": s.count(zerodrop_store::JobStatus::Dead),
                 })
             }
             Err(_) => serde_json::json!({"enabled": true, "store_unavailable": true}),

@@ -836,8 +836,6 @@ async fn drain_complete(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiR
     Ok(drain_json(&app))
 }
 
-/// The reliability snapshot (SPEC §7). Sections whose feature is not enabled on this build
-/// are present and empty.
 /// What this deployment's topology is, as far as the instance knows: one instance on its own
 /// store, or instances sharing one Redis. zerodrop has no notion of regions: every instance
 /// sharing the store is one region.
@@ -852,6 +850,8 @@ fn region_topology(app: &App) -> Value {
     })
 }
 
+/// The reliability snapshot (SPEC §7), every section from live state; a section whose
+/// feature is not configured is present, empty, and says `"enabled": false`.
 async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     app.auth.require_admin(&headers)?;
     let c = &app.cfg;
@@ -885,10 +885,7 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<
             Some(l) => json!({"enabled": true, "summary": l.summary(15), "alerts": l.alerts(20)}),
         },
         "circuits": crate::guard::routes::circuits_view(&app, 20),
-        "bulkheads": {
-            "enabled": !app.guard.upstreams.is_empty(),
-            "inFlightByProvider": app.guard.in_flight_by_provider(),
-        },
+        "bulkheads": crate::guard::routes::bulkheads_view(&app),
         "idempotency": {
             "enabled": true,
             "webhookSources": app.guard.cfg.webhooks.keys().collect::<Vec<_>>(),

@@ -221,6 +221,19 @@ pub struct JobStats {
     pub oldest_queued_at_ms: Option<u64>,
 }
 
+impl JobStats {
+    /// Jobs in `status` (0 when a store left it out).
+    pub fn count(&self, status: JobStatus) -> u64 {
+        self.by_status.get(&status).copied().unwrap_or(0)
+    }
+
+    /// How long the oldest due queued job has waited at `now_ms`; 0 when none waits.
+    pub fn oldest_queued_age_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_queued_at_ms
+            .map_or(0, |t| now_ms.saturating_sub(t))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdemBegin {
     /// The caller owns the record now and must `idem_finish` it.

@@ -20,14 +20,14 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use zerodrop_guard::bulkhead::BulkheadSettings;
 use zerodrop_guard::circuit::CircuitSettings;
 use zerodrop_guard::retry::RetryPolicy;
 use zerodrop_store::{QosClass, QueuedCaps, RunningCaps};
 
 /// What a client `publish` frame on an upstream-bound stream does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BoundMode {
     /// Appended to the stream (answered with its seq) and delivered to the upstream.
@@ -39,7 +39,7 @@ pub enum BoundMode {
 
 /// One named upstream: an HTTP base URL (and an optional secondary for failover), its circuit
 /// breakers (one per target), bulkhead, delivery and cache settings.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Base URL, e.g. `http://127.0.0.1:9000`. Required.
@@ -87,7 +87,7 @@ impl Default for UpstreamConfig {
 }
 
 /// A webhook source: where the provider's message id is, and what an accepted webhook does.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Append the body to this stream. Default: none.
@@ -141,6 +141,12 @@ pub enum IdSource {
 /// A QoS class as a setting (`realtime`, `interactive`, `batch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QosClassSetting(pub QosClass);
+
+impl Serialize for QosClassSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
 
 impl<'de> Deserialize<'de> for QosClassSetting {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -307,10 +313,9 @@ fn check_url(url: &str) -> anyhow::Result<()> {
 
 /// The keys an environment variable may set, as `table.key` paths (longest first, so that
 /// `CIRCUIT_SLOW_CALL_MS` is not read as a name ending in `_CIRCUIT_SLOW`).
-fn env_keys<T: serde::Serialize + Default>() -> Vec<Vec<String>> {
+fn env_keys<T: serde::Serialize>(table: &T) -> Vec<Vec<String>> {
     let mut keys = Vec::new();
-    let value =
-        toml::Value::try_from(T::default()).unwrap_or(toml::Value::Table(Default::default()));
+    let value = toml::Value::try_from(table).unwrap_or(toml::Value::Table(Default::default()));
     collect(&value, &mut Vec::new(), &mut keys);
     keys.sort_by_key(|k| std::cmp::Reverse(k.join("_").len()));
     keys
@@ -404,9 +409,9 @@ pub fn named_tables(
     BTreeMap<String, WebhookConfig>,
 )> {
     let mut ups = file_upstreams.unwrap_or_default();
-    merge_env("UPSTREAM", &env_keys::<UpstreamShape>(), vars, &mut ups)?;
+    merge_env("UPSTREAM", &upstream_keys(), vars, &mut ups)?;
     let mut hooks = file_webhooks.unwrap_or_default();
-    merge_env("WEBHOOK", &env_keys::<WebhookShape>(), vars, &mut hooks)?;
+    merge_env("WEBHOOK", &webhook_keys(), vars, &mut hooks)?;
     let upstreams = ups
         .into_iter()
         .map(|(name, v)| {
@@ -428,33 +433,38 @@ pub fn named_tables(
     Ok((upstreams, webhooks))
 }
 
-/// The key names of an upstream table, for reading the environment (every optional key
-/// present, so that it is listed).
-#[derive(serde::Serialize, Default)]
-struct UpstreamShape {
-    primary: String,
-    secondary: String,
-    timeout_ms: u64,
-    deliver_path: String,
-    streams: String,
-    mode: String,
-    class: String,
-    circuit: CircuitSettings,
-    bulkhead: BulkheadSettings,
-    cache_namespace: String,
-    cache_version: u64,
-    cache_ttl_sec: u64,
+/// The keys of an upstream table, for reading the environment: the table itself with every
+/// optional key present (an exhaustive literal, so a new field cannot be forgotten here).
+fn upstream_keys() -> Vec<Vec<String>> {
+    let d = UpstreamConfig::default();
+    env_keys(&UpstreamConfig {
+        primary: d.primary,
+        secondary: Some(String::new()),
+        timeout_ms: d.timeout_ms,
+        deliver_path: d.deliver_path,
+        streams: d.streams,
+        mode: d.mode,
+        class: d.class,
+        circuit: d.circuit,
+        bulkhead: d.bulkhead,
+        cache_namespace: Some(String::new()),
+        cache_version: d.cache_version,
+        cache_ttl_sec: d.cache_ttl_sec,
+    })
 }
 
-#[derive(serde::Serialize, Default)]
-struct WebhookShape {
-    stream: String,
-    upstream: String,
-    id_header: String,
-    id_pointer: String,
-    scope: String,
-    ttl_sec: u64,
-    class: String,
+/// The keys of a webhook table, the same way.
+fn webhook_keys() -> Vec<Vec<String>> {
+    let d = WebhookConfig::default();
+    env_keys(&WebhookConfig {
+        stream: Some(String::new()),
+        upstream: Some(String::new()),
+        id_header: Some(String::new()),
+        id_pointer: Some(String::new()),
+        scope: Some(String::new()),
+        ttl_sec: d.ttl_sec,
+        class: d.class,
+    })
 }
 
 #[cfg(test)]

@@ -348,11 +348,19 @@ async fn bulkheads(
             format!("no upstream named `{p}` is configured"),
         ));
     }
-    Ok(Json(json!({
+    let mut v = bulkheads_view(&app);
+    v["bulkheads"] = app
+        .guard
+        .bulkheads(q.provider.as_deref(), q.limit.unwrap_or(100));
+    Ok(Json(v))
+}
+
+/// What the snapshot shows of the bulkheads (and `/admin/bulkheads` before its list).
+pub fn bulkheads_view(app: &App) -> Value {
+    json!({
         "enabled": !app.guard.upstreams.is_empty(),
         "inFlightByProvider": app.guard.in_flight_by_provider(),
-        "bulkheads": app.guard.bulkheads(q.provider.as_deref(), q.limit.unwrap_or(100)),
-    })))
+    })
 }
 
 async fn idempotency(
@@ -402,6 +410,15 @@ async fn cache_clear(
     Ok(Json(json!({"namespace": ns, "cleared": cleared})))
 }
 
+/// Per-class counts as a JSON object keyed by class name.
+pub fn by_class(m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>) -> Value {
+    let o: serde_json::Map<String, Value> = m
+        .iter()
+        .map(|(c, n)| (c.as_str().to_string(), json!(n)))
+        .collect();
+    Value::Object(o)
+}
+
 /// The queue's counts, its alerts and the latest dead letters (snapshot and `/admin/jobs`).
 pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
     let enabled = !app.guard.upstreams.is_empty();
@@ -411,10 +428,7 @@ pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
         .store
         .job_list(Some(JobStatus::Dead), dead_limit)
         .await?;
-    let age = stats
-        .oldest_queued_at_ms
-        .map(|t| now.saturating_sub(t))
-        .unwrap_or(0);
+    let age = stats.oldest_queued_age_ms(now);
     let threshold = app.guard.cfg.jobs.oldest_alert_sec.saturating_mul(1000);
     let mut alerts = Vec::new();
     if age > threshold {
@@ -425,7 +439,7 @@ pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
             "message": format!("the oldest due job has waited {} s (threshold {} s): upstreams are slow, failing, or the running caps are too low", age / 1000, threshold / 1000),
         }));
     }
-    let n_dead = stats.by_status.get(&JobStatus::Dead).copied().unwrap_or(0);
+    let n_dead = stats.count(JobStatus::Dead);
     if n_dead > 0 {
         alerts.push(json!({
             "alert": "dead_letters",
@@ -438,13 +452,6 @@ pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
         .iter()
         .map(|(s, n)| (s.as_str().to_string(), json!(n)))
         .collect();
-    let by_class = |m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>| {
-        let o: serde_json::Map<String, Value> = m
-            .iter()
-            .map(|(c, n)| (c.as_str().to_string(), json!(n)))
-            .collect();
-        Value::Object(o)
-    };
     Ok(json!({
         "enabled": enabled,
         "byStatus": by_status,

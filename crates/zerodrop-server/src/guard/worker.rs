@@ -341,13 +341,13 @@ pub async fn upkeep(app: &App) {
             *n as f64,
         );
     }
-    let age = stats
-        .oldest_queued_at_ms
-        .map(|t| now.saturating_sub(t) as f64 / 1000.0)
-        .unwrap_or(0.0);
+    let age = stats.oldest_queued_age_ms(now) as f64 / 1000.0;
     m.set("zerodrop_jobs_oldest_queued_age_seconds", &[], age);
-    let dead = stats.by_status.get(&JobStatus::Dead).copied().unwrap_or(0);
-    m.set("zerodrop_jobs_dead_letters", &[], dead as f64);
+    m.set(
+        "zerodrop_jobs_dead_letters",
+        &[],
+        stats.count(JobStatus::Dead) as f64,
+    );
     let keep = app.guard.cfg.jobs.done_keep_sec.saturating_mul(1000);
     if let Err(e) = app.store.job_purge_done(now.saturating_sub(keep)).await {
         tracing::debug!(error = %e, "purging delivered jobs failed");
