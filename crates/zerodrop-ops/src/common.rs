@@ -25,15 +25,17 @@ pub struct TargetArgs {
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct CredArgs {
+    // Generated secrets are URL-safe base64 and may start with `-`: such a value is the
+    // flag's value, not another flag.
     /// API key for publishing and reading (backends' credential) [env: ZERODROP_API_KEY]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub api_key: Option<String>,
     /// JWT secret used to mint connect tokens for the synthetic clients
     /// [env: ZERODROP_JWT_SECRET]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub jwt_secret: Option<String>,
     /// Admin token for /admin/* (drain, snapshot) [env: ZERODROP_ADMIN_TOKEN]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub admin_token: Option<String>,
     /// Data directory whose secrets.json supplies any credential not given otherwise
     /// [env: ZERODROP_DATA_DIR; default: ./zerodrop-data when it has one]
@@ -262,6 +264,28 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
         assert_eq!(r.rlim_cur as u64, hard);
+    }
+
+    #[test]
+    fn a_secret_that_starts_with_a_hyphen_is_a_value() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            creds: CredArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "zerodrop",
+            "--api-key",
+            "-jX4k",
+            "--jwt-secret",
+            "--s3",
+            "--admin-token",
+            "-a",
+        ])
+        .unwrap();
+        assert_eq!(cli.creds.api_key.as_deref(), Some("-jX4k"));
+        assert_eq!(cli.creds.jwt_secret.as_deref(), Some("--s3"));
+        assert_eq!(cli.creds.admin_token.as_deref(), Some("-a"));
     }
 
     #[test]
