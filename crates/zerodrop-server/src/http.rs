@@ -363,8 +363,9 @@ async fn stream_info(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_api_key(&headers)?;
     let stream = stream_id(path)?;
+    // Like a read: the api key, or a connect token that grants the stream (the SDKs' check).
+    authorize_read(&app, &headers, None, &stream)?;
     let (info, hash) = app.store.digest(&stream).await?;
     Ok(Json(json!({
         "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,

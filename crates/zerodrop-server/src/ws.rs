@@ -38,7 +38,10 @@ use crate::live::{Delivery, Fault, Signal, Subscription};
 use crate::metrics::Transport;
 
 /// Subprotocols this server speaks, newest first (the current one and the previous one).
-pub const PROTOCOLS: &[&str] = &["zerodrop.v1"];
+pub const PROTOCOLS: &[&str] = &["zerodrop.v2", "zerodrop.v1"];
+
+/// The previous version: every frame keeps its v1 shape (no batched `acks`).
+const V1: &str = "zerodrop.v1";
 /// Most event frames written per wake; the rest follows on the next turn of the loop, after
 /// client frames had their chance.
 const MAX_EVENTS_PER_WRITE: usize = 512;
@@ -217,6 +220,9 @@ struct ClientFrame<'a> {
     seq: Option<u64>,
     resume_token: Option<String>,
     last_ack: Option<BTreeMap<String, u64>>,
+    /// `zerodrop.v2`'s batched checkpoint: `{"type":"ack","acks":{stream: seq, …}}`. Values
+    /// stay raw so one bad entry is answered on its own stream.
+    acks: Option<BTreeMap<String, Value>>,
     #[serde(default, borrow, deserialize_with = "present")]
     t: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
@@ -761,17 +767,27 @@ impl Conn {
     fn is_exempt(&self, f: &ClientFrame<'_>) -> bool {
         match f.ty.as_deref() {
             Some("pong") => true,
-            Some("ack") => {
-                let (Some(stream), Some(seq)) = (f.stream.as_deref(), f.seq) else {
-                    return false;
-                };
-                self.subs
-                    .iter()
-                    .find(|s| s.stream.as_str() == stream)
-                    .is_some_and(|s| Seq(seq) <= s.cursor() && self.acks.contains_key(&s.stream))
-            }
+            Some("ack") => match (&f.acks, f.stream.as_deref(), f.seq) {
+                (None, Some(stream), Some(seq)) => self.may_apply(stream, seq),
+                (Some(acks), None, None) if self.protocol != V1 => {
+                    acks.len() <= self.subs.len()
+                        && acks
+                            .iter()
+                            .all(|(s, v)| v.as_u64().is_some_and(|seq| self.may_apply(s, seq)))
+                }
+                _ => false,
+            },
             _ => false,
         }
+    }
+
+    /// An ack the connection can apply from what it delivered: a subscribed stream, a seq at
+    /// most its cursor.
+    fn may_apply(&self, stream: &str, seq: u64) -> bool {
+        self.subs
+            .iter()
+            .find(|s| s.stream.as_str() == stream)
+            .is_some_and(|s| Seq(seq) <= s.cursor() && self.acks.contains_key(&s.stream))
     }
 
     async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
@@ -938,10 +954,52 @@ impl Conn {
     }
 
     async fn on_ack(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
-        let Some(stream) = self.frame_stream(f.stream).await? else {
+        let Some(acks) = f.acks else {
+            return self.apply_ack(f.stream, f.seq).await;
+        };
+        if self.protocol == V1 {
+            return self
+                .send_error(ApiError::invalid(
+                    "a batched ack (acks) needs the zerodrop.v2 subprotocol; on zerodrop.v1 send one {stream, seq} ack per stream",
+                ))
+                .await;
+        }
+        if f.stream.is_some() || f.seq.is_some() {
+            return self
+                .send_error(ApiError::invalid(
+                    "an ack carries either acks {stream: seq} or one stream and seq, not both",
+                ))
+                .await;
+        }
+        let most = self.app.cfg.max_streams_per_session;
+        if acks.len() > most {
+            return self
+                .send_error(ApiError::invalid(format!(
+                    "a batched ack carries at most {most} streams (a session holds no more)"
+                )))
+                .await;
+        }
+        // Each entry under the single ack's rules; a bad one is answered on its own stream
+        // and the others still apply.
+        for (stream, seq) in acks {
+            match seq.as_u64() {
+                Some(seq) => self.apply_ack(Some(stream), Some(seq)).await?,
+                None => {
+                    let e = ApiError::invalid("an ack's seq is a non-negative integer")
+                        .with("stream", stream.chars().take(160).collect::<String>());
+                    self.send_error(e).await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One checkpoint (a v1 `ack` or one entry of a v2 batched ack).
+    async fn apply_ack(&mut self, stream: Option<String>, seq: Option<u64>) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(stream).await? else {
             return Ok(());
         };
-        let Some(seq) = f.seq.map(Seq) else {
+        let Some(seq) = seq.map(Seq) else {
             return self
                 .send_error(ApiError::invalid("ack needs a seq").with("stream", stream.as_str()))
                 .await;

@@ -114,3 +114,23 @@ async fn the_served_hash_is_the_chain_over_the_served_events_before_and_after_a_
     let last: Data = serde_json::from_str(page.events[0].get()).unwrap();
     assert_eq!(last.data.get(), data[data.len() - 1]);
 }
+
+/// The SDKs' consistency check reads the digest with the connect token they subscribe with:
+/// `GET /v1/streams/{s}` takes the api key or a connect token that grants the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_token_that_grants_the_stream_reads_its_digest() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    api.publish("chat:a", serde_json::json!(1)).await;
+    let with_key = api.info("chat:a").await;
+    let tok = s.token("u1", &["chat:*"]);
+    let r = api.get("/v1/streams/chat:a", Some(&tok)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json, with_key);
+    let r = api.get("/v1/streams/room:1", Some(&tok)).await;
+    assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
+    let r = api.get("/v1/streams/chat:a", None).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    let r = api.get("/v1/streams/chat:a", Some("not-a-token")).await;
+    assert_eq!(r.status, 401);
+}

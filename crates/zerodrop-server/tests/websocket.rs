@@ -244,6 +244,122 @@ async fn acks_follow_the_checkpoint_rule() {
     );
 }
 
+/// `zerodrop.v2`'s batched ack: every entry under the single ack's rules, a bad entry answered
+/// on its own stream while the others apply; on `zerodrop.v1` the form stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acks_on_v2_apply_each_entry_under_the_checkpoint_rule() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let tok = s.token("u1", &["room:*"]);
+    let mut c = WsClient::connect_with(
+        &format!("{}/v1/ws?token={tok}", s.ws_url()),
+        &["zerodrop.v2", "zerodrop.v1"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.protocol.as_deref(), Some("zerodrop.v2"));
+    let welcome = c.expect("welcome").await;
+    assert_eq!(welcome["protocol"], "zerodrop.v2");
+    let sid = welcome["sessionId"].as_str().unwrap().to_string();
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    for st in ["room:1", "room:2"] {
+        c.send(json!({"type":"subscribe","stream":st,"after":0}))
+            .await;
+        c.expect("subscribed").await;
+    }
+    for i in 1..=3 {
+        api.publish("room:1", json!(i)).await;
+        api.publish("room:2", json!(i)).await;
+    }
+    assert_eq!(c.events(6).await.len(), 6);
+    c.send(json!({"type":"ack","acks":{"room:1":3,"room:2":2}}))
+        .await;
+    // Bad entries: beyond the head, a stream not subscribed, an invalid id, a seq that is
+    // not a number; the good entry among them still applies.
+    c.send(json!({"type":"ack","acks":{
+        "room:2": 9, "room:7": 1, "bad stream!": 1, "room:1": "x"
+    }}))
+    .await;
+    let mut errors = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let e = c.expect("error").await;
+        errors.insert(
+            e["stream"].as_str().unwrap().to_string(),
+            e["code"].as_str().unwrap().to_string(),
+        );
+        if e["code"] == "ACK_BEYOND_HEAD" {
+            assert_eq!(e["headSeq"], 3, "{e}");
+        }
+    }
+    let want: std::collections::BTreeMap<String, String> = [
+        ("bad stream!", "INVALID_STREAM_ID"),
+        ("room:1", "INVALID_REQUEST"),
+        ("room:2", "ACK_BEYOND_HEAD"),
+        ("room:7", "INVALID_REQUEST"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(errors, want);
+    // Both forms at once, or a batch larger than a session can hold, are refused whole.
+    c.send(json!({"type":"ack","stream":"room:1","seq":1,"acks":{"room:1":1}}))
+        .await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e.get("stream")),
+        (Some("INVALID_REQUEST"), None)
+    );
+    let many: serde_json::Map<String, Value> =
+        (0..200).map(|i| (format!("room:{i}"), json!(1))).collect();
+    c.send(json!({"type":"ack","acks":many})).await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e.get("stream")),
+        (Some("INVALID_REQUEST"), None)
+    );
+    // A stale entry is ignored, never a regression, and a later good batch applies.
+    c.send(json!({"type":"ack","acks":{"room:1":1,"room:2":3}}))
+        .await;
+    c.send(json!({"type":"ping","t":"fence"})).await;
+    assert_eq!(c.expect("pong").await["t"], "fence");
+    c.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        checkpoint(&api, &sid, &token, 2).await,
+        json!({"ackUpdate":"ignored","lastAckSequence":3})
+    );
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/checkpoint"),
+            Some(&token),
+            json!({"stream":"room:2","seq":2}),
+        )
+        .await
+        .json;
+    assert_eq!(r, json!({"ackUpdate":"ignored","lastAckSequence":3}));
+
+    // The same frame on a v1 socket is INVALID_REQUEST, and applies nothing.
+    let mut v1 = WsClient::connect_with(
+        &format!("{}/v1/ws?token={tok}", s.ws_url()),
+        &["zerodrop.v1"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(v1.expect("welcome").await["protocol"], "zerodrop.v1");
+    v1.send(json!({"type":"subscribe","stream":"room:1","after":0}))
+        .await;
+    v1.expect("subscribed").await;
+    v1.events(3).await;
+    v1.send(json!({"type":"ack","acks":{"room:1":3}})).await;
+    let e = v1.expect("error").await;
+    assert_eq!(e["code"], "INVALID_REQUEST");
+    assert!(
+        e["message"].as_str().unwrap().contains("zerodrop.v2"),
+        "{e}"
+    );
+    v1.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_typed_errors_and_the_socket_stays_open() {
     let s = TestServer::with(|c| {
@@ -381,7 +497,7 @@ async fn handshake_and_session_level_errors() {
     let mut c = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &[])
         .await
         .unwrap();
-    assert_eq!(c.expect("welcome").await["protocol"], "zerodrop.v1");
+    assert_eq!(c.expect("welcome").await["protocol"], "zerodrop.v2");
     let c2 = WsClient::connect_with(
         &format!("{base}/v1/ws?token={tok}"),
         &["zerodrop.v0", "zerodrop.v1"],
@@ -389,6 +505,16 @@ async fn handshake_and_session_level_errors() {
     .await
     .unwrap();
     assert_eq!(c2.protocol.as_deref(), Some("zerodrop.v1"));
+    // Both offered: the server picks the current one, whatever the client's order.
+    let mut c3 = WsClient::connect_with(
+        &format!("{base}/v1/ws?token={tok}"),
+        &["zerodrop.v1", "zerodrop.v2"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c3.protocol.as_deref(), Some("zerodrop.v2"));
+    assert_eq!(c3.expect("welcome").await["protocol"], "zerodrop.v2");
+    c3.close().await;
     let r = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &["zerodrop.v9"])
         .await
         .err()
