@@ -88,6 +88,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("redis-benchmark", "redis-server"),
     ("nginx", "nginx"),
     ("systemd-analyze", "systemd"),
+    ("node", "nodejs"),
+    ("tsc", "node-typescript"),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
