@@ -1,0 +1,462 @@
+//! The browser SDK (`clients/js`) compiled by `tsc` and run where it is meant to run: its
+//! vector tests under Node, and a page in real headless Chromium that receives every event
+//! exactly once, in order, across a `kill -9` of the server (WebSocket and SSE) and across a
+//! drain to a second instance. `tsc`, `node` and `chromium` are required; a missing one fails
+//! with how to install it.
+//!
+//! Every wait is bounded (at most 90 s per test); every process is killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::free_port;
+use zerodrop_testkit::server::ServerProcess;
+
+const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tool(name: &str, install: &str) -> PathBuf {
+    let p = Path::new("/usr/bin").join(name);
+    if p.exists() {
+        return p;
+    }
+    // Anywhere on PATH.
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{name}` is required by the browser SDK tests and was not found; install it with `{install}`")
+    })
+}
+
+/// Runs a command to completion within `limit`, returning its output.
+fn run(mut cmd: Command, what: &str, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let until = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tsc -p clients/js --outDir <temp>`: the module the page loads.
+fn compile() -> tempfile::TempDir {
+    let tsc = tool("tsc", "apt-get install -y node-typescript");
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(tsc);
+    cmd.arg("-p")
+        .arg(repo().join("clients/js"))
+        .arg("--outDir")
+        .arg(out.path());
+    let o = run(cmd, "tsc", Duration::from_secs(120));
+    assert!(
+        o.status.success(),
+        "tsc failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.path().join("zerodrop.js").exists(),
+        "tsc wrote no zerodrop.js"
+    );
+    out
+}
+
+/// What the page reported, in the order it reported it.
+type Records = Arc<Mutex<Vec<Value>>>;
+
+#[derive(Clone)]
+struct PageState {
+    dist: PathBuf,
+    records: Records,
+}
+
+async fn serve_file(
+    State(s): State<PageState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> axum::response::Response {
+    let path = if name == "index.html" {
+        repo().join("clients/js/test/browser.html")
+    } else if name.ends_with(".js") && !name.contains('/') && !name.contains("..") {
+        s.dist.join(&name)
+    } else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let ty = if name.ends_with(".js") {
+        "text/javascript"
+    } else {
+        "text/html; charset=utf-8"
+    };
+    match std::fs::read(&path) {
+        Ok(b) => ([(header::CONTENT_TYPE, ty)], b).into_response(),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn report(State(s): State<PageState>, body: String) -> StatusCode {
+    match serde_json::from_str::<Vec<Value>>(&body) {
+        Ok(batch) => {
+            s.records.lock().unwrap().extend(batch);
+            StatusCode::NO_CONTENT
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The page's own origin: the test page, the compiled module and `/report`.
+async fn page_server(dist: &Path) -> (SocketAddr, Records) {
+    let records: Records = Arc::default();
+    let state = PageState {
+        dist: dist.to_path_buf(),
+        records: records.clone(),
+    };
+    let app = axum::Router::new()
+        .route("/report", axum::routing::post(report))
+        .route("/{name}", axum::routing::get(serve_file))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, records)
+}
+
+/// Headless Chromium on one page, in its own profile; killed when dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let chromium = [
+            std::env::var("ZERODROP_CHROMIUM").unwrap_or_default(),
+            "/usr/bin/chromium".into(),
+            "/usr/bin/chromium-browser".into(),
+        ]
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "headless Chromium is required by the browser SDK tests and was not found \
+                 (looked at $ZERODROP_CHROMIUM, /usr/bin/chromium); install it with \
+                 `apt-get install -y chromium`"
+            )
+        });
+        let profile = tempfile::tempdir().expect("profile dir");
+        let child = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium");
+        Browser {
+            child,
+            _profile: profile,
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn page_url(page: SocketAddr, urls: &[String], token: &str, stream: &str, extra: &str) -> String {
+    format!(
+        "http://{page}/index.html?urls={}&token={token}&stream={stream}&after=0{extra}",
+        urls.join(",")
+    )
+}
+
+fn snapshot(records: &Records) -> Vec<Value> {
+    records.lock().unwrap().clone()
+}
+
+fn errors(recs: &[Value]) -> Vec<&Value> {
+    recs.iter().filter(|r| r["kind"] == "error").collect()
+}
+
+/// The seqs of `stream` the page was given, in delivery order.
+fn delivered(recs: &[Value], stream: &str) -> Vec<u64> {
+    let mut ev: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["kind"] == "event" && r["stream"] == stream)
+        .collect();
+    ev.sort_by_key(|r| r["i"].as_u64());
+    ev.iter().filter_map(|r| r["seq"].as_u64()).collect()
+}
+
+fn summary(recs: &[Value], stream: &str) -> String {
+    let seqs = delivered(recs, stream);
+    format!(
+        "page delivered {} events on {stream}: {:?}; errors: {:?}; last records: {:?}",
+        seqs.len(),
+        seqs,
+        errors(recs),
+        &recs[recs.len().saturating_sub(5)..]
+    )
+}
+
+/// Waits until the page holds at least `n` events of `stream` (or reported an error).
+async fn wait_for(records: &Records, stream: &str, n: usize, limit: Duration) {
+    let until = Instant::now() + limit;
+    loop {
+        let recs = snapshot(records);
+        assert!(
+            errors(&recs).is_empty(),
+            "the page reported an error: {}",
+            summary(&recs, stream)
+        );
+        if delivered(&recs, stream).len() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out waiting for {n} events: {}",
+            summary(&recs, stream)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_ready(records: &Records, limit: Duration) -> Value {
+    let until = Instant::now() + limit;
+    loop {
+        let recs = snapshot(records);
+        if let Some(r) = recs.iter().find(|r| r["kind"] == "ready") {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "the page did not load the SDK in time: {recs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every seq 1..=n exactly once and in order, the data matching, no error.
+fn assert_exactly_once(records: &Records, stream: &str, n: u64) {
+    let recs = snapshot(records);
+    let seqs = delivered(&recs, stream);
+    let want: Vec<u64> = (1..=n).collect();
+    assert_eq!(seqs, want, "{}", summary(&recs, stream));
+    for r in recs
+        .iter()
+        .filter(|r| r["kind"] == "event" && r["stream"] == stream)
+    {
+        assert_eq!(r["data"]["n"], r["seq"], "data of the wrong event: {r}");
+    }
+    assert!(errors(&recs).is_empty(), "{}", summary(&recs, stream));
+}
+
+fn spawn_sqlite(dir: &Path, port: u16) -> ServerProcess {
+    ServerProcess::spawn(
+        Path::new(BIN),
+        dir,
+        &format!("127.0.0.1:{port}"),
+        &["--store", "sqlite"],
+        &[],
+    )
+    .expect("zerodrop serve starts")
+}
+
+async fn publish_range(api: &zerodrop_testkit::http::Api, stream: &str, from: u64, to: u64) {
+    for n in from..=to {
+        let r = api.publish(stream, json!({ "n": n })).await;
+        assert_eq!(r["seq"], n, "publish {n}: {r}");
+    }
+}
+
+/// The page survives a `kill -9` of its server and a restart on the same port and data.
+async fn kill9_scenario(transport: &str) {
+    let dist = compile();
+    let (page, records) = page_server(dist.path()).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let port = free_port();
+    let mut server = spawn_sqlite(data.path(), port);
+    let api = server.api();
+    let stream = format!("br{transport}:1");
+    let token = server
+        .creds
+        .token("page", &[&format!("br{transport}:*")], &[]);
+    let _browser = Browser::open(&page_url(
+        page,
+        std::slice::from_ref(&server.url),
+        &token,
+        &stream,
+        &format!("&transport={transport}"),
+    ));
+    let ready = wait_ready(&records, LIMIT).await;
+    assert_eq!(ready["transport"], transport, "{ready}");
+
+    publish_range(&api, &stream, 1, 30).await;
+    wait_for(&records, &stream, 5, LIMIT).await;
+    // Mid-stream: the page may not have all 30 yet.
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = spawn_sqlite(data.path(), port);
+    let api = server.api();
+    publish_range(&api, &stream, 31, 60).await;
+    wait_for(&records, &stream, 60, LIMIT).await;
+    // Nothing more arrives (no duplicates after the fact).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_exactly_once(&records, &stream, 60);
+    // Every event was handled: the position reached the head.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = snapshot(&records);
+        let pos = recs
+            .iter()
+            .rev()
+            .find(|r| r["kind"] == "position")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if pos["seq"] == 60 {
+            if transport == "ws" {
+                assert!(
+                    pos["protocol"] == "zerodrop.v2",
+                    "the browser negotiates zerodrop.v2: {pos}"
+                );
+            }
+            break;
+        }
+        assert!(Instant::now() < until, "position never reached 60: {pos}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn the_compiled_sdk_passes_its_vector_tests_under_node() {
+    let dist = compile();
+    let node = tool("node", "apt-get install -y nodejs");
+    let tests: Vec<PathBuf> = std::fs::read_dir(repo().join("clients/js/test"))
+        .expect("clients/js/test")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".test.mjs"))
+        .collect();
+    assert!(!tests.is_empty(), "no clients/js/test/*.test.mjs");
+    let mut cmd = Command::new(node);
+    cmd.arg("--test")
+        .args(&tests)
+        .env("ZERODROP_JS_DIST", dist.path());
+    let o = run(cmd, "node --test", LIMIT);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "node --test failed:\n{out}");
+    assert!(out.contains("# fail 0"), "{out}");
+    assert!(!out.contains("# pass 0"), "no test ran:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_over_websocket_gets_every_event_once_across_a_kill9() {
+    kill9_scenario("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_over_sse_gets_every_event_once_across_a_kill9() {
+    kill9_scenario("sse").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_follows_a_drain_to_the_second_instance_without_a_gap_or_a_repeat() {
+    let dist = compile();
+    let (page, records) = page_server(dist.path()).await;
+    let c = Cluster::start(Path::new(BIN), 2, &[]).expect("cluster starts");
+    let apis = [c.api(0), c.api(1)];
+    let stream = "brdrain:1";
+    let token = c.token("page", &["brdrain:*"]);
+    // The page starts on the first url: the one drained below.
+    let _browser = Browser::open(&page_url(page, &c.urls(), &token, stream, "&transport=ws"));
+    wait_ready(&records, LIMIT).await;
+    publish_range(&apis[1], stream, 1, 20).await;
+    wait_for(&records, stream, 20, LIMIT).await;
+
+    let r = apis[0]
+        .post(
+            "/admin/drain/start",
+            Some(&c.creds.admin_token),
+            json!({"reason": "rolling_deployment", "max_session_age_seconds": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Publishing goes on while the page moves.
+    let mut n = 20;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        n += 1;
+        let r = apis[1].publish(stream, json!({ "n": n })).await;
+        assert_eq!(r["seq"], n);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = apis[0]
+            .get("/admin/drain/status", Some(&c.creds.admin_token))
+            .await;
+        if n >= 40 && st.json["sessionsRemaining"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the drained instance still holds the page: {}",
+            st.text
+        );
+    }
+    publish_range(&apis[1], stream, n + 1, n + 10).await;
+    let total = n + 10;
+    wait_for(&records, stream, total as usize, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_exactly_once(&records, stream, total);
+    let st = apis[0]
+        .get("/admin/drain/status", Some(&c.creds.admin_token))
+        .await;
+    assert_eq!(st.json["sessionsRemaining"], 0, "{}", st.text);
+}
