@@ -340,7 +340,9 @@ async fn kill9_scenario(transport: &str) {
     wait_for(&records, &stream, 5, LIMIT).await;
     // Mid-stream: the page may not have all 30 yet.
     server.kill9();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Down long enough for the page's backoff to grow, so that some of what follows is
+    // published before it is back and arrives by the resume's replay.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let server = spawn_sqlite(data.path(), port);
     let api = server.api();
     publish_range(&api, &stream, 31, 60).await;

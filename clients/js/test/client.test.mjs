@@ -1,0 +1,268 @@
+// The client's delivery rules against a scripted WebSocket and fetch: ordering, dedupe, gap
+// repair, batched acks per subprotocol, resume, drain, typed errors, key buffering, verify.
+// ZERODROP_JS_DIST names the directory tsc wrote zerodrop.js to (default: ../dist).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import path from "node:path";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const dist = process.env.ZERODROP_JS_DIST
+  ? path.resolve(process.env.ZERODROP_JS_DIST)
+  : path.join(here, "..", "dist");
+const zd = await import(pathToFileURL(path.join(dist, "zerodrop.js")).href);
+const e2e = JSON.parse(readFileSync(path.join(here, "..", "..", "..", "docs", "vectors", "e2e-aes256gcm.json"), "utf8"));
+const bytes = (h) => Uint8Array.from(h.match(/../g).map((x) => parseInt(x, 16)));
+
+const E = "00000000000000aa";
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(what, f, ms = 3000) {
+  const end = Date.now() + ms;
+  while (!f()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
+
+class FakeWebSocket {
+  static OPEN = 1;
+  static all = [];
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    this.protocol = "";
+    this.sent = [];
+    FakeWebSocket.all.push(this);
+  }
+  send(d) {
+    this.sent.push(JSON.parse(d));
+  }
+  close(code = 1000) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    setTimeout(() => this.onclose?.({ code }));
+  }
+  // test side
+  accept(protocol) {
+    this.readyState = 1;
+    this.protocol = protocol;
+    this.onopen?.({});
+  }
+  frame(f) {
+    this.onmessage?.({ data: JSON.stringify(f) });
+  }
+  drop(code = 1006) {
+    this.readyState = 3;
+    this.onclose?.({ code });
+  }
+}
+globalThis.WebSocket = FakeWebSocket;
+
+const fetches = [];
+let fetchAnswer = () => ({ status: 500, body: {} });
+globalThis.fetch = async (url, init) => {
+  fetches.push({ url: String(url), headers: init?.headers ?? {} });
+  const a = fetchAnswer(String(url));
+  return new Response(typeof a.body === "string" ? a.body : JSON.stringify(a.body), { status: a.status });
+};
+
+const ev = (stream, seq, data = { n: seq }, epoch = E) => ({ type: "event", stream, seq, epoch, ts: 1, data });
+const last = () => FakeWebSocket.all[FakeWebSocket.all.length - 1];
+
+function collect() {
+  const got = [];
+  return { got, opts: { onEvent: (e) => { got.push(e); e.handled(); }, onError: (e) => got.push(e) } };
+}
+
+test("in order, once, gaps read over HTTP first, one batched v2 ack", async () => {
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "tok1", { ackInterval: 30 });
+  const a = collect();
+  c.subscribe("s1", { after: 0, ...a.opts });
+  const ws = last();
+  assert.deepEqual(ws.protocols, ["zerodrop.v2", "zerodrop.v1"]);
+  assert.equal(ws.url, "ws://h1/v1/ws?token=tok1");
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
+  assert.deepEqual(ws.sent[0], { type: "subscribe", stream: "s1", after: 0 });
+  ws.frame({ type: "subscribed", stream: "s1", epoch: E, headSeq: 0, fromSeq: 1 });
+  fetchAnswer = (u) => ({
+    status: 200,
+    body: { stream: "s1", epoch: E, headSeq: 5, events: [ev("s1", 3), ev("s1", 4)].map(({ type, ...e }) => e) },
+  });
+  ws.frame(ev("s1", 1));
+  ws.frame(ev("s1", 2));
+  ws.frame(ev("s1", 1)); // a replay: dropped
+  ws.frame(ev("s1", 5)); // 3 and 4 are missing: read first
+  ws.frame(ev("s1", 5));
+  await until("5 events", () => a.got.length >= 5);
+  await sleep(80);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2, 3, 4, 5]);
+  assert.deepEqual(a.got[2].data, { n: 3 });
+  const f = fetches.find((f) => f.url.includes("/v1/streams/s1/events"));
+  assert.ok(f.url.startsWith("http://h1/v1/streams/s1/events?after=2"), f.url);
+  assert.equal(f.headers.Authorization, "Bearer tok1");
+  const acks = ws.sent.filter((f) => f.type === "ack");
+  assert.deepEqual(acks, [{ type: "ack", acks: { s1: 5 } }], JSON.stringify(ws.sent));
+  c.close();
+});
+
+test("v1 acks one frame per stream; acks carry the highest handled seq without a hole", async () => {
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "t", { ackInterval: 20 });
+  const held = [];
+  c.subscribe("a", { after: 0, onEvent: (e) => held.push(e) });
+  c.subscribe("b", { after: 0, onEvent: (e) => e.handled() });
+  const ws = last();
+  ws.accept("zerodrop.v1");
+  ws.frame({ type: "welcome", resumeToken: "r1" });
+  ws.frame({ type: "subscribed", stream: "a", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame({ type: "subscribed", stream: "b", epoch: E, headSeq: 0, fromSeq: 1 });
+  for (const s of [1, 2, 3]) ws.frame(ev("a", s));
+  ws.frame(ev("b", 1));
+  await until("3 held", () => held.length === 3);
+  held[0].handled();
+  held[2].handled(); // 2 is not handled: the ack stays at 1
+  await sleep(60);
+  const acks = ws.sent.filter((f) => f.type === "ack");
+  assert.deepEqual(
+    acks.sort((x, y) => x.stream.localeCompare(y.stream)),
+    [{ type: "ack", stream: "a", seq: 1 }, { type: "ack", stream: "b", seq: 1 }],
+  );
+  held[1].handled();
+  await sleep(60);
+  assert.deepEqual(ws.sent.filter((f) => f.type === "ack").pop(), { type: "ack", stream: "a", seq: 3 });
+  c.close();
+});
+
+test("a dropped socket resumes with the newest token and lastAck; a reconnect frame moves to the next url at once", async () => {
+  FakeWebSocket.all = [];
+  const c = zd.connect(["http://h1", "http://h2"], "t", { ackInterval: 10, baseDelay: 20, maxDelay: 50 });
+  const a = collect();
+  c.subscribe("s", { after: 0, ...a.opts });
+  let ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1" });
+  ws.frame({ type: "subscribed", stream: "s", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame(ev("s", 1));
+  ws.frame(ev("s", 2));
+  ws.frame({ type: "token", resumeToken: "r2" });
+  await until("2 events", () => a.got.length === 2);
+  ws.drop(1006);
+  await until("a second socket", () => FakeWebSocket.all.length === 2, 2000);
+  ws = last();
+  assert.equal(ws.url, "ws://h2/v1/ws", "the next url, no token in the URL");
+  ws.accept("zerodrop.v2");
+  assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r2", lastAck: { s: 2 } });
+  ws.frame({ type: "welcome", resumeToken: "r3" });
+  ws.frame({ type: "subscribed", stream: "s", epoch: E, headSeq: 3, fromSeq: 2 });
+  ws.frame(ev("s", 2));
+  ws.frame(ev("s", 3));
+  ws.frame({ type: "reconnect", reason: "draining", resumeToken: "r4", retryAfterMs: 0 });
+  await until("a third socket", () => FakeWebSocket.all.length === 3, 200);
+  ws = last();
+  assert.equal(ws.url, "ws://h1/v1/ws");
+  ws.accept("zerodrop.v2");
+  assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r4", lastAck: { s: 3 } });
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2, 3]);
+  c.close();
+});
+
+test("stream and session errors end subscriptions with typed errors; transient ones do not", async () => {
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "t", { baseDelay: 10 });
+  const a = collect();
+  const b = collect();
+  const sa = c.subscribe("a", { after: 0, ...a.opts });
+  const sb = c.subscribe("b", { after: 0, ...b.opts });
+  let ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1" });
+  ws.frame({ type: "subscribed", stream: "a", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame({ type: "subscribed", stream: "b", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame({ type: "error", code: "RATE_LIMITED", message: "slow down" });
+  ws.frame({ type: "error", code: "REPLAY_WINDOW_TRIMMED", message: "x", stream: "a", firstAvailableSeq: 7 });
+  const ea = await sa.ended;
+  assert.ok(ea instanceof zd.ZerodropError);
+  assert.equal(ea.code, "REPLAY_WINDOW_TRIMMED");
+  assert.equal(ea.firstAvailableSeq, 7);
+  assert.equal(sb.error, null, "the other stream goes on");
+  ws.frame(ev("b", 1, { n: 1 }, "00000000000000bb"));
+  const eb = await sb.ended;
+  assert.equal(eb.code, "EPOCH_CHANGED");
+  assert.equal(eb.epoch, "00000000000000bb");
+  c.close();
+
+  FakeWebSocket.all = [];
+  const c2 = zd.connect("http://h1", "t", { baseDelay: 10 });
+  const s1 = c2.subscribe("x", { after: 0 });
+  const s2 = c2.subscribe("y", { after: 0 });
+  ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1" });
+  ws.drop(1006);
+  await until("resume socket", () => FakeWebSocket.all.length === 2);
+  ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "error", code: "SESSION_NOT_FOUND", message: "gone" });
+  ws.drop(4404);
+  assert.equal((await s1.ended).code, "SESSION_NOT_FOUND");
+  assert.equal((await s2.ended).code, "SESSION_NOT_FOUND");
+  const it = s1[Symbol.asyncIterator]();
+  await assert.rejects(it.next(), (e) => e.code === "SESSION_NOT_FOUND");
+});
+
+test("an event under a missing key waits with those after it, unacked, until the key arrives", async () => {
+  FakeWebSocket.all = [];
+  const v = e2e.cases[0];
+  const c = zd.connect("http://h1", "t", { ackInterval: 10 });
+  const a = collect();
+  c.subscribe(v.stream, { after: 0, ...a.opts });
+  const ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1" });
+  ws.frame({ type: "subscribed", stream: v.stream, epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame(ev(v.stream, 1, "plain"));
+  ws.frame(ev(v.stream, 2, v.sealed));
+  ws.frame(ev(v.stream, 3, { n: 3 }));
+  await sleep(60);
+  assert.deepEqual(a.got.map((e) => e.seq), [1]);
+  assert.deepEqual(ws.sent.filter((f) => f.type === "ack"), [{ type: "ack", acks: { [v.stream]: 1 } }]);
+  await c.addKey(v.kid, bytes(v.key));
+  await until("3 events", () => a.got.length === 3);
+  assert.deepEqual(a.got.map((e) => [e.seq, e.encrypted]), [[1, false], [2, true], [3, false]]);
+  assert.deepEqual(a.got[1].data, JSON.parse(v.plaintext));
+  assert.equal(a.got[1].kid, v.kid);
+  c.close();
+
+  for (const [opts, code] of [[{ keyBufferEvents: 2 }, "KEY_BUFFER_FULL"], [{ keyTimeout: 50 }, "KEY_UNAVAILABLE"]]) {
+    FakeWebSocket.all = [];
+    const c3 = zd.connect("http://h1", "t", opts);
+    const s = c3.subscribe(v.stream, { after: 0 });
+    const w = last();
+    w.accept("zerodrop.v2");
+    w.frame({ type: "welcome", resumeToken: "r1" });
+    w.frame({ type: "subscribed", stream: v.stream, epoch: E, headSeq: 0, fromSeq: 1 });
+    w.frame(ev(v.stream, 1, v.sealed));
+    if (code === "KEY_BUFFER_FULL") for (const n of [2, 3]) w.frame(ev(v.stream, n, v.sealed));
+    assert.equal((await s.ended).code, code);
+    c3.close();
+  }
+});
+
+test("verify recomputes the digest of the events as served; a mismatch is DIVERGED", async () => {
+  const d = JSON.parse(readFileSync(path.join(here, "..", "..", "..", "docs", "vectors", "stream-digest.json"), "utf8"));
+  const k = d.cases.find((c) => c.events.length > 2);
+  const c = zd.connect("http://h1", "t", { transport: "sse" });
+  for (const [hash, ok] of [[k.hash, true], ["f".repeat(64), false]]) {
+    fetchAnswer = (u) =>
+      u.includes("/events")
+        ? { status: 200, body: `{"stream":"vec:1","epoch":"x","headSeq":${k.headSeq},"events":[${k.events.join(",")}]}` }
+        : { status: 200, body: { firstSeq: k.firstSeq, headSeq: k.headSeq, count: k.count, hash } };
+    if (ok) assert.deepEqual(await c.verify("vec:1"), { count: k.count, hash: k.hash });
+    else await assert.rejects(c.verify("vec:1"), (e) => e.code === "DIVERGED");
+  }
+  c.close();
+});
