@@ -331,7 +331,7 @@ async fn kill9_scenario(transport: &str) {
         std::slice::from_ref(&server.url),
         &token,
         &stream,
-        &format!("&transport={transport}"),
+        &format!("&transport={transport}&verifyAt=60"),
     ));
     let ready = wait_ready(&records, LIMIT).await;
     assert_eq!(ready["transport"], transport, "{ready}");
@@ -372,6 +372,110 @@ async fn kill9_scenario(transport: &str) {
         assert!(Instant::now() < until, "position never reached 60: {pos}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The page's consistency check over the real server agrees with the server's digest.
+    let info = api.info(&stream).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = snapshot(&records);
+        assert!(errors(&recs).is_empty(), "{}", summary(&recs, &stream));
+        if let Some(v) = recs.iter().find(|r| r["kind"] == "verified") {
+            assert_eq!(
+                (&v["count"], &v["hash"]),
+                (&json!(60), &info["hash"]),
+                "{v} vs {info}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the page never verified: {}",
+            summary(&recs, &stream)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_opens_sealed_events_and_ends_on_a_tampered_one() {
+    let vectors: Value =
+        serde_json::from_str(include_str!("../../../docs/vectors/e2e-aes256gcm.json"))
+            .expect("vectors");
+    let cases = vectors["cases"].as_array().expect("cases");
+    let (a, b) = (&cases[0], &cases[1]);
+    assert_eq!(
+        (&a["stream"], &a["kid"], &a["key"]),
+        (&b["stream"], &b["kid"], &b["key"])
+    );
+    let stream = a["stream"].as_str().expect("stream");
+    let tampered = vectors["invalid"]
+        .as_array()
+        .expect("invalid")
+        .iter()
+        .find(|c| {
+            c["stream"] == a["stream"]
+                && c["error"] == "DECRYPT_FAILED"
+                && c["sealed"]["kid"] == a["kid"]
+        })
+        .expect("a tampered case on the same stream");
+
+    let dist = compile();
+    let (page, records) = page_server(dist.path()).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let server = spawn_sqlite(data.path(), free_port());
+    let api = server.api();
+    let token = server.creds.token("page", &["room:*"], &[]);
+    let extra = format!(
+        "&transport=ws&kid={}&key={}",
+        a["kid"].as_str().unwrap(),
+        a["key"].as_str().unwrap()
+    );
+    let _browser = Browser::open(&page_url(
+        page,
+        std::slice::from_ref(&server.url),
+        &token,
+        stream,
+        &extra,
+    ));
+    wait_ready(&records, LIMIT).await;
+    api.publish(stream, json!({"n": 1})).await;
+    api.publish(stream, a["sealed"].clone()).await;
+    api.publish(stream, b["sealed"].clone()).await;
+    wait_for(&records, stream, 3, LIMIT).await;
+    api.publish(stream, tampered["sealed"].clone()).await;
+    api.publish(stream, json!({"n": 5})).await;
+    let until = Instant::now() + LIMIT;
+    let recs = loop {
+        let recs = snapshot(&records);
+        if !errors(&recs).is_empty() {
+            break recs;
+        }
+        assert!(
+            Instant::now() < until,
+            "no error for the tampered event: {}",
+            summary(&recs, stream)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recs_after = snapshot(&records);
+    assert_eq!(
+        delivered(&recs_after, stream),
+        vec![1, 2, 3],
+        "{}",
+        summary(&recs_after, stream)
+    );
+    let evs: Vec<&Value> = recs_after.iter().filter(|r| r["kind"] == "event").collect();
+    assert_eq!(
+        (&evs[0]["data"], &evs[0]["encrypted"]),
+        (&json!({"n": 1}), &json!(false))
+    );
+    for (e, case) in [(evs[1], a), (evs[2], b)] {
+        let plain: Value = serde_json::from_str(case["plaintext"].as_str().unwrap()).unwrap();
+        assert_eq!((&e["data"], &e["encrypted"]), (&plain, &json!(true)), "{e}");
+    }
+    let errs = errors(&recs);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0]["code"], "DECRYPT_FAILED", "{errs:?}");
 }
 
 #[test]
