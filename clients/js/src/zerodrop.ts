@@ -490,8 +490,10 @@ export class Client {
   // SSE state
   private sse = new Map<string, { es: EventSource | null; attempt: number; timer: ReturnType<typeof setTimeout> | null }>();
 
-  /** The transport in use: `ws` or `sse`. */
-  readonly transport: "ws" | "sse";
+  /** The transport in use: `ws` or `sse` (`auto` starts with `ws`). */
+  transport: "ws" | "sse";
+  /** WebSocket attempts in a row that never opened (`auto` falls back to SSE after 3). */
+  private unopened = 0;
 
   constructor(urls: string[], token: string, o: ConnectOptions) {
     if (urls.length === 0) throw new RangeError("connect needs at least one url");
@@ -678,6 +680,7 @@ export class Client {
     let opened = false;
     ws.onopen = () => {
       opened = true;
+      this.unopened = 0;
       this.protocol = ws.protocol;
       if (this.resumeToken) {
         const lastAck: Record<string, number> = {};
@@ -714,12 +717,29 @@ export class Client {
         this.failAll(e);
         return;
       }
+      if (!opened && this.opt.transport === "auto" && ++this.unopened >= 3) {
+        void this.check().then((c) => {
+          if (c.error) this.failAll(c.error);
+          else if (c.reachable) this.fallBackToSse();
+          else this.scheduleReconnect(false);
+        });
+        return;
+      }
       if (!opened && !this.resumeToken) {
         void this.probe().then((e) => (e ? this.failAll(e) : this.scheduleReconnect(false)));
         return;
       }
       this.scheduleReconnect(false);
     };
+  }
+
+  /** `auto`: WebSocket never got through (a proxy that refuses upgrades): go on over SSE from
+   *  what each subscription delivered. */
+  private fallBackToSse(): void {
+    if (this.closed) return;
+    this.transport = "sse";
+    this.ws = null;
+    for (const s of this.subs.values()) this.sseOpen(s);
   }
 
   private failAll(e: ZerodropError): void {
@@ -732,6 +752,12 @@ export class Client {
 
   /** Why a connection with the connect token failed, when it is terminal (401/403). */
   private async probe(): Promise<ZerodropError | null> {
+    return (await this.check()).error;
+  }
+
+  /** One `GET …/events` with the connect token: `reachable` says HTTP got through (so a
+   *  WebSocket that does not is blocked on the way); `error` a terminal 401/403. */
+  private async check(): Promise<{ reachable: boolean; error: ZerodropError | null }> {
     const s = [...this.subs.keys()][0] ?? "_";
     const base = httpBase(this.urls[this.idx % this.urls.length]);
     try {
@@ -740,12 +766,15 @@ export class Client {
       });
       if (r.status === 401 || (r.status === 403 && this.subs.size > 0)) {
         const b = (await r.json().catch(() => ({}))) as { error?: Record<string, unknown> };
-        return errorFrom(b.error ?? { code: r.status === 401 ? "UNAUTHORIZED" : "FORBIDDEN" }, s);
+        return {
+          reachable: true,
+          error: errorFrom(b.error ?? { code: r.status === 401 ? "UNAUTHORIZED" : "FORBIDDEN" }, s),
+        };
       }
+      return { reachable: r.status < 500, error: null };
     } catch {
-      // unreachable: transient
+      return { reachable: false, error: null }; // unreachable: transient
     }
-    return null;
   }
 
   private scheduleReconnect(now: boolean): void {

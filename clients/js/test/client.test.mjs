@@ -266,3 +266,78 @@ test("verify recomputes the digest of the events as served; a mismatch is DIVERG
   }
   c.close();
 });
+
+class FakeEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.listeners = {};
+    this.closed = false;
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(type, f) {
+    (this.listeners[type] ??= []).push(f);
+  }
+  close() {
+    this.closed = true;
+  }
+  // test side
+  emit(type, data) {
+    for (const f of this.listeners[type] ?? []) f({ data: typeof data === "string" ? data : JSON.stringify(data) });
+  }
+  fail() {
+    this.onerror?.({});
+  }
+}
+globalThis.EventSource = FakeEventSource;
+
+test("SSE: events in order once, a dropped stream reopened at the next url after what was delivered, reset is typed", async () => {
+  FakeEventSource.all = [];
+  fetchAnswer = () => ({ status: 200, body: { events: [] } });
+  const c = zd.connect(["http://h1", "http://h2"], "tk", { transport: "sse", baseDelay: 10 });
+  const a = collect();
+  const s = c.subscribe("s", { after: 0, ...a.opts });
+  let es = FakeEventSource.all[0];
+  assert.equal(es.url, "http://h1/v1/streams/s/sse?token=tk&after=0");
+  es.emit("event", ev("s", 1));
+  es.emit("event", ev("s", 2));
+  es.emit("event", ev("s", 2));
+  es.fail();
+  await until("a second EventSource", () => FakeEventSource.all.length === 2);
+  assert.ok(es.closed);
+  es = FakeEventSource.all[1];
+  assert.equal(es.url, "http://h2/v1/streams/s/sse?token=tk&after=2");
+  es.emit("event", ev("s", 3));
+  await until("3 events", () => a.got.length === 3);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2, 3]);
+  es.emit("reset", { code: "REPLAY_WINDOW_TRIMMED", epoch: E, firstAvailableSeq: 9 });
+  const err = await s.ended;
+  assert.equal(err.code, "REPLAY_WINDOW_TRIMMED");
+  assert.equal(err.firstAvailableSeq, 9);
+  c.close();
+});
+
+test("auto: a WebSocket that never opens while HTTP gets through falls back to SSE; a 401 is UNAUTHORIZED", async () => {
+  FakeWebSocket.all = [];
+  FakeEventSource.all = [];
+  fetchAnswer = () => ({ status: 200, body: { events: [] } });
+  const c = zd.connect("http://h1", "tk", { baseDelay: 5, maxDelay: 10 });
+  assert.equal(c.transport, "ws");
+  const s = c.subscribe("s", { after: 4 });
+  for (let i = 1; i <= 3; i++) {
+    await until(`socket ${i}`, () => FakeWebSocket.all.length === i);
+    last().drop(1006);
+  }
+  await until("an EventSource", () => FakeEventSource.all.length === 1);
+  assert.equal(c.transport, "sse");
+  assert.equal(FakeEventSource.all[0].url, "http://h1/v1/streams/s/sse?token=tk&after=4");
+  c.close();
+  assert.equal((await s.ended).code, "CLOSED");
+
+  FakeWebSocket.all = [];
+  fetchAnswer = () => ({ status: 401, body: { error: { code: "UNAUTHORIZED", message: "expired" } } });
+  const c2 = zd.connect("http://h1", "bad", { transport: "ws" });
+  const s2 = c2.subscribe("s");
+  last().drop(1006);
+  assert.equal((await s2.ended).code, "UNAUTHORIZED");
+});
