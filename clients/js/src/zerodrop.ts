@@ -481,6 +481,7 @@ export class Client {
   private resumeToken: string | null = null;
   private protocol = "";
   private welcomed = false;
+  private resuming = false;
   private ackTimer: ReturnType<typeof setTimeout> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private lastSessionError: ZerodropError | null = null;
@@ -682,6 +683,7 @@ export class Client {
       opened = true;
       this.unopened = 0;
       this.protocol = ws.protocol;
+      this.resuming = this.resumeToken !== null;
       if (this.resumeToken) {
         const lastAck: Record<string, number> = {};
         for (const s of this.subs.values()) if (s.handledSeq !== null && s.inSession) lastAck[s.stream] = s.handledSeq;
@@ -803,15 +805,12 @@ export class Client {
         this.attempt = 0;
         if (typeof f.resumeToken === "string") this.resumeToken = f.resumeToken;
         if (!this.protocol && typeof f.protocol === "string") this.protocol = f.protocol;
-        // A resumed session announces its streams with `subscribed`; the ones it does not
-        // hold are subscribed once the replay has had its turn.
-        const resumed = f.resumed === true || [...this.subs.values()].some((s) => s.inSession);
-        const missing = () => {
-          if (this.ws !== ws) return;
-          for (const s of this.subs.values()) if (!s.confirmed) this.sendSubscribe(s);
-        };
-        if (resumed) setTimeout(missing, 0);
-        else missing();
+        // A resumed session announces its own streams with `subscribed` and their missed
+        // events; the others (and all of a new session's) are subscribed from their position.
+        for (const s of this.subs.values()) {
+          if (!this.resuming) s.inSession = false;
+          if (!s.inSession) this.sendSubscribe(s);
+        }
         break;
       }
       case "subscribed": {

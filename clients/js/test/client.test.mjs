@@ -157,6 +157,8 @@ test("a dropped socket resumes with the newest token and lastAck; a reconnect fr
   ws.accept("zerodrop.v2");
   assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r2", lastAck: { s: 2 } });
   ws.frame({ type: "welcome", resumeToken: "r3" });
+  await sleep(10);
+  assert.deepEqual(ws.sent.filter((f) => f.type === "subscribe"), [], "the session holds s: no subscribe");
   ws.frame({ type: "subscribed", stream: "s", epoch: E, headSeq: 3, fromSeq: 2 });
   ws.frame(ev("s", 2));
   ws.frame(ev("s", 3));
