@@ -20,6 +20,8 @@ use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
 use zerodrop_testkit::server::ServerProcess;
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -565,4 +567,47 @@ async fn a_page_follows_a_drain_to_the_second_instance_without_a_gap_or_a_repeat
         .get("/admin/drain/status", Some(&c.creds.admin_token))
         .await;
     assert_eq!(st.json["sessionsRemaining"], 0, "{}", st.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_behind_a_proxy_that_loses_an_event_reads_it_over_http_and_acks_on_v1() {
+    let dist = compile();
+    let (page, records) = page_server(dist.path()).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let server = spawn_sqlite(data.path(), free_port());
+    let api = server.api();
+    // Negotiates zerodrop.v1 on both sides and never forwards the event with seq 2.
+    let proxy = support::event_dropping_proxy(server.addr).await;
+    let stream = "brgap:1";
+    let token = server.creds.token("page", &["brgap:*"], &[]);
+    let _browser = Browser::open(&page_url(
+        page,
+        &[format!("http://{proxy}")],
+        &token,
+        stream,
+        "&transport=ws",
+    ));
+    wait_ready(&records, LIMIT).await;
+    publish_range(&api, stream, 1, 10).await;
+    wait_for(&records, stream, 10, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Seq 2 never crossed the socket: it is there, in its place, only because the SDK read
+    // the gap with `GET …/events` before delivering 3.
+    assert_exactly_once(&records, stream, 10);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = snapshot(&records);
+        let pos = recs
+            .iter()
+            .rev()
+            .find(|r| r["kind"] == "position")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if pos["seq"] == 10 {
+            assert_eq!(pos["protocol"], "zerodrop.v1", "{pos}");
+            break;
+        }
+        assert!(Instant::now() < until, "position never reached 10: {pos}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
