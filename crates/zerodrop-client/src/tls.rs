@@ -129,21 +129,18 @@ impl Tls {
 /// The rustls error behind a failed connection, if it was a TLS failure.
 pub(crate) fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut depth = 0;
-    while let Some(err) = cur {
+    for _ in 0..16 {
+        let err = cur?;
         if let Some(t) = err.downcast_ref::<rustls::Error>() {
             return Some(t.to_string());
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-        {
-            return Some(t.to_string());
-        }
-        depth += 1;
-        if depth > 16 {
-            break;
-        }
-        cur = err.source();
+        // An `io::Error`'s `source()` skips the error it wraps: descend into that one.
+        cur = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     None
 }
