@@ -11,7 +11,7 @@
 //!   events it serves.
 //! - `mint_connect_token` (cargo feature `mint`, off by default): HS256 connect tokens for
 //!   backends that hold the JWT secret.
-//! - [`Tls`] (cargo feature `tls`, on by default): `https://` and `wss://` with rustls, the
+//! - `Tls` (cargo feature `tls`, on by default): `https://` and `wss://` with rustls, the
 //!   system's roots and optional extra CA certificates.
 //!
 //! The SDK never links the server: it is what the operator tools use to judge a deployment
