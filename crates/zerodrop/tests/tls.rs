@@ -341,4 +341,31 @@ async fn probe_passes_over_https_with_ca_file_and_fails_without_it() {
         out.contains("--ca-file: tls: CA file /nonexistent/ca.pem"),
         "{out}"
     );
+
+    // The dashboard's live card: ready through the CA, unreachable (TLS) without it.
+    let o = work.path().join("out");
+    std::fs::create_dir_all(&o).unwrap();
+    let o = o.to_str().unwrap();
+    let a = args(&["dashboard", "--out-dir", o, "--url", &url, "--ca-file", &ca]);
+    let dash = tool(work.path(), &a).await;
+    assert_eq!(dash.code, 0, "{}{}", dash.stdout, dash.stderr);
+    assert!(
+        dash.stdout
+            .contains(&format!("live snapshot of {url}: ready")),
+        "{}",
+        dash.stdout
+    );
+    let dash = tool(
+        work.path(),
+        &args(&["dashboard", "--out-dir", o, "--url", &url]),
+    )
+    .await;
+    assert_eq!(dash.code, 0, "{}{}", dash.stdout, dash.stderr);
+    assert!(
+        dash.stdout.contains(&format!(
+            "live snapshot of {url}: unreachable (tls: invalid peer certificate: UnknownIssuer"
+        )),
+        "{}",
+        dash.stdout
+    );
 }
