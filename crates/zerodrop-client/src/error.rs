@@ -45,6 +45,10 @@ pub enum ClientError {
     InvalidUrl(String),
     #[error("token: {0}")]
     Token(String),
+    /// A TLS setup or handshake failure: an unreadable CA file, or a server certificate
+    /// that does not verify against the trusted roots.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -83,6 +87,10 @@ impl ClientError {
     }
 
     pub(crate) fn from_reqwest(e: reqwest::Error) -> ClientError {
+        #[cfg(feature = "tls")]
+        if let Some(cause) = crate::tls::tls_cause(&e) {
+            return ClientError::Tls(format!("{cause} ({e})"));
+        }
         if e.is_timeout() {
             ClientError::Timeout(e.to_string())
         } else if e.is_decode() {

@@ -173,9 +173,36 @@ impl HttpClient {
         api_key: Option<String>,
         timeout: Duration,
     ) -> Result<HttpClient, ClientError> {
+        #[cfg(feature = "tls")]
+        return Self::with_tls(base_url, api_key, timeout, crate::tls::Tls::current());
+        #[cfg(not(feature = "tls"))]
+        Self::build(base_url, api_key, timeout, |b| b)
+    }
+
+    /// [`HttpClient::with_timeout`] trusting the roots of `tls` for `https://` (the calls and
+    /// the SSE bodies alike).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(
+        base_url: &str,
+        api_key: Option<String>,
+        timeout: Duration,
+        tls: &crate::tls::Tls,
+    ) -> Result<HttpClient, ClientError> {
+        let config = tls.client_config();
+        Self::build(base_url, api_key, timeout, move |b| {
+            b.tls_backend_preconfigured(rustls::ClientConfig::clone(&config))
+        })
+    }
+
+    fn build(
+        base_url: &str,
+        api_key: Option<String>,
+        timeout: Duration,
+        tls: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+    ) -> Result<HttpClient, ClientError> {
         crate::ws_base(base_url)?;
         let build = |total: Option<Duration>| {
-            let mut b = reqwest::Client::builder()
+            let mut b = tls(reqwest::Client::builder())
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
                 .pool_idle_timeout(Duration::from_secs(30));

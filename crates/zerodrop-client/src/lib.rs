@@ -9,7 +9,10 @@
 //!   epoch changes. Every transport's events should pass through one.
 //! - [`check_stream`]: the consistency check — a stream's `hash` against the chain over the
 //!   events it serves.
-//! - [`mint_connect_token`]: HS256 connect tokens for backends that hold the JWT secret.
+//! - `mint_connect_token` (cargo feature `mint`, off by default): HS256 connect tokens for
+//!   backends that hold the JWT secret.
+//! - `Tls` (cargo feature `tls`, on by default): `https://` and `wss://` with rustls, the
+//!   system's roots and optional extra CA certificates.
 //!
 //! The SDK never links the server: it is what the operator tools use to judge a deployment
 //! from the outside.
@@ -20,6 +23,9 @@ pub mod error;
 pub mod frames;
 pub mod http;
 pub mod sse;
+#[cfg(feature = "tls")]
+pub mod tls;
+#[cfg(feature = "mint")]
 pub mod token;
 pub mod ws;
 
@@ -32,6 +38,9 @@ pub use http::{
     ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
+#[cfg(feature = "tls")]
+pub use tls::Tls;
+#[cfg(feature = "mint")]
 pub use token::{ConnectClaims, mint_connect_token};
 pub use ws::{WsAuth, WsConnection};
 

@@ -61,6 +61,12 @@ fn ws_error(e: WsError) -> ClientError {
             code: None,
             reason: "connection closed".into(),
         },
+        #[cfg(feature = "tls")]
+        WsError::Io(e) if crate::tls::tls_cause(&e).is_some() => {
+            ClientError::Tls(crate::tls::tls_cause(&e).unwrap_or_default())
+        }
+        #[cfg(feature = "tls")]
+        WsError::Tls(e) => ClientError::Tls(e.to_string()),
         WsError::Io(e) => ClientError::Network(e.to_string()),
         WsError::Protocol(p) => ClientError::Network(format!("websocket protocol: {p}")),
         other => ClientError::Network(other.to_string()),
@@ -74,13 +80,46 @@ impl WsConnection {
         auth: WsAuth,
         timeout: Duration,
     ) -> Result<WsConnection, ClientError> {
-        let fut = Self::connect_inner(base_url, auth);
+        #[cfg(feature = "tls")]
+        return Self::connect_with(base_url, auth, timeout, crate::tls::Tls::current()).await;
+        #[cfg(not(feature = "tls"))]
+        Self::connect_timed(base_url, auth, timeout).await
+    }
+
+    /// [`WsConnection::connect`] trusting the roots of `tls` for `wss://`.
+    #[cfg(feature = "tls")]
+    pub async fn connect_with(
+        base_url: &str,
+        auth: WsAuth,
+        timeout: Duration,
+        tls: &crate::tls::Tls,
+    ) -> Result<WsConnection, ClientError> {
+        let connector = tokio_tungstenite::Connector::Rustls(tls.client_config());
+        Self::connect_timed(base_url, auth, timeout, Some(connector)).await
+    }
+
+    async fn connect_timed(
+        base_url: &str,
+        auth: WsAuth,
+        timeout: Duration,
+        #[cfg(feature = "tls")] connector: Option<tokio_tungstenite::Connector>,
+    ) -> Result<WsConnection, ClientError> {
+        let fut = Self::connect_inner(
+            base_url,
+            auth,
+            #[cfg(feature = "tls")]
+            connector,
+        );
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| ClientError::Timeout("websocket connect and welcome".into()))?
     }
 
-    async fn connect_inner(base_url: &str, auth: WsAuth) -> Result<WsConnection, ClientError> {
+    async fn connect_inner(
+        base_url: &str,
+        auth: WsAuth,
+        #[cfg(feature = "tls")] connector: Option<tokio_tungstenite::Connector>,
+    ) -> Result<WsConnection, ClientError> {
         let base = crate::ws_base(base_url)?;
         let url = match &auth {
             WsAuth::Token(t) => format!("{base}/v1/ws?token={t}"),
@@ -95,9 +134,14 @@ impl WsConnection {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(crate::PROTOCOL),
         );
-        let (ws, _resp) = tokio_tungstenite::connect_async_with_config(req, Some(config()), true)
-            .await
-            .map_err(ws_error)?;
+        #[cfg(feature = "tls")]
+        let connected =
+            tokio_tungstenite::connect_async_tls_with_config(req, Some(config()), true, connector)
+                .await;
+        #[cfg(not(feature = "tls"))]
+        let connected =
+            tokio_tungstenite::connect_async_with_config(req, Some(config()), true).await;
+        let (ws, _resp) = connected.map_err(ws_error)?;
         let mut conn = WsConnection {
             ws,
             welcome: Welcome {

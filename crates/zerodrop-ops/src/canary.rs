@@ -256,6 +256,7 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<ExitCode> {
             api_key: None,
             jwt_secret: None,
             admin_token: None,
+            ca_file: args.creds.ca_file.clone(),
         };
     }
     ccreds.api_key = args.candidate_api_key.clone().or(ccreds.api_key);

@@ -41,6 +41,10 @@ pub struct CredArgs {
     /// [env: ZERODROP_DATA_DIR; default: ./zerodrop-data when it has one]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// PEM file with CA certificates to trust for `https://` URLs on top of the system's
+    /// roots (a private or self-signed CA)
+    #[arg(long, env = "ZERODROP_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Credentials after the lookup.
@@ -59,14 +63,33 @@ struct SecretsFile {
     jwt_secret: Option<String>,
 }
 
+/// Trusts the CA certificates in `path` (besides the system's roots) for every `https://` and
+/// `wss://` connection this process opens. Only the first file installed takes effect (a tool
+/// has one `--ca-file`).
+pub fn install_ca_file(path: &Path) -> anyhow::Result<()> {
+    static INSTALLED: OnceLock<PathBuf> = OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    let tls =
+        zerodrop_client::Tls::with_ca_file(path).map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?;
+    let _ = tls.install_default();
+    let _ = INSTALLED.set(path.to_path_buf());
+    Ok(())
+}
+
 /// A variable's value; unset and empty are the same (an empty secret is no secret).
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl CredArgs {
-    /// Flags, then `ZERODROP_*` variables, then `secrets.json`.
+    /// Flags, then `ZERODROP_*` variables, then `secrets.json`. A `--ca-file` becomes the
+    /// process's TLS trust for every client the tool opens.
     pub fn resolve(&self) -> anyhow::Result<Creds> {
+        if let Some(path) = &self.ca_file {
+            install_ca_file(path)?;
+        }
         self.resolve_with(env_var)
     }
 

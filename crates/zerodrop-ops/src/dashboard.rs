@@ -23,6 +23,10 @@ pub struct DashboardArgs {
     /// [default: none; the page shows the reports only].
     #[arg(long)]
     pub url: Option<String>,
+    /// PEM file with CA certificates to trust for an `https://` --url on top of the system's
+    /// roots (a private or self-signed CA)
+    #[arg(long, env = "ZERODROP_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
     /// SLO file whose limits are drawn as lines.
     #[arg(long)]
     pub slo: Option<PathBuf>,
@@ -671,6 +675,9 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
     let slo = Slo::load(args.slo.as_deref())?;
     let mut c = collect(&dir)?;
     if let Some(u) = &args.url {
+        if let Some(ca) = &args.ca_file {
+            crate::common::install_ca_file(ca)?;
+        }
         let l = live(u).await;
         match &l.error {
             Some(e) => println!("live snapshot of {u}: unreachable ({e})"),

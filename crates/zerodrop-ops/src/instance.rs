@@ -53,6 +53,7 @@ impl Secrets {
             jwt_secret: Some(self.jwt_secret.clone()),
             admin_token: Some(self.admin_token.clone()),
             data_dir: None,
+            ca_file: None,
         }
     }
 }
