@@ -12,10 +12,21 @@ fn seq(f: &Value) -> u64 {
 
 /// An HTTP checkpoint on `room:1` with the session's resume token; its answer.
 async fn checkpoint(api: &zerodrop_testkit::http::Api, sid: &str, token: &str, seq: u64) -> Value {
+    checkpoint_on(api, sid, token, "room:1", seq).await
+}
+
+/// An HTTP checkpoint on `stream` with the session's resume token; its answer.
+async fn checkpoint_on(
+    api: &zerodrop_testkit::http::Api,
+    sid: &str,
+    token: &str,
+    stream: &str,
+    seq: u64,
+) -> Value {
     api.post(
         &format!("/v1/sessions/{sid}/checkpoint"),
         Some(token),
-        json!({"stream":"room:1","seq":seq}),
+        json!({"stream":stream,"seq":seq}),
     )
     .await
     .json
@@ -328,15 +339,10 @@ async fn batched_acks_on_v2_apply_each_entry_under_the_checkpoint_rule() {
         checkpoint(&api, &sid, &token, 2).await,
         json!({"ackUpdate":"ignored","lastAckSequence":3})
     );
-    let r = api
-        .post(
-            &format!("/v1/sessions/{sid}/checkpoint"),
-            Some(&token),
-            json!({"stream":"room:2","seq":2}),
-        )
-        .await
-        .json;
-    assert_eq!(r, json!({"ackUpdate":"ignored","lastAckSequence":3}));
+    assert_eq!(
+        checkpoint_on(&api, &sid, &token, "room:2", 2).await,
+        json!({"ackUpdate":"ignored","lastAckSequence":3})
+    );
 
     // The same frame on a v1 socket is INVALID_REQUEST, and applies nothing.
     let mut v1 = WsClient::connect_with(

@@ -141,14 +141,7 @@ async fn page_server(dist: &Path) -> (SocketAddr, Records) {
         .route("/report", axum::routing::post(report))
         .route("/{name}", axum::routing::get(serve_file))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, records)
+    (support::serve_local(app).await, records)
 }
 
 /// Headless Chromium on one page, in its own profile; killed when dropped.
@@ -268,6 +261,28 @@ async fn wait_for(records: &Records, stream: &str, n: usize, limit: Duration) {
     }
 }
 
+/// Waits (10 s at most) until the page's newest position record is at `seq`; returns it.
+async fn wait_position(records: &Records, seq: u64) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = snapshot(records);
+        let pos = recs
+            .iter()
+            .rev()
+            .find(|r| r["kind"] == "position")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if pos["seq"] == seq {
+            return pos;
+        }
+        assert!(
+            Instant::now() < until,
+            "position never reached {seq}: {pos}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_ready(records: &Records, limit: Duration) -> Value {
     let until = Instant::now() + limit;
     loop {
@@ -353,26 +368,12 @@ async fn kill9_scenario(transport: &str) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_exactly_once(&records, &stream, 60);
     // Every event was handled: the position reached the head.
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let recs = snapshot(&records);
-        let pos = recs
-            .iter()
-            .rev()
-            .find(|r| r["kind"] == "position")
-            .cloned()
-            .unwrap_or(Value::Null);
-        if pos["seq"] == 60 {
-            if transport == "ws" {
-                assert!(
-                    pos["protocol"] == "zerodrop.v2",
-                    "the browser negotiates zerodrop.v2: {pos}"
-                );
-            }
-            break;
-        }
-        assert!(Instant::now() < until, "position never reached 60: {pos}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let pos = wait_position(&records, 60).await;
+    if transport == "ws" {
+        assert!(
+            pos["protocol"] == "zerodrop.v2",
+            "the browser negotiates zerodrop.v2: {pos}"
+        );
     }
     // The page's consistency check over the real server agrees with the server's digest.
     let info = api.info(&stream).await;
@@ -594,20 +595,6 @@ async fn a_page_behind_a_proxy_that_loses_an_event_reads_it_over_http_and_acks_o
     // Seq 2 never crossed the socket: it is there, in its place, only because the SDK read
     // the gap with `GET …/events` before delivering 3.
     assert_exactly_once(&records, stream, 10);
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let recs = snapshot(&records);
-        let pos = recs
-            .iter()
-            .rev()
-            .find(|r| r["kind"] == "position")
-            .cloned()
-            .unwrap_or(Value::Null);
-        if pos["seq"] == 10 {
-            assert_eq!(pos["protocol"], "zerodrop.v1", "{pos}");
-            break;
-        }
-        assert!(Instant::now() < until, "position never reached 10: {pos}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pos = wait_position(&records, 10).await;
+    assert_eq!(pos["protocol"], "zerodrop.v1", "{pos}");
 }

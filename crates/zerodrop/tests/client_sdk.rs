@@ -6,26 +6,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::Server;
+use support::{Server, next_event};
 use zerodrop_client::{
     Deduper, Delivery, HttpClient, ServerFrame, SseAuth, SseConnection, SseMessage, SseOptions,
     WsAuth, WsConnection, mint_connect_token,
 };
 
 const T: Duration = Duration::from_secs(5);
-
-async fn next_event(c: &mut WsConnection) -> zerodrop_client::Event {
-    loop {
-        match tokio::time::timeout(T, c.recv())
-            .await
-            .expect("a frame in time")
-            .expect("open")
-        {
-            ServerFrame::Event(e) => return e,
-            _ => continue,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_speaks_every_part_of_the_protocol() {

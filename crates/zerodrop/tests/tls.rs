@@ -12,13 +12,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{Server, args, tool};
+use support::{Server, args, next_event, tool};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use zerodrop_client::{
-    ClientError, HttpClient, ServerFrame, SseAuth, SseConnection, SseMessage, SseOptions, Tls,
-    WsAuth, WsConnection, mint_connect_token,
+    ClientError, HttpClient, SseAuth, SseConnection, SseMessage, SseOptions, Tls, WsAuth,
+    WsConnection, mint_connect_token,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -173,20 +173,6 @@ fn token(s: &Server, streams: &str) -> String {
         Duration::from_secs(300),
     )
     .unwrap()
-}
-
-async fn next_event(ws: &mut WsConnection) -> zerodrop_client::Event {
-    for _ in 0..50 {
-        match tokio::time::timeout(T, ws.recv())
-            .await
-            .expect("a frame in time")
-            .expect("open")
-        {
-            ServerFrame::Event(e) => return e,
-            _ => continue,
-        }
-    }
-    panic!("no event within 50 frames");
 }
 
 async fn next_sse_event(sse: &mut SseConnection) -> zerodrop_client::Event {

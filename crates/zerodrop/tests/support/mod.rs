@@ -189,6 +189,11 @@ pub async fn broken_proxy(upstream: SocketAddr, faults: Faults) -> SocketAddr {
         .route("/v1/ws", axum::routing::get(ws))
         .fallback(forward)
         .with_state(state);
+    serve_local(app).await
+}
+
+/// Serves `app` on a free loopback port for as long as the runtime lives; its address.
+pub async fn serve_local(app: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -321,4 +326,20 @@ async fn ws(
                 _ = to_client => {}
             }
         })
+}
+
+/// The next event frame of `ws` (other frames are skipped), each frame within 5 s, at most
+/// 50 frames.
+pub async fn next_event(ws: &mut zerodrop_client::WsConnection) -> zerodrop_client::Event {
+    for _ in 0..50 {
+        match tokio::time::timeout(Duration::from_secs(5), ws.recv())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+        {
+            zerodrop_client::ServerFrame::Event(e) => return e,
+            _ => continue,
+        }
+    }
+    panic!("no event within 50 frames");
 }
