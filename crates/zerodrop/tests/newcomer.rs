@@ -90,6 +90,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("node", "nodejs"),
     ("tsc", "node-typescript"),
+    ("openssl", "openssl"),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
