@@ -36,6 +36,8 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ErrorFrame {
     pub error: ApiError,
+    /// The stream's current epoch, on `EPOCH_CHANGED`.
+    pub epoch: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +172,7 @@ impl ServerFrame {
                     stream: f.stream,
                     first_available_seq: f.first_available_seq,
                 },
+                epoch: f.epoch,
             }),
             "published" => ServerFrame::Published {
                 stream: f.stream.ok_or_else(|| missing(kind, "stream"))?,
@@ -207,6 +210,11 @@ pub enum ClientFrame {
     Ack {
         stream: String,
         seq: u64,
+    },
+    /// `zerodrop.v2`'s batched ack: one frame, a checkpoint per stream.
+    #[serde(rename = "ack")]
+    Acks {
+        acks: BTreeMap<String, u64>,
     },
     Resume {
         resume_token: String,
@@ -321,5 +329,11 @@ mod tests {
             seq: 3,
         };
         assert_eq!(f.to_json(), r#"{"type":"ack","stream":"a","seq":3}"#);
+        let f = ClientFrame::Acks {
+            acks: [("a".to_string(), 3u64), ("b".to_string(), 9)]
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(f.to_json(), r#"{"type":"ack","acks":{"a":3,"b":9}}"#);
     }
 }

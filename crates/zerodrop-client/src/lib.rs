@@ -1,4 +1,13 @@
-//! A small zerodrop SDK that speaks the wire protocol exactly like any user would.
+//! The zerodrop SDK for Rust.
+//!
+//! - [`Client`] and [`Subscription`]: what applications use. One session, reconnected with
+//!   full-jitter backoff and resumed with the newest token, drains followed to the next url;
+//!   each subscription yields its stream's events in seq order, each once, and acks only what
+//!   the application marked handled; a gap is read back over HTTP, never skipped; what cannot
+//!   be served ends the subscription with a typed [`SubscriptionError`]. Optional end-to-end
+//!   encrypted data ([`e2e`], feature `e2e`) and a consistency check ([`Client::verify`]).
+//!
+//! Below it, the wire-level parts the operator tools use:
 //!
 //! - [`HttpClient`]: publish (with `Idempotency-Key`), read, stream info, sessions,
 //!   checkpoints, HTTP reconnect, health, metrics and the admin routes.
@@ -11,14 +20,19 @@
 //!   events it serves.
 //! - `mint_connect_token` (cargo feature `mint`, off by default): HS256 connect tokens for
 //!   backends that hold the JWT secret.
+//! - `e2e` (cargo feature `e2e`, on by default): AES-256-GCM sealing of event data.
 //! - `Tls` (cargo feature `tls`, on by default): `https://` and `wss://` with rustls, the
 //!   system's roots and optional extra CA certificates.
 //!
 //! The SDK never links the server: it is what the operator tools use to judge a deployment
 //! from the outside.
 
+pub mod backoff;
+pub mod client;
 pub mod consistency;
 pub mod dedupe;
+#[cfg(feature = "e2e")]
+pub mod e2e;
 pub mod error;
 pub mod frames;
 pub mod http;
@@ -29,6 +43,11 @@ pub mod tls;
 pub mod token;
 pub mod ws;
 
+pub use backoff::Backoff;
+pub use client::{
+    Client, ClientOptions, OFFERED_PROTOCOLS, Position, Received, SubscribeOptions, Subscription,
+    SubscriptionError,
+};
 pub use consistency::{CheckError, StreamCheck, Verdict, check_stream};
 pub use dedupe::{Deduper, Delivery};
 pub use error::{ApiError, ClientError};
@@ -44,7 +63,8 @@ pub use tls::Tls;
 pub use token::{ConnectClaims, mint_connect_token};
 pub use ws::{WsAuth, WsConnection};
 
-/// The WebSocket subprotocol this SDK speaks.
+/// The WebSocket subprotocol [`WsConnection::connect`] offers: the wire-level connection
+/// speaks `zerodrop.v1` frames (single acks). [`Client`] offers [`OFFERED_PROTOCOLS`].
 pub const PROTOCOL: &str = "zerodrop.v1";
 
 /// Turns `http://host:port[/prefix]` into its base without a trailing slash, and the matching

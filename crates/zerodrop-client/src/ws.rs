@@ -80,10 +80,29 @@ impl WsConnection {
         auth: WsAuth,
         timeout: Duration,
     ) -> Result<WsConnection, ClientError> {
+        Self::connect_offering(base_url, auth, timeout, crate::PROTOCOL).await
+    }
+
+    /// [`WsConnection::connect`] offering `protocols` (a `Sec-WebSocket-Protocol` value, e.g.
+    /// `"zerodrop.v2, zerodrop.v1"`); [`WsConnection::protocol`] says which one the server
+    /// chose.
+    pub async fn connect_offering(
+        base_url: &str,
+        auth: WsAuth,
+        timeout: Duration,
+        protocols: &'static str,
+    ) -> Result<WsConnection, ClientError> {
         #[cfg(feature = "tls")]
-        return Self::connect_with(base_url, auth, timeout, crate::tls::Tls::current()).await;
+        return Self::connect_tls_offering(
+            base_url,
+            auth,
+            timeout,
+            crate::tls::Tls::current(),
+            protocols,
+        )
+        .await;
         #[cfg(not(feature = "tls"))]
-        Self::connect_timed(base_url, auth, timeout).await
+        Self::connect_timed(base_url, auth, timeout, protocols).await
     }
 
     /// [`WsConnection::connect`] trusting the roots of `tls` for `wss://`.
@@ -94,19 +113,33 @@ impl WsConnection {
         timeout: Duration,
         tls: &crate::tls::Tls,
     ) -> Result<WsConnection, ClientError> {
+        Self::connect_tls_offering(base_url, auth, timeout, tls, crate::PROTOCOL).await
+    }
+
+    /// [`WsConnection::connect_offering`] trusting the roots of `tls` for `wss://`.
+    #[cfg(feature = "tls")]
+    pub async fn connect_tls_offering(
+        base_url: &str,
+        auth: WsAuth,
+        timeout: Duration,
+        tls: &crate::tls::Tls,
+        protocols: &'static str,
+    ) -> Result<WsConnection, ClientError> {
         let connector = tokio_tungstenite::Connector::Rustls(tls.client_config());
-        Self::connect_timed(base_url, auth, timeout, Some(connector)).await
+        Self::connect_timed(base_url, auth, timeout, protocols, Some(connector)).await
     }
 
     async fn connect_timed(
         base_url: &str,
         auth: WsAuth,
         timeout: Duration,
+        protocols: &'static str,
         #[cfg(feature = "tls")] connector: Option<tokio_tungstenite::Connector>,
     ) -> Result<WsConnection, ClientError> {
         let fut = Self::connect_inner(
             base_url,
             auth,
+            protocols,
             #[cfg(feature = "tls")]
             connector,
         );
@@ -118,6 +151,7 @@ impl WsConnection {
     async fn connect_inner(
         base_url: &str,
         auth: WsAuth,
+        protocols: &'static str,
         #[cfg(feature = "tls")] connector: Option<tokio_tungstenite::Connector>,
     ) -> Result<WsConnection, ClientError> {
         let base = crate::ws_base(base_url)?;
@@ -132,7 +166,7 @@ impl WsConnection {
             .map_err(|e| ClientError::InvalidUrl(e.to_string()))?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(crate::PROTOCOL),
+            HeaderValue::from_static(protocols),
         );
         #[cfg(feature = "tls")]
         let connected =
@@ -180,6 +214,11 @@ impl WsConnection {
 
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// The subprotocol the server chose (`zerodrop.v2` or `zerodrop.v1`).
+    pub fn protocol(&self) -> &str {
+        &self.welcome.protocol
     }
 
     pub fn session_id(&self) -> &str {

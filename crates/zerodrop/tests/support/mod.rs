@@ -156,6 +156,9 @@ pub struct Faults {
     pub fail_publish_every: Option<u64>,
     /// WebSocket `event` frames with this seq never reach the client.
     pub drop_event_seq: Option<u64>,
+    /// Log reads (`GET …/events`) come back with `"n":3` changed to `"n":33`: the events
+    /// served no longer chain to the stream's `hash`.
+    pub alter_served_events: bool,
     /// Every webhook reaches the server with an `Idempotency-Key` of its own (the provider's
     /// id plus a counter), so the server cannot tell a duplicate from a new message.
     pub break_webhook_dedupe: bool,
@@ -246,7 +249,21 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
             };
         }
     }
+    let alter = st.faults.alter_served_events
+        && parts.method == axum::http::Method::GET
+        && parts.uri.path().ends_with("/events");
     match rb.send().await {
+        Ok(resp) if alter => {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(
+                    body.replace(r#""n":3}"#, r#""n":33}"#),
+                ))
+                .unwrap_or_else(|_| axum::http::StatusCode::BAD_GATEWAY.into_response())
+        }
         Ok(resp) => {
             let mut b = Response::builder().status(resp.status().as_u16());
             for (k, v) in resp.headers() {

@@ -1,0 +1,592 @@
+//! The Rust SDK (`zerodrop_client::Client`) against real servers: every event exactly once
+//! and in order across a `kill -9` and restart, a drain to another instance on Redis, and an
+//! event lost on the way (read back over HTTP); acks only for what the application handled;
+//! and the typed ends — a trimmed log, an epoch change and a session lost when Redis restarts
+//! empty, a divergent digest, keys that never arrive.
+//!
+//! Every wait is bounded; every process is killed on drop.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use zerodrop_client::{
+    Client, ClientOptions, HttpClient, Received, SubscribeOptions, Subscription, SubscriptionError,
+    Verdict,
+};
+use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::free_port;
+use zerodrop_testkit::http::Api;
+use zerodrop_testkit::server::{ServerProcess, TestServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn opts() -> ClientOptions {
+    ClientOptions {
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(3),
+        ..ClientOptions::default()
+    }
+}
+
+fn from_start() -> SubscribeOptions {
+    SubscribeOptions {
+        after: Some(0),
+        epoch: None,
+    }
+}
+
+fn spawn_sqlite(dir: &Path, port: u16, args: &[&str]) -> ServerProcess {
+    let mut all = vec!["--store", "sqlite"];
+    all.extend_from_slice(args);
+    ServerProcess::spawn(Path::new(BIN), dir, &format!("127.0.0.1:{port}"), &all, &[])
+        .expect("zerodrop serve starts")
+}
+
+async fn publish_range(api: &Api, stream: &str, from: u64, to: u64) {
+    for n in from..=to {
+        let r = api.publish(stream, json!({ "n": n })).await;
+        assert_eq!(r["seq"], n, "publish {n}: {r}");
+    }
+}
+
+/// The next item within `limit`; `None` when nothing came.
+async fn next_within(
+    sub: &mut Subscription,
+    limit: Duration,
+) -> Option<Result<Received, SubscriptionError>> {
+    tokio::time::timeout(limit, sub.next()).await.ok().flatten()
+}
+
+/// Receives and handles events until `last` arrived; their seqs, in arrival order.
+async fn receive_until(sub: &mut Subscription, last: u64, seqs: &mut Vec<u64>) {
+    let until = Instant::now() + LIMIT;
+    while seqs.last() != Some(&last) {
+        let left = until.saturating_duration_since(Instant::now());
+        match next_within(sub, left).await {
+            Some(Ok(e)) => {
+                let n: serde_json::Value = e.json().expect("json data");
+                assert_eq!(n["n"], e.seq, "data of another event at seq {}", e.seq);
+                seqs.push(e.seq);
+                e.handled();
+            }
+            Some(Err(err)) => panic!("the subscription ended: {err} (after {seqs:?})"),
+            None => panic!("seq {last} did not arrive within {LIMIT:?}; got {seqs:?}"),
+        }
+    }
+}
+
+/// Nothing more arrives (no late duplicate) for a while.
+async fn assert_quiet(sub: &mut Subscription) {
+    if let Some(item) = next_within(sub, Duration::from_millis(700)).await {
+        panic!("nothing more was expected, got {item:?}");
+    }
+}
+
+/// The terminal error, within the limit (events before it are handled and skipped).
+async fn ended(sub: &mut Subscription) -> SubscriptionError {
+    let until = Instant::now() + LIMIT;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match next_within(sub, left).await {
+            Some(Ok(e)) => e.handled(),
+            Some(Err(err)) => return err,
+            None => panic!("the subscription did not end with an error within {LIMIT:?}"),
+        }
+    }
+}
+
+/// Where the session's stored ack stands: the first seq a reconnect would replay, minus one.
+async fn stored_ack(url: &str, client: &Client, stream: &str) -> u64 {
+    let (id, token) = client.session();
+    let http = HttpClient::new(url, None).unwrap();
+    let r = http
+        .reconnect(&id, &token, None)
+        .await
+        .expect("reconnect answers");
+    r.replay[stream].from_seq - 1
+}
+
+/// Polls until the session's stored ack reached `want` (acks are batched, so they trail).
+async fn wait_stored_ack(url: &str, client: &Client, stream: &str, want: u64) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = stored_ack(url, client, stream).await;
+        if got == want {
+            return;
+        }
+        assert!(got < want, "acked {got}, beyond what was handled ({want})");
+        assert!(
+            Instant::now() < until,
+            "the ack stayed at {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_once_across_a_kill9_and_acks_only_what_was_handled() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = spawn_sqlite(data.path(), port, &[]);
+    let stream = "rsk:1";
+    let token = server.creds.token("app", &["rsk:*"], &[]);
+    let client = Client::connect_with(&[&server.url], &token, opts())
+        .await
+        .unwrap();
+    assert_eq!(client.protocol(), "zerodrop.v2");
+    let mut sub = client.subscribe_with(stream, from_start());
+
+    // Handled-then-acked: 1..=3 handled, 4 and 5 delivered but not handled.
+    publish_range(&server.api(), stream, 1, 5).await;
+    let mut held = Vec::new();
+    for want in 1..=5u64 {
+        let e = next_within(&mut sub, LIMIT).await.unwrap().unwrap();
+        assert_eq!(e.seq, want);
+        if want <= 3 {
+            e.handled();
+        } else {
+            held.push(e);
+        }
+    }
+    wait_stored_ack(&server.url, &client, stream, 3).await;
+    // 5 before 4: the ack waits for the hole to close, then moves to 5.
+    held[1].handled();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(stored_ack(&server.url, &client, stream).await, 3);
+    held[0].handled();
+    wait_stored_ack(&server.url, &client, stream, 5).await;
+    let mut seqs: Vec<u64> = (1..=5).collect();
+
+    publish_range(&server.api(), stream, 6, 30).await;
+    receive_until(&mut sub, 10, &mut seqs).await;
+    server.kill9();
+    // Down long enough for the backoff to grow; what follows is partly replayed on resume.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server = spawn_sqlite(data.path(), port, &[]);
+    publish_range(&server.api(), stream, 31, 60).await;
+    receive_until(&mut sub, 60, &mut seqs).await;
+    assert_quiet(&mut sub).await;
+    assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
+    assert_eq!(sub.position().seq, 60);
+    assert_eq!(client.protocol(), "zerodrop.v2");
+    wait_stored_ack(&server.url, &client, stream, 60).await;
+    client.close().await;
+    // A closed client's subscription ends without an error.
+    assert!(
+        next_within(&mut sub, Duration::from_secs(5))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_the_client_to_the_next_instance_without_a_gap_or_a_repeat() {
+    let c = Cluster::start(Path::new(BIN), 2, &[]).expect("cluster starts");
+    let apis = [c.api(0), c.api(1)];
+    let stream = "rsd:1";
+    let token = c.token("app", &["rsd:*"]);
+    let urls = c.urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let client = Client::connect_with(&urls, &token, opts()).await.unwrap();
+    let mut sub = client.subscribe_with(stream, from_start());
+    let mut seqs = Vec::new();
+    publish_range(&apis[1], stream, 1, 20).await;
+    receive_until(&mut sub, 20, &mut seqs).await;
+
+    let r = apis[0]
+        .post(
+            "/admin/drain/start",
+            Some(&c.creds.admin_token),
+            json!({"reason": "rolling_deployment", "max_session_age_seconds": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut n = 20;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        n += 1;
+        let r = apis[1].publish(stream, json!({ "n": n })).await;
+        assert_eq!(r["seq"], n);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = apis[0]
+            .get("/admin/drain/status", Some(&c.creds.admin_token))
+            .await;
+        if n >= 40 && st.json["sessionsRemaining"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the drained instance still holds the client: {}",
+            st.text
+        );
+    }
+    publish_range(&apis[1], stream, n + 1, n + 10).await;
+    receive_until(&mut sub, n + 10, &mut seqs).await;
+    assert_quiet(&mut sub).await;
+    assert_eq!(seqs, (1..=n + 10).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_lost_on_the_way_is_read_back_and_acked_on_v1() {
+    let s = TestServer::start().await;
+    // Negotiates zerodrop.v1 and never forwards the event with seq 2.
+    let proxy = support::event_dropping_proxy(s.addr).await;
+    let url = format!("http://{proxy}");
+    let stream = "rsg:1";
+    let token = s.creds.token("app", &["rsg:*"], &[]);
+    let client = Client::connect_with(&[&url], &token, opts()).await.unwrap();
+    assert_eq!(client.protocol(), "zerodrop.v1");
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&s.api(), stream, 1, 10).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 10, &mut seqs).await;
+    assert_quiet(&mut sub).await;
+    // Seq 2 never crossed the socket: it is in its place because the SDK read the gap.
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    // v1 acks (one frame per stream) reached the server.
+    wait_stored_ack(&s.url, &client, stream, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_the_log_trimmed_ends_with_replay_window_trimmed() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let retention = ["--retention-max-events", "5"];
+    let mut server = spawn_sqlite(data.path(), port, &retention);
+    let stream = "rst:1";
+    let token = server.creds.token("app", &["rst:*"], &[]);
+    let client = Client::connect_with(&[&server.url], &token, opts())
+        .await
+        .unwrap();
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&server.api(), stream, 1, 3).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 3, &mut seqs).await;
+    wait_stored_ack(&server.url, &client, stream, 3).await;
+
+    // While the client is away, the log moves on past what retention keeps: 16..=20 remain.
+    // (It runs on another port meanwhile, so the client cannot come back mid-way.)
+    server.kill9();
+    let mut elsewhere = spawn_sqlite(data.path(), free_port(), &retention);
+    publish_range(&elsewhere.api(), stream, 4, 20).await;
+    elsewhere.kill9();
+    let server = spawn_sqlite(data.path(), port, &retention);
+    let err = ended(&mut sub).await;
+    assert_eq!(
+        err,
+        SubscriptionError::ReplayWindowTrimmed {
+            stream: stream.into(),
+            first_available_seq: Some(16)
+        }
+    );
+    assert_eq!(err.code(), "REPLAY_WINDOW_TRIMMED");
+    assert_eq!(
+        sub.position().seq,
+        3,
+        "the position stays at the last handled"
+    );
+
+    // The application resyncs from its snapshot and subscribes again from there.
+    let mut again = client.subscribe_with(
+        stream,
+        SubscribeOptions {
+            after: Some(15),
+            epoch: sub.position().epoch,
+        },
+    );
+    let mut seqs = Vec::new();
+    receive_until(&mut again, 20, &mut seqs).await;
+    assert_eq!(seqs, (16..=20).collect::<Vec<_>>());
+    // A subscription from a trimmed position ends the same way.
+    let mut old = client.subscribe_with("rst:2", from_start());
+    publish_range(&server.api(), "rst:2", 1, 8).await;
+    // Retention trims behind the appends; wait until 1..=3 are gone.
+    let until = Instant::now() + Duration::from_secs(10);
+    while server.api().info("rst:2").await["firstSeq"] != 4 {
+        assert!(Instant::now() < until, "retention never trimmed rst:2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stale = client.subscribe_with(
+        "rst:2",
+        SubscribeOptions {
+            after: Some(1),
+            epoch: None,
+        },
+    );
+    // A second subscription to a stream replaces the first: it ends, without an error,
+    // after what it had already received.
+    for _ in 0..=8 {
+        match next_within(&mut old, Duration::from_secs(5)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("the replaced subscription ended with {e}"),
+            None => break,
+        }
+    }
+    assert!(
+        next_within(&mut old, Duration::from_secs(1))
+            .await
+            .is_none()
+    );
+    assert_eq!(ended(&mut stale).await.code(), "REPLAY_WINDOW_TRIMMED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_ends_with_epoch_changed_then_session_not_found() {
+    let mut c = Cluster::start(Path::new(BIN), 1, &[]).expect("cluster starts");
+    let api = c.api(0);
+    let stream = "rse:1";
+    let token = c.token("app", &["rse:*"]);
+    let url = c.url(0);
+    let client = Client::connect_with(&[&url], &token, opts()).await.unwrap();
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&api, stream, 1, 3).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 3, &mut seqs).await;
+    let old_epoch = sub.position().epoch.expect("an epoch");
+
+    c.redis.restart_empty().expect("redis restarts empty");
+    let SubscriptionError::EpochChanged { stream: s, epoch } = ended(&mut sub).await else {
+        panic!("expected EPOCH_CHANGED")
+    };
+    assert_eq!(s, stream);
+    assert_ne!(epoch, old_epoch);
+
+    // The session went with Redis: the next subscription learns it.
+    let mut next = client.subscribe_with(stream, from_start());
+    assert_eq!(ended(&mut next).await, SubscriptionError::SessionNotFound);
+
+    // The client opens a new session by itself; subscribing again works, in the new epoch.
+    let until = Instant::now() + Duration::from_secs(20);
+    while api.try_publish(stream, json!({"n": 1})).await.status != 201 {
+        assert!(Instant::now() < until, "publishing never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fresh = client.subscribe_with(stream, from_start());
+    let mut seqs = Vec::new();
+    publish_range(&api, stream, 2, 3).await;
+    receive_until(&mut fresh, 3, &mut seqs).await;
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(fresh.position().epoch.as_deref(), Some(epoch.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_another_epoch_ends_with_epoch_changed() {
+    let s = TestServer::start().await;
+    let token = s.creds.token("app", &["rsx:*"], &[]);
+    publish_range(&s.api(), "rsx:1", 1, 2).await;
+    let client = Client::connect_with(&[&s.url], &token, opts())
+        .await
+        .unwrap();
+    let mut sub = client.subscribe_with(
+        "rsx:1",
+        SubscribeOptions {
+            after: Some(1),
+            epoch: Some("0000000000000000".into()),
+        },
+    );
+    let err = ended(&mut sub).await;
+    assert_eq!(err.code(), "EPOCH_CHANGED", "{err}");
+    let info = s.api().info("rsx:1").await;
+    assert_eq!(
+        err,
+        SubscriptionError::EpochChanged {
+            stream: "rsx:1".into(),
+            epoch: info["epoch"].as_str().unwrap().into()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_agrees_with_the_server_and_a_divergent_log_forces_a_resync() {
+    let s = TestServer::start().await;
+    let stream = "rsv:1";
+    let token = s.creds.token("app", &["rsv:*"], &[]);
+    publish_range(&s.api(), stream, 1, 5).await;
+    let client = Client::connect_with(&[&s.url], &token, opts())
+        .await
+        .unwrap();
+    let check = client.verify(stream).await.unwrap();
+    let info = s.api().info(stream).await;
+    assert_eq!(
+        check.verdict,
+        Verdict::Consistent {
+            count: 5,
+            hash: info["hash"].as_str().unwrap().into()
+        }
+    );
+
+    // Behind a proxy that alters one served event, the digest no longer matches.
+    let proxy = support::broken_proxy(
+        s.addr,
+        support::Faults {
+            alter_served_events: true,
+            ..support::Faults::default()
+        },
+    )
+    .await;
+    let url = format!("http://{proxy}");
+    let client = Client::connect_with(&[&url], &token, opts()).await.unwrap();
+    let mut sub = client.subscribe(stream);
+    let check = client.verify(stream).await.unwrap();
+    assert!(
+        matches!(
+            check.verdict,
+            Verdict::Diverged {
+                server_count: 5,
+                computed_count: 5,
+                ..
+            }
+        ),
+        "{:?}",
+        check.verdict
+    );
+    let err = ended(&mut sub).await;
+    assert_eq!(err.code(), "DIVERGED", "{err}");
+}
+
+mod e2e {
+    use super::*;
+    use zerodrop_client::e2e::{GroupKey, seal_text};
+
+    const K1: [u8; 32] = [1; 32];
+    const K2: [u8; 32] = [2; 32];
+
+    fn sealed(
+        key: &[u8; 32],
+        kid: &str,
+        stream: &str,
+        plain: serde_json::Value,
+    ) -> serde_json::Value {
+        let s = seal_text(&GroupKey::new(key), kid, stream, &plain.to_string(), None);
+        serde_json::to_value(s).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealed_events_are_opened_in_order_and_wait_for_their_key() {
+        let s = TestServer::start().await;
+        let api = s.api();
+        let stream = "rsc:1";
+        let token = s.creds.token("app", &["rsc:*"], &[]);
+        let client = Client::connect_with(&[&s.url], &token, opts())
+            .await
+            .unwrap();
+        client.add_key("k1", &K1).unwrap();
+        let mut sub = client.subscribe_with(stream, from_start());
+
+        // Sealed by the client itself, under the publish key.
+        client.set_publish_key("k1").unwrap();
+        let one = client
+            .seal(stream, r#"{"n":1,"secret":"attack at dawn"}"#)
+            .unwrap();
+        api.publish(stream, serde_json::from_str(&one).unwrap())
+            .await;
+        api.publish(stream, json!({"n": 2})).await;
+        api.publish(stream, sealed(&K2, "k2", stream, json!({"n": 3})))
+            .await;
+        api.publish(stream, json!({"n": 4})).await;
+        api.publish(stream, sealed(&K1, "k1", stream, json!({"n": 5})))
+            .await;
+
+        // The server stores ciphertext it cannot read.
+        let page = api.read(stream, 0, 10).await;
+        let stored = page.json["events"][0]["data"].clone();
+        assert_eq!(stored["e2e"], 1, "{stored}");
+        assert_eq!(stored["kid"], "k1");
+        assert!(!page.text.contains("attack at dawn"), "{}", page.text);
+
+        let e = next_within(&mut sub, LIMIT).await.unwrap().unwrap();
+        assert_eq!(
+            (e.seq, e.encrypted, e.kid.as_deref()),
+            (1, true, Some("k1"))
+        );
+        assert_eq!(
+            e.json::<serde_json::Value>().unwrap()["secret"],
+            "attack at dawn"
+        );
+        e.handled();
+        let e = next_within(&mut sub, LIMIT).await.unwrap().unwrap();
+        assert_eq!((e.seq, e.encrypted), (2, false));
+        e.handled();
+        // 3 waits for k2, and 4 and 5 wait behind it: order is kept.
+        assert!(
+            next_within(&mut sub, Duration::from_millis(600))
+                .await
+                .is_none()
+        );
+        assert_eq!(sub.position().seq, 2);
+        client.add_key("k2", &K2).unwrap();
+        let mut seqs = Vec::new();
+        receive_until(&mut sub, 5, &mut seqs).await;
+        assert_eq!(seqs, vec![3, 4, 5]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_that_never_comes_and_a_full_buffer_are_typed_errors() {
+        let s = TestServer::start().await;
+        let api = s.api();
+        let token = s.creds.token("app", &["rsk2:*"], &[]);
+        let client = Client::connect_with(
+            &[&s.url],
+            &token,
+            ClientOptions {
+                key_timeout: Duration::from_millis(300),
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+        let mut late = client.subscribe_with("rsk2:late", from_start());
+        api.publish("rsk2:late", sealed(&K2, "k9", "rsk2:late", json!({"n": 1})))
+            .await;
+        assert_eq!(
+            ended(&mut late).await,
+            SubscriptionError::KeyUnavailable {
+                stream: "rsk2:late".into(),
+                kid: "k9".into()
+            }
+        );
+
+        let client = Client::connect_with(
+            &[&s.url],
+            &token,
+            ClientOptions {
+                key_buffer_events: 3,
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+        let mut full = client.subscribe_with("rsk2:full", from_start());
+        api.publish("rsk2:full", sealed(&K2, "k9", "rsk2:full", json!({"n": 1})))
+            .await;
+        publish_range(&api, "rsk2:full", 2, 4).await;
+        assert_eq!(
+            ended(&mut full).await,
+            SubscriptionError::KeyBufferFull {
+                stream: "rsk2:full".into(),
+                limit: 3
+            }
+        );
+
+        // Sealed data moved to another stream fails authentication.
+        client.add_key("k1", &K1).unwrap();
+        let mut moved = client.subscribe_with("rsk2:moved", from_start());
+        api.publish(
+            "rsk2:moved",
+            sealed(&K1, "k1", "rsk2:other", json!({"n": 1})),
+        )
+        .await;
+        assert_eq!(
+            ended(&mut moved).await,
+            SubscriptionError::DecryptFailed {
+                stream: "rsk2:moved".into(),
+                seq: 1
+            }
+        );
+    }
+}
