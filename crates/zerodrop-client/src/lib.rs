@@ -63,6 +63,11 @@ pub use tls::Tls;
 pub use token::{ConnectClaims, mint_connect_token};
 pub use ws::{WsAuth, WsConnection};
 
+/// The README's example, compiled with the crate's doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The WebSocket subprotocol [`WsConnection::connect`] offers: the wire-level connection
 /// speaks `zerodrop.v1` frames (single acks). [`Client`] offers [`OFFERED_PROTOCOLS`].
 pub const PROTOCOL: &str = "zerodrop.v1";
