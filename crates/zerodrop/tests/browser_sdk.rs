@@ -18,9 +18,10 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
-use zerodrop_testkit::server::ServerProcess;
 
 mod support;
+
+use support::{publish_range, spawn_sqlite};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
 const LIMIT: Duration = Duration::from_secs(90);
@@ -313,31 +314,13 @@ fn assert_exactly_once(records: &Records, stream: &str, n: u64) {
     assert!(errors(&recs).is_empty(), "{}", summary(&recs, stream));
 }
 
-fn spawn_sqlite(dir: &Path, port: u16) -> ServerProcess {
-    ServerProcess::spawn(
-        Path::new(BIN),
-        dir,
-        &format!("127.0.0.1:{port}"),
-        &["--store", "sqlite"],
-        &[],
-    )
-    .expect("zerodrop serve starts")
-}
-
-async fn publish_range(api: &zerodrop_testkit::http::Api, stream: &str, from: u64, to: u64) {
-    for n in from..=to {
-        let r = api.publish(stream, json!({ "n": n })).await;
-        assert_eq!(r["seq"], n, "publish {n}: {r}");
-    }
-}
-
 /// The page survives a `kill -9` of its server and a restart on the same port and data.
 async fn kill9_scenario(transport: &str) {
     let dist = compile();
     let (page, records) = page_server(dist.path()).await;
     let data = tempfile::tempdir().expect("data dir");
     let port = free_port();
-    let mut server = spawn_sqlite(data.path(), port);
+    let mut server = spawn_sqlite(data.path(), port, &[]);
     let api = server.api();
     let stream = format!("br{transport}:1");
     let token = server
@@ -360,7 +343,7 @@ async fn kill9_scenario(transport: &str) {
     // Down long enough for the page's backoff to grow, so that some of what follows is
     // published before it is back and arrives by the resume's replay.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let server = spawn_sqlite(data.path(), port);
+    let server = spawn_sqlite(data.path(), port, &[]);
     let api = server.api();
     publish_range(&api, &stream, 31, 60).await;
     wait_for(&records, &stream, 60, LIMIT).await;
@@ -424,7 +407,7 @@ async fn a_page_opens_sealed_events_and_ends_on_a_tampered_one() {
     let dist = compile();
     let (page, records) = page_server(dist.path()).await;
     let data = tempfile::tempdir().expect("data dir");
-    let server = spawn_sqlite(data.path(), free_port());
+    let server = spawn_sqlite(data.path(), free_port(), &[]);
     let api = server.api();
     let token = server.creds.token("page", &["room:*"], &[]);
     let extra = format!(
@@ -531,34 +514,8 @@ async fn a_page_follows_a_drain_to_the_second_instance_without_a_gap_or_a_repeat
     publish_range(&apis[1], stream, 1, 20).await;
     wait_for(&records, stream, 20, LIMIT).await;
 
-    let r = apis[0]
-        .post(
-            "/admin/drain/start",
-            Some(&c.creds.admin_token),
-            json!({"reason": "rolling_deployment", "max_session_age_seconds": 1}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
     // Publishing goes on while the page moves.
-    let mut n = 20;
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        n += 1;
-        let r = apis[1].publish(stream, json!({ "n": n })).await;
-        assert_eq!(r["seq"], n);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let st = apis[0]
-            .get("/admin/drain/status", Some(&c.creds.admin_token))
-            .await;
-        if n >= 40 && st.json["sessionsRemaining"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "the drained instance still holds the page: {}",
-            st.text
-        );
-    }
+    let n = support::drain_while_publishing(&c, stream, 20).await;
     publish_range(&apis[1], stream, n + 1, n + 10).await;
     let total = n + 10;
     wait_for(&records, stream, total as usize, LIMIT).await;
@@ -575,7 +532,7 @@ async fn a_page_behind_a_proxy_that_loses_an_event_reads_it_over_http_and_acks_o
     let dist = compile();
     let (page, records) = page_server(dist.path()).await;
     let data = tempfile::tempdir().expect("data dir");
-    let server = spawn_sqlite(data.path(), free_port());
+    let server = spawn_sqlite(data.path(), free_port(), &[]);
     let api = server.api();
     // Negotiates zerodrop.v1 on both sides and never forwards the event with seq 2.
     let proxy = support::event_dropping_proxy(server.addr).await;

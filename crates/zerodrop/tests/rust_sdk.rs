@@ -8,6 +8,8 @@
 
 mod support;
 
+use support::{publish_range, spawn_sqlite};
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,7 @@ use zerodrop_client::{
 };
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
-use zerodrop_testkit::http::Api;
-use zerodrop_testkit::server::{ServerProcess, TestServer};
+use zerodrop_testkit::server::TestServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_zerodrop");
 const LIMIT: Duration = Duration::from_secs(60);
@@ -37,20 +38,6 @@ fn from_start() -> SubscribeOptions {
     SubscribeOptions {
         after: Some(0),
         epoch: None,
-    }
-}
-
-fn spawn_sqlite(dir: &Path, port: u16, args: &[&str]) -> ServerProcess {
-    let mut all = vec!["--store", "sqlite"];
-    all.extend_from_slice(args);
-    ServerProcess::spawn(Path::new(BIN), dir, &format!("127.0.0.1:{port}"), &all, &[])
-        .expect("zerodrop serve starts")
-}
-
-async fn publish_range(api: &Api, stream: &str, from: u64, to: u64) {
-    for n in from..=to {
-        let r = api.publish(stream, json!({ "n": n })).await;
-        assert_eq!(r["seq"], n, "publish {n}: {r}");
     }
 }
 
@@ -198,33 +185,8 @@ async fn a_drain_moves_the_client_to_the_next_instance_without_a_gap_or_a_repeat
     publish_range(&apis[1], stream, 1, 20).await;
     receive_until(&mut sub, 20, &mut seqs).await;
 
-    let r = apis[0]
-        .post(
-            "/admin/drain/start",
-            Some(&c.creds.admin_token),
-            json!({"reason": "rolling_deployment", "max_session_age_seconds": 1}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let mut n = 20;
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        n += 1;
-        let r = apis[1].publish(stream, json!({ "n": n })).await;
-        assert_eq!(r["seq"], n);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let st = apis[0]
-            .get("/admin/drain/status", Some(&c.creds.admin_token))
-            .await;
-        if n >= 40 && st.json["sessionsRemaining"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "the drained instance still holds the client: {}",
-            st.text
-        );
-    }
+    // Publishing goes on while the client moves.
+    let n = support::drain_while_publishing(&c, stream, 20).await;
     publish_range(&apis[1], stream, n + 1, n + 10).await;
     receive_until(&mut sub, n + 10, &mut seqs).await;
     assert_quiet(&mut sub).await;

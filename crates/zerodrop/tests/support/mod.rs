@@ -360,3 +360,67 @@ pub async fn next_event(ws: &mut zerodrop_client::WsConnection) -> zerodrop_clie
     }
     panic!("no event within 50 frames");
 }
+
+/// Starts a drain of instance 0 of `c` (sessions older than 1 s are moved) and keeps
+/// publishing `{"n": n}` to `stream` on instance 1, from `after + 1`, every 50 ms, until the
+/// drained instance holds no session (at least 20 publishes, at most 30 s). The last `n`.
+pub async fn drain_while_publishing(
+    c: &zerodrop_testkit::cluster::Cluster,
+    stream: &str,
+    after: u64,
+) -> u64 {
+    let (drained, other) = (c.api(0), c.api(1));
+    let r = drained
+        .post(
+            "/admin/drain/start",
+            Some(&c.creds.admin_token),
+            serde_json::json!({"reason": "rolling_deployment", "max_session_age_seconds": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut n = after;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        n += 1;
+        let r = other.publish(stream, serde_json::json!({ "n": n })).await;
+        assert_eq!(r["seq"], n);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = drained
+            .get("/admin/drain/status", Some(&c.creds.admin_token))
+            .await;
+        if n >= after + 20 && st.json["sessionsRemaining"] == 0 {
+            return n;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the drained instance still holds a session: {}",
+            st.text
+        );
+    }
+}
+
+/// Publishes `{"n": n}` for every n in `from..=to`, each landing at seq n.
+pub async fn publish_range(api: &zerodrop_testkit::http::Api, stream: &str, from: u64, to: u64) {
+    for n in from..=to {
+        let r = api.publish(stream, serde_json::json!({ "n": n })).await;
+        assert_eq!(r["seq"], n, "publish {n}: {r}");
+    }
+}
+
+/// `zerodrop serve --store sqlite <args…>` as a child process on `127.0.0.1:<port>`.
+pub fn spawn_sqlite(
+    dir: &Path,
+    port: u16,
+    args: &[&str],
+) -> zerodrop_testkit::server::ServerProcess {
+    let mut all = vec!["--store", "sqlite"];
+    all.extend_from_slice(args);
+    zerodrop_testkit::server::ServerProcess::spawn(
+        Path::new(BIN),
+        dir,
+        &format!("127.0.0.1:{port}"),
+        &all,
+        &[],
+    )
+    .expect("zerodrop serve starts")
+}
