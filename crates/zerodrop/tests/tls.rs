@@ -2,7 +2,7 @@
 //! `openssl` CLI, a rustls terminator on loopback in front of a real `zerodrop serve`, and
 //! the SDK (HTTP, WebSocket, SSE) and `zerodrop probe` through it, trusting the CA with
 //! `Tls::with_ca_file` / `--ca-file`. Without the CA every transport fails with
-//! `ClientError::Tls`. Needs `openssl` on PATH.
+//! `ClientError::Tls`. The SDK's `Client` subscribes and verifies over the same. Needs `openssl` on PATH.
 
 mod support;
 
@@ -17,8 +17,8 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use zerodrop_client::{
-    ClientError, HttpClient, SseAuth, SseConnection, SseMessage, SseOptions, Tls, WsAuth,
-    WsConnection, mint_connect_token,
+    Client, ClientError, ClientOptions, HttpClient, SseAuth, SseConnection, SseMessage, SseOptions,
+    SubscribeOptions, Tls, Verdict, WsAuth, WsConnection, mint_connect_token,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -353,5 +353,65 @@ async fn probe_passes_over_https_with_ca_file_and_fails_without_it() {
         )),
         "{}",
         dash.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_subscribes_and_verifies_over_wss_and_https() {
+    let pki = make_pki();
+    let s = Server::start().await;
+    let front = terminator(&pki, s.inst.addr).await;
+    let url = format!("https://127.0.0.1:{}", front.addr.port());
+    let stream = "tlsc:1";
+    let tok = token(&s, "tlsc:*");
+    let options = |tls: Tls| ClientOptions {
+        tls: Some(tls),
+        connect_timeout: T,
+        ..ClientOptions::default()
+    };
+
+    let refused = Client::connect_with(&[&url], &tok, options(Tls::system()))
+        .await
+        .err()
+        .expect("no connection without the CA");
+    assert!(matches!(refused, ClientError::Tls(_)), "{refused:?}");
+
+    let tls = Tls::with_ca_file(pki.ca()).unwrap();
+    let client = Client::connect_with(&[&url], &tok, options(tls.clone()))
+        .await
+        .unwrap();
+    assert_eq!(client.protocol(), "zerodrop.v2");
+    let mut sub = client.subscribe_with(
+        stream,
+        SubscribeOptions {
+            after: Some(0),
+            epoch: None,
+        },
+    );
+    let http = HttpClient::with_tls(&url, Some(s.secrets.api_key.clone()), T, &tls).unwrap();
+    for n in 1..=3u64 {
+        assert_eq!(
+            http.publish(stream, &format!(r#"{{"n":{n}}}"#), None)
+                .await
+                .unwrap()
+                .seq,
+            n
+        );
+    }
+    for want in 1..=3u64 {
+        let e = tokio::time::timeout(T, sub.next())
+            .await
+            .expect("an event in time")
+            .expect("open")
+            .expect("no error");
+        assert_eq!(e.seq, want);
+        e.handled();
+    }
+    // The consistency check reads the stream over https with the same roots.
+    let check = client.verify(stream).await.unwrap();
+    assert!(
+        matches!(check.verdict, Verdict::Consistent { count: 3, .. }),
+        "{:?}",
+        check.verdict
     );
 }
