@@ -718,6 +718,9 @@ enum Flow {
     Go,
     /// The connection is gone: reconnect after this long.
     Lost(Duration),
+    /// The server asked the client to move (a drain): close politely, reconnect after this
+    /// long (no backoff).
+    Move(Duration),
     Closed,
 }
 
@@ -774,12 +777,17 @@ impl Driver {
             };
             match flow {
                 Flow::Go => self.conn = Some(conn),
-                Flow::Lost(delay) => {
+                Flow::Lost(delay) | Flow::Move(delay) => {
                     self.resume_token = self
                         .resume_token
                         .take()
                         .map(|_| conn.resume_token().to_string());
-                    drop(conn);
+                    if let Some(t) = &self.resume_token {
+                        lock(&self.shared.session).1 = t.clone();
+                    }
+                    if let Flow::Move(_) = flow {
+                        conn.close().await;
+                    }
                     self.delay = delay;
                     self.idx = (self.idx + 1) % self.urls.len();
                     self.shared.url.store(self.idx, Ordering::Relaxed);
@@ -929,7 +937,7 @@ impl Driver {
             ServerFrame::Reconnect { retry_after_ms, .. } => {
                 // A drain: everything in flight arrived before this frame. Go now, elsewhere.
                 self.flush_acks(conn).await;
-                return Flow::Lost(Duration::from_millis(retry_after_ms));
+                return Flow::Move(Duration::from_millis(retry_after_ms));
             }
             ServerFrame::Error(f) => self.on_error_frame(f.error, f.epoch),
             ServerFrame::Token { resume_token } => lock(&self.shared.session).1 = resume_token,
