@@ -235,18 +235,7 @@ impl SubscriptionError {
     fn from_client(e: &ClientError, last_frame: Option<&ApiError>) -> Option<SubscriptionError> {
         match e {
             ClientError::Http { status, error, .. } => match status {
-                401 | 403 => {
-                    let mut error = error.clone();
-                    if error.code.is_empty() {
-                        error.code = if *status == 401 {
-                            "UNAUTHORIZED"
-                        } else {
-                            "FORBIDDEN"
-                        }
-                        .into();
-                    }
-                    SubscriptionError::from_api(&error, None)
-                }
+                401 | 403 => SubscriptionError::from_api(&coded(*status, error), None),
                 _ => None,
             },
             ClientError::Frame(error) => SubscriptionError::from_api(error, None),
@@ -293,6 +282,20 @@ impl SubscriptionError {
         }
         e
     }
+}
+
+/// `error` with the code its status implies when the body named none (a 401 or 403 from
+/// something in front of the server).
+fn coded(status: u16, error: &ApiError) -> ApiError {
+    let mut error = error.clone();
+    if error.code.is_empty() {
+        match status {
+            401 => error.code = "UNAUTHORIZED".into(),
+            403 => error.code = "FORBIDDEN".into(),
+            _ => {}
+        }
+    }
+    error
 }
 
 /// One event given to the application. Call [`Received::handled`] once the application has
@@ -686,7 +689,6 @@ struct Sub {
     tx: mpsc::UnboundedSender<Item>,
     position: Arc<Mutex<Position>>,
     epoch: Option<String>,
-    start_after: Option<u64>,
     /// The last seq given to the application (`None`: not known yet).
     delivered: Option<u64>,
     /// The highest seq handled without a hole.
@@ -702,7 +704,8 @@ struct Sub {
     waiting_key: Option<(Instant, String)>,
     /// A gap read failed transiently: try again at this time.
     retry_at: Option<Instant>,
-    repair_attempts: u32,
+    /// The wait between failed gap reads (reset by a read that succeeds).
+    repair: Backoff,
 }
 
 impl Sub {
@@ -767,7 +770,7 @@ impl Driver {
             let flow = tokio::select! {
                 r = conn.recv() => match r {
                     Ok(frame) => self.on_frame(&mut conn, frame).await,
-                    Err(e) => self.on_lost(&conn, e),
+                    Err(e) => self.on_lost(e),
                 },
                 cmd = self.cmd_rx.recv() => self.on_cmd(Some(&mut conn), cmd).await,
                 _ = tick.tick() => {
@@ -884,8 +887,7 @@ impl Driver {
         }
     }
 
-    fn on_lost(&mut self, conn: &WsConnection, e: ClientError) -> Flow {
-        let _ = conn;
+    fn on_lost(&mut self, e: ClientError) -> Flow {
         if let Some(err) = SubscriptionError::from_client(&e, self.last_session_error.as_ref()) {
             self.fail_all(&err);
             self.resume_token = None;
@@ -995,7 +997,6 @@ impl Driver {
                     tx,
                     position,
                     epoch: opts.epoch,
-                    start_after: opts.after,
                     delivered: opts.after,
                     handled: opts.after,
                     handled_ahead: BTreeSet::new(),
@@ -1004,7 +1005,7 @@ impl Driver {
                     inbox: VecDeque::new(),
                     waiting_key: None,
                     retry_at: None,
-                    repair_attempts: 0,
+                    repair: Backoff::new(self.opts.base_delay, self.opts.max_delay),
                 };
                 if let Some(c) = conn {
                     let _ = c.send(&subscribe_frame(&stream, &s)).await;
@@ -1163,7 +1164,7 @@ impl Driver {
                     match self.read_range(stream, d, to).await {
                         Ok(missing) => {
                             if let Some(s) = self.subs.get_mut(stream) {
-                                s.repair_attempts = 0;
+                                s.repair.reset();
                                 for m in missing.into_iter().rev() {
                                     s.inbox.push_front(m);
                                 }
@@ -1178,12 +1179,8 @@ impl Driver {
                             // Transient: the events stay where they are, in order; the tick
                             // tries again.
                             if let Some(s) = self.subs.get_mut(stream) {
-                                s.repair_attempts += 1;
-                                let mut b = Backoff::new(self.opts.base_delay, self.opts.max_delay);
-                                for _ in 0..s.repair_attempts.min(20) {
-                                    b.next_delay(Duration::ZERO);
-                                }
-                                s.retry_at = Some(Instant::now() + b.next_delay(Duration::ZERO));
+                                s.retry_at =
+                                    Some(Instant::now() + s.repair.next_delay(Duration::ZERO));
                             }
                             return;
                         }
@@ -1307,16 +1304,7 @@ impl Driver {
                 Err(e) => {
                     return Err(match &e {
                         ClientError::Http { status, error, .. } => {
-                            let mut error = error.clone();
-                            if error.code.is_empty() && matches!(status, 401 | 403) {
-                                error.code = if *status == 401 {
-                                    "UNAUTHORIZED"
-                                } else {
-                                    "FORBIDDEN"
-                                }
-                                .into();
-                            }
-                            SubscriptionError::from_api(&error, Some(stream))
+                            SubscriptionError::from_api(&coded(*status, error), Some(stream))
                         }
                         _ => None,
                     });
@@ -1347,7 +1335,7 @@ impl Driver {
 fn subscribe_frame(stream: &str, s: &Sub) -> ClientFrame {
     ClientFrame::Subscribe {
         stream: stream.to_string(),
-        after: s.handled.or(s.start_after),
+        after: s.handled,
         epoch: s.epoch.clone(),
     }
 }
