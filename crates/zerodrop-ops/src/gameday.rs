@@ -346,7 +346,7 @@ pub fn expected(publishing: Duration, fault: Fault) -> Duration {
 }
 
 /// The time limit of one (profile, fault): its drill (publishing and catch-up), the
-/// injection's own timeout, the recovery wait and [`LIMIT_SLACK`].
+/// injection's own timeout, the recovery wait and a slack of 90 s (`LIMIT_SLACK`).
 pub fn limit(publishing: Duration, drain: Duration, fault: Fault) -> Duration {
     publishing + drain + fault.timeout() + READY_WITHIN + LIMIT_SLACK
 }

@@ -83,7 +83,7 @@ pub struct StreamStart {
 const ACK_CHUNK: usize = 128;
 
 /// WebSocket acks are applied in memory under the checkpoint rule at once, and written to the
-/// store once a second, in chunks of [`ACK_CHUNK`] (and when their connection closes):
+/// store once a second, in chunks of 128 (`ACK_CHUNK`) (and when their connection closes):
 /// thousands of sockets acking every few events would otherwise cost the store a write each. A crash loses at most
 /// the last second of acks, which only means a resuming client is offered events it already
 /// has (and its own `lastAck` overrides the stored one anyway).

@@ -83,9 +83,15 @@ fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket.bind(&addr.into()).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            ": another process (another zerodrop?) holds it; choose another address with \
+             --listen or ZERODROP_LISTEN"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
+    })?;
     // tokio's default backlog (128) overflows in a reconnect storm; each overflow costs the
     // client a 1 s SYN retransmit.
     socket.listen(4096)?;

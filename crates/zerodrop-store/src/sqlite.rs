@@ -15,7 +15,7 @@
 //!
 //! A file that is not a database, or that fails `PRAGMA quick_check` at open, is moved aside to
 //! `<name>.corrupt-<UTC stamp>` and a new one (with a new epoch, so clients resync) takes its
-//! place. At run time every SQLite failure is classified once ([`Health::fault`]): a full disk
+//! place. At run time every SQLite failure is classified once (`Health::fault`): a full disk
 //! or an I/O error fails that call with [`StoreError::Fault`] and the next call tries again; a
 //! damaged file (`SQLITE_CORRUPT`, `SQLITE_NOTADB`, or a failed scheduled [`SqliteStore::check`])
 //! latches the store into refusing every call until a restart quarantines the file.

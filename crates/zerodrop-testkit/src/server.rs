@@ -242,11 +242,16 @@ impl ServerProcess {
 
     /// SIGTERM without waiting (the server drains; [`ServerProcess::wait_exit`] collects it).
     pub fn send_term(&self) {
+        self.send_signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGINT`, as Ctrl-C does) without waiting.
+    pub fn send_signal(&self, signal: libc::c_int) {
         if let Some(c) = &self.child {
             // SAFETY: kill(2) with a pid we own and a valid signal number has no memory
             // effects.
             unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                libc::kill(c.id() as libc::pid_t, signal);
             }
         }
     }

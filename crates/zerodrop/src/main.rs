@@ -114,7 +114,9 @@ struct HealthcheckArgs {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| with_profile_tip(e).exit());
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -148,6 +150,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// `drill --quick` and its kin: a load profile is a value of `--profile`, not a flag of its own;
+/// say so in clap's error.
+fn with_profile_tip(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let profile = match (e.kind(), e.get(ContextKind::InvalidArg)) {
+        (ErrorKind::UnknownArgument, Some(ContextValue::String(arg))) => arg
+            .strip_prefix("--")
+            .filter(|p| zerodrop_ops::drill::Profile::from_str(p, false).is_ok())
+            .map(str::to_string),
+        _ => None,
+    };
+    if let Some(p) = profile {
+        e.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![
+                format!("a load profile is chosen with `--profile {p}`").into(),
+            ]),
+        );
+    }
+    e
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZERODROP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -173,12 +197,27 @@ fn serve(args: ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode
         let grace = Duration::from_secs(cfg.drain_grace_sec);
         let running = zerodrop_server::start(cfg).await?;
         shutdown_signal().await;
-        tracing::warn!(grace_sec = grace.as_secs(), "shutdown requested: draining");
-        running.shutdown(grace).await?;
+        tracing::warn!(
+            grace_sec = grace.as_secs(),
+            "shutdown requested: draining (send the signal again to exit at once)"
+        );
+        tokio::select! {
+            r = running.shutdown(grace) => r?,
+            _ = shutdown_signal() => {
+                // Every 201 is already durable, so exiting now loses no event; clients resume
+                // elsewhere (or here after a restart) from their acks.
+                tracing::warn!("second shutdown signal: exiting at once, without finishing the drain");
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+        }
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
+
+/// The exit status after a second SIGINT/SIGTERM cut a drain short (128 + SIGINT, as shells
+/// report an interrupted program).
+const EXIT_INTERRUPTED: i32 = 130;
 
 async fn shutdown_signal() {
     #[cfg(unix)]

@@ -139,3 +139,80 @@ fn every_tool_the_tests_run_is_installed_by_setup() {
         "the dashboard test needs chromium"
     );
 }
+
+/// The body of the README's first fenced block of `lang`.
+fn readme_block(lang: &str) -> String {
+    let readme = read("README.md");
+    let fence = format!("```{lang}\n");
+    let start = readme.find(&fence).map(|i| i + fence.len());
+    let start = start.unwrap_or_else(|| panic!("README has a {lang} block"));
+    let end = start + readme[start..].find("```\n").expect("the block ends");
+    readme[start..end].to_string()
+}
+
+/// The README's Rust snippet is a whole program that compiles (it is the `readme` example of
+/// the SDK, built by `cargo test`), starts at the first event like the browser snippet, and
+/// comes with the dependency lines it needs.
+#[test]
+fn the_readme_rust_snippet_is_the_compiled_example_with_its_dependencies() {
+    let snippet = readme_block("rust");
+    let example = read("crates/zerodrop-client/examples/readme.rs");
+    assert!(
+        example.ends_with(&snippet),
+        "crates/zerodrop-client/examples/readme.rs must end with the README's Rust snippet"
+    );
+    assert!(snippet.contains("after: Some(0)"), "{snippet}");
+    assert!(readme_block("js").contains("{ after: 0 }"));
+    let deps = readme_block("toml");
+    let sdk = deps
+        .lines()
+        .find(|l| l.starts_with("zerodrop-client"))
+        .expect("a zerodrop-client dependency line");
+    assert!(sdk.contains("crates/zerodrop-client\""), "{sdk}");
+    let tokio = deps
+        .lines()
+        .find(|l| l.starts_with("tokio"))
+        .expect("a tokio dependency line");
+    // `#[tokio::main]` needs both.
+    assert!(
+        tokio.contains("\"rt-multi-thread\"") && tokio.contains("\"macros\""),
+        "{tokio}"
+    );
+    assert!(snippet.contains("#[tokio::main]"));
+}
+
+/// The docs type a bare `zerodrop …` only after saying how to put it on the PATH.
+#[test]
+fn bare_zerodrop_commands_come_after_the_install_step() {
+    const SUBCOMMANDS: &[&str] = &[
+        "serve",
+        "probe",
+        "drill",
+        "gate",
+        "canary",
+        "gameday",
+        "dashboard",
+        "capacity",
+        "snapshot",
+        "verify",
+        "check-config",
+        "secrets",
+        "token",
+        "healthcheck",
+    ];
+    let install = "cargo install --path crates/zerodrop --locked";
+    for doc in ["README.md", "docs/operations.md", "docs/deployment.md"] {
+        let text = read(doc);
+        let first_bare = SUBCOMMANDS
+            .iter()
+            .filter_map(|c| text.find(&format!("zerodrop {c}")))
+            .min()
+            .unwrap_or(usize::MAX);
+        let installed = text.find(install);
+        assert!(
+            installed.is_some_and(|i| i < first_bare),
+            "{doc}: `{install}` comes before the first bare `zerodrop` command: {:?}",
+            text.get(first_bare..first_bare + 40)
+        );
+    }
+}

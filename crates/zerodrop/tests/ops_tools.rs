@@ -851,3 +851,26 @@ async fn capacity_url_plans_with_the_servers_own_connection_limit() {
     assert_eq!(c["perInstanceCapacity"], 500);
     assert_eq!(c["basis"]["server"]["reachable"], false);
 }
+
+/// What a newcomer types first, answered with what to type instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistyped_first_commands_say_what_to_type_instead() {
+    let work = tempfile::tempdir().unwrap();
+    let quick = tool(work.path(), &args(&["drill", "--quick"])).await;
+    assert_eq!(quick.code, 2);
+    assert!(
+        quick.stderr.contains("`--profile quick`"),
+        "{}",
+        quick.stderr
+    );
+    // A taken address names the setting that moves it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let serve = tool(work.path(), &args(&["serve", "--listen", &addr])).await;
+    assert_eq!(serve.code, 1);
+    assert!(
+        serve.stderr.contains("--listen") && serve.stderr.contains(&addr),
+        "{}",
+        serve.stderr
+    );
+}

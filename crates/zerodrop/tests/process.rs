@@ -459,3 +459,34 @@ async fn settings_come_from_flags_then_env_then_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--retention-max-events"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_exits_at_once_instead_of_waiting_out_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &["--drain-grace-sec", "300"], &[]);
+    let tok = p.creds.token("u1", &["room:*"], &[]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", p.ws_url()))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    p.send_signal(libc::SIGINT);
+    // The connected client keeps the drain going (it has up to 300 s to leave).
+    let mut draining = false;
+    for _ in 0..200 {
+        if p.logs().iter().any(|l| l.contains("shutdown requested")) {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(draining, "{:?}", p.logs());
+    p.send_signal(libc::SIGINT);
+    // Well under the 300 s drain: the second signal does not wait for it.
+    let status = p.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert_eq!(status.code(), Some(130));
+    let logs = p.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("second shutdown signal")),
+        "{logs:?}"
+    );
+}
