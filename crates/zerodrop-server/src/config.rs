@@ -91,7 +91,9 @@ pub struct ServeArgs {
     /// Largest event `data` (compact JSON bytes); larger is 413 `PAYLOAD_TOO_LARGE`.
     #[arg(long, env = "ZERODROP_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     pub max_payload_bytes: usize,
-    /// Server `ping` frame interval; two unanswered pings close the socket (4408).
+    /// Server `ping` frame interval; two unanswered pings close the socket (4408). Twice this
+    /// is also how long any write may make no progress (a client that stopped reading) before
+    /// the connection is given up.
     #[arg(long, env = "ZERODROP_PING_INTERVAL_SEC", default_value_t = 25)]
     pub ping_interval_sec: u64,
     /// Allowed CORS origins, comma-separated, or `*`.
@@ -503,6 +505,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How long a write may make no progress before the connection is given up: twice
+    /// `--ping-interval-sec` (default 50 s). A client that has taken no byte for that long
+    /// could not have answered two pings either, so it gets the same close code (4408) when
+    /// the close frame can still be written, and the TCP connection is dropped otherwise. The
+    /// same bound ends SSE responses and plain HTTP responses whose client stopped reading.
+    /// Not a setting of its own: it moves with the ping interval (see `stall.rs`).
+    pub fn write_stall(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ping_interval_sec.saturating_mul(2))
     }
 
     /// Largest HTTP request body accepted: room for a maximal payload plus its envelope

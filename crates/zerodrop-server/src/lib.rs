@@ -4,7 +4,8 @@
 //! [`app::App`] (shared state and the session rules) over a [`zerodrop_store::Store`] and a
 //! [`live::Hub`] (fan-out in front of the log). [`http`], [`ws`] and [`sse`] are thin
 //! transports over the app; [`metrics`] records every figure; [`drain`] takes an instance out
-//! of service without dropping anything.
+//! of service without dropping anything; [`stall`] lets go of connections whose client stopped
+//! reading.
 
 pub mod app;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod sse;
+pub mod stall;
 pub mod ws;
 
 pub use config::{Config, ServeArgs};

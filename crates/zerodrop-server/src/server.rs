@@ -235,9 +235,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let router = crate::http::router(app.clone());
     let mut stop_signal = stop_rx;
+    // Every connection's writes are bounded: a client that stops reading is let go (stall.rs).
+    let listener = crate::stall::StallListener::new(listener, app.cfg.write_stall());
     // Small frames must not wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |io| {
+        let _ = io.get_ref().set_nodelay(true);
     });
     let task = tokio::spawn(async move {
         let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();

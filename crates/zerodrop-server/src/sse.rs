@@ -10,6 +10,12 @@
 //! Each write carries every event that is ready (encoded once per event, shared by all
 //! subscribers), a `: ping` comment every 15 s keeps proxies from timing out, and a drain
 //! ends the stream at this connection's spread moment so the browser reconnects elsewhere.
+//!
+//! hyper pulls this body only while it can write: a client that stops reading leaves it
+//! unpolled, with its timers (ping, drain) asleep. The connection's stall guard (`stall.rs`)
+//! ends such a response once a write has made no progress for two ping intervals; dropping
+//! the body releases the connection slot and the gauge, and the client resumes with its
+//! `Last-Event-ID` like after any other broken connection.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -8,6 +8,13 @@
 //!
 //! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
+//!
+//! No write waits without bound: the connection's I/O fails a write that has made no progress
+//! for two ping intervals (`stall.rs`), so a client that stopped reading costs at most that
+//! long, and the timers that wait behind its write (ping, refresh, drain) are late by at most
+//! that much. Such a socket is closed with 4408, like one that missed two pings, if the close
+//! frame can be written within `CLOSE_WRITE` (it rarely can: the buffers in front of it are
+//! full); otherwise the TCP connection is dropped. Either way the session stays for a resume.
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
@@ -51,6 +58,9 @@ const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// reset it, and a reset throws away whatever is still queued for the client: a slow or busy
 /// client would never read the `reconnect` frame or the close frame in front of it.
 pub(crate) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(5);
+/// How long the last frames (an `error`, the close frame) may take to be written; beyond, the
+/// TCP connection is dropped without them. Capped by the stall bound when that is shorter.
+const CLOSE_WRITE: Duration = Duration::from_secs(5);
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Deserialize)]
@@ -312,15 +322,24 @@ impl Conn {
             error,
         } = exit
         {
-            if let Some(e) = error {
+            if let Some(e) = &error {
                 self.app.metrics.error(e.code);
-                let _ = self.socket.send(Message::Text(e.frame().into())).await;
             }
             let frame = CloseFrame {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            if self.socket.send(Message::Close(Some(frame))).await.is_ok() {
+            // Bounded: a client that does not read must not hold the socket for the close.
+            let bound = CLOSE_WRITE.min(self.app.cfg.write_stall());
+            let socket = &mut self.socket;
+            let closed = tokio::time::timeout(bound, async move {
+                if let Some(e) = error {
+                    let _ = socket.send(Message::Text(e.frame().into())).await;
+                }
+                socket.send(Message::Close(Some(frame))).await
+            })
+            .await;
+            if matches!(closed, Ok(Ok(()))) {
                 self.await_close_reply().await;
             }
         }
@@ -369,7 +388,7 @@ impl Conn {
         self.socket
             .send(Message::Text(s.into()))
             .await
-            .map_err(|_| Exit::Gone("write failed"))
+            .map_err(write_error)
     }
 
     /// A stream-level error: the socket stays open.
@@ -667,7 +686,7 @@ impl Conn {
                             self.socket
                                 .feed(Message::Text(d.ws_frame()))
                                 .await
-                                .map_err(|_| Exit::Gone("write failed"))?;
+                                .map_err(write_error)?;
                         }
                         let n = self.buf.len();
                         frames += n as u64;
@@ -687,10 +706,7 @@ impl Conn {
             }
         }
         if frames > 0 {
-            self.socket
-                .flush()
-                .await
-                .map_err(|_| Exit::Gone("write failed"))?;
+            self.socket.flush().await.map_err(write_error)?;
             self.delivered += frames;
             self.app.metrics.delivered(frames);
             if let Some(at) = oldest {
@@ -1121,6 +1137,25 @@ fn limiter_clock() -> DefaultClock {
 
 fn refresh_every(app: &App) -> Duration {
     Duration::from_secs((app.cfg.reconnect_window_sec / 3).max(1))
+}
+
+/// A failed write. One that made no progress for the stall bound (`stall.rs`) is a client that
+/// stopped reading: it is closed like one that missed two pings (4408). Anything else is a
+/// broken connection.
+fn write_error(e: axum::Error) -> Exit {
+    let stalled = e
+        .into_inner()
+        .downcast::<tungstenite::Error>()
+        .is_ok_and(|e| matches!(&*e, tungstenite::Error::Io(io) if crate::stall::is_stall(io)));
+    if stalled {
+        Exit::Close {
+            code: ErrorCode::PingTimeout.close_code(),
+            reason: "WRITE_STALLED",
+            error: None,
+        }
+    } else {
+        Exit::Gone("write failed")
+    }
 }
 
 fn read_error(e: axum::Error) -> Exit {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use zerodrop_server::config::StoreChoice;
 use zerodrop_testkit::http::Api;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::{SseClient, SseRead};
@@ -214,4 +215,53 @@ async fn the_gauge_follows_a_drain_that_finishes_by_itself() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status(&api, &admin).await["state"], "drained");
+}
+
+/// A client that stops reading cannot keep a drain from finishing: its pending write is given
+/// up after the stall bound (two ping intervals), the socket closed or dropped, and the drain
+/// turns `drained` by itself, although that client was never handed its `reconnect` frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_hold_a_drain() {
+    let s = TestServer::with(|c| {
+        c.ping_interval_sec = 2;
+        c.store = StoreChoice::Memory;
+    })
+    .await;
+    let api = s.api();
+    let admin = s.creds.admin_token.clone();
+    let tok = s.token("u1", &["room:*"]);
+    let tcp = zerodrop_testkit::small_window_tcp(s.addr).await;
+    let mut c = WsClient::connect_over(&format!("{}/v1/ws?token={tok}", s.ws_url()), tcp)
+        .await
+        .expect("websocket connects");
+    c.expect("welcome").await;
+    c.send(json!({"type":"subscribe","stream":"room:1","after":0}))
+        .await;
+    c.expect("subscribed").await;
+    // The client reads nothing from here on; the flood fills both kernel buffers.
+    api.publish_padded("room:1", 320, 16 * 1024).await;
+    let r = api
+        .post(
+            "/admin/drain/start",
+            Some(&admin),
+            json!({"reason":"rolling_deployment","max_session_age_seconds":1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Stall bound (4 s) + bounded close (4 s) + slack; the client still reads nothing.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status(&api, &admin).await;
+        if st["state"] == "drained" {
+            assert_eq!(st["sessionsRemaining"], 0, "{st}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the drain is held by a stalled client: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(prometheus(&api, "zerodrop_ws_active").await, Some(0.0));
+    c.abort();
 }

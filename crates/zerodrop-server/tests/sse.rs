@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zerodrop_server::config::StoreChoice;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::SseClient;
 
@@ -249,4 +251,102 @@ async fn drops_counted_while_connected_are_not_counted_again_on_resume() {
         vec![396, 397, 398, 399, 400]
     );
     assert_eq!(dropped(api.metrics_json().await), while_connected);
+}
+
+/// An SSE client that stops reading (a small receive window, then a flood of large events) is
+/// let go once a write has made no progress for the stall bound (two ping intervals): hyper
+/// stops pulling the body while its write is pending, so it is the connection's stall guard
+/// that ends the response. The gauge and the connection slot come back while the client still
+/// reads nothing; when it reads again it finds the events that were in flight and then the end
+/// of the connection, and `Last-Event-ID` resumes after them with nothing missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go_and_resumes_without_a_gap() {
+    const EVENTS: u64 = 320;
+    let s = TestServer::with(|c| {
+        c.ping_interval_sec = 2;
+        c.store = StoreChoice::Memory;
+        c.max_connections = 1;
+    })
+    .await;
+    let api = s.api();
+    let tok = s.token("u1", &["room:*"]);
+    let mut tcp = zerodrop_testkit::small_window_tcp(s.addr).await;
+    let request = format!(
+        "GET /v1/streams/room:1/sse?token={tok}&after=0 HTTP/1.1\r\nHost: {}\r\n\
+         Accept: text/event-stream\r\n\r\n",
+        s.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.metrics_json().await["ws_metrics"]["sse_active"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the SSE response opens"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // From here on the client reads nothing.
+    api.publish_padded("room:1", EVENTS, 16 * 1024).await;
+    assert_eq!(
+        api.await_no_connections(Duration::from_secs(20)).await,
+        (0, 0, 0),
+        "the stalled response is ended: gauge and slot released"
+    );
+
+    // It reads again: what was in flight, then the end of the connection (bounded).
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => panic!("the connection was left open after {} bytes", got.len()),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    // The last block may have been cut anywhere: only the ones before it count as read.
+    let read: Vec<u64> = ids[..ids.len().saturating_sub(1)]
+        .iter()
+        .map(|id| seq_of(&Some(id.to_string())))
+        .collect();
+    let k = read.len() as u64;
+    assert!(
+        k < EVENTS,
+        "the client's buffers never filled: the test proves nothing"
+    );
+    assert_eq!(read, (1..=k).collect::<Vec<_>>(), "in order, without a gap");
+
+    // Last-Event-ID resumes after what was read; the slot is free again.
+    let epoch = api.info("room:1").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let last = format!("{epoch}:{k}");
+    let url = format!("{}/v1/streams/room:1/sse?token={tok}", s.url);
+    let mut c = SseClient::connect(&url, &[("last-event-id", &last)])
+        .await
+        .unwrap();
+    let rest: Vec<u64> = c
+        .events((EVENTS - k) as usize)
+        .await
+        .iter()
+        .map(|e| seq_of(&e.id))
+        .collect();
+    assert_eq!(rest, (k + 1..=EVENTS).collect::<Vec<_>>());
+    assert!(c.next_within(Duration::from_millis(300)).await.is_none());
+    let m = api.metrics_json().await;
+    assert_eq!(m["ws_metrics"]["dropped_messages"], 0, "{m}");
+    assert_eq!(m["ws_metrics"]["sse_active"], 1, "{m}");
 }

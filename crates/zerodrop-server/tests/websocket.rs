@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use zerodrop_server::config::StoreChoice;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::ws::{Next, WsClient};
 
@@ -753,4 +754,99 @@ async fn acks_and_pongs_are_never_rate_limited_other_frames_are() {
         checkpoint(&api, &sid, &token, 299).await,
         json!({"ackUpdate":"ignored","lastAckSequence":300})
     );
+}
+
+/// Events of this size, this many: far more than a small client window and the server's
+/// send buffer (at most 4 MiB here) hold together, so a client that stops reading stalls the
+/// server's writes.
+const BIG_EVENTS: u64 = 320;
+const BIG_PAD: usize = 16 * 1024;
+
+/// A client that stops reading (a small receive window, then a flood of large events) holds
+/// its socket no longer than the write-stall bound (two ping intervals) and a bounded close:
+/// the gauge and the connection slot come back while it still reads nothing. When it reads
+/// again it finds the events that were already in flight, then the end of the connection (the
+/// 4408 close frame cannot get past the full buffers, so it is a bare end here; 4408 when it
+/// could be written), and its session resumes from what it read with nothing missing, nothing
+/// repeated and nothing counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go_and_resumes_without_a_gap() {
+    let s = TestServer::with(|c| {
+        // Stall bound 4 s. Long enough for the flood to fill the buffers (the memory store
+        // publishes quickly) before two missed pings could close the socket the old way.
+        c.ping_interval_sec = 2;
+        c.store = StoreChoice::Memory;
+        // The resume below needs the slot the stalled socket held.
+        c.max_connections = 1;
+    })
+    .await;
+    let api = s.api();
+    let tok = s.token("u1", &["room:*"]);
+    let tcp = zerodrop_testkit::small_window_tcp(s.addr).await;
+    let mut c = WsClient::connect_over(&format!("{}/v1/ws?token={tok}", s.ws_url()), tcp)
+        .await
+        .unwrap();
+    let welcome = c.expect("welcome").await;
+    let token = welcome["resumeToken"].as_str().unwrap().to_string();
+    c.send(json!({"type":"subscribe","stream":"room:1","after":0}))
+        .await;
+    c.expect("subscribed").await;
+
+    // From here on the client reads nothing.
+    api.publish_padded("room:1", BIG_EVENTS, BIG_PAD).await;
+    assert_eq!(
+        api.await_no_connections(Duration::from_secs(20)).await,
+        (0, 0, 0),
+        "the stalled socket is let go: gauge and slot released"
+    );
+
+    // It reads again: what was in flight, in order, then the end.
+    let mut read = Vec::new();
+    let end = loop {
+        assert!(
+            read.len() as u64 <= BIG_EVENTS,
+            "more events than published"
+        );
+        match c.next_within(Duration::from_secs(5)).await {
+            Next::Frame(f) if f["type"] == "event" => read.push(seq(&f)),
+            Next::Frame(f) => assert!(
+                ["ping", "token"].contains(&f["type"].as_str().unwrap_or("")),
+                "{f}"
+            ),
+            Next::Closed(code) => break code,
+            Next::Timeout => panic!("the connection was left open after {} events", read.len()),
+        }
+    };
+    assert!(
+        matches!(end, None | Some(4408)),
+        "a bare end or 4408, got {end:?}"
+    );
+    let k = read.len() as u64;
+    assert!(
+        k < BIG_EVENTS,
+        "the client's buffers never filled: the test proves nothing"
+    );
+    assert_eq!(read, (1..=k).collect::<Vec<_>>(), "in order, without a gap");
+
+    // The session resumes after what the client read; the slot is free again.
+    let mut c = WsClient::connect(&format!("{}/v1/ws", s.ws_url()))
+        .await
+        .unwrap();
+    c.send(json!({"type":"resume","resumeToken":token,"lastAck":{"room:1":k}}))
+        .await;
+    c.expect("welcome").await;
+    let sub = c.expect("subscribed").await;
+    assert_eq!(sub["fromSeq"], k + 1);
+    let rest: Vec<u64> = c
+        .events((BIG_EVENTS - k) as usize)
+        .await
+        .iter()
+        .map(seq)
+        .collect();
+    assert_eq!(rest, (k + 1..=BIG_EVENTS).collect::<Vec<_>>());
+    c.expect_silence(Duration::from_millis(300)).await;
+    let m = api.metrics_json().await;
+    assert_eq!(m["ws_metrics"]["dropped_messages"], 0, "{m}");
+    assert_eq!(m["ws_metrics"]["ws_active"], 1, "{m}");
+    c.close().await;
 }

@@ -1,5 +1,7 @@
 //! A small HTTP client for zerodrop's API, returning status, headers and JSON as they are.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -122,5 +124,37 @@ impl Api {
 
     pub async fn metrics_json(&self) -> Value {
         self.get("/metrics?format=json", None).await.json
+    }
+
+    /// Publishes `n` events of a little more than `pad` bytes each on `stream`
+    /// (`{"i": 1..=n, "pad": "xx…"}`), one after the other.
+    pub async fn publish_padded(&self, stream: &str, n: u64, pad: usize) {
+        let pad = "x".repeat(pad);
+        for i in 1..=n {
+            self.publish(stream, serde_json::json!({"i": i, "pad": pad}))
+                .await;
+        }
+    }
+
+    /// Polls, for at most `within`, until no WebSocket or SSE connection is left: the
+    /// `ws_active` and `sse_active` gauges of the JSON metrics view and the taken connection
+    /// slots (`sessionsRemaining` of the drain status) all at 0. The last figures seen, as
+    /// `(ws_active, sse_active, slots)`.
+    pub async fn await_no_connections(&self, within: Duration) -> (u64, u64, u64) {
+        let until = tokio::time::Instant::now() + within;
+        let admin = self.creds.admin_token.clone();
+        loop {
+            let m = self.metrics_json().await;
+            let st = self.get("/admin/drain/status", Some(&admin)).await.json;
+            let seen = (
+                m["ws_metrics"]["ws_active"].as_u64().unwrap_or(u64::MAX),
+                m["ws_metrics"]["sse_active"].as_u64().unwrap_or(u64::MAX),
+                st["sessionsRemaining"].as_u64().unwrap_or(u64::MAX),
+            );
+            if seen == (0, 0, 0) || tokio::time::Instant::now() >= until {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

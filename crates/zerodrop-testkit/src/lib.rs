@@ -28,6 +28,15 @@ use std::time::Duration;
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A TCP connection to `addr` with a small receive buffer: a client that stops reading on it
+/// fills it, and then the server's send buffer, after a few hundred KiB at most.
+pub async fn small_window_tcp(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("tcp socket");
+    // Before connect, so that the window offered in the handshake is already small.
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(addr).await.expect("connect")
+}
+
 /// A free TCP port on 127.0.0.1 (for processes that must be restarted on the same port).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

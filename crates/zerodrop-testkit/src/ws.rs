@@ -47,6 +47,20 @@ impl WsClient {
     }
 
     pub async fn connect_with(url: &str, protocols: &[&str]) -> Result<WsClient, Refused> {
+        Self::handshake(url, protocols, None).await
+    }
+
+    /// Connects over a TCP connection the test made (e.g. [`crate::small_window_tcp`]),
+    /// offering `zerodrop.v1`.
+    pub async fn connect_over(url: &str, tcp: TcpStream) -> Result<WsClient, Refused> {
+        Self::handshake(url, &["zerodrop.v1"], Some(tcp)).await
+    }
+
+    async fn handshake(
+        url: &str,
+        protocols: &[&str],
+        tcp: Option<TcpStream>,
+    ) -> Result<WsClient, Refused> {
         let mut req = url.into_client_request().expect("valid ws url");
         if !protocols.is_empty() {
             req.headers_mut().insert(
@@ -54,7 +68,11 @@ impl WsClient {
                 HeaderValue::from_str(&protocols.join(", ")).expect("header"),
             );
         }
-        match tokio_tungstenite::connect_async(req).await {
+        let connected = match tcp {
+            Some(tcp) => tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)).await,
+            None => tokio_tungstenite::connect_async(req).await,
+        };
+        match connected {
             Ok((ws, res)) => {
                 let protocol = res
                     .headers()
