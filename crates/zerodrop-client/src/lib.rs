@@ -18,8 +18,9 @@
 //!   epoch changes. Every transport's events should pass through one.
 //! - [`check_stream`]: the consistency check — a stream's `hash` against the chain over the
 //!   events it serves.
-//! - `mint_connect_token` (cargo feature `mint`, off by default): HS256 connect tokens for
-//!   backends that hold the JWT secret.
+//! - `mint_connect_token` and `mint_claims` (cargo feature `mint`, off by default): HS256
+//!   connect tokens for backends that hold the JWT secret (`ConnectClaims::upstreams` grants
+//!   `GET /v1/upstreams/…`).
 //! - `e2e` (cargo feature `e2e`, on by default): AES-256-GCM sealing of event data.
 //! - `Tls` (cargo feature `tls`, on by default): `https://` and `wss://` with rustls, the
 //!   system's roots and optional extra CA certificates.
@@ -60,7 +61,7 @@ pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
 #[cfg(feature = "mint")]
-pub use token::{ConnectClaims, mint_connect_token};
+pub use token::{ConnectClaims, mint_claims, mint_connect_token};
 pub use ws::{WsAuth, WsConnection};
 
 /// The README's example, compiled with the crate's doctests.

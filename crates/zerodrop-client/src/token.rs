@@ -1,4 +1,5 @@
-//! Connect tokens: HS256 JWTs with `sub`, `exp`, `streams` and an optional `publish` list.
+//! Connect tokens: HS256 JWTs with `sub`, `exp`, `streams`, an optional `publish` list and
+//! an optional `upstreams` list (the upstreams the token may `GET /v1/upstreams/…`).
 //!
 //! Only a party that holds the server's JWT secret (a backend, or an operator tool) mints
 //! them; browsers and devices receive them from their backend.
@@ -21,6 +22,29 @@ pub struct ConnectClaims {
     /// Stream ids or prefixes this token may publish to over WebSocket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<Vec<String>>,
+    /// Upstream names or prefixes ending in `*` this token may call through
+    /// `GET /v1/upstreams/{upstream}/…` (none by default: only upstreams configured public).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
+}
+
+impl ConnectClaims {
+    /// Claims for `sub` on `streams`, valid for `ttl` from now; set `publish` and `upstreams`
+    /// on the result as needed, then [`mint_claims`].
+    pub fn new(sub: &str, streams: &[String], ttl: Duration) -> ConnectClaims {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        ConnectClaims {
+            sub: sub.to_string(),
+            exp: now + ttl.as_secs().max(1),
+            iat: now,
+            streams: streams.to_vec(),
+            publish: None,
+            upstreams: Vec::new(),
+        }
+    }
 }
 
 /// Mints a connect token valid for `ttl` from now.
@@ -31,20 +55,16 @@ pub fn mint_connect_token(
     publish: Option<&[String]>,
     ttl: Duration,
 ) -> Result<String, ClientError> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let claims = ConnectClaims {
-        sub: sub.to_string(),
-        exp: now + ttl.as_secs().max(1),
-        iat: now,
-        streams: streams.to_vec(),
-        publish: publish.map(<[String]>::to_vec),
-    };
+    let mut claims = ConnectClaims::new(sub, streams, ttl);
+    claims.publish = publish.map(<[String]>::to_vec);
+    mint_claims(secret, &claims)
+}
+
+/// Mints a connect token carrying exactly `claims`.
+pub fn mint_claims(secret: &str, claims: &ConnectClaims) -> Result<String, ClientError> {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| ClientError::Token(e.to_string()))
@@ -75,6 +95,20 @@ mod tests {
         assert_eq!(got.claims.sub, "probe");
         assert_eq!(got.claims.streams, vec!["room:*".to_string()]);
         assert_eq!(got.claims.publish, Some(vec!["room:1".to_string()]));
+        assert!(
+            got.claims.upstreams.is_empty(),
+            "no upstream grant unless asked"
+        );
+        let mut c = ConnectClaims::new("probe", &[], Duration::from_secs(60));
+        c.upstreams = vec!["app".into(), "pay*".into()];
+        let t2 = mint_claims("s3cret-s3cret-s3cret", &c).unwrap();
+        let got2 = jsonwebtoken::decode::<ConnectClaims>(
+            &t2,
+            &jsonwebtoken::DecodingKey::from_secret(b"s3cret-s3cret-s3cret"),
+            &v,
+        )
+        .unwrap();
+        assert_eq!(got2.claims, c);
         assert!(
             jsonwebtoken::decode::<ConnectClaims>(
                 &t,

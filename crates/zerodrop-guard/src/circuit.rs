@@ -298,6 +298,21 @@ impl CircuitBreaker {
         inner.state
     }
 
+    /// When time alone next changes the state (the cooldown's end while open), if it will.
+    /// The breaker runs no timer; whoever shows its state (a gauge) asks again at that moment,
+    /// and the transition happens then.
+    pub fn next_change_at_ms(&self) -> Option<u64> {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        self.catch_up(&mut inner, now);
+        match inner.state {
+            CircuitState::Open => inner
+                .opened_at_ms
+                .map(|t| t.saturating_add(self.settings.cooldown_ms)),
+            CircuitState::Closed | CircuitState::HalfOpen => None,
+        }
+    }
+
     /// May the upstream be called now? Closed: always. Open: no, until the cooldown is over.
     /// Half-open: while a trial slot is free.
     pub fn acquire(&self) -> Result<Permit, Rejected> {
@@ -829,6 +844,24 @@ mod tests {
         // One failure after closing does not reopen: the window starts empty.
         assert!(call(&b, Outcome::Failure));
         assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn it_says_when_time_alone_next_moves_it() {
+        let (b, clock) = breaker(small());
+        assert_eq!(b.next_change_at_ms(), None, "closed: only calls move it");
+        open_it(&b);
+        let opened = clock.now_ms();
+        assert_eq!(b.next_change_at_ms(), Some(opened + 5_000));
+        clock.advance(4_999);
+        assert_eq!(b.state(), CircuitState::Open);
+        clock.advance(1);
+        // Asked at that moment, it has moved; half-open waits for calls, not for time.
+        assert_eq!(b.next_change_at_ms(), None);
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        let p = b.acquire().unwrap();
+        b.complete(p, Outcome::Failure);
+        assert_eq!(b.next_change_at_ms(), Some(clock.now_ms() + 5_000));
     }
 
     #[test]

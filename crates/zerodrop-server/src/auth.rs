@@ -24,6 +24,11 @@ pub struct ConnectClaims {
     pub streams: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<Vec<String>>,
+    /// Upstreams this token may call with `GET /v1/upstreams/{upstream}/…`: names, or
+    /// prefixes ending in `*` (the stream patterns' rules). None by default: such a token
+    /// calls only upstreams configured `public = true`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
 }
 
 impl ConnectClaims {
@@ -32,6 +37,13 @@ impl ConnectClaims {
             streams: self.streams.clone(),
             publish: self.publish.clone().unwrap_or_default(),
         }
+    }
+
+    /// Whether the `upstreams` claim names `upstream` (exactly or by a prefix pattern).
+    pub fn may_call_upstream(&self, upstream: &str) -> bool {
+        self.upstreams
+            .iter()
+            .any(|p| zerodrop_core::grant::pattern_matches(p, upstream))
     }
 }
 
@@ -96,6 +108,21 @@ impl Auth {
 
     pub fn is_api_key(&self, token: &str) -> bool {
         Self::matches(&self.api_key, Some(token))
+    }
+
+    /// A `?token=` parameter, which only ever carries a connect token (browsers cannot set
+    /// headers on EventSource or WebSocket). The api key there is refused even though it is
+    /// right: URLs land in access logs, proxies and browser history, so the key goes only in
+    /// the `Authorization` header.
+    pub fn query_token<'a>(&self, token: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+        match token {
+            Some(t) if self.is_api_key(t) => Err(ApiError::unauthorized(
+                "the api key is not accepted in the URL (?token=), where logs and browser \
+                 history keep it: send it in the Authorization header (Authorization: Bearer \
+                 <key>); ?token= takes connect tokens only",
+            )),
+            t => Ok(t),
+        }
     }
 
     pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -216,6 +243,7 @@ mod tests {
             exp: now + 60,
             streams: vec!["room:*".into()],
             publish: None,
+            upstreams: vec!["app".into(), "pay*".into()],
         };
         let t = a.mint_connect(&c);
         assert_eq!(a.verify_connect(&t).unwrap(), c);
@@ -231,6 +259,30 @@ mod tests {
         let mut other = auth();
         other.jwt_decode = DecodingKey::from_secret(b"another secret entirely");
         assert!(other.verify_connect(&t).is_err());
+        assert!(c.may_call_upstream("app") && c.may_call_upstream("payments"));
+        assert!(!c.may_call_upstream("apps") && !c.may_call_upstream("billing"));
+        let none = ConnectClaims {
+            upstreams: vec![],
+            ..c
+        };
+        assert!(!none.may_call_upstream("app"), "no grant by default");
+        assert!(
+            !a.mint_connect(&none).is_empty()
+                && a.verify_connect(&a.mint_connect(&none))
+                    .unwrap()
+                    .upstreams
+                    .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_api_key_is_refused_in_the_query() {
+        let a = auth();
+        let e = a.query_token(Some(&"a".repeat(32))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        assert!(e.message.contains("Authorization header"), "{}", e.message);
+        assert_eq!(a.query_token(Some("jwt")).unwrap(), Some("jwt"));
+        assert_eq!(a.query_token(None).unwrap(), None);
     }
 
     #[test]

@@ -381,13 +381,15 @@ pub struct ReadQuery {
     epoch: Option<String>,
 }
 
-/// A read is allowed with the api key, or with a connect token that grants the stream.
+/// A read is allowed with the api key (in the `Authorization` header only), or with a connect
+/// token (in the header or `?token=`) that grants the stream.
 fn authorize_read(
     app: &App,
     headers: &HeaderMap,
     token: Option<&str>,
     stream: &StreamId,
 ) -> ApiResult<()> {
+    let token = app.auth.query_token(token)?;
     let presented = bearer(headers).or(token);
     let Some(t) = presented else {
         return Err(ApiError::unauthorized(

@@ -101,30 +101,33 @@ async fn open(
     let last_event_id = parse_last_event_id(&headers)?;
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;
-    let session: Option<SessionRecord> =
-        if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
-            let claims = app.auth.verify_connect(t)?;
-            if !claims.grants().may_subscribe(stream.as_str()) {
-                return Err(ApiError::forbidden(format!(
-                    "stream {stream} is not allowed by the token"
-                ))
-                .with("stream", stream.as_str()));
-            }
-            None
-        } else if let Some(r) = q.resume.as_deref() {
-            let s = app.resume(r, None, Transport::Sse).await?;
-            if !s.streams.contains_key(&stream) {
-                let e = ApiError::forbidden("the stream is not part of this session")
-                    .with("stream", stream.as_str());
-                app.metrics.resume_failed(Transport::Sse, e.code);
-                return Err(e);
-            }
-            Some(s)
-        } else {
-            return Err(ApiError::unauthorized(
-                "pass ?token=<connect token> or ?resume=<resume token>",
-            ));
-        };
+    let session: Option<SessionRecord> = if let Some(t) = app
+        .auth
+        .query_token(q.token.as_deref())?
+        .or_else(|| bearer(&headers))
+    {
+        let claims = app.auth.verify_connect(t)?;
+        if !claims.grants().may_subscribe(stream.as_str()) {
+            return Err(ApiError::forbidden(format!(
+                "stream {stream} is not allowed by the token"
+            ))
+            .with("stream", stream.as_str()));
+        }
+        None
+    } else if let Some(r) = q.resume.as_deref() {
+        let s = app.resume(r, None, Transport::Sse).await?;
+        if !s.streams.contains_key(&stream) {
+            let e = ApiError::forbidden("the stream is not part of this session")
+                .with("stream", stream.as_str());
+            app.metrics.resume_failed(Transport::Sse, e.code);
+            return Err(e);
+        }
+        Some(s)
+    } else {
+        return Err(ApiError::unauthorized(
+            "pass ?token=<connect token> or ?resume=<resume token>",
+        ));
+    };
     let info = app.store.stream_info(&stream).await?;
     let session_stream = session.as_ref().and_then(|s| s.streams.get(&stream));
     let resuming = last_event_id.is_some() || session.is_some();

@@ -116,7 +116,11 @@ fn upgrade(
                 ))
             })?
     };
-    let start = if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
+    let start = if let Some(t) = app
+        .auth
+        .query_token(q.token.as_deref())?
+        .or_else(|| bearer(&headers))
+    {
         Start::Connect(app.auth.verify_connect(t)?)
     } else if let Some(r) = q.resume {
         Start::Resume(r)

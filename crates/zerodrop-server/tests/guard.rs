@@ -594,7 +594,7 @@ async fn bulkheads_and_the_cache(kind: Kind) {
     assert_eq!(cache["byNamespace"]["catalog"]["hits"], 1);
     assert_eq!(cache["entries"][0]["key"], "* /items");
     // A connect token's answers are cached per user.
-    let tok = s.token("u1", &["x"]);
+    let tok = s.creds.upstream_token("u1", &["app"]);
     let r = s.api().get("/v1/upstreams/app/items", Some(&tok)).await;
     assert_eq!(r.headers.get("x-zerodrop-cache").unwrap(), "miss");
     assert_eq!(up.received()[1].header("x-zerodrop-sub"), Some("u1"));
@@ -754,4 +754,153 @@ async fn an_unconfigured_guard_says_so_in_the_snapshot() {
     let g = s.api().metrics_json().await["guard_metrics"].clone();
     assert_eq!(g, json!({"rate_limited": 0, "jobs": {"enabled": false}}));
     assert_eq!(admin(&s, "/admin/circuits").await["circuits"], json!([]));
+}
+
+/// The hostile forms of a path that climbs out of the upstream's base, as a client can send
+/// them (byte for byte: a URL-parsing client would fold some of them before sending).
+const ESCAPES: [&str; 10] = [
+    "..%2Fsecret",
+    "../secret",
+    "%2E%2E/secret",
+    "%2e%2e/secret",
+    "ok/..%2F..%2Finternal%2Fadmin",
+    "ok/../../internal/admin",
+    "./secret",
+    "..%5Csecret",
+    "%252E%252E/secret",
+    "a%2fb",
+];
+
+/// A client path goes only below the upstream's base URL: every way out is 400
+/// `INVALID_REQUEST` before any call, for any credential, and the upstream never sees a path
+/// outside `/api`. Who may call: the api key, a token whose `upstreams` claim names the
+/// upstream (or a prefix of it), any token for a `public` upstream; else 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_paths_stay_under_the_base_and_need_a_grant() {
+    let up = FakeUpstream::start().await;
+    let base = format!("{}/api", up.url);
+    let Setup { s, _redis } = server(Kind::Sqlite, |c| {
+        let mut app = upstream(&base);
+        app.cache_ttl_sec = 0;
+        c.guard.upstreams.insert("app".into(), app);
+        let open = UpstreamConfig {
+            public: true,
+            ..upstream(&format!("{}/pub", up.url))
+        };
+        c.guard.upstreams.insert("open".into(), open);
+    })
+    .await;
+    let plain = s.token("mallory", &[]);
+    let granted = s.creds.upstream_token("u1", &["app"]);
+    let by_prefix = s.creds.upstream_token("u2", &["ap*"]);
+    let other = s.creds.upstream_token("u3", &["billing"]);
+    let key = s.creds.api_key.clone();
+    let raw = |target: String, cred: String| {
+        let addr = s.addr;
+        async move {
+            let auth = format!("Bearer {cred}");
+            zerodrop_testkit::raw::get(addr, &target, &[("authorization", auth.as_str())]).await
+        }
+    };
+    // The grant: a token that does not name the upstream is refused before anything else.
+    for (who, t) in [("no claim", &plain), ("another upstream", &other)] {
+        let r = raw("/v1/upstreams/app/items".into(), t.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (403, "FORBIDDEN"),
+            "{who}: {}",
+            r.text
+        );
+        assert_eq!(r.json["error"]["upstream"], "app");
+        let r = raw("/v1/upstreams/nope/x".into(), t.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (403, "FORBIDDEN"),
+            "{who}: an unknown name is not told apart: {}",
+            r.text
+        );
+    }
+    for t in [&granted, &by_prefix, &key] {
+        let r = raw("/v1/upstreams/app/items/1?x=2".into(), t.clone()).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(up.received()[0].target, "/api/items/1?x=2");
+    assert_eq!(
+        up.received()[0].header("x-zerodrop-sub"),
+        Some("u1"),
+        "the caller's sub goes along"
+    );
+    let r = raw("/v1/upstreams/open/x".into(), plain.clone()).await;
+    assert_eq!(
+        r.status, 200,
+        "a public upstream takes any token: {}",
+        r.text
+    );
+    assert_eq!(up.received().last().unwrap().target, "/pub/x");
+    let r = raw("/v1/upstreams/nope/x".into(), key.clone()).await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
+    let r = raw("/v1/upstreams/app/x".into(), "not-a-jwt".into()).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    // Every way out: refused, typed, and nothing is called.
+    let before = up.count();
+    for esc in ESCAPES {
+        for (who, t) in [("token", &granted), ("api key", &key)] {
+            let r = raw(format!("/v1/upstreams/app/{esc}"), t.clone()).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (400, "INVALID_REQUEST"),
+                "{who} {esc}: {}",
+                r.text
+            );
+            assert!(r.json["error"]["message"].is_string(), "{}", r.text);
+        }
+        let r = raw(format!("/v1/upstreams/open/{esc}"), plain.clone()).await;
+        assert_eq!(r.status, 400, "{esc} on a public upstream: {}", r.text);
+    }
+    assert_eq!(up.count(), before, "no escape reached the upstream");
+    // Dots inside a name, encoded characters and an empty segment are ordinary paths.
+    for (path, want) in [
+        ("v1.2/file.json", "/api/v1.2/file.json"),
+        ("a%20b/...", "/api/a%20b/..."),
+        ("x/", "/api/x/"),
+    ] {
+        let r = raw(format!("/v1/upstreams/app/{path}"), key.clone()).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert_eq!(up.received().last().unwrap().target, want);
+    }
+    for r in up.received() {
+        assert!(
+            r.target.starts_with("/api/") || r.target.starts_with("/pub/"),
+            "the upstream got a path outside its base: {}",
+            r.target
+        );
+    }
+}
+
+/// `zerodrop_circuit_state` follows a breaker that time alone moves: open, then half-open
+/// once the cooldown is over, with no call and no admin read in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_gauge_turns_half_open_with_no_traffic() {
+    let (up, Setup { s, _redis }) = with_upstream(Kind::Sqlite, |c, url| {
+        let mut u = upstream(url);
+        tight_circuit(&mut u);
+        c.guard.upstreams.insert("app".into(), u);
+    })
+    .await;
+    up.set(Mode::Status(500));
+    for _ in 0..2 {
+        assert_eq!(get(&s, "/v1/upstreams/app/x").await.status, 500);
+    }
+    let gauge = "zerodrop_circuit_state{upstream=\"app\",target=\"primary\"}";
+    metrics_have(&s, &[&format!("{gauge} 2")]).await;
+    // The cooldown is 400 ms; nothing but scrapes meanwhile.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    metrics_have(&s, &[&format!("{gauge} 1")]).await;
+    let c = admin(&s, "/admin/circuits").await;
+    assert_eq!(c["circuits"][0]["state"], "half_open", "{c}");
+    assert_eq!(up.count(), 2, "no call was made");
+    // And back: a good trial closes it, and the gauge says so.
+    up.set(Mode::Ok);
+    assert_eq!(get(&s, "/v1/upstreams/app/x").await.status, 200);
+    metrics_have(&s, &[&format!("{gauge} 0")]).await;
 }

@@ -349,3 +349,139 @@ async fn hostile_payloads_heads_and_stream_ids_leave_everything_intact() {
         0
     );
 }
+
+/// The upstream proxy and the api key's place: a client path that climbs out of the
+/// upstream's base (`..`, encoded or raw, encoded slashes, backslashes), sent byte for byte,
+/// is 400 and never reaches the upstream; the api key in `?token=` is 401 on every route that
+/// reads one (it belongs in the `Authorization` header), while connect tokens keep `?token=`.
+/// Stored streams are untouched throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_escapes_and_the_api_key_in_the_url_are_refused() {
+    let up = zerodrop_testkit::upstream::FakeUpstream::start().await;
+    let base = format!("{}/api", up.url);
+    let s = TestServer::with(|c| {
+        c.guard.upstreams.insert(
+            "app".into(),
+            zerodrop_server::config::UpstreamConfig {
+                primary: base,
+                cache_ttl_sec: 0,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    for i in 0..3 {
+        api.publish("keep", json!(i)).await;
+    }
+    let before = api.info("keep").await;
+    let granted = s.creds.upstream_token("mallory", &["app"]);
+    let plain = s.token("mallory", &[]);
+    let send = |target: String, cred: &str| {
+        let auth = format!("Bearer {cred}");
+        let addr = s.addr;
+        async move {
+            zerodrop_testkit::raw::get(addr, &target, &[("authorization", auth.as_str())]).await
+        }
+    };
+    for esc in [
+        "..%2Fsecret",
+        "../secret",
+        "%2E%2E/secret",
+        "ok/..%2F..%2Finternal%2Fadmin",
+        "..",
+        "%2e%2e",
+        ".%2e/secret",
+        "..\\secret",
+        "..%5csecret",
+        "%252e%252e/secret",
+        "ok/%2F%2Fevil.example/x",
+    ] {
+        for cred in [granted.as_str(), key.as_str()] {
+            let r = send(format!("/v1/upstreams/app/{esc}"), cred).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (400, "INVALID_REQUEST"),
+                "{esc}: {}",
+                r.text
+            );
+        }
+        let r = send(format!("/v1/upstreams/app/{esc}"), &plain).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (403, "FORBIDDEN"),
+            "{esc}: {}",
+            r.text
+        );
+    }
+    assert_eq!(
+        up.count(),
+        0,
+        "nothing reached the upstream: {:?}",
+        up.received()
+    );
+    let r = send("/v1/upstreams/app/fine".into(), &granted).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(up.received()[0].target, "/api/fine");
+
+    // The api key in the URL: refused even where it would be right in the header.
+    let says_header = |r: &zerodrop_testkit::http::Resp| {
+        r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Authorization header"))
+    };
+    for (path, bearer) in [
+        (format!("/v1/streams/keep/events?after=0&token={key}"), None),
+        (
+            format!("/v1/streams/keep/events?token={key}"),
+            Some(key.as_str()),
+        ),
+        (format!("/v1/streams/keep/sse?token={key}"), None),
+    ] {
+        let r = api.get(&path, bearer).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "UNAUTHORIZED"),
+            "{path}: {}",
+            r.text
+        );
+        assert!(says_header(&r), "{path}: {}", r.text);
+    }
+    let refused = WsClient::connect(&format!("{}/v1/ws?token={key}", s.ws_url()))
+        .await
+        .err()
+        .expect("the upgrade is refused");
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["error"]["code"], "UNAUTHORIZED");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Authorization header")),
+        "{}",
+        refused.json()
+    );
+    // The right places still work: the key in the header, a connect token in the URL.
+    let r = api.get("/v1/streams/keep/events?after=0", Some(&key)).await;
+    assert_eq!(
+        r.json["events"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        r.text
+    );
+    let tok = s.token("reader", &["keep"]);
+    let r = api
+        .get(
+            &format!("/v1/streams/keep/events?after=0&token={tok}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.json["events"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        r.text
+    );
+    assert_eq!(api.info("keep").await, before, "stored data is untouched");
+    assert_eq!(api.get("/health/ready", None).await.status, 200);
+}

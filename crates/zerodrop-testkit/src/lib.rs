@@ -2,7 +2,8 @@
 //!
 //! - [`server`]: zerodrop in this process ([`server::TestServer`]) or as a real process
 //!   ([`server::ServerProcess`], for `kill -9` and signal tests);
-//! - [`http`]: a small HTTP client for the API;
+//! - [`http`]: a small HTTP client for the API; [`raw`]: requests sent byte for byte (hostile
+//!   paths that a URL-parsing client would normalise);
 //! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
 //! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart;
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod files;
 pub mod hog;
 pub mod http;
+pub mod raw;
 pub mod redis;
 pub mod roam;
 pub mod server;

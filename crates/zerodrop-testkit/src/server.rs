@@ -43,6 +43,20 @@ impl Creds {
             exp,
             streams: streams.iter().map(|s| s.to_string()).collect(),
             publish: (!publish.is_empty()).then(|| publish.iter().map(|s| s.to_string()).collect()),
+            upstreams: Vec::new(),
+        };
+        mint_connect_token(&self.jwt_secret, &claims)
+    }
+
+    /// A connect token for `sub` (no streams) that may call the `upstreams` (names or
+    /// prefixes ending in `*`) through `GET /v1/upstreams/…`.
+    pub fn upstream_token(&self, sub: &str, upstreams: &[&str]) -> String {
+        let claims = ConnectClaims {
+            sub: sub.into(),
+            exp: zerodrop_core::now_ms() / 1000 + 3600,
+            streams: Vec::new(),
+            publish: None,
+            upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
         };
         mint_connect_token(&self.jwt_secret, &claims)
     }

@@ -157,7 +157,7 @@ fn render_named(c: &Config, out: &mut String) {
     for (name, u) in &c.guard.upstreams {
         let _ = writeln!(
             out,
-            "# [upstreams.{name}] primary {}, secondary {}, timeout_ms {}, streams {:?}, circuit min_calls {} of {} ({:?} window), bulkhead max_in_flight {}, cache ttl {} s",
+            "# [upstreams.{name}] primary {}, secondary {}, timeout_ms {}, streams {:?}, circuit min_calls {} of {} ({:?} window), bulkhead max_in_flight {}, cache ttl {} s, public {}",
             redact_urls(&u.primary),
             u.secondary
                 .as_deref()
@@ -170,6 +170,7 @@ fn render_named(c: &Config, out: &mut String) {
             u.circuit.window_kind,
             u.bulkhead.max_in_flight,
             u.cache_ttl_sec,
+            u.public,
         );
     }
     for (name, w) in &c.guard.webhooks {

@@ -56,6 +56,10 @@ struct TokenArgs {
     /// Streams the client may publish to over WebSocket, same format (none by default).
     #[arg(long)]
     publish: Option<String>,
+    /// Upstreams the client may call with `GET /v1/upstreams/<name>/…`: names or prefixes
+    /// ending in `*`, comma-separated (none by default: only upstreams set `public = true`).
+    #[arg(long)]
+    upstreams: Option<String>,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl_sec: u64,
@@ -352,6 +356,7 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
         exp: zerodrop_core::now_ms() / 1000 + args.ttl_sec,
         streams: list(&args.streams),
         publish: args.publish.as_deref().map(list),
+        upstreams: args.upstreams.as_deref().map(list).unwrap_or_default(),
     };
     println!(
         "{}",

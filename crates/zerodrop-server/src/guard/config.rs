@@ -65,6 +65,9 @@ pub struct UpstreamConfig {
     pub cache_version: u64,
     /// How long a GET answer is reused; 0 caches nothing. Default 30.
     pub cache_ttl_sec: u64,
+    /// Whether any valid connect token may `GET /v1/upstreams/<name>/…`. Default false: only
+    /// the api key and connect tokens whose `upstreams` claim names this upstream may.
+    pub public: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -82,6 +85,7 @@ impl Default for UpstreamConfig {
             cache_namespace: None,
             cache_version: 1,
             cache_ttl_sec: 30,
+            public: false,
         }
     }
 }
@@ -450,6 +454,7 @@ fn upstream_keys() -> Vec<Vec<String>> {
         cache_namespace: Some(String::new()),
         cache_version: d.cache_version,
         cache_ttl_sec: d.cache_ttl_sec,
+        public: d.public,
     })
 }
 
@@ -487,6 +492,7 @@ mod tests {
             ("ZERODROP_UPSTREAM_APP_TIMEOUT_MS", "250"),
             ("ZERODROP_UPSTREAM_APP_CIRCUIT_SLOW_CALL_MS", "40"),
             ("ZERODROP_UPSTREAM_APP_STREAMS", "orders:*, chat:1"),
+            ("ZERODROP_UPSTREAM_APP_PUBLIC", "true"),
             (
                 "ZERODROP_UPSTREAM_BILLING_API_PRIMARY",
                 "http://127.0.0.1:2",
@@ -503,6 +509,8 @@ mod tests {
         assert_eq!(app.circuit.slow_call_ms, 40);
         assert_eq!(app.streams, vec!["orders:*", "chat:1"]);
         assert_eq!(app.cache_ttl_sec, 30, "default");
+        assert!(app.public);
+        assert!(!ups["billing-api"].public, "not public by default");
         let billing = &ups["billing-api"];
         assert_eq!(billing.primary, "http://127.0.0.1:2");
         assert_eq!(billing.class, QosClassSetting(QosClass::Batch));

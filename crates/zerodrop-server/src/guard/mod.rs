@@ -3,9 +3,11 @@
 //! cache for their GETs, and the job worker that delivers queued jobs to them.
 //!
 //! The state machines are `zerodrop-guard`'s and the queue is the store's; this module only
-//! makes the calls and moves jobs between them.
+//! makes the calls and moves jobs between them, and keeps the circuit gauges in step with the
+//! breakers (also when time alone moves one, see [`Guard::spawn_circuit_gauges`]).
 
 pub mod config;
+pub mod path;
 pub mod routes;
 pub mod worker;
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use zerodrop_guard::bulkhead::Bulkhead;
 use zerodrop_guard::cache::ResponseCache;
 use zerodrop_guard::circuit::{CircuitBreaker, CircuitState, Outcome};
@@ -22,13 +25,35 @@ use zerodrop_guard::{Clock, SystemClock};
 
 use crate::metrics::Metrics;
 use config::{GuardConfig, UpstreamConfig};
+use path::ClientPath;
 
 /// One way to reach an upstream (its primary or its secondary).
 pub struct Target {
     /// `primary` or `secondary`.
     pub role: &'static str,
+    /// The configured URL without a trailing `/`.
     pub url: String,
+    /// The same, parsed: client paths are built below it.
+    pub base: reqwest::Url,
     pub circuit: CircuitBreaker,
+}
+
+/// Where below a target a call goes.
+#[derive(Clone, Copy, Debug)]
+pub enum CallPath<'a> {
+    /// An operator's setting (`deliver_path`), appended as it is.
+    Configured(&'a str),
+    /// A client's path: appended segment by segment, and only if it stays below the target.
+    Client(&'a ClientPath),
+}
+
+impl CallPath<'_> {
+    fn url(&self, t: &Target) -> Option<String> {
+        match self {
+            CallPath::Configured(p) => Some(format!("{}{p}", t.url)),
+            CallPath::Client(p) => p.under(&t.base).map(String::from),
+        }
+    }
 }
 
 pub struct Upstream {
@@ -70,6 +95,10 @@ pub enum CallError {
         target: &'static str,
         detail: String,
     },
+    /// The path would leave the target's base URL: no call was made.
+    OutsideBase {
+        target: &'static str,
+    },
 }
 
 impl CallError {
@@ -77,7 +106,10 @@ impl CallError {
     pub fn not_attempted(&self) -> bool {
         matches!(
             self,
-            CallError::Saturated { .. } | CallError::Open { .. } | CallError::UnknownUpstream
+            CallError::Saturated { .. }
+                | CallError::Open { .. }
+                | CallError::UnknownUpstream
+                | CallError::OutsideBase { .. }
         )
     }
 
@@ -92,6 +124,9 @@ impl CallError {
             }
             CallError::Timeout { target } => format!("{target} timed out"),
             CallError::Failed { target, detail } => format!("{target} failed: {detail}"),
+            CallError::OutsideBase { target } => {
+                format!("the path would leave the {target}'s base URL")
+            }
         }
     }
 }
@@ -104,6 +139,8 @@ pub struct Guard {
     http: reqwest::Client,
     /// Rung on every enqueue so the worker claims at once instead of at its next poll.
     pub wake: tokio::sync::Notify,
+    /// Rung when a call leaves a breaker open, so the gauge task learns its cooldown's end.
+    circuit_opened: tokio::sync::Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -120,9 +157,13 @@ impl Guard {
                 let circuit =
                     CircuitBreaker::new(format!("{name}/{role}"), u.circuit.clone(), clock.clone())
                         .map_err(|e| anyhow::anyhow!("upstreams.{name}.circuit: {e}"))?;
+                let url = url.trim_end_matches('/').to_string();
+                let base = reqwest::Url::parse(&url)
+                    .map_err(|e| anyhow::anyhow!("upstreams.{name}.{role}: `{url}`: {e}"))?;
                 targets.push(Target {
                     role,
-                    url: url.trim_end_matches('/').to_string(),
+                    url,
+                    base,
                     circuit,
                 });
                 metrics.set(
@@ -175,6 +216,7 @@ impl Guard {
             clock,
             http,
             wake: tokio::sync::Notify::new(),
+            circuit_opened: tokio::sync::Notify::new(),
             metrics,
         })
     }
@@ -190,7 +232,7 @@ impl Guard {
         &self,
         name: &str,
         method: reqwest::Method,
-        path_and_query: &str,
+        path: CallPath<'_>,
         body: Option<Bytes>,
         headers: &[(&str, String)],
     ) -> Result<Answer, CallError> {
@@ -206,9 +248,7 @@ impl Guard {
             }
         };
         self.in_flight_gauge(up);
-        let result = self
-            .call_target(up, method, path_and_query, body, headers)
-            .await;
+        let result = self.call_target(up, method, path, body, headers).await;
         up.bulkhead.release(&lease);
         self.in_flight_gauge(up);
         result
@@ -218,30 +258,39 @@ impl Guard {
         &self,
         up: &Upstream,
         method: reqwest::Method,
-        path_and_query: &str,
+        path: CallPath<'_>,
         body: Option<Bytes>,
         headers: &[(&str, String)],
     ) -> Result<Answer, CallError> {
+        // Every target's URL first: a path that leaves any base is refused before a permit is
+        // taken (the route has checked already; this is the last word before a call).
+        let mut urls = Vec::with_capacity(up.targets.len());
+        for t in &up.targets {
+            urls.push(
+                path.url(t)
+                    .ok_or(CallError::OutsideBase { target: t.role })?,
+            );
+        }
         let mut wait = u64::MAX;
         let mut chosen = None;
-        for t in &up.targets {
+        for (t, url) in up.targets.iter().zip(urls) {
             match t.circuit.acquire() {
                 Ok(permit) => {
-                    chosen = Some((t, permit));
+                    chosen = Some((t, url, permit));
                     break;
                 }
                 Err(r) => wait = wait.min(r.retry_after_ms),
             }
         }
         self.circuit_gauges(up);
-        let Some((target, permit)) = chosen else {
+        let Some((target, url, permit)) = chosen else {
             return Err(CallError::Open {
                 retry_after_ms: wait,
             });
         };
         let mut req = self
             .http
-            .request(method, format!("{}{}", target.url, path_and_query))
+            .request(method, url)
             .timeout(Duration::from_millis(up.cfg.timeout_ms));
         for (k, v) in headers {
             req = req.header(*k, v);
@@ -305,19 +354,41 @@ impl Guard {
         result
     }
 
+    /// Sets `zerodrop_circuit_state` of `up`'s targets to their state now.
     fn circuit_gauges(&self, up: &Upstream) {
+        let mut open = false;
         for t in &up.targets {
-            let v = match t.circuit.state() {
-                CircuitState::Closed => 0.0,
-                CircuitState::HalfOpen => 1.0,
-                CircuitState::Open => 2.0,
-            };
+            let state = t.circuit.state();
+            open |= state == CircuitState::Open;
             self.metrics.set(
                 "zerodrop_circuit_state",
                 &[("upstream", &up.name), ("target", t.role)],
-                v,
+                gauge_value(state),
             );
         }
+        if open {
+            self.circuit_opened.notify_one();
+        }
+    }
+
+    /// Every circuit gauge set to its breaker's state now; returns when time alone next moves
+    /// one of them (the earliest end of a cooldown), if it will.
+    pub fn refresh_circuit_gauges(&self) -> Option<u64> {
+        let mut due = None;
+        for up in self.upstreams.values() {
+            for t in &up.targets {
+                let state = t.circuit.state();
+                self.metrics.set(
+                    "zerodrop_circuit_state",
+                    &[("upstream", &up.name), ("target", t.role)],
+                    gauge_value(state),
+                );
+                if let Some(at) = t.circuit.next_change_at_ms() {
+                    due = Some(due.map_or(at, |d: u64| d.min(at)));
+                }
+            }
+        }
+        due
     }
 
     fn in_flight_gauge(&self, up: &Upstream) {
@@ -330,6 +401,8 @@ impl Guard {
 
     /// `GET /admin/circuits`: every breaker, at most `limit`.
     pub fn circuits(&self, limit: usize) -> Value {
+        // Reading the breakers may move them (a cooldown that ended): the gauges follow.
+        self.refresh_circuit_gauges();
         let list: Vec<Value> = self
             .upstreams
             .values()
@@ -367,6 +440,42 @@ impl Guard {
             .collect();
         Value::Object(m)
     }
+}
+
+/// `zerodrop_circuit_state`'s value for a state (docs/metrics.md).
+fn gauge_value(state: CircuitState) -> f64 {
+    match state {
+        CircuitState::Closed => 0.0,
+        CircuitState::HalfOpen => 1.0,
+        CircuitState::Open => 2.0,
+    }
+}
+
+/// Keeps `zerodrop_circuit_state` in step with what time alone changes: a breaker runs no
+/// timer (an open one turns half-open when it is next asked), so this task asks each one at
+/// the end of its cooldown, and sets the gauges then. It sleeps until the earliest such
+/// moment; a call that opens a breaker wakes it to learn the new one. Stops with the server.
+pub fn spawn_circuit_gauges(app: Arc<crate::app::App>, mut stop: watch::Receiver<bool>) {
+    if app.guard.upstreams.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let guard = &app.guard;
+        loop {
+            let due = guard.refresh_circuit_gauges();
+            // The clock counts whole milliseconds elapsed, so sleeping until `due` by it never
+            // wakes before the breaker agrees the cooldown is over.
+            let nap = match due {
+                Some(at) => Duration::from_millis(at.saturating_sub(guard.clock.now_ms()).max(1)),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(nap) => {}
+                () = guard.circuit_opened.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -17,7 +17,8 @@ use zerodrop_core::{ErrorCode, StreamId};
 use zerodrop_store::{IdemBegin, JobStatus};
 
 use super::config::IdSource;
-use super::{Answer, CallError};
+use super::path::ClientPath;
+use super::{Answer, CallError, CallPath};
 use crate::app::App;
 use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
@@ -219,36 +220,69 @@ pub fn call_error(upstream: &str, e: CallError) -> ApiError {
             format!("upstream `{upstream}` ({target}) could not be reached"),
         )
         .with("upstream", upstream),
+        CallError::OutsideBase { target } => ApiError::invalid(format!(
+            "the path would leave the base URL of upstream `{upstream}` ({target})"
+        ))
+        .with("upstream", upstream),
     }
 }
 
-/// `GET /v1/upstreams/{upstream}/{*path}`: the upstream's answer to `GET /{path}`, through its
-/// bulkhead and circuits, cached per namespace. With a connect token the cache key includes
-/// the token's `sub` (answers may be per user) and `X-Zerodrop-Sub` tells the upstream who asks.
+/// The client's path below `/v1/upstreams/{upstream}/`, exactly as it was sent: the route's
+/// own captures are decoded (`..%2F` is already `../` there) and may be normalised on the way.
+fn raw_tail(uri: &axum::http::Uri) -> Option<&str> {
+    let rest = uri.path().strip_prefix("/v1/upstreams/")?;
+    rest.split_once('/').map(|(_, tail)| tail)
+}
+
+/// `GET /v1/upstreams/{upstream}/{*path}`: the upstream's answer to `GET <base>/{path}`,
+/// through its bulkhead and circuits, cached per namespace. With a connect token the cache
+/// key includes the token's `sub` (answers may be per user) and `X-Zerodrop-Sub` tells the
+/// upstream who asks.
+///
+/// Who may call: the api key, a connect token whose `upstreams` claim names the upstream, or
+/// any connect token when the upstream is `public`; else 403 (also for an unknown name, so a
+/// token cannot list what is configured). What may be called: only paths below the target's
+/// base URL (see [`ClientPath`]); anything else is 400 and no call is made.
 async fn upstream_get(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    uri: axum::http::Uri,
+    OriginalUri(uri): OriginalUri,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
-    let (name, rest) = path(p)?;
+    let (name, _) = path(p)?;
     let Some(t) = bearer(&headers) else {
         return Err(ApiError::unauthorized(
-            "an api key or a connect token is required",
+            "an api key or a connect token is required (Authorization: Bearer <credential>)",
         ));
     };
+    let up = app.guard.upstreams.get(&name);
     let sub = if app.auth.is_api_key(t) {
         None
     } else {
-        Some(app.auth.verify_connect(t)?.sub)
+        let claims = app.auth.verify_connect(t)?;
+        if !(claims.may_call_upstream(&name) || up.is_some_and(|u| u.cfg.public)) {
+            return Err(ApiError::forbidden(format!(
+                "upstream `{name}` is not allowed by the token: its `upstreams` claim must name \
+                 it (or the upstream be configured `public = true`)"
+            ))
+            .with("upstream", name.as_str()));
+        }
+        Some(claims.sub)
     };
-    let Some(up) = app.guard.upstreams.get(&name) else {
+    let Some(up) = up else {
         return Err(call_error(&name, CallError::UnknownUpstream));
     };
-    let target = match uri.query() {
-        Some(q) => format!("/{rest}?{q}"),
-        None => format!("/{rest}"),
-    };
+    let raw = raw_tail(&uri).ok_or_else(|| ApiError::invalid("invalid upstream path"))?;
+    let client_path = ClientPath::parse(raw, uri.query())
+        .map_err(|e| ApiError::invalid(e.0).with("upstream", name.as_str()))?;
+    if let Some(t) = up
+        .targets
+        .iter()
+        .find(|t| client_path.under(&t.base).is_none())
+    {
+        return Err(call_error(&name, CallError::OutsideBase { target: t.role }));
+    }
+    let target = client_path.display();
     let key = match &sub {
         Some(s) => format!("{s} {target}"),
         None => format!("* {target}"),
@@ -275,7 +309,13 @@ async fn upstream_get(
             }
             let a = app
                 .guard
-                .call(&name, reqwest::Method::GET, &target, None, &h)
+                .call(
+                    &name,
+                    reqwest::Method::GET,
+                    CallPath::Client(&client_path),
+                    None,
+                    &h,
+                )
                 .await
                 .map_err(|e| call_error(&name, e))?;
             if a.status == 200 && ttl_ms > 0 {

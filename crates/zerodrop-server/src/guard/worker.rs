@@ -202,7 +202,7 @@ async fn run(app: &App, leased: LeasedJob) {
     let deliver = app.guard.call(
         &job.upstream,
         reqwest::Method::POST,
-        &path,
+        super::CallPath::Configured(&path),
         Some(body),
         &headers,
     );
