@@ -275,10 +275,7 @@ impl Store for MemoryStore {
                 .filter(|s| s.sub == session.sub && SessionCap::is_live(s.expires_at_ms, now))
         };
         ids.retain(|id| *id != session.id && live(id).is_some());
-        let earliest = ids
-            .iter()
-            .filter_map(|id| live(id))
-            .map(|s| s.expires_at_ms);
+        let earliest = ids.iter().filter_map(live).map(|s| s.expires_at_ms);
         cap.check(ids.len() as u64, earliest.min().unwrap_or(now), now)?;
         ids.push(session.id.clone());
         sessions.insert(session.id.clone(), session);
