@@ -4,8 +4,14 @@
 //! outside strings is removed so that an event is one line (SSE `data:` needs that) and its
 //! stored size does not depend on the publisher's formatting. Values are never re-ordered or
 //! re-encoded.
+//!
+//! Because payloads are never re-encoded, an object with the same key twice
+//! (`{"k":1,"k":2}`) would be served as sent, and readers disagree on which value wins
+//! (last, first, or an error): [`duplicate_key`] finds such a key, at any depth, so that it
+//! can be refused before it is stored.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 /// The bytes of valid JSON text that stand outside strings, with their offsets (the quotes
 /// and everything between them are skipped).
@@ -75,6 +81,140 @@ pub fn depth(json: &str) -> usize {
     max
 }
 
+/// The first object key that appears twice in the same object, at any depth, in valid JSON
+/// text (`None` when every object's keys are distinct). Keys are compared as the strings they
+/// stand for, escapes decoded: `"a"` and `"\u0061"` are the same key.
+pub fn duplicate_key(json: &str) -> Option<String> {
+    // One entry per open array (`None`) or object (the keys seen so far in it).
+    let mut open: Vec<Option<HashSet<Cow<'_, [u8]>>>> = Vec::new();
+    // The next string of the innermost object is a key (after `{` or `,`).
+    let mut expect_key = false;
+    let b = json.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let end = string_end(b, i + 1);
+                if expect_key && let Some(Some(keys)) = open.last_mut() {
+                    let key = decode_key(&b[i + 1..end]);
+                    if keys.contains(&key) {
+                        return Some(String::from_utf8_lossy(&key).into_owned());
+                    }
+                    keys.insert(key);
+                }
+                expect_key = false;
+                i = end + 1;
+                continue;
+            }
+            b'{' => {
+                open.push(Some(HashSet::new()));
+                expect_key = true;
+            }
+            b'[' => {
+                open.push(None);
+                expect_key = false;
+            }
+            b']' | b'}' => {
+                open.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = matches!(open.last(), Some(Some(_))),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The offset of the closing quote of the string whose content starts at `from`.
+fn string_end(b: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// A key's content (between the quotes) as the bytes of the string it stands for: borrowed
+/// when it has no escape (valid UTF-8 is already its own spelling), else decoded. A lone
+/// surrogate escape becomes its 3-byte generalised UTF-8 form, which valid text never holds,
+/// so two keys decode equal exactly when they stand for the same string.
+fn decode_key(raw: &[u8]) -> Cow<'_, [u8]> {
+    if !raw.contains(&b'\\') {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'\\' || i + 1 >= raw.len() {
+            out.push(raw[i]);
+            i += 1;
+            continue;
+        }
+        let esc = raw[i + 1];
+        i += 2;
+        let simple = match esc {
+            b'n' => Some(b'\n'),
+            b't' => Some(b'\t'),
+            b'r' => Some(b'\r'),
+            b'b' => Some(0x08),
+            b'f' => Some(0x0c),
+            b'u' => None,
+            other => Some(other), // `\"`, `\\`, `\/`
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            continue;
+        }
+        let Some(unit) = hex4(raw, i) else {
+            continue;
+        };
+        i += 4;
+        let mut code = u32::from(unit);
+        if (0xD800..0xDC00).contains(&unit)
+            && raw.get(i..i + 2) == Some(&b"\\u"[..])
+            && let Some(low) = hex4(raw, i + 2).filter(|l| (0xDC00..0xE000).contains(l))
+        {
+            code = 0x10000 + ((code - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+            i += 6;
+        }
+        push_code_point(&mut out, code);
+    }
+    Cow::Owned(out)
+}
+
+fn hex4(raw: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(raw.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
+}
+
+/// UTF-8 encoding of a code point, surrogates included (generalised UTF-8).
+fn push_code_point(out: &mut Vec<u8>, c: u32) {
+    // The casts keep the low bits on purpose: each byte is masked to its UTF-8 payload.
+    if c < 0x80 {
+        out.push(c as u8);
+    } else if c < 0x800 {
+        out.extend([0xC0 | (c >> 6) as u8, 0x80 | (c & 0x3F) as u8]);
+    } else if c < 0x10000 {
+        out.extend([
+            0xE0 | (c >> 12) as u8,
+            0x80 | ((c >> 6) & 0x3F) as u8,
+            0x80 | (c & 0x3F) as u8,
+        ]);
+    } else {
+        out.extend([
+            0xF0 | (c >> 18) as u8,
+            0x80 | ((c >> 12) & 0x3F) as u8,
+            0x80 | ((c >> 6) & 0x3F) as u8,
+            0x80 | (c & 0x3F) as u8,
+        ]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +249,138 @@ mod tests {
             prop_assert_eq!(back, value.clone());
             let compact_ref = serde_json::to_string(&value).unwrap();
             prop_assert_eq!(c.as_ref(), compact_ref.as_str());
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_at_any_depth_and_in_any_spelling() {
+        assert_eq!(duplicate_key(r#"{"k":1,"k":2}"#).as_deref(), Some("k"));
+        assert_eq!(
+            duplicate_key(r#"[1,{"a":{"b":[{"c":1,"c":{}}]}}]"#).as_deref(),
+            Some("c")
+        );
+        assert_eq!(duplicate_key(r#"{"a":1,"\u0061":2}"#).as_deref(), Some("a"));
+        assert_eq!(duplicate_key(r#"{"é":1,"\u00e9":2}"#).as_deref(), Some("é"));
+        assert_eq!(
+            duplicate_key(r#"{"😀":1,"\ud83d\ude00":2}"#).as_deref(),
+            Some("😀")
+        );
+        assert_eq!(
+            duplicate_key(r#"{"\"":1,"\u0022":2}"#).as_deref(),
+            Some("\"")
+        );
+        assert!(duplicate_key(r#"{"\ud800":1,"\ud800":2}"#).is_some());
+        // The same key in different objects, values that look like keys, strings with braces.
+        for ok in [
+            r#"{"a":{"a":1},"b":[{"a":2},{"a":3}]}"#,
+            r#"{"a":"a","b":["a","a"],"c":"{\"a\":1,\"a\":2}"}"#,
+            r#"{"a":1,"A":2,"\u0061b":3,"\ud800":4,"\udc00":5}"#,
+            r#"[{"k":1},{"k":1}]"#,
+            r#""{\"k\":1,\"k\":2}""#,
+            "{}",
+            "1",
+        ] {
+            assert_eq!(duplicate_key(ok), None, "{ok}");
+        }
+    }
+
+    /// A JSON text for `v`, with one object (the `dup`-th met in document order, if any)
+    /// holding one of its keys twice, spelled with escapes the second time when `escaped`.
+    fn render(v: &serde_json::Value, dup: &mut Option<usize>, escaped: bool, out: &mut String) {
+        use serde_json::Value;
+        match v {
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    render(x, dup, escaped, out);
+                }
+                out.push(']');
+            }
+            Value::Object(m) => {
+                let here = match dup {
+                    Some(0) => {
+                        *dup = None;
+                        m.keys().next().cloned()
+                    }
+                    Some(n) => {
+                        *n -= 1;
+                        None
+                    }
+                    None => None,
+                };
+                out.push('{');
+                for (i, (k, x)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::to_string(k).unwrap());
+                    out.push(':');
+                    render(x, dup, escaped, out);
+                }
+                if let Some(k) = here {
+                    out.push(',');
+                    let spelled = if escaped {
+                        let units: String =
+                            k.encode_utf16().map(|u| format!("\\u{u:04x}")).collect();
+                        format!("\"{units}\"")
+                    } else {
+                        serde_json::to_string(&k).unwrap()
+                    };
+                    out.push_str(&spelled);
+                    out.push_str(":null");
+                }
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<i32>().prop_map(Value::from),
+            "[a-c\"\\\\{}:,é😀 ]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 48, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-c\"\\\\é😀]{0,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn objects(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(a) => a.iter().map(objects).sum(),
+            serde_json::Value::Object(m) => 1 + m.values().map(objects).sum::<usize>(),
+            _ => 0,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_repeated_key_at_any_depth_is_found(v in value(), pick in any::<usize>(), escaped in any::<bool>()) {
+            let mut plain = String::new();
+            render(&v, &mut None, false, &mut plain);
+            // Without repeats: accepted, and compaction keeps the text byte for byte.
+            prop_assert_eq!(duplicate_key(&plain), None);
+            let (compacted, encoded) = (compact(&plain), serde_json::to_string(&v).unwrap());
+            prop_assert_eq!(compacted.as_ref(), plain.as_str());
+            prop_assert_eq!(&plain, &encoded);
+            let n = objects(&v);
+            prop_assume!(n > 0);
+            let mut dup = Some(pick % n);
+            let mut text = String::new();
+            render(&v, &mut dup, escaped, &mut text);
+            // Still valid JSON; found whenever the chosen object had a key to repeat.
+            serde_json::from_str::<serde_json::Value>(&text).unwrap();
+            let repeated = text.len() > plain.len();
+            prop_assert_eq!(duplicate_key(&text).is_some(), repeated, "{}", text);
         }
     }
 }

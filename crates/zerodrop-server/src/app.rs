@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendOutcome, AppendRequest, IdempotencyKey, SessionRecord, SessionStream, Store, StoreKind,
+    AppendOutcome, AppendRequest, IdempotencyKey, SessionCap, SessionRecord, SessionStream, Store,
+    StoreKind,
 };
 
 use crate::auth::Auth;
@@ -23,6 +24,31 @@ use crate::drain::{Connections, Drain, DrainState};
 use crate::error::ApiError;
 use crate::live::{Hub, Signal};
 use crate::metrics::{Metrics, StoreFacts, Transport};
+
+/// Who publishes, for `--max-new-streams-per-minute`: backends with the api key share one
+/// bucket (HTTP publishes and webhooks); a WebSocket `publish` frame counts for its token's
+/// `sub`.
+#[derive(Clone, Copy, Debug)]
+pub enum Publisher<'a> {
+    ApiKey,
+    Subject(&'a str),
+}
+
+impl Publisher<'_> {
+    fn key(self) -> String {
+        match self {
+            Publisher::ApiKey => "api-key".into(),
+            Publisher::Subject(sub) => format!("sub:{sub}"),
+        }
+    }
+
+    fn transport(self) -> &'static str {
+        match self {
+            Publisher::ApiKey => "http",
+            Publisher::Subject(_) => "ws",
+        }
+    }
+}
 
 /// One stream of a session being opened, and where it starts.
 #[derive(Clone, Debug)]
@@ -48,6 +74,8 @@ pub struct App {
     pub acks: AckBuffer,
     /// HTTP rate limits per route and key; `None` when `--http-requests-per-sec` is 0.
     pub limits: Option<crate::ratelimit::HttpLimits>,
+    /// New streams per publisher and minute; `None` when `--max-new-streams-per-minute` is 0.
+    pub new_streams: Option<crate::ratelimit::NewStreamLimit>,
     /// Upstreams, their circuits, bulkheads and cache, and the job queue's settings.
     pub guard: crate::guard::Guard,
     /// Which connection on this instance holds each session, so a resume can take it over.
@@ -155,6 +183,7 @@ impl App {
     ) -> App {
         let max = cfg.max_connections;
         let limits = crate::ratelimit::HttpLimits::new(cfg.http_requests_per_sec);
+        let new_streams = crate::ratelimit::NewStreamLimit::new(cfg.max_new_streams_per_minute);
         let gauge = metrics.clone();
         App {
             cfg,
@@ -168,6 +197,7 @@ impl App {
             store_up: AtomicBool::new(true),
             acks: AckBuffer::default(),
             limits,
+            new_streams,
             guard,
             holders: Mutex::new(HashMap::new()),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
@@ -241,7 +271,9 @@ impl App {
     /// right after the position the client says it already holds (a snapshot it loaded at
     /// seq N, optionally of a known epoch): the position must still be servable under the
     /// replay window rule, so the session never starts on a hole. Returns the record and each
-    /// stream's head at opening.
+    /// stream's head at opening. The subject's live sessions are capped
+    /// (`--max-sessions-per-subject`): the store counts them and creates the session in one
+    /// step, for every instance sharing it.
     pub async fn open_session(
         &self,
         sub: &str,
@@ -290,7 +322,17 @@ impl App {
                 },
             );
         }
-        self.store.create_session(rec.clone()).await?;
+        let cap = SessionCap(self.cfg.max_sessions_per_subject);
+        if let Err(e) = self.store.create_session_within(rec.clone(), cap).await {
+            if matches!(e, zerodrop_store::StoreError::TooManySessions { .. }) {
+                tracing::info!(
+                    sub,
+                    cap = cap.0,
+                    "session refused: the subject is at its cap"
+                );
+            }
+            return Err(e.into());
+        }
         Ok((rec, heads))
     }
 
@@ -440,14 +482,11 @@ impl App {
         }
     }
 
-    /// Appends one event (HTTP publish and WebSocket `publish` frames).
-    pub async fn publish(
-        &self,
-        stream: StreamId,
-        data: &RawValue,
-        idempotency_key: Option<String>,
-    ) -> Result<AppendOutcome, ApiError> {
-        let data = zerodrop_core::json::compact(data.get());
+    /// What every event's `data` must be before it is stored or forwarded: at most
+    /// `--max-payload-bytes` once compacted, nested at most [`zerodrop_core::json::MAX_DEPTH`]
+    /// deep, and no object with the same key twice (stored as sent, readers would disagree on
+    /// which value wins). `data` is compact JSON.
+    pub fn check_data(&self, data: &str) -> Result<(), ApiError> {
         if data.len() > self.cfg.max_payload_bytes {
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -458,13 +497,61 @@ impl App {
                 ),
             ));
         }
-        let depth = zerodrop_core::json::depth(&data);
+        let depth = zerodrop_core::json::depth(data);
         if depth > zerodrop_core::json::MAX_DEPTH {
             return Err(ApiError::invalid(format!(
                 "data nests {depth} levels deep; the limit is {}",
                 zerodrop_core::json::MAX_DEPTH
             )));
         }
+        if let Some(key) = zerodrop_core::json::duplicate_key(data) {
+            return Err(ApiError::invalid(format!(
+                "data has an object with the key {} twice; keys must be unique in each object",
+                serde_json::Value::from(key)
+            )));
+        }
+        Ok(())
+    }
+
+    /// `--max-new-streams-per-minute`: a publish that would create `stream` counts for its
+    /// publisher. Only when the limit is on does this look the stream up (its head: 0 means
+    /// it was never written). Two first publishes racing may both count: the limit errs
+    /// toward counting, never toward letting more through.
+    async fn admit_new_stream(&self, stream: &StreamId, by: Publisher<'_>) -> Result<(), ApiError> {
+        let Some(limit) = &self.new_streams else {
+            return Ok(());
+        };
+        if self.store.stream_info(stream).await?.head != Seq(0) {
+            return Ok(());
+        }
+        limit.check(by.key()).map_err(|wait| {
+            self.metrics.rate_limited(by.transport());
+            ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "this publisher created its {} new streams of the minute \
+                     (--max-new-streams-per-minute); publishing to existing streams goes on",
+                    self.cfg.max_new_streams_per_minute
+                ),
+            )
+            .with("limit", "new_streams_per_minute")
+            .with("stream", stream.as_str())
+            .with("retryAfterMs", wait * 1000)
+            .retry_after(wait)
+        })
+    }
+
+    /// Appends one event (HTTP publish, webhooks and WebSocket `publish` frames).
+    pub async fn publish(
+        &self,
+        stream: StreamId,
+        data: &RawValue,
+        idempotency_key: Option<String>,
+        by: Publisher<'_>,
+    ) -> Result<AppendOutcome, ApiError> {
+        let data = zerodrop_core::json::compact(data.get());
+        self.check_data(&data)?;
+        self.admit_new_stream(&stream, by).await?;
         let idempotency = idempotency_key.map(|key| IdempotencyKey {
             key,
             fingerprint: Sha256::digest(data.as_bytes()).into(),

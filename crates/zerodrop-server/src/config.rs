@@ -105,6 +105,19 @@ pub struct ServeArgs {
     /// Streams one session may hold.
     #[arg(long, env = "ZERODROP_MAX_STREAMS_PER_SESSION", default_value_t = 100)]
     pub max_streams_per_session: usize,
+    /// Live sessions one subject (a connect token's `sub`) may hold, over every instance
+    /// sharing the store: connected, or disconnected within their reconnect window. Opening
+    /// one more (`POST /v1/sessions`, a WebSocket connect) is refused with 429 `RATE_LIMITED`
+    /// (`limit: "sessions_per_subject"`) and `Retry-After`; resuming never counts. 0: off.
+    #[arg(long, env = "ZERODROP_MAX_SESSIONS_PER_SUBJECT", default_value_t = 100)]
+    pub max_sessions_per_subject: u32,
+    /// New streams one publisher may create per minute (burst: the same number): the api key
+    /// for HTTP publishes and webhooks, the connect token's `sub` for WebSocket `publish`
+    /// frames. Beyond, a publish to a stream that does not exist yet is refused with 429
+    /// `RATE_LIMITED` (`limit: "new_streams_per_minute"`); existing streams are never
+    /// affected. 0: off.
+    #[arg(long, env = "ZERODROP_MAX_NEW_STREAMS_PER_MINUTE", default_value_t = 0)]
+    pub max_new_streams_per_minute: u32,
     /// Frames per second one WebSocket may send (burst: twice that); beyond, `RATE_LIMITED`.
     /// `pong` and acks of delivered events are exempt.
     #[arg(long, env = "ZERODROP_WS_FRAMES_PER_SEC", default_value_t = 100)]
@@ -219,6 +232,8 @@ struct FileConfig {
     cors_origins: Option<String>,
     max_connections: Option<usize>,
     max_streams_per_session: Option<usize>,
+    max_sessions_per_subject: Option<u32>,
+    max_new_streams_per_minute: Option<u32>,
     ws_frames_per_sec: Option<u32>,
     http_requests_per_sec: Option<u32>,
     idempotency_ttl_sec: Option<u64>,
@@ -293,6 +308,10 @@ pub struct Config {
     pub cors_origins: String,
     pub max_connections: usize,
     pub max_streams_per_session: usize,
+    /// 0: no cap.
+    pub max_sessions_per_subject: u32,
+    /// 0: no cap.
+    pub max_new_streams_per_minute: u32,
     pub ws_frames_per_sec: u32,
     pub http_requests_per_sec: u32,
     pub idempotency_ttl_sec: u64,
@@ -366,6 +385,8 @@ impl Config {
                 cors_origins,
                 max_connections,
                 max_streams_per_session,
+                max_sessions_per_subject,
+                max_new_streams_per_minute,
                 ws_frames_per_sec,
                 http_requests_per_sec,
                 idempotency_ttl_sec,
@@ -422,6 +443,8 @@ impl Config {
             cors_origins: a.cors_origins,
             max_connections: a.max_connections,
             max_streams_per_session: a.max_streams_per_session,
+            max_sessions_per_subject: a.max_sessions_per_subject,
+            max_new_streams_per_minute: a.max_new_streams_per_minute,
             ws_frames_per_sec: a.ws_frames_per_sec,
             http_requests_per_sec: a.http_requests_per_sec,
             idempotency_ttl_sec: a.idempotency_ttl_sec,

@@ -180,6 +180,25 @@ impl From<StoreError> for ApiError {
                 ErrorCode::Internal,
                 format!("job {job}: the lease of attempt {attempt} is no longer held"),
             ),
+            // `RATE_LIMITED` rather than a code of its own: every client already backs off on
+            // it (the SDKs retry it), and `limit` says which limit it was.
+            StoreError::TooManySessions {
+                cap,
+                retry_after_ms,
+            } => {
+                let secs = retry_after_ms.div_ceil(1000).max(1);
+                ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "this subject already holds {cap} live sessions (--max-sessions-per-subject); \
+                         resume one of them with its resume token, or retry once one has ended"
+                    ),
+                )
+                .with("limit", "sessions_per_subject")
+                .with("cap", cap)
+                .with("retryAfterMs", secs * 1000)
+                .retry_after(secs)
+            }
         }
     }
 }

@@ -351,7 +351,9 @@ async fn publish(
     let key = idempotency_key(&headers)?;
     let body = body_bytes(body)?;
     let p: PublishBody = json_body(&body, "{\"data\": …}")?;
-    let out = app.publish(stream, p.data, key).await?;
+    let out = app
+        .publish(stream, p.data, key, crate::app::Publisher::ApiKey)
+        .await?;
     let body = json!({
         "stream": out.stream, "seq": out.seq, "epoch": out.epoch, "duplicate": out.duplicate,
     });

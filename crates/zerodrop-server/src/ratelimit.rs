@@ -88,6 +88,38 @@ impl HttpLimits {
     }
 }
 
+/// `--max-new-streams-per-minute`: how many streams that do not exist yet each publisher may
+/// create per minute (GCRA, bursts of the same number), keyed by [`crate::app::Publisher`].
+/// Per instance: with several instances a publisher may create up to that many on each.
+pub struct NewStreamLimit {
+    limiter: DefaultKeyedRateLimiter<String>,
+    clock: DefaultClock,
+}
+
+impl NewStreamLimit {
+    /// `None` when the limit is off (0).
+    pub fn new(per_minute: u32) -> Option<NewStreamLimit> {
+        let per_minute = NonZeroU32::new(per_minute)?;
+        Some(NewStreamLimit {
+            limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            clock: DefaultClock::default(),
+        })
+    }
+
+    /// One new stream by `publisher`: `Err(seconds to wait)` when it is over the limit.
+    pub fn check(&self, publisher: String) -> Result<(), u64> {
+        self.limiter.check_key(&publisher).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+        })
+    }
+
+    /// Forgets publishers that are back to a full burst (call periodically).
+    pub fn retain_recent(&self) {
+        self.limiter.retain_recent();
+    }
+}
+
 /// A credential's label: never the credential itself.
 pub fn label(credential: Option<&str>) -> String {
     match credential {
@@ -123,5 +155,16 @@ mod tests {
         assert_ne!(events[0]["key"], "k1", "a key is labelled, never shown");
         assert_eq!(events[0]["key"].as_str().unwrap().len(), 12);
         assert!(HttpLimits::new(0).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn new_streams_per_minute_are_counted_per_publisher() {
+        let l = NewStreamLimit::new(2).unwrap();
+        assert!(l.check("api-key".into()).is_ok());
+        assert!(l.check("api-key".into()).is_ok());
+        let wait = l.check("api-key".into()).unwrap_err();
+        assert!((1..=30).contains(&wait), "one more after 30 s: {wait}");
+        assert!(l.check("sub:u1".into()).is_ok(), "another publisher");
+        assert!(NewStreamLimit::new(0).is_none(), "0 is off");
     }
 }

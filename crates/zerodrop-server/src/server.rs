@@ -361,6 +361,9 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
             if let Some(l) = &app.limits {
                 l.retain_recent();
             }
+            if let Some(l) = &app.new_streams {
+                l.retain_recent();
+            }
         }
     });
 }

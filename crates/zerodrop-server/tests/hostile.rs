@@ -485,3 +485,168 @@ async fn proxy_escapes_and_the_api_key_in_the_url_are_refused() {
     assert_eq!(api.info("keep").await, before, "stored data is untouched");
     assert_eq!(api.get("/health/ready", None).await.status, 200);
 }
+
+/// Duplicate keys inside `data` (any depth, any spelling) are refused with 400
+/// `INVALID_REQUEST` on HTTP publish, WebSocket `publish` and webhook intake, and a flood of
+/// sessions for one subject stops at `--max-sessions-per-subject` with 429 `RATE_LIMITED`
+/// (close 4429 on a socket). Nothing stored changes; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_data_keys_and_session_floods_change_nothing() {
+    use zerodrop_server::config::WebhookConfig;
+    let s = TestServer::with(|c| {
+        c.max_sessions_per_subject = 5;
+        c.guard.webhooks.insert(
+            "shop".into(),
+            WebhookConfig {
+                stream: Some("keep-hooks".into()),
+                ..WebhookConfig::default()
+            },
+        );
+    })
+    .await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    for i in 0..3 {
+        api.publish("keep", json!({"i": i})).await;
+    }
+    let hook = |id: &'static str, body: &'static str| {
+        let (api, key) = (api.clone(), key.clone());
+        async move {
+            api.request(
+                Method::POST,
+                "/v1/webhooks/shop",
+                Some(&key),
+                Some(body.into()),
+                &[("idempotency-key", id)],
+            )
+            .await
+        }
+    };
+    assert_eq!(hook("m-0", r#"{"order":0}"#).await.status, 202);
+    let before = (api.info("keep").await, api.info("keep-hooks").await);
+    let dup_bodies = [
+        r#"{"data":{"k":1,"k":2}}"#,
+        r#"{"data":[1,{"a":{"b":[{"c":1,"c":1}]}}]}"#,
+        r#"{"data":{"k":1,"\u006b":2}}"#,
+        r#"{"data":{"é":1,"\u00e9":2}}"#,
+        r#"{"data":{"k":{},"x":0,"k":{}}}"#,
+        r#"{"data":1,"data":2}"#,
+    ];
+    for body in dup_bodies {
+        let r = api
+            .request(
+                Method::POST,
+                "/v1/streams/keep/events",
+                Some(&key),
+                Some(body.into()),
+                &[("idempotency-key", "dup-1")],
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "INVALID_REQUEST"),
+            "{body}: {}",
+            r.text
+        );
+        assert!(
+            r.text.contains("twice") || r.text.contains("duplicate"),
+            "{}",
+            r.text
+        );
+    }
+    // The same key in different objects is fine, and stored byte for byte.
+    let fine = r#"{"k":{"k":1},"l":[{"k":2},{"k":2}],"s":"{\"k\":1,\"k\":2}"}"#;
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/fine/events",
+            Some(&key),
+            Some(format!(r#"{{"data":{fine}}}"#)),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let stored = api.read("fine", 0, 10).await;
+    let text = stored.text.clone();
+    assert!(text.contains(&format!(r#""data":{fine}"#)), "{text}");
+    // A webhook body that would be stored: refused before its message id is claimed, so the
+    // corrected retry with the same id goes through.
+    let r = hook("m-1", r#"{"order":1,"order":2}"#).await;
+    assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"), "{}", r.text);
+    assert_eq!(api.info("keep-hooks").await, before.1, "nothing stored");
+    // Over WebSocket: a frame error, the socket goes on.
+    let tok = s.creds.token("writer", &["*"], &["*"]);
+    let mut ws = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    ws.expect("welcome").await;
+    for (i, data) in [r#"{"k":1,"k":2}"#, r#"[[{"a":[],"\u0061":0}]]"#]
+        .iter()
+        .enumerate()
+    {
+        ws.send_raw(format!(
+            r#"{{"type":"publish","stream":"keep","data":{data},"id":{i}}}"#
+        ))
+        .await;
+        let f = ws.expect("error").await;
+        assert_eq!(
+            (&f["code"], &f["id"]),
+            (&json!("INVALID_REQUEST"), &json!(i)),
+            "{f}"
+        );
+    }
+    ws.send(json!({"type":"subscribe","stream":"keep","after":0}))
+        .await;
+    ws.expect("subscribed").await;
+    assert_eq!(ws.events(3).await.len(), 3, "the socket still serves");
+
+    // A flood of sessions for one subject: HTTP opens at once, then WebSocket connects.
+    // `writer` holds one already (the socket above).
+    let flood = s.token("writer", &["keep"]);
+    let opens = (0..40).map(|_| {
+        let (api, flood) = (api.clone(), flood.clone());
+        tokio::spawn(async move {
+            api.post("/v1/sessions", Some(&flood), json!({"streams": ["keep"]}))
+                .await
+        })
+    });
+    let mut admitted = 0;
+    for o in opens {
+        let r = o.await.unwrap();
+        match r.status {
+            201 => admitted += 1,
+            _ => {
+                assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"), "{}", r.text);
+                assert!(r.headers.contains_key("retry-after"));
+            }
+        }
+    }
+    assert_eq!(admitted, 4, "the cap of 5, the socket's session included");
+    for _ in 0..10 {
+        let mut c = WsClient::connect(&format!("{}/v1/ws?token={flood}", s.ws_url()))
+            .await
+            .unwrap();
+        let f = c.recv().await;
+        assert_eq!(
+            (&f["type"], &f["code"]),
+            (&json!("error"), &json!("RATE_LIMITED")),
+            "{f}"
+        );
+        assert_eq!(c.expect_close().await, Some(4429));
+    }
+    let other = s.token("someone-else", &["keep"]);
+    let r = api
+        .post("/v1/sessions", Some(&other), json!({"streams": ["keep"]}))
+        .await;
+    assert_eq!(r.status, 201, "other subjects open as usual: {}", r.text);
+
+    assert_eq!(hook("m-1", r#"{"order":1}"#).await.status, 202);
+    assert_eq!(api.info("keep").await, before.0, "stored data is untouched");
+    let hooks = api.info("keep-hooks").await;
+    assert_eq!(hooks["headSeq"], 2, "only the corrected webhook was stored");
+    assert_eq!(api.get("/health/ready", None).await.status, 200);
+    assert_eq!(
+        api.metrics_json().await["ws_metrics"]["dropped_messages"],
+        0
+    );
+}

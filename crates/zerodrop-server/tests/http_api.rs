@@ -653,3 +653,64 @@ async fn http_rate_limits_per_route_and_key() {
         .await;
     assert_eq!(r.json, json!({"enabled": false}));
 }
+
+/// `--max-new-streams-per-minute`: off by default; when on, a publisher (the api key; a
+/// connect token's `sub` over WebSocket) creates at most that many streams a minute. A
+/// publish that would create one more is 429 `RATE_LIMITED` with `Retry-After` and stores
+/// nothing; publishes to existing streams are never affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_streams_per_minute_are_capped_per_publisher() {
+    assert_eq!(
+        zerodrop_server::Config::for_tests("unused").max_new_streams_per_minute,
+        0,
+        "off by default"
+    );
+    let s = TestServer::with(|c| c.max_new_streams_per_minute = 2).await;
+    let api = s.api();
+    api.publish("ns:1", json!(1)).await;
+    api.publish("ns:2", json!(1)).await;
+    let r = api.try_publish("ns:3", json!(1)).await;
+    assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"), "{}", r.text);
+    assert_eq!(r.json["error"]["limit"], "new_streams_per_minute");
+    assert_eq!(r.json["error"]["stream"], "ns:3");
+    let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (1..=30).contains(&wait),
+        "one new stream every 30 s: {wait}"
+    );
+    assert_eq!(api.info("ns:3").await["headSeq"], 0, "nothing stored");
+    for i in 0..20 {
+        api.publish(if i % 2 == 0 { "ns:1" } else { "ns:2" }, json!(i))
+            .await;
+    }
+    // Over WebSocket the publisher is the token's subject, with a bucket of its own.
+    let tok = s.creds.token("writer", &["ns:*"], &["ns:*"]);
+    let mut ws =
+        zerodrop_testkit::ws::WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+            .await
+            .unwrap();
+    ws.expect("welcome").await;
+    for (i, stream) in ["ns:w1", "ns:w2", "ns:w3", "ns:1", "ns:w1"]
+        .iter()
+        .enumerate()
+    {
+        ws.send(json!({"type":"publish","stream":stream,"data":i,"id":i}))
+            .await;
+        let f = ws.recv().await;
+        if *stream == "ns:w3" {
+            assert_eq!(
+                (&f["type"], &f["code"]),
+                (&json!("error"), &json!("RATE_LIMITED")),
+                "{f}"
+            );
+            assert_eq!(f["limit"], "new_streams_per_minute");
+            assert_eq!(f["id"], i);
+        } else {
+            assert_eq!(f["type"], "published", "{stream}: {f}");
+        }
+    }
+    assert_eq!(api.info("ns:w3").await["headSeq"], 0, "nothing stored");
+    assert_eq!(api.info("ns:w1").await["headSeq"], 2);
+    let m = api.metrics_json().await;
+    assert_eq!(m["guard_metrics"]["rate_limited"], 2, "{m}");
+}

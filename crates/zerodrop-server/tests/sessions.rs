@@ -626,3 +626,74 @@ async fn a_websocket_subscribe_after_a_snapshot_survives_a_drop_before_any_ack()
         .collect();
     assert_eq!(got, vec![3, 4]);
 }
+
+/// `--max-sessions-per-subject`: one subject holds at most that many live sessions, whichever
+/// way it opens them (HTTP or a WebSocket connect); beyond, 429 `RATE_LIMITED` with
+/// `Retry-After` (close 4429 after the `error` frame on a socket, before any `welcome`).
+/// Resuming a held session never counts; other subjects are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_holds_at_most_its_cap_of_live_sessions() {
+    assert_eq!(
+        zerodrop_server::Config::for_tests("unused").max_sessions_per_subject,
+        100,
+        "on by default, generous"
+    );
+    let s = TestServer::with(|c| c.max_sessions_per_subject = 3).await;
+    let api = s.api();
+    let tok = s.token("flood", &["room:*"]);
+    let body = json!({"streams": ["room:1"]});
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = api.post("/v1/sessions", Some(&tok), body.clone()).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        held.push(r.json);
+    }
+    let ws_url = format!("{}/v1/ws?token={tok}", s.ws_url());
+    let mut third = zerodrop_testkit::ws::WsClient::connect(&ws_url)
+        .await
+        .unwrap();
+    third.expect("welcome").await;
+    // The cap is reached: HTTP and WebSocket opens are refused, typed.
+    for _ in 0..5 {
+        let r = api.post("/v1/sessions", Some(&tok), body.clone()).await;
+        assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"), "{}", r.text);
+        assert_eq!(r.json["error"]["limit"], "sessions_per_subject");
+        assert_eq!(r.json["error"]["cap"], 3);
+        let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=900).contains(&wait), "{wait}");
+    }
+    let mut refused = zerodrop_testkit::ws::WsClient::connect(&ws_url)
+        .await
+        .unwrap();
+    let f = refused.recv().await;
+    assert_eq!(
+        (&f["type"], &f["code"]),
+        (&json!("error"), &json!("RATE_LIMITED")),
+        "{f}"
+    );
+    assert_eq!(f["limit"], "sessions_per_subject");
+    assert!(f["retryAfterMs"].as_u64().unwrap() >= 1000, "{f}");
+    assert_eq!(refused.expect_close().await, Some(4429));
+    // Another subject opens as usual.
+    let other = s.token("someone-else", &["room:*"]);
+    let r = api.post("/v1/sessions", Some(&other), body.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // A held session resumes at the cap, over HTTP and WebSocket.
+    let sid = held[0]["sessionId"].as_str().unwrap();
+    let token = held[0]["resumeToken"].as_str().unwrap();
+    let r = api
+        .post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            json!({"resumeToken": token}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let resume_url = format!("{}/v1/ws?resume={token}", s.ws_url());
+    let mut resumed = zerodrop_testkit::ws::WsClient::connect(&resume_url)
+        .await
+        .unwrap();
+    assert_eq!(resumed.expect("welcome").await["sessionId"], sid);
+    let stats = api.metrics_json().await;
+    assert_eq!(stats["ws_metrics"]["dropped_messages"], 0);
+}

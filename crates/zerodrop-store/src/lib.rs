@@ -15,6 +15,8 @@
 //! - Idempotency keys are recorded in the same commit as the append they answer for.
 //! - Retention trims in the same commit as the append that exceeds a limit, and by age at
 //!   least every second; every trim is reported to the sink.
+//! - A subject's live sessions are counted against its [`SessionCap`] in the same atomic
+//!   step that creates the session, so the cap holds for every instance sharing the store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -84,6 +86,10 @@ pub enum StoreError {
     /// changed.
     #[error("job {job}: the lease of attempt {attempt} is no longer held")]
     StaleLease { job: JobId, attempt: u32 },
+    /// The subject already holds `cap` live sessions: nothing was created. The earliest of
+    /// them ends its reconnect window in `retry_after_ms` (unless it is resumed meanwhile).
+    #[error("the subject already holds {cap} live sessions")]
+    TooManySessions { cap: u32, retry_after_ms: u64 },
 }
 
 impl StoreError {
@@ -204,6 +210,37 @@ pub struct SessionRecord {
     pub streams: BTreeMap<StreamId, SessionStream>,
 }
 
+/// How many live sessions one subject (`sub`) may hold; 0: no cap.
+///
+/// A session is live until its reconnect window ends ([`SessionCap::is_live`]): connected,
+/// or disconnected and still resumable. Resuming one never counts again; only creating one
+/// does. Every store applies the same two rules below, atomically with the session's creation
+/// (the Redis store's Lua script spells them out once more, on the server).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCap(pub u32);
+
+impl SessionCap {
+    /// No cap.
+    pub const NONE: SessionCap = SessionCap(0);
+
+    /// A session whose window ends at `expires_at_ms` still counts at `now_ms`.
+    pub fn is_live(expires_at_ms: u64, now_ms: u64) -> bool {
+        expires_at_ms > now_ms
+    }
+
+    /// Whether one more session may open beside `live` live ones. When it may not, the
+    /// refusal, given when the earliest of them ends (`earliest_expiry_ms`).
+    pub fn check(self, live: u64, earliest_expiry_ms: u64, now_ms: u64) -> StoreResult<()> {
+        if self.0 == 0 || live < u64::from(self.0) {
+            return Ok(());
+        }
+        Err(StoreError::TooManySessions {
+            cap: self.0,
+            retry_after_ms: earliest_expiry_ms.saturating_sub(now_ms),
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub sessions: u64,
@@ -251,7 +288,19 @@ pub trait Store: GuardStore + Send + Sync + 'static {
     /// The bounds and the chained digest of all retained events ([`zerodrop_core::hash`]).
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)>;
 
-    async fn create_session(&self, session: SessionRecord) -> StoreResult<()>;
+    /// Creates (or replaces) a session, with no cap on its subject's sessions.
+    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
+        self.create_session_within(session, SessionCap::NONE).await
+    }
+
+    /// Creates (or replaces) a session unless its subject already holds `cap` live sessions
+    /// other than this one ([`StoreError::TooManySessions`], nothing written). Counting and
+    /// creating are one atomic step for every instance sharing the store.
+    async fn create_session_within(
+        &self,
+        session: SessionRecord,
+        cap: SessionCap,
+    ) -> StoreResult<()>;
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>>;
 

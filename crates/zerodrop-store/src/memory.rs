@@ -14,8 +14,8 @@ use zerodrop_core::retention::{Retention, plan_trim};
 use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
 
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionRecord, SessionStream, Store,
-    StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
+    Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
 pub struct MemoryStore {
@@ -34,6 +34,8 @@ pub(crate) struct Inner {
 pub(crate) struct State {
     streams: HashMap<StreamId, MemStream>,
     sessions: HashMap<SessionId, SessionRecord>,
+    /// Each subject's sessions, pruned of ended ones whenever the subject opens another.
+    by_sub: HashMap<String, Vec<SessionId>>,
     pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
     last_ts: u64,
     pub(crate) guard: crate::memory_guard::GuardState,
@@ -256,11 +258,27 @@ impl Store for MemoryStore {
         Ok((info, h.hex()))
     }
 
-    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
-        self.inner
-            .lock()
-            .sessions
-            .insert(session.id.clone(), session);
+    async fn create_session_within(
+        &self,
+        session: SessionRecord,
+        cap: SessionCap,
+    ) -> StoreResult<()> {
+        let now = now_ms();
+        let mut guard = self.inner.lock();
+        let State {
+            sessions, by_sub, ..
+        } = &mut *guard;
+        let ids = by_sub.entry(session.sub.clone()).or_default();
+        let live = |id: &SessionId| {
+            sessions
+                .get(id)
+                .filter(|s| s.sub == session.sub && SessionCap::is_live(s.expires_at_ms, now))
+        };
+        ids.retain(|id| *id != session.id && live(id).is_some());
+        let earliest = ids.iter().filter_map(live).map(|s| s.expires_at_ms);
+        cap.check(ids.len() as u64, earliest.min().unwrap_or(now), now)?;
+        ids.push(session.id.clone());
+        sessions.insert(session.id.clone(), session);
         Ok(())
     }
 

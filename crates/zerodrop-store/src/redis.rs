@@ -66,6 +66,9 @@
 //!   again when a connection closes), so the token expires with the window, to within
 //!   milliseconds, and a later resume is answered `RECONNECT_WINDOW_EXPIRED` on the token
 //!   alone, before the session is looked up.
+//! - `zd:u:{<sub>}` a subject's live sessions (sorted set: session id → end of its reconnect
+//!   window), pruned and counted against the per-subject cap by the script that admits a new
+//!   session (`lua::SUBJECT_OPEN`), moved on by touches, expiring with its last window.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //! - The job queue (`zd:{jobs}:…`) and the webhook idempotency records (`zd:{idem}:…`): see
@@ -108,8 +111,8 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, n
 
 use crate::memory::apply_checkpoint;
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionRecord, SessionStream, Store,
-    StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
+    Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
 /// The shared base epoch of a single server's streams.
@@ -251,6 +254,8 @@ struct Scripts {
     session_touch: Lua,
     session_dropped: Lua,
     session_cas: Lua,
+    subject_open: Lua,
+    subject_touch: Lua,
     publish_through: Lua,
     keys_listed: Lua,
     guard: guard::GuardScripts,
@@ -269,6 +274,8 @@ impl Scripts {
             session_touch: Lua::new(lua::SESSION_TOUCH),
             session_dropped: Lua::new(lua::SESSION_DROPPED),
             session_cas: Lua::new(lua::SESSION_CAS),
+            subject_open: Lua::new(lua::SUBJECT_OPEN),
+            subject_touch: Lua::new(lua::SUBJECT_TOUCH),
             publish_through: Lua::new(lua::PUBLISH_THROUGH),
             keys_listed: Lua::new(lua::KEYS_LISTED),
             guard: guard::GuardScripts::new(),
@@ -399,6 +406,11 @@ fn idem_key(s: &StreamId, key: &str) -> String {
 
 fn session_key(id: &SessionId) -> String {
     format!("zd:s:{{{id}}}")
+}
+
+/// A subject's live sessions, tagged by the subject (its own slot on a cluster).
+fn subject_key(sub: &str) -> String {
+    format!("zd:u:{{{sub}}}")
 }
 
 fn stream_field(s: &StreamId) -> String {
@@ -1035,6 +1047,31 @@ impl Shared {
         Ok(())
     }
 
+    /// Writes the session hash (replacing one with the same id) and indexes it for stats.
+    async fn write_session(&self, session: &SessionRecord) -> StoreResult<()> {
+        let deadline = self.session_deadline(session.expires_at_ms);
+        let grants = serde_json::to_string(&session.grants).unwrap_or_else(|_| "{}".into());
+        let mut call = Call::new(&self.scripts.session_create)
+            .key(session_key(&session.id))
+            .arg(deadline)
+            .arg("sub")
+            .arg(session.sub.as_str())
+            .arg("grants")
+            .arg(grants)
+            .arg("created")
+            .arg(session.created_at_ms)
+            .arg("expires")
+            .arg(session.expires_at_ms);
+        for (stream, st) in &session.streams {
+            call = call
+                .arg(stream_field(stream))
+                .arg(encode_session_stream(st));
+        }
+        self.eval("create session", &call).await?;
+        self.index_session(&session.id, deadline, false).await;
+        Ok(())
+    }
+
     fn session_deadline(&self, expires_at_ms: u64) -> u64 {
         expires_at_ms
             .saturating_add(self.opts.session_grace_ms)
@@ -1349,29 +1386,49 @@ impl Store for RedisStore {
         Ok((r.info, h.hex()))
     }
 
-    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
+    /// The subject's count and the session live in different slots (sessions are tagged by
+    /// id, subjects by subject), so they are two scripts: first the subject's set admits the
+    /// session atomically (the cap holds however many instances open sessions at once), then
+    /// the session is written. A session write that fails takes its place back (best effort:
+    /// a place left behind only counts until the window it was given ends).
+    async fn create_session_within(
+        &self,
+        session: SessionRecord,
+        cap: SessionCap,
+    ) -> StoreResult<()> {
         let s = &self.shared;
-        let deadline = s.session_deadline(session.expires_at_ms);
-        let grants = serde_json::to_string(&session.grants).unwrap_or_else(|_| "{}".into());
-        let mut call = Call::new(&s.scripts.session_create)
-            .key(session_key(&session.id))
-            .arg(deadline)
-            .arg("sub")
-            .arg(session.sub.as_str())
-            .arg("grants")
-            .arg(grants)
-            .arg("created")
-            .arg(session.created_at_ms)
-            .arg("expires")
+        let now = now_ms();
+        let subject = subject_key(&session.sub);
+        let admit = Call::new(&s.scripts.subject_open)
+            .key(subject.as_str())
+            .arg(now)
+            .arg(cap.0)
+            .arg(session.id.as_str())
             .arg(session.expires_at_ms);
-        for (stream, st) in &session.streams {
-            call = call
-                .arg(stream_field(stream))
-                .arg(encode_session_stream(st));
+        let verdict = as_array(s.eval("open session", &admit).await?)
+            .ok_or_else(|| unexpected("open session"))?;
+        match verdict.first().and_then(as_u64) {
+            Some(1) => {}
+            Some(0) => {
+                let earliest = verdict.get(1).and_then(as_u64).unwrap_or(now);
+                return cap.check(u64::from(cap.0), earliest, now);
+            }
+            _ => return Err(unexpected("open session")),
         }
-        s.eval("create session", &call).await?;
-        s.index_session(&session.id, deadline, false).await;
-        Ok(())
+        let created = s.write_session(&session).await;
+        if created.is_err() {
+            let mut conn = s.conn.clone();
+            let _ = s
+                .run("open session", async {
+                    ::redis::cmd("ZREM")
+                        .arg(&subject)
+                        .arg(session.id.as_str())
+                        .query_async::<Value>(&mut conn)
+                        .await
+                })
+                .await;
+        }
+        created
     }
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {
@@ -1541,8 +1598,19 @@ impl Store for RedisStore {
             .key(session_key(id))
             .arg(expires_at_ms)
             .arg(deadline);
-        if let Value::Int(1) = s.eval("touch session", &call).await? {
-            s.index_session(id, deadline, true).await;
+        let Some(sub) = as_str(&s.eval("touch session", &call).await?).map(str::to_string) else {
+            return Ok(());
+        };
+        s.index_session(id, deadline, true).await;
+        // The subject's set follows (best effort, like the stats index: a session missing its
+        // new end there only stops counting against the cap when its first window ends).
+        let subject = Call::new(&s.scripts.subject_touch)
+            .key(subject_key(&sub))
+            .arg(id.as_str())
+            .arg(expires_at_ms)
+            .arg(now_ms());
+        if let Err(e) = s.eval("touch subject", &subject).await {
+            tracing::debug!(session = %id, error = %e, "subject's session set not updated");
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, n
 
 use crate::memory::apply_checkpoint;
 use crate::{
-    AppendOutcome, AppendRequest, IdempotencyKey, LiveSink, ReadResult, SessionRecord,
+    AppendOutcome, AppendRequest, IdempotencyKey, LiveSink, ReadResult, SessionCap, SessionRecord,
     SessionStream, Store, StoreError, StoreFault, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
@@ -93,7 +93,7 @@ type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
 enum Cmd {
     Append(AppendRequest, Reply<AppendOutcome>),
-    CreateSession(SessionRecord, Reply<()>),
+    CreateSession(SessionRecord, SessionCap, Reply<()>),
     PutSessionStream(SessionId, StreamId, SessionStream, Reply<()>),
     RemoveSessionStream(SessionId, StreamId, Reply<()>),
     Checkpoint(SessionId, StreamId, Seq, Reply<AckUpdate>),
@@ -357,6 +357,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_ms);
+CREATE INDEX IF NOT EXISTS sessions_sub ON sessions (sub, expires_ms);
 CREATE TABLE IF NOT EXISTS session_streams (
     session_id TEXT NOT NULL,
     stream TEXT NOT NULL,
@@ -773,8 +774,8 @@ impl Writer {
                 let r = self.append(req, fx);
                 settle(fx, reply, Done::Append, r)
             }
-            Cmd::CreateSession(s, reply) => {
-                let r = self.create_session(&s).map(Ok);
+            Cmd::CreateSession(s, cap, reply) => {
+                let r = self.create_session(&s, cap);
                 settle(fx, reply, Done::Unit, r)
             }
             Cmd::PutSessionStream(id, stream, state, reply) => {
@@ -1107,7 +1108,29 @@ impl Writer {
         Ok(())
     }
 
-    fn create_session(&mut self, s: &SessionRecord) -> rusqlite::Result<()> {
+    /// Counted and written by the single writer inside its transaction: no other session can
+    /// be created between the count and the insert.
+    fn create_session(
+        &mut self,
+        s: &SessionRecord,
+        cap: SessionCap,
+    ) -> rusqlite::Result<StoreResult<()>> {
+        if cap != SessionCap::NONE {
+            let now = now_ms();
+            let (live, earliest): (i64, Option<i64>) = self
+                .conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(expires_ms) FROM sessions
+                     WHERE sub = ?1 AND expires_ms > ?2 AND id != ?3",
+                )?
+                .query_row(params![s.sub, now as i64, s.id.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            let earliest = earliest.map_or(now, |e| e.max(0) as u64);
+            if let Err(e) = cap.check(live.max(0) as u64, earliest, now) {
+                return Ok(Err(e));
+            }
+        }
         let grants = serde_json::to_string(&s.grants).unwrap_or_else(|_| "{}".into());
         self.conn
             .prepare_cached(
@@ -1124,7 +1147,7 @@ impl Writer {
         for (stream, st) in &s.streams {
             self.write_session_stream(&s.id, stream, st)?;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn session_exists(&mut self, id: &SessionId) -> rusqlite::Result<bool> {
@@ -1275,7 +1298,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
     }
     match cmd {
         Cmd::Append(_, r) => send(r, err),
-        Cmd::CreateSession(_, r)
+        Cmd::CreateSession(_, _, r)
         | Cmd::PutSessionStream(_, _, _, r)
         | Cmd::RemoveSessionStream(_, _, r)
         | Cmd::Touch(_, _, r)
@@ -1521,8 +1544,12 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn create_session(&self, session: SessionRecord) -> StoreResult<()> {
-        self.call(|r| Cmd::CreateSession(session, r)).await
+    async fn create_session_within(
+        &self,
+        session: SessionRecord,
+        cap: SessionCap,
+    ) -> StoreResult<()> {
+        self.call(|r| Cmd::CreateSession(session, cap, r)).await
     }
 
     async fn load_session(&self, id: &SessionId) -> StoreResult<Option<SessionRecord>> {

@@ -7,8 +7,8 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, IdempotencyKey, MemoryStore, RedisOptions, RedisStore, SessionRecord,
-    SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
+    AppendRequest, IdempotencyKey, MemoryStore, RedisOptions, RedisStore, SessionCap,
+    SessionRecord, SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
 };
 use zerodrop_testkit::redis::RedisServer;
 use zerodrop_testkit::sink::{Recorder, wait_until};
@@ -460,6 +460,98 @@ async fn digest_is_the_chain_of_retained_events(f: Fixture) {
     assert_eq!(h, chain.hex());
 }
 
+/// The per-subject cap: live sessions only (a resume never counts again, a session past its
+/// reconnect window no longer counts), refused with nothing written, exact under concurrency.
+async fn sessions_per_subject_are_capped(f: Fixture) {
+    let cap = SessionCap(3);
+    let of = |sub: &str, expires_at_ms: u64| {
+        let mut s = session(&SessionId::generate(), &[]);
+        s.sub = sub.into();
+        s.expires_at_ms = expires_at_ms;
+        s
+    };
+    let later = now_ms() + 900_000;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let s = of("capped", later + i);
+        f.store.create_session_within(s.clone(), cap).await.unwrap();
+        held.push(s);
+    }
+    let refused = of("capped", later);
+    match f.store.create_session_within(refused.clone(), cap).await {
+        Err(StoreError::TooManySessions {
+            cap: 3,
+            retry_after_ms,
+        }) => assert!(
+            (800_000..=900_000).contains(&retry_after_ms),
+            "the earliest window ends in about 900 s: {retry_after_ms}"
+        ),
+        other => panic!("expected TooManySessions, got {other:?}"),
+    }
+    assert_eq!(f.store.load_session(&refused.id).await.unwrap(), None);
+    // Writing a held session again is no new session; other subjects are not affected.
+    f.store
+        .create_session_within(held[0].clone(), cap)
+        .await
+        .unwrap();
+    f.store
+        .create_session_within(of("other", later), cap)
+        .await
+        .unwrap();
+    // Without a cap, anything goes (and what was opened without one counts once it is on).
+    f.store.create_session(of("capped", later)).await.unwrap();
+    assert!(matches!(
+        f.store
+            .create_session_within(of("capped", later), cap)
+            .await,
+        Err(StoreError::TooManySessions { .. })
+    ));
+    // A session whose reconnect window ended no longer counts: end two of them.
+    for s in &held[..2] {
+        f.store.touch_session(&s.id, now_ms() - 1).await.unwrap();
+    }
+    f.store
+        .create_session_within(of("capped", later), cap)
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store
+            .create_session_within(of("capped", later), cap)
+            .await,
+        Err(StoreError::TooManySessions { .. })
+    ));
+    // A touch moves a session's end forward: a long-lived session keeps counting.
+    f.store
+        .touch_session(&held[2].id, now_ms() + 1_800_000)
+        .await
+        .unwrap();
+    // Sessions born already ended never count.
+    for _ in 0..5 {
+        f.store
+            .create_session_within(of("lapsed", now_ms() - 1), cap)
+            .await
+            .unwrap();
+    }
+    f.store
+        .create_session_within(of("lapsed", later), cap)
+        .await
+        .unwrap();
+    // Twenty at once against a cap of five: exactly five get in.
+    let tries = (0..20).map(|_| {
+        let (store, s) = (f.store.clone(), of("race", later));
+        tokio::spawn(async move { store.create_session_within(s, SessionCap(5)).await })
+    });
+    let mut admitted = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Ok(()) => admitted += 1,
+            Err(StoreError::TooManySessions { cap: 5, .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(admitted, 5);
+}
+
 macro_rules! suite {
     ($($name:ident => $retention:expr;)*) => {
         mod memory_store {
@@ -488,4 +580,5 @@ suite! {
     retention_by_age => Retention { max_events: 100, max_bytes: 1 << 20, max_age_ms: 1000 };
     sessions_and_checkpoints => big();
     digest_is_the_chain_of_retained_events => big();
+    sessions_per_subject_are_capped => big();
 }

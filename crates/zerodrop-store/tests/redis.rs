@@ -10,8 +10,8 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, LiveSink, MemoryStore, NoSink, RedisOptions, RedisStore, SessionRecord,
-    SessionStream, Store, StoreError,
+    AppendRequest, LiveSink, MemoryStore, NoSink, RedisOptions, RedisStore, SessionCap,
+    SessionRecord, SessionStream, Store, StoreError,
 };
 use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
 use zerodrop_testkit::sink::{Recorder, wait_until};
@@ -634,6 +634,65 @@ async fn stored_events_are_exactly_the_encoded_events() {
 
 /// The same store on a three-node Redis Cluster: every script stays on its stream's slot,
 /// sessions on theirs, and the live path carries events from every node.
+/// The per-subject cap is counted in Redis: instances opening sessions for one subject at the
+/// same time never exceed it together, on one server and on a cluster (where the subject's
+/// set and the sessions live in different slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_holds_across_instances() {
+    let server = RedisServer::start().unwrap();
+    let a: Arc<dyn Store> = Arc::new(connect(&server, Arc::new(NoSink)).await);
+    let b: Arc<dyn Store> = Arc::new(connect(&server, Arc::new(NoSink)).await);
+    let epoch = a.stream_info(&sid("room:1")).await.unwrap().epoch;
+    let tries = (0..24).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let s = session(&SessionId::generate(), "room:1", &epoch, 0);
+        tokio::spawn(async move { store.create_session_within(s, SessionCap(6)).await })
+    });
+    let mut admitted = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Ok(()) => admitted += 1,
+            Err(StoreError::TooManySessions { cap: 6, .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(admitted, 6);
+
+    let cluster = RedisCluster::start(3).unwrap();
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..2 {
+        let opts = RedisOptions::new(&cluster.urls());
+        stores.push(Arc::new(
+            RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap(),
+        ));
+    }
+    let epoch = stores[0].stream_info(&sid("room:1")).await.unwrap().epoch;
+    let mut admitted = 0;
+    for i in 0..10 {
+        let s = session(&SessionId::generate(), "room:1", &epoch, 0);
+        match stores[i % 2]
+            .create_session_within(s.clone(), SessionCap(4))
+            .await
+        {
+            Ok(()) => {
+                admitted += 1;
+                assert!(
+                    stores[(i + 1) % 2]
+                        .load_session(&s.id)
+                        .await
+                        .unwrap()
+                        .is_some()
+                );
+            }
+            Err(StoreError::TooManySessions { cap: 4, .. }) => {
+                assert_eq!(stores[0].load_session(&s.id).await.unwrap(), None);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(admitted, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3).unwrap();

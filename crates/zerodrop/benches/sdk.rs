@@ -114,7 +114,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
     let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &[], &[]).expect("server starts");
-    let token = p.creds.token("bench", &["sdkb:*"], &[]);
+    // A subject per round: each round opens three sessions, and one subject may hold at most
+    // `--max-sessions-per-subject` (100) live ones.
+    let token_for = |round: usize| p.creds.token(&format!("bench-{round}"), &["sdkb:*"], &[]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -124,7 +126,8 @@ fn main() {
     rt.block_on(fill(&http, "sdkb:plain", n, false));
     rt.block_on(fill(&http, "sdkb:sealed", n, true));
     let (mut bare, mut client, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        let token = token_for(round);
         bare.push(rt.block_on(raw(&p.url, &token, "sdkb:plain", n)));
         client.push(rt.block_on(sdk(&p.url, &token, "sdkb:plain", n, false)));
         sealed.push(rt.block_on(sdk(&p.url, &token, "sdkb:sealed", n, true)));

@@ -77,6 +77,14 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
             "max_streams_per_session",
             Some(int(c.max_streams_per_session)),
         ),
+        (
+            "max_sessions_per_subject",
+            Some(int(c.max_sessions_per_subject)),
+        ),
+        (
+            "max_new_streams_per_minute",
+            Some(int(c.max_new_streams_per_minute)),
+        ),
         ("ws_frames_per_sec", Some(int(c.ws_frames_per_sec))),
         ("http_requests_per_sec", Some(int(c.http_requests_per_sec))),
         ("idempotency_ttl_sec", Some(int(c.idempotency_ttl_sec))),

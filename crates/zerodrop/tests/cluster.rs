@@ -298,7 +298,9 @@ fn spawn_clients(
     sse: usize,
     finish: &zerodrop_testkit::roam::Finish,
 ) -> Vec<tokio::task::JoinHandle<Tally>> {
-    let tok = c.token("roamer", &["load:*"]);
+    // One subject per roamer: together they are more sessions than one subject may hold
+    // (`--max-sessions-per-subject`, 100 by default).
+    let tok = |k: usize| c.token(&format!("roamer-{k}"), &["load:*"]);
     let n = streams.len();
     let deadline = Duration::from_secs(120);
     let mut out = Vec::new();
@@ -307,7 +309,7 @@ fn spawn_clients(
             name: format!("ws-{k}"),
             urls: c.ws_urls(),
             start: k % c.len(),
-            token: tok.clone(),
+            token: tok(k),
             streams: vec![streams[k % n].clone(), streams[(k + 1) % n].clone()],
             ack_every: 25,
             deadline,
@@ -319,7 +321,7 @@ fn spawn_clients(
             name: format!("sse-{k}"),
             urls: c.urls(),
             start: k % c.len(),
-            token: tok.clone(),
+            token: tok(ws + k),
             stream: streams[k % n].clone(),
             deadline,
         };

@@ -108,6 +108,11 @@ async fn webhook(
     let id = message_id(&cfg.id_source(), &headers, &value)?;
     let scope = cfg.scope.clone().unwrap_or_else(|| source.clone());
     let compact = zerodrop_core::json::compact(raw.get());
+    if cfg.stream.is_some() {
+        // The body becomes an event's data: refused before its message id is claimed, so a
+        // corrected retry with the same id is not held up by a claim that never finishes.
+        app.check_data(&compact)?;
+    }
     let fingerprint: [u8; 32] = Sha256::digest(compact.as_bytes()).into();
     let now = zerodrop_core::now_ms();
     let count = |result: &str| {
@@ -164,7 +169,14 @@ async fn webhook(
                 let stream = StreamId::new(s).map_err(|_| {
                     ApiError::new(ErrorCode::Internal, "the source's stream id is invalid")
                 })?;
-                let out = app.publish(stream, &raw, Some(dedupe.clone())).await?;
+                let out = app
+                    .publish(
+                        stream,
+                        &raw,
+                        Some(dedupe.clone()),
+                        crate::app::Publisher::ApiKey,
+                    )
+                    .await?;
                 answer["stream"] = json!(out.stream);
                 answer["seq"] = json!(out.seq);
                 answer["epoch"] = json!(out.epoch);

@@ -17,7 +17,7 @@ use zerodrop_guard::retry::Next;
 use zerodrop_store::{Enqueued, Failure, JobStatus, LeasedJob, NewJob, QosClass, StoreError};
 
 use super::CallError;
-use crate::app::App;
+use crate::app::{App, Publisher};
 use crate::error::ApiError;
 
 /// How often the worker looks for due jobs when nothing woke it.
@@ -71,7 +71,9 @@ impl App {
         sub: &str,
     ) -> Result<ClientPublish, ApiError> {
         let Some((upstream, cfg)) = self.guard.cfg.bound_upstream(stream.as_str()) else {
-            let out = self.publish(stream, data, key).await?;
+            let out = self
+                .publish(stream, data, key, Publisher::Subject(sub))
+                .await?;
             return Ok(ClientPublish {
                 seq: Some(out.seq),
                 job: None,
@@ -85,22 +87,16 @@ impl App {
         let mut seq = None;
         let mut dedupe = key.as_ref().map(|k| format!("publish:{stream}:{k}"));
         if mode == super::config::BoundMode::AppendAndDeliver {
-            let out = self.publish(stream.clone(), data, key).await?;
+            let out = self
+                .publish(stream.clone(), data, key, Publisher::Subject(sub))
+                .await?;
             payload["seq"] = serde_json::json!(out.seq);
             payload["epoch"] = serde_json::json!(out.epoch);
             dedupe.get_or_insert_with(|| format!("publish:{stream}:{}:{}", out.epoch, out.seq));
             seq = Some(out.seq);
         } else {
-            let size = zerodrop_core::json::compact(data.get()).len();
-            if size > self.cfg.max_payload_bytes {
-                return Err(ApiError::new(
-                    zerodrop_core::ErrorCode::PayloadTooLarge,
-                    format!(
-                        "data is {size} bytes; the limit is {}",
-                        self.cfg.max_payload_bytes
-                    ),
-                ));
-            }
+            // Not stored, but held to the same rules as data that is.
+            self.check_data(&zerodrop_core::json::compact(data.get()))?;
         }
         let job = self
             .enqueue_job(

@@ -334,11 +334,46 @@ redis.call('HSET', KEYS[1], ARGV[1], new)
 return 1
 "#;
 
-/// `ARGV[1]` expires_at_ms, `ARGV[2]` delete-at (ms).
+/// `ARGV[1]` expires_at_ms, `ARGV[2]` delete-at (ms). Returns the session's `sub`, 0 when the
+/// session does not exist.
 pub const SESSION_TOUCH: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'expires', ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return redis.call('HGET', KEYS[1], 'sub') or ''
+"#;
+
+/// A subject's live sessions (`KEYS[1]`, a sorted set: session id → end of its reconnect
+/// window, ms), counted against the cap and joined by a new session in one step, so that
+/// instances opening sessions for one subject at once never exceed it. `ARGV[1]` now (ms),
+/// `ARGV[2]` the cap (0: none), `ARGV[3]` the session id, `ARGV[4]` its expires_at_ms.
+/// The rule is `SessionCap`'s: live while the window's end is after now; refused at `cap`
+/// live sessions other than this one. Returns `{1}`, or `{0, <earliest end>}` when refused.
+pub const SUBJECT_OPEN: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local cap = tonumber(ARGV[2])
+if cap > 0 and not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  if redis.call('ZCARD', KEYS[1]) >= cap then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, math.floor(tonumber(first[2]))}
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(last[2])))
+return {1}
+"#;
+
+/// A touched session's new window end in its subject's set (`KEYS[1]`), if it is there;
+/// the set lives at least as long. `ARGV[1]` session id, `ARGV[2]` expires_at_ms, `ARGV[3]`
+/// now (ms).
+pub const SUBJECT_TOUCH: &str = r#"
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl >= 0 and tonumber(ARGV[3]) + ttl < tonumber(ARGV[2]) then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+end
 return 1
 "#;
 
