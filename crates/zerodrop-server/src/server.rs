@@ -228,19 +228,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         );
     }
     let router = crate::http::router(app.clone());
-    let mut stop_signal = stop_rx;
-    // Small frames must not wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let limits = crate::conn::ConnLimits::from_config(&app.cfg);
     let task = tokio::spawn(async move {
-        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop_signal.wait_for(|s| *s).await;
-            })
-            .await
-            .context("server failed")
+        crate::conn::serve(listener, router, limits, stop_rx).await;
+        Ok(())
     });
     tracing::info!(
         %addr,
