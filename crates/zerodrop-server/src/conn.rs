@@ -18,6 +18,11 @@
 //! hyper's own header timer is not used: in hyper 1.x it starts again the moment a kept-alive
 //! connection goes idle, which would close idle connections after the header timeout.
 //!
+//! A connection closed after an answer that says `Connection: close` (its request's body was
+//! left unread, see [`crate::body`]) lingers: it shuts its write side, then reads and
+//! discards what the client still sends, for at most 2 s, so that the client sees the
+//! answer rather than a reset.
+//!
 //! On the stop signal the listener closes, every connection is told to finish (hyper's
 //! graceful shutdown: an idle one closes at once, a busy one after its response), and
 //! [`serve`] returns once every connection task has ended, as `axum::serve` did.
@@ -34,6 +39,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
+use axum::http::header::CONNECTION;
 use axum::http::{Request, StatusCode};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
@@ -44,6 +50,7 @@ use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// The limits of [`serve`].
 #[derive(Clone, Copy, Debug)]
@@ -71,6 +78,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnLimits,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let pending = Arc::new(Pending::new(limits.max_pending));
@@ -92,6 +100,7 @@ pub async fn serve(
         let conn = Connection {
             activity: Activity::new(&pending),
             limits,
+            metrics: metrics.clone(),
             stop: stop.clone(),
             _task: task.clone(),
         };
@@ -119,6 +128,7 @@ async fn accept_failed(e: std::io::Error) {
 struct Connection {
     activity: Arc<Activity>,
     limits: ConnLimits,
+    metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
     _task: watch::Receiver<()>,
 }
@@ -129,6 +139,7 @@ impl Connection {
         let io = TokioIo::new(Watched {
             tcp,
             activity: activity.clone(),
+            linger: None,
         });
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = InFlight::begin(&activity);
@@ -142,6 +153,14 @@ impl Connection {
                 };
                 if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                     guard.0.upgraded.store(true, Ordering::Relaxed);
+                }
+                // Said when the request's body was left unread (see `crate::body`).
+                if res
+                    .headers()
+                    .get(CONNECTION)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+                {
+                    guard.0.linger.store(true, Ordering::Relaxed);
                 }
                 Ok::<_, Infallible>(res.map(|body| Tracked {
                     body,
@@ -158,6 +177,7 @@ impl Connection {
         loop {
             if self.activity.evicted() {
                 tracing::debug!(%peer, "closing a pending connection: too many pending");
+                self.metrics.http_connection_closed("pending_limit");
                 break;
             }
             let deadline = self.activity.deadline(&self.limits);
@@ -171,7 +191,9 @@ impl Connection {
                 _ = self.activity.changed.notified() => {}
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     if self.activity.deadline(&self.limits).is_some_and(|d| d <= Instant::now()) {
-                        tracing::debug!(%peer, "closing a connection: no request in time");
+                        let reason = self.activity.waiting_for();
+                        tracing::debug!(%peer, reason, "closing a connection: no request in time");
+                        self.metrics.http_connection_closed(reason);
                         break;
                     }
                 }
@@ -206,6 +228,8 @@ struct Activity {
     served: AtomicBool,
     /// A WebSocket took the connection over.
     upgraded: AtomicBool,
+    /// An answer said `Connection: close`: on closing, read what the client still sends.
+    linger: AtomicBool,
     /// Milliseconds after `born` when the connection last went idle.
     idle_since_ms: AtomicU64,
     /// Milliseconds after `born`, plus one, of the first byte read while idle; 0: none yet.
@@ -225,6 +249,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
             pending_key: AtomicU64::new(0),
@@ -255,6 +280,17 @@ impl Activity {
         match self.head_started_ms.load(Ordering::Relaxed) {
             0 => Some(self.at(self.idle_since_ms.load(Ordering::Relaxed)) + limits.idle),
             started => Some(self.at(started - 1) + limits.header),
+        }
+    }
+
+    /// Which timeout [`Activity::deadline`] is: `header_timeout` or `idle_timeout`.
+    fn waiting_for(&self) -> &'static str {
+        let idle = self.served.load(Ordering::Relaxed)
+            && self.head_started_ms.load(Ordering::Relaxed) == 0;
+        if idle {
+            "idle_timeout"
+        } else {
+            "header_timeout"
         }
     }
 
@@ -336,10 +372,48 @@ impl http_body::Body for Tracked {
     }
 }
 
+/// How long a connection closed after an answer that says `Connection: close` keeps reading
+/// (and discarding) what the client still sends, and how much of it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 << 20;
+
 /// The socket, telling its connection's [`Activity`] when bytes arrive.
 struct Watched {
     tcp: TcpStream,
     activity: Arc<Activity>,
+    /// Set once the write side is shut and the connection lingers.
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+}
+
+impl Watched {
+    /// After the FIN: reads until the client closes too (or the linger ends). Closing a socket
+    /// with unread bytes resets it, and a reset can destroy the answer before the client has
+    /// read it: a client still sending a body the server refused would see a transport error
+    /// instead of the 413.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let (timer, left) = self
+            .linger
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(LINGER)), LINGER_BYTES));
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.tcp).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    *left = left.saturating_sub(buf.filled().len());
+                    if *left == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -383,7 +457,14 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+            if !this.activity.linger.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        this.poll_linger(cx)
     }
 }
 

@@ -229,8 +229,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let router = crate::http::router(app.clone());
     let limits = crate::conn::ConnLimits::from_config(&app.cfg);
+    let metrics = app.metrics.clone();
     let task = tokio::spawn(async move {
-        crate::conn::serve(listener, router, limits, stop_rx).await;
+        crate::conn::serve(listener, router, limits, metrics, stop_rx).await;
         Ok(())
     });
     tracing::info!(

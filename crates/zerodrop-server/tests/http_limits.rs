@@ -77,6 +77,17 @@ async fn closes_within(r: &mut BufReader<TcpStream>, within: Duration) -> bool {
     }
 }
 
+/// `zerodrop_http_connections_closed_total{reason=…}`, read in process (a scrape would be
+/// one more connection).
+fn closed_for(s: &TestServer, reason: &str) -> u64 {
+    let text = s.app().metrics.render_prometheus();
+    let series = format!("zerodrop_http_connections_closed_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not exported"))
+}
+
 async fn connect(s: &TestServer) -> BufReader<TcpStream> {
     BufReader::new(TcpStream::connect(s.addr).await.expect("connect"))
 }
@@ -209,6 +220,7 @@ async fn half_a_head_and_silence_are_closed_after_the_header_timeout() {
         started.elapsed() >= Duration::from_millis(900),
         "not before the timeout"
     );
+    assert_eq!(closed_for(&s, "header_timeout"), 2);
     // A complete request in time is served.
     let mut ok = connect(&s).await;
     ok.get_mut()
@@ -253,6 +265,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         "closed by the header timeout while idle"
     );
     assert!(closes_within(&mut conn, WAIT).await, "idle for ever");
+    assert_eq!(closed_for(&s, "idle_timeout"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,6 +325,7 @@ async fn connections_without_a_request_are_bounded_oldest_closed_first() {
             "connection {i}: within the bound, kept"
         );
     }
+    assert_eq!(closed_for(&s, "pending_limit"), EXTRA as u64);
     // The kept ones are served, and the stream still flows.
     let last = conns.last_mut().unwrap();
     last.get_mut()
