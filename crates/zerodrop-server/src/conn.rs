@@ -303,6 +303,7 @@ impl Activity {
     /// Bytes arrived: on an idle connection they start the next head's clock.
     fn read_some(&self) {
         if self.served.load(Ordering::Relaxed)
+            && !self.upgraded.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started_ms.load(Ordering::Relaxed) == 0
         {
