@@ -126,6 +126,19 @@ pub struct ServeArgs {
     /// `/v1` route (burst: twice that); beyond, 429 `RATE_LIMITED` with `Retry-After`. 0: off.
     #[arg(long, env = "ZERODROP_HTTP_REQUESTS_PER_SEC", default_value_t = 0)]
     pub http_requests_per_sec: u32,
+    /// Seconds a connection may take to send a complete request head, counted from its
+    /// accept (or, on a kept-alive connection, from the next request's first byte); also the
+    /// longest pause within a request body. Past it the connection is closed.
+    #[arg(long, env = "ZERODROP_HTTP_HEADER_TIMEOUT_SEC", default_value_t = 10)]
+    pub http_header_timeout_sec: u64,
+    /// Seconds a kept-alive connection may wait, idle, for its next request before it is
+    /// closed. WebSockets and streaming (SSE) responses are never idle.
+    #[arg(long, env = "ZERODROP_HTTP_IDLE_TIMEOUT_SEC", default_value_t = 60)]
+    pub http_idle_timeout_sec: u64,
+    /// Connections with no request in progress (not yet sent a complete request head, or
+    /// idle between keep-alive requests) kept open at most; past it the oldest is closed.
+    #[arg(long, env = "ZERODROP_MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    pub max_pending_connections: usize,
     /// How long an `Idempotency-Key` is remembered, in seconds.
     #[arg(long, env = "ZERODROP_IDEMPOTENCY_TTL_SEC", default_value_t = 86_400)]
     pub idempotency_ttl_sec: u64,
@@ -236,6 +249,9 @@ struct FileConfig {
     max_new_streams_per_minute: Option<u32>,
     ws_frames_per_sec: Option<u32>,
     http_requests_per_sec: Option<u32>,
+    http_header_timeout_sec: Option<u64>,
+    http_idle_timeout_sec: Option<u64>,
+    max_pending_connections: Option<usize>,
     idempotency_ttl_sec: Option<u64>,
     sqlite_synchronous: Option<SyncChoice>,
     sqlite_check_interval_sec: Option<u64>,
@@ -314,6 +330,9 @@ pub struct Config {
     pub max_new_streams_per_minute: u32,
     pub ws_frames_per_sec: u32,
     pub http_requests_per_sec: u32,
+    pub http_header_timeout_sec: u64,
+    pub http_idle_timeout_sec: u64,
+    pub max_pending_connections: usize,
     pub idempotency_ttl_sec: u64,
     pub sqlite_synchronous: SyncChoice,
     pub sqlite_check_interval_sec: u64,
@@ -389,6 +408,9 @@ impl Config {
                 max_new_streams_per_minute,
                 ws_frames_per_sec,
                 http_requests_per_sec,
+                http_header_timeout_sec,
+                http_idle_timeout_sec,
+                max_pending_connections,
                 idempotency_ttl_sec,
                 sqlite_synchronous,
                 sqlite_check_interval_sec,
@@ -447,6 +469,9 @@ impl Config {
             max_new_streams_per_minute: a.max_new_streams_per_minute,
             ws_frames_per_sec: a.ws_frames_per_sec,
             http_requests_per_sec: a.http_requests_per_sec,
+            http_header_timeout_sec: a.http_header_timeout_sec,
+            http_idle_timeout_sec: a.http_idle_timeout_sec,
+            max_pending_connections: a.max_pending_connections,
             idempotency_ttl_sec: a.idempotency_ttl_sec,
             sqlite_synchronous: a.sqlite_synchronous,
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,
@@ -515,6 +540,15 @@ impl Config {
         }
         if self.ws_frames_per_sec == 0 {
             bail!("--ws-frames-per-sec (ws_frames_per_sec) must be at least 1");
+        }
+        if self.http_header_timeout_sec == 0 {
+            bail!("--http-header-timeout-sec (http_header_timeout_sec) must be at least 1");
+        }
+        if self.http_idle_timeout_sec == 0 {
+            bail!("--http-idle-timeout-sec (http_idle_timeout_sec) must be at least 1");
+        }
+        if self.max_pending_connections == 0 {
+            bail!("--max-pending-connections (max_pending_connections) must be at least 1");
         }
         self.guard.validate()?;
         if let Some(id) = &self.instance_id {

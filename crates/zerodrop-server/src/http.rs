@@ -68,6 +68,11 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(head_limits))
+        // Outside every layer and handler that may answer before reading the body.
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::body::settle,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), stamp))
         .layer(cors)
         .with_state(app)

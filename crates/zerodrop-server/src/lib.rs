@@ -2,14 +2,17 @@
 //!
 //! Map: [`config`] (every setting) → [`server`] (start-up, listener, shutdown) builds an
 //! [`app::App`] (shared state and the session rules) over a [`zerodrop_store::Store`] and a
-//! [`live::Hub`] (fan-out in front of the log). [`http`], [`ws`] and [`sse`] are thin
-//! transports over the app; [`metrics`] records every figure; [`drain`] takes an instance out
-//! of service without dropping anything; [`stall`] lets go of connections whose client stopped
-//! reading.
+//! [`live::Hub`] (fan-out in front of the log). [`conn`] accepts and times HTTP/1.1
+//! connections, [`stall`] lets go of those whose client stopped reading, [`body`] reads
+//! request bodies to their end; [`http`], [`ws`] and [`sse`] are thin transports over the
+//! app; [`metrics`] records every figure; [`drain`] takes an instance out of service without
+//! dropping anything.
 
 pub mod app;
 pub mod auth;
+pub mod body;
 pub mod config;
+pub mod conn;
 pub mod drain;
 pub mod error;
 pub mod guard;

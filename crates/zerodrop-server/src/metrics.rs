@@ -221,6 +221,13 @@ impl Metrics {
         for t in ["http", "ws"] {
             m.count("zerodrop_rate_limited_total", &[("transport", t)], 0);
         }
+        for r in ["header_timeout", "idle_timeout", "pending_limit"] {
+            m.count(
+                "zerodrop_http_connections_closed_total",
+                &[("reason", r)],
+                0,
+            );
+        }
         for t in [Transport::Ws, Transport::Sse, Transport::Http] {
             for c in [
                 ErrorCode::InvalidResumeToken,
@@ -275,6 +282,16 @@ impl Metrics {
             })
             .clone();
         g.set(v);
+    }
+
+    /// An HTTP connection closed by the server for doing nothing: `reason` is
+    /// `header_timeout`, `idle_timeout` or `pending_limit`.
+    pub fn http_connection_closed(&self, reason: &str) {
+        self.count(
+            "zerodrop_http_connections_closed_total",
+            &[("reason", reason)],
+            1,
+        );
     }
 
     /// A request or frame refused by a rate limit (`transport` is `http` or `ws`).
@@ -708,6 +725,10 @@ fn describe(r: &PrometheusRecorder) {
         d(
             "zerodrop_http_requests_total",
             "HTTP requests, by route template and status",
+        ),
+        d(
+            "zerodrop_http_connections_closed_total",
+            "HTTP connections closed for doing nothing, by reason (header_timeout, idle_timeout, pending_limit)",
         ),
         d(
             "zerodrop_rate_limited_total",

@@ -235,21 +235,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         );
     }
     let router = crate::http::router(app.clone());
-    let mut stop_signal = stop_rx;
-    // Every connection's writes are bounded: a client that stops reading is let go (stall.rs).
-    let listener = crate::stall::StallListener::new(listener, app.cfg.write_stall());
-    // Small frames must not wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |io| {
-        let _ = io.get_ref().set_nodelay(true);
-    });
+    let limits = crate::conn::ConnLimits::from_config(&app.cfg);
+    let metrics = app.metrics.clone();
     let task = tokio::spawn(async move {
-        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop_signal.wait_for(|s| *s).await;
-            })
-            .await
-            .context("server failed")
+        crate::conn::serve(listener, router, limits, metrics, stop_rx).await;
+        Ok(())
     });
     tracing::info!(
         %addr,

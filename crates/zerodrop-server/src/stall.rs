@@ -7,7 +7,7 @@
 //! Such a connection would hold a `--max-connections` slot, its gauge and its session forever,
 //! and a drain could never finish.
 //!
-//! So every accepted connection's I/O is wrapped in a [`StallGuard`]: once a write (or flush)
+//! So every accepted connection's I/O is wrapped in a [`StallGuard`] (by `conn.rs`): once a write (or flush)
 //! has returned `Pending` and no byte has been taken since for the bound, it fails with
 //! [`io::ErrorKind::TimedOut`] carrying [`WriteStalled`]. hyper then drops the connection
 //! (an SSE body ends, its slot and gauge are released); the WebSocket task sees the error,
@@ -22,13 +22,11 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
 /// The error payload of a write that made no progress for the bound.
@@ -64,10 +62,6 @@ impl<IO> StallGuard<IO> {
             limit,
             stalled: None,
         }
-    }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
     }
 
     /// Passes a completed write through (a write that returns has taken bytes, or failed: the
@@ -145,32 +139,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for StallGuard<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// The server's listener: every accepted connection comes wrapped in a [`StallGuard`].
-pub struct StallListener {
-    inner: TcpListener,
-    limit: Duration,
-}
-
-impl StallListener {
-    pub fn new(inner: TcpListener, limit: Duration) -> StallListener {
-        StallListener { inner, limit }
-    }
-}
-
-impl axum::serve::Listener for StallListener {
-    type Io = StallGuard<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (StallGuard::new(io, self.limit), addr)
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
     }
 }
 

@@ -87,6 +87,15 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ),
         ("ws_frames_per_sec", Some(int(c.ws_frames_per_sec))),
         ("http_requests_per_sec", Some(int(c.http_requests_per_sec))),
+        (
+            "http_header_timeout_sec",
+            Some(int(c.http_header_timeout_sec)),
+        ),
+        ("http_idle_timeout_sec", Some(int(c.http_idle_timeout_sec))),
+        (
+            "max_pending_connections",
+            Some(int(c.max_pending_connections)),
+        ),
         ("idempotency_ttl_sec", Some(int(c.idempotency_ttl_sec))),
         ("sqlite_synchronous", Some(enum_name(c.sqlite_synchronous))),
         (
