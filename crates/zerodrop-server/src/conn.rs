@@ -2,7 +2,7 @@
 //! on a request.
 //!
 //! Each accepted socket (`TCP_NODELAY`) is served by hyper, upgrades allowed (WebSockets), in
-//! a task of its own beside a watchdog that knows what the connection is doing ([`Activity`]):
+//! a task of its own beside a watchdog that knows what the connection is doing (`Activity`):
 //!
 //! - a request in progress (its response not fully sent yet: an SSE stream is one) and an
 //!   upgraded WebSocket have no deadline here;

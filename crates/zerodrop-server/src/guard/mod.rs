@@ -4,7 +4,7 @@
 //!
 //! The state machines are `zerodrop-guard`'s and the queue is the store's; this module only
 //! makes the calls and moves jobs between them, and keeps the circuit gauges in step with the
-//! breakers (also when time alone moves one, see [`Guard::spawn_circuit_gauges`]).
+//! breakers (also when time alone moves one, see [`spawn_circuit_gauges`]).
 
 pub mod config;
 pub mod path;
