@@ -343,7 +343,10 @@ impl ServeChild {
 
     /// Its exit status if it has exited (and reaps it); an error once it has been reaped.
     fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        let c = self.child.as_mut().context("zerodrop serve is not running")?;
+        let c = self
+            .child
+            .as_mut()
+            .context("zerodrop serve is not running")?;
         let s = c.try_wait().context("waiting for zerodrop serve")?;
         if s.is_some() {
             self.child = None;

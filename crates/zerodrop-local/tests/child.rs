@@ -44,15 +44,13 @@ fn reports_its_address_and_logs_both_streams_then_drains_on_sigterm() {
         "the listening line is logged before the address is known: {logs:?}"
     );
     assert!(
-        logs.iter().any(|l| l
-            == "args: serve --listen 127.0.0.1:7 --data-dir /nonexistent/data --store memory"),
+        logs.iter()
+            .any(|l| l
+                == "args: serve --listen 127.0.0.1:7 --data-dir /nonexistent/data --store memory"),
         "{logs:?}"
     );
     eventually("stdout is logged too", || {
-        child
-            .logs()
-            .iter()
-            .any(|l| l == "format=json key=k-given")
+        child.logs().iter().any(|l| l == "format=json key=k-given")
     });
 
     child.signal(libc::SIGTERM);

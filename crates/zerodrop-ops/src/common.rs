@@ -55,14 +55,6 @@ pub struct Creds {
     pub admin_token: Option<String>,
 }
 
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct SecretsFile {
-    api_key: Option<String>,
-    admin_token: Option<String>,
-    jwt_secret: Option<String>,
-}
-
 /// Trusts the CA certificates in `path` (besides the system's roots) for every `https://` and
 /// `wss://` connection this process opens. Only the first file installed takes effect (a tool
 /// has one `--ca-file`).
@@ -117,14 +109,14 @@ impl CredArgs {
             Some(d) => (d, true),
             None => (PathBuf::from("zerodrop-data"), false),
         };
-        let path = dir.join("secrets.json");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => return Ok(c),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let s = match zerodrop_local::secrets::read_file(&dir)? {
+            Some(s) => s,
+            None if !explicit => return Ok(c),
+            None => bail!(
+                "{} does not exist",
+                zerodrop_local::secrets::path_in(&dir).display()
+            ),
         };
-        let s: SecretsFile = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a zerodrop secrets file", path.display()))?;
         c.api_key = c.api_key.or(s.api_key);
         c.jwt_secret = c.jwt_secret.or(s.jwt_secret);
         c.admin_token = c.admin_token.or(s.admin_token);

@@ -3,7 +3,9 @@
 //! Each comes from its `ZERODROP_*` variable if set, else from `secrets.json` in the data dir;
 //! a secret that is in neither is generated and written there. The file is created with mode
 //! 0600 (written to a temporary file with that mode, then renamed, so it is never readable by
-//! others, not even for a moment). Secrets are never logged: only the file's path is.
+//! others, not even for a moment). Secrets are never logged: only the file's path is. The
+//! file's format and its reading are `zerodrop-local`'s (re-exported here); this module owns
+//! generating, validating and writing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,25 +13,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use serde::{Deserialize, Serialize};
 use zerodrop_core::ResumeKeys;
 
 use crate::config::SecretOverrides;
 
-pub const FILE_NAME: &str = "secrets.json";
-
-#[derive(Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretsFile {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_token: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwt_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume_keys: Option<String>,
-}
+// The file's name, format and reading are shared with the tools and tests that read it.
+pub use zerodrop_local::secrets::{FILE_NAME, SecretsFile, path_in, read_file};
 
 /// The secrets the server runs with.
 #[derive(Clone)]
@@ -60,24 +49,6 @@ pub enum SecretsSource {
 
 pub fn generate_token() -> String {
     B64.encode(zerodrop_core::random_bytes::<32>())
-}
-
-pub fn path_in(data_dir: &Path) -> PathBuf {
-    data_dir.join(FILE_NAME)
-}
-
-/// Reads `secrets.json` if it exists.
-pub fn read_file(data_dir: &Path) -> anyhow::Result<Option<SecretsFile>> {
-    let path = path_in(data_dir);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let f: SecretsFile = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", path.display()))?;
-            Ok(Some(f))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
 }
 
 pub fn load_or_generate(

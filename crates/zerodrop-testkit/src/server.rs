@@ -1,13 +1,15 @@
-//! Running zerodrop for a test: in this process, or as a child process.
+//! Running zerodrop for a test: in this process, or as a child process (started and stopped
+//! by `zerodrop-local`, which the operator tools use too), and the credentials it generated.
+//! This module must not reimplement what `zerodrop-local` does.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use zerodrop_local::{ServeChild, ServeCommand, secrets};
 use zerodrop_server::auth::{ConnectClaims, mint_connect_token};
 use zerodrop_server::{Config, Running};
 
@@ -24,7 +26,7 @@ pub struct Creds {
 
 impl Creds {
     pub fn from_data_dir(dir: &Path) -> anyhow::Result<Creds> {
-        let f = zerodrop_server::secrets::read_file(dir)?.context("no secrets.json")?;
+        let f = secrets::read_file(dir)?.context("no secrets.json")?;
         Ok(Creds {
             api_key: f.api_key.context("apiKey")?,
             admin_token: f.admin_token.context("adminToken")?,
@@ -140,19 +142,21 @@ impl TestServer {
     }
 }
 
-/// zerodrop as a child process (`kill -9`, SIGTERM, corrupt files, the real CLI).
+/// zerodrop as a child process (`kill -9`, SIGTERM, corrupt files, the real CLI): a
+/// [`ServeChild`] with the credentials it generated into its data dir.
 pub struct ServerProcess {
-    child: Option<Child>,
+    child: ServeChild,
     pub addr: SocketAddr,
     pub url: String,
     pub data_dir: PathBuf,
     pub creds: Creds,
-    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
     /// Runs `bin serve --listen <listen> --data-dir <dir> <args…>` with JSON logs and waits
-    /// until it listens.
+    /// (at most [`WAIT`]) until it listens. The secrets come from the data dir (generated on
+    /// the first start), never from this process's `ZERODROP_*` variables; `env` may set
+    /// them.
     pub fn spawn(
         bin: &Path,
         data_dir: &Path,
@@ -160,67 +164,20 @@ impl ServerProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<ServerProcess> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(data_dir)
+        let cmd = ServeCommand::new(bin, data_dir)
+            .listen(listen)
             .args(args)
-            .env("ZERODROP_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for k in [
-            "ZERODROP_API_KEY",
-            "ZERODROP_ADMIN_TOKEN",
-            "ZERODROP_JWT_SECRET",
-            "ZERODROP_RESUME_KEYS",
-        ] {
-            cmd.env_remove(k);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot run {}", bin.display()))?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                        && v["message"] == "listening"
-                        && let Some(a) = v["addr"]
-                            .as_str()
-                            .and_then(|a| a.parse::<SocketAddr>().ok())
-                    {
-                        let _ = tx.send(a);
-                    }
-                    logs.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                }
-            });
-        }
-        let addr = match rx.recv_timeout(WAIT) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let l = logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-                bail!("zerodrop did not start listening:\n{l}");
-            }
-        };
+            .without_inherited_secrets()
+            .start_within(WAIT);
+        let child = env.iter().fold(cmd, |c, (k, v)| c.env(k, v)).spawn()?;
         let creds = Creds::from_data_dir(data_dir)?;
+        let addr = child.addr();
         Ok(ServerProcess {
-            child: Some(child),
+            child,
             addr,
             url: format!("http://{addr}"),
             data_dir: data_dir.to_path_buf(),
             creds,
-            logs,
         })
     }
 
@@ -232,20 +189,18 @@ impl ServerProcess {
         format!("ws://{}", self.addr)
     }
 
+    /// Its pid; 0 once it has exited.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.pid().unwrap_or(0)
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.child.logs()
     }
 
     /// `kill -9`: no drain, no flush, nothing.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill9();
     }
 
     /// SIGTERM, then waits (at most `limit`) for the exit status.
@@ -261,35 +216,17 @@ impl ServerProcess {
 
     /// Sends `signal` (e.g. `libc::SIGINT`, as Ctrl-C does) without waiting.
     pub fn send_signal(&self, signal: libc::c_int) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) with a pid we own and a valid signal number has no memory
-            // effects.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, signal);
-            }
-        }
+        self.child.signal(signal);
     }
 
     /// Waits (at most `limit`, then kills) for the process to exit; returns its status.
     pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        let mut c = self.child.take().context("not running")?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = c.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
+        match self.child.wait_exit(limit)? {
+            Some(s) => Ok(s),
+            None => {
+                self.child.kill9();
                 bail!("zerodrop did not exit within {limit:?}");
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
