@@ -116,11 +116,6 @@ impl ServeCommand {
         self
     }
 
-    /// The binary this command runs.
-    pub fn bin(&self) -> &Path {
-        &self.bin
-    }
-
     /// Starts the server and blocks (at most [`ServeCommand::start_within`]) until it has
     /// logged its address. For code that is not async; async code uses
     /// [`ServeCommand::spawn_async`], which leaves its runtime's thread free meanwhile.
