@@ -683,7 +683,7 @@ impl App {
         let now = zerodrop_core::now_ms();
         let jobs = match self.store.job_stats(now).await {
             Ok(s) => {
-                use crate::guard::routes::by_class;
+                use crate::guard::by_class;
                 serde_json::json!({
                     "enabled": true,
                     "backlog": by_class(&s.queued_by_class),

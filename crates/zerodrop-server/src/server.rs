@@ -226,7 +226,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     spawn_background(app.clone(), stop_rx.clone());
     crate::guard::worker::spawn(app.clone(), stop_rx.clone());
-    crate::guard::spawn_circuit_gauges(app.clone(), stop_rx.clone());
+    crate::guard::worker::spawn_circuit_gauges(app.clone(), stop_rx.clone());
     if let Some(s) = &sqlite {
         spawn_sqlite_check(
             s.clone(),

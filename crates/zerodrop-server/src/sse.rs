@@ -22,8 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -37,6 +36,7 @@ use crate::app::{App, ConnSlot};
 use crate::auth::bearer;
 use crate::drain::DrainPhase;
 use crate::error::{ApiError, ApiResult};
+use crate::http::extract::{Query, StreamPath};
 use crate::live::{Fault, Signal, Subscription};
 use crate::metrics::Transport;
 
@@ -53,10 +53,10 @@ pub struct SseQuery {
 pub async fn handler(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    q: Result<Query<SseQuery>, QueryRejection>,
+    StreamPath(stream): StreamPath,
+    Query(q): Query<SseQuery>,
 ) -> Response {
-    match open(app, headers, path, q).await {
+    match open(app, headers, stream, q).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -93,11 +93,9 @@ fn reset_block(code: ErrorCode, epoch: &Epoch, first: Seq) -> Bytes {
 async fn open(
     app: Arc<App>,
     headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    q: Result<Query<SseQuery>, QueryRejection>,
+    stream: StreamId,
+    q: SseQuery,
 ) -> ApiResult<Response> {
-    let stream = crate::http::stream_id(path)?;
-    let q = crate::http::query(q)?;
     let last_event_id = parse_last_event_id(&headers)?;
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;

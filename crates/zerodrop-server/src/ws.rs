@@ -21,9 +21,8 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
@@ -41,6 +40,7 @@ use crate::app::{AckWrite, App, ConnSlot};
 use crate::auth::{ConnectClaims, bearer};
 use crate::drain::DrainPhase;
 use crate::error::ApiError;
+use crate::http::extract::{Query, Upgrade};
 use crate::live::{Delivery, Fault, Signal, Subscription};
 use crate::metrics::Transport;
 
@@ -78,8 +78,8 @@ enum Start {
 pub async fn handler(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    q: Result<Query<WsQuery>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    Upgrade(ws): Upgrade,
+    Query(q): Query<WsQuery>,
 ) -> Response {
     match upgrade(app, headers, q, ws) {
         Ok(r) => r,
@@ -90,11 +90,9 @@ pub async fn handler(
 fn upgrade(
     app: Arc<App>,
     headers: HeaderMap,
-    q: Result<Query<WsQuery>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    q: WsQuery,
+    ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade: {e}")))?;
-    let q = crate::http::query(q)?;
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()

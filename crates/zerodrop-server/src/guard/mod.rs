@@ -4,7 +4,10 @@
 //!
 //! The state machines are `zerodrop-guard`'s and the queue is the store's; this module only
 //! makes the calls and moves jobs between them, and keeps the circuit gauges in step with the
-//! breakers (also when time alone moves one, see [`spawn_circuit_gauges`]).
+//! breakers (also when time alone moves one, see [`worker::spawn_circuit_gauges`]).
+//!
+//! Must not: import the app or the HTTP layer (the app holds a [`Guard`]; the tasks that
+//! need the app are in [`worker`], the routes in [`routes`]).
 
 pub mod config;
 pub mod path;
@@ -17,7 +20,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use zerodrop_guard::bulkhead::Bulkhead;
 use zerodrop_guard::cache::ResponseCache;
 use zerodrop_guard::circuit::{CircuitBreaker, CircuitState, Outcome};
@@ -451,31 +453,13 @@ fn gauge_value(state: CircuitState) -> f64 {
     }
 }
 
-/// Keeps `zerodrop_circuit_state` in step with what time alone changes: a breaker runs no
-/// timer (an open one turns half-open when it is next asked), so this task asks each one at
-/// the end of its cooldown, and sets the gauges then. It sleeps until the earliest such
-/// moment; a call that opens a breaker wakes it to learn the new one. Stops with the server.
-pub fn spawn_circuit_gauges(app: Arc<crate::app::App>, mut stop: watch::Receiver<bool>) {
-    if app.guard.upstreams.is_empty() {
-        return;
-    }
-    tokio::spawn(async move {
-        let guard = &app.guard;
-        loop {
-            let due = guard.refresh_circuit_gauges();
-            // The clock counts whole milliseconds elapsed, so sleeping until `due` by it never
-            // wakes before the breaker agrees the cooldown is over.
-            let nap = match due {
-                Some(at) => Duration::from_millis(at.saturating_sub(guard.clock.now_ms()).max(1)),
-                None => Duration::from_secs(3600),
-            };
-            tokio::select! {
-                () = tokio::time::sleep(nap) => {}
-                () = guard.circuit_opened.notified() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    });
+/// Per-class counts as a JSON object keyed by class name.
+pub fn by_class(m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>) -> Value {
+    let o: serde_json::Map<String, Value> = m
+        .iter()
+        .map(|(c, n)| (c.as_str().to_string(), json!(n)))
+        .collect();
+    Value::Object(o)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -1,15 +1,17 @@
 //! The guardrails' routes: webhook intake, upstream GETs through the cache, and the admin
-//! views of circuits, bulkheads, idempotency keys, the cache and the job queue.
+//! views of circuits, bulkheads, idempotency keys, the cache and the job queue (mounted by
+//! the HTTP router, `http/router.rs`, with the same extractors as every other handler).
+//!
+//! Must not: be imported by the app (what the app shares with these views lives in
+//! `guard/mod.rs`).
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{OriginalUri, Path, Query, State};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -18,33 +20,14 @@ use zerodrop_store::{IdemBegin, JobStatus};
 
 use super::config::IdSource;
 use super::path::ClientPath;
-use super::{Answer, CallError, CallPath};
+use super::{Answer, CallError, CallPath, by_class};
 use crate::app::App;
-use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{body_bytes, query};
+use crate::http::extract::{Admin, ApiKey, Caller, Path, Query, RawBody};
 
 /// How long a webhook's first request owns its message id before a retry may take over (the
 /// first crashed): a retry meanwhile is 409 `IDEMPOTENCY_IN_PROGRESS`.
 const WEBHOOK_CLAIM_MS: u64 = 10_000;
-
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/v1/webhooks/{source}", post(webhook))
-        .route("/v1/upstreams/{upstream}/{*path}", get(upstream_get))
-        .route("/admin/circuits", get(circuits))
-        .route("/admin/bulkheads", get(bulkheads))
-        .route("/admin/idempotency", get(idempotency))
-        .route("/admin/cache", get(cache))
-        .route("/admin/cache/{namespace}", delete(cache_clear))
-        .route("/admin/jobs", get(jobs))
-        .route("/admin/jobs/dead-letters/{id}/requeue", post(requeue))
-}
-
-fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
-    p.map(|Path(v)| v)
-        .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))
-}
 
 fn retry_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
@@ -84,14 +67,13 @@ fn message_id(src: &IdSource, headers: &HeaderMap, body: &Value) -> ApiResult<St
 /// first request runs (append and/or enqueue, each itself idempotent on the id, so a takeover
 /// after a crash never doubles either); a duplicate gets the first answer with
 /// `duplicate: true` and its `hitCount`.
-async fn webhook(
+pub(crate) async fn webhook(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    source: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    _: ApiKey,
+    Path(source): Path<String>,
+    RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    app.auth.require_api_key(&headers)?;
-    let source = path(source)?;
     let Some(cfg) = app.guard.cfg.webhooks.get(&source) else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
@@ -100,7 +82,6 @@ async fn webhook(
             ),
         ));
     };
-    let body = body_bytes(body)?;
     let raw: Box<serde_json::value::RawValue> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the webhook body must be JSON: {e}")))?;
     let value: Value = serde_json::from_str(raw.get())
@@ -255,23 +236,14 @@ fn raw_tail(uri: &axum::http::Uri) -> Option<&str> {
 /// any connect token when the upstream is `public`; else 403 (also for an unknown name, so a
 /// token cannot list what is configured). What may be called: only paths below the target's
 /// base URL (see [`ClientPath`]); anything else is 400 and no call is made.
-async fn upstream_get(
+pub(crate) async fn upstream_get(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     OriginalUri(uri): OriginalUri,
-    p: Result<Path<(String, String)>, PathRejection>,
+    Path((name, _)): Path<(String, String)>,
+    caller: Caller<false>,
 ) -> ApiResult<Response> {
-    let (name, _) = path(p)?;
-    let Some(t) = bearer(&headers) else {
-        return Err(ApiError::unauthorized(
-            "an api key or a connect token is required (Authorization: Bearer <credential>)",
-        ));
-    };
     let up = app.guard.upstreams.get(&name);
-    let sub = if app.auth.is_api_key(t) {
-        None
-    } else {
-        let claims = app.auth.verify_connect(t)?;
+    let sub = if let Caller::Connect(claims) = caller {
         if !(claims.may_call_upstream(&name) || up.is_some_and(|u| u.cfg.public)) {
             return Err(ApiError::forbidden(format!(
                 "upstream `{name}` is not allowed by the token: its `upstreams` claim must name \
@@ -280,6 +252,8 @@ async fn upstream_get(
             .with("upstream", name.as_str()));
         }
         Some(claims.sub)
+    } else {
+        None
     };
     let Some(up) = up else {
         return Err(call_error(&name, CallError::UnknownUpstream));
@@ -361,20 +335,19 @@ fn answer_response(a: Answer, hit: bool) -> Response {
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<usize>,
     provider: Option<String>,
     scope: Option<String>,
     status: Option<String>,
 }
 
-async fn circuits(
+pub(crate) async fn circuits(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    _: Admin,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let limit = query(q)?.limit.unwrap_or(20);
+    let limit = q.limit.unwrap_or(20);
     Ok(Json(circuits_view(&app, limit)))
 }
 
@@ -385,13 +358,11 @@ pub fn circuits_view(app: &App, limit: usize) -> Value {
     })
 }
 
-async fn bulkheads(
+pub(crate) async fn bulkheads(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    _: Admin,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let q = query(q)?;
     if let Some(p) = &q.provider
         && !app.guard.upstreams.contains_key(p)
     {
@@ -415,13 +386,11 @@ pub fn bulkheads_view(app: &App) -> Value {
     })
 }
 
-async fn idempotency(
+pub(crate) async fn idempotency(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    _: Admin,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let q = query(q)?;
     let limit = q.limit.unwrap_or(50).min(1000);
     let keys = app
         .store
@@ -430,13 +399,12 @@ async fn idempotency(
     Ok(Json(json!({"scope": q.scope, "keys": keys})))
 }
 
-async fn cache(
+pub(crate) async fn cache(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    _: Admin,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let limit = query(q)?.limit.unwrap_or(5000);
+    let limit = q.limit.unwrap_or(5000);
     let mut v = cache_view(&app);
     v["entries"] = json!(app.guard.cache.entries(limit));
     Ok(Json(v))
@@ -451,24 +419,13 @@ pub fn cache_view(app: &App) -> Value {
     })
 }
 
-async fn cache_clear(
+pub(crate) async fn cache_clear(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    ns: Result<Path<String>, PathRejection>,
+    _: Admin,
+    Path(ns): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let ns = path(ns)?;
     let cleared = app.guard.cache.clear(&ns);
     Ok(Json(json!({"namespace": ns, "cleared": cleared})))
-}
-
-/// Per-class counts as a JSON object keyed by class name.
-pub fn by_class(m: &std::collections::BTreeMap<zerodrop_store::QosClass, u64>) -> Value {
-    let o: serde_json::Map<String, Value> = m
-        .iter()
-        .map(|(c, n)| (c.as_str().to_string(), json!(n)))
-        .collect();
-    Value::Object(o)
 }
 
 /// The queue's counts, its alerts and the latest dead letters (snapshot and `/admin/jobs`).
@@ -515,13 +472,11 @@ pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
     }))
 }
 
-async fn jobs(
+pub(crate) async fn jobs(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    _: Admin,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let q = query(q)?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
@@ -536,13 +491,11 @@ async fn jobs(
     Ok(Json(v))
 }
 
-async fn requeue(
+pub(crate) async fn requeue(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    _: Admin,
+    Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    app.auth.require_admin(&headers)?;
-    let id = path(id)?;
     let not_found = || {
         ApiError::new(
             ErrorCode::NotFound,

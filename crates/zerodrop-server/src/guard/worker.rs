@@ -1,6 +1,7 @@
-//! The job worker: claims due jobs from the store's queue, delivers each to its upstream while
-//! a heartbeat keeps its lease, and ends it — done, retried after a jittered backoff, or a
-//! dead letter.
+//! The guardrails' background tasks. The job worker: claims due jobs from the store's queue,
+//! delivers each to its upstream while a heartbeat keeps its lease, and ends it — done,
+//! retried after a jittered backoff, or a dead letter. And the task that keeps the circuit
+//! gauges in step with the breakers ([`spawn_circuit_gauges`]).
 //!
 //! What makes a delivery safe to repeat is the lease rule in the store: a worker that lost its
 //! lease (it stalled past the lease, another worker took the job) cannot complete it, and its
@@ -348,4 +349,31 @@ pub async fn upkeep(app: &App) {
     if let Err(e) = app.store.job_purge_done(now.saturating_sub(keep)).await {
         tracing::debug!(error = %e, "purging delivered jobs failed");
     }
+}
+
+/// Keeps `zerodrop_circuit_state` in step with what time alone changes: a breaker runs no
+/// timer (an open one turns half-open when it is next asked), so this task asks each one at
+/// the end of its cooldown, and sets the gauges then. It sleeps until the earliest such
+/// moment; a call that opens a breaker wakes it to learn the new one. Stops with the server.
+pub fn spawn_circuit_gauges(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    if app.guard.upstreams.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let guard = &app.guard;
+        loop {
+            let due = guard.refresh_circuit_gauges();
+            // The clock counts whole milliseconds elapsed, so sleeping until `due` by it never
+            // wakes before the breaker agrees the cooldown is over.
+            let nap = match due {
+                Some(at) => Duration::from_millis(at.saturating_sub(guard.clock.now_ms()).max(1)),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(nap) => {}
+                () = guard.circuit_opened.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
 }

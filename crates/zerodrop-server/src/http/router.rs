@@ -1,0 +1,244 @@
+//! The one place the HTTP routes are assembled: every route (the `/v1` API, health,
+//! metrics, admin, and the guardrails' routes), the fallbacks, and the layers around them —
+//! route-template metrics, per-route rate limits, typed refusals of oversized request heads,
+//! bodies settled before the answer, the instance header, CORS.
+//!
+//! Must not: handle a request itself (beyond the layers' refusals); be imported by anything
+//! but start-up (`server.rs`), since it imports every HTTP-facing module.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use zerodrop_core::ErrorCode;
+
+use super::{admin, v1};
+use crate::app::App;
+use crate::auth::bearer;
+use crate::error::ApiError;
+use crate::guard::routes as guard;
+
+pub const INSTANCE_HEADER: &str = "x-zerodrop-instance";
+/// Most bytes of request headers (names and values) and of a request target. Below the HTTP
+/// layer's own limits, so a request past them gets a typed error rather than a bare status.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+
+pub fn router(app: Arc<App>) -> Router {
+    let cors = cors(&app.cfg.cors_origins);
+    let body_limit = DefaultBodyLimit::max(app.cfg.max_body_bytes());
+    Router::new()
+        .route(
+            "/v1/streams/{stream}/events",
+            post(v1::publish).get(v1::read_events),
+        )
+        .route("/v1/streams/{stream}", get(v1::stream_info))
+        .route("/v1/streams/{stream}/sse", get(crate::sse::handler))
+        .route("/v1/sessions", post(v1::open_session))
+        .route("/v1/sessions/{id}/checkpoint", post(v1::checkpoint))
+        .route("/v1/sessions/{id}/reconnect", post(v1::reconnect))
+        .route("/v1/ws", get(crate::ws::handler))
+        .route("/v1/webhooks/{source}", post(guard::webhook))
+        .route("/v1/upstreams/{upstream}/{*path}", get(guard::upstream_get))
+        .route("/health", get(admin::health))
+        .route("/health/live", get(admin::live))
+        .route("/health/ready", get(admin::ready))
+        .route("/metrics", get(admin::metrics))
+        .route("/admin/drain/start", post(admin::drain_start))
+        .route("/admin/drain/status", get(admin::drain_status))
+        .route("/admin/drain/complete", post(admin::drain_complete))
+        .route("/admin/snapshot", get(admin::snapshot))
+        .route("/admin/ratelimit/summary", get(admin::ratelimit_summary))
+        .route("/admin/ratelimit/alerts", get(admin::ratelimit_alerts))
+        .route("/admin/ratelimit/events", get(admin::ratelimit_events))
+        .route("/admin/circuits", get(guard::circuits))
+        .route("/admin/bulkheads", get(guard::bulkheads))
+        .route("/admin/idempotency", get(guard::idempotency))
+        .route("/admin/cache", get(guard::cache))
+        .route("/admin/cache/{namespace}", delete(guard::cache_clear))
+        .route("/admin/jobs", get(guard::jobs))
+        .route(
+            "/admin/jobs/dead-letters/{id}/requeue",
+            post(guard::requeue),
+        )
+        .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), track))
+        // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
+        .layer(body_limit)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(head_limits))
+        // Outside every layer and handler that may answer before reading the body.
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::body::settle,
+        ))
+        .layer(middleware::from_fn_with_state(app.clone(), stamp))
+        .layer(cors)
+        .with_state(app)
+}
+
+fn cors(origins: &str) -> CorsLayer {
+    let allow = if origins.trim() == "*" {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        AllowOrigin::list(list)
+    };
+    // Listed, not `*`: by the Fetch standard a wildcard never covers `Authorization`, so
+    // Firefox and Safari would refuse a cross-origin publish or session open with a bearer.
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            HeaderName::from_static(INSTANCE_HEADER),
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+/// Counts every matched request by route template.
+async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let res = next.run(req).await;
+    app.metrics.http_request(
+        method.as_str(),
+        &route,
+        res.status().as_u16(),
+        started.elapsed(),
+    );
+    res
+}
+
+/// Rate limits per `/v1` route and key (SPEC §7): 429 `RATE_LIMITED` with `Retry-After`.
+/// Health, metrics and admin routes are never limited, so operators are not locked out.
+async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(limits) = &app.limits else {
+        return next.run(req).await;
+    };
+    let Some(route) = req.extensions().get::<MatchedPath>().map(|m| m.as_str()) else {
+        return next.run(req).await;
+    };
+    if !route.starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let bucket = format!("{} {route}", req.method());
+    let credential = bearer(req.headers()).map(String::from).or_else(|| {
+        req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "token" || *k == "resume")
+                .map(|(_, v)| v.to_string())
+        })
+    });
+    let key = match credential.as_deref() {
+        Some(c) if app.auth.is_api_key(c) => "api-key".to_string(),
+        Some(c) => match app.auth.verify_connect(c) {
+            Ok(claims) => format!("sub:{}", claims.sub),
+            Err(_) => crate::ratelimit::label(Some(c)),
+        },
+        None => match req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        {
+            Some(axum::extract::ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
+            None => crate::ratelimit::label(None),
+        },
+    };
+    match limits.check_key(&bucket, key) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            app.metrics.rate_limited("http");
+            ApiError::new(
+                ErrorCode::RateLimited,
+                format!("too many requests to {bucket} from this key; retry after {wait} s"),
+            )
+            .retry_after(wait)
+            .into_response()
+        }
+    }
+}
+
+/// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
+/// headers, 414 past [`MAX_URI_BYTES`] of request target.
+async fn head_limits(req: Request, next: Next) -> Response {
+    let uri = req.uri().to_string().len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let (status, what, size, limit) = if uri > MAX_URI_BYTES {
+        (
+            StatusCode::URI_TOO_LONG,
+            "request target",
+            uri,
+            MAX_URI_BYTES,
+        )
+    } else if headers > MAX_HEADER_BYTES {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers",
+            headers,
+            MAX_HEADER_BYTES,
+        )
+    } else {
+        return next.run(req).await;
+    };
+    let mut res = ApiError::invalid(format!("the {what} is {size} bytes; the limit is {limit}"))
+        .into_response();
+    *res.status_mut() = status;
+    res
+}
+
+/// Every response names its instance (load balancers may keep affinity with it), and every
+/// typed error is counted by code.
+async fn stamp(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    if let Some(code) = res.extensions().get::<ErrorCode>() {
+        app.metrics.error(*code);
+    }
+    if let Ok(v) = HeaderValue::from_str(&app.instance) {
+        res.headers_mut()
+            .insert(HeaderName::from_static(INSTANCE_HEADER), v);
+    }
+    res
+}
+
+async fn not_found(State(app): State<Arc<App>>, method: Method) -> ApiError {
+    app.metrics
+        .http_request(method.as_str(), "unmatched", 404, Duration::ZERO);
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+async fn method_not_allowed(State(app): State<Arc<App>>, method: Method) -> ApiError {
+    app.metrics
+        .http_request(method.as_str(), "unmatched", 405, Duration::ZERO);
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}

@@ -1,0 +1,383 @@
+//! The `/v1` API's own handlers (SPEC §3): publish, read, a stream's digest, and the session
+//! routes (open, checkpoint, reconnect). Each takes what it needs through the extractors
+//! (`extract.rs`) and turns the app's answer into JSON.
+//!
+//! Must not: decide a protocol rule (where a stream starts, what a hole is, how a checkpoint
+//! moves): those are the app's and the core's; a handler only encodes their answer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use zerodrop_core::window::replay_window;
+use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
+
+use super::extract::{
+    ApiKey, BodyShape, Caller, ConnectToken, IdempotencyKey, JsonBody, Query, RawBody, SessionPath,
+    StreamPath, json,
+};
+use crate::app::{AckWrite, App, OpenAt};
+use crate::auth::bearer;
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Transport;
+
+/// Most events one read or one reconnect window returns.
+pub const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+fn not_this_session() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidResumeToken,
+        "the resume token is not for this session",
+    )
+}
+
+/// `{"stream":…,"epoch":…,"headSeq":…,"events":[…]}` with each event's stored JSON spliced in.
+fn events_page(
+    stream: &StreamId,
+    epoch: &str,
+    head: Seq,
+    events: &[Arc<zerodrop_core::Event>],
+) -> String {
+    let mut s =
+        String::with_capacity(96 + events.iter().map(|e| e.json().len() + 1).sum::<usize>());
+    s.push_str("{\"stream\":\"");
+    s.push_str(stream.as_str());
+    s.push_str("\",\"epoch\":\"");
+    s.push_str(epoch);
+    s.push_str("\",\"headSeq\":");
+    s.push_str(&head.0.to_string());
+    s.push_str(",\"events\":[");
+    push_events(&mut s, events);
+    s.push_str("]}");
+    s
+}
+
+fn push_events(s: &mut String, events: &[Arc<zerodrop_core::Event>]) {
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(std::str::from_utf8(e.json()).unwrap_or("null"));
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+// ---------------------------------------------------------------------------------- streams
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+pub(super) async fn publish(
+    State(app): State<Arc<App>>,
+    _: ApiKey,
+    StreamPath(stream): StreamPath,
+    IdempotencyKey(key): IdempotencyKey,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    // Borrowed from the body: the data is kept as the client's raw JSON, never re-encoded.
+    let p: PublishBody = json(&body, "{\"data\": …}")?;
+    let out = app
+        .publish(stream, p.data, key, crate::app::Publisher::ApiKey)
+        .await?;
+    let body = json!({
+        "stream": out.stream, "seq": out.seq, "epoch": out.epoch, "duplicate": out.duplicate,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub(super) async fn stream_info(
+    State(app): State<Arc<App>>,
+    StreamPath(stream): StreamPath,
+    caller: Caller<false>,
+) -> ApiResult<Json<Value>> {
+    // Like a read: the api key, or a connect token that grants the stream (the SDKs' check).
+    caller.may_read(&stream)?;
+    let (info, hash) = app.store.digest(&stream).await?;
+    Ok(Json(json!({
+        "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,
+        "firstSeq": info.first_seq, "count": info.count, "bytes": info.bytes, "hash": hash,
+    })))
+}
+
+/// A read's query. `token` is read (and checked) by the [`Caller`] extractor.
+#[derive(Deserialize)]
+pub struct ReadQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    epoch: Option<String>,
+}
+
+/// A read is allowed with the api key (in the `Authorization` header only), or with a connect
+/// token (in the header or `?token=`) that grants the stream.
+pub(super) async fn read_events(
+    State(app): State<Arc<App>>,
+    StreamPath(stream): StreamPath,
+    Query(q): Query<ReadQuery>,
+    caller: Caller,
+) -> ApiResult<Response> {
+    caller.may_read(&stream)?;
+    let after = Seq(q.after.unwrap_or(0));
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let client_epoch = match q.epoch.as_deref() {
+        Some(e) => {
+            Some(zerodrop_core::Epoch::parse(e).ok_or_else(|| ApiError::invalid("invalid epoch"))?)
+        }
+        None => None,
+    };
+    let res = app.store.read(&stream, after, limit).await?;
+    match replay_window(after, client_epoch.as_ref(), &res.info.bounds()) {
+        // A position past the head is a plain read of nothing; `headSeq` tells the client.
+        Ok(_) | Err(zerodrop_core::WindowError::BeyondHead { .. }) => {}
+        Err(e) => return Err(ApiError::window(e, stream.as_str())),
+    }
+    let body = events_page(&stream, res.info.epoch.as_str(), res.info.head, &res.events);
+    Ok(json_response(StatusCode::OK, body))
+}
+
+// --------------------------------------------------------------------------------- sessions
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OpenBody {
+    #[serde(default)]
+    streams: Vec<String>,
+    /// Per stream, the position the client already holds: `N`, or `{"seq": N, "epoch": E}`.
+    #[serde(default)]
+    after: BTreeMap<String, Position>,
+}
+
+impl BodyShape for OpenBody {
+    const SHAPE: &'static str = "{\"streams\": […], \"after\"?: {stream: seq}}";
+
+    fn empty() -> Option<OpenBody> {
+        Some(OpenBody::default())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Position {
+    Seq(u64),
+    At { seq: u64, epoch: Option<String> },
+}
+
+/// The streams of `POST /v1/sessions` with where each starts; every `after` key must be one of
+/// the streams.
+fn open_at(b: OpenBody) -> ApiResult<Vec<OpenAt>> {
+    let streams = stream_list(&b.streams)?;
+    for name in b.after.keys() {
+        if !streams.iter().any(|s| s.as_str() == name) {
+            return Err(ApiError::invalid(format!(
+                "after names {name:?}, which is not in streams"
+            )));
+        }
+    }
+    streams
+        .into_iter()
+        .map(|stream| {
+            let (after, epoch) = match b.after.get(stream.as_str()) {
+                None => (None, None),
+                Some(Position::Seq(n)) => (Some(Seq(*n)), None),
+                Some(Position::At { seq, epoch }) => {
+                    let epoch = match epoch.as_deref() {
+                        None => None,
+                        Some(e) => Some(Epoch::parse(e).ok_or_else(|| {
+                            ApiError::invalid(format!("invalid epoch {e:?}"))
+                                .with("stream", stream.as_str())
+                        })?),
+                    };
+                    (Some(Seq(*seq)), epoch)
+                }
+            };
+            Ok(OpenAt {
+                stream,
+                after,
+                epoch,
+            })
+        })
+        .collect()
+}
+
+fn stream_list(names: &[String]) -> ApiResult<Vec<StreamId>> {
+    let mut out: Vec<StreamId> = Vec::with_capacity(names.len());
+    for n in names {
+        let s = StreamId::new(n).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidStreamId,
+                format!("invalid stream id {n:?}: {e}"),
+            )
+        })?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn open_session(
+    State(app): State<Arc<App>>,
+    ConnectToken(claims): ConnectToken<false>,
+    JsonBody(b): JsonBody<OpenBody>,
+) -> ApiResult<Response> {
+    let at = open_at(b)?;
+    let (rec, heads) = app.open_session(&claims.sub, claims.grants(), &at).await?;
+    let token = app.mint_token(&rec.id, &rec.sub);
+    let streams: serde_json::Map<String, Value> = at
+        .iter()
+        .zip(heads)
+        .filter_map(|(a, head)| {
+            let st = rec.streams.get(&a.stream)?;
+            Some((
+                a.stream.to_string(),
+                json!({"epoch": st.epoch, "headSeq": head, "lastAckSequence": st.ack}),
+            ))
+        })
+        .collect();
+    let body = json!({
+        "sessionId": rec.id, "resumeToken": token,
+        "reconnectWindowSec": app.cfg.reconnect_window_sec, "instance": app.instance,
+        "streams": streams,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CheckpointBody {
+    stream: String,
+    seq: u64,
+}
+
+impl BodyShape for CheckpointBody {
+    const SHAPE: &'static str = "{\"stream\": …, \"seq\": n}";
+}
+
+/// The body is taken as a `Result`: a session that cannot be checked is refused before a bad
+/// body is.
+pub(super) async fn checkpoint(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    SessionPath(sid): SessionPath,
+    body: Result<JsonBody<CheckpointBody>, ApiError>,
+) -> ApiResult<Json<Value>> {
+    let token = bearer(&headers).ok_or_else(|| {
+        ApiError::unauthorized("the resume token is required (Authorization: Bearer <resumeToken>)")
+    })?;
+    let sid = sid.ok_or_else(not_this_session)?;
+    let session = app.session_for(token, Some(&sid)).await?;
+    let JsonBody(b) = body?;
+    let stream = StreamId::new(&b.stream).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidStreamId,
+            format!("invalid stream id: {e}"),
+        )
+    })?;
+    // Acks applied on this instance but not yet written go first, so the rule sees them.
+    app.flush_acks(Some(&session.id)).await;
+    let update = app
+        .store
+        .checkpoint(&session.id, &stream, Seq(b.seq))
+        .await
+        .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))?;
+    app.metrics.checkpoint(update.is_applied());
+    Ok(Json(
+        json!({"ackUpdate": update.as_str(), "lastAckSequence": update.last_ack()}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct ReconnectBody {
+    resume_token: String,
+    #[serde(default)]
+    last_ack_sequence: BTreeMap<String, u64>,
+}
+
+impl BodyShape for ReconnectBody {
+    const SHAPE: &'static str = "{\"resumeToken\": …, \"lastAckSequence\": {stream: n}}";
+}
+
+pub(super) async fn reconnect(
+    State(app): State<Arc<App>>,
+    SessionPath(sid): SessionPath,
+    JsonBody(b): JsonBody<ReconnectBody>,
+) -> ApiResult<Response> {
+    let Some(sid) = sid else {
+        let e = not_this_session();
+        app.metrics.resume_failed(Transport::Http, e.code);
+        return Err(e);
+    };
+    let session = app
+        .resume(&b.resume_token, Some(&sid), Transport::Http)
+        .await?;
+    let mut replay = String::from("{");
+    let mut replayed = 0u64;
+    for (i, stream) in session.streams.keys().enumerate() {
+        if i > 0 {
+            replay.push(',');
+        }
+        replay.push('"');
+        replay.push_str(stream.as_str());
+        replay.push_str("\":");
+        let client_ack = b.last_ack_sequence.get(stream.as_str()).map(|n| Seq(*n));
+        match window_json(&app, &session, stream, client_ack).await {
+            Ok((json, n)) => {
+                replay.push_str(&json);
+                replayed += n;
+            }
+            Err(e) => {
+                app.metrics.error(e.code);
+                replay.push_str(&e.envelope().to_string());
+            }
+        }
+    }
+    replay.push('}');
+    app.metrics.resume_succeeded(Transport::Http);
+    app.metrics.replayed(replayed);
+    let token = app.mint_token(&session.id, &session.sub);
+    let body = format!(
+        "{{\"sessionId\":{},\"resumeToken\":{},\"replay\":{replay}}}",
+        Value::from(session.id.as_str()),
+        Value::from(token)
+    );
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// One stream's replay window as JSON, and how many events it carries.
+async fn window_json(
+    app: &App,
+    session: &zerodrop_store::SessionRecord,
+    stream: &StreamId,
+    client_ack: Option<Seq>,
+) -> ApiResult<(String, u64)> {
+    let start = app
+        .stream_start(session, stream, client_ack, AckWrite::Wait)
+        .await?;
+    let res = app.store.read(stream, start.after, MAX_PAGE).await?;
+    replay_window(start.after, Some(&start.epoch), &res.info.bounds())
+        .map_err(|e| ApiError::window(e, stream.as_str()))?;
+    let to = res.events.last().map(|e| e.seq()).unwrap_or(start.after);
+    let mut s = format!(
+        "{{\"epoch\":\"{}\",\"fromSeq\":{},\"toSeq\":{},\"complete\":{},\"events\":[",
+        res.info.epoch,
+        start.after.0 + 1,
+        to.0,
+        to >= res.info.head
+    );
+    push_events(&mut s, &res.events);
+    s.push_str("]}");
+    Ok((s, res.events.len() as u64))
+}
