@@ -28,7 +28,6 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 
 pub mod guard;
 pub mod memory;
-mod memory_guard;
 pub mod redis;
 pub mod sqlite;
 

@@ -18,6 +18,8 @@ use crate::{
     Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
+mod guard;
+
 pub struct MemoryStore {
     pub(crate) inner: Arc<Inner>,
 }
@@ -38,7 +40,7 @@ pub(crate) struct State {
     by_sub: HashMap<String, Vec<SessionId>>,
     pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
     last_ts: u64,
-    pub(crate) guard: crate::memory_guard::GuardState,
+    pub(crate) guard: guard::GuardState,
 }
 
 struct MemStream {
