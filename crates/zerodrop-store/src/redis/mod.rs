@@ -109,7 +109,7 @@ use zerodrop_core::hash::ChainHash;
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::memory::apply_checkpoint;
+use crate::rules::apply_checkpoint;
 use crate::{
     AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
     Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,

@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{SqliteStore, snapshot};
+use super::SqliteStore;
+use super::readers::snapshot;
 use crate::guard::*;
 use crate::{StoreError, StoreResult};
 
