@@ -46,7 +46,9 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use zerodrop_core::StreamId;
 
-use super::{Call, Lua, RedisStore, Shared, as_array, as_str, as_u64, idem_key, unexpected};
+use super::conn::{Call, Lua, as_array, as_str, as_u64, unexpected};
+use super::keys::{idem_key, meta_key};
+use super::{RedisStore, Shared};
 use crate::guard::*;
 use crate::{StoreError, StoreResult};
 
@@ -220,7 +222,7 @@ impl Shared {
         let listed = async {
             self.set_change("SADD", PUBLISH_STREAMS, stream.as_str())
                 .await?;
-            let call = Call::new(&self.scripts.keys_listed).key(super::meta_key(stream));
+            let call = Call::new(&self.scripts.keys_listed).key(meta_key(stream));
             self.eval("publish key streams", &call).await
         };
         if let Err(e) = listed.await {
@@ -333,7 +335,7 @@ impl Shared {
     ) -> Call<'a> {
         Call::new(&self.scripts.guard.publish_keys)
             .key(publish_index_key(stream))
-            .key(super::meta_key(stream))
+            .key(meta_key(stream))
             .arg(idem_key(stream, ""))
             .arg(publish_hits_prefix(stream))
             .arg(now_ms)
