@@ -50,7 +50,7 @@ pub(super) fn quick_check(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// What the store knows of its file's health, shared by the writer, the readers and
-/// [`SqliteStore::check`]: the one place an SQLite failure becomes a [`StoreError`] and a log
+/// [`SqliteStore::check`](super::SqliteStore::check): the one place an SQLite failure becomes a [`StoreError`] and a log
 /// line.
 pub(super) struct Health {
     path: PathBuf,

@@ -182,7 +182,7 @@ impl SqliteStore {
 
     /// Runs `PRAGMA quick_check` on the file as it is on disk now (a fresh read-only
     /// connection, so neither the writer nor the readers wait for it). A file that fails it is
-    /// damaged: the store latches into refusing every call ([`StoreFault::Corrupt`]) and logs
+    /// damaged: the store latches into refusing every call ([`crate::StoreFault::Corrupt`]) and logs
     /// one error naming the file, so that the operator restarts the instance, whose start-up
     /// check then moves the file aside.
     pub async fn check(&self) -> StoreResult<()> {
