@@ -1,6 +1,6 @@
 //! The `redis` store's job queue and webhook idempotency records ([`GuardStore`]), shared by
 //! every instance like the log. Each operation is one Lua script (`redis/guard_lua.rs`), the
-//! rules are those of the memory store (`memory_guard.rs`), checked by the same suite.
+//! rules are those of the memory store (`memory/guard.rs`), checked by the same suite.
 //!
 //! Why this shape:
 //! - **Two hash tags.** Every job key is tagged `{jobs}` and every webhook idempotency key
@@ -31,7 +31,7 @@
 //!   claim`, Redis TTL = its TTL); `zd:{idem}:c:<scope>` / `zd:{idem}:e:<scope>` the scope's
 //!   keys by created_at / by expiry (pruned of expired entries whenever the scope is used);
 //!   `zd:{idem}:scopes` the scopes that hold records.
-//! - Publish keys, beside their stream's log: `zd:{S}:i:<key>` the record (see `redis.rs`),
+//! - Publish keys, beside their stream's log: `zd:{S}:i:<key>` the record (see `log.rs`),
 //!   `zd:{S}:ih:<key>` its hit count, `zd:{S}:ik` the stream's keys by created ms;
 //!   `zd:{idem}:ps` the streams with keys (added after a keyed append, which then sets `pk` in
 //!   the stream's bounds; removed by `idem_scopes` once every key expired, `pk` cleared first).
