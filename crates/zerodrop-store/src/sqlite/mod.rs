@@ -54,6 +54,7 @@ use crate::{
 mod guard;
 mod health;
 mod idempotency;
+mod jobs;
 mod log;
 mod open;
 mod readers;

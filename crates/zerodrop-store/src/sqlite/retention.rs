@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use zerodrop_core::retention::plan_trim;
 use zerodrop_core::{Seq, StreamId, now_ms};
 
-use super::guard;
+use super::idempotency;
 use super::writer::{BatchEffects, Writer, record_trim};
 use crate::rules::cutoff;
 
@@ -119,7 +119,7 @@ impl Writer {
             "DELETE FROM idempotency WHERE created_ms < ?1",
             params![idem_cut],
         )?;
-        guard::sweep_expired(&self.conn, now)?;
+        idempotency::sweep_expired(&self.conn, now)?;
         let sess_cut = cutoff(now, self.session_grace_ms) as i64;
         self.conn.execute(
             "DELETE FROM session_streams WHERE session_id IN
