@@ -6,6 +6,8 @@
 //! Must not: retry a call that may have run (a repeated append would be a duplicate), or judge
 //! a failure (`health.rs` does).
 
+use std::collections::HashMap;
+
 use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
@@ -248,4 +250,24 @@ impl Shared {
         }
         Ok((script, as_u64(&acks).unwrap_or(0)))
     }
+}
+
+/// A hash as a script or `HGETALL` returns it: a flat field/value list (RESP2) or a map.
+pub(super) fn fields(v: Value) -> Option<HashMap<String, String>> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(a) => {
+            let mut it = a.into_iter();
+            let mut pairs = Vec::new();
+            while let Some(k) = it.next() {
+                pairs.push((k, it.next()?));
+            }
+            pairs
+        }
+        Value::Map(m) => m,
+        _ => return None,
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| Some((as_str(k)?.to_string(), as_str(v)?.to_string())))
+        .collect()
 }

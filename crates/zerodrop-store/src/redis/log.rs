@@ -15,8 +15,11 @@ use zerodrop_core::hash::ChainHash;
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
 use super::conn::{Call, Lua, as_array, as_str, as_u64, unexpected};
-use super::keys::{BASE_EPOCH_KEY, CHANNEL, STREAMS_INDEX, idem_key, log_key, meta_key};
-use super::{Shared, guard, lock};
+use super::keys::{
+    BASE_EPOCH_KEY, CHANNEL, STREAMS_INDEX, idem_key, log_key, meta_key, publish_hits_key,
+    publish_index_key,
+};
+use super::{Shared, lock};
 use crate::{AppendOutcome, AppendRequest, ReadResult, StoreError, StoreResult, StreamInfo};
 
 /// Streams whose last seen position this instance remembers (to notice a log going back).
@@ -222,8 +225,8 @@ impl Shared {
             Some(k) => (
                 vec![
                     idem_key(&req.stream, &k.key),
-                    guard::publish_hits_key(&req.stream, &k.key),
-                    guard::publish_index_key(&req.stream),
+                    publish_hits_key(&req.stream, &k.key),
+                    publish_index_key(&req.stream),
                 ],
                 hex::encode(k.fingerprint),
                 k.key.as_str(),

@@ -95,6 +95,8 @@ mod conn;
 mod guard;
 mod guard_lua;
 mod health;
+mod idempotency;
+mod jobs;
 mod keys;
 mod live;
 mod log;
