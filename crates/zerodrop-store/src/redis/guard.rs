@@ -42,6 +42,8 @@
 //! This file holds the scripts and the [`GuardStore`] methods, which delegate: the job queue is
 //! `jobs.rs`, the idempotency records and their listings `idempotency.rs`, the key names
 //! `keys.rs`.
+//!
+//! Must not: decide a guard rule outside a script (each operation is one atomic step).
 
 use std::collections::BTreeMap;
 

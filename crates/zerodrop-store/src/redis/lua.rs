@@ -17,6 +17,9 @@
 //! Live messages (`PUBLISH`, fields separated by `|`, which neither stream ids nor epochs may
 //! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>`, `t|<stream>|<first>|<count>`
 //! (trimmed) and `r|<stream>|<epoch>` (the stream got a new epoch).
+//!
+//! Must not: let a stream script touch a key outside its stream's slot (the base-epoch key
+//! aside), or spell out a shared rule without naming the Rust function it repeats.
 
 const PRELUDE: &str = r#"
 local stream, candidate, known_epoch = ARGV[1], ARGV[2], ARGV[3]

@@ -88,8 +88,11 @@
 //! `conn.rs` sends commands and scripts and decodes replies, `health.rs` judges failures and
 //! answers readiness, `log.rs` appends and reads, `sessions.rs` keeps sessions, checkpoints and
 //! the per-subject cap, `retention.rs` sweeps by age, `live.rs` feeds the sink from pub/sub,
-//! `guard.rs` holds the job queue and webhook records; `lua.rs` and `guard_lua.rs` are the
-//! scripts. The rules every store shares are `crate::rules`'.
+//! `guard.rs` the [`crate::GuardStore`] methods (the job queue is `jobs.rs`, the webhook records
+//! and key listings `idempotency.rs`); `lua.rs` and `guard_lua.rs` are the scripts. The rules every store shares are `crate::rules`'.
+//!
+//! Must not: re-send a command that may have run, or let the sink hear of an event from
+//! anywhere but the pub/sub subscription.
 
 mod conn;
 mod guard;
