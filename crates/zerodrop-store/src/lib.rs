@@ -28,8 +28,8 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 
 pub mod guard;
 pub mod memory;
-mod memory_guard;
 pub mod redis;
+mod rules;
 pub mod sqlite;
 
 pub use self::guard::{
@@ -38,6 +38,7 @@ pub use self::guard::{
 };
 pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
+pub use rules::SessionCap;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,37 +209,6 @@ pub struct SessionRecord {
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub streams: BTreeMap<StreamId, SessionStream>,
-}
-
-/// How many live sessions one subject (`sub`) may hold; 0: no cap.
-///
-/// A session is live until its reconnect window ends ([`SessionCap::is_live`]): connected,
-/// or disconnected and still resumable. Resuming one never counts again; only creating one
-/// does. Every store applies the same two rules below, atomically with the session's creation
-/// (the Redis store's Lua script spells them out once more, on the server).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SessionCap(pub u32);
-
-impl SessionCap {
-    /// No cap.
-    pub const NONE: SessionCap = SessionCap(0);
-
-    /// A session whose window ends at `expires_at_ms` still counts at `now_ms`.
-    pub fn is_live(expires_at_ms: u64, now_ms: u64) -> bool {
-        expires_at_ms > now_ms
-    }
-
-    /// Whether one more session may open beside `live` live ones. When it may not, the
-    /// refusal, given when the earliest of them ends (`earliest_expiry_ms`).
-    pub fn check(self, live: u64, earliest_expiry_ms: u64, now_ms: u64) -> StoreResult<()> {
-        if self.0 == 0 || live < u64::from(self.0) {
-            return Ok(());
-        }
-        Err(StoreError::TooManySessions {
-            cap: self.0,
-            retry_after_ms: earliest_expiry_ms.saturating_sub(now_ms),
-        })
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

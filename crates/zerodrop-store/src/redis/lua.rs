@@ -17,6 +17,9 @@
 //! Live messages (`PUBLISH`, fields separated by `|`, which neither stream ids nor epochs may
 //! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>`, `t|<stream>|<first>|<count>`
 //! (trimmed) and `r|<stream>|<epoch>` (the stream got a new epoch).
+//!
+//! Must not: let a stream script touch a key outside its stream's slot (the base-epoch key
+//! aside), or spell out a shared rule without naming the Rust function it repeats.
 
 const PRELUDE: &str = r#"
 local stream, candidate, known_epoch = ARGV[1], ARGV[2], ARGV[3]
@@ -250,6 +253,9 @@ return out
 /// Age retention for one stream. `ARGV[7]` max age in ms, `ARGV[8]` most events removed in
 /// one call. Replies `{score, removed}`: the time before which the stream needs no other age
 /// check (its oldest retained event's ts, or now when it is empty).
+///
+/// The cutoff (`now - max age`; an event stamped before it goes) is `crate::rules::cutoff`,
+/// computed here from the server's clock so that instances with skewed clocks agree.
 const AGE: &str = r#"
 local max_age, cap = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
@@ -316,6 +322,9 @@ return 1
 
 /// `ARGV[1]` field, `ARGV[2]` value (`epoch ack dropped_through`); in the same epoch the larger
 /// ack and dropped_through are kept. 0 when the session does not exist.
+///
+/// This is `crate::rules::merge_session_stream` spelled out on the server, so that reading the
+/// old state and writing the new one are one step; a change to either must change both.
 pub const SESSION_PUT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local new = ARGV[2]
@@ -347,8 +356,9 @@ return redis.call('HGET', KEYS[1], 'sub') or ''
 /// window, ms), counted against the cap and joined by a new session in one step, so that
 /// instances opening sessions for one subject at once never exceed it. `ARGV[1]` now (ms),
 /// `ARGV[2]` the cap (0: none), `ARGV[3]` the session id, `ARGV[4]` its expires_at_ms.
-/// The rule is `SessionCap`'s: live while the window's end is after now; refused at `cap`
-/// live sessions other than this one. Returns `{1}`, or `{0, <earliest end>}` when refused.
+/// The rule is `SessionCap`'s (`crate::rules`), spelled out on the server: live while the
+/// window's end is after now (`SessionCap::is_live`); refused at `cap` live sessions other than
+/// this one (`SessionCap::check`). A change to either must change both. Returns `{1}`, or `{0, <earliest end>}` when refused.
 pub const SUBJECT_OPEN: &str = r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local cap = tonumber(ARGV[2])

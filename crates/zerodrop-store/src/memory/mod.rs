@@ -2,21 +2,32 @@
 //!
 //! All state sits behind one mutex; the sink is told of commits while the mutex is held, which
 //! keeps per-stream order trivially (sinks only enqueue and wake, they never call back).
+//!
+//! The log, idempotency keys, retention and sessions stay in this one file on purpose: they
+//! are one job here (plain maps under one lock, each operation a few lines), and splitting
+//! them would spread that lock's state over several files. The job queue and webhook records
+//! are `guard.rs`. The rules every store applies are `crate::rules`' and `zerodrop_core`'s,
+//! called from here like from the other stores.
+//!
+//! Must not: be the home of a rule another store needs, or be used where data must survive
+//! the process.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::hash::ChainHash;
 use zerodrop_core::retention::{Retention, plan_trim};
 use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
 
+use crate::rules::{apply_checkpoint, cutoff, merge_session_stream};
 use crate::{
     AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
     Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
+
+mod guard;
 
 pub struct MemoryStore {
     pub(crate) inner: Arc<Inner>,
@@ -38,7 +49,7 @@ pub(crate) struct State {
     by_sub: HashMap<String, Vec<SessionId>>,
     pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
     last_ts: u64,
-    pub(crate) guard: crate::memory_guard::GuardState,
+    pub(crate) guard: guard::GuardState,
 }
 
 struct MemStream {
@@ -118,11 +129,11 @@ impl Inner {
 
     fn sweep(&self, now: u64) {
         let mut st = self.lock();
-        let cutoff = now.saturating_sub(self.retention.max_age_ms);
+        let age_cut = cutoff(now, self.retention.max_age_ms);
         let mut trims = Vec::new();
         for (id, s) in st.streams.iter_mut() {
             let mut n = 0;
-            while s.events.front().is_some_and(|e| e.ts() < cutoff) {
+            while s.events.front().is_some_and(|e| e.ts() < age_cut) {
                 if let Some(e) = s.events.pop_front() {
                     s.bytes -= e.json().len() as u64;
                     n += 1;
@@ -132,7 +143,7 @@ impl Inner {
                 trims.push((id.clone(), s.info(id).first_seq, n));
             }
         }
-        let ttl_cut = now.saturating_sub(self.idempotency_ttl_ms);
+        let ttl_cut = cutoff(now, self.idempotency_ttl_ms);
         st.idempotency.retain(|_, e| e.created_ms >= ttl_cut);
         for (id, first, n) in trims {
             self.sink.trimmed(&id, first, n);
@@ -294,13 +305,7 @@ impl Store for MemoryStore {
     ) -> StoreResult<()> {
         let mut st = self.inner.lock();
         let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
-        let mut state = state;
-        if let Some(old) = s.streams.get(stream)
-            && old.epoch == state.epoch
-        {
-            state.ack = state.ack.max(old.ack);
-            state.dropped_through = state.dropped_through.max(old.dropped_through);
-        }
+        let state = merge_session_stream(s.streams.get(stream), state);
         s.streams.insert(stream.clone(), state);
         Ok(())
     }
@@ -368,23 +373,4 @@ impl Store for MemoryStore {
             streams: st.streams.len() as u64,
         })
     }
-}
-
-/// The checkpoint rule applied to a session's stored stream state (shared by every store
-/// that keeps session state in memory before writing it).
-pub(crate) fn apply_checkpoint(
-    ss: &mut SessionStream,
-    info: &StreamInfo,
-    seq: Seq,
-) -> StoreResult<AckUpdate> {
-    if ss.epoch != info.epoch {
-        return Err(StoreError::EpochChanged {
-            current: info.epoch.clone(),
-        });
-    }
-    let update = checkpoint::apply(ss.ack, seq, info.head).map_err(|e| match e {
-        AckError::BeyondHead { requested, head } => StoreError::AckBeyondHead { requested, head },
-    })?;
-    ss.ack = update.last_ack();
-    Ok(update)
 }

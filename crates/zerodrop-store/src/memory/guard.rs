@@ -1,5 +1,7 @@
 //! The memory store's job queue and webhook idempotency records: the reference for the
 //! rules in [`crate::guard`], kept as plain maps under the store's one mutex.
+//!
+//! Must not: hold anything a restart should keep (it is for tests).
 
 use std::collections::{BTreeMap, HashMap};
 

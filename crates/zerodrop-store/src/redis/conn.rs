@@ -1,0 +1,273 @@
+//! Talking to Redis: one connection type for a single server or a cluster, the Lua scripts
+//! (sent by hash, by source when the server lost its cache), a script call's keys and
+//! arguments, `EVAL` with or without a following `WAIT` on the same connection, and decoding
+//! replies.
+//!
+//! Must not: retry a call that may have run (a repeated append would be a duplicate), or judge
+//! a failure (`health.rs` does).
+
+use std::collections::HashMap;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, ToRedisArgs, Value,
+};
+
+use super::{Shared, guard, lua};
+use crate::{StoreError, StoreResult};
+
+/// One connection that may be a single server's or a cluster's; both pipeline and are `Clone`.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A script and its source (`EVAL` needs the source when the server lost its script cache).
+pub(super) struct Lua {
+    script: Script,
+    body: String,
+}
+
+impl Lua {
+    pub(super) fn new(body: impl Into<String>) -> Lua {
+        let body = body.into();
+        Lua {
+            script: Script::new(&body),
+            body,
+        }
+    }
+}
+
+pub(super) struct Scripts {
+    pub(super) append: Lua,
+    pub(super) info: Lua,
+    pub(super) read: Lua,
+    pub(super) age: Lua,
+    pub(super) indexed: Lua,
+    pub(super) session_create: Lua,
+    pub(super) session_put: Lua,
+    pub(super) session_touch: Lua,
+    pub(super) session_dropped: Lua,
+    pub(super) session_cas: Lua,
+    pub(super) subject_open: Lua,
+    pub(super) subject_touch: Lua,
+    pub(super) publish_through: Lua,
+    pub(super) keys_listed: Lua,
+    pub(super) guard: guard::GuardScripts,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            append: Lua::new(lua::append()),
+            info: Lua::new(lua::info()),
+            read: Lua::new(lua::read()),
+            age: Lua::new(lua::age()),
+            indexed: Lua::new(lua::INDEXED),
+            session_create: Lua::new(lua::SESSION_CREATE),
+            session_put: Lua::new(lua::SESSION_PUT),
+            session_touch: Lua::new(lua::SESSION_TOUCH),
+            session_dropped: Lua::new(lua::SESSION_DROPPED),
+            session_cas: Lua::new(lua::SESSION_CAS),
+            subject_open: Lua::new(lua::SUBJECT_OPEN),
+            subject_touch: Lua::new(lua::SUBJECT_TOUCH),
+            publish_through: Lua::new(lua::PUBLISH_THROUGH),
+            keys_listed: Lua::new(lua::KEYS_LISTED),
+            guard: guard::GuardScripts::new(),
+        }
+    }
+}
+
+/// One script call: keys and arguments, sent as `EVALSHA` (or `EVAL` once the server said it
+/// does not know the script — nothing ran then, so sending it again is safe).
+pub(super) struct Call<'a> {
+    lua: &'a Lua,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    pub(super) fn new(lua: &'a Lua) -> Call<'a> {
+        Call {
+            lua,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub(super) fn key(mut self, k: impl Into<String>) -> Self {
+        self.keys.push(k.into());
+        self
+    }
+
+    pub(super) fn arg(mut self, a: impl ToRedisArgs) -> Self {
+        self.args.extend(a.to_redis_args());
+        self
+    }
+
+    pub(super) fn cmd(&self, by_hash: bool) -> Cmd {
+        let mut c = if by_hash {
+            let mut c = ::redis::cmd("EVALSHA");
+            c.arg(self.lua.script.get_hash());
+            c
+        } else {
+            let mut c = ::redis::cmd("EVAL");
+            c.arg(self.lua.body.as_str());
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys);
+        for a in &self.args {
+            c.arg(&a[..]);
+        }
+        c
+    }
+}
+
+pub(super) fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+pub(super) fn unexpected(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("redis: unexpected reply to {what}"))
+}
+
+pub(super) fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+pub(super) fn as_str(v: &Value) -> Option<&str> {
+    as_bytes(v).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+pub(super) fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => as_str(v)?.parse().ok(),
+    }
+}
+
+pub(super) fn as_array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a),
+        _ => None,
+    }
+}
+
+impl Shared {
+    pub(super) async fn eval(&self, what: &str, call: &Call<'_>) -> StoreResult<Value> {
+        let mut conn = self.conn.clone();
+        self.run(what, async {
+            match call.cmd(true).query_async::<Value>(&mut conn).await {
+                Err(e) if is_noscript(&e) => call.cmd(false).query_async(&mut conn).await,
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// A script and `WAIT` in one pipeline, so both run on the same connection (the waiting
+    /// one, on the master of `route_key`'s slot) and `WAIT` covers the script's writes — and
+    /// every earlier write on that server, replication being one ordered stream. Replies the
+    /// script's value and how many replicas acknowledged; judging that is the caller's.
+    pub(super) async fn eval_waiting(
+        &self,
+        what: &str,
+        route_key: &str,
+        call: &Call<'_>,
+    ) -> StoreResult<(Value, u64)> {
+        let n = self.opts.wait_replicas;
+        let timeout_ms = self.opts.wait_timeout.as_millis() as u64;
+        let mut conn = self.wait_conn.clone().unwrap_or_else(|| self.conn.clone());
+        let route =
+            SingleNodeRoutingInfo::SpecificNode(Route::with_key(route_key, SlotAddr::Master));
+        let send = |by_hash: bool| {
+            let mut p = ::redis::pipe();
+            p.ignore_errors();
+            p.add_command(call.cmd(by_hash));
+            p.cmd("WAIT").arg(n).arg(timeout_ms);
+            p
+        };
+        let mut values = Vec::new();
+        for by_hash in [true, false] {
+            let p = send(by_hash);
+            let limit = self.opts.command_timeout + self.opts.wait_timeout;
+            values = self
+                .run_within(limit, what, async {
+                    match &mut conn {
+                        Conn::Cluster(c) => c.route_pipeline(p, 0, 2, route.clone()).await,
+                        other => p.query_async::<Vec<Value>>(other).await,
+                    }
+                })
+                .await?;
+            match values.first() {
+                Some(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let mut it = values.into_iter();
+        let (Some(script), Some(acks)) = (it.next(), it.next()) else {
+            return Err(unexpected(what));
+        };
+        if let Value::ServerError(e) = &script {
+            return Err(self.failed(what, e.clone().into()));
+        }
+        Ok((script, as_u64(&acks).unwrap_or(0)))
+    }
+}
+
+/// A hash as a script or `HGETALL` returns it: a flat field/value list (RESP2) or a map.
+pub(super) fn fields(v: Value) -> Option<HashMap<String, String>> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(a) => {
+            let mut it = a.into_iter();
+            let mut pairs = Vec::new();
+            while let Some(k) = it.next() {
+                pairs.push((k, it.next()?));
+            }
+            pairs
+        }
+        Value::Map(m) => m,
+        _ => return None,
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| Some((as_str(k)?.to_string(), as_str(v)?.to_string())))
+        .collect()
+}

@@ -1,0 +1,130 @@
+//! Every Redis key and channel name the store uses (see the list in the store's module doc).
+//! All keys of one stream share the hash tag `{<stream>}`, so each stream script runs on one
+//! cluster slot; a session's keys are tagged by its id, a subject's set by the subject.
+//!
+//! Must not: build a key anywhere else; a key built twice can drift out of its slot.
+
+use zerodrop_core::{SessionId, StreamId};
+
+use crate::guard::JobId;
+
+/// The shared base epoch of a single server's streams.
+pub(super) const BASE_EPOCH_KEY: &str = "zd:epoch";
+/// Sorted set: stream → time before which it needs no age check.
+pub(super) const STREAMS_INDEX: &str = "zd:streams";
+/// Sorted set: session id → delete-at time (ms).
+pub(super) const SESSIONS_INDEX: &str = "zd:sessions";
+/// The live doorbell.
+pub(super) const CHANNEL: &str = "zd:live";
+
+pub(super) fn meta_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:m")
+}
+
+pub(super) fn log_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:l")
+}
+
+pub(super) fn idem_key(s: &StreamId, key: &str) -> String {
+    format!("zd:{{{s}}}:i:{key}")
+}
+
+pub(super) fn session_key(id: &SessionId) -> String {
+    format!("zd:s:{{{id}}}")
+}
+
+/// A subject's live sessions, tagged by the subject (its own slot on a cluster).
+pub(super) fn subject_key(sub: &str) -> String {
+    format!("zd:u:{{{sub}}}")
+}
+
+pub(super) fn stream_field(s: &StreamId) -> String {
+    format!("t:{s}")
+}
+
+// ---------------------------------------- the job queue and the idempotency records
+
+pub(super) const JOB_SEQ: &str = "zd:{jobs}:seq";
+pub(super) const JOB_DEDUPE: &str = "zd:{jobs}:dd";
+pub(super) const IDEM_SCOPES: &str = "zd:{idem}:scopes";
+pub(super) const PUBLISH_STREAMS: &str = "zd:{idem}:ps";
+
+pub(super) fn job_key(id: JobId) -> String {
+    format!("zd:{{jobs}}:j:{id}")
+}
+
+/// The scope's length first: scopes and keys are free text, and `("a:b", "c")` must not
+/// name the record of `("a", "b:c")`.
+pub(super) fn idem_prefix(scope: &str) -> String {
+    format!("zd:{{idem}}:r:{}:{scope}:", scope.len())
+}
+
+pub(super) fn idem_created_key(scope: &str) -> String {
+    format!("zd:{{idem}}:c:{scope}")
+}
+
+pub(super) fn idem_expiry_key(scope: &str) -> String {
+    format!("zd:{{idem}}:e:{scope}")
+}
+
+pub(super) fn publish_index_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:ik")
+}
+
+pub(super) fn publish_hits_key(s: &StreamId, key: &str) -> String {
+    format!("zd:{{{s}}}:ih:{key}")
+}
+
+pub(super) fn publish_hits_prefix(s: &StreamId) -> String {
+    publish_hits_key(s, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use ::redis::cluster_routing::Slot;
+
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_stream_is_on_one_slot() {
+        for s in ["room:1", "a", "call:42", "x.y_z-0", &"q".repeat(128)] {
+            let stream = StreamId::new(s).unwrap();
+            let slot = Slot::for_key(meta_key(&stream));
+            assert_eq!(Slot::for_key(log_key(&stream)), slot);
+            assert_eq!(Slot::for_key(idem_key(&stream, "any {key} at all")), slot);
+            assert_eq!(Slot::for_key(publish_hits_key(&stream, "{k}")), slot);
+            assert_eq!(Slot::for_key(publish_index_key(&stream)), slot);
+            assert_eq!(slot, Slot::for_key(s), "the tag is the stream id itself");
+        }
+        let id = SessionId::generate();
+        assert_eq!(Slot::for_key(session_key(&id)), Slot::for_key(id.as_str()));
+    }
+
+    #[test]
+    fn each_family_of_keys_is_on_one_slot() {
+        let slot = Slot::for_key(JOB_SEQ);
+        for k in [JOB_DEDUPE, &job_key(u64::MAX)] {
+            assert_eq!(Slot::for_key(k), slot, "{k}");
+        }
+        assert_eq!(slot, Slot::for_key("jobs"));
+        let slot = Slot::for_key(IDEM_SCOPES);
+        for scope in ["gh", "a {b} c", "publish:x"] {
+            for k in [
+                format!("{}any {{key}}", idem_prefix(scope)),
+                idem_created_key(scope),
+                idem_expiry_key(scope),
+            ] {
+                assert_eq!(Slot::for_key(&k), slot, "{k}");
+            }
+        }
+        assert_eq!(slot, Slot::for_key("idem"));
+    }
+
+    #[test]
+    fn record_keys_do_not_collide_across_scopes() {
+        assert_ne!(
+            format!("{}c", idem_prefix("a:b")),
+            format!("{}b:c", idem_prefix("a"))
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! The live path: this instance's subscription to the live channel, the only feed of its sink
+//! (events of every instance, trims, renewed epochs, holder notices, in channel order), kept
+//! up by one task that resets the sink after any gap; and the holder notices this instance
+//! publishes.
+//!
+//! Must not: decide what a subscriber receives (the log does; pub/sub is only a doorbell).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ::redis::{Client, RedisError, Value};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use zerodrop_core::{Epoch, Event, Seq, SessionId, StreamId};
+
+use super::Shared;
+use super::keys::CHANNEL;
+use crate::{StoreError, StoreResult};
+
+/// The pub/sub connection is pinged this often; a silent one is replaced.
+pub(super) const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// A decoded live message.
+pub(super) enum Live<'a> {
+    /// A new event (the message also names the append that made it, for diagnostics).
+    Event {
+        event: Event,
+    },
+    Trimmed {
+        stream: StreamId,
+        first: Seq,
+        count: u64,
+    },
+    Renewed {
+        stream: StreamId,
+        epoch: Epoch,
+    },
+    /// A connection (on any instance) now holds a session.
+    Held {
+        holder: &'a str,
+        session: SessionId,
+    },
+}
+
+pub(super) fn text(p: Option<&[u8]>) -> Option<&str> {
+    p.and_then(|b| std::str::from_utf8(b).ok())
+}
+
+pub(super) fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
+    let mut parts = payload.splitn(7, |b| *b == b'|');
+    let kind = parts.next()?;
+    match kind {
+        b"e" => {
+            let _origin = text(parts.next())?;
+            let stream = StreamId::new(text(parts.next())?).ok()?;
+            let seq = text(parts.next())?.parse().ok()?;
+            let epoch = Epoch::parse(text(parts.next())?)?;
+            let ts = text(parts.next())?.parse().ok()?;
+            let json = Bytes::copy_from_slice(parts.next()?);
+            let event = Event::from_stored(stream, Seq(seq), epoch, ts, json);
+            Some(Live::Event { event })
+        }
+        b"t" => Some(Live::Trimmed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            first: Seq(text(parts.next())?.parse().ok()?),
+            count: text(parts.next())?.parse().ok()?,
+        }),
+        b"r" => Some(Live::Renewed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            epoch: Epoch::parse(text(parts.next())?)?,
+        }),
+        b"h" => Some(Live::Held {
+            holder: text(parts.next())?,
+            session: SessionId::parse(text(parts.next())?)?,
+        }),
+        _ => None,
+    }
+}
+
+impl Shared {
+    pub(super) fn on_live(&self, payload: &[u8]) {
+        match parse_live(payload) {
+            Some(Live::Event { event }) => {
+                let stream = event.stream().clone();
+                let (epoch, seq) = (event.epoch().clone(), event.seq().0);
+                let event = Arc::new(event.with_committed_at(Instant::now()));
+                self.sink.committed(std::slice::from_ref(&event));
+                self.observe(&stream, &epoch, seq);
+            }
+            Some(Live::Trimmed {
+                stream,
+                first,
+                count,
+            }) => self.sink.trimmed(&stream, first, count),
+            Some(Live::Renewed { stream, epoch }) => {
+                self.observe(&stream, &epoch, 0);
+                self.sink.reset();
+            }
+            Some(Live::Held { holder, session }) => self.sink.session_held(&session, holder),
+            None => tracing::debug!("ignored a live message in an unknown format"),
+        }
+    }
+
+    /// The live path is down.
+    pub(super) fn live_lost(&self) {
+        self.live_up.store(false, Ordering::Relaxed);
+    }
+
+    pub(super) async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {
+        if holder.contains('|') {
+            return Err(StoreError::Unavailable(
+                "a holder name must not contain '|'".into(),
+            ));
+        }
+        let mut conn = self.conn.clone();
+        let payload = format!("h|{holder}|{id}");
+        self.run("announce holder", async {
+            ::redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(payload)
+                .query_async::<Value>(&mut conn)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Keeps this instance subscribed to the live channel, feeding the sink. After any gap in the
+/// subscription the sink is reset, because events published meanwhile were not seen.
+pub(super) async fn live_loop(
+    shared: Arc<Shared>,
+    clients: Vec<Client>,
+    ready: oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut gap = false;
+    let mut attempt: usize = 0;
+    let mut logged = false;
+    loop {
+        let client = &clients[attempt % clients.len()];
+        attempt = attempt.wrapping_add(1);
+        let timeout = shared.opts.connect_timeout;
+        let subscribed = tokio::time::timeout(timeout, async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(CHANNEL).await?;
+            Ok::<_, RedisError>(ps)
+        })
+        .await;
+        let ps = match subscribed {
+            Ok(Ok(ps)) => ps,
+            Ok(Err(e)) => {
+                gap = true;
+                if !logged {
+                    tracing::warn!(error = %e, "redis live subscription failed; retrying");
+                    logged = true;
+                }
+                ready.take();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => {
+                gap = true;
+                ready.take();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if logged {
+            tracing::info!("redis live subscription restored");
+            logged = false;
+        }
+        shared.live_up.store(true, Ordering::Relaxed);
+        if gap {
+            shared.sink.reset();
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        let (mut sink, mut stream) = ps.split();
+        let mut ping = tokio::time::interval(LIVE_PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => shared.on_live(msg.get_payload_bytes()),
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(timeout, sink.ping::<Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        shared.live_lost();
+        gap = true;
+        if !logged {
+            tracing::warn!("redis live subscription lost; resubscribing");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_messages_decode() {
+        let e = Event::encode(
+            StreamId::new("room:1").unwrap(),
+            Seq(3),
+            Epoch::parse("00ff00ff00ff00ff").unwrap(),
+            1_700_000_000_123,
+            "{\"a\":\"x|y\"}",
+        );
+        let mut msg = b"e|inst-9|room:1|3|00ff00ff00ff00ff|1700000000123|".to_vec();
+        msg.extend_from_slice(e.json());
+        let Some(Live::Event { event }) = parse_live(&msg) else {
+            panic!("not an event")
+        };
+        assert_eq!(event.json(), e.json());
+        assert_eq!(event.data(), "{\"a\":\"x|y\"}");
+        assert_eq!((event.seq(), event.ts()), (Seq(3), 1_700_000_000_123));
+        assert!(matches!(
+            parse_live(b"t|room:1|8|7"),
+            Some(Live::Trimmed {
+                first: Seq(8),
+                count: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_live(b"r|room:1|abc"),
+            Some(Live::Renewed { .. })
+        ));
+        assert!(matches!(
+            parse_live(b"h|ab12-7|s_1-x"),
+            Some(Live::Held { holder: "ab12-7", session }) if session.as_str() == "s_1-x"
+        ));
+        assert!(parse_live(b"h|ab12-7|bad id").is_none());
+        assert!(parse_live(b"e|x|bad stream|1|e|1|{}").is_none());
+        assert!(parse_live(b"z|whatever").is_none());
+    }
+}

@@ -1,0 +1,135 @@
+//! What the writer removes over time: the count and size limits after each batch's appends
+//! (`zerodrop_core::retention::plan_trim`), the age limit at least every second, and once a
+//! minute the expired idempotency keys, webhook records and sessions. Every trim is recorded
+//! in the batch, for the sink to hear after `COMMIT`.
+//!
+//! Must not: trim outside the writer's batch, or hold the writer for long (an age sweep removes
+//! at most [`MAX_AGE_SWEEP_ROWS`] rows).
+
+use rusqlite::{OptionalExtension, params};
+use zerodrop_core::retention::plan_trim;
+use zerodrop_core::{Seq, StreamId, now_ms};
+
+use super::idempotency;
+use super::writer::{BatchEffects, Writer, record_trim};
+use crate::rules::cutoff;
+
+/// Rows removed per age sweep at most, so a sweep never holds the writer for long.
+const MAX_AGE_SWEEP_ROWS: i64 = 50_000;
+
+impl Writer {
+    /// Count and size limits, for the streams this batch appended to.
+    pub(super) fn enforce_retention(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
+        let touched: Vec<StreamId> = fx.touched.iter().cloned().collect();
+        for stream in touched {
+            loop {
+                let m = self.meta(&stream)?.clone();
+                if m.count <= self.retention.max_events && m.bytes <= self.retention.max_bytes {
+                    break;
+                }
+                let want = (m.count.saturating_sub(self.retention.max_events) as i64).max(64);
+                let oldest: Vec<(Seq, u64)> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT seq, length(json) FROM events WHERE stream = ?1 AND seq >= ?2
+                         ORDER BY seq LIMIT ?3",
+                    )?
+                    .query_map(params![stream.as_str(), m.first as i64, want], |r| {
+                        Ok((Seq(r.get::<_, i64>(0)? as u64), r.get::<_, i64>(1)? as u64))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                let fetched = oldest.len();
+                let Some(trim) = plan_trim(m.count, m.bytes, &self.retention, oldest) else {
+                    break;
+                };
+                self.conn
+                    .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
+                    .execute(params![stream.as_str(), trim.through.0 as i64])?;
+                let meta = self.meta(&stream)?;
+                meta.first = trim.through.0 + 1;
+                meta.count -= trim.count;
+                meta.bytes -= trim.bytes;
+                record_trim(fx, &stream, Seq(meta.first), trim.count);
+                if (trim.count as usize) < fetched {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Age limit: a prefix of the table in rowid order, because `ts` never goes backwards.
+    pub(super) fn sweep_age(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
+        let age_cut = cutoff(now_ms(), self.retention.max_age_ms) as i64;
+        let oldest: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT id, ts FROM events ORDER BY id LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((first_id, first_ts)) = oldest else {
+            return Ok(());
+        };
+        if first_ts >= age_cut {
+            return Ok(());
+        }
+        let boundary: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT id FROM events WHERE ts >= ?1 ORDER BY id LIMIT 1")?
+            .query_row(params![age_cut], |r| r.get(0))
+            .optional()?;
+        let last_expired = match boundary {
+            Some(b) => b - 1,
+            None => self
+                .conn
+                .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))?,
+        };
+        let upto = last_expired.min(first_id + MAX_AGE_SWEEP_ROWS);
+        let groups: Vec<(String, i64, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT stream, MAX(seq), COUNT(*), SUM(length(json)) FROM events
+                 WHERE id <= ?1 GROUP BY stream",
+            )?
+            .query_map(params![upto], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        self.conn
+            .prepare_cached("DELETE FROM events WHERE id <= ?1")?
+            .execute(params![upto])?;
+        for (stream, max_seq, count, bytes) in groups {
+            let Ok(stream) = StreamId::new(&stream) else {
+                continue;
+            };
+            let meta = self.meta(&stream)?;
+            meta.first = meta.first.max(max_seq as u64 + 1);
+            meta.count = meta.count.saturating_sub(count as u64);
+            meta.bytes = meta.bytes.saturating_sub(bytes as u64);
+            let first = Seq(meta.first);
+            fx.touched.insert(stream.clone());
+            record_trim(fx, &stream, first, count as u64);
+        }
+        Ok(())
+    }
+
+    pub(super) fn sweep_expired(&mut self) -> rusqlite::Result<()> {
+        let now = now_ms();
+        let idem_cut = cutoff(now, self.idempotency_ttl_ms) as i64;
+        self.conn.execute(
+            "DELETE FROM idempotency WHERE created_ms < ?1",
+            params![idem_cut],
+        )?;
+        idempotency::sweep_expired(&self.conn, now)?;
+        let sess_cut = cutoff(now, self.session_grace_ms) as i64;
+        self.conn.execute(
+            "DELETE FROM session_streams WHERE session_id IN
+             (SELECT id FROM sessions WHERE expires_ms < ?1)",
+            params![sess_cut],
+        )?;
+        self.conn.execute(
+            "DELETE FROM sessions WHERE expires_ms < ?1",
+            params![sess_cut],
+        )?;
+        Ok(())
+    }
+}
