@@ -18,7 +18,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Seq, SessionId, StreamId};
 
 use crate::app::{AckWrite, App, OpenAt};
@@ -373,7 +372,7 @@ async fn stream_info(
     let stream = stream_id(path)?;
     // Like a read: the api key, or a connect token that grants the stream (the SDKs' check).
     authorize_read(&app, &headers, None, &stream)?;
-    let (info, hash) = app.store.digest(&stream).await?;
+    let (info, hash) = app.digest(&stream).await?;
     Ok(Json(json!({
         "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,
         "firstSeq": info.first_seq, "count": info.count, "bytes": info.bytes, "hash": hash,
@@ -433,12 +432,9 @@ async fn read_events(
         }
         None => None,
     };
-    let res = app.store.read(&stream, after, limit).await?;
-    match replay_window(after, client_epoch.as_ref(), &res.info.bounds()) {
-        // A position past the head is a plain read of nothing; `headSeq` tells the client.
-        Ok(_) | Err(zerodrop_core::WindowError::BeyondHead { .. }) => {}
-        Err(e) => return Err(ApiError::window(e, stream.as_str())),
-    }
+    let res = app
+        .read_from(&stream, after, client_epoch.as_ref(), limit)
+        .await?;
     let body = events_page(&stream, res.info.epoch.as_str(), res.info.head, &res.events);
     Ok(json_response(StatusCode::OK, body))
 }
@@ -579,14 +575,7 @@ async fn checkpoint(
             format!("invalid stream id: {e}"),
         )
     })?;
-    // Acks applied on this instance but not yet written go first, so the rule sees them.
-    app.flush_acks(Some(&session.id)).await;
-    let update = app
-        .store
-        .checkpoint(&session.id, &stream, Seq(b.seq))
-        .await
-        .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))?;
-    app.metrics.checkpoint(update.is_applied());
+    let update = app.checkpoint(&session, &stream, Seq(b.seq)).await?;
     Ok(Json(
         json!({"ackUpdate": update.as_str(), "lastAckSequence": update.last_ack()}),
     ))
@@ -662,9 +651,9 @@ async fn window_json(
     let start = app
         .stream_start(session, stream, client_ack, AckWrite::Wait)
         .await?;
-    let res = app.store.read(stream, start.after, MAX_PAGE).await?;
-    replay_window(start.after, Some(&start.epoch), &res.info.bounds())
-        .map_err(|e| ApiError::window(e, stream.as_str()))?;
+    let res = app
+        .read_from(stream, start.after, Some(&start.epoch), MAX_PAGE)
+        .await?;
     let to = res.events.last().map(|e| e.seq()).unwrap_or(start.after);
     let mut s = format!(
         "{{\"epoch\":\"{}\",\"fromSeq\":{},\"toSeq\":{},\"complete\":{},\"events\":[",
@@ -708,7 +697,7 @@ async fn live() -> Json<Value> {
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let mut reasons = Vec::new();
-    if app.store.corrupt() {
+    if app.store_corrupt() {
         reasons.push("store_corrupt");
     } else if !store_up(&app) {
         reasons.push("store_unavailable");
@@ -865,7 +854,7 @@ fn region_topology(app: &App) -> Value {
 async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     app.auth.require_admin(&headers)?;
     let c = &app.cfg;
-    let stats = app.store.stats().await.ok();
+    let stats = app.store_stats().await.ok();
     Ok(Json(json!({
         "config": {
             "instance": app.instance,
@@ -899,7 +888,7 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<
         "idempotency": {
             "enabled": true,
             "webhookSources": app.guard.cfg.webhooks.keys().collect::<Vec<_>>(),
-            "byScope": app.store.idem_scopes(zerodrop_core::now_ms()).await?,
+            "byScope": app.guard_store().idem_scopes(zerodrop_core::now_ms()).await?,
         },
         "jobs": crate::guard::routes::jobs_view(&app, 10).await?,
         "cache": crate::guard::routes::cache_view(&app),
