@@ -899,12 +899,13 @@ impl Conn {
             Some(Some(e)) => Some(e),
             None => None,
         };
-        let position = match f.after {
-            Some(seq) => Position::After {
+        let position = match (f.after, client_epoch) {
+            (Some(seq), epoch) => Position::After {
                 seq: Seq(seq),
-                epoch: client_epoch,
+                epoch,
             },
-            None => Position::Unstated,
+            (None, Some(epoch)) => Position::Head { epoch },
+            (None, None) => Position::Unstated,
         };
         let grants = session.grants.clone();
         let start = match self

@@ -61,6 +61,9 @@ pub enum Position {
     /// resume a position without an epoch belongs to the session's epoch for that stream; on
     /// a new subscription, to the stream's current epoch.
     After { seq: Seq, epoch: Option<Epoch> },
+    /// The head, of the epoch the client knows (a `subscribe` with an `epoch` and no `after`):
+    /// another epoch is a hole like any other.
+    Head { epoch: Epoch },
 }
 
 /// Who asks, which decides what authorizes the stream and whose record a hole goes into.
@@ -175,8 +178,9 @@ impl App {
     /// - A position is checked by the replay window rule: another epoch is `EPOCH_CHANGED`,
     ///   past the head `ACK_BEYOND_HEAD`, a trimmed next event `REPLAY_WINDOW_TRIMMED`.
     /// - A hole counts its lost events in `dropped_messages`, once per session and event, and
-    ///   takes the stream out of the session that held it: the client resyncs and subscribes
-    ///   again from the position it then holds (the SDKs already treat a stream error so).
+    ///   a trimmed or other-epoch one takes the stream out of the session that held it: the
+    ///   client resyncs and subscribes again from the position it then holds (the SDKs already
+    ///   treat a stream error so). A position past the head leaves the session as it was.
     /// - On a resume, a client position above the stored ack is applied as a checkpoint,
     ///   when `ack_write` says (awaited, or in the background); a hole writes none.
     pub async fn place(
@@ -211,6 +215,7 @@ impl App {
             (Position::After { seq, epoch }, held) => {
                 (seq, epoch.or_else(|| held.map(|ss| ss.epoch.clone())))
             }
+            (Position::Head { epoch }, _) => (info.head, Some(epoch)),
             (Position::Unstated, Some(ss)) => (stored.unwrap_or(ss.ack), Some(ss.epoch.clone())),
             (Position::Unstated, None) => {
                 return Ok(Placement::Start(StreamStart {
@@ -238,7 +243,8 @@ impl App {
     }
 
     /// Counts a hole's lost events (trimmed ones: an epoch change or a position past the head
-    /// loses nothing the log still had) and takes the stream out of the session holding it.
+    /// loses nothing the log still had) and takes the stream out of the session holding it
+    /// (unless the position was only past the head).
     async fn record_hole(&self, asker: Asker<'_>, held: Option<&SessionStream>, hole: &Hole) {
         if hole.code == ErrorCode::ReplayWindowTrimmed {
             let counted = held.map_or(Seq(0), |ss| ss.dropped_through);
@@ -247,7 +253,11 @@ impl App {
                 self.metrics.dropped(n);
             }
         }
-        if let Asker::Session(s) = asker {
+        // A position past the head loses nothing: it is the client's mistake (or a log that
+        // went back without a new epoch, which the store prevents), and the stream stays.
+        if let Asker::Session(s) = asker
+            && hole.code != ErrorCode::AckBeyondHead
+        {
             // The stream leaves the session with its hole; so does the record of what was
             // counted, which a stream added again starts from its own new position.
             if let Err(e) = self.store.remove_session_stream(&s.id, &hole.stream).await {

@@ -345,7 +345,11 @@ pub async fn upkeep(app: &App) {
         stats.count(JobStatus::Dead) as f64,
     );
     let keep = app.guard.cfg.jobs.done_keep_sec.saturating_mul(1000);
-    if let Err(e) = app.guard_store().job_purge_done(now.saturating_sub(keep)).await {
+    if let Err(e) = app
+        .guard_store()
+        .job_purge_done(now.saturating_sub(keep))
+        .await
+    {
         tracing::debug!(error = %e, "purging delivered jobs failed");
     }
 }
