@@ -303,7 +303,7 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
         let app = a.clone();
         async move {
             let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+                tokio::time::timeout(Duration::from_secs(2), app.store_ping()).await,
                 Ok(Ok(()))
             );
             let was = app.store_up.swap(ok, Ordering::Relaxed);
@@ -321,7 +321,7 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
     // Drops counted under connected sessions are remembered in the sessions, so that a later
     // resume does not count them again.
     if let Some(mut marks) = app.hub.take_drop_marks() {
-        let (store, mut stop) = (app.store.clone(), stop.clone());
+        let (app, mut stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let m = tokio::select! {
@@ -329,9 +329,7 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
                     _ = stop.wait_for(|s| *s) => None,
                 };
                 let Some(m) = m else { return };
-                if let Err(e) = store.mark_dropped(&m.session, &m.stream, m.through).await {
-                    tracing::debug!(error = %e, "could not record counted drops");
-                }
+                app.record_drop_mark(&m).await;
             }
         });
     }

@@ -1,10 +1,11 @@
 //! Server-Sent Events (SPEC §3): one stream per connection, for browsers' `EventSource`.
 //!
 //! Position, in order of precedence: the `Last-Event-ID` header (`<epoch>:<seq>`, or a bare
-//! `<seq>` taken as the current epoch) that browsers send when they reconnect, `?after=N`, the
-//! session's ack with `?resume=`, else the current head (live only). A position that cannot be
-//! served (another epoch, or trimmed) is not an error loop: the client gets `event: reset`
-//! with the reason, and the stream goes on from the oldest retained event. The reset carries
+//! `<seq>`) that browsers send when they reconnect, `?after=N`, the session's ack with
+//! `?resume=`, else the current head (live only). Where that starts is decided by the session
+//! module (`App::place`), like on every other transport; this module only encodes its answer.
+//! A hole is not an error loop: the client gets `event: reset` with the hole's code and facts,
+//! and the stream goes on from the oldest retained event. The reset carries
 //! `id: <epoch>:<firstAvailableSeq − 1>`, so a reconnect right after it resumes there.
 //!
 //! Each write carries every event that is ready (encoded once per event, shared by all
@@ -28,11 +29,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
-use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{Epoch, ErrorCode, Seq, SessionId, StreamId};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
 use zerodrop_store::SessionRecord;
 
-use crate::app::{App, ConnSlot};
+use crate::app::{App, Asker, ConnSlot, Placement, Position};
 use crate::auth::bearer;
 use crate::drain::DrainPhase;
 use crate::error::{ApiError, ApiResult};
@@ -80,8 +80,13 @@ fn parse_last_event_id(headers: &HeaderMap) -> ApiResult<Option<(Option<Epoch>, 
     Ok(Some((epoch, Seq(seq))))
 }
 
-fn reset_block(code: ErrorCode, epoch: &Epoch, first: Seq) -> Bytes {
-    let data = json!({"code": code.as_str(), "epoch": epoch, "firstAvailableSeq": first});
+/// `event: reset` for a hole: the same code and facts as the hole's error on every other
+/// transport (`headSeq` when known).
+fn reset_block(code: ErrorCode, epoch: &Epoch, first: Seq, head: Option<Seq>) -> Bytes {
+    let mut data = json!({"code": code.as_str(), "epoch": epoch, "firstAvailableSeq": first});
+    if let Some(h) = head {
+        data["headSeq"] = json!(h);
+    }
     Bytes::from(format!(
         "id: {}:{}\nevent: reset\ndata: {}\n\n",
         epoch,
@@ -99,75 +104,59 @@ async fn open(
     let last_event_id = parse_last_event_id(&headers)?;
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;
-    let session: Option<SessionRecord> = if let Some(t) = app
+    let (session, grants): (Option<SessionRecord>, Option<Grants>) = if let Some(t) = app
         .auth
         .query_token(q.token.as_deref())?
         .or_else(|| bearer(&headers))
     {
-        let claims = app.auth.verify_connect(t)?;
-        if !claims.grants().may_subscribe(stream.as_str()) {
-            return Err(ApiError::forbidden(format!(
-                "stream {stream} is not allowed by the token"
-            ))
-            .with("stream", stream.as_str()));
-        }
-        None
+        (None, Some(app.auth.verify_connect(t)?.grants()))
     } else if let Some(r) = q.resume.as_deref() {
-        let s = app.resume(r, None, Transport::Sse).await?;
-        if !s.streams.contains_key(&stream) {
-            let e = ApiError::forbidden("the stream is not part of this session")
-                .with("stream", stream.as_str());
-            app.metrics.resume_failed(Transport::Sse, e.code);
-            return Err(e);
-        }
-        Some(s)
+        (Some(app.resume(r, None, Transport::Sse).await?), None)
     } else {
         return Err(ApiError::unauthorized(
             "pass ?token=<connect token> or ?resume=<resume token>",
         ));
     };
-    let info = app.store.stream_info(&stream).await?;
-    let session_stream = session.as_ref().and_then(|s| s.streams.get(&stream));
     let resuming = last_event_id.is_some() || session.is_some();
-    let (client_epoch, position) = match (last_event_id, q.after, session_stream) {
-        (Some((e, seq)), _, _) => (e, seq),
-        (None, Some(a), _) => (None, Seq(a)),
-        (None, None, Some(ss)) => {
-            let pending = session
-                .as_ref()
-                .and_then(|s| app.acks.pending(&s.id, &stream));
-            (
-                Some(ss.epoch.clone()),
-                ss.ack.max(pending.unwrap_or(Seq(0))),
-            )
+    let position = match (last_event_id, q.after) {
+        (Some((epoch, seq)), _) => Position::After { seq, epoch },
+        (None, Some(a)) => Position::After {
+            seq: Seq(a),
+            epoch: None,
+        },
+        (None, None) => Position::Unstated,
+    };
+    let asker = match (&session, &grants) {
+        (Some(s), _) => Asker::Connection(s),
+        (None, Some(g)) => Asker::Grants(g),
+        (None, None) => unreachable!("a token or a session was required above"),
+    };
+    let placed = match app.place(&stream, asker, position, None).await {
+        Ok(p) => p,
+        Err(e) => {
+            if session.is_some() {
+                app.metrics.resume_failed(Transport::Sse, e.code);
+            }
+            return Err(e);
         }
-        (None, None, None) => (None, info.head),
     };
     let mut first_chunk = vec![Bytes::from_static(b"retry: 1000\n\n")];
-    let after = match replay_window(position, client_epoch.as_ref(), &info.bounds()) {
-        Ok(_) => position,
-        Err(e) => {
-            let code = match &e {
-                WindowError::Trimmed {
-                    first_available, ..
-                } => {
-                    let counted = session_stream.map(|s| s.dropped_through).unwrap_or(Seq(0));
-                    app.metrics
-                        .dropped(newly_dropped(position, *first_available, counted));
-                    if let Some(s) = &session {
-                        let through = Seq(first_available.0 - 1);
-                        let _ = app.store.mark_dropped(&s.id, &stream, through).await;
-                    }
-                    ErrorCode::ReplayWindowTrimmed
-                }
-                // Another epoch, or a position the log no longer reaches (it went backwards).
-                WindowError::EpochChanged { .. } | WindowError::BeyondHead { .. } => {
-                    ErrorCode::EpochChanged
-                }
-            };
-            app.metrics.error(code);
-            first_chunk.push(reset_block(code, &info.epoch, info.first_seq));
-            Seq(info.first_seq.0.saturating_sub(1))
+    // A hole is not an error loop: the client learns of it from `reset` and the stream goes
+    // on from the oldest retained event (in the session too, so a reconnect finds it there).
+    let (epoch, after, head) = match placed {
+        Placement::Start(s) => (s.epoch, s.after, s.head),
+        Placement::Hole(h) => {
+            if let Some(s) = &session {
+                app.restart_in_session(&s.id, &h).await;
+            }
+            app.metrics.error(h.code);
+            first_chunk.push(reset_block(
+                h.code,
+                &h.epoch,
+                h.first_available,
+                Some(h.head),
+            ));
+            (h.epoch.clone(), h.restart_after(), h.head)
         }
     };
     if resuming {
@@ -176,12 +165,12 @@ async fn open(
     let signal = Signal::new();
     let mut sub = app.hub.subscribe(
         stream.clone(),
-        info.epoch.clone(),
+        epoch,
         after,
         signal.clone(),
         session.as_ref().map(|s| s.id.clone()),
     );
-    sub.set_replay_until(info.head);
+    sub.set_replay_until(head);
     signal.wake();
     let mut drain_rx = app.drain.watch();
     let fraction = rand_fraction();
@@ -288,8 +277,8 @@ impl SseConn {
     async fn pull(&mut self) {
         let mut buf = Vec::new();
         match self
-            .sub
-            .pull(&*self.app.store, MAX_EVENTS_PER_CHUNK, &mut buf)
+            .app
+            .pull(&mut self.sub, MAX_EVENTS_PER_CHUNK, &mut buf)
             .await
         {
             Ok(replayed) => {
@@ -331,11 +320,15 @@ impl SseConn {
 
     /// Tells the client about the hole and goes on from the oldest retained event.
     async fn restart(&mut self, code: ErrorCode) {
-        match self.app.store.stream_info(&self.stream).await {
+        match self.app.stream_info(&self.stream).await {
             Ok(info) => {
                 self.app.metrics.error(code);
-                self.pending
-                    .push_back(reset_block(code, &info.epoch, info.first_seq));
+                self.pending.push_back(reset_block(
+                    code,
+                    &info.epoch,
+                    info.first_seq,
+                    Some(info.head),
+                ));
                 let after = Seq(info.first_seq.0.saturating_sub(1));
                 let mut sub = self.app.hub.subscribe(
                     self.stream.clone(),

@@ -33,10 +33,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use zerodrop_core::checkpoint::{self, AckError};
-use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::app::{AckWrite, App, ConnSlot};
+use crate::app::{AckWrite, App, Asker, ConnSlot, Position};
 use crate::auth::{ConnectClaims, bearer};
 use crate::drain::DrainPhase;
 use crate::error::ApiError;
@@ -478,7 +477,12 @@ impl Conn {
             let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
             match self
                 .app
-                .stream_start(&session, stream, client_ack, AckWrite::Background)
+                .stream_start(
+                    Asker::Connection(&session),
+                    stream,
+                    client_ack,
+                    AckWrite::Background,
+                )
                 .await
             {
                 Ok(start) => {
@@ -487,20 +491,8 @@ impl Conn {
                     self.start_sub(stream.clone(), start.epoch, start.after, start.head)
                         .await?;
                 }
-                Err(e) => {
-                    let gone = matches!(
-                        e.code,
-                        ErrorCode::ReplayWindowTrimmed | ErrorCode::EpochChanged
-                    );
-                    self.send_error(e).await?;
-                    if gone {
-                        let _ = self
-                            .app
-                            .store
-                            .remove_session_stream(&session.id, stream)
-                            .await;
-                    }
-                }
+                // A hole has already left the session (`App::place`).
+                Err(e) => self.send_error(e).await?,
             }
         }
         Ok(())
@@ -673,8 +665,9 @@ impl Conn {
             // pull may stop short of everything that is ready (a catch-up read is bounded).
             while budget > 0 {
                 self.buf.clear();
-                match self.subs[i]
-                    .pull(&*self.app.store, budget, &mut self.buf)
+                match self
+                    .app
+                    .pull(&mut self.subs[i], budget, &mut self.buf)
                     .await
                 {
                     Ok(replayed) => {
@@ -749,9 +742,7 @@ impl Conn {
         self.acks.remove(&stream);
         if let Some(s) = &self.session {
             let id = s.id.clone();
-            if let Err(e) = self.app.store.remove_session_stream(&id, &stream).await {
-                tracing::debug!(error = %e, "could not remove a stream from a session");
-            }
+            self.app.hole_under_cursor(&id, &stream).await;
         }
         self.send_error(ApiError::window(window_error, stream.as_str()))
             .await
@@ -893,11 +884,6 @@ impl Conn {
             return Ok(());
         };
         let sid = session.id.clone();
-        if !session.grants.may_subscribe(stream.as_str()) {
-            let e = ApiError::forbidden(format!("stream {stream} is not allowed by the token"))
-                .with("stream", stream.as_str());
-            return self.send_error(e).await;
-        }
         let already = self.subs.iter().any(|s| s.stream == stream);
         if !already && self.subs.len() >= self.app.cfg.max_streams_per_session {
             let e = ApiError::invalid(format!(
@@ -916,40 +902,29 @@ impl Conn {
             Some(Some(e)) => Some(e),
             None => None,
         };
-        let info = match self.app.store.stream_info(&stream).await {
-            Ok(i) => i,
-            Err(e) => {
-                return self
-                    .send_error(ApiError::from(e).with("stream", stream.as_str()))
-                    .await;
-            }
+        let position = match (f.after, client_epoch) {
+            (Some(seq), epoch) => Position::After {
+                seq: Seq(seq),
+                epoch,
+            },
+            (None, Some(epoch)) => Position::Head { epoch },
+            (None, None) => Position::Unstated,
         };
-        let after = f.after.map(Seq).unwrap_or(info.head);
-        if let Err(e) = replay_window(after, client_epoch.as_ref(), &info.bounds()) {
-            return self.send_error(ApiError::window(e, stream.as_str())).await;
-        }
-        let state = zerodrop_store::SessionStream {
-            epoch: info.epoch.clone(),
-            ack: after,
-            dropped_through: Seq(0),
-        };
-        if let Err(e) = self
+        let grants = session.grants.clone();
+        let start = match self
             .app
-            .store
-            .put_session_stream(&sid, &stream, state)
+            .subscribe_stream(&sid, &grants, &stream, position)
             .await
         {
-            if e == zerodrop_store::StoreError::SessionNotFound {
-                // The store lost the session (restarted empty): a session-level error.
-                return Err(Exit::error(ApiError::from(e)));
-            }
-            return self
-                .send_error(ApiError::from(e).with("stream", stream.as_str()))
-                .await;
-        }
+            Ok(start) => start,
+            // The store lost the session (restarted empty): a session-level error.
+            Err(e) if e.code == ErrorCode::SessionNotFound => return Err(Exit::error(e)),
+            Err(e) => return self.send_error(e).await,
+        };
         let prev = self.acks.get(&stream).copied().unwrap_or(Seq(0));
-        self.acks.insert(stream.clone(), prev.max(after));
-        self.start_sub(stream, info.epoch, after, info.head).await
+        self.acks.insert(stream.clone(), prev.max(start.after));
+        self.start_sub(stream, start.epoch, start.after, start.head)
+            .await
     }
 
     async fn on_unsubscribe(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
@@ -961,10 +936,8 @@ impl Conn {
         self.acks.remove(&stream);
         if let Some(s) = &self.session {
             let id = s.id.clone();
-            if let Err(e) = self.app.store.remove_session_stream(&id, &stream).await {
-                return self
-                    .send_error(ApiError::from(e).with("stream", stream.as_str()))
-                    .await;
+            if let Err(e) = self.app.unsubscribe_stream(&id, &stream).await {
+                return self.send_error(e).await;
             }
         }
         self.send_json(json!({"type": "unsubscribed", "stream": stream}))
@@ -1037,7 +1010,7 @@ impl Conn {
         let head = if seq <= delivered {
             delivered
         } else {
-            match self.app.store.stream_info(&stream).await {
+            match self.app.stream_info(&stream).await {
                 Ok(i) => i.head,
                 Err(e) => {
                     return self

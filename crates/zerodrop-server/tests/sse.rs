@@ -98,7 +98,7 @@ async fn resets_instead_of_reconnect_loops() {
     assert_eq!(reset.id.as_deref(), Some(format!("{epoch}:15").as_str()));
     assert_eq!(
         reset.json(),
-        json!({"code":"REPLAY_WINDOW_TRIMMED","epoch":epoch,"firstAvailableSeq":16})
+        json!({"code":"REPLAY_WINDOW_TRIMMED","epoch":epoch,"firstAvailableSeq":16,"headSeq":20})
     );
     let evs = c.events(5).await;
     assert_eq!(

@@ -104,7 +104,7 @@ pub(crate) async fn webhook(
         )
     };
     let begin = app
-        .store
+        .guard_store()
         .idem_begin(
             &scope,
             &id,
@@ -175,7 +175,7 @@ pub(crate) async fn webhook(
                     .await?;
                 answer["jobId"] = json!(job.id());
             }
-            app.store
+            app.guard_store()
                 .idem_finish(&scope, &id, &answer.to_string(), zerodrop_core::now_ms())
                 .await?;
             count("accepted");
@@ -393,7 +393,7 @@ pub(crate) async fn idempotency(
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(50).min(1000);
     let keys = app
-        .store
+        .guard_store()
         .idem_list(q.scope.as_deref(), limit, zerodrop_core::now_ms())
         .await?;
     Ok(Json(json!({"scope": q.scope, "keys": keys})))
@@ -432,9 +432,9 @@ pub(crate) async fn cache_clear(
 pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
     let enabled = !app.guard.upstreams.is_empty();
     let now = zerodrop_core::now_ms();
-    let stats = app.store.job_stats(now).await?;
+    let stats = app.guard_store().job_stats(now).await?;
     let dead = app
-        .store
+        .guard_store()
         .job_list(Some(JobStatus::Dead), dead_limit)
         .await?;
     let age = stats.oldest_queued_age_ms(now);
@@ -487,7 +487,7 @@ pub(crate) async fn jobs(
     };
     let limit = q.limit.unwrap_or(50).min(1000);
     let mut v = jobs_view(&app, 20).await?;
-    v["jobs"] = json!(app.store.job_list(status, limit).await?);
+    v["jobs"] = json!(app.guard_store().job_list(status, limit).await?);
     Ok(Json(v))
 }
 
@@ -505,13 +505,13 @@ pub(crate) async fn requeue(
     let n: u64 = id.parse().map_err(|_| not_found())?;
     let budget = app.guard.cfg.jobs.retry.max_attempts;
     if !app
-        .store
+        .guard_store()
         .job_requeue(n, budget, zerodrop_core::now_ms())
         .await?
     {
         return Err(not_found());
     }
     app.guard.wake.notify_one();
-    let job = app.store.job_get(n).await?;
+    let job = app.guard_store().job_get(n).await?;
     Ok(Json(json!({"requeued": true, "job": job})))
 }

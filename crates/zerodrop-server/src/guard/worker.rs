@@ -45,7 +45,7 @@ impl App {
             available_at_ms: now,
         };
         let out = self
-            .store
+            .guard_store()
             .job_enqueue(job, &self.guard.cfg.jobs.queued, now)
             .await?;
         self.guard.wake.notify_one();
@@ -137,7 +137,7 @@ pub fn spawn(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             if free > 0 && app.store_up.load(std::sync::atomic::Ordering::Relaxed) {
                 let jobs = &app.guard.cfg.jobs;
                 match app
-                    .store
+                    .guard_store()
                     .job_claim(
                         &worker,
                         free,
@@ -211,7 +211,7 @@ async fn run(app: &App, leased: LeasedJob) {
         loop {
             tick.tick().await;
             match app
-                .store
+                .guard_store()
                 .job_heartbeat(lease, jobs.lease_ms, zerodrop_core::now_ms())
                 .await
             {
@@ -231,7 +231,7 @@ async fn run(app: &App, leased: LeasedJob) {
     let now = zerodrop_core::now_ms();
     let failure = match result {
         Ok(a) if (200..300).contains(&a.status) => {
-            match app.store.job_complete(lease, now).await {
+            match app.guard_store().job_complete(lease, now).await {
                 Ok(()) => app.metrics.count(
                     "zerodrop_jobs_completed_total",
                     &[("upstream", &job.upstream)],
@@ -297,7 +297,7 @@ async fn end(app: &App, upstream: &str, lease: zerodrop_store::Lease, failure: F
         Failure::Dead { .. } => Some("dead"),
     };
     match app
-        .store
+        .guard_store()
         .job_fail(lease, failure, zerodrop_core::now_ms())
         .await
     {
@@ -320,7 +320,7 @@ pub async fn upkeep(app: &App) {
         return;
     }
     let now = zerodrop_core::now_ms();
-    let Ok(stats) = app.store.job_stats(now).await else {
+    let Ok(stats) = app.guard_store().job_stats(now).await else {
         return;
     };
     let m = &app.metrics;
@@ -346,7 +346,11 @@ pub async fn upkeep(app: &App) {
         stats.count(JobStatus::Dead) as f64,
     );
     let keep = app.guard.cfg.jobs.done_keep_sec.saturating_mul(1000);
-    if let Err(e) = app.store.job_purge_done(now.saturating_sub(keep)).await {
+    if let Err(e) = app
+        .guard_store()
+        .job_purge_done(now.saturating_sub(keep))
+        .await
+    {
         tracing::debug!(error = %e, "purging delivered jobs failed");
     }
 }

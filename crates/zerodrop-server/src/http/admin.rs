@@ -51,7 +51,7 @@ pub(super) async fn live() -> Json<Value> {
 
 pub(super) async fn ready(State(app): State<Arc<App>>) -> Response {
     let mut reasons = Vec::new();
-    if app.store.corrupt() {
+    if app.store_corrupt() {
         reasons.push("store_corrupt");
     } else if !store_up(&app) {
         reasons.push("store_unavailable");
@@ -207,7 +207,7 @@ fn region_topology(app: &App) -> Value {
 /// feature is not configured is present, empty, and says `"enabled": false`.
 pub(super) async fn snapshot(State(app): State<Arc<App>>, _: Admin) -> ApiResult<Json<Value>> {
     let c = &app.cfg;
-    let stats = app.store.stats().await.ok();
+    let stats = app.store_stats().await.ok();
     Ok(Json(json!({
         "config": {
             "instance": app.instance,
@@ -241,7 +241,7 @@ pub(super) async fn snapshot(State(app): State<Arc<App>>, _: Admin) -> ApiResult
         "idempotency": {
             "enabled": true,
             "webhookSources": app.guard.cfg.webhooks.keys().collect::<Vec<_>>(),
-            "byScope": app.store.idem_scopes(zerodrop_core::now_ms()).await?,
+            "byScope": app.guard_store().idem_scopes(zerodrop_core::now_ms()).await?,
         },
         "jobs": crate::guard::routes::jobs_view(&app, 10).await?,
         "cache": crate::guard::routes::cache_view(&app),

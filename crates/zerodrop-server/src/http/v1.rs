@@ -15,14 +15,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use zerodrop_core::window::replay_window;
 use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
 
 use super::extract::{
     ApiKey, BodyShape, Caller, ConnectToken, IdempotencyKey, JsonBody, Query, RawBody, SessionPath,
     StreamPath, json,
 };
-use crate::app::{AckWrite, App, OpenAt};
+use crate::app::{AckWrite, App, Asker, OpenAt};
 use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Transport;
@@ -105,7 +104,7 @@ pub(super) async fn stream_info(
 ) -> ApiResult<Json<Value>> {
     // Like a read: the api key, or a connect token that grants the stream (the SDKs' check).
     caller.may_read(&stream)?;
-    let (info, hash) = app.store.digest(&stream).await?;
+    let (info, hash) = app.digest(&stream).await?;
     Ok(Json(json!({
         "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,
         "firstSeq": info.first_seq, "count": info.count, "bytes": info.bytes, "hash": hash,
@@ -137,12 +136,9 @@ pub(super) async fn read_events(
         }
         None => None,
     };
-    let res = app.store.read(&stream, after, limit).await?;
-    match replay_window(after, client_epoch.as_ref(), &res.info.bounds()) {
-        // A position past the head is a plain read of nothing; `headSeq` tells the client.
-        Ok(_) | Err(zerodrop_core::WindowError::BeyondHead { .. }) => {}
-        Err(e) => return Err(ApiError::window(e, stream.as_str())),
-    }
+    let res = app
+        .read_from(&stream, after, client_epoch.as_ref(), limit)
+        .await?;
     let body = events_page(&stream, res.info.epoch.as_str(), res.info.head, &res.events);
     Ok(json_response(StatusCode::OK, body))
 }
@@ -285,14 +281,7 @@ pub(super) async fn checkpoint(
             format!("invalid stream id: {e}"),
         )
     })?;
-    // Acks applied on this instance but not yet written go first, so the rule sees them.
-    app.flush_acks(Some(&session.id)).await;
-    let update = app
-        .store
-        .checkpoint(&session.id, &stream, Seq(b.seq))
-        .await
-        .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))?;
-    app.metrics.checkpoint(update.is_applied());
+    let update = app.checkpoint(&session, &stream, Seq(b.seq)).await?;
     Ok(Json(
         json!({"ackUpdate": update.as_str(), "lastAckSequence": update.last_ack()}),
     ))
@@ -364,11 +353,11 @@ async fn window_json(
     client_ack: Option<Seq>,
 ) -> ApiResult<(String, u64)> {
     let start = app
-        .stream_start(session, stream, client_ack, AckWrite::Wait)
+        .stream_start(Asker::Request(session), stream, client_ack, AckWrite::Wait)
         .await?;
-    let res = app.store.read(stream, start.after, MAX_PAGE).await?;
-    replay_window(start.after, Some(&start.epoch), &res.info.bounds())
-        .map_err(|e| ApiError::window(e, stream.as_str()))?;
+    let res = app
+        .read_from(stream, start.after, Some(&start.epoch), MAX_PAGE)
+        .await?;
     let to = res.events.last().map(|e| e.seq()).unwrap_or(start.after);
     let mut s = format!(
         "{{\"epoch\":\"{}\",\"fromSeq\":{},\"toSeq\":{},\"complete\":{},\"events\":[",

@@ -1,8 +1,14 @@
-//! The application state every transport shares, and the session rules they all call.
+//! The application layer: the state every transport shares, publishing, connection admission,
+//! session holders and drains; its [`session`] module owns every session decision.
 //!
-//! One behaviour, one place: opening a session, taking one over with a resume token, and
-//! deciding where a resumed stream starts ([`App::stream_start`]) are written once here and
-//! used by WebSocket, SSE and HTTP alike.
+//! The store is private to this module tree. Transports (HTTP, WebSocket, SSE) and the guard
+//! reach it only through the narrow accessors here: reads of the log, a cursor's pull, the
+//! guard's job queue and idempotency records ([`App::guard_store`]), health. So no transport
+//! can write a session or decide a position rule: those live in [`session`].
+
+pub mod session;
+
+pub use session::{AckWrite, Asker, Hole, OpenAt, Placement, Position, StreamStart};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,19 +17,18 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendOutcome, AppendRequest, IdempotencyKey, SessionCap, SessionRecord, SessionStream, Store,
-    StoreKind,
+    AppendOutcome, AppendRequest, GuardStore, IdempotencyKey, ReadResult, Store, StoreKind,
+    StoreResult, StoreStats, StreamInfo,
 };
 
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::drain::{Connections, Drain, DrainState};
 use crate::error::ApiError;
-use crate::live::{Hub, Signal};
-use crate::metrics::{Metrics, StoreFacts, Transport};
+use crate::live::{Delivery, Fault, Hub, Signal, Subscription};
+use crate::metrics::{Metrics, StoreFacts};
 
 /// Who publishes, for `--max-new-streams-per-minute`: backends with the api key share one
 /// bucket (HTTP publishes and webhooks); a WebSocket `publish` frame counts for its token's
@@ -50,20 +55,12 @@ impl Publisher<'_> {
     }
 }
 
-/// One stream of a session being opened, and where it starts.
-#[derive(Clone, Debug)]
-pub struct OpenAt {
-    pub stream: StreamId,
-    /// The last seq the client already holds (from a snapshot); `None`: the stream's head.
-    pub after: Option<Seq>,
-    /// The epoch that position belongs to, when the client knows it.
-    pub epoch: Option<Epoch>,
-}
-
 pub struct App {
     pub cfg: Config,
     pub instance: String,
-    pub store: Arc<dyn Store>,
+    /// Private to the application layer: sessions are written only by [`session`], and
+    /// transports read through the accessors below.
+    store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
@@ -96,15 +93,6 @@ struct Holder {
     /// session heard after it is from a newer connection elsewhere. Notices heard before it
     /// were sent before ours, by connections older than this one, and change nothing.
     confirmed: bool,
-}
-
-/// Where a resumed (or newly subscribed) stream starts.
-#[derive(Clone, Debug)]
-pub struct StreamStart {
-    pub epoch: zerodrop_core::Epoch,
-    /// Deliver events after this seq.
-    pub after: Seq,
-    pub head: Seq,
 }
 
 /// Most written-behind acks in one store call (one transaction).
@@ -146,13 +134,6 @@ impl AckBuffer {
             }
         }
     }
-}
-
-/// When a resume's `lastAck` checkpoint is written (see [`App::stream_start`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckWrite {
-    Wait,
-    Background,
 }
 
 /// A long-lived connection's claim on a slot of `--max-connections`.
@@ -214,6 +195,56 @@ impl App {
         self.store.kind()
     }
 
+    /// A stream's bounds (head, oldest retained seq, epoch).
+    pub async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
+        self.store.stream_info(stream).await
+    }
+
+    /// Up to `limit` events after `after`, with the bounds of the same snapshot.
+    pub async fn read(
+        &self,
+        stream: &StreamId,
+        after: Seq,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        self.store.read(stream, after, limit).await
+    }
+
+    /// A stream's bounds and the chained digest of its retained events.
+    pub async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {
+        self.store.digest(stream).await
+    }
+
+    /// Moves a subscription's cursor over what is ready (ring or log); see
+    /// [`Subscription::pull`].
+    pub async fn pull(
+        &self,
+        sub: &mut Subscription,
+        budget: usize,
+        out: &mut Vec<Arc<Delivery>>,
+    ) -> Result<usize, Fault> {
+        sub.pull(&*self.store, budget, out).await
+    }
+
+    pub async fn store_stats(&self) -> StoreResult<StoreStats> {
+        self.store.stats().await
+    }
+
+    pub async fn store_ping(&self) -> StoreResult<()> {
+        self.store.ping().await
+    }
+
+    /// The store refuses every call until a restart (readiness says `store_corrupt`).
+    pub fn store_corrupt(&self) -> bool {
+        self.store.corrupt()
+    }
+
+    /// The guard's part of the store: the job queue and the webhook idempotency records. It
+    /// has no session in it, so the guard (and the admin snapshot) may hold it.
+    pub fn guard_store(&self) -> &dyn GuardStore {
+        &*self.store
+    }
+
     /// Admission for a new WebSocket/SSE connection: refused while draining (`DRAINING`) or
     /// at the connection limit (`OVER_CAPACITY`).
     pub fn admit(self: &Arc<Self>) -> Result<ConnSlot, ApiError> {
@@ -264,221 +295,6 @@ impl App {
                 return;
             }
             batch = rest;
-        }
-    }
-
-    /// Creates a session for `sub` holding `streams`. Each starts at its current head, or
-    /// right after the position the client says it already holds (a snapshot it loaded at
-    /// seq N, optionally of a known epoch): the position must still be servable under the
-    /// replay window rule, so the session never starts on a hole. Returns the record and each
-    /// stream's head at opening. The subject's live sessions are capped
-    /// (`--max-sessions-per-subject`): the store counts them and creates the session in one
-    /// step, for every instance sharing it.
-    pub async fn open_session(
-        &self,
-        sub: &str,
-        grants: Grants,
-        streams: &[OpenAt],
-    ) -> Result<(SessionRecord, Vec<Seq>), ApiError> {
-        if streams.len() > self.cfg.max_streams_per_session {
-            return Err(ApiError::invalid(format!(
-                "a session holds at most {} streams",
-                self.cfg.max_streams_per_session
-            )));
-        }
-        let mut rec = SessionRecord {
-            id: SessionId::generate(),
-            sub: sub.to_string(),
-            grants,
-            created_at_ms: now_ms(),
-            expires_at_ms: now_ms() + self.cfg.reconnect_window_sec * 1000,
-            streams: Default::default(),
-        };
-        let mut heads = Vec::with_capacity(streams.len());
-        for at in streams {
-            let s = &at.stream;
-            if !rec.grants.may_subscribe(s.as_str()) {
-                return Err(
-                    ApiError::forbidden(format!("stream {s} is not allowed by the token"))
-                        .with("stream", s.as_str()),
-                );
-            }
-            let info = self.store.stream_info(s).await?;
-            let ack = match at.after {
-                None => info.head,
-                Some(after) => {
-                    replay_window(after, at.epoch.as_ref(), &info.bounds())
-                        .map_err(|e| ApiError::window(e, s.as_str()))?;
-                    after
-                }
-            };
-            heads.push(info.head);
-            rec.streams.insert(
-                s.clone(),
-                SessionStream {
-                    epoch: info.epoch,
-                    ack,
-                    dropped_through: Seq(0),
-                },
-            );
-        }
-        let cap = SessionCap(self.cfg.max_sessions_per_subject);
-        if let Err(e) = self.store.create_session_within(rec.clone(), cap).await {
-            if matches!(e, zerodrop_store::StoreError::TooManySessions { .. }) {
-                tracing::info!(
-                    sub,
-                    cap = cap.0,
-                    "session refused: the subject is at its cap"
-                );
-            }
-            return Err(e.into());
-        }
-        Ok((rec, heads))
-    }
-
-    /// Takes over a session with a resume token. Counts a failure (with its code) for
-    /// `transport`; the caller counts the success once the connection is really resumed.
-    pub async fn resume(
-        &self,
-        token: &str,
-        expected: Option<&SessionId>,
-        transport: Transport,
-    ) -> Result<SessionRecord, ApiError> {
-        let r = self.resume_inner(token, expected).await;
-        if let Err(e) = &r {
-            self.metrics.resume_failed(transport, e.code);
-            tracing::info!(transport = transport.as_str(), code = %e.code, "resume failed");
-        }
-        r
-    }
-
-    async fn resume_inner(
-        &self,
-        token: &str,
-        expected: Option<&SessionId>,
-    ) -> Result<SessionRecord, ApiError> {
-        let session = self.session_for(token, expected).await?;
-        // The new window is recorded in the background: a resume storm must not queue a
-        // thousand durable writes in front of its replays.
-        let store = self.store.clone();
-        let (sid, until) = (
-            session.id.clone(),
-            now_ms() + self.cfg.reconnect_window_sec * 1000,
-        );
-        tokio::spawn(async move {
-            if let Err(e) = store.touch_session(&sid, until).await {
-                tracing::debug!(error = %e, "could not extend a session's reconnect window");
-            }
-        });
-        Ok(session)
-    }
-
-    /// The session a resume token stands for, checked: signature, expiry, existence, owner.
-    pub async fn session_for(
-        &self,
-        token: &str,
-        expected: Option<&SessionId>,
-    ) -> Result<SessionRecord, ApiError> {
-        let claims = self.auth.verify_resume(token, expected)?;
-        let session = self.store.load_session(&claims.sid).await?.ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::SessionNotFound,
-                "no such session (the store may have restarted empty); start a new session",
-            )
-        })?;
-        if session.sub != claims.sub {
-            return Err(ApiError::new(
-                ErrorCode::InvalidResumeToken,
-                "the resume token does not match the session",
-            ));
-        }
-        if session.expires_at_ms <= now_ms() {
-            return Err(ApiError::new(
-                ErrorCode::ReconnectWindowExpired,
-                "the session's reconnect window has passed; start a new session and resync",
-            ));
-        }
-        Ok(session)
-    }
-
-    /// The resume rule for one stream of a session: the window starts after the client's
-    /// `lastAck` when it gives one (the client knows best what it holds; a value above the
-    /// stored ack is also applied as a checkpoint, one below never regresses it), else after
-    /// the stored ack; it must be in the same epoch and still retained. A trimmed window
-    /// counts its lost events once per session.
-    ///
-    /// `ack_write` says when a client's higher `lastAck` is stored: an HTTP reconnect waits
-    /// for it (its answer promises the checkpoint); a socket resuming does not (the write runs
-    /// in the background, so a resume storm does not queue behind a thousand durable writes).
-    pub async fn stream_start(
-        &self,
-        session: &SessionRecord,
-        stream: &StreamId,
-        client_ack: Option<Seq>,
-        ack_write: AckWrite,
-    ) -> Result<StreamStart, ApiError> {
-        let Some(ss) = session.streams.get(stream) else {
-            return Err(
-                ApiError::forbidden("the stream is not part of this session")
-                    .with("stream", stream.as_str()),
-            );
-        };
-        let info = self.store.stream_info(stream).await?;
-        if ss.epoch != info.epoch {
-            let e = WindowError::EpochChanged {
-                current: info.epoch.clone(),
-            };
-            return Err(ApiError::window(e, stream.as_str()));
-        }
-        let stored = ss
-            .ack
-            .max(self.acks.pending(&session.id, stream).unwrap_or(Seq(0)));
-        let after = client_ack.unwrap_or(stored);
-        if after > info.head {
-            return Err(ApiError::beyond_head(after, info.head, stream.as_str()));
-        }
-        if after > stored {
-            match ack_write {
-                AckWrite::Wait => match self.store.checkpoint(&session.id, stream, after).await {
-                    Ok(u) => self.metrics.checkpoint(u.is_applied()),
-                    Err(e) => return Err(ApiError::from(e).with("stream", stream.as_str())),
-                },
-                AckWrite::Background => {
-                    self.metrics.checkpoint(true);
-                    let (store, sid, stream) =
-                        (self.store.clone(), session.id.clone(), stream.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = store.checkpoint(&sid, &stream, after).await {
-                            tracing::debug!(error = %e, "could not store a resume's lastAck");
-                        }
-                    });
-                }
-            }
-        }
-        match replay_window(after, Some(&ss.epoch), &info.bounds()) {
-            Ok(_) => Ok(StreamStart {
-                epoch: info.epoch,
-                after,
-                head: info.head,
-            }),
-            Err(e) => {
-                if let WindowError::Trimmed {
-                    first_available, ..
-                } = &e
-                {
-                    let n = newly_dropped(after, *first_available, ss.dropped_through);
-                    if n > 0 {
-                        self.metrics.dropped(n);
-                        let through = Seq(first_available.0 - 1);
-                        if let Err(err) =
-                            self.store.mark_dropped(&session.id, stream, through).await
-                        {
-                            tracing::debug!(error = %err, "could not record counted drops");
-                        }
-                    }
-                }
-                Err(ApiError::window(e, stream.as_str()))
-            }
         }
     }
 

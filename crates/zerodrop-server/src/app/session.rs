@@ -1,0 +1,596 @@
+//! Sessions: every decision about a session and its streams, made once for every transport.
+//!
+//! [`App::place`] is the one function that decides where a stream starts for a client given a
+//! position (the session's stored ack, a client `lastAck`, `Last-Event-ID`, `after`, or the
+//! head, with or without an epoch). Its answer is a [`Placement`]: a start, or a [`Hole`] that
+//! is already counted in `dropped_messages` and recorded in the session. WebSocket (`resume`,
+//! `subscribe`), SSE, `POST /v1/sessions`, the HTTP reconnect and the HTTP checkpoint call it
+//! (through the entry points below) and only encode its answer: an `error` frame, an
+//! `event: reset` block, a JSON entry. docs/protocol.md ("Position answers") lists the answer
+//! to each case.
+//!
+//! This module also owns every write to a session: creating it (with the subject's cap),
+//! adding, re-basing and removing its streams, checkpoints, the record of counted drops.
+//! Transports must not write sessions themselves (the store is private to `app`), decide a
+//! position rule, or count drops.
+
+use std::sync::Arc;
+
+use zerodrop_core::checkpoint::AckUpdate;
+use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_store::{SessionCap, SessionRecord, SessionStream, StoreError};
+
+use super::App;
+use crate::error::ApiError;
+use crate::live::DropMark;
+use crate::metrics::Transport;
+
+/// One stream of a session being opened, and where it starts.
+#[derive(Clone, Debug)]
+pub struct OpenAt {
+    pub stream: StreamId,
+    /// The last seq the client already holds (from a snapshot); `None`: the stream's head.
+    pub after: Option<Seq>,
+    /// The epoch that position belongs to, when the client knows it.
+    pub epoch: Option<Epoch>,
+}
+
+/// Where a stream starts for a client.
+#[derive(Clone, Debug)]
+pub struct StreamStart {
+    pub epoch: Epoch,
+    /// Deliver events after this seq.
+    pub after: Seq,
+    pub head: Seq,
+}
+
+/// When a resume's `lastAck` checkpoint is written (see [`App::stream_start`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckWrite {
+    Wait,
+    Background,
+}
+
+/// What the client says about where it is on a stream.
+#[derive(Clone, Debug)]
+pub enum Position {
+    /// Nothing: a resume starts after the session's stored ack, anything else at the head.
+    Unstated,
+    /// The last seq the client holds; the epoch it belongs to when the client says so. On a
+    /// resume a position without an epoch belongs to the session's epoch for that stream; on
+    /// a new subscription, to the stream's current epoch.
+    After { seq: Seq, epoch: Option<Epoch> },
+    /// The head, of the epoch the client knows (a `subscribe` with an `epoch` and no `after`):
+    /// another epoch is a hole like any other.
+    Head { epoch: Epoch },
+}
+
+/// Who asks, which decides what authorizes the stream and whose record a hole goes into.
+#[derive(Clone, Copy)]
+pub enum Asker<'a> {
+    /// A live connection's session resuming one of its streams (the stream must be in it). A
+    /// hole takes the stream out of the session, like any stream-level error on a socket
+    /// (SPEC §4): the client subscribes again once it has resynced.
+    Connection(&'a SessionRecord),
+    /// An HTTP request on behalf of a session (reconnect, checkpoint; the stream must be in
+    /// it). A hole leaves the stream in the session, so that a retried request gets the same
+    /// answer (SPEC §3: the same reconnect twice gives the same window); the drops it counted
+    /// are recorded in the session, so that they are counted once.
+    Request(&'a SessionRecord),
+    /// A new subscription under a token's grants (WebSocket `subscribe`, `POST /v1/sessions`,
+    /// SSE with a connect token).
+    Grants(&'a Grants),
+}
+
+impl<'a> Asker<'a> {
+    /// The session asking, if any.
+    fn session(self) -> Option<&'a SessionRecord> {
+        match self {
+            Asker::Connection(s) | Asker::Request(s) => Some(s),
+            Asker::Grants(_) => None,
+        }
+    }
+}
+
+/// A position that cannot be served: the client's events after it are not all in the log.
+#[derive(Clone, Debug)]
+pub struct Hole {
+    pub stream: StreamId,
+    /// `REPLAY_WINDOW_TRIMMED`, `EPOCH_CHANGED` or `ACK_BEYOND_HEAD`.
+    pub code: ErrorCode,
+    /// The stream's current epoch.
+    pub epoch: Epoch,
+    /// The oldest event still retained (`headSeq + 1` when none is).
+    pub first_available: Seq,
+    pub head: Seq,
+    /// The position asked for.
+    pub after: Seq,
+}
+
+impl Hole {
+    fn new(
+        stream: &StreamId,
+        after: Seq,
+        e: &WindowError,
+        info: &zerodrop_store::StreamInfo,
+    ) -> Hole {
+        let code = match e {
+            WindowError::Trimmed { .. } => ErrorCode::ReplayWindowTrimmed,
+            WindowError::EpochChanged { .. } => ErrorCode::EpochChanged,
+            WindowError::BeyondHead { .. } => ErrorCode::AckBeyondHead,
+        };
+        Hole {
+            stream: stream.clone(),
+            code,
+            epoch: info.epoch.clone(),
+            first_available: info.first_seq,
+            head: info.head,
+            after,
+        }
+    }
+
+    /// The one error every transport sends for this hole: the code, `stream`, and the facts
+    /// a client resyncs from (`epoch`, `firstAvailableSeq`, `headSeq`).
+    pub fn error(&self) -> ApiError {
+        let message = match self.code {
+            ErrorCode::ReplayWindowTrimmed => {
+                "events after your position were trimmed; resync from a snapshot, then read on \
+                 from firstAvailableSeq"
+                    .to_string()
+            }
+            ErrorCode::EpochChanged => "the stream's log was recreated; resync".to_string(),
+            _ => format!(
+                "position {} is beyond the stream head {}",
+                self.after, self.head
+            ),
+        };
+        ApiError::new(self.code, message)
+            .with("stream", self.stream.as_str())
+            .with("epoch", self.epoch.as_str())
+            .with("firstAvailableSeq", self.first_available.0)
+            .with("headSeq", self.head.0)
+    }
+
+    /// Where a transport that goes on after a hole (SSE) restarts: before the oldest retained
+    /// event, in the current epoch.
+    pub fn restart_after(&self) -> Seq {
+        Seq(self.first_available.0.saturating_sub(1))
+    }
+}
+
+/// The answer to a position: a start, or a hole (already counted and recorded).
+#[derive(Clone, Debug)]
+pub enum Placement {
+    Start(StreamStart),
+    Hole(Hole),
+}
+
+impl Placement {
+    /// For callers that answer a hole like any other refusal (an `error` frame or entry).
+    pub fn into_result(self) -> Result<StreamStart, ApiError> {
+        match self {
+            Placement::Start(s) => Ok(s),
+            Placement::Hole(h) => Err(h.error()),
+        }
+    }
+}
+
+fn not_in_session(stream: &StreamId) -> ApiError {
+    ApiError::forbidden("the stream is not part of this session").with("stream", stream.as_str())
+}
+
+fn not_granted(stream: &StreamId) -> ApiError {
+    ApiError::forbidden(format!("stream {stream} is not allowed by the token"))
+        .with("stream", stream.as_str())
+}
+
+impl App {
+    /// Where `stream` starts for `asker` at `position`: the one position rule (see the
+    /// module doc and docs/protocol.md, "Position answers").
+    ///
+    /// - The stream must be in the session (`FORBIDDEN` otherwise), or granted by the token.
+    /// - No position: a session resumes after its stored ack (or a higher one still in this
+    ///   instance's ack buffer), in the epoch it holds; a new subscription starts at the head.
+    /// - A position is checked by the replay window rule: another epoch is `EPOCH_CHANGED`,
+    ///   past the head `ACK_BEYOND_HEAD`, a trimmed next event `REPLAY_WINDOW_TRIMMED`.
+    /// - A hole counts its lost events in `dropped_messages`, once per session and event. On a
+    ///   live connection ([`Asker::Connection`]) a trimmed or other-epoch one takes the stream
+    ///   out of the session: the client resyncs and subscribes again from the position it
+    ///   then holds (the SDKs already treat a stream error so). An HTTP request
+    ///   ([`Asker::Request`]) leaves it there, so a retry gets the same answer. A position
+    ///   past the head leaves the session as it was.
+    /// - On a resume, a client position above the stored ack is applied as a checkpoint,
+    ///   when `ack_write` says (awaited, or in the background); a hole writes none.
+    pub async fn place(
+        &self,
+        stream: &StreamId,
+        asker: Asker<'_>,
+        position: Position,
+        ack_write: Option<AckWrite>,
+    ) -> Result<Placement, ApiError> {
+        let held = match asker {
+            Asker::Connection(s) | Asker::Request(s) => Some(
+                s.streams
+                    .get(stream)
+                    .ok_or_else(|| not_in_session(stream))?,
+            ),
+            Asker::Grants(g) => {
+                if !g.may_subscribe(stream.as_str()) {
+                    return Err(not_granted(stream));
+                }
+                None
+            }
+        };
+        let info = self.store.stream_info(stream).await?;
+        let stored = match (asker.session(), held) {
+            (Some(s), Some(ss)) => Some(
+                ss.ack
+                    .max(self.acks.pending(&s.id, stream).unwrap_or(Seq(0))),
+            ),
+            _ => None,
+        };
+        let (after, epoch) = match (position, held) {
+            (Position::After { seq, epoch }, held) => {
+                (seq, epoch.or_else(|| held.map(|ss| ss.epoch.clone())))
+            }
+            (Position::Head { epoch }, _) => (info.head, Some(epoch)),
+            (Position::Unstated, Some(ss)) => (stored.unwrap_or(ss.ack), Some(ss.epoch.clone())),
+            (Position::Unstated, None) => {
+                return Ok(Placement::Start(StreamStart {
+                    epoch: info.epoch,
+                    after: info.head,
+                    head: info.head,
+                }));
+            }
+        };
+        if let Err(e) = replay_window(after, epoch.as_ref(), &info.bounds()) {
+            let hole = Hole::new(stream, after, &e, &info);
+            self.record_hole(asker, held, &hole).await;
+            return Ok(Placement::Hole(hole));
+        }
+        if let (Some(s), Some(stored), Some(how)) = (asker.session(), stored, ack_write)
+            && after > stored
+        {
+            self.write_ack(&s.id, stream, after, how).await?;
+        }
+        Ok(Placement::Start(StreamStart {
+            epoch: info.epoch,
+            after,
+            head: info.head,
+        }))
+    }
+
+    /// Counts a hole's lost events (trimmed ones: an epoch change or a position past the head
+    /// loses nothing the log still had), once per session and event. A live connection's
+    /// stream leaves its session with the hole (unless the position was only past the head);
+    /// an HTTP request's stays, with what was counted recorded.
+    async fn record_hole(&self, asker: Asker<'_>, held: Option<&SessionStream>, hole: &Hole) {
+        let mut counted_now = false;
+        if hole.code == ErrorCode::ReplayWindowTrimmed {
+            let counted = held.map_or(Seq(0), |ss| ss.dropped_through);
+            let n = newly_dropped(hole.after, hole.first_available, counted);
+            if n > 0 {
+                self.metrics.dropped(n);
+                counted_now = true;
+            }
+        }
+        match asker {
+            // A position past the head loses nothing: it is the client's mistake (or a log
+            // that went back without a new epoch, which the store prevents), and the stream
+            // stays.
+            Asker::Connection(s) if hole.code != ErrorCode::AckBeyondHead => {
+                // The stream leaves the session with its hole; so does the record of what was
+                // counted, which a stream added again starts from its own new position.
+                if let Err(e) = self.store.remove_session_stream(&s.id, &hole.stream).await {
+                    tracing::debug!(error = %e, "could not take a stream with a hole out of its session");
+                }
+            }
+            Asker::Request(s) if counted_now => {
+                let through = hole.restart_after();
+                if let Err(e) = self.store.mark_dropped(&s.id, &hole.stream, through).await {
+                    tracing::debug!(error = %e, "could not record counted drops");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn write_ack(
+        &self,
+        sid: &SessionId,
+        stream: &StreamId,
+        after: Seq,
+        how: AckWrite,
+    ) -> Result<Option<AckUpdate>, ApiError> {
+        match how {
+            AckWrite::Wait => match self.store.checkpoint(sid, stream, after).await {
+                Ok(u) => {
+                    self.metrics.checkpoint(u.is_applied());
+                    Ok(Some(u))
+                }
+                Err(e) => Err(ApiError::from(e).with("stream", stream.as_str())),
+            },
+            AckWrite::Background => {
+                self.metrics.checkpoint(true);
+                let (store, sid, stream) = (self.store.clone(), sid.clone(), stream.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.checkpoint(&sid, &stream, after).await {
+                        tracing::debug!(error = %e, "could not store a resume's lastAck");
+                    }
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// The resume rule for one stream of a session (WebSocket `resume`, HTTP reconnect):
+    /// [`App::place`] with the client's `lastAck` if it gives one (it knows best what it
+    /// holds), else the stored ack; a hole is answered as an error.
+    ///
+    /// `ack_write` says when a client's higher `lastAck` is stored: an HTTP reconnect waits
+    /// for it (its answer promises the checkpoint); a socket resuming does not (the write runs
+    /// in the background, so a resume storm does not queue behind a thousand durable writes).
+    pub async fn stream_start(
+        &self,
+        asker: Asker<'_>,
+        stream: &StreamId,
+        client_ack: Option<Seq>,
+        ack_write: AckWrite,
+    ) -> Result<StreamStart, ApiError> {
+        let position = match client_ack {
+            Some(seq) => Position::After { seq, epoch: None },
+            None => Position::Unstated,
+        };
+        self.place(stream, asker, position, Some(ack_write))
+            .await?
+            .into_result()
+    }
+
+    /// `POST /v1/sessions/{id}/checkpoint`: the client holds `stream` through `seq`. The
+    /// position is placed like any other (a hole is the same answer as on a resume); then the
+    /// ack is applied under the checkpoint rule, atomically with the head it is checked
+    /// against. Acks applied on this instance but not yet written go first, so the rule sees
+    /// them.
+    pub async fn checkpoint(
+        &self,
+        session: &SessionRecord,
+        stream: &StreamId,
+        seq: Seq,
+    ) -> Result<AckUpdate, ApiError> {
+        self.flush_acks(Some(&session.id)).await;
+        let position = Position::After { seq, epoch: None };
+        self.place(stream, Asker::Request(session), position, None)
+            .await?
+            .into_result()?;
+        let update = self
+            .store
+            .checkpoint(&session.id, stream, seq)
+            .await
+            .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))?;
+        self.metrics.checkpoint(update.is_applied());
+        Ok(update)
+    }
+
+    /// A page of `stream` after `after` (`GET …/events`, and a reconnect's window): the same
+    /// position rule, with the same answers, except that a read is no session, so a hole is
+    /// not counted in `dropped_messages`. A position within the head is a page, empty at the
+    /// head.
+    pub async fn read_from(
+        &self,
+        stream: &StreamId,
+        after: Seq,
+        epoch: Option<&Epoch>,
+        limit: usize,
+    ) -> Result<zerodrop_store::ReadResult, ApiError> {
+        let res = self.store.read(stream, after, limit).await?;
+        if let Err(e) = replay_window(after, epoch, &res.info.bounds()) {
+            return Err(Hole::new(stream, after, &e, &res.info).error());
+        }
+        Ok(res)
+    }
+
+    /// WebSocket `subscribe`: adds `stream` to the session at `position` (the head when none),
+    /// or moves it there. A session the store lost answers `SESSION_NOT_FOUND` (no `stream`:
+    /// it is the session's error, not the stream's).
+    pub async fn subscribe_stream(
+        &self,
+        sid: &SessionId,
+        grants: &Grants,
+        stream: &StreamId,
+        position: Position,
+    ) -> Result<StreamStart, ApiError> {
+        let start = self
+            .place(stream, Asker::Grants(grants), position, None)
+            .await?
+            .into_result()?;
+        let state = SessionStream {
+            epoch: start.epoch.clone(),
+            ack: start.after,
+            dropped_through: Seq(0),
+        };
+        match self.store.put_session_stream(sid, stream, state).await {
+            Ok(()) => Ok(start),
+            Err(StoreError::SessionNotFound) => Err(ApiError::from(StoreError::SessionNotFound)),
+            Err(e) => Err(ApiError::from(e).with("stream", stream.as_str())),
+        }
+    }
+
+    /// WebSocket `unsubscribe`: the stream leaves the session.
+    pub async fn unsubscribe_stream(
+        &self,
+        sid: &SessionId,
+        stream: &StreamId,
+    ) -> Result<(), ApiError> {
+        self.store
+            .remove_session_stream(sid, stream)
+            .await
+            .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))
+    }
+
+    /// A hole found under a live cursor (a trim overtook it, or the log changed epoch): the
+    /// hub has counted it (drop marks); the stream leaves the session, as after any hole.
+    pub async fn hole_under_cursor(&self, sid: &SessionId, stream: &StreamId) {
+        if let Err(e) = self.store.remove_session_stream(sid, stream).await {
+            tracing::debug!(error = %e, "could not remove a stream from a session");
+        }
+    }
+
+    /// SSE goes on after a hole from the oldest retained event: for a session, that is the
+    /// stream subscribed again at that position, so a reconnect with the same `?resume=`
+    /// finds it there.
+    pub async fn restart_in_session(&self, sid: &SessionId, hole: &Hole) {
+        let state = SessionStream {
+            epoch: hole.epoch.clone(),
+            ack: hole.restart_after(),
+            dropped_through: hole.restart_after(),
+        };
+        if let Err(e) = self
+            .store
+            .put_session_stream(sid, &hole.stream, state)
+            .await
+        {
+            tracing::debug!(error = %e, "could not restart a session's stream after a hole");
+        }
+    }
+
+    /// Remembers drops the hub counted under a connected session, so that a later resume
+    /// does not count them again.
+    pub async fn record_drop_mark(&self, m: &DropMark) {
+        if let Err(e) = self
+            .store
+            .mark_dropped(&m.session, &m.stream, m.through)
+            .await
+        {
+            tracing::debug!(error = %e, "could not record counted drops");
+        }
+    }
+
+    /// Creates a session for `sub` holding `streams`. Each starts at its current head, or
+    /// right after the position the client says it already holds (a snapshot it loaded at
+    /// seq N, optionally of a known epoch), placed by [`App::place`]: the session never starts
+    /// on a hole (a hole refuses the whole request). Returns the record and each stream's head
+    /// at opening. The subject's live sessions are capped (`--max-sessions-per-subject`): the
+    /// store counts them and creates the session in one step, for every instance sharing it.
+    pub async fn open_session(
+        &self,
+        sub: &str,
+        grants: Grants,
+        streams: &[OpenAt],
+    ) -> Result<(SessionRecord, Vec<Seq>), ApiError> {
+        if streams.len() > self.cfg.max_streams_per_session {
+            return Err(ApiError::invalid(format!(
+                "a session holds at most {} streams",
+                self.cfg.max_streams_per_session
+            )));
+        }
+        let mut rec = SessionRecord {
+            id: SessionId::generate(),
+            sub: sub.to_string(),
+            grants,
+            created_at_ms: now_ms(),
+            expires_at_ms: now_ms() + self.cfg.reconnect_window_sec * 1000,
+            streams: Default::default(),
+        };
+        let mut heads = Vec::with_capacity(streams.len());
+        for at in streams {
+            let position = match at.after {
+                None => Position::Unstated,
+                Some(seq) => Position::After {
+                    seq,
+                    epoch: at.epoch.clone(),
+                },
+            };
+            let start = self
+                .place(&at.stream, Asker::Grants(&rec.grants), position, None)
+                .await?
+                .into_result()?;
+            heads.push(start.head);
+            rec.streams.insert(
+                at.stream.clone(),
+                SessionStream {
+                    epoch: start.epoch,
+                    ack: start.after,
+                    dropped_through: Seq(0),
+                },
+            );
+        }
+        let cap = SessionCap(self.cfg.max_sessions_per_subject);
+        if let Err(e) = self.store.create_session_within(rec.clone(), cap).await {
+            if matches!(e, StoreError::TooManySessions { .. }) {
+                tracing::info!(
+                    sub,
+                    cap = cap.0,
+                    "session refused: the subject is at its cap"
+                );
+            }
+            return Err(e.into());
+        }
+        Ok((rec, heads))
+    }
+
+    /// Takes over a session with a resume token. Counts a failure (with its code) for
+    /// `transport`; the caller counts the success once the connection is really resumed.
+    pub async fn resume(
+        &self,
+        token: &str,
+        expected: Option<&SessionId>,
+        transport: Transport,
+    ) -> Result<SessionRecord, ApiError> {
+        let r = self.resume_inner(token, expected).await;
+        if let Err(e) = &r {
+            self.metrics.resume_failed(transport, e.code);
+            tracing::info!(transport = transport.as_str(), code = %e.code, "resume failed");
+        }
+        r
+    }
+
+    async fn resume_inner(
+        &self,
+        token: &str,
+        expected: Option<&SessionId>,
+    ) -> Result<SessionRecord, ApiError> {
+        let session = self.session_for(token, expected).await?;
+        // The new window is recorded in the background: a resume storm must not queue a
+        // thousand durable writes in front of its replays.
+        let store = Arc::clone(&self.store);
+        let (sid, until) = (
+            session.id.clone(),
+            now_ms() + self.cfg.reconnect_window_sec * 1000,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_session(&sid, until).await {
+                tracing::debug!(error = %e, "could not extend a session's reconnect window");
+            }
+        });
+        Ok(session)
+    }
+
+    /// The session a resume token stands for, checked: signature, expiry, existence, owner.
+    pub async fn session_for(
+        &self,
+        token: &str,
+        expected: Option<&SessionId>,
+    ) -> Result<SessionRecord, ApiError> {
+        let claims = self.auth.verify_resume(token, expected)?;
+        let session = self.store.load_session(&claims.sid).await?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::SessionNotFound,
+                "no such session (the store may have restarted empty); start a new session",
+            )
+        })?;
+        if session.sub != claims.sub {
+            return Err(ApiError::new(
+                ErrorCode::InvalidResumeToken,
+                "the resume token does not match the session",
+            ));
+        }
+        if session.expires_at_ms <= now_ms() {
+            return Err(ApiError::new(
+                ErrorCode::ReconnectWindowExpired,
+                "the session's reconnect window has passed; start a new session and resync",
+            ));
+        }
+        Ok(session)
+    }
+}
