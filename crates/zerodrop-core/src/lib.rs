@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod frames;
 pub mod event;
 pub mod grant;
 pub mod hash;
