@@ -1021,7 +1021,9 @@ impl Driver {
                     if let (Some(c), Some(s)) = (conn, s)
                         && s.in_session
                     {
-                        let _ = c.send(&ClientFrame::Unsubscribe(Unsubscribe { stream })).await;
+                        let _ = c
+                            .send(&ClientFrame::Unsubscribe(Unsubscribe { stream }))
+                            .await;
                     }
                 }
             }

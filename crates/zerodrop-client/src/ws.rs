@@ -246,8 +246,7 @@ impl WsConnection {
     }
 
     pub async fn ack(&mut self, stream: &str, seq: u64) -> Result<(), ClientError> {
-        self.send(&ClientFrame::Ack(Ack::one(stream, seq)))
-        .await
+        self.send(&ClientFrame::Ack(Ack::one(stream, seq))).await
     }
 
     pub async fn publish(

@@ -9,8 +9,8 @@
 
 pub mod checkpoint;
 pub mod error;
-pub mod frames;
 pub mod event;
+pub mod frames;
 pub mod grant;
 pub mod hash;
 pub mod ids;

@@ -182,7 +182,11 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             );
         } else if step.get("drain").is_some() {
             let r = api
-                .post("/admin/drain/complete", Some(&s.creds.admin_token), json!({}))
+                .post(
+                    "/admin/drain/complete",
+                    Some(&s.creds.admin_token),
+                    json!({}),
+                )
                 .await;
             assert_eq!(r.status, 200, "{at}: {}", r.text);
         } else if step.get("close").is_some() {
@@ -201,7 +205,9 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
 }
 
 fn fixtures(set: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(set);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(set);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("tests/fixtures/{set}: {e}"))
         .map(|e| e.unwrap().path())
@@ -215,7 +221,10 @@ fn fixtures(set: &str) -> Vec<PathBuf> {
 async fn run_set(set: &str, protocol: &str) -> Vec<Value> {
     let record = std::env::var("ZERODROP_RECORD_FIXTURES").is_ok_and(|v| v == "1" || v == set);
     let files = fixtures(set);
-    assert!(files.len() >= 3, "the {set} fixtures are missing: {files:?}");
+    assert!(
+        files.len() >= 3,
+        "the {set} fixtures are missing: {files:?}"
+    );
     let mut frames = Vec::new();
     for f in &files {
         let steps = replay(f, protocol, record).await;
@@ -246,9 +255,9 @@ async fn recorded_v1_sessions_run_unchanged_against_the_current_server() {
 async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_server() {
     let frames = run_set("v2", "zerodrop.v2").await;
     let has = |dir: &str, ty: &str| {
-        frames.iter().any(|f| {
-            (f["dir"] == dir || (dir == "recv" && f["dir"] == "await")) && f["type"] == ty
-        })
+        frames
+            .iter()
+            .any(|f| (f["dir"] == dir || (dir == "recv" && f["dir"] == "await")) && f["type"] == ty)
     };
     let client = [
         "subscribe",
