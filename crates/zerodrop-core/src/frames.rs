@@ -52,6 +52,20 @@ fn tag(text: &str) -> Result<Cow<'_, str>, FrameError> {
     t.ty.ok_or(FrameError::NoType)
 }
 
+/// The tag of a frame that starts with it, as every server frame does (`{"type":"…"`,
+/// unescaped), read without a pass over the rest; else the full tag pass. Only for frames
+/// from the server: it does not notice a second `type` further on, which [`tag`] refuses in
+/// what clients send.
+fn leading_tag(text: &str) -> Result<Cow<'_, str>, FrameError> {
+    if let Some(rest) = text.strip_prefix(r#"{"type":""#)
+        && let Some(end) = rest.find(['"', '\\'])
+        && rest.as_bytes()[end] == b'"'
+    {
+        return Ok(Cow::Borrowed(&rest[..end]));
+    }
+    tag(text)
+}
+
 fn unknown(ty: &str) -> FrameError {
     FrameError::UnknownType(ty.chars().take(32).collect())
 }
@@ -351,8 +365,10 @@ impl ErrorFrame {
 
 impl ServerFrame {
     /// Decodes one server frame; an unknown `type` is [`ServerFrame::Unknown`], not an error.
+    /// One pass for a frame that starts with its tag (every frame the server writes: events
+    /// are the SDK's hot path), two otherwise.
     pub fn parse(text: &str) -> Result<ServerFrame, FrameError> {
-        let ty = tag(text)?;
+        let ty = leading_tag(text)?;
         Ok(match ty.as_ref() {
             "event" => ServerFrame::Event(serde_json::from_str(text)?),
             "welcome" => ServerFrame::Welcome(serde_json::from_str(text)?),
@@ -430,6 +446,16 @@ mod tests {
             ServerFrame::parse(r#"{"stream":"a"}"#),
             Err(FrameError::NoType)
         ));
+        // The tag anywhere, or escaped, still decodes.
+        assert!(matches!(
+            ServerFrame::parse(r#"{"resumeToken":"x","type":"token"}"#).unwrap(),
+            ServerFrame::Token(_)
+        ));
+        assert!(matches!(
+            ServerFrame::parse(r#"{"type":"tok\u0065n","resumeToken":"x"}"#).unwrap(),
+            ServerFrame::Token(_)
+        ));
+        assert!(ServerFrame::parse(r#"{"type":"token""#).is_err());
     }
 
     #[test]

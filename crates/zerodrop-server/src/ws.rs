@@ -6,6 +6,11 @@
 //! pulls everything after each cursor and writes the frames in one flush, so a burst of events
 //! costs one syscall per subscriber, not one per event.
 //!
+//! Client frames are decoded as `zerodrop_core::frames::ClientFrame` (the types the Rust SDK
+//! encodes with), and each variant has its own handler (`on_subscribe`, `on_ack`, …); what the
+//! server says goes out as a `ServerFrame`, but for events, whose frame was built once at
+//! append and is shared by every subscriber.
+//!
 //! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
 //!
