@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backoff::Backoff;
 use crate::consistency::{CheckError, StreamCheck, Verdict, check_stream};
 use crate::error::{ApiError, ClientError};
-use crate::frames::{ClientFrame, Event, ServerFrame};
+use crate::frames::{Ack, ClientFrame, Event, ServerFrame, Subscribe, Subscribed, Unsubscribe};
 use crate::http::HttpClient;
 use crate::ws::{WsAuth, WsConnection};
 
@@ -898,12 +898,12 @@ impl Driver {
 
     async fn on_frame(&mut self, conn: &mut WsConnection, frame: ServerFrame) -> Flow {
         match frame {
-            ServerFrame::Subscribed {
+            ServerFrame::Subscribed(Subscribed {
                 stream,
                 epoch,
                 from_seq,
                 ..
-            } => {
+            }) => {
                 let Some(s) = self.subs.get_mut(&stream) else {
                     return Flow::Go;
                 };
@@ -936,13 +936,16 @@ impl Driver {
                     self.pump(&stream).await;
                 }
             }
-            ServerFrame::Reconnect { retry_after_ms, .. } => {
+            ServerFrame::Reconnect(r) => {
                 // A drain: everything in flight arrived before this frame. Go now, elsewhere.
                 self.flush_acks(conn).await;
-                return Flow::Move(Duration::from_millis(retry_after_ms));
+                return Flow::Move(Duration::from_millis(r.retry_after_ms));
             }
-            ServerFrame::Error(f) => self.on_error_frame(f.error, f.epoch),
-            ServerFrame::Token { resume_token } => lock(&self.shared.session).1 = resume_token,
+            ServerFrame::Error(f) => {
+                let epoch = f.epoch.clone();
+                self.on_error_frame(f.into(), epoch)
+            }
+            ServerFrame::Token(t) => lock(&self.shared.session).1 = t.resume_token,
             _ => {}
         }
         Flow::Go
@@ -987,9 +990,9 @@ impl Driver {
                     && let Some(c) = conn.as_deref_mut()
                 {
                     let _ = c
-                        .send(&ClientFrame::Unsubscribe {
+                        .send(&ClientFrame::Unsubscribe(Unsubscribe {
                             stream: stream.clone(),
-                        })
+                        }))
                         .await;
                 }
                 let s = Sub {
@@ -1018,7 +1021,9 @@ impl Driver {
                     if let (Some(c), Some(s)) = (conn, s)
                         && s.in_session
                     {
-                        let _ = c.send(&ClientFrame::Unsubscribe { stream }).await;
+                        let _ = c
+                            .send(&ClientFrame::Unsubscribe(Unsubscribe { stream }))
+                            .await;
                     }
                 }
             }
@@ -1108,10 +1113,10 @@ impl Driver {
             return;
         }
         if conn.protocol() == "zerodrop.v2" {
-            let _ = conn.send(&ClientFrame::Acks { acks }).await;
+            let _ = conn.send(&ClientFrame::Ack(Ack::batch(acks))).await;
         } else {
             for (stream, seq) in acks {
-                let _ = conn.send(&ClientFrame::Ack { stream, seq }).await;
+                let _ = conn.send(&ClientFrame::Ack(Ack::one(stream, seq))).await;
             }
         }
     }
@@ -1333,11 +1338,11 @@ impl Driver {
 }
 
 fn subscribe_frame(stream: &str, s: &Sub) -> ClientFrame {
-    ClientFrame::Subscribe {
+    ClientFrame::Subscribe(Subscribe {
         stream: stream.to_string(),
         after: s.handled,
         epoch: s.epoch.clone(),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -17,6 +17,23 @@ pub struct ApiError {
     pub first_available_seq: Option<u64>,
 }
 
+impl From<crate::frames::ErrorFrame> for ApiError {
+    fn from(f: crate::frames::ErrorFrame) -> ApiError {
+        ApiError {
+            code: f.code,
+            message: f.message,
+            stream: f.stream,
+            first_available_seq: f.first_available_seq,
+        }
+    }
+}
+
+impl From<crate::frames::FrameError> for ClientError {
+    fn from(e: crate::frames::FrameError) -> ClientError {
+        ClientError::Protocol(format!("bad frame: {e}"))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with a non-success status.

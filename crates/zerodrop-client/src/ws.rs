@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::ClientError;
-use crate::frames::{ClientFrame, ServerFrame, Welcome};
+use crate::frames::{Ack, ClientFrame, Ping, Publish, Resume, ServerFrame, Subscribe, Welcome};
 
 /// How a connection authenticates.
 #[derive(Clone, Debug)]
@@ -178,13 +178,7 @@ impl WsConnection {
         let (ws, _resp) = connected.map_err(ws_error)?;
         let mut conn = WsConnection {
             ws,
-            welcome: Welcome {
-                session_id: String::new(),
-                resume_token: String::new(),
-                reconnect_window_sec: 0,
-                instance: String::new(),
-                protocol: String::new(),
-            },
+            welcome: Welcome::default(),
             resume_token: String::new(),
         };
         if let WsAuth::Resume {
@@ -193,10 +187,10 @@ impl WsConnection {
         } = auth
         {
             let last_ack = (!last_ack.is_empty()).then_some(last_ack);
-            conn.send(&ClientFrame::Resume {
+            conn.send(&ClientFrame::Resume(Resume {
                 resume_token,
                 last_ack,
-            })
+            }))
             .await?;
         }
         loop {
@@ -205,7 +199,7 @@ impl WsConnection {
                     conn.welcome = w;
                     return Ok(conn);
                 }
-                ServerFrame::Error(e) => return Err(ClientError::Frame(e.error)),
+                ServerFrame::Error(e) => return Err(ClientError::Frame(e.into())),
                 // Nothing else is expected before `welcome`; tolerate pings and unknowns.
                 _ => continue,
             }
@@ -243,20 +237,16 @@ impl WsConnection {
         after: Option<u64>,
         epoch: Option<&str>,
     ) -> Result<(), ClientError> {
-        self.send(&ClientFrame::Subscribe {
+        self.send(&ClientFrame::Subscribe(Subscribe {
             stream: stream.to_string(),
             after,
             epoch: epoch.map(str::to_string),
-        })
+        }))
         .await
     }
 
     pub async fn ack(&mut self, stream: &str, seq: u64) -> Result<(), ClientError> {
-        self.send(&ClientFrame::Ack {
-            stream: stream.to_string(),
-            seq,
-        })
-        .await
+        self.send(&ClientFrame::Ack(Ack::one(stream, seq))).await
     }
 
     pub async fn publish(
@@ -265,11 +255,13 @@ impl WsConnection {
         data: serde_json::Value,
         id: Option<String>,
     ) -> Result<(), ClientError> {
-        self.send(&ClientFrame::Publish {
+        let data = serde_json::value::to_raw_value(&data)
+            .map_err(|e| ClientError::Protocol(format!("publish data: {e}")))?;
+        self.send(&ClientFrame::Publish(Publish {
             stream: stream.to_string(),
-            data,
-            id,
-        })
+            data: Some(data),
+            id: id.map(serde_json::Value::String),
+        }))
         .await
     }
 
@@ -301,15 +293,13 @@ impl WsConnection {
             };
             let frame = ServerFrame::parse(text.as_str())?;
             match &frame {
-                ServerFrame::Ping { t } => {
-                    let pong = ClientFrame::Pong { t: t.clone() };
+                ServerFrame::Ping(p) => {
+                    let pong = ClientFrame::Pong(Ping::echo(p));
                     self.send(&pong).await?;
                 }
                 ServerFrame::Welcome(w) => self.resume_token = w.resume_token.clone(),
-                ServerFrame::Token { resume_token }
-                | ServerFrame::Reconnect { resume_token, .. } => {
-                    self.resume_token = resume_token.clone()
-                }
+                ServerFrame::Token(t) => self.resume_token = t.resume_token.clone(),
+                ServerFrame::Reconnect(r) => self.resume_token = r.resume_token.clone(),
                 _ => {}
             }
             return Ok(frame);
@@ -325,14 +315,11 @@ impl WsConnection {
     ) -> Result<(String, u64, u64), ClientError> {
         loop {
             match self.recv().await? {
-                ServerFrame::Subscribed {
-                    stream: s,
-                    epoch,
-                    head_seq,
-                    from_seq,
-                } if s == stream => return Ok((epoch, head_seq, from_seq)),
-                ServerFrame::Error(e) if e.error.stream.as_deref() == Some(stream) => {
-                    return Err(ClientError::Frame(e.error));
+                ServerFrame::Subscribed(s) if s.stream == stream => {
+                    return Ok((s.epoch, s.head_seq, s.from_seq));
+                }
+                ServerFrame::Error(e) if e.stream.as_deref() == Some(stream) => {
+                    return Err(ClientError::Frame(e.into()));
                 }
                 f => other(f),
             }

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod event;
+pub mod frames;
 pub mod grant;
 pub mod hash;
 pub mod ids;

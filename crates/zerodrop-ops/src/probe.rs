@@ -105,7 +105,7 @@ async fn ws_event(
             .context("no event within the step timeout")??;
         match f {
             ServerFrame::Event(e) => return Ok(e),
-            ServerFrame::Error(e) => bail!("error frame {}: {}", e.error.code, e.error.message),
+            ServerFrame::Error(e) => bail!("error frame {}: {}", e.code, e.message),
             _ => continue,
         }
     }

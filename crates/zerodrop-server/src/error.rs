@@ -6,6 +6,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use zerodrop_core::frames::{ErrorFrame, ServerFrame};
 use zerodrop_core::window::WindowError;
 use zerodrop_core::{ErrorCode, Seq};
 use zerodrop_store::{StoreError, StoreFault};
@@ -70,9 +71,11 @@ impl ApiError {
 
     /// The WebSocket `error` frame.
     pub fn frame(&self) -> String {
-        let mut m = self.body();
-        m.insert("type".into(), Value::from("error"));
-        Value::Object(m).to_string()
+        let frame = self.extra.iter().fold(
+            ErrorFrame::new(self.code.as_str(), self.message.clone()),
+            |f, (k, v)| f.with_fact(k, v.clone()),
+        );
+        ServerFrame::Error(frame).to_json()
     }
 
     pub fn window(e: WindowError, stream: &str) -> ApiError {

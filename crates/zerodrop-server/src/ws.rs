@@ -6,6 +6,11 @@
 //! pulls everything after each cursor and writes the frames in one flush, so a burst of events
 //! costs one syscall per subscriber, not one per event.
 //!
+//! Client frames are decoded as `zerodrop_core::frames::ClientFrame` (the types the Rust SDK
+//! encodes with), and each variant has its own handler (`on_subscribe`, `on_ack`, …); what the
+//! server says goes out as a `ServerFrame`, but for events, whose frame was built once at
+//! append and is shared by every subscriber.
+//!
 //! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
 //!
@@ -28,11 +33,14 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use governor::clock::DefaultClock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use tokio::sync::watch;
 use zerodrop_core::checkpoint::{self, AckError};
+use zerodrop_core::frames::{
+    self, Ack, ClientFrame, Ping, Publish, Published, Reconnect, ServerFrame, Subscribe,
+    Subscribed, Token, Unsubscribe, Welcome,
+};
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
 use crate::app::{AckWrite, App, Asker, ConnSlot, Position};
@@ -219,33 +227,6 @@ impl Timers {
     }
 }
 
-/// Client frames: one flat shape, dispatched on `type`.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClientFrame<'a> {
-    #[serde(rename = "type")]
-    ty: Option<String>,
-    stream: Option<String>,
-    after: Option<u64>,
-    epoch: Option<String>,
-    seq: Option<u64>,
-    resume_token: Option<String>,
-    last_ack: Option<BTreeMap<String, u64>>,
-    /// `zerodrop.v2`'s batched checkpoint: `{"type":"ack","acks":{stream: seq, …}}`. Values
-    /// stay raw so one bad entry is answered on its own stream.
-    acks: Option<BTreeMap<String, Value>>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    t: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    data: Option<&'a RawValue>,
-    id: Option<Value>,
-}
-
-/// A present field is `Some`, even when it is JSON `null`.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
-}
-
 impl Conn {
     fn new(app: Arc<App>, socket: WebSocket, protocol: &'static str, slot: ConnSlot) -> Conn {
         let per_sec = NonZeroU32::new(app.cfg.ws_frames_per_sec).unwrap_or(NonZeroU32::MIN);
@@ -381,8 +362,8 @@ impl Conn {
         self.session.as_ref().map(|s| s.id.as_str()).unwrap_or("")
     }
 
-    async fn send_json(&mut self, v: Value) -> Result<(), Exit> {
-        self.send_text(v.to_string()).await
+    async fn send_frame(&mut self, f: &ServerFrame) -> Result<(), Exit> {
+        self.send_text(f.to_json()).await
     }
 
     async fn send_text(&mut self, s: String) -> Result<(), Exit> {
@@ -425,14 +406,9 @@ impl Conn {
                         )));
                     }
                 };
-                let frame: ClientFrame = serde_json::from_str(text.as_str()).map_err(|_| {
-                    Exit::error(ApiError::unauthorized(
-                        "the first frame must be a resume frame",
-                    ))
-                })?;
-                match (frame.ty.as_deref(), frame.resume_token) {
-                    (Some("resume"), Some(token)) => {
-                        self.resume(&token, frame.last_ack.unwrap_or_default())
+                match ClientFrame::parse(text.as_str()) {
+                    Ok(ClientFrame::Resume(r)) => {
+                        self.resume(&r.resume_token, r.last_ack.unwrap_or_default())
                             .await
                     }
                     _ => Err(Exit::error(ApiError::unauthorized(
@@ -447,16 +423,15 @@ impl Conn {
     async fn adopt(&mut self, id: SessionId, sub: String, grants: Grants) -> Result<(), Exit> {
         self.app.hold_session(&id, self.id, &self.signal);
         let token = self.app.mint_token(&id, &sub);
-        let welcome = json!({
-            "type": "welcome",
-            "sessionId": id,
-            "resumeToken": token,
-            "reconnectWindowSec": self.app.cfg.reconnect_window_sec,
-            "instance": self.app.instance,
-            "protocol": self.protocol,
+        let welcome = ServerFrame::Welcome(Welcome {
+            session_id: id.as_str().to_string(),
+            resume_token: token,
+            reconnect_window_sec: self.app.cfg.reconnect_window_sec,
+            instance: self.app.instance.clone(),
+            protocol: self.protocol.to_string(),
         });
         self.session = Some(Session { id, sub, grants });
-        self.send_json(welcome).await
+        self.send_frame(&welcome).await
     }
 
     async fn resume(&mut self, token: &str, last_ack: BTreeMap<String, u64>) -> Result<(), Exit> {
@@ -517,9 +492,11 @@ impl Conn {
         sub.set_replay_until(head);
         self.subs.push(sub);
         self.signal.wake();
-        self.send_json(json!({
-            "type": "subscribed", "stream": stream, "epoch": epoch,
-            "headSeq": head, "fromSeq": after.0 + 1,
+        self.send_frame(&ServerFrame::Subscribed(Subscribed {
+            stream: stream.as_str().to_string(),
+            epoch: epoch.as_str().to_string(),
+            head_seq: head.0,
+            from_seq: after.0 + 1,
         }))
         .await
     }
@@ -616,9 +593,10 @@ impl Conn {
     async fn drain_out(&mut self) -> Result<(), Exit> {
         if let Some(s) = &self.session {
             let token = self.app.mint_token(&s.id, &s.sub);
-            self.send_json(json!({
-                "type": "reconnect", "reason": "draining", "resumeToken": token,
-                "retryAfterMs": 0,
+            self.send_frame(&ServerFrame::Reconnect(Reconnect {
+                reason: "draining".into(),
+                resume_token: token,
+                retry_after_ms: 0,
             }))
             .await?;
         }
@@ -641,7 +619,10 @@ impl Conn {
         }
         let t = now_ms();
         self.ping_outstanding = Some((t, Instant::now()));
-        self.send_json(json!({"type": "ping", "t": t})).await
+        self.send_frame(&ServerFrame::Ping(Ping {
+            t: Some(frames::raw(t.to_string())),
+        }))
+        .await
     }
 
     async fn refresh_token(&mut self) -> Result<(), Exit> {
@@ -650,8 +631,10 @@ impl Conn {
         };
         let (id, token) = (s.id.clone(), self.app.mint_token(&s.id, &s.sub));
         self.app.touch(&id).await;
-        self.send_json(json!({"type": "token", "resumeToken": token}))
-            .await
+        self.send_frame(&ServerFrame::Token(Token {
+            resume_token: token,
+        }))
+        .await
     }
 
     /// Writes whatever is new after every cursor, in one flush.
@@ -773,10 +756,10 @@ impl Conn {
     /// delivered). Any other ack (malformed, unsubscribed, beyond what was delivered) may
     /// cost a store read or an error reply, so it is limited like every other frame. A
     /// client `ping` is limited too: each one makes the server write a reply.
-    fn is_exempt(&self, f: &ClientFrame<'_>) -> bool {
-        match f.ty.as_deref() {
-            Some("pong") => true,
-            Some("ack") => match (&f.acks, f.stream.as_deref(), f.seq) {
+    fn is_exempt(&self, f: &ClientFrame) -> bool {
+        match f {
+            ClientFrame::Pong(_) => true,
+            ClientFrame::Ack(f) => match (&f.acks, f.stream.as_deref(), f.seq) {
                 (None, Some(stream), Some(seq)) => self.may_apply(stream, seq),
                 (Some(acks), None, None) if self.protocol != V1 => {
                     acks.len() <= self.subs.len()
@@ -811,48 +794,42 @@ impl Conn {
                 zerodrop_core::json::MAX_DEPTH
             )))
         } else {
-            serde_json::from_str(text.as_str())
-                .map_err(|e| ApiError::invalid(format!("invalid frame: {e}")))
+            ClientFrame::parse(text.as_str()).map_err(|e| ApiError::invalid(e.to_string()))
         };
         let exempt = matches!(&parsed, Ok(f) if self.is_exempt(f));
         if !exempt && !self.admit().await? {
             return Ok(());
         }
-        let frame = match parsed {
-            Ok(f) => f,
-            Err(e) => return self.send_error(e).await,
-        };
-        match frame.ty.as_deref() {
-            Some("subscribe") => self.on_subscribe(frame).await,
-            Some("unsubscribe") => self.on_unsubscribe(frame).await,
-            Some("ack") => self.on_ack(frame).await,
-            Some("publish") => self.on_publish(frame).await,
-            Some("ping") => {
-                let t = frame.t.map(|r| r.get()).unwrap_or("null");
-                self.send_text(format!("{{\"type\":\"pong\",\"t\":{t}}}"))
-                    .await
-            }
-            Some("pong") => {
-                if let Some((_, sent)) = self.ping_outstanding.take() {
-                    self.app.metrics.rtt(sent.elapsed());
-                }
-                self.missed_pings = 0;
-                Ok(())
-            }
-            Some("resume") => {
-                self.send_error(ApiError::invalid("resume is only valid as the first frame"))
-                    .await
-            }
-            Some(other) => {
-                let other = other.chars().take(32).collect::<String>();
-                self.send_error(ApiError::invalid(format!("unknown frame type {other:?}")))
-                    .await
-            }
-            None => {
-                self.send_error(ApiError::invalid("a frame needs a type"))
-                    .await
-            }
+        match parsed {
+            Err(e) => self.send_error(e).await,
+            Ok(ClientFrame::Subscribe(f)) => self.on_subscribe(f).await,
+            Ok(ClientFrame::Unsubscribe(f)) => self.on_unsubscribe(f).await,
+            Ok(ClientFrame::Ack(f)) => self.on_ack(f).await,
+            Ok(ClientFrame::Publish(f)) => self.on_publish(f).await,
+            Ok(ClientFrame::Ping(f)) => self.on_ping(f).await,
+            Ok(ClientFrame::Pong(_)) => self.on_pong(),
+            Ok(ClientFrame::Resume(_)) => self.on_late_resume().await,
         }
+    }
+
+    /// A client `ping`: its `t` comes back verbatim.
+    async fn on_ping(&mut self, f: Ping) -> Result<(), Exit> {
+        self.send_frame(&ServerFrame::Pong(f.echo())).await
+    }
+
+    /// A `pong` answers our outstanding ping.
+    fn on_pong(&mut self) -> Result<(), Exit> {
+        if let Some((_, sent)) = self.ping_outstanding.take() {
+            self.app.metrics.rtt(sent.elapsed());
+        }
+        self.missed_pings = 0;
+        Ok(())
+    }
+
+    /// `resume` after the socket already holds a session.
+    async fn on_late_resume(&mut self) -> Result<(), Exit> {
+        self.send_error(ApiError::invalid("resume is only valid as the first frame"))
+            .await
     }
 
     /// Validates the `stream` field of a frame (errors are stream-level).
@@ -876,8 +853,8 @@ impl Conn {
         }
     }
 
-    async fn on_subscribe(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
-        let Some(stream) = self.frame_stream(f.stream).await? else {
+    async fn on_subscribe(&mut self, f: Subscribe) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
         let Some(session) = &self.session else {
@@ -927,8 +904,8 @@ impl Conn {
             .await
     }
 
-    async fn on_unsubscribe(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
-        let Some(stream) = self.frame_stream(f.stream).await? else {
+    async fn on_unsubscribe(&mut self, f: Unsubscribe) -> Result<(), Exit> {
+        let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
         self.flush_acks().await;
@@ -940,11 +917,13 @@ impl Conn {
                 return self.send_error(e).await;
             }
         }
-        self.send_json(json!({"type": "unsubscribed", "stream": stream}))
-            .await
+        self.send_frame(&ServerFrame::Unsubscribed(Unsubscribe {
+            stream: stream.as_str().to_string(),
+        }))
+        .await
     }
 
-    async fn on_ack(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+    async fn on_ack(&mut self, f: Ack) -> Result<(), Exit> {
         let Some(acks) = f.acks else {
             return self.apply_ack(f.stream, f.seq).await;
         };
@@ -1046,9 +1025,9 @@ impl Conn {
         }
     }
 
-    async fn on_publish(&mut self, f: ClientFrame<'_>) -> Result<(), Exit> {
+    async fn on_publish(&mut self, f: Publish) -> Result<(), Exit> {
         let id = f.id.clone().unwrap_or(Value::Null);
-        let Some(stream) = self.frame_stream(f.stream).await? else {
+        let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
         let Some(session) = &self.session else {
@@ -1084,16 +1063,17 @@ impl Conn {
         let sub = session.sub.clone();
         match self
             .app
-            .client_publish(stream.clone(), data, key, &sub)
+            .client_publish(stream.clone(), &data, key, &sub)
             .await
         {
             Ok(out) => {
-                let mut frame =
-                    json!({"type": "published", "stream": stream, "seq": out.seq, "id": id});
-                if let Some(job) = out.job {
-                    frame["jobId"] = json!(job);
-                }
-                self.send_json(frame).await
+                self.send_frame(&ServerFrame::Published(Published {
+                    stream: stream.as_str().to_string(),
+                    seq: out.seq.map(|s| s.0),
+                    id: Some(id),
+                    job_id: out.job,
+                }))
+                .await
             }
             Err(e) => {
                 self.send_error(e.with("stream", stream.as_str()).with("id", id))

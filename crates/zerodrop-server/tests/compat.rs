@@ -1,25 +1,37 @@
-//! N/N-1: recorded `zerodrop.v1` client sessions replayed against the current server.
+//! N/N-1: recorded client sessions replayed against the current server, for both
+//! subprotocols it speaks: `tests/fixtures/v2/` (the current one) and `tests/fixtures/v1/`
+//! (the previous one). Between them they hold every frame type in both directions; the browser
+//! SDK's tests (`clients/js/test/fixtures.test.mjs`) hold it to the same recordings.
 //!
-//! Each file in `tests/fixtures/v1/` is one session of a v1 client, one step per line:
+//! Each file is one session of a client of that version, one step per line:
 //!
+//! - `{"config": {"pingIntervalSec", "reconnectWindowSec"}}`: first line only, the server's
+//!   timers for this session (default: the defaults);
 //! - `{"publish": {"stream", "data"}}`: a backend publishes over HTTP (api key);
-//! - `{"connect": {"streams", "publish"?}}`: a WebSocket offering only `zerodrop.v1`, with a
+//! - `{"connect": {"streams", "publish"?}}`: a WebSocket offering only the set's version, with a
 //!   connect token; `{"connect": "resume"}`: with `?resume=` and the newest resume token;
 //!   `{"connect": "bare"}`: no credential (a `resume` frame comes first);
-//! - `{"send": frame}`: a client frame (`"$resumeToken"` is the newest resume token);
-//! - `{"recv": frame}`: the next server frame, exactly, but for the fields that differ from
-//!   run to run (ids, tokens, times, epochs, human-readable messages), compared as `"*"`;
+//! - `{"send": frame}`: a client frame (`"$resumeToken"` is the newest resume token, `"$t"`
+//!   the `t` of the last server `ping`);
+//! - `{"recv": frame}`: the next server frame (a server `ping` is answered and a `token`
+//!   skipped on the way), exactly, but for the fields that differ from run to run (ids,
+//!   tokens, times, epochs, human-readable messages, a ping's `t`), compared as `"*"`;
+//! - `{"await": frame}`: the next server frame of that frame's type, whatever comes before it
+//!   (for the frames timers send: `ping`, `token`); compared like `recv`;
+//! - `{"drain": true}`: an operator completes a drain (`POST /admin/drain/complete`);
 //! - `{"close": true}`: the client closes its socket.
 //!
-//! The frames were recorded from a v1 client against the server as it was when v1 was the
-//! current version. `ZERODROP_RECORD_FIXTURES=1 cargo test -p zerodrop-server --test compat`
-//! records them again from the server under test (only for a deliberate, documented change).
+//! The v1 frames were recorded from a v1 client against the server as it was when v1 was the
+//! current version. `ZERODROP_RECORD_FIXTURES=v2 cargo test -p zerodrop-server --test compat`
+//! records a set again from the server under test (`v1`, `v2`, or `1` for both; only for a
+//! deliberate, documented change).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use zerodrop_testkit::server::TestServer;
-use zerodrop_testkit::ws::WsClient;
+use zerodrop_testkit::ws::{Next, WsClient};
 
 /// Fields whose values differ between runs; their presence is still checked.
 const VOLATILE: &[&str] = &[
@@ -32,6 +44,12 @@ const VOLATILE: &[&str] = &[
 ];
 
 fn normalize(v: &Value) -> Value {
+    // A ping's `t` is the server's clock; a pong's is the client's own, kept.
+    if v["type"] == "ping" && v["t"].is_number() {
+        let mut v = v.clone();
+        v["t"] = json!("*");
+        return v;
+    }
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
@@ -50,16 +68,30 @@ fn normalize(v: &Value) -> Value {
     }
 }
 
-fn substitute(v: &Value, token: &str) -> Value {
+fn substitute(v: &Value, token: &str, t: &Value) -> Value {
     match v {
         Value::String(s) if s == "$resumeToken" => json!(token),
+        Value::String(s) if s == "$t" => t.clone(),
         Value::Object(m) => Value::Object(
             m.iter()
-                .map(|(k, v)| (k.clone(), substitute(v, token)))
+                .map(|(k, v)| (k.clone(), substitute(v, token, t)))
                 .collect(),
         ),
-        Value::Array(a) => Value::Array(a.iter().map(|v| substitute(v, token)).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| substitute(v, token, t)).collect()),
         other => other.clone(),
+    }
+}
+
+/// The next server frame of type `ty`, skipping any other (a ping is not answered).
+async fn await_frame(c: &mut WsClient, ty: &Value, at: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.next_within(left).await {
+            Next::Frame(f) if &f["type"] == ty => return f,
+            Next::Frame(_) => {}
+            other => panic!("{at}: expected a {ty} frame, got {other:?}"),
+        }
     }
 }
 
@@ -70,7 +102,7 @@ fn strings(v: &Value) -> Vec<&str> {
 }
 
 /// Replays one fixture; in record mode returns the steps with what the server sent.
-async fn replay(path: &Path, record: bool) -> Vec<Value> {
+async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("fixture readable");
     let steps: Vec<Value> = text
         .lines()
@@ -78,14 +110,28 @@ async fn replay(path: &Path, record: bool) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("a fixture line is JSON"))
         .collect();
     let name = path.file_name().unwrap().to_string_lossy().to_string();
-    let s = TestServer::start().await;
+    let timers = steps.first().and_then(|s| s.get("config")).cloned();
+    let s = TestServer::with(|c| {
+        if let Some(t) = &timers {
+            if let Some(n) = t["pingIntervalSec"].as_u64() {
+                c.ping_interval_sec = n;
+            }
+            if let Some(n) = t["reconnectWindowSec"].as_u64() {
+                c.reconnect_window_sec = n;
+            }
+        }
+    })
+    .await;
     let api = s.api();
     let mut ws: Option<WsClient> = None;
     let mut token = String::new();
+    let mut ping_t = Value::Null;
     let mut out = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
         let at = format!("{name} line {}", i + 1);
-        if let Some(p) = step.get("publish") {
+        if step.get("config").is_some() {
+            assert_eq!(i, 0, "{at}: config comes first");
+        } else if let Some(p) = step.get("publish") {
             api.publish(p["stream"].as_str().unwrap(), p["data"].clone())
                 .await;
         } else if let Some(c) = step.get("connect") {
@@ -100,29 +146,49 @@ async fn replay(path: &Path, record: bool) -> Vec<Value> {
                     .token("u1", &strings(&c["streams"]), &strings(&c["publish"]));
                 format!("{base}/v1/ws?token={t}")
             };
-            let client = WsClient::connect_with(&url, &["zerodrop.v1"])
+            let client = WsClient::connect_with(&url, &[protocol])
                 .await
                 .unwrap_or_else(|r| panic!("{at}: handshake refused: {r:?}"));
-            assert_eq!(client.protocol.as_deref(), Some("zerodrop.v1"), "{at}");
+            assert_eq!(client.protocol.as_deref(), Some(protocol), "{at}");
             ws = Some(client);
         } else if let Some(f) = step.get("send") {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
-            c.send(substitute(f, &token)).await;
-        } else if let Some(want) = step.get("recv") {
+            c.send(substitute(f, &token, &ping_t)).await;
+        } else if let Some((kind, want)) = step
+            .get("recv")
+            .map(|w| ("recv", w))
+            .or_else(|| step.get("await").map(|w| ("await", w)))
+        {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
-            let got = c.recv().await;
+            let got = if kind == "recv" {
+                c.recv().await
+            } else {
+                await_frame(c, &want["type"], &at).await
+            };
             if let Some(t) = got["resumeToken"].as_str() {
                 token = t.to_string();
             }
+            if got["type"] == "ping" {
+                ping_t = got["t"].clone();
+            }
             let got = normalize(&got);
             if record {
-                out.push(json!({"recv": got}));
+                out.push(json!({ kind: got }));
                 continue;
             }
             assert_eq!(
                 &got, want,
-                "{at}: the server's frame differs from the v1 recording"
+                "{at}: the server's frame differs from the {protocol} recording"
             );
+        } else if step.get("drain").is_some() {
+            let r = api
+                .post(
+                    "/admin/drain/complete",
+                    Some(&s.creds.admin_token),
+                    json!({}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{at}: {}", r.text);
         } else if step.get("close").is_some() {
             if let Some(c) = ws.take() {
                 c.close().await;
@@ -138,10 +204,12 @@ async fn replay(path: &Path, record: bool) -> Vec<Value> {
     out
 }
 
-fn fixtures() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
+fn fixtures(set: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(set);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("tests/fixtures/v1 exists")
+        .unwrap_or_else(|e| panic!("tests/fixtures/{set}: {e}"))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();
@@ -149,28 +217,82 @@ fn fixtures() -> Vec<PathBuf> {
     files
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recorded_v1_sessions_run_unchanged_against_the_current_server() {
-    let record = std::env::var_os("ZERODROP_RECORD_FIXTURES").is_some();
-    let files = fixtures();
-    assert!(files.len() >= 3, "the v1 fixtures are missing: {files:?}");
-    let mut recvs = 0;
+/// Replays (or records) one set; returns every frame of it, sent and received.
+async fn run_set(set: &str, protocol: &str) -> Vec<Value> {
+    let record = std::env::var("ZERODROP_RECORD_FIXTURES").is_ok_and(|v| v == "1" || v == set);
+    let files = fixtures(set);
+    assert!(
+        files.len() >= 3,
+        "the {set} fixtures are missing: {files:?}"
+    );
+    let mut frames = Vec::new();
     for f in &files {
-        let steps = replay(f, record).await;
-        recvs += steps.iter().filter(|s| s.get("recv").is_some()).count();
+        let steps = replay(f, protocol, record).await;
+        for s in &steps {
+            for kind in ["send", "recv", "await"] {
+                if let Some(frame) = s.get(kind) {
+                    frames.push(json!({ "dir": kind, "type": frame["type"] }));
+                }
+            }
+        }
         if record {
             let lines: Vec<String> = steps.iter().map(Value::to_string).collect();
             std::fs::write(f, lines.join("\n") + "\n").expect("fixture written");
         }
     }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_v1_sessions_run_unchanged_against_the_current_server() {
+    let frames = run_set("v1", "zerodrop.v1").await;
+    let recvs = frames.iter().filter(|f| f["dir"] == "recv").count();
     assert!(recvs >= 20, "the fixtures check too little: {recvs} frames");
+}
+
+/// Every frame type of SPEC §4, in each direction it travels, is in the v2 recordings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_server() {
+    let frames = run_set("v2", "zerodrop.v2").await;
+    let has = |dir: &str, ty: &str| {
+        frames
+            .iter()
+            .any(|f| (f["dir"] == dir || (dir == "recv" && f["dir"] == "await")) && f["type"] == ty)
+    };
+    let client = [
+        "subscribe",
+        "unsubscribe",
+        "ack",
+        "publish",
+        "ping",
+        "pong",
+        "resume",
+    ];
+    let server = [
+        "welcome",
+        "subscribed",
+        "unsubscribed",
+        "event",
+        "ping",
+        "pong",
+        "reconnect",
+        "error",
+        "published",
+        "token",
+    ];
+    for ty in client {
+        assert!(has("send", ty), "no v2 fixture sends a {ty} frame");
+    }
+    for ty in server {
+        assert!(has("recv", ty), "no v2 fixture receives a {ty} frame");
+    }
 }
 
 /// The fixtures are v1 through and through: a batched ack on a v1 socket stays
 /// `INVALID_REQUEST`, which one of them records.
 #[test]
 fn a_fixture_records_the_batched_ack_refused_on_v1() {
-    let all: String = fixtures()
+    let all: String = fixtures("v1")
         .iter()
         .map(|f| std::fs::read_to_string(f).unwrap())
         .collect();

@@ -44,7 +44,7 @@ async fn the_sdk_speaks_every_part_of_the_protocol() {
     let mut events = Vec::new();
     while published.is_none() || events.is_empty() {
         match tokio::time::timeout(T, ws.recv()).await.unwrap().unwrap() {
-            ServerFrame::Published { seq, .. } => published = Some(seq),
+            ServerFrame::Published(p) => published = p.seq,
             ServerFrame::Event(e) => events.push(e),
             _ => {}
         }

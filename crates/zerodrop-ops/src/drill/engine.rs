@@ -290,17 +290,17 @@ pub async fn ws_client(
                         }
                     }
                 }
-                Ok(ServerFrame::Error(e)) if e.error.stream.is_some() => {
+                Ok(ServerFrame::Error(e)) if e.stream.is_some() => {
                     // The stream's position could not be served: the client resyncs by
                     // subscribing again after what it holds (the loss shows as missing).
                     st.resets += 1;
                     let _ = c.subscribe(&stream, Some(t.contiguous), None).await;
                 }
-                Ok(ServerFrame::Reconnect { retry_after_ms, .. }) => {
+                Ok(ServerFrame::Reconnect(r)) => {
                     // Drain: the server hands a fresh token and closes; come back later.
                     let token_now = c.resume_token().to_string();
                     conn.take();
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.min(2000))).await;
+                    tokio::time::sleep(Duration::from_millis(r.retry_after_ms.min(2000))).await;
                     conn = resume(&ctx, &mut st, &token, token_now, &stream, &mut t).await;
                 }
                 Ok(_) => {}
