@@ -1,64 +1,14 @@
 // The client's delivery rules against a scripted WebSocket and fetch: ordering, dedupe, gap
 // repair, batched acks per subprotocol, resume, drain, typed errors, key buffering, verify.
-// ZERODROP_JS_DIST names the directory tsc wrote zerodrop.js to (default: ../dist).
+// The scripted socket and the compiled SDK come from scripted.mjs.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { fileURLToPath, pathToFileURL } from "node:url";
 import path from "node:path";
+import { E, FakeWebSocket, here, sleep, until, zd } from "./scripted.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const dist = process.env.ZERODROP_JS_DIST
-  ? path.resolve(process.env.ZERODROP_JS_DIST)
-  : path.join(here, "..", "dist");
-const zd = await import(pathToFileURL(path.join(dist, "zerodrop.js")).href);
 const e2e = JSON.parse(readFileSync(path.join(here, "..", "..", "..", "docs", "vectors", "e2e-aes256gcm.json"), "utf8"));
 const bytes = (h) => Uint8Array.from(h.match(/../g).map((x) => parseInt(x, 16)));
-
-const E = "00000000000000aa";
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(what, f, ms = 3000) {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
-class FakeWebSocket {
-  static OPEN = 1;
-  static all = [];
-  constructor(url, protocols) {
-    this.url = url;
-    this.protocols = protocols;
-    this.readyState = 0;
-    this.protocol = "";
-    this.sent = [];
-    FakeWebSocket.all.push(this);
-  }
-  send(d) {
-    this.sent.push(JSON.parse(d));
-  }
-  close(code = 1000) {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    setTimeout(() => this.onclose?.({ code }));
-  }
-  // test side
-  accept(protocol) {
-    this.readyState = 1;
-    this.protocol = protocol;
-    this.onopen?.({});
-  }
-  frame(f) {
-    this.onmessage?.({ data: JSON.stringify(f) });
-  }
-  drop(code = 1006) {
-    this.readyState = 3;
-    this.onclose?.({ code });
-  }
-}
-globalThis.WebSocket = FakeWebSocket;
 
 const fetches = [];
 let fetchAnswer = () => ({ status: 500, body: {} });

@@ -3,64 +3,15 @@
 // crates/zerodrop-server/tests/compat.rs): every recorded server frame goes through the SDK's
 // frame handling on a scripted socket of that subprotocol, and every frame the SDK sends has
 // the shape of a recorded client frame the server accepted.
-// ZERODROP_JS_DIST names the directory tsc wrote zerodrop.js to (default: ../dist).
+// The scripted socket and the compiled SDK come from scripted.mjs.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, readdirSync } from "node:fs";
-import { fileURLToPath, pathToFileURL } from "node:url";
 import path from "node:path";
+import { E, FakeWebSocket, here, sleep, until, zd } from "./scripted.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const dist = process.env.ZERODROP_JS_DIST
-  ? path.resolve(process.env.ZERODROP_JS_DIST)
-  : path.join(here, "..", "dist");
-const zd = await import(pathToFileURL(path.join(dist, "zerodrop.js")).href);
 const fixtures = path.join(here, "..", "..", "..", "crates", "zerodrop-server", "tests", "fixtures");
-
-const E = "00000000000000aa";
 const T = 1733450000000;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(what, f, ms = 3000) {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
-class FakeWebSocket {
-  static OPEN = 1;
-  static all = [];
-  constructor(url, protocols) {
-    this.url = url;
-    this.protocols = protocols;
-    this.readyState = 0;
-    this.protocol = "";
-    this.sent = [];
-    FakeWebSocket.all.push(this);
-  }
-  send(d) {
-    this.sent.push(JSON.parse(d));
-  }
-  close(code = 1000) {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    setTimeout(() => this.onclose?.({ code }));
-  }
-  accept(protocol) {
-    this.readyState = 1;
-    this.protocol = protocol;
-    this.onopen?.({});
-  }
-  frame(f) {
-    this.onmessage?.({ data: JSON.stringify(f) });
-  }
-  drop(code = 1006) {
-    this.readyState = 3;
-    this.onclose?.({ code });
-  }
-}
-globalThis.WebSocket = FakeWebSocket;
 globalThis.fetch = async () => new Response("{}", { status: 500 });
 const last = () => FakeWebSocket.all[FakeWebSocket.all.length - 1];
 
