@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::volume::{Kind, Volume};
@@ -44,7 +44,7 @@ impl LazyFuse {
     fn attr(&self, v: &Volume, ino: u64) -> Option<FileAttr> {
         let node = v.node(ino)?;
         let (kind, size, nlink) = match &node.kind {
-            Kind::File(f) => (FileType::RegularFile, f.len(), 1),
+            Kind::File(f) => (FileType::RegularFile, f.size(), 1),
             Kind::Dir(_) => (FileType::Directory, 0, 2),
         };
         Some(FileAttr {
@@ -73,7 +73,15 @@ impl LazyFuse {
         }
     }
 
-    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, dir: bool) -> Result<(u64, FileAttr), Errno> {
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        dir: bool,
+    ) -> Result<(u64, FileAttr), Errno> {
         let mut v = self.lock();
         let perm = (mode & !umask & 0o7777) as u16;
         let ino = v
@@ -181,9 +189,13 @@ impl Filesystem for LazyFuse {
             None => self.make(req, parent, name, mode, umask, false),
         };
         match made {
-            Ok((_, attr)) => {
-                reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::empty())
-            }
+            Ok((_, attr)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(e),
         }
     }

@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{BackgroundSession, Config, MountOption};
 
-pub use volume::{CutReport, Stats};
 use volume::Volume;
+pub use volume::{CutReport, Stats};
 
 /// Why this machine cannot run the volume, if it cannot (`/dev/fuse` absent).
 pub fn unavailable() -> Option<String> {

@@ -68,7 +68,7 @@ pub struct DirData {
 }
 
 impl FileData {
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.data.len() as u64
     }
 
@@ -413,7 +413,8 @@ mod tests {
     use super::*;
 
     fn file(v: &mut Volume, parent: u64, name: &str) -> u64 {
-        v.make(parent, OsStr::new(name), false, 0o644, 0, 0).unwrap()
+        v.make(parent, OsStr::new(name), false, 0o644, 0, 0)
+            .unwrap()
     }
 
     fn content(v: &Volume, parent: u64, name: &str) -> Option<Vec<u8>> {
@@ -467,8 +468,14 @@ mod tests {
         let tmp = file(&mut v, ROOT, ".s.tmp");
         v.write(tmp, 0, b"new").unwrap();
         v.sync(tmp).unwrap();
-        v.rename(ROOT, OsStr::new(".s.tmp"), ROOT, OsStr::new("s.json"), false)
-            .unwrap();
+        v.rename(
+            ROOT,
+            OsStr::new(".s.tmp"),
+            ROOT,
+            OsStr::new("s.json"),
+            false,
+        )
+        .unwrap();
         assert_eq!(content(&v, ROOT, "s.json").unwrap(), b"new");
         v.cut();
         assert_eq!(content(&v, ROOT, "s.json").unwrap(), b"old");

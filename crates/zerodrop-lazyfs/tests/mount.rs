@@ -1,7 +1,7 @@
 //! The volume through the kernel: what `write`, `fsync`, `rename` and a directory `fsync`
 //! leave after a cut, read back with plain `std::fs` calls on the remounted volume.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -40,7 +40,7 @@ fn a_cut_keeps_what_was_synced_and_nothing_else() {
     }
     assert_eq!(read(&a).unwrap(), b"Synced and not");
     // A name made durable before its bytes were.
-    let mut f = OpenOptions::new().create(true).write(true).open(&c).unwrap();
+    let mut f = File::create(&c).unwrap();
     sync_dir(&mnt);
     f.write_all(b"never synced").unwrap();
     drop(f);
