@@ -143,7 +143,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ZERODROP_IDEMPOTENCY_TTL_SEC", default_value_t = 86_400)]
     pub idempotency_ttl_sec: u64,
     /// SQLite durability: `full` fsyncs every commit (201 survives power loss); `normal`
-    /// survives a process crash but may lose the last commits on power loss.
+    /// survives a process crash, but a power loss takes back the commits since the last WAL
+    /// checkpoint and their seqs are handed out again in the same epoch (docs/reliability.md).
     #[arg(
         long,
         env = "ZERODROP_SQLITE_SYNCHRONOUS",

@@ -216,20 +216,22 @@ async fn build_and_process_metrics_have_sane_values() {
         start <= now + 1.0 && start > now - 86_400.0,
         "start {start}, now {now}"
     );
-    // Descriptors are read at every scrape: 20 more open files show in the next one (the
-    // scrapes share one keep-alive connection; give or take its two ends if it is renewed).
+    // Descriptors are read at every scrape: 100 more open files show in the next one (the
+    // scrapes share one keep-alive connection; give or take its two ends if it is renewed, and
+    // the descriptors the other tests of this process close meanwhile: a server that stops
+    // closes a dozen or so).
     let s = TestServer::start().await;
     let api = s.api();
     let before = sample(&api.get("/metrics", None).await.text, "process_open_fds")
         .unwrap()
         .1;
-    let files: Vec<std::fs::File> = (0..20).map(|_| tempfile::tempfile().unwrap()).collect();
+    let files: Vec<std::fs::File> = (0..100).map(|_| tempfile::tempfile().unwrap()).collect();
     let after = sample(&api.get("/metrics", None).await.text, "process_open_fds")
         .unwrap()
         .1;
     assert!(
-        after >= before + 18.0,
-        "{before} then {after} with 20 more files open"
+        after >= before + 70.0,
+        "{before} then {after} with 100 more files open"
     );
     drop(files);
 }
