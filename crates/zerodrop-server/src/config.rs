@@ -109,7 +109,14 @@ pub struct ServeArgs {
     /// sharing the store: connected, or disconnected within their reconnect window. Opening
     /// one more (`POST /v1/sessions`, a WebSocket connect) is refused with 429 `RATE_LIMITED`
     /// (`limit: "sessions_per_subject"`) and `Retry-After`; resuming never counts. 0: off.
-    #[arg(long, env = "ZERODROP_MAX_SESSIONS_PER_SUBJECT", default_value_t = 100)]
+    /// The default bounds what one leaked or abusive token can make the store hold while
+    /// leaving room for a subject many clients share (anonymous viewers, a backend, a load
+    /// test); where each user has a subject of their own, set it near their real maximum.
+    #[arg(
+        long,
+        env = "ZERODROP_MAX_SESSIONS_PER_SUBJECT",
+        default_value_t = 100_000
+    )]
     pub max_sessions_per_subject: u32,
     /// New streams one publisher may create per minute (burst: the same number): the api key
     /// for HTTP publishes and webhooks, the connect token's `sub` for WebSocket `publish`

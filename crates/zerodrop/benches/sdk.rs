@@ -115,7 +115,7 @@ fn main() {
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
     let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &[], &[]).expect("server starts");
     // A subject per round: each round opens three sessions, and one subject may hold at most
-    // `--max-sessions-per-subject` (100) live ones.
+    // `--max-sessions-per-subject` live ones (a test server may set it low).
     let token_for = |round: usize| p.creds.token(&format!("bench-{round}"), &["sdkb:*"], &[]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

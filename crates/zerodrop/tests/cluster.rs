@@ -299,7 +299,7 @@ fn spawn_clients(
     finish: &zerodrop_testkit::roam::Finish,
 ) -> Vec<tokio::task::JoinHandle<Tally>> {
     // One subject per roamer: together they are more sessions than one subject may hold
-    // (`--max-sessions-per-subject`, 100 by default).
+    // (`--max-sessions-per-subject`, which a deployment may set as low as 100).
     let tok = |k: usize| c.token(&format!("roamer-{k}"), &["load:*"]);
     let n = streams.len();
     let deadline = Duration::from_secs(120);
