@@ -150,6 +150,7 @@ impl SqliteStore {
             commits: commits.clone(),
             cache: HashMap::new(),
             last_ts,
+            live_sessions_bound: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
             .name("zerodrop-sqlite-writer".into())

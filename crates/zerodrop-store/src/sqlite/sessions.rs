@@ -15,15 +15,26 @@ use super::writer::{Writer, meta_info};
 use crate::rules::apply_checkpoint;
 use crate::{SessionCap, SessionRecord, SessionStream, StoreError, StoreResult};
 
+/// Subjects whose session bound the writer keeps at most (a few MB).
+const MAX_BOUNDS_KEPT: usize = 100_000;
+
 impl Writer {
     /// Counted and written by the single writer inside its transaction: no other session can
     /// be created between the count and the insert.
+    ///
+    /// Counting a subject's sessions costs a scan of them, which a subject that many clients
+    /// share (thousands of sessions) cannot pay on every connect. So the writer keeps an upper
+    /// bound per subject (`live_sessions_bound`: this process is the file's only writer, and
+    /// only a creation adds a live session): below the cap the bound admits at once; at the
+    /// cap the subject is counted exactly, and only the exact count refuses. A batch that
+    /// rolls back leaves the bound high, never low.
     pub(super) fn create_session(
         &mut self,
         s: &SessionRecord,
         cap: SessionCap,
     ) -> rusqlite::Result<StoreResult<()>> {
-        if cap != SessionCap::NONE {
+        let bound = self.live_sessions_bound.get(&s.sub).copied();
+        if cap != SessionCap::NONE && bound.is_none_or(|b| cap.check(b, 0, 0).is_err()) {
             let now = now_ms();
             // `expires_ms > now` is `SessionCap::is_live`, in SQL so that counting is one query.
             let (live, earliest): (i64, Option<i64>) = self
@@ -35,10 +46,19 @@ impl Writer {
                 .query_row(params![s.sub, now as i64, s.id.as_str()], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
+            let live = live.max(0) as u64;
+            if self.live_sessions_bound.len() >= MAX_BOUNDS_KEPT {
+                // Only a cache: a subject dropped from it is counted exactly next time.
+                self.live_sessions_bound.clear();
+            }
+            self.live_sessions_bound.insert(s.sub.clone(), live);
             let earliest = earliest.map_or(now, |e| e.max(0) as u64);
-            if let Err(e) = cap.check(live.max(0) as u64, earliest, now) {
+            if let Err(e) = cap.check(live, earliest, now) {
                 return Ok(Err(e));
             }
+        }
+        if let Some(b) = self.live_sessions_bound.get_mut(&s.sub) {
+            *b += 1;
         }
         let grants = serde_json::to_string(&s.grants).unwrap_or_else(|_| "{}".into());
         self.conn

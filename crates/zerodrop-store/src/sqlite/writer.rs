@@ -99,6 +99,10 @@ pub(super) struct Writer {
     pub(super) commits: Arc<AtomicU64>,
     pub(super) cache: HashMap<StreamId, Meta>,
     pub(super) last_ts: u64,
+    /// Per subject, an upper bound on its live sessions (see `create_session`): sessions
+    /// created since an exact count are added, none is ever taken off, so the bound only
+    /// errs high. A subject absent here is counted exactly when its cap is next checked.
+    pub(super) live_sessions_bound: HashMap<String, u64>,
 }
 
 /// A reply to send once the batch's fate is known.
