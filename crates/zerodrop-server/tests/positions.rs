@@ -411,17 +411,7 @@ async fn a_hole_is_counted_once_and_leaves_the_session_only_on_a_socket() {
     for i in 1..=20 {
         api.publish("room:1", json!(i)).await;
     }
-    let reconnect = || {
-        let (api, sid, token) = (api.clone(), sid.clone(), token.clone());
-        async move {
-            api.post(
-                &format!("/v1/sessions/{sid}/reconnect"),
-                None,
-                json!({"resumeToken": token}),
-            )
-            .await
-        }
-    };
+    let reconnect = || api.reconnect(&sid, &token);
     let r = reconnect().await;
     assert_eq!(
         r.json["replay"]["room:1"]["error"]["code"], "REPLAY_WINDOW_TRIMMED",

@@ -683,13 +683,7 @@ async fn a_subject_holds_at_most_its_cap_of_live_sessions() {
     // A held session resumes at the cap, over HTTP and WebSocket.
     let sid = held[0]["sessionId"].as_str().unwrap();
     let token = held[0]["resumeToken"].as_str().unwrap();
-    let r = api
-        .post(
-            &format!("/v1/sessions/{sid}/reconnect"),
-            None,
-            json!({"resumeToken": token}),
-        )
-        .await;
+    let r = api.reconnect(sid, token).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let resume_url = format!("{}/v1/ws?resume={token}", s.ws_url());
     let mut resumed = zerodrop_testkit::ws::WsClient::connect(&resume_url)

@@ -85,6 +85,16 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/sessions/{sid}/reconnect` with `resume_token` and nothing else in the body.
+    pub async fn reconnect(&self, sid: &str, resume_token: &str) -> Resp {
+        self.post(
+            &format!("/v1/sessions/{sid}/reconnect"),
+            None,
+            serde_json::json!({"resumeToken": resume_token}),
+        )
+        .await
+    }
+
     /// Publishes `data` with the api key; panics unless it is stored (201).
     pub async fn publish(&self, stream: &str, data: Value) -> Value {
         let r = self.try_publish(stream, data).await;
