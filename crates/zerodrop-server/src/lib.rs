@@ -5,14 +5,15 @@
 //! [`live::Hub`] (fan-out in front of the log). [`conn`] accepts and times HTTP/1.1
 //! connections, [`stall`] lets go of those whose client stopped reading, [`body`] reads
 //! request bodies to their end; [`http`], [`ws`] and [`sse`] are thin transports over the
-//! app; [`metrics`] records every figure; [`drain`] takes an instance out of service without
-//! dropping anything.
+//! app (`ws` and `sse` over one connection core, `connection.rs`); [`metrics`] records every
+//! figure; [`drain`] takes an instance out of service without dropping anything.
 
 pub mod app;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod conn;
+pub(crate) mod connection;
 pub mod drain;
 pub mod error;
 pub mod guard;

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -28,20 +28,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::watch;
-use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
+use zerodrop_core::{Epoch, Grants, Seq, StreamId};
 use zerodrop_store::SessionRecord;
 
-use crate::app::{App, Asker, ConnSlot, Placement, Position};
+use crate::app::{App, Asker, Hole, Placement, Position, StreamStart};
 use crate::auth::bearer;
-use crate::drain::DrainPhase;
+use crate::connection::{Core, Exit, Ready, Wire};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{Query, StreamPath};
-use crate::live::{Fault, Signal, Subscription};
+use crate::live::Delivery;
 use crate::metrics::Transport;
 
 const PING_EVERY: Duration = Duration::from_secs(15);
-const MAX_EVENTS_PER_CHUNK: usize = 512;
 
 #[derive(Deserialize)]
 pub struct SseQuery {
@@ -81,16 +79,19 @@ fn parse_last_event_id(headers: &HeaderMap) -> ApiResult<Option<(Option<Epoch>, 
 }
 
 /// `event: reset` for a hole: the same code and facts as the hole's error on every other
-/// transport (`headSeq` when known).
-fn reset_block(code: ErrorCode, epoch: &Epoch, first: Seq, head: Option<Seq>) -> Bytes {
-    let mut data = json!({"code": code.as_str(), "epoch": epoch, "firstAvailableSeq": first});
-    if let Some(h) = head {
-        data["headSeq"] = json!(h);
-    }
+/// transport. Its id is the position a reconnect goes on from: before the oldest retained
+/// event, in the current epoch.
+fn reset_block(hole: &Hole) -> Bytes {
+    let data = json!({
+        "code": hole.code.as_str(),
+        "epoch": hole.epoch,
+        "firstAvailableSeq": hole.first_available,
+        "headSeq": hole.head,
+    });
     Bytes::from(format!(
         "id: {}:{}\nevent: reset\ndata: {}\n\n",
-        epoch,
-        first.0.saturating_sub(1),
+        hole.epoch,
+        hole.restart_after().0,
         data
     ))
 }
@@ -150,51 +151,28 @@ async fn open(
                 app.restart_in_session(&s.id, &h).await;
             }
             app.metrics.error(h.code);
-            first_chunk.push(reset_block(
-                h.code,
-                &h.epoch,
-                h.first_available,
-                Some(h.head),
-            ));
+            first_chunk.push(reset_block(&h));
             (h.epoch.clone(), h.restart_after(), h.head)
         }
     };
     if resuming {
         app.metrics.resume_succeeded(Transport::Sse);
     }
-    let signal = Signal::new();
-    let mut sub = app.hub.subscribe(
-        stream.clone(),
-        epoch,
-        after,
-        signal.clone(),
-        session.as_ref().map(|s| s.id.clone()),
-    );
-    sub.set_replay_until(head);
-    signal.wake();
-    let mut drain_rx = app.drain.watch();
-    let fraction = rand_fraction();
-    let drain_at = drain_rx.borrow_and_update().deadline_for(fraction);
+    let mut core = Core::new(app, Transport::Sse, slot, PING_EVERY);
+    if let Some(s) = session {
+        // SSE does not hold the session: a `?resume=` reconnect is a new response, and the
+        // old one ends when its client goes.
+        core.adopt(s.id, s.sub, s.grants, false);
+    }
+    core.subscribe(stream.clone(), &StreamStart { epoch, after, head });
+    core.log_opened(Some(&stream));
     let state = SseConn {
-        conn: app.register_connection(&signal),
-        session: session.map(|s| s.id.to_string()),
-        fraction,
-        drain_at,
-        app,
-        stream,
-        sub,
-        signal,
-        pending: first_chunk.into(),
-        ping_at: Instant::now() + PING_EVERY,
-        drain_rx,
-        retry_at: None,
-        opened: Instant::now(),
-        delivered: 0,
-        _slot: slot,
+        core,
+        wire: SseWire {
+            pending: first_chunk.into(),
+            chunk: Vec::new(),
+        },
     };
-    state.app.metrics.connection_opened(Transport::Sse);
-    tracing::info!(conn = state.conn, transport = "sse", stream = %state.stream,
-        session = state.session.as_deref().unwrap_or(""), "connection opened");
     let body = futures_util::stream::unfold(state, |mut st| async move {
         st.next_chunk()
             .await
@@ -212,158 +190,80 @@ async fn open(
     Ok(res)
 }
 
-fn rand_fraction() -> f64 {
-    let b = zerodrop_core::random_bytes::<8>();
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+/// The response body, as the core's [`Wire`]: what the core says is queued as chunks that
+/// hyper pulls as it can write them.
+struct SseWire {
+    pending: VecDeque<Bytes>,
+    /// Events of the current delivery, sent as one chunk.
+    chunk: Vec<u8>,
+}
+
+impl Wire for SseWire {
+    async fn event(&mut self, d: &Delivery) -> Result<(), Exit> {
+        self.chunk.extend_from_slice(&d.sse_block());
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Exit> {
+        if !self.chunk.is_empty() {
+            self.pending
+                .push_back(Bytes::from(std::mem::take(&mut self.chunk)));
+        }
+        Ok(())
+    }
+
+    /// One stream per connection: after the `reset`, it goes on from the oldest retained
+    /// event.
+    fn goes_on_after_hole(&self) -> bool {
+        true
+    }
+
+    async fn hole(&mut self, hole: &Hole) -> Result<(), Exit> {
+        self.flush().await?;
+        self.pending.push_back(reset_block(hole));
+        Ok(())
+    }
+
+    /// A comment: keeps proxies from timing the response out; nothing comes back.
+    async fn ping(&mut self) -> Result<bool, Exit> {
+        self.pending.push_back(Bytes::from_static(b": ping\n\n"));
+        Ok(false)
+    }
+
+    /// `EventSource` resumes with `Last-Event-ID` (and the `?resume=` it was opened with).
+    async fn token(&mut self, _resume_token: String) -> Result<(), Exit> {
+        Ok(())
+    }
+
+    /// The response ends; the browser reconnects (elsewhere) with its `Last-Event-ID`.
+    async fn drain(&mut self, _resume_token: Option<String>) -> Exit {
+        Exit::Gone("draining")
+    }
 }
 
 struct SseConn {
-    app: Arc<App>,
-    conn: u64,
-    stream: StreamId,
-    session: Option<String>,
-    sub: Subscription,
-    signal: Arc<Signal>,
-    pending: VecDeque<Bytes>,
-    ping_at: Instant,
-    drain_rx: watch::Receiver<DrainPhase>,
-    fraction: f64,
-    drain_at: Option<Instant>,
-    retry_at: Option<Instant>,
-    opened: Instant,
-    delivered: u64,
-    _slot: ConnSlot,
+    core: Core,
+    wire: SseWire,
 }
 
 impl SseConn {
     /// The next bytes to send, or `None` to end the response.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
-            if let Some(b) = self.pending.pop_front() {
+            if let Some(b) = self.wire.pending.pop_front() {
                 return Some(b);
             }
-            let next = [Some(self.ping_at), self.drain_at, self.retry_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(self.ping_at);
-            tokio::select! {
-                biased;
-                _ = self.signal.woken() => {
-                    self.signal.take();
-                    if self.drain_rx.has_changed().unwrap_or(false) {
-                        self.drain_at = self.drain_rx.borrow_and_update().deadline_for(self.fraction);
-                    }
-                    self.pull().await;
-                }
-                _ = tokio::time::sleep_until(next.into()) => {
-                    let now = Instant::now();
-                    if self.drain_at.is_some_and(|t| t <= now) {
-                        return None;
-                    }
-                    if self.retry_at.is_some_and(|t| t <= now) {
-                        self.retry_at = None;
-                        self.signal.wake();
-                    }
-                    if self.ping_at <= now {
-                        self.ping_at = now + PING_EVERY;
-                        return Some(Bytes::from_static(b": ping\n\n"));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn pull(&mut self) {
-        let mut buf = Vec::new();
-        match self
-            .app
-            .pull(&mut self.sub, MAX_EVENTS_PER_CHUNK, &mut buf)
-            .await
-        {
-            Ok(replayed) => {
-                if buf.is_empty() {
-                    return;
-                }
-                let mut chunk =
-                    Vec::with_capacity(buf.iter().map(|d| d.event.json().len() + 64).sum());
-                let mut oldest: Option<Instant> = None;
-                for d in &buf {
-                    chunk.extend_from_slice(&d.sse_block());
-                    if let Some(at) = d.event.committed_at() {
-                        oldest = Some(oldest.map_or(at, |o| o.min(at)));
-                    }
-                }
-                let n = buf.len() as u64;
-                self.delivered += n;
-                self.app.metrics.delivered(n);
-                self.app.metrics.replayed(replayed as u64);
-                if let Some(at) = oldest {
-                    self.app.metrics.publish_to_deliver(at.elapsed());
-                }
-                self.pending.push_back(Bytes::from(chunk));
-                // One pull may stop short of everything that is ready (catch-up reads are
-                // bounded): look again after this chunk is sent; an empty look ends it.
-                self.signal.wake();
-            }
-            Err(Fault::Store(e)) => {
-                tracing::debug!(error = %e, "sse catch-up read failed; will retry");
-                self.retry_at = Some(Instant::now() + Duration::from_millis(500));
-            }
-            Err(Fault::Trimmed { newly_dropped, .. }) => {
-                self.app.metrics.dropped(newly_dropped);
-                self.restart(ErrorCode::ReplayWindowTrimmed).await;
-            }
-            Err(Fault::EpochChanged { .. }) => self.restart(ErrorCode::EpochChanged).await,
-        }
-    }
-
-    /// Tells the client about the hole and goes on from the oldest retained event.
-    async fn restart(&mut self, code: ErrorCode) {
-        match self.app.stream_info(&self.stream).await {
-            Ok(info) => {
-                self.app.metrics.error(code);
-                self.pending.push_back(reset_block(
-                    code,
-                    &info.epoch,
-                    info.first_seq,
-                    Some(info.head),
-                ));
-                let after = Seq(info.first_seq.0.saturating_sub(1));
-                let mut sub = self.app.hub.subscribe(
-                    self.stream.clone(),
-                    info.epoch,
-                    after,
-                    self.signal.clone(),
-                    self.session.as_deref().and_then(SessionId::parse),
-                );
-                sub.set_replay_until(info.head);
-                self.sub = sub;
-                self.signal.wake();
-            }
-            Err(_) => self.retry_at = Some(Instant::now() + Duration::from_millis(500)),
-        }
-    }
-}
-
-impl Drop for SseConn {
-    fn drop(&mut self) {
-        self.app.unregister_connection(self.conn);
-        self.app.metrics.connection_closed(Transport::Sse);
-        tracing::info!(
-            conn = self.conn,
-            transport = "sse",
-            stream = %self.stream,
-            session = self.session.as_deref().unwrap_or(""),
-            duration_ms = self.opened.elapsed().as_millis() as u64,
-            delivered = self.delivered,
-            "connection closed"
-        );
-        if let Some(sid) = self.session.as_deref().and_then(SessionId::parse) {
-            let app = self.app.clone();
-            // The reconnect window starts now.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { app.touch(&sid).await });
+            let turn = match self.core.ready().await {
+                Ready::Wake => self.core.on_wake(&mut self.wire).await,
+                Ready::Timer => self.core.on_timer(&mut self.wire).await,
+            };
+            if let Err(exit) = turn {
+                let reason = match exit {
+                    Exit::Gone(r) => r,
+                    Exit::Close { reason, .. } => reason,
+                };
+                self.core.close(None, reason).await;
+                return None;
             }
         }
     }

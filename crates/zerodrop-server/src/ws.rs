@@ -1,15 +1,14 @@
 //! The WebSocket transport (SPEC §4): one task per connection.
 //!
-//! The task owns the socket and a [`Subscription`] per stream. It sleeps until something
-//! happens: a client frame, a wake from the hub (new durable events), a ping tick, an ack
-//! flush, a token refresh, a drain deadline or a takeover by a newer connection. On a wake it
-//! pulls everything after each cursor and writes the frames in one flush, so a burst of events
-//! costs one syscall per subscriber, not one per event.
-//!
-//! Client frames are decoded as `zerodrop_core::frames::ClientFrame` (the types the Rust SDK
-//! encodes with), and each variant has its own handler (`on_subscribe`, `on_ack`, …); what the
+//! The task owns the socket and a connection `Core` (subscriptions, the budgeted pull loop,
+//! holes, ping, token refresh, drain, takeover; see `connection.rs`). It sleeps until
+//! something happens: a client frame, or the core's doorbell or timer. This module is the
+//! WebSocket `Wire` (how events, holes, pings, tokens and a drain look as frames) and the
+//! client frames: decoded as `zerodrop_core::frames::ClientFrame` (the types the Rust SDK
+//! encodes with), each variant with its own handler (`on_subscribe`, `on_ack`, …). What the
 //! server says goes out as a `ServerFrame`, but for events, whose frame was built once at
-//! append and is shared by every subscriber.
+//! append and is shared by every subscriber; a burst of events costs one flush per
+//! subscriber, not one per event.
 //!
 //! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
@@ -21,7 +20,7 @@
 //! frame can be written within `CLOSE_WRITE` (it rarely can: the buffers in front of it are
 //! full); otherwise the TCP connection is dropped. Either way the session stays for a resume.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,7 +34,6 @@ use governor::clock::DefaultClock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::watch;
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::frames::{
     self, Ack, ClientFrame, Ping, Publish, Published, Reconnect, ServerFrame, Subscribe,
@@ -43,12 +41,12 @@ use zerodrop_core::frames::{
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::app::{AckWrite, App, Asker, ConnSlot, Position};
+use crate::app::{AckWrite, App, Asker, ConnSlot, Hole, Position, StreamStart};
 use crate::auth::{ConnectClaims, bearer};
-use crate::drain::DrainPhase;
+use crate::connection::{Core, Exit, Ready, Wire};
 use crate::error::ApiError;
 use crate::http::extract::{Query, Upgrade};
-use crate::live::{Delivery, Fault, Signal, Subscription};
+use crate::live::Delivery;
 use crate::metrics::Transport;
 
 /// Subprotocols this server speaks, newest first (the current one and the previous one).
@@ -56,9 +54,6 @@ pub const PROTOCOLS: &[&str] = &["zerodrop.v2", "zerodrop.v1"];
 
 /// The previous version: every frame keeps its v1 shape (no batched `acks`).
 const V1: &str = "zerodrop.v1";
-/// Most event frames written per wake; the rest follows on the next turn of the loop, after
-/// client frames had their chance.
-const MAX_EVENTS_PER_WRITE: usize = 512;
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a socket the server closes waits for the client's close frame (RFC 6455 §7.1.1).
 /// Dropping the TCP connection while the client's frames are still unread makes the kernel
@@ -68,7 +63,6 @@ pub(crate) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(5);
 /// How long the last frames (an `error`, the close frame) may take to be written; beyond, the
 /// TCP connection is dropped without them. Capped by the stall bound when that is shorter.
 const CLOSE_WRITE: Duration = Duration::from_secs(5);
-const STORE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -154,135 +148,116 @@ fn upgrade(
 /// What woke the connection's loop.
 enum Turn {
     Frame(Option<Result<Message, axum::Error>>),
-    Wake,
-    Timer,
+    Core(Ready),
 }
 
-/// Why the loop ended.
-enum Exit {
-    /// The client closed or the connection broke.
-    Gone(&'static str),
-    /// We close with this code, after sending `error` if given.
-    Close {
-        code: u16,
-        reason: &'static str,
-        error: Option<ApiError>,
-    },
+/// The socket, as the core's [`Wire`].
+struct WsWire {
+    socket: WebSocket,
+    protocol: &'static str,
 }
 
-impl Exit {
-    fn error(e: ApiError) -> Exit {
+impl WsWire {
+    async fn send_frame(&mut self, f: &ServerFrame) -> Result<(), Exit> {
+        self.send_text(f.to_json()).await
+    }
+
+    async fn send_text(&mut self, s: String) -> Result<(), Exit> {
+        self.socket
+            .send(Message::Text(s.into()))
+            .await
+            .map_err(write_error)
+    }
+}
+
+impl Wire for WsWire {
+    async fn event(&mut self, d: &Delivery) -> Result<(), Exit> {
+        self.socket
+            .feed(Message::Text(d.ws_frame()))
+            .await
+            .map_err(write_error)
+    }
+
+    async fn flush(&mut self) -> Result<(), Exit> {
+        self.socket.flush().await.map_err(write_error)
+    }
+
+    /// A hole is a stream-level `error`; the stream leaves the session and the client
+    /// subscribes again once it has resynced.
+    fn goes_on_after_hole(&self) -> bool {
+        false
+    }
+
+    async fn hole(&mut self, hole: &Hole) -> Result<(), Exit> {
+        self.send_text(hole.error().frame()).await
+    }
+
+    async fn ping(&mut self) -> Result<bool, Exit> {
+        self.send_frame(&ServerFrame::Ping(Ping {
+            t: Some(frames::raw(now_ms().to_string())),
+        }))
+        .await?;
+        Ok(true)
+    }
+
+    async fn token(&mut self, resume_token: String) -> Result<(), Exit> {
+        self.send_frame(&ServerFrame::Token(Token { resume_token }))
+            .await
+    }
+
+    /// `reconnect` with a fresh resume token, then close 1012.
+    async fn drain(&mut self, resume_token: Option<String>) -> Exit {
+        if let Some(resume_token) = resume_token {
+            let frame = ServerFrame::Reconnect(Reconnect {
+                reason: "draining".into(),
+                resume_token,
+                retry_after_ms: 0,
+            });
+            if let Err(exit) = self.send_frame(&frame).await {
+                return exit;
+            }
+        }
         Exit::Close {
-            code: e.code.close_code(),
-            reason: e.code.as_str(),
-            error: Some(e),
+            code: 1012,
+            reason: "DRAINING",
+            error: None,
         }
     }
 }
 
-struct Session {
-    id: SessionId,
-    sub: String,
-    grants: Grants,
-}
-
 struct Conn {
-    app: Arc<App>,
-    socket: WebSocket,
-    id: u64,
-    protocol: &'static str,
-    signal: Arc<Signal>,
-    session: Option<Session>,
-    subs: Vec<Subscription>,
-    /// Per subscribed stream, the ack as applied (written behind by `App::acks`).
-    acks: HashMap<StreamId, Seq>,
-    ping_outstanding: Option<(u64, Instant)>,
-    missed_pings: u8,
+    core: Core,
+    wire: WsWire,
     limiter: DefaultDirectRateLimiter,
     last_limit_notice: Option<Instant>,
-    drain_rx: watch::Receiver<DrainPhase>,
-    drain_fraction: f64,
-    timers: Timers,
-    buf: Vec<Arc<Delivery>>,
-    opened: Instant,
-    delivered: u64,
-    _slot: ConnSlot,
-}
-
-/// Everything a connection must do at a given moment; one timer serves them all.
-struct Timers {
-    ping: Instant,
-    refresh: Instant,
-    drain: Option<Instant>,
-    retry: Option<Instant>,
-}
-
-impl Timers {
-    fn next(&self) -> Instant {
-        [Some(self.ping), Some(self.refresh), self.drain, self.retry]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.ping)
-    }
 }
 
 impl Conn {
     fn new(app: Arc<App>, socket: WebSocket, protocol: &'static str, slot: ConnSlot) -> Conn {
         let per_sec = NonZeroU32::new(app.cfg.ws_frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = per_sec.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let mut drain_rx = app.drain.watch();
-        let signal = Signal::new();
-        let id = app.register_connection(&signal);
-        // Spread drain reconnects evenly, whatever the id pattern.
-        let drain_fraction =
-            (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-        let now = Instant::now();
-        let timers = Timers {
-            ping: now + Duration::from_secs(app.cfg.ping_interval_sec),
-            refresh: now + refresh_every(&app),
-            drain: drain_rx.borrow_and_update().deadline_for(drain_fraction),
-            retry: None,
-        };
+        let ping_every = Duration::from_secs(app.cfg.ping_interval_sec);
         Conn {
-            socket,
-            id,
-            protocol,
-            signal,
-            session: None,
-            subs: Vec::new(),
-            acks: HashMap::new(),
-            ping_outstanding: None,
-            missed_pings: 0,
+            core: Core::new(app, Transport::Ws, slot, ping_every),
+            wire: WsWire { socket, protocol },
             limiter: RateLimiter::direct_with_clock(
                 Quota::per_second(per_sec).allow_burst(burst),
                 limiter_clock(),
             ),
             last_limit_notice: None,
-            drain_rx,
-            drain_fraction,
-            timers,
-            buf: Vec::new(),
-            opened: now,
-            delivered: 0,
-            _slot: slot,
-            app,
         }
     }
 
+    fn app(&self) -> &Arc<App> {
+        &self.core.app
+    }
+
     async fn run(&mut self, start: Start) {
-        self.app.metrics.connection_opened(Transport::Ws);
         // Start and finish are boxed: they need more state than the long wait in `serve`, and
         // an idle connection should carry only what waiting needs.
         let exit = match Box::pin(self.begin(start)).await {
             Ok(()) => {
-                tracing::info!(
-                    conn = self.id,
-                    transport = "ws",
-                    session = %self.sid_str(),
-                    sub = self.session.as_ref().map(|s| s.sub.as_str()).unwrap_or(""),
-                    "connection opened"
-                );
+                self.core.log_opened(None);
                 match self.serve().await {
                     Ok(()) => Exit::Gone("ended"),
                     Err(exit) => exit,
@@ -305,15 +280,15 @@ impl Conn {
         } = exit
         {
             if let Some(e) = &error {
-                self.app.metrics.error(e.code);
+                self.app().metrics.error(e.code);
             }
             let frame = CloseFrame {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
             // Bounded: a client that does not read must not hold the socket for the close.
-            let bound = CLOSE_WRITE.min(self.app.cfg.write_stall());
-            let socket = &mut self.socket;
+            let bound = CLOSE_WRITE.min(self.app().cfg.write_stall());
+            let socket = &mut self.wire.socket;
             let closed = tokio::time::timeout(bound, async move {
                 if let Some(e) = error {
                     let _ = socket.send(Message::Text(e.frame().into())).await;
@@ -325,24 +300,7 @@ impl Conn {
                 self.await_close_reply().await;
             }
         }
-        self.flush_acks().await;
-        if let Some(s) = &self.session {
-            let (app, sid) = (self.app.clone(), s.id.clone());
-            app.touch(&sid).await;
-            app.release_session(&sid, self.id);
-        }
-        self.app.unregister_connection(self.id);
-        self.app.metrics.connection_closed(Transport::Ws);
-        tracing::info!(
-            conn = self.id,
-            transport = "ws",
-            session = %self.sid_str(),
-            close_code = code,
-            reason,
-            duration_ms = self.opened.elapsed().as_millis() as u64,
-            delivered = self.delivered,
-            "connection closed"
-        );
+        self.core.close(code, reason).await;
     }
 
     /// Reads (and discards) what the client still sends until its close frame, its end of the
@@ -351,39 +309,28 @@ impl Conn {
     async fn await_close_reply(&mut self) {
         let until = tokio::time::Instant::now() + CLOSE_HANDSHAKE;
         loop {
-            match tokio::time::timeout_at(until, self.socket.recv()).await {
+            match tokio::time::timeout_at(until, self.wire.socket.recv()).await {
                 Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
                 Ok(Some(Ok(_))) => {}
             }
         }
     }
 
-    fn sid_str(&self) -> &str {
-        self.session.as_ref().map(|s| s.id.as_str()).unwrap_or("")
-    }
-
     async fn send_frame(&mut self, f: &ServerFrame) -> Result<(), Exit> {
-        self.send_text(f.to_json()).await
-    }
-
-    async fn send_text(&mut self, s: String) -> Result<(), Exit> {
-        self.socket
-            .send(Message::Text(s.into()))
-            .await
-            .map_err(write_error)
+        self.wire.send_frame(f).await
     }
 
     /// A stream-level error: the socket stays open.
     async fn send_error(&mut self, e: ApiError) -> Result<(), Exit> {
-        self.app.metrics.error(e.code);
-        self.send_text(e.frame()).await
+        self.app().metrics.error(e.code);
+        self.wire.send_text(e.frame()).await
     }
 
     async fn begin(&mut self, start: Start) -> Result<(), Exit> {
         match start {
             Start::Connect(claims) => {
                 let (rec, _) = self
-                    .app
+                    .app()
                     .open_session(&claims.sub, claims.grants(), &[])
                     .await
                     .map_err(Exit::error)?;
@@ -391,7 +338,8 @@ impl Conn {
             }
             Start::Resume(token) => self.resume(&token, BTreeMap::new()).await,
             Start::AwaitResume => {
-                let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.socket.recv()).await;
+                let first =
+                    tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.wire.socket.recv()).await;
                 let text = match first {
                     Err(_) => {
                         return Err(Exit::error(ApiError::unauthorized(
@@ -421,23 +369,23 @@ impl Conn {
 
     /// Becomes the session's connection and says `welcome`.
     async fn adopt(&mut self, id: SessionId, sub: String, grants: Grants) -> Result<(), Exit> {
-        self.app.hold_session(&id, self.id, &self.signal);
-        let token = self.app.mint_token(&id, &sub);
+        let session_id = id.as_str().to_string();
+        self.core.adopt(id, sub, grants, true);
+        let app = self.app();
         let welcome = ServerFrame::Welcome(Welcome {
-            session_id: id.as_str().to_string(),
-            resume_token: token,
-            reconnect_window_sec: self.app.cfg.reconnect_window_sec,
-            instance: self.app.instance.clone(),
-            protocol: self.protocol.to_string(),
+            session_id,
+            resume_token: self.core.mint().unwrap_or_default(),
+            reconnect_window_sec: app.cfg.reconnect_window_sec,
+            instance: app.instance.clone(),
+            protocol: self.wire.protocol.to_string(),
         });
-        self.session = Some(Session { id, sub, grants });
         self.send_frame(&welcome).await
     }
 
     async fn resume(&mut self, token: &str, last_ack: BTreeMap<String, u64>) -> Result<(), Exit> {
-        self.app.metrics.ws_reconnect_attempt();
-        let session = self
-            .app
+        let app = self.app().clone();
+        app.metrics.ws_reconnect_attempt();
+        let session = app
             .resume(token, None, Transport::Ws)
             .await
             .map_err(Exit::error)?;
@@ -447,11 +395,10 @@ impl Conn {
             session.grants.clone(),
         )
         .await?;
-        self.app.metrics.resume_succeeded(Transport::Ws);
+        app.metrics.resume_succeeded(Transport::Ws);
         for (stream, st) in &session.streams {
             let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
-            match self
-                .app
+            match app
                 .stream_start(
                     Asker::Connection(&session),
                     stream,
@@ -462,9 +409,8 @@ impl Conn {
             {
                 Ok(start) => {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
-                    self.acks.insert(stream.clone(), acked);
-                    self.start_sub(stream.clone(), start.epoch, start.after, start.head)
-                        .await?;
+                    self.core.acks.insert(stream.clone(), acked);
+                    self.start_sub(stream.clone(), start).await?;
                 }
                 // A hole has already left the session (`App::place`).
                 Err(e) => self.send_error(e).await?,
@@ -473,66 +419,47 @@ impl Conn {
         Ok(())
     }
 
-    async fn start_sub(
-        &mut self,
-        stream: StreamId,
-        epoch: Epoch,
-        after: Seq,
-        head: Seq,
-    ) -> Result<(), Exit> {
-        self.subs.retain(|s| s.stream != stream);
-        let session = self.session.as_ref().map(|s| s.id.clone());
-        let mut sub = self.app.hub.subscribe(
-            stream.clone(),
-            epoch.clone(),
-            after,
-            self.signal.clone(),
-            session,
-        );
-        sub.set_replay_until(head);
-        self.subs.push(sub);
-        self.signal.wake();
+    async fn start_sub(&mut self, stream: StreamId, start: StreamStart) -> Result<(), Exit> {
+        self.core.subscribe(stream.clone(), &start);
         self.send_frame(&ServerFrame::Subscribed(Subscribed {
             stream: stream.as_str().to_string(),
-            epoch: epoch.as_str().to_string(),
-            head_seq: head.0,
-            from_seq: after.0 + 1,
+            epoch: start.epoch.as_str().to_string(),
+            head_seq: start.head.0,
+            from_seq: start.after.0 + 1,
         }))
         .await
     }
 
     async fn serve(&mut self) -> Result<(), Exit> {
-        let timer = tokio::time::sleep_until(self.timers.next().into());
-        tokio::pin!(timer);
         let mut turn: u32 = 0;
         loop {
-            // A timer that is due runs first: under a steady flow of events the doorbell is
-            // always ready, and a drain, a ping or a token refresh must not wait for a lull.
-            if self.timers.next() <= Instant::now() {
-                self.on_timer().await?;
+            // A deadline that has passed runs first: under a steady flow of events the
+            // doorbell is always ready, and a drain, a ping or a token refresh must not wait
+            // for a lull.
+            if self.core.due() {
+                self.core.on_timer(&mut self.wire).await?;
             }
-            // The doorbell is looked at first, so a wake-up does not also pay for a read
-            // attempt; every eighth turn the socket goes first, so a busy stream can never
-            // starve the client's frames (pongs, acks).
+            // The core (doorbell, timer) is looked at first, so a wake-up does not also pay
+            // for a read attempt; every eighth turn the socket goes first, so a busy stream
+            // can never starve the client's frames (pongs, acks).
             turn = turn.wrapping_add(1);
+            let (core, socket) = (&mut self.core, &mut self.wire.socket);
             let ev = if turn.is_multiple_of(8) {
                 tokio::select! {
                     biased;
-                    m = self.socket.recv() => Turn::Frame(m),
-                    _ = self.signal.woken() => Turn::Wake,
-                    _ = &mut timer => Turn::Timer,
+                    m = socket.recv() => Turn::Frame(m),
+                    r = core.ready() => Turn::Core(r),
                 }
             } else {
                 tokio::select! {
                     biased;
-                    _ = self.signal.woken() => Turn::Wake,
-                    m = self.socket.recv() => Turn::Frame(m),
-                    _ = &mut timer => Turn::Timer,
+                    r = core.ready() => Turn::Core(r),
+                    m = socket.recv() => Turn::Frame(m),
                 }
             };
             match ev {
-                Turn::Wake => self.on_wake().await?,
-                Turn::Timer => self.on_timer().await?,
+                Turn::Core(Ready::Wake) => self.core.on_wake(&mut self.wire).await?,
+                Turn::Core(Ready::Timer) => self.core.on_timer(&mut self.wire).await?,
                 Turn::Frame(msg) => match msg {
                     None => return Err(Exit::Gone("client closed")),
                     Some(Err(e)) => return Err(read_error(e)),
@@ -547,188 +474,7 @@ impl Conn {
                     Some(Ok(_)) => {}
                 },
             }
-            let next = tokio::time::Instant::from_std(self.timers.next());
-            if timer.deadline() != next {
-                timer.as_mut().reset(next);
-            }
         }
-    }
-
-    /// The doorbell rang: new events, a drain phase change, or a takeover.
-    async fn on_wake(&mut self) -> Result<(), Exit> {
-        self.signal.take();
-        if self.signal.is_kicked() {
-            return Err(Exit::error(ApiError::new(
-                ErrorCode::SessionTakenOver,
-                "a newer connection resumed this session",
-            )));
-        }
-        if self.drain_rx.has_changed().unwrap_or(false) {
-            let phase = *self.drain_rx.borrow_and_update();
-            self.timers.drain = phase.deadline_for(self.drain_fraction);
-        }
-        self.deliver().await
-    }
-
-    async fn on_timer(&mut self) -> Result<(), Exit> {
-        let now = Instant::now();
-        if self.timers.drain.is_some_and(|t| t <= now) {
-            return self.drain_out().await;
-        }
-        if self.timers.retry.is_some_and(|t| t <= now) {
-            self.timers.retry = None;
-            self.signal.wake();
-        }
-        if self.timers.ping <= now {
-            self.timers.ping = now + Duration::from_secs(self.app.cfg.ping_interval_sec);
-            self.ping().await?;
-        }
-        if self.timers.refresh <= now {
-            self.timers.refresh = now + refresh_every(&self.app);
-            self.refresh_token().await?;
-        }
-        Ok(())
-    }
-
-    async fn drain_out(&mut self) -> Result<(), Exit> {
-        if let Some(s) = &self.session {
-            let token = self.app.mint_token(&s.id, &s.sub);
-            self.send_frame(&ServerFrame::Reconnect(Reconnect {
-                reason: "draining".into(),
-                resume_token: token,
-                retry_after_ms: 0,
-            }))
-            .await?;
-        }
-        Err(Exit::Close {
-            code: 1012,
-            reason: "DRAINING",
-            error: None,
-        })
-    }
-
-    async fn ping(&mut self) -> Result<(), Exit> {
-        if self.ping_outstanding.is_some() {
-            self.missed_pings += 1;
-            if self.missed_pings >= 2 {
-                return Err(Exit::error(ApiError::new(
-                    ErrorCode::PingTimeout,
-                    "two pings went unanswered",
-                )));
-            }
-        }
-        let t = now_ms();
-        self.ping_outstanding = Some((t, Instant::now()));
-        self.send_frame(&ServerFrame::Ping(Ping {
-            t: Some(frames::raw(t.to_string())),
-        }))
-        .await
-    }
-
-    async fn refresh_token(&mut self) -> Result<(), Exit> {
-        let Some(s) = &self.session else {
-            return Ok(());
-        };
-        let (id, token) = (s.id.clone(), self.app.mint_token(&s.id, &s.sub));
-        self.app.touch(&id).await;
-        self.send_frame(&ServerFrame::Token(Token {
-            resume_token: token,
-        }))
-        .await
-    }
-
-    /// Writes whatever is new after every cursor, in one flush.
-    async fn deliver(&mut self) -> Result<(), Exit> {
-        let mut budget = MAX_EVENTS_PER_WRITE;
-        let mut frames = 0u64;
-        let mut oldest: Option<Instant> = None;
-        let mut faults = Vec::new();
-        for i in 0..self.subs.len() {
-            // Pull until this cursor is caught up (an empty pull) or the budget is spent: one
-            // pull may stop short of everything that is ready (a catch-up read is bounded).
-            while budget > 0 {
-                self.buf.clear();
-                match self
-                    .app
-                    .pull(&mut self.subs[i], budget, &mut self.buf)
-                    .await
-                {
-                    Ok(replayed) => {
-                        if replayed > 0 {
-                            self.app.metrics.replayed(replayed as u64);
-                        }
-                        for d in &self.buf {
-                            if let Some(at) = d.event.committed_at() {
-                                oldest = Some(oldest.map_or(at, |o| o.min(at)));
-                            }
-                            self.socket
-                                .feed(Message::Text(d.ws_frame()))
-                                .await
-                                .map_err(write_error)?;
-                        }
-                        let n = self.buf.len();
-                        frames += n as u64;
-                        budget -= n;
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                    Err(f) => {
-                        faults.push((i, f));
-                        break;
-                    }
-                }
-            }
-            if budget == 0 {
-                break;
-            }
-        }
-        if frames > 0 {
-            self.socket.flush().await.map_err(write_error)?;
-            self.delivered += frames;
-            self.app.metrics.delivered(frames);
-            if let Some(at) = oldest {
-                self.app.metrics.publish_to_deliver(at.elapsed());
-            }
-        }
-        for (i, fault) in faults.into_iter().rev() {
-            self.on_fault(i, fault).await?;
-        }
-        if budget == 0 {
-            self.signal.wake();
-        }
-        Ok(())
-    }
-
-    async fn on_fault(&mut self, i: usize, fault: Fault) -> Result<(), Exit> {
-        let stream = self.subs[i].stream.clone();
-        let window_error = match fault {
-            Fault::Store(e) => {
-                // Keep the subscription; look again shortly.
-                tracing::debug!(error = %e, stream = %stream, "catch-up read failed; will retry");
-                self.timers.retry = Some(Instant::now() + STORE_RETRY);
-                return Ok(());
-            }
-            Fault::Trimmed {
-                first_available,
-                newly_dropped,
-            } => {
-                self.app.metrics.dropped(newly_dropped);
-                zerodrop_core::WindowError::Trimmed {
-                    after: self.subs[i].cursor(),
-                    first_available,
-                }
-            }
-            Fault::EpochChanged { current } => zerodrop_core::WindowError::EpochChanged { current },
-        };
-        self.subs.remove(i);
-        self.acks.remove(&stream);
-        if let Some(s) = &self.session {
-            let id = s.id.clone();
-            self.app.hole_under_cursor(&id, &stream).await;
-        }
-        self.send_error(ApiError::window(window_error, stream.as_str()))
-            .await
     }
 
     /// Takes one cell of the frame limiter: `false` when the connection is over its rate (the
@@ -737,7 +483,7 @@ impl Conn {
         if self.limiter.check().is_ok() {
             return Ok(true);
         }
-        self.app.metrics.rate_limited("ws");
+        self.core.app.metrics.rate_limited("ws");
         let now = Instant::now();
         if self
             .last_limit_notice
@@ -761,8 +507,8 @@ impl Conn {
             ClientFrame::Pong(_) => true,
             ClientFrame::Ack(f) => match (&f.acks, f.stream.as_deref(), f.seq) {
                 (None, Some(stream), Some(seq)) => self.may_apply(stream, seq),
-                (Some(acks), None, None) if self.protocol != V1 => {
-                    acks.len() <= self.subs.len()
+                (Some(acks), None, None) if self.wire.protocol != V1 => {
+                    acks.len() <= self.core.subs.len()
                         && acks
                             .iter()
                             .all(|(s, v)| v.as_u64().is_some_and(|seq| self.may_apply(s, seq)))
@@ -776,10 +522,10 @@ impl Conn {
     /// An ack the connection can apply from what it delivered: a subscribed stream, a seq at
     /// most its cursor.
     fn may_apply(&self, stream: &str, seq: u64) -> bool {
-        self.subs
-            .iter()
-            .find(|s| s.stream.as_str() == stream)
-            .is_some_and(|s| Seq(seq) <= s.cursor() && self.acks.contains_key(&s.stream))
+        self.core
+            .cursor(stream)
+            .is_some_and(|cursor| Seq(seq) <= cursor)
+            && self.core.acks.contains_key(stream)
     }
 
     async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
@@ -807,7 +553,10 @@ impl Conn {
             Ok(ClientFrame::Ack(f)) => self.on_ack(f).await,
             Ok(ClientFrame::Publish(f)) => self.on_publish(f).await,
             Ok(ClientFrame::Ping(f)) => self.on_ping(f).await,
-            Ok(ClientFrame::Pong(_)) => self.on_pong(),
+            Ok(ClientFrame::Pong(_)) => {
+                self.core.on_pong();
+                Ok(())
+            }
             Ok(ClientFrame::Resume(_)) => self.on_late_resume().await,
         }
     }
@@ -815,15 +564,6 @@ impl Conn {
     /// A client `ping`: its `t` comes back verbatim.
     async fn on_ping(&mut self, f: Ping) -> Result<(), Exit> {
         self.send_frame(&ServerFrame::Pong(f.echo())).await
-    }
-
-    /// A `pong` answers our outstanding ping.
-    fn on_pong(&mut self) -> Result<(), Exit> {
-        if let Some((_, sent)) = self.ping_outstanding.take() {
-            self.app.metrics.rtt(sent.elapsed());
-        }
-        self.missed_pings = 0;
-        Ok(())
     }
 
     /// `resume` after the socket already holds a session.
@@ -857,15 +597,15 @@ impl Conn {
         let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
-        let Some(session) = &self.session else {
+        let Some(session) = &self.core.session else {
             return Ok(());
         };
         let sid = session.id.clone();
-        let already = self.subs.iter().any(|s| s.stream == stream);
-        if !already && self.subs.len() >= self.app.cfg.max_streams_per_session {
+        let already = self.core.subs.iter().any(|s| s.stream == stream);
+        if !already && self.core.subs.len() >= self.core.app.cfg.max_streams_per_session {
             let e = ApiError::invalid(format!(
                 "a session holds at most {} streams",
-                self.app.cfg.max_streams_per_session
+                self.core.app.cfg.max_streams_per_session
             ))
             .with("stream", stream.as_str());
             return self.send_error(e).await;
@@ -889,6 +629,7 @@ impl Conn {
         };
         let grants = session.grants.clone();
         let start = match self
+            .core
             .app
             .subscribe_stream(&sid, &grants, &stream, position)
             .await
@@ -898,22 +639,20 @@ impl Conn {
             Err(e) if e.code == ErrorCode::SessionNotFound => return Err(Exit::error(e)),
             Err(e) => return self.send_error(e).await,
         };
-        let prev = self.acks.get(&stream).copied().unwrap_or(Seq(0));
-        self.acks.insert(stream.clone(), prev.max(start.after));
-        self.start_sub(stream, start.epoch, start.after, start.head)
-            .await
+        let prev = self.core.acks.get(&stream).copied().unwrap_or(Seq(0));
+        self.core.acks.insert(stream.clone(), prev.max(start.after));
+        self.start_sub(stream, start).await
     }
 
     async fn on_unsubscribe(&mut self, f: Unsubscribe) -> Result<(), Exit> {
         let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
-        self.flush_acks().await;
-        self.subs.retain(|s| s.stream != stream);
-        self.acks.remove(&stream);
-        if let Some(s) = &self.session {
+        self.core.flush_acks().await;
+        self.core.unsubscribe(&stream);
+        if let Some(s) = &self.core.session {
             let id = s.id.clone();
-            if let Err(e) = self.app.unsubscribe_stream(&id, &stream).await {
+            if let Err(e) = self.core.app.unsubscribe_stream(&id, &stream).await {
                 return self.send_error(e).await;
             }
         }
@@ -927,7 +666,7 @@ impl Conn {
         let Some(acks) = f.acks else {
             return self.apply_ack(f.stream, f.seq).await;
         };
-        if self.protocol == V1 {
+        if self.wire.protocol == V1 {
             return self
                 .send_error(ApiError::invalid(
                     "a batched ack (acks) needs the zerodrop.v2 subprotocol; on zerodrop.v1 send one {stream, seq} ack per stream",
@@ -941,7 +680,7 @@ impl Conn {
                 ))
                 .await;
         }
-        let most = self.app.cfg.max_streams_per_session;
+        let most = self.core.app.cfg.max_streams_per_session;
         if acks.len() > most {
             return self
                 .send_error(ApiError::invalid(format!(
@@ -974,22 +713,17 @@ impl Conn {
                 .send_error(ApiError::invalid("ack needs a seq").with("stream", stream.as_str()))
                 .await;
         };
-        let Some(acked) = self.acks.get(&stream).copied() else {
+        let Some(acked) = self.core.acks.get(&stream).copied() else {
             let e = ApiError::invalid("ack for a stream this connection is not subscribed to")
                 .with("stream", stream.as_str());
             return self.send_error(e).await;
         };
         // The head we know without asking the store: what was delivered. Beyond it, ask.
-        let delivered = self
-            .subs
-            .iter()
-            .find(|s| s.stream == stream)
-            .map(|s| s.cursor())
-            .unwrap_or(Seq(0));
+        let delivered = self.core.cursor(stream.as_str()).unwrap_or(Seq(0));
         let head = if seq <= delivered {
             delivered
         } else {
-            match self.app.stream_info(&stream).await {
+            match self.core.app.stream_info(&stream).await {
                 Ok(i) => i.head,
                 Err(e) => {
                     return self
@@ -1000,11 +734,11 @@ impl Conn {
         };
         match checkpoint::apply(acked, seq, head) {
             Ok(u) => {
-                self.app.metrics.checkpoint(u.is_applied());
+                self.core.app.metrics.checkpoint(u.is_applied());
                 if u.is_applied() {
-                    self.acks.insert(stream.clone(), u.last_ack());
-                    if let Some(s) = &self.session {
-                        self.app.acks.record(&s.id, &stream, u.last_ack());
+                    self.core.acks.insert(stream.clone(), u.last_ack());
+                    if let Some(s) = &self.core.session {
+                        self.core.app.acks.record(&s.id, &stream, u.last_ack());
                     }
                 }
                 Ok(())
@@ -1016,21 +750,12 @@ impl Conn {
         }
     }
 
-    /// Writes this session's buffered acks now (before the socket goes, or before a stream
-    /// leaves the session).
-    async fn flush_acks(&mut self) {
-        if let Some(s) = &self.session {
-            let (app, sid) = (self.app.clone(), s.id.clone());
-            app.flush_acks(Some(&sid)).await;
-        }
-    }
-
     async fn on_publish(&mut self, f: Publish) -> Result<(), Exit> {
         let id = f.id.clone().unwrap_or(Value::Null);
         let Some(stream) = self.frame_stream(Some(f.stream)).await? else {
             return Ok(());
         };
-        let Some(session) = &self.session else {
+        let Some(session) = &self.core.session else {
             return Ok(());
         };
         if !session.grants.may_publish(stream.as_str()) {
@@ -1062,6 +787,7 @@ impl Conn {
         };
         let sub = session.sub.clone();
         match self
+            .core
             .app
             .client_publish(stream.clone(), &data, key, &sub)
             .await
@@ -1088,10 +814,6 @@ impl Conn {
 fn limiter_clock() -> DefaultClock {
     static CLOCK: OnceLock<DefaultClock> = OnceLock::new();
     CLOCK.get_or_init(DefaultClock::default).clone()
-}
-
-fn refresh_every(app: &App) -> Duration {
-    Duration::from_secs((app.cfg.reconnect_window_sec / 3).max(1))
 }
 
 /// A failed write. One that made no progress for the stall bound (`stall.rs`) is a client that

@@ -724,10 +724,19 @@ async fn redis_outages_with_and_without_data() {
     );
     let new_epoch = f["epoch"].as_str().unwrap().to_string();
     assert_ne!(new_epoch, epoch);
+    // A hole under a live cursor carries the facts of every other hole: the new epoch, the
+    // oldest retained event and the head (an empty log: 1 and 0).
+    assert_eq!(
+        (f["firstAvailableSeq"].as_u64(), f["headSeq"].as_u64()),
+        (Some(1), Some(0)),
+        "{f}"
+    );
     let reset = s.next().await;
     assert_eq!(reset.event, "reset", "{reset:?}");
-    assert_eq!(reset.json()["code"], "EPOCH_CHANGED");
-    assert_eq!(reset.json()["epoch"], new_epoch.as_str());
+    assert_eq!(
+        reset.json(),
+        json!({"code":"EPOCH_CHANGED","epoch":new_epoch,"firstAvailableSeq":1,"headSeq":0})
+    );
     assert_eq!(reset.id.as_deref(), Some(format!("{new_epoch}:0").as_str()));
     // Its session is gone: resubscribing closes the socket with SESSION_NOT_FOUND.
     w.send(json!({"type":"subscribe","stream":"out:1","after":0}))

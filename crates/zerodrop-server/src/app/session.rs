@@ -23,7 +23,7 @@ use zerodrop_store::{SessionCap, SessionRecord, SessionStream, StoreError};
 
 use super::App;
 use crate::error::ApiError;
-use crate::live::DropMark;
+use crate::live::{DropMark, Fault};
 use crate::metrics::Transport;
 
 /// One stream of a session being opened, and where it starts.
@@ -428,12 +428,46 @@ impl App {
             .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))
     }
 
-    /// A hole found under a live cursor (a trim overtook it, or the log changed epoch): the
-    /// hub has counted it (drop marks); the stream leaves the session, as after any hole.
-    pub async fn hole_under_cursor(&self, sid: &SessionId, stream: &StreamId) {
-        if let Err(e) = self.store.remove_session_stream(sid, stream).await {
-            tracing::debug!(error = %e, "could not remove a stream from a session");
+    /// A hole found under a live connection's cursor (a trim overtook it, or the log changed
+    /// epoch), answered like a hole found by [`App::place`]: the same code and facts
+    /// ([`Hole::error`]). The hub has counted the trimmed events it saw first (drop marks);
+    /// what the pull counted on top is counted here. The stream leaves the session, as after
+    /// any hole on a live connection, unless the connection `goes_on` from the oldest retained
+    /// event (SSE): then the session holds it from there. A failed read (of the log, or of the
+    /// stream's bounds for the hole's facts) is not a hole: the caller looks again shortly.
+    pub async fn hole_under_cursor(
+        &self,
+        sid: Option<&SessionId>,
+        stream: &StreamId,
+        cursor: Seq,
+        fault: Fault,
+        goes_on: bool,
+    ) -> Result<Hole, StoreError> {
+        let code = match fault {
+            Fault::Store(e) => return Err(e),
+            Fault::Trimmed { newly_dropped, .. } => {
+                self.metrics.dropped(newly_dropped);
+                ErrorCode::ReplayWindowTrimmed
+            }
+            Fault::EpochChanged { .. } => ErrorCode::EpochChanged,
+        };
+        let info = self.store.stream_info(stream).await?;
+        let hole = Hole {
+            stream: stream.clone(),
+            code,
+            epoch: info.epoch,
+            first_available: info.first_seq,
+            head: info.head,
+            after: cursor,
+        };
+        if let Some(sid) = sid {
+            if goes_on {
+                self.restart_in_session(sid, &hole).await;
+            } else if let Err(e) = self.store.remove_session_stream(sid, stream).await {
+                tracing::debug!(error = %e, "could not remove a stream from a session");
+            }
         }
+        Ok(hole)
     }
 
     /// SSE goes on after a hole from the oldest retained event: for a session, that is the

@@ -1,0 +1,488 @@
+//! The connection core: everything a long-lived connection does that does not depend on how
+//! its bytes are framed, written once for the WebSocket ([`crate::ws`]) and SSE
+//! ([`crate::sse`]) transports.
+//!
+//! A [`Core`] holds the connection's session (when it has one), a [`Subscription`] per
+//! stream with the acks applied to it, and one timer for every deadline (ping, token refresh,
+//! drain, store retry). It sleeps until the hub rings its doorbell or a deadline passes, then:
+//!
+//! - **delivers**: pulls everything after each cursor within a budget and hands the events to
+//!   the transport, which writes them in one flush;
+//! - **turns faults into holes**: a trim that overtook a cursor or a log that changed epoch is
+//!   placed by the session module ([`App::hole_under_cursor`]: counted, recorded, the stream
+//!   taken out of the session or restarted at the oldest retained event) and the transport
+//!   only encodes the [`Hole`]; a failed store read is retried shortly;
+//! - **pings**, and closes a connection whose pings go unanswered twice;
+//! - **refreshes** the resume token and the session's reconnect window;
+//! - **drains**: at this connection's spread moment the transport says goodbye with a fresh
+//!   resume token;
+//! - **is taken over** when a newer connection resumes its session.
+//!
+//! The transport implements [`Wire`]: how an event, a hole, a ping, a token and a drain look
+//! on its wire. It decides no session rule.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::time::Sleep;
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
+
+use crate::app::{App, ConnSlot, Hole, StreamStart};
+use crate::drain::DrainPhase;
+use crate::error::ApiError;
+use crate::live::{Delivery, Fault, Signal, Subscription};
+use crate::metrics::Transport;
+
+/// Most events written per wake; the rest follows on the next turn, after client frames had
+/// their chance.
+const MAX_EVENTS_PER_WRITE: usize = 512;
+/// How soon a failed store read is tried again.
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+/// Why a connection ends.
+pub(crate) enum Exit {
+    /// The client closed or the connection broke.
+    Gone(&'static str),
+    /// We close with this code, after sending `error` if given.
+    Close {
+        code: u16,
+        reason: &'static str,
+        error: Option<ApiError>,
+    },
+}
+
+impl Exit {
+    pub(crate) fn error(e: ApiError) -> Exit {
+        Exit::Close {
+            code: e.code.close_code(),
+            reason: e.code.as_str(),
+            error: Some(e),
+        }
+    }
+}
+
+/// How a transport puts the core's news on its wire. Every method but [`Wire::drain`] may
+/// fail with the [`Exit`] that ends the connection (a broken or stalled write).
+pub(crate) trait Wire {
+    /// Queues one event; [`Wire::flush`] writes what was queued.
+    async fn event(&mut self, d: &Delivery) -> Result<(), Exit>;
+    async fn flush(&mut self) -> Result<(), Exit>;
+    /// Whether a stream goes on from the oldest retained event after a hole (SSE, one stream
+    /// per connection) or leaves the session (WebSocket: the client resyncs and subscribes
+    /// again).
+    fn goes_on_after_hole(&self) -> bool;
+    /// Tells the client about a hole (already counted and recorded).
+    async fn hole(&mut self, hole: &Hole) -> Result<(), Exit>;
+    /// A keep-alive; `true` when the client must answer it (a `pong`).
+    async fn ping(&mut self) -> Result<bool, Exit>;
+    /// A fresh resume token for the session.
+    async fn token(&mut self, resume_token: String) -> Result<(), Exit>;
+    /// The drain moment of this connection: say goodbye (with a resume token when there is a
+    /// session) and tell how the connection ends.
+    async fn drain(&mut self, resume_token: Option<String>) -> Exit;
+}
+
+/// The session a connection holds.
+pub(crate) struct Held {
+    pub id: SessionId,
+    pub sub: String,
+    pub grants: Grants,
+}
+
+/// Every deadline of a connection; one timer serves them all.
+struct Timers {
+    ping: Instant,
+    refresh: Instant,
+    drain: Option<Instant>,
+    retry: Option<Instant>,
+}
+
+impl Timers {
+    fn next(&self) -> Instant {
+        [Some(self.ping), Some(self.refresh), self.drain, self.retry]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.ping)
+    }
+}
+
+/// What woke a connection's core.
+pub(crate) enum Ready {
+    /// The doorbell: new events, a drain phase, a takeover.
+    Wake,
+    /// A deadline passed.
+    Timer,
+}
+
+pub(crate) struct Core {
+    pub app: Arc<App>,
+    pub id: u64,
+    transport: Transport,
+    pub signal: Arc<Signal>,
+    pub session: Option<Held>,
+    pub subs: Vec<Subscription>,
+    /// Per subscribed stream, the ack as applied (written behind by `App::acks`).
+    pub acks: HashMap<StreamId, Seq>,
+    ping_every: Duration,
+    ping_outstanding: Option<Instant>,
+    missed_pings: u8,
+    drain_rx: watch::Receiver<DrainPhase>,
+    drain_fraction: f64,
+    timers: Timers,
+    /// Boxed once per connection: the one timer behind [`Core::ready`].
+    sleep: std::pin::Pin<Box<Sleep>>,
+    buf: Vec<Arc<Delivery>>,
+    opened: Instant,
+    pub delivered: u64,
+    closed: bool,
+    _slot: ConnSlot,
+}
+
+impl Core {
+    /// A connection admitted into `slot`, registered for drains; it pings every `ping_every`.
+    pub(crate) fn new(
+        app: Arc<App>,
+        transport: Transport,
+        slot: ConnSlot,
+        ping_every: Duration,
+    ) -> Core {
+        let mut drain_rx = app.drain.watch();
+        let signal = Signal::new();
+        let id = app.register_connection(&signal);
+        // Spread drain reconnects evenly, whatever the id pattern.
+        let drain_fraction =
+            (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        let now = Instant::now();
+        let timers = Timers {
+            ping: now + ping_every,
+            refresh: now + refresh_every(&app),
+            drain: drain_rx.borrow_and_update().deadline_for(drain_fraction),
+            retry: None,
+        };
+        let sleep = Box::pin(tokio::time::sleep_until(timers.next().into()));
+        app.metrics.connection_opened(transport);
+        Core {
+            id,
+            transport,
+            signal,
+            session: None,
+            subs: Vec::new(),
+            acks: HashMap::new(),
+            ping_every,
+            ping_outstanding: None,
+            missed_pings: 0,
+            drain_rx,
+            drain_fraction,
+            timers,
+            sleep,
+            buf: Vec::new(),
+            opened: now,
+            delivered: 0,
+            closed: false,
+            _slot: slot,
+            app,
+        }
+    }
+
+    pub(crate) fn sid_str(&self) -> &str {
+        self.session.as_ref().map(|s| s.id.as_str()).unwrap_or("")
+    }
+
+    /// The connection now serves this session. `hold`: it becomes the session's one
+    /// connection on this instance (a later resume takes it over).
+    pub(crate) fn adopt(&mut self, id: SessionId, sub: String, grants: Grants, hold: bool) {
+        if hold {
+            self.app.hold_session(&id, self.id, &self.signal);
+        }
+        self.session = Some(Held { id, sub, grants });
+    }
+
+    /// A resume token for the session held.
+    pub(crate) fn mint(&self) -> Option<String> {
+        self.session
+            .as_ref()
+            .map(|s| self.app.mint_token(&s.id, &s.sub))
+    }
+
+    pub(crate) fn log_opened(&self, stream: Option<&StreamId>) {
+        tracing::info!(
+            conn = self.id,
+            transport = self.transport.as_str(),
+            session = %self.sid_str(),
+            sub = self.session.as_ref().map(|s| s.sub.as_str()).unwrap_or(""),
+            stream = stream.map(StreamId::as_str).unwrap_or(""),
+            "connection opened"
+        );
+    }
+
+    /// Delivers `stream` from `start` (replacing a subscription to it); the doorbell rings so
+    /// that what is ready goes out on the next turn.
+    pub(crate) fn subscribe(&mut self, stream: StreamId, start: &StreamStart) {
+        self.subscribe_at(stream, start.epoch.clone(), start.after, start.head);
+    }
+
+    fn subscribe_at(&mut self, stream: StreamId, epoch: Epoch, after: Seq, head: Seq) {
+        self.subs.retain(|s| s.stream != stream);
+        let session = self.session.as_ref().map(|s| s.id.clone());
+        let mut sub = self
+            .app
+            .hub
+            .subscribe(stream, epoch, after, self.signal.clone(), session);
+        sub.set_replay_until(head);
+        self.subs.push(sub);
+        self.signal.wake();
+    }
+
+    pub(crate) fn unsubscribe(&mut self, stream: &StreamId) {
+        self.subs.retain(|s| s.stream != *stream);
+        self.acks.remove(stream);
+    }
+
+    /// What was delivered on `stream` so far (its cursor).
+    pub(crate) fn cursor(&self, stream: &str) -> Option<Seq> {
+        self.subs
+            .iter()
+            .find(|s| s.stream.as_str() == stream)
+            .map(Subscription::cursor)
+    }
+
+    /// Whether a deadline has passed (checked before waiting, so that a steady flow of
+    /// events cannot hold back a drain, a ping or a refresh).
+    pub(crate) fn due(&self) -> bool {
+        self.timers.next() <= Instant::now()
+    }
+
+    /// Waits for the doorbell or the next deadline.
+    pub(crate) async fn ready(&mut self) -> Ready {
+        let next = tokio::time::Instant::from_std(self.timers.next());
+        if self.sleep.deadline() != next {
+            self.sleep.as_mut().reset(next);
+        }
+        tokio::select! {
+            biased;
+            _ = self.signal.woken() => Ready::Wake,
+            _ = &mut self.sleep => Ready::Timer,
+        }
+    }
+
+    /// The doorbell rang: a takeover, a drain phase change, or new events.
+    pub(crate) async fn on_wake(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        self.signal.take();
+        if self.signal.is_kicked() {
+            return Err(Exit::error(ApiError::new(
+                ErrorCode::SessionTakenOver,
+                "a newer connection resumed this session",
+            )));
+        }
+        if self.drain_rx.has_changed().unwrap_or(false) {
+            let phase = *self.drain_rx.borrow_and_update();
+            self.timers.drain = phase.deadline_for(self.drain_fraction);
+        }
+        self.deliver(wire).await
+    }
+
+    /// Runs every deadline that has passed.
+    pub(crate) async fn on_timer(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let now = Instant::now();
+        if self.timers.drain.is_some_and(|t| t <= now) {
+            return Err(wire.drain(self.mint()).await);
+        }
+        if self.timers.retry.is_some_and(|t| t <= now) {
+            self.timers.retry = None;
+            self.signal.wake();
+        }
+        if self.timers.ping <= now {
+            self.timers.ping = now + self.ping_every;
+            self.ping(wire).await?;
+        }
+        if self.timers.refresh <= now {
+            self.timers.refresh = now + refresh_every(&self.app);
+            if let Some(s) = &self.session {
+                let id = s.id.clone();
+                self.app.touch(&id).await;
+                if let Some(token) = self.mint() {
+                    wire.token(token).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        if self.ping_outstanding.is_some() {
+            self.missed_pings += 1;
+            if self.missed_pings >= 2 {
+                return Err(Exit::error(ApiError::new(
+                    ErrorCode::PingTimeout,
+                    "two pings went unanswered",
+                )));
+            }
+        }
+        let sent = Instant::now();
+        if wire.ping().await? {
+            self.ping_outstanding = Some(sent);
+        }
+        Ok(())
+    }
+
+    /// The client answered a ping.
+    pub(crate) fn on_pong(&mut self) {
+        if let Some(sent) = self.ping_outstanding.take() {
+            self.app.metrics.rtt(sent.elapsed());
+        }
+        self.missed_pings = 0;
+    }
+
+    /// Hands the transport whatever is new after every cursor, then flushes once.
+    async fn deliver(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let mut budget = MAX_EVENTS_PER_WRITE;
+        let mut frames = 0u64;
+        let mut oldest: Option<Instant> = None;
+        let mut faults = Vec::new();
+        for i in 0..self.subs.len() {
+            // Pull until this cursor is caught up (an empty pull) or the budget is spent: one
+            // pull may stop short of everything that is ready (a catch-up read is bounded).
+            while budget > 0 {
+                self.buf.clear();
+                match self
+                    .app
+                    .pull(&mut self.subs[i], budget, &mut self.buf)
+                    .await
+                {
+                    Ok(replayed) => {
+                        if replayed > 0 {
+                            self.app.metrics.replayed(replayed as u64);
+                        }
+                        for d in &self.buf {
+                            if let Some(at) = d.event.committed_at() {
+                                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                            }
+                            wire.event(d).await?;
+                        }
+                        let n = self.buf.len();
+                        frames += n as u64;
+                        budget -= n;
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    Err(f) => {
+                        faults.push((i, f));
+                        break;
+                    }
+                }
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        if frames > 0 {
+            wire.flush().await?;
+            self.delivered += frames;
+            self.app.metrics.delivered(frames);
+            if let Some(at) = oldest {
+                self.app.metrics.publish_to_deliver(at.elapsed());
+            }
+        }
+        // From the last, so that removing one leaves the indexes of the others as they were.
+        for (i, fault) in faults.into_iter().rev() {
+            self.on_fault(i, fault, wire).await?;
+        }
+        if budget == 0 {
+            self.signal.wake();
+        }
+        Ok(())
+    }
+
+    /// A pull that cannot go on. A failed read is tried again shortly; a hole is placed by
+    /// the session module and the transport tells the client.
+    async fn on_fault(&mut self, i: usize, fault: Fault, wire: &mut impl Wire) -> Result<(), Exit> {
+        let goes_on = wire.goes_on_after_hole();
+        let (stream, cursor) = (self.subs[i].stream.clone(), self.subs[i].cursor());
+        let sid = self.session.as_ref().map(|s| s.id.clone());
+        let hole = match self
+            .app
+            .hole_under_cursor(sid.as_ref(), &stream, cursor, fault, goes_on)
+            .await
+        {
+            Ok(hole) => hole,
+            Err(e) => {
+                // Keep the subscription; look again shortly.
+                tracing::debug!(error = %e, stream = %stream, "catch-up read failed; will retry");
+                self.timers.retry = Some(Instant::now() + STORE_RETRY);
+                return Ok(());
+            }
+        };
+        if goes_on {
+            self.subscribe_at(stream, hole.epoch.clone(), hole.restart_after(), hole.head);
+        } else {
+            self.subs.remove(i);
+            self.acks.remove(&stream);
+        }
+        self.app.metrics.error(hole.code);
+        wire.hole(&hole).await
+    }
+
+    /// Writes this session's buffered acks now (before the socket goes, or before a stream
+    /// leaves the session).
+    pub(crate) async fn flush_acks(&self) {
+        if let Some(s) = &self.session {
+            self.app.flush_acks(Some(&s.id)).await;
+        }
+    }
+
+    /// The end of the connection: buffered acks written, the reconnect window started, the
+    /// session let go. Without it (a response body dropped mid-stream), [`Drop`] does the
+    /// same in the background.
+    pub(crate) async fn close(&mut self, code: Option<u16>, reason: &str) {
+        self.closed = true;
+        self.flush_acks().await;
+        if let Some(s) = &self.session {
+            self.app.touch(&s.id).await;
+            self.app.release_session(&s.id, self.id);
+        }
+        self.log_closed(code, reason);
+    }
+
+    fn log_closed(&self, code: Option<u16>, reason: &str) {
+        tracing::info!(
+            conn = self.id,
+            transport = self.transport.as_str(),
+            session = %self.sid_str(),
+            close_code = code,
+            reason,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            delivered = self.delivered,
+            "connection closed"
+        );
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.app.unregister_connection(self.id);
+        self.app.metrics.connection_closed(self.transport);
+        if self.closed {
+            return;
+        }
+        self.log_closed(None, "dropped");
+        if let Some(s) = self.session.take() {
+            self.app.release_session(&s.id, self.id);
+            let app = self.app.clone();
+            // The reconnect window starts now.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    app.flush_acks(Some(&s.id)).await;
+                    app.touch(&s.id).await;
+                });
+            }
+        }
+    }
+}
+
+fn refresh_every(app: &App) -> Duration {
+    Duration::from_secs((app.cfg.reconnect_window_sec / 3).max(1))
+}
