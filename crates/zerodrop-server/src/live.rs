@@ -183,6 +183,9 @@ struct Ring {
     /// The seq the next pushed event must have; `None` when unknown (new or reset).
     next: Option<Seq>,
     epoch: Option<Epoch>,
+    /// Times the ring was cleared: a log read taken before a clear says nothing about what
+    /// the feed will bring after it (see [`Ring::learn`]).
+    clears: u64,
 }
 
 impl Ring {
@@ -191,6 +194,29 @@ impl Ring {
         self.bytes = 0;
         self.next = None;
         self.epoch = None;
+        self.clears += 1;
+    }
+
+    /// A log read of this topic's stream found `head` in `epoch`, in a snapshot taken after
+    /// a listener was registered here and while the ring was not cleared (`clears` as read
+    /// before the read). A ring that knows nothing yet learns where the feed goes on: every
+    /// event after that snapshot is pushed here (the topic existed before it), and any at or
+    /// below `head` that is pushed late is a repeat. So the next reader caught up at `head`
+    /// is answered from memory instead of reading the log again, which is what every new
+    /// subscriber of a quiet stream would otherwise do.
+    fn learn(&mut self, epoch: &Epoch, head: Seq, clears: u64) {
+        if self.clears == clears && self.next.is_none() && self.items.is_empty() {
+            self.next = Some(head.next());
+            self.epoch = Some(epoch.clone());
+        }
+    }
+
+    /// The head and epoch the feed is at, when the ring knows them.
+    fn head(&self) -> Option<(Epoch, Seq)> {
+        match (&self.epoch, self.next) {
+            (Some(e), Some(n)) => Some((e.clone(), Seq(n.0.saturating_sub(1)))),
+            _ => None,
+        }
     }
 
     fn push(&mut self, d: Arc<Delivery>, max_events: usize, max_bytes: usize) {
@@ -370,6 +396,14 @@ impl Hub {
         }
     }
 
+    /// Where the live feed of `stream` is (its epoch and head), when this instance knows it
+    /// from memory: the stream has a topic whose ring saw an event or learnt the head from a
+    /// log read. It may lag the store by the events being pushed right now, never lead it.
+    pub fn head(&self, stream: &StreamId) -> Option<(Epoch, Seq)> {
+        let topic = self.get(stream)?;
+        read(&topic.ring).head()
+    }
+
     /// Forgets topics that have had no listener for `idle_ttl`.
     pub fn sweep(&self) {
         let now = now_ms();
@@ -501,6 +535,7 @@ impl Subscription {
                 && ring.after(self.cursor, max, out)
         };
         if !from_ring {
+            let clears = read(&self.topic.ring).clears;
             // Small reads are cheap (and run inline on SQLite); the next look reads on.
             let res = store
                 .read(&self.stream, self.cursor, max.min(LOG_READ_EVENTS))
@@ -535,6 +570,9 @@ impl Subscription {
                         current: res.info.epoch,
                     });
                 }
+            }
+            if res.info.epoch == self.epoch {
+                write(&self.topic.ring).learn(&res.info.epoch, res.info.head, clears);
             }
             out.extend(res.events.into_iter().map(Delivery::new));
         }
@@ -638,6 +676,75 @@ mod tests {
         assert_eq!(r.items.front().unwrap().seq(), Seq(17));
         r.trim(Seq(19));
         assert_eq!(r.items.front().unwrap().seq(), Seq(19));
+    }
+
+    #[test]
+    fn a_ring_learns_the_head_from_a_log_read_only_if_nothing_cleared_it_since() {
+        let e1 = Epoch::parse("e1").unwrap();
+        let mut r = Ring::default();
+        let mut out = Vec::new();
+        let before = r.clears;
+        r.learn(&e1, Seq(4), before);
+        assert_eq!(r.head(), Some((e1.clone(), Seq(4))));
+        assert!(
+            r.after(Seq(4), 10, &mut out) && out.is_empty(),
+            "caught up at the head"
+        );
+        assert!(
+            !r.after(Seq(2), 10, &mut out),
+            "below the head: read the log"
+        );
+        // A late push of what the read already saw is a repeat; the next one is taken.
+        r.push(Delivery::new(ev(4)), 100, 1 << 20);
+        assert!(r.items.is_empty());
+        r.push(Delivery::new(ev(5)), 100, 1 << 20);
+        assert!(r.after(Seq(4), 10, &mut out));
+        assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![5]);
+        // Learning never overrides what the feed said.
+        r.learn(&e1, Seq(9), r.clears);
+        assert_eq!(r.head(), Some((e1.clone(), Seq(5))));
+        // A read taken before a clear (a feed that may have missed events) teaches nothing.
+        let stale = r.clears;
+        r.clear();
+        r.learn(&e1, Seq(5), stale);
+        assert_eq!(r.head(), None);
+        r.learn(&e1, Seq(7), r.clears);
+        assert_eq!(r.head(), Some((e1, Seq(7))));
+    }
+
+    #[tokio::test]
+    async fn the_first_pull_of_a_quiet_stream_tells_the_hub_its_head() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(HubLimits::default(), metrics));
+        let store = MemoryStore::new(Retention::default(), hub.clone());
+        let s = StreamId::new("quiet").unwrap();
+        for i in 0..3 {
+            let req = AppendRequest {
+                stream: s.clone(),
+                data: i.to_string(),
+                idempotency: None,
+            };
+            store.append(req).await.unwrap();
+        }
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        assert_eq!(hub.head(&s), None, "no topic yet");
+        let mut sub = hub.subscribe(s.clone(), epoch.clone(), Seq(1), Signal::new(), None);
+        assert_eq!(hub.head(&s), None, "a topic that saw nothing knows nothing");
+        let mut out = Vec::new();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(hub.head(&s), Some((epoch.clone(), Seq(3))));
+        // The next event reaches the subscriber through the ring, after what it read.
+        let req = AppendRequest {
+            stream: s.clone(),
+            data: "3".into(),
+            idempotency: None,
+        };
+        store.append(req).await.unwrap();
+        out.clear();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(hub.head(&s), Some((epoch, Seq(4))));
     }
 
     #[tokio::test]

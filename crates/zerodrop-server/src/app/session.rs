@@ -219,6 +219,9 @@ impl App {
                 if !g.may_subscribe(stream.as_str()) {
                     return Err(not_granted(stream));
                 }
+                if let Some(start) = self.at_live_head(stream, &position) {
+                    return Ok(Placement::Start(start));
+                }
                 None
             }
         };
@@ -259,6 +262,28 @@ impl App {
             after,
             head: info.head,
         }))
+    }
+
+    /// A new subscription at the head of a stream whose live feed this instance follows
+    /// already (no position, or the head as the feed knows it, in its epoch): it starts there
+    /// with no store read, as every subscriber after the first of a busy stream does. The
+    /// feed's head may lag the store's by the events being pushed right now; they are then
+    /// delivered as new, which they are to a subscriber that joins now. Anything else (a
+    /// position below the head, which the replay window must check) asks the store.
+    fn at_live_head(&self, stream: &StreamId, position: &Position) -> Option<StreamStart> {
+        let (epoch, head) = self.hub.head(stream)?;
+        let at_head = match position {
+            Position::Unstated => true,
+            Position::After { seq, epoch: e } => {
+                *seq == head && e.as_ref().is_none_or(|e| *e == epoch)
+            }
+            Position::Head { epoch: e } => *e == epoch,
+        };
+        at_head.then_some(StreamStart {
+            epoch,
+            after: head,
+            head,
+        })
     }
 
     /// Counts a hole's lost events (trimmed ones: an epoch change or a position past the head
