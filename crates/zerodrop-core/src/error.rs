@@ -29,6 +29,8 @@ pub enum ErrorCode {
     SessionTakenOver,
     /// The client missed two pings in a row; the socket is closed with 4408.
     PingTimeout,
+    /// The connect token behind a live connection expired and no fresh one came in time.
+    TokenExpired,
     /// Every target of an upstream is refused by its open circuit; `Retry-After` says when
     /// a trial call is next allowed.
     UpstreamUnavailable,
@@ -42,7 +44,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -64,6 +66,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::SessionTakenOver,
         ErrorCode::PingTimeout,
+        ErrorCode::TokenExpired,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamFailed,
         ErrorCode::UpstreamTimeout,
@@ -94,6 +97,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::SessionTakenOver => "SESSION_TAKEN_OVER",
             ErrorCode::PingTimeout => "PING_TIMEOUT",
+            ErrorCode::TokenExpired => "TOKEN_EXPIRED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamFailed => "UPSTREAM_FAILED",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
@@ -105,7 +109,9 @@ impl ErrorCode {
     /// The HTTP status an HTTP route answers with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidResumeToken | ErrorCode::Unauthorized => 401,
+            ErrorCode::InvalidResumeToken | ErrorCode::Unauthorized | ErrorCode::TokenExpired => {
+                401
+            }
             ErrorCode::ReconnectWindowExpired => 410,
             ErrorCode::SessionNotFound | ErrorCode::NotFound => 404,
             ErrorCode::ReplayWindowTrimmed
@@ -135,7 +141,9 @@ impl ErrorCode {
     /// The WebSocket close code used when this error ends a connection (session-level errors).
     pub fn close_code(self) -> u16 {
         match self {
-            ErrorCode::InvalidResumeToken | ErrorCode::Unauthorized => 4401,
+            ErrorCode::InvalidResumeToken | ErrorCode::Unauthorized | ErrorCode::TokenExpired => {
+                4401
+            }
             ErrorCode::ReconnectWindowExpired => 4410,
             ErrorCode::SessionNotFound => 4404,
             ErrorCode::Forbidden => 4403,
@@ -204,6 +212,7 @@ mod tests {
             (ErrorCode::SessionNotFound, 404, 4404),
             (ErrorCode::StoreUnavailable, 503, 1013),
             (ErrorCode::Draining, 503, 1012),
+            (ErrorCode::TokenExpired, 401, 4401),
         ];
         for (code, status, close) in expect {
             assert_eq!(code.http_status(), status, "{code}");

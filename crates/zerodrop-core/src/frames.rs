@@ -102,6 +102,8 @@ pub enum ClientFrame {
     Pong(Ping),
     /// Only valid as the first frame of a socket opened without credentials.
     Resume(Resume),
+    /// A fresh connect token for the connection's subject, answering the server's `refresh`.
+    Refresh(Refresh),
 }
 
 /// `subscribe`: from after `after` (default: the head), in `epoch` if given.
@@ -193,6 +195,12 @@ pub struct Resume {
     pub last_ack: Option<BTreeMap<String, u64>>,
 }
 
+/// `refresh` (client → server): a new connect token for the same `sub`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Refresh {
+    pub token: String,
+}
+
 impl ClientFrame {
     /// Decodes one client frame.
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
@@ -205,6 +213,7 @@ impl ClientFrame {
             "ping" => ClientFrame::Ping(serde_json::from_str(text)?),
             "pong" => ClientFrame::Pong(serde_json::from_str(text)?),
             "resume" => ClientFrame::Resume(serde_json::from_str(text)?),
+            "refresh" => ClientFrame::Refresh(serde_json::from_str(text)?),
             other => return Err(unknown(other)),
         })
     }
@@ -234,6 +243,9 @@ pub enum ServerFrame {
     Published(Published),
     /// A refreshed resume token.
     Token(Token),
+    /// The connect token behind this connection expires: answer `refresh {token}` before
+    /// `deadline`.
+    Refresh(RefreshAsk),
     /// A frame type this side does not know: servers may add frame types, and clients ignore
     /// them. Never sent.
     #[serde(skip)]
@@ -296,6 +308,15 @@ pub struct Reconnect {
 #[serde(rename_all = "camelCase")]
 pub struct Token {
     pub resume_token: String,
+}
+
+/// `refresh` (server → client): the connect token behind the connection expires at `exp`
+/// (Unix seconds); without a fresh one by `deadline` (`exp` + the grace) the connection
+/// closes with `TOKEN_EXPIRED`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct RefreshAsk {
+    pub exp: u64,
+    pub deadline: u64,
 }
 
 /// `published`: the answer to a `publish`. `seq` is `null` when the stream is bound to an
@@ -380,6 +401,7 @@ impl ServerFrame {
             "error" => ServerFrame::Error(serde_json::from_str(text)?),
             "published" => ServerFrame::Published(serde_json::from_str(text)?),
             "token" => ServerFrame::Token(serde_json::from_str(text)?),
+            "refresh" => ServerFrame::Refresh(serde_json::from_str(text)?),
             other => ServerFrame::Unknown(other.chars().take(32).collect()),
         })
     }

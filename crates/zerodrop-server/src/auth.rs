@@ -136,14 +136,35 @@ impl Auth {
     }
 
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+        self.decode_connect(token).map_err(|expired| match expired {
+            true => ApiError::unauthorized("the connect token has expired"),
+            false => ApiError::unauthorized("invalid connect token"),
+        })
+    }
+
+    /// A connect token sent to refresh a live connection (`refresh`): an expired one is
+    /// `TOKEN_EXPIRED` (the connection's own deadline still stands), anything else invalid
+    /// `UNAUTHORIZED`. The library's leeway does not apply: it must not have expired at all.
+    pub fn verify_refresh(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+        let expired = || {
+            ApiError::new(
+                ErrorCode::TokenExpired,
+                "the new connect token has expired already",
+            )
+        };
+        match self.decode_connect(token) {
+            Ok(c) if c.exp.saturating_mul(1000) <= zerodrop_core::now_ms() => Err(expired()),
+            Ok(c) => Ok(c),
+            Err(true) => Err(expired()),
+            Err(false) => Err(ApiError::unauthorized("invalid connect token")),
+        }
+    }
+
+    /// The claims, or whether the token failed for its expiry alone (`true`) or as invalid.
+    fn decode_connect(&self, token: &str) -> Result<ConnectClaims, bool> {
         jsonwebtoken::decode::<ConnectClaims>(token, &self.jwt_decode, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    ApiError::unauthorized("the connect token has expired")
-                }
-                _ => ApiError::unauthorized("invalid connect token"),
-            })
+            .map_err(|e| matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature))
     }
 
     pub fn mint_connect(&self, claims: &ConnectClaims) -> String {

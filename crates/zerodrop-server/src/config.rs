@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// the connection is given up.
     #[arg(long, env = "ZERODROP_PING_INTERVAL_SEC", default_value_t = 25)]
     pub ping_interval_sec: u64,
+    /// How long a live connection outlives its connect token's `exp` while a fresh token is
+    /// awaited (`refresh`); then `TOKEN_EXPIRED` (close 4401, SSE `event: error`).
+    #[arg(long, env = "ZERODROP_TOKEN_GRACE_SEC", default_value_t = 30)]
+    pub token_grace_sec: u64,
     /// Allowed CORS origins, comma-separated, or `*`.
     #[arg(long, env = "ZERODROP_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
@@ -250,6 +254,7 @@ struct FileConfig {
     max_frame_bytes: Option<usize>,
     max_payload_bytes: Option<usize>,
     ping_interval_sec: Option<u64>,
+    token_grace_sec: Option<u64>,
     cors_origins: Option<String>,
     max_connections: Option<usize>,
     max_streams_per_session: Option<usize>,
@@ -329,6 +334,7 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub max_payload_bytes: usize,
     pub ping_interval_sec: u64,
+    pub token_grace_sec: u64,
     pub cors_origins: String,
     pub max_connections: usize,
     pub max_streams_per_session: usize,
@@ -409,6 +415,7 @@ impl Config {
                 max_frame_bytes,
                 max_payload_bytes,
                 ping_interval_sec,
+                token_grace_sec,
                 cors_origins,
                 max_connections,
                 max_streams_per_session,
@@ -470,6 +477,7 @@ impl Config {
             max_frame_bytes: a.max_frame_bytes,
             max_payload_bytes: a.max_payload_bytes,
             ping_interval_sec: a.ping_interval_sec,
+            token_grace_sec: a.token_grace_sec,
             cors_origins: a.cors_origins,
             max_connections: a.max_connections,
             max_streams_per_session: a.max_streams_per_session,

@@ -16,6 +16,9 @@
 //! - **refreshes** the resume token and the session's reconnect window;
 //! - **drains**: at this connection's spread moment the transport says goodbye with a fresh
 //!   resume token;
+//! - **ends with its authority**: a connection opened with a connect token is asked for a
+//!   fresh one (`refresh`) before the token's `exp`, and closed with `TOKEN_EXPIRED` once
+//!   `exp` plus the grace (`--token-grace-sec`) has passed without one;
 //! - **is taken over** when a newer connection resumes its session.
 //!
 //! The transport implements [`Wire`]: how an event, a hole, a ping, a token and a drain look
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::time::Sleep;
-use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
 use crate::app::{App, ConnSlot, Hole, StreamStart};
 use crate::drain::DrainPhase;
@@ -40,6 +43,8 @@ use crate::metrics::Transport;
 const MAX_EVENTS_PER_WRITE: usize = 512;
 /// How soon a failed store read is tried again.
 const STORE_RETRY: Duration = Duration::from_millis(500);
+/// How long before a connect token's `exp` a fresh one is asked for (at most).
+const ASK_AHEAD: Duration = Duration::from_secs(60);
 
 /// Why a connection ends.
 pub(crate) enum Exit {
@@ -79,6 +84,9 @@ pub(crate) trait Wire {
     async fn ping(&mut self) -> Result<bool, Exit>;
     /// A fresh resume token for the session.
     async fn token(&mut self, resume_token: String) -> Result<(), Exit>;
+    /// The connect token expires at `exp` (Unix seconds): ask for a fresh one before
+    /// `deadline`. A transport the client cannot answer on (SSE) says nothing.
+    async fn ask_refresh(&mut self, exp: u64, deadline: u64) -> Result<(), Exit>;
     /// The drain moment of this connection: say goodbye (with a resume token when there is a
     /// session) and tell how the connection ends.
     async fn drain(&mut self, resume_token: Option<String>) -> Exit;
@@ -97,15 +105,26 @@ struct Timers {
     refresh: Instant,
     drain: Option<Instant>,
     retry: Option<Instant>,
+    /// When to ask for a fresh connect token (`refresh`).
+    ask: Option<Instant>,
+    /// When the connect token's authority ends: `exp` plus the grace.
+    expire: Option<Instant>,
 }
 
 impl Timers {
     fn next(&self) -> Instant {
-        [Some(self.ping), Some(self.refresh), self.drain, self.retry]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.ping)
+        [
+            Some(self.ping),
+            Some(self.refresh),
+            self.drain,
+            self.retry,
+            self.ask,
+            self.expire,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.ping)
     }
 }
 
@@ -137,6 +156,9 @@ pub(crate) struct Core {
     buf: Vec<Arc<Delivery>>,
     opened: Instant,
     pub delivered: u64,
+    /// The `exp` (Unix seconds) of the connect token this connection holds its authority
+    /// from; `None`: it was opened with a resume token.
+    exp: Option<u64>,
     closed: bool,
     _slot: ConnSlot,
 }
@@ -161,6 +183,8 @@ impl Core {
             refresh: now + refresh_every(&app),
             drain: drain_rx.borrow_and_update().deadline_for(drain_fraction),
             retry: None,
+            ask: None,
+            expire: None,
         };
         let sleep = Box::pin(tokio::time::sleep_until(timers.next().into()));
         app.metrics.connection_opened(transport);
@@ -181,6 +205,7 @@ impl Core {
             buf: Vec::new(),
             opened: now,
             delivered: 0,
+            exp: None,
             closed: false,
             _slot: slot,
             app,
@@ -198,6 +223,21 @@ impl Core {
             self.app.hold_session(&id, self.id, &self.signal);
         }
         self.session = Some(Held { id, sub, grants });
+    }
+
+    /// The connection holds its authority from a connect token expiring at `exp` (Unix
+    /// seconds): it asks for a fresh one 60 s before, or a third of the token's remaining
+    /// lifetime before when that is shorter, and ends `--token-grace-sec` after `exp`.
+    pub(crate) fn authorize(&mut self, exp: u64) {
+        let now_ms = now_ms();
+        let exp_ms = exp.saturating_mul(1000);
+        let left = exp_ms.saturating_sub(now_ms);
+        let lead = ASK_AHEAD.min(Duration::from_millis(left / 3));
+        let now = Instant::now();
+        self.exp = Some(exp);
+        self.timers.ask = Some(now + Duration::from_millis(left) - lead);
+        let grace = Duration::from_secs(self.app.cfg.token_grace_sec);
+        self.timers.expire = Some(now + Duration::from_millis(left) + grace);
     }
 
     /// A resume token for the session held.
@@ -287,8 +327,21 @@ impl Core {
     /// Runs every deadline that has passed.
     pub(crate) async fn on_timer(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
         let now = Instant::now();
+        if self.timers.expire.is_some_and(|t| t <= now) {
+            return Err(Exit::error(ApiError::new(
+                ErrorCode::TokenExpired,
+                "the connect token expired and no fresh one came (refresh); connect again with a new token",
+            )));
+        }
         if self.timers.drain.is_some_and(|t| t <= now) {
             return Err(wire.drain(self.mint()).await);
+        }
+        if self.timers.ask.is_some_and(|t| t <= now) {
+            self.timers.ask = None;
+            if let Some(exp) = self.exp {
+                wire.ask_refresh(exp, exp + self.app.cfg.token_grace_sec)
+                    .await?;
+            }
         }
         if self.timers.retry.is_some_and(|t| t <= now) {
             self.timers.retry = None;

@@ -221,6 +221,9 @@ impl Metrics {
         for t in ["http", "ws"] {
             m.count("zerodrop_rate_limited_total", &[("transport", t)], 0);
         }
+        for r in ["ok", "refused"] {
+            m.count("zerodrop_token_refreshes_total", &[("result", r)], 0);
+        }
         for r in ["header_timeout", "idle_timeout", "pending_limit"] {
             m.count(
                 "zerodrop_http_connections_closed_total",
@@ -292,6 +295,13 @@ impl Metrics {
             &[("reason", reason)],
             1,
         );
+    }
+
+    /// A `refresh` answered by the client: `ok` (the connection goes on under the new token)
+    /// or `refused` (not a valid token for the connection's subject).
+    pub fn token_refresh(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.count("zerodrop_token_refreshes_total", &[("result", result)], 1);
     }
 
     /// A request or frame refused by a rate limit (`transport` is `http` or `ws`).
@@ -729,6 +739,10 @@ fn describe(r: &PrometheusRecorder) {
         d(
             "zerodrop_http_connections_closed_total",
             "HTTP connections closed for doing nothing, by reason (header_timeout, idle_timeout, pending_limit)",
+        ),
+        d(
+            "zerodrop_token_refreshes_total",
+            "Fresh connect tokens sent on live connections (refresh), by result (ok, refused)",
         ),
         d(
             "zerodrop_rate_limited_total",

@@ -105,12 +105,16 @@ async fn open(
     let last_event_id = parse_last_event_id(&headers)?;
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;
+    // With a connect token, its `exp` bounds the stream (`TOKEN_EXPIRED` after the grace).
+    let mut exp = None;
     let (session, grants): (Option<SessionRecord>, Option<Grants>) = if let Some(t) = app
         .auth
         .query_token(q.token.as_deref())?
         .or_else(|| bearer(&headers))
     {
-        (None, Some(app.auth.verify_connect(t)?.grants()))
+        let claims = app.auth.verify_connect(t)?;
+        exp = Some(claims.exp);
+        (None, Some(claims.grants()))
     } else if let Some(r) = q.resume.as_deref() {
         (Some(app.resume(r, None, Transport::Sse).await?), None)
     } else {
@@ -164,6 +168,9 @@ async fn open(
         // old one ends when its client goes.
         core.adopt(s.id, s.sub, s.grants, false);
     }
+    if let Some(exp) = exp {
+        core.authorize(exp);
+    }
     core.subscribe(stream.clone(), &StreamStart { epoch, after, head });
     core.log_opened(Some(&stream));
     let state = SseConn {
@@ -172,6 +179,7 @@ async fn open(
             pending: first_chunk.into(),
             chunk: Vec::new(),
         },
+        ended: false,
     };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         st.next_chunk()
@@ -235,6 +243,12 @@ impl Wire for SseWire {
         Ok(())
     }
 
+    /// Nothing: an SSE client cannot answer. Its stream ends at `deadline` with
+    /// `event: error` `TOKEN_EXPIRED`, and the client opens a new one with a fresh token.
+    async fn ask_refresh(&mut self, _exp: u64, _deadline: u64) -> Result<(), Exit> {
+        Ok(())
+    }
+
     /// The response ends; the browser reconnects (elsewhere) with its `Last-Event-ID`.
     async fn drain(&mut self, _resume_token: Option<String>) -> Exit {
         Exit::Gone("draining")
@@ -244,6 +258,14 @@ impl Wire for SseWire {
 struct SseConn {
     core: Core,
     wire: SseWire,
+    /// The connection has ended: what is pending goes out, then the response ends.
+    ended: bool,
+}
+
+/// `event: error`: why the server ends the stream (`{"code","message"}`).
+fn error_block(e: &ApiError) -> Bytes {
+    let data = json!({"code": e.code.as_str(), "message": e.message});
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
 impl SseConn {
@@ -253,6 +275,9 @@ impl SseConn {
             if let Some(b) = self.wire.pending.pop_front() {
                 return Some(b);
             }
+            if self.ended {
+                return None;
+            }
             let turn = match self.core.ready().await {
                 Ready::Wake => self.core.on_wake(&mut self.wire).await,
                 Ready::Timer => self.core.on_timer(&mut self.wire).await,
@@ -260,10 +285,17 @@ impl SseConn {
             if let Err(exit) = turn {
                 let reason = match exit {
                     Exit::Gone(r) => r,
-                    Exit::Close { reason, .. } => reason,
+                    Exit::Close { reason, error, .. } => {
+                        // A typed end (`TOKEN_EXPIRED`): the last block says why.
+                        if let Some(e) = error {
+                            self.core.app.metrics.error(e.code);
+                            self.wire.pending.push_back(error_block(&e));
+                        }
+                        reason
+                    }
                 };
                 self.core.close(None, reason).await;
-                return None;
+                self.ended = true;
             }
         }
     }

@@ -36,8 +36,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::frames::{
-    self, Ack, ClientFrame, Ping, Publish, Published, Reconnect, ServerFrame, Subscribe,
-    Subscribed, Token, Unsubscribe, Welcome,
+    self, Ack, ClientFrame, Ping, Publish, Published, Reconnect, Refresh, RefreshAsk, ServerFrame,
+    Subscribe, Subscribed, Token, Unsubscribe, Welcome,
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
@@ -205,6 +205,11 @@ impl Wire for WsWire {
             .await
     }
 
+    async fn ask_refresh(&mut self, exp: u64, deadline: u64) -> Result<(), Exit> {
+        self.send_frame(&ServerFrame::Refresh(RefreshAsk { exp, deadline }))
+            .await
+    }
+
     /// `reconnect` with a fresh resume token, then close 1012.
     async fn drain(&mut self, resume_token: Option<String>) -> Exit {
         if let Some(resume_token) = resume_token {
@@ -334,6 +339,7 @@ impl Conn {
                     .open_session(&claims.sub, claims.grants(), &[])
                     .await
                     .map_err(Exit::error)?;
+                self.core.authorize(claims.exp);
                 self.adopt(rec.id, rec.sub, rec.grants).await
             }
             Start::Resume(token) => self.resume(&token, BTreeMap::new()).await,
@@ -558,12 +564,73 @@ impl Conn {
                 Ok(())
             }
             Ok(ClientFrame::Resume(_)) => self.on_late_resume().await,
+            Ok(ClientFrame::Refresh(f)) => self.on_refresh(f).await,
         }
     }
 
     /// A client `ping`: its `t` comes back verbatim.
     async fn on_ping(&mut self, f: Ping) -> Result<(), Exit> {
         self.send_frame(&ServerFrame::Pong(f.echo())).await
+    }
+
+    /// A fresh connect token: it must be valid, unexpired and for the connection's subject.
+    /// The connection then holds its authority from it: a new `exp` (asked again before
+    /// it), and its grants, which may be narrower: a subscribed stream the new token does not
+    /// grant ends with a stream-level `FORBIDDEN` and leaves the session. The answer is a
+    /// `token` frame (a fresh resume token); a refused token is an `error` and changes
+    /// nothing (the old deadline stands).
+    async fn on_refresh(&mut self, f: Refresh) -> Result<(), Exit> {
+        let app = self.app().clone();
+        let claims = match app.auth.verify_refresh(&f.token) {
+            Ok(c) => c,
+            Err(e) => {
+                app.metrics.token_refresh(false);
+                return self.send_error(e).await;
+            }
+        };
+        let Some(session) = &self.core.session else {
+            return Ok(());
+        };
+        if claims.sub != session.sub {
+            app.metrics.token_refresh(false);
+            return self
+                .send_error(ApiError::forbidden(
+                    "the new connect token is for another subject",
+                ))
+                .await;
+        }
+        let (sid, grants) = (session.id.clone(), claims.grants());
+        let ended: Vec<StreamId> = self
+            .core
+            .subs
+            .iter()
+            .map(|s| s.stream.clone())
+            .filter(|s| !grants.may_subscribe(s.as_str()))
+            .collect();
+        if !ended.is_empty() {
+            self.core.flush_acks().await;
+        }
+        for stream in ended {
+            self.core.unsubscribe(&stream);
+            if let Err(e) = app.unsubscribe_stream(&sid, &stream).await {
+                tracing::debug!(error = %e.message, "could not take an ungranted stream out of a session");
+            }
+            let e = ApiError::forbidden(format!(
+                "stream {stream} is not allowed by the refreshed token"
+            ))
+            .with("stream", stream.as_str());
+            self.send_error(e).await?;
+        }
+        if let Some(s) = self.core.session.as_mut() {
+            s.grants = grants;
+        }
+        self.core.authorize(claims.exp);
+        app.metrics.token_refresh(true);
+        let token = self.core.mint().unwrap_or_default();
+        self.send_frame(&ServerFrame::Token(Token {
+            resume_token: token,
+        }))
+        .await
     }
 
     /// `resume` after the socket already holds a session.

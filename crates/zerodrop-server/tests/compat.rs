@@ -5,14 +5,15 @@
 //!
 //! Each file is one session of a client of that version, one step per line:
 //!
-//! - `{"config": {"pingIntervalSec", "reconnectWindowSec"}}`: first line only, the server's
-//!   timers for this session (default: the defaults);
+//! - `{"config": {"pingIntervalSec", "reconnectWindowSec", "tokenGraceSec"}}`: first line
+//!   only, the server's timers for this session (default: the defaults);
 //! - `{"publish": {"stream", "data"}}`: a backend publishes over HTTP (api key);
-//! - `{"connect": {"streams", "publish"?}}`: a WebSocket offering only the set's version, with a
-//!   connect token; `{"connect": "resume"}`: with `?resume=` and the newest resume token;
+//! - `{"connect": {"streams", "publish"?, "expInSec"?}}`: a WebSocket offering only the set's
+//!   version, with a connect token (expiring in an hour, or in `expInSec`); `{"connect": "resume"}`: with `?resume=` and the newest resume token;
 //!   `{"connect": "bare"}`: no credential (a `resume` frame comes first);
 //! - `{"send": frame}`: a client frame (`"$resumeToken"` is the newest resume token, `"$t"`
-//!   the `t` of the last server `ping`);
+//!   the `t` of the last server `ping`, `"$connectToken"` a fresh connect token for the last
+//!   `connect`'s grants);
 //! - `{"recv": frame}`: the next server frame (a server `ping` is answered and a `token`
 //!   skipped on the way), exactly, but for the fields that differ from run to run (ids,
 //!   tokens, times, epochs, human-readable messages, a ping's `t`), compared as `"*"`;
@@ -41,6 +42,8 @@ const VOLATILE: &[&str] = &[
     "instance",
     "epoch",
     "message",
+    "exp",
+    "deadline",
 ];
 
 fn normalize(v: &Value) -> Value {
@@ -68,16 +71,27 @@ fn normalize(v: &Value) -> Value {
     }
 }
 
-fn substitute(v: &Value, token: &str, t: &Value) -> Value {
+/// What a `send` step's placeholders stand for.
+struct Held<'a> {
+    /// `"$resumeToken"`: the newest resume token.
+    resume_token: &'a str,
+    /// `"$t"`: the `t` of the last server `ping`.
+    t: &'a Value,
+    /// `"$connectToken"`: a fresh connect token (an hour) for the last `connect`'s grants.
+    connect_token: &'a str,
+}
+
+fn substitute(v: &Value, held: &Held<'_>) -> Value {
     match v {
-        Value::String(s) if s == "$resumeToken" => json!(token),
-        Value::String(s) if s == "$t" => t.clone(),
+        Value::String(s) if s == "$resumeToken" => json!(held.resume_token),
+        Value::String(s) if s == "$t" => held.t.clone(),
+        Value::String(s) if s == "$connectToken" => json!(held.connect_token),
         Value::Object(m) => Value::Object(
             m.iter()
-                .map(|(k, v)| (k.clone(), substitute(v, token, t)))
+                .map(|(k, v)| (k.clone(), substitute(v, held)))
                 .collect(),
         ),
-        Value::Array(a) => Value::Array(a.iter().map(|v| substitute(v, token, t)).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| substitute(v, held)).collect()),
         other => other.clone(),
     }
 }
@@ -119,6 +133,9 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             if let Some(n) = t["reconnectWindowSec"].as_u64() {
                 c.reconnect_window_sec = n;
             }
+            if let Some(n) = t["tokenGraceSec"].as_u64() {
+                c.token_grace_sec = n;
+            }
         }
     })
     .await;
@@ -126,6 +143,7 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
     let mut ws: Option<WsClient> = None;
     let mut token = String::new();
     let mut ping_t = Value::Null;
+    let mut connect_token = String::new();
     let mut out = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
         let at = format!("{name} line {}", i + 1);
@@ -141,9 +159,12 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             } else if c == "bare" {
                 format!("{base}/v1/ws")
             } else {
-                let t = s
-                    .creds
-                    .token("u1", &strings(&c["streams"]), &strings(&c["publish"]));
+                let (streams, publish) = (strings(&c["streams"]), strings(&c["publish"]));
+                let now = zerodrop_core::now_ms() / 1000;
+                // `expInSec`: a token that expires that soon (the server asks for `refresh`).
+                let exp = c["expInSec"].as_u64().map_or(now + 3600, |n| now + n);
+                let t = s.creds.token_until("u1", &streams, &publish, exp);
+                connect_token = s.creds.token_until("u1", &streams, &publish, now + 3600);
                 format!("{base}/v1/ws?token={t}")
             };
             let client = WsClient::connect_with(&url, &[protocol])
@@ -153,7 +174,12 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             ws = Some(client);
         } else if let Some(f) = step.get("send") {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
-            c.send(substitute(f, &token, &ping_t)).await;
+            let held = Held {
+                resume_token: &token,
+                t: &ping_t,
+                connect_token: &connect_token,
+            };
+            c.send(substitute(f, &held)).await;
         } else if let Some((kind, want)) = step
             .get("recv")
             .map(|w| ("recv", w))
@@ -267,6 +293,7 @@ async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_
         "ping",
         "pong",
         "resume",
+        "refresh",
     ];
     let server = [
         "welcome",
@@ -279,6 +306,7 @@ async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_
         "error",
         "published",
         "token",
+        "refresh",
     ];
     for ty in client {
         assert!(has("send", ty), "no v2 fixture sends a {ty} frame");
