@@ -14,7 +14,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::Deserialize;
 use zerodrop_core::Retention;
 use zerodrop_guard::retry::RetryPolicy;
-use zerodrop_store::{QueuedCaps, RunningCaps};
+use zerodrop_store::{Durability, QueuedCaps, RunningCaps};
 
 use crate::guard::config::named_tables;
 pub use crate::guard::config::{GuardConfig, JobsConfig, UpstreamConfig, WebhookConfig};
@@ -34,12 +34,38 @@ pub enum SyncChoice {
     Normal,
 }
 
+/// `--require-durability`: the weakest store durability level this instance serves with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequiredDurability {
+    /// Any level.
+    None,
+    /// `replicated` or `fsync`: a 201 survives the loss of the store's machine.
+    Replicated,
+    /// `fsync` only: a 201 is on the store's disk.
+    Fsync,
+}
+
+impl RequiredDurability {
+    /// The level required, if any.
+    pub fn level(self) -> Option<Durability> {
+        match self {
+            RequiredDurability::None => None,
+            RequiredDurability::Replicated => Some(Durability::Replicated),
+            RequiredDurability::Fsync => Some(Durability::Fsync),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
+
+/// How often the store's durability level is read again while serving.
+pub const DURABILITY_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `zerodrop serve` flags. Each has an environment variable and a default.
 #[derive(Args, Debug, Clone)]
@@ -163,6 +189,18 @@ pub struct ServeArgs {
         default_value = "full"
     )]
     pub sqlite_synchronous: SyncChoice,
+    /// The weakest store durability level to serve with: `fsync` (a 201 is on the store's
+    /// disk) or `replicated` (on N ≥ 1 Redis replicas, or `fsync`). Below it at start the
+    /// process refuses to start; below it later (a Redis setting changed) readiness answers
+    /// 503 `durability_below_required` until it is back. `none`: any level (a start below
+    /// fsync and replicated logs a warning).
+    #[arg(
+        long,
+        env = "ZERODROP_REQUIRE_DURABILITY",
+        value_enum,
+        default_value = "none"
+    )]
+    pub require_durability: RequiredDurability,
     /// How often the SQLite file is checked for damage (`PRAGMA quick_check`) while serving,
     /// in seconds; 0 turns the scheduled check off (the start-up check always runs).
     #[arg(
@@ -267,6 +305,7 @@ struct FileConfig {
     max_pending_connections: Option<usize>,
     idempotency_ttl_sec: Option<u64>,
     sqlite_synchronous: Option<SyncChoice>,
+    require_durability: Option<RequiredDurability>,
     sqlite_check_interval_sec: Option<u64>,
     live_ring_events: Option<usize>,
     instance_id: Option<String>,
@@ -349,6 +388,11 @@ pub struct Config {
     pub max_pending_connections: usize,
     pub idempotency_ttl_sec: u64,
     pub sqlite_synchronous: SyncChoice,
+    pub require_durability: RequiredDurability,
+    /// How often the store's durability level is read again (Redis settings can change at run
+    /// time), besides whenever the store answers again after failing. Not a setting of its
+    /// own: 10 s ([`DURABILITY_RECHECK`]); tests shorten it.
+    pub durability_recheck: std::time::Duration,
     pub sqlite_check_interval_sec: u64,
     pub live_ring_events: usize,
     pub instance_id: Option<String>,
@@ -428,6 +472,7 @@ impl Config {
                 max_pending_connections,
                 idempotency_ttl_sec,
                 sqlite_synchronous,
+                require_durability,
                 sqlite_check_interval_sec,
                 live_ring_events,
                 log_format,
@@ -490,6 +535,8 @@ impl Config {
             max_pending_connections: a.max_pending_connections,
             idempotency_ttl_sec: a.idempotency_ttl_sec,
             sqlite_synchronous: a.sqlite_synchronous,
+            require_durability: a.require_durability,
+            durability_recheck: DURABILITY_RECHECK,
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,

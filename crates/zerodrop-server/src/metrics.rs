@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::{
 };
 use serde_json::{Map, Value, json};
 use zerodrop_core::ErrorCode;
+use zerodrop_store::Durability;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -88,6 +89,8 @@ pub struct Metrics {
     ws_active: Gauge,
     sse_active: Gauge,
     store_up: Gauge,
+    /// `zerodrop_store_durability{level}`, one per level in [`Durability::ALL`]'s order.
+    store_durability: [Gauge; 4],
     drain_state: Gauge,
     connections_ws: Counter,
     connections_sse: Counter,
@@ -133,6 +136,7 @@ pub struct Metrics {
 pub struct StoreFacts {
     pub kind: &'static str,
     pub up: bool,
+    pub durability: Durability,
     pub sessions: u64,
     pub streams: u64,
 }
@@ -166,6 +170,12 @@ impl Metrics {
             ws_active: gauge("zerodrop_ws_active"),
             sse_active: gauge("zerodrop_sse_active"),
             store_up: gauge("zerodrop_store_up"),
+            store_durability: Durability::ALL.map(|d| {
+                recorder.register_gauge(
+                    &key("zerodrop_store_durability", &[("level", d.as_str())]),
+                    &meta,
+                )
+            }),
             drain_state: gauge("zerodrop_drain_state"),
             connections_ws: counter("zerodrop_connections_total", &[("transport", "ws")]),
             connections_sse: counter("zerodrop_connections_total", &[("transport", "sse")]),
@@ -426,6 +436,13 @@ impl Metrics {
         self.store_up.set(if up { 1.0 } else { 0.0 });
     }
 
+    /// The store's durability level: its series 1, the other levels' 0.
+    pub fn store_durability(&self, level: Durability) {
+        for (d, g) in Durability::ALL.iter().zip(&self.store_durability) {
+            g.set(if *d == level { 1.0 } else { 0.0 });
+        }
+    }
+
     /// 0 active, 1 draining, 2 drained.
     pub fn drain_state(&self, v: u8) {
         self.drain_state.set(f64::from(v));
@@ -550,6 +567,7 @@ impl Metrics {
             "resume_store_metrics": {
                 "store": store.kind,
                 "up": store.up,
+                "durability": store.durability.as_str(),
                 "sessions": store.sessions,
                 "streams": store.streams,
                 "buffer_trims": trimmed,
@@ -782,6 +800,10 @@ fn describe(r: &PrometheusRecorder) {
         d(
             "zerodrop_store_up",
             "1 if the store answered its last check",
+        ),
+        d(
+            "zerodrop_store_durability",
+            "1 for the store's durability level (memory, os_buffered, replicated, fsync), 0 for the others",
         ),
         d("zerodrop_drain_state", "0 active, 1 draining, 2 drained"),
         d(

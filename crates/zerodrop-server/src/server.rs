@@ -1,4 +1,5 @@
-//! Start-up and shutdown: secrets, store, hub, listener, background tasks.
+//! Start-up and shutdown: secrets, store, hub, the store's durability level (refused below
+//! `--require-durability`), listener, background tasks.
 //!
 //! Shutdown is explicit: a drain first (clients are handed to other instances with fresh
 //! resume tokens), then the listener stops, then the store's writer finishes what it has
@@ -215,7 +216,37 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         guard,
     ));
     let _ = routed.app.set(Arc::downgrade(&app));
+    durability_at_start(&app).await?;
     Ok((app, sqlite))
+}
+
+/// Reads the store's durability level before the instance serves. A level below
+/// `--require-durability` refuses the start, naming the level and the setting to change;
+/// one that is neither fsync- nor replica-durable is a warning. A Redis that has not answered
+/// yet cannot be read: the instance starts not ready (as it does without the requirement) and
+/// the health loop reads the level once Redis answers.
+async fn durability_at_start(app: &App) -> anyhow::Result<()> {
+    let d = app.read_durability().await;
+    let level = d.level();
+    if d.unreachable() {
+        tracing::warn!(
+            setting = %d.cause(),
+            "the store's durability level cannot be read until the store answers; it is read \
+             then, and counts as {level} until it is"
+        );
+        return Ok(());
+    }
+    if let Some(want) = app.required_durability()
+        && level < want
+    {
+        anyhow::bail!(
+            "the store's durability level is {level} ({}), below --require-durability {want}: {}",
+            d.cause(),
+            d.how_to_reach(want).unwrap_or_default()
+        );
+    }
+    app.announce_durability(&d);
+    Ok(())
 }
 
 /// Builds and starts serving; returns once the listener accepts connections.
@@ -244,6 +275,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     tracing::info!(
         %addr,
         store = app.store_kind().as_str(),
+        durability = app.durability().level().as_str(),
         data_dir = %app.cfg.data_dir.display(),
         instance = %app.instance,
         "listening"
@@ -297,7 +329,8 @@ fn spawn_sqlite_check(store: Arc<SqliteStore>, period_sec: u64, mut stop: watch:
 }
 
 fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
-    // Store health: readiness, `store_up`, and one log line per transition.
+    // Store health: readiness, `store_up`, and one log line per transition; the durability
+    // level read again every `durability_recheck` and as soon as the store is back.
     let a = app.clone();
     every(Duration::from_secs(1), stop.clone(), move || {
         let app = a.clone();
@@ -315,6 +348,9 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
                 );
             } else if !was && ok {
                 tracing::warn!(store = app.store_kind().as_str(), "store reachable again");
+            }
+            if ok {
+                app.recheck_durability(!was).await;
             }
         }
     });

@@ -343,7 +343,17 @@ async fn health_and_readiness() {
     let h = api.get("/health", None).await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json["status"], "ok");
-    assert_eq!(h.json["store"], json!({"kind": "sqlite", "up": true}));
+    assert_eq!(
+        h.json["store"],
+        json!({
+            "kind": "sqlite",
+            "up": true,
+            "durability": "fsync",
+            "durabilitySettings": {"synchronous": "full"},
+            "requiredDurability": null,
+            "durabilityBelowRequired": false,
+        })
+    );
     assert_eq!(h.json["drain"]["state"], "active");
     assert_eq!(h.json["instance"], s.app().instance.as_str());
     assert_eq!(api.get("/health/live", None).await.status, 200);

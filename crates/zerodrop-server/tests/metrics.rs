@@ -112,6 +112,7 @@ async fn prometheus_names_and_json_shape() {
         "http_request_duration_seconds",
         "publish_to_deliver_seconds",
         "store_up",
+        "store_durability",
         "drain_state",
     ] {
         assert!(
@@ -181,6 +182,7 @@ async fn prometheus_names_and_json_shape() {
         [
             "store",
             "up",
+            "durability",
             "sessions",
             "streams",
             "buffer_trims",
@@ -193,6 +195,7 @@ async fn prometheus_names_and_json_shape() {
     assert_eq!(m["ws_metrics"]["ws_active"], 1);
     assert_eq!(m["resume_store_metrics"]["store"], "sqlite");
     assert_eq!(m["resume_store_metrics"]["up"], true);
+    assert_eq!(m["resume_store_metrics"]["durability"], "fsync");
     assert_eq!(m["resume_store_metrics"]["sessions"], 1);
     assert_eq!(m["resume_store_metrics"]["streams"], 1);
     assert_eq!(m["resume_store_metrics"]["resume_success_rate"], 1.0);

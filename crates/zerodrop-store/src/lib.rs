@@ -17,6 +17,8 @@
 //!   least every second; every trim is reported to the sink.
 //! - A subject's live sessions are counted against its [`SessionCap`] in the same atomic
 //!   step that creates the session, so the cap holds for every instance sharing the store.
+//! - "Durable" means what the store's own settings make it: each store reports its
+//!   [`Durability`] level, read from those settings ([`Store::durability`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,12 +28,14 @@ use serde::{Deserialize, Serialize};
 use zerodrop_core::window::LogBounds;
 use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 
+pub mod durability;
 pub mod guard;
 pub mod memory;
 pub mod redis;
 mod rules;
 pub mod sqlite;
 
+pub use self::durability::{Durability, RedisPersistence, StoreDurability, Unread};
 pub use self::guard::{
     Enqueued, Failure, GuardStore, IdemBegin, IdemRecord, IdemScopeStats, JobId, JobRecord,
     JobStats, JobStatus, Lease, LeasedJob, NewJob, QosClass, QueuedCaps, RunningCaps,
@@ -321,6 +325,13 @@ pub trait Store: GuardStore + Send + Sync + 'static {
 
     /// Cheap liveness check used by readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// What a 201 survives, read from the store's own settings ([`durability`]): SQLite's
+    /// `PRAGMA synchronous` as the write connection reports it (read when the file was
+    /// opened: it cannot change while the store runs), Redis's `appendonly`/`appendfsync`
+    /// and connected replicas, asked of the server on every call (what was read last while
+    /// the server does not answer), nothing for the memory store.
+    async fn durability(&self) -> StoreDurability;
 
     /// The store found its data damaged and refuses every call until the instance restarts
     /// (readiness says `store_corrupt` rather than `store_unavailable`).

@@ -1,5 +1,6 @@
 //! What only the `redis` store has to get right: outages, restarts with and without data, a
-//! log that goes back, several instances sharing the live path, pub/sub reconnects and `WAIT`.
+//! log that goes back, several instances sharing the live path, pub/sub reconnects and `WAIT`,
+//! and the durability level read from Redis's own settings (`redis/durability.rs`).
 //! Every test runs its own `redis-server` processes; every wait is bounded.
 
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use zerodrop_store::{
 use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
 use zerodrop_testkit::sink::{Recorder, wait_until};
 
+#[path = "redis/durability.rs"]
+mod durability;
 #[path = "redis/guard.rs"]
 mod guard;
 

@@ -98,6 +98,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ),
         ("idempotency_ttl_sec", Some(int(c.idempotency_ttl_sec))),
         ("sqlite_synchronous", Some(enum_name(c.sqlite_synchronous))),
+        ("require_durability", Some(enum_name(c.require_durability))),
         (
             "sqlite_check_interval_sec",
             Some(int(c.sqlite_check_interval_sec)),

@@ -490,3 +490,111 @@ async fn a_second_ctrl_c_exits_at_once_instead_of_waiting_out_the_drain() {
         "{logs:?}"
     );
 }
+
+/// `zerodrop serve` with these arguments and variables, run to its exit (a start that is
+/// refused). Secrets and durability settings of this process's environment are not passed on.
+fn serve_refused(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(args);
+    for k in [
+        "ZERODROP_SQLITE_SYNCHRONOUS",
+        "ZERODROP_REQUIRE_DURABILITY",
+        "ZERODROP_STORE",
+        "ZERODROP_CONFIG",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_below_the_required_durability_refuses_to_start() {
+    let refusal = "zerodrop: the store's durability level is os_buffered (SQLite PRAGMA \
+                   synchronous=NORMAL, set by --sqlite-synchronous), below --require-durability \
+                   fsync: set --sqlite-synchronous full (ZERODROP_SQLITE_SYNCHRONOUS=full)";
+    let (code, stderr) = serve_refused(
+        &[
+            "--sqlite-synchronous",
+            "normal",
+            "--require-durability",
+            "fsync",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.lines().any(|l| l == refusal), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+    // The same from the environment.
+    let (code, stderr) = serve_refused(
+        &[],
+        &[
+            ("ZERODROP_SQLITE_SYNCHRONOUS", "normal"),
+            ("ZERODROP_REQUIRE_DURABILITY", "replicated"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("below --require-durability replicated"),
+        "{stderr}"
+    );
+    // A value that is not a level is a configuration error, whichever way it comes.
+    let (code, stderr) = serve_refused(&["--require-durability", "os_buffered"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'os_buffered' for '--require-durability"),
+        "{stderr}"
+    );
+    let (code, stderr) = serve_refused(&[], &[("ZERODROP_REQUIRE_DURABILITY", "always")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--require-durability"), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("zerodrop.toml");
+    std::fs::write(&file, "require_durability = \"sometimes\"\n").unwrap();
+    let (code, stderr) = serve_refused(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("invalid config file") && stderr.contains("require_durability"),
+        "{stderr}"
+    );
+
+    // Without the requirement it starts, with one warning that names the level and the way up.
+    let p = spawn(
+        &dir.path().join("weak"),
+        &["--sqlite-synchronous", "normal"],
+        &[],
+    );
+    let warnings: Vec<Value> = p
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a 201 is not fsync- or replica-durable"))
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", p.logs());
+    let w = &warnings[0];
+    assert_eq!(
+        (&w["level"], &w["durability"], &w["setting"], &w["raise"]),
+        (
+            &json!("WARN"),
+            &json!("os_buffered"),
+            &json!("SQLite PRAGMA synchronous=NORMAL, set by --sqlite-synchronous"),
+            &json!("set --sqlite-synchronous full (ZERODROP_SQLITE_SYNCHRONOUS=full)")
+        )
+    );
+    let h = p.api().get("/health", None).await.json;
+    assert_eq!(h["store"]["durability"], "os_buffered");
+    assert_eq!(p.api().get("/health/ready", None).await.status, 200);
+}

@@ -1,11 +1,13 @@
 //! The application layer: the state every transport shares, publishing, connection admission,
-//! session holders and drains; its [`session`] module owns every session decision.
+//! session holders and drains; its [`session`] module owns every session decision, its
+//! `durability` module the store's durability level as the instance serves with it.
 //!
 //! The store is private to this module tree. Transports (HTTP, WebSocket, SSE) and the guard
 //! reach it only through the narrow accessors here: reads of the log, a cursor's pull, the
 //! guard's job queue and idempotency records ([`App::guard_store`]), health. So no transport
 //! can write a session or decide a position rule: those live in [`session`].
 
+mod durability;
 pub mod session;
 
 pub use session::{AckWrite, Asker, Hole, OpenAt, Placement, Position, StreamStart};
@@ -67,6 +69,8 @@ pub struct App {
     pub drain: Drain,
     pub conns: Connections,
     pub store_up: AtomicBool,
+    /// The store's durability level as last read (`durability.rs`).
+    durability: Mutex<durability::DurabilityState>,
     /// WebSocket acks applied in memory and not yet written to the store.
     pub acks: AckBuffer,
     /// HTTP rate limits per route and key; `None` when `--http-requests-per-sec` is 0.
@@ -176,6 +180,7 @@ impl App {
             drain: Drain::observed(move |s| gauge.drain_state(s.gauge())),
             conns: Connections::new(max),
             store_up: AtomicBool::new(true),
+            durability: Mutex::new(durability::DurabilityState::new()),
             acks: AckBuffer::default(),
             limits,
             new_streams,
@@ -479,6 +484,7 @@ impl App {
             StoreFacts {
                 kind: self.store_kind().as_str(),
                 up: self.store_up.load(Ordering::Relaxed),
+                durability: self.durability().level(),
                 sessions: stats.sessions,
                 streams: stats.streams,
             },

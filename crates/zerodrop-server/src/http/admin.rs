@@ -16,6 +16,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use zerodrop_store::StoreDurability;
+use zerodrop_store::durability::sqlite_synchronous_name;
 
 use super::extract::{Admin, BodyShape, JsonBody, Query};
 use crate::app::App;
@@ -27,12 +29,36 @@ fn store_up(app: &App) -> bool {
     app.store_up.load(Ordering::Relaxed)
 }
 
+/// What the store's durability level was read from (docs/reliability.md, "Durability level").
+fn durability_settings(d: &StoreDurability) -> Value {
+    match d {
+        StoreDurability::Memory => json!({}),
+        StoreDurability::Sqlite { synchronous } => json!({
+            "synchronous": sqlite_synchronous_name(*synchronous).to_ascii_lowercase(),
+        }),
+        StoreDurability::Redis(r) => {
+            let mut v = json!({
+                "appendonly": r.appendonly,
+                "appendfsync": r.appendfsync,
+                "waitReplicas": r.wait_replicas,
+                "connectedReplicas": r.connected_replicas,
+            });
+            if let Some(why) = &r.unread {
+                v["unread"] = Value::from(why.as_str());
+            }
+            v
+        }
+    }
+}
+
 pub(super) async fn health(State(app): State<Arc<App>>) -> Json<Value> {
     let up = store_up(&app);
     let drain = app.drain.state();
+    let durability = app.durability();
+    let below = app.durability_below_required();
     let status = if drain != crate::drain::DrainState::Active {
         "draining"
-    } else if !up {
+    } else if !up || below {
         "degraded"
     } else {
         "ok"
@@ -40,7 +66,14 @@ pub(super) async fn health(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({
         "status": status,
         "instance": app.instance,
-        "store": {"kind": app.store_kind().as_str(), "up": up},
+        "store": {
+            "kind": app.store_kind().as_str(),
+            "up": up,
+            "durability": durability.level().as_str(),
+            "durabilitySettings": durability_settings(&durability),
+            "requiredDurability": app.required_durability().map(|d| d.as_str()),
+            "durabilityBelowRequired": below,
+        },
         "drain": {"state": drain.as_str()},
     }))
 }
@@ -55,6 +88,9 @@ pub(super) async fn ready(State(app): State<Arc<App>>) -> Response {
         reasons.push("store_corrupt");
     } else if !store_up(&app) {
         reasons.push("store_unavailable");
+    }
+    if app.durability_below_required() {
+        reasons.push("durability_below_required");
     }
     if app.drain.is_refusing() {
         reasons.push("draining");
@@ -229,6 +265,7 @@ pub(super) async fn snapshot(State(app): State<Arc<App>>, _: Admin) -> ApiResult
         "store": {
             "kind": app.store_kind().as_str(),
             "up": store_up(&app),
+            "durability": app.durability().level().as_str(),
             "sessions": stats.as_ref().map(|s| s.sessions),
             "streams": stats.as_ref().map(|s| s.streams),
         },

@@ -24,7 +24,7 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
 use crate::rules::{apply_checkpoint, cutoff, merge_session_stream};
 use crate::{
     AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    Store, StoreDurability, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
 mod guard;
@@ -364,6 +364,10 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    async fn durability(&self) -> StoreDurability {
+        StoreDurability::Memory
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {

@@ -49,6 +49,10 @@
 //! Appends in this mode use their own connection so that reads never queue behind a blocked
 //! `WAIT`.
 //!
+//! Durability: the level is read from Redis's own settings (`CONFIG GET appendonly`,
+//! `appendfsync`, `INFO replication`; `durability.rs`), raised to `replicated` by `WAIT`. A
+//! Redis that refuses `CONFIG` gets the weakest level that cannot be excluded.
+//!
 //! Stats are approximate and cheap: streams = members of the age index (`zd:streams`, every
 //! stream appended to since the data set began), sessions = members of `zd:sessions` whose
 //! delete-at time (the end of their reconnect window) is still ahead, by this instance's clock.
@@ -86,15 +90,18 @@
 //! One file per job: this one holds the store's handle (connect, the shared state, the
 //! background tasks) and its [`Store`] methods, which delegate. `keys.rs` names every key,
 //! `conn.rs` sends commands and scripts and decodes replies, `health.rs` judges failures and
-//! answers readiness, `log.rs` appends and reads, `sessions.rs` keeps sessions, checkpoints and
-//! the per-subject cap, `retention.rs` sweeps by age, `live.rs` feeds the sink from pub/sub,
-//! `guard.rs` the [`crate::GuardStore`] methods (the job queue is `jobs.rs`, the webhook records
-//! and key listings `idempotency.rs`); `lua.rs` and `guard_lua.rs` are the scripts. The rules every store shares are `crate::rules`'.
+//! answers readiness, `durability.rs` reads the persistence settings, `log.rs` appends and
+//! reads, `sessions.rs` keeps sessions, checkpoints and the per-subject cap, `retention.rs`
+//! sweeps by age, `live.rs` feeds the sink from pub/sub, `guard.rs` the [`crate::GuardStore`]
+//! methods (the job queue is `jobs.rs`, the webhook records and key listings
+//! `idempotency.rs`); `lua.rs` and `guard_lua.rs` are the scripts. The rules every store
+//! shares are `crate::rules`'.
 //!
 //! Must not: re-send a command that may have run, or let the sink hear of an event from
 //! anywhere but the pub/sub subscription.
 
 mod conn;
+mod durability;
 mod guard;
 mod guard_lua;
 mod health;
@@ -126,8 +133,9 @@ use self::keys::{SESSIONS_INDEX, STREAMS_INDEX};
 use self::live::live_loop;
 use self::retention::sweep_loop;
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, LiveSink, ReadResult, RedisPersistence, SessionCap,
+    SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
+    StoreStats, StreamInfo,
 };
 
 #[derive(Clone, Debug)]
@@ -201,6 +209,12 @@ struct Shared {
     announced: AtomicBool,
     /// When an outage was last logged.
     last_announced: Mutex<Option<Instant>>,
+    /// The persistence settings last read (`durability.rs`).
+    durability: Mutex<Option<RedisPersistence>>,
+    /// `CONFIG GET` was refused at the last read (logged once per refusal).
+    config_refused: AtomicBool,
+    /// Fewer replicas were connected than `WAIT` asks for at the last read.
+    short_of_replicas: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -292,6 +306,9 @@ impl RedisStore {
             up: AtomicBool::new(true),
             announced: AtomicBool::new(false),
             last_announced: Mutex::new(None),
+            durability: Mutex::new(None),
+            config_refused: AtomicBool::new(false),
+            short_of_replicas: AtomicBool::new(false),
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -417,6 +434,10 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> StoreResult<()> {
         self.shared.ping().await
+    }
+
+    async fn durability(&self) -> StoreDurability {
+        self.shared.durability().await
     }
 
     async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {

@@ -48,7 +48,7 @@ use self::readers::Readers;
 use self::writer::{Cmd, Op, Reply, Writer};
 use crate::{
     AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    Store, StoreDurability, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
 };
 
 mod guard;
@@ -111,12 +111,15 @@ pub struct SqliteStore {
     quarantined: Option<PathBuf>,
     /// How long a publish `Idempotency-Key` is kept (listed with this expiry).
     idempotency_ttl_ms: u64,
+    /// `PRAGMA synchronous` of the write connection, read back once it was set.
+    synchronous: i64,
 }
 
 impl SqliteStore {
     /// Opens (or creates) the database, quarantining a file that is not a database.
     pub fn open(opts: SqliteOptions, sink: Arc<dyn LiveSink>) -> StoreResult<SqliteStore> {
         let (conn, epoch, quarantined) = open::open_or_quarantine(&opts)?;
+        let synchronous = open::synchronous(&conn).map_err(unavailable)?;
         let health = Arc::new(Health::new(opts.path.clone()));
         let readers = Arc::new(Readers {
             path: opts.path.clone(),
@@ -165,6 +168,7 @@ impl SqliteStore {
             commits,
             quarantined,
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
+            synchronous,
         })
     }
 
@@ -379,6 +383,12 @@ impl Store for SqliteStore {
 
     fn corrupt(&self) -> bool {
         self.health.is_corrupt()
+    }
+
+    async fn durability(&self) -> StoreDurability {
+        StoreDurability::Sqlite {
+            synchronous: self.synchronous,
+        }
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {

@@ -1,6 +1,7 @@
-//! Opening the database file: the connection's pragmas (WAL, `synchronous`), the schema and
-//! its migrations, the epoch kept in `meta`, and moving aside a file that is not a usable
-//! database so that a new one (with a new epoch) takes its place.
+//! Opening the database file: the connection's pragmas (WAL, `synchronous`, and reading back
+//! the `synchronous` in force: the store's durability level), the schema and its migrations,
+//! the epoch kept in `meta`, and moving aside a file that is not a usable database so that a
+//! new one (with a new epoch) takes its place.
 //!
 //! Must not: run after start-up (a file found damaged later is latched by `health.rs` and
 //! moved aside by the next start), or drop a file it cannot read: it is renamed, never deleted.
@@ -27,6 +28,12 @@ fn configure(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
     })?;
     conn.execute_batch("PRAGMA temp_store=MEMORY; PRAGMA foreign_keys=OFF;")?;
     Ok(())
+}
+
+/// `PRAGMA synchronous` as the connection reports it (0 `OFF` … 3 `EXTRA`): what the level
+/// is read from, rather than the option that asked for it.
+pub(super) fn synchronous(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
 }
 
 const SCHEMA: &str = "
