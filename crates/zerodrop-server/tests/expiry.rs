@@ -33,6 +33,17 @@ async fn frame(c: &mut WsClient, within: Duration) -> Value {
     }
 }
 
+/// A socket (past `welcome`) whose connect token, for `room:*`, expires in 3 s; and its `exp`.
+async fn connect_for_3s(s: &TestServer) -> (WsClient, u64) {
+    let exp = now_sec() + 3;
+    let tok = s.creds.token_until("u1", &["room:*"], &[], exp);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    (c, exp)
+}
+
 fn seq(f: &Value) -> u64 {
     f["seq"].as_u64().expect("seq")
 }
@@ -40,12 +51,7 @@ fn seq(f: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_without_a_fresh_token_is_asked_then_closed_with_token_expired() {
     let s = server().await;
-    let exp = now_sec() + 3;
-    let tok = s.creds.token_until("u1", &["room:*"], &[], exp);
-    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
-        .await
-        .unwrap();
-    c.expect("welcome").await;
+    let (mut c, exp) = connect_for_3s(&s).await;
     // Asked a third of the token's remaining lifetime before `exp` (at most 60 s before).
     let ask = frame(&mut c, Duration::from_secs(10)).await;
     assert_eq!(ask, json!({"type":"refresh","exp":exp,"deadline":exp + 1}));
@@ -74,12 +80,7 @@ async fn a_socket_without_a_fresh_token_is_asked_then_closed_with_token_expired(
 async fn a_fresh_token_keeps_the_socket_with_no_gap_and_ends_the_streams_it_no_longer_grants() {
     let s = server().await;
     let api = s.api();
-    let exp = now_sec() + 3;
-    let tok = s.creds.token_until("u1", &["room:*"], &[], exp);
-    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
-        .await
-        .unwrap();
-    c.expect("welcome").await;
+    let (mut c, exp) = connect_for_3s(&s).await;
     for st in ["room:a", "room:b"] {
         c.send(json!({"type":"subscribe","stream":st,"after":0}))
             .await;
@@ -151,12 +152,7 @@ async fn a_fresh_token_keeps_the_socket_with_no_gap_and_ends_the_streams_it_no_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refresh_changes_nothing_and_the_deadline_stands() {
     let s = server().await;
-    let exp = now_sec() + 3;
-    let tok = s.creds.token_until("u1", &["room:*"], &[], exp);
-    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
-        .await
-        .unwrap();
-    c.expect("welcome").await;
+    let (mut c, exp) = connect_for_3s(&s).await;
     // Another subject's token, an expired one, and garbage: each an error, none a refresh.
     let other = s
         .creds
@@ -188,6 +184,10 @@ async fn a_refused_refresh_changes_nothing_and_the_deadline_stands() {
             Some("refresh") => continue,
             Some("error") => {
                 assert_eq!(f["code"], "TOKEN_EXPIRED", "{f}");
+                assert!(
+                    now_ms() + 100 >= (exp + 1) * 1000,
+                    "the old deadline, not earlier"
+                );
                 break;
             }
             _ => panic!("unexpected {f}"),

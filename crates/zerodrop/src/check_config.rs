@@ -71,6 +71,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("max_frame_bytes", Some(int(c.max_frame_bytes))),
         ("max_payload_bytes", Some(int(c.max_payload_bytes))),
         ("ping_interval_sec", Some(int(c.ping_interval_sec))),
+        ("token_grace_sec", Some(int(c.token_grace_sec))),
         ("cors_origins", s(c.cors_origins.clone())),
         ("max_connections", Some(int(c.max_connections))),
         (
