@@ -23,6 +23,7 @@
 //!   until [`Client::add_key`] brings it, for at most `key_timeout` and `key_buffer_events`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +36,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backoff::Backoff;
 use crate::consistency::{CheckError, StreamCheck, Verdict, check_stream};
 use crate::error::{ApiError, ClientError};
-use crate::frames::{Ack, ClientFrame, Event, ServerFrame, Subscribe, Subscribed, Unsubscribe};
+use crate::frames::{
+    Ack, ClientFrame, Event, Refresh, ServerFrame, Subscribe, Subscribed, Unsubscribe,
+};
 use crate::http::HttpClient;
 use crate::ws::{WsAuth, WsConnection};
 
@@ -61,6 +64,37 @@ pub struct ClientOptions {
     /// [`crate::Tls::current`]).
     #[cfg(feature = "tls")]
     pub tls: Option<crate::Tls>,
+    /// Where fresh connect tokens come from. The server asks for one (`refresh`) before the
+    /// current token's `exp`; without a source, or when it fails, the server closes the
+    /// connection once `exp` plus its grace has passed and the subscriptions end with
+    /// `TOKEN_EXPIRED` (default: none).
+    pub token_source: Option<TokenSource>,
+}
+
+/// A source of fresh connect tokens for the same subject (typically a call to the
+/// application's backend), used to answer the server's `refresh` and for the requests the
+/// client makes with its connect token after that.
+#[derive(Clone)]
+pub struct TokenSource(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+/// A fetch of a fresh connect token: the token, or why there is none.
+type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+impl TokenSource {
+    /// `fetch` returns a new connect token, or why it could not.
+    pub fn new<F, Fut>(fetch: F) -> TokenSource
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        TokenSource(Arc::new(move || Box::pin(fetch())))
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
 }
 
 impl Default for ClientOptions {
@@ -74,6 +108,7 @@ impl Default for ClientOptions {
             key_timeout: Duration::from_secs(10),
             #[cfg(feature = "tls")]
             tls: None,
+            token_source: None,
         }
     }
 }
@@ -413,6 +448,8 @@ enum Cmd {
         error: SubscriptionError,
     },
     Close(oneshot::Sender<()>),
+    /// What the [`TokenSource`] answered to the server's `refresh`.
+    Refreshed(Result<String, String>),
 }
 
 /// State the client handle reads without asking the driver.
@@ -428,7 +465,8 @@ struct Shared {
 pub struct Client {
     cmd: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
-    https: Vec<HttpClient>,
+    /// One per url, holding the newest connect token (shared with the driver).
+    https: Arc<Mutex<Vec<HttpClient>>>,
     next_sub: AtomicU64,
     #[cfg(feature = "e2e")]
     keys: Keys,
@@ -460,10 +498,11 @@ impl Client {
             .iter()
             .map(|u| u.trim_end_matches('/').to_string())
             .collect();
-        let https = urls
-            .iter()
-            .map(|u| http_client(u, connect_token, &opts))
-            .collect::<Result<Vec<_>, _>>()?;
+        let https = Arc::new(Mutex::new(
+            urls.iter()
+                .map(|u| http_client(u, connect_token, &opts))
+                .collect::<Result<Vec<_>, _>>()?,
+        ));
         let mut last = None;
         let mut first = None;
         for (i, url) in urls.iter().enumerate() {
@@ -573,7 +612,11 @@ impl Client {
     /// [`Verdict::Diverged`] also ends the stream's subscription with
     /// [`SubscriptionError::Diverged`], forcing a resync.
     pub async fn verify(&self, stream: &str) -> Result<StreamCheck, CheckError> {
-        let http = &self.https[self.shared.url.load(Ordering::Relaxed) % self.https.len()];
+        let http = {
+            let https = lock(&self.https);
+            https[self.shared.url.load(Ordering::Relaxed) % https.len()].clone()
+        };
+        let http = &http;
         let check = check_stream(http, stream, 3).await?;
         if let Verdict::Diverged {
             server_hash,
@@ -732,7 +775,7 @@ struct Driver {
     idx: usize,
     token: String,
     opts: ClientOptions,
-    https: Vec<HttpClient>,
+    https: Arc<Mutex<Vec<HttpClient>>>,
     conn: Option<WsConnection>,
     resume_token: Option<String>,
     subs: HashMap<String, Sub>,
@@ -946,6 +989,15 @@ impl Driver {
                 self.on_error_frame(f.into(), epoch)
             }
             ServerFrame::Token(t) => lock(&self.shared.session).1 = t.resume_token,
+            ServerFrame::Refresh(_) => {
+                // Fetched aside: the events keep flowing while the backend mints the token.
+                if let Some(source) = self.opts.token_source.clone() {
+                    let tx = self.cmd_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Cmd::Refreshed((source.0)().await));
+                    });
+                }
+            }
             _ => {}
         }
         Flow::Go
@@ -1059,6 +1111,23 @@ impl Driver {
                 let _ = done.send(());
                 return Flow::Closed;
             }
+            // A source that failed sends nothing: the server's deadline then ends the
+            // connection with `TOKEN_EXPIRED`, as without a source.
+            Cmd::Refreshed(Ok(token)) => {
+                let fresh: Result<Vec<HttpClient>, ClientError> = self
+                    .urls
+                    .iter()
+                    .map(|u| http_client(u, &token, &self.opts))
+                    .collect();
+                if let Ok(fresh) = fresh {
+                    *lock(&self.https) = fresh;
+                }
+                self.token = token.clone();
+                if let Some(c) = conn {
+                    let _ = c.send(&ClientFrame::Refresh(Refresh { token })).await;
+                }
+            }
+            Cmd::Refreshed(Err(_)) => {}
         }
         Flow::Go
     }
@@ -1301,7 +1370,11 @@ impl Driver {
     ) -> Result<Vec<Event>, Option<SubscriptionError>> {
         let mut out = Vec::new();
         let mut at = after;
-        let http = &self.https[self.idx % self.https.len()];
+        let http = {
+            let https = lock(&self.https);
+            https[self.idx % https.len()].clone()
+        };
+        let http = &http;
         while at < to {
             let limit = (to - at).min(1000) as u32;
             let page = match http.read_events(stream, at, limit, None).await {

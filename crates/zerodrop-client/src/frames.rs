@@ -4,5 +4,6 @@
 
 pub use zerodrop_core::frames::{
     Ack, ClientFrame, ErrorFrame, EventFrame as Event, FrameError, Ping, Publish, Published,
-    Reconnect, Resume, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
+    Reconnect, Refresh, RefreshAsk, Resume, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe,
+    Welcome,
 };

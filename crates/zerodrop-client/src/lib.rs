@@ -47,7 +47,7 @@ pub mod ws;
 pub use backoff::Backoff;
 pub use client::{
     Client, ClientOptions, OFFERED_PROTOCOLS, Position, Received, SubscribeOptions, Subscription,
-    SubscriptionError,
+    SubscriptionError, TokenSource,
 };
 pub use consistency::{CheckError, StreamCheck, Verdict, check_stream};
 pub use dedupe::{Deduper, Delivery};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use zerodrop_client::{
     Client, ClientOptions, HttpClient, Received, SubscribeOptions, Subscription, SubscriptionError,
-    Verdict,
+    TokenSource, Verdict,
 };
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
@@ -565,4 +565,71 @@ mod e2e {
             }
         );
     }
+}
+
+/// A connect token that expires 3 s from now, and the server's grace of 1 s after it.
+async fn short_lived(s: &TestServer) -> (String, u64) {
+    let exp = zerodrop_core::now_ms() / 1000 + 3;
+    (s.creds.token_until("app", &["exp:*"], &[], exp), exp)
+}
+
+/// Sleeps until `exp` + the grace (1 s) + 1 s has passed, by the wall clock.
+async fn past_the_deadline(exp: u64) {
+    let at = (exp + 2) * 1000;
+    let now = zerodrop_core::now_ms();
+    tokio::time::sleep(Duration::from_millis(at.saturating_sub(now))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_source_answers_refresh_and_the_client_outlives_its_first_token_with_no_gap() {
+    let s = TestServer::with(|c| c.token_grace_sec = 1).await;
+    let stream = "exp:1";
+    let (first, exp) = short_lived(&s).await;
+    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (creds, count) = (s.creds.clone(), fetched.clone());
+    let source = TokenSource::new(move || {
+        let (creds, count) = (creds.clone(), count.clone());
+        async move {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let exp = zerodrop_core::now_ms() / 1000 + 3600;
+            Ok(creds.token_until("app", &["exp:*"], &[], exp))
+        }
+    });
+    let o = ClientOptions {
+        token_source: Some(source),
+        ..opts()
+    };
+    let client = Client::connect_with(&[&s.url], &first, o).await.unwrap();
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&s.api(), stream, 1, 3).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 3, &mut seqs).await;
+    past_the_deadline(exp).await;
+    publish_range(&s.api(), stream, 4, 6).await;
+    receive_until(&mut sub, 6, &mut seqs).await;
+    assert_quiet(&mut sub).await;
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let m = s.api().get("/metrics", None).await.text;
+    assert!(
+        m.lines()
+            .any(|l| l == "zerodrop_token_refreshes_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_source_the_subscription_ends_with_token_expired() {
+    let s = TestServer::with(|c| c.token_grace_sec = 1).await;
+    let stream = "exp:2";
+    let (first, _) = short_lived(&s).await;
+    let client = Client::connect_with(&[&s.url], &first, opts())
+        .await
+        .unwrap();
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&s.api(), stream, 1, 2).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 2, &mut seqs).await;
+    let err = ended(&mut sub).await;
+    assert_eq!(err.code(), "TOKEN_EXPIRED", "{err}");
 }
