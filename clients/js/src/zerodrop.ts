@@ -18,6 +18,7 @@ export type ErrorCode =
   | "MALFORMED_SEALED"
   | "ACK_BEYOND_HEAD"
   | "SESSION_TAKEN_OVER"
+  | "TOKEN_EXPIRED"
   | "INVALID_REQUEST"
   | "CLOSED";
 
@@ -58,6 +59,7 @@ const TERMINAL_SESSION = new Set([
   "INVALID_RESUME_TOKEN",
   "UNAUTHORIZED",
   "SESSION_TAKEN_OVER",
+  "TOKEN_EXPIRED",
 ]);
 
 export interface ConnectOptions {
@@ -75,6 +77,11 @@ export interface ConnectOptions {
   keyTimeout?: number;
   /** Called with every terminal error (also given to the subscription). */
   onError?: (e: ZerodropError) => void;
+  /** Fetches a fresh connect token (same subject), e.g. from your backend. The server asks
+   *  for one (`refresh`) before the current token expires; the SDK answers with it and uses
+   *  it for its own requests after. Without it (or when it fails) the server closes the
+   *  socket once the token's `exp` plus its grace has passed: `TOKEN_EXPIRED`. */
+  tokenProvider?: () => Promise<string>;
 }
 
 export interface SubscribeOptions {
@@ -466,8 +473,10 @@ export function connect(url: string | string[], connectToken: string, options: C
 
 export class Client {
   private readonly urls: string[];
-  private readonly token: string;
-  private readonly opt: Required<Omit<ConnectOptions, "onError">> & Pick<ConnectOptions, "onError">;
+  /** The newest connect token (a `refresh` replaces it). */
+  private token: string;
+  private readonly opt: Required<Omit<ConnectOptions, "onError" | "tokenProvider">> &
+    Pick<ConnectOptions, "onError" | "tokenProvider">;
   private readonly subs = new Map<string, Subscription>();
   private readonly keys = new Map<string, CryptoKey>();
   private publishKid: string | null = null;
@@ -508,6 +517,7 @@ export class Client {
       keyBufferEvents: o.keyBufferEvents ?? 1000,
       keyTimeout: o.keyTimeout ?? 10_000,
       onError: o.onError,
+      tokenProvider: o.tokenProvider,
     };
     const hasWs = typeof WebSocket !== "undefined";
     this.transport = this.opt.transport === "sse" || (this.opt.transport === "auto" && !hasWs) ? "sse" : "ws";
@@ -842,6 +852,21 @@ export class Client {
       case "token":
         if (typeof f.resumeToken === "string") this.resumeToken = f.resumeToken;
         break;
+      case "refresh": {
+        // Fetched aside: events keep flowing while the backend mints the token. A provider
+        // that fails sends nothing, and the server's deadline ends the socket (`TOKEN_EXPIRED`).
+        const provide = this.opt.tokenProvider;
+        if (!provide) break;
+        provide().then(
+          (token) => {
+            if (typeof token !== "string" || !token) return;
+            this.token = token;
+            if (this.ws === ws) ws.send(JSON.stringify({ type: "refresh", token }));
+          },
+          () => {},
+        );
+        break;
+      }
       case "reconnect":
         if (typeof f.resumeToken === "string") this.resumeToken = f.resumeToken;
         this.retryAfterMs = Number(f.retryAfterMs ?? 0) || 0;

@@ -293,3 +293,43 @@ test("auto: a WebSocket that never opens while HTTP gets through falls back to S
   last().drop(1006);
   assert.equal((await s2.ended).code, "UNAUTHORIZED");
 });
+
+test("a refresh is answered from the token provider; its token is then the one the SDK uses; without one the socket's end is TOKEN_EXPIRED", async () => {
+  FakeWebSocket.all = [];
+  fetches.length = 0;
+  let asked = 0;
+  const c = zd.connect("http://h1", "tok1", { tokenProvider: async () => `tok${++asked + 1}` });
+  const a = collect();
+  c.subscribe("s1", { after: 0, ...a.opts });
+  let ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
+  ws.frame({ type: "subscribed", stream: "s1", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame({ type: "refresh", exp: 100, deadline: 130 });
+  await until("a refresh answer", () => ws.sent.some((f) => f.type === "refresh"));
+  assert.deepEqual(ws.sent.find((f) => f.type === "refresh"), { type: "refresh", token: "tok2" });
+  assert.equal(asked, 1);
+  // The fresh token is the one the SDK reads with now (a gap read over HTTP).
+  fetchAnswer = () => ({ status: 200, body: { stream: "s1", epoch: E, headSeq: 2, firstSeq: 1, events: [ev("s1", 1)] } });
+  ws.frame(ev("s1", 2));
+  await until("a gap read", () => fetches.length > 0);
+  assert.equal(fetches[0].headers.Authorization, "Bearer tok2");
+  c.close();
+
+  // Without a provider, the refresh goes unanswered and the socket's end is TOKEN_EXPIRED.
+  FakeWebSocket.all = [];
+  const d = zd.connect("http://h1", "tok1", {});
+  const b = collect();
+  d.subscribe("s1", { after: 0, ...b.opts });
+  ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
+  ws.frame({ type: "refresh", exp: 100, deadline: 130 });
+  await sleep(20);
+  assert.ok(!ws.sent.some((f) => f.type === "refresh"), "nothing to answer with");
+  ws.frame({ type: "error", code: "TOKEN_EXPIRED", message: "expired" });
+  ws.drop(4401);
+  await until("the typed end", () => b.got.length > 0);
+  assert.equal(b.got[0].code, "TOKEN_EXPIRED");
+  d.close();
+});
