@@ -41,6 +41,14 @@ impl LazyFuse {
         self.volume.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `fsync` and `fsyncdir`: what `ino` holds becomes durable (survives a power cut).
+    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        match self.lock().sync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     fn attr(&self, v: &Volume, ino: u64) -> Option<FileAttr> {
         let node = v.node(ino)?;
         let (kind, size, nlink) = match &node.kind {
@@ -303,12 +311,10 @@ impl Filesystem for LazyFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.lock().sync(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.sync(ino, reply);
     }
 
+    /// A directory syncs like a file: its entries become durable.
     fn fsyncdir(
         &self,
         _req: &Request,
@@ -317,10 +323,7 @@ impl Filesystem for LazyFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.lock().sync(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.sync(ino, reply);
     }
 
     fn readdir(

@@ -281,6 +281,16 @@ impl Core {
         self.acks.remove(stream);
     }
 
+    /// `stream` leaves the connection and its session (the caller flushes buffered acks
+    /// first, so that they are written while the stream is still in the session).
+    pub(crate) async fn leave(&mut self, stream: &StreamId) -> Result<(), ApiError> {
+        self.unsubscribe(stream);
+        match &self.session {
+            Some(s) => self.app.unsubscribe_stream(&s.id, stream).await,
+            None => Ok(()),
+        }
+    }
+
     /// What was delivered on `stream` so far (its cursor).
     pub(crate) fn cursor(&self, stream: &str) -> Option<Seq> {
         self.subs

@@ -599,7 +599,7 @@ impl Conn {
                 ))
                 .await;
         }
-        let (sid, grants) = (session.id.clone(), claims.grants());
+        let grants = claims.grants();
         let ended: Vec<StreamId> = self
             .core
             .subs
@@ -611,8 +611,7 @@ impl Conn {
             self.core.flush_acks().await;
         }
         for stream in ended {
-            self.core.unsubscribe(&stream);
-            if let Err(e) = app.unsubscribe_stream(&sid, &stream).await {
+            if let Err(e) = self.core.leave(&stream).await {
                 tracing::debug!(error = %e.message, "could not take an ungranted stream out of a session");
             }
             let e = ApiError::forbidden(format!(
@@ -716,12 +715,8 @@ impl Conn {
             return Ok(());
         };
         self.core.flush_acks().await;
-        self.core.unsubscribe(&stream);
-        if let Some(s) = &self.core.session {
-            let id = s.id.clone();
-            if let Err(e) = self.core.app.unsubscribe_stream(&id, &stream).await {
-                return self.send_error(e).await;
-            }
+        if let Err(e) = self.core.leave(&stream).await {
+            return self.send_error(e).await;
         }
         self.send_frame(&ServerFrame::Unsubscribed(Unsubscribe {
             stream: stream.as_str().to_string(),
