@@ -80,7 +80,8 @@ export interface ConnectOptions {
   /** Fetches a fresh connect token (same subject), e.g. from your backend. The server asks
    *  for one (`refresh`) before the current token expires; the SDK answers with it and uses
    *  it for its own requests after. Without it (or when it fails) the server closes the
-   *  socket once the token's `exp` plus its grace has passed: `TOKEN_EXPIRED`. */
+   *  socket once the token's `exp` plus its grace has passed: `TOKEN_EXPIRED`. After such an
+   *  end the SDK asks it once more and resumes the session with the fresh token (no gap). */
   tokenProvider?: () => Promise<string>;
 }
 
@@ -488,6 +489,8 @@ export class Client {
   // WebSocket state
   private ws: WebSocket | null = null;
   private resumeToken: string | null = null;
+  /** A fresh connect token the next resume carries: the session's own expired. */
+  private freshToken: string | null = null;
   private protocol = "";
   private welcomed = false;
   private resuming = false;
@@ -697,7 +700,9 @@ export class Client {
       if (this.resumeToken) {
         const lastAck: Record<string, number> = {};
         for (const s of this.subs.values()) if (s.handledSeq !== null && s.inSession) lastAck[s.stream] = s.handledSeq;
-        ws.send(JSON.stringify({ type: "resume", resumeToken: this.resumeToken, lastAck }));
+        const frame: Record<string, unknown> = { type: "resume", resumeToken: this.resumeToken, lastAck };
+        if (this.freshToken) frame.token = this.freshToken;
+        ws.send(JSON.stringify(frame));
       }
     };
     ws.onmessage = (m) => {
@@ -726,6 +731,20 @@ export class Client {
       };
       if (fatal[code]) {
         const e = this.lastSessionError ?? new ZerodropError(fatal[code], `socket closed with ${code}`);
+        const provide = this.opt.tokenProvider;
+        if (e.code === "TOKEN_EXPIRED" && provide && this.resumeToken && !this.freshToken) {
+          // The session outlived its token: resume it with a fresh one (once per expiry).
+          provide().then(
+            (token) => {
+              if (typeof token !== "string" || !token) return this.failAll(e);
+              this.token = token;
+              this.freshToken = token;
+              this.scheduleReconnect(true);
+            },
+            () => this.failAll(e),
+          );
+          return;
+        }
         this.failAll(e);
         return;
       }
@@ -813,6 +832,7 @@ export class Client {
       case "welcome": {
         this.welcomed = true;
         this.attempt = 0;
+        this.freshToken = null;
         if (typeof f.resumeToken === "string") this.resumeToken = f.resumeToken;
         if (!this.protocol && typeof f.protocol === "string") this.protocol = f.protocol;
         // A resumed session announces its own streams with `subscribed` and their missed

@@ -333,3 +333,47 @@ test("a refresh is answered from the token provider; its token is then the one t
   assert.equal(b.got[0].code, "TOKEN_EXPIRED");
   d.close();
 });
+
+test("after TOKEN_EXPIRED the provider's fresh token resumes the session (resume {resumeToken, token}); a second expiry in a row is terminal", async () => {
+  FakeWebSocket.all = [];
+  let asked = 0;
+  const c = zd.connect("http://h1", "tok1", { baseDelay: 10, maxDelay: 20, tokenProvider: async () => `tok${++asked + 1}` });
+  const a = collect();
+  c.subscribe("s1", { after: 0, ...a.opts });
+  let ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
+  ws.frame({ type: "subscribed", stream: "s1", epoch: E, headSeq: 0, fromSeq: 1 });
+  ws.frame(ev("s1", 1));
+  await until("1 event", () => a.got.length === 1);
+  ws.frame({ type: "error", code: "TOKEN_EXPIRED", message: "expired" });
+  ws.drop(4401);
+  await until("a resuming socket", () => FakeWebSocket.all.length === 2, 2000);
+  ws = last();
+  ws.accept("zerodrop.v2");
+  assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r1", lastAck: { s1: 1 }, token: "tok2" });
+  ws.frame({ type: "welcome", resumeToken: "r2", protocol: "zerodrop.v2" });
+  ws.frame({ type: "subscribed", stream: "s1", epoch: E, headSeq: 2, fromSeq: 2 });
+  ws.frame(ev("s1", 2));
+  await until("2 events", () => a.got.length === 2);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2], "no gap, no error");
+  // The next drop resumes without a token (the fresh one is the session's now)...
+  ws.drop(1006);
+  await until("a third socket", () => FakeWebSocket.all.length === 3, 2000);
+  ws = last();
+  ws.accept("zerodrop.v2");
+  assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r2", lastAck: { s1: 2 } });
+  // ...and a resume refused with TOKEN_EXPIRED even with a fresh token is terminal.
+  ws.frame({ type: "error", code: "TOKEN_EXPIRED", message: "expired" });
+  ws.drop(4401);
+  await until("a fourth socket", () => FakeWebSocket.all.length === 4, 2000);
+  ws = last();
+  ws.accept("zerodrop.v2");
+  assert.equal(ws.sent[0].token, "tok3");
+  ws.frame({ type: "error", code: "TOKEN_EXPIRED", message: "expired again" });
+  ws.drop(4401);
+  await until("the typed end", () => a.got.length === 3);
+  assert.equal(a.got[2].code, "TOKEN_EXPIRED");
+  assert.equal(FakeWebSocket.all.length, 4, "no loop");
+  c.close();
+});

@@ -548,6 +548,7 @@ impl Client {
             delay: Duration::ZERO,
             last_session_error: None,
             refused: None,
+            fresh_needed: false,
             ack_due: false,
             #[cfg(feature = "e2e")]
             keys: keys.clone(),
@@ -790,6 +791,9 @@ struct Driver {
     /// The connect token was refused: no more connection attempts; new subscriptions end
     /// with this at once.
     refused: Option<SubscriptionError>,
+    /// The session's connect token expired (`TOKEN_EXPIRED`) and a token source is set: the
+    /// next attempt resumes with a fresh connect token from it.
+    fresh_needed: bool,
     ack_due: bool,
     #[cfg(feature = "e2e")]
     keys: Keys,
@@ -863,8 +867,30 @@ impl Driver {
             }
         }
         let resuming = self.resume_token.is_some();
+        // A session whose connect token expired resumes with a fresh one (SPEC §9).
+        let fresh = match (resuming && self.fresh_needed, &self.opts.token_source) {
+            (true, Some(source)) => {
+                match tokio::time::timeout(self.opts.connect_timeout, (source.0)()).await {
+                    Ok(Ok(t)) => Some(t),
+                    _ => {
+                        // No fresh token: the session ends as it would without a source.
+                        self.fresh_needed = false;
+                        self.resume_token = None;
+                        self.fail_all(&SubscriptionError::Server {
+                            code: "TOKEN_EXPIRED".into(),
+                            message: "the connect token expired and the token source gave no \
+                                      fresh one"
+                                .into(),
+                        });
+                        return Flow::Go;
+                    }
+                }
+            }
+            _ => None,
+        };
         let auth = match &self.resume_token {
             Some(t) => WsAuth::Resume {
+                token: fresh.clone(),
                 resume_token: t.clone(),
                 last_ack: self
                     .subs
@@ -882,6 +908,10 @@ impl Driver {
         }
         match open(&self.urls[self.idx], auth, &self.opts).await {
             Ok(mut c) => {
+                if let Some(token) = fresh {
+                    self.fresh_needed = false;
+                    self.use_token(token);
+                }
                 self.resume_token = Some(c.resume_token().to_string());
                 *lock(&self.shared.protocol) = c.protocol().to_string();
                 *lock(&self.shared.session) =
@@ -895,7 +925,15 @@ impl Driver {
                     ClientError::Http { retry_after, .. } => retry_after.unwrap_or_default(),
                     _ => Duration::ZERO,
                 };
-                if let Some(err) = SubscriptionError::from_client(&e, None) {
+                let err = SubscriptionError::from_client(&e, None);
+                if resuming && fresh.is_none() && self.wants_fresh(err.as_ref()) {
+                    // Resumed at once with a fresh token (no backoff: nothing failed but
+                    // the token's age).
+                    self.fresh_needed = true;
+                    self.delay = Duration::ZERO;
+                    return Flow::Go;
+                }
+                if let Some(err) = err {
                     self.fail_all(&err);
                     self.resume_token = None;
                     if !resuming {
@@ -930,8 +968,34 @@ impl Driver {
         }
     }
 
+    /// Whether `err` ends only the session's token, and a token source can renew it.
+    fn wants_fresh(&self, err: Option<&SubscriptionError>) -> bool {
+        self.opts.token_source.is_some()
+            && self.resume_token.is_some()
+            && err.is_some_and(|e| e.code() == "TOKEN_EXPIRED")
+    }
+
+    /// From now on the client uses `token` (its own HTTP requests too).
+    fn use_token(&mut self, token: String) {
+        let fresh: Result<Vec<HttpClient>, ClientError> = self
+            .urls
+            .iter()
+            .map(|u| http_client(u, &token, &self.opts))
+            .collect();
+        if let Ok(fresh) = fresh {
+            *lock(&self.https) = fresh;
+        }
+        self.token = token;
+    }
+
     fn on_lost(&mut self, e: ClientError) -> Flow {
-        if let Some(err) = SubscriptionError::from_client(&e, self.last_session_error.as_ref()) {
+        let err = SubscriptionError::from_client(&e, self.last_session_error.as_ref());
+        if self.wants_fresh(err.as_ref()) {
+            self.last_session_error = None;
+            self.fresh_needed = true;
+            return Flow::Lost(Duration::ZERO);
+        }
+        if let Some(err) = err {
             self.fail_all(&err);
             self.resume_token = None;
             return Flow::Lost(Duration::ZERO);
@@ -1114,15 +1178,7 @@ impl Driver {
             // A source that failed sends nothing: the server's deadline then ends the
             // connection with `TOKEN_EXPIRED`, as without a source.
             Cmd::Refreshed(Ok(token)) => {
-                let fresh: Result<Vec<HttpClient>, ClientError> = self
-                    .urls
-                    .iter()
-                    .map(|u| http_client(u, &token, &self.opts))
-                    .collect();
-                if let Ok(fresh) = fresh {
-                    *lock(&self.https) = fresh;
-                }
-                self.token = token.clone();
+                self.use_token(token.clone());
                 if let Some(c) = conn {
                     let _ = c.send(&ClientFrame::Refresh(Refresh { token })).await;
                 }

@@ -30,6 +30,8 @@ pub enum WsAuth {
     Resume {
         resume_token: String,
         last_ack: BTreeMap<String, u64>,
+        /// A fresh connect token, for a session whose own expired (`TOKEN_EXPIRED`).
+        token: Option<String>,
     },
     /// Take over a session with `?resume=<token>` (the session's stored acks apply).
     ResumeQuery(String),
@@ -184,12 +186,14 @@ impl WsConnection {
         if let WsAuth::Resume {
             resume_token,
             last_ack,
+            token,
         } = auth
         {
             let last_ack = (!last_ack.is_empty()).then_some(last_ack);
             conn.send(&ClientFrame::Resume(Resume {
                 resume_token,
                 last_ack,
+                token,
             }))
             .await?;
         }

@@ -193,6 +193,11 @@ pub struct Resume {
     pub resume_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ack: Option<BTreeMap<String, u64>>,
+    /// A fresh connect token for the session's subject: needed once the session's own has
+    /// passed its `exp` plus the grace (`TOKEN_EXPIRED`), and it becomes the session's
+    /// authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `refresh` (client → server): a new connect token for the same `sub`.
@@ -485,10 +490,20 @@ mod tests {
         let f = ClientFrame::Resume(Resume {
             resume_token: "t".into(),
             last_ack: Some([("room:1".to_string(), 4u64)].into_iter().collect()),
+            token: None,
         });
         assert_eq!(
             value(&f.to_json()),
             json!({"type":"resume","resumeToken":"t","lastAck":{"room:1":4}})
+        );
+        let f = ClientFrame::Resume(Resume {
+            resume_token: "t".into(),
+            last_ack: None,
+            token: Some("jwt".into()),
+        });
+        assert_eq!(
+            value(&f.to_json()),
+            json!({"type":"resume","resumeToken":"t","token":"jwt"})
         );
         let f = ClientFrame::Subscribe(Subscribe {
             stream: "a".into(),

@@ -1,6 +1,6 @@
 //! Resume tokens: `v1.<kid>.<payload>.<sig>`.
 //!
-//! `payload` is base64url (no padding) of `{"sid","sub","iat","exp","jti"}`; `sig` is base64url
+//! `payload` is base64url (no padding) of `{"sid","sub","iat","exp","jti","aexp"}`; `sig` is base64url
 //! of HMAC-SHA256 over `v1.<kid>.<payload>` with the key named `kid`. Keys come as
 //! `"kid2:secret2,kid1:secret1"`: the first signs, every one verifies, so keys rotate without
 //! logging anyone out (add the new key in front, drop the old one after a reconnect window).
@@ -26,6 +26,12 @@ pub struct ResumeClaims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+    /// The session's authority: the `exp` (Unix seconds) of the newest connect token presented
+    /// for it. A resume after it plus the grace needs a fresh connect token. `None`: a session
+    /// opened with the api key (or a token minted before the field existed), bounded only by
+    /// the maximum session age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aexp: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +183,7 @@ mod tests {
             iat: 100,
             exp,
             jti: Some("j1".into()),
+            aexp: Some(exp + 5),
         }
     }
 

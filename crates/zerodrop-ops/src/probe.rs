@@ -343,6 +343,7 @@ async fn probe(args: &ProbeArgs, p: &mut Probe) -> anyhow::Result<()> {
                 WsAuth::Resume {
                     resume_token: resume_token.clone(),
                     last_ack,
+                    token: None,
                 },
                 to,
             )

@@ -200,15 +200,18 @@ impl Auth {
         Ok(claims)
     }
 
-    pub fn mint_resume(&self, sid: &SessionId, sub: &str, lifetime_sec: u64) -> String {
+    /// A resume token for `sid` expiring at `exp` (Unix seconds) and carrying the session's
+    /// authority `aexp` (its newest connect token's `exp`).
+    pub fn mint_resume(&self, sid: &SessionId, sub: &str, exp: u64, aexp: Option<u64>) -> String {
         let now = zerodrop_core::now_ms() / 1000;
         let jti = hex::encode(zerodrop_core::random_bytes::<8>());
         self.resume_keys.sign(&ResumeClaims {
             sid: sid.clone(),
             sub: sub.to_string(),
             iat: now,
-            exp: now + lifetime_sec,
+            exp,
             jti: Some(jti),
+            aexp,
         })
     }
 }
@@ -310,14 +313,15 @@ mod tests {
     fn resume_tokens_bind_to_their_session() {
         let a = auth();
         let sid = SessionId::generate();
-        let t = a.mint_resume(&sid, "u1", 60);
+        let exp = zerodrop_core::now_ms() / 1000 + 60;
+        let t = a.mint_resume(&sid, "u1", exp, Some(exp));
         assert_eq!(a.verify_resume(&t, Some(&sid)).unwrap().sid, sid);
         let e = a
             .verify_resume(&t, Some(&SessionId::generate()))
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidResumeToken);
         assert_ne!(
-            a.mint_resume(&sid, "u1", 60),
+            a.mint_resume(&sid, "u1", exp, Some(exp)),
             t,
             "tokens carry a random jti"
         );

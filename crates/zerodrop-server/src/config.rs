@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// awaited (`refresh`); then `TOKEN_EXPIRED` (close 4401, SSE `event: error`).
     #[arg(long, env = "ZERODROP_TOKEN_GRACE_SEC", default_value_t = 30)]
     pub token_grace_sec: u64,
+    /// The most a session lives, whatever its tokens say: then resumes are refused and its
+    /// live connections end with `RECONNECT_WINDOW_EXPIRED` (close 4410).
+    #[arg(long, env = "ZERODROP_MAX_SESSION_AGE_SEC", default_value_t = 86_400)]
+    pub max_session_age_sec: u64,
     /// Allowed CORS origins, comma-separated, or `*`.
     #[arg(long, env = "ZERODROP_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
@@ -293,6 +297,7 @@ struct FileConfig {
     max_payload_bytes: Option<usize>,
     ping_interval_sec: Option<u64>,
     token_grace_sec: Option<u64>,
+    max_session_age_sec: Option<u64>,
     cors_origins: Option<String>,
     max_connections: Option<usize>,
     max_streams_per_session: Option<usize>,
@@ -374,6 +379,7 @@ pub struct Config {
     pub max_payload_bytes: usize,
     pub ping_interval_sec: u64,
     pub token_grace_sec: u64,
+    pub max_session_age_sec: u64,
     pub cors_origins: String,
     pub max_connections: usize,
     pub max_streams_per_session: usize,
@@ -460,6 +466,7 @@ impl Config {
                 max_payload_bytes,
                 ping_interval_sec,
                 token_grace_sec,
+                max_session_age_sec,
                 cors_origins,
                 max_connections,
                 max_streams_per_session,
@@ -523,6 +530,7 @@ impl Config {
             max_payload_bytes: a.max_payload_bytes,
             ping_interval_sec: a.ping_interval_sec,
             token_grace_sec: a.token_grace_sec,
+            max_session_age_sec: a.max_session_age_sec,
             cors_origins: a.cors_origins,
             max_connections: a.max_connections,
             max_streams_per_session: a.max_streams_per_session,

@@ -16,9 +16,11 @@
 //! - **refreshes** the resume token and the session's reconnect window;
 //! - **drains**: at this connection's spread moment the transport says goodbye with a fresh
 //!   resume token;
-//! - **ends with its authority**: a connection opened with a connect token is asked for a
-//!   fresh one (`refresh`) before the token's `exp`, and closed with `TOKEN_EXPIRED` once
-//!   `exp` plus the grace (`--token-grace-sec`) has passed without one;
+//! - **ends with its authority**: a connection whose authority is a connect token (given at
+//!   connect, or carried by the resume token it resumed with) is asked for a fresh one
+//!   (`refresh`) before the token's `exp`, and closed with `TOKEN_EXPIRED` once `exp` plus the
+//!   grace (`--token-grace-sec`) has passed without one; a session's connection also ends at
+//!   the session's maximum age (`RECONNECT_WINDOW_EXPIRED`);
 //! - **is taken over** when a newer connection resumes its session.
 //!
 //! The transport implements [`Wire`]: how an event, a hole, a ping, a token and a drain look
@@ -32,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::app::{App, ConnSlot, Hole, StreamStart};
+use crate::app::{App, Authority, ConnSlot, Hole, StreamStart, authority_ended};
 use crate::drain::DrainPhase;
 use crate::error::ApiError;
 use crate::live::{Delivery, Fault, Signal, Subscription};
@@ -97,6 +99,8 @@ pub(crate) struct Held {
     pub id: SessionId,
     pub sub: String,
     pub grants: Grants,
+    /// What its access stands on: the newest connect token's `exp`, the session's age.
+    pub authority: Authority,
 }
 
 /// Every deadline of a connection; one timer serves them all.
@@ -107,7 +111,8 @@ struct Timers {
     retry: Option<Instant>,
     /// When to ask for a fresh connect token (`refresh`).
     ask: Option<Instant>,
-    /// When the connect token's authority ends: `exp` plus the grace.
+    /// When the connection's authority ends: its connect token's `exp` plus the grace, or
+    /// its session's maximum age.
     expire: Option<Instant>,
 }
 
@@ -157,8 +162,11 @@ pub(crate) struct Core {
     opened: Instant,
     pub delivered: u64,
     /// The `exp` (Unix seconds) of the connect token this connection holds its authority
-    /// from; `None`: it was opened with a resume token.
+    /// from (given at connect, carried by a resume token, or refreshed); `None`: none (a
+    /// session opened with the api key).
     exp: Option<u64>,
+    /// The error the connection ends with at `timers.expire`.
+    expire_code: ErrorCode,
     closed: bool,
     _slot: ConnSlot,
 }
@@ -206,6 +214,7 @@ impl Core {
             opened: now,
             delivered: 0,
             exp: None,
+            expire_code: ErrorCode::TokenExpired,
             closed: false,
             _slot: slot,
             app,
@@ -216,35 +225,72 @@ impl Core {
         self.session.as_ref().map(|s| s.id.as_str()).unwrap_or("")
     }
 
-    /// The connection now serves this session. `hold`: it becomes the session's one
-    /// connection on this instance (a later resume takes it over).
-    pub(crate) fn adopt(&mut self, id: SessionId, sub: String, grants: Grants, hold: bool) {
+    /// The connection now serves this session, under its `authority` (the connection ends
+    /// with it). `hold`: it becomes the session's one connection on this instance (a later
+    /// resume takes it over).
+    pub(crate) fn adopt(
+        &mut self,
+        id: SessionId,
+        sub: String,
+        grants: Grants,
+        authority: Authority,
+        hold: bool,
+    ) {
         if hold {
             self.app.hold_session(&id, self.id, &self.signal);
         }
-        self.session = Some(Held { id, sub, grants });
+        self.session = Some(Held {
+            id,
+            sub,
+            grants,
+            authority,
+        });
+        self.exp = authority.exp;
+        self.arm_authority();
     }
 
-    /// The connection holds its authority from a connect token expiring at `exp` (Unix
-    /// seconds): it asks for a fresh one 60 s before, or a third of the token's remaining
-    /// lifetime before when that is shorter, and ends `--token-grace-sec` after `exp`.
+    /// The connection (and its session) holds its authority from a connect token expiring at
+    /// `exp` (Unix seconds), given at connect or in a `refresh`.
     pub(crate) fn authorize(&mut self, exp: u64) {
-        let now_ms = now_ms();
-        let exp_ms = exp.saturating_mul(1000);
-        let left = exp_ms.saturating_sub(now_ms);
-        let lead = ASK_AHEAD.min(Duration::from_millis(left / 3));
-        let now = Instant::now();
         self.exp = Some(exp);
-        self.timers.ask = Some(now + Duration::from_millis(left) - lead);
-        let grace = Duration::from_secs(self.app.cfg.token_grace_sec);
-        self.timers.expire = Some(now + Duration::from_millis(left) + grace);
+        if let Some(s) = self.session.as_mut() {
+            s.authority.exp = Some(exp);
+        }
+        self.arm_authority();
     }
 
-    /// A resume token for the session held.
+    /// Sets the deadlines that follow the authority: a fresh connect token is asked for 60 s
+    /// before `exp`, or a third of the token's remaining lifetime before when that is shorter;
+    /// the connection ends `--token-grace-sec` after `exp` (`TOKEN_EXPIRED`), or at its
+    /// session's maximum age (`RECONNECT_WINDOW_EXPIRED`), whichever comes first.
+    fn arm_authority(&mut self) {
+        let now_ms = now_ms();
+        let now = Instant::now();
+        let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
+        self.timers.ask = self.exp.map(|exp| {
+            let exp_ms = exp.saturating_mul(1000);
+            let left = exp_ms.saturating_sub(now_ms);
+            at(exp_ms) - ASK_AHEAD.min(Duration::from_millis(left / 3))
+        });
+        let end = match &self.session {
+            Some(s) => Some(self.app.authority_end(s.authority)),
+            None => self.exp.map(|exp| {
+                let ms = exp
+                    .saturating_add(self.app.cfg.token_grace_sec)
+                    .saturating_mul(1000);
+                (ms, ErrorCode::TokenExpired)
+            }),
+        };
+        self.timers.expire = end.map(|(ms, _)| at(ms));
+        if let Some((_, code)) = end {
+            self.expire_code = code;
+        }
+    }
+
+    /// A resume token for the session held (none once its authority has ended).
     pub(crate) fn mint(&self) -> Option<String> {
-        self.session
-            .as_ref()
-            .map(|s| self.app.mint_token(&s.id, &s.sub))
+        let s = self.session.as_ref()?;
+        self.app.mint_token(&s.id, &s.sub, s.authority)
     }
 
     pub(crate) fn log_opened(&self, stream: Option<&StreamId>) {
@@ -338,10 +384,14 @@ impl Core {
     pub(crate) async fn on_timer(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
         let now = Instant::now();
         if self.timers.expire.is_some_and(|t| t <= now) {
-            return Err(Exit::error(ApiError::new(
-                ErrorCode::TokenExpired,
-                "the connect token expired and no fresh one came (refresh); connect again with a new token",
-            )));
+            return Err(Exit::error(match self.expire_code {
+                ErrorCode::TokenExpired => ApiError::new(
+                    ErrorCode::TokenExpired,
+                    "the connect token expired and no fresh one came (refresh); resume with a \
+                     new token (resume {resumeToken, token}) or connect again with it",
+                ),
+                code => authority_ended(code),
+            }));
         }
         if self.timers.drain.is_some_and(|t| t <= now) {
             return Err(wire.drain(self.mint()).await);

@@ -31,7 +31,7 @@ use serde_json::json;
 use zerodrop_core::{Epoch, Grants, Seq, StreamId};
 use zerodrop_store::SessionRecord;
 
-use crate::app::{App, Asker, Hole, Placement, Position, StreamStart};
+use crate::app::{App, Asker, Hole, Placement, Position, Resumed, StreamStart};
 use crate::auth::bearer;
 use crate::connection::{Core, Exit, Ready, Wire};
 use crate::error::{ApiError, ApiResult};
@@ -106,22 +106,35 @@ async fn open(
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;
     // With a connect token, its `exp` bounds the stream (`TOKEN_EXPIRED` after the grace).
+    // With both, the connect token is a fresh authority for the session resumed.
     let mut exp = None;
-    let (session, grants): (Option<SessionRecord>, Option<Grants>) = if let Some(t) = app
+    let token = app
         .auth
         .query_token(q.token.as_deref())?
-        .or_else(|| bearer(&headers))
-    {
-        let claims = app.auth.verify_connect(t)?;
-        exp = Some(claims.exp);
-        (None, Some(claims.grants()))
-    } else if let Some(r) = q.resume.as_deref() {
-        (Some(app.resume(r, None, Transport::Sse).await?), None)
-    } else {
-        return Err(ApiError::unauthorized(
-            "pass ?token=<connect token> or ?resume=<resume token>",
-        ));
+        .or_else(|| bearer(&headers));
+    let (resumed, grants): (Option<Resumed>, Option<Grants>) = match (token, q.resume.as_deref()) {
+        (Some(t), Some(r)) => {
+            let fresh = app.auth.verify_refresh(t).inspect_err(|e| {
+                app.metrics.resume_failed(Transport::Sse, e.code);
+            })?;
+            let resumed = app.resume(r, None, Some(&fresh), Transport::Sse).await?;
+            app.metrics.token_refresh(true);
+            (Some(resumed), None)
+        }
+        (Some(t), None) => {
+            let claims = app.auth.verify_connect(t)?;
+            exp = Some(claims.exp);
+            (None, Some(claims.grants()))
+        }
+        (None, Some(r)) => (Some(app.resume(r, None, None, Transport::Sse).await?), None),
+        (None, None) => {
+            return Err(ApiError::unauthorized(
+                "pass ?token=<connect token> or ?resume=<resume token>",
+            ));
+        }
     };
+    let authority = resumed.as_ref().map(|r| r.authority);
+    let session: Option<SessionRecord> = resumed.map(|r| r.session);
     let resuming = last_event_id.is_some() || session.is_some();
     let position = match (last_event_id, q.after) {
         (Some((epoch, seq)), _) => Position::After { seq, epoch },
@@ -163,10 +176,10 @@ async fn open(
         app.metrics.resume_succeeded(Transport::Sse);
     }
     let mut core = Core::new(app, Transport::Sse, slot, PING_EVERY);
-    if let Some(s) = session {
+    if let (Some(s), Some(authority)) = (session, authority) {
         // SSE does not hold the session: a `?resume=` reconnect is a new response, and the
         // old one ends when its client goes.
-        core.adopt(s.id, s.sub, s.grants, false);
+        core.adopt(s.id, s.sub, s.grants, authority, false);
     }
     if let Some(exp) = exp {
         core.authorize(exp);

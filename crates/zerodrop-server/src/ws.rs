@@ -41,7 +41,10 @@ use zerodrop_core::frames::{
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
-use crate::app::{AckWrite, App, Asker, ConnSlot, Hole, Position, StreamStart};
+use crate::app::{
+    AckWrite, App, Asker, Authority, ConnSlot, Hole, Position, Resumed, StreamStart,
+    no_longer_granted,
+};
 use crate::auth::{ConnectClaims, bearer};
 use crate::connection::{Core, Exit, Ready, Wire};
 use crate::error::ApiError;
@@ -72,7 +75,8 @@ pub struct WsQuery {
 
 enum Start {
     Connect(ConnectClaims),
-    Resume(String),
+    /// A resume token, with a fresh connect token when the URL carries both.
+    Resume(String, Option<ConnectClaims>),
     AwaitResume,
 }
 
@@ -115,16 +119,15 @@ fn upgrade(
                 ))
             })?
     };
-    let start = if let Some(t) = app
+    let token = app
         .auth
         .query_token(q.token.as_deref())?
-        .or_else(|| bearer(&headers))
-    {
-        Start::Connect(app.auth.verify_connect(t)?)
-    } else if let Some(r) = q.resume {
-        Start::Resume(r)
-    } else {
-        Start::AwaitResume
+        .or_else(|| bearer(&headers));
+    let start = match (token, q.resume) {
+        (Some(t), Some(r)) => Start::Resume(r, Some(app.auth.verify_refresh(t)?)),
+        (Some(t), None) => Start::Connect(app.auth.verify_connect(t)?),
+        (None, Some(r)) => Start::Resume(r, None),
+        (None, None) => Start::AwaitResume,
     };
     let slot = app.admit()?;
     let cfg = &app.cfg;
@@ -339,10 +342,15 @@ impl Conn {
                     .open_session(&claims.sub, claims.grants(), &[])
                     .await
                     .map_err(Exit::error)?;
-                self.core.authorize(claims.exp);
-                self.adopt(rec.id, rec.sub, rec.grants).await
+                let authority = Authority {
+                    exp: Some(claims.exp),
+                    born_ms: rec.created_at_ms,
+                };
+                self.adopt(rec.id, rec.sub, rec.grants, authority).await
             }
-            Start::Resume(token) => self.resume(&token, BTreeMap::new()).await,
+            Start::Resume(token, fresh) => {
+                self.resume(&token, BTreeMap::new(), fresh.as_ref()).await
+            }
             Start::AwaitResume => {
                 let first =
                     tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.wire.socket.recv()).await;
@@ -362,8 +370,24 @@ impl Conn {
                 };
                 match ClientFrame::parse(text.as_str()) {
                     Ok(ClientFrame::Resume(r)) => {
-                        self.resume(&r.resume_token, r.last_ack.unwrap_or_default())
-                            .await
+                        let fresh = match r
+                            .token
+                            .as_deref()
+                            .map(|t| self.app().auth.verify_refresh(t))
+                        {
+                            Some(Err(e)) => {
+                                self.app().metrics.resume_failed(Transport::Ws, e.code);
+                                return Err(Exit::error(e));
+                            }
+                            Some(Ok(c)) => Some(c),
+                            None => None,
+                        };
+                        self.resume(
+                            &r.resume_token,
+                            r.last_ack.unwrap_or_default(),
+                            fresh.as_ref(),
+                        )
+                        .await
                     }
                     _ => Err(Exit::error(ApiError::unauthorized(
                         "the first frame must be a resume frame with resumeToken",
@@ -374,9 +398,15 @@ impl Conn {
     }
 
     /// Becomes the session's connection and says `welcome`.
-    async fn adopt(&mut self, id: SessionId, sub: String, grants: Grants) -> Result<(), Exit> {
+    async fn adopt(
+        &mut self,
+        id: SessionId,
+        sub: String,
+        grants: Grants,
+        authority: Authority,
+    ) -> Result<(), Exit> {
         let session_id = id.as_str().to_string();
-        self.core.adopt(id, sub, grants, true);
+        self.core.adopt(id, sub, grants, authority, true);
         let app = self.app();
         let welcome = ServerFrame::Welcome(Welcome {
             session_id,
@@ -388,20 +418,36 @@ impl Conn {
         self.send_frame(&welcome).await
     }
 
-    async fn resume(&mut self, token: &str, last_ack: BTreeMap<String, u64>) -> Result<(), Exit> {
+    async fn resume(
+        &mut self,
+        token: &str,
+        last_ack: BTreeMap<String, u64>,
+        fresh: Option<&ConnectClaims>,
+    ) -> Result<(), Exit> {
         let app = self.app().clone();
         app.metrics.ws_reconnect_attempt();
-        let session = app
-            .resume(token, None, Transport::Ws)
+        let Resumed {
+            session,
+            authority,
+            ended,
+        } = app
+            .resume(token, None, fresh, Transport::Ws)
             .await
             .map_err(Exit::error)?;
         self.adopt(
             session.id.clone(),
             session.sub.clone(),
             session.grants.clone(),
+            authority,
         )
         .await?;
         app.metrics.resume_succeeded(Transport::Ws);
+        if fresh.is_some() {
+            app.metrics.token_refresh(true);
+        }
+        for stream in &ended {
+            self.send_error(no_longer_granted(stream)).await?;
+        }
         for (stream, st) in &session.streams {
             let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
             match app
@@ -600,6 +646,14 @@ impl Conn {
                 .await;
         }
         let grants = claims.grants();
+        if session.grants != grants {
+            // Stored first, so that a later resume without a token has no more than these; a
+            // store that cannot take them refuses the refresh (the old deadline stands).
+            if let Err(e) = app.regrant(&session.id, &grants).await {
+                app.metrics.token_refresh(false);
+                return self.send_error(e).await;
+            }
+        }
         let ended: Vec<StreamId> = self
             .core
             .subs
@@ -614,11 +668,7 @@ impl Conn {
             if let Err(e) = self.core.leave(&stream).await {
                 tracing::debug!(error = %e.message, "could not take an ungranted stream out of a session");
             }
-            let e = ApiError::forbidden(format!(
-                "stream {stream} is not allowed by the refreshed token"
-            ))
-            .with("stream", stream.as_str());
-            self.send_error(e).await?;
+            self.send_error(no_longer_granted(&stream)).await?;
         }
         if let Some(s) = self.core.session.as_mut() {
             s.grants = grants;

@@ -326,7 +326,11 @@ async fn resume_errors() {
     assert_eq!((r.status, r.code()), (401, "INVALID_RESUME_TOKEN"));
     // A valid token for a session the store does not have.
     let ghost = SessionId::generate();
-    let ghost_token = s.app().mint_token(&ghost, "u1");
+    let fresh = zerodrop_server::app::Authority {
+        exp: None,
+        born_ms: zerodrop_core::now_ms(),
+    };
+    let ghost_token = s.app().mint_token(&ghost, "u1", fresh).unwrap();
     let r = rc(ghost.to_string(), ghost_token).await;
     assert_eq!((r.status, r.code()), (404, "SESSION_NOT_FOUND"));
     let r = api

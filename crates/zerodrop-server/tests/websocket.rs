@@ -551,7 +551,15 @@ async fn handshake_and_session_level_errors() {
     let valid = tok_welcome["resumeToken"].as_str().unwrap().to_string();
     let ghost = s
         .app()
-        .mint_token(&zerodrop_core::SessionId::generate(), "u1");
+        .mint_token(
+            &zerodrop_core::SessionId::generate(),
+            "u1",
+            zerodrop_server::app::Authority {
+                exp: None,
+                born_ms: zerodrop_core::now_ms(),
+            },
+        )
+        .unwrap();
     for (first, code, close) in [
         (
             json!({"type":"resume","resumeToken":"v1.k1.bad.sig"}),

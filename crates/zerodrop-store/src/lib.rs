@@ -312,6 +312,10 @@ pub trait Store: GuardStore + Send + Sync + 'static {
         Ok(applied)
     }
 
+    /// Replaces the session's grants (a fresher connect token, which may grant less).
+    /// `SessionNotFound` when the session is gone.
+    async fn set_session_grants(&self, id: &SessionId, grants: &Grants) -> StoreResult<()>;
+
     /// Moves the session's expiry (activity extends the reconnect window).
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;
 

@@ -72,6 +72,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("max_payload_bytes", Some(int(c.max_payload_bytes))),
         ("ping_interval_sec", Some(int(c.ping_interval_sec))),
         ("token_grace_sec", Some(int(c.token_grace_sec))),
+        ("max_session_age_sec", Some(int(c.max_session_age_sec))),
         ("cors_origins", s(c.cors_origins.clone())),
         ("max_connections", Some(int(c.max_connections))),
         (

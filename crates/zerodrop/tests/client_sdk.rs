@@ -93,6 +93,7 @@ async fn the_sdk_speaks_every_part_of_the_protocol() {
         WsAuth::Resume {
             resume_token: resume_token.clone(),
             last_ack,
+            token: None,
         },
         T,
     )
@@ -162,6 +163,7 @@ async fn the_sdk_speaks_every_part_of_the_protocol() {
         WsAuth::Resume {
             resume_token: "v1.k1.bogus.sig".into(),
             last_ack: BTreeMap::new(),
+            token: None,
         },
         T,
     )

@@ -633,3 +633,47 @@ async fn without_a_token_source_the_subscription_ends_with_token_expired() {
     let err = ended(&mut sub).await;
     assert_eq!(err.code(), "TOKEN_EXPIRED", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_token_expired_the_token_source_resumes_the_session_with_a_fresh_token_and_no_gap() {
+    let s = TestServer::with(|c| c.token_grace_sec = 1).await;
+    let stream = "exp:3";
+    let (first, exp) = short_lived(&s).await;
+    // The source fails when the server asks ahead of `exp` (so the server ends the connection
+    // with TOKEN_EXPIRED), then gives tokens: the client resumes with one.
+    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (creds, count) = (s.creds.clone(), fetched.clone());
+    let source = TokenSource::new(move || {
+        let (creds, count) = (creds.clone(), count.clone());
+        async move {
+            if count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                return Err("the backend is restarting".to_string());
+            }
+            let exp = zerodrop_core::now_ms() / 1000 + 3600;
+            Ok(creds.token_until("app", &["exp:*"], &[], exp))
+        }
+    });
+    let o = ClientOptions {
+        token_source: Some(source),
+        ..opts()
+    };
+    let client = Client::connect_with(&[&s.url], &first, o).await.unwrap();
+    let session = client.session().0;
+    let mut sub = client.subscribe_with(stream, from_start());
+    publish_range(&s.api(), stream, 1, 3).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 3, &mut seqs).await;
+    past_the_deadline(exp).await;
+    publish_range(&s.api(), stream, 4, 6).await;
+    receive_until(&mut sub, 6, &mut seqs).await;
+    assert_quiet(&mut sub).await;
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+    assert_eq!(client.session().0, session, "the same session, resumed");
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let m = s.api().get("/metrics", None).await.text;
+    assert!(
+        m.lines()
+            .any(|l| l == "zerodrop_token_refreshes_total{result=\"ok\"} 1"),
+        "one resume with a fresh token, no refresh frame: {m}"
+    );
+}

@@ -416,6 +416,7 @@ async fn resume(
         let auth = WsAuth::Resume {
             resume_token: resume_token.clone(),
             last_ack,
+            token: None,
         };
         match WsConnection::connect(&ctx.base, auth, Duration::from_secs(10)).await {
             Ok(mut c) => {

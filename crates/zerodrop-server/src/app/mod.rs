@@ -10,7 +10,10 @@
 mod durability;
 pub mod session;
 
-pub use session::{AckWrite, Asker, Hole, OpenAt, Placement, Position, StreamStart};
+pub use session::{
+    AckWrite, Asker, Authority, Hole, OpenAt, Placement, Position, Resumed, StreamStart,
+    authority_ended, no_longer_granted,
+};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -270,11 +273,6 @@ impl App {
             .retry_after(2));
         }
         Ok(ConnSlot { app: self.clone() })
-    }
-
-    pub fn mint_token(&self, sid: &SessionId, sub: &str) -> String {
-        self.auth
-            .mint_resume(sid, sub, self.cfg.reconnect_window_sec)
     }
 
     pub async fn touch(&self, sid: &SessionId) {

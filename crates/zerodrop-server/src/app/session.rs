@@ -22,6 +22,7 @@ use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{SessionCap, SessionRecord, SessionStream, StoreError};
 
 use super::App;
+use crate::auth::ConnectClaims;
 use crate::error::ApiError;
 use crate::live::{DropMark, Fault};
 use crate::metrics::Transport;
@@ -588,15 +589,17 @@ impl App {
         Ok((rec, heads))
     }
 
-    /// Takes over a session with a resume token. Counts a failure (with its code) for
+    /// Takes over a session with a resume token (and a fresh connect token when the client
+    /// brings one: see [`App::session_for`]). Counts a failure (with its code) for
     /// `transport`; the caller counts the success once the connection is really resumed.
     pub async fn resume(
         &self,
         token: &str,
         expected: Option<&SessionId>,
+        fresh: Option<&ConnectClaims>,
         transport: Transport,
-    ) -> Result<SessionRecord, ApiError> {
-        let r = self.resume_inner(token, expected).await;
+    ) -> Result<Resumed, ApiError> {
+        let r = self.resume_inner(token, expected, fresh).await;
         if let Err(e) = &r {
             self.metrics.resume_failed(transport, e.code);
             tracing::info!(transport = transport.as_str(), code = %e.code, "resume failed");
@@ -608,13 +611,14 @@ impl App {
         &self,
         token: &str,
         expected: Option<&SessionId>,
-    ) -> Result<SessionRecord, ApiError> {
-        let session = self.session_for(token, expected).await?;
+        fresh: Option<&ConnectClaims>,
+    ) -> Result<Resumed, ApiError> {
+        let resumed = self.session_for(token, expected, fresh).await?;
         // The new window is recorded in the background: a resume storm must not queue a
         // thousand durable writes in front of its replays.
         let store = Arc::clone(&self.store);
         let (sid, until) = (
-            session.id.clone(),
+            resumed.session.id.clone(),
             now_ms() + self.cfg.reconnect_window_sec * 1000,
         );
         tokio::spawn(async move {
@@ -622,17 +626,24 @@ impl App {
                 tracing::debug!(error = %e, "could not extend a session's reconnect window");
             }
         });
-        Ok(session)
+        Ok(resumed)
     }
 
-    /// The session a resume token stands for, checked: signature, expiry, existence, owner.
+    /// The session a resume token stands for, checked: signature, expiry, existence, owner,
+    /// and its authority (SPEC §9): past the maximum session age it is over
+    /// (`RECONNECT_WINDOW_EXPIRED`); past its connect token's `exp` plus the grace it needs a
+    /// fresh connect token (`TOKEN_EXPIRED` without one). A `fresh` token (already verified)
+    /// must be for the session's subject; it becomes the session's authority: its `exp`, and
+    /// its grants, which may be narrower (the streams it no longer grants leave the session
+    /// and are listed in [`Resumed::ended`]).
     pub async fn session_for(
         &self,
         token: &str,
         expected: Option<&SessionId>,
-    ) -> Result<SessionRecord, ApiError> {
+        fresh: Option<&ConnectClaims>,
+    ) -> Result<Resumed, ApiError> {
         let claims = self.auth.verify_resume(token, expected)?;
-        let session = self.store.load_session(&claims.sid).await?.ok_or_else(|| {
+        let mut session = self.store.load_session(&claims.sid).await?.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::SessionNotFound,
                 "no such session (the store may have restarted empty); start a new session",
@@ -650,6 +661,149 @@ impl App {
                 "the session's reconnect window has passed; start a new session and resync",
             ));
         }
-        Ok(session)
+        let mut authority = Authority {
+            exp: claims.aexp,
+            born_ms: session.created_at_ms,
+        };
+        let mut ended = Vec::new();
+        if let Some(fresh) = fresh {
+            if fresh.sub != session.sub {
+                return Err(ApiError::forbidden(
+                    "the connect token is for another subject than the session",
+                ));
+            }
+            authority.exp = Some(fresh.exp);
+            // The age bound stands whatever the token says; checked before anything changes.
+            self.check_authority(authority)?;
+            ended = self.narrow(&mut session, fresh.grants()).await?;
+        } else {
+            self.check_authority(authority)?;
+        }
+        Ok(Resumed {
+            session,
+            authority,
+            ended,
+        })
     }
+
+    /// The session now holds its authority from a fresh connect token with `grants`: they are
+    /// stored (a later resume without a token has no more than them), and each stream they no
+    /// longer grant leaves the session. Answers those streams.
+    pub async fn narrow(
+        &self,
+        session: &mut SessionRecord,
+        grants: Grants,
+    ) -> Result<Vec<StreamId>, ApiError> {
+        if session.grants == grants {
+            return Ok(Vec::new());
+        }
+        self.regrant(&session.id, &grants).await?;
+        let ended: Vec<StreamId> = session
+            .streams
+            .keys()
+            .filter(|s| !grants.may_subscribe(s.as_str()))
+            .cloned()
+            .collect();
+        for stream in &ended {
+            self.store
+                .remove_session_stream(&session.id, stream)
+                .await
+                .map_err(|e| ApiError::from(e).with("stream", stream.as_str()))?;
+            session.streams.remove(stream);
+        }
+        session.grants = grants;
+        Ok(ended)
+    }
+
+    /// Stores a session's grants from a fresher connect token.
+    pub async fn regrant(&self, sid: &SessionId, grants: &Grants) -> Result<(), ApiError> {
+        Ok(self.store.set_session_grants(sid, grants).await?)
+    }
+
+    /// When a session's access ends (Unix ms) and the error it ends with: its connect token's
+    /// `exp` plus the grace (`TOKEN_EXPIRED`) or its maximum age (`RECONNECT_WINDOW_EXPIRED`),
+    /// whichever comes first.
+    pub fn authority_end(&self, a: Authority) -> (u64, ErrorCode) {
+        let aged = a
+            .born_ms
+            .saturating_add(self.cfg.max_session_age_sec.saturating_mul(1000));
+        match a.exp {
+            Some(exp) => {
+                let lapsed = exp
+                    .saturating_add(self.cfg.token_grace_sec)
+                    .saturating_mul(1000);
+                if lapsed < aged {
+                    (lapsed, ErrorCode::TokenExpired)
+                } else {
+                    (aged, ErrorCode::ReconnectWindowExpired)
+                }
+            }
+            None => (aged, ErrorCode::ReconnectWindowExpired),
+        }
+    }
+
+    /// `Ok` while the session's authority stands; else the error it ended with.
+    pub fn check_authority(&self, a: Authority) -> Result<(), ApiError> {
+        let (end, code) = self.authority_end(a);
+        if end > now_ms() {
+            return Ok(());
+        }
+        Err(authority_ended(code))
+    }
+
+    /// A resume token for a session whose authority still stands (`None` once it has ended:
+    /// no token is minted past it). It expires with the reconnect window, or at the session's
+    /// maximum age if that comes first, and carries the authority's `exp` (`aexp`).
+    pub fn mint_token(&self, sid: &SessionId, sub: &str, a: Authority) -> Option<String> {
+        self.check_authority(a).ok()?;
+        let now = now_ms() / 1000;
+        let aged = (a.born_ms / 1000).saturating_add(self.cfg.max_session_age_sec);
+        let exp = (now + self.cfg.reconnect_window_sec).min(aged);
+        Some(self.auth.mint_resume(sid, sub, exp, a.exp))
+    }
+}
+
+/// The error a session's access ends with (see [`App::authority_end`]).
+pub fn authority_ended(code: ErrorCode) -> ApiError {
+    match code {
+        ErrorCode::TokenExpired => ApiError::new(
+            ErrorCode::TokenExpired,
+            "the session's connect token expired; resume with a fresh one (resume {resumeToken, \
+             token}) or connect again with it",
+        ),
+        _ => ApiError::new(
+            ErrorCode::ReconnectWindowExpired,
+            "the session reached its maximum age (--max-session-age-sec); start a new session \
+             and resync",
+        ),
+    }
+}
+
+/// What a session's access stands on (SPEC §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Authority {
+    /// The `exp` (Unix seconds) of the newest connect token presented for the session;
+    /// `None`: it was opened with the api key (or its resume token predates the field), and
+    /// only its age bounds it.
+    pub exp: Option<u64>,
+    /// When the session was created (Unix ms): the maximum session age counts from it.
+    pub born_ms: u64,
+}
+
+/// A session taken over with a resume token.
+#[derive(Debug)]
+pub struct Resumed {
+    pub session: SessionRecord,
+    pub authority: Authority,
+    /// Streams a fresh connect token no longer grants: they left the session, and the client
+    /// is told each with a stream-level `FORBIDDEN`.
+    pub ended: Vec<StreamId>,
+}
+
+/// The stream-level `FORBIDDEN` for a stream a fresher token no longer grants.
+pub fn no_longer_granted(stream: &StreamId) -> ApiError {
+    ApiError::forbidden(format!(
+        "stream {stream} is not allowed by the refreshed token"
+    ))
+    .with("stream", stream.as_str())
 }

@@ -43,6 +43,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/sessions", post(v1::open_session))
         .route("/v1/sessions/{id}/checkpoint", post(v1::checkpoint))
         .route("/v1/sessions/{id}/reconnect", post(v1::reconnect))
+        .route("/v1/sessions/{id}/refresh", post(v1::refresh))
         .route("/v1/ws", get(crate::ws::handler))
         .route("/v1/webhooks/{source}", post(guard::webhook))
         .route("/v1/upstreams/{upstream}/{*path}", get(guard::upstream_get))

@@ -21,7 +21,9 @@ use super::extract::{
     ApiKey, BodyShape, Caller, ConnectToken, IdempotencyKey, JsonBody, Query, RawBody, SessionPath,
     StreamPath, json,
 };
-use crate::app::{AckWrite, App, Asker, OpenAt};
+use crate::app::{
+    AckWrite, App, Asker, Authority, OpenAt, Resumed, authority_ended, no_longer_granted,
+};
 use crate::auth::bearer;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Transport;
@@ -230,7 +232,13 @@ pub(super) async fn open_session(
 ) -> ApiResult<Response> {
     let at = open_at(b)?;
     let (rec, heads) = app.open_session(&claims.sub, claims.grants(), &at).await?;
-    let token = app.mint_token(&rec.id, &rec.sub);
+    let authority = Authority {
+        exp: Some(claims.exp),
+        born_ms: rec.created_at_ms,
+    };
+    let token = app
+        .mint_token(&rec.id, &rec.sub, authority)
+        .ok_or_else(|| authority_ended(ErrorCode::TokenExpired))?;
     let streams: serde_json::Map<String, Value> = at
         .iter()
         .zip(heads)
@@ -273,7 +281,7 @@ pub(super) async fn checkpoint(
         ApiError::unauthorized("the resume token is required (Authorization: Bearer <resumeToken>)")
     })?;
     let sid = sid.ok_or_else(not_this_session)?;
-    let session = app.session_for(token, Some(&sid)).await?;
+    let session = app.session_for(token, Some(&sid), None).await?.session;
     let JsonBody(b) = body?;
     let stream = StreamId::new(&b.stream).map_err(|e| {
         ApiError::new(
@@ -293,10 +301,14 @@ pub(super) struct ReconnectBody {
     resume_token: String,
     #[serde(default)]
     last_ack_sequence: BTreeMap<String, u64>,
+    /// A fresh connect token, for a session whose token expired (SPEC §9).
+    #[serde(default)]
+    token: Option<String>,
 }
 
 impl BodyShape for ReconnectBody {
-    const SHAPE: &'static str = "{\"resumeToken\": …, \"lastAckSequence\": {stream: n}}";
+    const SHAPE: &'static str =
+        "{\"resumeToken\": …, \"lastAckSequence\": {stream: n}, \"token\"?: connect token}";
 }
 
 pub(super) async fn reconnect(
@@ -309,13 +321,35 @@ pub(super) async fn reconnect(
         app.metrics.resume_failed(Transport::Http, e.code);
         return Err(e);
     };
-    let session = app
-        .resume(&b.resume_token, Some(&sid), Transport::Http)
+    let fresh = match b.token.as_deref().map(|t| app.auth.verify_refresh(t)) {
+        Some(Err(e)) => {
+            app.metrics.resume_failed(Transport::Http, e.code);
+            return Err(e);
+        }
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
+    let Resumed {
+        session,
+        authority,
+        ended,
+    } = app
+        .resume(&b.resume_token, Some(&sid), fresh.as_ref(), Transport::Http)
         .await?;
     let mut replay = String::from("{");
     let mut replayed = 0u64;
-    for (i, stream) in session.streams.keys().enumerate() {
+    for (i, stream) in ended.iter().enumerate() {
         if i > 0 {
+            replay.push(',');
+        }
+        let e = no_longer_granted(stream);
+        app.metrics.error(e.code);
+        replay.push_str(&Value::from(stream.as_str()).to_string());
+        replay.push(':');
+        replay.push_str(&e.envelope().to_string());
+    }
+    for (i, stream) in session.streams.keys().enumerate() {
+        if i > 0 || !ended.is_empty() {
             replay.push(',');
         }
         replay.push('"');
@@ -336,13 +370,67 @@ pub(super) async fn reconnect(
     replay.push('}');
     app.metrics.resume_succeeded(Transport::Http);
     app.metrics.replayed(replayed);
-    let token = app.mint_token(&session.id, &session.sub);
+    let token = app
+        .mint_token(&session.id, &session.sub, authority)
+        .unwrap_or_default();
     let body = format!(
         "{{\"sessionId\":{},\"resumeToken\":{},\"replay\":{replay}}}",
         Value::from(session.id.as_str()),
         Value::from(token)
     );
     Ok(json_response(StatusCode::OK, body))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RefreshBody {
+    resume_token: String,
+    token: String,
+}
+
+impl BodyShape for RefreshBody {
+    const SHAPE: &'static str = "{\"resumeToken\": …, \"token\": connect token}";
+}
+
+/// `POST /v1/sessions/{id}/refresh`: the session holds its authority from a fresh connect
+/// token (same subject; its grants may be narrower, and the streams they no longer grant leave
+/// the session). Answers a resume token carrying the new `exp`; it works even after the old
+/// token's `exp` plus the grace, as a resume with both tokens does. Connections open now keep
+/// their own deadline: a WebSocket refreshes with its `refresh` frame, SSE reopens.
+pub(super) async fn refresh(
+    State(app): State<Arc<App>>,
+    SessionPath(sid): SessionPath,
+    JsonBody(b): JsonBody<RefreshBody>,
+) -> ApiResult<Json<Value>> {
+    let sid = sid.ok_or_else(not_this_session)?;
+    let fresh = match app.auth.verify_refresh(&b.token) {
+        Ok(c) => c,
+        Err(e) => {
+            app.metrics.token_refresh(false);
+            return Err(e);
+        }
+    };
+    let resumed = match app
+        .session_for(&b.resume_token, Some(&sid), Some(&fresh))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.token_refresh(false);
+            return Err(e);
+        }
+    };
+    app.metrics.token_refresh(true);
+    let token = app
+        .mint_token(&resumed.session.id, &resumed.session.sub, resumed.authority)
+        .unwrap_or_default();
+    let ended: Vec<&str> = resumed.ended.iter().map(StreamId::as_str).collect();
+    Ok(Json(json!({
+        "sessionId": resumed.session.id,
+        "resumeToken": token,
+        "exp": fresh.exp,
+        "ended": ended,
+    })))
 }
 
 /// One stream's replay window as JSON, and how many events it carries.

@@ -337,6 +337,17 @@ impl Store for MemoryStore {
         apply_checkpoint(ss, &info, seq)
     }
 
+    async fn set_session_grants(
+        &self,
+        id: &SessionId,
+        grants: &zerodrop_core::Grants,
+    ) -> StoreResult<()> {
+        let mut st = self.inner.lock();
+        let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
+        s.grants = grants.clone();
+        Ok(())
+    }
+
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
         if let Some(s) = self.inner.lock().sessions.get_mut(id) {
             s.expires_at_ms = expires_at_ms;

@@ -345,6 +345,14 @@ return 1
 
 /// `ARGV[1]` expires_at_ms, `ARGV[2]` delete-at (ms). Returns the session's `sub`, 0 when the
 /// session does not exist.
+/// A session's grants (`ARGV[1]`, JSON), only while the session (`KEYS[1]`) exists. Returns 1,
+/// or 0 when it is gone.
+pub const SESSION_GRANTS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'grants', ARGV[1])
+return 1
+"#;
+
 pub const SESSION_TOUCH: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'expires', ARGV[1])

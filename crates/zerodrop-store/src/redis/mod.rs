@@ -419,6 +419,14 @@ impl Store for RedisStore {
         self.shared.checkpoint_many(acks).await
     }
 
+    async fn set_session_grants(
+        &self,
+        id: &SessionId,
+        grants: &zerodrop_core::Grants,
+    ) -> StoreResult<()> {
+        self.shared.set_session_grants(id, grants).await
+    }
+
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
         self.shared.touch_session(id, expires_at_ms).await
     }

@@ -251,6 +251,21 @@ impl Shared {
         results.into_iter().sum()
     }
 
+    pub(super) async fn set_session_grants(
+        &self,
+        id: &SessionId,
+        grants: &Grants,
+    ) -> StoreResult<()> {
+        let grants = serde_json::to_string(grants).unwrap_or_else(|_| "{}".into());
+        let call = Call::new(&self.scripts.session_grants)
+            .key(session_key(id))
+            .arg(grants);
+        match self.eval("set session grants", &call).await? {
+            Value::Int(1) => Ok(()),
+            _ => Err(StoreError::SessionNotFound),
+        }
+    }
+
     pub(super) async fn touch_session(
         &self,
         id: &SessionId,

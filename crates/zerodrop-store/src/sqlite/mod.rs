@@ -352,6 +352,16 @@ impl Store for SqliteStore {
         self.call(|r| Cmd::CheckpointMany(acks, r)).await
     }
 
+    async fn set_session_grants(
+        &self,
+        id: &SessionId,
+        grants: &zerodrop_core::Grants,
+    ) -> StoreResult<()> {
+        let id = id.clone();
+        let grants = serde_json::to_string(grants).unwrap_or_else(|_| "{}".into());
+        self.call(|r| Cmd::Grants(id, grants, r)).await
+    }
+
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
         let id = id.clone();
         self.call(|r| Cmd::Touch(id, expires_at_ms, r)).await

@@ -155,6 +155,22 @@ impl Writer {
         Ok(Ok(()))
     }
 
+    pub(super) fn set_session_grants(
+        &mut self,
+        id: &SessionId,
+        grants: &str,
+    ) -> rusqlite::Result<StoreResult<()>> {
+        let changed = self
+            .conn
+            .prepare_cached("UPDATE sessions SET grants = ?2 WHERE id = ?1")?
+            .execute(params![id.as_str(), grants])?;
+        Ok(if changed == 0 {
+            Err(StoreError::SessionNotFound)
+        } else {
+            Ok(())
+        })
+    }
+
     pub(super) fn touch_session(
         &mut self,
         id: &SessionId,

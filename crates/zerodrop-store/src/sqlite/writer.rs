@@ -40,6 +40,8 @@ pub(super) enum Cmd {
     Checkpoint(SessionId, StreamId, Seq, Reply<AckUpdate>),
     CheckpointMany(Vec<(SessionId, StreamId, Seq)>, Reply<usize>),
     Touch(SessionId, u64, Reply<()>),
+    /// A session's grants, as JSON.
+    Grants(SessionId, String, Reply<()>),
     MarkDropped(SessionId, StreamId, Seq, Reply<()>),
     MaxPages(Option<u64>, Reply<u64>),
     /// Any other write (the job queue, the webhook idempotency records).
@@ -279,6 +281,10 @@ impl Writer {
                 let r = self.touch_session(&id, expires);
                 settle(fx, reply, Done::Unit, r)
             }
+            Cmd::Grants(id, grants, reply) => {
+                let r = self.set_session_grants(&id, &grants);
+                settle(fx, reply, Done::Unit, r)
+            }
             Cmd::MarkDropped(id, stream, through, reply) => {
                 let r = self.mark_dropped(&id, &stream, through);
                 settle(fx, reply, Done::Unit, r)
@@ -406,6 +412,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
         | Cmd::PutSessionStream(_, _, _, r)
         | Cmd::RemoveSessionStream(_, _, r)
         | Cmd::Touch(_, _, r)
+        | Cmd::Grants(_, _, r)
         | Cmd::MarkDropped(_, _, _, r) => send(r, err),
         Cmd::Checkpoint(_, _, _, r) => send(r, err),
         Cmd::CheckpointMany(_, r) => send(r, err),
