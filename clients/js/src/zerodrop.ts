@@ -19,6 +19,7 @@ export type ErrorCode =
   | "ACK_BEYOND_HEAD"
   | "SESSION_TAKEN_OVER"
   | "TOKEN_EXPIRED"
+  | "REVOKED"
   | "INVALID_REQUEST"
   | "CLOSED";
 
@@ -60,6 +61,7 @@ const TERMINAL_SESSION = new Set([
   "UNAUTHORIZED",
   "SESSION_TAKEN_OVER",
   "TOKEN_EXPIRED",
+  "REVOKED",
 ]);
 
 export interface ConnectOptions {

@@ -160,6 +160,9 @@ pub enum SubscriptionError {
     /// The connect token (or the resume token) is invalid or expired.
     #[error("UNAUTHORIZED: {message}")]
     Unauthorized { message: String },
+    /// An operator revoked the subject or the session: the client stops connecting.
+    #[error("REVOKED: {message}")]
+    Revoked { message: String },
     /// The token does not grant the stream.
     #[error("FORBIDDEN: {message}")]
     Forbidden { stream: String, message: String },
@@ -205,6 +208,7 @@ impl SubscriptionError {
             SubscriptionError::ReconnectWindowExpired => "RECONNECT_WINDOW_EXPIRED",
             SubscriptionError::SessionTakenOver => "SESSION_TAKEN_OVER",
             SubscriptionError::Unauthorized { .. } => "UNAUTHORIZED",
+            SubscriptionError::Revoked { .. } => "REVOKED",
             SubscriptionError::Forbidden { .. } => "FORBIDDEN",
             SubscriptionError::Diverged { .. } => "DIVERGED",
             SubscriptionError::KeyUnavailable { .. } => "KEY_UNAVAILABLE",
@@ -253,6 +257,9 @@ impl SubscriptionError {
             "RECONNECT_WINDOW_EXPIRED" => SubscriptionError::ReconnectWindowExpired,
             "SESSION_TAKEN_OVER" => SubscriptionError::SessionTakenOver,
             "UNAUTHORIZED" | "INVALID_RESUME_TOKEN" => SubscriptionError::Unauthorized {
+                message: e.message.clone(),
+            },
+            "REVOKED" => SubscriptionError::Revoked {
                 message: e.message.clone(),
             },
             "FORBIDDEN" => SubscriptionError::Forbidden {
@@ -998,6 +1005,10 @@ impl Driver {
         if let Some(err) = err {
             self.fail_all(&err);
             self.resume_token = None;
+            if let SubscriptionError::Revoked { .. } = err {
+                // Connecting again cannot help: no loop.
+                self.refused = Some(err);
+            }
             return Flow::Lost(Duration::ZERO);
         }
         Flow::Lost(self.backoff.next_delay(Duration::ZERO))

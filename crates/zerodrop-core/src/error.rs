@@ -31,6 +31,9 @@ pub enum ErrorCode {
     PingTimeout,
     /// The connect token behind a live connection expired and no fresh one came in time.
     TokenExpired,
+    /// An operator revoked the subject or the session (`POST /admin/revoke`): 401 over HTTP,
+    /// close 4403 on a socket.
+    Revoked,
     /// Every target of an upstream is refused by its open circuit; `Retry-After` says when
     /// a trial call is next allowed.
     UpstreamUnavailable,
@@ -44,7 +47,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -67,6 +70,7 @@ impl ErrorCode {
         ErrorCode::SessionTakenOver,
         ErrorCode::PingTimeout,
         ErrorCode::TokenExpired,
+        ErrorCode::Revoked,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamFailed,
         ErrorCode::UpstreamTimeout,
@@ -98,6 +102,7 @@ impl ErrorCode {
             ErrorCode::SessionTakenOver => "SESSION_TAKEN_OVER",
             ErrorCode::PingTimeout => "PING_TIMEOUT",
             ErrorCode::TokenExpired => "TOKEN_EXPIRED",
+            ErrorCode::Revoked => "REVOKED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamFailed => "UPSTREAM_FAILED",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
@@ -109,9 +114,10 @@ impl ErrorCode {
     /// The HTTP status an HTTP route answers with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidResumeToken | ErrorCode::Unauthorized | ErrorCode::TokenExpired => {
-                401
-            }
+            ErrorCode::InvalidResumeToken
+            | ErrorCode::Unauthorized
+            | ErrorCode::TokenExpired
+            | ErrorCode::Revoked => 401,
             ErrorCode::ReconnectWindowExpired => 410,
             ErrorCode::SessionNotFound | ErrorCode::NotFound => 404,
             ErrorCode::ReplayWindowTrimmed
@@ -146,7 +152,7 @@ impl ErrorCode {
             }
             ErrorCode::ReconnectWindowExpired => 4410,
             ErrorCode::SessionNotFound => 4404,
-            ErrorCode::Forbidden => 4403,
+            ErrorCode::Forbidden | ErrorCode::Revoked => 4403,
             ErrorCode::StoreUnavailable
             | ErrorCode::OverCapacity
             | ErrorCode::UpstreamUnavailable

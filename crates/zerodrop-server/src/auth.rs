@@ -20,6 +20,10 @@ use crate::secrets::Secrets;
 pub struct ConnectClaims {
     pub sub: String,
     pub exp: u64,
+    /// Issued at (Unix seconds). A revocation of the subject refuses the tokens issued before
+    /// it; a token without `iat` counts as issued before every revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     #[serde(default)]
     pub streams: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +268,7 @@ mod tests {
         let now = zerodrop_core::now_ms() / 1000;
         let c = ConnectClaims {
             sub: "u1".into(),
+            iat: Some(zerodrop_core::now_ms() / 1000),
             exp: now + 60,
             streams: vec!["room:*".into()],
             publish: None,

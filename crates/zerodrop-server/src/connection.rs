@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
+use crate::app::revocation::{Bearer, Verdict};
 use crate::app::{App, Authority, ConnSlot, Hole, StreamStart, authority_ended};
 use crate::drain::DrainPhase;
 use crate::error::ApiError;
@@ -89,9 +90,26 @@ pub(crate) trait Wire {
     /// The connect token expires at `exp` (Unix seconds): ask for a fresh one before
     /// `deadline`. A transport the client cannot answer on (SSE) says nothing.
     async fn ask_refresh(&mut self, exp: u64, deadline: u64) -> Result<(), Exit>;
-    /// The drain moment of this connection: say goodbye (with a resume token when there is a
-    /// session) and tell how the connection ends.
-    async fn drain(&mut self, resume_token: Option<String>) -> Exit;
+    /// The drain moment of this connection, or a disconnect order: say goodbye (with a resume
+    /// token when there is a session) and tell how the connection ends.
+    async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit;
+}
+
+/// Why a connection is asked to reconnect (elsewhere, or here at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leave {
+    Draining,
+    /// `POST /admin/disconnect`: nothing is revoked, the client may resume at once.
+    Disconnected,
+}
+
+impl Leave {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Leave::Draining => "draining",
+            Leave::Disconnected => "disconnected",
+        }
+    }
 }
 
 /// The session a connection holds.
@@ -167,6 +185,13 @@ pub(crate) struct Core {
     exp: Option<u64>,
     /// The error the connection ends with at `timers.expire`.
     expire_code: ErrorCode,
+    /// Who the connection is for revocations: its subject (without a session: its connect
+    /// token's) and when its authority was issued (its session's creation, or the token's
+    /// `iat`).
+    bearer: Option<(String, u64)>,
+    /// The generation of revocations and disconnect orders it opened in, and last looked at.
+    orders_born: u64,
+    orders_seen: u64,
     closed: bool,
     _slot: ConnSlot,
 }
@@ -215,6 +240,9 @@ impl Core {
             delivered: 0,
             exp: None,
             expire_code: ErrorCode::TokenExpired,
+            bearer: None,
+            orders_born: app.orders_generation(),
+            orders_seen: app.orders_generation(),
             closed: false,
             _slot: slot,
             app,
@@ -239,6 +267,7 @@ impl Core {
         if hold {
             self.app.hold_session(&id, self.id, &self.signal);
         }
+        self.bearer = Some((sub.clone(), authority.born_ms));
         self.session = Some(Held {
             id,
             sub,
@@ -247,6 +276,41 @@ impl Core {
         });
         self.exp = authority.exp;
         self.arm_authority();
+    }
+
+    /// A connection without a session (SSE opened with a connect token) is `sub`'s, under a
+    /// token issued at `iat` (Unix seconds; `None`: before every revocation).
+    pub(crate) fn identify(&mut self, sub: &str, iat: Option<u64>) {
+        self.bearer = Some((sub.to_string(), iat.unwrap_or(0).saturating_mul(1000)));
+    }
+
+    /// Whether a revocation or a disconnect order made since the connection last looked ends
+    /// it: `REVOKED` (close 4403), or a `reconnect` frame (as in a drain).
+    async fn obey_orders(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let g = self.app.orders_generation();
+        if g == self.orders_seen {
+            return Ok(());
+        }
+        self.orders_seen = g;
+        let Some((sub, issued_ms)) = &self.bearer else {
+            return Ok(());
+        };
+        let b = Bearer {
+            sub,
+            session: self.session.as_ref().map(|s| &s.id),
+            issued_ms: *issued_ms,
+        };
+        match self.app.verdict(b, self.orders_born) {
+            Some(Verdict::Revoked(e)) => {
+                self.app.metrics.connection_ended("revoked");
+                Err(Exit::error(e))
+            }
+            Some(Verdict::Disconnect) => {
+                self.app.metrics.connection_ended("disconnected");
+                Err(wire.drain(self.mint(), Leave::Disconnected).await)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The connection (and its session) holds its authority from a connect token expiring at
@@ -377,6 +441,7 @@ impl Core {
             let phase = *self.drain_rx.borrow_and_update();
             self.timers.drain = phase.deadline_for(self.drain_fraction);
         }
+        self.obey_orders(wire).await?;
         self.deliver(wire).await
     }
 
@@ -384,6 +449,10 @@ impl Core {
     pub(crate) async fn on_timer(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
         let now = Instant::now();
         if self.timers.expire.is_some_and(|t| t <= now) {
+            self.app.metrics.connection_ended(match self.expire_code {
+                ErrorCode::TokenExpired => "token_expired",
+                _ => "session_expired",
+            });
             return Err(Exit::error(match self.expire_code {
                 ErrorCode::TokenExpired => ApiError::new(
                     ErrorCode::TokenExpired,
@@ -394,7 +463,7 @@ impl Core {
             }));
         }
         if self.timers.drain.is_some_and(|t| t <= now) {
-            return Err(wire.drain(self.mint()).await);
+            return Err(wire.drain(self.mint(), Leave::Draining).await);
         }
         if self.timers.ask.is_some_and(|t| t <= now) {
             self.timers.ask = None;

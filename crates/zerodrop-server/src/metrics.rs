@@ -53,6 +53,7 @@ const KNOWN_ROUTES: &[(&str, u16)] = &[
     ("POST /v1/sessions", 201),
     ("POST /v1/sessions/{id}/checkpoint", 200),
     ("POST /v1/sessions/{id}/reconnect", 200),
+    ("POST /v1/sessions/{id}/refresh", 200),
 ];
 
 struct RouteStat {
@@ -234,6 +235,15 @@ impl Metrics {
         for r in ["ok", "refused"] {
             m.count("zerodrop_token_refreshes_total", &[("result", r)], 0);
         }
+        for r in [
+            "revoked",
+            "disconnected",
+            "token_expired",
+            "session_expired",
+        ] {
+            m.count("zerodrop_connections_closed_total", &[("reason", r)], 0);
+        }
+        m.set("zerodrop_revocations_active", &[], 0.0);
         for r in ["header_timeout", "idle_timeout", "pending_limit"] {
             m.count(
                 "zerodrop_http_connections_closed_total",
@@ -312,6 +322,21 @@ impl Metrics {
     pub fn token_refresh(&self, ok: bool) {
         let result = if ok { "ok" } else { "refused" };
         self.count("zerodrop_token_refreshes_total", &[("result", result)], 1);
+    }
+
+    /// Revocations in force on this instance.
+    pub fn revocations_active(&self, n: usize) {
+        self.set("zerodrop_revocations_active", &[], n as f64);
+    }
+
+    /// A WebSocket/SSE connection the server ended for `reason` (`revoked`, `disconnected`,
+    /// `token_expired`, `session_expired`).
+    pub fn connection_ended(&self, reason: &str) {
+        self.count(
+            "zerodrop_connections_closed_total",
+            &[("reason", reason)],
+            1,
+        );
     }
 
     /// A request or frame refused by a rate limit (`transport` is `http` or `ws`).
@@ -767,6 +792,10 @@ fn describe(r: &PrometheusRecorder) {
             "Requests (http) and frames (ws) refused with RATE_LIMITED",
         ),
         d(
+            "zerodrop_connections_closed_total",
+            "WebSocket/SSE connections the server ended for their authority, by reason (revoked, disconnected, token_expired, session_expired)",
+        ),
+        d(
             "zerodrop_webhooks_total",
             "Webhooks received, by source and result (accepted, duplicate, reused)",
         ),
@@ -806,6 +835,10 @@ fn describe(r: &PrometheusRecorder) {
             "1 for the store's durability level (memory, os_buffered, replicated, fsync), 0 for the others",
         ),
         d("zerodrop_drain_state", "0 active, 1 draining, 2 drained"),
+        d(
+            "zerodrop_revocations_active",
+            "Revocations in force (POST /admin/revoke), as this instance last read them",
+        ),
         d(
             "zerodrop_jobs_backlog",
             "Queued upstream deliveries, by QoS class",

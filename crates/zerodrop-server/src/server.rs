@@ -217,6 +217,8 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
     ));
     let _ = routed.app.set(Arc::downgrade(&app));
     durability_at_start(&app).await?;
+    // Revocations are in force before the first connection is accepted.
+    app.reload_orders().await;
     Ok((app, sqlite))
 }
 
@@ -369,6 +371,12 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
             }
         });
     }
+    // Revocations and disconnect orders made on other instances sharing the store.
+    let a = app.clone();
+    every(crate::app::revocation::POLL, stop.clone(), move || {
+        let app = a.clone();
+        async move { app.poll_orders().await }
+    });
     // Written-behind WebSocket acks, once a second, in one batch.
     let a = app.clone();
     every(Duration::from_secs(1), stop.clone(), move || {

@@ -33,7 +33,7 @@ use zerodrop_store::SessionRecord;
 
 use crate::app::{App, Asker, Hole, Placement, Position, Resumed, StreamStart};
 use crate::auth::bearer;
-use crate::connection::{Core, Exit, Ready, Wire};
+use crate::connection::{Core, Exit, Leave, Ready, Wire};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{Query, StreamPath};
 use crate::live::Delivery;
@@ -108,6 +108,7 @@ async fn open(
     // With a connect token, its `exp` bounds the stream (`TOKEN_EXPIRED` after the grace).
     // With both, the connect token is a fresh authority for the session resumed.
     let mut exp = None;
+    let mut bearer_of = None;
     let token = app
         .auth
         .query_token(q.token.as_deref())?
@@ -122,8 +123,9 @@ async fn open(
             (Some(resumed), None)
         }
         (Some(t), None) => {
-            let claims = app.auth.verify_connect(t)?;
+            let claims = app.connect_token(t)?;
             exp = Some(claims.exp);
+            bearer_of = Some((claims.sub.clone(), claims.iat));
             (None, Some(claims.grants()))
         }
         (None, Some(r)) => (Some(app.resume(r, None, None, Transport::Sse).await?), None),
@@ -183,6 +185,9 @@ async fn open(
     }
     if let Some(exp) = exp {
         core.authorize(exp);
+    }
+    if let Some((sub, iat)) = bearer_of {
+        core.identify(&sub, iat);
     }
     core.subscribe(stream.clone(), &StreamStart { epoch, after, head });
     core.log_opened(Some(&stream));
@@ -263,8 +268,8 @@ impl Wire for SseWire {
     }
 
     /// The response ends; the browser reconnects (elsewhere) with its `Last-Event-ID`.
-    async fn drain(&mut self, _resume_token: Option<String>) -> Exit {
-        Exit::Gone("draining")
+    async fn drain(&mut self, _resume_token: Option<String>, why: Leave) -> Exit {
+        Exit::Gone(why.as_str())
     }
 }
 

@@ -46,7 +46,7 @@ use crate::app::{
     no_longer_granted,
 };
 use crate::auth::{ConnectClaims, bearer};
-use crate::connection::{Core, Exit, Ready, Wire};
+use crate::connection::{Core, Exit, Leave, Ready, Wire};
 use crate::error::ApiError;
 use crate::http::extract::{Query, Upgrade};
 use crate::live::Delivery;
@@ -125,7 +125,7 @@ fn upgrade(
         .or_else(|| bearer(&headers));
     let start = match (token, q.resume) {
         (Some(t), Some(r)) => Start::Resume(r, Some(app.auth.verify_refresh(t)?)),
-        (Some(t), None) => Start::Connect(app.auth.verify_connect(t)?),
+        (Some(t), None) => Start::Connect(app.connect_token(t)?),
         (None, Some(r)) => Start::Resume(r, None),
         (None, None) => Start::AwaitResume,
     };
@@ -214,10 +214,10 @@ impl Wire for WsWire {
     }
 
     /// `reconnect` with a fresh resume token, then close 1012.
-    async fn drain(&mut self, resume_token: Option<String>) -> Exit {
+    async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit {
         if let Some(resume_token) = resume_token {
             let frame = ServerFrame::Reconnect(Reconnect {
-                reason: "draining".into(),
+                reason: why.as_str().into(),
                 resume_token,
                 retry_after_ms: 0,
             });
@@ -227,7 +227,10 @@ impl Wire for WsWire {
         }
         Exit::Close {
             code: 1012,
-            reason: "DRAINING",
+            reason: match why {
+                Leave::Draining => "DRAINING",
+                Leave::Disconnected => "DISCONNECTED",
+            },
             error: None,
         }
     }

@@ -32,6 +32,7 @@ pub mod durability;
 pub mod guard;
 pub mod memory;
 pub mod redis;
+pub mod revocation;
 mod rules;
 pub mod sqlite;
 
@@ -42,6 +43,7 @@ pub use self::guard::{
 };
 pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryStore;
+pub use revocation::{Revocation, RevokeTarget};
 pub use rules::SessionCap;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
@@ -315,6 +317,22 @@ pub trait Store: GuardStore + Send + Sync + 'static {
     /// Replaces the session's grants (a fresher connect token, which may grant less).
     /// `SessionNotFound` when the session is gone.
     async fn set_session_grants(&self, id: &SessionId, grants: &Grants) -> StoreResult<()>;
+
+    /// Records a revocation (replacing one with the same id).
+    async fn put_revocation(&self, r: &Revocation) -> StoreResult<()>;
+
+    /// Deletes a revocation; `false` when there was none with that id.
+    async fn delete_revocation(&self, id: &str) -> StoreResult<bool>;
+
+    /// The revocations in force now (lapsed ones are left out, and may be pruned).
+    async fn revocations(&self) -> StoreResult<Vec<Revocation>>;
+
+    /// A number that changes whenever the set of revocations changes, on any instance sharing
+    /// the store, so that instances re-read it only then. `None`: only this process writes
+    /// the store, and it knows its own changes.
+    async fn revocations_version(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
 
     /// Moves the session's expiry (activity extends the reconnect window).
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;

@@ -7,8 +7,8 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, IdempotencyKey, MemoryStore, RedisOptions, RedisStore, SessionCap,
-    SessionRecord, SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
+    AppendRequest, IdempotencyKey, MemoryStore, RedisOptions, RedisStore, Revocation, RevokeTarget,
+    SessionCap, SessionRecord, SessionStream, SqliteOptions, SqliteStore, Store, StoreError,
 };
 use zerodrop_testkit::redis::RedisServer;
 use zerodrop_testkit::sink::{Recorder, wait_until};
@@ -552,6 +552,66 @@ async fn sessions_per_subject_are_capped(f: Fixture) {
     assert_eq!(admitted, 5);
 }
 
+/// A session's grants are replaced (a fresher connect token); a gone session is
+/// `SessionNotFound`. Revocations are kept, listed while in force, replaced by id, deleted
+/// once, and the version (where the store has one) moves with every change.
+async fn grants_and_revocations(f: Fixture) {
+    let id = SessionId::generate();
+    f.store.create_session(session(&id, &[])).await.unwrap();
+    let narrower = Grants {
+        streams: vec!["room:1".into()],
+        publish: vec![],
+    };
+    f.store.set_session_grants(&id, &narrower).await.unwrap();
+    let loaded = f.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(loaded.grants, narrower);
+    assert_eq!(
+        f.store
+            .set_session_grants(&SessionId::generate(), &narrower)
+            .await
+            .unwrap_err(),
+        StoreError::SessionNotFound
+    );
+    let v0 = f.store.revocations_version().await.unwrap();
+    let rev = |id: &str, until_ms: Option<u64>| Revocation {
+        id: id.into(),
+        target: RevokeTarget::Sub("u1".into()),
+        reason: Some("why".into()),
+        at_ms: now_ms(),
+        until_ms,
+        disconnect: false,
+    };
+    let forever = rev("rv_1", None);
+    f.store.put_revocation(&forever).await.unwrap();
+    f.store
+        .put_revocation(&rev("rv_lapsed", Some(now_ms() - 1)))
+        .await
+        .unwrap();
+    let mut session_rev = rev("rv_2", Some(now_ms() + 60_000));
+    session_rev.target = RevokeTarget::SessionId(id.clone());
+    f.store.put_revocation(&session_rev).await.unwrap();
+    let mut listed = f.store.revocations().await.unwrap();
+    listed.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(
+        listed,
+        vec![forever.clone(), session_rev.clone()],
+        "lapsed ones are not listed"
+    );
+    let v1 = f.store.revocations_version().await.unwrap();
+    assert!(
+        v0.is_none() || v1 != v0,
+        "the version moved: {v0:?} → {v1:?}"
+    );
+    assert!(f.store.delete_revocation("rv_2").await.unwrap());
+    assert!(!f.store.delete_revocation("rv_2").await.unwrap(), "once");
+    assert_eq!(f.store.revocations().await.unwrap(), vec![forever]);
+    let v2 = f.store.revocations_version().await.unwrap();
+    assert!(
+        v2.is_none() || v2 != v1,
+        "the version moved: {v1:?} → {v2:?}"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident => $retention:expr;)*) => {
         mod memory_store {
@@ -581,4 +641,5 @@ suite! {
     sessions_and_checkpoints => big();
     digest_is_the_chain_of_retained_events => big();
     sessions_per_subject_are_capped => big();
+    grants_and_revocations => big();
 }

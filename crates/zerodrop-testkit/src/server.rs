@@ -42,6 +42,7 @@ impl Creds {
     pub fn token_until(&self, sub: &str, streams: &[&str], publish: &[&str], exp: u64) -> String {
         let claims = ConnectClaims {
             sub: sub.into(),
+            iat: Some(zerodrop_core::now_ms() / 1000),
             exp,
             streams: streams.iter().map(|s| s.to_string()).collect(),
             publish: (!publish.is_empty()).then(|| publish.iter().map(|s| s.to_string()).collect()),
@@ -55,6 +56,7 @@ impl Creds {
     pub fn upstream_token(&self, sub: &str, upstreams: &[&str]) -> String {
         let claims = ConnectClaims {
             sub: sub.into(),
+            iat: Some(zerodrop_core::now_ms() / 1000),
             exp: zerodrop_core::now_ms() / 1000 + 3600,
             streams: Vec::new(),
             publish: None,

@@ -353,6 +353,7 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
     };
     let claims = zerodrop_server::auth::ConnectClaims {
         sub: args.sub,
+        iat: Some(zerodrop_core::now_ms() / 1000),
         exp: zerodrop_core::now_ms() / 1000 + args.ttl_sec,
         streams: list(&args.streams),
         publish: args.publish.as_deref().map(list),

@@ -1038,3 +1038,77 @@ async fn a_drain_on_a_busy_machine_hands_every_client_its_reconnect_frame_before
     assert_eq!(moved.expect("subscribed").await["stream"], "busy:0");
     assert_eq!(dropped(&apis[0]).await, 0);
 }
+
+/// A revocation made on instance 0 closes the subject's sockets and SSE streams on instance 1
+/// (polled from Redis every 250 ms) and refuses their resume tokens on both. The delay from
+/// the admin call to each close frame is printed (docs/benchmarks.md), not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_instance_closes_the_subject_on_the_other() {
+    let c = Cluster::start(bin(), 2, &[]).expect("cluster starts");
+    let admin = c.creds.admin_token.clone();
+    let t = c.token("gone", &["room:*"]);
+    let keep = c.token("stays", &["room:*"]);
+    let mut socks = Vec::new();
+    for _ in 0..20 {
+        let mut s = ws(&format!("{}/v1/ws?token={t}", c.ws_url(1))).await;
+        let w = s.expect("welcome").await;
+        socks.push((s, w));
+    }
+    let mut other = ws(&format!("{}/v1/ws?token={keep}", c.ws_url(1))).await;
+    other.expect("welcome").await;
+    let mut sse = SseClient::connect(
+        &format!("{}/v1/streams/room:a/sse?token={t}", c.url(1)),
+        &[],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let r = c
+        .api(0)
+        .post("/admin/revoke", Some(&admin), json!({"sub":"gone"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mut took = Vec::new();
+    for (s, _) in socks.iter_mut() {
+        loop {
+            match s.next_within(Duration::from_secs(10)).await {
+                zerodrop_testkit::ws::Next::Frame(f) if f["type"] == "ping" => continue,
+                zerodrop_testkit::ws::Next::Frame(f) => {
+                    assert_eq!(f["code"], "REVOKED", "{f}");
+                    took.push(started.elapsed());
+                    break;
+                }
+                other => panic!("expected REVOKED, got {other:?}"),
+            }
+        }
+        assert_eq!(s.expect_close().await, Some(4403));
+    }
+    match sse.read(Duration::from_secs(10)).await {
+        zerodrop_testkit::sse::SseRead::Event(e) => assert_eq!(e.json()["code"], "REVOKED"),
+        other => panic!("expected the typed end, got {other:?}"),
+    }
+    took.sort();
+    println!(
+        "revoke on node-0 → close frame on node-1: p50 {:?}, p99 {:?}, max {:?} ({} sockets)",
+        took[took.len() / 2],
+        took[(took.len() * 99).div_ceil(100) - 1],
+        took[took.len() - 1],
+        took.len()
+    );
+    other.send(json!({"type":"ping","t":3})).await;
+    assert_eq!(other.expect("pong").await["t"], 3, "another subject stays");
+    let (_, w) = &socks[0];
+    let (sid, resume) = (
+        w["sessionId"].as_str().unwrap(),
+        w["resumeToken"].as_str().unwrap(),
+    );
+    for i in 0..2 {
+        let r = c.api(i).reconnect(sid, resume).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "REVOKED"),
+            "node-{i}: {}",
+            r.text
+        );
+    }
+}

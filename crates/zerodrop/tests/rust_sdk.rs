@@ -677,3 +677,44 @@ async fn after_token_expired_the_token_source_resumes_the_session_with_a_fresh_t
         "one resume with a fresh token, no refresh frame: {m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_ends_with_revoked_and_does_not_reconnect() {
+    let s = TestServer::start().await;
+    let token = s.creds.token("fired", &["rv:*"], &[]);
+    let client = Client::connect_with(&[&s.url], &token, opts())
+        .await
+        .unwrap();
+    let mut sub = client.subscribe_with("rv:1", from_start());
+    publish_range(&s.api(), "rv:1", 1, 2).await;
+    let mut seqs = Vec::new();
+    receive_until(&mut sub, 2, &mut seqs).await;
+    let r = s
+        .api()
+        .post(
+            "/admin/revoke",
+            Some(&s.creds.admin_token),
+            serde_json::json!({"sub":"fired"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let err = ended(&mut sub).await;
+    assert_eq!(err.code(), "REVOKED", "{err}");
+    assert!(matches!(err, SubscriptionError::Revoked { .. }), "{err:?}");
+    // No loop: over three of its backoff ceilings the client opens no other connection.
+    let opened = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("zerodrop_connections_total{transport=\"ws\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let before = opened(&s.api().get("/metrics", None).await.text);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = opened(&s.api().get("/metrics", None).await.text);
+    assert_eq!(before, after, "no reconnect after REVOKED");
+    let mut late = client.subscribe_with("rv:2", from_start());
+    assert_eq!(
+        ended(&mut late).await.code(),
+        "REVOKED",
+        "new subscriptions end at once"
+    );
+}

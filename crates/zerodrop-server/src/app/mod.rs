@@ -8,6 +8,7 @@
 //! can write a session or decide a position rule: those live in [`session`].
 
 mod durability;
+pub mod revocation;
 pub mod session;
 
 pub use session::{
@@ -89,6 +90,8 @@ pub struct App {
     /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
     doorbells: Mutex<HashMap<u64, Arc<Signal>>>,
     next_conn_id: AtomicU64,
+    /// Revocations and disconnect orders as this instance knows them (`revocation.rs`).
+    orders: revocation::Orders,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -192,6 +195,7 @@ impl App {
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
+            orders: revocation::Orders::default(),
         }
     }
 

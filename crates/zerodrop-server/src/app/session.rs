@@ -22,6 +22,7 @@ use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{SessionCap, SessionRecord, SessionStream, StoreError};
 
 use super::App;
+use super::revocation::Bearer;
 use crate::auth::ConnectClaims;
 use crate::error::ApiError;
 use crate::live::{DropMark, Fault};
@@ -654,6 +655,14 @@ impl App {
                 ErrorCode::InvalidResumeToken,
                 "the resume token does not match the session",
             ));
+        }
+        let bearer = Bearer {
+            sub: &session.sub,
+            session: Some(&session.id),
+            issued_ms: session.created_at_ms,
+        };
+        if let Some(e) = self.revocation_for(bearer) {
+            return Err(e);
         }
         if session.expires_at_ms <= now_ms() {
             return Err(ApiError::new(

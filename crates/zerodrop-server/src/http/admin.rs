@@ -2,8 +2,8 @@
 //! and the admin API (drain, the rate-limit ledger, the reliability snapshot). Every
 //! `/admin` handler takes [`Admin`]; the probes and metrics take no credential.
 //!
-//! Must not: change anything but the drain state (the only admin action here), or answer
-//! from anything but live state.
+//! Must not: change anything but the drain state, the revocations and the disconnect orders
+//! (the admin actions here, each through the app), or answer from anything but live state.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,11 +16,13 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use zerodrop_store::StoreDurability;
+use zerodrop_core::{ErrorCode, SessionId};
 use zerodrop_store::durability::sqlite_synchronous_name;
+use zerodrop_store::{Revocation, RevokeTarget, StoreDurability};
 
-use super::extract::{Admin, BodyShape, JsonBody, Query};
+use super::extract::{Admin, BodyShape, JsonBody, Path, Query};
 use crate::app::App;
+use crate::app::revocation::new_order;
 use crate::error::{ApiError, ApiResult};
 
 // ----------------------------------------------------------------------------------- health
@@ -283,4 +285,126 @@ pub(super) async fn snapshot(State(app): State<Arc<App>>, _: Admin) -> ApiResult
         "jobs": crate::guard::routes::jobs_view(&app, 10).await?,
         "cache": crate::guard::routes::cache_view(&app),
     })))
+}
+
+// ------------------------------------------------------------------ revocation, disconnect
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RevokeBody {
+    sub: Option<String>,
+    session_id: Option<String>,
+    reason: Option<String>,
+    /// Unix seconds; the default: a session's revocation lasts the maximum session age (after
+    /// it nothing it covers can be valid), a subject's until deleted.
+    until: Option<u64>,
+}
+
+impl BodyShape for RevokeBody {
+    const SHAPE: &'static str =
+        "{\"sub\": … | \"sessionId\": …, \"reason\"?: …, \"until\"?: unix seconds}";
+}
+
+/// Longest `reason` kept (it is echoed to the clients it ends).
+const MAX_REASON: usize = 256;
+
+fn target_of(sub: Option<String>, session_id: Option<String>) -> ApiResult<RevokeTarget> {
+    match (sub, session_id) {
+        (Some(s), None) if !s.is_empty() && s.len() <= 256 => Ok(RevokeTarget::Sub(s)),
+        (None, Some(id)) => SessionId::parse(&id)
+            .map(RevokeTarget::SessionId)
+            .ok_or_else(|| ApiError::invalid(format!("invalid sessionId {id:?}"))),
+        (Some(_), None) => Err(ApiError::invalid("sub must be 1-256 characters")),
+        _ => Err(ApiError::invalid("give exactly one of sub and sessionId")),
+    }
+}
+
+fn order_json(r: &Revocation) -> Value {
+    let (kind, value) = match &r.target {
+        RevokeTarget::Sub(s) => ("sub", s.as_str()),
+        RevokeTarget::SessionId(id) => ("sessionId", id.as_str()),
+    };
+    let mut v = json!({"id": r.id, kind: value, "at": r.at_ms / 1000, "atMs": r.at_ms});
+    if let Some(why) = &r.reason {
+        v["reason"] = Value::from(why.as_str());
+    }
+    v["until"] = r.until_ms.map_or(Value::Null, |u| Value::from(u / 1000));
+    v
+}
+
+/// `POST /admin/revoke`: every connection of the subject (sessions created and connect tokens
+/// issued before now) or of the session is closed with `REVOKED` on every instance sharing
+/// the store, and its resume tokens are refused; durable in the store.
+pub(super) async fn revoke(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    JsonBody(b): JsonBody<RevokeBody>,
+) -> ApiResult<Response> {
+    let target = target_of(b.sub, b.session_id)?;
+    let reason = b.reason.filter(|r| !r.is_empty());
+    if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+        return Err(ApiError::invalid(format!(
+            "reason is longer than {MAX_REASON} bytes"
+        )));
+    }
+    let now_ms = zerodrop_core::now_ms();
+    let until_ms = match (b.until, &target) {
+        (Some(u), _) if u.saturating_mul(1000) <= now_ms => {
+            return Err(ApiError::invalid("until is in the past"));
+        }
+        (Some(u), _) => Some(u.saturating_mul(1000)),
+        (None, RevokeTarget::SessionId(_)) => {
+            Some(now_ms + app.cfg.max_session_age_sec.saturating_mul(1000))
+        }
+        (None, RevokeTarget::Sub(_)) => None,
+    };
+    let r = app
+        .put_order(new_order(target, reason, until_ms, false))
+        .await?;
+    tracing::warn!(revocation = %r.id, "revoked");
+    Ok((StatusCode::CREATED, Json(order_json(&r))).into_response())
+}
+
+pub(super) async fn revocations(State(app): State<Arc<App>>, _: Admin) -> ApiResult<Json<Value>> {
+    let list = app.list_revocations().await?;
+    let out: Vec<Value> = list.iter().map(order_json).collect();
+    Ok(Json(json!({"revocations": out})))
+}
+
+pub(super) async fn revocation_delete(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    if !id.starts_with("rv_") || !app.delete_revocation(&id).await? {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no revocation {id:?}"),
+        ));
+    }
+    tracing::warn!(revocation = %id, "revocation deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct DisconnectBody {
+    sub: Option<String>,
+    session_id: Option<String>,
+}
+
+impl BodyShape for DisconnectBody {
+    const SHAPE: &'static str = "{\"sub\": … | \"sessionId\": …}";
+}
+
+/// `POST /admin/disconnect`: the target's connections open now, on every instance, get a
+/// `reconnect` frame (with a resume token) and are closed; nothing is revoked.
+pub(super) async fn disconnect(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    JsonBody(b): JsonBody<DisconnectBody>,
+) -> ApiResult<Response> {
+    let target = target_of(b.sub, b.session_id)?;
+    let r = app.put_order(new_order(target, None, None, true)).await?;
+    Ok((StatusCode::ACCEPTED, Json(order_json(&r))).into_response())
 }

@@ -45,6 +45,7 @@ pub(crate) struct Inner {
 pub(crate) struct State {
     streams: HashMap<StreamId, MemStream>,
     sessions: HashMap<SessionId, SessionRecord>,
+    revocations: Vec<crate::Revocation>,
     /// Each subject's sessions, pruned of ended ones whenever the subject opens another.
     by_sub: HashMap<String, Vec<SessionId>>,
     pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
@@ -346,6 +347,31 @@ impl Store for MemoryStore {
         let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
         s.grants = grants.clone();
         Ok(())
+    }
+
+    async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {
+        let mut st = self.inner.lock();
+        st.revocations.retain(|x| x.id != r.id);
+        st.revocations.push(r.clone());
+        Ok(())
+    }
+
+    async fn delete_revocation(&self, id: &str) -> StoreResult<bool> {
+        let mut st = self.inner.lock();
+        let before = st.revocations.len();
+        st.revocations.retain(|x| x.id != id);
+        Ok(st.revocations.len() < before)
+    }
+
+    async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
+        let now = zerodrop_core::now_ms();
+        let st = self.inner.lock();
+        Ok(st
+            .revocations
+            .iter()
+            .filter(|r| r.active(now))
+            .cloned()
+            .collect())
     }
 
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {

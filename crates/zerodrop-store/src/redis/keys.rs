@@ -16,6 +16,10 @@ pub(super) const STREAMS_INDEX: &str = "zd:streams";
 pub(super) const SESSIONS_INDEX: &str = "zd:sessions";
 /// The live doorbell.
 pub(super) const CHANNEL: &str = "zd:live";
+/// Hash: revocation id → the record (JSON); one slot with its version counter.
+pub(super) const REVOCATIONS: &str = "zd:{rev}:h";
+/// Bumped with every change of [`REVOCATIONS`].
+pub(super) const REVOCATIONS_VERSION: &str = "zd:{rev}:v";
 
 pub(super) fn meta_key(s: &StreamId) -> String {
     format!("zd:{{{s}}}:m")

@@ -77,6 +77,8 @@
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //! - The job queue (`zd:{jobs}:…`) and the webhook idempotency records (`zd:{idem}:…`): see
 //!   `redis/guard.rs`.
+//! - `zd:{rev}:h` the revocations (id → record), `zd:{rev}:v` their version, bumped with
+//!   every change (`redis/revocations.rs`).
 //!
 //! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
 //! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
@@ -112,6 +114,7 @@ mod live;
 mod log;
 mod lua;
 mod retention;
+mod revocations;
 mod sessions;
 
 use std::collections::HashMap;
@@ -425,6 +428,22 @@ impl Store for RedisStore {
         grants: &zerodrop_core::Grants,
     ) -> StoreResult<()> {
         self.shared.set_session_grants(id, grants).await
+    }
+
+    async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {
+        self.shared.put_revocation(r).await
+    }
+
+    async fn delete_revocation(&self, id: &str) -> StoreResult<bool> {
+        self.shared.delete_revocation(id).await
+    }
+
+    async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
+        self.shared.revocations().await
+    }
+
+    async fn revocations_version(&self) -> StoreResult<Option<u64>> {
+        self.shared.revocations_version().await
     }
 
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {

@@ -362,6 +362,50 @@ impl Store for SqliteStore {
         self.call(|r| Cmd::Grants(id, grants, r)).await
     }
 
+    async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {
+        let (id, until) = (r.id.clone(), r.until_ms.map(|u| u as i64));
+        let record = serde_json::to_string(r).unwrap_or_default();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO revocations (id, record, until_ms) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(rusqlite::params![id, record, until])?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn delete_revocation(&self, id: &str) -> StoreResult<bool> {
+        let (id, now) = (id.to_string(), zerodrop_core::now_ms() as i64);
+        self.write(move |c| {
+            // Lapsed ones go too: nothing reads them again.
+            c.prepare_cached("DELETE FROM revocations WHERE until_ms <= ?1")?
+                .execute([now])?;
+            let n = c
+                .prepare_cached("DELETE FROM revocations WHERE id = ?1")?
+                .execute([id])?;
+            Ok(Ok(n > 0))
+        })
+        .await
+    }
+
+    async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
+        let now = zerodrop_core::now_ms();
+        self.readers.run_now(move |c, _| {
+            let mut stmt = c.prepare_cached(
+                "SELECT record FROM revocations WHERE until_ms IS NULL OR until_ms > ?1",
+            )?;
+            let rows = stmt.query_map([now as i64], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                if let Ok(r) = serde_json::from_str::<crate::Revocation>(&row?) {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()> {
         let id = id.clone();
         self.call(|r| Cmd::Touch(id, expires_at_ms, r)).await

@@ -75,6 +75,11 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_ms);
 CREATE INDEX IF NOT EXISTS sessions_sub ON sessions (sub, expires_ms);
+CREATE TABLE IF NOT EXISTS revocations (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    until_ms INTEGER
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session_streams (
     session_id TEXT NOT NULL,
     stream TEXT NOT NULL,
