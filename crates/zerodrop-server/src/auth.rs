@@ -4,6 +4,8 @@
 //! Shared secrets are compared in constant time, as SHA-256 digests (so the comparison does
 //! not even leak the length). Nothing here logs a credential.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderMap, header};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,7 @@ use zerodrop_core::token::{ResumeClaims, TokenError};
 use zerodrop_core::{ErrorCode, Grants, ResumeKeys, SessionId};
 
 use crate::error::ApiError;
+use crate::jwks::Jwks;
 use crate::secrets::Secrets;
 
 /// The claims of a connect token.
@@ -62,9 +65,32 @@ pub struct Auth {
     admin_token: [u8; 32],
     jwt_decode: DecodingKey,
     jwt_encode: EncodingKey,
+    /// HS256 (the JWT secret), and one per algorithm a JWKS key may be pinned to.
     validation: Validation,
+    asymmetric: Vec<(Algorithm, Validation)>,
+    jwks: Option<Arc<Jwks>>,
     pub resume_keys: ResumeKeys,
 }
+
+/// How connect tokens are verified besides the JWT secret.
+#[derive(Default)]
+pub struct TokenRules {
+    /// RS256, ES256 and EdDSA keys (`--jwks-url`).
+    pub jwks: Option<Arc<Jwks>>,
+    /// The `iss` every connect token must carry.
+    pub issuer: Option<String>,
+    /// The `aud` every connect token must carry.
+    pub audience: Option<String>,
+}
+
+/// Why a connect token was refused.
+enum Refusal {
+    Expired,
+    Invalid(&'static str),
+}
+
+/// The algorithms a JWKS key may be pinned to (`jwks::pin`).
+const ASYMMETRIC: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
@@ -82,16 +108,55 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 impl Auth {
     pub fn new(s: &Secrets) -> Auth {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        Auth::with_rules(s, TokenRules::default())
+    }
+
+    pub fn with_rules(s: &Secrets, rules: TokenRules) -> Auth {
+        let validation = |alg: Algorithm| {
+            let mut v = Validation::new(alg);
+            v.leeway = 5;
+            let mut required = vec!["exp", "sub"];
+            if let Some(iss) = &rules.issuer {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            if let Some(aud) = &rules.audience {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            } else {
+                v.validate_aud = false;
+            }
+            v.set_required_spec_claims(&required);
+            v
+        };
         Auth {
             api_key: digest(&s.api_key),
             admin_token: digest(&s.admin_token),
             jwt_decode: DecodingKey::from_secret(s.jwt_secret.as_bytes()),
             jwt_encode: EncodingKey::from_secret(s.jwt_secret.as_bytes()),
-            validation,
+            validation: validation(Algorithm::HS256),
+            asymmetric: ASYMMETRIC.iter().map(|a| (*a, validation(*a))).collect(),
+            jwks: rules.jwks,
             resume_keys: s.resume_keys.clone(),
+        }
+    }
+
+    /// The JWKS keys, when `--jwks-url` is set.
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        self.jwks.clone()
+    }
+
+    /// Makes sure the key a connect token names is known before it is verified: a token
+    /// signed with a JWKS key whose `kid` is not in the set read last causes one read of the
+    /// set (at most every `--jwks-refresh-min-sec`). Nothing for HS256 tokens.
+    pub async fn prepare(&self, token: &str) {
+        let (Some(jwks), Ok(h)) = (&self.jwks, jsonwebtoken::decode_header(token)) else {
+            return;
+        };
+        if let (true, Some(kid)) = (ASYMMETRIC.contains(&h.alg), h.kid.as_deref())
+            && kid.len() <= 256
+        {
+            jwks.get_or_read(kid).await;
         }
     }
 
@@ -139,10 +204,11 @@ impl Auth {
         }
     }
 
+    /// Verifies a connect token (call [`Auth::prepare`] first for JWKS keys to be current).
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, ApiError> {
-        self.decode_connect(token).map_err(|expired| match expired {
-            true => ApiError::unauthorized("the connect token has expired"),
-            false => ApiError::unauthorized("invalid connect token"),
+        self.decode_connect(token).map_err(|r| match r {
+            Refusal::Expired => ApiError::unauthorized("the connect token has expired"),
+            Refusal::Invalid(why) => ApiError::unauthorized(format!("invalid connect token{why}")),
         })
     }
 
@@ -159,16 +225,46 @@ impl Auth {
         match self.decode_connect(token) {
             Ok(c) if c.exp.saturating_mul(1000) <= zerodrop_core::now_ms() => Err(expired()),
             Ok(c) => Ok(c),
-            Err(true) => Err(expired()),
-            Err(false) => Err(ApiError::unauthorized("invalid connect token")),
+            Err(Refusal::Expired) => Err(expired()),
+            Err(Refusal::Invalid(why)) => Err(ApiError::unauthorized(format!(
+                "invalid connect token{why}"
+            ))),
         }
     }
 
-    /// The claims, or whether the token failed for its expiry alone (`true`) or as invalid.
-    fn decode_connect(&self, token: &str) -> Result<ConnectClaims, bool> {
-        jsonwebtoken::decode::<ConnectClaims>(token, &self.jwt_decode, &self.validation)
+    /// The claims, or why the token is refused. The key follows the token's `alg`: HS256 is
+    /// the JWT secret's, anything else must name (`kid`) a JWKS key pinned to that very
+    /// algorithm; no other algorithm is accepted.
+    fn decode_connect(&self, token: &str) -> Result<ConnectClaims, Refusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid(""))?;
+        let pinned;
+        let (key, validation) = if header.alg == Algorithm::HS256 {
+            (&self.jwt_decode, &self.validation)
+        } else {
+            let (_, validation) = self
+                .asymmetric
+                .iter()
+                .find(|(a, _)| *a == header.alg)
+                .ok_or(Refusal::Invalid(": unsupported alg"))?;
+            let jwks = self
+                .jwks
+                .as_ref()
+                .ok_or(Refusal::Invalid(": no JWKS is configured for this alg"))?;
+            let kid = header.kid.as_deref().ok_or(Refusal::Invalid(": no kid"))?;
+            pinned = jwks.get(kid).ok_or(Refusal::Invalid(": unknown kid"))?;
+            if pinned.alg != header.alg {
+                return Err(Refusal::Invalid(": the key is for another alg"));
+            }
+            (&pinned.key, validation)
+        };
+        jsonwebtoken::decode::<ConnectClaims>(token, key, validation)
             .map(|d| d.claims)
-            .map_err(|e| matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature))
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => Refusal::Invalid(": wrong iss"),
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => Refusal::Invalid(": wrong aud"),
+                _ => Refusal::Invalid(""),
+            })
     }
 
     pub fn mint_connect(&self, claims: &ConnectClaims) -> String {

@@ -221,6 +221,20 @@ pub struct ServeArgs {
     /// generated at start).
     #[arg(long, env = "ZERODROP_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Public keys for RS256, ES256 and EdDSA connect tokens: a JWKS document at an
+    /// `https://` (or `http://`) URL, or a file (`file:///path` or a plain path). Each key is
+    /// pinned to its algorithm; HS256 with the JWT secret keeps working beside it.
+    #[arg(long, env = "ZERODROP_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// The least time between two reads of the JWKS on an unknown `kid`.
+    #[arg(long, env = "ZERODROP_JWKS_REFRESH_MIN_SEC", default_value_t = 30)]
+    pub jwks_refresh_min_sec: u64,
+    /// When set, connect tokens must carry this `iss`.
+    #[arg(long, env = "ZERODROP_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, connect tokens must carry this `aud`.
+    #[arg(long, env = "ZERODROP_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// Log format.
     #[arg(long, env = "ZERODROP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -314,6 +328,10 @@ struct FileConfig {
     sqlite_check_interval_sec: Option<u64>,
     live_ring_events: Option<usize>,
     instance_id: Option<String>,
+    jwks_url: Option<String>,
+    jwks_refresh_min_sec: Option<u64>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
     log_format: Option<LogFormat>,
     jobs_lease_ms: Option<u64>,
     jobs_heartbeat_ms: Option<u64>,
@@ -402,6 +420,10 @@ pub struct Config {
     pub sqlite_check_interval_sec: u64,
     pub live_ring_events: usize,
     pub instance_id: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh_min_sec: u64,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
     pub log_format: LogFormat,
     /// Upstreams, webhook sources, the job queue and the response cache.
     pub guard: GuardConfig,
@@ -498,10 +520,20 @@ impl Config {
                 jobs_queued_batch,
                 jobs_oldest_alert_sec,
                 jobs_done_keep_sec,
-                cache_max_entries
+                cache_max_entries,
+                jwks_refresh_min_sec
             );
             if args.instance_id.is_none() {
                 args.instance_id = f.instance_id;
+            }
+            if args.jwks_url.is_none() {
+                args.jwks_url = f.jwks_url;
+            }
+            if args.jwt_issuer.is_none() {
+                args.jwt_issuer = f.jwt_issuer;
+            }
+            if args.jwt_audience.is_none() {
+                args.jwt_audience = f.jwt_audience;
             }
         }
         Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)
@@ -548,6 +580,10 @@ impl Config {
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,
+            jwks_url: a.jwks_url,
+            jwks_refresh_min_sec: a.jwks_refresh_min_sec,
+            jwt_issuer: a.jwt_issuer,
+            jwt_audience: a.jwt_audience,
             log_format: a.log_format,
             guard: GuardConfig {
                 upstreams,

@@ -18,6 +18,7 @@ pub mod drain;
 pub mod error;
 pub mod guard;
 pub mod http;
+pub mod jwks;
 pub mod live;
 pub mod metrics;
 pub mod ratelimit;

@@ -204,7 +204,20 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
             Arc::new(s)
         }
     };
-    let auth = Auth::new(&secrets);
+    let jwks = match &cfg.jwks_url {
+        Some(url) => Some(Arc::new(
+            crate::jwks::Jwks::open(url, Duration::from_secs(cfg.jwks_refresh_min_sec)).await?,
+        )),
+        None => None,
+    };
+    let auth = Auth::with_rules(
+        &secrets,
+        crate::auth::TokenRules {
+            jwks,
+            issuer: cfg.jwt_issuer.clone(),
+            audience: cfg.jwt_audience.clone(),
+        },
+    );
     let guard = crate::guard::Guard::new(cfg.guard.clone(), metrics.clone())?;
     let app = Arc::new(App::new(
         cfg.clone(),
@@ -369,6 +382,13 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
                 let Some(m) = m else { return };
                 app.record_drop_mark(&m).await;
             }
+        });
+    }
+    // JWKS keys that were rotated out stop working within `jwks::PERIOD`.
+    if let Some(jwks) = app.auth.jwks() {
+        every(Duration::from_secs(30), stop.clone(), move || {
+            let jwks = jwks.clone();
+            async move { jwks.read_if_stale().await }
         });
     }
     // Revocations and disconnect orders made on other instances sharing the store.

@@ -115,7 +115,7 @@ async fn open(
         .or_else(|| bearer(&headers));
     let (resumed, grants): (Option<Resumed>, Option<Grants>) = match (token, q.resume.as_deref()) {
         (Some(t), Some(r)) => {
-            let fresh = app.auth.verify_refresh(t).inspect_err(|e| {
+            let fresh = app.fresh_token(t).await.inspect_err(|e| {
                 app.metrics.resume_failed(Transport::Sse, e.code);
             })?;
             let resumed = app.resume(r, None, Some(&fresh), Transport::Sse).await?;
@@ -123,7 +123,7 @@ async fn open(
             (Some(resumed), None)
         }
         (Some(t), None) => {
-            let claims = app.connect_token(t)?;
+            let claims = app.connect_token(t).await?;
             exp = Some(claims.exp);
             bearer_of = Some((claims.sub.clone(), claims.iat));
             (None, Some(claims.grants()))

@@ -86,6 +86,10 @@ pub async fn handler(
     Upgrade(ws): Upgrade,
     Query(q): Query<WsQuery>,
 ) -> Response {
+    // A token signed with a JWKS key the instance has not read yet: read it first.
+    if let Some(t) = q.token.as_deref().or_else(|| bearer(&headers)) {
+        app.auth.prepare(t).await;
+    }
     match upgrade(app, headers, q, ws) {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -125,7 +129,7 @@ fn upgrade(
         .or_else(|| bearer(&headers));
     let start = match (token, q.resume) {
         (Some(t), Some(r)) => Start::Resume(r, Some(app.auth.verify_refresh(t)?)),
-        (Some(t), None) => Start::Connect(app.connect_token(t)?),
+        (Some(t), None) => Start::Connect(app.connect_token_known(t)?),
         (None, Some(r)) => Start::Resume(r, None),
         (None, None) => Start::AwaitResume,
     };
@@ -373,16 +377,14 @@ impl Conn {
                 };
                 match ClientFrame::parse(text.as_str()) {
                     Ok(ClientFrame::Resume(r)) => {
-                        let fresh = match r
-                            .token
-                            .as_deref()
-                            .map(|t| self.app().auth.verify_refresh(t))
-                        {
-                            Some(Err(e)) => {
-                                self.app().metrics.resume_failed(Transport::Ws, e.code);
-                                return Err(Exit::error(e));
-                            }
-                            Some(Ok(c)) => Some(c),
+                        let fresh = match r.token.as_deref() {
+                            Some(t) => match self.app().fresh_token(t).await {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    self.app().metrics.resume_failed(Transport::Ws, e.code);
+                                    return Err(Exit::error(e));
+                                }
+                            },
                             None => None,
                         };
                         self.resume(
@@ -630,7 +632,7 @@ impl Conn {
     /// nothing (the old deadline stands).
     async fn on_refresh(&mut self, f: Refresh) -> Result<(), Exit> {
         let app = self.app().clone();
-        let claims = match app.auth.verify_refresh(&f.token) {
+        let claims = match app.fresh_token(&f.token).await {
             Ok(c) => c,
             Err(e) => {
                 app.metrics.token_refresh(false);

@@ -107,6 +107,10 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ),
         ("live_ring_events", Some(int(c.live_ring_events))),
         ("instance_id", c.instance_id.clone().map(Value::String)),
+        ("jwks_url", c.jwks_url.clone().map(Value::String)),
+        ("jwks_refresh_min_sec", Some(int(c.jwks_refresh_min_sec))),
+        ("jwt_issuer", c.jwt_issuer.clone().map(Value::String)),
+        ("jwt_audience", c.jwt_audience.clone().map(Value::String)),
         ("log_format", Some(enum_name(c.log_format))),
         ("jobs_lease_ms", Some(int(c.guard.jobs.lease_ms))),
         ("jobs_heartbeat_ms", Some(int(c.guard.jobs.heartbeat_ms))),
@@ -233,8 +237,11 @@ fn render(
             Some(v) => {
                 let _ = writeln!(out, "{key} = {v}  # {source}");
             }
-            None => {
+            None if key == "instance_id" => {
                 let _ = writeln!(out, "# {key}: not set (generated at start)");
+            }
+            None => {
+                let _ = writeln!(out, "# {key}: not set");
             }
         }
     }

@@ -320,7 +320,7 @@ fn every_alert_has_a_runbook_section() {
         .map(anchor)
         .collect();
     let alerts = alerts();
-    assert_eq!(alerts.len(), 17);
+    assert_eq!(alerts.len(), 18);
     let mut linked = BTreeSet::new();
     for (name, body) in &alerts {
         let url = body
@@ -526,8 +526,16 @@ fn the_shipped_example_config_has_every_setting_at_its_default() {
             .take()
             .unwrap_or_else(|| panic!("{k} has no `# default:` comment"));
         if commented {
-            assert_eq!(k, "instance_id", "only instance_id has no fixed default");
-            assert_eq!(d, "generated at start (zd-xxxxxx)");
+            // Settings with no fixed default: unset unless given.
+            let unset = [
+                ("instance_id", "generated at start (zd-xxxxxx)"),
+                ("jwks_url", "none (HS256 only)"),
+                ("jwt_issuer", "not checked"),
+                ("jwt_audience", "not checked"),
+            ];
+            let want = unset.iter().find(|(key, _)| *key == k);
+            assert!(want.is_some(), "{k} is commented out but has a fixed default");
+            assert_eq!(d, want.unwrap().1, "{k}: the comment's default");
             assert!(!defaults.contains_key(k));
         } else {
             let (want, _) = &defaults[k];
@@ -539,7 +547,9 @@ fn the_shipped_example_config_has_every_setting_at_its_default() {
     }
     assert_eq!(keys, settings, "the example against `serve --help`");
     let mut printed: BTreeSet<String> = defaults.keys().cloned().collect();
-    printed.insert("instance_id".into());
+    for unset in ["instance_id", "jwks_url", "jwt_issuer", "jwt_audience"] {
+        printed.insert(unset.into());
+    }
     assert_eq!(printed, settings, "check-config against `serve --help`");
     // The commented-out example value is valid too.
     let uncommented = text.replace("# instance_id = ", "instance_id = ");

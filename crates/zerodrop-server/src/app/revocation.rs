@@ -110,7 +110,14 @@ impl App {
 
     /// A connect token's claims: verified (signature, expiry) and not revoked (its subject
     /// revoked after the token was issued is 401 `REVOKED`).
-    pub fn connect_token(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+    pub async fn connect_token(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+        self.auth.prepare(token).await;
+        self.connect_token_known(token)
+    }
+
+    /// [`App::connect_token`] with the JWKS keys as last read (the caller ran
+    /// [`crate::auth::Auth::prepare`]).
+    pub fn connect_token_known(&self, token: &str) -> Result<ConnectClaims, ApiError> {
         let claims = self.auth.verify_connect(token)?;
         let b = Bearer {
             sub: &claims.sub,
@@ -124,6 +131,13 @@ impl App {
             }
             None => Ok(claims),
         }
+    }
+
+    /// A fresh connect token offered for a session (`refresh`, a resume with a token): valid
+    /// now, with no leeway (see [`crate::auth::Auth::verify_refresh`]).
+    pub async fn fresh_token(&self, token: &str) -> Result<ConnectClaims, ApiError> {
+        self.auth.prepare(token).await;
+        self.auth.verify_refresh(token)
     }
 
     /// What a connection opened in generation `born` must do now: end (`REVOKED`), take a

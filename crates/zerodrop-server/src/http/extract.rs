@@ -82,7 +82,7 @@ impl<const IN_URL: bool> OptionalFromRequestParts<AppState> for ConnectToken<IN_
         // `?token=` first: where it is allowed, it is where browsers put it.
         let url = if IN_URL { url_token(parts, app)? } else { None };
         match url.or_else(|| bearer(&parts.headers).map(String::from)) {
-            Some(t) => Ok(Some(ConnectToken(app.connect_token(&t)?))),
+            Some(t) => Ok(Some(ConnectToken(app.connect_token(&t).await?))),
             None => Ok(None),
         }
     }
@@ -139,7 +139,7 @@ impl<const IN_URL: bool> FromRequestParts<AppState> for Caller<IN_URL> {
         if app.auth.is_api_key(&t) {
             return Ok(Caller::ApiKey);
         }
-        Ok(Caller::Connect(app.connect_token(&t)?))
+        Ok(Caller::Connect(app.connect_token(&t).await?))
     }
 }
 

@@ -321,12 +321,14 @@ pub(super) async fn reconnect(
         app.metrics.resume_failed(Transport::Http, e.code);
         return Err(e);
     };
-    let fresh = match b.token.as_deref().map(|t| app.auth.verify_refresh(t)) {
-        Some(Err(e)) => {
-            app.metrics.resume_failed(Transport::Http, e.code);
-            return Err(e);
-        }
-        Some(Ok(c)) => Some(c),
+    let fresh = match b.token.as_deref() {
+        Some(t) => match app.fresh_token(t).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                app.metrics.resume_failed(Transport::Http, e.code);
+                return Err(e);
+            }
+        },
         None => None,
     };
     let Resumed {
@@ -403,7 +405,7 @@ pub(super) async fn refresh(
     JsonBody(b): JsonBody<RefreshBody>,
 ) -> ApiResult<Json<Value>> {
     let sid = sid.ok_or_else(not_this_session)?;
-    let fresh = match app.auth.verify_refresh(&b.token) {
+    let fresh = match app.fresh_token(&b.token).await {
         Ok(c) => c,
         Err(e) => {
             app.metrics.token_refresh(false);
