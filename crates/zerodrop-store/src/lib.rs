@@ -40,7 +40,7 @@ pub use self::guard::{
     Enqueued, Failure, GuardStore, IdemBegin, IdemRecord, IdemScopeStats, JobId, JobRecord,
     JobStats, JobStatus, Lease, LeasedJob, NewJob, QosClass, QueuedCaps, RunningCaps,
 };
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, SentinelUrl};
 pub use memory::MemoryStore;
 pub use rules::SessionCap;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
