@@ -684,6 +684,11 @@ fn check_config_refuses_bad_settings_naming_them() {
         ),
         ("instance_id = \"bad id!\"\n", &[], &["instance_id"]),
         (
+            "store = \"redis\"\nredis_url = \"redis+sentinel://h1:26379,h2:26379\"\n",
+            &[],
+            &["redis_url", "master's name"],
+        ),
+        (
             "[server]\nlisten = \"0.0.0.0:1\"\n",
             &[],
             &["server", "unknown field"],
