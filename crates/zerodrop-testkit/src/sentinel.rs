@@ -252,6 +252,18 @@ impl SentinelGroup {
         Ok(i)
     }
 
+    /// `SENTINEL FAILOVER <name>` on the first sentinel: the replica is promoted while the
+    /// primary is alive, and the primary becomes its replica.
+    pub fn switchover(&self) -> io::Result<()> {
+        let reply = self.sentinels[0].ask(&["failover", MASTER_NAME])?;
+        if reply.first().map(String::as_str) != Some("OK") {
+            return Err(io::Error::other(format!(
+                "SENTINEL FAILOVER answered {reply:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// A replica that lags: the replica (the server that is not the primary) is pointed at a
     /// port where nothing listens, so it keeps what it has and receives nothing more, while
     /// the primary goes on acknowledging writes. Sentinel still counts it as the primary's

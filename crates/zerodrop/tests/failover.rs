@@ -7,10 +7,12 @@
 //!
 //! - `--redis-wait-replicas 1`: every acknowledged event is in the log afterwards, at the seq
 //!   its 201 named, with its data, and the client saw every event in order, no gap, no epoch
-//!   change.
-//! - `--redis-wait-replicas 0`: the same fault may lose acknowledged events; each loss must
-//!   have reached the client as `EPOCH_CHANGED` (no silent hole, no seq reused with other
-//!   data). Whether a loss happens is up to timing, so it is counted, not asserted.
+//!   change — also when the replica had stopped receiving before the kill (it lags), and in a
+//!   switchover (`SENTINEL FAILOVER`: the old primary stays up, demoted to a replica).
+//! - `--redis-wait-replicas 0`: the kill may lose acknowledged events; each loss must have
+//!   reached the client as `EPOCH_CHANGED` (no silent hole, no seq reused with other data).
+//!   Whether the plain kill loses is up to timing, so it is counted, not asserted; with a
+//!   lagging replica it loses for certain, and that is asserted.
 //!
 //! Each run prints one `failover:` line with its figures (docs/reliability.md). Runs are
 //! serialised: the sentinels' timing must not compete with another run's processes.
@@ -228,6 +230,9 @@ enum Fault {
     /// The replica stops receiving first (its link cut), then the primary is killed: the
     /// promoted replica lacks everything the primary took after the cut.
     LagThenKill,
+    /// `SENTINEL FAILOVER`: the replica is promoted while the primary is alive, and the
+    /// primary is demoted to a replica of it (it answers, but refuses writes).
+    Switchover,
 }
 
 /// Acknowledged events that the primary takes while its replica lags (with `WAIT` 0).
@@ -310,13 +315,20 @@ async fn run(wait: u32, fault: Fault) -> Run {
             assert_eq!(shown, confirmed, "a read showed an unconfirmed event");
         }
     }
-    // Mid-publish: the primary dies without a goodbye.
     let old = group.primary_port().expect("a primary");
-    let killed =
-        tokio::task::block_in_place(|| group.kill_primary()).expect("kill -9 of the primary");
-    let acked_at_kill = count(&acks_rx);
     // The waits below block their thread; the publisher and the client go on on the other.
-    let promoted = tokio::task::block_in_place(|| {
+    let (acked_at_kill, promoted) = tokio::task::block_in_place(|| {
+        if fault == Fault::Switchover {
+            group.switchover().expect("SENTINEL FAILOVER");
+            let acked = count(&acks_rx);
+            return (
+                acked,
+                group.await_failover(old).expect("the replica is promoted"),
+            );
+        }
+        // Mid-publish: the primary dies without a goodbye.
+        let killed = group.kill_primary().expect("kill -9 of the primary");
+        let acked = count(&acks_rx);
         let promoted = group
             .await_failover(old)
             .expect("Sentinel promotes the replica");
@@ -325,7 +337,7 @@ async fn run(wait: u32, fault: Fault) -> Run {
         group.servers[killed]
             .start_again_as_replica_of(promoted)
             .expect("the old primary rejoins as a replica");
-        promoted
+        (acked, promoted)
     });
 
     // Publishing goes on on the new primary, through the same zerodrop process.
@@ -379,7 +391,7 @@ async fn run(wait: u32, fault: Fault) -> Run {
     };
     eprintln!(
         "failover: --redis-wait-replicas {wait}, {fault:?}: acknowledged={} lost={} \
-         epoch_changed={} retried={} (primary :{old} killed after {acked_at_kill} acks, \
+         epoch_changed={} retried={} (primary :{old} failed after {acked_at_kill} acks, \
          :{promoted} promoted)",
         r.acknowledged, r.lost, r.epoch_changed, r.retried
     );
@@ -485,6 +497,14 @@ async fn failover_with_wait_1_loses_no_acknowledged_event() {
 async fn failover_to_a_lagging_replica_with_wait_1_loses_no_acknowledged_event() {
     let _one = SERIAL.lock().await;
     check_no_loss(&run(1, Fault::LagThenKill).await);
+}
+
+/// The old primary is alive and demoted: zerodrop leaves it (`READONLY`, or the connections
+/// Sentinel closes) for the new one, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_with_wait_1_follows_the_new_primary_and_loses_nothing() {
+    let _one = SERIAL.lock().await;
+    check_no_loss(&run(1, Fault::Switchover).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
