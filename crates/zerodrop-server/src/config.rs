@@ -14,7 +14,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::Deserialize;
 use zerodrop_core::Retention;
 use zerodrop_guard::retry::RetryPolicy;
-use zerodrop_store::{Durability, QueuedCaps, RunningCaps};
+use zerodrop_store::{Durability, QueuedCaps, RunningCaps, SentinelUrl};
 
 use crate::guard::config::named_tables;
 pub use crate::guard::config::{GuardConfig, JobsConfig, UpstreamConfig, WebhookConfig};
@@ -82,7 +82,9 @@ pub struct ServeArgs {
     /// Where streams and sessions live.
     #[arg(long, env = "ZERODROP_STORE", value_enum, default_value = "sqlite")]
     pub store: StoreChoice,
-    /// Redis URL(s) for `--store redis`; several comma-separated seeds mean Redis Cluster.
+    /// Redis URL(s) for `--store redis`; several comma-separated seeds mean Redis Cluster;
+    /// `redis+sentinel://host:port[,host:port…]/<master name>` follows the primary Sentinel
+    /// elects.
     #[arg(
         long,
         env = "ZERODROP_REDIS_URL",
@@ -624,6 +626,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.store == StoreChoice::Redis
+            && let Some(Err(why)) = SentinelUrl::parse(&self.redis_url)
+        {
+            // The reason only: the URL may carry a password.
+            bail!("--redis-url (redis_url): {why}");
+        }
         if self.reconnect_window_sec == 0 {
             bail!("--reconnect-window-sec (reconnect_window_sec) must be at least 1");
         }

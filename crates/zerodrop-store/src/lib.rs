@@ -41,7 +41,7 @@ pub use self::guard::{
     Enqueued, Failure, GuardStore, IdemBegin, IdemRecord, IdemScopeStats, JobId, JobRecord,
     JobStats, JobStatus, Lease, LeasedJob, NewJob, QosClass, QueuedCaps, RunningCaps,
 };
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, SentinelUrl};
 pub use memory::MemoryStore;
 pub use revocation::{Revocation, RevokeTarget};
 pub use rules::SessionCap;

@@ -391,11 +391,15 @@ async fn wait_replicas_refuses_to_acknowledge_what_no_replica_holds() {
         "took {:?}",
         started.elapsed()
     );
-    // Reads are not held up by the waiting connection.
+    // The event is in the primary's log, but reads show confirmed events only (a failover
+    // may take this one back); they are not held up by the waiting connection either.
+    assert_eq!(primary.cmd(&["XLEN", "zd:{room:1}:l"]).unwrap(), ":1");
     assert_eq!(
         store.stream_info(&sid("room:1")).await.unwrap().head,
-        Seq(1)
+        Seq(0)
     );
+    let r = store.read(&sid("room:1"), Seq(0), 10).await.unwrap();
+    assert_eq!((r.info.head, r.events.len()), (Seq(0), 0));
 
     // With a replica attached, the same append is acknowledged.
     let _replica = RedisServer::start_with(RedisConfig {
@@ -439,9 +443,14 @@ async fn wait_replicas_refuses_a_duplicate_until_a_replica_holds_the_original() 
         other => panic!("expected Unavailable, got {other:?}"),
     }
     assert_eq!(
-        store.stream_info(&sid("room:1")).await.unwrap().head,
-        Seq(1),
+        primary.cmd(&["XLEN", "zd:{room:1}:l"]).unwrap(),
+        ":1",
         "stored once, however often retried"
+    );
+    assert_eq!(
+        store.stream_info(&sid("room:1")).await.unwrap().head,
+        Seq(0),
+        "not shown before a replica holds it"
     );
 
     let _replica = RedisServer::start_with(RedisConfig {
@@ -480,8 +489,9 @@ async fn with_wait_replicas_events_go_live_only_once_replicated() {
         a.append(keyed.clone()).await,
         Err(StoreError::Unavailable(_))
     ));
-    // In the log, but not on the live path.
-    assert_eq!(a.stream_info(&sid("live:1")).await.unwrap().head, Seq(1));
+    // In the log, but neither on the live path nor shown by reads.
+    assert_eq!(primary.cmd(&["XLEN", "zd:{live:1}:l"]).unwrap(), ":1");
+    assert_eq!(a.stream_info(&sid("live:1")).await.unwrap().head, Seq(0));
     tokio::time::sleep(Duration::from_millis(500)).await;
     for s in &sinks {
         assert!(s.seqs_of("live:1").is_empty(), "{:?}", s.seqs_of("live:1"));
@@ -494,6 +504,11 @@ async fn with_wait_replicas_events_go_live_only_once_replicated() {
     .unwrap();
     let o = eventually(Duration::from_secs(15), || b.append(keyed.clone())).await;
     assert_eq!((o.seq, o.duplicate), (Seq(1), true));
+    // Confirmed: shown by reads on every instance.
+    for store in [&a, &b] {
+        let r = store.read(&sid("live:1"), Seq(0), 10).await.unwrap();
+        assert_eq!((r.info.head, r.events.len()), (Seq(1), 1));
+    }
     for s in &sinks {
         wait_until(Duration::from_secs(5), "seq 1 live once confirmed", || {
             s.seqs_of("live:1") == vec![1]

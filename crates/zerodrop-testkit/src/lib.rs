@@ -6,6 +6,7 @@
 //!   paths that a URL-parsing client would normalise);
 //! - [`ws`] and [`sse`]: raw protocol clients that expose every frame, for exact assertions;
 //! - [`redis`]: real `redis-server` processes (and clusters) the tests can stop and restart;
+//!   [`sentinel`]: a primary, its replica and three Sentinels watching them;
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
 //!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies;
 //! - [`hog`]: busy threads that load the machine for timing-sensitive guarantees;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod raw;
 pub mod redis;
 pub mod roam;
+pub mod sentinel;
 pub mod server;
 pub mod sink;
 pub mod sse;

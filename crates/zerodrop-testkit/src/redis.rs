@@ -138,6 +138,16 @@ impl RedisServer {
         self.launch()
     }
 
+    /// Starts the server again on the same port as a replica of the server on `port` (a failed
+    /// primary rejoining after a failover). Does nothing if it is running.
+    pub fn start_again_as_replica_of(&mut self, port: u16) -> io::Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.config.replica_of = Some(port);
+        self.launch()
+    }
+
     /// Stops the server gracefully and starts it again on the same port, keeping its data.
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop()?;
@@ -261,14 +271,14 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis.log")
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
 /// A port that was free a moment ago; never 6379.
-fn free_port() -> io::Result<u16> {
+pub(crate) fn free_port() -> io::Result<u16> {
     for _ in 0..16 {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         if port != 6379 {
@@ -278,7 +288,7 @@ fn free_port() -> io::Result<u16> {
     Err(io::Error::other("no free port"))
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait()?.is_some() {
@@ -292,7 +302,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> io::Result<bool> {
 }
 
 /// One RESP command over a fresh connection; returns the first reply line.
-fn command(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
+pub(crate) fn command(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;

@@ -314,5 +314,9 @@ mod tests {
             "redis://:<redacted>@10.0.0.1:6379/0,rediss://app:<redacted>@h:1"
         );
         assert_eq!(redact_urls("redis://tok@h"), "redis://<redacted>@h");
+        assert_eq!(
+            redact_urls("redis+sentinel://app:pw@10.0.0.1:26379,10.0.0.2:26379/zd"),
+            "redis+sentinel://app:<redacted>@10.0.0.1:26379,10.0.0.2:26379/zd"
+        );
     }
 }

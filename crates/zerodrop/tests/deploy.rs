@@ -534,7 +534,10 @@ fn the_shipped_example_config_has_every_setting_at_its_default() {
                 ("jwt_audience", "not checked"),
             ];
             let want = unset.iter().find(|(key, _)| *key == k);
-            assert!(want.is_some(), "{k} is commented out but has a fixed default");
+            assert!(
+                want.is_some(),
+                "{k} is commented out but has a fixed default"
+            );
             assert_eq!(d, want.unwrap().1, "{k}: the comment's default");
             assert!(!defaults.contains_key(k));
         } else {
@@ -693,6 +696,11 @@ fn check_config_refuses_bad_settings_naming_them() {
             &["max_frame_bytes", "at least 1024"],
         ),
         ("instance_id = \"bad id!\"\n", &[], &["instance_id"]),
+        (
+            "store = \"redis\"\nredis_url = \"redis+sentinel://h1:26379,h2:26379\"\n",
+            &[],
+            &["redis_url", "master's name"],
+        ),
         (
             "[server]\nlisten = \"0.0.0.0:1\"\n",
             &[],

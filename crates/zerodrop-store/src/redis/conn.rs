@@ -1,4 +1,5 @@
-//! Talking to Redis: one connection type for a single server or a cluster, the Lua scripts
+//! Talking to Redis: one connection type for a single server, a cluster or the primary that
+//! Sentinel names (`sentinel.rs`), the Lua scripts
 //! (sent by hash, by source when the server lost its cache), a script call's keys and
 //! arguments, `EVAL` with or without a following `WAIT` on the same connection, and decoding
 //! replies.
@@ -15,14 +16,27 @@ use ::redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, ToRedisArgs, Value,
 };
 
+use super::sentinel::Primary;
 use super::{Shared, guard, lua};
 use crate::{StoreError, StoreResult};
 
-/// One connection that may be a single server's or a cluster's; both pipeline and are `Clone`.
+/// One connection that may be a single server's, a cluster's or a Sentinel-elected primary's;
+/// each pipelines and is `Clone`.
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Primary),
+}
+
+impl Conn {
+    /// The server answered but is not the primary (`ROLE` says replica): a Sentinel-elected
+    /// connection asks the sentinels again at its next command. Nothing to do otherwise.
+    pub(super) fn not_primary(&self) {
+        if let Conn::Sentinel(p) = self {
+            p.forget(None);
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -30,6 +44,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -42,6 +57,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -49,6 +65,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }

@@ -105,7 +105,7 @@ impl Shared {
     async fn ask_masters(&self, cmd: Cmd) -> Result<Replies, RedisError> {
         let mut conn = self.conn.clone();
         match &mut conn {
-            Conn::Single(c) => match cmd.query_async::<Value>(c).await {
+            c @ (Conn::Single(_) | Conn::Sentinel(_)) => match cmd.query_async::<Value>(c).await {
                 Ok(v) => Ok(vec![(String::new(), Ok(v))]),
                 Err(e) if is_outage(&e) => Err(e),
                 Err(e) => Ok(vec![(String::new(), Err(e))]),

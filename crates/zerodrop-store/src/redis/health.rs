@@ -107,8 +107,9 @@ impl Shared {
     }
 
     /// A single server is asked its `ROLE`: a master demoted to a replica by a failover still
-    /// answers, but refuses every write (`READONLY`), so it is not ready. A cluster client
-    /// follows the masters itself; it is asked `PING`.
+    /// answers, but refuses every write (`READONLY`), so it is not ready (and a connection that
+    /// follows Sentinel asks the sentinels for the primary again). A cluster client follows
+    /// the masters itself; it is asked `PING`.
     pub(super) async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         let cmd = ::redis::cmd(if self.cluster { "PING" } else { "ROLE" });
@@ -116,6 +117,7 @@ impl Shared {
         match tokio::time::timeout(self.opts.ping_timeout, ping).await {
             Ok(Ok(Value::Array(role))) if !self.cluster => match role.first().and_then(as_str) {
                 Some("slave" | "replica") => {
+                    self.conn.not_primary();
                     Err(self.down("ping", "the server is a read-only replica"))
                 }
                 _ => Ok(()),

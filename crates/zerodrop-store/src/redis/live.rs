@@ -17,10 +17,28 @@ use zerodrop_core::{Epoch, Event, Seq, SessionId, StreamId};
 
 use super::Shared;
 use super::keys::CHANNEL;
+use super::sentinel::Resolver;
 use crate::{StoreError, StoreResult};
 
 /// The pub/sub connection is pinged this often; a silent one is replaced.
 pub(super) const LIVE_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Where the subscription connects: the configured servers in turn (a single server, or a
+/// cluster's seed nodes: pub/sub reaches every node), or the primary the sentinels name at
+/// that moment.
+pub(super) enum Endpoints {
+    Fixed(Vec<Client>),
+    Sentinel(Arc<Resolver>),
+}
+
+impl Endpoints {
+    async fn client(&self, attempt: usize) -> Result<Client, RedisError> {
+        match self {
+            Endpoints::Fixed(clients) => Ok(clients[attempt % clients.len()].clone()),
+            Endpoints::Sentinel(resolver) => resolver.primary().await,
+        }
+    }
+}
 
 /// A decoded live message.
 pub(super) enum Live<'a> {
@@ -86,8 +104,9 @@ impl Shared {
                 let stream = event.stream().clone();
                 let (epoch, seq) = (event.epoch().clone(), event.seq().0);
                 let event = Arc::new(event.with_committed_at(Instant::now()));
-                self.sink.committed(std::slice::from_ref(&event));
+                // Known before any subscriber can see it: a log that later lacks it went back.
                 self.observe(&stream, &epoch, seq);
+                self.sink.committed(std::slice::from_ref(&event));
             }
             Some(Live::Trimmed {
                 stream,
@@ -132,7 +151,7 @@ impl Shared {
 /// subscription the sink is reset, because events published meanwhile were not seen.
 pub(super) async fn live_loop(
     shared: Arc<Shared>,
-    clients: Vec<Client>,
+    endpoints: Endpoints,
     ready: oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
@@ -140,10 +159,11 @@ pub(super) async fn live_loop(
     let mut attempt: usize = 0;
     let mut logged = false;
     loop {
-        let client = &clients[attempt % clients.len()];
+        let at = attempt;
         attempt = attempt.wrapping_add(1);
         let timeout = shared.opts.connect_timeout;
         let subscribed = tokio::time::timeout(timeout, async {
+            let client = endpoints.client(at).await?;
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(CHANNEL).await?;
             Ok::<_, RedisError>(ps)

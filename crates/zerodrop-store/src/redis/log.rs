@@ -159,6 +159,15 @@ impl Shared {
             .arg(CHANNEL)
     }
 
+    /// `"1"` when appends `WAIT` for replicas: reads then show confirmed events only.
+    pub(super) fn waits(&self) -> &'static str {
+        if self.opts.wait_replicas > 0 {
+            "1"
+        } else {
+            "0"
+        }
+    }
+
     pub(super) fn renewed(&self, stream: &StreamId, info: &StreamInfo) {
         tracing::warn!(
             stream = %stream,
@@ -168,7 +177,9 @@ impl Shared {
     }
 
     pub(super) async fn info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
-        let call = self.stream_call(&self.scripts.info, stream, Vec::new());
+        let call = self
+            .stream_call(&self.scripts.info, stream, Vec::new())
+            .arg(self.waits());
         let v =
             as_array(self.eval("stream info", &call).await?).ok_or_else(|| unexpected("info"))?;
         let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("info"))?;
@@ -188,7 +199,8 @@ impl Shared {
         let call = self
             .stream_call(&self.scripts.read, stream, Vec::new())
             .arg(after.0)
-            .arg(limit);
+            .arg(limit)
+            .arg(self.waits());
         let v = as_array(self.eval("read", &call).await?).ok_or_else(|| unexpected("read"))?;
         let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("read"))?;
         if renewed {

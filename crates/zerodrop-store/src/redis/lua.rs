@@ -81,6 +81,24 @@ local function load_meta(create)
   return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0}, renewed
 end
 
+-- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
+-- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
+-- instance already saw in this epoch (it is shown confirmed events only), never past the head.
+-- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
+-- a reader that had seen it would hold an event the new primary lacks — or, once a new append
+-- takes its seq, one that differs from what the log holds.
+local function visible(m, waits)
+  if not waits then return m end
+  local p = tonumber(redis.call('HGET', KEYS[1], 'pub') or '')
+  if not p then return m end
+  local seen = 0
+  if m.epoch == known_epoch then seen = known_head end
+  local head = math.min(m.head, math.max(p, seen))
+  if head >= m.head then return m end
+  return {epoch = m.epoch, head = head, first = m.first,
+    count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
+end
+
 local function bounds_reply(m, renewed)
   return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0}
 end
@@ -222,24 +240,30 @@ redis.call('HSET', KEYS[1], 'pub', int(through))
 return #entries
 "#;
 
-/// The bounds: `{epoch, head, first, count, bytes, renewed}`.
+/// The bounds: `{epoch, head, first, count, bytes, renewed}`. `ARGV[7]` `'1'` when appends
+/// `WAIT`: then the head is the last confirmed one (`visible`; `bytes` still counts the
+/// unconfirmed tail).
 const INFO: &str = r#"
-return bounds_reply(load_meta(false))
+local m, renewed = load_meta(false)
+return bounds_reply(visible(m, ARGV[7] == '1'), renewed)
 "#;
 
-/// `ARGV[7]` after, `ARGV[8]` limit (negative: all). The bounds, then `seq, ts, json` per
-/// event with seq > after, all read in one step so they describe the same log.
+/// `ARGV[7]` after, `ARGV[8]` limit (negative: all), `ARGV[9]` `'1'` when appends `WAIT`
+/// (events past the last confirmed one are not read: `visible`). The bounds, then `seq, ts,
+/// json` per event with seq > after, all read in one step so they describe the same log.
 const READ: &str = r#"
 local after, limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local m, renewed = load_meta(false)
+m = visible(m, ARGV[9] == '1')
 local out = bounds_reply(m, renewed)
 local from = math.max(after + 1, m.first)
 if m.count > 0 and limit ~= 0 and from <= m.head then
   local entries
+  local to = '0-' .. int(m.head)
   if limit > 0 then
-    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '+', 'COUNT', limit)
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), to, 'COUNT', limit)
   else
-    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '+')
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), to)
   end
   for _, e in ipairs(entries) do
     out[#out + 1] = seq_of(e[1])

@@ -43,11 +43,16 @@
 //! a second script publishes every event of the stream up to it that was not published yet,
 //! behind a per-stream watermark (`lua::PUBLISH_THROUGH`), so the channel stays in seq order
 //! per stream whichever instance's `WAIT` answers first, and no event is rung live before N
-//! replicas hold it. Reads of the log are not held back: a subscriber that re-reads the log
-//! (it fell behind, it resumes) may see an event whose `WAIT` has not answered yet, and an
-//! event shown that way and then lost in a failover is caught by the epoch check above.
-//! Appends in this mode use their own connection so that reads never queue behind a blocked
-//! `WAIT`.
+//! replicas hold it. Reads of the log are held back the same way: they end at the last
+//! confirmed event (the watermark, or a later head this instance saw confirmed; `lua.rs`'s
+//! `visible`), so this instance's remembered heads are all confirmed, and a failover to a
+//! replica that holds every confirmed event is not mistaken for a log that went back (which
+//! would start it again, empty, in a new epoch). Appends in this mode use their own
+//! connection so that reads never queue behind a blocked `WAIT`.
+//!
+//! Sentinel: one `redis+sentinel://` URL (`sentinel.rs`) makes every connection, the live
+//! subscription included, go to the primary the sentinels name, asked again after an outage
+//! or a `READONLY`; the command that met it answers `Unavailable` and is never re-sent.
 //!
 //! Durability: the level is read from Redis's own settings (`CONFIG GET appendonly`,
 //! `appendfsync`, `INFO replication`; `durability.rs`), raised to `replicated` by `WAIT`. A
@@ -115,6 +120,7 @@ mod log;
 mod lua;
 mod retention;
 mod revocations;
+mod sentinel;
 mod sessions;
 
 use std::collections::HashMap;
@@ -133,8 +139,10 @@ use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId, now_ms};
 
 use self::conn::{Conn, Scripts};
 use self::keys::{SESSIONS_INDEX, STREAMS_INDEX};
-use self::live::live_loop;
+use self::live::{Endpoints, live_loop};
 use self::retention::sweep_loop;
+pub use self::sentinel::SentinelUrl;
+use self::sentinel::{Primary, Resolver};
 use crate::{
     AppendOutcome, AppendRequest, LiveSink, ReadResult, RedisPersistence, SessionCap,
     SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
@@ -144,7 +152,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
     /// `redis://…` URLs; more than one selects the cluster client (they are seed nodes), as
-    /// does one that points at a cluster node.
+    /// does one that points at a cluster node. One `redis+sentinel://` URL ([`SentinelUrl`])
+    /// follows the primary its sentinels name.
     pub urls: Vec<String>,
     pub retention: Retention,
     pub idempotency_ttl_ms: u64,
@@ -165,15 +174,20 @@ pub struct RedisOptions {
 }
 
 impl RedisOptions {
-    /// From `ZERODROP_REDIS_URL`: one URL, or several comma-separated cluster seed nodes.
+    /// From `ZERODROP_REDIS_URL`: one URL, several comma-separated cluster seed nodes, or one
+    /// `redis+sentinel://` URL (whose own commas separate sentinels).
     pub fn new(urls: &str) -> RedisOptions {
-        RedisOptions {
-            urls: urls
-                .split(',')
+        let urls = if SentinelUrl::parse(urls).is_some() {
+            vec![urls.trim().to_string()]
+        } else {
+            urls.split(',')
                 .map(str::trim)
                 .filter(|u| !u.is_empty())
                 .map(String::from)
-                .collect(),
+                .collect()
+        };
+        RedisOptions {
+            urls,
             retention: Retention::default(),
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 0,
@@ -228,12 +242,28 @@ impl RedisStore {
     /// Connects and subscribes to the live channel. A single server that is down at start is
     /// not an error: the store answers `Unavailable` until it is reachable. A cluster must be
     /// reachable to learn its slots. One URL is asked `INFO cluster` first: a cluster node
-    /// gets the cluster client (a server that does not answer is taken for a single one).
+    /// gets the cluster client (a server that does not answer is taken for a single one). A
+    /// `redis+sentinel://` URL asks no server at start: its first command asks the sentinels.
     pub async fn connect(opts: RedisOptions, sink: Arc<dyn LiveSink>) -> StoreResult<RedisStore> {
         if opts.urls.is_empty() {
             return Err(StoreError::Unavailable("no redis URL configured".into()));
         }
         let bad_url = |e: RedisError| StoreError::Unavailable(format!("redis URL: {e}"));
+        if let Some(url) = SentinelUrl::parse(&opts.urls[0]) {
+            let url = url.map_err(|e| StoreError::Unavailable(format!("redis URL: {e}")))?;
+            let resolver = Arc::new(Resolver::new(url, opts.connect_timeout));
+            let primary = |response: Duration| {
+                Conn::Sentinel(Primary::new(
+                    resolver.clone(),
+                    manager_config(&opts, response),
+                ))
+            };
+            let conn = primary(opts.command_timeout);
+            let wait_conn =
+                (opts.wait_replicas > 0).then(|| primary(opts.command_timeout + opts.wait_timeout));
+            let endpoints = Endpoints::Sentinel(resolver.clone());
+            return Ok(Self::start(opts, sink, false, conn, wait_conn, endpoints).await);
+        }
         let mut live_clients = Vec::new();
         for u in &opts.urls {
             live_clients.push(Client::open(u.as_str()).map_err(bad_url)?);
@@ -278,12 +308,7 @@ impl RedisStore {
             (conn, wait_conn)
         } else {
             let manager = |response: Duration| {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(opts.connect_timeout))
-                    .set_response_timeout(Some(response))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500));
+                let config = manager_config(&opts, response);
                 ConnectionManager::new_lazy_with_config(live_clients[0].clone(), config)
                     .map(Conn::Single)
                     .map_err(bad_url)
@@ -296,6 +321,19 @@ impl RedisStore {
             };
             (conn, wait_conn)
         };
+        let endpoints = Endpoints::Fixed(live_clients);
+        Ok(Self::start(opts, sink, cluster, conn, wait_conn, endpoints).await)
+    }
+
+    /// The shared state and the background tasks, once the connections are chosen.
+    async fn start(
+        opts: RedisOptions,
+        sink: Arc<dyn LiveSink>,
+        cluster: bool,
+        conn: Conn,
+        wait_conn: Option<Conn>,
+        endpoints: Endpoints,
+    ) -> RedisStore {
         let shared = Arc::new(Shared {
             cluster,
             conn,
@@ -315,14 +353,14 @@ impl RedisStore {
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
-        let live = tokio::spawn(live_loop(shared.clone(), live_clients, ready_tx));
+        let live = tokio::spawn(live_loop(shared.clone(), endpoints, ready_tx));
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
         // Subscribe before the first append, so that its event reaches the sink.
         let _ = tokio::time::timeout(shared.opts.command_timeout, ready_rx).await;
-        Ok(RedisStore {
+        RedisStore {
             shared,
             tasks: vec![live, sweeper],
-        })
+        }
     }
 
     /// Whether the live subscription is up (the sink gets events of every instance).
@@ -337,6 +375,17 @@ impl Drop for RedisStore {
             t.abort();
         }
     }
+}
+
+/// How a single server's (or a Sentinel-elected primary's) connection manager connects: one
+/// reconnection attempt per failed command, never a command sent twice.
+fn manager_config(opts: &RedisOptions, response: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(response))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// Whether the server is a Redis Cluster node (`INFO cluster` says `cluster_enabled:1`), or
@@ -507,6 +556,10 @@ mod tests {
         assert_eq!(
             RedisOptions::new(" redis://a:1, redis://b:2 ,").urls,
             vec!["redis://a:1", "redis://b:2"]
+        );
+        assert_eq!(
+            RedisOptions::new(" redis+sentinel://a:1,b:2/m ").urls,
+            vec!["redis+sentinel://a:1,b:2/m"]
         );
     }
 }
