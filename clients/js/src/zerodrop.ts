@@ -20,6 +20,7 @@ export type ErrorCode =
   | "SESSION_TAKEN_OVER"
   | "TOKEN_EXPIRED"
   | "REVOKED"
+  | "AUTHZ_UNAVAILABLE"
   | "INVALID_REQUEST"
   | "CLOSED";
 

@@ -34,6 +34,8 @@ pub enum ErrorCode {
     /// An operator revoked the subject or the session (`POST /admin/revoke`): 401 over HTTP,
     /// close 4403 on a socket.
     Revoked,
+    /// The authorization hook failed or did not answer in time: refused (fail closed).
+    AuthzUnavailable,
     /// Every target of an upstream is refused by its open circuit; `Retry-After` says when
     /// a trial call is next allowed.
     UpstreamUnavailable,
@@ -47,7 +49,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -71,6 +73,7 @@ impl ErrorCode {
         ErrorCode::PingTimeout,
         ErrorCode::TokenExpired,
         ErrorCode::Revoked,
+        ErrorCode::AuthzUnavailable,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamFailed,
         ErrorCode::UpstreamTimeout,
@@ -103,6 +106,7 @@ impl ErrorCode {
             ErrorCode::PingTimeout => "PING_TIMEOUT",
             ErrorCode::TokenExpired => "TOKEN_EXPIRED",
             ErrorCode::Revoked => "REVOKED",
+            ErrorCode::AuthzUnavailable => "AUTHZ_UNAVAILABLE",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamFailed => "UPSTREAM_FAILED",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
@@ -128,6 +132,7 @@ impl ErrorCode {
             | ErrorCode::Draining
             | ErrorCode::OverCapacity
             | ErrorCode::UpstreamUnavailable
+            | ErrorCode::AuthzUnavailable
             | ErrorCode::QueueFull => 503,
             ErrorCode::UpstreamFailed => 502,
             ErrorCode::UpstreamTimeout => 504,
@@ -158,6 +163,7 @@ impl ErrorCode {
             | ErrorCode::UpstreamUnavailable
             | ErrorCode::UpstreamFailed
             | ErrorCode::UpstreamTimeout
+            | ErrorCode::AuthzUnavailable
             | ErrorCode::QueueFull => 1013,
             ErrorCode::Draining => 1012,
             ErrorCode::PayloadTooLarge => 1009,

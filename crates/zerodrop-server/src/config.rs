@@ -237,6 +237,20 @@ pub struct ServeArgs {
     /// When set, connect tokens must carry this `aud`.
     #[arg(long, env = "ZERODROP_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// The upstream (`[upstreams.<name>]`) asked whether a subject may connect, subscribe or
+    /// publish (`POST <target><authz_path>`); unset: no hook, the token's grants decide alone.
+    #[arg(long, env = "ZERODROP_AUTHZ_UPSTREAM")]
+    pub authz_upstream: Option<String>,
+    /// The path the authorization hook is posted to, below the upstream's base URL.
+    #[arg(long, env = "ZERODROP_AUTHZ_PATH", default_value = "/authz")]
+    pub authz_path: String,
+    /// Which actions ask the hook: comma-separated of `connect`, `subscribe`, `publish`.
+    #[arg(
+        long,
+        env = "ZERODROP_AUTHZ_ACTIONS",
+        default_value = "connect,subscribe,publish"
+    )]
+    pub authz_actions: String,
     /// Log format.
     #[arg(long, env = "ZERODROP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -334,6 +348,9 @@ struct FileConfig {
     jwks_refresh_min_sec: Option<u64>,
     jwt_issuer: Option<String>,
     jwt_audience: Option<String>,
+    authz_upstream: Option<String>,
+    authz_path: Option<String>,
+    authz_actions: Option<String>,
     log_format: Option<LogFormat>,
     jobs_lease_ms: Option<u64>,
     jobs_heartbeat_ms: Option<u64>,
@@ -426,6 +443,9 @@ pub struct Config {
     pub jwks_refresh_min_sec: u64,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
+    pub authz_upstream: Option<String>,
+    pub authz_path: String,
+    pub authz_actions: String,
     pub log_format: LogFormat,
     /// Upstreams, webhook sources, the job queue and the response cache.
     pub guard: GuardConfig,
@@ -523,7 +543,9 @@ impl Config {
                 jobs_oldest_alert_sec,
                 jobs_done_keep_sec,
                 cache_max_entries,
-                jwks_refresh_min_sec
+                jwks_refresh_min_sec,
+                authz_path,
+                authz_actions
             );
             if args.instance_id.is_none() {
                 args.instance_id = f.instance_id;
@@ -536,6 +558,9 @@ impl Config {
             }
             if args.jwt_audience.is_none() {
                 args.jwt_audience = f.jwt_audience;
+            }
+            if args.authz_upstream.is_none() {
+                args.authz_upstream = f.authz_upstream;
             }
         }
         Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)
@@ -586,6 +611,9 @@ impl Config {
             jwks_refresh_min_sec: a.jwks_refresh_min_sec,
             jwt_issuer: a.jwt_issuer,
             jwt_audience: a.jwt_audience,
+            authz_upstream: a.authz_upstream,
+            authz_path: a.authz_path,
+            authz_actions: a.authz_actions,
             log_format: a.log_format,
             guard: GuardConfig {
                 upstreams,
@@ -666,6 +694,28 @@ impl Config {
             bail!("--max-pending-connections (max_pending_connections) must be at least 1");
         }
         self.guard.validate()?;
+        if let Some(up) = &self.authz_upstream
+            && !self.guard.upstreams.contains_key(up)
+        {
+            bail!(
+                "--authz-upstream (authz_upstream) {up:?} is not a configured [upstreams.<name>]"
+            );
+        }
+        if !self.authz_path.starts_with('/') {
+            bail!("--authz-path (authz_path) must start with /");
+        }
+        for a in self
+            .authz_actions
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            if !["connect", "subscribe", "publish"].contains(&a) {
+                bail!(
+                    "--authz-actions (authz_actions): unknown action {a:?} (connect, subscribe, publish)"
+                );
+            }
+        }
         if let Some(id) = &self.instance_id {
             let ok = !id.is_empty()
                 && id.len() <= 64

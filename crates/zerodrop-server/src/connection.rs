@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
+use crate::app::authz::Action;
 use crate::app::revocation::{Bearer, Verdict};
 use crate::app::{App, Authority, ConnSlot, Hole, StreamStart, authority_ended};
 use crate::drain::DrainPhase;
@@ -90,6 +91,10 @@ pub(crate) trait Wire {
     /// The connect token expires at `exp` (Unix seconds): ask for a fresh one before
     /// `deadline`. A transport the client cannot answer on (SSE) says nothing.
     async fn ask_refresh(&mut self, exp: u64, deadline: u64) -> Result<(), Exit>;
+    /// A stream-level refusal found while the connection runs (the authorization hook denied
+    /// or could not answer a re-check); the stream has left the session already. A transport
+    /// of one stream (SSE) ends with it.
+    async fn refuse(&mut self, e: ApiError) -> Result<(), Exit>;
     /// The drain moment of this connection, or a disconnect order: say goodbye (with a resume
     /// token when there is a session) and tell how the connection ends.
     async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit;
@@ -132,6 +137,8 @@ struct Timers {
     /// When the connection's authority ends: its connect token's `exp` plus the grace, or
     /// its session's maximum age.
     expire: Option<Instant>,
+    /// When the first authorization hook verdict of a subscription runs out.
+    authz: Option<Instant>,
 }
 
 impl Timers {
@@ -143,6 +150,7 @@ impl Timers {
             self.retry,
             self.ask,
             self.expire,
+            self.authz,
         ]
         .into_iter()
         .flatten()
@@ -192,6 +200,10 @@ pub(crate) struct Core {
     /// The generation of revocations and disconnect orders it opened in, and last looked at.
     orders_born: u64,
     orders_seen: u64,
+    /// Per subscribed stream, when the authorization hook's verdict runs out (asked again).
+    authz: HashMap<StreamId, Instant>,
+    /// Whom the hook is asked about without a session (SSE with a connect token).
+    token_grants: Option<Grants>,
     closed: bool,
     _slot: ConnSlot,
 }
@@ -218,6 +230,7 @@ impl Core {
             retry: None,
             ask: None,
             expire: None,
+            authz: None,
         };
         let sleep = Box::pin(tokio::time::sleep_until(timers.next().into()));
         app.metrics.connection_opened(transport);
@@ -243,6 +256,8 @@ impl Core {
             bearer: None,
             orders_born: app.orders_generation(),
             orders_seen: app.orders_generation(),
+            authz: HashMap::new(),
+            token_grants: None,
             closed: false,
             _slot: slot,
             app,
@@ -279,9 +294,11 @@ impl Core {
     }
 
     /// A connection without a session (SSE opened with a connect token) is `sub`'s, under a
-    /// token issued at `iat` (Unix seconds; `None`: before every revocation).
-    pub(crate) fn identify(&mut self, sub: &str, iat: Option<u64>) {
+    /// token issued at `iat` (Unix seconds; `None`: before every revocation) granting
+    /// `grants` (what the authorization hook is told).
+    pub(crate) fn identify(&mut self, sub: &str, iat: Option<u64>, grants: Grants) {
         self.bearer = Some((sub.to_string(), iat.unwrap_or(0).saturating_mul(1000)));
+        self.token_grants = Some(grants);
     }
 
     /// Whether a revocation or a disconnect order made since the connection last looked ends
@@ -389,6 +406,64 @@ impl Core {
     pub(crate) fn unsubscribe(&mut self, stream: &StreamId) {
         self.subs.retain(|s| s.stream != *stream);
         self.acks.remove(stream);
+        if self.authz.remove(stream).is_some() {
+            self.timers.authz = self.authz.values().min().copied();
+        }
+    }
+
+    /// The authorization hook allowed `stream` until `until` (`None`: for good): it is asked
+    /// again then.
+    pub(crate) fn authorized(&mut self, stream: &StreamId, until: Option<Instant>) {
+        match until {
+            Some(t) => {
+                self.authz.insert(stream.clone(), t);
+            }
+            None => {
+                self.authz.remove(stream);
+            }
+        }
+        self.timers.authz = self.authz.values().min().copied();
+    }
+
+    /// Asks the hook again about every subscription whose verdict ran out: allowed goes on;
+    /// denied or unanswered ends the stream (it leaves the session) with the hook's error.
+    async fn reauthorize(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let now = Instant::now();
+        let due: Vec<StreamId> = self
+            .authz
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        let (sub, grants) = match (&self.session, &self.bearer, &self.token_grants) {
+            (Some(s), _, _) => (s.sub.clone(), s.grants.clone()),
+            (None, Some((sub, _)), Some(g)) => (sub.clone(), g.clone()),
+            _ => {
+                self.authz.clear();
+                self.timers.authz = None;
+                return Ok(());
+            }
+        };
+        for stream in due {
+            self.authz.remove(&stream);
+            match self
+                .app
+                .authorize(&sub, &grants, Action::Subscribe, Some(&stream))
+                .await
+            {
+                Ok(until) => self.authorized(&stream, until),
+                Err(e) => {
+                    self.app.metrics.error(e.code);
+                    self.flush_acks().await;
+                    if let Err(le) = self.leave(&stream).await {
+                        tracing::debug!(error = %le.message, "could not take a stream out of a session");
+                    }
+                    wire.refuse(e).await?;
+                }
+            }
+        }
+        self.timers.authz = self.authz.values().min().copied();
+        Ok(())
     }
 
     /// `stream` leaves the connection and its session (the caller flushes buffered acks
@@ -471,6 +546,9 @@ impl Core {
                 wire.ask_refresh(exp, exp + self.app.cfg.token_grace_sec)
                     .await?;
             }
+        }
+        if self.timers.authz.is_some_and(|t| t <= now) {
+            self.reauthorize(wire).await?;
         }
         if self.timers.retry.is_some_and(|t| t <= now) {
             self.timers.retry = None;

@@ -31,6 +31,7 @@ use serde_json::json;
 use zerodrop_core::{Epoch, Grants, Seq, StreamId};
 use zerodrop_store::SessionRecord;
 
+use crate::app::authz::Action;
 use crate::app::{App, Asker, Hole, Placement, Position, Resumed, StreamStart};
 use crate::auth::bearer;
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
@@ -137,6 +138,20 @@ async fn open(
     };
     let authority = resumed.as_ref().map(|r| r.authority);
     let session: Option<SessionRecord> = resumed.map(|r| r.session);
+    // The authorization hook, about what the token or the session grants.
+    let (who, who_grants) = match (&session, &grants, &bearer_of) {
+        (Some(s), _, _) => (s.sub.clone(), s.grants.clone()),
+        (None, Some(g), Some((sub, _))) => (sub.clone(), g.clone()),
+        _ => unreachable!("a token or a session was required above"),
+    };
+    app.authorize(&who, &who_grants, Action::Connect, None)
+        .await?;
+    let mut authz_until = None;
+    if who_grants.may_subscribe(stream.as_str()) {
+        authz_until = app
+            .authorize(&who, &who_grants, Action::Subscribe, Some(&stream))
+            .await?;
+    }
     let resuming = last_event_id.is_some() || session.is_some();
     let position = match (last_event_id, q.after) {
         (Some((epoch, seq)), _) => Position::After { seq, epoch },
@@ -186,10 +201,11 @@ async fn open(
     if let Some(exp) = exp {
         core.authorize(exp);
     }
-    if let Some((sub, iat)) = bearer_of {
-        core.identify(&sub, iat);
+    if let (Some((sub, iat)), Some(g)) = (bearer_of, grants) {
+        core.identify(&sub, iat, g);
     }
     core.subscribe(stream.clone(), &StreamStart { epoch, after, head });
+    core.authorized(&stream, authz_until);
     core.log_opened(Some(&stream));
     let state = SseConn {
         core,
@@ -268,6 +284,10 @@ impl Wire for SseWire {
     }
 
     /// The response ends; the browser reconnects (elsewhere) with its `Last-Event-ID`.
+    async fn refuse(&mut self, e: ApiError) -> Result<(), Exit> {
+        Err(Exit::error(e))
+    }
+
     async fn drain(&mut self, _resume_token: Option<String>, why: Leave) -> Exit {
         Exit::Gone(why.as_str())
     }

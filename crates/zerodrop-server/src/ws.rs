@@ -41,6 +41,7 @@ use zerodrop_core::frames::{
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 
+use crate::app::authz::Action;
 use crate::app::{
     AckWrite, App, Asker, Authority, ConnSlot, Hole, Position, Resumed, StreamStart,
     no_longer_granted,
@@ -218,6 +219,10 @@ impl Wire for WsWire {
     }
 
     /// `reconnect` with a fresh resume token, then close 1012.
+    async fn refuse(&mut self, e: ApiError) -> Result<(), Exit> {
+        self.send_text(e.frame()).await
+    }
+
     async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit {
         if let Some(resume_token) = resume_token {
             let frame = ServerFrame::Reconnect(Reconnect {
@@ -344,6 +349,10 @@ impl Conn {
     async fn begin(&mut self, start: Start) -> Result<(), Exit> {
         match start {
             Start::Connect(claims) => {
+                self.app()
+                    .authorize(&claims.sub, &claims.grants(), Action::Connect, None)
+                    .await
+                    .map_err(Exit::error)?;
                 let (rec, _) = self
                     .app()
                     .open_session(&claims.sub, claims.grants(), &[])
@@ -439,6 +448,9 @@ impl Conn {
             .resume(token, None, fresh, Transport::Ws)
             .await
             .map_err(Exit::error)?;
+        app.authorize(&session.sub, &session.grants, Action::Connect, None)
+            .await
+            .map_err(Exit::error)?;
         self.adopt(
             session.id.clone(),
             session.sub.clone(),
@@ -454,6 +466,25 @@ impl Conn {
             self.send_error(no_longer_granted(stream)).await?;
         }
         for (stream, st) in &session.streams {
+            let until = match app
+                .authorize(
+                    &session.sub,
+                    &session.grants,
+                    Action::Subscribe,
+                    Some(stream),
+                )
+                .await
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    // Refused now: the stream leaves the session, as after any stream error.
+                    if let Err(le) = app.unsubscribe_stream(&session.id, stream).await {
+                        tracing::debug!(error = %le.message, "could not take a stream out of a session");
+                    }
+                    self.send_error(e).await?;
+                    continue;
+                }
+            };
             let client_ack = last_ack.get(stream.as_str()).map(|n| Seq(*n));
             match app
                 .stream_start(
@@ -467,6 +498,7 @@ impl Conn {
                 Ok(start) => {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
                     self.core.acks.insert(stream.clone(), acked);
+                    self.core.authorized(stream, until);
                     self.start_sub(stream.clone(), start).await?;
                 }
                 // A hole has already left the session (`App::place`).
@@ -749,12 +781,20 @@ impl Conn {
             (None, None) => Position::Unstated,
         };
         let grants = session.grants.clone();
-        let start = match self
-            .core
-            .app
-            .subscribe_stream(&sid, &grants, &stream, position)
-            .await
-        {
+        let sub = session.sub.clone();
+        let app = self.app().clone();
+        // The hook is asked about what the token grants (it narrows, never widens).
+        let mut until = None;
+        if grants.may_subscribe(stream.as_str()) {
+            match app
+                .authorize(&sub, &grants, Action::Subscribe, Some(&stream))
+                .await
+            {
+                Ok(u) => until = u,
+                Err(e) => return self.send_error(e).await,
+            }
+        }
+        let start = match app.subscribe_stream(&sid, &grants, &stream, position).await {
             Ok(start) => start,
             // The store lost the session (restarted empty): a session-level error.
             Err(e) if e.code == ErrorCode::SessionNotFound => return Err(Exit::error(e)),
@@ -762,6 +802,7 @@ impl Conn {
         };
         let prev = self.core.acks.get(&stream).copied().unwrap_or(Seq(0));
         self.core.acks.insert(stream.clone(), prev.max(start.after));
+        self.core.authorized(&stream, until);
         self.start_sub(stream, start).await
     }
 
@@ -883,6 +924,22 @@ impl Conn {
             .with("id", id);
             return self.send_error(e).await;
         }
+        if let Err(e) = self
+            .core
+            .app
+            .authorize(
+                &session.sub,
+                &session.grants,
+                Action::Publish,
+                Some(&stream),
+            )
+            .await
+        {
+            return self.send_error(e.with("id", id)).await;
+        }
+        let Some(session) = &self.core.session else {
+            return Ok(());
+        };
         let Some(data) = f.data else {
             let e = ApiError::invalid("publish needs data")
                 .with("stream", stream.as_str())

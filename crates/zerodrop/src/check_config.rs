@@ -111,6 +111,12 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("jwks_refresh_min_sec", Some(int(c.jwks_refresh_min_sec))),
         ("jwt_issuer", c.jwt_issuer.clone().map(Value::String)),
         ("jwt_audience", c.jwt_audience.clone().map(Value::String)),
+        (
+            "authz_upstream",
+            c.authz_upstream.clone().map(Value::String),
+        ),
+        ("authz_path", s(c.authz_path.clone())),
+        ("authz_actions", s(c.authz_actions.clone())),
         ("log_format", Some(enum_name(c.log_format))),
         ("jobs_lease_ms", Some(int(c.guard.jobs.lease_ms))),
         ("jobs_heartbeat_ms", Some(int(c.guard.jobs.heartbeat_ms))),

@@ -320,7 +320,7 @@ fn every_alert_has_a_runbook_section() {
         .map(anchor)
         .collect();
     let alerts = alerts();
-    assert_eq!(alerts.len(), 18);
+    assert_eq!(alerts.len(), 19);
     let mut linked = BTreeSet::new();
     for (name, body) in &alerts {
         let url = body
@@ -532,6 +532,7 @@ fn the_shipped_example_config_has_every_setting_at_its_default() {
                 ("jwks_url", "none (HS256 only)"),
                 ("jwt_issuer", "not checked"),
                 ("jwt_audience", "not checked"),
+                ("authz_upstream", "none (no hooks)"),
             ];
             let want = unset.iter().find(|(key, _)| *key == k);
             assert!(
@@ -550,7 +551,13 @@ fn the_shipped_example_config_has_every_setting_at_its_default() {
     }
     assert_eq!(keys, settings, "the example against `serve --help`");
     let mut printed: BTreeSet<String> = defaults.keys().cloned().collect();
-    for unset in ["instance_id", "jwks_url", "jwt_issuer", "jwt_audience"] {
+    for unset in [
+        "instance_id",
+        "jwks_url",
+        "jwt_issuer",
+        "jwt_audience",
+        "authz_upstream",
+    ] {
         printed.insert(unset.into());
     }
     assert_eq!(printed, settings, "check-config against `serve --help`");

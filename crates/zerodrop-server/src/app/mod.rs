@@ -7,6 +7,7 @@
 //! guard's job queue and idempotency records ([`App::guard_store`]), health. So no transport
 //! can write a session or decide a position rule: those live in [`session`].
 
+pub mod authz;
 mod durability;
 pub mod revocation;
 pub mod session;
@@ -92,6 +93,8 @@ pub struct App {
     next_conn_id: AtomicU64,
     /// Revocations and disconnect orders as this instance knows them (`revocation.rs`).
     orders: revocation::Orders,
+    /// The authorization hooks, when `--authz-upstream` is set (`authz.rs`).
+    hooks: Option<authz::Hooks>,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -177,7 +180,6 @@ impl App {
         let new_streams = crate::ratelimit::NewStreamLimit::new(cfg.max_new_streams_per_minute);
         let gauge = metrics.clone();
         App {
-            cfg,
             instance,
             store,
             hub,
@@ -196,6 +198,8 @@ impl App {
             doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
             orders: revocation::Orders::default(),
+            hooks: authz::Hooks::from_config(&cfg),
+            cfg,
         }
     }
 

@@ -21,6 +21,7 @@ use super::extract::{
     ApiKey, BodyShape, Caller, ConnectToken, IdempotencyKey, JsonBody, Query, RawBody, SessionPath,
     StreamPath, json,
 };
+use crate::app::authz::Action;
 use crate::app::{
     AckWrite, App, Asker, Authority, OpenAt, Resumed, authority_ended, no_longer_granted,
 };
@@ -231,7 +232,17 @@ pub(super) async fn open_session(
     JsonBody(b): JsonBody<OpenBody>,
 ) -> ApiResult<Response> {
     let at = open_at(b)?;
-    let (rec, heads) = app.open_session(&claims.sub, claims.grants(), &at).await?;
+    let grants = claims.grants();
+    app.authorize(&claims.sub, &grants, Action::Connect, None)
+        .await?;
+    for a in at
+        .iter()
+        .filter(|a| grants.may_subscribe(a.stream.as_str()))
+    {
+        app.authorize(&claims.sub, &grants, Action::Subscribe, Some(&a.stream))
+            .await?;
+    }
+    let (rec, heads) = app.open_session(&claims.sub, grants, &at).await?;
     let authority = Authority {
         exp: Some(claims.exp),
         born_ms: rec.created_at_ms,
@@ -337,6 +348,8 @@ pub(super) async fn reconnect(
         ended,
     } = app
         .resume(&b.resume_token, Some(&sid), fresh.as_ref(), Transport::Http)
+        .await?;
+    app.authorize(&session.sub, &session.grants, Action::Connect, None)
         .await?;
     let mut replay = String::from("{");
     let mut replayed = 0u64;
