@@ -183,7 +183,7 @@ mod tests {
             iat: 100,
             exp,
             jti: Some("j1".into()),
-            aexp: Some(exp + 5),
+            aexp: Some(exp.saturating_add(5)),
         }
     }
 
