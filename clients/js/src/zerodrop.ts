@@ -504,7 +504,12 @@ export class Client {
   private publishCounter = 0;
 
   // SSE state
-  private sse = new Map<string, { es: EventSource | null; attempt: number; timer: ReturnType<typeof setTimeout> | null }>();
+  /** Per SSE stream: its EventSource, reconnect attempts, timer, and whether a fresh token
+   *  was fetched since its last event (one per expiry). */
+  private sse = new Map<
+    string,
+    { es: EventSource | null; attempt: number; timer: ReturnType<typeof setTimeout> | null; refreshed: boolean }
+  >();
 
   /** The transport in use: `ws` or `sse` (`auto` starts with `ws`). */
   transport: "ws" | "sse";
@@ -1123,7 +1128,7 @@ export class Client {
     if (this.closed || s.error) return;
     let st = this.sse.get(s.stream);
     if (!st) {
-      st = { es: null, attempt: 0, timer: null };
+      st = { es: null, attempt: 0, timer: null, refreshed: false };
       this.sse.set(s.stream, st);
     }
     const state = st;
@@ -1136,6 +1141,7 @@ export class Client {
     es.addEventListener("event", (m) => {
       if (state.es !== es) return;
       state.attempt = 0;
+      state.refreshed = false;
       let e: RawEvent;
       try {
         e = JSON.parse((m as MessageEvent).data as string) as RawEvent;
@@ -1156,12 +1162,42 @@ export class Client {
       }
       s.fail(errorFrom({ code: d.code ?? "EPOCH_CHANGED", message: "the stream's position cannot be served", ...d }, s.stream));
     });
-    es.onerror = () => {
+    es.onerror = (ev: Event) => {
       if (state.es !== es) return;
       // Reopen ourselves (next url, from what was delivered) rather than let EventSource
       // retry the same URL forever or give up after a non-200 answer.
       es.close();
       state.es = null;
+      // The server's own end (`event: error` {code, message}): TOKEN_EXPIRED reopens with a
+      // fresh token from the provider (once per expiry); another terminal code ends the
+      // subscription; a transient one is retried like a dropped stream.
+      const data = (ev as MessageEvent).data;
+      if (typeof data === "string") {
+        let d: Record<string, unknown> = {};
+        try {
+          d = JSON.parse(data) as Record<string, unknown>;
+        } catch {
+          // not the server's typed end
+        }
+        const code = typeof d.code === "string" ? d.code : "";
+        const provide = this.opt.tokenProvider;
+        if (code === "TOKEN_EXPIRED" && provide && !state.refreshed) {
+          state.refreshed = true;
+          provide().then(
+            (token) => {
+              if (typeof token !== "string" || !token) return s.fail(errorFrom(d, s.stream));
+              this.token = token;
+              this.sseOpen(s);
+            },
+            () => s.fail(errorFrom(d, s.stream)),
+          );
+          return;
+        }
+        if (code && !TRANSIENT.has(code)) {
+          s.fail(errorFrom(d, s.stream));
+          return;
+        }
+      }
       void this.sseProbe(s).then((err) => {
         if (err) {
           s.fail(err);

@@ -235,7 +235,10 @@ class FakeEventSource {
   }
   // test side
   emit(type, data) {
-    for (const f of this.listeners[type] ?? []) f({ data: typeof data === "string" ? data : JSON.stringify(data) });
+    // As in browsers: a server event named `error` also reaches `onerror`.
+    const ev = { data: typeof data === "string" ? data : JSON.stringify(data) };
+    for (const f of this.listeners[type] ?? []) f(ev);
+    this[`on${type}`]?.(ev);
   }
   fail() {
     this.onerror?.({});
@@ -375,5 +378,29 @@ test("after TOKEN_EXPIRED the provider's fresh token resumes the session (resume
   await until("the typed end", () => a.got.length === 3);
   assert.equal(a.got[2].code, "TOKEN_EXPIRED");
   assert.equal(FakeWebSocket.all.length, 4, "no loop");
+  c.close();
+});
+
+test("SSE: TOKEN_EXPIRED reopens with the provider's fresh token after what was delivered; REVOKED is terminal", async () => {
+  FakeEventSource.all = [];
+  let asked = 0;
+  const c = zd.connect("http://h1", "tk1", { transport: "sse", baseDelay: 10, tokenProvider: async () => `tk${++asked + 1}` });
+  const a = collect();
+  const s = c.subscribe("s", { after: 0, ...a.opts });
+  let es = FakeEventSource.all[0];
+  es.emit("event", ev("s", 1));
+  es.emit("error", { code: "TOKEN_EXPIRED", message: "expired" });
+  await until("a reopened EventSource", () => FakeEventSource.all.length === 2);
+  assert.ok(es.closed);
+  es = FakeEventSource.all[1];
+  assert.equal(es.url, "http://h1/v1/streams/s/sse?token=tk2&after=1");
+  es.emit("event", ev("s", 2));
+  await until("2 events", () => a.got.length === 2);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2]);
+  assert.equal(asked, 1);
+  es.emit("error", { code: "REVOKED", message: "access was revoked" });
+  const err = await s.ended;
+  assert.equal(err.code, "REVOKED");
+  assert.equal(FakeEventSource.all.length, 2, "no reopen after REVOKED");
   c.close();
 });
