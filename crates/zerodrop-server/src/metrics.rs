@@ -244,6 +244,15 @@ impl Metrics {
             m.count("zerodrop_connections_closed_total", &[("reason", r)], 0);
         }
         m.set("zerodrop_revocations_active", &[], 0.0);
+        for a in ["connect", "subscribe", "publish"] {
+            for r in ["allow", "deny", "unavailable"] {
+                m.count(
+                    "zerodrop_authz_hook_calls_total",
+                    &[("action", a), ("result", r)],
+                    0,
+                );
+            }
+        }
         for r in ["header_timeout", "idle_timeout", "pending_limit"] {
             m.count(
                 "zerodrop_http_connections_closed_total",
@@ -790,6 +799,10 @@ fn describe(r: &PrometheusRecorder) {
         d(
             "zerodrop_rate_limited_total",
             "Requests (http) and frames (ws) refused with RATE_LIMITED",
+        ),
+        d(
+            "zerodrop_authz_hook_calls_total",
+            "Calls to the authorization hook, by action (connect, subscribe, publish) and result (allow, deny, unavailable)",
         ),
         d(
             "zerodrop_connections_closed_total",

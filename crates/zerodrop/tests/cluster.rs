@@ -1040,11 +1040,13 @@ async fn a_drain_on_a_busy_machine_hands_every_client_its_reconnect_frame_before
 }
 
 /// A revocation made on instance 0 closes the subject's sockets and SSE streams on instance 1
-/// (polled from Redis every 250 ms) and refuses their resume tokens on both. The delay from
-/// the admin call to each close frame is printed (docs/benchmarks.md), not asserted.
+/// (polled from Redis every 250 ms) and refuses their resume tokens on both; it survives a
+/// `kill -9` of a Redis that persists. The delay from the admin call to each close frame is
+/// printed (docs/benchmarks.md), not asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_instance_closes_the_subject_on_the_other() {
-    let c = Cluster::start(bin(), 2, &[]).expect("cluster starts");
+    let redis = RedisServer::start_durable().expect("redis starts");
+    let mut c = Cluster::start_on(bin(), redis, 2, &[]).expect("cluster starts");
     let admin = c.creds.admin_token.clone();
     let t = c.token("gone", &["room:*"]);
     let keep = c.token("stays", &["room:*"]);
@@ -1108,6 +1110,32 @@ async fn a_revocation_on_one_instance_closes_the_subject_on_the_other() {
             (r.status, r.code()),
             (401, "REVOKED"),
             "node-{i}: {}",
+            r.text
+        );
+    }
+    // Redis is killed and comes back from its AOF: the revocation is still in force and
+    // listed, on both instances.
+    c.redis.kill();
+    c.redis.restart().expect("redis restarts");
+    for i in 0..2 {
+        let api = c.api(i);
+        eventually(
+            "the revocation is listed again",
+            Duration::from_secs(15),
+            || {
+                let (api, admin) = (api.clone(), admin.clone());
+                async move {
+                    let l = api.get("/admin/revocations", Some(&admin)).await;
+                    l.status == 200 && l.json["revocations"][0]["sub"] == "gone"
+                }
+            },
+        )
+        .await;
+        let r = api.reconnect(sid, resume).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "REVOKED"),
+            "node-{i} after the restart: {}",
             r.text
         );
     }

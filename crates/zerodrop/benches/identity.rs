@@ -1,0 +1,247 @@
+//! What "identity that ends when it should" costs and how fast it acts (SPEC §9).
+//!
+//! `cargo bench -p zerodrop --bench identity` runs the release binary and prints:
+//! - **revocation reach**: two instances on one `redis-server`; `SOCKETS` (default 200)
+//!   WebSockets of one subject on node-1; `POST /admin/revoke` on node-0; the time from the
+//!   admin call to each socket's `REVOKED` frame (p50/p99/max), over `ROUNDS` rounds (default
+//!   5), a new subject each round;
+//! - **hook overhead on a cache hit**: one instance without a hook and one with an
+//!   authorization hook (an in-process HTTP server answering `ttlSec: 600`); one socket each
+//!   subscribes to 50 streams once (the hook's cache fills), then `SUBSCRIBES` (default 2000)
+//!   `subscribe` → `subscribed` round trips over those streams; p50/p99 of both and the
+//!   difference;
+//! - **hook calls under a reconnect storm**: `CLIENTS` (default 1000) clients of distinct
+//!   subjects connect and subscribe (two questions each), then all drop and resume at once;
+//!   the hook's calls during the storm and its call rate, with verdicts cached (`ttlSec` 600)
+//!   and without (`ttlSec` absent).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::server::ServerProcess;
+use zerodrop_testkit::ws::{Next, WsClient};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// The next frame that is not a ping (answered); `None` on a close or after 20 s.
+async fn frame(c: &mut WsClient) -> Option<serde_json::Value> {
+    loop {
+        match c.next_within(Duration::from_secs(20)).await {
+            Next::Frame(f) if f["type"] == "ping" => {
+                c.send(json!({"type":"pong","t":f["t"]})).await;
+            }
+            Next::Frame(f) => return Some(f),
+            _ => return None,
+        }
+    }
+}
+
+async fn revocation_reach(bin: &Path, rounds: u64, sockets: u64) {
+    let c = Cluster::start(bin, 2, &[]).expect("cluster starts");
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for round in 0..rounds {
+        let sub = format!("leaver-{round}");
+        let t = c.token(&sub, &["room:*"]);
+        let mut socks = Vec::new();
+        for _ in 0..sockets {
+            let mut s = WsClient::connect(&format!("{}/v1/ws?token={t}", c.ws_url(1)))
+                .await
+                .expect("connects");
+            s.expect("welcome").await;
+            socks.push(s);
+        }
+        let started = Instant::now();
+        let r = c
+            .api(0)
+            .post(
+                "/admin/revoke",
+                Some(&c.creds.admin_token),
+                json!({"sub": sub}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let waits = socks.into_iter().map(|mut s| {
+            tokio::spawn(async move {
+                let f = frame(&mut s).await;
+                assert_eq!(
+                    f.as_ref().map(|f| f["code"].clone()),
+                    Some(json!("REVOKED"))
+                );
+                started.elapsed()
+            })
+        });
+        for w in waits {
+            h.record(w.await.unwrap().as_micros() as u64).unwrap();
+        }
+    }
+    println!(
+        "revocation reach (admin call on node-0 → REVOKED frame on node-1), {} sockets: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        h.len(),
+        ms(&h, 0.5),
+        ms(&h, 0.99),
+        h.max() as f64 / 1000.0
+    );
+}
+
+/// An authorization hook on loopback that allows everything, with `ttl` (or none), counting
+/// its calls.
+async fn hook(ttl: Option<u64>) -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let answer = match ttl {
+        Some(t) => json!({"allow": true, "ttlSec": t}),
+        None => json!({"allow": true}),
+    }
+    .to_string();
+    let app = axum::Router::new().route(
+        "/authz",
+        axum::routing::post(move || {
+            let (n, a) = (n.clone(), answer.clone());
+            async move {
+                n.fetch_add(1, Ordering::Relaxed);
+                a
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+fn serve_with_hook(bin: &Path, dir: &Path, hook_url: Option<&str>) -> ServerProcess {
+    let env: Vec<(&str, &str)> = match hook_url {
+        Some(u) => vec![("ZERODROP_UPSTREAM_HOOK_PRIMARY", u)],
+        None => vec![],
+    };
+    let args: &[&str] = match hook_url {
+        Some(_) => &["--authz-upstream", "hook", "--max-connections", "5000"],
+        None => &["--max-connections", "5000"],
+    };
+    ServerProcess::spawn(bin, dir, "127.0.0.1:0", args, &env).expect("server starts")
+}
+
+async fn subscribe_latency(p: &ServerProcess, n: u64) -> Histogram<u64> {
+    let t = p.creds.token("u1", &["room:*"], &[]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={t}", p.ws_url()))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    for i in 0..50 {
+        c.send(json!({"type":"subscribe","stream":format!("room:{i}")}))
+            .await;
+        c.expect("subscribed").await;
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for i in 0..n {
+        let sent = Instant::now();
+        c.send(json!({"type":"subscribe","stream":format!("room:{}", i % 50)}))
+            .await;
+        c.expect("subscribed").await;
+        h.record(sent.elapsed().as_micros() as u64).unwrap();
+    }
+    h
+}
+
+async fn hook_overhead(bin: &Path, n: u64) {
+    let (url, calls) = hook(Some(600)).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plain = serve_with_hook(bin, d1.path(), None);
+    let hooked = serve_with_hook(bin, d2.path(), Some(&url));
+    // Alternating halves, so that drift on a shared machine hits both alike.
+    let (mut a, mut b) = (
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    );
+    for _ in 0..2 {
+        a.add(subscribe_latency(&plain, n / 2).await).unwrap();
+        b.add(subscribe_latency(&hooked, n / 2).await).unwrap();
+    }
+    println!(
+        "subscribe → subscribed, {} round trips each: no hook p50 {:.3} ms p99 {:.3} ms; hook (cache hit) p50 {:.3} ms p99 {:.3} ms; added at p99 {:+.3} ms; hook calls {}",
+        a.len(),
+        ms(&a, 0.5),
+        ms(&a, 0.99),
+        ms(&b, 0.5),
+        ms(&b, 0.99),
+        ms(&b, 0.99) - ms(&a, 0.99),
+        calls.load(Ordering::Relaxed)
+    );
+}
+
+async fn storm(bin: &Path, clients: u64, ttl: Option<u64>) {
+    let (url, calls) = hook(ttl).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = serve_with_hook(bin, dir.path(), Some(&url));
+    let ws = p.ws_url();
+    let mut joins = Vec::new();
+    for i in 0..clients {
+        let t = p.creds.token(&format!("user-{i}"), &["room:*"], &[]);
+        let url = format!("{ws}/v1/ws?token={t}");
+        joins.push(tokio::spawn(async move {
+            let mut c = WsClient::connect(&url).await.unwrap();
+            let w = c.expect("welcome").await;
+            c.send(json!({"type":"subscribe","stream":"room:lobby"}))
+                .await;
+            c.expect("subscribed").await;
+            let resume = w["resumeToken"].as_str().unwrap().to_string();
+            c.abort();
+            resume
+        }));
+    }
+    let mut resumes = Vec::new();
+    for j in joins {
+        resumes.push(j.await.unwrap());
+    }
+    let before = calls.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let storm = resumes.into_iter().map(|r| {
+        let url = format!("{ws}/v1/ws?resume={r}");
+        tokio::spawn(async move {
+            let mut c = WsClient::connect(&url).await.unwrap();
+            c.expect("welcome").await;
+            c.expect("subscribed").await;
+        })
+    });
+    for s in storm.collect::<Vec<_>>() {
+        s.await.unwrap();
+    }
+    let took = started.elapsed();
+    let during = calls.load(Ordering::Relaxed) - before;
+    println!(
+        "reconnect storm, {clients} clients of distinct subjects resuming at once, ttlSec {}: hook calls {before} while they first connected, {during} during the storm ({:.0} calls/s over {:.2} s)",
+        ttl.map_or("absent".to_string(), |t| t.to_string()),
+        during as f64 / took.as_secs_f64(),
+        took.as_secs_f64()
+    );
+}
+
+fn main() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        revocation_reach(bin, env("ROUNDS", 5), env("SOCKETS", 200)).await;
+        hook_overhead(bin, env("SUBSCRIBES", 2000)).await;
+        let clients = env("CLIENTS", 1000);
+        storm(bin, clients, Some(600)).await;
+        storm(bin, clients, None).await;
+    });
+}
