@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use zerodrop_server::config::UpstreamConfig;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::{SseClient, SseRead};
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
 
 /// What the hook answers per (action, stream); anything else is allowed with no ttl.
 #[derive(Default)]
@@ -115,15 +115,7 @@ async fn server(hook: &Hook) -> TestServer {
 
 /// The next frame that is not a ping (answered).
 async fn frame(c: &mut WsClient) -> Value {
-    loop {
-        match c.next_within(Duration::from_secs(10)).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await
-            }
-            Next::Frame(f) => return f,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
+    c.next_frame(Duration::from_secs(10)).await
 }
 
 async fn metric(s: &TestServer, line: &str) -> bool {

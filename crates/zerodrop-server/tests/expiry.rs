@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use zerodrop_core::now_ms;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::{SseClient, SseRead};
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
 
 fn now_sec() -> u64 {
     now_ms() / 1000
@@ -20,17 +20,7 @@ async fn server() -> TestServer {
 
 /// The next frame that is not a ping (answered), whatever its type, within `within`.
 async fn frame(c: &mut WsClient, within: Duration) -> Value {
-    let until = tokio::time::Instant::now() + within;
-    loop {
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
-        match c.next_within(left).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await;
-            }
-            Next::Frame(f) => return f,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
+    c.next_frame(within).await
 }
 
 /// A socket (past `welcome`) whose connect token, for `room:*`, expires in 3 s; and its `exp`.

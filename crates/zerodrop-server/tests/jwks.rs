@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use zerodrop_core::now_ms;
 use zerodrop_testkit::server::TestServer;
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
 
 /// A private key, its algorithm and `kid`, and its public JWK.
 struct Signer {
@@ -347,15 +347,7 @@ impl JwksServer {
 
 /// The next frame that is not a ping (answered).
 async fn frame(c: &mut WsClient) -> Value {
-    loop {
-        match c.next_within(Duration::from_secs(10)).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await
-            }
-            Next::Frame(f) => return f,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
+    c.next_frame(Duration::from_secs(10)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,21 +11,11 @@ use serde_json::{Value, json};
 use zerodrop_core::now_ms;
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::{SseClient, SseRead};
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
 
 /// The next frame that is not a ping (answered).
 async fn frame(c: &mut WsClient) -> Value {
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
-        match c.next_within(left).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await;
-            }
-            Next::Frame(f) => return f,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
+    c.next_frame(Duration::from_secs(10)).await
 }
 
 /// A socket of `sub` past `welcome`, subscribed to `room:a`; and its welcome.

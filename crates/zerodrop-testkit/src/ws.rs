@@ -149,6 +149,23 @@ impl WsClient {
         }
     }
 
+    /// The next frame that is not a server `ping` (answered), whatever its type, within
+    /// `within` in all; panics on a close or a timeout.
+    pub async fn next_frame(&mut self, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Next::Frame(f) if f["type"] == "ping" => {
+                    let pong = serde_json::json!({"type": "pong", "t": f["t"]});
+                    self.send(pong).await;
+                }
+                Next::Frame(f) => return f,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
     /// The next frame that is not a server `ping` or `token` refresh (pings are answered),
     /// within [`WAIT`] in all.
     pub async fn recv(&mut self) -> Value {

@@ -573,6 +573,27 @@ async fn short_lived(s: &TestServer) -> (String, u64) {
     (s.creds.token_until("app", &["exp:*"], &[], exp), exp)
 }
 
+/// A token source handing out hour-long tokens for `app` on `exp:*`, failing its first
+/// `fail_first` fetches; and how many fetches it saw.
+fn counting_source(
+    s: &TestServer,
+    fail_first: usize,
+) -> (TokenSource, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (creds, count) = (s.creds.clone(), fetched.clone());
+    let source = TokenSource::new(move || {
+        let (creds, count) = (creds.clone(), count.clone());
+        async move {
+            if count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < fail_first {
+                return Err("the backend is restarting".to_string());
+            }
+            let exp = zerodrop_core::now_ms() / 1000 + 3600;
+            Ok(creds.token_until("app", &["exp:*"], &[], exp))
+        }
+    });
+    (source, fetched)
+}
+
 /// Sleeps until `exp` + the grace (1 s) + 1 s has passed, by the wall clock.
 async fn past_the_deadline(exp: u64) {
     let at = (exp + 2) * 1000;
@@ -585,16 +606,7 @@ async fn a_token_source_answers_refresh_and_the_client_outlives_its_first_token_
     let s = TestServer::with(|c| c.token_grace_sec = 1).await;
     let stream = "exp:1";
     let (first, exp) = short_lived(&s).await;
-    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (creds, count) = (s.creds.clone(), fetched.clone());
-    let source = TokenSource::new(move || {
-        let (creds, count) = (creds.clone(), count.clone());
-        async move {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let exp = zerodrop_core::now_ms() / 1000 + 3600;
-            Ok(creds.token_until("app", &["exp:*"], &[], exp))
-        }
-    });
+    let (source, fetched) = counting_source(&s, 0);
     let o = ClientOptions {
         token_source: Some(source),
         ..opts()
@@ -641,18 +653,7 @@ async fn after_token_expired_the_token_source_resumes_the_session_with_a_fresh_t
     let (first, exp) = short_lived(&s).await;
     // The source fails when the server asks ahead of `exp` (so the server ends the connection
     // with TOKEN_EXPIRED), then gives tokens: the client resumes with one.
-    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (creds, count) = (s.creds.clone(), fetched.clone());
-    let source = TokenSource::new(move || {
-        let (creds, count) = (creds.clone(), count.clone());
-        async move {
-            if count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
-                return Err("the backend is restarting".to_string());
-            }
-            let exp = zerodrop_core::now_ms() / 1000 + 3600;
-            Ok(creds.token_until("app", &["exp:*"], &[], exp))
-        }
-    });
+    let (source, fetched) = counting_source(&s, 1);
     let o = ClientOptions {
         token_source: Some(source),
         ..opts()
