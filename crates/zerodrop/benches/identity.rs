@@ -11,10 +11,12 @@
 //!   `subscribe` → `subscribed` round trips over those streams; p50/p99 of both and the
 //!   difference;
 //! - **hook calls under a reconnect storm**: `CLIENTS` (default 1000) clients of distinct
-//!   subjects connect and subscribe (two questions each), then all drop and resume at once;
-//!   the hook's calls during the storm and its call rate, with verdicts cached (`ttlSec` 600)
-//!   and without (`ttlSec` absent).
+//!   subjects connect and subscribe (two questions each), then all drop and resume (200
+//!   handshakes at a time); the hook's calls during the storm and its call rate, with
+//!   verdicts cached (`ttlSec` 600) and without (`ttlSec` absent), and what the hook
+//!   upstream's bulkhead (256, and the default 16) refuses.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,8 +131,20 @@ fn serve_with_hook(bin: &Path, dir: &Path, hook_url: Option<&str>) -> ServerProc
         None => vec![],
     };
     let args: &[&str] = match hook_url {
-        Some(_) => &["--authz-upstream", "hook", "--max-connections", "5000"],
-        None => &["--max-connections", "5000"],
+        Some(_) => &[
+            "--authz-upstream",
+            "hook",
+            "--max-connections",
+            "5000",
+            "--ws-frames-per-sec",
+            "1000000",
+        ],
+        None => &[
+            "--max-connections",
+            "5000",
+            "--ws-frames-per-sec",
+            "1000000",
+        ],
     };
     ServerProcess::spawn(bin, dir, "127.0.0.1:0", args, &env).expect("server starts")
 }
@@ -183,50 +197,99 @@ async fn hook_overhead(bin: &Path, n: u64) {
     );
 }
 
-async fn storm(bin: &Path, clients: u64, ttl: Option<u64>) {
+/// Connects (or resumes) one client: `Ok(resume token)`, or the error code it was refused
+/// with.
+async fn one_client(url: String, subscribe: bool) -> Result<String, String> {
+    let mut c = WsClient::connect(&url)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let w = frame(&mut c).await.ok_or("closed")?;
+    if w["type"] != "welcome" {
+        return Err(w["code"].as_str().unwrap_or("?").to_string());
+    }
+    if subscribe {
+        c.send(json!({"type":"subscribe","stream":"room:lobby"}))
+            .await;
+    }
+    let s = frame(&mut c).await.ok_or("closed")?;
+    if s["type"] != "subscribed" {
+        return Err(s["code"].as_str().unwrap_or("?").to_string());
+    }
+    let resume = w["resumeToken"].as_str().unwrap_or_default().to_string();
+    c.abort();
+    Ok(resume)
+}
+
+/// `urls` at most `width` at a time: the resume tokens, and the refusals by code.
+async fn wave(
+    urls: Vec<String>,
+    subscribe: bool,
+    width: usize,
+) -> (Vec<String>, BTreeMap<String, u64>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(width));
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|u| {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _p = gate.acquire().await.unwrap();
+                one_client(u, subscribe).await
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (Vec::new(), BTreeMap::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => ok.push(r),
+            Err(code) => *refused.entry(code).or_insert(0) += 1,
+        }
+    }
+    (ok, refused)
+}
+
+async fn storm(bin: &Path, clients: u64, ttl: Option<u64>, bulkhead: u32) {
     let (url, calls) = hook(ttl).await;
     let dir = tempfile::tempdir().unwrap();
-    let p = serve_with_hook(bin, dir.path(), Some(&url));
+    let width = bulkhead.to_string();
+    let p = ServerProcess::spawn(
+        bin,
+        dir.path(),
+        "127.0.0.1:0",
+        &["--authz-upstream", "hook", "--max-connections", "5000"],
+        &[
+            ("ZERODROP_UPSTREAM_HOOK_PRIMARY", url.as_str()),
+            (
+                "ZERODROP_UPSTREAM_HOOK_BULKHEAD_MAX_IN_FLIGHT",
+                width.as_str(),
+            ),
+        ],
+    )
+    .expect("server starts");
     let ws = p.ws_url();
-    let mut joins = Vec::new();
-    for i in 0..clients {
-        let t = p.creds.token(&format!("user-{i}"), &["room:*"], &[]);
-        let url = format!("{ws}/v1/ws?token={t}");
-        joins.push(tokio::spawn(async move {
-            let mut c = WsClient::connect(&url).await.unwrap();
-            let w = c.expect("welcome").await;
-            c.send(json!({"type":"subscribe","stream":"room:lobby"}))
-                .await;
-            c.expect("subscribed").await;
-            let resume = w["resumeToken"].as_str().unwrap().to_string();
-            c.abort();
-            resume
-        }));
-    }
-    let mut resumes = Vec::new();
-    for j in joins {
-        resumes.push(j.await.unwrap());
-    }
+    let urls = (0..clients)
+        .map(|i| {
+            let t = p.creds.token(&format!("user-{i}"), &["room:*"], &[]);
+            format!("{ws}/v1/ws?token={t}")
+        })
+        .collect();
+    let (resumes, first_refused) = wave(urls, true, 200).await;
     let before = calls.load(Ordering::Relaxed);
     let started = Instant::now();
-    let storm = resumes.into_iter().map(|r| {
-        let url = format!("{ws}/v1/ws?resume={r}");
-        tokio::spawn(async move {
-            let mut c = WsClient::connect(&url).await.unwrap();
-            c.expect("welcome").await;
-            c.expect("subscribed").await;
-        })
-    });
-    for s in storm.collect::<Vec<_>>() {
-        s.await.unwrap();
-    }
+    let urls = resumes
+        .iter()
+        .map(|r| format!("{ws}/v1/ws?resume={r}"))
+        .collect();
+    let (back, refused) = wave(urls, false, 200).await;
     let took = started.elapsed();
     let during = calls.load(Ordering::Relaxed) - before;
     println!(
-        "reconnect storm, {clients} clients of distinct subjects resuming at once, ttlSec {}: hook calls {before} while they first connected, {during} during the storm ({:.0} calls/s over {:.2} s)",
+        "reconnect storm, {clients} clients of distinct subjects (200 handshakes at a time), ttlSec {}, hook bulkhead {bulkhead}: first connects {} ok {first_refused:?} refused, {before} hook calls; storm: {} resumed {refused:?} refused in {:.2} s, {during} hook calls ({:.0}/s, {:.2} per client)",
         ttl.map_or("absent".to_string(), |t| t.to_string()),
+        resumes.len(),
+        back.len(),
+        took.as_secs_f64(),
         during as f64 / took.as_secs_f64(),
-        took.as_secs_f64()
+        during as f64 / clients as f64
     );
 }
 
@@ -241,7 +304,8 @@ fn main() {
         revocation_reach(bin, env("ROUNDS", 5), env("SOCKETS", 200)).await;
         hook_overhead(bin, env("SUBSCRIBES", 2000)).await;
         let clients = env("CLIENTS", 1000);
-        storm(bin, clients, Some(600)).await;
-        storm(bin, clients, None).await;
+        storm(bin, clients, Some(600), 256).await;
+        storm(bin, clients, None, 256).await;
+        storm(bin, clients, None, 16).await;
     });
 }
