@@ -40,6 +40,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
+use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
 
@@ -87,6 +88,9 @@ pub struct SqliteOptions {
     /// Sessions are deleted this long after they expired (until then a late resume is told
     /// `RECONNECT_WINDOW_EXPIRED` rather than `SESSION_NOT_FOUND`).
     pub session_grace_ms: u64,
+    /// What time it is for timestamps, the age limit and expiry: the system's time line
+    /// ([`SystemClock`]) unless a test injects one it moves.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl SqliteOptions {
@@ -97,6 +101,7 @@ impl SqliteOptions {
             synchronous: Synchronous::Full,
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 3600 * 1000,
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -149,6 +154,7 @@ impl SqliteStore {
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
             sink,
+            clock: opts.clock,
             up: up.clone(),
             commits: commits.clone(),
             cache: HashMap::new(),
@@ -215,6 +221,14 @@ impl SqliteStore {
     #[doc(hidden)]
     pub async fn limit_pages(&self, pages: Option<u64>) -> StoreResult<u64> {
         self.call(|r| Cmd::MaxPages(pages, r)).await
+    }
+
+    /// Runs the age sweep and the expiry sweep (idempotency keys, webhook records, ended
+    /// sessions) in the next batch, at the clock's time; answers once it committed. They run by
+    /// themselves every half second and every minute. For tests that move the clock.
+    #[doc(hidden)]
+    pub async fn sweep_now(&self) -> StoreResult<()> {
+        self.call(Cmd::Sweep).await
     }
 
     /// Pages the file holds now (its size over the page size).
