@@ -44,6 +44,13 @@ pub trait Clock: Send + Sync + Debug {
     fn wall_deadline(&self, wall_ms: u64) -> u64 {
         wall_ms.saturating_sub(self.wall_ahead_ms())
     }
+
+    /// The earlier of the two readings: what to hold the end of a restriction set in
+    /// wall-clock time against (a revocation's `until`), so that it lapses only once both say
+    /// so and no jump either way ends it early.
+    fn restriction_now_ms(&self) -> u64 {
+        self.now_ms().min(self.wall_ms())
+    }
 }
 
 /// Records that the wall clock reads `wall` while the time line reads `now`, and answers the
@@ -201,6 +208,19 @@ mod tests {
         c.jump(-(HOUR as i64)); // back where it was: the lead once seen stays
         assert_eq!(c.wall_deadline(exp), exp - HOUR);
         assert_eq!(c.wall_ahead_ms(), HOUR);
+    }
+
+    #[test]
+    fn a_restriction_lapses_only_when_both_readings_agree() {
+        let c = ManualClock::new(10 * HOUR);
+        c.jump(HOUR as i64);
+        assert_eq!(
+            c.restriction_now_ms(),
+            10 * HOUR,
+            "not the jumped wall clock"
+        );
+        c.jump(-2 * HOUR as i64);
+        assert_eq!(c.restriction_now_ms(), 9 * HOUR, "the wall clock, behind");
     }
 
     #[test]

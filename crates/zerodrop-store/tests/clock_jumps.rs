@@ -11,8 +11,8 @@ use zerodrop_core::clock::{Clock, ManualClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{Epoch, Grants, Seq, SessionId, StreamId};
 use zerodrop_store::{
-    AppendRequest, IdempotencyKey, MemoryStore, SessionCap, SessionRecord, SqliteOptions,
-    SqliteStore, Store, StoreError,
+    AppendRequest, IdempotencyKey, MemoryStore, Revocation, RevokeTarget, SessionCap,
+    SessionRecord, SqliteOptions, SqliteStore, Store, StoreError,
 };
 use zerodrop_testkit::sink::Recorder;
 
@@ -246,6 +246,42 @@ async fn the_session_cap_counts_real_time(f: Fixture) {
     f.store.create_session_within(b, cap).await.unwrap();
 }
 
+/// A revocation ending at a wall-clock `until` (30 minutes ahead) is in force until both the
+/// time line and the wall clock have passed it: a forward jump does not end it early; after a
+/// backward one it lasts until the wall clock catches up (up to the jump longer).
+async fn a_revocation_never_lapses_early(f: Fixture) {
+    let r = Revocation {
+        id: "rv_1".into(),
+        target: RevokeTarget::Sub("u1".into()),
+        reason: None,
+        at_ms: T0,
+        until_ms: Some(T0 + 30 * MIN),
+        disconnect: false,
+    };
+    f.store.put_revocation(&r).await.unwrap();
+    let ids = || async {
+        let all = f.store.revocations().await.unwrap();
+        all.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    f.clock.jump(HOUR);
+    assert_eq!(
+        ids().await,
+        vec!["rv_1"],
+        "+1 h: the wall clock alone has passed it"
+    );
+    f.clock.jump(-2 * HOUR);
+    f.clock.set(T0 + 30 * MIN);
+    assert_eq!(
+        ids().await,
+        vec!["rv_1"],
+        "-1 h: the wall clock has not reached it"
+    );
+    f.clock.set(T0 + 90 * MIN - 1);
+    assert_eq!(ids().await, vec!["rv_1"], "the wall clock 1 ms before it");
+    f.clock.advance(1);
+    assert!(ids().await.is_empty(), "past it on both");
+}
+
 macro_rules! both_stores {
     ($($name:ident => $make:expr;)*) => {
         mod memory {
@@ -271,6 +307,7 @@ both_stores! {
     age_retention_counts_real_time => (ten_minutes(), 24 * 60 * MIN);
     idempotency_keys_count_real_time => (Retention::default(), 30 * MIN);
     the_session_cap_counts_real_time => (Retention::default(), 24 * 60 * MIN);
+    a_revocation_never_lapses_early => (Retention::default(), 24 * 60 * MIN);
 }
 
 /// SQLite deletes a session `session_grace_ms` after its window ends (until then a late

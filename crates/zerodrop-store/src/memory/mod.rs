@@ -385,7 +385,7 @@ impl Store for MemoryStore {
     }
 
     async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
-        let now = zerodrop_core::now_ms();
+        let now = self.inner.clock.restriction_now_ms();
         let st = self.inner.lock();
         Ok(st
             .revocations

@@ -118,6 +118,8 @@ pub struct SqliteStore {
     idempotency_ttl_ms: u64,
     /// `PRAGMA synchronous` of the write connection, read back once it was set.
     synchronous: i64,
+    /// The writer's clock, for what the store decides outside it (revocations in force).
+    clock: Arc<dyn Clock>,
 }
 
 impl SqliteStore {
@@ -154,7 +156,7 @@ impl SqliteStore {
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
             sink,
-            clock: opts.clock,
+            clock: opts.clock.clone(),
             up: up.clone(),
             commits: commits.clone(),
             cache: HashMap::new(),
@@ -175,6 +177,7 @@ impl SqliteStore {
             quarantined,
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             synchronous,
+            clock: opts.clock,
         })
     }
 
@@ -390,7 +393,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_revocation(&self, id: &str) -> StoreResult<bool> {
-        let (id, now) = (id.to_string(), zerodrop_core::now_ms() as i64);
+        let (id, now) = (id.to_string(), self.clock.restriction_now_ms() as i64);
         self.write(move |c| {
             // Lapsed ones go too: nothing reads them again.
             c.prepare_cached("DELETE FROM revocations WHERE until_ms <= ?1")?
@@ -404,7 +407,8 @@ impl Store for SqliteStore {
     }
 
     async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
-        let now = zerodrop_core::now_ms();
+        // A revocation lapses only once both readings of the clock say so.
+        let now = self.clock.restriction_now_ms();
         self.readers.run_now(move |c, _| {
             let mut stmt = c.prepare_cached(
                 "SELECT record FROM revocations WHERE until_ms IS NULL OR until_ms > ?1",
