@@ -4,10 +4,12 @@
 //! what a stream id may look like ([`StreamId`]), how an event is encoded once and shared
 //! ([`Event`]), when a checkpoint moves ([`checkpoint`]), which events a resume replays
 //! ([`window`]), what retention trims ([`retention`]), how resume tokens are signed
-//! ([`token`]) and which error codes exist ([`ErrorCode`]). Stores and the server call these
+//! ([`token`]), which error codes exist ([`ErrorCode`]) and what time it is where something
+//! expires or is trimmed ([`clock`]). Stores and the server call these
 //! functions; they never re-implement them.
 
 pub mod checkpoint;
+pub mod clock;
 pub mod error;
 pub mod event;
 pub mod frames;
@@ -20,6 +22,7 @@ pub mod token;
 pub mod window;
 
 pub use checkpoint::{AckError, AckUpdate};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::ErrorCode;
 pub use event::Event;
 pub use grant::Grants;
@@ -28,7 +31,9 @@ pub use retention::Retention;
 pub use token::{ResumeClaims, ResumeKeys, TokenError};
 pub use window::{ReplayWindow, WindowError};
 
-/// Milliseconds since the Unix epoch, the unit of every timestamp zerodrop stores or sends.
+/// Milliseconds since the Unix epoch as the system clock reads them now (it may jump either
+/// way). The unit of every timestamp zerodrop stores or sends; where something expires or is
+/// trimmed, time comes from a [`Clock`] instead.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::token::{ResumeClaims, TokenError};
 use zerodrop_core::{ErrorCode, Grants, ResumeKeys, SessionId};
 
@@ -70,6 +71,7 @@ pub struct Auth {
     asymmetric: Vec<(Algorithm, Validation)>,
     jwks: Option<Arc<Jwks>>,
     pub resume_keys: ResumeKeys,
+    clock: Arc<dyn Clock>,
 }
 
 /// How connect tokens are verified besides the JWT secret.
@@ -81,6 +83,8 @@ pub struct TokenRules {
     pub issuer: Option<String>,
     /// The `aud` every connect token must carry.
     pub audience: Option<String>,
+    /// What time it is for `exp` and resume tokens; `None`: the system's time line.
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// Why a connect token was refused.
@@ -90,6 +94,9 @@ enum Refusal {
 }
 
 /// The algorithms a JWKS key may be pinned to (`jwks::pin`).
+/// Seconds a connect token is still accepted after its `exp` (clock skew with its issuer).
+const LEEWAY_SEC: u64 = 5;
+
 const ASYMMETRIC: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
 
 fn digest(s: &str) -> [u8; 32] {
@@ -114,7 +121,8 @@ impl Auth {
     pub fn with_rules(s: &Secrets, rules: TokenRules) -> Auth {
         let validation = |alg: Algorithm| {
             let mut v = Validation::new(alg);
-            v.leeway = 5;
+            // `exp` is checked against our clock (`decode_connect`), not the library's.
+            v.validate_exp = false;
             let mut required = vec!["exp", "sub"];
             if let Some(iss) = &rules.issuer {
                 v.set_issuer(&[iss]);
@@ -138,6 +146,7 @@ impl Auth {
             asymmetric: ASYMMETRIC.iter().map(|a| (*a, validation(*a))).collect(),
             jwks: rules.jwks,
             resume_keys: s.resume_keys.clone(),
+            clock: rules.clock.unwrap_or_else(SystemClock::shared),
         }
     }
 
@@ -223,7 +232,7 @@ impl Auth {
             )
         };
         match self.decode_connect(token) {
-            Ok(c) if c.exp.saturating_mul(1000) <= zerodrop_core::now_ms() => Err(expired()),
+            Ok(c) if self.lapsed(c.exp.saturating_mul(1000)) => Err(expired()),
             Ok(c) => Ok(c),
             Err(Refusal::Expired) => Err(expired()),
             Err(Refusal::Invalid(why)) => Err(ApiError::unauthorized(format!(
@@ -257,14 +266,24 @@ impl Auth {
             }
             (&pinned.key, validation)
         };
-        jsonwebtoken::decode::<ConnectClaims>(token, key, validation)
+        let claims = jsonwebtoken::decode::<ConnectClaims>(token, key, validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
                 jsonwebtoken::errors::ErrorKind::InvalidIssuer => Refusal::Invalid(": wrong iss"),
                 jsonwebtoken::errors::ErrorKind::InvalidAudience => Refusal::Invalid(": wrong aud"),
                 _ => Refusal::Invalid(""),
-            })
+            })?;
+        if self.lapsed(claims.exp.saturating_add(LEEWAY_SEC).saturating_mul(1000)) {
+            return Err(Refusal::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// Whether a wall-clock instant set by a token's issuer (ms) has passed: a forward jump of
+    /// the system clock brings it sooner, a backward one never later (`zerodrop_core::clock`).
+    fn lapsed(&self, wall_ms: u64) -> bool {
+        self.clock.wall_deadline(wall_ms) <= self.clock.now_ms()
     }
 
     pub fn mint_connect(&self, claims: &ConnectClaims) -> String {
@@ -278,7 +297,8 @@ impl Auth {
         token: &str,
         for_session: Option<&SessionId>,
     ) -> Result<ResumeClaims, ApiError> {
-        let now = zerodrop_core::now_ms() / 1000;
+        // Resume tokens are ours: their `exp` is on our clock's time line, like the window.
+        let now = self.clock.now_ms() / 1000;
         let claims = self.resume_keys.verify(token, now).map_err(|e| match e {
             TokenError::Invalid(_) => ApiError::new(
                 ErrorCode::InvalidResumeToken,
@@ -303,7 +323,7 @@ impl Auth {
     /// A resume token for `sid` expiring at `exp` (Unix seconds) and carrying the session's
     /// authority `aexp` (its newest connect token's `exp`).
     pub fn mint_resume(&self, sid: &SessionId, sub: &str, exp: u64, aexp: Option<u64>) -> String {
-        let now = zerodrop_core::now_ms() / 1000;
+        let now = self.clock.now_ms() / 1000;
         let jti = hex::encode(zerodrop_core::random_bytes::<8>());
         self.resume_keys.sign(&ResumeClaims {
             sid: sid.clone(),

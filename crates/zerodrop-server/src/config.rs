@@ -437,6 +437,9 @@ pub struct Config {
     /// own: 10 s ([`DURABILITY_RECHECK`]); tests shorten it.
     pub durability_recheck: std::time::Duration,
     pub sqlite_check_interval_sec: u64,
+    /// What time it is wherever something expires or is trimmed (`zerodrop_core::clock`). Not
+    /// a setting: the system's time line; tests inject a clock they move.
+    pub clock: std::sync::Arc<dyn zerodrop_core::Clock>,
     pub live_ring_events: usize,
     pub instance_id: Option<String>,
     pub jwks_url: Option<String>,
@@ -605,6 +608,7 @@ impl Config {
             require_durability: a.require_durability,
             durability_recheck: DURABILITY_RECHECK,
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,
+            clock: zerodrop_core::SystemClock::shared(),
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,
             jwks_url: a.jwks_url,

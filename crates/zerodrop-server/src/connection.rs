@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::time::Sleep;
-use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
 
 use crate::app::authz::Action;
 use crate::app::revocation::{Bearer, Verdict};
@@ -345,11 +345,11 @@ impl Core {
     /// the connection ends `--token-grace-sec` after `exp` (`TOKEN_EXPIRED`), or at its
     /// session's maximum age (`RECONNECT_WINDOW_EXPIRED`), whichever comes first.
     fn arm_authority(&mut self) {
-        let now_ms = now_ms();
+        let now_ms = self.app.clock().now_ms();
         let now = Instant::now();
         let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
         self.timers.ask = self.exp.map(|exp| {
-            let exp_ms = exp.saturating_mul(1000);
+            let exp_ms = self.app.clock().wall_deadline(exp.saturating_mul(1000));
             let left = exp_ms.saturating_sub(now_ms);
             at(exp_ms) - ASK_AHEAD.min(Duration::from_millis(left / 3))
         });
@@ -359,7 +359,7 @@ impl Core {
                 let ms = exp
                     .saturating_add(self.app.cfg.token_grace_sec)
                     .saturating_mul(1000);
-                (ms, ErrorCode::TokenExpired)
+                (self.app.clock().wall_deadline(ms), ErrorCode::TokenExpired)
             }),
         };
         self.timers.expire = end.map(|(ms, _)| at(ms));

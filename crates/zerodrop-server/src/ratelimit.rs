@@ -33,7 +33,7 @@ impl HttpLimits {
     pub fn new(per_sec: u32) -> Option<HttpLimits> {
         let per_sec = NonZeroU32::new(per_sec)?;
         let burst = per_sec.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Some(HttpLimits {
             limiter: RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst)),
             clock: DefaultClock::default(),

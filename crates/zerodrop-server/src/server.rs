@@ -160,15 +160,17 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
     let sink: Arc<dyn LiveSink> = routed.clone();
     let mut sqlite = None;
     let store: Arc<dyn Store> = match cfg.store {
-        StoreChoice::Memory => Arc::new(MemoryStore::with_idempotency_ttl(
+        StoreChoice::Memory => Arc::new(MemoryStore::with_clock(
             cfg.retention,
             cfg.idempotency_ttl_sec * 1000,
             sink,
+            cfg.clock.clone(),
         )),
         StoreChoice::Sqlite => {
             let mut opts = SqliteOptions::new(cfg.data_dir.join(DB_FILE));
             opts.retention = cfg.retention;
             opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
+            opts.clock = cfg.clock.clone();
             opts.synchronous = match cfg.sqlite_synchronous {
                 SyncChoice::Full => Synchronous::Full,
                 SyncChoice::Normal => Synchronous::Normal,
@@ -186,6 +188,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
             opts.retention = cfg.retention;
             opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
             opts.wait_replicas = cfg.redis_wait_replicas;
+            opts.clock = cfg.clock.clone();
             let s = RedisStore::connect(opts, sink)
                 .await
                 // Not the URL itself: it may carry a password.
@@ -216,9 +219,10 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
             jwks,
             issuer: cfg.jwt_issuer.clone(),
             audience: cfg.jwt_audience.clone(),
+            clock: Some(cfg.clock.clone()),
         },
     );
-    let guard = crate::guard::Guard::new(cfg.guard.clone(), metrics.clone())?;
+    let guard = crate::guard::Guard::new(cfg.guard.clone(), metrics.clone(), cfg.clock.clone())?;
     let app = Arc::new(App::new(
         cfg.clone(),
         instance_id(&cfg),

@@ -220,7 +220,7 @@ fn main() {
     let limit_ns = per_call(1_000_000, || {
         let _ = limiter.check_key(&key);
     });
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let breaker = CircuitBreaker::new("bench", CircuitSettings::default(), clock).unwrap();
     let circuit_ns = per_call(1_000_000, || {
         let p = breaker.acquire().unwrap();

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{ErrorCode, Seq, SessionId, StreamId};
 use zerodrop_store::{
     AppendOutcome, AppendRequest, GuardStore, IdempotencyKey, ReadResult, Store, StoreKind,
     StoreResult, StoreStats, StreamInfo,
@@ -203,6 +203,11 @@ impl App {
         }
     }
 
+    /// What time it is wherever something expires or is trimmed (`zerodrop_core::clock`).
+    pub fn clock(&self) -> &dyn zerodrop_core::Clock {
+        &*self.cfg.clock
+    }
+
     pub fn window(&self) -> Duration {
         Duration::from_secs(self.cfg.reconnect_window_sec)
     }
@@ -284,7 +289,7 @@ impl App {
     }
 
     pub async fn touch(&self, sid: &SessionId) {
-        let until = now_ms() + self.cfg.reconnect_window_sec * 1000;
+        let until = self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000;
         if let Err(e) = self.store.touch_session(sid, until).await {
             tracing::debug!(error = %e, "could not extend a session's reconnect window");
         }
@@ -508,7 +513,7 @@ impl App {
         if self.guard.upstreams.is_empty() {
             return serde_json::json!({"rate_limited": rate_limited, "jobs": {"enabled": false}});
         }
-        let now = zerodrop_core::now_ms();
+        let now = self.clock().now_ms();
         let jobs = match self.store.job_stats(now).await {
             Ok(s) => {
                 use crate::guard::by_class;

@@ -97,7 +97,7 @@ impl App {
 
     /// A revocation covering `b`, if any.
     pub fn revocation_for(&self, b: Bearer<'_>) -> Option<ApiError> {
-        let now = now_ms();
+        let now = self.clock().restriction_now_ms();
         let list = self
             .orders
             .revocations
@@ -274,14 +274,18 @@ impl App {
     }
 }
 
-/// A new revocation (or disconnect order) record.
+/// A new revocation (or disconnect order) record. It covers what was issued before `at_ms`:
+/// sessions by their creation on the server's time line, connect tokens by their `iat` on
+/// their issuer's clock; the later of the two clocks, so that neither kind escapes it after a
+/// jump of the system clock either way.
 pub fn new_order(
     target: RevokeTarget,
     reason: Option<String>,
     until_ms: Option<u64>,
     disconnect: bool,
+    clock: &dyn zerodrop_core::Clock,
 ) -> Revocation {
-    let at_ms = now_ms();
+    let at_ms = clock.now_ms().max(clock.wall_ms());
     Revocation {
         id: format!(
             "{}_{}",
@@ -292,7 +296,7 @@ pub fn new_order(
         reason,
         at_ms,
         until_ms: if disconnect {
-            Some(at_ms + DISCONNECT_TTL_MS)
+            Some(now_ms() + DISCONNECT_TTL_MS)
         } else {
             until_ms
         },

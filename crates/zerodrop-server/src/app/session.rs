@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use zerodrop_core::checkpoint::AckUpdate;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
-use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
 use zerodrop_store::{SessionCap, SessionRecord, SessionStream, StoreError};
 
 use super::App;
@@ -549,8 +549,8 @@ impl App {
             id: SessionId::generate(),
             sub: sub.to_string(),
             grants,
-            created_at_ms: now_ms(),
-            expires_at_ms: now_ms() + self.cfg.reconnect_window_sec * 1000,
+            created_at_ms: self.clock().now_ms(),
+            expires_at_ms: self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000,
             streams: Default::default(),
         };
         let mut heads = Vec::with_capacity(streams.len());
@@ -620,7 +620,7 @@ impl App {
         let store = Arc::clone(&self.store);
         let (sid, until) = (
             resumed.session.id.clone(),
-            now_ms() + self.cfg.reconnect_window_sec * 1000,
+            self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000,
         );
         tokio::spawn(async move {
             if let Err(e) = store.touch_session(&sid, until).await {
@@ -664,7 +664,7 @@ impl App {
         if let Some(e) = self.revocation_for(bearer) {
             return Err(e);
         }
-        if session.expires_at_ms <= now_ms() {
+        if session.expires_at_ms <= self.clock().now_ms() {
             return Err(ApiError::new(
                 ErrorCode::ReconnectWindowExpired,
                 "the session's reconnect window has passed; start a new session and resync",
@@ -729,8 +729,9 @@ impl App {
         Ok(self.store.set_session_grants(sid, grants).await?)
     }
 
-    /// When a session's access ends (Unix ms) and the error it ends with: its connect token's
-    /// `exp` plus the grace (`TOKEN_EXPIRED`) or its maximum age (`RECONNECT_WINDOW_EXPIRED`),
+    /// When a session's access ends (ms on the server's clock, [`App::clock`]) and the error it
+    /// ends with: its connect token's `exp` plus the grace (`TOKEN_EXPIRED`, a wall-clock
+    /// instant placed with `wall_deadline`) or its maximum age (`RECONNECT_WINDOW_EXPIRED`),
     /// whichever comes first.
     pub fn authority_end(&self, a: Authority) -> (u64, ErrorCode) {
         let aged = a
@@ -738,9 +739,10 @@ impl App {
             .saturating_add(self.cfg.max_session_age_sec.saturating_mul(1000));
         match a.exp {
             Some(exp) => {
-                let lapsed = exp
-                    .saturating_add(self.cfg.token_grace_sec)
-                    .saturating_mul(1000);
+                let lapsed = self.clock().wall_deadline(
+                    exp.saturating_add(self.cfg.token_grace_sec)
+                        .saturating_mul(1000),
+                );
                 if lapsed < aged {
                     (lapsed, ErrorCode::TokenExpired)
                 } else {
@@ -754,7 +756,7 @@ impl App {
     /// `Ok` while the session's authority stands; else the error it ended with.
     pub fn check_authority(&self, a: Authority) -> Result<(), ApiError> {
         let (end, code) = self.authority_end(a);
-        if end > now_ms() {
+        if end > self.clock().now_ms() {
             return Ok(());
         }
         Err(authority_ended(code))
@@ -765,7 +767,7 @@ impl App {
     /// maximum age if that comes first, and carries the authority's `exp` (`aexp`).
     pub fn mint_token(&self, sid: &SessionId, sub: &str, a: Authority) -> Option<String> {
         self.check_authority(a).ok()?;
-        let now = now_ms() / 1000;
+        let now = self.clock().now_ms() / 1000;
         let aged = (a.born_ms / 1000).saturating_add(self.cfg.max_session_age_sec);
         let exp = (now + self.cfg.reconnect_window_sec).min(aged);
         Some(self.auth.mint_resume(sid, sub, exp, a.exp))

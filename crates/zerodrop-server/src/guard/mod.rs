@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use serde_json::{Value, json};
+use zerodrop_guard::Clock;
 use zerodrop_guard::bulkhead::Bulkhead;
 use zerodrop_guard::cache::ResponseCache;
 use zerodrop_guard::circuit::{CircuitBreaker, CircuitState, Outcome};
-use zerodrop_guard::{Clock, SystemClock};
 
 use crate::metrics::Metrics;
 use config::{GuardConfig, UpstreamConfig};
@@ -147,8 +147,13 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(cfg: GuardConfig, metrics: Arc<Metrics>) -> anyhow::Result<Guard> {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    /// The guardrails over `clock` (the server's: leases and job times are on the same time
+    /// line as every other expiry).
+    pub fn new(
+        cfg: GuardConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Guard> {
         let cache = ResponseCache::new(cfg.cache_max_entries, clock.clone());
         let mut upstreams = BTreeMap::new();
         for (name, u) in &cfg.upstreams {

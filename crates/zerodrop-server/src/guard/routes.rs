@@ -95,7 +95,7 @@ pub(crate) async fn webhook(
         app.check_data(&compact)?;
     }
     let fingerprint: [u8; 32] = Sha256::digest(compact.as_bytes()).into();
-    let now = zerodrop_core::now_ms();
+    let now = app.clock().now_ms();
     let count = |result: &str| {
         app.metrics.count(
             "zerodrop_webhooks_total",
@@ -176,7 +176,7 @@ pub(crate) async fn webhook(
                 answer["jobId"] = json!(job.id());
             }
             app.guard_store()
-                .idem_finish(&scope, &id, &answer.to_string(), zerodrop_core::now_ms())
+                .idem_finish(&scope, &id, &answer.to_string(), app.clock().now_ms())
                 .await?;
             count("accepted");
             Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
@@ -394,7 +394,7 @@ pub(crate) async fn idempotency(
     let limit = q.limit.unwrap_or(50).min(1000);
     let keys = app
         .guard_store()
-        .idem_list(q.scope.as_deref(), limit, zerodrop_core::now_ms())
+        .idem_list(q.scope.as_deref(), limit, app.clock().now_ms())
         .await?;
     Ok(Json(json!({"scope": q.scope, "keys": keys})))
 }
@@ -431,7 +431,7 @@ pub(crate) async fn cache_clear(
 /// The queue's counts, its alerts and the latest dead letters (snapshot and `/admin/jobs`).
 pub async fn jobs_view(app: &App, dead_limit: usize) -> ApiResult<Value> {
     let enabled = !app.guard.upstreams.is_empty();
-    let now = zerodrop_core::now_ms();
+    let now = app.clock().now_ms();
     let stats = app.guard_store().job_stats(now).await?;
     let dead = app
         .guard_store()
@@ -506,7 +506,7 @@ pub(crate) async fn requeue(
     let budget = app.guard.cfg.jobs.retry.max_attempts;
     if !app
         .guard_store()
-        .job_requeue(n, budget, zerodrop_core::now_ms())
+        .job_requeue(n, budget, app.clock().now_ms())
         .await?
     {
         return Err(not_found());

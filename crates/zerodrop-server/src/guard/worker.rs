@@ -34,7 +34,7 @@ impl App {
         payload: String,
         dedupe_key: Option<String>,
     ) -> Result<Enqueued, ApiError> {
-        let now = zerodrop_core::now_ms();
+        let now = self.clock().now_ms();
         let job = NewJob {
             kind,
             class,
@@ -143,7 +143,7 @@ pub fn spawn(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                         free,
                         &jobs.running,
                         jobs.lease_ms,
-                        zerodrop_core::now_ms(),
+                        app.clock().now_ms(),
                     )
                     .await
                 {
@@ -212,7 +212,7 @@ async fn run(app: &App, leased: LeasedJob) {
             tick.tick().await;
             match app
                 .guard_store()
-                .job_heartbeat(lease, jobs.lease_ms, zerodrop_core::now_ms())
+                .job_heartbeat(lease, jobs.lease_ms, app.clock().now_ms())
                 .await
             {
                 Err(StoreError::StaleLease { .. }) => return,
@@ -228,7 +228,7 @@ async fn run(app: &App, leased: LeasedJob) {
             return;
         }
     };
-    let now = zerodrop_core::now_ms();
+    let now = app.clock().now_ms();
     let failure = match result {
         Ok(a) if (200..300).contains(&a.status) => {
             match app.guard_store().job_complete(lease, now).await {
@@ -280,7 +280,7 @@ fn retry(app: &App, job: &zerodrop_store::JobRecord, attempt: u32, error: String
     let before = job.max_attempts.saturating_sub(policy.max_attempts);
     match policy.after_failure(attempt.saturating_sub(before), random) {
         Next::RetryIn { delay_ms } => Failure::Retry {
-            at_ms: zerodrop_core::now_ms() + delay_ms,
+            at_ms: app.clock().now_ms() + delay_ms,
             error,
             counted: true,
         },
@@ -298,7 +298,7 @@ async fn end(app: &App, upstream: &str, lease: zerodrop_store::Lease, failure: F
     };
     match app
         .guard_store()
-        .job_fail(lease, failure, zerodrop_core::now_ms())
+        .job_fail(lease, failure, app.clock().now_ms())
         .await
     {
         Ok(()) => {
@@ -319,7 +319,7 @@ pub async fn upkeep(app: &App) {
     if app.guard.upstreams.is_empty() {
         return;
     }
-    let now = zerodrop_core::now_ms();
+    let now = app.clock().now_ms();
     let Ok(stats) = app.guard_store().job_stats(now).await else {
         return;
     };

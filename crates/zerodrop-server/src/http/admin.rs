@@ -359,7 +359,7 @@ pub(super) async fn revoke(
         (None, RevokeTarget::Sub(_)) => None,
     };
     let r = app
-        .put_order(new_order(target, reason, until_ms, false))
+        .put_order(new_order(target, reason, until_ms, false, app.clock()))
         .await?;
     tracing::warn!(revocation = %r.id, "revoked");
     Ok((StatusCode::CREATED, Json(order_json(&r))).into_response())
@@ -405,6 +405,8 @@ pub(super) async fn disconnect(
     JsonBody(b): JsonBody<DisconnectBody>,
 ) -> ApiResult<Response> {
     let target = target_of(b.sub, b.session_id)?;
-    let r = app.put_order(new_order(target, None, None, true)).await?;
+    let r = app
+        .put_order(new_order(target, None, None, true, app.clock()))
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(order_json(&r))).into_response())
 }

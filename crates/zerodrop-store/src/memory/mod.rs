@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::hash::ChainHash;
 use zerodrop_core::retention::{Retention, plan_trim};
-use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
 use crate::rules::{apply_checkpoint, cutoff, merge_session_stream};
 use crate::{
@@ -38,6 +39,8 @@ pub(crate) struct Inner {
     retention: Retention,
     pub(crate) idempotency_ttl_ms: u64,
     sink: Arc<dyn LiveSink>,
+    /// What time it is for timestamps, the age limit, expiry and the session cap.
+    clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
 
@@ -95,15 +98,33 @@ impl MemoryStore {
         idempotency_ttl_ms: u64,
         sink: Arc<dyn LiveSink>,
     ) -> MemoryStore {
+        Self::with_clock(retention, idempotency_ttl_ms, sink, SystemClock::shared())
+    }
+
+    /// A store whose time (timestamps, the age limit, expiry) is `clock`'s.
+    pub fn with_clock(
+        retention: Retention,
+        idempotency_ttl_ms: u64,
+        sink: Arc<dyn LiveSink>,
+        clock: Arc<dyn Clock>,
+    ) -> MemoryStore {
         let inner = Arc::new(Inner {
             epoch: Epoch::generate(),
             retention,
             idempotency_ttl_ms,
             sink,
+            clock,
             state: Mutex::new(State::default()),
         });
         spawn_sweeper(Arc::downgrade(&inner));
         MemoryStore { inner }
+    }
+
+    /// Runs the age sweep now, at the clock's time (it runs by itself every half second).
+    /// For tests that move the clock.
+    #[doc(hidden)]
+    pub fn sweep_now(&self) {
+        self.inner.sweep(self.inner.clock.now_ms());
     }
 }
 
@@ -115,7 +136,7 @@ fn spawn_sweeper(inner: Weak<Inner>) {
             loop {
                 std::thread::sleep(Duration::from_millis(500));
                 let Some(inner) = inner.upgrade() else { return };
-                inner.sweep(now_ms());
+                inner.sweep(inner.clock.now_ms());
             }
         })
         .expect("spawn memory store sweeper");
@@ -194,7 +215,7 @@ impl Store for MemoryStore {
                 duplicate: true,
             });
         }
-        let ts = now_ms().max(st.last_ts);
+        let ts = inner.clock.now_ms().max(st.last_ts);
         st.last_ts = ts;
         let s = inner.stream_mut(st, &req.stream);
         let seq = s.head.next();
@@ -275,7 +296,7 @@ impl Store for MemoryStore {
         session: SessionRecord,
         cap: SessionCap,
     ) -> StoreResult<()> {
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let mut guard = self.inner.lock();
         let State {
             sessions, by_sub, ..
@@ -364,7 +385,7 @@ impl Store for MemoryStore {
     }
 
     async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
-        let now = zerodrop_core::now_ms();
+        let now = self.inner.clock.restriction_now_ms();
         let st = self.inner.lock();
         Ok(st
             .revocations

@@ -330,7 +330,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'pk', 1) 
 return 1
 "#;
 
-/// `KEYS[1]` session hash; `ARGV[1]` delete-at (ms), then field/value pairs. Replaces the session.
+/// `KEYS[1]` session hash; `ARGV[1]` kept for (ms from now), then field/value pairs. Replaces the
+/// session.
 /// Fields go in chunks: `unpack` of thousands of values would overflow Lua's C stack.
 pub const SESSION_CREATE: &str = r#"
 redis.call('DEL', KEYS[1])
@@ -340,7 +341,7 @@ while i <= #ARGV do
   redis.call('HSET', KEYS[1], unpack(ARGV, i, j))
   i = j + 1
 end
-redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
@@ -367,7 +368,7 @@ redis.call('HSET', KEYS[1], ARGV[1], new)
 return 1
 "#;
 
-/// `ARGV[1]` expires_at_ms, `ARGV[2]` delete-at (ms). Returns the session's `sub`, 0 when the
+/// `ARGV[1]` expires_at_ms, `ARGV[2]` kept for (ms from now). Returns the session's `sub`, 0 when the
 /// session does not exist.
 /// A session's grants (`ARGV[1]`, JSON), only while the session (`KEYS[1]`) exists. Returns 1,
 /// or 0 when it is gone.
@@ -380,7 +381,7 @@ return 1
 pub const SESSION_TOUCH: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'expires', ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGET', KEYS[1], 'sub') or ''
 "#;
 
@@ -402,7 +403,8 @@ if cap > 0 and not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
 end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(last[2])))
+-- A duration, not an instant: the Redis server's clock may differ from ours.
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(last[2]) - tonumber(ARGV[1]))))
 return {1}
 "#;
 
@@ -414,7 +416,7 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl >= 0 and tonumber(ARGV[3]) + ttl < tonumber(ARGV[2]) then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) - tonumber(ARGV[3])))
 end
 return 1
 "#;

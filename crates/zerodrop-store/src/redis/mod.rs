@@ -134,8 +134,9 @@ use ::redis::{Client, RedisError};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
-use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
 
 use self::conn::{Conn, Scripts};
 use self::keys::{SESSIONS_INDEX, STREAMS_INDEX};
@@ -171,6 +172,10 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// `ping` answers within this.
     pub ping_timeout: Duration,
+    /// What time it is for session windows and the per-subject cap: the system's time line
+    /// ([`SystemClock`]) unless a test injects one. Events' timestamps and their age limit are
+    /// the Redis server's (`TIME`), and key TTLs are handed to Redis as durations.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl RedisOptions {
@@ -196,6 +201,7 @@ impl RedisOptions {
             command_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
             ping_timeout: Duration::from_millis(500),
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -527,7 +533,7 @@ impl Store for RedisStore {
         let sessions = s.run("stats", async {
             ::redis::cmd("ZCOUNT")
                 .arg(SESSIONS_INDEX)
-                .arg(format!("({}", now_ms()))
+                .arg(format!("({}", s.opts.clock.now_ms()))
                 .arg("+inf")
                 .query_async::<u64>(&mut c1)
                 .await

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
-use zerodrop_core::{Epoch, StreamId, now_ms};
+use zerodrop_core::{Epoch, StreamId};
 
 use super::Shared;
 use super::conn::{Call, as_array, as_u64, unexpected};
@@ -42,7 +42,7 @@ pub(super) async fn sweep_loop(shared: Arc<Shared>) {
                     ::redis::cmd("ZREMRANGEBYSCORE")
                         .arg(SESSIONS_INDEX)
                         .arg("-inf")
-                        .arg(now_ms())
+                        .arg(shared.opts.clock.now_ms())
                         .query_async::<Value>(&mut conn)
                         .await
                 })

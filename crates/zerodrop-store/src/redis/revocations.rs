@@ -53,7 +53,8 @@ impl Shared {
                     .await
             })
             .await?;
-        let now = zerodrop_core::now_ms();
+        // A revocation lapses only once both readings of the clock say so.
+        let now = self.opts.clock.restriction_now_ms();
         let (mut active, mut lapsed) = (Vec::new(), Vec::new());
         for (id, json) in all {
             match serde_json::from_str::<Revocation>(&json) {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ::redis::Value;
 use futures_util::StreamExt;
-use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId};
 
 use super::Shared;
 use super::conn::{Call, as_array, as_str, as_u64, unexpected};
@@ -54,7 +54,7 @@ impl Shared {
         session: SessionRecord,
         cap: SessionCap,
     ) -> StoreResult<()> {
-        let now = now_ms();
+        let now = self.opts.clock.now_ms();
         let subject = subject_key(&session.sub);
         let admit = Call::new(&self.scripts.subject_open)
             .key(subject.as_str())
@@ -275,7 +275,7 @@ impl Shared {
         let call = Call::new(&self.scripts.session_touch)
             .key(session_key(id))
             .arg(expires_at_ms)
-            .arg(deadline);
+            .arg(self.keep_for(deadline));
         let Some(sub) = as_str(&self.eval("touch session", &call).await?).map(str::to_string)
         else {
             return Ok(());
@@ -287,7 +287,7 @@ impl Shared {
             .key(subject_key(&sub))
             .arg(id.as_str())
             .arg(expires_at_ms)
-            .arg(now_ms());
+            .arg(self.opts.clock.now_ms());
         if let Err(e) = self.eval("touch subject", &subject).await {
             tracing::debug!(session = %id, error = %e, "subject's session set not updated");
         }
@@ -314,7 +314,7 @@ impl Shared {
         let grants = serde_json::to_string(&session.grants).unwrap_or_else(|_| "{}".into());
         let mut call = Call::new(&self.scripts.session_create)
             .key(session_key(&session.id))
-            .arg(deadline)
+            .arg(self.keep_for(deadline))
             .arg("sub")
             .arg(session.sub.as_str())
             .arg("grants")
@@ -336,7 +336,14 @@ impl Shared {
     pub(super) fn session_deadline(&self, expires_at_ms: u64) -> u64 {
         expires_at_ms
             .saturating_add(self.opts.session_grace_ms)
-            .max(now_ms() + SESSION_MIN_KEEP_MS)
+            .max(self.opts.clock.now_ms() + SESSION_MIN_KEEP_MS)
+    }
+
+    /// How long a key deleted at `deadline` (on our clock) is kept from now: Redis is handed a
+    /// duration (`PEXPIRE`), never an instant, so that a difference between our clock and the
+    /// Redis server's cannot delete a session early.
+    fn keep_for(&self, deadline: u64) -> u64 {
+        deadline.saturating_sub(self.opts.clock.now_ms()).max(1)
     }
 
     /// The stats index only: a failure here loses nothing but an approximate count.

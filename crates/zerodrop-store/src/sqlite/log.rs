@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use zerodrop_core::hash::ChainHash;
-use zerodrop_core::{Epoch, Event, Seq, StreamId, now_ms};
+use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
 use super::readers::snapshot;
 use super::writer::{BatchEffects, Writer};
@@ -28,7 +28,7 @@ impl Writer {
         {
             return Ok(r);
         }
-        let ts = now_ms().max(self.last_ts);
+        let ts = self.clock.now_ms().max(self.last_ts);
         self.last_ts = ts;
         let meta = self.meta(&req.stream)?;
         let seq = Seq(meta.head + 1);

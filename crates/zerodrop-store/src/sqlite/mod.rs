@@ -40,6 +40,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
+use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
 
@@ -87,6 +88,9 @@ pub struct SqliteOptions {
     /// Sessions are deleted this long after they expired (until then a late resume is told
     /// `RECONNECT_WINDOW_EXPIRED` rather than `SESSION_NOT_FOUND`).
     pub session_grace_ms: u64,
+    /// What time it is for timestamps, the age limit and expiry: the system's time line
+    /// ([`SystemClock`]) unless a test injects one it moves.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl SqliteOptions {
@@ -97,6 +101,7 @@ impl SqliteOptions {
             synchronous: Synchronous::Full,
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 3600 * 1000,
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -113,6 +118,8 @@ pub struct SqliteStore {
     idempotency_ttl_ms: u64,
     /// `PRAGMA synchronous` of the write connection, read back once it was set.
     synchronous: i64,
+    /// The writer's clock, for what the store decides outside it (revocations in force).
+    clock: Arc<dyn Clock>,
 }
 
 impl SqliteStore {
@@ -149,6 +156,7 @@ impl SqliteStore {
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
             sink,
+            clock: opts.clock.clone(),
             up: up.clone(),
             commits: commits.clone(),
             cache: HashMap::new(),
@@ -169,6 +177,7 @@ impl SqliteStore {
             quarantined,
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             synchronous,
+            clock: opts.clock,
         })
     }
 
@@ -215,6 +224,14 @@ impl SqliteStore {
     #[doc(hidden)]
     pub async fn limit_pages(&self, pages: Option<u64>) -> StoreResult<u64> {
         self.call(|r| Cmd::MaxPages(pages, r)).await
+    }
+
+    /// Runs the age sweep and the expiry sweep (idempotency keys, webhook records, ended
+    /// sessions) in the next batch, at the clock's time; answers once it committed. They run by
+    /// themselves every half second and every minute. For tests that move the clock.
+    #[doc(hidden)]
+    pub async fn sweep_now(&self) -> StoreResult<()> {
+        self.call(Cmd::Sweep).await
     }
 
     /// Pages the file holds now (its size over the page size).
@@ -376,7 +393,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_revocation(&self, id: &str) -> StoreResult<bool> {
-        let (id, now) = (id.to_string(), zerodrop_core::now_ms() as i64);
+        let (id, now) = (id.to_string(), self.clock.restriction_now_ms() as i64);
         self.write(move |c| {
             // Lapsed ones go too: nothing reads them again.
             c.prepare_cached("DELETE FROM revocations WHERE until_ms <= ?1")?
@@ -390,7 +407,8 @@ impl Store for SqliteStore {
     }
 
     async fn revocations(&self) -> StoreResult<Vec<crate::Revocation>> {
-        let now = zerodrop_core::now_ms();
+        // A revocation lapses only once both readings of the clock say so.
+        let now = self.clock.restriction_now_ms();
         self.readers.run_now(move |c, _| {
             let mut stmt = c.prepare_cached(
                 "SELECT record FROM revocations WHERE until_ms IS NULL OR until_ms > ?1",

@@ -8,7 +8,7 @@
 
 use rusqlite::{OptionalExtension, params};
 use zerodrop_core::retention::plan_trim;
-use zerodrop_core::{Seq, StreamId, now_ms};
+use zerodrop_core::{Seq, StreamId};
 
 use super::idempotency;
 use super::writer::{BatchEffects, Writer, record_trim};
@@ -60,7 +60,7 @@ impl Writer {
 
     /// Age limit: a prefix of the table in rowid order, because `ts` never goes backwards.
     pub(super) fn sweep_age(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
-        let age_cut = cutoff(now_ms(), self.retention.max_age_ms) as i64;
+        let age_cut = cutoff(self.clock.now_ms(), self.retention.max_age_ms) as i64;
         let oldest: Option<(i64, i64)> = self
             .conn
             .prepare_cached("SELECT id, ts FROM events ORDER BY id LIMIT 1")?
@@ -113,7 +113,7 @@ impl Writer {
     }
 
     pub(super) fn sweep_expired(&mut self) -> rusqlite::Result<()> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let idem_cut = cutoff(now, self.idempotency_ttl_ms) as i64;
         self.conn.execute(
             "DELETE FROM idempotency WHERE created_ms < ?1",

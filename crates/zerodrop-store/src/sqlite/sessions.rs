@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Grants, Seq, SessionId, StreamId};
 
 use super::writer::{Writer, meta_info};
 use crate::rules::apply_checkpoint;
@@ -35,7 +35,7 @@ impl Writer {
     ) -> rusqlite::Result<StoreResult<()>> {
         let bound = self.live_sessions_bound.get(&s.sub).copied();
         if cap != SessionCap::NONE && bound.is_none_or(|b| cap.check(b, 0, 0).is_err()) {
-            let now = now_ms();
+            let now = self.clock.now_ms();
             // `expires_ms > now` is `SessionCap::is_live`, in SQL so that counting is one query.
             let (live, earliest): (i64, Option<i64>) = self
                 .conn

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
+use zerodrop_core::clock::Clock;
 use zerodrop_core::retention::Retention;
-use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId, now_ms};
+use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
 use super::health::{Health, fault_of};
 use super::{MAX_BATCH, closed};
@@ -44,6 +45,9 @@ pub(super) enum Cmd {
     Grants(SessionId, String, Reply<()>),
     MarkDropped(SessionId, StreamId, Seq, Reply<()>),
     MaxPages(Option<u64>, Reply<u64>),
+    /// Runs the age sweep and the expiry sweep in this batch (they run by themselves every
+    /// half second and every minute).
+    Sweep(Reply<()>),
     /// Any other write (the job queue, the webhook idempotency records).
     Run(Box<dyn WriterOp>),
 }
@@ -98,6 +102,8 @@ pub(super) struct Writer {
     pub(super) idempotency_ttl_ms: u64,
     pub(super) session_grace_ms: u64,
     pub(super) sink: Arc<dyn LiveSink>,
+    /// What time it is for timestamps, the age limit, expiry and the session cap.
+    pub(super) clock: Arc<dyn Clock>,
     pub(super) up: Arc<AtomicBool>,
     pub(super) commits: Arc<AtomicU64>,
     pub(super) cache: HashMap<StreamId, Meta>,
@@ -179,7 +185,8 @@ impl Writer {
             if batch.is_empty() && !sweep && !slow {
                 continue;
             }
-            self.process(batch, sweep, slow);
+            let asked = batch.iter().any(|c| matches!(c, Cmd::Sweep(_)));
+            self.process(batch, sweep || asked, slow || asked);
         }
     }
 
@@ -231,7 +238,7 @@ impl Writer {
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.cache.clear();
-                self.last_ts = self.last_ts.max(now_ms());
+                self.last_ts = self.last_ts.max(self.clock.now_ms());
                 let was_up = self.up.swap(false, Ordering::Relaxed);
                 if was_up && fault_of(&e).is_none() {
                     tracing::error!(error = %e, "sqlite commit failed; writes answer STORE_UNAVAILABLE until one succeeds");
@@ -299,6 +306,7 @@ impl Writer {
                     .map(|now| Ok(now.max(0) as u64));
                 settle(fx, reply, Done::Count64, r)
             }
+            Cmd::Sweep(reply) => settle(fx, reply, Done::Unit, Ok(Ok(()))),
             Cmd::Run(op) => op.apply(&self.conn, fx),
         }
     }
@@ -417,6 +425,7 @@ fn fail(cmd: Cmd, err: &StoreError) {
         Cmd::Checkpoint(_, _, _, r) => send(r, err),
         Cmd::CheckpointMany(_, r) => send(r, err),
         Cmd::MaxPages(_, r) => send(r, err),
+        Cmd::Sweep(r) => send(r, err),
         Cmd::Run(op) => op.refuse(err),
     }
 }
