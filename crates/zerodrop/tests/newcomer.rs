@@ -91,6 +91,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("node", "nodejs"),
     ("tsc", "node-typescript"),
     ("openssl", "openssl"),
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
