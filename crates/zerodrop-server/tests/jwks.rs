@@ -375,7 +375,9 @@ async fn keys_rotate_without_a_restart_and_unknown_kids_cost_one_read_per_period
     let t_new = new.token("u1", json!({}));
     assert_eq!(open(&s, &t_new).await.0, 201);
     assert_eq!(served.reads(), 2);
-    // A flood of made-up kids within the period causes no read at all.
+    // A flood of 30 made-up kids costs at most one read per period it spans (none when it
+    // fits in one; a loaded machine may stretch it over more).
+    let flood = std::time::Instant::now();
     for i in 0..30 {
         let t = sign(
             &new.key,
@@ -386,10 +388,16 @@ async fn keys_rotate_without_a_restart_and_unknown_kids_cost_one_read_per_period
         );
         assert_eq!(open(&s, &t).await.0, 401);
     }
-    assert_eq!(served.reads(), 2, "no read within the period");
+    let periods = (flood.elapsed().as_millis() / 2000) as usize;
+    assert!(
+        served.reads() - 2 <= periods,
+        "{} reads for 30 unknown kids over {periods} whole periods",
+        served.reads() - 2
+    );
     // The old key is withdrawn: the socket opened with it stays, and refreshes with the new.
     served.set(jwks(&[&new]));
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = served.reads();
     let t = sign(
         &new.key,
         Algorithm::ES256,
@@ -400,7 +408,7 @@ async fn keys_rotate_without_a_restart_and_unknown_kids_cost_one_read_per_period
     assert_eq!(open(&s, &t).await.0, 401);
     assert_eq!(
         served.reads(),
-        3,
+        before + 1,
         "one read for the unknown kid after the period"
     );
     assert_eq!(
