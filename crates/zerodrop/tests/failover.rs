@@ -367,9 +367,9 @@ async fn run(wait: u32, fault: Fault) -> Run {
     }
 
     let log = read_log(&api).await;
-    done_tx
-        .send(Some((log.0.clone(), log.1.last().map_or(0, |(s, _)| *s))))
-        .expect("watcher listens");
+    // The watcher may have stopped already (a closed socket is one of its faults, reported
+    // below); then nobody listens.
+    let _ = done_tx.send(Some((log.0.clone(), log.1.last().map_or(0, |(s, _)| *s))));
     let seen = tokio::time::timeout_at(deadline, watcher)
         .await
         .expect("the watcher finishes")
