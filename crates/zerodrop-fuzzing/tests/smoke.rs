@@ -91,7 +91,10 @@ fn the_entries_the_targets_call_answer_as_documented() {
     let upstreams = Config::from_toml("[upstreams.app]\nprimary = \"http://10.0.0.5:9000\"\n");
     assert!(upstreams.unwrap().guard.upstreams.contains_key("app"));
     let small = Config::from_toml("max_frame_bytes = 1023").unwrap_err();
-    assert!(format!("{small:#}").contains("max_frame_bytes"), "{small:#}");
+    assert!(
+        format!("{small:#}").contains("max_frame_bytes"),
+        "{small:#}"
+    );
     assert!(Config::from_toml("no_such_setting = 1").is_err());
     assert!(Config::from_toml("listen = 7").is_err());
 
@@ -118,5 +121,9 @@ fn the_entries_the_targets_call_answer_as_documented() {
     let frame = |n| format!(r#"{{"type":"publish","stream":"s","data":{}}}"#, deep(n));
     assert!(zerodrop_server::ws::parse_frame(&frame(64)).is_ok());
     let refused = zerodrop_server::ws::parse_frame(&frame(65)).unwrap_err();
-    assert!(refused.message.contains("levels deep"), "{}", refused.message);
+    assert!(
+        refused.message.contains("levels deep"),
+        "{}",
+        refused.message
+    );
 }
