@@ -9,8 +9,8 @@
 # set) lets stable rustc accept them. Each target's corpus grows in fuzz/corpus/<target>/
 # from the committed seeds in fuzz/seeds/<target>/; crashes land in fuzz/artifacts/<target>/
 # (both ignored by git); each run's log is fuzz/logs/<target>.log. The figures printed are
-# libFuzzer's final ones: executions, executions per second, corpus entries, coverage
-# (cov: edges, ft: features) and crash files. Exits 1 if any target crashed.
+# libFuzzer's final ones: executions, executions per second, the corpus at the end (entries/
+# size), coverage (cov: edges, ft: features) and crash files. Exits 1 if any target crashed.
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -28,14 +28,14 @@ mkdir -p logs
 nice -n 19 cargo fuzz build -O >logs/build.log 2>&1 || { tail -20 logs/build.log >&2; exit 2; }
 
 crashed=0
-printf '%-14s %12s %9s %7s %7s %7s %8s\n' target execs execs/s corpus cov ft crashes
+printf '%-14s %12s %9s %13s %7s %7s %8s\n' target execs execs/s corpus cov ft crashes
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     log="logs/$t.log"
     set +e
     nice -n 19 cargo fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$seconds" -rss_limit_mb="$rss_mb" -dict=zerodrop.dict \
-        -print_final_stats=1 -close_fd_mask=3 >"$log" 2>&1
+        -print_final_stats=1 >"$log" 2>&1
     status=$?
     set -e
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -43,9 +43,9 @@ for t in "${targets[@]}"; do
     done_line=$(grep -E '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -1 || true)
     cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$done_line")
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$done_line")
-    corpus=$(find "corpus/$t" -type f | wc -l)
+    corpus=$(sed -n 's/.* corp: \([0-9]*\/[0-9]*[a-zA-Z]*\).*/\1/p' <<<"$done_line")
     crashes=$(find "artifacts/$t" -type f | wc -l)
-    printf '%-14s %12s %9s %7s %7s %7s %8s\n' "$t" "${execs:-?}" "${rate:-?}" "$corpus" \
+    printf '%-14s %12s %9s %13s %7s %7s %8s\n' "$t" "${execs:-?}" "${rate:-?}" "$corpus" \
         "${cov:-?}" "${ft:-?}" "$crashes"
     if [ "$status" -ne 0 ] || [ "$crashes" -gt 0 ]; then
         crashed=1
