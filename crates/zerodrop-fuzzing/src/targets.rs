@@ -288,7 +288,7 @@ pub fn config_toml(data: &[u8]) {
 /// `App::publish` runs them.
 ///
 /// Invariants: compaction keeps the value and is idempotent; the text depth counter agrees
-/// with the parsed value's depth; whatever is accepted is readable by serde_json (with its
+/// with the parsed value's depth (where no key is given twice); whatever is accepted is readable by serde_json (with its
 /// recursion limit; lone surrogate escapes aside, which JSON allows and JavaScript reads),
 /// has no duplicate key, and is accepted in a WebSocket `publish` frame too.
 pub fn publish_body(data: &[u8]) {
@@ -299,7 +299,11 @@ pub fn publish_body(data: &[u8]) {
     assert_eq!(compact(&compacted), compacted, "compaction is idempotent");
     let parsed: Option<Value> = serde_json::from_str(raw.get()).ok();
     if let Some(v) = &parsed {
-        assert_eq!(value_depth(v), depth(raw.get()), "depth of {}", raw.get());
+        // A parsed object keeps one value per key (the last), so with a key twice the text
+        // can nest deeper than the value: the depth counter is compared without them.
+        if duplicate_key(raw.get()).is_none() {
+            assert_eq!(value_depth(v), depth(raw.get()), "depth of {}", raw.get());
+        }
         assert_eq!(depth(&compacted), depth(raw.get()));
         assert!(same_json(&value(&compacted), v), "compacted {}", raw.get());
     }
