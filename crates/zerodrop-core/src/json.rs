@@ -126,6 +126,32 @@ pub fn duplicate_key(json: &str) -> Option<String> {
     None
 }
 
+/// The first number in valid JSON text that is beyond the range of a double (`1e309`,
+/// `-1e400`, 310 digits): JSON's grammar allows it and `serde_json` validates it as raw text,
+/// but a reader turns it into an error (`serde_json`: "number out of range") or into
+/// `Infinity` (`JSON.parse`), so it must not be stored. Numbers that round to 0 are fine.
+pub fn number_out_of_range(json: &str) -> Option<&str> {
+    let mut start = None;
+    let end = std::iter::once((json.len(), b' '));
+    for (i, b) in outside_strings(json).chain(end) {
+        let numeric = b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
+        match start {
+            None if b.is_ascii_digit() || b == b'-' => start = Some(i),
+            Some(s) if !numeric => {
+                start = None;
+                let number = &json[s..i];
+                // Only an exponent or more than 309 digits can leave the range.
+                let may_overflow = number.len() > 300 || number.bytes().any(|b| b | 0x20 == b'e');
+                if may_overflow && serde_json::from_str::<f64>(number).is_err() {
+                    return Some(number);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The offset of the closing quote of the string whose content starts at `from`.
 fn string_end(b: &[u8], from: usize) -> usize {
     let mut i = from;
@@ -227,6 +253,34 @@ mod tests {
         assert_eq!(depth(&format!("{}{}", "[".repeat(65), "]".repeat(65))), 65);
     }
     use proptest::prelude::*;
+
+    #[test]
+    fn numbers_beyond_a_double_are_found() {
+        for bad in [
+            "1e309",
+            "[1, -1e400]",
+            r#"{"a":"1e999","b":1E+309}"#,
+            "1e3092",
+        ] {
+            assert!(number_out_of_range(bad).is_some(), "{bad}");
+        }
+        assert_eq!(
+            number_out_of_range(r#"{"n":[1.5e300, 2e309]}"#),
+            Some("2e309")
+        );
+        let long = "9".repeat(310);
+        assert_eq!(number_out_of_range(&long), Some(long.as_str()));
+        for good in [
+            "1e308",
+            "-1.7976931348623157e308",
+            "1e-400",
+            "18446744073709551616",
+            r#"{"e":true,"f":false,"s":"1e999"}"#,
+            "null",
+        ] {
+            assert_eq!(number_out_of_range(good), None, "{good}");
+        }
+    }
 
     #[test]
     fn compacts_outside_strings_only() {

@@ -374,6 +374,87 @@ struct FileConfig {
     webhooks: Option<toml::Table>,
 }
 
+impl FileConfig {
+    /// Sets each setting the file gives on `args`, where `defaulted(id)` says that no flag
+    /// or variable set it; optional settings only where nothing set them.
+    fn apply(self, args: &mut ServeArgs, defaulted: impl Fn(&str) -> bool) {
+        macro_rules! take {
+            ($($field:ident),*) => {$(
+                if defaulted(stringify!($field)) {
+                    if let Some(v) = self.$field { args.$field = v; }
+                }
+            )*};
+        }
+        take!(
+            listen,
+            data_dir,
+            store,
+            redis_url,
+            redis_wait_replicas,
+            reconnect_window_sec,
+            retention_max_events,
+            retention_max_bytes,
+            retention_max_age_sec,
+            drain_grace_sec,
+            max_frame_bytes,
+            max_payload_bytes,
+            ping_interval_sec,
+            token_grace_sec,
+            max_session_age_sec,
+            cors_origins,
+            max_connections,
+            max_streams_per_session,
+            max_sessions_per_subject,
+            max_new_streams_per_minute,
+            ws_frames_per_sec,
+            http_requests_per_sec,
+            http_header_timeout_sec,
+            http_idle_timeout_sec,
+            max_pending_connections,
+            idempotency_ttl_sec,
+            sqlite_synchronous,
+            require_durability,
+            sqlite_check_interval_sec,
+            live_ring_events,
+            log_format,
+            jobs_lease_ms,
+            jobs_heartbeat_ms,
+            jobs_max_attempts,
+            jobs_backoff_base_ms,
+            jobs_backoff_cap_ms,
+            jobs_running_realtime,
+            jobs_running_interactive,
+            jobs_running_batch,
+            jobs_running_per_kind,
+            jobs_running_kinds,
+            jobs_queued_realtime,
+            jobs_queued_interactive,
+            jobs_queued_batch,
+            jobs_oldest_alert_sec,
+            jobs_done_keep_sec,
+            cache_max_entries,
+            jwks_refresh_min_sec,
+            authz_path,
+            authz_actions
+        );
+        if args.instance_id.is_none() {
+            args.instance_id = self.instance_id;
+        }
+        if args.authz_upstream.is_none() {
+            args.authz_upstream = self.authz_upstream;
+        }
+        if args.jwks_url.is_none() {
+            args.jwks_url = self.jwks_url;
+        }
+        if args.jwt_issuer.is_none() {
+            args.jwt_issuer = self.jwt_issuer;
+        }
+        if args.jwt_audience.is_none() {
+            args.jwt_audience = self.jwt_audience;
+        }
+    }
+}
+
 /// Secrets as configured in the environment (any may be missing; see `secrets`).
 #[derive(Clone, Default)]
 pub struct SecretOverrides {
@@ -491,82 +572,21 @@ impl Config {
                     .value_source(id)
                     .is_none_or(|s| s == ValueSource::DefaultValue)
             };
-            macro_rules! take {
-                ($($field:ident),*) => {$(
-                    if defaulted(stringify!($field)) {
-                        if let Some(v) = f.$field { args.$field = v; }
-                    }
-                )*};
-            }
-            take!(
-                listen,
-                data_dir,
-                store,
-                redis_url,
-                redis_wait_replicas,
-                reconnect_window_sec,
-                retention_max_events,
-                retention_max_bytes,
-                retention_max_age_sec,
-                drain_grace_sec,
-                max_frame_bytes,
-                max_payload_bytes,
-                ping_interval_sec,
-                token_grace_sec,
-                max_session_age_sec,
-                cors_origins,
-                max_connections,
-                max_streams_per_session,
-                max_sessions_per_subject,
-                max_new_streams_per_minute,
-                ws_frames_per_sec,
-                http_requests_per_sec,
-                http_header_timeout_sec,
-                http_idle_timeout_sec,
-                max_pending_connections,
-                idempotency_ttl_sec,
-                sqlite_synchronous,
-                require_durability,
-                sqlite_check_interval_sec,
-                live_ring_events,
-                log_format,
-                jobs_lease_ms,
-                jobs_heartbeat_ms,
-                jobs_max_attempts,
-                jobs_backoff_base_ms,
-                jobs_backoff_cap_ms,
-                jobs_running_realtime,
-                jobs_running_interactive,
-                jobs_running_batch,
-                jobs_running_per_kind,
-                jobs_running_kinds,
-                jobs_queued_realtime,
-                jobs_queued_interactive,
-                jobs_queued_batch,
-                jobs_oldest_alert_sec,
-                jobs_done_keep_sec,
-                cache_max_entries,
-                jwks_refresh_min_sec,
-                authz_path,
-                authz_actions
-            );
-            if args.instance_id.is_none() {
-                args.instance_id = f.instance_id;
-            }
-            if args.jwks_url.is_none() {
-                args.jwks_url = f.jwks_url;
-            }
-            if args.jwt_issuer.is_none() {
-                args.jwt_issuer = f.jwt_issuer;
-            }
-            if args.jwt_audience.is_none() {
-                args.jwt_audience = f.jwt_audience;
-            }
-            if args.authz_upstream.is_none() {
-                args.authz_upstream = f.authz_upstream;
-            }
+            f.apply(&mut args, defaulted);
         }
         Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)
+    }
+
+    /// A config file's text over the defaults, as `serve --config` reads it but without
+    /// flags, `ZERODROP_*` variables or secrets: the file parser and every check behind it,
+    /// in one call (the fuzz target `config_toml` in `zerodrop-fuzzing`). The defaults are
+    /// the flags' own, not the environment's.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let mut f: FileConfig = toml::from_str(text).context("invalid config file")?;
+        let (upstreams, webhooks) = named_tables(f.upstreams.take(), f.webhooks.take(), &[])?;
+        let mut args = ServeArgs::defaults();
+        f.apply(&mut args, |_| true);
+        Config::from_args(args, None, upstreams, webhooks)
     }
 
     fn from_args(
@@ -768,6 +788,18 @@ fn kind_caps(text: &str) -> anyhow::Result<BTreeMap<String, u64>> {
         caps.insert(kind.to_string(), n);
     }
     Ok(caps)
+}
+
+impl ServeArgs {
+    /// Every setting at its default (the environment is read for none of them).
+    fn defaults() -> ServeArgs {
+        let command = <ServeArgsParser as clap::CommandFactory>::command();
+        let matches = command
+            .mut_args(|a| a.env(None::<&str>))
+            .get_matches_from(["zerodrop"]);
+        <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the defaults are valid settings")
+    }
 }
 
 #[derive(clap::Parser)]

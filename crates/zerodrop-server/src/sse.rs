@@ -63,11 +63,15 @@ pub async fn handler(
 
 /// `Last-Event-ID`: `<epoch>:<seq>` or `<seq>`.
 fn parse_last_event_id(headers: &HeaderMap) -> ApiResult<Option<(Option<Epoch>, Seq)>> {
-    let Some(v) = headers.get("last-event-id") else {
-        return Ok(None);
-    };
+    headers.get("last-event-id").map_or(Ok(None), last_event_id)
+}
+
+/// A `Last-Event-ID` header's value: `<epoch>:<seq>` or a bare `<seq>` (what this module
+/// writes as `id:`), `None` when it is blank, `INVALID_REQUEST` for anything else. Public for
+/// the fuzz targets (`zerodrop-fuzzing`).
+pub fn last_event_id(value: &HeaderValue) -> ApiResult<Option<(Option<Epoch>, Seq)>> {
     let bad = || ApiError::invalid("Last-Event-ID must be <epoch>:<seq> or <seq>");
-    let s = v.to_str().map_err(|_| bad())?.trim();
+    let s = value.to_str().map_err(|_| bad())?.trim();
     if s.is_empty() {
         return Ok(None);
     }

@@ -620,17 +620,7 @@ impl Conn {
     async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
         // Parsed before it is limited, so acks and pongs can pass; a frame that does not
         // parse (or nests too deep) still costs a cell, so floods of garbage are limited.
-        // The frame object is one level; what it carries (`data`, a `ping`'s `t`, which is
-        // echoed) may nest as deep as event data may, and no deeper.
-        let depth = zerodrop_core::json::depth(text.as_str());
-        let parsed: Result<ClientFrame, ApiError> = if depth > zerodrop_core::json::MAX_DEPTH + 1 {
-            Err(ApiError::invalid(format!(
-                "the frame nests {depth} levels deep; its fields may nest {} at most",
-                zerodrop_core::json::MAX_DEPTH
-            )))
-        } else {
-            ClientFrame::parse(text.as_str()).map_err(|e| ApiError::invalid(e.to_string()))
-        };
+        let parsed = parse_frame(text.as_str());
         let exempt = matches!(&parsed, Ok(f) if self.is_exempt(f));
         if !exempt && !self.admit().await? {
             return Ok(());
@@ -981,6 +971,21 @@ impl Conn {
             }
         }
     }
+}
+
+/// One client frame as the server reads it: refused when it nests too deep, else decoded by
+/// [`ClientFrame::parse`]. The frame object is one level; what it carries (`data`, a
+/// `ping`'s `t`, which is echoed) may nest as deep as event data may, and no deeper. Public
+/// for the fuzz targets (`zerodrop-fuzzing`).
+pub fn parse_frame(text: &str) -> Result<ClientFrame, ApiError> {
+    let depth = zerodrop_core::json::depth(text);
+    if depth > zerodrop_core::json::MAX_DEPTH + 1 {
+        return Err(ApiError::invalid(format!(
+            "the frame nests {depth} levels deep; its fields may nest {} at most",
+            zerodrop_core::json::MAX_DEPTH
+        )));
+    }
+    ClientFrame::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// The clock of every connection's frame limiter, made once: making a clock probes the CPU

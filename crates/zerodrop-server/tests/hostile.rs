@@ -650,3 +650,68 @@ async fn duplicate_data_keys_and_session_floods_change_nothing() {
         0
     );
 }
+
+/// Found by the `publish_body` fuzz target: `{"data": 1e3092}` is valid JSON and was stored,
+/// but no client could read it back (serde_json: "number out of range"; `JSON.parse`:
+/// `Infinity`). Refused on both transports now, and nothing is stored; a large finite double
+/// is still stored byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_beyond_a_double_are_refused_on_every_transport() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let key = s.creds.api_key.clone();
+    for body in [r#"{"data": 1e3092}"#, r#"{"data":[1,{"n":-1e400}]}"#] {
+        let r = api
+            .request(
+                Method::POST,
+                "/v1/streams/nums/events",
+                Some(&key),
+                Some(body.into()),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "INVALID_REQUEST"),
+            "{body}: {}",
+            r.text
+        );
+        assert!(r.text.contains("range of a double"), "{}", r.text);
+    }
+    let tok = s.creds.token("writer", &["*"], &["*"]);
+    let mut ws = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .unwrap();
+    ws.expect("welcome").await;
+    ws.send_raw(r#"{"type":"publish","stream":"nums","data":{"x":1E+309},"id":1}"#.into())
+        .await;
+    let f = ws.expect("error").await;
+    assert_eq!(
+        (&f["code"], &f["id"]),
+        (&json!("INVALID_REQUEST"), &json!(1)),
+        "{f}"
+    );
+    let fine = r#"{"max":1.7976931348623157e308,"tiny":1e-400,"s":"1e999"}"#;
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/streams/nums/events",
+            Some(&key),
+            Some(format!(r#"{{"data":{fine}}}"#)),
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (201, ""), "{}", r.text);
+    let stored = api.read("nums", 0, 10).await;
+    assert!(
+        stored.text.contains(&format!(r#""data":{fine}"#)),
+        "{}",
+        stored.text
+    );
+    assert_eq!(
+        stored.text.matches(r#""seq":"#).count(),
+        1,
+        "{}",
+        stored.text
+    );
+}

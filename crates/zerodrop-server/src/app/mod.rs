@@ -314,35 +314,10 @@ impl App {
         }
     }
 
-    /// What every event's `data` must be before it is stored or forwarded: at most
-    /// `--max-payload-bytes` once compacted, nested at most [`zerodrop_core::json::MAX_DEPTH`]
-    /// deep, and no object with the same key twice (stored as sent, readers would disagree on
-    /// which value wins). `data` is compact JSON.
+    /// What every event's `data` must be before it is stored or forwarded: see
+    /// [`check_data`], with `--max-payload-bytes`.
     pub fn check_data(&self, data: &str) -> Result<(), ApiError> {
-        if data.len() > self.cfg.max_payload_bytes {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "data is {} bytes; the limit is {}",
-                    data.len(),
-                    self.cfg.max_payload_bytes
-                ),
-            ));
-        }
-        let depth = zerodrop_core::json::depth(data);
-        if depth > zerodrop_core::json::MAX_DEPTH {
-            return Err(ApiError::invalid(format!(
-                "data nests {depth} levels deep; the limit is {}",
-                zerodrop_core::json::MAX_DEPTH
-            )));
-        }
-        if let Some(key) = zerodrop_core::json::duplicate_key(data) {
-            return Err(ApiError::invalid(format!(
-                "data has an object with the key {} twice; keys must be unique in each object",
-                serde_json::Value::from(key)
-            )));
-        }
-        Ok(())
+        check_data(data, self.cfg.max_payload_bytes)
     }
 
     /// `--max-new-streams-per-minute`: a publish that would create `stream` counts for its
@@ -529,6 +504,44 @@ impl App {
         };
         serde_json::json!({"rate_limited": rate_limited, "jobs": jobs})
     }
+}
+
+/// What every event's `data` must be before it is stored or forwarded: at most
+/// `max_payload_bytes` once compacted, nested at most [`zerodrop_core::json::MAX_DEPTH`]
+/// deep, no object with the same key twice (stored as sent, readers would disagree on which
+/// value wins), and no number beyond the range of a double (readers fail on it or read
+/// `Infinity`). `data` is compact JSON.
+pub fn check_data(data: &str, max_payload_bytes: usize) -> Result<(), ApiError> {
+    if data.len() > max_payload_bytes {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "data is {} bytes; the limit is {max_payload_bytes}",
+                data.len()
+            ),
+        ));
+    }
+    let depth = zerodrop_core::json::depth(data);
+    if depth > zerodrop_core::json::MAX_DEPTH {
+        return Err(ApiError::invalid(format!(
+            "data nests {depth} levels deep; the limit is {}",
+            zerodrop_core::json::MAX_DEPTH
+        )));
+    }
+    if let Some(key) = zerodrop_core::json::duplicate_key(data) {
+        return Err(ApiError::invalid(format!(
+            "data has an object with the key {} twice; keys must be unique in each object",
+            serde_json::Value::from(key)
+        )));
+    }
+    if let Some(n) = zerodrop_core::json::number_out_of_range(data) {
+        let n: String = n.chars().take(40).collect();
+        return Err(ApiError::invalid(format!(
+            "data has the number {n}, beyond the range of a double (about 1.8e308): clients \
+             could not read it"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

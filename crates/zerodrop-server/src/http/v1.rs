@@ -82,6 +82,12 @@ struct PublishBody<'a> {
     data: &'a RawValue,
 }
 
+/// A publish body's `data` (`{"data": …}`), borrowed from the body: kept as the client's raw
+/// JSON, never re-encoded. Public for the fuzz targets (`zerodrop-fuzzing`).
+pub fn publish_data(body: &[u8]) -> ApiResult<&RawValue> {
+    json::<PublishBody>(body, "{\"data\": …}").map(|p| p.data)
+}
+
 pub(super) async fn publish(
     State(app): State<Arc<App>>,
     _: ApiKey,
@@ -89,10 +95,9 @@ pub(super) async fn publish(
     IdempotencyKey(key): IdempotencyKey,
     RawBody(body): RawBody,
 ) -> ApiResult<Response> {
-    // Borrowed from the body: the data is kept as the client's raw JSON, never re-encoded.
-    let p: PublishBody = json(&body, "{\"data\": …}")?;
+    let data = publish_data(&body)?;
     let out = app
-        .publish(stream, p.data, key, crate::app::Publisher::ApiKey)
+        .publish(stream, data, key, crate::app::Publisher::ApiKey)
         .await?;
     let body = json!({
         "stream": out.stream, "seq": out.seq, "epoch": out.epoch, "duplicate": out.duplicate,
