@@ -14,7 +14,7 @@
 //! moves over contiguous seqs — no gap and no duplicate, whatever races the publishers run.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -145,6 +145,9 @@ struct Listener {
     dropped_through: AtomicU64,
     /// The session this cursor serves, if any: drops counted here are recorded in it.
     session: Option<SessionId>,
+    /// Its index in its topic's listeners (kept under that lock), so that leaving costs the
+    /// same with ten listeners or a million: a mass disconnect is not quadratic.
+    slot: AtomicUsize,
 }
 
 impl Listener {
@@ -382,8 +385,13 @@ impl Hub {
             cursor: AtomicU64::new(after.0),
             dropped_through: AtomicU64::new(0),
             session,
+            slot: AtomicUsize::new(0),
         });
-        lock(&topic.listeners).push(listener.clone());
+        {
+            let mut ls = lock(&topic.listeners);
+            listener.slot.store(ls.len(), Ordering::Relaxed);
+            ls.push(listener.clone());
+        }
         topic.idle_since_ms.store(0, Ordering::Relaxed);
         Subscription {
             stream,
@@ -618,7 +626,16 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut ls = lock(&self.topic.listeners);
-        ls.retain(|l| !Arc::ptr_eq(l, &self.listener));
+        let i = self.listener.slot.load(Ordering::Relaxed);
+        if ls.get(i).is_some_and(|l| Arc::ptr_eq(l, &self.listener)) {
+            ls.swap_remove(i);
+            if let Some(moved) = ls.get(i) {
+                moved.slot.store(i, Ordering::Relaxed);
+            }
+        } else {
+            debug_assert!(false, "a listener's slot is kept under the topic's lock");
+            ls.retain(|l| !Arc::ptr_eq(l, &self.listener));
+        }
         if ls.is_empty() {
             self.topic
                 .idle_since_ms
@@ -745,6 +762,49 @@ mod tests {
         sub.pull(&store, 100, &mut out).await.unwrap();
         assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![4]);
         assert_eq!(hub.head(&s), Some((epoch, Seq(4))));
+    }
+
+    /// Leaving in any order keeps every remaining listener where its slot says, and each
+    /// remaining one still gets what is published.
+    #[tokio::test]
+    async fn listeners_leave_in_any_order_and_the_rest_still_receive() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(HubLimits::default(), metrics));
+        let store = MemoryStore::new(Retention::default(), hub.clone());
+        let s = StreamId::new("many").unwrap();
+        let req = AppendRequest {
+            stream: s.clone(),
+            data: "0".into(),
+            idempotency: None,
+        };
+        store.append(req).await.unwrap();
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        let mut subs: Vec<Option<Subscription>> = (0..7)
+            .map(|_| Some(hub.subscribe(s.clone(), epoch.clone(), Seq(1), Signal::new(), None)))
+            .collect();
+        let topic = hub.get(&s).unwrap();
+        for leave in [3, 0, 6, 4] {
+            subs[leave] = None;
+            let ls = lock(&topic.listeners);
+            for (i, l) in ls.iter().enumerate() {
+                assert_eq!(l.slot.load(Ordering::Relaxed), i, "after {leave} left");
+            }
+        }
+        assert_eq!(lock(&topic.listeners).len(), 3);
+        let req = AppendRequest {
+            stream: s.clone(),
+            data: "1".into(),
+            idempotency: None,
+        };
+        store.append(req).await.unwrap();
+        for sub in subs.iter_mut().flatten() {
+            let mut out = Vec::new();
+            sub.pull(&store, 100, &mut out).await.unwrap();
+            assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![2]);
+        }
+        subs.clear();
+        assert!(lock(&topic.listeners).is_empty());
+        assert_ne!(topic.idle_since_ms.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
