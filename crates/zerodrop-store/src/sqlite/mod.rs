@@ -48,8 +48,9 @@ use self::health::{Health, quick_check};
 use self::readers::Readers;
 use self::writer::{Cmd, Op, Reply, Writer};
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreDurability, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, ReadRange, ReadResult, SessionCap,
+    SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
+    StoreStats, StreamBatch, StreamInfo,
 };
 
 mod guard;
@@ -265,6 +266,19 @@ impl SqliteStore {
         rx.await.map_err(|_| closed())?
     }
 
+    /// A read of one range of a stream's events on the blocking pool.
+    async fn read_range(
+        &self,
+        stream: &StreamId,
+        range: ReadRange,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        let stream = stream.clone();
+        self.readers
+            .run(move |c, epoch| log::read_events(c, &stream, epoch, range, limit))
+            .await
+    }
+
     /// Runs `run` on the writer, in the next group commit; answers once that is durable.
     async fn write<T: Send + 'static>(
         &self,
@@ -310,14 +324,46 @@ impl Store for SqliteStore {
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
         if limit <= INLINE_READ_EVENTS {
-            return self
-                .readers
-                .run_now(|c, epoch| log::read_events(c, stream, epoch, after, limit));
+            return self.readers.run_now(|c, epoch| {
+                log::read_events(c, stream, epoch, ReadRange::After(after), limit)
+            });
         }
-        let stream = stream.clone();
-        self.readers
-            .run(move |c, epoch| log::read_events(c, &stream, epoch, after, limit))
+        self.read_range(stream, ReadRange::After(after), limit)
             .await
+    }
+
+    async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome> {
+        self.call(|r| Cmd::AppendBatch(batch, r)).await
+    }
+
+    async fn read_before(
+        &self,
+        stream: &StreamId,
+        before: Seq,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        self.read_range(stream, ReadRange::Before(before), limit)
+            .await
+    }
+
+    async fn read_since(
+        &self,
+        stream: &StreamId,
+        ts_ms: u64,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        self.read_range(stream, ReadRange::Since(ts_ms), limit)
+            .await
+    }
+
+    async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let stream = stream.clone();
+        self.call(|r| Cmd::DeleteStream(stream, r)).await
+    }
+
+    async fn close_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let stream = stream.clone();
+        self.call(|r| Cmd::CloseStream(stream, r)).await
     }
 
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {
