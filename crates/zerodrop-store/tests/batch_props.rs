@@ -18,6 +18,9 @@ fn item() -> impl Strategy<Value = (u8, u8, Option<u8>)> {
     (0u8..3, 0u8..4, proptest::option::of(0u8..4))
 }
 
+/// One stream's part as the model sees it: the stream and its items' data and keys.
+type Part = (u8, Vec<(String, Option<u8>)>);
+
 /// A key with its body's fingerprint (the data itself, padded: distinct for distinct data).
 fn key(k: u8, data: &str) -> IdempotencyKey {
     let mut fingerprint = [0u8; 32];
@@ -44,7 +47,7 @@ proptest! {
             let mut log: BTreeMap<u8, Vec<String>> = BTreeMap::new();
             let mut keys: BTreeMap<(u8, u8), (String, u64)> = BTreeMap::new();
             for batch in batches {
-                let mut parts: Vec<(u8, Vec<(String, Option<u8>)>)> = Vec::new();
+                let mut parts: Vec<Part> = Vec::new();
                 for (s, d, k) in batch {
                     let data = format!("\"d{d}\"");
                     match parts.iter_mut().find(|(ps, _)| *ps == s) {
