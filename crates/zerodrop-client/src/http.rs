@@ -72,6 +72,12 @@ pub struct EventsPage {
     pub stream: String,
     pub epoch: String,
     pub head_seq: u64,
+    /// The oldest retained seq.
+    #[serde(default)]
+    pub first_seq: u64,
+    /// `"asc"`, or `"desc"` (newest first) for a page before a seq or of the newest.
+    #[serde(default)]
+    pub order: String,
     pub events: Vec<Event>,
 }
 

@@ -59,7 +59,7 @@ pub use http::{
     ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
-pub use streams::{BatchEvent, BatchResult, Deleted, History, HistoryPage, StreamClosed};
+pub use streams::{BatchEvent, BatchResult, Deleted, History, StreamClosed};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
 #[cfg(feature = "mint")]

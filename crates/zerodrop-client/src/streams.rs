@@ -6,8 +6,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{ApiError, ClientError};
-use crate::frames::Event;
-use crate::http::{HttpClient, Published, expect_json};
+use crate::http::{EventsPage, HttpClient, Published, expect_json};
 
 /// One event of a batch: its stream, its data (JSON text), and an optional idempotency key.
 #[derive(Clone, Debug)]
@@ -48,20 +47,6 @@ pub enum History {
     Last,
     /// From the first event stamped at or after this time (ms), oldest first (`?since_ts=`).
     SinceTs(u64),
-}
-
-/// A page of history: `order` is `"asc"` or `"desc"` (newest first).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryPage {
-    pub stream: String,
-    pub epoch: String,
-    pub head_seq: u64,
-    #[serde(default)]
-    pub first_seq: u64,
-    #[serde(default)]
-    pub order: String,
-    pub events: Vec<Event>,
 }
 
 /// The answer to a close: the stream ends at `last_seq`.
@@ -145,7 +130,7 @@ impl HttpClient {
         stream: &str,
         from: History,
         limit: u32,
-    ) -> Result<HistoryPage, ClientError> {
+    ) -> Result<EventsPage, ClientError> {
         let query = match from {
             History::After(n) => vec![("after", n.to_string()), ("limit", limit.to_string())],
             History::Before(n) => vec![("before", n.to_string()), ("limit", limit.to_string())],

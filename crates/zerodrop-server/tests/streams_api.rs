@@ -1,6 +1,7 @@
 //! Streams as a complete API (SPEC §11, docs/protocol.md "Streams as a whole"): batch publish,
 //! history before a seq / the newest / since a time, delete and close — each on SQLite (a
-//! real file) and on Redis (a real `redis-server` started on a free port), with exact seqs,
+//! real file), on Redis (a real `redis-server` started on a free port) and on the memory
+//! store, with exact seqs,
 //! orders and error codes, and the stored data checked intact after every bad input.
 
 use std::time::Duration;
@@ -19,6 +20,17 @@ const KEEP: u64 = 8;
 
 async fn sqlite() -> TestServer {
     TestServer::with(|c| {
+        c.retention.max_events = KEEP;
+        c.max_payload_bytes = 1024;
+        c.max_batch_bytes = 64 * 1024;
+    })
+    .await
+}
+
+/// The memory store (tests only), held to the same answers.
+async fn memory() -> TestServer {
+    TestServer::with(|c| {
+        c.store = StoreChoice::Memory;
         c.retention.max_events = KEEP;
         c.max_payload_bytes = 1024;
         c.max_batch_bytes = 64 * 1024;
@@ -545,49 +557,39 @@ async fn close(s: &TestServer) {
     late.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_publish_on_sqlite() {
-    batch_publish(&sqlite().await).await;
+/// One test per store for each scenario: `on_sqlite::<scenario>`, `on_redis::<scenario>`
+/// and `on_memory::<scenario>`.
+macro_rules! on_both_stores {
+    ($($scenario:ident),*) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(&super::sqlite().await).await;
+                }
+            )*
+        }
+        mod on_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(&super::memory().await).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let (_redis, s) = super::redis().await;
+                    super::$scenario(&s).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_publish_on_redis() {
-    let (_redis, s) = redis().await;
-    batch_publish(&s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_both_ways_on_sqlite() {
-    history(&sqlite().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_both_ways_on_redis() {
-    let (_redis, s) = redis().await;
-    history(&s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_on_sqlite() {
-    delete(&sqlite().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_on_redis() {
-    let (_redis, s) = redis().await;
-    delete(&s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_on_sqlite() {
-    close(&sqlite().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_on_redis() {
-    let (_redis, s) = redis().await;
-    close(&s).await;
-}
+on_both_stores!(batch_publish, history, delete, close);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_state_survives_a_restart_on_sqlite() {

@@ -216,9 +216,9 @@ impl StreamInfo {
     }
 }
 
-/// Which of a stream's events a read takes.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum ReadRange {
+/// Which of a stream's events a read takes ([`Store::read_range`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadRange {
     /// seq > N, oldest first.
     After(Seq),
     /// seq < N, newest first.
@@ -310,21 +310,12 @@ pub trait Store: GuardStore + Send + Sync + 'static {
     /// adds nothing ([`crate::rules::plan_items`]). Answers once everything written is durable.
     async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome>;
 
-    /// Up to `limit` events with seq < `before`, newest first, with the bounds of the same
-    /// snapshot.
-    async fn read_before(
+    /// Up to `limit` events of `range` (after or before a seq, or since a time), in its
+    /// order, with the bounds of the same snapshot.
+    async fn read_range(
         &self,
         stream: &StreamId,
-        before: Seq,
-        limit: usize,
-    ) -> StoreResult<ReadResult>;
-
-    /// Up to `limit` events from the first one stamped at or after `ts_ms`, in seq order,
-    /// with the bounds of the same snapshot.
-    async fn read_since(
-        &self,
-        stream: &StreamId,
-        ts_ms: u64,
+        range: ReadRange,
         limit: usize,
     ) -> StoreResult<ReadResult>;
 

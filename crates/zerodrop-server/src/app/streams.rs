@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use zerodrop_core::window::{WindowError, before_window, since_window};
 use zerodrop_core::{ErrorCode, Seq, StreamId};
 use zerodrop_store::{
-    AppendOutcome, BatchItem, IdempotencyKey, ReadResult, StoreError, StreamBatch, StreamInfo,
+    AppendOutcome, BatchItem, IdempotencyKey, ReadRange, ReadResult, StoreError, StreamBatch,
+    StreamInfo,
 };
 
 use super::{App, Hole, Publisher};
@@ -131,7 +132,10 @@ impl App {
         epoch: Option<&zerodrop_core::Epoch>,
         limit: usize,
     ) -> Result<ReadResult, ApiError> {
-        let res = self.store.read_before(stream, before, limit).await?;
+        let res = self
+            .store
+            .read_range(stream, ReadRange::Before(before), limit)
+            .await?;
         if let Err(e) = before_window(before, epoch, &res.info.bounds()) {
             let at = Seq(before.0.saturating_sub(1));
             return Err(Hole::new(stream, at, &e, &res.info).error());
@@ -147,7 +151,10 @@ impl App {
         epoch: Option<&zerodrop_core::Epoch>,
         limit: usize,
     ) -> Result<ReadResult, ApiError> {
-        let res = self.store.read_before(stream, Seq(u64::MAX), limit).await?;
+        let res = self
+            .store
+            .read_range(stream, ReadRange::Before(Seq(u64::MAX)), limit)
+            .await?;
         if let Some(e) = epoch
             && *e != res.info.epoch
         {
@@ -168,7 +175,10 @@ impl App {
         epoch: Option<&zerodrop_core::Epoch>,
         limit: usize,
     ) -> Result<ReadResult, ApiError> {
-        let res = self.store.read_since(stream, ts_ms, limit).await?;
+        let res = self
+            .store
+            .read_range(stream, ReadRange::Since(ts_ms), limit)
+            .await?;
         let found = res.events.first().map(|e| e.seq());
         let bounds = res.info.bounds();
         let checked = match epoch {

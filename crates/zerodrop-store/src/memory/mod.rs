@@ -24,9 +24,9 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
 use crate::rules::{apply_checkpoint, cutoff, merge_session_stream, plan_items, planned_outcomes};
 use crate::{
-    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, Planned, ReadResult, SessionCap,
-    SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
-    StoreStats, StreamBatch, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, Planned, ReadRange, ReadResult,
+    SessionCap, SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind,
+    StoreResult, StoreStats, StreamBatch, StreamInfo,
 };
 
 mod guard;
@@ -359,42 +359,39 @@ impl Store for MemoryStore {
         Ok(results)
     }
 
-    async fn read_before(
+    async fn read_range(
         &self,
         stream: &StreamId,
-        before: Seq,
+        range: ReadRange,
         limit: usize,
     ) -> StoreResult<ReadResult> {
         let st = self.inner.lock();
         let info = self.inner.info(&st, stream);
-        let events = match st.streams.get(stream) {
-            Some(s) => s
-                .events
-                .iter()
-                .rev()
-                .filter(|e| e.seq() < before)
-                .take(limit)
-                .cloned()
-                .collect(),
-            None => Vec::new(),
+        let Some(s) = st.streams.get(stream) else {
+            return Ok(ReadResult {
+                info,
+                events: Vec::new(),
+            });
         };
-        Ok(ReadResult { info, events })
-    }
-
-    async fn read_since(
-        &self,
-        stream: &StreamId,
-        ts_ms: u64,
-        limit: usize,
-    ) -> StoreResult<ReadResult> {
-        let st = self.inner.lock();
-        let info = self.inner.info(&st, stream);
-        let events = match st.streams.get(stream) {
-            Some(s) => {
-                let from = s.events.partition_point(|e| e.ts() < ts_ms);
+        let events = match range {
+            ReadRange::After(after) => {
+                let from = s.events.partition_point(|e| e.seq() <= after);
                 s.events.iter().skip(from).take(limit).cloned().collect()
             }
-            None => Vec::new(),
+            ReadRange::Before(before) => {
+                let to = s.events.partition_point(|e| e.seq() < before);
+                s.events
+                    .iter()
+                    .take(to)
+                    .rev()
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+            ReadRange::Since(ts) => {
+                let from = s.events.partition_point(|e| e.ts() < ts);
+                s.events.iter().skip(from).take(limit).cloned().collect()
+            }
         };
         Ok(ReadResult { info, events })
     }
@@ -440,17 +437,8 @@ impl Store for MemoryStore {
     }
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
-        let st = self.inner.lock();
-        let info = self.inner.info(&st, stream);
-        let events = match st.streams.get(stream) {
-            Some(s) => {
-                let first = info.first_seq.0;
-                let skip = (after.0 + 1).saturating_sub(first) as usize;
-                s.events.iter().skip(skip).take(limit).cloned().collect()
-            }
-            None => Vec::new(),
-        };
-        Ok(ReadResult { info, events })
+        self.read_range(stream, ReadRange::After(after), limit)
+            .await
     }
 
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {

@@ -444,28 +444,14 @@ impl Store for RedisStore {
         self.shared.append_batch(batch).await
     }
 
-    async fn read_before(
+    async fn read_range(
         &self,
         stream: &StreamId,
-        before: Seq,
+        range: ReadRange,
         limit: usize,
     ) -> StoreResult<ReadResult> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.shared
-            .read(stream, ReadRange::Before(before), limit)
-            .await
-    }
-
-    async fn read_since(
-        &self,
-        stream: &StreamId,
-        ts_ms: u64,
-        limit: usize,
-    ) -> StoreResult<ReadResult> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.shared
-            .read(stream, ReadRange::Since(ts_ms), limit)
-            .await
+        self.shared.read(stream, range, limit).await
     }
 
     async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {

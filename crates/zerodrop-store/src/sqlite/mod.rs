@@ -266,19 +266,6 @@ impl SqliteStore {
         rx.await.map_err(|_| closed())?
     }
 
-    /// A read of one range of a stream's events on the blocking pool.
-    async fn read_range(
-        &self,
-        stream: &StreamId,
-        range: ReadRange,
-        limit: usize,
-    ) -> StoreResult<ReadResult> {
-        let stream = stream.clone();
-        self.readers
-            .run(move |c, epoch| log::read_events(c, &stream, epoch, range, limit))
-            .await
-    }
-
     /// Runs `run` on the writer, in the next group commit; answers once that is durable.
     async fn write<T: Send + 'static>(
         &self,
@@ -336,23 +323,15 @@ impl Store for SqliteStore {
         self.call(|r| Cmd::AppendBatch(batch, r)).await
     }
 
-    async fn read_before(
+    async fn read_range(
         &self,
         stream: &StreamId,
-        before: Seq,
+        range: ReadRange,
         limit: usize,
     ) -> StoreResult<ReadResult> {
-        self.read_range(stream, ReadRange::Before(before), limit)
-            .await
-    }
-
-    async fn read_since(
-        &self,
-        stream: &StreamId,
-        ts_ms: u64,
-        limit: usize,
-    ) -> StoreResult<ReadResult> {
-        self.read_range(stream, ReadRange::Since(ts_ms), limit)
+        let stream = stream.clone();
+        self.readers
+            .run(move |c, epoch| log::read_events(c, &stream, epoch, range, limit))
             .await
     }
 
