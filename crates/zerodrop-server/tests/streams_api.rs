@@ -161,6 +161,13 @@ async fn batch_publish(s: &TestServer) {
     assert_eq!(result(&r, 0), ("c:1".into(), 1, false));
     assert_eq!(result(&r, 1), ("c:2".into(), 1, false));
     assert_eq!(result(&r, 2), ("a:1".into(), 4, false));
+    // A broadcast's `id` is the key on each of its streams: a retry is a duplicate on each.
+    let once = json!({"streams": ["c:3", "c:4"], "data": "once", "id": "bc-1"});
+    let r = batch(&api, once.clone()).await;
+    assert_eq!(result(&r, 0), ("c:3".into(), 1, false));
+    let r = batch(&api, once).await;
+    assert_eq!(result(&r, 0), ("c:3".into(), 1, true));
+    assert_eq!(result(&r, 1), ("c:4".into(), 1, true));
 
     // A key reused with another body refuses its stream's whole part; other streams commit.
     let before_a = stored(&api, "a:1").await;
@@ -531,6 +538,21 @@ async fn close(s: &TestServer) {
     );
     assert_eq!(result(&r, 1), ("z:2".into(), 1, false));
     assert_eq!(stored(&api, "z:1").await, stored_before);
+    // A WebSocket publish frame is refused the same way, at stream level.
+    let tok = s.creds.token("u3", &["z:*"], &["z:*"]);
+    let mut p = WsClient::connect(&format!("{}/v1/ws?token={tok}", s.ws_url()))
+        .await
+        .expect("ws connects");
+    p.expect("welcome").await;
+    p.send(json!({"type": "publish", "stream": "z:1", "data": 3, "id": "p1"}))
+        .await;
+    let f = p.expect("error").await;
+    assert_eq!(
+        (f["code"].as_str(), f["stream"].as_str()),
+        (Some("STREAM_CLOSED"), Some("z:1")),
+        "{f}"
+    );
+    p.close().await;
     assert_eq!(api.info("z:1").await["closed"], true);
     assert_eq!(api.info("z:2").await["closed"], false);
     // Closing again changes nothing; an unknown stream is 404.
