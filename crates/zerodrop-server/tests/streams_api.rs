@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use zerodrop_server::config::StoreChoice;
 use zerodrop_testkit::http::{Api, Resp};
-use zerodrop_testkit::redis::RedisServer;
+use zerodrop_testkit::redis::{RedisCluster, RedisServer};
 use zerodrop_testkit::server::TestServer;
 use zerodrop_testkit::sse::{SseClient, SseRead};
 use zerodrop_testkit::ws::WsClient;
@@ -36,6 +36,22 @@ async fn memory() -> TestServer {
         c.max_batch_bytes = 64 * 1024;
     })
     .await
+}
+
+/// A Redis Cluster of three primaries: a batch's streams land on different slots (and nodes),
+/// and each stream's part is still atomic (one script on its slot).
+async fn redis_cluster() -> (RedisCluster, TestServer) {
+    let cluster = RedisCluster::start(3).expect("start a redis cluster");
+    let urls = cluster.urls();
+    let s = TestServer::with(|c| {
+        c.store = StoreChoice::Redis;
+        c.redis_url = urls;
+        c.retention.max_events = KEEP;
+        c.max_payload_bytes = 1024;
+        c.max_batch_bytes = 64 * 1024;
+    })
+    .await;
+    (cluster, s)
 }
 
 async fn redis() -> (RedisServer, TestServer) {
@@ -579,8 +595,8 @@ async fn close(s: &TestServer) {
     late.close().await;
 }
 
-/// One test per store for each scenario: `on_sqlite::<scenario>`, `on_redis::<scenario>`
-/// and `on_memory::<scenario>`.
+/// One test per store for each scenario: `on_sqlite::<scenario>`, `on_redis::<scenario>`,
+/// `on_redis_cluster::<scenario>` and `on_memory::<scenario>`.
 macro_rules! on_both_stores {
     ($($scenario:ident),*) => {
         mod on_sqlite {
@@ -604,6 +620,15 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     let (_redis, s) = super::redis().await;
+                    super::$scenario(&s).await;
+                }
+            )*
+        }
+        mod on_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let (_cluster, s) = super::redis_cluster().await;
                     super::$scenario(&s).await;
                 }
             )*

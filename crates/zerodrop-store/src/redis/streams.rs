@@ -1,11 +1,13 @@
 //! The stream operations beyond a single append: a batch (one `APPEND_BATCH` script per
 //! stream, so each stream's part is atomic on its own slot, whatever slots the other streams
-//! live on), erasing a stream and closing it.
+//! live on; the scripts of one batch run concurrently), erasing a stream and closing it.
 //!
 //! Must not: send one stream's part of a batch twice, or let a script touch another stream's
 //! keys.
 
 use std::sync::atomic::Ordering;
+
+use futures_util::future::join_all;
 
 use zerodrop_core::{Epoch, Seq, StreamId};
 
@@ -16,14 +18,11 @@ use super::log::parse_bounds;
 use crate::{AppendOutcome, BatchOutcome, StoreError, StoreResult, StreamBatch, StreamInfo};
 
 impl Shared {
-    /// Each stream's part in its own script, one after the other (the parts are independent:
-    /// one refused or failed leaves the others as they are).
+    /// Each stream's part in its own script, all sent at once on the multiplexed connection
+    /// (the parts are independent: one refused or failed leaves the others as they are, and
+    /// each stream's events reach the live channel in seq order from its own script).
     pub(super) async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome> {
-        let mut out = Vec::with_capacity(batch.len());
-        for part in batch {
-            out.push(self.append_part(&part).await);
-        }
-        Ok(out)
+        Ok(join_all(batch.iter().map(|part| self.append_part(part))).await)
     }
 
     async fn append_part(&self, part: &StreamBatch) -> StoreResult<Vec<AppendOutcome>> {
