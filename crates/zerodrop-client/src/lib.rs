@@ -38,6 +38,7 @@ pub mod error;
 pub mod frames;
 pub mod http;
 pub mod sse;
+pub mod streams;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "mint")]
@@ -58,6 +59,7 @@ pub use http::{
     ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
+pub use streams::{BatchEvent, BatchResult, Deleted, History, StreamClosed};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
 #[cfg(feature = "mint")]

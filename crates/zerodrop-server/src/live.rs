@@ -278,6 +278,8 @@ pub struct Topic {
     listeners: Mutex<Vec<Arc<Listener>>>,
     /// When the last listener left (ms), 0 while there are listeners.
     idle_since_ms: AtomicU64,
+    /// The stream was closed at seq `closed - 1`; 0 while it is open (or not known closed).
+    closed: AtomicU64,
 }
 
 impl Topic {
@@ -286,7 +288,13 @@ impl Topic {
             ring: RwLock::new(Ring::default()),
             listeners: Mutex::new(Vec::new()),
             idle_since_ms: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
         }
+    }
+
+    fn set_closed(&self, last_seq: Option<Seq>) {
+        let v = last_seq.map_or(0, |s| s.0.saturating_add(1));
+        self.closed.store(v, Ordering::Release);
     }
 
     fn wake_all(&self) {
@@ -479,6 +487,24 @@ impl LiveSink for Hub {
         }
     }
 
+    fn recreated(&self, stream: &StreamId) {
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        write(&topic.ring).clear();
+        topic.set_closed(None);
+        // Each cursor's next look reads the log, which tells it of the new epoch.
+        topic.wake_all();
+    }
+
+    fn closed(&self, stream: &StreamId, last_seq: Seq) {
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        topic.set_closed(Some(last_seq));
+        topic.wake_all();
+    }
+
     fn reset(&self) {
         for shard in &self.shards {
             let topics: Vec<Arc<Topic>> = lock(shard).values().cloned().collect();
@@ -581,6 +607,9 @@ impl Subscription {
             }
             if res.info.epoch == self.epoch {
                 write(&self.topic.ring).learn(&res.info.epoch, res.info.head, clears);
+                if res.info.closed {
+                    self.topic.set_closed(Some(res.info.head));
+                }
             }
             out.extend(res.events.into_iter().map(Delivery::new));
         }
@@ -611,6 +640,13 @@ impl Subscription {
         }
         self.listener.cursor.store(self.cursor.0, Ordering::Release);
         Ok(replayed)
+    }
+
+    /// The stream ended here: it was closed at this seq and the cursor has delivered every
+    /// event up to it.
+    pub fn ended(&self) -> Option<Seq> {
+        let v = self.topic.closed.load(Ordering::Acquire);
+        (v > 0 && Seq(v - 1) == self.cursor).then_some(self.cursor)
     }
 
     /// Whether the ring says there is nothing after the cursor (a cheap check before a pull).

@@ -11,6 +11,7 @@ pub mod authz;
 mod durability;
 pub mod revocation;
 pub mod session;
+pub mod streams;
 
 pub use session::{
     AckWrite, Asker, Authority, Hole, OpenAt, Placement, Position, Resumed, StreamStart,

@@ -55,6 +55,10 @@ pub(super) enum Live<'a> {
         stream: StreamId,
         epoch: Epoch,
     },
+    Closed {
+        stream: StreamId,
+        last_seq: Seq,
+    },
     /// A connection (on any instance) now holds a session.
     Held {
         holder: &'a str,
@@ -89,6 +93,10 @@ pub(super) fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
             stream: StreamId::new(text(parts.next())?).ok()?,
             epoch: Epoch::parse(text(parts.next())?)?,
         }),
+        b"c" => Some(Live::Closed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            last_seq: Seq(text(parts.next())?.parse().ok()?),
+        }),
         b"h" => Some(Live::Held {
             holder: text(parts.next())?,
             session: SessionId::parse(text(parts.next())?)?,
@@ -115,8 +123,9 @@ impl Shared {
             }) => self.sink.trimmed(&stream, first, count),
             Some(Live::Renewed { stream, epoch }) => {
                 self.observe(&stream, &epoch, 0);
-                self.sink.reset();
+                self.sink.recreated(&stream);
             }
+            Some(Live::Closed { stream, last_seq }) => self.sink.closed(&stream, last_seq),
             Some(Live::Held { holder, session }) => self.sink.session_held(&session, holder),
             None => tracing::debug!("ignored a live message in an unknown format"),
         }
