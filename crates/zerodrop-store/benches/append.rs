@@ -12,56 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
-use zerodrop_core::{Epoch, Event, Seq, StreamId};
+use zerodrop_core::StreamId;
 use zerodrop_store::{AppendRequest, NoSink, SqliteOptions, SqliteStore, Store};
+use zerodrop_testkit::measure::{median, payload, raw_sqlite_inserts as raw};
 
 const STREAMS: usize = 100;
-
-fn payload() -> String {
-    // ~200 bytes of event JSON once wrapped.
-    format!("{{\"text\":\"{}\"}}", "x".repeat(110))
-}
-
-fn raw(n: usize, commit_every: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = Connection::open(dir.path().join("raw.db")).unwrap();
-    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-        .unwrap();
-    conn.execute_batch(
-        "PRAGMA synchronous=FULL;
-         CREATE TABLE events (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL,
-           ts INTEGER NOT NULL, json BLOB NOT NULL, UNIQUE (stream, seq));",
-    )
-    .unwrap();
-    let names: Vec<StreamId> = (0..STREAMS)
-        .map(|i| StreamId::new(&format!("bench:{i}")).unwrap())
-        .collect();
-    let epoch = Epoch::parse("0123456789abcdef").unwrap();
-    let data = payload();
-    let started = Instant::now();
-    let mut i = 0;
-    while i < n {
-        conn.execute_batch("BEGIN").unwrap();
-        {
-            let mut stmt = conn
-                .prepare_cached(
-                    "INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .unwrap();
-            for _ in 0..commit_every.min(n - i) {
-                let s = &names[i % STREAMS];
-                let seq = (i / STREAMS + 1) as u64;
-                let e = Event::encode(s.clone(), Seq(seq), epoch.clone(), 1, &data);
-                stmt.execute(params![s.as_str(), seq as i64, 1i64, &e.json()[..]])
-                    .unwrap();
-                i += 1;
-            }
-        }
-        conn.execute_batch("COMMIT").unwrap();
-    }
-    n as f64 / started.elapsed().as_secs_f64()
-}
 
 async fn store(n: usize, concurrency: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
@@ -94,11 +49,6 @@ async fn store(n: usize, concurrency: usize) -> f64 {
     let rate = n as f64 / started.elapsed().as_secs_f64();
     store.close();
     rate
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -10,6 +10,7 @@
 //! - [`cluster`]: several zerodrop processes on one Redis; [`roam`]: clients that move
 //!   between them (drain, crash) and a publisher that retries elsewhere, with their tallies;
 //! - [`hog`]: busy threads that load the machine for timing-sensitive guarantees;
+//!   [`measure`]: what benchmarks share (the raw SQLite ceiling, pinning to a core);
 //! - [`files`]: damage done to a data file the way a bad disk does it;
 //! - [`upstream`]: a fake application backend that fails, slows down and recovers on command.
 
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod files;
 pub mod hog;
 pub mod http;
+pub mod measure;
 pub mod raw;
 pub mod redis;
 pub mod roam;

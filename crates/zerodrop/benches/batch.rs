@@ -1,13 +1,15 @@
-//! Batch publish against single publishes, durable, over HTTP, client and server on this
-//! machine.
+//! Batch publish against single publishes, durable, over HTTP, with the server on one core.
 //!
 //! `cargo bench -p zerodrop --bench batch` starts the release binary on a fresh data dir
-//! (SQLite, `synchronous=FULL`) and, in each of `ROUNDS` rounds (env, default 5), runs for
-//! `SECONDS` (default 5) each: `PUBLISHERS` (default 64) concurrent publishers sending one
-//! 200-byte event per `POST /v1/streams/{stream}/events`, then the same publishers sending
-//! `BATCH` (default 100) such events per `POST /v1/events`, spread over 100 streams. Each
-//! publisher waits for its 201 before sending the next request. Prints the median durable
-//! events/s of each and their ratio, measured in the same run.
+//! (SQLite, `synchronous=FULL`), pins it to CPU 0 and this process (the publishers) to CPU 1,
+//! and in each of `ROUNDS` rounds (env, default 5) runs for `SECONDS` (default 5) each:
+//! `PUBLISHERS` (default 64) concurrent publishers sending one 200-byte event per
+//! `POST /v1/streams/{stream}/events`, then the same publishers sending `BATCH` (default 100)
+//! such events per `POST /v1/events`, spread over 100 streams (bodies built before the clock
+//! starts). Each publisher waits for its 201 before sending the next request. Then the raw
+//! ceiling in the same run: rusqlite inserts of the same events, all in one transaction
+//! (`zerodrop_testkit::measure`). Prints the median durable events/s of each, batch / single,
+//! and batch / raw.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use zerodrop_testkit::measure::{median, pin, raw_sqlite_inserts};
 use zerodrop_testkit::server::ServerProcess;
 
 fn env(name: &str, default: usize) -> usize {
@@ -42,6 +45,9 @@ fn request(publisher: usize, round: usize, batch: usize) -> (String, String, u64
     )
 }
 
+/// Distinct requests each publisher cycles through.
+const BODIES: usize = 16;
+
 /// Durable events/s with `publishers` publishers; `batch` events per request (0: single).
 async fn run(url: &str, key: &str, publishers: usize, batch: usize, secs: u64) -> f64 {
     let client = reqwest::Client::builder()
@@ -55,9 +61,11 @@ async fn run(url: &str, key: &str, publishers: usize, batch: usize, secs: u64) -
         let (client, stop, count) = (client.clone(), stop.clone(), count.clone());
         let (url, key) = (url.to_string(), key.to_string());
         tasks.push(tokio::spawn(async move {
+            // Built before the clock starts: the client's JSON is not what is measured.
+            let requests: Vec<_> = (0..BODIES).map(|r| request(w, r, batch)).collect();
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
-                let (path, body, n) = request(w, round, batch);
+                let (path, body, n) = requests[round % BODIES].clone();
                 let r = client
                     .post(format!("{url}{path}"))
                     .bearer_auth(&key)
@@ -72,7 +80,7 @@ async fn run(url: &str, key: &str, publishers: usize, batch: usize, secs: u64) -
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // warm-up
+    tokio::time::sleep(Duration::from_millis(1000)).await; // warm-up
     let start_n = count.load(Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -85,11 +93,6 @@ async fn run(url: &str, key: &str, publishers: usize, batch: usize, secs: u64) -
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let rounds = env("ROUNDS", 5);
     let secs = env("SECONDS", 5) as u64;
@@ -98,6 +101,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
     let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &[], &[]).expect("server starts");
+    // The server's threads so far and any it starts later inherit its pinning.
+    let pinned = pin_all(p.pid(), 0) && pin(0, 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -105,14 +110,17 @@ fn main() {
         .unwrap();
     let mut single = Vec::new();
     let mut batched = Vec::new();
+    let mut raw = Vec::new();
     for _ in 0..rounds {
         single.push(rt.block_on(run(&p.url, &p.creds.api_key, publishers, 0, secs)));
         batched.push(rt.block_on(run(&p.url, &p.creds.api_key, publishers, batch, secs)));
+        raw.push(raw_sqlite_inserts(200_000, 200_000));
     }
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();
     println!(
         "durable HTTP publish, 200-byte events, 100 streams, {publishers} publishers, \
-         {secs} s per round, median of {rounds}"
+         {secs} s per round, median of {rounds}; server on CPU 0, publishers on CPU 1: {}",
+        if pinned { "pinned" } else { "NOT pinned" }
     );
     println!("{:<24} {:>10}  rounds", "requests", "events/s");
     let (s, b) = (median(single.clone()), median(batched.clone()));
@@ -122,5 +130,28 @@ fn main() {
         format!("{batch} events each"),
         rounds_of(&batched)
     );
+    let r = median(raw.clone());
+    println!(
+        "{:<24} {r:>10.0}  {:?}",
+        "raw SQLite, 1 txn",
+        rounds_of(&raw)
+    );
     println!("batch / single: {:.2}x", b / s.max(1.0));
+    println!(
+        "batch / raw one-transaction inserts: {:.2}x",
+        b / r.max(1.0)
+    );
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads started later inherit it).
+fn pin_all(pid: u32, cpu: usize) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // Every thread is pinned, even after one refused.
+    let pinned: Vec<bool> = tasks
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| pin(tid, cpu))
+        .collect();
+    pinned.iter().all(|ok| *ok)
 }

@@ -1,0 +1,82 @@
+//! What benchmarks share: the raw SQLite ceiling that store and HTTP figures are compared
+//! with in the same run, and pinning a process to one core (figures "per core").
+
+use std::time::Instant;
+
+use rusqlite::{Connection, params};
+use zerodrop_core::{Epoch, Event, Seq, StreamId};
+
+/// Streams the raw inserts are spread over.
+pub const RAW_STREAMS: usize = 100;
+
+/// ~200 bytes of event JSON once wrapped (`{"text":"x…"}`), the payload the throughput
+/// benchmarks publish.
+pub fn payload() -> String {
+    format!("{{\"text\":\"{}\"}}", "x".repeat(110))
+}
+
+/// Raw rusqlite inserts/s into a table shaped like the store's events (WAL,
+/// `synchronous=FULL`), `n` events over [`RAW_STREAMS`] streams, a commit every
+/// `commit_every` (`n`: all in one transaction, the ceiling with no durability per event).
+pub fn raw_sqlite_inserts(n: usize, commit_every: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = Connection::open(dir.path().join("raw.db")).unwrap();
+    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE events (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL,
+           ts INTEGER NOT NULL, json BLOB NOT NULL, UNIQUE (stream, seq));",
+    )
+    .unwrap();
+    let names: Vec<StreamId> = (0..RAW_STREAMS)
+        .map(|i| StreamId::new(&format!("bench:{i}")).unwrap())
+        .collect();
+    let epoch = Epoch::parse("0123456789abcdef").unwrap();
+    let data = payload();
+    let started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        conn.execute_batch("BEGIN").unwrap();
+        {
+            let mut stmt = conn
+                .prepare_cached(
+                    "INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .unwrap();
+            for _ in 0..commit_every.min(n - i) {
+                let s = &names[i % RAW_STREAMS];
+                let seq = (i / RAW_STREAMS + 1) as u64;
+                let e = Event::encode(s.clone(), Seq(seq), epoch.clone(), 1, &data);
+                stmt.execute(params![s.as_str(), seq as i64, 1i64, &e.json()[..]])
+                    .unwrap();
+                i += 1;
+            }
+        }
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Pins process (or thread) `pid` (0: the caller) to CPU `cpu`; false when the machine has
+/// no such CPU or refuses.
+pub fn pin(pid: u32, cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it for cpu < 1024.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return false;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set) == 0
+    }
+}
+
+/// The median of `v` (the upper one of an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
