@@ -1482,6 +1482,7 @@ fn subscribe_frame(stream: &str, s: &Sub) -> ClientFrame {
         stream: stream.to_string(),
         after: s.handled,
         epoch: s.epoch.clone(),
+        ..Subscribe::default()
     })
 }
 

@@ -194,6 +194,7 @@ impl WsConnection {
                 resume_token,
                 last_ack,
                 token,
+                ..Resume::default()
             }))
             .await?;
         }
@@ -245,6 +246,7 @@ impl WsConnection {
             stream: stream.to_string(),
             after,
             epoch: epoch.map(str::to_string),
+            ..Subscribe::default()
         }))
         .await
     }

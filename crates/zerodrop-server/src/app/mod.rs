@@ -9,6 +9,7 @@
 
 pub mod authz;
 mod durability;
+pub mod presence;
 pub mod revocation;
 pub mod session;
 
@@ -95,6 +96,8 @@ pub struct App {
     orders: revocation::Orders,
     /// The authorization hooks, when `--authz-upstream` is set (`authz.rs`).
     hooks: Option<authz::Hooks>,
+    /// The presence members this instance holds, and its joins and leaves (`presence.rs`).
+    presence: presence::Presence,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -199,6 +202,7 @@ impl App {
             next_conn_id: AtomicU64::new(1),
             orders: revocation::Orders::default(),
             hooks: authz::Hooks::from_config(&cfg),
+            presence: presence::Presence::default(),
             cfg,
         }
     }

@@ -392,6 +392,7 @@ mod tests {
             streams: vec!["ok.*".into()],
             publish: None,
             upstreams: vec![],
+            info: None,
         });
         let router = Router::new()
             .route("/read/{stream}", get(read))

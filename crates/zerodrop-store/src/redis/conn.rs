@@ -103,6 +103,7 @@ pub(super) struct Scripts {
     pub(super) publish_through: Lua,
     pub(super) keys_listed: Lua,
     pub(super) guard: guard::GuardScripts,
+    pub(super) presence: super::presence::PresenceScripts,
 }
 
 impl Scripts {
@@ -124,6 +125,7 @@ impl Scripts {
             publish_through: Lua::new(lua::PUBLISH_THROUGH),
             keys_listed: Lua::new(lua::KEYS_LISTED),
             guard: guard::GuardScripts::new(),
+            presence: super::presence::PresenceScripts::new(),
         }
     }
 }
