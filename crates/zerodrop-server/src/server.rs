@@ -125,6 +125,10 @@ impl LiveSink for Sink {
         self.hub.reset();
     }
 
+    fn presence_changed(&self, stream: &StreamId) {
+        self.hub.presence_changed(stream);
+    }
+
     fn session_held(&self, id: &SessionId, holder: &str) {
         if let Some(app) = self.app.get().and_then(Weak::upgrade) {
             app.session_held(id, holder);
