@@ -1140,3 +1140,69 @@ async fn a_revocation_on_one_instance_closes_the_subject_on_the_other() {
         );
     }
 }
+
+/// Presence across a crash (SPEC §10): the members held by an instance killed with `kill -9`
+/// stop being renewed and leave once their heartbeat lapses (plus the grace and a sweep),
+/// observed by the other instance; each leaves exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instances_presence_members_leave_once_observed_by_the_other() {
+    let mut c = Cluster::start(
+        bin(),
+        2,
+        &[
+            "--presence",
+            "room:*",
+            "--presence-leave-grace-sec",
+            "1",
+            "--presence-heartbeat-sec",
+            "2",
+        ],
+    )
+    .expect("cluster starts");
+    let watcher = c.token("watcher", &["room:*"]);
+    let mut w = ws(&format!("{}/v1/ws?token={watcher}", c.ws_url(1))).await;
+    w.expect("welcome").await;
+    w.send(json!({"type":"subscribe","stream":"room:k","presence":true}))
+        .await;
+    w.expect("subscribed").await;
+    let mut members = Vec::new();
+    for n in 0..3 {
+        let t = c.token(&format!("m{n}"), &["room:*"]);
+        let mut m = ws(&format!("{}/v1/ws?token={t}", c.ws_url(0))).await;
+        let welcome = m.expect("welcome").await;
+        m.send(json!({"type":"subscribe","stream":"room:k"})).await;
+        m.expect("subscribed").await;
+        let j = w.next_frame(Duration::from_secs(10)).await;
+        assert_eq!(
+            (&j["type"], &j["action"]),
+            (&json!("presence"), &json!("join")),
+            "{j}"
+        );
+        members.push((m, welcome["sessionId"].as_str().unwrap().to_string()));
+    }
+    c.kill9(0);
+    // Bounded by the heartbeat (2 s) + the grace (1 s) + sweeps, with room for a slow machine.
+    let mut left = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let l = w.next_frame(Duration::from_secs(20)).await;
+        assert_eq!(
+            (&l["type"], &l["action"]),
+            (&json!("presence"), &json!("leave")),
+            "{l}"
+        );
+        assert!(
+            left.insert(l["member"]["sessionId"].as_str().unwrap().to_string()),
+            "a second leave of one member: {l}"
+        );
+    }
+    let expected: std::collections::BTreeSet<String> =
+        members.iter().map(|(_, s)| s.clone()).collect();
+    assert_eq!(left, expected);
+    w.expect_silence(Duration::from_secs(3)).await;
+    let api = c.api(1);
+    let r = api
+        .get("/v1/streams/room:k/presence", Some(&c.creds.api_key))
+        .await;
+    assert_eq!(r.json["occupancy"], 1, "{}", r.text);
+    assert_eq!(r.json["presenceSeq"], 7, "{}", r.text);
+}
