@@ -129,6 +129,17 @@ pub struct PresenceLog {
     pub entries: Vec<PresenceEntry>,
 }
 
+/// A page of at most `limit` members from up to `limit + 1` read in order: the cursor of the
+/// next page is the last member's session id when more followed.
+pub(crate) fn page_of(mut members: Vec<Member>, limit: usize) -> (Vec<Member>, Option<String>) {
+    if members.len() <= limit {
+        return (members, None);
+    }
+    members.truncate(limit);
+    let next = members.last().map(|m| m.session_id.as_str().to_string());
+    (members, next)
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PresenceStats {
     /// Streams with at least one member.
@@ -359,32 +370,21 @@ impl PresenceStore for PresenceBook {
         limit: usize,
     ) -> StoreResult<PresencePage> {
         let rooms = self.rooms();
-        let Some(room) = rooms.get(stream) else {
-            return Ok(PresencePage {
-                epoch: self.epoch.clone(),
-                seq: 0,
-                occupancy: 0,
-                members: Vec::new(),
-                next: None,
-            });
-        };
+        let empty = Room::default();
+        let room = rooms.get(stream).unwrap_or(&empty);
         let limit = limit.clamp(1, PAGE_MAX);
         let from = match after {
             Some(a) => std::ops::Bound::Excluded(a.to_string()),
             None => std::ops::Bound::Unbounded,
         };
-        let mut members: Vec<Member> = room
-            .members
-            .range((from, std::ops::Bound::Unbounded))
-            .take(limit + 1)
-            .map(|(_, h)| h.member.clone())
-            .collect();
-        let next = if members.len() > limit {
-            members.truncate(limit);
-            members.last().map(|m| m.session_id.as_str().to_string())
-        } else {
-            None
-        };
+        let (members, next) = page_of(
+            room.members
+                .range((from, std::ops::Bound::Unbounded))
+                .take(limit + 1)
+                .map(|(_, h)| h.member.clone())
+                .collect(),
+            limit,
+        );
         Ok(PresencePage {
             epoch: self.epoch.clone(),
             seq: room.seq,
@@ -401,14 +401,8 @@ impl PresenceStore for PresenceBook {
         limit: usize,
     ) -> StoreResult<PresenceLog> {
         let rooms = self.rooms();
-        let Some(room) = rooms.get(stream) else {
-            return Ok(PresenceLog {
-                epoch: self.epoch.clone(),
-                head: 0,
-                first: 1,
-                entries: Vec::new(),
-            });
-        };
+        let empty = Room::default();
+        let room = rooms.get(stream).unwrap_or(&empty);
         let entries = room
             .log
             .iter()

@@ -26,7 +26,7 @@ use super::conn::{Call, Lua, as_str, as_u64, unexpected};
 use crate::StoreResult;
 use crate::presence::{
     Claimed, LOG_KEEP, Member, PAGE_MAX, PresenceClaim, PresenceEntry, PresenceLog, PresencePage,
-    PresenceStats, PresenceStore,
+    PresenceStats, PresenceStore, page_of,
 };
 
 /// Streams that may have members.
@@ -218,6 +218,23 @@ fn member_parts(m: &Member) -> (String, String) {
 }
 
 impl Shared {
+    /// The streams that may have members (the sweep's set).
+    async fn presence_streams(&self) -> StoreResult<Vec<StreamId>> {
+        let mut conn = self.conn.clone();
+        let streams: Vec<String> = self
+            .run("presence streams", async {
+                ::redis::cmd("SMEMBERS")
+                    .arg(STREAMS)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(streams
+            .iter()
+            .filter_map(|s| StreamId::new(s).ok())
+            .collect())
+    }
+
     /// Puts the stream in the sweep's set again if it has members after all (see the module
     /// doc: a join racing the removal).
     async fn forget_if_empty(&self, stream: &StreamId) -> StoreResult<()> {
@@ -314,20 +331,8 @@ impl PresenceStore for Shared {
     }
 
     async fn presence_sweep(&self) -> StoreResult<Vec<PresenceEntry>> {
-        let mut conn = self.conn.clone();
-        let streams: Vec<String> = self
-            .run("presence streams", async {
-                ::redis::cmd("SMEMBERS")
-                    .arg(STREAMS)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
         let mut left = Vec::new();
-        for s in streams {
-            let Ok(stream) = StreamId::new(&s) else {
-                continue;
-            };
+        for stream in self.presence_streams().await? {
             let c = call(&self.scripts.presence.sweep, &stream)
                 .arg(Epoch::generate().as_str())
                 .arg(stream.as_str())
@@ -356,7 +361,7 @@ impl PresenceStore for Shared {
             .arg(limit + 1)
             .arg(Epoch::generate().as_str());
         let out = items(self.eval("presence members", &c).await?)?;
-        let mut members = out
+        let members = out
             .iter()
             .skip(3)
             .map(|v| {
@@ -365,12 +370,7 @@ impl PresenceStore for Shared {
                     .ok_or_else(|| unexpected("a presence member"))
             })
             .collect::<StoreResult<Vec<Member>>>()?;
-        let next = if members.len() > limit {
-            members.truncate(limit);
-            members.last().map(|m| m.session_id.as_str().to_string())
-        } else {
-            None
-        };
+        let (members, next) = page_of(members, limit);
         Ok(PresencePage {
             epoch: epoch(out.first())?,
             seq: out.get(1).and_then(as_u64).unwrap_or(0),
@@ -405,17 +405,8 @@ impl PresenceStore for Shared {
     }
 
     async fn presence_stats(&self) -> StoreResult<PresenceStats> {
-        let mut conn = self.conn.clone();
-        let streams: Vec<String> = self
-            .run("presence streams", async {
-                ::redis::cmd("SMEMBERS")
-                    .arg(STREAMS)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
         let mut s = PresenceStats::default();
-        for id in streams.iter().filter_map(|s| StreamId::new(s).ok()) {
+        for id in self.presence_streams().await? {
             let mut conn = self.conn.clone();
             let key = keys(&id)[0].clone();
             let n: u64 = self
