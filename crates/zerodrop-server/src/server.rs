@@ -424,6 +424,14 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
             let app = a.clone();
             async move { app.presence_census().await }
         });
+        // Occupancy webhooks: the presence logs pumped into the job queue, in order.
+        if app.presence_hooks_on() {
+            let a = app.clone();
+            every(Duration::from_millis(100), stop.clone(), move || {
+                let app = a.clone();
+                async move { app.presence_pump().await }
+            });
+        }
     }
     // Written-behind WebSocket acks, once a second, in one batch.
     let a = app.clone();

@@ -527,3 +527,68 @@ async fn on_redis_a_resume_elsewhere_and_a_drain_hand_off_emit_nothing() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occupancy_webhooks_arrive_once_each_in_order_with_their_idempotency_keys() {
+    let up = zerodrop_testkit::upstream::FakeUpstream::start().await;
+    let url = up.url.clone();
+    let s = TestServer::with(move |c| {
+        presence(c);
+        c.guard.upstreams.insert(
+            "app".into(),
+            zerodrop_server::config::UpstreamConfig {
+                primary: url,
+                deliver_path: "/presence".into(),
+                presence: vec!["room:*".into()],
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let (mut a, wa) = connect(&s.ws_url(), &s.token("ann", &["room:*"])).await;
+    let (mut b, wb) = connect(&s.ws_url(), &s.token("bob", &["room:*"])).await;
+    join(&mut a, "room:w").await;
+    join(&mut b, "room:w").await;
+    a.send(json!({"type":"unsubscribe","stream":"room:w"}))
+        .await;
+    a.expect("unsubscribed").await;
+    b.abort(); // leaves after the grace
+    let want = [
+        ("stream.occupied", &wa, 1),
+        ("member.joined", &wa, 1),
+        ("member.joined", &wb, 2),
+        ("member.left", &wa, 1),
+        ("member.left", &wb, 0),
+        ("stream.vacated", &wb, 0),
+    ];
+    up.wait_until("six presence webhooks", |r| r.len() >= want.len())
+        .await;
+    // Nothing more comes (each transition once).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let got: Vec<_> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .collect();
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    let mut keys = std::collections::BTreeSet::new();
+    for (r, (ty, who, occupancy)) in got.iter().zip(want) {
+        let body = r.json();
+        assert_eq!(r.target, "/presence");
+        assert_eq!(
+            (&body["type"], &body["stream"]),
+            (&json!(ty), &json!("room:w")),
+            "{body}"
+        );
+        assert_eq!(body["member"]["sessionId"], who["sessionId"], "{body}");
+        assert_eq!(body["occupancy"], occupancy, "{body}");
+        let key = r.header("idempotency-key").expect("an Idempotency-Key");
+        assert_eq!(body["idempotencyKey"], key);
+        assert!(
+            key.starts_with("presence:room:w:") && key.ends_with(ty),
+            "{key}"
+        );
+        assert!(keys.insert(key.to_string()), "one key per transition");
+    }
+    s.stop().await;
+}

@@ -77,6 +77,10 @@ pub struct PresenceEntry {
     pub epoch: Epoch,
     pub action: PresenceAction,
     pub member: Member,
+    /// Members of the stream right after this entry (`stream.occupied` is a join to 1,
+    /// `stream.vacated` a leave to 0).
+    #[serde(default)]
+    pub occupancy: u64,
 }
 
 /// A connection's claim on a member: renewed for `lease_ms` from now (the store's clock).
@@ -170,8 +174,17 @@ pub trait PresenceStore: Send + Sync {
     ) -> StoreResult<Option<PresenceEntry>>;
 
     /// Every member whose lease ran out leaves; each leave is appended once, whichever
-    /// instance sweeps.
-    async fn presence_sweep(&self) -> StoreResult<Vec<PresenceEntry>>;
+    /// instance sweeps. `hooks`: occupancy webhooks are on, so a stream whose entries are not
+    /// all hooked yet stays in sight of [`PresenceStore::presence_unhooked`] even when empty.
+    async fn presence_sweep(&self, hooks: bool) -> StoreResult<Vec<PresenceEntry>>;
+
+    /// Streams whose presence log has entries after their webhook cursor: each with the log's
+    /// epoch and the cursor (the last seq whose webhooks are done).
+    async fn presence_unhooked(&self) -> StoreResult<Vec<(StreamId, Epoch, u64)>>;
+
+    /// The webhooks of `stream`'s entries through `seq` in `epoch` are done: the cursor moves
+    /// there (never back; not at all in another epoch).
+    async fn presence_hooked(&self, stream: &StreamId, epoch: &Epoch, seq: u64) -> StoreResult<()>;
 
     /// Up to `limit` members with session ids after `after`, and the log's head.
     async fn presence_members(
@@ -203,6 +216,8 @@ pub struct PresenceBook {
 #[derive(Default)]
 struct Room {
     seq: u64,
+    /// The webhook cursor.
+    hooked: u64,
     log: VecDeque<PresenceEntry>,
     members: BTreeMap<String, Held>,
 }
@@ -228,6 +243,7 @@ impl Room {
             epoch: epoch.clone(),
             action,
             member,
+            occupancy: self.members.len() as u64,
         };
         self.log.push_back(e.clone());
         while self.log.len() as u64 > LOG_KEEP {
@@ -331,7 +347,25 @@ impl PresenceStore for PresenceBook {
         Ok(Some(out))
     }
 
-    async fn presence_sweep(&self) -> StoreResult<Vec<PresenceEntry>> {
+    async fn presence_unhooked(&self) -> StoreResult<Vec<(StreamId, Epoch, u64)>> {
+        Ok(self
+            .rooms()
+            .iter()
+            .filter(|(_, r)| r.seq > r.hooked)
+            .map(|(s, r)| (s.clone(), self.epoch.clone(), r.hooked))
+            .collect())
+    }
+
+    async fn presence_hooked(&self, stream: &StreamId, epoch: &Epoch, seq: u64) -> StoreResult<()> {
+        if *epoch == self.epoch
+            && let Some(r) = self.rooms().get_mut(stream)
+        {
+            r.hooked = r.hooked.max(seq.min(r.seq));
+        }
+        Ok(())
+    }
+
+    async fn presence_sweep(&self, _hooks: bool) -> StoreResult<Vec<PresenceEntry>> {
         let now = self.clock.now_ms();
         let mut left = Vec::new();
         {

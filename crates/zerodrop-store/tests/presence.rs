@@ -136,7 +136,7 @@ async fn presence_rules_hold_on_every_store() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(
-            p.presence_sweep().await.unwrap().is_empty(),
+            p.presence_sweep(false).await.unwrap().is_empty(),
             "{name}: nobody lapsed"
         );
         // The holder's release ends the lease: one leave, once.
@@ -144,7 +144,7 @@ async fn presence_rules_hold_on_every_store() {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let left = p.presence_sweep().await.unwrap();
+        let left = p.presence_sweep(false).await.unwrap();
         assert_eq!(left.len(), 1, "{name}: {left:?}");
         assert_eq!(
             (
@@ -156,7 +156,7 @@ async fn presence_rules_hold_on_every_store() {
             "{name}"
         );
         assert!(
-            p.presence_sweep().await.unwrap().is_empty(),
+            p.presence_sweep(false).await.unwrap().is_empty(),
             "{name}: each leave once"
         );
         // An immediate leave, once.
@@ -209,6 +209,75 @@ async fn presence_rules_hold_on_every_store() {
         assert_eq!(empty.epoch, again.epoch, "{name}");
         let stats = p.presence_stats().await.unwrap();
         assert_eq!((stats.streams, stats.members), (0, 0), "{name}");
+        // Each entry says how many members were left right after it.
+        let occ: Vec<u64> = log.entries.iter().map(|e| e.occupancy).collect();
+        assert_eq!(occ, vec![1, 2, 1, 0], "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_cursor_moves_forward_in_its_epoch_only() {
+    for f in every_store().await {
+        let p = f.store.presence();
+        let name = f.name;
+        let room = stream("room:h");
+        p.presence_claim(claim("room:h", 1, "h", true, 60_000), 10)
+            .await
+            .unwrap();
+        p.presence_claim(claim("room:h", 2, "h", true, 60_000), 10)
+            .await
+            .unwrap();
+        let pending = p.presence_unhooked().await.unwrap();
+        let (_, epoch, cursor) = pending
+            .iter()
+            .find(|(s, _, _)| *s == room)
+            .cloned()
+            .expect("pending");
+        assert_eq!(cursor, 0, "{name}");
+        p.presence_hooked(&room, &zerodrop_core::Epoch::generate(), 2)
+            .await
+            .unwrap();
+        p.presence_hooked(&room, &epoch, 1).await.unwrap();
+        let cursor = p
+            .presence_unhooked()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(s, _, _)| *s == room)
+            .map(|c| c.2);
+        assert_eq!(cursor, Some(1), "{name}: another epoch moves nothing");
+        p.presence_hooked(&room, &epoch, 5).await.unwrap();
+        p.presence_hooked(&room, &epoch, 1).await.unwrap();
+        assert!(
+            p.presence_unhooked()
+                .await
+                .unwrap()
+                .iter()
+                .all(|(s, _, _)| *s != room),
+            "{name}: all hooked, never back"
+        );
+        // An empty stream with entries not hooked stays in the sweep's sight while hooks are on.
+        p.presence_leave(&room, &session(1)).await.unwrap();
+        p.presence_leave(&room, &session(2)).await.unwrap();
+        p.presence_sweep(true).await.unwrap();
+        assert!(
+            p.presence_unhooked()
+                .await
+                .unwrap()
+                .iter()
+                .any(|(s, _, c)| *s == room && *c == 2),
+            "{name}"
+        );
+        p.presence_hooked(&room, &epoch, 4).await.unwrap();
+        p.presence_sweep(true).await.unwrap();
+        assert!(
+            p.presence_unhooked()
+                .await
+                .unwrap()
+                .iter()
+                .all(|(s, _, _)| *s != room),
+            "{name}"
+        );
     }
 }
 

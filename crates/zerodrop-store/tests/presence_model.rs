@@ -65,7 +65,7 @@ async fn apply(p: &dyn PresenceStore, op: &Op, held: &mut BTreeSet<usize>) {
                 .await
                 .unwrap();
             held.remove(n);
-            p.presence_sweep().await.unwrap();
+            p.presence_sweep(false).await.unwrap();
         }
         Op::Leave(n) => {
             p.presence_leave(&room, &sid(*n)).await.unwrap();

@@ -10,6 +10,7 @@
 pub mod authz;
 mod durability;
 pub mod presence;
+mod presence_hooks;
 pub mod revocation;
 pub mod session;
 

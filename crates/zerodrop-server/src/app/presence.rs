@@ -230,7 +230,12 @@ impl App {
     /// Members whose lease ran out leave (on any instance's behalf); the gauges are set from
     /// the store's figures.
     pub async fn presence_sweep(&self) {
-        match self.store.presence().presence_sweep().await {
+        match self
+            .store
+            .presence()
+            .presence_sweep(self.presence_hooks_on())
+            .await
+        {
             Ok(left) => self.counted(0, left.len() as u64),
             Err(e) => tracing::debug!(error = %e, "presence sweep failed"),
         }

@@ -52,7 +52,8 @@ end
 local function append(K, stream, epoch, action, member, keep)
   local seq = redis.call('HINCRBY', K[6], 'seq', 1)
   local e = '{"stream":"' .. stream .. '","seq":' .. seq .. ',"epoch":"' .. epoch ..
-    '","action":"' .. action .. '","member":' .. member .. '}'
+    '","action":"' .. action .. '","member":' .. member .. ',"occupancy":' ..
+    redis.call('HLEN', K[1]) .. '}'
   local len = redis.call('RPUSH', K[5], e)
   if len > keep then
     redis.call('LTRIM', K[5], len - keep, -1)
@@ -115,9 +116,9 @@ return append(KEYS, ARGV[3], epoch_of(KEYS[6], ARGV[2]), 'leave', m, tonumber(AR
 "#;
 
 /// ARGV: a fresh epoch, stream, keep. Every lapsed member leaves (at most 1,000 a call).
-/// Returns `{members left, entry…}`.
+/// Returns `{members left, 1 if every entry's webhooks are done, entry…}`.
 const SWEEP: &str = r#"
-local out = {0}
+local out = {0, 0}
 local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
 for _, sid in ipairs(gone) do
   local m = drop(KEYS, sid)
@@ -126,7 +127,19 @@ for _, sid in ipairs(gone) do
   end
 end
 out[1] = redis.call('HLEN', KEYS[1])
+local q = redis.call('HMGET', KEYS[6], 'seq', 'hooked')
+if tonumber(q[2] or 0) >= tonumber(q[1] or 0) then out[2] = 1 end
 return out
+"#;
+
+/// ARGV: epoch, seq. Moves the webhook cursor forward within the epoch.
+const HOOKED: &str = r#"
+local q = redis.call('HMGET', KEYS[6], 'epoch', 'seq', 'hooked')
+if q[1] == ARGV[1] then
+  local to = math.min(tonumber(ARGV[2]), tonumber(q[2] or 0))
+  if to > tonumber(q[3] or 0) then redis.call('HSET', KEYS[6], 'hooked', to) end
+end
+return 0
 "#;
 
 /// ARGV: after (`-` for the first page, else `(<id>`), limit + 1, a fresh epoch.
@@ -166,6 +179,7 @@ pub(super) struct PresenceScripts {
     sweep: Lua,
     members: Lua,
     read: Lua,
+    hooked: Lua,
 }
 
 impl PresenceScripts {
@@ -178,6 +192,7 @@ impl PresenceScripts {
             sweep: with(SWEEP),
             members: with(MEMBERS),
             read: with(READ),
+            hooked: with(HOOKED),
         }
     }
 }
@@ -330,7 +345,43 @@ impl PresenceStore for Shared {
         }
     }
 
-    async fn presence_sweep(&self) -> StoreResult<Vec<PresenceEntry>> {
+    async fn presence_unhooked(&self) -> StoreResult<Vec<(StreamId, Epoch, u64)>> {
+        let mut out = Vec::new();
+        for stream in self.presence_streams().await? {
+            let mut conn = self.conn.clone();
+            let bounds = keys(&stream)[5].clone();
+            let (epoch, seq, hooked): (Option<String>, Option<u64>, Option<u64>) = self
+                .run("presence hooks", async {
+                    ::redis::cmd("HMGET")
+                        .arg(&bounds)
+                        .arg("epoch")
+                        .arg("seq")
+                        .arg("hooked")
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let (Some(epoch), hooked) =
+                (epoch.as_deref().and_then(Epoch::parse), hooked.unwrap_or(0))
+            else {
+                continue;
+            };
+            if seq.unwrap_or(0) > hooked {
+                out.push((stream, epoch, hooked));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn presence_hooked(&self, stream: &StreamId, epoch: &Epoch, seq: u64) -> StoreResult<()> {
+        let c = call(&self.scripts.presence.hooked, stream)
+            .arg(epoch.as_str())
+            .arg(seq);
+        self.eval("presence hooked", &c).await?;
+        Ok(())
+    }
+
+    async fn presence_sweep(&self, hooks: bool) -> StoreResult<Vec<PresenceEntry>> {
         let mut left = Vec::new();
         for stream in self.presence_streams().await? {
             let c = call(&self.scripts.presence.sweep, &stream)
@@ -338,10 +389,11 @@ impl PresenceStore for Shared {
                 .arg(stream.as_str())
                 .arg(LOG_KEEP);
             let out = items(self.eval("presence sweep", &c).await?)?;
-            for v in out.iter().skip(1) {
+            for v in out.iter().skip(2) {
                 left.push(entry(v)?);
             }
-            if out.first().and_then(as_u64) == Some(0) {
+            let settled = !hooks || out.get(1).and_then(as_u64) == Some(1);
+            if out.first().and_then(as_u64) == Some(0) && settled {
                 self.forget_if_empty(&stream).await?;
             }
         }
