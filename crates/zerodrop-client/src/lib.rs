@@ -37,6 +37,7 @@ pub mod e2e;
 pub mod error;
 pub mod frames;
 pub mod http;
+pub mod presence;
 pub mod sse;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -57,6 +58,7 @@ pub use http::{
     Answer, Checkpoint, EventsPage, HttpClient, Published, RawEventsPage, ReconnectAnswer,
     ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
+pub use presence::{Members, PresencePage, PresenceView};
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
