@@ -1147,13 +1147,16 @@ impl Driver {
         Flow::Go
     }
 
+    /// The HTTP client of the url the driver is on now.
+    fn http(&self) -> HttpClient {
+        let https = lock(&self.https);
+        https[self.idx % https.len()].clone()
+    }
+
     /// Takes a snapshot of `stream`'s members (every page) and applies the frames that
     /// arrived before it; a snapshot that fails is taken again at the next `subscribed`.
     async fn presence_snapshot(&mut self, conn: &mut WsConnection, stream: &str) {
-        let http = {
-            let https = lock(&self.https);
-            https[self.idx % https.len()].clone()
-        };
+        let http = self.http();
         let mut pages = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
@@ -1574,11 +1577,7 @@ impl Driver {
     ) -> Result<Vec<Event>, Option<SubscriptionError>> {
         let mut out = Vec::new();
         let mut at = after;
-        let http = {
-            let https = lock(&self.https);
-            https[self.idx % https.len()].clone()
-        };
-        let http = &http;
+        let http = &self.http();
         while at < to {
             let limit = (to - at).min(1000) as u32;
             let page = match http.read_events(stream, at, limit, None).await {

@@ -221,63 +221,43 @@ async fn the_webhook_cursor_moves_forward_in_its_epoch_only() {
         let p = f.store.presence();
         let name = f.name;
         let room = stream("room:h");
+        // The stream's webhook cursor while it has entries not hooked; `None` once all are.
+        let cursor = || async {
+            p.presence_unhooked()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|(s, _, _)| *s == room)
+                .map(|(_, e, c)| (e, c))
+        };
         p.presence_claim(claim("room:h", 1, "h", true, 60_000), 10)
             .await
             .unwrap();
         p.presence_claim(claim("room:h", 2, "h", true, 60_000), 10)
             .await
             .unwrap();
-        let pending = p.presence_unhooked().await.unwrap();
-        let (_, epoch, cursor) = pending
-            .iter()
-            .find(|(s, _, _)| *s == room)
-            .cloned()
-            .expect("pending");
-        assert_eq!(cursor, 0, "{name}");
+        let (epoch, at) = cursor().await.expect("pending");
+        assert_eq!(at, 0, "{name}");
         p.presence_hooked(&room, &zerodrop_core::Epoch::generate(), 2)
             .await
             .unwrap();
         p.presence_hooked(&room, &epoch, 1).await.unwrap();
-        let cursor = p
-            .presence_unhooked()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|(s, _, _)| *s == room)
-            .map(|c| c.2);
-        assert_eq!(cursor, Some(1), "{name}: another epoch moves nothing");
+        assert_eq!(
+            cursor().await.map(|c| c.1),
+            Some(1),
+            "{name}: another epoch moves nothing"
+        );
         p.presence_hooked(&room, &epoch, 5).await.unwrap();
         p.presence_hooked(&room, &epoch, 1).await.unwrap();
-        assert!(
-            p.presence_unhooked()
-                .await
-                .unwrap()
-                .iter()
-                .all(|(s, _, _)| *s != room),
-            "{name}: all hooked, never back"
-        );
+        assert_eq!(cursor().await, None, "{name}: all hooked, never back");
         // An empty stream with entries not hooked stays in the sweep's sight while hooks are on.
         p.presence_leave(&room, &session(1)).await.unwrap();
         p.presence_leave(&room, &session(2)).await.unwrap();
         p.presence_sweep(true).await.unwrap();
-        assert!(
-            p.presence_unhooked()
-                .await
-                .unwrap()
-                .iter()
-                .any(|(s, _, c)| *s == room && *c == 2),
-            "{name}"
-        );
+        assert_eq!(cursor().await.map(|c| c.1), Some(2), "{name}");
         p.presence_hooked(&room, &epoch, 4).await.unwrap();
         p.presence_sweep(true).await.unwrap();
-        assert!(
-            p.presence_unhooked()
-                .await
-                .unwrap()
-                .iter()
-                .all(|(s, _, _)| *s != room),
-            "{name}"
-        );
+        assert_eq!(cursor().await, None, "{name}");
     }
 }
 
