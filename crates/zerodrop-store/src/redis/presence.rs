@@ -294,24 +294,24 @@ impl PresenceStore for Shared {
             .arg(LOG_KEEP)
             .arg(if claim.take { "1" } else { "0" });
         let out = items(self.eval("presence claim", &c).await?)?;
-        match out.first().and_then(as_u64) {
-            Some(0) => Ok(Claimed::Renewed),
-            Some(2) => Ok(Claimed::Full { max: max_members }),
-            Some(1) => {
-                let e = entry(out.get(1).unwrap_or(&Value::Nil))?;
-                let mut conn = self.conn.clone();
-                self.run("presence streams", async {
-                    ::redis::cmd("SADD")
-                        .arg(STREAMS)
-                        .arg(claim.stream.as_str())
-                        .query_async::<Value>(&mut conn)
-                        .await
-                })
-                .await?;
-                Ok(Claimed::Joined(e))
-            }
-            _ => Err(unexpected("presence claim")),
-        }
+        let claimed = match out.first().and_then(as_u64) {
+            Some(0) => Claimed::Renewed,
+            Some(2) => return Ok(Claimed::Full { max: max_members }),
+            Some(1) => Claimed::Joined(entry(out.get(1).unwrap_or(&Value::Nil))?),
+            _ => return Err(unexpected("presence claim")),
+        };
+        // In the sweep's set after every claim, renewals included: a join whose `SADD` met an
+        // outage is put there by its next renewal.
+        let mut conn = self.conn.clone();
+        self.run("presence streams", async {
+            ::redis::cmd("SADD")
+                .arg(STREAMS)
+                .arg(claim.stream.as_str())
+                .query_async::<Value>(&mut conn)
+                .await
+        })
+        .await?;
+        Ok(claimed)
     }
 
     async fn presence_release(
