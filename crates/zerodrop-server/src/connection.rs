@@ -40,7 +40,7 @@ use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
 use zerodrop_store::PresenceEntry;
 
 use crate::app::authz::Action;
-use crate::app::presence::PresenceStart;
+use crate::app::presence::{PresenceStart, check_presence_position};
 use crate::app::revocation::{Bearer, Verdict};
 use crate::app::{App, Authority, ConnSlot, Hole, StreamStart, authority_ended};
 use crate::drain::DrainPhase;
@@ -792,19 +792,7 @@ impl Core {
                 }
             };
             let w = &mut self.watching[i];
-            let placed = if log.epoch != w.epoch {
-                self.app
-                    .place_presence(&stream, Some(after), Some(&w.epoch))
-                    .await
-            } else {
-                self.app
-                    .check_presence_position(&stream, after, &log)
-                    .map(|()| PresenceStart {
-                        epoch: log.epoch.clone(),
-                        after,
-                    })
-            };
-            if let Err(e) = placed {
+            if let Err(e) = check_presence_position(&stream, after, Some(&w.epoch), &log) {
                 lost.push((i, e));
                 continue;
             }

@@ -74,6 +74,47 @@ impl Presence {
     }
 }
 
+/// A position `after` in `epoch` (when the client named one) against the log read: another
+/// epoch, a position beyond the head, or one trimmed away is a typed error.
+pub fn check_presence_position(
+    stream: &StreamId,
+    after: u64,
+    epoch: Option<&Epoch>,
+    log: &PresenceLog,
+) -> Result<(), ApiError> {
+    if let Some(e) = epoch
+        && *e != log.epoch
+    {
+        return Err(presence_error(
+            ErrorCode::EpochChanged,
+            format!("the presence log of {stream} started again; take a fresh snapshot"),
+            stream,
+        )
+        .with("epoch", log.epoch.as_str()));
+    }
+    if after > log.head {
+        return Err(presence_error(
+            ErrorCode::InvalidRequest,
+            format!(
+                "presence position {after} is beyond the presence head {}",
+                log.head
+            ),
+            stream,
+        )
+        .with("headSeq", log.head));
+    }
+    if after + 1 < log.first {
+        return Err(presence_error(
+            ErrorCode::ReplayWindowTrimmed,
+            format!("presence entries after {after} were trimmed; take a fresh snapshot"),
+            stream,
+        )
+        .with("epoch", log.epoch.as_str())
+        .with("firstAvailableSeq", log.first));
+    }
+    Ok(())
+}
+
 fn presence_error(code: ErrorCode, message: String, stream: &StreamId) -> ApiError {
     ApiError::new(code, message)
         .with("stream", stream.as_str())
@@ -309,59 +350,12 @@ impl App {
         self.presence_of(stream)
             .map_err(|e| e.with("presence", true))?;
         let log = self.presence_read(stream, 0, 0).await?;
-        if let Some(e) = epoch
-            && *e != log.epoch
-        {
-            return Err(presence_error(
-                ErrorCode::EpochChanged,
-                format!("the presence log of {stream} started again; take a fresh snapshot"),
-                stream,
-            )
-            .with("epoch", log.epoch.as_str()));
-        }
-        match after {
-            None => Ok(PresenceStart {
-                epoch: log.epoch,
-                after: log.head,
-            }),
-            Some(a) => self
-                .check_presence_position(stream, a, &log)
-                .map(|()| PresenceStart {
-                    epoch: log.epoch,
-                    after: a,
-                }),
-        }
-    }
-
-    /// A position `after` against the log's bounds: beyond the head, or trimmed away, is a
-    /// typed error.
-    pub fn check_presence_position(
-        &self,
-        stream: &StreamId,
-        after: u64,
-        log: &PresenceLog,
-    ) -> Result<(), ApiError> {
-        if after > log.head {
-            return Err(presence_error(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "presence position {after} is beyond the presence head {}",
-                    log.head
-                ),
-                stream,
-            )
-            .with("headSeq", log.head));
-        }
-        if after + 1 < log.first {
-            return Err(presence_error(
-                ErrorCode::ReplayWindowTrimmed,
-                format!("presence entries after {after} were trimmed; take a fresh snapshot"),
-                stream,
-            )
-            .with("epoch", log.epoch.as_str())
-            .with("firstAvailableSeq", log.first));
-        }
-        Ok(())
+        let after = after.unwrap_or(log.head);
+        check_presence_position(stream, after, epoch, &log)?;
+        Ok(PresenceStart {
+            epoch: log.epoch,
+            after,
+        })
     }
 
     /// Presence log entries after `after` (a connection's cursor).
