@@ -525,8 +525,21 @@ mod tests {
     #[test]
     fn unknown_server_frames_are_tolerated_and_broken_ones_are_not() {
         assert!(
-            matches!(ServerFrame::parse(r#"{"type":"presence","x":1}"#).unwrap(), ServerFrame::Unknown(k) if k == "presence")
+            matches!(ServerFrame::parse(r#"{"type":"typing","x":1}"#).unwrap(), ServerFrame::Unknown(k) if k == "typing")
         );
+        // `presence` is known: a member's join, with its public info kept as JSON.
+        let ServerFrame::Presence(p) = ServerFrame::parse(
+            r#"{"type":"presence","stream":"room:1","seq":2,"epoch":"e","action":"join","member":{"sub":"u","sessionId":"s_1","info":{"n":1},"since":5}}"#,
+        )
+        .unwrap() else {
+            panic!("a presence frame")
+        };
+        assert_eq!(
+            (p.seq, p.action.as_str(), p.member.session_id.as_str()),
+            (2, "join", "s_1")
+        );
+        assert_eq!(p.member.info, Some(serde_json::json!({"n": 1})));
+        assert!(ServerFrame::parse(r#"{"type":"presence","stream":"room:1"}"#).is_err());
         assert!(ServerFrame::parse("not json").is_err());
         assert!(ServerFrame::parse(r#"{"type":"event","stream":"a"}"#).is_err());
         assert!(matches!(
