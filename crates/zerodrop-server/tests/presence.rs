@@ -592,3 +592,41 @@ async fn occupancy_webhooks_arrive_once_each_in_order_with_their_idempotency_key
     }
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_session_is_a_member_and_a_grant_taken_away_makes_it_leave() {
+    let s = TestServer::with(presence).await;
+    let (mut w, _) = connect(&s.ws_url(), &s.token("watcher", &["room:*"])).await;
+    watch(&mut w, "room:g", None).await;
+    // An SSE response of a session (`?resume=`) keeps that session a member.
+    let (mut a, wa) = connect(&s.ws_url(), &s.token("ann", &["room:*"])).await;
+    join(&mut a, "room:g").await;
+    assert_eq!(presence_frame(&mut w).await["action"], "join");
+    let token = wa["resumeToken"].as_str().unwrap().to_string();
+    a.close().await;
+    let _sse = SseClient::connect(
+        &format!("{}/v1/streams/room:g/sse?resume={token}", s.url),
+        &[],
+    )
+    .await
+    .unwrap();
+    w.expect_silence(QUIET).await;
+    // A socket whose refreshed token no longer grants the stream leaves it (at once: no grace).
+    let (mut b, _) = connect(&s.ws_url(), &s.token("bob", &["room:*"])).await;
+    join(&mut b, "room:g").await;
+    assert_eq!(presence_frame(&mut w).await["member"]["sub"], "bob");
+    b.send(json!({"type":"refresh","token": s.token("bob", &["other:*"])}))
+        .await;
+    let e = b.expect("error").await;
+    assert_eq!(
+        (&e["code"], &e["stream"]),
+        (&json!("FORBIDDEN"), &json!("room:g")),
+        "{e}"
+    );
+    let l = presence_frame(&mut w).await;
+    assert_eq!(
+        (&l["action"], &l["member"]["sub"]),
+        (&json!("leave"), &json!("bob"))
+    );
+    s.stop().await;
+}
