@@ -51,6 +51,9 @@ pub struct PresenceStart {
     pub after: u64,
 }
 
+/// Renewals in flight at once in a beat.
+const BEAT_CONCURRENCY: usize = 32;
+
 /// Minutes of joins and leaves kept for the admin snapshot.
 const MINUTES_KEPT: usize = 15;
 
@@ -244,27 +247,36 @@ impl App {
     /// Renews every member this instance's connections hold (joining again one whose lease
     /// ran out meanwhile, e.g. while the store was away).
     pub async fn presence_beat(&self) {
+        use futures_util::StreamExt;
         let held: Vec<((StreamId, SessionId), (u64, Member))> = lock(&self.presence.held)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let max = self.cfg.presence.max_members;
-        for ((stream, _), (conn, member)) in held {
-            let claim = PresenceClaim {
+        let claims = held
+            .into_iter()
+            .map(|((stream, _), (conn, member))| PresenceClaim {
                 stream,
                 member,
                 holder: self.holder_name(conn),
                 take: false,
                 lease_ms: self.heartbeat_ms(),
-            };
-            match self.store.presence().presence_claim(claim, max).await {
+            });
+        // A few at a time: thousands of members renew within a beat without one round trip
+        // after another.
+        let mut renewals = futures_util::stream::iter(claims)
+            .map(|c| self.store.presence().presence_claim(c, max))
+            .buffer_unordered(BEAT_CONCURRENCY);
+        let mut failed = None;
+        while let Some(r) = renewals.next().await {
+            match r {
                 Ok(Claimed::Joined(_)) => self.counted(1, 0),
                 Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "presence beat failed; trying again next beat");
-                    return;
-                }
+                Err(e) => failed = Some(e),
             }
+        }
+        if let Some(e) = failed {
+            tracing::debug!(error = %e, "presence beat failed; trying again next beat");
         }
     }
 
