@@ -384,14 +384,16 @@ type Item = Result<Received, SubscriptionError>;
 
 /// One stream's events in seq order, each once, as a [`futures_util::Stream`] (or with
 /// [`Subscription::next`]). It yields `Err` once, when it ends for a reason the application
-/// must handle, and then `None`; it yields `None` without an error when the client closed.
-/// Dropping it unsubscribes.
+/// must handle, and then `None`; it yields `None` without an error when the client closed,
+/// or when the stream was closed (`POST /v1/streams/{stream}/close`) and every event up to
+/// its last was delivered: then [`Subscription::closed`] says so. Dropping it unsubscribes.
 pub struct Subscription {
     stream: String,
     id: u64,
     presence: Option<PresenceView>,
     rx: mpsc::UnboundedReceiver<Item>,
     position: Arc<Mutex<Position>>,
+    ended: Arc<Mutex<Option<u64>>>,
     cmd: mpsc::UnboundedSender<Cmd>,
 }
 
@@ -413,6 +415,13 @@ impl Subscription {
     /// The stream's members, kept current (subscribed with [`SubscribeOptions::presence`]).
     pub fn presence(&self) -> Option<PresenceView> {
         self.presence.clone()
+    }
+
+    /// The stream's last seq once the subscription ended because the stream was closed (a
+    /// typed end, not an error: there is nothing to resync and nothing to reconnect for);
+    /// `None` while it runs or when it ended otherwise.
+    pub fn closed(&self) -> Option<u64> {
+        *lock(&self.ended)
     }
 }
 
@@ -449,6 +458,7 @@ enum Cmd {
         tx: mpsc::UnboundedSender<Item>,
         position: Arc<Mutex<Position>>,
         presence: Option<Tracker>,
+        ended: Arc<Mutex<Option<u64>>>,
     },
     Unsubscribe {
         stream: String,
@@ -607,6 +617,7 @@ impl Client {
             }
             false => (None, None),
         };
+        let ended = Arc::new(Mutex::new(None));
         let _ = self.cmd.send(Cmd::Subscribe {
             stream: stream.to_string(),
             sub: id,
@@ -614,6 +625,7 @@ impl Client {
             tx,
             position: position.clone(),
             presence: tracker,
+            ended: ended.clone(),
         });
         Subscription {
             stream: stream.to_string(),
@@ -621,6 +633,7 @@ impl Client {
             presence: view,
             rx,
             position,
+            ended,
             cmd: self.cmd.clone(),
         }
     }
@@ -782,6 +795,11 @@ struct Sub {
     presence: Option<Tracker>,
     /// A presence snapshot failed: take it again at this time.
     presence_retry: Option<Instant>,
+    /// The server said the stream was closed at this seq: the subscription ends once every
+    /// event up to it was delivered.
+    closed_at: Option<u64>,
+    /// Where the handle reads that it ended that way.
+    ended: Arc<Mutex<Option<u64>>>,
 }
 
 impl Sub {
@@ -1123,6 +1141,12 @@ impl Driver {
                     self.pump(&stream).await;
                 }
             }
+            ServerFrame::Closed(c) => {
+                if let Some(s) = self.subs.get_mut(&c.stream) {
+                    s.closed_at = Some(c.last_seq);
+                    self.pump(&c.stream).await;
+                }
+            }
             ServerFrame::Reconnect(r) => {
                 // A drain: everything in flight arrived before this frame. Go now, elsewhere.
                 self.flush_acks(conn).await;
@@ -1234,6 +1258,7 @@ impl Driver {
                 tx,
                 position,
                 presence,
+                ended,
             } => {
                 if let Some(err) = &self.refused {
                     let _ = tx.send(Err(err.for_stream(&stream)));
@@ -1265,6 +1290,8 @@ impl Driver {
                     repair: Backoff::new(self.opts.base_delay, self.opts.max_delay),
                     presence,
                     presence_retry: None,
+                    closed_at: None,
+                    ended,
                 };
                 if let Some(c) = conn {
                     let _ = c.send(&subscribe_frame(&stream, &s)).await;
@@ -1404,6 +1431,21 @@ impl Driver {
         }
     }
 
+    /// Ends the subscription of a closed stream once everything up to its last seq was
+    /// delivered: its handle yields `None` and [`Subscription::closed`] answers the last seq.
+    fn end_if_closed(&mut self, stream: &str) {
+        let Some(s) = self.subs.get(stream) else {
+            return;
+        };
+        if let Some(last) = s.closed_at
+            && s.inbox.is_empty()
+            && s.delivered.unwrap_or(0) >= last
+            && let Some(s) = self.subs.remove(stream)
+        {
+            *lock(&s.ended) = Some(last);
+        }
+    }
+
     fn fail_all(&mut self, err: &SubscriptionError) {
         for (stream, s) in self.subs.drain() {
             let _ = s.tx.send(Err(err.for_stream(&stream)));
@@ -1420,6 +1462,7 @@ impl Driver {
                 return; // a gap read failed for now; the tick tries again
             }
             let Some(e) = s.inbox.front() else {
+                self.end_if_closed(stream);
                 return;
             };
             if let Some(known) = &s.epoch

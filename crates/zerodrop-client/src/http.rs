@@ -72,6 +72,12 @@ pub struct EventsPage {
     pub stream: String,
     pub epoch: String,
     pub head_seq: u64,
+    /// The oldest retained seq.
+    #[serde(default)]
+    pub first_seq: u64,
+    /// `"asc"`, or `"desc"` (newest first) for a page before a seq or of the newest.
+    #[serde(default)]
+    pub order: String,
     pub events: Vec<Event>,
 }
 
@@ -231,11 +237,15 @@ impl HttpClient {
         &self.streaming
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn api_key_header(&self) -> Result<String, ClientError> {
+    pub(crate) fn http_client(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub(crate) fn api_key_header(&self) -> Result<String, ClientError> {
         self.api_key
             .as_deref()
             .map(|k| format!("Bearer {k}"))
@@ -450,7 +460,7 @@ pub(crate) fn retry_after(h: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-async fn expect_json<T: DeserializeOwned>(
+pub(crate) async fn expect_json<T: DeserializeOwned>(
     sent: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<T, ClientError> {
     let resp = sent.map_err(ClientError::from_reqwest)?;

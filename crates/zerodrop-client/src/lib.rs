@@ -39,6 +39,7 @@ pub mod frames;
 pub mod http;
 pub mod presence;
 pub mod sse;
+pub mod streams;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "mint")]
@@ -60,6 +61,7 @@ pub use http::{
 };
 pub use presence::{Members, PresencePage, PresenceView};
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
+pub use streams::{BatchEvent, BatchResult, Deleted, History, StreamClosed};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
 #[cfg(feature = "mint")]

@@ -45,11 +45,13 @@ pub enum ErrorCode {
     UpstreamTimeout,
     /// A job queue class is at its queued cap; nothing was enqueued.
     QueueFull,
+    /// The stream was closed (`POST /v1/streams/{stream}/close`): it takes no more events.
+    StreamClosed,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -78,6 +80,7 @@ impl ErrorCode {
         ErrorCode::UpstreamFailed,
         ErrorCode::UpstreamTimeout,
         ErrorCode::QueueFull,
+        ErrorCode::StreamClosed,
         ErrorCode::Internal,
     ];
 
@@ -111,6 +114,7 @@ impl ErrorCode {
             ErrorCode::UpstreamFailed => "UPSTREAM_FAILED",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             ErrorCode::QueueFull => "QUEUE_FULL",
+            ErrorCode::StreamClosed => "STREAM_CLOSED",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -127,7 +131,8 @@ impl ErrorCode {
             ErrorCode::ReplayWindowTrimmed
             | ErrorCode::EpochChanged
             | ErrorCode::IdempotencyInProgress
-            | ErrorCode::SessionTakenOver => 409,
+            | ErrorCode::SessionTakenOver
+            | ErrorCode::StreamClosed => 409,
             ErrorCode::StoreUnavailable
             | ErrorCode::Draining
             | ErrorCode::OverCapacity
@@ -179,6 +184,7 @@ impl ErrorCode {
             | ErrorCode::IdempotencyKeyReused
             | ErrorCode::IdempotencyInProgress
             | ErrorCode::NotFound
+            | ErrorCode::StreamClosed
             | ErrorCode::MethodNotAllowed => 4400,
         }
     }
@@ -237,6 +243,7 @@ mod tests {
         assert_eq!(ErrorCode::IdempotencyInProgress.http_status(), 409);
         assert_eq!(ErrorCode::RateLimited.http_status(), 429);
         assert_eq!(ErrorCode::OverCapacity.http_status(), 503);
+        assert_eq!(ErrorCode::StreamClosed.http_status(), 409);
         let names: std::collections::HashSet<_> =
             ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(names.len(), ErrorCode::ALL.len());

@@ -280,6 +280,9 @@ pub enum ServerFrame {
     /// The connect token behind this connection expires: answer `refresh {token}` before
     /// `deadline`.
     Refresh(RefreshAsk),
+    /// The stream was closed: every event up to `lastSeq` was sent before this frame, and
+    /// none will follow. The subscription has ended (it is no error: nothing to resync).
+    Closed(Closed),
     /// A frame type this side does not know: servers may add frame types, and clients ignore
     /// them. Never sent.
     #[serde(skip)]
@@ -365,6 +368,14 @@ pub struct Reconnect {
     pub resume_token: String,
     #[serde(default)]
     pub retry_after_ms: u64,
+}
+
+/// `closed`: the stream ends at `lastSeq` (SSE: `event: closed` with the same data).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Closed {
+    pub stream: String,
+    pub last_seq: u64,
 }
 
 /// `token`.
@@ -467,6 +478,7 @@ impl ServerFrame {
             "published" => ServerFrame::Published(serde_json::from_str(text)?),
             "token" => ServerFrame::Token(serde_json::from_str(text)?),
             "refresh" => ServerFrame::Refresh(serde_json::from_str(text)?),
+            "closed" => ServerFrame::Closed(serde_json::from_str(text)?),
             other => ServerFrame::Unknown(other.chars().take(32).collect()),
         })
     }

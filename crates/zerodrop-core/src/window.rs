@@ -47,6 +47,61 @@ pub enum WindowError {
     BeyondHead { after: Seq, head: Seq },
 }
 
+/// The rule for a page of the events before `before` (newest first): the newest one it asks
+/// for, `before - 1`, is what `after + 1` is to [`replay_window`]. Refused in another epoch;
+/// beyond the head when `before - 1` is past it; trimmed when `before - 1` is no longer
+/// retained (a page that reaches the oldest retained event only stops there: the answer's
+/// `firstSeq` tells the client where the log begins). `before = 1` asks for nothing and is
+/// never refused for a trim.
+pub fn before_window(
+    before: Seq,
+    client_epoch: Option<&Epoch>,
+    log: &LogBounds,
+) -> Result<(), WindowError> {
+    let newest = Seq(before.0.saturating_sub(1));
+    if let Some(e) = client_epoch
+        && *e != log.epoch
+    {
+        return Err(WindowError::EpochChanged {
+            current: log.epoch.clone(),
+        });
+    }
+    if newest > log.head {
+        return Err(WindowError::BeyondHead {
+            after: newest,
+            head: log.head,
+        });
+    }
+    if newest.0 >= 1 && newest < log.first_seq {
+        return Err(WindowError::Trimmed {
+            after: newest,
+            first_available: log.first_seq,
+        });
+    }
+    Ok(())
+}
+
+/// The rule for a page of the events stamped at or after a time, given the first event the
+/// page found (`found`) and how many the log retains: events were trimmed (`first_seq > 1`)
+/// and any of them may have been stamped at or after that time — the page starts at the
+/// oldest retained event, or the log retains none — so the answer would hide a hole.
+/// Stamps never decrease along a log, so a page that starts after the oldest retained event
+/// proves every trimmed one older than the time.
+pub fn since_window(found: Option<Seq>, retained: u64, log: &LogBounds) -> Result<(), WindowError> {
+    let trimmed = log.first_seq.0 > 1;
+    let may_hide = match found {
+        Some(seq) => seq == log.first_seq,
+        None => retained == 0,
+    };
+    if trimmed && may_hide {
+        return Err(WindowError::Trimmed {
+            after: Seq(log.first_seq.0 - 1),
+            first_available: log.first_seq,
+        });
+    }
+    Ok(())
+}
+
 /// The window owed to a client at position `after`, which it holds in `client_epoch` (if it
 /// knows one).
 pub fn replay_window(
@@ -163,5 +218,48 @@ mod tests {
                 Err(WindowError::EpochChanged { .. }) => prop_assert!(false),
             }
         }
+    }
+
+    #[test]
+    fn a_page_before_a_seq_is_refused_where_after_would_be() {
+        let b = bounds(41, 100);
+        assert!(before_window(Seq(101), None, &b).is_ok(), "the newest page");
+        assert!(
+            before_window(Seq(42), None, &b).is_ok(),
+            "stops at the oldest retained"
+        );
+        assert_eq!(
+            before_window(Seq(41), None, &b),
+            Err(WindowError::Trimmed {
+                after: Seq(40),
+                first_available: Seq(41)
+            })
+        );
+        assert!(matches!(
+            before_window(Seq(102), None, &b),
+            Err(WindowError::BeyondHead { .. })
+        ));
+        assert!(before_window(Seq(1), None, &b).is_ok(), "asks for nothing");
+        assert!(before_window(Seq(1), None, &bounds(1, 0)).is_ok());
+        let other = Epoch::parse("e2").unwrap();
+        assert!(matches!(
+            before_window(Seq(50), Some(&other), &b),
+            Err(WindowError::EpochChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn a_page_since_a_time_is_refused_only_when_it_may_hide_trimmed_events() {
+        let trimmed = bounds(41, 100);
+        assert!(since_window(Some(Seq(42)), 60, &trimmed).is_ok());
+        assert!(
+            since_window(None, 60, &trimmed).is_ok(),
+            "every event is older"
+        );
+        assert!(since_window(Some(Seq(41)), 60, &trimmed).is_err());
+        assert!(since_window(None, 0, &bounds(101, 100)).is_err());
+        let whole = bounds(1, 100);
+        assert!(since_window(Some(Seq(1)), 100, &whole).is_ok());
+        assert!(since_window(None, 0, &bounds(1, 0)).is_ok());
     }
 }

@@ -38,7 +38,11 @@ pub async fn settle(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
     if req.body().is_end_stream() {
         return next.run(req).await;
     }
-    let limit = app.cfg.max_body_bytes();
+    let limit = match req.uri().path() {
+        // A batch publish has its own, larger limit (`--max-batch-bytes`).
+        "/v1/events" => app.cfg.max_batch_bytes.max(app.cfg.max_body_bytes()),
+        _ => app.cfg.max_body_bytes(),
+    };
     let pause = Duration::from_secs(app.cfg.http_header_timeout_sec);
     let declared = req
         .headers()

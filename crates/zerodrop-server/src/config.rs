@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// Largest event `data` (compact JSON bytes); larger is 413 `PAYLOAD_TOO_LARGE`.
     #[arg(long, env = "ZERODROP_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     pub max_payload_bytes: usize,
+    /// Largest `POST /v1/events` (batch publish) request body; larger is 413
+    /// `PAYLOAD_TOO_LARGE`. Each event's `data` is held to `--max-payload-bytes` as well.
+    #[arg(long, env = "ZERODROP_MAX_BATCH_BYTES", default_value_t = 4_194_304)]
+    pub max_batch_bytes: usize,
     /// Server `ping` frame interval; two unanswered pings close the socket (4408). Twice this
     /// is also how long any write may make no progress (a client that stopped reading) before
     /// the connection is given up.
@@ -341,6 +345,7 @@ struct FileConfig {
     drain_grace_sec: Option<u64>,
     max_frame_bytes: Option<usize>,
     max_payload_bytes: Option<usize>,
+    max_batch_bytes: Option<usize>,
     ping_interval_sec: Option<u64>,
     token_grace_sec: Option<u64>,
     max_session_age_sec: Option<u64>,
@@ -419,6 +424,7 @@ impl FileConfig {
             drain_grace_sec,
             max_frame_bytes,
             max_payload_bytes,
+            max_batch_bytes,
             ping_interval_sec,
             token_grace_sec,
             max_session_age_sec,
@@ -543,6 +549,8 @@ pub struct Config {
     pub drain_grace_sec: u64,
     pub max_frame_bytes: usize,
     pub max_payload_bytes: usize,
+    /// Largest batch publish request body (`POST /v1/events`).
+    pub max_batch_bytes: usize,
     pub ping_interval_sec: u64,
     pub token_grace_sec: u64,
     pub max_session_age_sec: u64,
@@ -660,6 +668,7 @@ impl Config {
             drain_grace_sec: a.drain_grace_sec,
             max_frame_bytes: a.max_frame_bytes,
             max_payload_bytes: a.max_payload_bytes,
+            max_batch_bytes: a.max_batch_bytes,
             ping_interval_sec: a.ping_interval_sec,
             token_grace_sec: a.token_grace_sec,
             max_session_age_sec: a.max_session_age_sec,
@@ -772,6 +781,9 @@ impl Config {
         }
         if self.max_payload_bytes == 0 {
             bail!("--max-payload-bytes (max_payload_bytes) must be at least 1");
+        }
+        if self.max_batch_bytes == 0 {
+            bail!("--max-batch-bytes (max_batch_bytes) must be at least 1");
         }
         if self.max_frame_bytes < 1024 {
             bail!("--max-frame-bytes (max_frame_bytes) must be at least 1024");

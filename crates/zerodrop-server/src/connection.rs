@@ -90,6 +90,11 @@ pub(crate) trait Wire {
     fn goes_on_after_hole(&self) -> bool;
     /// Tells the client about a hole (already counted and recorded).
     async fn hole(&mut self, hole: &Hole) -> Result<(), Exit>;
+    /// The stream was closed and every event up to `last_seq` was handed over: tell the
+    /// client it ends there (its subscription has ended; the stream stays in the session, so
+    /// a resume gets what it missed, then this again). A transport of one stream (SSE) ends
+    /// with it.
+    async fn closed(&mut self, stream: &StreamId, last_seq: Seq) -> Result<(), Exit>;
     /// A keep-alive; `true` when the client must answer it (a `pong`).
     async fn ping(&mut self) -> Result<bool, Exit>;
     /// A fresh resume token for the session.
@@ -766,6 +771,7 @@ impl Core {
         for (i, fault) in faults.into_iter().rev() {
             self.on_fault(i, fault, wire).await?;
         }
+        self.end_closed(wire).await?;
         if budget == 0 {
             self.signal.wake();
         }
@@ -814,6 +820,21 @@ impl Core {
             self.app.hub.presence_unlisten(&w.stream, self.id);
             self.app.metrics.error(e.code);
             wire.presence_lost(e).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the subscriptions whose stream was closed and whose every event was handed over
+    /// (and flushed): the transport says `closed`.
+    async fn end_closed(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let mut i = self.subs.len();
+        while i > 0 {
+            i -= 1;
+            if let Some(last) = self.subs[i].ended() {
+                let stream = self.subs.remove(i).stream.clone();
+                self.acks.remove(&stream);
+                wire.closed(&stream, last).await?;
+            }
         }
         Ok(())
     }

@@ -158,6 +158,11 @@ impl From<StoreError> for ApiError {
                 format!("ack {requested} is beyond the stream head {head}"),
             )
             .with("headSeq", head.0),
+            StoreError::StreamClosed { last_seq } => ApiError::new(
+                ErrorCode::StreamClosed,
+                format!("the stream was closed at seq {last_seq} and takes no more events"),
+            )
+            .with("lastSeq", last_seq.0),
             StoreError::SessionNotFound => ApiError::new(
                 ErrorCode::SessionNotFound,
                 "no such session (the store may have restarted empty); start a new session",

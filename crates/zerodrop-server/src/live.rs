@@ -14,7 +14,7 @@
 //! moves over contiguous seqs — no gap and no duplicate, whatever races the publishers run.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -145,6 +145,9 @@ struct Listener {
     dropped_through: AtomicU64,
     /// The session this cursor serves, if any: drops counted here are recorded in it.
     session: Option<SessionId>,
+    /// Its index in its topic's listeners (kept under that lock), so that leaving costs the
+    /// same with ten listeners or a million: a mass disconnect is not quadratic.
+    slot: AtomicUsize,
 }
 
 impl Listener {
@@ -275,6 +278,8 @@ pub struct Topic {
     listeners: Mutex<Vec<Arc<Listener>>>,
     /// When the last listener left (ms), 0 while there are listeners.
     idle_since_ms: AtomicU64,
+    /// The stream was closed at seq `closed - 1`; 0 while it is open (or not known closed).
+    closed: AtomicU64,
 }
 
 impl Topic {
@@ -283,7 +288,13 @@ impl Topic {
             ring: RwLock::new(Ring::default()),
             listeners: Mutex::new(Vec::new()),
             idle_since_ms: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
         }
+    }
+
+    fn set_closed(&self, last_seq: Option<Seq>) {
+        let v = last_seq.map_or(0, |s| s.0.saturating_add(1));
+        self.closed.store(v, Ordering::Release);
     }
 
     fn wake_all(&self) {
@@ -428,8 +439,13 @@ impl Hub {
             cursor: AtomicU64::new(after.0),
             dropped_through: AtomicU64::new(0),
             session,
+            slot: AtomicUsize::new(0),
         });
-        lock(&topic.listeners).push(listener.clone());
+        {
+            let mut ls = lock(&topic.listeners);
+            listener.slot.store(ls.len(), Ordering::Relaxed);
+            ls.push(listener.clone());
+        }
         topic.idle_since_ms.store(0, Ordering::Relaxed);
         Subscription {
             stream,
@@ -515,6 +531,24 @@ impl LiveSink for Hub {
                 l.signal.wake();
             }
         }
+    }
+
+    fn recreated(&self, stream: &StreamId) {
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        write(&topic.ring).clear();
+        topic.set_closed(None);
+        // Each cursor's next look reads the log, which tells it of the new epoch.
+        topic.wake_all();
+    }
+
+    fn closed(&self, stream: &StreamId, last_seq: Seq) {
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        topic.set_closed(Some(last_seq));
+        topic.wake_all();
     }
 
     fn reset(&self) {
@@ -624,6 +658,9 @@ impl Subscription {
             }
             if res.info.epoch == self.epoch {
                 write(&self.topic.ring).learn(&res.info.epoch, res.info.head, clears);
+                if res.info.closed {
+                    self.topic.set_closed(Some(res.info.head));
+                }
             }
             out.extend(res.events.into_iter().map(Delivery::new));
         }
@@ -656,6 +693,13 @@ impl Subscription {
         Ok(replayed)
     }
 
+    /// The stream ended here: it was closed at this seq and the cursor has delivered every
+    /// event up to it.
+    pub fn ended(&self) -> Option<Seq> {
+        let v = self.topic.closed.load(Ordering::Acquire);
+        (v > 0 && Seq(v - 1) == self.cursor).then_some(self.cursor)
+    }
+
     /// Whether the ring says there is nothing after the cursor (a cheap check before a pull).
     pub fn maybe_behind(&self) -> bool {
         let ring = read(&self.topic.ring);
@@ -669,7 +713,16 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut ls = lock(&self.topic.listeners);
-        ls.retain(|l| !Arc::ptr_eq(l, &self.listener));
+        let i = self.listener.slot.load(Ordering::Relaxed);
+        if ls.get(i).is_some_and(|l| Arc::ptr_eq(l, &self.listener)) {
+            ls.swap_remove(i);
+            if let Some(moved) = ls.get(i) {
+                moved.slot.store(i, Ordering::Relaxed);
+            }
+        } else {
+            debug_assert!(false, "a listener's slot is kept under the topic's lock");
+            ls.retain(|l| !Arc::ptr_eq(l, &self.listener));
+        }
         if ls.is_empty() {
             self.topic
                 .idle_since_ms
@@ -796,6 +849,49 @@ mod tests {
         sub.pull(&store, 100, &mut out).await.unwrap();
         assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![4]);
         assert_eq!(hub.head(&s), Some((epoch, Seq(4))));
+    }
+
+    /// Leaving in any order keeps every remaining listener where its slot says, and each
+    /// remaining one still gets what is published.
+    #[tokio::test]
+    async fn listeners_leave_in_any_order_and_the_rest_still_receive() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(HubLimits::default(), metrics));
+        let store = MemoryStore::new(Retention::default(), hub.clone());
+        let s = StreamId::new("many").unwrap();
+        let req = AppendRequest {
+            stream: s.clone(),
+            data: "0".into(),
+            idempotency: None,
+        };
+        store.append(req).await.unwrap();
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        let mut subs: Vec<Option<Subscription>> = (0..7)
+            .map(|_| Some(hub.subscribe(s.clone(), epoch.clone(), Seq(1), Signal::new(), None)))
+            .collect();
+        let topic = hub.get(&s).unwrap();
+        for leave in [3, 0, 6, 4] {
+            subs[leave] = None;
+            let ls = lock(&topic.listeners);
+            for (i, l) in ls.iter().enumerate() {
+                assert_eq!(l.slot.load(Ordering::Relaxed), i, "after {leave} left");
+            }
+        }
+        assert_eq!(lock(&topic.listeners).len(), 3);
+        let req = AppendRequest {
+            stream: s.clone(),
+            data: "1".into(),
+            idempotency: None,
+        };
+        store.append(req).await.unwrap();
+        for sub in subs.iter_mut().flatten() {
+            let mut out = Vec::new();
+            sub.pull(&store, 100, &mut out).await.unwrap();
+            assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![2]);
+        }
+        subs.clear();
+        assert!(lock(&topic.listeners).is_empty());
+        assert_ne!(topic.idle_since_ms.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

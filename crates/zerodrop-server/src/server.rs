@@ -129,6 +129,14 @@ impl LiveSink for Sink {
         self.hub.presence_changed(stream);
     }
 
+    fn recreated(&self, stream: &StreamId) {
+        self.hub.recreated(stream);
+    }
+
+    fn closed(&self, stream: &StreamId, last_seq: Seq) {
+        self.hub.closed(stream, last_seq);
+    }
+
     fn session_held(&self, id: &SessionId, holder: &str) {
         if let Some(app) = self.app.get().and_then(Weak::upgrade) {
             app.session_held(id, holder);

@@ -290,6 +290,16 @@ impl Wire for SseWire {
         Ok(())
     }
 
+    /// `event: closed` with `{stream, lastSeq}`, then the response ends (a browser SDK closes
+    /// its `EventSource` on it; a bare one that reconnects gets `closed` again at once).
+    async fn closed(&mut self, stream: &StreamId, last_seq: Seq) -> Result<(), Exit> {
+        self.flush().await?;
+        let data = json!({"stream": stream.as_str(), "lastSeq": last_seq.0});
+        self.pending
+            .push_back(Bytes::from(format!("event: closed\ndata: {data}\n\n")));
+        Err(Exit::Gone("closed"))
+    }
+
     /// A comment: keeps proxies from timing the response out; nothing comes back.
     async fn ping(&mut self) -> Result<bool, Exit> {
         self.pending.push_back(Bytes::from_static(b": ping\n\n"));

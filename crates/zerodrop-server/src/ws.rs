@@ -36,8 +36,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::frames::{
-    self, Ack, ClientFrame, Ping, PresenceAt, Publish, Published, Reconnect, Refresh, RefreshAsk,
-    ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
+    self, Ack, ClientFrame, Closed, Ping, PresenceAt, Publish, Published, Reconnect, Refresh,
+    RefreshAsk, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::PresenceEntry;
@@ -200,6 +200,15 @@ impl Wire for WsWire {
 
     async fn hole(&mut self, hole: &Hole) -> Result<(), Exit> {
         self.send_text(hole.error().frame()).await
+    }
+
+    /// `closed {stream, lastSeq}`: the stream's subscription has ended; the socket stays.
+    async fn closed(&mut self, stream: &StreamId, last_seq: Seq) -> Result<(), Exit> {
+        self.send_frame(&ServerFrame::Closed(Closed {
+            stream: stream.to_string(),
+            last_seq: last_seq.0,
+        }))
+        .await
     }
 
     async fn ping(&mut self) -> Result<bool, Exit> {

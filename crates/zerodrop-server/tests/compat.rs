@@ -21,6 +21,7 @@
 //! - `{"await": frame}`: the next server frame of that frame's type, whatever comes before it
 //!   (for the frames timers send: `ping`, `token`); compared like `recv`;
 //! - `{"drain": true}`: an operator completes a drain (`POST /admin/drain/complete`);
+//! - `{"closeStream": stream}`: a backend closes a stream (`POST /v1/streams/{stream}/close`);
 //! - `{"close": true}`: the client closes its socket.
 //!
 //! The v1 frames were recorded from a v1 client against the server as it was when v1 was the
@@ -224,6 +225,16 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
                 )
                 .await;
             assert_eq!(r.status, 200, "{at}: {}", r.text);
+        } else if let Some(stream) = step.get("closeStream").and_then(Value::as_str) {
+            let key = s.creds.api_key.clone();
+            let r = api
+                .post(
+                    &format!("/v1/streams/{stream}/close"),
+                    Some(&key),
+                    json!({}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{at}: {}", r.text);
         } else if step.get("close").is_some() {
             if let Some(c) = ws.take() {
                 c.close().await;
@@ -317,6 +328,7 @@ async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_
         "published",
         "token",
         "refresh",
+        "closed",
     ];
     for ty in client {
         assert!(has("send", ty), "no v2 fixture sends a {ty} frame");

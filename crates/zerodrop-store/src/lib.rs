@@ -50,6 +50,7 @@ pub use presence::{
 };
 pub use revocation::{Revocation, RevokeTarget};
 pub use rules::SessionCap;
+pub use rules::{Planned, plan_items, planned_outcomes};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +103,9 @@ pub enum StoreError {
     /// them ends its reconnect window in `retry_after_ms` (unless it is resumed meanwhile).
     #[error("the subject already holds {cap} live sessions")]
     TooManySessions { cap: u32, retry_after_ms: u64 },
+    /// The stream was closed ([`Store::close_stream`]) at `last_seq`: nothing was appended.
+    #[error("the stream was closed at seq {last_seq}")]
+    StreamClosed { last_seq: Seq },
 }
 
 impl StoreError {
@@ -161,6 +165,26 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// One event of a batch ([`Store::append_batch`]).
+#[derive(Clone, Debug)]
+pub struct BatchItem {
+    /// Compact, valid JSON.
+    pub data: String,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// One stream's part of a batch: appended in one commit, contiguous and in this order, or not
+/// at all.
+#[derive(Clone, Debug)]
+pub struct StreamBatch {
+    pub stream: StreamId,
+    pub items: Vec<BatchItem>,
+}
+
+/// Per [`StreamBatch`], in the order given: each item's outcome, or the one refusal that left
+/// the whole stream's part unwritten.
+pub type BatchOutcome = Vec<StoreResult<Vec<AppendOutcome>>>;
+
 /// A stream's log as the store sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamInfo {
@@ -171,6 +195,8 @@ pub struct StreamInfo {
     pub first_seq: Seq,
     pub count: u64,
     pub bytes: u64,
+    /// Closed ([`Store::close_stream`]): `head` is its last seq, and appends are refused.
+    pub closed: bool,
 }
 
 impl StreamInfo {
@@ -182,6 +208,7 @@ impl StreamInfo {
             first_seq: Seq(1),
             count: 0,
             bytes: 0,
+            closed: false,
         }
     }
 
@@ -192,6 +219,17 @@ impl StreamInfo {
             head: self.head,
         }
     }
+}
+
+/// Which of a stream's events a read takes ([`Store::read_range`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadRange {
+    /// seq > N, oldest first.
+    After(Seq),
+    /// seq < N, newest first.
+    Before(Seq),
+    /// Stamped at or after T (ms), oldest first.
+    Since(u64),
 }
 
 /// Events with seq above some position, read in the same snapshot as `info`.
@@ -237,6 +275,16 @@ pub trait LiveSink: Send + Sync + 'static {
     /// The feed may have missed events (e.g. a cross-instance notification channel
     /// reconnected): whatever the sink caches is suspect, subscribers must re-read the log.
     fn reset(&self) {}
+    /// The stream's log was erased ([`Store::delete_stream`]) and starts again in a new
+    /// epoch: whatever the sink caches of it is void. By default, like [`LiveSink::reset`].
+    fn recreated(&self, stream: &StreamId) {
+        let _ = stream;
+        self.reset();
+    }
+    /// The stream was closed at `last_seq` ([`Store::close_stream`]); nothing follows it.
+    fn closed(&self, stream: &StreamId, last_seq: Seq) {
+        let _ = (stream, last_seq);
+    }
     /// Another connection, possibly on another instance sharing the store, now holds the
     /// session `id`; `holder` names it (see [`Store::announce_holder`]). Best effort: stores
     /// that are not shared never call it.
@@ -265,6 +313,33 @@ pub trait Store: GuardStore + Send + Sync + 'static {
 
     /// Appends one event; answers once it is durable.
     async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome>;
+
+    /// Appends a batch: each [`StreamBatch`] in one commit, contiguous and in its order, or
+    /// none of it (an idempotency key reused with another body, a closed stream); the
+    /// other streams' parts are not held back by it. An item whose key was seen before (in an
+    /// earlier append, or earlier in the same part with the same body) is a duplicate and
+    /// adds nothing ([`crate::rules::plan_items`]). Answers once everything written is durable.
+    async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome>;
+
+    /// Up to `limit` events of `range` (after or before a seq, or since a time), in its
+    /// order, with the bounds of the same snapshot.
+    async fn read_range(
+        &self,
+        stream: &StreamId,
+        range: ReadRange,
+        limit: usize,
+    ) -> StoreResult<ReadResult>;
+
+    /// Erases the stream's log and its idempotency records; it starts again, empty and open,
+    /// in a new epoch (the sink hears [`LiveSink::recreated`]). `None` when the store holds
+    /// nothing of the stream.
+    async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>>;
+
+    /// Closes the stream at its head: later appends are refused with
+    /// [`StoreError::StreamClosed`] (a duplicate of an earlier keyed append still answers),
+    /// and the sink hears [`LiveSink::closed`]. Closing a closed stream changes nothing.
+    /// `None` when the store holds nothing of the stream.
+    async fn close_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>>;
 
     /// The stream's bounds. A stream never written to has head 0 and the store's epoch.
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo>;

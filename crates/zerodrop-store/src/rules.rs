@@ -13,11 +13,114 @@
 //! underneath (the ack rule, retention's trim plan) are `zerodrop_core`'s; this module only
 //! applies them to the store's records.
 
-use zerodrop_core::AckUpdate;
-use zerodrop_core::Seq;
 use zerodrop_core::checkpoint::{self, AckError};
+use zerodrop_core::{AckUpdate, Epoch, Seq, StreamId};
 
-use crate::{SessionStream, StoreError, StoreResult, StreamInfo};
+use crate::{
+    AppendOutcome, BatchItem, IdempotencyKey, SessionStream, StoreError, StoreResult, StreamInfo,
+};
+
+/// What one item of a stream's part of a batch becomes ([`plan_items`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// A new event, after the part's earlier new ones (contiguous, in the part's order).
+    Append,
+    /// Its key was recorded by an earlier append with the same body: that append's answer.
+    Duplicate { seq: Seq, epoch: Epoch },
+    /// Its key is that of the earlier item at this index of the same part, with the same
+    /// body: that item's answer.
+    SameAs(usize),
+}
+
+/// The batch rule for one stream's part, decided before anything of it is written, so the
+/// part is written whole or not at all: each item with a key seen before (`seen` answers a
+/// key's recorded fingerprint, seq and epoch) is a duplicate when its body's fingerprint is
+/// the same, and refuses the whole part (`IdempotencyKeyReused`) when it differs; a key used
+/// twice in the part likewise (the second is a duplicate of the first, or refuses the part).
+/// A part with anything new to append to a stream closed at `closed` is refused
+/// (`StreamClosed`); a part of duplicates only still answers them.
+///
+/// Spelled out again, to stay atomic, in Redis's `APPEND_BATCH` script (`redis/lua.rs`).
+pub fn plan_items<E>(
+    items: &[BatchItem],
+    closed: Option<Seq>,
+    mut seen: impl FnMut(&IdempotencyKey) -> Result<Option<([u8; 32], Seq, Epoch)>, E>,
+) -> Result<StoreResult<Vec<Planned>>, E> {
+    let mut plan: Vec<Planned> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Some(k) = &item.idempotency else {
+            plan.push(Planned::Append);
+            continue;
+        };
+        let earlier = items[..i]
+            .iter()
+            .position(|o| o.idempotency.as_ref().is_some_and(|ok| ok.key == k.key));
+        if let Some(j) = earlier {
+            let first = items[j].idempotency.as_ref().map(|ok| ok.fingerprint);
+            if first != Some(k.fingerprint) {
+                return Ok(Err(StoreError::IdempotencyKeyReused));
+            }
+            // `j` is the first item with this key: its own plan says where the answer is.
+            plan.push(match &plan[j] {
+                Planned::Duplicate { seq, epoch } => Planned::Duplicate {
+                    seq: *seq,
+                    epoch: epoch.clone(),
+                },
+                _ => Planned::SameAs(j),
+            });
+            continue;
+        }
+        match seen(k)? {
+            Some((fp, _, _)) if fp != k.fingerprint => {
+                return Ok(Err(StoreError::IdempotencyKeyReused));
+            }
+            Some((_, seq, epoch)) => plan.push(Planned::Duplicate { seq, epoch }),
+            None => plan.push(Planned::Append),
+        }
+    }
+    if let Some(last_seq) = closed
+        && plan.contains(&Planned::Append)
+    {
+        return Ok(Err(StoreError::StreamClosed { last_seq }));
+    }
+    Ok(Ok(plan))
+}
+
+/// Each item's answer, once the part's new events got `appended` (their seqs and epoch, in
+/// the part's order).
+pub fn planned_outcomes(
+    stream: &StreamId,
+    plan: &[Planned],
+    appended: &[(Seq, Epoch)],
+) -> Vec<AppendOutcome> {
+    let mut out: Vec<AppendOutcome> = Vec::with_capacity(plan.len());
+    let mut new = appended.iter();
+    for p in plan {
+        let o = match p {
+            Planned::Append => {
+                let (seq, epoch) = new.next().cloned().unwrap_or((Seq(0), Epoch::generate()));
+                AppendOutcome {
+                    stream: stream.clone(),
+                    seq,
+                    epoch,
+                    duplicate: false,
+                }
+            }
+            Planned::Duplicate { seq, epoch } => AppendOutcome {
+                stream: stream.clone(),
+                seq: *seq,
+                epoch: epoch.clone(),
+                duplicate: true,
+            },
+            Planned::SameAs(j) => AppendOutcome {
+                duplicate: true,
+                ..out[*j].clone()
+            },
+        };
+        out.push(o);
+    }
+    out
+}
 
 /// The checkpoint rule applied to a session's stored stream state, against the stream's
 /// bounds read in the same atomic step: refused in another epoch, otherwise

@@ -70,6 +70,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("drain_grace_sec", Some(int(c.drain_grace_sec))),
         ("max_frame_bytes", Some(int(c.max_frame_bytes))),
         ("max_payload_bytes", Some(int(c.max_payload_bytes))),
+        ("max_batch_bytes", Some(int(c.max_batch_bytes))),
         ("ping_interval_sec", Some(int(c.ping_interval_sec))),
         ("token_grace_sec", Some(int(c.token_grace_sec))),
         ("max_session_age_sec", Some(int(c.max_session_age_sec))),

@@ -13,6 +13,7 @@ pub mod presence;
 mod presence_hooks;
 pub mod revocation;
 pub mod session;
+pub mod streams;
 
 pub use session::{
     AckWrite, Asker, Authority, Hole, OpenAt, Placement, Position, Resumed, StreamStart,

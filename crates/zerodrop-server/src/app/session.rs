@@ -111,7 +111,7 @@ pub struct Hole {
 }
 
 impl Hole {
-    fn new(
+    pub(crate) fn new(
         stream: &StreamId,
         after: Seq,
         e: &WindowError,

@@ -232,14 +232,18 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let s = v
             .to_str()
             .ok()
-            .filter(|s| {
-                !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..0x7f).contains(&b))
-            })
+            .filter(|s| valid_idempotency_key(s))
             .ok_or_else(|| {
                 ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters")
             })?;
         Ok(IdempotencyKey(Some(s.to_string())))
     }
+}
+
+/// What an idempotency key may be (the header's, and a batch item's `id`): 1-255 visible
+/// ASCII characters.
+pub fn valid_idempotency_key(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
 /// A WebSocket upgrade request (`INVALID_REQUEST` for anything else).

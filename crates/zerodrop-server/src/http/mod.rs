@@ -1,7 +1,7 @@
 //! The HTTP API (SPEC §3), one file per job: [`router`](mod@router) assembles every route
 //! and layer, [`extract`] turns a request into what a handler needs (credentials, validated
-//! paths, queries and bodies, each refusal a typed error), [`v1`] holds the `/v1` handlers
-//! and [`admin`] the operator's (health, metrics, `/admin`). The WebSocket and SSE handlers
+//! paths, queries and bodies, each refusal a typed error), [`v1`] holds the `/v1` handlers,
+//! [`streams`] those on streams as a whole (batch, erase, close) and [`admin`] the operator's (health, metrics, `/admin`). The WebSocket and SSE handlers
 //! (`ws.rs`, `sse.rs`) and the guardrails' routes (`guard/routes.rs`) use the same
 //! extractors.
 //!
@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod extract;
 pub mod router;
+pub mod streams;
 pub mod v1;
 
 pub use router::{INSTANCE_HEADER, MAX_HEADER_BYTES, MAX_URI_BYTES, router};

@@ -18,7 +18,7 @@ use axum::routing::{delete, get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use zerodrop_core::ErrorCode;
 
-use super::{admin, v1};
+use super::{admin, streams, v1};
 use crate::app::App;
 use crate::auth::bearer;
 use crate::error::ApiError;
@@ -38,7 +38,17 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/streams/{stream}/events",
             post(v1::publish).get(v1::read_events),
         )
-        .route("/v1/streams/{stream}", get(v1::stream_info))
+        .route(
+            "/v1/streams/{stream}",
+            get(v1::stream_info).delete(streams::delete_stream),
+        )
+        .route("/v1/streams/{stream}/close", post(streams::close_stream))
+        .route(
+            "/v1/events",
+            post(streams::publish_batch).layer(DefaultBodyLimit::max(
+                app.cfg.max_batch_bytes.max(app.cfg.max_body_bytes()),
+            )),
+        )
         .route("/v1/streams/{stream}/sse", get(crate::sse::handler))
         .route("/v1/streams/{stream}/presence", get(v1::presence))
         .route("/v1/sessions", post(v1::open_session))

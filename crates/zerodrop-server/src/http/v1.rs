@@ -40,13 +40,15 @@ fn not_this_session() -> ApiError {
     )
 }
 
-/// `{"stream":…,"epoch":…,"headSeq":…,"events":[…]}` with each event's stored JSON spliced in.
+/// `{"stream":…,"epoch":…,"headSeq":…,"firstSeq":…,"order":…,"events":[…]}` with each event's
+/// stored JSON spliced in.
 fn events_page(
     stream: &StreamId,
-    epoch: &str,
-    head: Seq,
+    info: &zerodrop_store::StreamInfo,
+    order: &str,
     events: &[Arc<zerodrop_core::Event>],
 ) -> String {
+    let (epoch, head) = (info.epoch.as_str(), info.head);
     let mut s =
         String::with_capacity(96 + events.iter().map(|e| e.json().len() + 1).sum::<usize>());
     s.push_str("{\"stream\":\"");
@@ -55,7 +57,11 @@ fn events_page(
     s.push_str(epoch);
     s.push_str("\",\"headSeq\":");
     s.push_str(&head.0.to_string());
-    s.push_str(",\"events\":[");
+    s.push_str(",\"firstSeq\":");
+    s.push_str(&info.first_seq.0.to_string());
+    s.push_str(",\"order\":\"");
+    s.push_str(order);
+    s.push_str("\",\"events\":[");
     push_events(&mut s, events);
     s.push_str("]}");
     s
@@ -116,6 +122,7 @@ pub(super) async fn stream_info(
     Ok(Json(json!({
         "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,
         "firstSeq": info.first_seq, "count": info.count, "bytes": info.bytes, "hash": hash,
+        "closed": info.closed,
     })))
 }
 
@@ -123,8 +130,48 @@ pub(super) async fn stream_info(
 #[derive(Deserialize)]
 pub struct ReadQuery {
     after: Option<u64>,
+    before: Option<u64>,
+    last: Option<usize>,
+    since_ts: Option<u64>,
     limit: Option<usize>,
     epoch: Option<String>,
+}
+
+/// Where a read starts: one of `after` (the default, from 0), `before`, `last`, `since_ts`.
+enum ReadFrom {
+    After(Seq),
+    Before(Seq),
+    Last(usize),
+    SinceTs(u64),
+}
+
+impl ReadQuery {
+    fn from(&self) -> ApiResult<ReadFrom> {
+        let given = [
+            self.after.map(|_| "after"),
+            self.before.map(|_| "before"),
+            self.last.map(|_| "last"),
+            self.since_ts.map(|_| "since_ts"),
+        ];
+        let named: Vec<&str> = given.into_iter().flatten().collect();
+        if named.len() > 1 {
+            return Err(ApiError::invalid(format!(
+                "give at most one of after, before, last and since_ts (got {})",
+                named.join(" and ")
+            )));
+        }
+        if self.last.is_some() && self.limit.is_some() {
+            return Err(ApiError::invalid(
+                "last is the page size itself: give last or limit, not both",
+            ));
+        }
+        Ok(match (self.before, self.last, self.since_ts) {
+            (Some(n), _, _) => ReadFrom::Before(Seq(n)),
+            (_, Some(m), _) => ReadFrom::Last(m),
+            (_, _, Some(t)) => ReadFrom::SinceTs(t),
+            _ => ReadFrom::After(Seq(self.after.unwrap_or(0))),
+        })
+    }
 }
 
 /// A read is allowed with the api key (in the `Authorization` header only), or with a connect
@@ -136,7 +183,7 @@ pub(super) async fn read_events(
     caller: Caller,
 ) -> ApiResult<Response> {
     caller.may_read(&stream)?;
-    let after = Seq(q.after.unwrap_or(0));
+    let from = q.from()?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let client_epoch = match q.epoch.as_deref() {
         Some(e) => {
@@ -144,10 +191,20 @@ pub(super) async fn read_events(
         }
         None => None,
     };
-    let res = app
-        .read_from(&stream, after, client_epoch.as_ref(), limit)
-        .await?;
-    let body = events_page(&stream, res.info.epoch.as_str(), res.info.head, &res.events);
+    let epoch = client_epoch.as_ref();
+    let (res, order) = match from {
+        ReadFrom::After(after) => (app.read_from(&stream, after, epoch, limit).await?, "asc"),
+        ReadFrom::Before(before) => (
+            app.read_before(&stream, before, epoch, limit).await?,
+            "desc",
+        ),
+        ReadFrom::Last(m) => (
+            app.read_last(&stream, epoch, m.clamp(1, MAX_PAGE)).await?,
+            "desc",
+        ),
+        ReadFrom::SinceTs(t) => (app.read_since(&stream, t, epoch, limit).await?, "asc"),
+    };
+    let body = events_page(&stream, &res.info, order, &res.events);
     Ok(json_response(StatusCode::OK, body))
 }
 

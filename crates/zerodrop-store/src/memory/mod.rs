@@ -23,10 +23,11 @@ use zerodrop_core::retention::{Retention, plan_trim};
 use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
 use crate::presence::{PresenceBook, PresenceStore};
-use crate::rules::{apply_checkpoint, cutoff, merge_session_stream};
+use crate::rules::{apply_checkpoint, cutoff, merge_session_stream, plan_items, planned_outcomes};
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreDurability, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, Planned, ReadRange, ReadResult,
+    SessionCap, SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind,
+    StoreResult, StoreStats, StreamBatch, StreamInfo,
 };
 
 mod guard;
@@ -64,6 +65,7 @@ struct MemStream {
     head: Seq,
     bytes: u64,
     events: VecDeque<Arc<Event>>,
+    closed: bool,
 }
 
 pub(crate) struct IdemEntry {
@@ -87,6 +89,7 @@ impl MemStream {
                 .unwrap_or(self.head.next()),
             count: self.events.len() as u64,
             bytes: self.bytes,
+            closed: self.closed,
         }
     }
 }
@@ -184,7 +187,64 @@ impl Inner {
                 head: Seq(0),
                 bytes: 0,
                 events: VecDeque::new(),
+                closed: false,
             })
+    }
+
+    /// Appends one event to `stream` (the next seq, a monotonic ts), for the sink in `events`.
+    fn push_event(
+        &self,
+        st: &mut State,
+        stream: &StreamId,
+        data: &str,
+        events: &mut Vec<Arc<Event>>,
+    ) -> (Seq, Epoch) {
+        let ts = self.clock.now_ms().max(st.last_ts);
+        st.last_ts = ts;
+        let s = self.stream_mut(st, stream);
+        let seq = s.head.next();
+        let event = Arc::new(
+            Event::encode(stream.clone(), seq, s.epoch.clone(), ts, data)
+                .with_committed_at(Instant::now()),
+        );
+        s.head = seq;
+        s.bytes += event.json().len() as u64;
+        s.events.push_back(event.clone());
+        events.push(event);
+        (seq, s.epoch.clone())
+    }
+
+    fn record_key(
+        &self,
+        st: &mut State,
+        stream: &StreamId,
+        k: crate::IdempotencyKey,
+        seq: Seq,
+        epoch: &Epoch,
+    ) {
+        st.idempotency.insert(
+            (stream.clone(), k.key),
+            IdemEntry {
+                fingerprint: k.fingerprint,
+                seq,
+                epoch: epoch.clone(),
+                created_ms: st.last_ts,
+                hit_count: 0,
+            },
+        );
+    }
+
+    /// Trims by count and size after appends (`plan_trim`): the new first seq and how many
+    /// went, when any did.
+    fn enforce_retention(&self, st: &mut State, stream: &StreamId) -> Option<(Seq, u64)> {
+        let s = st.streams.get_mut(stream)?;
+        let oldest = s.events.iter().map(|e| (e.seq(), e.json().len() as u64));
+        let t = plan_trim(s.events.len() as u64, s.bytes, &self.retention, oldest)?;
+        for _ in 0..t.count {
+            s.events.pop_front();
+        }
+        s.bytes -= t.bytes;
+        Some((s.info(stream).first_seq, t.count))
     }
 
     fn info(&self, st: &State, stream: &StreamId) -> StreamInfo {
@@ -219,42 +279,20 @@ impl Store for MemoryStore {
                 duplicate: true,
             });
         }
-        let ts = inner.clock.now_ms().max(st.last_ts);
-        st.last_ts = ts;
-        let s = inner.stream_mut(st, &req.stream);
-        let seq = s.head.next();
-        let event = Arc::new(
-            Event::encode(req.stream.clone(), seq, s.epoch.clone(), ts, &req.data)
-                .with_committed_at(Instant::now()),
-        );
-        s.head = seq;
-        s.bytes += event.json().len() as u64;
-        s.events.push_back(event.clone());
-        let epoch = s.epoch.clone();
-        let oldest = s.events.iter().map(|e| (e.seq(), e.json().len() as u64));
-        let trim = plan_trim(s.events.len() as u64, s.bytes, &inner.retention, oldest);
-        if let Some(t) = trim {
-            for _ in 0..t.count {
-                s.events.pop_front();
-            }
-            s.bytes -= t.bytes;
+        if let Some(s) = st.streams.get(&req.stream)
+            && s.closed
+        {
+            return Err(StoreError::StreamClosed { last_seq: s.head });
         }
-        let first = s.info(&req.stream).first_seq;
+        let mut events = Vec::with_capacity(1);
+        let (seq, epoch) = inner.push_event(st, &req.stream, &req.data, &mut events);
         if let Some(k) = req.idempotency {
-            st.idempotency.insert(
-                (req.stream.clone(), k.key),
-                IdemEntry {
-                    fingerprint: k.fingerprint,
-                    seq,
-                    epoch: epoch.clone(),
-                    created_ms: ts,
-                    hit_count: 0,
-                },
-            );
+            inner.record_key(st, &req.stream, k, seq, &epoch);
         }
-        inner.sink.committed(std::slice::from_ref(&event));
-        if let Some(t) = trim {
-            inner.sink.trimmed(&req.stream, first, t.count);
+        let trim = inner.enforce_retention(st, &req.stream);
+        inner.sink.committed(&events);
+        if let Some((first, count)) = trim {
+            inner.sink.trimmed(&req.stream, first, count);
         }
         Ok(AppendOutcome {
             stream: req.stream,
@@ -264,23 +302,147 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome> {
+        let inner = &self.inner;
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
+        let mut trims = Vec::new();
+        for part in batch {
+            let closed = st
+                .streams
+                .get(&part.stream)
+                .and_then(|s| s.closed.then_some(s.head));
+            let idem = &st.idempotency;
+            let lookup = plan_items(&part.items, closed, |k| {
+                Ok::<_, std::convert::Infallible>(
+                    idem.get(&(part.stream.clone(), k.key.clone()))
+                        .map(|e| (e.fingerprint, e.seq, e.epoch.clone())),
+                )
+            });
+            let plan = match lookup {
+                Ok(Ok(plan)) => plan,
+                Err(never) => match never {},
+                Ok(Err(e)) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let mut appended = Vec::new();
+            for (item, p) in part.items.into_iter().zip(&plan) {
+                match p {
+                    Planned::Append => {
+                        let (seq, epoch) =
+                            inner.push_event(st, &part.stream, &item.data, &mut events);
+                        if let Some(k) = item.idempotency {
+                            inner.record_key(st, &part.stream, k, seq, &epoch);
+                        }
+                        appended.push((seq, epoch));
+                    }
+                    Planned::Duplicate { .. } | Planned::SameAs(_) => {
+                        if let Some(k) = item.idempotency
+                            && let Some(e) = st.idempotency.get_mut(&(part.stream.clone(), k.key))
+                        {
+                            e.hit_count += 1;
+                        }
+                    }
+                }
+            }
+            if let Some((first, count)) = inner.enforce_retention(st, &part.stream) {
+                trims.push((part.stream.clone(), first, count));
+            }
+            results.push(Ok(planned_outcomes(&part.stream, &plan, &appended)));
+        }
+        if !events.is_empty() {
+            inner.sink.committed(&events);
+        }
+        for (stream, first, count) in trims {
+            inner.sink.trimmed(&stream, first, count);
+        }
+        Ok(results)
+    }
+
+    async fn read_range(
+        &self,
+        stream: &StreamId,
+        range: ReadRange,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        let st = self.inner.lock();
+        let info = self.inner.info(&st, stream);
+        let Some(s) = st.streams.get(stream) else {
+            return Ok(ReadResult {
+                info,
+                events: Vec::new(),
+            });
+        };
+        let events = match range {
+            ReadRange::After(after) => {
+                let from = s.events.partition_point(|e| e.seq() <= after);
+                s.events.iter().skip(from).take(limit).cloned().collect()
+            }
+            ReadRange::Before(before) => {
+                let to = s.events.partition_point(|e| e.seq() < before);
+                s.events
+                    .iter()
+                    .take(to)
+                    .rev()
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+            ReadRange::Since(ts) => {
+                let from = s.events.partition_point(|e| e.ts() < ts);
+                s.events.iter().skip(from).take(limit).cloned().collect()
+            }
+        };
+        Ok(ReadResult { info, events })
+    }
+
+    async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let info = {
+            let mut guard = self.inner.lock();
+            let st = &mut *guard;
+            let Some(s) = st.streams.get_mut(stream) else {
+                return Ok(None);
+            };
+            s.epoch = Epoch::generate();
+            s.head = Seq(0);
+            s.bytes = 0;
+            s.events.clear();
+            s.closed = false;
+            let info = s.info(stream);
+            st.idempotency.retain(|(s, _), _| s != stream);
+            info
+        };
+        self.inner.sink.recreated(stream);
+        Ok(Some(info))
+    }
+
+    async fn close_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let mut guard = self.inner.lock();
+        let Some(s) = guard.streams.get_mut(stream) else {
+            return Ok(None);
+        };
+        let newly = !s.closed;
+        s.closed = true;
+        let info = s.info(stream);
+        // Under the lock, like commits: the sink hears of the close after every event.
+        if newly {
+            self.inner.sink.closed(stream, info.head);
+        }
+        Ok(Some(info))
+    }
+
     async fn stream_info(&self, stream: &StreamId) -> StoreResult<StreamInfo> {
         let st = self.inner.lock();
         Ok(self.inner.info(&st, stream))
     }
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
-        let st = self.inner.lock();
-        let info = self.inner.info(&st, stream);
-        let events = match st.streams.get(stream) {
-            Some(s) => {
-                let first = info.first_seq.0;
-                let skip = (after.0 + 1).saturating_sub(first) as usize;
-                s.events.iter().skip(skip).take(limit).cloned().collect()
-            }
-            None => Vec::new(),
-        };
-        Ok(ReadResult { info, events })
+        self.read_range(stream, ReadRange::After(after), limit)
+            .await
     }
 
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {

@@ -88,6 +88,9 @@ impl Lua {
 
 pub(super) struct Scripts {
     pub(super) append: Lua,
+    pub(super) append_batch: Lua,
+    pub(super) delete: Lua,
+    pub(super) close: Lua,
     pub(super) info: Lua,
     pub(super) read: Lua,
     pub(super) age: Lua,
@@ -110,6 +113,9 @@ impl Scripts {
     pub(super) fn new() -> Scripts {
         Scripts {
             append: Lua::new(lua::append()),
+            append_batch: Lua::new(lua::append_batch()),
+            delete: Lua::new(lua::delete()),
+            close: Lua::new(lua::close()),
             info: Lua::new(lua::info()),
             read: Lua::new(lua::read()),
             age: Lua::new(lua::age()),

@@ -55,6 +55,10 @@ pub(super) enum Live<'a> {
         stream: StreamId,
         epoch: Epoch,
     },
+    Closed {
+        stream: StreamId,
+        last_seq: Seq,
+    },
     /// A connection (on any instance) now holds a session.
     Held {
         holder: &'a str,
@@ -96,6 +100,10 @@ pub(super) fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
         b"p" => Some(Live::Presence {
             stream: StreamId::new(text(parts.next())?).ok()?,
         }),
+        b"c" => Some(Live::Closed {
+            stream: StreamId::new(text(parts.next())?).ok()?,
+            last_seq: Seq(text(parts.next())?.parse().ok()?),
+        }),
         b"h" => Some(Live::Held {
             holder: text(parts.next())?,
             session: SessionId::parse(text(parts.next())?)?,
@@ -122,8 +130,9 @@ impl Shared {
             }) => self.sink.trimmed(&stream, first, count),
             Some(Live::Renewed { stream, epoch }) => {
                 self.observe(&stream, &epoch, 0);
-                self.sink.reset();
+                self.sink.recreated(&stream);
             }
+            Some(Live::Closed { stream, last_seq }) => self.sink.closed(&stream, last_seq),
             Some(Live::Held { holder, session }) => self.sink.session_held(&session, holder),
             Some(Live::Presence { stream }) => self.sink.presence_changed(&stream),
             None => tracing::debug!("ignored a live message in an unknown format"),

@@ -20,7 +20,9 @@ use super::keys::{
     publish_index_key,
 };
 use super::{Shared, lock};
-use crate::{AppendOutcome, AppendRequest, ReadResult, StoreError, StoreResult, StreamInfo};
+use crate::{
+    AppendOutcome, AppendRequest, ReadRange, ReadResult, StoreError, StoreResult, StreamInfo,
+};
 
 /// Streams whose last seen position this instance remembers (to notice a log going back).
 pub(super) const MAX_KNOWN_STREAMS: usize = 100_000;
@@ -28,7 +30,11 @@ pub(super) const MAX_KNOWN_STREAMS: usize = 100_000;
 /// hub re-reads the log when it sees a seq skipped).
 pub(super) const PUBLISH_THROUGH_MAX: u64 = 1_000;
 
-/// The bounds part of a stream script's reply: `epoch, head, first, count, bytes, renewed`.
+/// Values in the bounds part of a stream script's reply.
+pub(super) const BOUNDS_LEN: usize = 7;
+
+/// The bounds part of a stream script's reply: `epoch, head, first, count, bytes, renewed,
+/// closed`.
 pub(super) fn parse_bounds(stream: &StreamId, v: &[Value]) -> Option<(StreamInfo, bool)> {
     let info = StreamInfo {
         stream: stream.clone(),
@@ -37,6 +43,7 @@ pub(super) fn parse_bounds(stream: &StreamId, v: &[Value]) -> Option<(StreamInfo
         first_seq: Seq(as_u64(v.get(2)?)?),
         count: as_u64(v.get(3)?)?,
         bytes: as_u64(v.get(4)?)?,
+        closed: as_u64(v.get(6)?)? == 1,
     };
     Some((info, as_u64(v.get(5)?)? == 1))
 }
@@ -56,6 +63,9 @@ pub(super) enum Appended {
         unlisted: bool,
     },
     Reused,
+    Closed {
+        head: u64,
+    },
 }
 
 impl Shared {
@@ -109,6 +119,9 @@ impl Shared {
                 })
             }
             Ok(Appended::Reused) => Err(StoreError::IdempotencyKeyReused),
+            Ok(Appended::Closed { head }) => Err(StoreError::StreamClosed {
+                last_seq: Seq(head),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -193,22 +206,28 @@ impl Shared {
     pub(super) async fn read(
         &self,
         stream: &StreamId,
-        after: Seq,
+        range: ReadRange,
         limit: i64,
     ) -> StoreResult<ReadResult> {
+        let (position, mode) = match range {
+            ReadRange::After(s) => (s.0, "a"),
+            ReadRange::Before(s) => (s.0, "b"),
+            ReadRange::Since(ts) => (ts, "s"),
+        };
         let call = self
             .stream_call(&self.scripts.read, stream, Vec::new())
-            .arg(after.0)
+            .arg(position)
             .arg(limit)
-            .arg(self.waits());
+            .arg(self.waits())
+            .arg(mode);
         let v = as_array(self.eval("read", &call).await?).ok_or_else(|| unexpected("read"))?;
         let (info, renewed) = parse_bounds(stream, &v).ok_or_else(|| unexpected("read"))?;
         if renewed {
             self.renewed(stream, &info);
         }
         self.observe(stream, &info.epoch, info.head.0);
-        let mut events = Vec::with_capacity(v.len().saturating_sub(6) / 3);
-        let mut rest = v.into_iter().skip(6);
+        let mut events = Vec::with_capacity(v.len().saturating_sub(BOUNDS_LEN) / 3);
+        let mut rest = v.into_iter().skip(BOUNDS_LEN);
         while let Some(seq) = rest.next() {
             let (Some(seq), Some(ts), Some(Value::BulkString(json))) = (
                 as_u64(&seq),
@@ -304,6 +323,12 @@ impl Shared {
                 })
             }
             Some("reused") => Ok(Appended::Reused),
+            Some("closed") => Ok(Appended::Closed {
+                head: v
+                    .get(1)
+                    .and_then(as_u64)
+                    .ok_or_else(|| unexpected("append"))?,
+            }),
             _ => Err(unexpected("append")),
         }
     }
@@ -393,7 +418,7 @@ impl Shared {
     }
 
     pub(super) async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {
-        let r = self.read(stream, Seq(0), -1).await?;
+        let r = self.read(stream, ReadRange::After(Seq(0)), -1).await?;
         let mut h = ChainHash::default();
         for e in &r.events {
             h.push(e.json());

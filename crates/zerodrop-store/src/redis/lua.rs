@@ -16,7 +16,8 @@
 //!
 //! Live messages (`PUBLISH`, fields separated by `|`, which neither stream ids nor epochs may
 //! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>`, `t|<stream>|<first>|<count>`
-//! (trimmed) and `r|<stream>|<epoch>` (the stream got a new epoch).
+//! (trimmed), `r|<stream>|<epoch>` (the stream got a new epoch: its log was lost, or erased)
+//! and `c|<stream>|<last seq>` (the stream was closed).
 //!
 //! Must not: let a stream script touch a key outside its stream's slot (the base-epoch key
 //! aside), or spell out a shared rule without naming the Rust function it repeats.
@@ -100,7 +101,56 @@ local function visible(m, waits)
 end
 
 local function bounds_reply(m, renewed)
-  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0}
+  local closed = redis.call('HGET', KEYS[1], 'closed') == '1' and 1 or 0
+  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
+end
+
+-- Retention after appends, `zerodrop_core::retention::plan_trim` evaluated where the events
+-- are: drop the oldest while over `max_events` or `max_bytes`, never the newest. Moves `m`'s
+-- bounds; returns how many went.
+local function trim(m, max_events, max_bytes)
+  if max_events < 1 then max_events = 1 end
+  local removed, removed_bytes, through = 0, 0, 0
+  local must = m.count - max_events
+  if must > 0 or m.bytes > max_bytes then
+    local cursor, done = m.first, false
+    while not done do
+      local want = math.max(must - removed, 0) + 16
+      local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(cursor), '+', 'COUNT', want)
+      if #entries == 0 then break end
+      for _, e in ipairs(entries) do
+        local over_count = removed < must
+        local over_bytes = m.bytes - removed_bytes > max_bytes
+        if m.count - removed <= 1 or (not over_count and not over_bytes) then
+          done = true
+          break
+        end
+        through = seq_of(e[1])
+        removed = removed + 1
+        removed_bytes = removed_bytes + #e[2][4]
+        cursor = through + 1
+      end
+    end
+    if removed > 0 then
+      redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. int(through + 1))
+      m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
+    end
+  end
+  return removed
+end
+
+-- One event appended at the next seq (`XADD 0-<seq>`); `m` moves. Returns seq and json.
+local function add_event(m, data, ts)
+  local seq = m.head + 1
+  local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
+    '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
+  redis.call('XADD', KEYS[2], '0-' .. int(seq), 't', int(ts), 'j', json)
+  m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
+  return seq, json
+end
+
+local function is_closed()
+  return redis.call('HGET', KEYS[1], 'closed') == '1'
 end
 "#;
 
@@ -133,9 +183,12 @@ end
 /// earlier writes. The duplicate's hit count is a replicated write made after the original,
 /// so `WAIT` acknowledges it only once the replicas also hold the original.
 ///
-/// The trim loop is `zerodrop_core::retention::plan_trim`, evaluated where the events are:
-/// drop the oldest while over `max_events` or `max_bytes`, never the newest. The store's tests
-/// check it against the memory store, which calls `plan_trim` itself.
+/// A closed stream (the bounds' `closed` field) answers `{'closed', head}` after the key's
+/// check, so a retry of an append made before the close still gets its duplicate answer.
+///
+/// The trim loop (`trim`) is `zerodrop_core::retention::plan_trim`, evaluated where the
+/// events are. The store's tests check it against the memory store, which calls `plan_trim`
+/// itself.
 const APPEND: &str = r#"
 local data, fp, idem_ttl = ARGV[7], ARGV[8], ARGV[9]
 local max_events, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -152,40 +205,10 @@ if fp ~= '' then
   end
 end
 local m, renewed = load_meta(true)
+if is_closed() then return {'closed', m.head} end
 local ts = math.max(now_ms(), m.ts)
-local seq = m.head + 1
-local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
-  '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
-redis.call('XADD', KEYS[2], '0-' .. int(seq), 't', int(ts), 'j', json)
-m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
-
-if max_events < 1 then max_events = 1 end
-local removed, removed_bytes, through = 0, 0, 0
-local must = m.count - max_events
-if must > 0 or m.bytes > max_bytes then
-  local cursor, done = m.first, false
-  while not done do
-    local want = math.max(must - removed, 0) + 16
-    local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(cursor), '+', 'COUNT', want)
-    if #entries == 0 then break end
-    for _, e in ipairs(entries) do
-      local over_count = removed < must
-      local over_bytes = m.bytes - removed_bytes > max_bytes
-      if m.count - removed <= 1 or (not over_count and not over_bytes) then
-        done = true
-        break
-      end
-      through = seq_of(e[1])
-      removed = removed + 1
-      removed_bytes = removed_bytes + #e[2][4]
-      cursor = through + 1
-    end
-  end
-  if removed > 0 then
-    redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. int(through + 1))
-    m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
-  end
-end
+local seq, json = add_event(m, data, ts)
+local removed = trim(m, max_events, max_bytes)
 
 redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count', int(m.count),
   'bytes', int(m.bytes), 'ts', int(ts))
@@ -248,15 +271,45 @@ local m, renewed = load_meta(false)
 return bounds_reply(visible(m, ARGV[7] == '1'), renewed)
 "#;
 
-/// `ARGV[7]` after, `ARGV[8]` limit (negative: all), `ARGV[9]` `'1'` when appends `WAIT`
-/// (events past the last confirmed one are not read: `visible`). The bounds, then `seq, ts,
-/// json` per event with seq > after, all read in one step so they describe the same log.
+/// `ARGV[7]` position, `ARGV[8]` limit (negative: all), `ARGV[9]` `'1'` when appends `WAIT`
+/// (events past the last confirmed one are not read: `visible`), `ARGV[10]` which events:
+/// `a` (or none) seq > position, `b` seq < position newest first, `s` from the first event
+/// stamped at or after the position (ms; found by bisection over the seqs, since stamps never
+/// decrease along a log). The bounds, then `seq, ts, json` per event, all read in one step so
+/// they describe the same log.
 const READ: &str = r#"
-local after, limit = tonumber(ARGV[7]), tonumber(ARGV[8])
+local after, limit, mode = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[10] or 'a'
 local m, renewed = load_meta(false)
 m = visible(m, ARGV[9] == '1')
 local out = bounds_reply(m, renewed)
+local function push(entries)
+  for _, e in ipairs(entries) do
+    out[#out + 1] = seq_of(e[1])
+    out[#out + 1] = e[2][2]
+    out[#out + 1] = e[2][4]
+  end
+end
+if mode == 'b' then
+  local to = math.min(after - 1, m.head)
+  if m.count > 0 and limit ~= 0 and to >= m.first then
+    if limit > 0 then
+      push(redis.call('XREVRANGE', KEYS[2], '0-' .. int(to), '0-' .. int(m.first), 'COUNT', limit))
+    else
+      push(redis.call('XREVRANGE', KEYS[2], '0-' .. int(to), '0-' .. int(m.first)))
+    end
+  end
+  return out
+end
 local from = math.max(after + 1, m.first)
+if mode == 's' then
+  local lo, hi = m.first, m.head + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local e = redis.call('XRANGE', KEYS[2], '0-' .. int(mid), '0-' .. int(mid))
+    if #e == 0 or tonumber(e[1][2][2]) >= after then hi = mid else lo = mid + 1 end
+  end
+  from = lo
+end
 if m.count > 0 and limit ~= 0 and from <= m.head then
   local entries
   local to = '0-' .. int(m.head)
@@ -265,13 +318,153 @@ if m.count > 0 and limit ~= 0 and from <= m.head then
   else
     entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), to)
   end
-  for _, e in ipairs(entries) do
-    out[#out + 1] = seq_of(e[1])
-    out[#out + 1] = e[2][2]
-    out[#out + 1] = e[2][4]
-  end
+  push(entries)
 end
 return out
+"#;
+
+/// A batch's part for one stream, in one step: `crate::rules::plan_items` spelled out (a key
+/// seen before answers its duplicate, or refuses the whole part with another body; a key used
+/// twice in the part likewise; anything new for a closed stream refuses the part), then every
+/// new event appended in the part's order, the keys recorded, one trim, the bounds, and the
+/// doorbell as `APPEND` rings it. A change to the rule must change both.
+///
+/// `KEYS[3]` the stream's key index, then per item `i` (1-based) `KEYS[3 + i]` its key's
+/// record and `KEYS[3 + n + i]` its hit counter (any key of the stream for an item without a
+/// key). `ARGV[7]` idempotency TTL (ms), `ARGV[8]` max events, `ARGV[9]` max bytes, `ARGV[10]`
+/// origin token, `ARGV[11]` `'1'` when the caller follows with `WAIT`, `ARGV[12]` n, then per
+/// item data, fingerprint (hex or `''`) and key (or `''`).
+///
+/// Replies `{'reused'}`, `{'closed', head}`, or `{'ok', ts, indexed, renewed, unlisted,
+/// last new seq (0: none), epoch of the new events ('' if none)}` followed by `seq, epoch, dup`
+/// per item.
+const APPEND_BATCH: &str = r#"
+local idem_ttl, max_events, max_bytes = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local origin, waits, n = ARGV[10], ARGV[11] == '1', tonumber(ARGV[12])
+local function arg(i, k) return ARGV[12 + 3 * (i - 1) + k] end
+local plan, first_of, any_new, keyed = {}, {}, false, false
+for i = 1, n do
+  local fp, key = arg(i, 2), arg(i, 3)
+  if fp == '' then
+    plan[i] = {'new'}
+    any_new = true
+  else
+    keyed = true
+    local j = first_of[key]
+    if j then
+      if arg(j, 2) ~= fp then return {'reused'} end
+      if plan[j][1] == 'dup' then plan[i] = plan[j] else plan[i] = {'same', j} end
+    else
+      first_of[key] = i
+      local prev = redis.call('GET', KEYS[3 + i])
+      if prev then
+        local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
+        if pfp ~= fp then return {'reused'} end
+        plan[i] = {'dup', tonumber(pseq), pepoch}
+      else
+        plan[i] = {'new'}
+        any_new = true
+      end
+    end
+  end
+end
+local reply = {'ok', 0, 1, 0, 0, 0, ''}
+local seqs = {}
+if any_new then
+  local m, renewed = load_meta(true)
+  if is_closed() then return {'closed', m.head} end
+  local ts = math.max(now_ms(), m.ts)
+  local events = {}
+  for i = 1, n do
+    if plan[i][1] == 'new' then
+      local seq, json = add_event(m, arg(i, 1), ts)
+      seqs[i] = seq
+      events[#events + 1] = int(seq) .. '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json
+      if arg(i, 2) ~= '' then
+        redis.call('SET', KEYS[3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
+          idem_ttl)
+        redis.call('ZADD', KEYS[3], int(ts), arg(i, 3))
+      end
+    end
+  end
+  local removed = trim(m, max_events, max_bytes)
+  redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count',
+    int(m.count), 'bytes', int(m.bytes), 'ts', int(ts))
+  if keyed then
+    local expired = redis.call('ZCOUNT', KEYS[3], '-inf', int(ts - tonumber(idem_ttl)))
+    if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, math.min(expired, 64) - 1) end
+  end
+  if waits then
+    if redis.call('HEXISTS', KEYS[1], 'pub') == 0 then
+      redis.call('HSET', KEYS[1], 'pub', int(m.head - #events))
+    end
+  else
+    for _, e in ipairs(events) do
+      redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. e)
+    end
+  end
+  if removed > 0 then
+    redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+  end
+  reply = {'ok', ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0, 0, m.head,
+    m.epoch}
+end
+for i = 1, n do
+  if plan[i][1] == 'dup' or plan[i][1] == 'same' then
+    local left = redis.call('PTTL', KEYS[3 + i])
+    redis.call('INCR', KEYS[3 + n + i])
+    if left > 0 then redis.call('PEXPIRE', KEYS[3 + n + i], left) end
+  end
+end
+if keyed then reply[5] = 1 - redis.call('HEXISTS', KEYS[1], 'pk') end
+for i = 1, n do
+  local p = plan[i]
+  if p[1] == 'new' then
+    reply[#reply + 1] = seqs[i]
+    reply[#reply + 1] = reply[7]
+    reply[#reply + 1] = 0
+  elseif p[1] == 'dup' then
+    reply[#reply + 1] = p[2]
+    reply[#reply + 1] = p[3]
+    reply[#reply + 1] = 1
+  else
+    reply[#reply + 1] = seqs[p[2]]
+    reply[#reply + 1] = reply[7]
+    reply[#reply + 1] = 1
+  end
+end
+return reply
+"#;
+
+/// Erases a stream: its key records (named in the key index `KEYS[3]`; `ARGV[7]` and
+/// `ARGV[8]` are the prefixes of a key's record and hit counter), its log, and starts it again,
+/// empty and open, in the fresh epoch `ARGV[2]`, announced like any renewal (`r|…`). Keeping
+/// the bounds (rather than none) is what makes the new epoch stick: bounds that vanished would
+/// let a reader fall back to the base epoch. Replies `{}` when the stream has no bounds, else
+/// the new bounds.
+const DELETE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local m = load_meta(false)
+local keys = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, k in ipairs(keys) do
+  redis.call('DEL', ARGV[7] .. k, ARGV[8] .. k)
+end
+redis.call('DEL', KEYS[3])
+local fresh = new_log(candidate, m.ts)
+redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. candidate)
+return bounds_reply(fresh, true)
+"#;
+
+/// Closes a stream at its head (the bounds' `closed` field), announced once as
+/// `c|<stream>|<head>`. Replies `{}` when the stream has no bounds, else its bounds.
+const CLOSE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local m, renewed = load_meta(false)
+if not is_closed() then
+  redis.call('HSET', KEYS[1], 'closed', '1')
+  redis.call('PUBLISH', channel, 'c|' .. stream .. '|' .. int(m.head))
+end
+return bounds_reply(m, renewed)
 "#;
 
 /// Age retention for one stream. `ARGV[7]` max age in ms, `ARGV[8]` most events removed in
@@ -445,6 +638,18 @@ return 0
 
 pub fn append() -> String {
     format!("{PRELUDE}{APPEND}")
+}
+
+pub fn append_batch() -> String {
+    format!("{PRELUDE}{APPEND_BATCH}")
+}
+
+pub fn delete() -> String {
+    format!("{PRELUDE}{DELETE}")
+}
+
+pub fn close() -> String {
+    format!("{PRELUDE}{CLOSE}")
 }
 
 pub fn info() -> String {

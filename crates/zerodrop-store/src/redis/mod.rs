@@ -124,6 +124,7 @@ mod retention;
 mod revocations;
 mod sentinel;
 mod sessions;
+mod streams;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -147,9 +148,9 @@ use self::retention::sweep_loop;
 pub use self::sentinel::SentinelUrl;
 use self::sentinel::{Primary, Resolver};
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, RedisPersistence, SessionCap,
-    SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
-    StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, ReadRange, ReadResult, RedisPersistence,
+    SessionCap, SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind,
+    StoreResult, StoreStats, StreamBatch, StreamInfo,
 };
 
 #[derive(Clone, Debug)]
@@ -433,8 +434,34 @@ impl Store for RedisStore {
             });
         }
         self.shared
-            .read(stream, after, i64::try_from(limit).unwrap_or(i64::MAX))
+            .read(
+                stream,
+                ReadRange::After(after),
+                i64::try_from(limit).unwrap_or(i64::MAX),
+            )
             .await
+    }
+
+    async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome> {
+        self.shared.append_batch(batch).await
+    }
+
+    async fn read_range(
+        &self,
+        stream: &StreamId,
+        range: ReadRange,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.shared.read(stream, range, limit).await
+    }
+
+    async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        self.shared.delete_stream(stream).await
+    }
+
+    async fn close_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        self.shared.close_stream(stream).await
     }
 
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {

@@ -26,12 +26,33 @@ impl Writer {
         stream: &StreamId,
         k: &IdempotencyKey,
     ) -> rusqlite::Result<Option<StoreResult<AppendOutcome>>> {
+        let Some((fp, seq, epoch)) = self.lookup_idempotent(stream, &k.key)? else {
+            return Ok(None);
+        };
+        if fp != k.fingerprint {
+            return Ok(Some(Err(StoreError::IdempotencyKeyReused)));
+        }
+        self.count_hit(stream, &k.key)?;
+        Ok(Some(Ok(AppendOutcome {
+            stream: stream.clone(),
+            seq,
+            epoch,
+            duplicate: true,
+        })))
+    }
+
+    /// A key's record: the fingerprint of its body, and the seq and epoch it answers.
+    pub(super) fn lookup_idempotent(
+        &mut self,
+        stream: &StreamId,
+        key: &str,
+    ) -> rusqlite::Result<Option<([u8; 32], Seq, Epoch)>> {
         let found = self
             .conn
             .prepare_cached(
                 "SELECT fingerprint, seq, epoch FROM idempotency WHERE stream = ?1 AND key = ?2",
             )?
-            .query_row(params![stream.as_str(), k.key], |r| {
+            .query_row(params![stream.as_str(), key], |r| {
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
                     r.get::<_, i64>(1)?,
@@ -39,24 +60,22 @@ impl Writer {
                 ))
             })
             .optional()?;
-        let Some((fp, seq, epoch)) = found else {
-            return Ok(None);
-        };
-        if fp.as_slice() != k.fingerprint.as_slice() {
-            return Ok(Some(Err(StoreError::IdempotencyKeyReused)));
-        }
-        // Counted in the commit that answers the duplicate (the batch commits either way).
+        Ok(found.map(|(fp, seq, epoch)| {
+            // A stored fingerprint of another length matches no body.
+            let fp = <[u8; 32]>::try_from(fp.as_slice()).unwrap_or([0; 32]);
+            let epoch = Epoch::parse(&epoch).unwrap_or_else(|| self.epoch.clone());
+            (fp, Seq(seq as u64), epoch)
+        }))
+    }
+
+    /// Counts a duplicate, in the commit that answers it (the batch commits either way).
+    pub(super) fn count_hit(&mut self, stream: &StreamId, key: &str) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached(
                 "UPDATE idempotency SET hit_count = hit_count + 1 WHERE stream = ?1 AND key = ?2",
             )?
-            .execute(params![stream.as_str(), k.key])?;
-        Ok(Some(Ok(AppendOutcome {
-            stream: stream.clone(),
-            seq: Seq(seq as u64),
-            epoch: Epoch::parse(&epoch).unwrap_or_else(|| self.epoch.clone()),
-            duplicate: true,
-        })))
+            .execute(params![stream.as_str(), key])?;
+        Ok(())
     }
 
     /// Records a new key, in the commit of the append it answers for.

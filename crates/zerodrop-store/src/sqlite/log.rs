@@ -14,8 +14,12 @@ use zerodrop_core::hash::ChainHash;
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
 use super::readers::snapshot;
-use super::writer::{BatchEffects, Writer};
-use crate::{AppendOutcome, AppendRequest, ReadResult, StoreResult, StreamInfo};
+use super::writer::{BatchEffects, Writer, meta_info};
+use crate::rules::{plan_items, planned_outcomes};
+use crate::{
+    AppendOutcome, AppendRequest, BatchOutcome, IdempotencyKey, Planned, ReadRange, ReadResult,
+    StoreError, StoreResult, StreamBatch, StreamInfo,
+};
 
 impl Writer {
     pub(super) fn append(
@@ -28,12 +32,37 @@ impl Writer {
         {
             return Ok(r);
         }
+        let meta = self.meta(&req.stream)?;
+        if meta.closed {
+            return Ok(Err(StoreError::StreamClosed {
+                last_seq: Seq(meta.head),
+            }));
+        }
+        let (seq, epoch) =
+            self.append_event(&req.stream, &req.data, req.idempotency.as_ref(), fx)?;
+        Ok(Ok(AppendOutcome {
+            stream: req.stream,
+            seq,
+            epoch,
+            duplicate: false,
+        }))
+    }
+
+    /// The next seq of `stream`: the event encoded once and inserted, its key recorded, in
+    /// this batch.
+    fn append_event(
+        &mut self,
+        stream: &StreamId,
+        data: &str,
+        key: Option<&IdempotencyKey>,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<(Seq, Epoch)> {
         let ts = self.clock.now_ms().max(self.last_ts);
         self.last_ts = ts;
-        let meta = self.meta(&req.stream)?;
+        let meta = self.meta(stream)?;
         let seq = Seq(meta.head + 1);
         let epoch = meta.epoch.clone();
-        let event = Event::encode(req.stream.clone(), seq, epoch.clone(), ts, &req.data);
+        let event = Event::encode(stream.clone(), seq, epoch.clone(), ts, data);
         let len = event.json().len() as u64;
         meta.head = seq.0;
         meta.count += 1;
@@ -42,23 +71,120 @@ impl Writer {
         self.conn
             .prepare_cached("INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![
-                req.stream.as_str(),
+                stream.as_str(),
                 seq.0 as i64,
                 ts as i64,
                 &event.json()[..]
             ])?;
-        if let Some(k) = &req.idempotency {
-            self.record_idempotent(&req.stream, k, seq, &epoch, ts)?;
+        if let Some(k) = key {
+            self.record_idempotent(stream, k, seq, &epoch, ts)?;
         }
-        fx.touched.insert(req.stream.clone());
+        fx.touched.insert(stream.clone());
         fx.events
             .push(Arc::new(event.with_committed_at(Instant::now())));
-        Ok(Ok(AppendOutcome {
-            stream: req.stream,
-            seq,
-            epoch,
-            duplicate: false,
-        }))
+        Ok((seq, epoch))
+    }
+
+    /// Every stream's part of a batch in this one transaction: each part planned whole first
+    /// (`plan_items`), so a refused part writes nothing.
+    pub(super) fn append_batch(
+        &mut self,
+        batch: Vec<StreamBatch>,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<StoreResult<BatchOutcome>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for part in batch {
+            let meta = self.meta(&part.stream)?;
+            let closed = meta.closed.then_some(Seq(meta.head));
+            let plan = match plan_items(&part.items, closed, |k| {
+                self.lookup_idempotent(&part.stream, &k.key)
+            })? {
+                Ok(plan) => plan,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let mut appended = Vec::new();
+            for (item, p) in part.items.iter().zip(&plan) {
+                match p {
+                    Planned::Append => {
+                        let at = self.append_event(
+                            &part.stream,
+                            &item.data,
+                            item.idempotency.as_ref(),
+                            fx,
+                        )?;
+                        appended.push(at);
+                    }
+                    Planned::Duplicate { .. } | Planned::SameAs(_) => {
+                        if let Some(k) = &item.idempotency {
+                            self.count_hit(&part.stream, &k.key)?;
+                        }
+                    }
+                }
+            }
+            results.push(Ok(planned_outcomes(&part.stream, &plan, &appended)));
+        }
+        Ok(Ok(results))
+    }
+
+    /// Whether the store holds anything of `stream` (a row, or a write in this batch).
+    fn known(&mut self, stream: &StreamId) -> rusqlite::Result<bool> {
+        if self.cache.contains_key(stream) {
+            return Ok(true);
+        }
+        self.conn
+            .prepare_cached("SELECT 1 FROM streams WHERE stream = ?1")?
+            .exists(params![stream.as_str()])
+    }
+
+    /// Erases the log and its keys; the stream goes on, empty and open, in a new epoch.
+    pub(super) fn delete_stream(
+        &mut self,
+        stream: &StreamId,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<StoreResult<Option<StreamInfo>>> {
+        if !self.known(stream)? {
+            return Ok(Ok(None));
+        }
+        self.conn
+            .prepare_cached("DELETE FROM events WHERE stream = ?1")?
+            .execute(params![stream.as_str()])?;
+        self.conn
+            .prepare_cached("DELETE FROM idempotency WHERE stream = ?1")?
+            .execute(params![stream.as_str()])?;
+        let meta = self.meta(stream)?;
+        meta.epoch = Epoch::generate();
+        meta.head = 0;
+        meta.first = 1;
+        meta.count = 0;
+        meta.bytes = 0;
+        meta.closed = false;
+        let info = meta_info(stream, meta);
+        fx.touched.insert(stream.clone());
+        fx.trims.retain(|(s, _, _)| s != stream);
+        fx.recreated.push(stream.clone());
+        Ok(Ok(Some(info)))
+    }
+
+    pub(super) fn close_stream(
+        &mut self,
+        stream: &StreamId,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<StoreResult<Option<StreamInfo>>> {
+        if !self.known(stream)? {
+            return Ok(Ok(None));
+        }
+        let meta = self.meta(stream)?;
+        let newly = !meta.closed;
+        meta.closed = true;
+        let info = meta_info(stream, meta);
+        if newly {
+            fx.touched.insert(stream.clone());
+            fx.closed.push((stream.clone(), info.head));
+        }
+        Ok(Ok(Some(info)))
     }
 }
 
@@ -66,17 +192,33 @@ pub(super) fn read_events(
     c: &Connection,
     stream: &StreamId,
     epoch: &Epoch,
-    after: Seq,
+    range: ReadRange,
     limit: usize,
 ) -> rusqlite::Result<ReadResult> {
+    let (sql, from) = match range {
+        ReadRange::After(s) => (
+            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            s.0,
+        ),
+        ReadRange::Before(s) => (
+            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            s.0,
+        ),
+        ReadRange::Since(ts) => (
+            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND ts >= ?2 ORDER BY seq LIMIT ?3",
+            ts,
+        ),
+    };
     snapshot(c, |c| {
         let info = read_info(c, stream, epoch)?;
         let mut events = Vec::new();
-        let mut stmt = c.prepare_cached(
-            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
+        let mut stmt = c.prepare_cached(sql)?;
         let rows = stmt.query_map(
-            params![stream.as_str(), after.0 as i64, limit as i64],
+            params![
+                stream.as_str(),
+                from.min(i64::MAX as u64) as i64,
+                limit as i64
+            ],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -106,7 +248,7 @@ pub(super) fn read_info(
 ) -> rusqlite::Result<StreamInfo> {
     let row = conn
         .prepare_cached(
-            "SELECT epoch, head, first_seq, count, bytes FROM streams WHERE stream = ?1",
+            "SELECT epoch, head, first_seq, count, bytes, closed FROM streams WHERE stream = ?1",
         )?
         .query_row(params![stream.as_str()], |r| {
             Ok((
@@ -115,17 +257,19 @@ pub(super) fn read_info(
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })
         .optional()?;
     Ok(match row {
-        Some((e, head, first, count, bytes)) => StreamInfo {
+        Some((e, head, first, count, bytes, closed)) => StreamInfo {
             stream: stream.clone(),
             epoch: Epoch::parse(&e).unwrap_or_else(|| epoch.clone()),
             head: Seq(head as u64),
             first_seq: Seq(first as u64),
             count: count as u64,
             bytes: bytes as u64,
+            closed: closed != 0,
         },
         None => StreamInfo::empty(stream.clone(), epoch.clone()),
     })

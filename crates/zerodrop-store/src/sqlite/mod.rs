@@ -48,8 +48,9 @@ use self::health::{Health, quick_check};
 use self::readers::Readers;
 use self::writer::{Cmd, Op, Reply, Writer};
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, ReadResult, SessionCap, SessionRecord, SessionStream,
-    Store, StoreDurability, StoreError, StoreKind, StoreResult, StoreStats, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, ReadRange, ReadResult, SessionCap,
+    SessionRecord, SessionStream, Store, StoreDurability, StoreError, StoreKind, StoreResult,
+    StoreStats, StreamBatch, StreamInfo,
 };
 
 mod guard;
@@ -315,14 +316,38 @@ impl Store for SqliteStore {
 
     async fn read(&self, stream: &StreamId, after: Seq, limit: usize) -> StoreResult<ReadResult> {
         if limit <= INLINE_READ_EVENTS {
-            return self
-                .readers
-                .run_now(|c, epoch| log::read_events(c, stream, epoch, after, limit));
+            return self.readers.run_now(|c, epoch| {
+                log::read_events(c, stream, epoch, ReadRange::After(after), limit)
+            });
         }
+        self.read_range(stream, ReadRange::After(after), limit)
+            .await
+    }
+
+    async fn append_batch(&self, batch: Vec<StreamBatch>) -> StoreResult<BatchOutcome> {
+        self.call(|r| Cmd::AppendBatch(batch, r)).await
+    }
+
+    async fn read_range(
+        &self,
+        stream: &StreamId,
+        range: ReadRange,
+        limit: usize,
+    ) -> StoreResult<ReadResult> {
         let stream = stream.clone();
         self.readers
-            .run(move |c, epoch| log::read_events(c, &stream, epoch, after, limit))
+            .run(move |c, epoch| log::read_events(c, &stream, epoch, range, limit))
             .await
+    }
+
+    async fn delete_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let stream = stream.clone();
+        self.call(|r| Cmd::DeleteStream(stream, r)).await
+    }
+
+    async fn close_stream(&self, stream: &StreamId) -> StoreResult<Option<StreamInfo>> {
+        let stream = stream.clone();
+        self.call(|r| Cmd::CloseStream(stream, r)).await
     }
 
     async fn digest(&self, stream: &StreamId) -> StoreResult<(StreamInfo, String)> {

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS streams (
     first_seq INTEGER NOT NULL,
     count INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    last_ts INTEGER NOT NULL
+    last_ts INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -120,6 +121,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE idempotency ADD COLUMN hit_count INTEGER NOT NULL DEFAULT 0",
         )?;
+    }
+    let has_closed = conn
+        .prepare("SELECT 1 FROM pragma_table_info('streams') WHERE name = 'closed'")?
+        .exists([])?;
+    if !has_closed {
+        conn.execute_batch("ALTER TABLE streams ADD COLUMN closed INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }

@@ -24,8 +24,8 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 use super::health::{Health, fault_of};
 use super::{MAX_BATCH, closed};
 use crate::{
-    AppendOutcome, AppendRequest, LiveSink, SessionCap, SessionRecord, SessionStream, StoreError,
-    StoreResult, StreamInfo,
+    AppendOutcome, AppendRequest, BatchOutcome, LiveSink, SessionCap, SessionRecord, SessionStream,
+    StoreError, StoreResult, StreamBatch, StreamInfo,
 };
 
 /// Streams whose bounds the writer keeps in memory before it starts over.
@@ -35,6 +35,10 @@ pub(super) type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
 pub(super) enum Cmd {
     Append(AppendRequest, Reply<AppendOutcome>),
+    /// A batch: each stream's part in this one commit, whole or not at all.
+    AppendBatch(Vec<StreamBatch>, Reply<BatchOutcome>),
+    DeleteStream(StreamId, Reply<Option<StreamInfo>>),
+    CloseStream(StreamId, Reply<Option<StreamInfo>>),
     CreateSession(SessionRecord, SessionCap, Reply<()>),
     PutSessionStream(SessionId, StreamId, SessionStream, Reply<()>),
     RemoveSessionStream(SessionId, StreamId, Reply<()>),
@@ -90,6 +94,7 @@ pub(super) struct Meta {
     pub(super) count: u64,
     pub(super) bytes: u64,
     pub(super) last_ts: u64,
+    pub(super) closed: bool,
 }
 
 pub(super) struct Writer {
@@ -153,6 +158,10 @@ pub(super) struct BatchEffects {
     pub(super) events: Vec<Arc<Event>>,
     pub(super) trims: Vec<(StreamId, Seq, u64)>,
     pub(super) touched: HashSet<StreamId>,
+    /// Streams erased in this batch (a new epoch), for the sink after `COMMIT`.
+    pub(super) recreated: Vec<StreamId>,
+    /// Streams closed in this batch, at their last seq, for the sink after `COMMIT`.
+    pub(super) closed: Vec<(StreamId, Seq)>,
 }
 
 impl Writer {
@@ -231,6 +240,12 @@ impl Writer {
                 for (stream, first, count) in &fx.trims {
                     self.sink.trimmed(stream, *first, *count);
                 }
+                for stream in &fx.recreated {
+                    self.sink.recreated(stream);
+                }
+                for (stream, last) in &fx.closed {
+                    self.sink.closed(stream, *last);
+                }
                 if self.cache.len() > MAX_CACHED_STREAMS {
                     self.cache.clear();
                 }
@@ -263,6 +278,18 @@ impl Writer {
             Cmd::Append(req, reply) => {
                 let r = self.append(req, fx);
                 settle(fx, reply, Done::Append, r)
+            }
+            Cmd::AppendBatch(batch, reply) => {
+                let r = self.append_batch(batch, fx);
+                settle(fx, reply, Done::other, r)
+            }
+            Cmd::DeleteStream(stream, reply) => {
+                let r = self.delete_stream(&stream, fx);
+                settle(fx, reply, Done::other, r)
+            }
+            Cmd::CloseStream(stream, reply) => {
+                let r = self.close_stream(&stream, fx);
+                settle(fx, reply, Done::other, r)
             }
             Cmd::CreateSession(s, cap, reply) => {
                 let r = self.create_session(&s, cap);
@@ -316,7 +343,8 @@ impl Writer {
             let m = self
                 .conn
                 .prepare_cached(
-                    "SELECT epoch, head, first_seq, count, bytes, last_ts FROM streams WHERE stream = ?1",
+                    "SELECT epoch, head, first_seq, count, bytes, last_ts, closed FROM streams
+                     WHERE stream = ?1",
                 )?
                 .query_row(params![stream.as_str()], |r| {
                     Ok(Meta {
@@ -327,6 +355,7 @@ impl Writer {
                         count: r.get::<_, i64>(3)? as u64,
                         bytes: r.get::<_, i64>(4)? as u64,
                         last_ts: r.get::<_, i64>(5)? as u64,
+                        closed: r.get::<_, i64>(6)? != 0,
                     })
                 })
                 .optional()?
@@ -337,6 +366,7 @@ impl Writer {
                     count: 0,
                     bytes: 0,
                     last_ts: 0,
+                    closed: false,
                 });
             self.cache.insert(stream.clone(), m);
         }
@@ -350,10 +380,11 @@ impl Writer {
             };
             self.conn
                 .prepare_cached(
-                    "INSERT INTO streams (stream, epoch, head, first_seq, count, bytes, last_ts)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    "INSERT INTO streams (stream, epoch, head, first_seq, count, bytes, last_ts,
+                       closed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (stream) DO UPDATE SET epoch = ?2, head = ?3, first_seq = ?4,
-                       count = ?5, bytes = ?6, last_ts = ?7",
+                       count = ?5, bytes = ?6, last_ts = ?7, closed = ?8",
                 )?
                 .execute(params![
                     stream.as_str(),
@@ -362,7 +393,8 @@ impl Writer {
                     m.first as i64,
                     m.count as i64,
                     m.bytes as i64,
-                    m.last_ts as i64
+                    m.last_ts as i64,
+                    i64::from(m.closed)
                 ])?;
         }
         Ok(())
@@ -407,6 +439,7 @@ pub(super) fn meta_info(stream: &StreamId, m: &Meta) -> StreamInfo {
         first_seq: Seq(m.first),
         count: m.count,
         bytes: m.bytes,
+        closed: m.closed,
     }
 }
 
@@ -416,6 +449,8 @@ fn fail(cmd: Cmd, err: &StoreError) {
     }
     match cmd {
         Cmd::Append(_, r) => send(r, err),
+        Cmd::AppendBatch(_, r) => send(r, err),
+        Cmd::DeleteStream(_, r) | Cmd::CloseStream(_, r) => send(r, err),
         Cmd::CreateSession(_, _, r)
         | Cmd::PutSessionStream(_, _, _, r)
         | Cmd::RemoveSessionStream(_, _, r)
@@ -451,9 +486,12 @@ const GATHER: Duration = Duration::from_millis(2);
 fn gathers(batch: &[Cmd]) -> bool {
     batch.len() > 1
         && batch.len() < MAX_BATCH
-        && batch
-            .iter()
-            .all(|c| !matches!(c, Cmd::Append(..) | Cmd::Run(_) | Cmd::MaxPages(..)))
+        && batch.iter().all(|c| {
+            !matches!(
+                c,
+                Cmd::Append(..) | Cmd::AppendBatch(..) | Cmd::Run(_) | Cmd::MaxPages(..)
+            )
+        })
 }
 
 #[cfg(test)]
