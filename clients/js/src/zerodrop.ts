@@ -97,6 +97,28 @@ export interface SubscribeOptions {
   onEvent?: (e: ZerodropEvent) => void;
   /** Called once with the terminal error. */
   onError?: (e: ZerodropError) => void;
+  /** Keep the stream's presence members (`subscription.members`, SPEC §10): a snapshot and
+   *  the `presence` frames after it, current across reconnects (WebSocket only). */
+  presence?: boolean;
+  /** Called with the members whenever they change (with `presence`). */
+  onPresence?: (members: Member[]) => void;
+}
+
+/** A member of a stream's presence: a session of `sub`, with its token's public `info`. */
+export interface Member {
+  sub: string;
+  sessionId: string;
+  info?: unknown;
+  /** When it joined (Unix ms). */
+  since: number;
+}
+
+interface PresenceFrame {
+  stream: string;
+  seq: number;
+  epoch: string;
+  action: "join" | "leave";
+  member: Member;
 }
 
 export interface Position {
@@ -351,6 +373,12 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
   /** @internal */ pumping = false;
   /** @internal */ waitingKeySince: number | null = null;
   /** @internal */ keyTimer: ReturnType<typeof setTimeout> | null = null;
+  /** @internal presence: the log's epoch and last seq applied (null: no snapshot yet). */
+  presenceEpoch: string | null = null;
+  /** @internal */ presenceSeq: number | null = null;
+  /** @internal frames that came before the snapshot. */ presenceEarly: PresenceFrame[] = [];
+  /** @internal a snapshot is being taken. */ presenceFetching = false;
+  private memberMap = new Map<string, Member>();
 
   private handledSet = new Set<number>();
   private queue: ZerodropEvent[] = [];
@@ -370,6 +398,68 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
     this.handledSeq = opts.after ?? null;
     this.ackedSeq = opts.after ?? 0;
     this.ended = new Promise((r) => (this.resolveEnded = r));
+  }
+
+  /** The stream's members (subscribed with `presence`), ordered by session id. */
+  get members(): Member[] {
+    return [...this.memberMap.keys()].sort().map((k) => this.memberMap.get(k) as Member);
+  }
+
+  /** @internal whether presence is kept. */
+  get wantsPresence(): boolean {
+    return this.opts.presence === true;
+  }
+
+  /** @internal a snapshot (its pages' members, at `seq` in `epoch`), then the frames that came
+   *  before it; `false`: start over. */
+  presenceSnapshot(epoch: string, seq: number, members: Member[]): boolean {
+    this.presenceEpoch = epoch;
+    this.presenceSeq = seq;
+    this.memberMap = new Map(members.map((m) => [m.sessionId, m]));
+    const early = this.presenceEarly.splice(0);
+    for (const f of early) if (!this.applyPresence(f)) return false;
+    this.presenceChanged();
+    return true;
+  }
+
+  /** @internal one `presence` frame; `false`: start over with a fresh snapshot. */
+  presenceFrame(f: PresenceFrame): boolean {
+    if (this.presenceSeq === null) {
+      this.presenceEarly.push(f);
+      return true;
+    }
+    if (!this.applyPresence(f)) return false;
+    this.presenceChanged();
+    return true;
+  }
+
+  /** @internal forget the presence position: the next `subscribed` takes a snapshot. */
+  presenceRestart(): void {
+    this.presenceSeq = null;
+    this.presenceEarly = [];
+  }
+
+  private applyPresence(f: PresenceFrame): boolean {
+    const seq = this.presenceSeq ?? 0;
+    if (f.epoch !== this.presenceEpoch || f.seq > seq + 1) {
+      this.presenceRestart();
+      return false;
+    }
+    if (f.seq <= seq) return true; // in the snapshot already, or a repeat
+    if (f.action === "join") this.memberMap.set(f.member.sessionId, f.member);
+    else this.memberMap.delete(f.member.sessionId);
+    this.presenceSeq = f.seq;
+    return true;
+  }
+
+  private presenceChanged(): void {
+    try {
+      this.opts.onPresence?.(this.members);
+    } catch (e) {
+      setTimeout(() => {
+        throw e;
+      });
+    }
   }
 
   /** The last handled event's position. */
@@ -709,6 +799,13 @@ export class Client {
         const lastAck: Record<string, number> = {};
         for (const s of this.subs.values()) if (s.handledSeq !== null && s.inSession) lastAck[s.stream] = s.handledSeq;
         const frame: Record<string, unknown> = { type: "resume", resumeToken: this.resumeToken, lastAck };
+        const presence: Record<string, { after: number; epoch?: string }> = {};
+        for (const s of this.subs.values()) {
+          if (s.inSession && s.wantsPresence && s.presenceSeq !== null) {
+            presence[s.stream] = { after: s.presenceSeq, epoch: s.presenceEpoch ?? undefined };
+          }
+        }
+        if (Object.keys(presence).length > 0) frame.presence = presence;
         if (this.freshToken) frame.token = this.freshToken;
         ws.send(JSON.stringify(frame));
       }
@@ -827,11 +924,51 @@ export class Client {
     }, delay);
   }
 
+  /** Reads every page of the stream's members and hands them to the subscription. */
+  private async presenceSnapshot(s: Subscription): Promise<void> {
+    if (s.presenceFetching) return;
+    s.presenceFetching = true;
+    const base = httpBase(this.urls[this.idx % this.urls.length]);
+    const members: Member[] = [];
+    let first: { epoch: string; presenceSeq: number } | null = null;
+    let cursor: string | null = null;
+    try {
+      do {
+        const q: string = cursor ? `?cursor=${encodeURIComponent(cursor)}` : "";
+        const r = await fetch(`${base}/v1/streams/${encodeURIComponent(s.stream)}/presence${q}`, {
+          headers: { Authorization: `Bearer ${this.token}` },
+        });
+        if (!r.ok) throw new Error(`presence ${r.status}`);
+        const page = (await r.json()) as { epoch: string; presenceSeq: number; members: Member[]; nextCursor?: string | null };
+        first ??= { epoch: page.epoch, presenceSeq: page.presenceSeq };
+        members.push(...page.members);
+        cursor = page.nextCursor ?? null;
+      } while (cursor);
+    } catch {
+      s.presenceFetching = false;
+      // Frames keep arriving meanwhile; try again shortly.
+      setTimeout(() => {
+        if (!s.error && s.presenceSeq === null && this.subs.get(s.stream) === s) void this.presenceSnapshot(s);
+      }, 500);
+      return;
+    }
+    s.presenceFetching = false;
+    if (s.error || this.subs.get(s.stream) !== s || !first) return;
+    if (!s.presenceSnapshot(first.epoch, first.presenceSeq, members)) this.sendSubscribe(s);
+  }
+
   private sendSubscribe(s: Subscription): void {
     const f: Record<string, unknown> = { type: "subscribe", stream: s.stream };
     const after = s.handledSeq ?? s.startAfter;
     if (after !== undefined && after !== null) f.after = after;
     if (s.epoch) f.epoch = s.epoch;
+    if (s.wantsPresence) {
+      f.presence = true;
+      if (s.presenceSeq !== null) {
+        f.presenceAfter = s.presenceSeq;
+        if (s.presenceEpoch) f.presenceEpoch = s.presenceEpoch;
+      }
+    }
     this.ws?.send(JSON.stringify(f));
   }
 
@@ -868,6 +1005,18 @@ export class Client {
           if (s.handledSeq === null) s.handledSeq = from - 1;
           s.ackedSeq = Math.max(s.ackedSeq, from - 1);
         }
+        if (s.wantsPresence && s.presenceSeq === null) {
+          // Frames follow from the head: a snapshot now, and only the frames after it. A
+          // resumed stream without presence frames (no position yet) asks for them first.
+          if (typeof f.presenceSeq === "number") void this.presenceSnapshot(s);
+          else this.sendSubscribe(s);
+        }
+        break;
+      }
+      case "presence": {
+        const s = this.subs.get(String(f.stream));
+        if (!s || !s.wantsPresence) break;
+        if (!s.presenceFrame(f as unknown as PresenceFrame)) this.sendSubscribe(s);
         break;
       }
       case "event": {
@@ -939,6 +1088,16 @@ export class Client {
       return;
     }
     const stream = typeof f.stream === "string" ? f.stream : undefined;
+    if (stream && f.presence === true) {
+      // The presence frames stopped; the events go on. A log that started again or was
+      // trimmed past the position: a fresh snapshot after the frames from the head.
+      const s = this.subs.get(stream);
+      if (s && (code === "EPOCH_CHANGED" || code === "REPLAY_WINDOW_TRIMMED")) {
+        s.presenceRestart();
+        this.sendSubscribe(s);
+      }
+      return;
+    }
     if (stream) {
       const s = this.subs.get(stream);
       if (s && code !== "INVALID_REQUEST") {

@@ -404,3 +404,48 @@ test("SSE: TOKEN_EXPIRED reopens with the provider's fresh token after what was 
   assert.equal(FakeEventSource.all.length, 2, "no reopen after REVOKED");
   c.close();
 });
+
+test("presence: a snapshot, only the frames after it, resumed from the last seq applied", async () => {
+  FakeWebSocket.all = [];
+  const m = (id) => ({ sub: `u-${id}`, sessionId: id, since: 1 });
+  const pf = (seq, action, id, epoch = "p1") => ({ type: "presence", stream: "room:1", seq, epoch, action, member: m(id) });
+  fetchAnswer = (u) =>
+    u.includes("/presence?cursor=s_b")
+      ? { status: 200, body: { stream: "room:1", epoch: "p1", presenceSeq: 3, occupancy: 3, members: [m("s_c")], nextCursor: null } }
+      : { status: 200, body: { stream: "room:1", epoch: "p1", presenceSeq: 3, occupancy: 3, members: [m("s_a"), m("s_b")], nextCursor: "s_b" } };
+  const c = zd.connect("http://h1", "tok1", { baseDelay: 10, maxDelay: 20 });
+  const views = [];
+  const sub = c.subscribe("room:1", { presence: true, onEvent: () => {}, onPresence: (ms) => views.push(ms.map((x) => x.sessionId)) });
+  const ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", sessionId: "s_me", protocol: "zerodrop.v2" });
+  assert.deepEqual(ws.sent[0], { type: "subscribe", stream: "room:1", presence: true });
+  ws.frame({ type: "subscribed", stream: "room:1", epoch: E, headSeq: 0, fromSeq: 1, presenceEpoch: "p1", presenceSeq: 2 });
+  // Frames from the head (2) arrive while the snapshot (at 3) is read: 3 is in it already.
+  ws.frame(pf(3, "join", "s_c"));
+  ws.frame(pf(4, "leave", "s_a"));
+  await until("the snapshot applied", () => views.length > 0);
+  assert.deepEqual(sub.members.map((x) => x.sessionId), ["s_b", "s_c"]);
+  ws.frame(pf(5, "join", "s_d"));
+  await until("the join", () => sub.members.length === 3);
+  // The socket drops: the resume carries the presence position; frames go on after it.
+  ws.drop();
+  await until("a second socket", () => FakeWebSocket.all.length === 2);
+  const ws2 = last();
+  ws2.accept("zerodrop.v2");
+  await until("the resume frame", () => ws2.sent.length > 0);
+  assert.deepEqual(ws2.sent[0].presence, { "room:1": { after: 5, epoch: "p1" } });
+  ws2.frame({ type: "welcome", resumeToken: "r2", sessionId: "s_me", protocol: "zerodrop.v2" });
+  ws2.frame({ type: "subscribed", stream: "room:1", epoch: E, headSeq: 0, fromSeq: 1, presenceEpoch: "p1", presenceSeq: 5 });
+  ws2.frame(pf(6, "leave", "s_b"));
+  await until("the leave", () => sub.members.length === 2);
+  assert.deepEqual(sub.members.map((x) => x.sessionId), ["s_c", "s_d"]);
+  // Another epoch: a fresh snapshot after subscribing again with presence from the head.
+  const before = ws2.sent.length;
+  ws2.frame(pf(1, "join", "s_z", "p2"));
+  assert.deepEqual(ws2.sent[before], { type: "subscribe", stream: "room:1", after: 0, epoch: E, presence: true });
+  // A presence error stops only the presence frames: the subscription goes on.
+  ws2.frame({ type: "error", code: "NOT_FOUND", message: "x", stream: "room:1", presence: true });
+  assert.equal(sub.error, null);
+  c.close();
+});

@@ -33,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         SubscribeOptions {
             after: Some(head),
             epoch: None,
+            ..Default::default()
         },
     );
     let sealed = client.seal(stream, r#"{"text":"meet at noon"}"#)?;

@@ -15,6 +15,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let after = SubscribeOptions {
         after: Some(0),
         epoch: None,
+        ..Default::default()
     };
     let mut sub = client.subscribe_with("room:1", after);
     while let Some(item) = sub.next().await {

@@ -21,7 +21,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let urls: Vec<&str> = url.split(',').collect();
     let client = Client::connect_with(&urls, token, ClientOptions::default()).await?;
     eprintln!("connected ({})", client.protocol());
-    let mut sub = client.subscribe_with(stream, SubscribeOptions { after, epoch: None });
+    let mut sub = client.subscribe_with(
+        stream,
+        SubscribeOptions {
+            after,
+            epoch: None,
+            ..Default::default()
+        },
+    );
     while let Some(item) = sub.next().await {
         match item {
             Ok(event) => {

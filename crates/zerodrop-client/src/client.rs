@@ -37,9 +37,10 @@ use crate::backoff::Backoff;
 use crate::consistency::{CheckError, StreamCheck, Verdict, check_stream};
 use crate::error::{ApiError, ClientError};
 use crate::frames::{
-    Ack, ClientFrame, Event, Refresh, ServerFrame, Subscribe, Subscribed, Unsubscribe,
+    Ack, ClientFrame, Event, PresenceAt, Refresh, ServerFrame, Subscribe, Subscribed, Unsubscribe,
 };
 use crate::http::HttpClient;
+use crate::presence::{Next as PresenceNext, PresenceView, Tracker};
 use crate::ws::{WsAuth, WsConnection};
 
 /// The subprotocols the SDK offers, current first.
@@ -121,6 +122,10 @@ pub struct SubscribeOptions {
     /// The epoch of the snapshot `after` was read from: another epoch is
     /// [`SubscriptionError::EpochChanged`] instead of a replay of meaningless seqs.
     pub epoch: Option<String>,
+    /// Keep a view of the stream's presence members ([`Subscription::presence`]): a snapshot
+    /// and the `presence` frames after it, current across reconnects (a stream with presence
+    /// on the server, SPEC §10).
+    pub presence: bool,
 }
 
 /// The last handled event of a subscription: subscribe again with `after: seq` and
@@ -385,6 +390,7 @@ type Item = Result<Received, SubscriptionError>;
 pub struct Subscription {
     stream: String,
     id: u64,
+    presence: Option<PresenceView>,
     rx: mpsc::UnboundedReceiver<Item>,
     position: Arc<Mutex<Position>>,
     ended: Arc<Mutex<Option<u64>>>,
@@ -404,6 +410,11 @@ impl Subscription {
     /// The last handled event's position.
     pub fn position(&self) -> Position {
         lock(&self.position).clone()
+    }
+
+    /// The stream's members, kept current (subscribed with [`SubscribeOptions::presence`]).
+    pub fn presence(&self) -> Option<PresenceView> {
+        self.presence.clone()
     }
 
     /// The stream's last seq once the subscription ended because the stream was closed (a
@@ -446,6 +457,7 @@ enum Cmd {
         opts: SubscribeOptions,
         tx: mpsc::UnboundedSender<Item>,
         position: Arc<Mutex<Position>>,
+        presence: Option<Tracker>,
         ended: Arc<Mutex<Option<u64>>>,
     },
     Unsubscribe {
@@ -598,6 +610,13 @@ impl Client {
             epoch: opts.epoch.clone(),
             seq: opts.after.unwrap_or(0),
         }));
+        let (tracker, view) = match opts.presence {
+            true => {
+                let (t, v) = Tracker::new();
+                (Some(t), Some(v))
+            }
+            false => (None, None),
+        };
         let ended = Arc::new(Mutex::new(None));
         let _ = self.cmd.send(Cmd::Subscribe {
             stream: stream.to_string(),
@@ -605,11 +624,13 @@ impl Client {
             opts,
             tx,
             position: position.clone(),
+            presence: tracker,
             ended: ended.clone(),
         });
         Subscription {
             stream: stream.to_string(),
             id,
+            presence: view,
             rx,
             position,
             ended,
@@ -770,6 +791,10 @@ struct Sub {
     retry_at: Option<Instant>,
     /// The wait between failed gap reads (reset by a read that succeeds).
     repair: Backoff,
+    /// The presence view it keeps, if asked.
+    presence: Option<Tracker>,
+    /// A presence snapshot failed: take it again at this time.
+    presence_retry: Option<Instant>,
     /// The server said the stream was closed at this seq: the subscription ends once every
     /// event up to it was delivered.
     closed_at: Option<u64>,
@@ -923,6 +948,15 @@ impl Driver {
                     .filter(|(_, s)| s.in_session)
                     .filter_map(|(k, s)| s.handled.map(|h| (k.clone(), h)))
                     .collect(),
+                presence: self
+                    .subs
+                    .iter()
+                    .filter(|(_, s)| s.in_session)
+                    .filter_map(|(k, s)| {
+                        let (after, epoch) = s.presence.as_ref()?.position()?;
+                        Some((k.clone(), PresenceAt { after, epoch }))
+                    })
+                    .collect(),
             },
             None => WsAuth::Token(self.token.clone()),
         };
@@ -1038,6 +1072,7 @@ impl Driver {
                 stream,
                 epoch,
                 from_seq,
+                presence_seq,
                 ..
             }) => {
                 let Some(s) = self.subs.get_mut(&stream) else {
@@ -1064,6 +1099,40 @@ impl Driver {
                     s.acked = s.acked.max(before);
                 }
                 s.publish_position();
+                if s.presence.as_ref().is_some_and(Tracker::needs_snapshot) {
+                    if presence_seq.is_some() {
+                        self.presence_snapshot(conn, &stream).await;
+                    } else {
+                        // Resumed without presence frames (no position yet): ask for them.
+                        self.presence_resubscribe(conn, &stream).await;
+                    }
+                }
+            }
+            ServerFrame::Presence(f) => {
+                let stream = f.stream.clone();
+                let again = self
+                    .subs
+                    .get_mut(&stream)
+                    .and_then(|s| s.presence.as_mut())
+                    .is_some_and(|t| t.frame(f) == PresenceNext::Snapshot);
+                if again {
+                    self.presence_resubscribe(conn, &stream).await;
+                }
+            }
+            ServerFrame::Error(f)
+                if f.extra.get("presence") == Some(&serde_json::Value::Bool(true)) =>
+            {
+                // The presence frames stopped; the events go on. A log that started again or
+                // was trimmed past the position: a fresh snapshot and the frames after it.
+                // Anything else (no presence on the stream): the view ends.
+                let Some(stream) = f.stream.clone() else {
+                    return Flow::Go;
+                };
+                if matches!(f.code.as_str(), "EPOCH_CHANGED" | "REPLAY_WINDOW_TRIMMED") {
+                    self.presence_resubscribe(conn, &stream).await;
+                } else if let Some(s) = self.subs.get_mut(&stream) {
+                    s.presence = None;
+                }
             }
             ServerFrame::Event(e) => {
                 let stream = e.stream.clone();
@@ -1102,6 +1171,63 @@ impl Driver {
         Flow::Go
     }
 
+    /// The HTTP client of the url the driver is on now.
+    fn http(&self) -> HttpClient {
+        let https = lock(&self.https);
+        https[self.idx % https.len()].clone()
+    }
+
+    /// Takes a snapshot of `stream`'s members (every page) and applies the frames that
+    /// arrived before it; a snapshot that fails is taken again at the next `subscribed`.
+    async fn presence_snapshot(&mut self, conn: &mut WsConnection, stream: &str) {
+        let http = self.http();
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            match http.presence(stream, cursor.as_deref(), None).await {
+                Ok(p) => {
+                    cursor = p.next_cursor.clone();
+                    pages.push(p);
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    // Frames keep arriving meanwhile; the snapshot is taken again shortly.
+                    if let Some(s) = self.subs.get_mut(stream) {
+                        s.presence_retry =
+                            Some(Instant::now() + s.repair.next_delay(Duration::ZERO));
+                    }
+                    return;
+                }
+            }
+        }
+        let again = self
+            .subs
+            .get_mut(stream)
+            .and_then(|s| {
+                s.presence_retry = None;
+                s.presence.as_mut()
+            })
+            .is_some_and(|t| t.snapshot(pages) == PresenceNext::Snapshot);
+        if again {
+            self.presence_resubscribe(conn, stream).await;
+        }
+    }
+
+    /// Starts `stream`'s presence over: subscribed again from the events' position, with
+    /// presence frames from the head, then a snapshot.
+    async fn presence_resubscribe(&mut self, conn: &mut WsConnection, stream: &str) {
+        let Some(s) = self.subs.get_mut(stream) else {
+            return;
+        };
+        if let Some(t) = s.presence.as_mut() {
+            t.restart();
+        }
+        let f = subscribe_frame(stream, s);
+        let _ = conn.send(&f).await;
+    }
+
     fn on_error_frame(&mut self, e: ApiError, epoch: Option<String>) {
         if e.code == "INVALID_REQUEST" {
             return;
@@ -1131,6 +1257,7 @@ impl Driver {
                 opts,
                 tx,
                 position,
+                presence,
                 ended,
             } => {
                 if let Some(err) = &self.refused {
@@ -1161,6 +1288,8 @@ impl Driver {
                     waiting_key: None,
                     retry_at: None,
                     repair: Backoff::new(self.opts.base_delay, self.opts.max_delay),
+                    presence,
+                    presence_retry: None,
                     closed_at: None,
                     ended,
                 };
@@ -1226,8 +1355,8 @@ impl Driver {
         Flow::Go
     }
 
-    async fn on_tick(&mut self, conn: Option<&mut WsConnection>) {
-        if let Some(c) = conn
+    async fn on_tick(&mut self, mut conn: Option<&mut WsConnection>) {
+        if let Some(c) = conn.as_deref_mut()
             && self.ack_due
         {
             self.flush_acks(c).await;
@@ -1243,6 +1372,17 @@ impl Driver {
             }
             if s.retry_at.is_some_and(|t| now >= t) {
                 retry.push(stream.clone());
+            }
+        }
+        let presence_due: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.in_session && s.presence_retry.is_some_and(|t| now >= t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if let Some(c) = conn {
+            for stream in presence_due {
+                self.presence_snapshot(c, &stream).await;
             }
         }
         for (stream, kid) in expired {
@@ -1480,11 +1620,7 @@ impl Driver {
     ) -> Result<Vec<Event>, Option<SubscriptionError>> {
         let mut out = Vec::new();
         let mut at = after;
-        let http = {
-            let https = lock(&self.https);
-            https[self.idx % https.len()].clone()
-        };
-        let http = &http;
+        let http = &self.http();
         while at < to {
             let limit = (to - at).min(1000) as u32;
             let page = match http.read_events(stream, at, limit, None).await {
@@ -1521,10 +1657,14 @@ impl Driver {
 }
 
 fn subscribe_frame(stream: &str, s: &Sub) -> ClientFrame {
+    let at = s.presence.as_ref().and_then(Tracker::position);
     ClientFrame::Subscribe(Subscribe {
         stream: stream.to_string(),
         after: s.handled,
         epoch: s.epoch.clone(),
+        presence: s.presence.is_some(),
+        presence_after: at.as_ref().map(|a| a.0),
+        presence_epoch: at.and_then(|a| a.1),
     })
 }
 

@@ -3,7 +3,7 @@
 //! becomes [`ServerFrame::Unknown`] and is ignored by callers (servers may add frame types).
 
 pub use zerodrop_core::frames::{
-    Ack, ClientFrame, ErrorFrame, EventFrame as Event, FrameError, Ping, Publish, Published,
-    Reconnect, Refresh, RefreshAsk, Resume, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe,
-    Welcome,
+    Ack, ClientFrame, ErrorFrame, EventFrame as Event, FrameError, Ping, PresenceAt, PresenceFrame,
+    PresenceMember, Publish, Published, Reconnect, Refresh, RefreshAsk, Resume, ServerFrame,
+    Subscribe, Subscribed, Token, Unsubscribe, Welcome,
 };

@@ -342,6 +342,28 @@ impl HttpClient {
         expect_json(req.send().await).await
     }
 
+    /// One page of `GET /v1/streams/{stream}/presence` (after `cursor`), with the api key or,
+    /// when given, a connect token.
+    pub async fn presence(
+        &self,
+        stream: &str,
+        cursor: Option<&str>,
+        connect_token: Option<&str>,
+    ) -> Result<crate::presence::PresencePage, ClientError> {
+        let auth = match connect_token {
+            Some(t) => format!("Bearer {t}"),
+            None => self.api_key_header()?,
+        };
+        let mut req = self
+            .http
+            .get(self.url(&format!("/v1/streams/{stream}/presence")))
+            .header(AUTHORIZATION, auth);
+        if let Some(c) = cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        expect_json(req.send().await).await
+    }
+
     /// `POST /v1/sessions` with a connect token.
     pub async fn open_session(
         &self,

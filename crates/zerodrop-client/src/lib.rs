@@ -37,6 +37,7 @@ pub mod e2e;
 pub mod error;
 pub mod frames;
 pub mod http;
+pub mod presence;
 pub mod sse;
 pub mod streams;
 #[cfg(feature = "tls")]
@@ -58,6 +59,7 @@ pub use http::{
     Answer, Checkpoint, EventsPage, HttpClient, Published, RawEventsPage, ReconnectAnswer,
     ReplayEntry, Session, SessionStream, StreamInfo, WebhookAccepted,
 };
+pub use presence::{Members, PresencePage, PresenceView};
 pub use sse::{SseAuth, SseConnection, SseMessage, SseOptions};
 pub use streams::{BatchEvent, BatchResult, Deleted, History, StreamClosed};
 #[cfg(feature = "tls")]

@@ -26,6 +26,10 @@ pub struct ConnectClaims {
     /// `GET /v1/upstreams/{upstream}/…` (none by default: only upstreams configured public).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<String>,
+    /// Public facts about the subject (a name, an avatar), shown to the members of the
+    /// streams with presence (at most 1,024 bytes of JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
 
 impl ConnectClaims {
@@ -43,6 +47,7 @@ impl ConnectClaims {
             streams: streams.to_vec(),
             publish: None,
             upstreams: Vec::new(),
+            info: None,
         }
     }
 }

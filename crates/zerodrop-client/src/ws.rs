@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::ClientError;
-use crate::frames::{Ack, ClientFrame, Ping, Publish, Resume, ServerFrame, Subscribe, Welcome};
+use crate::frames::{
+    Ack, ClientFrame, Ping, PresenceAt, Publish, Resume, ServerFrame, Subscribe, Welcome,
+};
 
 /// How a connection authenticates.
 #[derive(Clone, Debug)]
@@ -32,6 +34,8 @@ pub enum WsAuth {
         last_ack: BTreeMap<String, u64>,
         /// A fresh connect token, for a session whose own expired (`TOKEN_EXPIRED`).
         token: Option<String>,
+        /// The streams whose `presence` frames go on, each from its position.
+        presence: BTreeMap<String, PresenceAt>,
     },
     /// Take over a session with `?resume=<token>` (the session's stored acks apply).
     ResumeQuery(String),
@@ -187,6 +191,7 @@ impl WsConnection {
             resume_token,
             last_ack,
             token,
+            presence,
         } = auth
         {
             let last_ack = (!last_ack.is_empty()).then_some(last_ack);
@@ -194,6 +199,7 @@ impl WsConnection {
                 resume_token,
                 last_ack,
                 token,
+                presence: (!presence.is_empty()).then_some(presence),
             }))
             .await?;
         }
@@ -245,6 +251,7 @@ impl WsConnection {
             stream: stream.to_string(),
             after,
             epoch: epoch.map(str::to_string),
+            ..Subscribe::default()
         }))
         .await
     }

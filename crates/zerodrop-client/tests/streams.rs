@@ -40,6 +40,7 @@ async fn batch_history_close_and_delete_through_the_sdk() {
         SubscribeOptions {
             after: Some(0),
             epoch: None,
+            ..Default::default()
         },
     );
 

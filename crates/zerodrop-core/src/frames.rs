@@ -106,12 +106,36 @@ pub enum ClientFrame {
     Refresh(Refresh),
 }
 
-/// `subscribe`: from after `after` (default: the head), in `epoch` if given.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// `subscribe`: from after `after` (default: the head), in `epoch` if given. With `presence`,
+/// the stream's `presence` frames too, from after `presenceAfter` (default: the presence
+/// log's head) in `presenceEpoch` if given.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct Subscribe {
     pub stream: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub presence: bool,
+    #[serde(
+        rename = "presenceAfter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub presence_after: Option<u64>,
+    #[serde(
+        rename = "presenceEpoch",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub presence_epoch: Option<String>,
+}
+
+/// A position in a stream's presence log: the last presence `seq` handled, in `epoch`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct PresenceAt {
+    pub after: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
 }
@@ -187,7 +211,7 @@ impl Ping {
 }
 
 /// `resume`: the newest resume token and, per stream, the highest seq the client handled.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Resume {
     pub resume_token: String,
@@ -198,6 +222,9 @@ pub struct Resume {
     /// authority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The streams whose `presence` frames go on, each from its position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<BTreeMap<String, PresenceAt>>,
 }
 
 /// `refresh` (client → server): a new connect token for the same `sub`.
@@ -240,6 +267,8 @@ pub enum ServerFrame {
     Subscribed(Subscribed),
     Unsubscribed(Unsubscribe),
     Event(EventFrame),
+    /// A member joined or left the stream (subscribed with `presence`).
+    Presence(PresenceFrame),
     Ping(Ping),
     Pong(Ping),
     /// The instance drains: reconnect (elsewhere) with this token after `retryAfterMs`.
@@ -285,6 +314,36 @@ pub struct Subscribed {
     pub head_seq: u64,
     #[serde(default)]
     pub from_seq: u64,
+    /// With `presence`: the presence log's epoch, and the seq its frames follow from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_epoch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_seq: Option<u64>,
+}
+
+/// `presence`: entry `seq` of the stream's presence log (its own seqs and epoch).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct PresenceFrame {
+    pub stream: String,
+    pub seq: u64,
+    #[serde(default)]
+    pub epoch: String,
+    /// `join` or `leave`.
+    pub action: String,
+    pub member: PresenceMember,
+}
+
+/// A member of a stream's presence: a session of `sub`, with its token's public `info`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceMember {
+    pub sub: String,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Value>,
+    /// When it joined (Unix ms).
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// One event, as every transport carries it: `{stream, seq, epoch, ts, data}`.
@@ -408,6 +467,7 @@ impl ServerFrame {
         let ty = leading_tag(text)?;
         Ok(match ty.as_ref() {
             "event" => ServerFrame::Event(serde_json::from_str(text)?),
+            "presence" => ServerFrame::Presence(serde_json::from_str(text)?),
             "welcome" => ServerFrame::Welcome(serde_json::from_str(text)?),
             "subscribed" => ServerFrame::Subscribed(serde_json::from_str(text)?),
             "unsubscribed" => ServerFrame::Unsubscribed(serde_json::from_str(text)?),
@@ -477,8 +537,21 @@ mod tests {
     #[test]
     fn unknown_server_frames_are_tolerated_and_broken_ones_are_not() {
         assert!(
-            matches!(ServerFrame::parse(r#"{"type":"presence","x":1}"#).unwrap(), ServerFrame::Unknown(k) if k == "presence")
+            matches!(ServerFrame::parse(r#"{"type":"typing","x":1}"#).unwrap(), ServerFrame::Unknown(k) if k == "typing")
         );
+        // `presence` is known: a member's join, with its public info kept as JSON.
+        let ServerFrame::Presence(p) = ServerFrame::parse(
+            r#"{"type":"presence","stream":"room:1","seq":2,"epoch":"e","action":"join","member":{"sub":"u","sessionId":"s_1","info":{"n":1},"since":5}}"#,
+        )
+        .unwrap() else {
+            panic!("a presence frame")
+        };
+        assert_eq!(
+            (p.seq, p.action.as_str(), p.member.session_id.as_str()),
+            (2, "join", "s_1")
+        );
+        assert_eq!(p.member.info, Some(serde_json::json!({"n": 1})));
+        assert!(ServerFrame::parse(r#"{"type":"presence","stream":"room:1"}"#).is_err());
         assert!(ServerFrame::parse("not json").is_err());
         assert!(ServerFrame::parse(r#"{"type":"event","stream":"a"}"#).is_err());
         assert!(matches!(
@@ -503,6 +576,7 @@ mod tests {
             resume_token: "t".into(),
             last_ack: Some([("room:1".to_string(), 4u64)].into_iter().collect()),
             token: None,
+            ..Resume::default()
         });
         assert_eq!(
             value(&f.to_json()),
@@ -512,6 +586,7 @@ mod tests {
             resume_token: "t".into(),
             last_ack: None,
             token: Some("jwt".into()),
+            ..Resume::default()
         });
         assert_eq!(
             value(&f.to_json()),
@@ -521,6 +596,7 @@ mod tests {
             stream: "a".into(),
             after: Some(0),
             epoch: None,
+            ..Subscribe::default()
         });
         assert_eq!(
             f.to_json(),

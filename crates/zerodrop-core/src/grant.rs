@@ -12,6 +12,10 @@ pub struct Grants {
     pub streams: Vec<String>,
     #[serde(default)]
     pub publish: Vec<String>,
+    /// The connect token's public `info` claim, shown to the stream's presence (bounded at
+    /// connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
 
 impl Grants {
@@ -40,6 +44,7 @@ mod tests {
         let g = Grants {
             streams: vec!["room:*".into(), "user:7".into()],
             publish: vec![],
+            info: None,
         };
         assert!(g.may_subscribe("room:1"));
         assert!(g.may_subscribe("room:"));
@@ -50,6 +55,7 @@ mod tests {
         let all = Grants {
             streams: vec!["*".into()],
             publish: vec!["*".into()],
+            info: None,
         };
         assert!(all.may_subscribe("x") && all.may_publish("y"));
     }

@@ -120,6 +120,7 @@ pub fn generate() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         streams,
         publish,
         upstreams: vec!["app".into(), "pay*".into()],
+        info: None,
     };
     let strings = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)

@@ -13,6 +13,12 @@
 //! new ones refused for a second), `store_outage` (needs `--store redis`: the Redis server
 //! stops for a few seconds; skipped, and reported as skipped, with SQLite).
 //!
+//! With `--store redis` the instances run with presence on the drill's streams
+//! (`--presence 'drill:*'`, a leave grace of [`PRESENCE_GRACE_SEC`]), and the `drain` fault
+//! also counts the presence joins and leaves appended from the drain's start to the end of the
+//! drill, by the drained process and by the one that took its clients over
+//! (`presenceEvents`): a hand-off must emit none, so any makes the fault not held.
+//!
 //! Each fault ends in one [`Outcome`]: `held`, `not_held` (events lost, duplicated or
 //! reordered, the instance not ready again, nothing published, the fault could not be
 //! injected — a drain that was refused or never drained included — or the fault ran past
@@ -197,6 +203,9 @@ pub struct FaultResult {
     pub recovery_sec: f64,
     /// `null` when the fault was skipped: nothing was tested, so nothing held.
     pub zero_drop_held: Option<bool>,
+    /// `drain` with `--store redis`: presence joins and leaves appended from the drain's
+    /// start to the end of the drill (0 when every member was handed over); `null` otherwise.
+    pub presence_events: Option<u64>,
     pub resume_success_rate: f64,
     pub lost: u64,
     pub duplicated: u64,
@@ -227,6 +236,7 @@ impl FaultResult {
             injected_at_sec: 0.0,
             recovery_sec: 0.0,
             zero_drop_held: (outcome != Outcome::Skipped).then_some(outcome == Outcome::Held),
+            presence_events: None,
             resume_success_rate: 0.0,
             lost: 0,
             duplicated: 0,
@@ -280,6 +290,31 @@ pub struct GamedayReport {
     /// Every skipped fault with its reason, in run order.
     pub skipped_faults: Vec<Skipped>,
     pub faults: Vec<FaultResult>,
+}
+
+/// The presence leave grace of a game day's instances (`--store redis`): longer than a drain
+/// and a restart take, so a hand-off keeps every member.
+pub const PRESENCE_GRACE_SEC: u64 = 60;
+
+/// The presence joins and leaves this process appended (`zerodrop_presence_*_total`).
+async fn presence_counts(url: &str) -> Option<(u64, u64)> {
+    let http = HttpClient::with_timeout(url, None, Duration::from_secs(5)).ok()?;
+    let answer = http.get_answer("/metrics", None).await.ok()?;
+    let text = answer.body.as_str()?;
+    let count = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    Some((
+        count("zerodrop_presence_joins_total "),
+        count("zerodrop_presence_leaves_total "),
+    ))
+}
+
+/// Their sum.
+async fn presence_changes(url: &str) -> Option<u64> {
+    presence_counts(url).await.map(|(j, l)| j + l)
 }
 
 /// How long the instance may take to answer /health/ready after a fault.
@@ -368,17 +403,28 @@ pub fn admit(budget: Duration, elapsed: Duration, need: Duration) -> Result<(), 
 }
 
 /// Injects `fault` into `inst` (replacing it when it restarts); returns notes.
+/// Injects `fault`. With presence counted (`presence`: the drained process's count when the
+/// drain started), the drained process's presence joins and leaves since are added to it.
 async fn inject(
     fault: Fault,
     inst: &mut Instance,
     proxy: &Proxy,
     secrets: &Secrets,
     redis: Option<&mut RedisProcess>,
+    presence: &mut Option<u64>,
 ) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     match fault {
         Fault::Restart | Fault::Drain | Fault::Kill9 => {
             if fault == Fault::Drain {
+                if presence.is_some() {
+                    let counts = presence_counts(&inst.url()).await;
+                    *presence = counts.map(|(j, l)| j + l);
+                    notes.push(format!(
+                        "presence joins before the drain: {}",
+                        counts.map_or("unknown".into(), |c| c.0.to_string())
+                    ));
+                }
                 let http = HttpClient::with_timeout(&inst.url(), None, Duration::from_secs(10))?;
                 let a = http
                     .post_answer(
@@ -422,6 +468,13 @@ async fn inject(
                     DRAIN_WITHIN.as_secs()
                 );
                 notes.push("drained".into());
+                // What the drained process appended since the drain started.
+                if let Some(before) = *presence {
+                    let after = presence_changes(&inst.url())
+                        .await
+                        .context("the drained instance's presence counters")?;
+                    *presence = Some(after.saturating_sub(before));
+                }
             }
             if fault == Fault::Kill9 {
                 inst.kill9().await?;
@@ -494,8 +547,16 @@ async fn run_fault(
     if r.args.store == "redis" {
         let p = RedisProcess::start(&r.args.redis_server_bin, &data.join("redis")).await?;
         spec.args.extend(["--redis-url".to_string(), p.url()]);
+        spec.args.extend([
+            "--presence".to_string(),
+            "drill:*".to_string(),
+            "--presence-leave-grace-sec".to_string(),
+            PRESENCE_GRACE_SEC.to_string(),
+        ]);
         redis = Some(p);
     }
+    // `drain` on Redis counts presence events over the hand-off.
+    let mut presence = (fault == Fault::Drain && redis.is_some()).then_some(0);
     let mut inst = Instance::start(spec).await?;
     let proxy = Proxy::start(inst.addr).await?;
     let load = load_args(r.args, profile);
@@ -515,7 +576,14 @@ async fn run_fault(
         let t = Instant::now();
         let injected = match tokio::time::timeout(
             fault.timeout(),
-            inject(fault, &mut inst, &proxy, r.secrets, redis.as_mut()),
+            inject(
+                fault,
+                &mut inst,
+                &proxy,
+                r.secrets,
+                redis.as_mut(),
+                &mut presence,
+            ),
         )
         .await
         {
@@ -535,7 +603,23 @@ async fn run_fault(
     };
     let (report, ((notes, injection_error), ready, recovery)) = tokio::join!(drill, strike);
     let report = report.context("the drill failed")?;
-    let outcome = outcome(injection_error.is_none(), ready, &report);
+    // The process that took the clients over appended these (all of its life).
+    let presence_events = match presence {
+        Some(old) if injection_error.is_none() => {
+            presence_changes(&inst.url()).await.map(|new| old + new)
+        }
+        _ => None,
+    };
+    let mut outcome = outcome(injection_error.is_none(), ready, &report);
+    if let Some(n) = presence_events {
+        say(format!(
+            "   {}: presence events during the hand-off: {n}",
+            fault.id()
+        ));
+        if n > 0 {
+            outcome = Outcome::NotHeld;
+        }
+    }
     say(report.summary());
     if let Some(e) = &injection_error {
         say(format!(
@@ -567,6 +651,7 @@ async fn run_fault(
         injected_at_sec: at.as_secs_f64(),
         recovery_sec: round2(recovery),
         zero_drop_held: Some(outcome == Outcome::Held),
+        presence_events,
         resume_success_rate: report.totals.resume_success_rate,
         lost: report.totals.dropped + report.totals.missing,
         duplicated: report.totals.duplicated,

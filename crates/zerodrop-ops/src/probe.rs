@@ -344,6 +344,7 @@ async fn probe(args: &ProbeArgs, p: &mut Probe) -> anyhow::Result<()> {
                     resume_token: resume_token.clone(),
                     last_ack,
                     token: None,
+                    presence: Default::default(),
                 },
                 to,
             )

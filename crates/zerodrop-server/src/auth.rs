@@ -37,13 +37,21 @@ pub struct ConnectClaims {
     /// calls only upstreams configured `public = true`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<String>,
+    /// Public facts about the subject, shown to the members of the streams with presence
+    /// (SPEC §10); at most [`MAX_INFO_BYTES`] of compact JSON, else the token is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
+
+/// The largest `info` claim a connect token may carry (compact JSON bytes).
+pub const MAX_INFO_BYTES: usize = 1024;
 
 impl ConnectClaims {
     pub fn grants(&self) -> Grants {
         Grants {
             streams: self.streams.clone(),
             publish: self.publish.clone().unwrap_or_default(),
+            info: self.info.clone(),
         }
     }
 
@@ -53,6 +61,20 @@ impl ConnectClaims {
             .iter()
             .any(|p| zerodrop_core::grant::pattern_matches(p, upstream))
     }
+}
+
+/// Refuses claims whose `info` is over [`MAX_INFO_BYTES`] (`PAYLOAD_TOO_LARGE`, with `limit`):
+/// every member's `info` is sent to every presence subscriber of its streams.
+fn check_info(claims: ConnectClaims) -> Result<ConnectClaims, ApiError> {
+    let size = claims.info.as_ref().map_or(0, |i| i.to_string().len());
+    if size > MAX_INFO_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the connect token's info claim is {size} bytes; at most {MAX_INFO_BYTES}"),
+        )
+        .with("limit", MAX_INFO_BYTES as u64));
+    }
+    Ok(claims)
 }
 
 /// Mints a connect token with `secret` (the `token` command and tests).
@@ -215,10 +237,11 @@ impl Auth {
 
     /// Verifies a connect token (call [`Auth::prepare`] first for JWKS keys to be current).
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, ApiError> {
-        self.decode_connect(token).map_err(|r| match r {
+        let claims = self.decode_connect(token).map_err(|r| match r {
             Refusal::Expired => ApiError::unauthorized("the connect token has expired"),
             Refusal::Invalid(why) => ApiError::unauthorized(format!("invalid connect token{why}")),
-        })
+        })?;
+        check_info(claims)
     }
 
     /// A connect token sent to refresh a live connection (`refresh`): an expired one is
@@ -233,7 +256,7 @@ impl Auth {
         };
         match self.decode_connect(token) {
             Ok(c) if self.lapsed(c.exp.saturating_mul(1000)) => Err(expired()),
-            Ok(c) => Ok(c),
+            Ok(c) => check_info(c),
             Err(Refusal::Expired) => Err(expired()),
             Err(Refusal::Invalid(why)) => Err(ApiError::unauthorized(format!(
                 "invalid connect token{why}"
@@ -389,6 +412,7 @@ mod tests {
             streams: vec!["room:*".into()],
             publish: None,
             upstreams: vec!["app".into(), "pay*".into()],
+            info: None,
         };
         let t = a.mint_connect(&c);
         assert_eq!(a.verify_connect(&t).unwrap(), c);

@@ -139,6 +139,22 @@ pub struct ServeArgs {
     /// Allowed CORS origins, comma-separated, or `*`.
     #[arg(long, env = "ZERODROP_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
+    /// Streams with presence (who is subscribed, join/leave events): stream ids or prefixes
+    /// ending in `*`, comma-separated (in the config file a list: `presence = ["room:*"]`).
+    /// Empty: presence is off.
+    #[arg(long, env = "ZERODROP_PRESENCE", default_value = "")]
+    pub presence: String,
+    /// A member leaves only after this long without any connection of its session, so a
+    /// reconnect, a resume elsewhere or a drain hand-off emits no leave and no join.
+    #[arg(long, env = "ZERODROP_PRESENCE_LEAVE_GRACE_SEC", default_value_t = 10)]
+    pub presence_leave_grace_sec: u64,
+    /// A member's connection renews its presence every third of this; the members of an
+    /// instance that stopped renewing (a crash) leave once this has passed (plus a sweep).
+    #[arg(long, env = "ZERODROP_PRESENCE_HEARTBEAT_SEC", default_value_t = 30)]
+    pub presence_heartbeat_sec: u64,
+    /// Members per stream; a join beyond is refused with a stream-level `OVER_CAPACITY`.
+    #[arg(long, env = "ZERODROP_PRESENCE_MAX_MEMBERS", default_value_t = 10_000)]
+    pub presence_max_members: u32,
     /// WebSocket and SSE connections this instance accepts; beyond, 503 `OVER_CAPACITY`.
     #[arg(long, env = "ZERODROP_MAX_CONNECTIONS", default_value_t = 1000)]
     pub max_connections: usize,
@@ -334,6 +350,11 @@ struct FileConfig {
     token_grace_sec: Option<u64>,
     max_session_age_sec: Option<u64>,
     cors_origins: Option<String>,
+    /// A list here; a comma-separated string as a flag or variable.
+    presence: Option<Vec<String>>,
+    presence_leave_grace_sec: Option<u64>,
+    presence_heartbeat_sec: Option<u64>,
+    presence_max_members: Option<u32>,
     max_connections: Option<usize>,
     max_streams_per_session: Option<usize>,
     max_sessions_per_subject: Option<u32>,
@@ -408,6 +429,9 @@ impl FileConfig {
             token_grace_sec,
             max_session_age_sec,
             cors_origins,
+            presence_leave_grace_sec,
+            presence_heartbeat_sec,
+            presence_max_members,
             max_connections,
             max_streams_per_session,
             max_sessions_per_subject,
@@ -443,6 +467,11 @@ impl FileConfig {
             authz_path,
             authz_actions
         );
+        if defaulted("presence")
+            && let Some(v) = self.presence
+        {
+            args.presence = v.join(",");
+        }
         if args.instance_id.is_none() {
             args.instance_id = self.instance_id;
         }
@@ -488,6 +517,25 @@ impl SecretOverrides {
     }
 }
 
+/// Presence settings (SPEC §10).
+#[derive(Clone, Debug, Default)]
+pub struct PresenceConfig {
+    /// Stream ids or prefixes ending in `*` whose subscribers are members.
+    pub patterns: Vec<String>,
+    pub leave_grace_sec: u64,
+    pub heartbeat_sec: u64,
+    pub max_members: u32,
+}
+
+impl PresenceConfig {
+    /// Whether `stream` has presence.
+    pub fn covers(&self, stream: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| zerodrop_core::grant::pattern_matches(p, stream))
+    }
+}
+
 /// The resolved configuration the server runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -507,6 +555,8 @@ pub struct Config {
     pub token_grace_sec: u64,
     pub max_session_age_sec: u64,
     pub cors_origins: String,
+    /// Presence (SPEC §10): the stream patterns that have it, and its timings and limit.
+    pub presence: PresenceConfig,
     pub max_connections: usize,
     pub max_streams_per_session: usize,
     /// 0: no cap.
@@ -623,6 +673,18 @@ impl Config {
             token_grace_sec: a.token_grace_sec,
             max_session_age_sec: a.max_session_age_sec,
             cors_origins: a.cors_origins,
+            presence: PresenceConfig {
+                patterns: a
+                    .presence
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect(),
+                leave_grace_sec: a.presence_leave_grace_sec,
+                heartbeat_sec: a.presence_heartbeat_sec,
+                max_members: a.presence_max_members,
+            },
             max_connections: a.max_connections,
             max_streams_per_session: a.max_streams_per_session,
             max_sessions_per_subject: a.max_sessions_per_subject,
@@ -692,6 +754,21 @@ impl Config {
         {
             // The reason only: the URL may carry a password.
             bail!("--redis-url (redis_url): {why}");
+        }
+        for p in &self.presence.patterns {
+            if zerodrop_core::StreamId::validate(p.strip_suffix('*').unwrap_or(p)).is_err()
+                && p != "*"
+            {
+                bail!(
+                    "--presence (presence): {p:?} is neither a stream id nor a prefix ending in '*'"
+                );
+            }
+        }
+        if self.presence.heartbeat_sec == 0 {
+            bail!("--presence-heartbeat-sec (presence_heartbeat_sec) must be at least 1");
+        }
+        if self.presence.max_members == 0 {
+            bail!("--presence-max-members (presence_max_members) must be at least 1");
         }
         if self.reconnect_window_sec == 0 {
             bail!("--reconnect-window-sec (reconnect_window_sec) must be at least 1");

@@ -21,20 +21,26 @@
 //!   (`refresh`) before the token's `exp`, and closed with `TOKEN_EXPIRED` once `exp` plus the
 //!   grace (`--token-grace-sec`) has passed without one; a session's connection also ends at
 //!   the session's maximum age (`RECONNECT_WINDOW_EXPIRED`);
-//! - **is taken over** when a newer connection resumes its session.
+//! - **is taken over** when a newer connection resumes its session;
+//! - **keeps its session present** in the streams with presence it is subscribed to (the
+//!   session module's `App::join`, `App::release`, `App::part`), and delivers the presence
+//!   frames of the streams it watches from their cursors (`App::place_presence`).
 //!
 //! The transport implements [`Wire`]: how an event, a hole, a ping, a token and a drain look
 //! on its wire. It decides no session rule.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::time::Sleep;
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId};
+use zerodrop_store::PresenceEntry;
 
 use crate::app::authz::Action;
+use crate::app::presence::{PresenceStart, check_presence_position};
 use crate::app::revocation::{Bearer, Verdict};
 use crate::app::{App, Authority, ConnSlot, Hole, StreamStart, authority_ended};
 use crate::drain::DrainPhase;
@@ -103,7 +109,25 @@ pub(crate) trait Wire {
     /// The drain moment of this connection, or a disconnect order: say goodbye (with a resume
     /// token when there is a session) and tell how the connection ends.
     async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit;
+    /// Queues one presence entry (sent with the next [`Wire::flush`]).
+    async fn presence(&mut self, e: &PresenceEntry) -> Result<(), Exit>;
+    /// A stream's presence frames cannot go on from the cursor (the presence log started
+    /// again, or was trimmed past it): they stop; the stream's events go on.
+    async fn presence_lost(&mut self, e: ApiError) -> Result<(), Exit>;
 }
+
+/// A stream whose presence frames this connection delivers.
+struct PresenceCursor {
+    stream: StreamId,
+    epoch: Epoch,
+    /// The last presence seq delivered.
+    after: u64,
+    /// Set by the hub when the presence log grew.
+    mark: Arc<AtomicBool>,
+}
+
+/// Most presence entries read per stream and turn.
+const PRESENCE_READ: usize = 256;
 
 /// Why a connection is asked to reconnect (elsewhere, or here at once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +233,10 @@ pub(crate) struct Core {
     authz: HashMap<StreamId, Instant>,
     /// Whom the hook is asked about without a session (SSE with a connect token).
     token_grants: Option<Grants>,
+    /// Streams with presence where this connection keeps its session a member.
+    members: Vec<StreamId>,
+    /// Streams whose presence frames it delivers.
+    watching: Vec<PresenceCursor>,
     closed: bool,
     _slot: ConnSlot,
 }
@@ -263,6 +291,8 @@ impl Core {
             orders_seen: app.orders_generation(),
             authz: HashMap::new(),
             token_grants: None,
+            members: Vec::new(),
+            watching: Vec::new(),
             closed: false,
             _slot: slot,
             app,
@@ -408,7 +438,86 @@ impl Core {
         self.signal.wake();
     }
 
+    /// Subscribes like [`Core::subscribe`], and makes the session a member of a stream with
+    /// presence. A full stream refuses (`OVER_CAPACITY`): the stream leaves the session again.
+    pub(crate) async fn enter(
+        &mut self,
+        stream: StreamId,
+        start: &StreamStart,
+    ) -> Result<(), ApiError> {
+        self.subscribe(stream.clone(), start);
+        let Some(s) = &self.session else {
+            return Ok(());
+        };
+        match self
+            .app
+            .join(self.id, &s.id, &s.sub, s.grants.info.clone(), &stream)
+            .await
+        {
+            Ok(()) => {
+                if self.app.presence_on(&stream) && !self.members.contains(&stream) {
+                    self.members.push(stream);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.flush_acks().await;
+                if let Err(le) = self.leave(&stream).await {
+                    tracing::debug!(error = %le.message, "could not take a stream out of a session");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Delivers `stream`'s presence frames after `after` in `epoch` (the head when `None`):
+    /// listening first, then placing, so nothing appended in between is missed.
+    pub(crate) async fn watch_presence(
+        &mut self,
+        stream: &StreamId,
+        after: Option<u64>,
+        epoch: Option<&Epoch>,
+    ) -> Result<PresenceStart, ApiError> {
+        self.unwatch(stream);
+        let mark = self
+            .app
+            .hub
+            .presence_listen(stream, self.id, self.signal.clone());
+        match self.app.place_presence(stream, after, epoch).await {
+            Ok(start) => {
+                self.watching.push(PresenceCursor {
+                    stream: stream.clone(),
+                    epoch: start.epoch.clone(),
+                    after: start.after,
+                    mark,
+                });
+                Ok(start)
+            }
+            Err(e) => {
+                self.app.hub.presence_unlisten(stream, self.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn unwatch(&mut self, stream: &StreamId) {
+        if self.watching.iter().any(|w| w.stream == *stream) {
+            self.watching.retain(|w| w.stream != *stream);
+            self.app.hub.presence_unlisten(stream, self.id);
+        }
+    }
+
+    /// The members this connection keeps present are released (they leave after the grace
+    /// unless another connection of their session claims them).
+    async fn release_members(&mut self) {
+        let Some(s) = &self.session else { return };
+        for stream in std::mem::take(&mut self.members) {
+            self.app.release(self.id, &s.id, &stream).await;
+        }
+    }
+
     pub(crate) fn unsubscribe(&mut self, stream: &StreamId) {
+        self.unwatch(stream);
         self.subs.retain(|s| s.stream != *stream);
         self.acks.remove(stream);
         if self.authz.remove(stream).is_some() {
@@ -476,7 +585,13 @@ impl Core {
     pub(crate) async fn leave(&mut self, stream: &StreamId) -> Result<(), ApiError> {
         self.unsubscribe(stream);
         match &self.session {
-            Some(s) => self.app.unsubscribe_stream(&s.id, stream).await,
+            Some(s) => {
+                if let Some(i) = self.members.iter().position(|m| m == stream) {
+                    self.members.remove(i);
+                    self.app.part(self.id, &s.id, stream).await;
+                }
+                self.app.unsubscribe_stream(&s.id, stream).await
+            }
             None => Ok(()),
         }
     }
@@ -660,6 +775,52 @@ impl Core {
         if budget == 0 {
             self.signal.wake();
         }
+        self.deliver_presence(wire).await
+    }
+
+    /// Hands the transport the presence entries after each marked cursor, then flushes once.
+    async fn deliver_presence(&mut self, wire: &mut impl Wire) -> Result<(), Exit> {
+        let mut sent = 0usize;
+        let mut lost = Vec::new();
+        for i in 0..self.watching.len() {
+            let w = &self.watching[i];
+            if !w.mark.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let (stream, after) = (w.stream.clone(), w.after);
+            let log = match self.app.presence_read(&stream, after, PRESENCE_READ).await {
+                Ok(log) => log,
+                Err(e) => {
+                    tracing::debug!(error = %e.message, stream = %stream, "presence read failed; will retry");
+                    self.watching[i].mark.store(true, Ordering::Release);
+                    self.timers.retry = Some(Instant::now() + STORE_RETRY);
+                    continue;
+                }
+            };
+            let w = &mut self.watching[i];
+            if let Err(e) = check_presence_position(&stream, after, Some(&w.epoch), &log) {
+                lost.push((i, e));
+                continue;
+            }
+            for e in &log.entries {
+                wire.presence(e).await?;
+                w.after = e.seq;
+            }
+            sent += log.entries.len();
+            if log.entries.len() == PRESENCE_READ {
+                w.mark.store(true, Ordering::Release);
+                self.signal.wake();
+            }
+        }
+        if sent > 0 {
+            wire.flush().await?;
+        }
+        for (i, e) in lost.into_iter().rev() {
+            let w = self.watching.remove(i);
+            self.app.hub.presence_unlisten(&w.stream, self.id);
+            self.app.metrics.error(e.code);
+            wire.presence_lost(e).await?;
+        }
         Ok(())
     }
 
@@ -702,6 +863,15 @@ impl Core {
         } else {
             self.subs.remove(i);
             self.acks.remove(&stream);
+            self.unwatch(&stream);
+            // The client resyncs and subscribes again: within the grace, that emits nothing.
+            if let (Some(s), Some(m)) = (
+                &self.session,
+                self.members.iter().position(|m| *m == stream),
+            ) {
+                self.members.remove(m);
+                self.app.release(self.id, &s.id, &stream).await;
+            }
         }
         self.app.metrics.error(hole.code);
         wire.hole(&hole).await
@@ -721,6 +891,7 @@ impl Core {
     pub(crate) async fn close(&mut self, code: Option<u16>, reason: &str) {
         self.closed = true;
         self.flush_acks().await;
+        self.release_members().await;
         if let Some(s) = &self.session {
             self.app.touch(&s.id).await;
             self.app.release_session(&s.id, self.id);
@@ -746,6 +917,9 @@ impl Drop for Core {
     fn drop(&mut self) {
         self.app.unregister_connection(self.id);
         self.app.metrics.connection_closed(self.transport);
+        for w in std::mem::take(&mut self.watching) {
+            self.app.hub.presence_unlisten(&w.stream, self.id);
+        }
         if self.closed {
             return;
         }
@@ -753,11 +927,15 @@ impl Drop for Core {
         if let Some(s) = self.session.take() {
             self.app.release_session(&s.id, self.id);
             let app = self.app.clone();
-            // The reconnect window starts now.
+            let (conn, members) = (self.id, std::mem::take(&mut self.members));
+            // The reconnect window starts now, and so do the members' graces.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     app.flush_acks(Some(&s.id)).await;
                     app.touch(&s.id).await;
+                    for stream in members {
+                        app.release(conn, &s.id, &stream).await;
+                    }
                 });
             }
         }

@@ -332,7 +332,12 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     marks: mpsc::UnboundedSender<DropMark>,
     marks_rx: Mutex<Option<mpsc::UnboundedReceiver<DropMark>>>,
+    /// Per stream, the connections receiving its presence frames: their doorbells and their
+    /// "read the presence log again" marks.
+    presence: Mutex<HashMap<StreamId, PresenceListeners>>,
 }
+
+type PresenceListeners = HashMap<u64, (Arc<Signal>, Arc<AtomicBool>)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -355,6 +360,47 @@ impl Hub {
             metrics,
             marks,
             marks_rx: Mutex::new(Some(marks_rx)),
+            presence: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Connection `conn` receives `stream`'s presence frames: when its presence log grows,
+    /// the returned mark is set and the doorbell rung. The mark starts set, so the first turn
+    /// reads whatever came before the listener was registered.
+    pub fn presence_listen(
+        &self,
+        stream: &StreamId,
+        conn: u64,
+        signal: Arc<Signal>,
+    ) -> Arc<AtomicBool> {
+        let mark = Arc::new(AtomicBool::new(true));
+        lock(&self.presence)
+            .entry(stream.clone())
+            .or_default()
+            .insert(conn, (signal.clone(), mark.clone()));
+        signal.wake();
+        mark
+    }
+
+    pub fn presence_unlisten(&self, stream: &StreamId, conn: u64) {
+        let mut p = lock(&self.presence);
+        if let Some(l) = p.get_mut(stream) {
+            l.remove(&conn);
+            if l.is_empty() {
+                p.remove(stream);
+            }
+        }
+    }
+
+    fn ring_presence(&self, stream: Option<&StreamId>) {
+        let p = lock(&self.presence);
+        let all: Vec<&PresenceListeners> = match stream {
+            Some(s) => p.get(s).into_iter().collect(),
+            None => p.values().collect(),
+        };
+        for (signal, mark) in all.into_iter().flat_map(|l| l.values()) {
+            mark.store(true, Ordering::Release);
+            signal.wake();
         }
     }
 
@@ -513,6 +559,11 @@ impl LiveSink for Hub {
                 t.wake_all();
             }
         }
+        self.ring_presence(None);
+    }
+
+    fn presence_changed(&self, stream: &StreamId) {
+        self.ring_presence(Some(stream));
     }
 }
 

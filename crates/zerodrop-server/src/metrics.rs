@@ -244,6 +244,8 @@ impl Metrics {
             m.count("zerodrop_connections_closed_total", &[("reason", r)], 0);
         }
         m.set("zerodrop_revocations_active", &[], 0.0);
+        m.presence_changes(0, 0);
+        m.presence_occupancy(0, 0);
         for a in ["connect", "subscribe", "publish"] {
             for r in ["allow", "deny", "unavailable"] {
                 m.count(
@@ -331,6 +333,19 @@ impl Metrics {
     pub fn token_refresh(&self, ok: bool) {
         let result = if ok { "ok" } else { "refused" };
         self.count("zerodrop_token_refreshes_total", &[("result", result)], 1);
+    }
+
+    /// Presence entries this instance appended: members that joined and members that left
+    /// (each leave is appended by exactly one instance, whichever swept it).
+    pub fn presence_changes(&self, joins: u64, leaves: u64) {
+        self.count("zerodrop_presence_joins_total", &[], joins);
+        self.count("zerodrop_presence_leaves_total", &[], leaves);
+    }
+
+    /// Streams with at least one member, and members over all streams (never per stream).
+    pub fn presence_occupancy(&self, streams: u64, members: u64) {
+        self.set("zerodrop_presence_streams", &[], streams as f64);
+        self.set("zerodrop_presence_members", &[], members as f64);
     }
 
     /// Revocations in force on this instance.
@@ -809,6 +824,14 @@ fn describe(r: &PrometheusRecorder) {
             "WebSocket/SSE connections the server ended for their authority, by reason (revoked, disconnected, token_expired, session_expired)",
         ),
         d(
+            "zerodrop_presence_joins_total",
+            "Members that joined a stream with presence (appended by this instance)",
+        ),
+        d(
+            "zerodrop_presence_leaves_total",
+            "Members that left a stream with presence (appended by this instance: each leave once over all instances)",
+        ),
+        d(
             "zerodrop_webhooks_total",
             "Webhooks received, by source and result (accepted, duplicate, reused)",
         ),
@@ -851,6 +874,14 @@ fn describe(r: &PrometheusRecorder) {
         d(
             "zerodrop_revocations_active",
             "Revocations in force (POST /admin/revoke), as this instance last read them",
+        ),
+        d(
+            "zerodrop_presence_streams",
+            "Streams with at least one presence member, as the store last said",
+        ),
+        d(
+            "zerodrop_presence_members",
+            "Presence members over all streams, as the store last said",
         ),
         d(
             "zerodrop_jobs_backlog",

@@ -125,6 +125,10 @@ impl LiveSink for Sink {
         self.hub.reset();
     }
 
+    fn presence_changed(&self, stream: &StreamId) {
+        self.hub.presence_changed(stream);
+    }
+
     fn recreated(&self, stream: &StreamId) {
         self.hub.recreated(stream);
     }
@@ -409,6 +413,34 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
         let app = a.clone();
         async move { app.poll_orders().await }
     });
+    // Presence: members held here renewed, lapsed members (of any instance) swept, and the
+    // gauges read from the store.
+    if !app.cfg.presence.patterns.is_empty() {
+        let (beat, sweep) = app.presence_periods();
+        let a = app.clone();
+        every(beat, stop.clone(), move || {
+            let app = a.clone();
+            async move { app.presence_beat().await }
+        });
+        let a = app.clone();
+        every(sweep, stop.clone(), move || {
+            let app = a.clone();
+            async move { app.presence_sweep().await }
+        });
+        let a = app.clone();
+        every(Duration::from_secs(5), stop.clone(), move || {
+            let app = a.clone();
+            async move { app.presence_census().await }
+        });
+        // Occupancy webhooks: the presence logs pumped into the job queue, in order.
+        if app.presence_hooks_on() {
+            let a = app.clone();
+            every(Duration::from_millis(100), stop.clone(), move || {
+                let app = a.clone();
+                async move { app.presence_pump().await }
+            });
+        }
+    }
     // Written-behind WebSocket acks, once a second, in one batch.
     let a = app.clone();
     every(Duration::from_secs(1), stop.clone(), move || {

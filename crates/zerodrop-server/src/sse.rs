@@ -29,9 +29,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use zerodrop_core::{Epoch, Grants, Seq, StreamId};
-use zerodrop_store::SessionRecord;
+use zerodrop_store::{PresenceEntry, SessionRecord};
 
 use crate::app::authz::Action;
+use crate::app::presence::presence_frame;
 use crate::app::{App, Asker, Hole, Placement, Position, Resumed, StreamStart};
 use crate::auth::bearer;
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
@@ -47,6 +48,15 @@ pub struct SseQuery {
     token: Option<String>,
     resume: Option<String>,
     after: Option<u64>,
+    /// `presence=true`: the stream's presence entries too, as `event: presence` (no `id:`,
+    /// so `Last-Event-ID` stays the events' position), from after `presenceAfter` in
+    /// `presenceEpoch` (default: the presence log's head).
+    #[serde(default)]
+    presence: bool,
+    #[serde(rename = "presenceAfter")]
+    presence_after: Option<u64>,
+    #[serde(rename = "presenceEpoch")]
+    presence_epoch: Option<String>,
 }
 
 pub async fn handler(
@@ -208,7 +218,17 @@ async fn open(
     if let (Some((sub, iat)), Some(g)) = (bearer_of, grants) {
         core.identify(&sub, iat, g);
     }
-    core.subscribe(stream.clone(), &StreamStart { epoch, after, head });
+    core.enter(stream.clone(), &StreamStart { epoch, after, head })
+        .await?;
+    if q.presence {
+        let epoch = match q.presence_epoch.as_deref().map(Epoch::parse) {
+            Some(None) => return Err(ApiError::invalid("invalid presenceEpoch")),
+            Some(Some(e)) => Some(e),
+            None => None,
+        };
+        core.watch_presence(&stream, q.presence_after, epoch.as_ref())
+            .await?;
+    }
     core.authorized(&stream, authz_until);
     core.log_opened(Some(&stream));
     let state = SseConn {
@@ -304,6 +324,22 @@ impl Wire for SseWire {
 
     async fn drain(&mut self, _resume_token: Option<String>, why: Leave) -> Exit {
         Exit::Gone(why.as_str())
+    }
+
+    async fn presence(&mut self, e: &PresenceEntry) -> Result<(), Exit> {
+        let data = serde_json::to_string(&presence_frame(e)).unwrap_or_default();
+        self.chunk
+            .extend_from_slice(format!("event: presence\ndata: {data}\n\n").as_bytes());
+        Ok(())
+    }
+
+    /// `event: error` with the refusal (`presence: true`); the events go on.
+    async fn presence_lost(&mut self, e: ApiError) -> Result<(), Exit> {
+        self.flush().await?;
+        let data = serde_json::Value::Object(e.body());
+        self.pending
+            .push_back(Bytes::from(format!("event: error\ndata: {data}\n\n")));
+        Ok(())
     }
 }
 

@@ -36,12 +36,14 @@ use serde::Deserialize;
 use serde_json::Value;
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::frames::{
-    self, Ack, ClientFrame, Closed, Ping, Publish, Published, Reconnect, Refresh, RefreshAsk,
-    ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
+    self, Ack, ClientFrame, Closed, Ping, PresenceAt, Publish, Published, Reconnect, Refresh,
+    RefreshAsk, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
+use zerodrop_store::PresenceEntry;
 
 use crate::app::authz::Action;
+use crate::app::presence::presence_frame;
 use crate::app::{
     AckWrite, App, Asker, Authority, ConnSlot, Hole, Position, Resumed, StreamStart,
     no_longer_granted,
@@ -232,6 +234,19 @@ impl Wire for WsWire {
         self.send_text(e.frame()).await
     }
 
+    async fn presence(&mut self, e: &PresenceEntry) -> Result<(), Exit> {
+        let frame = ServerFrame::Presence(presence_frame(e)).to_json();
+        self.socket
+            .feed(Message::Text(frame.into()))
+            .await
+            .map_err(write_error)
+    }
+
+    /// A stream-level `error` with `presence: true`: the stream's events go on.
+    async fn presence_lost(&mut self, e: ApiError) -> Result<(), Exit> {
+        self.send_text(e.frame()).await
+    }
+
     async fn drain(&mut self, resume_token: Option<String>, why: Leave) -> Exit {
         if let Some(resume_token) = resume_token {
             let frame = ServerFrame::Reconnect(Reconnect {
@@ -374,7 +389,8 @@ impl Conn {
                 self.adopt(rec.id, rec.sub, rec.grants, authority).await
             }
             Start::Resume(token, fresh) => {
-                self.resume(&token, BTreeMap::new(), fresh.as_ref()).await
+                self.resume(&token, BTreeMap::new(), fresh.as_ref(), BTreeMap::new())
+                    .await
             }
             Start::AwaitResume => {
                 let first =
@@ -409,6 +425,7 @@ impl Conn {
                             &r.resume_token,
                             r.last_ack.unwrap_or_default(),
                             fresh.as_ref(),
+                            r.presence.unwrap_or_default(),
                         )
                         .await
                     }
@@ -446,6 +463,7 @@ impl Conn {
         token: &str,
         last_ack: BTreeMap<String, u64>,
         fresh: Option<&ConnectClaims>,
+        presence: BTreeMap<String, PresenceAt>,
     ) -> Result<(), Exit> {
         let app = self.app().clone();
         app.metrics.ws_reconnect_attempt();
@@ -508,7 +526,10 @@ impl Conn {
                     let acked = client_ack.map_or(st.ack, |c| c.max(st.ack));
                     self.core.acks.insert(stream.clone(), acked);
                     self.core.authorized(stream, until);
-                    self.start_sub(stream.clone(), start).await?;
+                    let watch = presence
+                        .get(stream.as_str())
+                        .map(|p| (Some(p.after), p.epoch.clone()));
+                    self.start_sub(stream.clone(), start, watch).await?;
                 }
                 // A hole has already left the session (`App::place`).
                 Err(e) => self.send_error(e).await?,
@@ -517,13 +538,44 @@ impl Conn {
         Ok(())
     }
 
-    async fn start_sub(&mut self, stream: StreamId, start: StreamStart) -> Result<(), Exit> {
-        self.core.subscribe(stream.clone(), &start);
+    /// Subscribes (the session becomes a member of a stream with presence), and with
+    /// `presence` delivers its presence frames from that position (`None`: not asked).
+    async fn start_sub(
+        &mut self,
+        stream: StreamId,
+        start: StreamStart,
+        presence: Option<(Option<u64>, Option<String>)>,
+    ) -> Result<(), Exit> {
+        if let Err(e) = self.core.enter(stream.clone(), &start).await {
+            return self.send_error(e).await;
+        }
+        let mut watched = None;
+        if let Some((after, epoch)) = presence {
+            let epoch = match epoch.as_deref().map(Epoch::parse) {
+                Some(None) => {
+                    let e =
+                        ApiError::invalid("invalid presenceEpoch").with("stream", stream.as_str());
+                    return self.send_error(e).await;
+                }
+                Some(Some(e)) => Some(e),
+                None => None,
+            };
+            match self
+                .core
+                .watch_presence(&stream, after, epoch.as_ref())
+                .await
+            {
+                Ok(p) => watched = Some(p),
+                Err(e) => self.send_error(e).await?,
+            }
+        }
         self.send_frame(&ServerFrame::Subscribed(Subscribed {
             stream: stream.as_str().to_string(),
             epoch: start.epoch.as_str().to_string(),
             head_seq: start.head.0,
             from_seq: start.after.0 + 1,
+            presence_epoch: watched.as_ref().map(|p| p.epoch.as_str().to_string()),
+            presence_seq: watched.map(|p| p.after),
         }))
         .await
     }
@@ -802,7 +854,8 @@ impl Conn {
         let prev = self.core.acks.get(&stream).copied().unwrap_or(Seq(0));
         self.core.acks.insert(stream.clone(), prev.max(start.after));
         self.core.authorized(&stream, until);
-        self.start_sub(stream, start).await
+        let watch = f.presence.then_some((f.presence_after, f.presence_epoch));
+        self.start_sub(stream, start, watch).await
     }
 
     async fn on_unsubscribe(&mut self, f: Unsubscribe) -> Result<(), Exit> {

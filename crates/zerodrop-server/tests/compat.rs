@@ -5,8 +5,9 @@
 //!
 //! Each file is one session of a client of that version, one step per line:
 //!
-//! - `{"config": {"pingIntervalSec", "reconnectWindowSec", "tokenGraceSec"}}`: first line
-//!   only, the server's timers for this session (default: the defaults);
+//! - `{"config": {"pingIntervalSec", "reconnectWindowSec", "tokenGraceSec", "presence"}}`:
+//!   first line only, the server's timers (and the stream patterns with presence) for this
+//!   session (default: the defaults);
 //! - `{"publish": {"stream", "data"}}`: a backend publishes over HTTP (api key);
 //! - `{"connect": {"streams", "publish"?, "expInSec"?}}`: a WebSocket offering only the set's
 //!   version, with a connect token (expiring in an hour, or in `expInSec`); `{"connect": "resume"}`: with `?resume=` and the newest resume token;
@@ -45,6 +46,8 @@ const VOLATILE: &[&str] = &[
     "message",
     "exp",
     "deadline",
+    "presenceEpoch",
+    "since",
 ];
 
 fn normalize(v: &Value) -> Value {
@@ -136,6 +139,12 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             }
             if let Some(n) = t["tokenGraceSec"].as_u64() {
                 c.token_grace_sec = n;
+            }
+            if let Some(p) = t["presence"].as_array() {
+                c.presence.patterns = p
+                    .iter()
+                    .filter_map(|p| p.as_str().map(String::from))
+                    .collect();
             }
         }
     })
@@ -311,6 +320,7 @@ async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_
         "subscribed",
         "unsubscribed",
         "event",
+        "presence",
         "ping",
         "pong",
         "reconnect",

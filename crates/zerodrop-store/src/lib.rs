@@ -31,6 +31,7 @@ use zerodrop_core::{AckUpdate, Epoch, Event, Grants, Seq, SessionId, StreamId};
 pub mod durability;
 pub mod guard;
 pub mod memory;
+pub mod presence;
 pub mod redis;
 pub mod revocation;
 mod rules;
@@ -43,6 +44,10 @@ pub use self::guard::{
 };
 pub use self::redis::{RedisOptions, RedisStore, SentinelUrl};
 pub use memory::MemoryStore;
+pub use presence::{
+    Claimed, Member, PresenceAction, PresenceClaim, PresenceEntry, PresenceLog, PresencePage,
+    PresenceStats, PresenceStore,
+};
 pub use revocation::{Revocation, RevokeTarget};
 pub use rules::SessionCap;
 pub use rules::{Planned, plan_items, planned_outcomes};
@@ -286,6 +291,12 @@ pub trait LiveSink: Send + Sync + 'static {
     fn session_held(&self, id: &SessionId, holder: &str) {
         let _ = (id, holder);
     }
+    /// The presence log of `stream` grew (on any instance sharing the store): its presence
+    /// subscribers read it from their positions. A doorbell only; after a [`LiveSink::reset`]
+    /// every presence subscriber reads again.
+    fn presence_changed(&self, stream: &StreamId) {
+        let _ = stream;
+    }
 }
 
 /// A sink that ignores everything (tools and tests that need no live path).
@@ -447,4 +458,8 @@ pub trait Store: GuardStore + Send + Sync + 'static {
     }
 
     async fn stats(&self) -> StoreResult<StoreStats>;
+
+    /// The store's presence ([`presence`]): members and presence logs, shared by every
+    /// instance that shares the store.
+    fn presence(&self) -> &dyn PresenceStore;
 }

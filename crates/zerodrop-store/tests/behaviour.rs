@@ -286,6 +286,8 @@ fn session(id: &SessionId, streams: &[(&str, &Epoch, u64)]) -> SessionRecord {
         grants: Grants {
             streams: vec!["room:*".into()],
             publish: vec![],
+            // The connect token's public `info` (presence) is kept with the grants.
+            info: Some(serde_json::json!({"name": "Ann"})),
         },
         created_at_ms: now_ms(),
         expires_at_ms: now_ms() + 900_000,
@@ -564,6 +566,7 @@ async fn grants_and_revocations(f: Fixture) {
     let narrower = Grants {
         streams: vec!["room:1".into()],
         publish: vec![],
+        info: None,
     };
     f.store.set_session_grants(&id, &narrower).await.unwrap();
     let loaded = f.store.load_session(&id).await.unwrap().unwrap();

@@ -83,6 +83,7 @@ async fn check(store: Arc<dyn Store>, max_events: u64, ops: Vec<Op>) {
             grants: Grants {
                 streams: vec!["m:*".into()],
                 publish: vec![],
+                info: None,
             },
             created_at_ms: now_ms(),
             expires_at_ms: now_ms() + 900_000,

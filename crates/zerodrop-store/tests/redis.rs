@@ -76,6 +76,7 @@ fn session(id: &SessionId, stream: &str, epoch: &Epoch, ack: u64) -> SessionReco
         grants: Grants {
             streams: vec!["*".into()],
             publish: vec![],
+            info: None,
         },
         created_at_ms: now_ms(),
         expires_at_ms: now_ms() + 900_000,

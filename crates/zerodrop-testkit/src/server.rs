@@ -40,6 +40,23 @@ impl Creds {
     }
 
     pub fn token_until(&self, sub: &str, streams: &[&str], publish: &[&str], exp: u64) -> String {
+        self.token_with(sub, streams, publish, exp, None)
+    }
+
+    /// A connect token carrying the public `info` claim (presence), valid for an hour.
+    pub fn token_with_info(&self, sub: &str, streams: &[&str], info: serde_json::Value) -> String {
+        let exp = zerodrop_core::now_ms() / 1000 + 3600;
+        self.token_with(sub, streams, &[], exp, Some(info))
+    }
+
+    fn token_with(
+        &self,
+        sub: &str,
+        streams: &[&str],
+        publish: &[&str],
+        exp: u64,
+        info: Option<serde_json::Value>,
+    ) -> String {
         let claims = ConnectClaims {
             sub: sub.into(),
             iat: Some(zerodrop_core::now_ms() / 1000),
@@ -47,6 +64,7 @@ impl Creds {
             streams: streams.iter().map(|s| s.to_string()).collect(),
             publish: (!publish.is_empty()).then(|| publish.iter().map(|s| s.to_string()).collect()),
             upstreams: Vec::new(),
+            info,
         };
         mint_connect_token(&self.jwt_secret, &claims)
     }
@@ -61,6 +79,7 @@ impl Creds {
             streams: Vec::new(),
             publish: None,
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            info: None,
         };
         mint_connect_token(&self.jwt_secret, &claims)
     }

@@ -88,6 +88,7 @@ async fn sdk(url: &str, token: &str, stream: &str, n: u64, key: bool) -> f64 {
         SubscribeOptions {
             after: Some(0),
             epoch: None,
+            ..Default::default()
         },
     );
     let mut last = 0;

@@ -75,6 +75,26 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ("token_grace_sec", Some(int(c.token_grace_sec))),
         ("max_session_age_sec", Some(int(c.max_session_age_sec))),
         ("cors_origins", s(c.cors_origins.clone())),
+        (
+            "presence",
+            Some(Value::Array(
+                c.presence
+                    .patterns
+                    .iter()
+                    .cloned()
+                    .map(Value::String)
+                    .collect(),
+            )),
+        ),
+        (
+            "presence_leave_grace_sec",
+            Some(int(c.presence.leave_grace_sec)),
+        ),
+        (
+            "presence_heartbeat_sec",
+            Some(int(c.presence.heartbeat_sec)),
+        ),
+        ("presence_max_members", Some(int(c.presence.max_members))),
         ("max_connections", Some(int(c.max_connections))),
         (
             "max_streams_per_session",

@@ -361,6 +361,7 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
         streams: list(&args.streams),
         publish: args.publish.as_deref().map(list),
         upstreams: args.upstreams.as_deref().map(list).unwrap_or_default(),
+        info: None,
     };
     println!(
         "{}",

@@ -1,7 +1,8 @@
 //! The browser SDK (`clients/js`) compiled by `tsc` and run where it is meant to run: its
 //! vector tests under Node, and a page in real headless Chromium that receives every event
 //! exactly once, in order, across a `kill -9` of the server (WebSocket and SSE) and across a
-//! drain to a second instance. `tsc`, `node` and `chromium` are required; a missing one fails
+//! drain to a second instance, and whose presence members view stays the server's across a
+//! drain and a `kill -9`. `tsc`, `node` and `chromium` are required; a missing one fails
 //! with how to install it.
 //!
 //! Every wait is bounded (at most 90 s per test); every process is killed on drop.
@@ -554,4 +555,127 @@ async fn a_page_behind_a_proxy_that_loses_an_event_reads_it_over_http_and_acks_o
     assert_exactly_once(&records, stream, 10);
     let pos = wait_position(&records, 10).await;
     assert_eq!(pos["protocol"], "zerodrop.v1", "{pos}");
+}
+
+/// The page's members view (`subscribe(stream, {presence: true})`): its newest report.
+fn page_members(records: &Records) -> Option<Vec<String>> {
+    snapshot(records)
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "presence")
+        .map(|r| {
+            r["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_string())
+                .collect()
+        })
+}
+
+/// Waits until the page's members view is the server's snapshot (session ids, sorted) and
+/// holds `n` members.
+async fn wait_members(
+    records: &Records,
+    api: &zerodrop_testkit::http::Api,
+    key: &str,
+    stream: &str,
+    n: usize,
+) {
+    let until = Instant::now() + LIMIT;
+    loop {
+        let r = api
+            .get(&format!("/v1/streams/{stream}/presence"), Some(key))
+            .await;
+        let mut server: Vec<String> = r.json["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["sessionId"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        server.sort();
+        let page = page_members(records);
+        if server.len() == n && page.as_ref() == Some(&server) {
+            return;
+        }
+        let recs = snapshot(records);
+        assert!(errors(&recs).is_empty(), "{recs:?}");
+        assert!(
+            Instant::now() < until,
+            "the page's members {page:?} never became the server's {server:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A member: a raw socket of `sub` subscribed to `stream` on `ws_url`.
+async fn presence_member(
+    ws_url: &str,
+    token: &str,
+    stream: &str,
+) -> zerodrop_testkit::ws::WsClient {
+    let mut m = zerodrop_testkit::ws::WsClient::connect(&format!("{ws_url}/v1/ws?token={token}"))
+        .await
+        .unwrap();
+    m.expect("welcome").await;
+    m.send(json!({"type":"subscribe","stream":stream})).await;
+    m.expect("subscribed").await;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pages_members_view_stays_current_across_a_drain_and_a_kill9() {
+    let dist = compile();
+    let (page, records) = page_server(dist.path()).await;
+    let mut c = Cluster::start(
+        Path::new(BIN),
+        2,
+        &[
+            "--presence",
+            "brp:*",
+            "--presence-leave-grace-sec",
+            "2",
+            "--presence-heartbeat-sec",
+            "2",
+        ],
+    )
+    .expect("cluster starts");
+    let stream = "brp:1";
+    let key = c.creds.api_key.clone();
+    let token = c.token("page", &["brp:*"]);
+    // The page starts on node 0, the one drained below.
+    let _browser = Browser::open(&page_url(
+        page,
+        &c.urls(),
+        &token,
+        stream,
+        "&transport=ws&presence=1",
+    ));
+    wait_ready(&records, LIMIT).await;
+    let _m1 = presence_member(&c.ws_url(1), &c.token("m1", &["brp:*"]), stream).await;
+    wait_members(&records, &c.api(1), &key, stream, 2).await;
+
+    // A drain of node 0: the page moves to node 1; a member joins meanwhile.
+    let r = c
+        .api(0)
+        .post(
+            "/admin/drain/start",
+            Some(&c.creds.admin_token),
+            json!({"reason":"rolling_deployment","max_session_age_seconds":1}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let _m2 = presence_member(&c.ws_url(1), &c.token("m2", &["brp:*"]), stream).await;
+    wait_members(&records, &c.api(1), &key, stream, 3).await;
+    c.terminate(0, Duration::from_secs(30))
+        .expect("node 0 exits");
+    c.spawn_node(0).expect("node 0 again");
+
+    // A kill -9 of node 1, where the page and both members are: the page resumes on node 0,
+    // the members' leases lapse, and a member joins there.
+    c.kill9(1);
+    let _m3 = presence_member(&c.ws_url(0), &c.token("m3", &["brp:*"]), stream).await;
+    wait_members(&records, &c.api(0), &key, stream, 2).await;
 }

@@ -94,6 +94,7 @@ async fn the_sdk_speaks_every_part_of_the_protocol() {
             resume_token: resume_token.clone(),
             last_ack,
             token: None,
+            presence: Default::default(),
         },
         T,
     )
@@ -164,6 +165,7 @@ async fn the_sdk_speaks_every_part_of_the_protocol() {
             resume_token: "v1.k1.bogus.sig".into(),
             last_ack: BTreeMap::new(),
             token: None,
+            presence: Default::default(),
         },
         T,
     )

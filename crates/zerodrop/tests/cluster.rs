@@ -1140,3 +1140,179 @@ async fn a_revocation_on_one_instance_closes_the_subject_on_the_other() {
         );
     }
 }
+
+/// Presence across a crash (SPEC §10): the members held by an instance killed with `kill -9`
+/// stop being renewed and leave once their heartbeat lapses (plus the grace and a sweep),
+/// observed by the other instance; each leaves exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instances_presence_members_leave_once_observed_by_the_other() {
+    let mut c = Cluster::start(
+        bin(),
+        2,
+        &[
+            "--presence",
+            "room:*",
+            "--presence-leave-grace-sec",
+            "1",
+            "--presence-heartbeat-sec",
+            "2",
+        ],
+    )
+    .expect("cluster starts");
+    let watcher = c.token("watcher", &["room:*"]);
+    let mut w = ws(&format!("{}/v1/ws?token={watcher}", c.ws_url(1))).await;
+    w.expect("welcome").await;
+    w.send(json!({"type":"subscribe","stream":"room:k","presence":true}))
+        .await;
+    w.expect("subscribed").await;
+    let mut members = Vec::new();
+    for n in 0..3 {
+        let t = c.token(&format!("m{n}"), &["room:*"]);
+        let mut m = ws(&format!("{}/v1/ws?token={t}", c.ws_url(0))).await;
+        let welcome = m.expect("welcome").await;
+        m.send(json!({"type":"subscribe","stream":"room:k"})).await;
+        m.expect("subscribed").await;
+        let j = w.next_frame(Duration::from_secs(10)).await;
+        assert_eq!(
+            (&j["type"], &j["action"]),
+            (&json!("presence"), &json!("join")),
+            "{j}"
+        );
+        members.push((m, welcome["sessionId"].as_str().unwrap().to_string()));
+    }
+    c.kill9(0);
+    // Bounded by the heartbeat (2 s) + the grace (1 s) + sweeps, with room for a slow machine.
+    let mut left = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let l = w.next_frame(Duration::from_secs(20)).await;
+        assert_eq!(
+            (&l["type"], &l["action"]),
+            (&json!("presence"), &json!("leave")),
+            "{l}"
+        );
+        assert!(
+            left.insert(l["member"]["sessionId"].as_str().unwrap().to_string()),
+            "a second leave of one member: {l}"
+        );
+    }
+    let expected: std::collections::BTreeSet<String> =
+        members.iter().map(|(_, s)| s.clone()).collect();
+    assert_eq!(left, expected);
+    w.expect_silence(Duration::from_secs(3)).await;
+    let api = c.api(1);
+    let r = api
+        .get("/v1/streams/room:k/presence", Some(&c.creds.api_key))
+        .await;
+    assert_eq!(r.json["occupancy"], 1, "{}", r.text);
+    assert_eq!(r.json["presenceSeq"], 7, "{}", r.text);
+}
+
+/// Occupancy webhooks (SPEC §10) survive a `kill -9` of the instance that queued them: the
+/// jobs are in the store, any worker delivers them, and the other instance pumps on from the
+/// stream's webhook cursor — every transition delivered once, in order, with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occupancy_webhooks_survive_a_kill_9_of_the_instance_that_queued_them() {
+    use zerodrop_testkit::upstream::{FakeUpstream, Mode};
+    let up = FakeUpstream::start().await;
+    up.set(Mode::Status(503));
+    let cfg = tempfile::tempdir().unwrap();
+    let file = cfg.path().join("zerodrop.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "presence = [\"room:*\"]\n[upstreams.app]\nprimary = \"{}\"\npresence = [\"room:*\"]\n",
+            up.url
+        ),
+    )
+    .unwrap();
+    let mut c = Cluster::start(
+        bin(),
+        2,
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--presence-leave-grace-sec",
+            "1",
+            "--presence-heartbeat-sec",
+            "2",
+            "--jobs-max-attempts",
+            "1000",
+            "--jobs-backoff-base-ms",
+            "50",
+            "--jobs-backoff-cap-ms",
+            "200",
+            "--jobs-lease-ms",
+            "1000",
+            "--jobs-heartbeat-ms",
+            "300",
+        ],
+    )
+    .expect("cluster starts");
+    // Node 0 alone queues.
+    c.kill9(1);
+    let mut members = Vec::new();
+    for n in 0..2 {
+        let t = c.token(&format!("m{n}"), &["room:*"]);
+        let mut m = ws(&format!("{}/v1/ws?token={t}", c.ws_url(0))).await;
+        let welcome = m.expect("welcome").await;
+        m.send(json!({"type":"subscribe","stream":"room:w"})).await;
+        m.expect("subscribed").await;
+        members.push((m, welcome["sessionId"].as_str().unwrap().to_string()));
+    }
+    // The first transition is queued and tried (and refused) by node 0.
+    up.wait_until("a first attempt", |r| !r.is_empty()).await;
+    c.spawn_node(1).expect("node 1 again");
+    c.kill9(0);
+    up.set(Mode::Ok);
+    // The members of node 0 leave on node 1's sweep; every webhook follows, once.
+    let ok =
+        |r: &[zerodrop_testkit::upstream::Received]| r.iter().filter(|x| x.status == 200).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok(&up.received()) < 6 {
+        assert!(Instant::now() < deadline, "webhooks: {:#?}", up.received());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got: Vec<Value> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .map(|r| {
+            let body = r.json();
+            assert_eq!(
+                r.header("idempotency-key"),
+                body["idempotencyKey"].as_str(),
+                "{body}"
+            );
+            body
+        })
+        .collect();
+    let types: Vec<&str> = got.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "stream.occupied",
+            "member.joined",
+            "member.joined",
+            "member.left",
+            "member.left",
+            "stream.vacated"
+        ],
+        "{got:#?}"
+    );
+    let keys: std::collections::BTreeSet<&str> = got
+        .iter()
+        .map(|b| b["idempotencyKey"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 6, "one delivery per transition");
+    let seqs: Vec<u64> = got.iter().map(|b| b["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "in order: {seqs:?}");
+    let left: std::collections::BTreeSet<String> = got
+        .iter()
+        .filter(|b| b["type"] == "member.left")
+        .map(|b| b["member"]["sessionId"].as_str().unwrap().to_string())
+        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        members.iter().map(|(_, s)| s.clone()).collect();
+    assert_eq!(left, expected);
+}

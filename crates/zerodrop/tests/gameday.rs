@@ -156,6 +156,39 @@ async fn a_redis_store_outage_is_injected_for_real_and_zero_drop_holds() {
     );
 }
 
+/// With `--store redis` a drain hands every presence member over: the game day counts the
+/// joins and leaves appended from the drain's start to the end of the drill, and there are
+/// none (SPEC §10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_on_redis_hands_presence_over_with_no_join_or_leave() {
+    let work = tempfile::tempdir().unwrap();
+    let (run, v) = gameday(work.path(), "drain", &["--store", "redis"]).await;
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let f = &v["faults"][0];
+    assert_eq!(
+        (&f["fault"], &f["outcome"]),
+        (&serde_json::json!("drain"), &serde_json::json!("held")),
+        "{f}"
+    );
+    assert_eq!(f["presenceEvents"], 0, "{f}");
+    let members = f["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|n| {
+            n.as_str()?
+                .strip_prefix("presence joins before the drain: ")
+        })
+        .expect("the members were counted");
+    assert!(members.parse::<u64>().unwrap() > 0, "{f}");
+    assert!(
+        run.stdout
+            .contains("presence events during the hand-off: 0"),
+        "{}",
+        run.stdout
+    );
+}
+
 /// The in-memory store keeps nothing across a kill -9: every acknowledged event is gone, and
 /// the game day must say so (NOT HELD, exit 1), while a store_outage it cannot inject on that
 /// store is skipped, not held.

@@ -381,6 +381,7 @@ async fn subscriber(url: String, token: String, got: Got) -> Client {
         SubscribeOptions {
             after: Some(0),
             epoch: None,
+            ..Default::default()
         },
     );
     tokio::spawn(async move {

@@ -38,6 +38,7 @@ fn from_start() -> SubscribeOptions {
     SubscribeOptions {
         after: Some(0),
         epoch: None,
+        ..Default::default()
     }
 }
 
@@ -273,6 +274,7 @@ async fn a_position_the_log_trimmed_ends_with_replay_window_trimmed() {
         SubscribeOptions {
             after: Some(15),
             epoch: sub.position().epoch,
+            ..Default::default()
         },
     );
     let mut seqs = Vec::new();
@@ -292,6 +294,7 @@ async fn a_position_the_log_trimmed_ends_with_replay_window_trimmed() {
         SubscribeOptions {
             after: Some(1),
             epoch: None,
+            ..Default::default()
         },
     );
     // A second subscription to a stream replaces the first: it ends, without an error,
@@ -363,6 +366,7 @@ async fn a_subscription_from_another_epoch_ends_with_epoch_changed() {
         SubscribeOptions {
             after: Some(1),
             epoch: Some("0000000000000000".into()),
+            ..Default::default()
         },
     );
     let err = ended(&mut sub).await;
@@ -718,4 +722,88 @@ async fn a_revoked_client_ends_with_revoked_and_does_not_reconnect() {
         "REVOKED",
         "new subscriptions end at once"
     );
+}
+
+/// `sub.presence()` (SPEC §10): a snapshot and the presence frames after it, kept current
+/// across a disconnect order and the resume that follows it (joins and leaves made meanwhile
+/// included), each member once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_presence_keeps_the_members_current_across_a_resume() {
+    use std::collections::BTreeSet;
+    use zerodrop_testkit::ws::WsClient;
+    let s = TestServer::with(|c| {
+        c.presence = zerodrop_server::config::PresenceConfig {
+            patterns: vec!["room:*".into()],
+            leave_grace_sec: 1,
+            heartbeat_sec: 2,
+            max_members: 100,
+        };
+    })
+    .await;
+    let member = |sub: &str| {
+        let url = format!("{}/v1/ws?token={}", s.ws_url(), s.token(sub, &["room:*"]));
+        async move {
+            let mut c = WsClient::connect(&url).await.unwrap();
+            let w = c.expect("welcome").await;
+            c.send(json!({"type":"subscribe","stream":"room:v"})).await;
+            c.expect("subscribed").await;
+            (c, w["sessionId"].as_str().unwrap().to_string())
+        }
+    };
+    let (mut b, b_sid) = member("bob").await;
+    let client = Client::connect_with(&[&s.url], &s.token("ann", &["room:*"]), opts())
+        .await
+        .unwrap();
+    let sub = client.subscribe_with(
+        "room:v",
+        SubscribeOptions {
+            presence: true,
+            ..Default::default()
+        },
+    );
+    let mut view = sub.presence().expect("a presence view");
+    let ann = client.session().0;
+    let ids = |v: &zerodrop_client::PresenceView| -> BTreeSet<String> {
+        v.members().into_iter().map(|m| m.session_id).collect()
+    };
+    let until = |want: BTreeSet<String>, mut v: zerodrop_client::PresenceView| async move {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let now: BTreeSet<String> = v.members().into_iter().map(|m| m.session_id).collect();
+            if now == want {
+                return v;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "members {now:?}, want {want:?}");
+            let _ = tokio::time::timeout(left, v.changed()).await;
+        }
+    };
+    view = until([ann.clone(), b_sid.clone()].into(), view).await;
+    assert_eq!(ids(&view).len(), 2);
+    // The server tells the client to reconnect; it resumes its session at once.
+    let r = s
+        .api()
+        .post(
+            "/admin/disconnect",
+            Some(&s.creds.admin_token),
+            json!({"sessionId": ann}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let (_c, c_sid) = member("carol").await;
+    b.send(json!({"type":"unsubscribe","stream":"room:v"}))
+        .await;
+    b.expect("unsubscribed").await;
+    view = until([ann.clone(), c_sid.clone()].into(), view).await;
+    let members = view.members();
+    let carol = members.iter().find(|m| m.session_id == c_sid).unwrap();
+    assert_eq!(carol.sub, "carol");
+    assert!(view.current().seq.unwrap() >= 4, "{:?}", view.current());
+    // It did resume (not merely stay connected).
+    let deadline = Instant::now() + LIMIT;
+    while s.api().metrics_json().await["ws_metrics"]["ws_resumes"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "the client never resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.close().await;
 }

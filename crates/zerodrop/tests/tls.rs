@@ -386,6 +386,7 @@ async fn the_client_subscribes_and_verifies_over_wss_and_https() {
         SubscribeOptions {
             after: Some(0),
             epoch: None,
+            ..Default::default()
         },
     );
     let http = HttpClient::with_tls(&url, Some(s.secrets.api_key.clone()), T, &tls).unwrap();

@@ -417,6 +417,7 @@ async fn resume(
             resume_token: resume_token.clone(),
             last_ack,
             token: None,
+            presence: Default::default(),
         };
         match WsConnection::connect(&ctx.base, auth, Duration::from_secs(10)).await {
             Ok(mut c) => {

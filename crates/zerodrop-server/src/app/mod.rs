@@ -9,6 +9,8 @@
 
 pub mod authz;
 mod durability;
+pub mod presence;
+mod presence_hooks;
 pub mod revocation;
 pub mod session;
 pub mod streams;
@@ -96,6 +98,8 @@ pub struct App {
     orders: revocation::Orders,
     /// The authorization hooks, when `--authz-upstream` is set (`authz.rs`).
     hooks: Option<authz::Hooks>,
+    /// The presence members this instance holds, and its joins and leaves (`presence.rs`).
+    presence: presence::Presence,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -200,6 +204,7 @@ impl App {
             next_conn_id: AtomicU64::new(1),
             orders: revocation::Orders::default(),
             hooks: authz::Hooks::from_config(&cfg),
+            presence: presence::Presence::default(),
             cfg,
         }
     }

@@ -68,6 +68,10 @@ pub struct UpstreamConfig {
     /// Whether any valid connect token may `GET /v1/upstreams/<name>/…`. Default false: only
     /// the api key and connect tokens whose `upstreams` claim names this upstream may.
     pub public: bool,
+    /// Stream ids or prefixes ending in `*` (streams with presence) whose occupancy webhooks
+    /// (`stream.occupied`, `stream.vacated`, `member.joined`, `member.left`) go to this
+    /// upstream, through the job queue. Default: none.
+    pub presence: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -86,6 +90,7 @@ impl Default for UpstreamConfig {
             cache_version: 1,
             cache_ttl_sec: 30,
             public: false,
+            presence: Vec::new(),
         }
     }
 }
@@ -455,6 +460,7 @@ fn upstream_keys() -> Vec<Vec<String>> {
         cache_version: d.cache_version,
         cache_ttl_sec: d.cache_ttl_sec,
         public: d.public,
+        presence: d.presence,
     })
 }
 

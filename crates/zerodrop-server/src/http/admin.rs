@@ -284,6 +284,7 @@ pub(super) async fn snapshot(State(app): State<Arc<App>>, _: Admin) -> ApiResult
         },
         "jobs": crate::guard::routes::jobs_view(&app, 10).await?,
         "cache": crate::guard::routes::cache_view(&app),
+        "presence": app.presence_view(),
     })))
 }
 

@@ -396,6 +396,7 @@ mod tests {
             streams: vec!["ok.*".into()],
             publish: None,
             upstreams: vec![],
+            info: None,
         });
         let router = Router::new()
             .route("/read/{stream}", get(read))

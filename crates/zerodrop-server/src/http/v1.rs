@@ -208,6 +208,47 @@ pub(super) async fn read_events(
     Ok(json_response(StatusCode::OK, body))
 }
 
+/// `GET /v1/streams/{stream}/presence`'s query: `cursor` is a page's `nextCursor`; `limit`
+/// at most 1,000 (the default). A `token` is read (and checked) by the [`Caller`] extractor.
+#[derive(Deserialize)]
+pub(super) struct PresenceQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The stream's members, a page at a time, with the presence log's head in the same snapshot.
+pub(super) async fn presence(
+    State(app): State<Arc<App>>,
+    StreamPath(stream): StreamPath,
+    Query(q): Query<PresenceQuery>,
+    caller: Caller,
+) -> ApiResult<Response> {
+    caller.may_read(&stream)?;
+    let limit = q
+        .limit
+        .unwrap_or(zerodrop_store::presence::PAGE_MAX)
+        .clamp(1, zerodrop_store::presence::PAGE_MAX);
+    let page = app
+        .presence_page(&stream, q.cursor.as_deref(), limit)
+        .await?;
+    let members: Vec<_> = page
+        .members
+        .iter()
+        .map(|m| {
+            json!({"sub": m.sub, "sessionId": m.session_id.as_str(), "info": m.info, "since": m.since})
+        })
+        .collect();
+    let body = json!({
+        "stream": stream.as_str(),
+        "epoch": page.epoch.as_str(),
+        "presenceSeq": page.seq,
+        "occupancy": page.occupancy,
+        "members": members,
+        "nextCursor": page.next,
+    });
+    Ok(json_response(StatusCode::OK, body.to_string()))
+}
+
 // --------------------------------------------------------------------------------- sessions
 
 #[derive(Deserialize, Default)]

@@ -22,6 +22,7 @@ use zerodrop_core::hash::ChainHash;
 use zerodrop_core::retention::{Retention, plan_trim};
 use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
+use crate::presence::{PresenceBook, PresenceStore};
 use crate::rules::{apply_checkpoint, cutoff, merge_session_stream, plan_items, planned_outcomes};
 use crate::{
     AppendOutcome, AppendRequest, BatchOutcome, LiveSink, Planned, ReadRange, ReadResult,
@@ -33,6 +34,8 @@ mod guard;
 
 pub struct MemoryStore {
     pub(crate) inner: Arc<Inner>,
+    /// Members and presence logs (the shared in-process rules, `crate::presence`).
+    presence: PresenceBook,
 }
 
 pub(crate) struct Inner {
@@ -111,6 +114,7 @@ impl MemoryStore {
         sink: Arc<dyn LiveSink>,
         clock: Arc<dyn Clock>,
     ) -> MemoryStore {
+        let presence = PresenceBook::new(sink.clone(), clock.clone());
         let inner = Arc::new(Inner {
             epoch: Epoch::generate(),
             retention,
@@ -120,7 +124,7 @@ impl MemoryStore {
             state: Mutex::new(State::default()),
         });
         spawn_sweeper(Arc::downgrade(&inner));
-        MemoryStore { inner }
+        MemoryStore { inner, presence }
     }
 
     /// Runs the age sweep now, at the clock's time (it runs by itself every half second).
@@ -596,5 +600,9 @@ impl Store for MemoryStore {
             sessions: st.sessions.len() as u64,
             streams: st.streams.len() as u64,
         })
+    }
+
+    fn presence(&self) -> &dyn PresenceStore {
+        &self.presence
     }
 }

@@ -106,6 +106,7 @@ pub(super) struct Scripts {
     pub(super) publish_through: Lua,
     pub(super) keys_listed: Lua,
     pub(super) guard: guard::GuardScripts,
+    pub(super) presence: super::presence::PresenceScripts,
 }
 
 impl Scripts {
@@ -130,6 +131,7 @@ impl Scripts {
             publish_through: Lua::new(lua::PUBLISH_THROUGH),
             keys_listed: Lua::new(lua::KEYS_LISTED),
             guard: guard::GuardScripts::new(),
+            presence: super::presence::PresenceScripts::new(),
         }
     }
 }

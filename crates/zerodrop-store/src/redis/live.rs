@@ -64,6 +64,10 @@ pub(super) enum Live<'a> {
         holder: &'a str,
         session: SessionId,
     },
+    /// A stream's presence log grew.
+    Presence {
+        stream: StreamId,
+    },
 }
 
 pub(super) fn text(p: Option<&[u8]>) -> Option<&str> {
@@ -92,6 +96,9 @@ pub(super) fn parse_live(payload: &[u8]) -> Option<Live<'_>> {
         b"r" => Some(Live::Renewed {
             stream: StreamId::new(text(parts.next())?).ok()?,
             epoch: Epoch::parse(text(parts.next())?)?,
+        }),
+        b"p" => Some(Live::Presence {
+            stream: StreamId::new(text(parts.next())?).ok()?,
         }),
         b"c" => Some(Live::Closed {
             stream: StreamId::new(text(parts.next())?).ok()?,
@@ -127,6 +134,7 @@ impl Shared {
             }
             Some(Live::Closed { stream, last_seq }) => self.sink.closed(&stream, last_seq),
             Some(Live::Held { holder, session }) => self.sink.session_held(&session, holder),
+            Some(Live::Presence { stream }) => self.sink.presence_changed(&stream),
             None => tracing::debug!("ignored a live message in an unknown format"),
         }
     }

@@ -82,6 +82,7 @@
 //!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
 //! - The job queue (`zd:{jobs}:…`) and the webhook idempotency records (`zd:{idem}:…`): see
 //!   `redis/guard.rs`.
+//! - Presence (`zd:{S}:p…`, `zd:presence`): see `redis/presence.rs`.
 //! - `zd:{rev}:h` the revocations (id → record), `zd:{rev}:v` their version, bumped with
 //!   every change (`redis/revocations.rs`).
 //!
@@ -118,6 +119,7 @@ mod keys;
 mod live;
 mod log;
 mod lua;
+mod presence;
 mod retention;
 mod revocations;
 mod sentinel;
@@ -576,6 +578,10 @@ impl Store for RedisStore {
             sessions: sessions?,
             streams: streams?,
         })
+    }
+
+    fn presence(&self) -> &dyn crate::PresenceStore {
+        self.shared.as_ref()
     }
 }
 

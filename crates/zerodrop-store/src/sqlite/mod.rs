@@ -59,6 +59,7 @@ mod idempotency;
 mod jobs;
 mod log;
 mod open;
+mod presence;
 mod readers;
 mod retention;
 mod sessions;
@@ -121,6 +122,8 @@ pub struct SqliteStore {
     synchronous: i64,
     /// The writer's clock, for what the store decides outside it (revocations in force).
     clock: Arc<dyn Clock>,
+    /// Members and presence logs, in this process (`presence.rs`).
+    presence: crate::presence::PresenceBook,
 }
 
 impl SqliteStore {
@@ -147,6 +150,7 @@ impl SqliteStore {
             .query_row("PRAGMA max_page_count", [], |r| r.get::<_, i64>(0))
             .map(|v| v.max(1) as u64)
             .map_err(unavailable)?;
+        let presence = presence::book(sink.clone(), opts.clock.clone());
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
             conn,
@@ -179,6 +183,7 @@ impl SqliteStore {
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             synchronous,
             clock: opts.clock,
+            presence,
         })
     }
 
@@ -500,5 +505,9 @@ impl Store for SqliteStore {
                 })
             })
             .await
+    }
+
+    fn presence(&self) -> &dyn crate::PresenceStore {
+        &self.presence
     }
 }
