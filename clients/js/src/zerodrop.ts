@@ -22,7 +22,8 @@ export type ErrorCode =
   | "REVOKED"
   | "AUTHZ_UNAVAILABLE"
   | "INVALID_REQUEST"
-  | "CLOSED";
+  | "CLOSED"
+  | "STREAM_CLOSED";
 
 /** A terminal error: `code` plus the facts the server gave (`epoch`, `firstAvailableSeq`, …). */
 export class ZerodropError extends Error {
@@ -97,6 +98,9 @@ export interface SubscribeOptions {
   onEvent?: (e: ZerodropEvent) => void;
   /** Called once with the terminal error. */
   onError?: (e: ZerodropError) => void;
+  /** Called once when the server closed the stream for good (`POST …/close`), after every
+   *  event up to `lastSeq` was given; the subscription then ends (iteration is done). */
+  onClosed?: (lastSeq: number) => void;
   /** Keep the stream's presence members (`subscription.members`, SPEC §10): a snapshot and
    *  the `presence` frames after it, current across reconnects (WebSocket only). */
   presence?: boolean;
@@ -357,8 +361,12 @@ class HttpError extends Error {
 /** One stream's subscription: events in seq order, each once. Iterable with `for await`. */
 export class Subscription implements AsyncIterable<ZerodropEvent> {
   readonly stream: string;
-  /** Set once the subscription ended. */
+  /** Set once the subscription ended (`STREAM_CLOSED` when the server closed the stream). */
   error: ZerodropError | null = null;
+  /** The stream's last seq once the server closed it and every event was given; else null. */
+  closedAt: number | null = null;
+  /** @internal the server said `closed` after this seq: the end once the inbox is given. */
+  closingAt: number | null = null;
   /** Resolves with the terminal error when the subscription ends. */
   readonly ended: Promise<ZerodropError>;
 
@@ -528,6 +536,32 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
     for (const f of fw) f(e);
   }
 
+  /** @internal the server closed the stream after `lastSeq`: ends the subscription once every
+   *  event before the `closed` frame was given (frames arrive in order). */
+  closing(lastSeq: number): void {
+    if (this.error) return;
+    this.closingAt = lastSeq;
+    this.endIfClosed();
+  }
+
+  /** @internal */
+  endIfClosed(): void {
+    if (this.closingAt === null || this.error || this.pumping || this.inbox.length > 0) return;
+    const lastSeq = this.closingAt;
+    this.closedAt = lastSeq;
+    // The end of the stream, not an error: not reported to `onError`, iteration is done.
+    this.error = new ZerodropError("STREAM_CLOSED", `the stream was closed after seq ${lastSeq}`, {
+      stream: this.stream,
+      headSeq: lastSeq,
+    });
+    if (this.keyTimer) clearTimeout(this.keyTimer);
+    this.client.forget(this);
+    this.opts.onClosed?.(lastSeq);
+    this.resolveEnded(this.error);
+    this.failWaiters = [];
+    for (const w of this.waiters.splice(0)) w({ value: undefined, done: true });
+  }
+
   /** Ends the subscription (unsubscribes). */
   close(): void {
     this.client.unsubscribe(this);
@@ -540,7 +574,7 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
         const q = this.queue.shift();
         if (q) return Promise.resolve({ value: q, done: false });
         if (this.error) {
-          return this.error.code === "CLOSED"
+          return this.error.code === "CLOSED" || this.error.code === "STREAM_CLOSED"
             ? Promise.resolve({ value: undefined, done: true })
             : Promise.reject(this.error);
         }
@@ -1013,6 +1047,10 @@ export class Client {
         }
         break;
       }
+      case "closed": {
+        this.subs.get(String(f.stream))?.closing(Number(f.lastSeq));
+        break;
+      }
       case "presence": {
         const s = this.subs.get(String(f.stream));
         if (!s || !s.wantsPresence) break;
@@ -1169,6 +1207,7 @@ export class Client {
     } finally {
       s.pumping = false;
     }
+    s.endIfClosed();
   }
 
   private waitForKey(s: Subscription): void {
@@ -1310,6 +1349,19 @@ export class Client {
       if (s.delivered === null && after === undefined) s.delivered = e.seq - 1;
       s.inbox.push(e);
       void this.pump(s);
+    });
+    es.addEventListener("closed", (m) => {
+      if (state.es !== es) return;
+      let d: Record<string, unknown> = {};
+      try {
+        d = JSON.parse((m as MessageEvent).data as string) as Record<string, unknown>;
+      } catch {
+        // keep the empty facts
+      }
+      // The server ends the response after it: do not reopen.
+      es.close();
+      state.es = null;
+      s.closing(Number(d.lastSeq ?? s.delivered ?? 0));
     });
     es.addEventListener("reset", (m) => {
       if (state.es !== es) return;

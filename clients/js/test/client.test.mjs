@@ -272,6 +272,33 @@ test("SSE: events in order once, a dropped stream reopened at the next url after
   c.close();
 });
 
+test("closed: every event first, then the iteration ends with closedAt; on SSE the stream is not reopened; no onError", async () => {
+  FakeEventSource.all = [];
+  fetchAnswer = () => ({ status: 200, body: { events: [] } });
+  const errors = [];
+  const c = zd.connect("http://h1", "tk", { transport: "sse", baseDelay: 10, onError: (e) => errors.push(e) });
+  let closedWith = null;
+  const s = c.subscribe("s", { after: 0, onClosed: (n) => (closedWith = n) });
+  const es = FakeEventSource.all[0];
+  es.emit("event", ev("s", 1));
+  es.emit("event", ev("s", 2));
+  es.emit("closed", { stream: "s", lastSeq: 2 });
+  const seen = [];
+  for await (const e of s) {
+    seen.push(e.seq);
+    e.handled();
+  }
+  assert.deepEqual(seen, [1, 2], "the events before the close, then the end");
+  assert.equal(s.closedAt, 2);
+  assert.equal(closedWith, 2);
+  assert.equal((await s.ended).code, "STREAM_CLOSED");
+  assert.deepEqual(errors, [], "a close is not an error");
+  assert.ok(es.closed);
+  await sleep(50);
+  assert.equal(FakeEventSource.all.length, 1, "a closed stream is not reopened");
+  c.close();
+});
+
 test("auto: a WebSocket that never opens while HTTP gets through falls back to SSE; a 401 is UNAUTHORIZED", async () => {
   FakeWebSocket.all = [];
   FakeEventSource.all = [];

@@ -111,6 +111,7 @@ for (const [set, protocol] of Object.entries(protocols)) {
         ws.accept(protocol);
         const want = [];
         const failed = new Set();
+        const closed = new Map();
         for (const f of frames) {
           const before = ws.sent.length;
           ws.frame(materialize(f));
@@ -122,6 +123,7 @@ for (const [set, protocol] of Object.entries(protocols)) {
           if (f.type === "error" && streams.includes(f.stream) && f.code !== "INVALID_REQUEST" && f.presence !== true) {
             failed.add(f.stream);
           }
+          if (f.type === "closed") closed.set(f.stream, f.lastSeq);
           if (f.type === "reconnect") {
             await until("the socket closed for the drain", () => ws.readyState === 3);
             await until("a socket to the next url", () => FakeWebSocket.all.length === 2);
@@ -138,6 +140,12 @@ for (const [set, protocol] of Object.entries(protocols)) {
         for (const s of failed) {
           await until(`the ${s} subscription ended`, () => ended.has(s));
           assert.ok(ended.get(s) instanceof zd.ZerodropError);
+        }
+        // A closed stream ends its subscription after its events, with the last seq.
+        for (const [s, lastSeq] of closed) {
+          await until(`the ${s} subscription ended at its close`, () => ended.has(s));
+          assert.equal(ended.get(s).code, "STREAM_CLOSED");
+          assert.equal(ended.get(s).headSeq, lastSeq);
         }
         sentBySet[set].push(...ws.sent);
         c.close();

@@ -1,0 +1,235 @@
+//! What presence costs and how fast it is seen (SPEC §10).
+//!
+//! `ulimit -n 30000; cargo bench -p zerodrop --bench presence` runs the release binary and
+//! prints, with `MEMBERS` (default 10,000) members on one stream:
+//! - **join visibility**: two instances on one `redis-server` with presence on `room:*`;
+//!   `MEMBERS` WebSockets of distinct subjects subscribed to `room:big` on node-0 (each
+//!   answering pings); a watcher on node-1 subscribed with `presence: true`; then `ROUNDS`
+//!   (default 200) times a new client on node-0 subscribes, and the time from its `subscribe`
+//!   to the watcher's `presence` `join` frame for its session is recorded (p50/p99/max); the
+//!   client then unsubscribes (its `leave` follows at once);
+//! - **snapshot**: `GET /v1/streams/room:big/presence`, every page (1,000 members each) to
+//!   the last, `SNAPSHOTS` (default 20) times, on that Redis cluster (node-1) and on one
+//!   SQLite instance holding the same number of members: the whole snapshot's time and one
+//!   page's (p50/p99).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::http::Api;
+use zerodrop_testkit::server::ServerProcess;
+use zerodrop_testkit::ws::{Next, WsClient};
+
+const STREAM: &str = "room:big";
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn args(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut a = vec![
+        "--presence",
+        "room:*",
+        "--presence-max-members",
+        "100000",
+        "--max-connections",
+        "30000",
+        "--ws-frames-per-sec",
+        "1000000",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The next frame that is not a ping (answered); `None` on a close or after 30 s.
+async fn frame(c: &mut WsClient) -> Option<Value> {
+    loop {
+        match c.next_within(Duration::from_secs(30)).await {
+            Next::Frame(f) if f["type"] == "ping" => {
+                c.send(json!({"type":"pong","t":f["t"]})).await;
+            }
+            Next::Frame(f) => return Some(f),
+            _ => return None,
+        }
+    }
+}
+
+/// Connects and subscribes to [`STREAM`]; answers its session id.
+async fn member(url: &str, presence: bool) -> (WsClient, String) {
+    let mut c = WsClient::connect(url).await.expect("connects");
+    let w = frame(&mut c).await.expect("welcome");
+    assert_eq!(w["type"], "welcome", "{w}");
+    let sid = w["sessionId"].as_str().unwrap().to_string();
+    c.send(json!({"type":"subscribe","stream":STREAM,"presence":presence}))
+        .await;
+    let s = frame(&mut c).await.expect("subscribed");
+    assert_eq!(s["type"], "subscribed", "{s}");
+    (c, sid)
+}
+
+/// `n` members of distinct subjects, 200 handshakes at a time, each kept alive (pings
+/// answered) by its own task until the returned senders are dropped.
+async fn fill(ws: &str, token: impl Fn(u64) -> String, n: u64) -> Vec<oneshot::Sender<()>> {
+    let started = Instant::now();
+    let mut stops = Vec::with_capacity(n as usize);
+    let mut next = 0;
+    while next < n {
+        let batch: Vec<_> = (next..(next + 200).min(n))
+            .map(|i| {
+                let url = format!("{ws}/v1/ws?token={}", token(i));
+                tokio::spawn(async move { member(&url, false).await.0 })
+            })
+            .collect();
+        next += batch.len() as u64;
+        for b in batch {
+            let mut c = b.await.unwrap();
+            let (tx, mut rx) = oneshot::channel::<()>();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        f = frame(&mut c) => if f.is_none() { break },
+                    }
+                }
+                c.abort();
+            });
+            stops.push(tx);
+        }
+    }
+    println!(
+        "  {n} members subscribed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    stops
+}
+
+async fn join_visibility(c: &Cluster, rounds: u64) {
+    let mut watcher = WsClient::connect(&format!(
+        "{}/v1/ws?token={}",
+        c.ws_url(1),
+        c.token("watcher", &["room:*"])
+    ))
+    .await
+    .expect("connects");
+    frame(&mut watcher).await.expect("welcome");
+    watcher
+        .send(json!({"type":"subscribe","stream":STREAM,"presence":true}))
+        .await;
+    let s = frame(&mut watcher).await.expect("subscribed");
+    assert_eq!(s["type"], "subscribed", "{s}");
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for r in 0..rounds {
+        let url = format!(
+            "{}/v1/ws?token={}",
+            c.ws_url(0),
+            c.token(&format!("joiner-{r}"), &["room:*"])
+        );
+        let mut j = WsClient::connect(&url).await.expect("connects");
+        let w = frame(&mut j).await.expect("welcome");
+        let sid = w["sessionId"].as_str().unwrap().to_string();
+        let started = Instant::now();
+        j.send(json!({"type":"subscribe","stream":STREAM})).await;
+        loop {
+            let f = frame(&mut watcher).await.expect("the watcher hears the join");
+            if f["type"] == "presence"
+                && f["action"] == "join"
+                && f["member"]["sessionId"] == sid.as_str()
+            {
+                break;
+            }
+        }
+        h.record(started.elapsed().as_micros() as u64).unwrap();
+        j.send(json!({"type":"unsubscribe","stream":STREAM})).await;
+        j.close().await;
+    }
+    println!(
+        "join visible on the other instance ({} rounds): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        h.len(),
+        ms(&h, 0.5),
+        ms(&h, 0.99),
+        h.max() as f64 / 1000.0
+    );
+}
+
+async fn snapshots(label: &str, api: &Api, times: u64, members: u64) {
+    let key = api.creds.api_key.clone();
+    let mut whole = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut page = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for _ in 0..times {
+        let started = Instant::now();
+        let mut cursor: Option<String> = None;
+        let mut seen = 0;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/streams/{STREAM}/presence?cursor={c}"),
+                None => format!("/v1/streams/{STREAM}/presence"),
+            };
+            let t = Instant::now();
+            let r = api.get(&path, Some(&key)).await;
+            page.record(t.elapsed().as_micros() as u64).unwrap();
+            assert_eq!(r.status, 200, "{}", r.text);
+            seen += r.json["members"].as_array().unwrap().len() as u64;
+            match r.json["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        whole.record(started.elapsed().as_micros() as u64).unwrap();
+        assert!(seen >= members, "{seen} members of {members}");
+    }
+    println!(
+        "snapshot of {members} members, {label} ({times} times): whole p50 {:.1} ms, p99 {:.1} ms; one page of 1,000 p50 {:.1} ms, p99 {:.1} ms",
+        ms(&whole, 0.5),
+        ms(&whole, 0.99),
+        ms(&page, 0.5),
+        ms(&page, 0.99)
+    );
+}
+
+fn main() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
+    let members = env("MEMBERS", 10_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = Cluster::start(bin, 2, &args(&[])).expect("cluster starts");
+        let creds = c.creds.clone();
+        let stops = fill(
+            &c.ws_url(0),
+            |i| creds.token(&format!("member-{i}"), &["room:*"], &[]),
+            members,
+        )
+        .await;
+        join_visibility(&c, env("ROUNDS", 200)).await;
+        snapshots("Redis (node-1)", &c.api(1), env("SNAPSHOTS", 20), members).await;
+        drop(stops);
+        drop(c);
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &args(&[]), &[])
+            .expect("server starts");
+        let creds = p.creds.clone();
+        let stops = fill(
+            &p.ws_url(),
+            |i| creds.token(&format!("member-{i}"), &["room:*"], &[]),
+            members,
+        )
+        .await;
+        snapshots("SQLite", &p.api(), env("SNAPSHOTS", 20), members).await;
+        drop(stops);
+    });
+}
