@@ -1,8 +1,12 @@
 //! What benchmarks share: the raw SQLite ceiling that store and HTTP figures are compared
-//! with in the same run, and pinning a process to one core (figures "per core").
+//! with in the same run, a closed-loop HTTP publisher, pinning a process to one core (figures
+//! "per core"), and reading their settings and histograms.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use rusqlite::{Connection, params};
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
@@ -79,4 +83,70 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// A benchmark setting from the environment, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `q` quantile of a histogram of microseconds, in milliseconds.
+pub fn ms_at(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// One request of a publisher: its path, its body, and how many events it carries.
+pub type PublishRequest = (String, String, u64);
+
+/// Durable events/s over HTTP: one task per entry of `requests`, each cycling through its own
+/// requests (built before the clock starts) with the api key `key`, waiting for each 201
+/// before the next; counted for `secs` after a one-second warm-up.
+pub async fn publish_rate(
+    url: &str,
+    key: &str,
+    requests: Vec<Vec<PublishRequest>>,
+    secs: u64,
+) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(requests.len())
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for mine in requests {
+        let (client, stop, count) = (client.clone(), stop.clone(), count.clone());
+        let (url, key) = (url.to_string(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (path, body, n) = &mine[round % mine.len()];
+                let r = client
+                    .post(format!("{url}{path}"))
+                    .bearer_auth(&key)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 201);
+                let _ = r.bytes().await;
+                count.fetch_add(*n, Ordering::Relaxed);
+                round += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+    let start_n = count.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let n = count.load(Ordering::Relaxed) - start_n;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    rate
 }

@@ -150,8 +150,8 @@ impl WsClient {
     }
 
     /// The next frame that is not a server `ping` (answered), whatever its type, within
-    /// `within` in all; panics on a close or a timeout.
-    pub async fn next_frame(&mut self, within: Duration) -> Value {
+    /// `within` in all; `None` on a close or a timeout.
+    pub async fn next_answered(&mut self, within: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -160,9 +160,17 @@ impl WsClient {
                     let pong = serde_json::json!({"type": "pong", "t": f["t"]});
                     self.send(pong).await;
                 }
-                Next::Frame(f) => return f,
-                other => panic!("expected a frame, got {other:?}"),
+                Next::Frame(f) => return Some(f),
+                _ => return None,
             }
+        }
+    }
+
+    /// [`WsClient::next_answered`] that panics on a close or a timeout.
+    pub async fn next_frame(&mut self, within: Duration) -> Value {
+        match self.next_answered(within).await {
+            Some(f) => f,
+            None => panic!("expected a frame within {within:?}: closed or timed out"),
         }
     }
 

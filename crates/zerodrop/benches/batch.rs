@@ -12,19 +12,15 @@
 //! and batch / raw.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use zerodrop_testkit::measure::{median, pin, raw_sqlite_inserts};
+use zerodrop_testkit::measure::{
+    PublishRequest, env_u64, median, pin, publish_rate, raw_sqlite_inserts,
+};
 use zerodrop_testkit::server::ServerProcess;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env_u64(name, default as u64) as usize
 }
 
 /// What one request of a publisher sends: its path, body, and how many events it carries.
@@ -48,49 +44,12 @@ fn request(publisher: usize, round: usize, batch: usize) -> (String, String, u64
 /// Distinct requests each publisher cycles through.
 const BODIES: usize = 16;
 
-/// Durable events/s with `publishers` publishers; `batch` events per request (0: single).
-async fn run(url: &str, key: &str, publishers: usize, batch: usize, secs: u64) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(publishers)
-        .build()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..publishers {
-        let (client, stop, count) = (client.clone(), stop.clone(), count.clone());
-        let (url, key) = (url.to_string(), key.to_string());
-        tasks.push(tokio::spawn(async move {
-            // Built before the clock starts: the client's JSON is not what is measured.
-            let requests: Vec<_> = (0..BODIES).map(|r| request(w, r, batch)).collect();
-            let mut round = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (path, body, n) = requests[round % BODIES].clone();
-                let r = client
-                    .post(format!("{url}{path}"))
-                    .bearer_auth(&key)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 201);
-                let _ = r.bytes().await;
-                count.fetch_add(n, Ordering::Relaxed);
-                round += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await; // warm-up
-    let start_n = count.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let n = count.load(Ordering::Relaxed) - start_n;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    rate
+/// Each publisher's requests, built before the clock starts (the client's JSON is not what is
+/// measured).
+fn requests(publishers: usize, batch: usize) -> Vec<Vec<PublishRequest>> {
+    (0..publishers)
+        .map(|w| (0..BODIES).map(|r| request(w, r, batch)).collect())
+        .collect()
 }
 
 fn main() {
@@ -112,8 +71,9 @@ fn main() {
     let mut batched = Vec::new();
     let mut raw = Vec::new();
     for _ in 0..rounds {
-        single.push(rt.block_on(run(&p.url, &p.creds.api_key, publishers, 0, secs)));
-        batched.push(rt.block_on(run(&p.url, &p.creds.api_key, publishers, batch, secs)));
+        let key = &p.creds.api_key;
+        single.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, 0), secs)));
+        batched.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, batch), secs)));
         raw.push(raw_sqlite_inserts(200_000, 200_000));
     }
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();

@@ -25,32 +25,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use zerodrop_testkit::cluster::Cluster;
+use zerodrop_testkit::measure::{env_u64, ms_at};
 use zerodrop_testkit::server::ServerProcess;
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
-/// The next frame that is not a ping (answered); `None` on a close or after 20 s.
-async fn frame(c: &mut WsClient) -> Option<serde_json::Value> {
-    loop {
-        match c.next_within(Duration::from_secs(20)).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await;
-            }
-            Next::Frame(f) => return Some(f),
-            _ => return None,
-        }
-    }
-}
+/// How long a frame (pings answered) is waited for.
+const WAIT: Duration = Duration::from_secs(20);
 
 async fn revocation_reach(bin: &Path, rounds: u64, sockets: u64) {
     let c = Cluster::start(bin, 2, &[]).expect("cluster starts");
@@ -78,7 +58,7 @@ async fn revocation_reach(bin: &Path, rounds: u64, sockets: u64) {
         assert_eq!(r.status, 201, "{}", r.text);
         let waits = socks.into_iter().map(|mut s| {
             tokio::spawn(async move {
-                let f = frame(&mut s).await;
+                let f = s.next_answered(WAIT).await;
                 assert_eq!(
                     f.as_ref().map(|f| f["code"].clone()),
                     Some(json!("REVOKED"))
@@ -93,8 +73,8 @@ async fn revocation_reach(bin: &Path, rounds: u64, sockets: u64) {
     println!(
         "revocation reach (admin call on node-0 → REVOKED frame on node-1), {} sockets: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         h.len(),
-        ms(&h, 0.5),
-        ms(&h, 0.99),
+        ms_at(&h, 0.5),
+        ms_at(&h, 0.99),
         h.max() as f64 / 1000.0
     );
 }
@@ -188,11 +168,11 @@ async fn hook_overhead(bin: &Path, n: u64) {
     println!(
         "subscribe → subscribed, {} round trips each: no hook p50 {:.3} ms p99 {:.3} ms; hook (cache hit) p50 {:.3} ms p99 {:.3} ms; added at p99 {:+.3} ms; hook calls {}",
         a.len(),
-        ms(&a, 0.5),
-        ms(&a, 0.99),
-        ms(&b, 0.5),
-        ms(&b, 0.99),
-        ms(&b, 0.99) - ms(&a, 0.99),
+        ms_at(&a, 0.5),
+        ms_at(&a, 0.99),
+        ms_at(&b, 0.5),
+        ms_at(&b, 0.99),
+        ms_at(&b, 0.99) - ms_at(&a, 0.99),
         calls.load(Ordering::Relaxed)
     );
 }
@@ -203,7 +183,7 @@ async fn one_client(url: String, subscribe: bool) -> Result<String, String> {
     let mut c = WsClient::connect(&url)
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let w = frame(&mut c).await.ok_or("closed")?;
+    let w = c.next_answered(WAIT).await.ok_or("closed")?;
     if w["type"] != "welcome" {
         return Err(w["code"].as_str().unwrap_or("?").to_string());
     }
@@ -211,7 +191,7 @@ async fn one_client(url: String, subscribe: bool) -> Result<String, String> {
         c.send(json!({"type":"subscribe","stream":"room:lobby"}))
             .await;
     }
-    let s = frame(&mut c).await.ok_or("closed")?;
+    let s = c.next_answered(WAIT).await.ok_or("closed")?;
     if s["type"] != "subscribed" {
         return Err(s["code"].as_str().unwrap_or("?").to_string());
     }
@@ -301,9 +281,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        revocation_reach(bin, env("ROUNDS", 5), env("SOCKETS", 200)).await;
-        hook_overhead(bin, env("SUBSCRIBES", 2000)).await;
-        let clients = env("CLIENTS", 1000);
+        revocation_reach(bin, env_u64("ROUNDS", 5), env_u64("SOCKETS", 200)).await;
+        hook_overhead(bin, env_u64("SUBSCRIBES", 2000)).await;
+        let clients = env_u64("CLIENTS", 1000);
         storm(bin, clients, Some(600), 256).await;
         storm(bin, clients, None, 256).await;
         storm(bin, clients, None, 16).await;

@@ -17,25 +17,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::oneshot;
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::http::Api;
+use zerodrop_testkit::measure::{env_u64, ms_at};
 use zerodrop_testkit::server::ServerProcess;
-use zerodrop_testkit::ws::{Next, WsClient};
+use zerodrop_testkit::ws::WsClient;
+
+/// How long a frame (pings answered) is waited for.
+const WAIT: Duration = Duration::from_secs(30);
 
 const STREAM: &str = "room:big";
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
 
 fn args(extra: &[&'static str]) -> Vec<&'static str> {
     let mut a = vec![
@@ -52,28 +45,15 @@ fn args(extra: &[&'static str]) -> Vec<&'static str> {
     a
 }
 
-/// The next frame that is not a ping (answered); `None` on a close or after 30 s.
-async fn frame(c: &mut WsClient) -> Option<Value> {
-    loop {
-        match c.next_within(Duration::from_secs(30)).await {
-            Next::Frame(f) if f["type"] == "ping" => {
-                c.send(json!({"type":"pong","t":f["t"]})).await;
-            }
-            Next::Frame(f) => return Some(f),
-            _ => return None,
-        }
-    }
-}
-
 /// Connects and subscribes to [`STREAM`]; answers its session id.
 async fn member(url: &str, presence: bool) -> (WsClient, String) {
     let mut c = WsClient::connect(url).await.expect("connects");
-    let w = frame(&mut c).await.expect("welcome");
+    let w = c.next_answered(WAIT).await.expect("welcome");
     assert_eq!(w["type"], "welcome", "{w}");
     let sid = w["sessionId"].as_str().unwrap().to_string();
     c.send(json!({"type":"subscribe","stream":STREAM,"presence":presence}))
         .await;
-    let s = frame(&mut c).await.expect("subscribed");
+    let s = c.next_answered(WAIT).await.expect("subscribed");
     assert_eq!(s["type"], "subscribed", "{s}");
     (c, sid)
 }
@@ -99,7 +79,7 @@ async fn fill(ws: &str, token: impl Fn(u64) -> String, n: u64) -> Vec<oneshot::S
                 loop {
                     tokio::select! {
                         _ = &mut rx => break,
-                        f = frame(&mut c) => if f.is_none() { break },
+                        f = c.next_answered(WAIT) => if f.is_none() { break },
                     }
                 }
                 c.abort();
@@ -122,11 +102,11 @@ async fn join_visibility(c: &Cluster, rounds: u64) {
     ))
     .await
     .expect("connects");
-    frame(&mut watcher).await.expect("welcome");
+    watcher.next_answered(WAIT).await.expect("welcome");
     watcher
         .send(json!({"type":"subscribe","stream":STREAM,"presence":true}))
         .await;
-    let s = frame(&mut watcher).await.expect("subscribed");
+    let s = watcher.next_answered(WAIT).await.expect("subscribed");
     assert_eq!(s["type"], "subscribed", "{s}");
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for r in 0..rounds {
@@ -136,12 +116,15 @@ async fn join_visibility(c: &Cluster, rounds: u64) {
             c.token(&format!("joiner-{r}"), &["room:*"])
         );
         let mut j = WsClient::connect(&url).await.expect("connects");
-        let w = frame(&mut j).await.expect("welcome");
+        let w = j.next_answered(WAIT).await.expect("welcome");
         let sid = w["sessionId"].as_str().unwrap().to_string();
         let started = Instant::now();
         j.send(json!({"type":"subscribe","stream":STREAM})).await;
         loop {
-            let f = frame(&mut watcher).await.expect("the watcher hears the join");
+            let f = watcher
+                .next_answered(WAIT)
+                .await
+                .expect("the watcher hears the join");
             if f["type"] == "presence"
                 && f["action"] == "join"
                 && f["member"]["sessionId"] == sid.as_str()
@@ -156,8 +139,8 @@ async fn join_visibility(c: &Cluster, rounds: u64) {
     println!(
         "join visible on the other instance ({} rounds): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         h.len(),
-        ms(&h, 0.5),
-        ms(&h, 0.99),
+        ms_at(&h, 0.5),
+        ms_at(&h, 0.99),
         h.max() as f64 / 1000.0
     );
 }
@@ -190,16 +173,16 @@ async fn snapshots(label: &str, api: &Api, times: u64, members: u64) {
     }
     println!(
         "snapshot of {members} members, {label} ({times} times): whole p50 {:.1} ms, p99 {:.1} ms; one page of 1,000 p50 {:.1} ms, p99 {:.1} ms",
-        ms(&whole, 0.5),
-        ms(&whole, 0.99),
-        ms(&page, 0.5),
-        ms(&page, 0.99)
+        ms_at(&whole, 0.5),
+        ms_at(&whole, 0.99),
+        ms_at(&page, 0.5),
+        ms_at(&page, 0.99)
     );
 }
 
 fn main() {
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
-    let members = env("MEMBERS", 10_000);
+    let members = env_u64("MEMBERS", 10_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -214,8 +197,14 @@ fn main() {
             members,
         )
         .await;
-        join_visibility(&c, env("ROUNDS", 200)).await;
-        snapshots("Redis (node-1)", &c.api(1), env("SNAPSHOTS", 20), members).await;
+        join_visibility(&c, env_u64("ROUNDS", 200)).await;
+        snapshots(
+            "Redis (node-1)",
+            &c.api(1),
+            env_u64("SNAPSHOTS", 20),
+            members,
+        )
+        .await;
         drop(stops);
         drop(c);
 
@@ -229,7 +218,7 @@ fn main() {
             members,
         )
         .await;
-        snapshots("SQLite", &p.api(), env("SNAPSHOTS", 20), members).await;
+        snapshots("SQLite", &p.api(), env_u64("SNAPSHOTS", 20), members).await;
         drop(stops);
     });
 }
