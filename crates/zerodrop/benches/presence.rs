@@ -8,8 +8,8 @@
 //!   (default 200) times a new client on node-0 subscribes, and the time from its `subscribe`
 //!   to the watcher's `presence` `join` frame for its session is recorded (p50/p99/max); the
 //!   client then unsubscribes (its `leave` follows at once);
-//! - **snapshot**: `GET /v1/streams/room:big/presence`, every page (1,000 members each) to
-//!   the last, `SNAPSHOTS` (default 20) times, on that Redis cluster (node-1) and on one
+//! - **snapshot**: `GET /v1/streams/room:big/presence` read with the Rust SDK
+//!   (`HttpClient::presence`), every page (1,000 members each) to the last, `SNAPSHOTS` (default 20) times, on that Redis cluster (node-1) and on one
 //!   SQLite instance holding the same number of members: the whole snapshot's time and one
 //!   page's (p50/p99).
 
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::sync::oneshot;
+use zerodrop_client::HttpClient;
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::http::Api;
 use zerodrop_testkit::measure::{env_u64, ms_at};
@@ -145,8 +146,9 @@ async fn join_visibility(c: &Cluster, rounds: u64) {
     );
 }
 
+/// Reads every page with the Rust SDK (`HttpClient::presence`, typed), `times` times.
 async fn snapshots(label: &str, api: &Api, times: u64, members: u64) {
-    let key = api.creds.api_key.clone();
+    let http = HttpClient::new(&api.base, Some(api.creds.api_key.clone())).unwrap();
     let mut whole = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mut page = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for _ in 0..times {
@@ -154,17 +156,15 @@ async fn snapshots(label: &str, api: &Api, times: u64, members: u64) {
         let mut cursor: Option<String> = None;
         let mut seen = 0;
         loop {
-            let path = match &cursor {
-                Some(c) => format!("/v1/streams/{STREAM}/presence?cursor={c}"),
-                None => format!("/v1/streams/{STREAM}/presence"),
-            };
             let t = Instant::now();
-            let r = api.get(&path, Some(&key)).await;
+            let p = http
+                .presence(STREAM, cursor.as_deref(), None)
+                .await
+                .expect("a page");
             page.record(t.elapsed().as_micros() as u64).unwrap();
-            assert_eq!(r.status, 200, "{}", r.text);
-            seen += r.json["members"].as_array().unwrap().len() as u64;
-            match r.json["nextCursor"].as_str() {
-                Some(c) => cursor = Some(c.to_string()),
+            seen += p.members.len() as u64;
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
                 None => break,
             }
         }

@@ -12,7 +12,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use zerodrop_core::{Epoch, ErrorCode, Seq, StreamId};
@@ -231,22 +231,49 @@ pub(super) async fn presence(
     let page = app
         .presence_page(&stream, q.cursor.as_deref(), limit)
         .await?;
-    let members: Vec<_> = page
-        .members
-        .iter()
-        .map(|m| {
-            json!({"sub": m.sub, "sessionId": m.session_id.as_str(), "info": m.info, "since": m.since})
-        })
-        .collect();
-    let body = json!({
-        "stream": stream.as_str(),
-        "epoch": page.epoch.as_str(),
-        "presenceSeq": page.seq,
-        "occupancy": page.occupancy,
-        "members": members,
-        "nextCursor": page.next,
-    });
-    Ok(json_response(StatusCode::OK, body.to_string()))
+    let body = PresenceAnswer {
+        stream: stream.as_str(),
+        epoch: page.epoch.as_str(),
+        presence_seq: page.seq,
+        occupancy: page.occupancy,
+        members: page
+            .members
+            .iter()
+            .map(|m| MemberAnswer {
+                sub: &m.sub,
+                session_id: m.session_id.as_str(),
+                info: &m.info,
+                since: m.since,
+            })
+            .collect(),
+        next_cursor: page.next.as_deref(),
+    };
+    // Written straight from the page: a thousand members are not built as JSON values first.
+    let body = serde_json::to_string(&body)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// `GET /v1/streams/{stream}/presence`'s answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PresenceAnswer<'a> {
+    stream: &'a str,
+    epoch: &'a str,
+    presence_seq: u64,
+    occupancy: u64,
+    members: Vec<MemberAnswer<'a>>,
+    next_cursor: Option<&'a str>,
+}
+
+/// One member as the snapshot shows it (`info` is `null` when the token had none).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberAnswer<'a> {
+    sub: &'a str,
+    session_id: &'a str,
+    info: &'a Option<Value>,
+    since: u64,
 }
 
 // --------------------------------------------------------------------------------- sessions
