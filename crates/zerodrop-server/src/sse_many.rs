@@ -65,20 +65,26 @@ pub async fn handler(
 /// says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
-    positions: Vec<(StreamId, Epoch, Seq)>,
+    /// No epoch: a cursor a client wrote from bare seqs (the stream's current epoch, or with
+    /// `?resume=` the session's, as a bare `Last-Event-ID` on the one-stream route).
+    positions: Vec<(StreamId, Option<Epoch>, Seq)>,
 }
 
 impl Cursor {
     /// Parses an `id:` of this route: `<epoch>:<stream>=<seq>(,<stream>=<seq>)*` groups
-    /// separated by `;`. At most `most` streams, each once; `INVALID_REQUEST` otherwise.
+    /// separated by `;`; an empty epoch is none. At most `most` streams, each once;
+    /// `INVALID_REQUEST` otherwise.
     pub fn parse(s: &str, most: usize) -> ApiResult<Cursor> {
         let bad = |why: &str| ApiError::invalid(format!("invalid SSE cursor: {why}"));
-        let mut positions: Vec<(StreamId, Epoch, Seq)> = Vec::new();
+        let mut positions: Vec<(StreamId, Option<Epoch>, Seq)> = Vec::new();
         for group in s.trim().split(';') {
             let (epoch, entries) = group
                 .split_once(':')
                 .ok_or_else(|| bad("a group is <epoch>:<stream>=<seq>,…"))?;
-            let epoch = Epoch::parse(epoch).ok_or_else(|| bad("bad epoch"))?;
+            let epoch = match epoch {
+                "" => None,
+                e => Some(Epoch::parse(e).ok_or_else(|| bad("bad epoch"))?),
+            };
             for entry in entries.split(',') {
                 let (stream, seq) = entry
                     .rsplit_once('=')
@@ -98,23 +104,25 @@ impl Cursor {
     }
 
     /// The position of `stream`, if the cursor has one.
-    pub fn get(&self, stream: &StreamId) -> Option<(&Epoch, Seq)> {
+    pub fn get(&self, stream: &StreamId) -> Option<(Option<&Epoch>, Seq)> {
         self.positions
             .iter()
             .find(|(s, _, _)| s == stream)
-            .map(|(_, e, n)| (e, *n))
+            .map(|(_, e, n)| (e.as_ref(), *n))
     }
 
     /// Sets the position of `stream` (added at the end when new).
     pub fn set(&mut self, stream: &StreamId, epoch: &Epoch, seq: Seq) {
         match self.positions.iter_mut().find(|(s, _, _)| s == stream) {
             Some(p) => {
-                if p.1 != *epoch {
-                    p.1 = epoch.clone();
+                if p.1.as_ref() != Some(epoch) {
+                    p.1 = Some(epoch.clone());
                 }
                 p.2 = seq;
             }
-            None => self.positions.push((stream.clone(), epoch.clone(), seq)),
+            None => self
+                .positions
+                .push((stream.clone(), Some(epoch.clone()), seq)),
         }
     }
 
@@ -136,7 +144,7 @@ impl Cursor {
                 out.push(';');
             }
             first_group = false;
-            out.push_str(epoch.as_str());
+            out.push_str(epoch.as_ref().map_or("", Epoch::as_str));
             out.push(':');
             let mut first = true;
             for j in i..self.positions.len() {
@@ -230,7 +238,7 @@ async fn open(app: Arc<App>, headers: HeaderMap, q: ManyQuery) -> ApiResult<Resp
         let position = match given.as_ref().and_then(|c| c.get(stream)) {
             Some((epoch, seq)) => Position::After {
                 seq,
-                epoch: Some(epoch.clone()),
+                epoch: epoch.cloned(),
             },
             None => Position::Unstated,
         };
@@ -430,9 +438,17 @@ mod tests {
         assert_eq!(c.encode(), "aa11:room:1=5,room:2=7;bb22:b.x-y_z=0");
         assert_eq!(
             Cursor::parse(&c.encode(), 10).unwrap().get(&sid("room:2")),
-            Some((&e1, Seq(7)))
+            Some((Some(&e1), Seq(7)))
         );
         assert_eq!(Cursor::parse(&c.encode(), 10).unwrap().encode(), c.encode());
+    }
+
+    #[test]
+    fn a_cursor_may_leave_epochs_out() {
+        let c = Cursor::parse(":a=3,b=4;e1:c=5", 10).unwrap();
+        assert_eq!(c.get(&sid("a")), Some((None, Seq(3))));
+        assert_eq!(c.get(&sid("c")).map(|p| p.1), Some(Seq(5)));
+        assert_eq!(c.encode(), ":a=3,b=4;e1:c=5");
     }
 
     #[test]
@@ -448,6 +464,7 @@ mod tests {
             "aa11:room=1,room=2",
             "aa11:room=1;bb:room=2",
             "aa11:room=1;",
+            ":room=",
             "aa11:a=1,b=2,c=3",
         ] {
             let e = Cursor::parse(bad, 2).unwrap_err();
