@@ -25,7 +25,6 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod sse;
-pub mod sse_many;
 pub mod stall;
 pub mod ws;
 

@@ -17,6 +17,12 @@
 //! ends such a response once a write has made no progress for two ping intervals; dropping
 //! the body releases the connection slot and the gauge, and the client resumes with its
 //! `Last-Event-ID` like after any other broken connection.
+//!
+//! Many streams on one response (`GET /v1/sse?streams=…`) live in [`many`]: the same
+//! authentication ([`authenticate`]), body ([`SseConn`]) and wire, with a cursor over every
+//! stream as each message's id.
+
+pub mod many;
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -27,6 +27,7 @@ use serde_json::json;
 use zerodrop_core::{Epoch, Seq, StreamId};
 use zerodrop_store::PresenceEntry;
 
+use super::{SseBody, SseConn, SseWire, authenticate, stream_response};
 use crate::app::authz::Action;
 use crate::app::{App, Hole, Placement, Position};
 use crate::connection::{Exit, Leave, Wire};
@@ -34,7 +35,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::extract::Query;
 use crate::live::Delivery;
 use crate::metrics::Transport;
-use crate::sse::{SseBody, SseConn, SseWire, authenticate, stream_response};
 
 #[derive(Deserialize)]
 pub struct ManyQuery {
