@@ -147,8 +147,7 @@ impl Cursor {
             out.push_str(epoch.as_ref().map_or("", Epoch::as_str));
             out.push(':');
             let mut first = true;
-            for j in i..self.positions.len() {
-                let (stream, e, seq) = &self.positions[j];
+            for (j, (stream, e, seq)) in self.positions.iter().enumerate().skip(i) {
                 if done[j] || e != epoch {
                     continue;
                 }
