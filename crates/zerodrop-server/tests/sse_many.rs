@@ -273,3 +273,112 @@ async fn a_hole_resets_its_stream_while_the_others_go_on() {
         vec![("h:epoch".to_string(), 1), ("h:trim".to_string(), 11)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_ends_one_stream_and_the_response_ends_after_the_last() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let key = api.creds.api_key.clone();
+    let close = |stream: &str| {
+        let path = format!("/v1/streams/{stream}/close");
+        let (api, key) = (s.api(), key.clone());
+        async move {
+            let r = api
+                .request(reqwest::Method::POST, &path, Some(&key), None, &[])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+    };
+    let tok = s.token("u1", &["c:*"]);
+    let url = format!("{}/v1/sse?streams=c:1,c:2&token={tok}", s.url);
+    let mut c = SseClient::connect(&url, &[]).await.unwrap();
+    api.publish("c:1", json!(1)).await;
+    api.publish("c:2", json!(1)).await;
+    assert_eq!(c.events(2).await.len(), 2);
+    close("c:1").await;
+    let e = c.next().await;
+    assert_eq!(e.event, "closed");
+    assert_eq!(e.json(), json!({"stream": "c:1", "lastSeq": 1}));
+    // The other stream goes on; its id still carries the closed stream at its last seq.
+    api.publish("c:2", json!(2)).await;
+    let e = c.next().await;
+    assert_eq!(fact(&e).1, 2);
+    let id = e.id.unwrap();
+    assert!(id.contains("c:1=1") && id.contains("c:2=2"), "{id}");
+    close("c:2").await;
+    let e = c.next().await;
+    assert_eq!(e.json(), json!({"stream": "c:2", "lastSeq": 2}));
+    assert!(
+        c.next_within(Duration::from_secs(2)).await.is_none(),
+        "the response ends after the last stream closed"
+    );
+    // A reconnect with that id gets both `closed` again at once, and nothing else.
+    let mut c = SseClient::connect(&url, &[("last-event-id", &id)])
+        .await
+        .unwrap();
+    let mut closed: Vec<String> = Vec::new();
+    while let Some(e) = c.next_within(Duration::from_secs(2)).await {
+        assert_eq!(e.event, "closed", "{e:?}");
+        closed.push(e.json()["stream"].as_str().unwrap().to_string());
+    }
+    closed.sort();
+    assert_eq!(closed, vec!["c:1", "c:2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_every_stream_from_its_ack_and_the_cursor_wins() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    let tok = s.token("u1", &["r:*"]);
+    let sess = api
+        .post(
+            "/v1/sessions",
+            Some(&tok),
+            json!({"streams": ["r:1", "r:2"]}),
+        )
+        .await
+        .json;
+    let rt = sess["resumeToken"].as_str().unwrap().to_string();
+    for i in 1..=2 {
+        api.publish("r:1", json!(i)).await;
+        api.publish("r:2", json!(i)).await;
+    }
+    let url = format!("{}/v1/sse?streams=r:1,r:2&resume={rt}", s.url);
+    let mut c = SseClient::connect(&url, &[]).await.unwrap();
+    let evs = c.events(4).await;
+    let mut got: Vec<(String, u64)> = evs.iter().map(fact).map(|f| (f.0, f.1)).collect();
+    got.sort();
+    let want = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+        v.iter().map(|(s, n)| (s.to_string(), *n)).collect()
+    };
+    assert_eq!(got, want(&[("r:1", 1), ("r:1", 2), ("r:2", 1), ("r:2", 2)]));
+    let id = evs[1].id.clone().unwrap();
+    drop(c);
+    api.publish("r:1", json!(3)).await;
+    let mut c = SseClient::connect(&url, &[("last-event-id", &id)])
+        .await
+        .unwrap();
+    let mut got: Vec<(String, u64)> = Vec::new();
+    while let Some(e) = c.next_within(Duration::from_millis(400)).await {
+        let f = fact(&e);
+        got.push((f.0, f.1));
+    }
+    let mut expect: Vec<(String, u64)> = evs[2..].iter().map(fact).map(|f| (f.0, f.1)).collect();
+    expect.push(("r:1".to_string(), 3));
+    got.sort();
+    expect.sort();
+    assert_eq!(got, expect, "after {id}");
+    // A stream outside the session is refused.
+    let r = SseClient::connect(
+        &format!("{}/v1/sse?streams=r:1,r:9&resume={rt}", s.url),
+        &[],
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(
+        (r.status, r.json["error"]["code"].as_str()),
+        (403, Some("FORBIDDEN"))
+    );
+    assert_eq!(r.json["error"]["stream"], "r:9");
+}
