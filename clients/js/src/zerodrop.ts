@@ -599,6 +599,18 @@ export function connect(url: string | string[], connectToken: string, options: C
   return new Client(Array.isArray(url) ? url : [url], connectToken, options);
 }
 
+/** The SDK's one SSE response. */
+interface SseState {
+  es: EventSource | null;
+  /** The streams it was opened for and that have not closed. */
+  streams: string[];
+  attempt: number;
+  timer: ReturnType<typeof setTimeout> | null;
+  refreshed: boolean;
+  /** A reopen for a changed set is queued. */
+  reopen: boolean;
+}
+
 export class Client {
   private readonly urls: string[];
   /** The newest connect token (a `refresh` replaces it). */
@@ -628,12 +640,12 @@ export class Client {
   private publishCounter = 0;
 
   // SSE state
-  /** Per SSE stream: its EventSource, reconnect attempts, timer, and whether a fresh token
-   *  was fetched since its last event (one per expiry). */
-  private sse = new Map<
-    string,
-    { es: EventSource | null; attempt: number; timer: ReturnType<typeof setTimeout> | null; refreshed: boolean }
-  >();
+  /** The one EventSource that carries every subscription (`/v1/sse?streams=…`), its reconnect
+   *  attempts and timer, and whether a fresh token was fetched since its last event (one per
+   *  expiry). */
+  private sse: SseState = { es: null, streams: [], attempt: 0, timer: null, refreshed: false, reopen: false };
+  /** Per stream, the epoch of the last event or reset seen over SSE (for the cursor). */
+  private sseEpoch = new Map<string, string>();
 
   /** The transport in use: `ws` or `sse` (`auto` starts with `ws`). */
   transport: "ws" | "sse";
@@ -674,7 +686,7 @@ export class Client {
     if (this.transport === "ws") {
       if (this.ws && this.welcomed) this.sendSubscribe(sub);
     } else {
-      this.sseOpen(sub);
+      this.sseChanged();
     }
     return sub;
   }
@@ -775,19 +787,18 @@ export class Client {
     if (this.ackTimer) clearTimeout(this.ackTimer);
     this.ws?.close(1000);
     this.ws = null;
+    this.sseStop();
   }
 
   // --------------------------------------------------------------------- internal plumbing
 
   /** @internal */
   forget(s: Subscription): void {
-    if (this.subs.get(s.stream) === s) this.subs.delete(s.stream);
-    const st = this.sse.get(s.stream);
-    if (st) {
-      st.es?.close();
-      if (st.timer) clearTimeout(st.timer);
-      this.sse.delete(s.stream);
-    }
+    if (this.subs.get(s.stream) !== s) return;
+    this.subs.delete(s.stream);
+    // Over SSE the one response is reopened for the new set (a stream the server closed has
+    // ended there already and the others go on: no reopen).
+    if (this.transport === "sse" && this.sse.streams.includes(s.stream) && s.closedAt === null) this.sseChanged();
   }
 
   /** @internal */
@@ -909,7 +920,7 @@ export class Client {
     if (this.closed) return;
     this.transport = "sse";
     this.ws = null;
-    for (const s of this.subs.values()) this.sseOpen(s);
+    this.sseOpen();
   }
 
   private failAll(e: ZerodropError): void {
@@ -1322,55 +1333,98 @@ export class Client {
 
   // ----------------------------------------------------------------------------------- SSE
 
-  private sseOpen(s: Subscription): void {
-    if (this.closed || s.error) return;
-    let st = this.sse.get(s.stream);
-    if (!st) {
-      st = { es: null, attempt: 0, timer: null, refreshed: false };
-      this.sse.set(s.stream, st);
+  /** The set of subscriptions changed: the first opens the response at once; a change to an
+   *  open one reopens it once, after every change made in the same tick. */
+  private sseChanged(): void {
+    if (!this.sse.es && !this.sse.timer) return this.sseOpen();
+    if (this.sse.reopen) return;
+    this.sse.reopen = true;
+    queueMicrotask(() => {
+      this.sse.reopen = false;
+      if (this.sse.timer) return; // a reconnect is scheduled: it takes the new set
+      this.sseOpen();
+    });
+  }
+
+  private sseStop(): void {
+    this.sse.es?.close();
+    this.sse.es = null;
+    if (this.sse.timer) clearTimeout(this.sse.timer);
+    this.sse.timer = null;
+    this.sse.streams = [];
+  }
+
+  /** The cursor (`?lastEventId=`) of what each subscription delivered: streams grouped by the
+   *  epoch last seen (an empty epoch: the stream's current one). A stream with no position
+   *  starts at the head. */
+  private sseCursor(subs: Subscription[]): string {
+    const groups = new Map<string, string[]>();
+    for (const s of subs) {
+      const after = s.delivered ?? s.startAfter;
+      if (after === undefined || after === null) continue;
+      const epoch = this.sseEpoch.get(s.stream) ?? "";
+      let g = groups.get(epoch);
+      if (!g) groups.set(epoch, (g = []));
+      g.push(`${s.stream}=${after}`);
     }
-    const state = st;
+    return [...groups].map(([e, g]) => `${e}:${g.join(",")}`).join(";");
+  }
+
+  /** (Re)opens the one EventSource for every live subscription, from what each delivered. */
+  private sseOpen(): void {
+    const state = this.sse;
+    state.es?.close();
+    state.es = null;
+    const subs = [...this.subs.values()].filter((s) => !s.error && s.closingAt === null);
+    state.streams = subs.map((s) => s.stream);
+    if (this.closed || subs.length === 0) return;
     const base = httpBase(this.urls[this.idx % this.urls.length]);
-    let url = `${base}/v1/streams/${encodeURIComponent(s.stream)}/sse?token=${encodeURIComponent(this.token)}`;
-    const after = s.delivered ?? s.startAfter;
-    if (after !== undefined && after !== null) url += `&after=${after}`;
+    let url = `${base}/v1/sse?streams=${subs.map((s) => encodeURIComponent(s.stream)).join(",")}&token=${encodeURIComponent(this.token)}`;
+    const cursor = this.sseCursor(subs);
+    if (cursor) url += `&lastEventId=${encodeURIComponent(cursor)}`;
+    // Whether each stream had a position: without one, the first event sets it.
+    const positioned = new Set(subs.filter((s) => (s.delivered ?? s.startAfter) != null).map((s) => s.stream));
     const es = new EventSource(url);
     state.es = es;
+    const facts = (m: Event): Record<string, unknown> => {
+      try {
+        return JSON.parse((m as MessageEvent).data as string) as Record<string, unknown>;
+      } catch {
+        return {};
+      }
+    };
     es.addEventListener("event", (m) => {
       if (state.es !== es) return;
       state.attempt = 0;
       state.refreshed = false;
-      let e: RawEvent;
-      try {
-        e = JSON.parse((m as MessageEvent).data as string) as RawEvent;
-      } catch {
-        return;
-      }
-      if (s.delivered === null && after === undefined) s.delivered = e.seq - 1;
+      const e = facts(m) as unknown as RawEvent;
+      const s = this.subs.get(String(e.stream));
+      if (!s || typeof e.seq !== "number") return;
+      if (typeof e.epoch === "string") this.sseEpoch.set(s.stream, e.epoch);
+      if (s.delivered === null && !positioned.has(s.stream)) s.delivered = e.seq - 1;
       s.inbox.push(e);
       void this.pump(s);
     });
     es.addEventListener("closed", (m) => {
       if (state.es !== es) return;
-      let d: Record<string, unknown> = {};
-      try {
-        d = JSON.parse((m as MessageEvent).data as string) as Record<string, unknown>;
-      } catch {
-        // keep the empty facts
+      const d = facts(m);
+      const s = this.subs.get(String(d.stream));
+      if (!s) return;
+      // That stream has ended on the server; the others go on (the response ends after the
+      // last, and is not reopened).
+      state.streams = state.streams.filter((x) => x !== s.stream);
+      if (state.streams.length === 0) {
+        es.close();
+        state.es = null;
       }
-      // The server ends the response after it: do not reopen.
-      es.close();
-      state.es = null;
       s.closing(Number(d.lastSeq ?? s.delivered ?? 0));
     });
     es.addEventListener("reset", (m) => {
       if (state.es !== es) return;
-      let d: Record<string, unknown> = {};
-      try {
-        d = JSON.parse((m as MessageEvent).data as string) as Record<string, unknown>;
-      } catch {
-        // keep the empty facts
-      }
+      const d = facts(m);
+      const s = this.subs.get(String(d.stream));
+      if (!s) return;
+      if (typeof d.epoch === "string") this.sseEpoch.set(s.stream, d.epoch);
       s.fail(errorFrom({ code: d.code ?? "EPOCH_CHANGED", message: "the stream's position cannot be served", ...d }, s.stream));
     });
     es.onerror = (ev: Event) => {
@@ -1379,9 +1433,10 @@ export class Client {
       // retry the same URL forever or give up after a non-200 answer.
       es.close();
       state.es = null;
+      const live = () => [...this.subs.values()].filter((s) => !s.error);
       // The server's own end (`event: error` {code, message}): TOKEN_EXPIRED reopens with a
       // fresh token from the provider (once per expiry); another terminal code ends the
-      // subscription; a transient one is retried like a dropped stream.
+      // subscriptions; a transient one is retried like a dropped response.
       const data = (ev as MessageEvent).data;
       if (typeof data === "string") {
         let d: Record<string, unknown> = {};
@@ -1392,34 +1447,34 @@ export class Client {
         }
         const code = typeof d.code === "string" ? d.code : "";
         const provide = this.opt.tokenProvider;
+        const failAll = () => {
+          for (const s of live()) s.fail(errorFrom(d, s.stream));
+        };
         if (code === "TOKEN_EXPIRED" && provide && !state.refreshed) {
           state.refreshed = true;
-          provide().then(
-            (token) => {
-              if (typeof token !== "string" || !token) return s.fail(errorFrom(d, s.stream));
-              this.token = token;
-              this.sseOpen(s);
-            },
-            () => s.fail(errorFrom(d, s.stream)),
-          );
+          provide().then((token) => {
+            if (typeof token !== "string" || !token) return failAll();
+            this.token = token;
+            this.sseOpen();
+          }, failAll);
           return;
         }
         if (code && !TRANSIENT.has(code)) {
-          s.fail(errorFrom(d, s.stream));
+          failAll();
           return;
         }
       }
-      void this.sseProbe(s).then((err) => {
-        if (err) {
-          s.fail(err);
-          return;
-        }
+      // A refusal before the response started (a non-200) says nothing to EventSource: ask
+      // once per stream whether it is still allowed.
+      void Promise.all(live().map(async (s) => [s, await this.sseProbe(s)] as const)).then((answers) => {
+        for (const [s, err] of answers) if (err) s.fail(err);
         this.idx = (this.idx + 1) % this.urls.length;
         const cap = Math.min(this.opt.maxDelay, this.opt.baseDelay * 2 ** state.attempt);
         state.attempt = Math.min(state.attempt + 1, 30);
+        if (state.timer) clearTimeout(state.timer);
         state.timer = setTimeout(() => {
           state.timer = null;
-          this.sseOpen(s);
+          this.sseOpen();
         }, Math.random() * cap);
       });
     };

@@ -246,6 +246,12 @@ class FakeEventSource {
 }
 globalThis.EventSource = FakeEventSource;
 
+/** The SDK's one SSE URL: every stream, the token, and the cursor of what was delivered. */
+function sseUrl(base, streams, token, cursor) {
+  const c = cursor ? `&lastEventId=${encodeURIComponent(cursor)}` : "";
+  return `${base}/v1/sse?streams=${streams}&token=${token}${c}`;
+}
+
 test("SSE: events in order once, a dropped stream reopened at the next url after what was delivered, reset is typed", async () => {
   FakeEventSource.all = [];
   fetchAnswer = () => ({ status: 200, body: { events: [] } });
@@ -253,7 +259,7 @@ test("SSE: events in order once, a dropped stream reopened at the next url after
   const a = collect();
   const s = c.subscribe("s", { after: 0, ...a.opts });
   let es = FakeEventSource.all[0];
-  assert.equal(es.url, "http://h1/v1/streams/s/sse?token=tk&after=0");
+  assert.equal(es.url, sseUrl("http://h1", "s", "tk", ":s=0"));
   es.emit("event", ev("s", 1));
   es.emit("event", ev("s", 2));
   es.emit("event", ev("s", 2));
@@ -261,14 +267,64 @@ test("SSE: events in order once, a dropped stream reopened at the next url after
   await until("a second EventSource", () => FakeEventSource.all.length === 2);
   assert.ok(es.closed);
   es = FakeEventSource.all[1];
-  assert.equal(es.url, "http://h2/v1/streams/s/sse?token=tk&after=2");
+  assert.equal(es.url, sseUrl("http://h2", "s", "tk", `${E}:s=2`));
   es.emit("event", ev("s", 3));
   await until("3 events", () => a.got.length === 3);
   assert.deepEqual(a.got.map((e) => e.seq), [1, 2, 3]);
-  es.emit("reset", { code: "REPLAY_WINDOW_TRIMMED", epoch: E, firstAvailableSeq: 9 });
+  es.emit("reset", { stream: "s", code: "REPLAY_WINDOW_TRIMMED", epoch: E, firstAvailableSeq: 9 });
   const err = await s.ended;
   assert.equal(err.code, "REPLAY_WINDOW_TRIMMED");
   assert.equal(err.firstAvailableSeq, 9);
+  c.close();
+});
+
+test("SSE: one EventSource for every subscription, reopened for a changed set from each stream's position; closed and reset per stream", async () => {
+  FakeEventSource.all = [];
+  fetchAnswer = () => ({ status: 200, body: { events: [] } });
+  const c = zd.connect("http://h1", "tk", { transport: "sse", baseDelay: 5, maxDelay: 10 });
+  const [a, b, d] = [collect(), collect(), collect()];
+  const sa = c.subscribe("a", { after: 0, ...a.opts });
+  const sb = c.subscribe("b", { after: 3, ...b.opts });
+  const sd = c.subscribe("d", d.opts);
+  await sleep(0);
+  const open = () => FakeEventSource.all.filter((e) => !e.closed);
+  assert.equal(open().length, 1, "one response for all three");
+  let es = open()[0];
+  // d has no position: it starts at the head (not in the cursor).
+  assert.equal(es.url, sseUrl("http://h1", "a,b,d", "tk", ":a=0,b=3"));
+  es.emit("event", ev("a", 1));
+  es.emit("event", ev("b", 4));
+  es.emit("event", ev("d", 7));
+  es.emit("event", ev("a", 2));
+  es.emit("event", ev("b", 4));
+  await until("4 events", () => a.got.length + b.got.length + d.got.length === 4);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2]);
+  assert.deepEqual(b.got.map((e) => e.seq), [4], "a repeat is dropped");
+  assert.deepEqual(d.got.map((e) => e.seq), [7]);
+  // A dropped response reopens with every stream's position and epoch.
+  const n = FakeEventSource.all.length;
+  es.fail();
+  await until("a new EventSource", () => FakeEventSource.all.length === n + 1);
+  es = open()[0];
+  assert.equal(es.url, sseUrl("http://h1", "a,b,d", "tk", `${E}:a=2,b=4,d=7`));
+  // One subscription closed by the client: reopened for the others.
+  sb.close();
+  await until("reopened without b", () => open()[0]?.url.includes("streams=a,d&"));
+  es = open()[0];
+  assert.equal(es.url, sseUrl("http://h1", "a,d", "tk", `${E}:a=2,d=7`));
+  assert.equal(open().length, 1);
+  // A stream the server closed ends alone, without a reopen; a reset fails only its stream.
+  const m = FakeEventSource.all.length;
+  es.emit("closed", { stream: "a", lastSeq: 2 });
+  assert.equal((await sa.ended).code, "STREAM_CLOSED");
+  es.emit("event", ev("d", 8));
+  await until("d goes on", () => d.got.length === 2);
+  await sleep(20);
+  assert.equal(FakeEventSource.all.length, m, "no reopen for a closed stream");
+  es.emit("reset", { stream: "d", code: "EPOCH_CHANGED", epoch: "00000000000000bb", firstAvailableSeq: 1 });
+  assert.equal((await sd.ended).code, "EPOCH_CHANGED");
+  await sleep(20);
+  assert.equal(open().length, 0, "nothing left to carry");
   c.close();
 });
 
@@ -312,7 +368,7 @@ test("auto: a WebSocket that never opens while HTTP gets through falls back to S
   }
   await until("an EventSource", () => FakeEventSource.all.length === 1);
   assert.equal(c.transport, "sse");
-  assert.equal(FakeEventSource.all[0].url, "http://h1/v1/streams/s/sse?token=tk&after=4");
+  assert.equal(FakeEventSource.all[0].url, sseUrl("http://h1", "s", "tk", ":s=4"));
   c.close();
   assert.equal((await s.ended).code, "CLOSED");
 
@@ -420,7 +476,7 @@ test("SSE: TOKEN_EXPIRED reopens with the provider's fresh token after what was 
   await until("a reopened EventSource", () => FakeEventSource.all.length === 2);
   assert.ok(es.closed);
   es = FakeEventSource.all[1];
-  assert.equal(es.url, "http://h1/v1/streams/s/sse?token=tk2&after=1");
+  assert.equal(es.url, sseUrl("http://h1", "s", "tk2", `${E}:s=1`));
   es.emit("event", ev("s", 2));
   await until("2 events", () => a.got.length === 2);
   assert.deepEqual(a.got.map((e) => e.seq), [1, 2]);

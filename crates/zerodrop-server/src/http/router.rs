@@ -50,6 +50,7 @@ pub fn router(app: Arc<App>) -> Router {
             )),
         )
         .route("/v1/streams/{stream}/sse", get(crate::sse::handler))
+        .route("/v1/sse", get(crate::sse::many::handler))
         .route("/v1/streams/{stream}/presence", get(v1::presence))
         .route("/v1/sessions", post(v1::open_session))
         .route("/v1/sessions/{id}/checkpoint", post(v1::checkpoint))

@@ -17,6 +17,12 @@
 //! ends such a response once a write has made no progress for two ping intervals; dropping
 //! the body releases the connection slot and the gauge, and the client resumes with its
 //! `Last-Event-ID` like after any other broken connection.
+//!
+//! Many streams on one response (`GET /v1/sse?streams=…`) live in [`many`]: the same
+//! authentication ([`authenticate`]), body ([`SseConn`]) and wire, with a cursor over every
+//! stream as each message's id.
+
+pub mod many;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,7 +39,9 @@ use zerodrop_store::{PresenceEntry, SessionRecord};
 
 use crate::app::authz::Action;
 use crate::app::presence::presence_frame;
-use crate::app::{App, Asker, Hole, Placement, Position, Resumed, StreamStart};
+use crate::app::{
+    App, Asker, Authority, ConnSlot, Hole, Placement, Position, Resumed, StreamStart,
+};
 use crate::auth::bearer;
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
 use crate::error::{ApiError, ApiResult};
@@ -41,7 +49,7 @@ use crate::http::extract::{Query, StreamPath};
 use crate::live::Delivery;
 use crate::metrics::Transport;
 
-const PING_EVERY: Duration = Duration::from_secs(15);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize)]
 pub struct SseQuery {
@@ -111,24 +119,63 @@ fn reset_block(hole: &Hole) -> Bytes {
     ))
 }
 
-async fn open(
-    app: Arc<App>,
-    headers: HeaderMap,
-    stream: StreamId,
-    q: SseQuery,
-) -> ApiResult<Response> {
-    let last_event_id = parse_last_event_id(&headers)?;
-    // Refused (draining, full) before any store work: a refused upgrade costs nothing.
-    let slot = app.admit()?;
+/// Who an SSE request is, from its connect token (`?token=` or `Authorization`) and/or its
+/// `?resume=` token: shared by the one-stream and the many-stream routes.
+pub(crate) struct Authed {
+    /// The session resumed with `?resume=`.
+    pub session: Option<SessionRecord>,
+    authority: Option<Authority>,
+    /// What a connect token (without `?resume=`) grants.
+    grants: Option<Grants>,
+    /// A connect token's `exp` bounds the response (`TOKEN_EXPIRED` after the grace).
+    exp: Option<u64>,
+    bearer_of: Option<(String, Option<u64>)>,
+    /// Whom the authorization hook is asked about.
+    pub who: String,
+    pub who_grants: Grants,
+}
+
+impl Authed {
+    /// Who asks for a position: the session, or the connect token's grants.
+    pub(crate) fn asker(&self) -> Asker<'_> {
+        match (&self.session, &self.grants) {
+            (Some(s), _) => Asker::Connection(s),
+            (None, Some(g)) => Asker::Grants(g),
+            (None, None) => unreachable!("a token or a session is required to be Authed"),
+        }
+    }
+
+    /// The connection core of the response, under this authority.
+    pub(crate) fn into_core(self, app: Arc<App>, slot: ConnSlot) -> Core {
+        let mut core = Core::new(app, Transport::Sse, slot, PING_EVERY);
+        if let (Some(s), Some(authority)) = (self.session, self.authority) {
+            // SSE does not hold the session: a `?resume=` reconnect is a new response, and the
+            // old one ends when its client goes.
+            core.adopt(s.id, s.sub, s.grants, authority, false);
+        }
+        if let Some(exp) = self.exp {
+            core.authorize(exp);
+        }
+        if let (Some((sub, iat)), Some(g)) = (self.bearer_of, self.grants) {
+            core.identify(&sub, iat, g);
+        }
+        core
+    }
+}
+
+/// Checks the credentials of an SSE request and the authorization hook's `Connect`.
+pub(crate) async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    token: Option<&str>,
+    resume: Option<&str>,
+) -> ApiResult<Authed> {
     // With a connect token, its `exp` bounds the stream (`TOKEN_EXPIRED` after the grace).
     // With both, the connect token is a fresh authority for the session resumed.
     let mut exp = None;
     let mut bearer_of = None;
-    let token = app
-        .auth
-        .query_token(q.token.as_deref())?
-        .or_else(|| bearer(&headers));
-    let (resumed, grants): (Option<Resumed>, Option<Grants>) = match (token, q.resume.as_deref()) {
+    let token = app.auth.query_token(token)?.or_else(|| bearer(headers));
+    let (resumed, grants): (Option<Resumed>, Option<Grants>) = match (token, resume) {
         (Some(t), Some(r)) => {
             let fresh = app.fresh_token(t).await.inspect_err(|e| {
                 app.metrics.resume_failed(Transport::Sse, e.code);
@@ -160,12 +207,39 @@ async fn open(
     };
     app.authorize(&who, &who_grants, Action::Connect, None)
         .await?;
+    Ok(Authed {
+        session,
+        authority,
+        grants,
+        exp,
+        bearer_of,
+        who,
+        who_grants,
+    })
+}
+
+async fn open(
+    app: Arc<App>,
+    headers: HeaderMap,
+    stream: StreamId,
+    q: SseQuery,
+) -> ApiResult<Response> {
+    let last_event_id = parse_last_event_id(&headers)?;
+    // Refused (draining, full) before any store work: a refused upgrade costs nothing.
+    let slot = app.admit()?;
+    let auth = authenticate(&app, &headers, q.token.as_deref(), q.resume.as_deref()).await?;
     let mut authz_until = None;
-    if who_grants.may_subscribe(stream.as_str()) {
+    if auth.who_grants.may_subscribe(stream.as_str()) {
         authz_until = app
-            .authorize(&who, &who_grants, Action::Subscribe, Some(&stream))
+            .authorize(
+                &auth.who,
+                &auth.who_grants,
+                Action::Subscribe,
+                Some(&stream),
+            )
             .await?;
     }
+    let session = &auth.session;
     let resuming = last_event_id.is_some() || session.is_some();
     let position = match (last_event_id, q.after) {
         (Some((epoch, seq)), _) => Position::After { seq, epoch },
@@ -175,12 +249,7 @@ async fn open(
         },
         (None, None) => Position::Unstated,
     };
-    let asker = match (&session, &grants) {
-        (Some(s), _) => Asker::Connection(s),
-        (None, Some(g)) => Asker::Grants(g),
-        (None, None) => unreachable!("a token or a session was required above"),
-    };
-    let placed = match app.place(&stream, asker, position, None).await {
+    let placed = match app.place(&stream, auth.asker(), position, None).await {
         Ok(p) => p,
         Err(e) => {
             if session.is_some() {
@@ -195,7 +264,7 @@ async fn open(
     let (epoch, after, head) = match placed {
         Placement::Start(s) => (s.epoch, s.after, s.head),
         Placement::Hole(h) => {
-            if let Some(s) = &session {
+            if let Some(s) = session {
                 app.restart_in_session(&s.id, &h).await;
             }
             app.metrics.error(h.code);
@@ -206,18 +275,7 @@ async fn open(
     if resuming {
         app.metrics.resume_succeeded(Transport::Sse);
     }
-    let mut core = Core::new(app, Transport::Sse, slot, PING_EVERY);
-    if let (Some(s), Some(authority)) = (session, authority) {
-        // SSE does not hold the session: a `?resume=` reconnect is a new response, and the
-        // old one ends when its client goes.
-        core.adopt(s.id, s.sub, s.grants, authority, false);
-    }
-    if let Some(exp) = exp {
-        core.authorize(exp);
-    }
-    if let (Some((sub, iat)), Some(g)) = (bearer_of, grants) {
-        core.identify(&sub, iat, g);
-    }
+    let mut core = auth.into_core(app, slot);
     core.enter(stream.clone(), &StreamStart { epoch, after, head })
         .await?;
     if q.presence {
@@ -231,20 +289,29 @@ async fn open(
     }
     core.authorized(&stream, authz_until);
     core.log_opened(Some(&stream));
-    let state = SseConn {
-        core,
-        wire: SseWire {
-            pending: first_chunk.into(),
-            chunk: Vec::new(),
-        },
-        ended: false,
+    let wire = SseWire {
+        pending: first_chunk.into(),
+        chunk: Vec::new(),
     };
-    let body = futures_util::stream::unfold(state, |mut st| async move {
-        st.next_chunk()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), st))
-    });
-    let mut res = Response::new(Body::from_stream(body));
+    Ok(respond(core, wire))
+}
+
+/// The `text/event-stream` response that runs `core` over `wire`.
+fn respond(core: Core, wire: SseWire) -> Response {
+    let state = SseConn::new(core, wire);
+    stream_response(Body::from_stream(futures_util::stream::unfold(
+        state,
+        |mut st| async move {
+            st.next_chunk()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(b), st))
+        },
+    )))
+}
+
+/// `body` as a `text/event-stream` response (unbuffered by proxies).
+pub(crate) fn stream_response(body: Body) -> Response {
+    let mut res = Response::new(body);
     *res.status_mut() = StatusCode::OK;
     let h = res.headers_mut();
     h.insert(
@@ -253,15 +320,27 @@ async fn open(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    res
 }
 
 /// The response body, as the core's [`Wire`]: what the core says is queued as chunks that
 /// hyper pulls as it can write them.
-struct SseWire {
-    pending: VecDeque<Bytes>,
+pub(crate) struct SseWire {
+    pub(crate) pending: VecDeque<Bytes>,
     /// Events of the current delivery, sent as one chunk.
-    chunk: Vec<u8>,
+    pub(crate) chunk: Vec<u8>,
+}
+
+/// A transport whose bytes are a `text/event-stream` body: what is queued in
+/// [`SseBody::pending`] goes out in order.
+pub(crate) trait SseBody: Wire {
+    fn pending(&mut self) -> &mut VecDeque<Bytes>;
+}
+
+impl SseBody for SseWire {
+    fn pending(&mut self) -> &mut VecDeque<Bytes> {
+        &mut self.pending
+    }
 }
 
 impl Wire for SseWire {
@@ -343,24 +422,33 @@ impl Wire for SseWire {
     }
 }
 
-struct SseConn {
+/// A response body in progress: the core, its wire, and whether it has ended.
+pub(crate) struct SseConn<W> {
     core: Core,
-    wire: SseWire,
+    wire: W,
     /// The connection has ended: what is pending goes out, then the response ends.
     ended: bool,
 }
 
 /// `event: error`: why the server ends the stream (`{"code","message"}`).
-fn error_block(e: &ApiError) -> Bytes {
+pub(crate) fn error_block(e: &ApiError) -> Bytes {
     let data = json!({"code": e.code.as_str(), "message": e.message});
     Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
-impl SseConn {
+impl<W: SseBody> SseConn<W> {
+    pub(crate) fn new(core: Core, wire: W) -> SseConn<W> {
+        SseConn {
+            core,
+            wire,
+            ended: false,
+        }
+    }
+
     /// The next bytes to send, or `None` to end the response.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    pub(crate) async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
-            if let Some(b) = self.wire.pending.pop_front() {
+            if let Some(b) = self.wire.pending().pop_front() {
                 return Some(b);
             }
             if self.ended {
@@ -377,7 +465,7 @@ impl SseConn {
                         // A typed end (`TOKEN_EXPIRED`): the last block says why.
                         if let Some(e) = error {
                             self.core.app.metrics.error(e.code);
-                            self.wire.pending.push_back(error_block(&e));
+                            self.wire.pending().push_back(error_block(&e));
                         }
                         reason
                     }
