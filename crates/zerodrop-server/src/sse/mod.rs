@@ -19,7 +19,7 @@
 //! `Last-Event-ID` like after any other broken connection.
 //!
 //! Many streams on one response (`GET /v1/sse?streams=…`) live in [`many`]: the same
-//! authentication ([`authenticate`]), body ([`SseConn`]) and wire, with a cursor over every
+//! authentication (`authenticate`), body (`SseConn`) and wire, with a cursor over every
 //! stream as each message's id.
 
 pub mod many;
