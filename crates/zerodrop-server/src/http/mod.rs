@@ -2,7 +2,7 @@
 //! and layer, [`extract`] turns a request into what a handler needs (credentials, validated
 //! paths, queries and bodies, each refusal a typed error), [`v1`] holds the `/v1` handlers,
 //! [`streams`] those on streams as a whole (batch, erase, close) and [`admin`] the operator's (health, metrics, `/admin`). The WebSocket and SSE handlers
-//! (`ws.rs`, `sse.rs`) and the guardrails' routes (`guard/routes.rs`) use the same
+//! (`ws.rs`, `sse/`) and the guardrails' routes (`guard/routes.rs`) use the same
 //! extractors.
 //!
 //! Must not: hold state or decide a session rule (both are the app's). Only
