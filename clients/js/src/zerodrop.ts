@@ -523,11 +523,7 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
 
   /** @internal */
   fail(e: ZerodropError): void {
-    if (this.error) return;
-    this.error = e;
-    this.inbox = [];
-    if (this.keyTimer) clearTimeout(this.keyTimer);
-    this.client.forget(this);
+    if (!this.end(e)) return;
     this.opts.onError?.(e);
     this.client.reportError(e);
     this.resolveEnded(e);
@@ -548,18 +544,27 @@ export class Subscription implements AsyncIterable<ZerodropEvent> {
   endIfClosed(): void {
     if (this.closingAt === null || this.error || this.pumping || this.inbox.length > 0) return;
     const lastSeq = this.closingAt;
-    this.closedAt = lastSeq;
     // The end of the stream, not an error: not reported to `onError`, iteration is done.
-    this.error = new ZerodropError("STREAM_CLOSED", `the stream was closed after seq ${lastSeq}`, {
+    const e = new ZerodropError("STREAM_CLOSED", `the stream was closed after seq ${lastSeq}`, {
       stream: this.stream,
       headSeq: lastSeq,
     });
-    if (this.keyTimer) clearTimeout(this.keyTimer);
-    this.client.forget(this);
+    this.end(e);
+    this.closedAt = lastSeq;
     this.opts.onClosed?.(lastSeq);
-    this.resolveEnded(this.error);
+    this.resolveEnded(e);
     this.failWaiters = [];
     for (const w of this.waiters.splice(0)) w({ value: undefined, done: true });
+  }
+
+  /** Marks the subscription ended by `e` and lets go of it; false when it had ended already. */
+  private end(e: ZerodropError): boolean {
+    if (this.error) return false;
+    this.error = e;
+    this.inbox = [];
+    if (this.keyTimer) clearTimeout(this.keyTimer);
+    this.client.forget(this);
+    return true;
   }
 
   /** Ends the subscription (unsubscribes). */

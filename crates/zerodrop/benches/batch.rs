@@ -24,7 +24,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// What one request of a publisher sends: its path, body, and how many events it carries.
-fn request(publisher: usize, round: usize, batch: usize) -> (String, String, u64) {
+fn request(publisher: usize, round: usize, batch: usize) -> PublishRequest {
     let text = "x".repeat(110);
     if batch == 0 {
         let stream = (publisher + round) % 100;
@@ -54,7 +54,7 @@ fn requests(publishers: usize, batch: usize) -> Vec<Vec<PublishRequest>> {
 
 fn main() {
     let rounds = env("ROUNDS", 5);
-    let secs = env("SECONDS", 5) as u64;
+    let secs = env_u64("SECONDS", 5);
     let publishers = env("PUBLISHERS", 64);
     let batch = env("BATCH", 100).max(1);
     let dir = tempfile::tempdir().unwrap();

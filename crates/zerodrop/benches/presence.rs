@@ -1,6 +1,6 @@
 //! What presence costs and how fast it is seen (SPEC §10).
 //!
-//! `ulimit -n 30000; cargo bench -p zerodrop --bench presence` runs the release binary and
+//! `ulimit -n 20000; cargo bench -p zerodrop --bench presence` runs the release binary and
 //! prints, with `MEMBERS` (default 10,000) members on one stream:
 //! - **join visibility**: two instances on one `redis-server` with presence on `room:*`;
 //!   `MEMBERS` WebSockets of distinct subjects subscribed to `room:big` on node-0 (each
@@ -9,9 +9,9 @@
 //!   to the watcher's `presence` `join` frame for its session is recorded (p50/p99/max); the
 //!   client then unsubscribes (its `leave` follows at once);
 //! - **snapshot**: `GET /v1/streams/room:big/presence` read with the Rust SDK
-//!   (`HttpClient::presence`), every page (1,000 members each) to the last, `SNAPSHOTS` (default 20) times, on that Redis cluster (node-1) and on one
-//!   SQLite instance holding the same number of members: the whole snapshot's time and one
-//!   page's (p50/p99).
+//!   (`HttpClient::presence`), every page (1,000 members each) to the last, `SNAPSHOTS`
+//!   (default 20) times, on that Redis cluster (node-1) and on one SQLite instance holding the
+//!   same number of members: the whole snapshot's time and one page's (p50/p99).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use zerodrop_client::HttpClient;
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::http::Api;
 use zerodrop_testkit::measure::{env_u64, ms_at};
-use zerodrop_testkit::server::ServerProcess;
+use zerodrop_testkit::server::{Creds, ServerProcess};
 use zerodrop_testkit::ws::WsClient;
 
 /// How long a frame (pings answered) is waited for.
@@ -31,45 +31,42 @@ const WAIT: Duration = Duration::from_secs(30);
 
 const STREAM: &str = "room:big";
 
-fn args(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut a = vec![
-        "--presence",
-        "room:*",
-        "--presence-max-members",
-        "100000",
-        "--max-connections",
-        "30000",
-        "--ws-frames-per-sec",
-        "1000000",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
+/// Every instance's settings: presence on `room:*`, room for the members and their frames.
+const ARGS: &[&str] = &[
+    "--presence",
+    "room:*",
+    "--presence-max-members",
+    "100000",
+    "--max-connections",
+    "30000",
+    "--ws-frames-per-sec",
+    "1000000",
+];
 
-/// Connects and subscribes to [`STREAM`]; answers its session id.
-async fn member(url: &str, presence: bool) -> (WsClient, String) {
+/// Connects and subscribes to [`STREAM`] (with its presence frames when `presence`).
+async fn member(url: &str, presence: bool) -> WsClient {
     let mut c = WsClient::connect(url).await.expect("connects");
     let w = c.next_answered(WAIT).await.expect("welcome");
     assert_eq!(w["type"], "welcome", "{w}");
-    let sid = w["sessionId"].as_str().unwrap().to_string();
     c.send(json!({"type":"subscribe","stream":STREAM,"presence":presence}))
         .await;
     let s = c.next_answered(WAIT).await.expect("subscribed");
     assert_eq!(s["type"], "subscribed", "{s}");
-    (c, sid)
+    c
 }
 
 /// `n` members of distinct subjects, 200 handshakes at a time, each kept alive (pings
 /// answered) by its own task until the returned senders are dropped.
-async fn fill(ws: &str, token: impl Fn(u64) -> String, n: u64) -> Vec<oneshot::Sender<()>> {
+async fn fill(ws: &str, creds: &Creds, n: u64) -> Vec<oneshot::Sender<()>> {
     let started = Instant::now();
     let mut stops = Vec::with_capacity(n as usize);
     let mut next = 0;
     while next < n {
         let batch: Vec<_> = (next..(next + 200).min(n))
             .map(|i| {
-                let url = format!("{ws}/v1/ws?token={}", token(i));
-                tokio::spawn(async move { member(&url, false).await.0 })
+                let token = creds.token(&format!("member-{i}"), &["room:*"], &[]);
+                let url = format!("{ws}/v1/ws?token={token}");
+                tokio::spawn(async move { member(&url, false).await })
             })
             .collect();
         next += batch.len() as u64;
@@ -96,19 +93,12 @@ async fn fill(ws: &str, token: impl Fn(u64) -> String, n: u64) -> Vec<oneshot::S
 }
 
 async fn join_visibility(c: &Cluster, rounds: u64) {
-    let mut watcher = WsClient::connect(&format!(
+    let url = format!(
         "{}/v1/ws?token={}",
         c.ws_url(1),
         c.token("watcher", &["room:*"])
-    ))
-    .await
-    .expect("connects");
-    watcher.next_answered(WAIT).await.expect("welcome");
-    watcher
-        .send(json!({"type":"subscribe","stream":STREAM,"presence":true}))
-        .await;
-    let s = watcher.next_answered(WAIT).await.expect("subscribed");
-    assert_eq!(s["type"], "subscribed", "{s}");
+    );
+    let mut watcher = member(&url, true).await;
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for r in 0..rounds {
         let url = format!(
@@ -189,14 +179,8 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let c = Cluster::start(bin, 2, &args(&[])).expect("cluster starts");
-        let creds = c.creds.clone();
-        let stops = fill(
-            &c.ws_url(0),
-            |i| creds.token(&format!("member-{i}"), &["room:*"], &[]),
-            members,
-        )
-        .await;
+        let c = Cluster::start(bin, 2, ARGS).expect("cluster starts");
+        let stops = fill(&c.ws_url(0), &c.creds, members).await;
         join_visibility(&c, env_u64("ROUNDS", 200)).await;
         snapshots(
             "Redis (node-1)",
@@ -209,15 +193,9 @@ fn main() {
         drop(c);
 
         let dir = tempfile::tempdir().unwrap();
-        let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &args(&[]), &[])
-            .expect("server starts");
-        let creds = p.creds.clone();
-        let stops = fill(
-            &p.ws_url(),
-            |i| creds.token(&format!("member-{i}"), &["room:*"], &[]),
-            members,
-        )
-        .await;
+        let p =
+            ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", ARGS, &[]).expect("server starts");
+        let stops = fill(&p.ws_url(), &p.creds, members).await;
         snapshots("SQLite", &p.api(), env_u64("SNAPSHOTS", 20), members).await;
         drop(stops);
     });
