@@ -116,6 +116,14 @@ pub struct ServeArgs {
     /// Largest WebSocket frame accepted; a larger one closes the socket with 1009.
     #[arg(long, env = "ZERODROP_MAX_FRAME_BYTES", default_value_t = 131_072)]
     pub max_frame_bytes: usize,
+    /// WebSocket `permessage-deflate` when the client offers it (`false`: never negotiated).
+    /// Messages are compressed one by one (no context takeover), within the frame limit.
+    #[arg(long, env = "ZERODROP_WS_DEFLATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_deflate: bool,
+    /// gzip for SSE responses whose request accepts it (`Accept-Encoding: gzip`), flushed
+    /// after every event and ping (`false`: never).
+    #[arg(long, env = "ZERODROP_SSE_GZIP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sse_gzip: bool,
     /// Largest event `data` (compact JSON bytes); larger is 413 `PAYLOAD_TOO_LARGE`.
     #[arg(long, env = "ZERODROP_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     pub max_payload_bytes: usize,
@@ -344,6 +352,8 @@ struct FileConfig {
     retention_max_age_sec: Option<u64>,
     drain_grace_sec: Option<u64>,
     max_frame_bytes: Option<usize>,
+    ws_deflate: Option<bool>,
+    sse_gzip: Option<bool>,
     max_payload_bytes: Option<usize>,
     max_batch_bytes: Option<usize>,
     ping_interval_sec: Option<u64>,
@@ -423,6 +433,8 @@ impl FileConfig {
             retention_max_age_sec,
             drain_grace_sec,
             max_frame_bytes,
+            ws_deflate,
+            sse_gzip,
             max_payload_bytes,
             max_batch_bytes,
             ping_interval_sec,
@@ -548,6 +560,10 @@ pub struct Config {
     pub retention: Retention,
     pub drain_grace_sec: u64,
     pub max_frame_bytes: usize,
+    /// WebSocket `permessage-deflate` when offered (`deflate.rs`).
+    pub ws_deflate: bool,
+    /// SSE gzip when accepted (`deflate.rs`).
+    pub sse_gzip: bool,
     pub max_payload_bytes: usize,
     /// Largest batch publish request body (`POST /v1/events`).
     pub max_batch_bytes: usize,
@@ -667,6 +683,8 @@ impl Config {
             },
             drain_grace_sec: a.drain_grace_sec,
             max_frame_bytes: a.max_frame_bytes,
+            ws_deflate: a.ws_deflate,
+            sse_gzip: a.sse_gzip,
             max_payload_bytes: a.max_payload_bytes,
             max_batch_bytes: a.max_batch_bytes,
             ping_interval_sec: a.ping_interval_sec,

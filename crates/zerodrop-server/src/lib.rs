@@ -14,6 +14,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub(crate) mod connection;
+pub mod deflate;
 pub mod drain;
 pub mod error;
 pub mod guard;

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
+use tungstenite::Utf8Bytes;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
 use zerodrop_core::{Epoch, Event, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{LiveSink, Store, StoreError};

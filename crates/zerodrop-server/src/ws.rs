@@ -25,15 +25,21 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use governor::clock::DefaultClock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 use zerodrop_core::checkpoint::{self, AckError};
 use zerodrop_core::frames::{
     self, Ack, ClientFrame, Closed, Ping, PresenceAt, Publish, Published, Reconnect, Refresh,
@@ -50,6 +56,7 @@ use crate::app::{
 };
 use crate::auth::{ConnectClaims, bearer};
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
+use crate::deflate::{self, DeflateIo};
 use crate::error::ApiError;
 use crate::http::extract::{Query, Upgrade};
 use crate::live::Delivery;
@@ -86,7 +93,7 @@ enum Start {
 pub async fn handler(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Upgrade(ws): Upgrade,
+    ws: Upgrade,
     Query(q): Query<WsQuery>,
 ) -> Response {
     // A token signed with a JWKS key the instance has not read yet: read it first.
@@ -103,7 +110,7 @@ fn upgrade(
     app: Arc<App>,
     headers: HeaderMap,
     q: WsQuery,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -138,32 +145,65 @@ fn upgrade(
     };
     let slot = app.admit()?;
     let cfg = &app.cfg;
-    let mut ws = ws
-        .max_message_size(cfg.max_frame_bytes)
-        .max_frame_size(cfg.max_frame_bytes)
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(cfg.max_frame_bytes))
+        .max_frame_size(Some(cfg.max_frame_bytes))
         // Client frames are small (acks, pongs); tungstenite allocates and zero-fills this
         // much per connection and read, and reserves more for a larger frame when needed.
         .read_buffer_size(1024)
         .write_buffer_size(64 * 1024);
+    let compress = cfg.ws_deflate && deflate::negotiate(&headers);
+    let limit = cfg.max_frame_bytes;
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = tungstenite::handshake::derive_accept_key(&ws.key);
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).map_err(|e| ApiError::invalid(e.to_string()))?,
+    );
     if !offered.is_empty() {
-        ws = ws.protocols([protocol]);
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol),
+        );
     }
-    let app2 = app.clone();
-    Ok(ws.on_upgrade(move |socket| async move {
-        let mut conn = Conn::new(app2, socket, protocol, slot);
+    if compress {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(deflate::ANSWER),
+        );
+    }
+    let on_upgrade = ws.on_upgrade;
+    tokio::spawn(async move {
+        // The upgrade fails when the client went away before the 101 (the slot is freed
+        // with it).
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let io = DeflateIo::server(TokioIo::new(upgraded), compress, limit);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let mut conn = Conn::new(app, socket, protocol, slot);
         conn.run(start).await;
-    }))
+    });
+    Ok(res)
 }
+
+/// The socket: tungstenite over the upgraded connection, `permessage-deflate` under it when
+/// negotiated.
+type Socket = WebSocketStream<DeflateIo<TokioIo<Upgraded>>>;
 
 /// What woke the connection's loop.
 enum Turn {
-    Frame(Option<Result<Message, axum::Error>>),
+    Frame(Option<Result<Message, tungstenite::Error>>),
     Core(Ready),
 }
 
 /// The socket, as the core's [`Wire`].
 struct WsWire {
-    socket: WebSocket,
+    socket: Socket,
     protocol: &'static str,
 }
 
@@ -277,7 +317,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(app: Arc<App>, socket: WebSocket, protocol: &'static str, slot: ConnSlot) -> Conn {
+    fn new(app: Arc<App>, socket: Socket, protocol: &'static str, slot: ConnSlot) -> Conn {
         let per_sec = NonZeroU32::new(app.cfg.ws_frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = per_sec.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         let ping_every = Duration::from_secs(app.cfg.ping_interval_sec);
@@ -327,7 +367,7 @@ impl Conn {
                 self.app().metrics.error(e.code);
             }
             let frame = CloseFrame {
-                code,
+                code: CloseCode::from(code),
                 reason: Utf8Bytes::from_static(reason),
             };
             // Bounded: a client that does not read must not hold the socket for the close.
@@ -353,7 +393,7 @@ impl Conn {
     async fn await_close_reply(&mut self) {
         let until = tokio::time::Instant::now() + CLOSE_HANDSHAKE;
         loop {
-            match tokio::time::timeout_at(until, self.wire.socket.recv()).await {
+            match tokio::time::timeout_at(until, self.wire.socket.next()).await {
                 Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
                 Ok(Some(Ok(_))) => {}
             }
@@ -394,7 +434,7 @@ impl Conn {
             }
             Start::AwaitResume => {
                 let first =
-                    tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.wire.socket.recv()).await;
+                    tokio::time::timeout(FIRST_FRAME_TIMEOUT, self.wire.socket.next()).await;
                 let text = match first {
                     Err(_) => {
                         return Err(Exit::error(ApiError::unauthorized(
@@ -597,14 +637,14 @@ impl Conn {
             let ev = if turn.is_multiple_of(8) {
                 tokio::select! {
                     biased;
-                    m = socket.recv() => Turn::Frame(m),
+                    m = socket.next() => Turn::Frame(m),
                     r = core.ready() => Turn::Core(r),
                 }
             } else {
                 tokio::select! {
                     biased;
                     r = core.ready() => Turn::Core(r),
-                    m = socket.recv() => Turn::Frame(m),
+                    m = socket.next() => Turn::Frame(m),
                 }
             };
             match ev {
@@ -1060,11 +1100,8 @@ fn limiter_clock() -> DefaultClock {
 /// A failed write. One that made no progress for the stall bound (`stall.rs`) is a client that
 /// stopped reading: it is closed like one that missed two pings (4408). Anything else is a
 /// broken connection.
-fn write_error(e: axum::Error) -> Exit {
-    let stalled = e
-        .into_inner()
-        .downcast::<tungstenite::Error>()
-        .is_ok_and(|e| matches!(&*e, tungstenite::Error::Io(io) if crate::stall::is_stall(io)));
+fn write_error(e: tungstenite::Error) -> Exit {
+    let stalled = matches!(&e, tungstenite::Error::Io(io) if crate::stall::is_stall(io));
     if stalled {
         Exit::Close {
             code: ErrorCode::PingTimeout.close_code(),
@@ -1076,11 +1113,8 @@ fn write_error(e: axum::Error) -> Exit {
     }
 }
 
-fn read_error(e: axum::Error) -> Exit {
-    let too_big = e
-        .into_inner()
-        .downcast::<tungstenite::Error>()
-        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+fn read_error(e: tungstenite::Error) -> Exit {
+    let too_big = matches!(e, tungstenite::Error::Capacity(_));
     if too_big {
         Exit::Close {
             code: 1009,

@@ -69,6 +69,8 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
         ),
         ("drain_grace_sec", Some(int(c.drain_grace_sec))),
         ("max_frame_bytes", Some(int(c.max_frame_bytes))),
+        ("ws_deflate", Some(Value::Bool(c.ws_deflate))),
+        ("sse_gzip", Some(Value::Bool(c.sse_gzip))),
         ("max_payload_bytes", Some(int(c.max_payload_bytes))),
         ("max_batch_bytes", Some(int(c.max_batch_bytes))),
         ("ping_interval_sec", Some(int(c.ping_interval_sec))),

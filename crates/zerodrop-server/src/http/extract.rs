@@ -18,10 +18,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, Version, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zerodrop_core::{ErrorCode, SessionId, StreamId};
@@ -246,18 +245,63 @@ pub fn valid_idempotency_key(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
-/// A WebSocket upgrade request (`INVALID_REQUEST` for anything else).
-pub struct Upgrade(pub WebSocketUpgrade);
+/// A WebSocket upgrade request (`INVALID_REQUEST` for anything else): HTTP/1.1 `GET` with
+/// `Connection: upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a
+/// `Sec-WebSocket-Key`. The server answers it itself (`ws.rs`), so that it can negotiate
+/// `permessage-deflate` and put its own layer under the socket.
+pub struct Upgrade {
+    /// The `Sec-WebSocket-Key`, for the `Sec-WebSocket-Accept` of the answer.
+    pub key: Vec<u8>,
+    /// The connection, once the `101` has gone out.
+    pub on_upgrade: hyper::upgrade::OnUpgrade,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Upgrade> {
-        WebSocketUpgrade::from_request_parts(parts, state)
-            .await
-            .map(Upgrade)
-            .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade: {e}")))
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> ApiResult<Upgrade> {
+        let not = |why: &str| ApiError::invalid(format!("not a WebSocket upgrade: {why}"));
+        if parts.version > Version::HTTP_11 {
+            return Err(not("WebSockets need HTTP/1.1"));
+        }
+        if parts.method != Method::GET {
+            return Err(not("request method must be `GET`"));
+        }
+        let h = &parts.headers;
+        if !header_has_token(h, header::CONNECTION, "upgrade") {
+            return Err(not("Connection header did not include 'upgrade'"));
+        }
+        if !header_is(h, header::UPGRADE, "websocket") {
+            return Err(not("`Upgrade` header did not include 'websocket'"));
+        }
+        if !header_is(h, header::SEC_WEBSOCKET_VERSION, "13") {
+            return Err(not("`Sec-WebSocket-Version` header did not include '13'"));
+        }
+        let key = h
+            .get(header::SEC_WEBSOCKET_KEY)
+            .ok_or_else(|| not("`Sec-WebSocket-Key` header missing"))?
+            .as_bytes()
+            .to_vec();
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| {
+                not("WebSocket request couldn't be upgraded since no upgrade state was present")
+            })?;
+        Ok(Upgrade { key, on_upgrade })
     }
+}
+
+fn header_is(h: &HeaderMap, name: header::HeaderName, value: &str) -> bool {
+    h.get(name)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(value.as_bytes()))
+}
+
+fn header_has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
 }
 
 /// The request body, read whole: `PAYLOAD_TOO_LARGE` past the body limit, `INVALID_REQUEST`

@@ -27,7 +27,7 @@ use serde_json::json;
 use zerodrop_core::{Epoch, Seq, StreamId};
 use zerodrop_store::PresenceEntry;
 
-use super::{SseBody, SseConn, SseWire, authenticate, stream_response};
+use super::{SseBody, SseConn, SseWire, authenticate, encoded, stream_response};
 use crate::app::authz::Action;
 use crate::app::{App, Hole, Placement, Position};
 use crate::connection::{Exit, Leave, Wire};
@@ -193,6 +193,7 @@ fn parse_streams(q: Option<&str>, most: usize) -> ApiResult<Vec<StreamId>> {
 }
 
 async fn open(app: Arc<App>, headers: HeaderMap, q: ManyQuery) -> ApiResult<Response> {
+    let gzip = app.cfg.sse_gzip && crate::deflate::accepts_gzip(&headers);
     let most = app.cfg.max_streams_per_session;
     let streams = parse_streams(q.streams.as_deref(), most)?;
     let given = match headers.get("last-event-id") {
@@ -296,14 +297,16 @@ async fn open(app: Arc<App>, headers: HeaderMap, q: ManyQuery) -> ApiResult<Resp
         cursor,
         id: String::new(),
     };
-    let state = SseConn::new(core, wire);
-    Ok(stream_response(Body::from_stream(
-        futures_util::stream::unfold(state, |mut st| async move {
+    let state = SseConn::new(core, wire).with_gzip(gzip);
+    let res = stream_response(Body::from_stream(futures_util::stream::unfold(
+        state,
+        |mut st| async move {
             st.next_chunk()
                 .await
                 .map(|b| (Ok::<_, std::convert::Infallible>(b), st))
-        }),
-    )))
+        },
+    )));
+    Ok(encoded(res, gzip))
 }
 
 /// `event: reset` for a hole of one stream: the hole's code and facts with its `stream`,

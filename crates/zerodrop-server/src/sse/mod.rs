@@ -44,6 +44,7 @@ use crate::app::{
 };
 use crate::auth::bearer;
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
+use crate::deflate::{self, GzipBody};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{Query, StreamPath};
 use crate::live::Delivery;
@@ -225,6 +226,7 @@ async fn open(
     q: SseQuery,
 ) -> ApiResult<Response> {
     let last_event_id = parse_last_event_id(&headers)?;
+    let gzip = app.cfg.sse_gzip && deflate::accepts_gzip(&headers);
     // Refused (draining, full) before any store work: a refused upgrade costs nothing.
     let slot = app.admit()?;
     let auth = authenticate(&app, &headers, q.token.as_deref(), q.resume.as_deref()).await?;
@@ -293,12 +295,12 @@ async fn open(
         pending: first_chunk.into(),
         chunk: Vec::new(),
     };
-    Ok(respond(core, wire))
+    Ok(encoded(respond(core, wire, gzip), gzip))
 }
 
 /// The `text/event-stream` response that runs `core` over `wire`.
-fn respond(core: Core, wire: SseWire) -> Response {
-    let state = SseConn::new(core, wire);
+fn respond(core: Core, wire: SseWire, gzip: bool) -> Response {
+    let state = SseConn::new(core, wire).with_gzip(gzip);
     stream_response(Body::from_stream(futures_util::stream::unfold(
         state,
         |mut st| async move {
@@ -307,6 +309,17 @@ fn respond(core: Core, wire: SseWire) -> Response {
                 .map(|b| (Ok::<_, std::convert::Infallible>(b), st))
         },
     )))
+}
+
+/// The headers of a gzip body (the request accepts it and `--sse-gzip` is on: see
+/// [`SseConn::with_gzip`]).
+pub(crate) fn encoded(mut res: Response, gzip: bool) -> Response {
+    if gzip {
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    res
 }
 
 /// `body` as a `text/event-stream` response (unbuffered by proxies).
@@ -428,6 +441,8 @@ pub(crate) struct SseConn<W> {
     wire: W,
     /// The connection has ended: what is pending goes out, then the response ends.
     ended: bool,
+    /// The body is gzip: each chunk goes out compressed.
+    gzip: Option<GzipBody>,
 }
 
 /// `event: error`: why the server ends the stream (`{"code","message"}`).
@@ -442,11 +457,29 @@ impl<W: SseBody> SseConn<W> {
             core,
             wire,
             ended: false,
+            gzip: None,
         }
     }
 
-    /// The next bytes to send, or `None` to end the response.
+    /// gzip the body when `on`: each chunk (a delivery's events, a ping) is compressed on its
+    /// own and ends with a flush, so the client decodes it on arrival.
+    pub(crate) fn with_gzip(mut self, on: bool) -> SseConn<W> {
+        self.gzip = on.then(GzipBody::new);
+        self
+    }
+
+    /// The next bytes to send (compressed with gzip: decodable on arrival), or `None` to end
+    /// the response.
     pub(crate) async fn next_chunk(&mut self) -> Option<Bytes> {
+        let plain = self.next_plain().await;
+        match (&mut self.gzip, plain) {
+            (None, plain) => plain,
+            (Some(gz), Some(b)) => Some(Bytes::from(gz.piece(&b))),
+            (Some(gz), None) => gz.finish().map(Bytes::from),
+        }
+    }
+
+    async fn next_plain(&mut self) -> Option<Bytes> {
         loop {
             if let Some(b) = self.wire.pending().pop_front() {
                 return Some(b);
