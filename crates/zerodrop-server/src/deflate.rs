@@ -692,12 +692,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeflateIo<IO> {
             State::On(c) if c.role == Role::Server => {}
             _ => return Pin::new(&mut this.io).poll_write(cx, buf),
         }
-        if this.poll_drain(cx)?.is_pending() {
-            if let State::On(c) = &this.state
-                && c.wout.len() - c.wout_at >= WRITE_HIGH
-            {
-                return Poll::Pending;
-            }
+        if this.poll_drain(cx)?.is_pending()
+            && let State::On(c) = &this.state
+            && c.wout.len() - c.wout_at >= WRITE_HIGH
+        {
+            return Poll::Pending;
         }
         if let State::On(c) = &mut this.state {
             c.wraw.extend_from_slice(buf);

@@ -363,7 +363,7 @@ async fn sse_many_gzip_flushes_every_event_and_resumes_exactly() {
     api.publish("dev:b", state(7)).await;
     api.publish("dev:a", state(8)).await;
     let mut c = GzSse::open(&url, Some(&cursor)).await;
-    let mut got = vec![c.next().await.1, c.next().await.1];
+    let mut got = [c.next().await.1, c.next().await.1];
     got.sort_by_key(|d| d["stream"].as_str().unwrap().to_string());
     assert_eq!(
         (&got[0]["stream"], &got[0]["seq"]),
