@@ -809,6 +809,80 @@ mod tests {
         assert!(!accepts_gzip(&HeaderMap::new()));
     }
 
+    /// A client frame: masked with `key`.
+    fn client_frame(b0: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+        let mut f = Vec::new();
+        write_head(&mut f, b0, payload.len(), false);
+        f[1] |= 0x80;
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    #[test]
+    fn a_fragmented_compressed_message_around_a_ping_reads_as_one_plain_frame() {
+        let msg =
+            br#"{"type":"subscribe","stream":"room:1","after":0,"pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+        let packed = compress(msg);
+        let (a, b) = packed.split_at(packed.len() / 2);
+        let mut c = Codec::new(Role::Server, 1024);
+        let mut wire = client_frame(0x41, a, [1, 2, 3, 4]); // text, RSV1, not final
+        wire.extend(client_frame(0x89, b"hi", [5, 6, 7, 8])); // ping
+        wire.extend(client_frame(0x80, b, [9, 9, 9, 9])); // continuation, final
+        // Byte by byte: every split of the input gives the same output.
+        for byte in wire {
+            c.raw.push(byte);
+            c.parse_read().unwrap();
+        }
+        let mut want = client_frame(0x89, b"hi", [5, 6, 7, 8]);
+        write_head(&mut want, 0x81, msg.len(), true);
+        want.extend_from_slice(msg);
+        assert_eq!(c.out, want);
+        assert_eq!(c.inflated, 1);
+        assert!(c.raw.is_empty() && c.msg.is_none());
+    }
+
+    #[test]
+    fn a_compressed_message_over_the_limit_becomes_a_header_over_the_limit() {
+        let mut c = Codec::new(Role::Server, 100);
+        let packed = compress(&[b'a'; 101]);
+        c.raw = client_frame(0xc1, &packed, [0, 0, 0, 0]);
+        c.parse_read().unwrap();
+        let h = Head::parse(&c.out).unwrap();
+        assert_eq!((h.opcode, h.len, h.masked), (1, 101, true));
+        assert!(c.failed);
+        // Exactly at the limit: read.
+        let mut c = Codec::new(Role::Server, 101);
+        c.raw = client_frame(0xc1, &packed, [0, 0, 0, 0]);
+        c.parse_read().unwrap();
+        assert!(!c.failed);
+        assert_eq!(Head::parse(&c.out).unwrap().len, 101);
+    }
+
+    #[test]
+    fn outgoing_data_frames_are_compressed_and_control_frames_are_not() {
+        let msg = br#"{"type":"event","stream":"room:1","seq":7,"data":{"k":"vvvvvvvvvvvvvvvvvvvvvvvv"}}"#;
+        let mut c = Codec::new(Role::Server, 1 << 20);
+        write_head(&mut c.wraw, 0x81, msg.len(), false);
+        c.wraw.extend_from_slice(msg);
+        write_head(&mut c.wraw, 0x89, 2, false);
+        c.wraw.extend_from_slice(b"hi");
+        write_head(&mut c.wraw, 0x81, 5, false);
+        c.wraw.extend_from_slice(b"small");
+        c.parse_write();
+        let h = Head::parse(&c.wout).unwrap();
+        assert!(h.rsv1 && h.fin && h.opcode == 1 && !h.masked);
+        let end = h.size + h.len as usize;
+        let body = &c.wout[h.size..end];
+        assert_eq!(inflate(body, 1 << 20).unwrap().unwrap(), msg.to_vec());
+        let mut rest = Vec::new();
+        write_head(&mut rest, 0x89, 2, false);
+        rest.extend_from_slice(b"hi");
+        write_head(&mut rest, 0x81, 5, false);
+        rest.extend_from_slice(b"small");
+        assert_eq!(&c.wout[end..], &rest[..]);
+    }
+
     #[test]
     fn garbage_is_an_error() {
         assert!(inflate(&[0xff, 0xff, 0xff, 0xff, 0x00], 1000).is_err());

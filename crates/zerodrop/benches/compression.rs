@@ -83,10 +83,7 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
@@ -107,7 +104,9 @@ async fn ws_client(p: &ServerProcess, token: &str, offer: bool, events: u64) -> 
     if offer {
         req.headers_mut().insert(
             "sec-websocket-extensions",
-            "permessage-deflate; client_max_window_bits".parse().unwrap(),
+            "permessage-deflate; client_max_window_bits"
+                .parse()
+                .unwrap(),
         );
     }
     let (mut ws, _) = tokio_tungstenite::client_async(req, DeflateIo::client(io, 1 << 24))
