@@ -47,6 +47,8 @@ pub const ANSWER: &str =
 pub const MIN_COMPRESS: usize = 64;
 /// Outgoing bytes held, compressed, before a write waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
+/// A buffer emptied holds on to at most this much: an idle socket keeps almost nothing.
+const KEEP: usize = 4096;
 /// What one read from the socket takes at most.
 const READ_CHUNK: usize = 8 * 1024;
 /// The deflate level: 1, the fastest. JSON events are small and repetitive; a higher level
@@ -288,10 +290,9 @@ impl Codec {
                 }
             }
         }
-        if self.failed {
+        self.raw.drain(..at);
+        if self.failed || (self.raw.is_empty() && self.raw.capacity() > KEEP) {
             self.raw = Vec::new();
-        } else {
-            self.raw.drain(..at);
         }
         Ok(())
     }
@@ -335,6 +336,9 @@ impl Codec {
             at += h.size + len;
         }
         self.wraw.drain(..at);
+        if self.wraw.is_empty() && self.wraw.capacity() > KEEP {
+            self.wraw = Vec::new();
+        }
     }
 }
 
@@ -415,9 +419,65 @@ fn compress(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Payloads up to this size are remembered compressed (per thread, see [`Recent`]).
+const RECENT_MAX_PAYLOAD: usize = 4096;
+/// How many compressed payloads each thread remembers.
+const RECENT_ENTRIES: usize = 64;
+
+/// The payloads this thread compressed last, with their compressed form: every subscriber of
+/// an event is sent the same frame, and without context takeover it compresses to the same
+/// bytes, so a thread compresses it once, not once per subscriber. At most
+/// [`RECENT_ENTRIES`] payloads of at most [`RECENT_MAX_PAYLOAD`] bytes.
+#[derive(Default)]
+struct Recent {
+    entries: std::collections::VecDeque<(u64, Vec<u8>, Vec<u8>)>,
+}
+
+impl Recent {
+    fn get(&self, hash: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(h, p, _)| *h == hash && p == plain)
+            .map(|(_, _, packed)| packed.clone())
+    }
+
+    fn put(&mut self, hash: u64, plain: &[u8], packed: &[u8]) {
+        if self.entries.len() >= RECENT_ENTRIES {
+            self.entries.pop_front();
+        }
+        self.entries
+            .push_back((hash, plain.to_vec(), packed.to_vec()));
+    }
+}
+
+thread_local! {
+    static RECENT: RefCell<Recent> = RefCell::default();
+}
+
 /// `payload` deflated on its own, ending with a sync flush (an empty stored block: the output
-/// ends on a byte, and such pieces can follow one another in one deflate stream).
+/// ends on a byte, and such pieces can follow one another in one deflate stream). Small
+/// payloads this thread compressed lately are not compressed again ([`Recent`]).
 fn deflate_sync(payload: &[u8]) -> Vec<u8> {
+    if payload.len() > RECENT_MAX_PAYLOAD {
+        return deflate_fresh(payload);
+    }
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        payload.hash(&mut h);
+        h.finish()
+    };
+    if let Some(packed) = RECENT.with_borrow(|r| r.get(hash, payload)) {
+        return packed;
+    }
+    let packed = deflate_fresh(payload);
+    RECENT.with_borrow_mut(|r| r.put(hash, payload, &packed));
+    packed
+}
+
+/// [`deflate_sync`] without the memory of recent payloads.
+fn deflate_fresh(payload: &[u8]) -> Vec<u8> {
     CODERS.with_borrow_mut(|(c, _)| {
         c.reset();
         let mut out = Vec::with_capacity(payload.len() / 2 + 64);
@@ -601,7 +661,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for DeflateIo<IO> {
                         if c.out_at == c.out.len() {
                             c.out.clear();
                             c.out_at = 0;
-                            if c.out.capacity() > 4 * READ_CHUNK {
+                            if c.out.capacity() > KEEP {
                                 c.out = Vec::new();
                             }
                         }
@@ -674,7 +734,7 @@ impl<IO: AsyncWrite + Unpin> DeflateIo<IO> {
         }
         c.wout.clear();
         c.wout_at = 0;
-        if c.wout.capacity() > WRITE_HIGH {
+        if c.wout.capacity() > KEEP {
             c.wout = Vec::new();
         }
         Poll::Ready(Ok(()))
@@ -748,6 +808,27 @@ mod tests {
         ));
         assert!(!offers("x-webkit-deflate-frame"));
         assert!(!negotiate(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_payload_compressed_lately_is_not_compressed_again() {
+        let msg = br#"{"type":"event","stream":"s","seq":99,"data":{"padding":"qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq"}}"#;
+        let first = deflate_sync(msg);
+        assert_eq!(deflate_sync(msg), first);
+        assert_eq!(deflate_fresh(msg), first);
+        assert!(RECENT.with_borrow(|r| r.entries.iter().any(|(_, p, _)| p == msg)));
+        // Bounded: older payloads make room.
+        for i in 0..RECENT_ENTRIES {
+            deflate_sync(format!("payload number {i} of many").as_bytes());
+        }
+        assert!(
+            RECENT.with_borrow(|r| r.entries.len() == RECENT_ENTRIES
+                && !r.entries.iter().any(|(_, p, _)| p == msg))
+        );
+        // Large payloads are not remembered.
+        let big = vec![b'z'; RECENT_MAX_PAYLOAD + 1];
+        deflate_sync(&big);
+        assert!(RECENT.with_borrow(|r| !r.entries.iter().any(|(_, p, _)| *p == big)));
     }
 
     #[test]
