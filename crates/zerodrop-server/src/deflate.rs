@@ -12,7 +12,9 @@
 //!   every message is compressed, and decompressed, on its own. That is the memory bound: a
 //!   connection keeps no compression state between messages (no 32 KiB window, no ~300 KiB
 //!   compressor per socket); each runtime thread has one compressor and one decompressor,
-//!   reset per message.
+//!   reset per message. Since a message then always compresses to the same bytes, each thread
+//!   remembers the last payloads it compressed (`Recent`): an event fanned out to many sockets
+//!   is compressed once per thread.
 //! - **Outgoing** (server role): a text or binary message of at least [`MIN_COMPRESS`] bytes
 //!   goes out compressed (`RSV1`, deflate with a sync flush, the `00 00 ff ff` tail removed);
 //!   control frames and smaller messages go out as they are.

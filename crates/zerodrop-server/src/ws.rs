@@ -10,6 +10,10 @@
 //! append and is shared by every subscriber; a burst of events costs one flush per
 //! subscriber, not one per event.
 //!
+//! The upgrade is answered here (the `101`, the subprotocol, `permessage-deflate` when offered
+//! and `--ws-deflate` is on), and tungstenite runs over the upgraded connection through
+//! `deflate.rs`'s layer, which compresses and inflates whole frames under it.
+//!
 //! Acks are applied in memory under the checkpoint rule and written behind (once a second and
 //! at close); a crash loses at most those, and a resuming client's own `lastAck` wins anyway.
 //!
