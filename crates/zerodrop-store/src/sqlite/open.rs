@@ -30,6 +30,17 @@ fn configure(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The checkpointer's own connection to the file: the same pragmas as the writer's (its
+/// `synchronous` is what syncs the file after a checkpoint).
+pub(super) fn checkpoint_connection(
+    path: &Path,
+    sync: Synchronous,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn, sync)?;
+    Ok(conn)
+}
+
 /// `PRAGMA synchronous` as the connection reports it (0 `OFF` … 3 `EXTRA`): what the level
 /// is read from, rather than the option that asked for it.
 pub(super) fn synchronous(conn: &Connection) -> rusqlite::Result<i64> {
