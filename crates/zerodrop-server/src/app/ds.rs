@@ -99,6 +99,23 @@ pub struct DsRecord {
     /// the log holds an event; a stream closed while empty has only this.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub closed: bool,
+    /// A fork: the stream it was forked from, and where (the source's seq, and how far into
+    /// the next message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_at: Option<(u64, u64)>,
+    /// Forks made from this stream and not erased yet.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub forks: u64,
+    /// Deleted while forks of it remain: its log is erased, the record stays (the name
+    /// answers 410, and cannot be created again) until the last fork goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A producer's state: its epoch and the last sequence accepted in it.
@@ -184,9 +201,21 @@ pub struct ProducerClaim {
     pub seq: u64,
 }
 
+/// A fork's origin (`Stream-Forked-From`, `Stream-Fork-Offset`, `Stream-Fork-Sub-Offset`).
+#[derive(Clone, Debug)]
+pub struct Fork {
+    pub source: StreamId,
+    /// `None`: the source's tail.
+    pub offset: Option<Start>,
+    /// Messages (JSON) or bytes (any other type) of the source's next message taken too.
+    pub sub: u64,
+}
+
 /// A create (`PUT`).
 pub struct Create<'a> {
-    pub content_type: String,
+    /// `None`: no `Content-Type` (a fork inherits its source's, a stream takes the default).
+    pub content_type: Option<String>,
+    pub fork: Option<Fork>,
     pub ttl_sec: Option<u64>,
     pub expires_at: Option<(String, u64)>,
     pub closed: bool,
@@ -201,6 +230,12 @@ pub struct Append<'a> {
     pub producer: Option<ProducerClaim>,
     pub close: bool,
     pub body: Body<'a>,
+}
+
+/// What a fork copies.
+struct ForkPrefix {
+    at: (u64, u64),
+    messages: Vec<String>,
 }
 
 /// A stream as a read or a `HEAD` sees it.
@@ -275,6 +310,19 @@ impl From<StoreError> for DsError {
 
 fn conflict(message: impl Into<String>) -> DsError {
     ApiError::new(ErrorCode::Conflict, message).into()
+}
+
+fn gone(stream: &StreamId) -> DsError {
+    let mut e = DsError::from(
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("stream {stream} was deleted; forks of it remain"),
+        )
+        .with("stream", stream.as_str())
+        .with("deleted", true),
+    );
+    e.status = Some(410);
+    e
 }
 
 fn not_found(stream: &StreamId) -> DsError {
@@ -386,6 +434,10 @@ impl App {
                 stream_seq: None,
                 producers: BTreeMap::new(),
                 closed: false,
+                forked_from: None,
+                fork_at: None,
+                forks: 0,
+                deleted: false,
             };
             return Ok(Some((record, false)));
         };
@@ -401,18 +453,58 @@ impl App {
             || record
                 .ttl_sec
                 .is_some_and(|ttl| now >= last.saturating_add(ttl.saturating_mul(1000)));
-        if expired {
-            self.ds_erase(stream).await?;
-            return Ok(None);
+        if expired && !record.deleted {
+            return Ok(self.ds_erase(stream, record).await?.map(|r| (r, true)));
         }
         Ok(Some((record, true)))
     }
 
-    async fn ds_erase(&self, stream: &StreamId) -> DsResult<()> {
-        self.store.put_stream_record(stream, None).await?;
+    /// The stream's record, or the typed refusal for a name without a live stream: 404, or
+    /// 410 for one deleted while its forks remain.
+    async fn ds_live(&self, stream: &StreamId) -> DsResult<DsRecord> {
+        match self.ds_record(stream).await? {
+            None => Err(not_found(stream)),
+            Some((r, _)) if r.deleted => Err(gone(stream)),
+            Some((r, _)) => Ok(r),
+        }
+    }
+
+    /// Erases the stream's log; its record goes too unless forks of it remain, in which
+    /// case it stays marked deleted (returned). The last fork of a deleted source takes
+    /// the source's record with it, up the chain.
+    async fn ds_erase(
+        &self,
+        stream: &StreamId,
+        mut record: DsRecord,
+    ) -> DsResult<Option<DsRecord>> {
         self.store.delete_stream(stream).await?;
         self.ds.forget(stream);
-        Ok(())
+        if record.forks > 0 {
+            record.deleted = true;
+            self.ds_put_record(stream, &record).await?;
+            return Ok(Some(record));
+        }
+        self.store.put_stream_record(stream, None).await?;
+        let mut parent = record.forked_from;
+        // A chain is as deep as forks were made one from another; bounded all the same.
+        for _ in 0..1024 {
+            let Some(name) = parent.take() else { break };
+            let Ok(p) = StreamId::new(&name) else { break };
+            let Some(text) = self.store.stream_record(&p).await? else {
+                break;
+            };
+            let Ok(mut r) = serde_json::from_str::<DsRecord>(&text) else {
+                break;
+            };
+            r.forks = r.forks.saturating_sub(1);
+            if r.deleted && r.forks == 0 {
+                self.store.put_stream_record(&p, None).await?;
+                parent = r.forked_from;
+            } else {
+                self.ds_put_record(&p, &r).await?;
+            }
+        }
+        Ok(None)
     }
 
     async fn ds_put_record(&self, stream: &StreamId, record: &DsRecord) -> DsResult<()> {
@@ -479,31 +571,93 @@ impl App {
         Ok((outcomes.last().map(|o| o.seq), duplicate))
     }
 
-    /// `PUT`: creates the stream, or answers `false` when it exists with the same
-    /// configuration (`CONFLICT` when not).
+    /// `PUT`: creates the stream (a fork: with its source's messages up to the fork's
+    /// position copied first), or answers `false` when it exists with the same configuration
+    /// (`CONFLICT` when not).
     pub async fn ds_create(&self, stream: &StreamId, req: Create<'_>) -> DsResult<(bool, Seen)> {
         let writer = self.ds.writer(stream);
         let _held = writer.lock().await;
+        // A fork's source, locked (a fork only ever locks its sources after itself).
+        let source = match &req.fork {
+            Some(f) => {
+                if f.source == *stream {
+                    return Err(ApiError::invalid("a stream cannot be forked from itself").into());
+                }
+                let w = self.ds.writer(&f.source);
+                let held = w.clone().lock_owned().await;
+                let record = match self.ds_record(&f.source).await? {
+                    None => return Err(not_found(&f.source)),
+                    Some((r, _)) if r.deleted => {
+                        return Err(conflict(format!(
+                            "stream {} was deleted; it cannot be forked",
+                            f.source
+                        )));
+                    }
+                    Some((r, _)) => r,
+                };
+                Some((f.clone(), record, held))
+            }
+            None => None,
+        };
+        let content_type = match (&req.content_type, &source) {
+            (Some(ct), _) => ct.clone(),
+            (None, Some((_, r, _))) => r.content_type.clone(),
+            (None, None) => DEFAULT_CONTENT_TYPE.to_string(),
+        };
+        let (mut ttl_sec, mut expires_at) = (req.ttl_sec, req.expires_at);
+        if let Some((_, r, _)) = &source {
+            if !same_type(&r.content_type, &content_type) {
+                return Err(conflict(format!(
+                    "a fork of {} holds {}, not {content_type}",
+                    req.fork.as_ref().map(|f| f.source.as_str()).unwrap_or(""),
+                    r.content_type
+                )));
+            }
+            if ttl_sec.is_none() && expires_at.is_none() {
+                ttl_sec = r.ttl_sec;
+                expires_at = r.expires_at.clone().zip(r.expires_ms);
+            }
+        }
+        // Where the fork starts in its source, and what it copies.
+        let copy = match &source {
+            Some((f, r, _)) => Some(self.ds_fork_prefix(f, r).await?),
+            None => None,
+        };
+        let fork_at = copy.as_ref().map(|c| c.at);
         if let Some((record, stored)) = self.ds_record(stream).await? {
             let info = self.store.stream_info(stream).await?;
-            let same = same_type(&record.content_type, &req.content_type)
-                && record.ttl_sec == req.ttl_sec
-                && record.expires_ms == req.expires_at.as_ref().map(|e| e.1)
-                && (info.closed || record.closed) == req.closed;
+            let fork_matches = match (&req.fork, &record.forked_from) {
+                (None, None) => true,
+                (Some(f), Some(from)) => {
+                    from == f.source.as_str()
+                        && (f.offset.is_none() && f.sub == 0 || record.fork_at == fork_at)
+                }
+                _ => false,
+            };
+            let same = !record.deleted
+                && same_type(&record.content_type, &content_type)
+                && record.ttl_sec == ttl_sec
+                && record.expires_ms == expires_at.as_ref().map(|e| e.1)
+                && (info.closed || record.closed) == req.closed
+                && fork_matches;
             if !same {
-                let mut e = conflict(format!(
-                    "stream {stream} exists with another configuration ({}{}{})",
-                    record.content_type,
-                    record
-                        .ttl_sec
-                        .map(|t| format!(", ttl {t} s"))
-                        .unwrap_or_default(),
-                    if info.closed || record.closed {
-                        ", closed"
-                    } else {
-                        ""
-                    }
-                ));
+                let mut e = conflict(if record.deleted {
+                    format!("stream {stream} was deleted and forks of it remain")
+                } else {
+                    format!(
+                        "stream {stream} exists with another configuration ({}{}{})",
+                        record.content_type,
+                        record
+                            .ttl_sec
+                            .map(|t| format!(", ttl {t} s"))
+                            .unwrap_or_default(),
+                        if info.closed || record.closed {
+                            ", closed"
+                        } else {
+                            ""
+                        }
+                    )
+                });
                 e.tail = Some(Offset {
                     seq: info.head,
                     epoch: info.epoch.clone(),
@@ -516,21 +670,34 @@ impl App {
             return Ok((false, Seen { record, info }));
         }
         let record = DsRecord {
-            content_type: req.content_type,
-            ttl_sec: req.ttl_sec,
-            expires_ms: req.expires_at.as_ref().map(|e| e.1),
-            expires_at: req.expires_at.map(|e| e.0),
+            content_type,
+            ttl_sec,
+            expires_ms: expires_at.as_ref().map(|e| e.1),
+            expires_at: expires_at.map(|e| e.0),
             touched_ms: self.ds_now(),
             stream_seq: None,
             producers: BTreeMap::new(),
             closed: req.closed,
+            forked_from: req.fork.as_ref().map(|f| f.source.as_str().to_string()),
+            fork_at,
+            forks: 0,
+            deleted: false,
         };
         let msgs = messages(record.is_json(), req.body.bytes, self.ds_chunk(), true)?;
         // Whatever an earlier incarnation left (a log without a record) goes first.
         if self.store.stream_info(stream).await?.head != Seq(0) {
             self.store.delete_stream(stream).await?;
         }
+        if let Some(c) = copy {
+            for part in c.messages.chunks(MAX_APPEND_EVENTS) {
+                self.ds_write(stream, part.to_vec(), None).await?;
+            }
+        }
         self.ds_put_record(stream, &record).await?;
+        if let Some((f, mut r, _held)) = source {
+            r.forks += 1;
+            self.ds_put_record(&f.source, &r).await?;
+        }
         self.ds_write(stream, msgs, None).await?;
         if req.closed {
             self.store.close_stream(stream).await?;
@@ -539,13 +706,76 @@ impl App {
         Ok((true, Seen { record, info }))
     }
 
+    /// The messages a fork copies from its source: every message up to the fork's
+    /// position, then `sub` more messages (JSON) or the first `sub` bytes of the next one.
+    async fn ds_fork_prefix(&self, f: &Fork, source: &DsRecord) -> DsResult<ForkPrefix> {
+        let info = self.store.stream_info(&f.source).await?;
+        let seen = Seen {
+            record: source.clone(),
+            info: info.clone(),
+        };
+        let at = match &f.offset {
+            None => info.head,
+            Some(start) => {
+                if matches!(start, Start::Now) {
+                    info.head
+                } else {
+                    self.ds_position(&seen, start)?
+                }
+            }
+        };
+        if f.sub > 0 && f.offset.is_none() {
+            return Err(ApiError::invalid("Stream-Fork-Sub-Offset needs Stream-Fork-Offset").into());
+        }
+        let json = source.is_json();
+        let upto = if json { at.0 + f.sub } else { at.0 };
+        if upto > info.head.0 {
+            return Err(ApiError::invalid(format!(
+                "the fork's position is beyond the tail of {}",
+                f.source
+            ))
+            .into());
+        }
+        let mut messages = Vec::new();
+        let mut after = Seq(info.first_seq.0.saturating_sub(1));
+        while after.0 < upto {
+            let res = self.store.read(&f.source, after, READ_EVENTS).await?;
+            let Some(last) = res.events.last().map(|e| e.seq()) else {
+                break;
+            };
+            for e in res.events.iter().filter(|e| e.seq().0 <= upto) {
+                messages.push(e.data().to_string());
+            }
+            after = last;
+        }
+        if !json && f.sub > 0 {
+            let res = self.store.read(&f.source, at, 1).await?;
+            let next = res
+                .events
+                .first()
+                .and_then(|e| data_bytes(e.data()).or_else(|| Some(e.data().as_bytes().to_vec())))
+                .unwrap_or_default();
+            let sub = usize::try_from(f.sub).unwrap_or(usize::MAX);
+            if res.events.is_empty() || sub > next.len() {
+                return Err(ApiError::invalid(format!(
+                    "Stream-Fork-Sub-Offset {} is beyond the message at the fork's offset",
+                    f.sub
+                ))
+                .into());
+            }
+            messages.push(bytes_data(&next[..sub]));
+        }
+        Ok(ForkPrefix {
+            at: (at.0, f.sub),
+            messages,
+        })
+    }
+
     /// `POST`: appends (and closes, with `Stream-Closed: true`).
     pub async fn ds_append(&self, stream: &StreamId, req: Append<'_>) -> DsResult<Appended> {
         let writer = self.ds.writer(stream);
         let _held = writer.lock().await;
-        let Some((mut record, _)) = self.ds_record(stream).await? else {
-            return Err(not_found(stream));
-        };
+        let mut record = self.ds_live(stream).await?;
         let info = self.store.stream_info(stream).await?;
         let was_closed = info.closed || record.closed;
         let tail = Offset {
@@ -670,9 +900,7 @@ impl App {
     /// `HEAD` (and the start of every read): the record and the log's bounds. `touch`: the
     /// request counts as a use for the sliding TTL.
     pub async fn ds_seen(&self, stream: &StreamId, touch: bool) -> DsResult<Seen> {
-        let Some((record, _)) = self.ds_record(stream).await? else {
-            return Err(not_found(stream));
-        };
+        let record = self.ds_live(stream).await?;
         let info = self.store.stream_info(stream).await?;
         if touch {
             self.ds.touch(stream, self.ds_now());
@@ -743,10 +971,8 @@ impl App {
     pub async fn ds_delete(&self, stream: &StreamId) -> DsResult<()> {
         let writer = self.ds.writer(stream);
         let _held = writer.lock().await;
-        if self.ds_record(stream).await?.is_none() {
-            return Err(not_found(stream));
-        }
-        self.ds_erase(stream).await
+        let record = self.ds_live(stream).await?;
+        self.ds_erase(stream, record).await.map(drop)
     }
 }
 

@@ -21,8 +21,7 @@ use zerodrop_core::Seq;
 use super::extract::{RawBody, StreamPath};
 use crate::app::App;
 use crate::app::ds::{
-    self, Append, Appended, Create, DEFAULT_CONTENT_TYPE, DsError, Offset, ProducerClaim, Seen,
-    Start,
+    self, Append, Appended, Create, DsError, Fork, Offset, ProducerClaim, Seen, Start,
 };
 use crate::config::DsAccess;
 use crate::error::ApiError;
@@ -165,17 +164,10 @@ async fn create(
     stream: &zerodrop_core::StreamId,
     body: &Bytes,
 ) -> Result<Response, DsError> {
-    if headers.contains_key("stream-forked-from") || headers.contains_key("stream-fork-offset") {
-        return Err(ApiError::new(
-            zerodrop_core::ErrorCode::InvalidRequest,
-            "forks (Stream-Forked-From) are not served",
-        )
-        .into());
-    }
+    let fork = fork(headers)?;
     let content_type = text(headers, header::CONTENT_TYPE.as_str())?
         .filter(|c| !c.is_empty())
-        .unwrap_or(DEFAULT_CONTENT_TYPE)
-        .to_string();
+        .map(String::from);
     let ttl = text(headers, TTL)?;
     let expires = text(headers, EXPIRES_AT)?;
     if ttl.is_some() && expires.is_some() {
@@ -197,6 +189,7 @@ async fn create(
             stream,
             Create {
                 content_type,
+                fork,
                 ttl_sec,
                 expires_at,
                 closed,
@@ -221,6 +214,60 @@ async fn create(
         set(h, header::LOCATION.as_str(), &format!("http://{host}{}", uri.path()));
     }
     Ok(res)
+}
+
+/// `Stream-Forked-From` (the source's path, `/v1/stream/{stream}`, or its full URL),
+/// `Stream-Fork-Offset` and `Stream-Fork-Sub-Offset`.
+fn fork(headers: &HeaderMap) -> Result<Option<Fork>, DsError> {
+    let from = text(headers, "stream-forked-from")?;
+    let offset = text(headers, "stream-fork-offset")?;
+    let sub = text(headers, "stream-fork-sub-offset")?;
+    let Some(from) = from else {
+        if offset.is_some() || sub.is_some() {
+            return Err(invalid(
+                "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
+            ));
+        }
+        return Ok(None);
+    };
+    let name = from
+        .rsplit_once("/v1/stream/")
+        .map_or(from, |(_, n)| n)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("");
+    let source = zerodrop_core::StreamId::new(name).map_err(|e| {
+        DsError::from(ApiError::new(
+            zerodrop_core::ErrorCode::InvalidStreamId,
+            format!("Stream-Forked-From names no stream: {e}"),
+        ))
+    })?;
+    let offset = offset.map(parse_start).transpose()?;
+    let sub = match sub {
+        None => 0,
+        Some(v) => strict_int(v)
+            .ok_or_else(|| invalid(format!("Stream-Fork-Sub-Offset {v:?} is not a count")))?,
+    };
+    Ok(Some(Fork {
+        source,
+        offset,
+        sub,
+    }))
+}
+
+/// An offset as a request gives it: `-1` and any all-zero position are the beginning,
+/// `now` the tail, anything else an offset this server wrote.
+fn parse_start(v: &str) -> Result<Start, DsError> {
+    match v {
+        "-1" => Ok(Start::Beginning),
+        "now" => Ok(Start::Now),
+        _ if v.split('_').next().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b == b'0')) => {
+            Ok(Start::Beginning)
+        }
+        _ => Offset::parse(v)
+            .map(Start::At)
+            .ok_or_else(|| invalid(format!("offset {v:?} is not an offset of this server"))),
+    }
 }
 
 fn producer(headers: &HeaderMap) -> Result<Option<ProducerClaim>, DsError> {
@@ -342,14 +389,7 @@ fn read_query(uri: &Uri) -> Result<ReadQuery, DsError> {
         match k {
             "offset" => {
                 offsets += 1;
-                q.start = Some(match v {
-                    "-1" => Start::Beginning,
-                    "now" => Start::Now,
-                    _ => Start::At(
-                        Offset::parse(v)
-                            .ok_or_else(|| invalid(format!("offset {v:?} is not an offset of this server")))?,
-                    ),
-                });
+                q.start = Some(parse_start(v)?);
             }
             "live" => q.live = Some(v.to_string()),
             "cursor" => q.cursor = v.parse().ok(),
