@@ -193,3 +193,195 @@ fn the_conformance_suite_passes_on_redis() {
     let cluster = Cluster::start(bin, 1, &["--ds-access", "open"]).expect("cluster starts");
     conformance(&format!("{}/ds", cluster.url(0)));
 }
+
+/// The bytes of append `i` (1-based): eight bytes, every value of a byte in turn.
+fn chunk(i: u32) -> Vec<u8> {
+    let mut b = i.to_be_bytes().to_vec();
+    b.extend_from_slice(&[0x00, 0xff, (i % 256) as u8, b'\n']);
+    b
+}
+
+/// `PUT` an `application/octet-stream` stream on `base` (`http://host:port`).
+async fn create(http: &reqwest::Client, base: &str, stream: &str) {
+    let r = http
+        .put(format!("{base}/ds/v1/stream/{stream}"))
+        .header("content-type", "application/octet-stream")
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status().as_u16(), 201, "PUT {stream}");
+}
+
+/// Appends `from..=to` on `base`; a connection refused (the instance is starting again) is
+/// retried for at most 20 s. The producer headers make a retry of an append that was stored
+/// before its answer was lost a duplicate, never a second copy.
+async fn append(http: &reqwest::Client, base: &str, stream: &str, from: u32, to: u32) {
+    for i in from..=to {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = http
+                .post(format!("{base}/ds/v1/stream/{stream}"))
+                .header("content-type", "application/octet-stream")
+                .header("producer-id", "test")
+                .header("producer-epoch", "0")
+                .header("producer-seq", (i - 1).to_string())
+                .body(chunk(i))
+                .send()
+                .await;
+            match r {
+                Ok(r) => {
+                    assert!(
+                        matches!(r.status().as_u16(), 200 | 204),
+                        "append {i}: {}",
+                        r.status()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < until, "append {i}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// `tests/ds/reader.mjs` running: its progress (bytes held) and, at the end, its report.
+struct Reader {
+    child: std::process::Child,
+    have: std::sync::mpsc::Receiver<usize>,
+}
+
+impl Reader {
+    fn start(origins: &[String], stream: &str, expected: usize, live: &str) -> Reader {
+        install();
+        let mut child = Command::new(tool("node"))
+            .current_dir(dir())
+            .arg("reader.mjs")
+            .arg(origins.join(","))
+            .arg(format!("/ds/v1/stream/{stream}"))
+            .arg(expected.to_string())
+            .arg(live)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("node starts");
+        let (tx, have) = std::sync::mpsc::channel();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                match line.strip_prefix("have ").and_then(|n| n.parse().ok()) {
+                    Some(n) => {
+                        let _ = tx.send(n);
+                    }
+                    None => eprintln!("reader: {line}"),
+                }
+            }
+        });
+        Reader { child, have }
+    }
+
+    /// Waits (at most 30 s) until the reader holds at least `n` bytes.
+    fn holds(&self, n: usize) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.have.recv_timeout(left) {
+                Ok(have) if have >= n => return,
+                Ok(_) => {}
+                Err(e) => panic!("the reader did not reach {n} bytes: {e}"),
+            }
+        }
+    }
+
+    /// Its report, once it has every byte (at most 90 s).
+    fn finish(mut self) -> Value {
+        let mut out = self.child.stdout.take().expect("stdout");
+        let until = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < until, "the reader did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut text);
+        assert!(status.success(), "the reader failed ({status}): {text}");
+        serde_json::from_str(text.trim()).expect("the reader's report")
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn decoded(report: &Value) -> Vec<u8> {
+    report["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()).expect("a byte"))
+        .collect()
+}
+
+fn expected(n: u32) -> Vec<u8> {
+    (1..=n).flat_map(chunk).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reads_every_byte_once_across_a_kill9_and_restart() {
+    for live in ["long-poll", "sse"] {
+        let data = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let args = ["--ds-access", "open"];
+        let mut server = spawn_sqlite(data.path(), port, &args);
+        let (base, http) = (server.url.clone(), reqwest::Client::new());
+        let stream = format!("ds-kill-{live}");
+        create(&http, &base, &stream).await;
+        append(&http, &base, &stream, 1, 20).await;
+        let reader = Reader::start(std::slice::from_ref(&base), &stream, 60 * 8, live);
+        reader.holds(20 * 8);
+        append(&http, &base, &stream, 21, 30).await;
+        reader.holds(30 * 8);
+        server.kill9();
+        let server = spawn_sqlite(data.path(), port, &args);
+        append(&http, &server.url, &stream, 31, 60).await;
+        let report = reader.finish();
+        assert_eq!(decoded(&report), expected(60), "{live}: every byte once, in order");
+        assert!(
+            report["failures"].as_u64() >= Some(1),
+            "{live}: the reader met the kill: {report}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reads_every_byte_once_across_a_drain_to_another_instance() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
+    let mut c = Cluster::start(bin, 2, &["--ds-access", "open"]).expect("cluster starts");
+    let (a, b, http) = (c.url(0), c.url(1), reqwest::Client::new());
+    let stream = "ds-drain";
+    create(&http, &a, stream).await;
+    append(&http, &a, stream, 1, 20).await;
+    let reader = Reader::start(&[a.clone(), b.clone()], stream, 60 * 8, "long-poll");
+    reader.holds(20 * 8);
+    append(&http, &b, stream, 21, 30).await;
+    reader.holds(30 * 8);
+    // SIGTERM: the instance drains and exits; its long-poll ends with it.
+    let (status, _) = c
+        .terminate(0, Duration::from_secs(60))
+        .expect("the drained instance exits");
+    assert!(status.success(), "drained instance: {status}");
+    append(&http, &b, stream, 31, 60).await;
+    let report = reader.finish();
+    assert_eq!(decoded(&report), expected(60), "every byte once, in order");
+    assert!(
+        report["served"][&a].as_u64() >= Some(1) && report["served"][&b].as_u64() >= Some(1),
+        "both instances served the reader: {report}"
+    );
+}
