@@ -385,3 +385,150 @@ async fn the_client_reads_every_byte_once_across_a_drain_to_another_instance() {
         "both instances served the reader: {report}"
     );
 }
+
+/// Status and error code of a response (the code: `None` for a success).
+async fn outcome(r: reqwest::Response) -> (u16, Option<String>) {
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"].as_str().map(String::from),
+    )
+}
+
+fn code(status: u16, code: &str) -> (u16, Option<String>) {
+    (status, Some(code.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_typed_errors_and_the_stream_stays_intact() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = spawn_sqlite(data.path(), free_port(), &["--ds-access", "open"]);
+    let http = reqwest::Client::new();
+    let url = |s: &str| format!("{}/ds/v1/stream/{s}", server.url);
+    let put = |s: &str, ct: &str, body: &'static str| {
+        http.put(url(s)).header("content-type", ct).body(body).send()
+    };
+    let post = |s: &str, ct: &str, body: &'static str| {
+        http.post(url(s)).header("content-type", ct).body(body).send()
+    };
+    assert_eq!(put("j", "application/json", "[1,2]").await.unwrap().status(), 201);
+    let before = http.get(url("j")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(before, "[1,2]");
+
+    let refusals = [
+        (post("j", "application/json", "{").await, code(400, "INVALID_REQUEST")),
+        (post("j", "application/json", "[]").await, code(400, "INVALID_REQUEST")),
+        (post("j", "text/plain", "x").await, code(409, "CONFLICT")),
+        (post("j", "application/json", "").await, code(400, "INVALID_REQUEST")),
+        (post("nope", "application/json", "1").await, code(404, "NOT_FOUND")),
+        (put("j", "text/plain", "").await, code(409, "CONFLICT")),
+        (put("bad id!", "text/plain", "").await, code(400, "INVALID_STREAM_ID")),
+        (
+            http.put(url("t")).header("stream-ttl", "01").send().await,
+            code(400, "INVALID_REQUEST"),
+        ),
+        (
+            http.get(format!("{}?offset=xyz", url("j"))).send().await,
+            code(400, "INVALID_REQUEST"),
+        ),
+        (
+            http.get(format!("{}?live=sse", url("j"))).send().await,
+            code(400, "INVALID_REQUEST"),
+        ),
+        (
+            http.post(url("j"))
+                .header("content-type", "application/json")
+                .header("producer-id", "p")
+                .header("producer-epoch", "0")
+                .header("producer-seq", "3")
+                .body("1")
+                .send()
+                .await,
+            code(409, "CONFLICT"),
+        ),
+        (
+            http.post(url("j"))
+                .header("content-type", "application/json")
+                .header("producer-id", "p")
+                .body("1")
+                .send()
+                .await,
+            code(400, "INVALID_REQUEST"),
+        ),
+    ];
+    for (i, (r, want)) in refusals.into_iter().enumerate() {
+        assert_eq!(outcome(r.expect("answer")).await, want, "refusal {i}");
+    }
+    // A payload past --max-payload-bytes (64 KiB) as one JSON message.
+    let big = format!("\"{}\"", "x".repeat(70 * 1024));
+    let r = http
+        .post(url("j"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outcome(r).await, code(413, "PAYLOAD_TOO_LARGE"));
+    // Closed: appends are refused, the data stays.
+    let r = http.post(url("j")).header("stream-closed", "true").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(
+        outcome(post("j", "application/json", "3").await.unwrap()).await,
+        code(409, "STREAM_CLOSED")
+    );
+    let after = http.get(url("j")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(after, before, "nothing refused was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_payloads_reach_the_v1_api_as_base64_data() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = spawn_sqlite(data.path(), free_port(), &["--ds-access", "open"]);
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/ds/v1/stream/bin", server.url))
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8, 1, 0xfe, 0xff])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let page = server.api().read("bin", 0, 10).await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    let events = page.json["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["seq"], 1);
+    assert_eq!(events[0]["data"], serde_json::json!({"$base64": "AAH+/w=="}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_guards_ds_by_default_and_public_read_opens_reads_only() {
+    let http = reqwest::Client::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = spawn_sqlite(data.path(), free_port(), &[]);
+    let url = format!("{}/ds/v1/stream/k", server.url);
+    let key = server.creds.api_key.clone();
+    let r = http.put(&url).send().await.unwrap();
+    assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
+    let r = http.put(&url).bearer_auth(&key).body("a").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
+    let r = http.get(&url).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "a");
+    drop(server);
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = spawn_sqlite(data.path(), free_port(), &["--ds-access", "public-read"]);
+    let url = format!("{}/ds/v1/stream/k", server.url);
+    let key = server.creds.api_key.clone();
+    let r = http.put(&url).body("b").send().await.unwrap();
+    assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
+    let r = http.put(&url).bearer_auth(&key).body("b").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "b");
+    let r = http.delete(&url).send().await.unwrap();
+    assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
+}
