@@ -34,7 +34,12 @@ mod tests {
 
     #[test]
     fn bytes_round_trip_exactly() {
-        for b in [&b""[..], b"Hello", &[0u8, 1, 2, 0x7f, 0x80, 0xfe, 0xff], b"\r\n\"}"] {
+        for b in [
+            &b""[..],
+            b"Hello",
+            &[0u8, 1, 2, 0x7f, 0x80, 0xfe, 0xff],
+            b"\r\n\"}",
+        ] {
             let d = bytes_data(b);
             let v: serde_json::Value = serde_json::from_str(&d).unwrap();
             assert_eq!(v.as_object().unwrap().len(), 1);

@@ -627,7 +627,10 @@ async fn stream_records(f: Fixture) {
         .put_stream_record(&a, Some("{\"v\":1}".into()))
         .await
         .unwrap();
-    f.store.put_stream_record(&b, Some("b".into())).await.unwrap();
+    f.store
+        .put_stream_record(&b, Some("b".into()))
+        .await
+        .unwrap();
     f.store
         .put_stream_record(&a, Some("{\"v\":2}".into()))
         .await
@@ -644,7 +647,10 @@ async fn stream_records(f: Fixture) {
     );
     f.store.put_stream_record(&a, None).await.unwrap();
     assert_eq!(f.store.stream_record(&a).await.unwrap(), None);
-    assert_eq!(f.store.stream_record(&b).await.unwrap().as_deref(), Some("b"));
+    assert_eq!(
+        f.store.stream_record(&b).await.unwrap().as_deref(),
+        Some("b")
+    );
 }
 
 macro_rules! suite {

@@ -28,6 +28,7 @@ fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ds")
 }
 
+/// Where `name` is on `PATH`; a missing tool fails with how to install it.
 fn tool(name: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
@@ -104,7 +105,8 @@ fn install() {
         _ => true,
     };
     if stale {
-        let mut cmd = Command::new(tool("npm"));
+        tool("npm");
+        let mut cmd = Command::new("npm");
         cmd.current_dir(&d)
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
         let o = run(cmd, "npm ci", Duration::from_secs(600));
@@ -123,7 +125,8 @@ fn install() {
 fn conformance(base: &str) -> Value {
     install();
     let report = tempfile::NamedTempFile::new().expect("temp file");
-    let mut cmd = Command::new(tool("node"));
+    tool("node");
+    let mut cmd = Command::new("node");
     cmd.current_dir(dir())
         .arg("node_modules/vitest/vitest.mjs")
         .args(["run", "--config", "vitest.config.mjs", "--reporter=json"])
@@ -143,7 +146,12 @@ fn conformance(base: &str) -> Value {
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|f| f["assertionResults"].as_array().cloned().unwrap_or_default())
+        .flat_map(|f| {
+            f["assertionResults"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter(|t| t["status"] == "failed")
         .map(|t| {
             format!(
@@ -255,7 +263,8 @@ struct Reader {
 impl Reader {
     fn start(origins: &[String], stream: &str, expected: usize, live: &str) -> Reader {
         install();
-        let mut child = Command::new(tool("node"))
+        tool("node");
+        let mut child = Command::new("node")
             .current_dir(dir())
             .arg("reader.mjs")
             .arg(origins.join(","))
@@ -325,7 +334,11 @@ fn decoded(report: &Value) -> Vec<u8> {
         .as_array()
         .expect("bytes")
         .iter()
-        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()).expect("a byte"))
+        .map(|b| {
+            b.as_u64()
+                .and_then(|b| u8::try_from(b).ok())
+                .expect("a byte")
+        })
         .collect()
 }
 
@@ -352,7 +365,11 @@ async fn the_client_reads_every_byte_once_across_a_kill9_and_restart() {
         let server = spawn_sqlite(data.path(), port, &args);
         append(&http, &server.url, &stream, 31, 60).await;
         let report = reader.finish();
-        assert_eq!(decoded(&report), expected(60), "{live}: every byte once, in order");
+        assert_eq!(
+            decoded(&report),
+            expected(60),
+            "{live}: every byte once, in order"
+        );
         assert!(
             report["failures"].as_u64() >= Some(1),
             "{live}: the reader met the kill: {report}"
@@ -390,10 +407,7 @@ async fn the_client_reads_every_byte_once_across_a_drain_to_another_instance() {
 async fn outcome(r: reqwest::Response) -> (u16, Option<String>) {
     let status = r.status().as_u16();
     let body: Value = r.json().await.unwrap_or(Value::Null);
-    (
-        status,
-        body["error"]["code"].as_str().map(String::from),
-    )
+    (status, body["error"]["code"].as_str().map(String::from))
 }
 
 fn code(status: u16, code: &str) -> (u16, Option<String>) {
@@ -407,23 +421,57 @@ async fn bad_input_is_refused_with_typed_errors_and_the_stream_stays_intact() {
     let http = reqwest::Client::new();
     let url = |s: &str| format!("{}/ds/v1/stream/{s}", server.url);
     let put = |s: &str, ct: &str, body: &'static str| {
-        http.put(url(s)).header("content-type", ct).body(body).send()
+        http.put(url(s))
+            .header("content-type", ct)
+            .body(body)
+            .send()
     };
     let post = |s: &str, ct: &str, body: &'static str| {
-        http.post(url(s)).header("content-type", ct).body(body).send()
+        http.post(url(s))
+            .header("content-type", ct)
+            .body(body)
+            .send()
     };
-    assert_eq!(put("j", "application/json", "[1,2]").await.unwrap().status(), 201);
-    let before = http.get(url("j")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        put("j", "application/json", "[1,2]")
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let before = http
+        .get(url("j"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(before, "[1,2]");
 
     let refusals = [
-        (post("j", "application/json", "{").await, code(400, "INVALID_REQUEST")),
-        (post("j", "application/json", "[]").await, code(400, "INVALID_REQUEST")),
+        (
+            post("j", "application/json", "{").await,
+            code(400, "INVALID_REQUEST"),
+        ),
+        (
+            post("j", "application/json", "[]").await,
+            code(400, "INVALID_REQUEST"),
+        ),
         (post("j", "text/plain", "x").await, code(409, "CONFLICT")),
-        (post("j", "application/json", "").await, code(400, "INVALID_REQUEST")),
-        (post("nope", "application/json", "1").await, code(404, "NOT_FOUND")),
+        (
+            post("j", "application/json", "").await,
+            code(400, "INVALID_REQUEST"),
+        ),
+        (
+            post("nope", "application/json", "1").await,
+            code(404, "NOT_FOUND"),
+        ),
         (put("j", "text/plain", "").await, code(409, "CONFLICT")),
-        (put("bad id!", "text/plain", "").await, code(400, "INVALID_STREAM_ID")),
+        (
+            put("bad id!", "text/plain", "").await,
+            code(400, "INVALID_STREAM_ID"),
+        ),
         (
             http.put(url("t")).header("stream-ttl", "01").send().await,
             code(400, "INVALID_REQUEST"),
@@ -471,13 +519,25 @@ async fn bad_input_is_refused_with_typed_errors_and_the_stream_stays_intact() {
         .unwrap();
     assert_eq!(outcome(r).await, code(413, "PAYLOAD_TOO_LARGE"));
     // Closed: appends are refused, the data stays.
-    let r = http.post(url("j")).header("stream-closed", "true").send().await.unwrap();
+    let r = http
+        .post(url("j"))
+        .header("stream-closed", "true")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     assert_eq!(
         outcome(post("j", "application/json", "3").await.unwrap()).await,
         code(409, "STREAM_CLOSED")
     );
-    let after = http.get(url("j")).send().await.unwrap().text().await.unwrap();
+    let after = http
+        .get(url("j"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(after, before, "nothing refused was stored");
 }
 
@@ -499,7 +559,10 @@ async fn byte_payloads_reach_the_v1_api_as_base64_data() {
     let events = page.json["events"].as_array().expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["seq"], 1);
-    assert_eq!(events[0]["data"], serde_json::json!({"$base64": "AAH+/w=="}));
+    assert_eq!(
+        events[0]["data"],
+        serde_json::json!({"$base64": "AAH+/w=="})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +574,13 @@ async fn the_api_key_guards_ds_by_default_and_public_read_opens_reads_only() {
     let key = server.creds.api_key.clone();
     let r = http.put(&url).send().await.unwrap();
     assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
-    let r = http.put(&url).bearer_auth(&key).body("a").send().await.unwrap();
+    let r = http
+        .put(&url)
+        .bearer_auth(&key)
+        .body("a")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
@@ -525,7 +594,13 @@ async fn the_api_key_guards_ds_by_default_and_public_read_opens_reads_only() {
     let key = server.creds.api_key.clone();
     let r = http.put(&url).body("b").send().await.unwrap();
     assert_eq!(outcome(r).await, code(401, "UNAUTHORIZED"));
-    let r = http.put(&url).bearer_auth(&key).body("b").send().await.unwrap();
+    let r = http
+        .put(&url)
+        .bearer_auth(&key)
+        .body("b")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "b");

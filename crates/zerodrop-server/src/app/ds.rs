@@ -725,7 +725,9 @@ impl App {
             }
         };
         if f.sub > 0 && f.offset.is_none() {
-            return Err(ApiError::invalid("Stream-Fork-Sub-Offset needs Stream-Fork-Offset").into());
+            return Err(
+                ApiError::invalid("Stream-Fork-Sub-Offset needs Stream-Fork-Offset").into(),
+            );
         }
         let json = source.is_json();
         let upto = if json { at.0 + f.sub } else { at.0 };
@@ -959,7 +961,12 @@ impl App {
 
     /// A listener on the stream's live path from `after`, rung by every commit, close and
     /// erase; the caller reads with [`App::ds_read`] after registering it.
-    pub fn ds_listen(&self, stream: &StreamId, epoch: &Epoch, after: Seq) -> (Subscription, Arc<Signal>) {
+    pub fn ds_listen(
+        &self,
+        stream: &StreamId,
+        epoch: &Epoch,
+        after: Seq,
+    ) -> (Subscription, Arc<Signal>) {
         let signal = Signal::new();
         let sub = self
             .hub
@@ -980,7 +987,8 @@ impl App {
 /// any other stream's payloads concatenated (an event published as JSON reads as its text).
 pub fn render(record: &DsRecord, events: &[Arc<Event>]) -> Vec<u8> {
     if record.is_json() {
-        let mut out = Vec::with_capacity(events.iter().map(|e| e.data().len() + 1).sum::<usize>() + 2);
+        let mut out =
+            Vec::with_capacity(events.iter().map(|e| e.data().len() + 1).sum::<usize>() + 2);
         out.push(b'[');
         for (i, e) in events.iter().enumerate() {
             if i > 0 {
@@ -1009,18 +1017,31 @@ mod tests {
     #[test]
     fn offsets_sort_as_positions_and_parse_back() {
         let e = Epoch::parse("00ff00ff00ff00ff").unwrap();
-        let a = Offset { seq: Seq(9), epoch: e.clone() };
-        let b = Offset { seq: Seq(10), epoch: e };
+        let a = Offset {
+            seq: Seq(9),
+            epoch: e.clone(),
+        };
+        let b = Offset {
+            seq: Seq(10),
+            epoch: e,
+        };
         assert!(a.encode() < b.encode());
         assert_eq!(Offset::parse(&b.encode()), Some(b));
-        for bad in ["", "-1", "now", "1_00ff00ff00ff00ff", "0000000000000000000a_00ff00ff00ff00ff"] {
+        for bad in [
+            "",
+            "-1",
+            "now",
+            "1_00ff00ff00ff00ff",
+            "0000000000000000000a_00ff00ff00ff00ff",
+        ] {
             assert_eq!(Offset::parse(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn json_bodies_flatten_one_level() {
-        let m = |b: &str, create| messages(true, b.as_bytes(), 10, create).map_err(|e| e.error.code);
+        let m =
+            |b: &str, create| messages(true, b.as_bytes(), 10, create).map_err(|e| e.error.code);
         assert_eq!(m("{\"a\": 1}", false).unwrap(), vec!["{\"a\":1}"]);
         assert_eq!(m("[1, [2, 3]]", false).unwrap(), vec!["1", "[2,3]"]);
         assert_eq!(m("[[[1]]]", false).unwrap(), vec!["[[1]]"]);
@@ -1033,16 +1054,32 @@ mod tests {
 
     #[test]
     fn producers_are_fenced_deduplicated_and_gapless() {
-        let c = |epoch, seq| ProducerClaim { id: "p".into(), epoch, seq };
+        let c = |epoch, seq| ProducerClaim {
+            id: "p".into(),
+            epoch,
+            seq,
+        };
         let st = Some(Producer { epoch: 1, seq: 4 });
         assert!(check_producer(None, &c(0, 0)).unwrap());
-        assert_eq!(check_producer(None, &c(0, 1)).unwrap_err().expected_seq, Some((0, 1)));
-        assert_eq!(check_producer(st, &c(0, 9)).unwrap_err().producer_epoch, Some(1));
+        assert_eq!(
+            check_producer(None, &c(0, 1)).unwrap_err().expected_seq,
+            Some((0, 1))
+        );
+        assert_eq!(
+            check_producer(st, &c(0, 9)).unwrap_err().producer_epoch,
+            Some(1)
+        );
         assert!(check_producer(st, &c(2, 0)).unwrap());
-        assert_eq!(check_producer(st, &c(2, 1)).unwrap_err().error.code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            check_producer(st, &c(2, 1)).unwrap_err().error.code,
+            ErrorCode::InvalidRequest
+        );
         assert!(!check_producer(st, &c(1, 4)).unwrap());
         assert!(!check_producer(st, &c(1, 0)).unwrap());
         assert!(check_producer(st, &c(1, 5)).unwrap());
-        assert_eq!(check_producer(st, &c(1, 7)).unwrap_err().expected_seq, Some((5, 7)));
+        assert_eq!(
+            check_producer(st, &c(1, 7)).unwrap_err().expected_seq,
+            Some((5, 7))
+        );
     }
 }

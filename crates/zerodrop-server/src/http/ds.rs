@@ -171,10 +171,16 @@ async fn create(
     let ttl = text(headers, TTL)?;
     let expires = text(headers, EXPIRES_AT)?;
     if ttl.is_some() && expires.is_some() {
-        return Err(invalid("Stream-TTL and Stream-Expires-At exclude each other"));
+        return Err(invalid(
+            "Stream-TTL and Stream-Expires-At exclude each other",
+        ));
     }
     let ttl_sec = ttl
-        .map(|t| strict_int(t).ok_or_else(|| invalid(format!("Stream-TTL {t:?} is not a whole number of seconds"))))
+        .map(|t| {
+            strict_int(t).ok_or_else(|| {
+                invalid(format!("Stream-TTL {t:?} is not a whole number of seconds"))
+            })
+        })
         .transpose()?;
     let expires_at = expires
         .map(|e| {
@@ -211,7 +217,11 @@ async fn create(
     }
     if created {
         let host = text(headers, header::HOST.as_str())?.unwrap_or("localhost");
-        set(h, header::LOCATION.as_str(), &format!("http://{host}{}", uri.path()));
+        set(
+            h,
+            header::LOCATION.as_str(),
+            &format!("http://{host}{}", uri.path()),
+        );
     }
     Ok(res)
 }
@@ -261,7 +271,11 @@ fn parse_start(v: &str) -> Result<Start, DsError> {
     match v {
         "-1" => Ok(Start::Beginning),
         "now" => Ok(Start::Now),
-        _ if v.split('_').next().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b == b'0')) => {
+        _ if v
+            .split('_')
+            .next()
+            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b == b'0')) =>
+        {
             Ok(Start::Beginning)
         }
         _ => Offset::parse(v)
@@ -384,7 +398,12 @@ fn read_query(uri: &Uri) -> Result<ReadQuery, DsError> {
         cursor: None,
     };
     let mut offsets = 0;
-    for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "offset" => {
@@ -562,7 +581,11 @@ fn sse(
                     for line in split_lines(&String::from_utf8_lossy(&data)) {
                         // A reader strips one space after the colon: a line that starts
                         // with one gets another in front.
-                        block.push_str(if line.starts_with(' ') { "data: " } else { "data:" });
+                        block.push_str(if line.starts_with(' ') {
+                            "data: "
+                        } else {
+                            "data:"
+                        });
                         block.push_str(line);
                         block.push('\n');
                     }
@@ -661,14 +684,20 @@ where
 /// `…+02:00`).
 fn rfc3339_ms(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':' || b[16] != b':'
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let t = s.get(r)?;
-        t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok())?
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
     };
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
@@ -716,9 +745,21 @@ mod tests {
     #[test]
     fn rfc3339_times() {
         assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(rfc3339_ms("2024-10-09T00:00:00.000Z"), Some(CURSOR_EPOCH_SEC * 1000));
-        assert_eq!(rfc3339_ms("2024-10-09T02:00:00.5+02:00"), Some(CURSOR_EPOCH_SEC * 1000 + 500));
-        for bad in ["", "2024-10-09", "2024-13-01T00:00:00Z", "not-a-timestampZZZZZ", "2024-10-09T00:00:00"] {
+        assert_eq!(
+            rfc3339_ms("2024-10-09T00:00:00.000Z"),
+            Some(CURSOR_EPOCH_SEC * 1000)
+        );
+        assert_eq!(
+            rfc3339_ms("2024-10-09T02:00:00.5+02:00"),
+            Some(CURSOR_EPOCH_SEC * 1000 + 500)
+        );
+        for bad in [
+            "",
+            "2024-10-09",
+            "2024-13-01T00:00:00Z",
+            "not-a-timestampZZZZZ",
+            "2024-10-09T00:00:00",
+        ] {
             assert_eq!(rfc3339_ms(bad), None, "{bad}");
         }
     }

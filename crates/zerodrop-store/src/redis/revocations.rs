@@ -13,8 +13,8 @@ use ::redis::Value;
 
 use super::Shared;
 use super::keys::{REVOCATIONS, REVOCATIONS_VERSION, record_key};
-use zerodrop_core::StreamId;
 use crate::{Revocation, StoreResult};
+use zerodrop_core::StreamId;
 
 impl Shared {
     pub(super) async fn put_revocation(&self, r: &Revocation) -> StoreResult<()> {
@@ -72,7 +72,12 @@ impl Shared {
                         .query_async::<Value>(&mut conn)
                         .await
                 }
-                None => ::redis::cmd("DEL").arg(&key).query_async::<Value>(&mut conn).await,
+                None => {
+                    ::redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async::<Value>(&mut conn)
+                        .await
+                }
             }
         })
         .await?;

@@ -412,7 +412,8 @@ impl Store for SqliteStore {
     async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
         let stream = stream.clone();
         self.readers.run_now(move |c, _| {
-            let mut stmt = c.prepare_cached("SELECT record FROM stream_records WHERE stream = ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT record FROM stream_records WHERE stream = ?1")?;
             let mut rows = stmt.query([stream.as_str()])?;
             Ok(match rows.next()? {
                 Some(row) => Some(row.get::<_, String>(0)?),
