@@ -274,9 +274,12 @@ pub enum Appended {
     },
 }
 
-/// A refusal with the facts the wire needs beside the typed error.
+/// A refusal with the facts the wire needs beside the typed error (boxed: results stay
+/// small on the happy path).
+pub type DsError = Box<DsRefusal>;
+
 #[derive(Debug)]
-pub struct DsError {
+pub struct DsRefusal {
     pub error: ApiError,
     /// The status when the room's protocol wants another than the code's (410 for an
     /// offset no longer retained).
@@ -291,14 +294,14 @@ pub struct DsError {
 
 impl From<ApiError> for DsError {
     fn from(error: ApiError) -> DsError {
-        DsError {
+        Box::new(DsRefusal {
             error,
             status: None,
             tail: None,
             closed: false,
             producer_epoch: None,
             expected_seq: None,
-        }
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use zerodrop_core::Seq;
 use super::extract::{RawBody, StreamPath};
 use crate::app::App;
 use crate::app::ds::{
-    self, Append, Appended, Create, DsError, Fork, Offset, ProducerClaim, Seen, Start,
+    self, Append, Appended, Create, DsError, DsRefusal, Fork, Offset, ProducerClaim, Seen, Start,
 };
 use crate::config::DsAccess;
 use crate::error::ApiError;
@@ -98,10 +98,10 @@ pub async fn handle(
         )
         .into()),
     };
-    res.unwrap_or_else(refusal)
+    res.unwrap_or_else(|e| refusal(*e))
 }
 
-fn refusal(e: DsError) -> Response {
+fn refusal(e: DsRefusal) -> Response {
     let status = e.status;
     let mut res = e.error.into_response();
     if let Some(s) = status.and_then(|s| StatusCode::from_u16(s).ok()) {
