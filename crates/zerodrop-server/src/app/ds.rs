@@ -232,6 +232,20 @@ pub struct Append<'a> {
     pub body: Body<'a>,
 }
 
+/// A long-poll's or an SSE response's place on the live path ([`App::ds_listen`]).
+pub struct DsListener {
+    _sub: Subscription,
+    pub signal: Arc<Signal>,
+    app: Arc<App>,
+    id: u64,
+}
+
+impl Drop for DsListener {
+    fn drop(&mut self) {
+        self.app.unregister_connection(self.id);
+    }
+}
+
 /// What a fork copies.
 struct ForkPrefix {
     at: (u64, u64),
@@ -963,18 +977,26 @@ impl App {
     }
 
     /// A listener on the stream's live path from `after`, rung by every commit, close and
-    /// erase; the caller reads with [`App::ds_read`] after registering it.
-    pub fn ds_listen(
-        &self,
-        stream: &StreamId,
-        epoch: &Epoch,
-        after: Seq,
-    ) -> (Subscription, Arc<Signal>) {
+    /// erase, and by a drain of this instance (then [`App::ds_draining`] says so and the
+    /// read ends, so the client continues elsewhere); the caller reads with
+    /// [`App::ds_read`] after registering it.
+    pub fn ds_listen(self: &Arc<Self>, stream: &StreamId, epoch: &Epoch, after: Seq) -> DsListener {
         let signal = Signal::new();
         let sub = self
             .hub
             .subscribe(stream.clone(), epoch.clone(), after, signal.clone(), None);
-        (sub, signal)
+        let id = self.register_connection(&signal);
+        DsListener {
+            _sub: sub,
+            signal,
+            app: self.clone(),
+            id,
+        }
+    }
+
+    /// The instance drains: long-polls answer and SSE responses end now.
+    pub fn ds_draining(&self) -> bool {
+        self.drain.is_refusing()
     }
 
     /// `DELETE`: erases the log and the record.

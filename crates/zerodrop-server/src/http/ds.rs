@@ -450,6 +450,13 @@ async fn read(
     if live.is_some() && q.start.is_none() {
         return Err(invalid("a live read needs an offset"));
     }
+    if live.is_some() && app.ds_draining() {
+        let e = ApiError::new(
+            zerodrop_core::ErrorCode::Draining,
+            "this instance is draining; read on from another",
+        );
+        return Err(e.retry_after(app.drain.retry_after_sec()).into());
+    }
     let start = q.start.unwrap_or(Start::Beginning);
     let seen = app.ds_seen(stream, true).await?;
     let after = app.ds_position(&seen, &start)?;
@@ -523,16 +530,17 @@ async fn read(
 /// A long-poll with nothing to read yet: listens, then reads until data, a close or the
 /// timeout.
 async fn wait(
-    app: &App,
+    app: &Arc<App>,
     stream: &zerodrop_core::StreamId,
     seen: &zerodrop_store::StreamInfo,
     after: Seq,
 ) -> Result<(zerodrop_store::StreamInfo, Vec<Arc<zerodrop_core::Event>>), DsError> {
-    let (_sub, signal) = app.ds_listen(stream, &seen.epoch, after);
+    let listener = app.ds_listen(stream, &seen.epoch, after);
+    let signal = &listener.signal;
     let deadline = Instant::now() + LONG_POLL;
     loop {
         let (info, events) = app.ds_read(stream, after).await?;
-        if !events.is_empty() || info.closed || info.epoch != seen.epoch {
+        if !events.is_empty() || info.closed || info.epoch != seen.epoch || app.ds_draining() {
             return Ok((info, events));
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -544,7 +552,8 @@ async fn wait(
 }
 
 /// `live=sse`: `event: data` blocks, each followed by an `event: control` with the next
-/// offset and a cursor; ends at a closed stream's last event, or after [`SSE_SPAN`].
+/// offset and a cursor; ends at a closed stream's last event, after [`SSE_SPAN`], or when
+/// the instance drains (the client reconnects from its last offset, elsewhere).
 fn sse(
     app: Arc<App>,
     stream: zerodrop_core::StreamId,
@@ -556,7 +565,8 @@ fn sse(
     let binary = !json && !seen.record.is_text();
     let epoch = seen.info.epoch.clone();
     let body = async_stream(move |tx| async move {
-        let (_sub, signal) = app.ds_listen(&stream, &epoch, after);
+        let listener = app.ds_listen(&stream, &epoch, after);
+        let signal = &listener.signal;
         let deadline = Instant::now() + SSE_SPAN;
         let mut cursor_at = after;
         let mut client = client_cursor;
@@ -627,11 +637,14 @@ fn sse(
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || app.ds_draining() {
                 return;
             }
             let _ = tokio::time::timeout(left, signal.woken()).await;
             signal.take();
+            if app.ds_draining() {
+                return;
+            }
         }
     });
     let mut res = Response::new(body);

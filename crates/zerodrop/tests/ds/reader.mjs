@@ -4,8 +4,8 @@
 //   node reader.mjs <origins, comma-separated> <stream path> <expected bytes> <long-poll|sse>
 //
 // The origins stand for a load balancer: every request goes to the current one, and a
-// request that fails (connection refused or reset: the instance was killed or drained away)
-// moves on to the next before the client's own backoff retries it. Progress goes to stderr
+// request that fails (connection refused or reset: the instance was killed or drained away;
+// or 503: it drains) moves on to the next before the client's own backoff retries it. Progress goes to stderr
 // as `have <bytes>` lines. Gives up (exit 2) after 90 s.
 import { stream } from "@durable-streams/client";
 
@@ -24,6 +24,8 @@ async function balanced(input, init) {
   try {
     const r = await fetch(u, init);
     served[origins[current]] += 1;
+    // A draining instance refuses live reads (503): a load balancer routes the retry away.
+    if (r.status === 503) current = (current + 1) % origins.length;
     return r.headers.get("content-type") === "text/event-stream" ? endCleanly(r) : r;
   } catch (e) {
     if (init?.signal?.aborted) throw e;
