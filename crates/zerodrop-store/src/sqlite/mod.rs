@@ -446,6 +446,41 @@ impl Store for SqliteStore {
         self.call(|r| Cmd::Grants(id, grants, r)).await
     }
 
+    async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
+        let stream = stream.clone();
+        self.readers.run_now(move |c, _| {
+            let mut stmt =
+                c.prepare_cached("SELECT record FROM stream_records WHERE stream = ?1")?;
+            let mut rows = stmt.query([stream.as_str()])?;
+            Ok(match rows.next()? {
+                Some(row) => Some(row.get::<_, String>(0)?),
+                None => None,
+            })
+        })
+    }
+
+    async fn put_stream_record(
+        &self,
+        stream: &StreamId,
+        record: Option<String>,
+    ) -> StoreResult<()> {
+        let stream = stream.as_str().to_string();
+        self.write(move |c| {
+            match record {
+                Some(r) => c
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO stream_records (stream, record) VALUES (?1, ?2)",
+                    )?
+                    .execute(rusqlite::params![stream, r])?,
+                None => c
+                    .prepare_cached("DELETE FROM stream_records WHERE stream = ?1")?
+                    .execute([stream])?,
+            };
+            Ok(Ok(()))
+        })
+        .await
+    }
+
     async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {
         let (id, until) = (r.id.clone(), r.until_ms.map(|u| u as i64));
         let record = serde_json::to_string(r).unwrap_or_default();

@@ -87,6 +87,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_ms);
 CREATE INDEX IF NOT EXISTS sessions_sub ON sessions (sub, expires_ms);
+CREATE TABLE IF NOT EXISTS stream_records (
+    stream TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS revocations (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL,
