@@ -8,6 +8,7 @@
 //! can write a session or decide a position rule: those live in [`session`].
 
 pub mod authz;
+pub mod ds;
 mod durability;
 pub mod presence;
 mod presence_hooks;
@@ -100,6 +101,8 @@ pub struct App {
     hooks: Option<authz::Hooks>,
     /// The presence members this instance holds, and its joins and leaves (`presence.rs`).
     presence: presence::Presence,
+    /// The Durable Streams room's write locks and uses (`ds.rs`).
+    ds: ds::DsStreams,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -205,6 +208,7 @@ impl App {
             orders: revocation::Orders::default(),
             hooks: authz::Hooks::from_config(&cfg),
             presence: presence::Presence::default(),
+            ds: ds::DsStreams::default(),
             cfg,
         }
     }
