@@ -236,6 +236,34 @@ fn render_named(c: &Config, out: &mut String) {
     }
 }
 
+/// The `[streams."<pattern>"]` tables (per-stream policy), as comment lines: each pattern with
+/// the policy its streams get (the global settings where it sets none).
+fn render_streams(c: &Config, out: &mut String) {
+    if c.streams.is_empty() {
+        let _ = writeln!(out, "# streams: no per-stream policy");
+        return;
+    }
+    for (pattern, _) in c.streams.iter() {
+        // A stream the pattern covers, to read the policy it gets (the pattern itself when
+        // it is an exact id).
+        let sample = match &pattern {
+            zerodrop_core::StreamPattern::Exact(id) => id.clone(),
+            zerodrop_core::StreamPattern::Prefix(p) => p.clone(),
+        };
+        let p = c.policy(&sample);
+        let _ = writeln!(
+            out,
+            "# [streams.\"{pattern}\"] retention_max_events {}, retention_max_bytes {}, retention_max_age_sec {}, max_payload_bytes {}, presence {}, publish {:?}",
+            p.retention.max_events,
+            p.retention.max_bytes,
+            p.retention.max_age_ms / 1000,
+            p.max_payload_bytes,
+            p.presence,
+            p.publish.as_str(),
+        );
+    }
+}
+
 fn render(
     c: &Config,
     matches: &ArgMatches,
@@ -273,6 +301,7 @@ fn render(
         }
     }
     render_named(c, &mut out);
+    render_streams(c, &mut out);
     let _ = writeln!(out, "# secrets (values are never printed):");
     let secrets_file = zerodrop_server::secrets::path_in(&c.data_dir);
     for (name, env, set) in secret_sources(&c.secrets) {

@@ -71,6 +71,13 @@ impl App {
         key: Option<String>,
         sub: &str,
     ) -> Result<ClientPublish, ApiError> {
+        // The stream's policy, before anything is appended or queued.
+        self.check_data(&zerodrop_core::json::compact(data.get()))?;
+        self.check_publish(
+            &stream,
+            &zerodrop_core::json::compact(data.get()),
+            Publisher::Subject(sub),
+        )?;
         let Some((upstream, cfg)) = self.guard.cfg.bound_upstream(stream.as_str()) else {
             let out = self
                 .publish(stream, data, key, Publisher::Subject(sub))
