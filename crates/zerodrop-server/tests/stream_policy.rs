@@ -387,3 +387,72 @@ publish = "any"
     let e = refused("[streams.\"a\"]\n[streams.\"a\"]\n");
     assert!(e.contains("duplicate") || e.contains("defined"), "{e}");
 }
+
+/// A pattern that keeps events longer than the global age: the global age still trims every
+/// other stream (SQLite: stream by stream; Redis: by the age index's shifted scores), and the
+/// pattern's streams keep theirs.
+async fn check_longer_age(s: &TestServer) {
+    let api = s.api();
+    for stream in ["keep:1", "gone:1", "gone:2"] {
+        api.publish(stream, json!(1)).await;
+        api.publish(stream, json!(2)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for stream in ["gone:1", "gone:2"] {
+        loop {
+            let info = api.info(stream).await;
+            if info["count"] == 0 {
+                assert_eq!((&info["headSeq"], &info["firstSeq"]), (&json!(2), &json!(3)));
+                break;
+            }
+            assert!(Instant::now() < deadline, "{stream} was not trimmed: {info}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let keep = stored(&api, "keep:1").await;
+    assert_eq!(keep["events"], json!([[1, 1], [2, 2]]), "{keep}");
+    assert_eq!(api.info("keep:1").await["policy"]["retention"]["maxAgeSec"], 3600);
+    assert_eq!(api.info("gone:1").await["policy"]["retention"]["maxAgeSec"], 1);
+}
+
+fn longer_age(c: &mut Config) {
+    c.retention.max_age_ms = 1000;
+    let keep = StreamSettings {
+        retention_max_age_sec: Some(3600),
+        ..StreamSettings::default()
+    };
+    c.streams.insert("keep:*", keep).expect("a valid pattern");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longer_age_than_global_on_sqlite() {
+    let s = TestServer::with(longer_age).await;
+    check_longer_age(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longer_age_than_global_on_redis() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let url = redis.url();
+    let s = TestServer::with(|c| {
+        longer_age(c);
+        c.store = StoreChoice::Redis;
+        c.redis_url = url;
+    })
+    .await;
+    check_longer_age(&s).await;
+    s.stop().await;
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longer_age_than_global_on_memory() {
+    let s = TestServer::with(|c| {
+        longer_age(c);
+        c.store = StoreChoice::Memory;
+    })
+    .await;
+    check_longer_age(&s).await;
+    s.stop().await;
+}
