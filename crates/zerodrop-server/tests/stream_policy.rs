@@ -402,17 +402,29 @@ async fn check_longer_age(s: &TestServer) {
         loop {
             let info = api.info(stream).await;
             if info["count"] == 0 {
-                assert_eq!((&info["headSeq"], &info["firstSeq"]), (&json!(2), &json!(3)));
+                assert_eq!(
+                    (&info["headSeq"], &info["firstSeq"]),
+                    (&json!(2), &json!(3))
+                );
                 break;
             }
-            assert!(Instant::now() < deadline, "{stream} was not trimmed: {info}");
+            assert!(
+                Instant::now() < deadline,
+                "{stream} was not trimmed: {info}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     let keep = stored(&api, "keep:1").await;
     assert_eq!(keep["events"], json!([[1, 1], [2, 2]]), "{keep}");
-    assert_eq!(api.info("keep:1").await["policy"]["retention"]["maxAgeSec"], 3600);
-    assert_eq!(api.info("gone:1").await["policy"]["retention"]["maxAgeSec"], 1);
+    assert_eq!(
+        api.info("keep:1").await["policy"]["retention"]["maxAgeSec"],
+        3600
+    );
+    assert_eq!(
+        api.info("gone:1").await["policy"]["retention"]["maxAgeSec"],
+        1
+    );
 }
 
 fn longer_age(c: &mut Config) {
