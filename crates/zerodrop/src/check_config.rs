@@ -237,29 +237,29 @@ fn render_named(c: &Config, out: &mut String) {
 }
 
 /// The `[streams."<pattern>"]` tables (per-stream policy), as comment lines: each pattern with
-/// the policy its streams get (the global settings where it sets none).
+/// what its streams get, `(global)` marking a key the table leaves to the global setting.
 fn render_streams(c: &Config, out: &mut String) {
     if c.streams.is_empty() {
         let _ = writeln!(out, "# streams: no per-stream policy");
         return;
     }
-    for (pattern, _) in c.streams.iter() {
-        // A stream the pattern covers, to read the policy it gets (the pattern itself when
-        // it is an exact id).
-        let sample = match &pattern {
-            zerodrop_core::StreamPattern::Exact(id) => id.clone(),
-            zerodrop_core::StreamPattern::Prefix(p) => p.clone(),
-        };
-        let p = c.policy(&sample);
+    fn or_global<T: std::fmt::Display>(set: Option<T>, global: T) -> String {
+        match set {
+            Some(v) => v.to_string(),
+            None => format!("{global} (global)"),
+        }
+    }
+    for (pattern, s) in c.streams.iter() {
         let _ = writeln!(
             out,
-            "# [streams.\"{pattern}\"] retention_max_events {}, retention_max_bytes {}, retention_max_age_sec {}, max_payload_bytes {}, presence {}, publish {:?}",
-            p.retention.max_events,
-            p.retention.max_bytes,
-            p.retention.max_age_ms / 1000,
-            p.max_payload_bytes,
-            p.presence,
-            p.publish.as_str(),
+            "# [streams.\"{pattern}\"] retention_max_events {}, retention_max_bytes {}, retention_max_age_sec {}, max_payload_bytes {}, presence {}, publish {}",
+            or_global(s.retention_max_events, c.retention.max_events),
+            or_global(s.retention_max_bytes, c.retention.max_bytes),
+            or_global(s.retention_max_age_sec, c.retention.max_age_ms / 1000),
+            or_global(s.max_payload_bytes, c.max_payload_bytes),
+            s.presence
+                .map_or_else(|| "as --presence lists (global)".to_string(), |p| p.to_string()),
+            or_global(s.publish.map(|p| p.as_str()), "any"),
         );
     }
 }
