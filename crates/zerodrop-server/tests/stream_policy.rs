@@ -194,6 +194,24 @@ async fn check_policies(s: &TestServer) {
     c.send(json!({"type": "publish", "stream": "chat:1", "data": 1, "id": "p2"}))
         .await;
     assert_eq!(c.expect("published").await["seq"], 8);
+    // Payload over WebSocket: orders:vip takes more than the global limit, and no more than
+    // its own.
+    c.send(json!({"type": "publish", "stream": "orders:vip", "data": data_of(2000), "id": "p3"}))
+        .await;
+    assert_eq!(c.expect("published").await["seq"], 8);
+    c.send(json!({"type": "publish", "stream": "orders:vip", "data": data_of(4097), "id": "p4"}))
+        .await;
+    let e = c.expect("error").await;
+    assert_eq!(
+        (&e["code"], &e["pattern"], &e["limit"], &e["id"]),
+        (
+            &json!("PAYLOAD_TOO_LARGE"),
+            &json!("orders:vip"),
+            &json!(4096),
+            &json!("p4")
+        ),
+        "{e}"
+    );
     c.close().await;
     assert_eq!(stored(&api, "orders:1").await, before);
 
@@ -227,7 +245,7 @@ async fn check_policies(s: &TestServer) {
         );
     }
     assert_eq!(results[3]["error"]["code"], "FORBIDDEN");
-    assert_eq!(results[4]["seq"], 8);
+    assert_eq!(results[4]["seq"], 9);
     assert_eq!(stored(&api, "orders:1").await, before);
     assert_eq!(api.info("audit:1").await["headSeq"], 0);
     assert_eq!(

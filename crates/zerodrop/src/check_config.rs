@@ -257,8 +257,10 @@ fn render_streams(c: &Config, out: &mut String) {
             or_global(s.retention_max_bytes, c.retention.max_bytes),
             or_global(s.retention_max_age_sec, c.retention.max_age_ms / 1000),
             or_global(s.max_payload_bytes, c.max_payload_bytes),
-            s.presence
-                .map_or_else(|| "as --presence lists (global)".to_string(), |p| p.to_string()),
+            s.presence.map_or_else(
+                || "as --presence lists (global)".to_string(),
+                |p| p.to_string()
+            ),
             or_global(s.publish.map(|p| p.as_str()), "any"),
         );
     }

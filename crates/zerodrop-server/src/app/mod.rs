@@ -366,8 +366,8 @@ impl App {
         by: Publisher<'_>,
     ) -> Result<AppendOutcome, ApiError> {
         let data = zerodrop_core::json::compact(data.get());
-        self.check_data(&data)?;
         self.check_publish(&stream, &data, by)?;
+        self.check_data(&data)?;
         self.admit_new_stream(&stream, by).await?;
         let idempotency = idempotency_key.map(|key| IdempotencyKey {
             key,

@@ -72,12 +72,9 @@ impl App {
         sub: &str,
     ) -> Result<ClientPublish, ApiError> {
         // The stream's policy, before anything is appended or queued.
-        self.check_data(&zerodrop_core::json::compact(data.get()))?;
-        self.check_publish(
-            &stream,
-            &zerodrop_core::json::compact(data.get()),
-            Publisher::Subject(sub),
-        )?;
+        let compact = zerodrop_core::json::compact(data.get());
+        self.check_publish(&stream, &compact, Publisher::Subject(sub))?;
+        self.check_data(&compact)?;
         let Some((upstream, cfg)) = self.guard.cfg.bound_upstream(stream.as_str()) else {
             let out = self
                 .publish(stream, data, key, Publisher::Subject(sub))
