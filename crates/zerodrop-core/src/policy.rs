@@ -172,10 +172,13 @@ impl<T> PatternTable<T> {
             .map(|(_, pattern, value)| Resolved { pattern, value })
     }
 
-    /// Every pattern with its value: the exact ids, then the prefixes longest first.
+    /// Every pattern with its value: the exact ids in name order, then the prefixes longest
+    /// first (the order in which they win).
     pub fn iter(&self) -> impl Iterator<Item = (StreamPattern, &T)> {
-        self.exact
-            .iter()
+        let mut exact: Vec<(&String, &T)> = self.exact.iter().collect();
+        exact.sort_by(|a, b| a.0.cmp(b.0));
+        exact
+            .into_iter()
             .map(|(id, v)| (StreamPattern::Exact(id.clone()), v))
             .chain(
                 self.prefixes

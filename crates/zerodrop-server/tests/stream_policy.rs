@@ -1,5 +1,5 @@
 //! Per-stream policy (SPEC §11, docs/configuration.md "Per-stream policy"): patterns with
-//! different retention (events, age), payload limits, publish rules and presence, held
+//! different retention (events, bytes, age), payload limits, publish rules and presence, held
 //! against single publishes, batches and WebSocket `publish` frames, and shown by
 //! `GET /v1/streams/{stream}` — on SQLite (a real file), on Redis (a real `redis-server` on a
 //! free port) and on the memory store, with exact error codes and the stored data checked
@@ -19,6 +19,8 @@ use zerodrop_testkit::ws::WsClient;
 /// The global settings every server here runs with, under the patterns.
 const GLOBAL_PAYLOAD: usize = 1024;
 const GLOBAL_EVENTS: u64 = 100;
+/// `blob:*` keeps this many bytes of event JSON.
+const BLOB_BYTES: u64 = 400;
 
 /// Five patterns: an exact id over its prefix, a read-only prefix, a short-lived prefix and
 /// one with presence.
@@ -61,6 +63,13 @@ fn policies(c: &mut Config) {
             "room:*",
             StreamSettings {
                 presence: Some(true),
+                ..StreamSettings::default()
+            },
+        ),
+        (
+            "blob:*",
+            StreamSettings {
+                retention_max_bytes: Some(BLOB_BYTES),
                 ..StreamSettings::default()
             },
         ),
@@ -143,6 +152,25 @@ async fn check_policies(s: &TestServer) {
         (Some(2), Some(5))
     );
     assert_eq!(bounds(&stored(&api, "chat:1").await), (Some(1), Some(6)));
+
+    // Retention by size: blob:* keeps 400 bytes of event JSON, other streams 16 MiB. The
+    // events are all as long (same-length stream ids, seqs of one digit, same data), so exactly
+    // as many as fit stay.
+    for _ in 1..=6 {
+        api.publish("blob:1", json!("y".repeat(40))).await;
+        api.publish("text:1", json!("y".repeat(40))).await;
+    }
+    let big = api.info("text:1").await;
+    let each = big["bytes"].as_u64().expect("bytes") / 6;
+    let blob = api.info("blob:1").await;
+    let kept = BLOB_BYTES / each;
+    assert!((1..6).contains(&kept), "{each} bytes per event");
+    assert_eq!(
+        (&blob["count"], &blob["bytes"], &blob["firstSeq"]),
+        (&json!(kept), &json!(kept * each), &json!(7 - kept)),
+        "{blob}"
+    );
+    assert_eq!(big["count"], 6);
 
     // Payload: 64 bytes for orders:*, the global 1,024 elsewhere, 4,096 for orders:vip.
     let before = stored(&api, "orders:1").await;
