@@ -187,6 +187,14 @@ impl<T> PatternTable<T> {
             )
     }
 
+    /// Every value, in no particular order, without allocating (for aggregates such as the
+    /// longest age).
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.exact
+            .values()
+            .chain(self.prefixes.iter().map(|(_, _, v)| v))
+    }
+
     /// The same patterns with each value mapped.
     pub fn map<U>(&self, f: impl Fn(&T) -> U) -> PatternTable<U> {
         PatternTable {
@@ -222,16 +230,16 @@ impl RetentionRules {
     /// The longest age any stream keeps (a sweep with this age is safe for every stream).
     pub fn longest_age_ms(&self) -> u64 {
         self.patterns
-            .iter()
-            .map(|(_, r)| r.max_age_ms)
+            .values()
+            .map(|r| r.max_age_ms)
             .fold(self.default.max_age_ms, u64::max)
     }
 
     /// The shortest age any stream keeps.
     pub fn shortest_age_ms(&self) -> u64 {
         self.patterns
-            .iter()
-            .map(|(_, r)| r.max_age_ms)
+            .values()
+            .map(|r| r.max_age_ms)
             .fold(self.default.max_age_ms, u64::min)
     }
 

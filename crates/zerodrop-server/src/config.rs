@@ -882,8 +882,8 @@ impl Config {
     /// The largest `data` any stream accepts: `--max-payload-bytes`, or a pattern's larger one.
     pub fn largest_payload_bytes(&self) -> usize {
         self.streams
-            .iter()
-            .filter_map(|(_, s)| s.max_payload_bytes)
+            .values()
+            .filter_map(|s| s.max_payload_bytes)
             .fold(self.max_payload_bytes, usize::max)
     }
 
@@ -919,7 +919,7 @@ impl Config {
     /// Whether any stream has presence (the `--presence` list, or a pattern's `presence`).
     pub fn presence_anywhere(&self) -> bool {
         !self.presence.patterns.is_empty()
-            || self.streams.iter().any(|(_, s)| s.presence == Some(true))
+            || self.streams.values().any(|s| s.presence == Some(true))
     }
 
     /// Each pattern's retention limits (the global ones where it sets none), for the store.

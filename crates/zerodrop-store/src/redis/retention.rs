@@ -73,8 +73,8 @@ impl Shared {
     fn shortest_age_ms(&self) -> u64 {
         self.opts
             .retention_patterns
-            .iter()
-            .map(|(_, r)| r.max_age_ms)
+            .values()
+            .map(|r| r.max_age_ms)
             .fold(self.opts.retention.max_age_ms, u64::min)
     }
 
