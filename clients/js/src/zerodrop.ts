@@ -23,7 +23,8 @@ export type ErrorCode =
   | "AUTHZ_UNAVAILABLE"
   | "INVALID_REQUEST"
   | "CLOSED"
-  | "STREAM_CLOSED";
+  | "STREAM_CLOSED"
+  | "UNAVAILABLE";
 
 /** A terminal error: `code` plus the facts the server gave (`epoch`, `firstAvailableSeq`, …). */
 export class ZerodropError extends Error {
@@ -149,6 +150,24 @@ export interface Sealed {
   kid: string;
   n: string;
   ct: string;
+}
+
+/** Where a `history` page starts: exactly one of `after`, `before`, `last`, `sinceTs`
+ *  (docs/protocol.md, "History both ways"). `limit` defaults to the server's (100). */
+export type HistoryQuery =
+  | { after: number; limit?: number }
+  | { before: number; limit?: number }
+  | { last: number }
+  | { sinceTs: number; limit?: number };
+
+/** One page of a stream's history; `order` is `"desc"` for `before` and `last`. */
+export interface HistoryPage {
+  stream: string;
+  epoch: string;
+  headSeq: number;
+  firstSeq: number;
+  order: "asc" | "desc";
+  events: Array<Omit<ZerodropEvent, "handled">>;
 }
 
 interface RawEvent {
@@ -780,6 +799,55 @@ export class Client {
       throw e;
     }
     return { count: texts.length, hash };
+  }
+
+  /** Reads one page of a stream's history over HTTP with the connect token (it must grant
+   *  the stream): forward (`after`, `sinceTs`) or backward (`before`, `last`, newest first).
+   *  Sealed events are opened. `epoch` makes the read refuse another epoch with
+   *  `EPOCH_CHANGED`. Refusals are typed (`REPLAY_WINDOW_TRIMMED` with `firstAvailableSeq`,
+   *  `ACK_BEYOND_HEAD`, `INVALID_REQUEST`, `FORBIDDEN`, …); a server that stays unavailable
+   *  through three tries (each url in turn) gives `UNAVAILABLE`. */
+  async history(stream: string, query: HistoryQuery, opts: { epoch?: string } = {}): Promise<HistoryPage> {
+    const q = new URLSearchParams();
+    const given = Object.entries(query).filter(([k, v]) => k !== "limit" && v !== undefined);
+    if (given.length !== 1) {
+      throw new ZerodropError("INVALID_REQUEST", "history takes exactly one of after, before, last, sinceTs", { stream });
+    }
+    for (const [k, v] of Object.entries(query)) {
+      if (v === undefined) continue;
+      if (!Number.isSafeInteger(v) || v < 0) {
+        throw new ZerodropError("INVALID_REQUEST", `history: ${k} must be a non-negative integer`, { stream });
+      }
+      q.set(k === "sinceTs" ? "since_ts" : k, String(v));
+    }
+    if (opts.epoch) q.set("epoch", opts.epoch);
+    let last: HttpError | null = null;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const base = httpBase(this.urls[(this.idx + attempt) % this.urls.length]);
+      let page: Record<string, unknown>;
+      try {
+        page = await this.getJson(`${base}/v1/streams/${encodeURIComponent(stream)}/events?${q}`, stream);
+      } catch (e) {
+        if (!(e instanceof HttpError)) throw e;
+        last = e;
+        await sleep(Math.min(e.retryAfterMs || 100 * 2 ** attempt, 2000));
+        continue;
+      }
+      const events: HistoryPage["events"] = [];
+      for (const raw of (page.events ?? []) as RawEvent[]) {
+        const opened = await this.open(stream, raw.data);
+        events.push({ stream: raw.stream, seq: raw.seq, epoch: raw.epoch, ts: raw.ts, ...opened });
+      }
+      return {
+        stream: String(page.stream),
+        epoch: String(page.epoch),
+        headSeq: Number(page.headSeq),
+        firstSeq: Number(page.firstSeq),
+        order: page.order === "desc" ? "desc" : "asc",
+        events,
+      };
+    }
+    throw new ZerodropError("UNAVAILABLE", `history: ${last?.message ?? "no answer"}`, { stream });
   }
 
   /** Closes the client: every subscription ends with `CLOSED`. */

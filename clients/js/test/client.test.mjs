@@ -532,3 +532,43 @@ test("presence: a snapshot, only the frames after it, resumed from the last seq 
   assert.equal(sub.error, null);
   c.close();
 });
+
+test("history: backward and forward pages with the token, typed refusals, bounded retries", async () => {
+  const c = zd.connect(["http://h1", "http://h2"], "tk", {});
+  const page = (order, seqs) => ({
+    status: 200,
+    body: { stream: "s", epoch: E, headSeq: 12, firstSeq: 3, order, events: seqs.map((n) => ev("s", n)) },
+  });
+  fetches.length = 0;
+  fetchAnswer = () => page("desc", [9, 8, 7]);
+  const back = await c.history("s", { before: 10, limit: 3 });
+  assert.equal(fetches[0].url, "http://h1/v1/streams/s/events?before=10&limit=3");
+  assert.equal(fetches[0].headers.Authorization, "Bearer tk");
+  assert.equal(back.order, "desc");
+  assert.deepEqual(back.events.map((e) => e.seq), [9, 8, 7]);
+  assert.deepEqual(back.events[0].data, { n: 9 });
+  assert.equal(back.events[0].encrypted, false);
+  assert.deepEqual([back.headSeq, back.firstSeq, back.epoch], [12, 3, E]);
+
+  fetchAnswer = () => page("asc", [4, 5]);
+  const fwd = await c.history("s", { sinceTs: 1700000000000, limit: 2 }, { epoch: E });
+  assert.equal(fetches[1].url, `http://h1/v1/streams/s/events?since_ts=1700000000000&limit=2&epoch=${E}`);
+  assert.deepEqual(fwd.events.map((e) => e.seq), [4, 5]);
+  await c.history("s", { last: 5 });
+  assert.equal(fetches[2].url, "http://h1/v1/streams/s/events?last=5");
+
+  // Bad queries never reach the server.
+  for (const q of [{ before: 3, after: 1 }, {}, { before: -1 }, { last: 1.5 }]) {
+    await assert.rejects(c.history("s", q), (e) => e.code === "INVALID_REQUEST");
+  }
+  assert.equal(fetches.length, 3);
+
+  fetchAnswer = () => ({ status: 409, body: { error: { code: "REPLAY_WINDOW_TRIMMED", message: "trimmed", firstAvailableSeq: 3 } } });
+  await assert.rejects(c.history("s", { before: 2 }), (e) => e.code === "REPLAY_WINDOW_TRIMMED" && e.firstAvailableSeq === 3);
+  assert.equal(fetches.length, 4, "a typed refusal is not retried");
+
+  fetchAnswer = () => ({ status: 503, body: { error: { code: "STORE_UNAVAILABLE", message: "down" } } });
+  await assert.rejects(c.history("s", { last: 1 }), (e) => e.code === "UNAVAILABLE" && e.stream === "s");
+  assert.deepEqual(fetches.slice(4).map((f) => new URL(f.url).host), ["h1", "h2", "h1"]);
+  c.close();
+});

@@ -47,11 +47,14 @@ pub enum ErrorCode {
     QueueFull,
     /// The stream was closed (`POST /v1/streams/{stream}/close`): it takes no more events.
     StreamClosed,
+    /// The request contradicts a Durable Streams stream's state (`/ds/`): its configuration,
+    /// content type, writer sequence (`Stream-Seq`) or a producer's sequence.
+    Conflict,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::InvalidResumeToken,
         ErrorCode::ReconnectWindowExpired,
         ErrorCode::SessionNotFound,
@@ -81,6 +84,7 @@ impl ErrorCode {
         ErrorCode::UpstreamTimeout,
         ErrorCode::QueueFull,
         ErrorCode::StreamClosed,
+        ErrorCode::Conflict,
         ErrorCode::Internal,
     ];
 
@@ -115,6 +119,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             ErrorCode::QueueFull => "QUEUE_FULL",
             ErrorCode::StreamClosed => "STREAM_CLOSED",
+            ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -132,7 +137,8 @@ impl ErrorCode {
             | ErrorCode::EpochChanged
             | ErrorCode::IdempotencyInProgress
             | ErrorCode::SessionTakenOver
-            | ErrorCode::StreamClosed => 409,
+            | ErrorCode::StreamClosed
+            | ErrorCode::Conflict => 409,
             ErrorCode::StoreUnavailable
             | ErrorCode::Draining
             | ErrorCode::OverCapacity
@@ -185,6 +191,7 @@ impl ErrorCode {
             | ErrorCode::IdempotencyInProgress
             | ErrorCode::NotFound
             | ErrorCode::StreamClosed
+            | ErrorCode::Conflict
             | ErrorCode::MethodNotAllowed => 4400,
         }
     }

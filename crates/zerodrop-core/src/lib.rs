@@ -2,7 +2,7 @@
 //!
 //! Everything here is a rule that every transport and every store must apply the same way:
 //! what a stream id may look like ([`StreamId`]), how an event is encoded once and shared
-//! ([`Event`]), when a checkpoint moves ([`checkpoint`]), which events a resume replays
+//! ([`Event`]), how a byte payload sits in it ([`payload`]), when a checkpoint moves ([`checkpoint`]), which events a resume replays
 //! ([`window`]), what retention trims ([`retention`]), which stream pattern's settings apply ([`policy`]), how resume tokens are signed
 //! ([`token`]), which error codes exist ([`ErrorCode`]) and what time it is where something
 //! expires or is trimmed ([`clock`]). Stores and the server call these
@@ -17,6 +17,7 @@ pub mod grant;
 pub mod hash;
 pub mod ids;
 pub mod json;
+pub mod payload;
 pub mod policy;
 pub mod retention;
 pub mod token;

@@ -57,6 +57,18 @@ impl RequiredDurability {
     }
 }
 
+/// `--ds-access`: who may use the Durable Streams routes under `/ds/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DsAccess {
+    /// Every request carries the api key (`Authorization: Bearer`), like `/v1` publishes.
+    Key,
+    /// Reads (`GET`, `HEAD`) are open; writes (`PUT`, `POST`, `DELETE`) need the api key.
+    PublicRead,
+    /// No credential at all: for a private network or local development.
+    Open,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -235,6 +247,11 @@ pub struct ServeArgs {
         default_value_t = 3600
     )]
     pub sqlite_check_interval_sec: u64,
+    /// Who may use the Durable Streams routes (`/ds/v1/stream/{stream}`): `key` (the api
+    /// key on every request), `public-read` (reads open, writes need the api key) or `open`
+    /// (no credential; a private network or local development only).
+    #[arg(long, env = "ZERODROP_DS_ACCESS", value_enum, default_value = "key")]
+    pub ds_access: DsAccess,
     /// Newest events each subscribed stream keeps in memory for live fan-out; subscribers
     /// further behind read the log.
     #[arg(long, env = "ZERODROP_LIVE_RING_EVENTS", default_value_t = 1024)]
@@ -368,6 +385,7 @@ struct FileConfig {
     sqlite_synchronous: Option<SyncChoice>,
     require_durability: Option<RequiredDurability>,
     sqlite_check_interval_sec: Option<u64>,
+    ds_access: Option<DsAccess>,
     live_ring_events: Option<usize>,
     instance_id: Option<String>,
     jwks_url: Option<String>,
@@ -447,6 +465,7 @@ impl FileConfig {
             sqlite_synchronous,
             require_durability,
             sqlite_check_interval_sec,
+            ds_access,
             live_ring_events,
             log_format,
             jobs_lease_ms,
@@ -581,6 +600,7 @@ pub struct Config {
     /// own: 10 s ([`DURABILITY_RECHECK`]); tests shorten it.
     pub durability_recheck: std::time::Duration,
     pub sqlite_check_interval_sec: u64,
+    pub ds_access: DsAccess,
     /// What time it is wherever something expires or is trimmed (`zerodrop_core::clock`). Not
     /// a setting: the system's time line; tests inject a clock they move.
     pub clock: std::sync::Arc<dyn zerodrop_core::Clock>,
@@ -714,6 +734,7 @@ impl Config {
             require_durability: a.require_durability,
             durability_recheck: DURABILITY_RECHECK,
             sqlite_check_interval_sec: a.sqlite_check_interval_sec,
+            ds_access: a.ds_access,
             clock: zerodrop_core::SystemClock::shared(),
             live_ring_events: a.live_ring_events,
             instance_id: a.instance_id,

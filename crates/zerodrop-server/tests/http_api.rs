@@ -414,9 +414,14 @@ async fn cors_preflight_and_headers() {
     // and Safari would refuse the request.
     assert_eq!(
         h("access-control-allow-headers"),
-        "authorization,content-type,idempotency-key,last-event-id"
+        "authorization,content-type,idempotency-key,last-event-id,if-none-match,stream-seq,\
+         stream-ttl,stream-expires-at,stream-closed,producer-id,producer-epoch,producer-seq"
     );
-    assert_eq!(h("access-control-allow-methods"), "GET,POST,DELETE");
+    // PUT and HEAD: the Durable Streams routes (`/ds/`).
+    assert_eq!(
+        h("access-control-allow-methods"),
+        "GET,POST,DELETE,PUT,HEAD"
+    );
     assert_eq!(h("access-control-max-age"), "600");
     assert!(
         h("access-control-allow-credentials").is_empty(),
@@ -442,7 +447,8 @@ async fn cors_preflight_and_headers() {
     assert!(r.status < 300, "{}", r.status);
     assert_eq!(
         r.headers.get("access-control-allow-headers").unwrap(),
-        "authorization,content-type,idempotency-key,last-event-id"
+        "authorization,content-type,idempotency-key,last-event-id,if-none-match,stream-seq,\
+         stream-ttl,stream-expires-at,stream-closed,producer-id,producer-epoch,producer-seq"
     );
     let s2 = TestServer::with(|c| c.cors_origins = "https://ok.example".into()).await;
     let api2 = s2.api();

@@ -420,6 +420,16 @@ pub trait Store: GuardStore + Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The stream's record: a small document kept beside its log by a protocol served on it
+    /// (the Durable Streams room's content type, expiry and writers), opaque to the store.
+    /// `None` when the stream has none.
+    async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>>;
+
+    /// Replaces the stream's record (`Some`) or removes it (`None`), durably: the answer
+    /// comes once the change is as durable as an append.
+    async fn put_stream_record(&self, stream: &StreamId, record: Option<String>)
+    -> StoreResult<()>;
+
     /// Moves the session's expiry (activity extends the reconnect window).
     async fn touch_session(&self, id: &SessionId, expires_at_ms: u64) -> StoreResult<()>;
 

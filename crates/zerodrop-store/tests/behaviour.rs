@@ -618,6 +618,41 @@ async fn grants_and_revocations(f: Fixture) {
     );
 }
 
+/// A stream's record: absent, written, replaced, kept apart from the log (an erased log
+/// leaves it), removed.
+async fn stream_records(f: Fixture) {
+    let (a, b) = (sid("rec:a"), sid("rec:b"));
+    assert_eq!(f.store.stream_record(&a).await.unwrap(), None);
+    f.store
+        .put_stream_record(&a, Some("{\"v\":1}".into()))
+        .await
+        .unwrap();
+    f.store
+        .put_stream_record(&b, Some("b".into()))
+        .await
+        .unwrap();
+    f.store
+        .put_stream_record(&a, Some("{\"v\":2}".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.stream_record(&a).await.unwrap().as_deref(),
+        Some("{\"v\":2}")
+    );
+    publish_n(&f, "rec:a", 2).await;
+    f.store.delete_stream(&a).await.unwrap();
+    assert_eq!(
+        f.store.stream_record(&a).await.unwrap().as_deref(),
+        Some("{\"v\":2}")
+    );
+    f.store.put_stream_record(&a, None).await.unwrap();
+    assert_eq!(f.store.stream_record(&a).await.unwrap(), None);
+    assert_eq!(
+        f.store.stream_record(&b).await.unwrap().as_deref(),
+        Some("b")
+    );
+}
+
 macro_rules! suite {
     ($($name:ident => $retention:expr;)*) => {
         mod memory_store {
@@ -648,4 +683,5 @@ suite! {
     digest_is_the_chain_of_retained_events => big();
     sessions_per_subject_are_capped => big();
     grants_and_revocations => big();
+    stream_records => big();
 }

@@ -110,6 +110,55 @@ async fn reopening_keeps_everything() {
     assert!(!dir.path().join("zerodrop.db-wal").exists() || s.ping().await.is_ok());
 }
 
+/// The log is folded into the file by the checkpointer thread, not in a commit: past the
+/// threshold the file grows while appends go on, every event reads back in order, and a
+/// close leaves no log behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpointer_folds_the_log_into_the_file_off_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let mut opts = SqliteOptions::new(&path);
+    opts.checkpoint_pages = 16;
+    let s = SqliteStore::open(opts, Arc::new(NoSink)).unwrap();
+    let file_at_start = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(s.wal_checkpoints().0, 0);
+    let big = "x".repeat(2000);
+    for i in 0..200u64 {
+        let mut r = req("fold", i);
+        r.data = format!("{{\"i\":{i},\"pad\":\"{big}\"}}");
+        s.append(r).await.unwrap();
+    }
+    // 200 events of 2 KB are ~100 pages: past 16 the checkpointer was woken (bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.wal_checkpoints().0 == 0 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint ran");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        std::fs::metadata(&path).unwrap().len() > file_at_start,
+        "the file grew: pages moved from the log"
+    );
+    let r = s
+        .read(&StreamId::new("fold").unwrap(), Seq(0), 1000)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = r.events.iter().map(|e| e.seq().0).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    s.close();
+    drop(s);
+    assert!(
+        !dir.path().join("zerodrop.db-wal").exists(),
+        "the last connection folded the log"
+    );
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    let r = s
+        .read(&StreamId::new("fold").unwrap(), Seq(0), 1000)
+        .await
+        .unwrap();
+    assert_eq!(r.events.len(), 200);
+    assert_eq!(s.append(req("fold", 200)).await.unwrap().seq, Seq(201));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_commits() {
     let dir = tempfile::tempdir().unwrap();

@@ -90,6 +90,11 @@ impl RedisServer {
         self.dir.path()
     }
 
+    /// The process id while it runs (to pin or watch it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),

@@ -10,6 +10,11 @@
 //! ceiling in the same run: rusqlite inserts of the same events, all in one transaction
 //! (`zerodrop_testkit::measure`). Prints the median durable events/s of each, batch / single,
 //! and batch / raw.
+//!
+//! `STORE=redis`: the server runs on a `redis-server` of its own (started here, pinned to
+//! CPU 1 with the publishers, no persistence), and the ceiling is `redis-benchmark`'s `XADD`
+//! rate against that Redis at the same concurrency (`-c PUBLISHERS`, run from CPU 0 before the
+//! server is busy), as in the cluster bench.
 
 use std::path::Path;
 
@@ -17,6 +22,7 @@ use serde_json::{Value, json};
 use zerodrop_testkit::measure::{
     PublishRequest, env_u64, median, pin, publish_rate, raw_sqlite_inserts,
 };
+use zerodrop_testkit::redis::{RedisServer, xadd_baseline};
 use zerodrop_testkit::server::ServerProcess;
 
 fn env(name: &str, default: usize) -> usize {
@@ -57,11 +63,30 @@ fn main() {
     let secs = env_u64("SECONDS", 5);
     let publishers = env("PUBLISHERS", 64);
     let batch = env("BATCH", 100).max(1);
+    let on_redis = std::env::var("STORE").is_ok_and(|s| s == "redis");
+    let redis = on_redis.then(|| RedisServer::start().expect("redis-server starts"));
+    // The ceiling on Redis: `XADD` at the same concurrency, from the server's core while it
+    // is still idle.
+    let xadd = redis.as_ref().map(|r| {
+        let pinned = r.pid().is_some_and(|pid| pin_all(pid, 1)) && pin(0, 0);
+        let n = (publishers as u32 * 2_000).max(100_000);
+        (
+            xadd_baseline(r.port(), publishers as u32, n).expect("redis-benchmark"),
+            pinned,
+        )
+    });
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
-    let p = ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &[], &[]).expect("server starts");
+    let url = redis.as_ref().map(|r| r.url()).unwrap_or_default();
+    let store: Vec<&str> = if on_redis {
+        vec!["--store", "redis", "--redis-url", &url]
+    } else {
+        Vec::new()
+    };
+    let p =
+        ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &store, &[]).expect("server starts");
     // The server's threads so far and any it starts later inherit its pinning.
-    let pinned = pin_all(p.pid(), 0) && pin(0, 1);
+    let pinned = pin_all(p.pid(), 0) && pin(0, 1) && xadd.as_ref().is_none_or(|x| x.1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -74,12 +99,15 @@ fn main() {
         let key = &p.creds.api_key;
         single.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, 0), secs)));
         batched.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, batch), secs)));
-        raw.push(raw_sqlite_inserts(200_000, 200_000));
+        if xadd.is_none() {
+            raw.push(raw_sqlite_inserts(200_000, 200_000));
+        }
     }
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();
     println!(
-        "durable HTTP publish, 200-byte events, 100 streams, {publishers} publishers, \
+        "durable HTTP publish on {}, 200-byte events, 100 streams, {publishers} publishers, \
          {secs} s per round, median of {rounds}; server on CPU 0, publishers on CPU 1: {}",
+        if on_redis { "Redis" } else { "SQLite" },
         if pinned { "pinned" } else { "NOT pinned" }
     );
     println!("{:<24} {:>10}  rounds", "requests", "events/s");
@@ -90,13 +118,22 @@ fn main() {
         format!("{batch} events each"),
         rounds_of(&batched)
     );
+    println!("batch / single: {:.2}x", b / s.max(1.0));
+    if let Some((x, _)) = xadd {
+        println!(
+            "{:<24} {x:>10.0}",
+            format!("redis-benchmark XADD -c {publishers}")
+        );
+        println!("single / XADD: {:.2}x", s / x.max(1.0));
+        println!("batch / XADD: {:.2}x", b / x.max(1.0));
+        return;
+    }
     let r = median(raw.clone());
     println!(
         "{:<24} {r:>10.0}  {:?}",
         "raw SQLite, 1 txn",
         rounds_of(&raw)
     );
-    println!("batch / single: {:.2}x", b / s.max(1.0));
     println!(
         "batch / raw one-transaction inserts: {:.2}x",
         b / r.max(1.0)

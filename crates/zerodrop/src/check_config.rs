@@ -126,6 +126,7 @@ pub fn settings(c: &Config) -> Vec<(&'static str, Option<Value>)> {
             "sqlite_check_interval_sec",
             Some(int(c.sqlite_check_interval_sec)),
         ),
+        ("ds_access", Some(enum_name(c.ds_access))),
         ("live_ring_events", Some(int(c.live_ring_events))),
         ("instance_id", c.instance_id.clone().map(Value::String)),
         ("jwks_url", c.jwks_url.clone().map(Value::String)),

@@ -89,6 +89,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("systemd-analyze", "systemd"),
     ("node", "nodejs"),
+    ("npm", "npm"),
     ("tsc", "node-typescript"),
     ("openssl", "openssl"),
     ("ip", "iproute2"),

@@ -8,6 +8,7 @@
 //! can write a session or decide a position rule: those live in [`session`].
 
 pub mod authz;
+pub mod ds;
 mod durability;
 pub mod policy;
 pub mod presence;
@@ -101,6 +102,8 @@ pub struct App {
     hooks: Option<authz::Hooks>,
     /// The presence members this instance holds, and its joins and leaves (`presence.rs`).
     presence: presence::Presence,
+    /// The Durable Streams room's write locks and uses (`ds.rs`).
+    ds: ds::DsStreams,
 }
 
 /// A WebSocket connection holding a session on this instance.
@@ -206,6 +209,7 @@ impl App {
             orders: revocation::Orders::default(),
             hooks: authz::Hooks::from_config(&cfg),
             presence: presence::Presence::default(),
+            ds: ds::DsStreams::default(),
             cfg,
         }
     }

@@ -1,7 +1,8 @@
 //! The HTTP API (SPEC §3), one file per job: [`router`](mod@router) assembles every route
 //! and layer, [`extract`] turns a request into what a handler needs (credentials, validated
 //! paths, queries and bodies, each refusal a typed error), [`v1`] holds the `/v1` handlers,
-//! [`streams`] those on streams as a whole (batch, erase, close) and [`admin`] the operator's (health, metrics, `/admin`). The WebSocket and SSE handlers
+//! [`streams`] those on streams as a whole (batch, erase, close), [`ds`] the Durable Streams
+//! protocol under `/ds/`, and [`admin`] the operator's (health, metrics, `/admin`). The WebSocket and SSE handlers
 //! (`ws.rs`, `sse/`) and the guardrails' routes (`guard/routes.rs`) use the same
 //! extractors.
 //!
@@ -9,6 +10,7 @@
 //! [`router`](mod@router) imports the handlers, and only start-up imports it.
 
 pub mod admin;
+pub mod ds;
 pub mod extract;
 pub mod router;
 pub mod streams;

@@ -14,11 +14,11 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use zerodrop_core::ErrorCode;
 
-use super::{admin, streams, v1};
+use super::{admin, ds, streams, v1};
 use crate::app::App;
 use crate::auth::bearer;
 use crate::error::ApiError;
@@ -48,6 +48,14 @@ pub fn router(app: Arc<App>) -> Router {
             post(streams::publish_batch).layer(DefaultBodyLimit::max(
                 app.cfg.max_batch_bytes.max(app.cfg.max_body_bytes()),
             )),
+        )
+        .route(
+            "/ds/v1/stream/{stream}",
+            any(ds::handle)
+                .layer(DefaultBodyLimit::max(
+                    app.cfg.max_batch_bytes.max(app.cfg.max_body_bytes()),
+                ))
+                .layer(middleware::map_response(ds::security_headers)),
         )
         .route("/v1/streams/{stream}/sse", get(crate::sse::handler))
         .route("/v1/sse", get(crate::sse::many::handler))
@@ -117,16 +125,44 @@ fn cors(origins: &str) -> CorsLayer {
     // Firefox and Safari would refuse a cross-origin publish or session open with a bearer.
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::DELETE,
+            Method::PUT,
+            Method::HEAD,
+        ])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("last-event-id"),
+            // The Durable Streams room's (`/ds/`).
+            header::IF_NONE_MATCH,
+            HeaderName::from_static("stream-seq"),
+            HeaderName::from_static("stream-ttl"),
+            HeaderName::from_static("stream-expires-at"),
+            HeaderName::from_static("stream-closed"),
+            HeaderName::from_static("producer-id"),
+            HeaderName::from_static("producer-epoch"),
+            HeaderName::from_static("producer-seq"),
         ])
         .expose_headers([
             header::RETRY_AFTER,
             HeaderName::from_static(INSTANCE_HEADER),
+            header::ETAG,
+            header::LOCATION,
+            HeaderName::from_static("stream-next-offset"),
+            HeaderName::from_static("stream-up-to-date"),
+            HeaderName::from_static("stream-cursor"),
+            HeaderName::from_static("stream-closed"),
+            HeaderName::from_static("stream-ttl"),
+            HeaderName::from_static("stream-expires-at"),
+            HeaderName::from_static("stream-sse-data-encoding"),
+            HeaderName::from_static("producer-epoch"),
+            HeaderName::from_static("producer-seq"),
+            HeaderName::from_static("producer-expected-seq"),
+            HeaderName::from_static("producer-received-seq"),
         ])
         .max_age(Duration::from_secs(600))
 }

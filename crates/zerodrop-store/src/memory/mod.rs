@@ -54,6 +54,7 @@ pub(crate) struct State {
     streams: HashMap<StreamId, MemStream>,
     sessions: HashMap<SessionId, SessionRecord>,
     revocations: Vec<crate::Revocation>,
+    records: HashMap<StreamId, String>,
     /// Each subject's sessions, pruned of ended ones whenever the subject opens another.
     by_sub: HashMap<String, Vec<SessionId>>,
     pub(crate) idempotency: HashMap<(StreamId, String), IdemEntry>,
@@ -547,6 +548,23 @@ impl Store for MemoryStore {
         let mut st = self.inner.lock();
         let s = st.sessions.get_mut(id).ok_or(StoreError::SessionNotFound)?;
         s.grants = grants.clone();
+        Ok(())
+    }
+
+    async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
+        Ok(self.inner.lock().records.get(stream).cloned())
+    }
+
+    async fn put_stream_record(
+        &self,
+        stream: &StreamId,
+        record: Option<String>,
+    ) -> StoreResult<()> {
+        let mut st = self.inner.lock();
+        match record {
+            Some(r) => st.records.insert(stream.clone(), r),
+            None => st.records.remove(stream),
+        };
         Ok(())
     }
 

@@ -25,6 +25,11 @@ pub(super) fn meta_key(s: &StreamId) -> String {
     format!("zd:{{{s}}}:m")
 }
 
+/// The stream's record ([`crate::Store::stream_record`]), beside its log in its slot.
+pub(super) fn record_key(s: &StreamId) -> String {
+    format!("zd:{{{s}}}:r")
+}
+
 pub(super) fn log_key(s: &StreamId) -> String {
     format!("zd:{{{s}}}:l")
 }

@@ -66,7 +66,8 @@
 //! - `zd:{S}:m` bounds hash, no TTL; `zd:{S}:l` the Redis Stream of events;
 //!   `zd:{S}:i:<key>` an idempotency record (`<fingerprint> <seq> <epoch>`, TTL = the
 //!   idempotency TTL), `zd:{S}:ih:<key>` the duplicates it answered (same TTL), `zd:{S}:ik`
-//!   the stream's keys by creation time (listed by [`crate::GuardStore::idem_list`]).
+//!   the stream's keys by creation time (listed by [`crate::GuardStore::idem_list`]);
+//!   `zd:{S}:r` the stream's record ([`crate::Store::stream_record`]), a string.
 //! - `zd:s:{I}` session hash (`sub grants created expires`, `t:<S>` = `<epoch> <ack>
 //!   <dropped_through>`), expiring when its reconnect window ends (`expires`; at least 60 s
 //!   after its last create or touch, so a window shorter than that still reads as expired
@@ -517,6 +518,18 @@ impl Store for RedisStore {
         grants: &zerodrop_core::Grants,
     ) -> StoreResult<()> {
         self.shared.set_session_grants(id, grants).await
+    }
+
+    async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
+        self.shared.stream_record(stream).await
+    }
+
+    async fn put_stream_record(
+        &self,
+        stream: &StreamId,
+        record: Option<String>,
+    ) -> StoreResult<()> {
+        self.shared.put_stream_record(stream, record).await
     }
 
     async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {

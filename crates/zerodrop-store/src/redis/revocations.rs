@@ -2,6 +2,9 @@
 //! the same transaction as every change, both tagged `{rev}` (one cluster slot). Instances
 //! poll the counter and re-read the hash only when it moved.
 //!
+//! Streams' records ([`crate::Store::stream_record`]) are here too: one string key per
+//! stream, in the stream's slot.
+//!
 //! Must not: decide what a revocation covers (the server does).
 
 use std::collections::HashMap;
@@ -9,8 +12,9 @@ use std::collections::HashMap;
 use ::redis::Value;
 
 use super::Shared;
-use super::keys::{REVOCATIONS, REVOCATIONS_VERSION};
+use super::keys::{REVOCATIONS, REVOCATIONS_VERSION, record_key};
 use crate::{Revocation, StoreResult};
+use zerodrop_core::StreamId;
 
 impl Shared {
     pub(super) async fn put_revocation(&self, r: &Revocation) -> StoreResult<()> {
@@ -41,6 +45,43 @@ impl Shared {
             })
             .await?;
         Ok(deleted > 0)
+    }
+
+    pub(super) async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        let key = record_key(stream);
+        self.run("read stream record", async {
+            ::redis::cmd("GET").arg(&key).query_async(&mut conn).await
+        })
+        .await
+    }
+
+    pub(super) async fn put_stream_record(
+        &self,
+        stream: &StreamId,
+        record: Option<String>,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let key = record_key(stream);
+        self.run("write stream record", async {
+            match &record {
+                Some(r) => {
+                    ::redis::cmd("SET")
+                        .arg(&key)
+                        .arg(r)
+                        .query_async::<Value>(&mut conn)
+                        .await
+                }
+                None => {
+                    ::redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async::<Value>(&mut conn)
+                        .await
+                }
+            }
+        })
+        .await?;
+        Ok(())
     }
 
     pub(super) async fn revocations(&self) -> StoreResult<Vec<Revocation>> {

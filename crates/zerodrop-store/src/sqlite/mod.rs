@@ -45,6 +45,8 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
 use zerodrop_core::{PatternTable, RetentionRules};
 
+pub use self::checkpoint::CHECKPOINT_PAGES;
+use self::checkpoint::WalState;
 use self::health::{Health, quick_check};
 use self::readers::Readers;
 use self::writer::{Cmd, Op, Reply, Writer};
@@ -54,6 +56,7 @@ use crate::{
     StoreStats, StreamBatch, StreamInfo,
 };
 
+mod checkpoint;
 mod guard;
 mod health;
 mod idempotency;
@@ -97,6 +100,9 @@ pub struct SqliteOptions {
     /// What time it is for timestamps, the age limit and expiry: the system's time line
     /// ([`SystemClock`]) unless a test injects one it moves.
     pub clock: Arc<dyn Clock>,
+    /// Log pages after which the checkpointer copies the WAL into the file
+    /// ([`CHECKPOINT_PAGES`] unless a test wants it sooner; `checkpoint.rs`).
+    pub checkpoint_pages: u64,
 }
 
 impl SqliteOptions {
@@ -109,6 +115,7 @@ impl SqliteOptions {
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 3600 * 1000,
             clock: SystemClock::shared(),
+            checkpoint_pages: CHECKPOINT_PAGES,
         }
     }
 }
@@ -129,12 +136,15 @@ pub struct SqliteStore {
     clock: Arc<dyn Clock>,
     /// Members and presence logs, in this process (`presence.rs`).
     presence: crate::presence::PresenceBook,
+    /// The log's size and the checkpoints run off the writer (`checkpoint.rs`).
+    wal: Arc<WalState>,
+    checkpointer: Mutex<Option<checkpoint::Checkpointer>>,
 }
 
 impl SqliteStore {
     /// Opens (or creates) the database, quarantining a file that is not a database.
     pub fn open(opts: SqliteOptions, sink: Arc<dyn LiveSink>) -> StoreResult<SqliteStore> {
-        let (conn, epoch, quarantined) = open::open_or_quarantine(&opts)?;
+        let (mut conn, epoch, quarantined) = open::open_or_quarantine(&opts)?;
         let synchronous = open::synchronous(&conn).map_err(unavailable)?;
         let health = Arc::new(Health::new(opts.path.clone()));
         let readers = Arc::new(Readers {
@@ -156,6 +166,18 @@ impl SqliteStore {
             .map(|v| v.max(1) as u64)
             .map_err(unavailable)?;
         let presence = presence::book(sink.clone(), opts.clock.clone());
+        let wal = Arc::new(WalState::default());
+        let (wake, woken) = mpsc::sync_channel(1);
+        checkpoint::hook(
+            &mut conn,
+            wal.clone(),
+            wake.clone(),
+            opts.checkpoint_pages.max(1),
+        )
+        .map_err(unavailable)?;
+        let own = open::checkpoint_connection(&opts.path, opts.synchronous).map_err(unavailable)?;
+        let checkpointer = checkpoint::start(own, wal.clone(), (wake, woken), health.clone())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
             conn,
@@ -190,12 +212,24 @@ impl SqliteStore {
             synchronous,
             clock: opts.clock,
             presence,
+            wal,
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
     /// Transactions committed by the writer so far (each is one fsync, whatever it held).
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Checkpoints the checkpointer thread ran so far, and the log's pages after the latest
+    /// commit. For tests and benchmarks.
+    #[doc(hidden)]
+    pub fn wal_checkpoints(&self) -> (u64, u64) {
+        (
+            self.wal.checkpoints.load(Ordering::Relaxed),
+            self.wal.pages.load(Ordering::Relaxed),
+        )
     }
 
     /// Where a corrupt database file was moved at open, if one was.
@@ -259,9 +293,12 @@ impl SqliteStore {
     /// `Unavailable`.
     pub fn close(&self) {
         drop(lock(&self.tx).take());
-        // Readers first, so that the writer's connection is the last one and checkpoints the
-        // WAL into the main file as it closes.
+        // Readers and the checkpointer first, so that the writer's connection is the last one
+        // and checkpoints the WAL into the main file as it closes.
         lock(&self.readers.pool).clear();
+        if let Some(c) = lock(&self.checkpointer).take() {
+            c.stop();
+        }
         if let Some(h) = lock(&self.writer).take() {
             let _ = h.join();
         }
@@ -413,6 +450,41 @@ impl Store for SqliteStore {
         let id = id.clone();
         let grants = serde_json::to_string(grants).unwrap_or_else(|_| "{}".into());
         self.call(|r| Cmd::Grants(id, grants, r)).await
+    }
+
+    async fn stream_record(&self, stream: &StreamId) -> StoreResult<Option<String>> {
+        let stream = stream.clone();
+        self.readers.run_now(move |c, _| {
+            let mut stmt =
+                c.prepare_cached("SELECT record FROM stream_records WHERE stream = ?1")?;
+            let mut rows = stmt.query([stream.as_str()])?;
+            Ok(match rows.next()? {
+                Some(row) => Some(row.get::<_, String>(0)?),
+                None => None,
+            })
+        })
+    }
+
+    async fn put_stream_record(
+        &self,
+        stream: &StreamId,
+        record: Option<String>,
+    ) -> StoreResult<()> {
+        let stream = stream.as_str().to_string();
+        self.write(move |c| {
+            match record {
+                Some(r) => c
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO stream_records (stream, record) VALUES (?1, ?2)",
+                    )?
+                    .execute(rusqlite::params![stream, r])?,
+                None => c
+                    .prepare_cached("DELETE FROM stream_records WHERE stream = ?1")?
+                    .execute([stream])?,
+            };
+            Ok(Ok(()))
+        })
+        .await
     }
 
     async fn put_revocation(&self, r: &crate::Revocation) -> StoreResult<()> {

@@ -30,6 +30,17 @@ fn configure(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The checkpointer's own connection to the file: the same pragmas as the writer's (its
+/// `synchronous` is what syncs the file after a checkpoint).
+pub(super) fn checkpoint_connection(
+    path: &Path,
+    sync: Synchronous,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn, sync)?;
+    Ok(conn)
+}
+
 /// `PRAGMA synchronous` as the connection reports it (0 `OFF` … 3 `EXTRA`): what the level
 /// is read from, rather than the option that asked for it.
 pub(super) fn synchronous(conn: &Connection) -> rusqlite::Result<i64> {
@@ -76,6 +87,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_ms);
 CREATE INDEX IF NOT EXISTS sessions_sub ON sessions (sub, expires_ms);
+CREATE TABLE IF NOT EXISTS stream_records (
+    stream TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS revocations (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL,
