@@ -3,7 +3,7 @@
 //! Everything here is a rule that every transport and every store must apply the same way:
 //! what a stream id may look like ([`StreamId`]), how an event is encoded once and shared
 //! ([`Event`]), how a byte payload sits in it ([`payload`]), when a checkpoint moves ([`checkpoint`]), which events a resume replays
-//! ([`window`]), what retention trims ([`retention`]), how resume tokens are signed
+//! ([`window`]), what retention trims ([`retention`]), which stream pattern's settings apply ([`policy`]), how resume tokens are signed
 //! ([`token`]), which error codes exist ([`ErrorCode`]) and what time it is where something
 //! expires or is trimmed ([`clock`]). Stores and the server call these
 //! functions; they never re-implement them.
@@ -18,6 +18,7 @@ pub mod hash;
 pub mod ids;
 pub mod json;
 pub mod payload;
+pub mod policy;
 pub mod retention;
 pub mod token;
 pub mod window;
@@ -28,6 +29,7 @@ pub use error::ErrorCode;
 pub use event::Event;
 pub use grant::Grants;
 pub use ids::{Epoch, InvalidStreamId, Seq, SessionId, StreamId};
+pub use policy::{PatternTable, RetentionRules, StreamPattern};
 pub use retention::Retention;
 pub use token::{ResumeClaims, ResumeKeys, TokenError};
 pub use window::{ReplayWindow, WindowError};

@@ -27,7 +27,7 @@ const FIXTURES: &[&str] = &[
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/zerodrop.toml");
 
-/// `docs/guardrails.md` and `docs/operations.md`'s config examples.
+/// `docs/guardrails.md`, `docs/operations.md` and `docs/configuration.md`'s config examples.
 const DOC_CONFIGS: &[&str] = &[
     "[upstreams.app]\nprimary = \"http://10.0.0.5:9000\"\nsecondary = \"http://10.0.1.5:9000\"\n\
      streams = [\"orders:*\"]\n\n[upstreams.app.circuit]\nmin_calls = 20\n\n[webhooks.github]\n\
@@ -36,6 +36,9 @@ const DOC_CONFIGS: &[&str] = &[
     "store = \"redis\"\nredis_url = \"redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster\"\n",
     "listen = \"0.0.0.0:7700\"\nmax_frame_bytes = 1023\n",
     "instance_id = \"a.b-c_1\"\njobs_running_kinds = \"webhook:github=4,publish=64\"\n",
+    "[streams.\"orders:*\"]\nretention_max_events = 500\nretention_max_age_sec = 3600\n\
+     max_payload_bytes = 4096\npublish = \"api-key\"\n\n[streams.\"orders:vip\"]\n\
+     retention_max_events = 100000\n\n[streams.\"room:*\"]\npresence = true\n",
 ];
 
 /// A JWKS document (the unit test's keys: Ed25519 and RSA, pinned and skipped kinds).

@@ -270,8 +270,9 @@ pub fn last_event_id(data: &[u8]) {
 }
 
 /// The config loader (`Config::from_toml`): a TOML file over the defaults, with its
-/// upstream and webhook tables. Invariants: no panic on any text; every config it accepts
-/// passes `validate` and its derived bounds compute.
+/// upstream, webhook and stream-policy tables. Invariants: no panic on any text; every config
+/// it accepts passes `validate` and its derived bounds compute; each exact stream pattern is
+/// the pattern of its own stream's policy.
 pub fn config_toml(data: &[u8]) {
     let Some(text) = text(data) else { return };
     let Ok(cfg) = Config::from_toml(text) else {
@@ -281,6 +282,12 @@ pub fn config_toml(data: &[u8]) {
         panic!("accepted a config that does not validate ({e:#}): {text}");
     }
     let _ = (cfg.max_body_bytes(), cfg.write_stall());
+    // Nothing is more specific than an exact id: each `[streams."<id>"]` is its stream's policy.
+    for (pattern, _) in cfg.streams.iter() {
+        if let zerodrop_core::StreamPattern::Exact(id) = &pattern {
+            assert_eq!(cfg.policy(id).pattern, Some(id.as_str()), "{text}");
+        }
+    }
 }
 
 /// An HTTP publish body (`http::v1::publish_data`) through the checks every event's `data`

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::Deserialize;
-use zerodrop_core::Retention;
+use zerodrop_core::{PatternTable, Retention};
 use zerodrop_guard::retry::RetryPolicy;
 use zerodrop_store::{Durability, QueuedCaps, RunningCaps, SentinelUrl};
 
@@ -426,6 +426,8 @@ struct FileConfig {
     upstreams: Option<toml::Table>,
     /// `[webhooks.<source>]` tables.
     webhooks: Option<toml::Table>,
+    /// `[streams."<pattern>"]` tables: per-stream policy (SPEC §11).
+    streams: Option<BTreeMap<String, StreamSettings>>,
 }
 
 impl FileConfig {
@@ -592,6 +594,9 @@ pub struct Config {
     pub cors_origins: String,
     /// Presence (SPEC §10): the stream patterns that have it, and its timings and limit.
     pub presence: PresenceConfig,
+    /// Per-stream policy (SPEC §11, `[streams."<pattern>"]`): what each pattern sets for its
+    /// streams over the global settings; see [`Config::policy`].
+    pub streams: PatternTable<StreamSettings>,
     pub max_connections: usize,
     pub max_streams_per_session: usize,
     /// 0: no cap.
@@ -660,6 +665,7 @@ impl Config {
             Some(f) => named_tables(f.upstreams.take(), f.webhooks.take(), &vars)?,
             None => named_tables(None, None, &vars)?,
         };
+        let streams = stream_tables(file.as_mut().and_then(|f| f.streams.take()))?;
         if let Some(f) = file {
             let defaulted = |id: &str| {
                 matches
@@ -668,7 +674,11 @@ impl Config {
             };
             f.apply(&mut args, defaulted);
         }
-        Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)
+        let mut c =
+            Config::from_args(args, Some(SecretOverrides::from_env()), upstreams, webhooks)?;
+        c.streams = streams;
+        c.validate()?;
+        Ok(c)
     }
 
     /// A config file's text over the defaults, as `serve --config` reads it but without
@@ -678,9 +688,13 @@ impl Config {
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
         let mut f: FileConfig = toml::from_str(text).context("invalid config file")?;
         let (upstreams, webhooks) = named_tables(f.upstreams.take(), f.webhooks.take(), &[])?;
+        let streams = stream_tables(f.streams.take())?;
         let mut args = ServeArgs::defaults();
         f.apply(&mut args, |_| true);
-        Config::from_args(args, None, upstreams, webhooks)
+        let mut c = Config::from_args(args, None, upstreams, webhooks)?;
+        c.streams = streams;
+        c.validate()?;
+        Ok(c)
     }
 
     fn from_args(
@@ -711,6 +725,7 @@ impl Config {
             token_grace_sec: a.token_grace_sec,
             max_session_age_sec: a.max_session_age_sec,
             cors_origins: a.cors_origins,
+            streams: PatternTable::new(),
             presence: PresenceConfig {
                 patterns: a
                     .presence
@@ -821,6 +836,10 @@ impl Config {
         if self.max_payload_bytes == 0 {
             bail!("--max-payload-bytes (max_payload_bytes) must be at least 1");
         }
+        for (pattern, s) in self.streams.iter() {
+            s.validate()
+                .map_err(|why| anyhow::anyhow!("[streams.\"{pattern}\"]: {why}"))?;
+        }
         if self.max_batch_bytes == 0 {
             bail!("--max-batch-bytes (max_batch_bytes) must be at least 1");
         }
@@ -894,10 +913,146 @@ impl Config {
     /// Largest HTTP request body accepted: room for a maximal payload plus its envelope
     /// (JSON escaping can at most double `data`'s size when it is sent pretty-printed).
     pub fn max_body_bytes(&self) -> usize {
-        self.max_payload_bytes
+        self.largest_payload_bytes()
             .saturating_mul(2)
             .saturating_add(16 * 1024)
     }
+
+    /// The largest `data` any stream accepts: `--max-payload-bytes`, or a pattern's larger one.
+    pub fn largest_payload_bytes(&self) -> usize {
+        self.streams
+            .values()
+            .filter_map(|s| s.max_payload_bytes)
+            .fold(self.max_payload_bytes, usize::max)
+    }
+
+    /// The policy that applies to `stream`: its most specific `[streams."<pattern>"]` table's
+    /// settings, each one it leaves out taken from the global settings (retention,
+    /// `--max-payload-bytes`, the `--presence` list, publishing by api key and by connect
+    /// tokens that grant it).
+    pub fn policy(&self, stream: &str) -> StreamPolicy<'_> {
+        let found = self.streams.resolve(stream);
+        let s = found.map(|r| r.value);
+        let pick =
+            |f: fn(&StreamSettings) -> Option<u64>, global: u64| s.and_then(f).unwrap_or(global);
+        StreamPolicy {
+            pattern: found.map(|r| r.pattern),
+            retention: Retention {
+                max_events: pick(|s| s.retention_max_events, self.retention.max_events),
+                max_bytes: pick(|s| s.retention_max_bytes, self.retention.max_bytes),
+                max_age_ms: s
+                    .and_then(|s| s.retention_max_age_sec)
+                    .map_or(self.retention.max_age_ms, |sec| sec.saturating_mul(1000)),
+            },
+            max_payload_bytes: s
+                .and_then(|s| s.max_payload_bytes)
+                .unwrap_or(self.max_payload_bytes),
+            presence: match s.and_then(|s| s.presence) {
+                Some(on) => on,
+                None => self.presence.covers(stream),
+            },
+            publish: s.and_then(|s| s.publish).unwrap_or_default(),
+        }
+    }
+
+    /// Whether any stream has presence (the `--presence` list, or a pattern's `presence`).
+    pub fn presence_anywhere(&self) -> bool {
+        !self.presence.patterns.is_empty()
+            || self.streams.values().any(|s| s.presence == Some(true))
+    }
+
+    /// Each pattern's retention limits (the global ones where it sets none), for the store.
+    pub fn retention_patterns(&self) -> PatternTable<Retention> {
+        self.streams.map(|s| Retention {
+            max_events: s.retention_max_events.unwrap_or(self.retention.max_events),
+            max_bytes: s.retention_max_bytes.unwrap_or(self.retention.max_bytes),
+            max_age_ms: s
+                .retention_max_age_sec
+                .map_or(self.retention.max_age_ms, |sec| sec.saturating_mul(1000)),
+        })
+    }
+}
+
+/// Who may publish to a stream (`publish` in a `[streams."<pattern>"]` table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishRule {
+    /// Backends with the api key, and clients whose connect token grants publishing to the
+    /// stream (WebSocket `publish` frames). The default.
+    #[default]
+    Any,
+    /// Backends with the api key only: `publish` frames are refused whatever the token says.
+    ApiKey,
+    /// Nobody: the stream is read-only (every publish, batch item and webhook append to it is
+    /// refused with 403 `FORBIDDEN`).
+    None,
+}
+
+impl PublishRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishRule::Any => "any",
+            PublishRule::ApiKey => "api-key",
+            PublishRule::None => "none",
+        }
+    }
+}
+
+/// One `[streams."<pattern>"]` table: what it sets for the streams it is the most specific
+/// pattern of. Keys named like the global settings; each one left out follows the global
+/// setting.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    pub retention_max_events: Option<u64>,
+    pub retention_max_bytes: Option<u64>,
+    pub retention_max_age_sec: Option<u64>,
+    pub max_payload_bytes: Option<usize>,
+    /// Presence on or off for these streams, whatever the `--presence` list says.
+    pub presence: Option<bool>,
+    pub publish: Option<PublishRule>,
+}
+
+impl StreamSettings {
+    fn validate(&self) -> Result<(), String> {
+        let at_least_one = [
+            ("retention_max_events", self.retention_max_events),
+            ("retention_max_age_sec", self.retention_max_age_sec),
+            (
+                "max_payload_bytes",
+                self.max_payload_bytes.map(|n| n as u64),
+            ),
+        ];
+        for (key, v) in at_least_one {
+            if v == Some(0) {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The policy that applies to one stream ([`Config::policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPolicy<'a> {
+    /// The `[streams."<pattern>"]` it came from; `None`: the global settings.
+    pub pattern: Option<&'a str>,
+    pub retention: Retention,
+    pub max_payload_bytes: usize,
+    pub presence: bool,
+    pub publish: PublishRule,
+}
+
+/// `[streams."<pattern>"]` tables → the pattern table (each pattern validated, none twice).
+fn stream_tables(
+    tables: Option<BTreeMap<String, StreamSettings>>,
+) -> anyhow::Result<PatternTable<StreamSettings>> {
+    let mut t = PatternTable::new();
+    for (pattern, settings) in tables.unwrap_or_default() {
+        t.insert(&pattern, settings)
+            .map_err(|e| anyhow::anyhow!("[streams.\"{pattern}\"]: {e}"))?;
+    }
+    Ok(t)
 }
 
 /// `kind=N,kind=N` → caps per kind.

@@ -172,8 +172,8 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
     let sink: Arc<dyn LiveSink> = routed.clone();
     let mut sqlite = None;
     let store: Arc<dyn Store> = match cfg.store {
-        StoreChoice::Memory => Arc::new(MemoryStore::with_clock(
-            cfg.retention,
+        StoreChoice::Memory => Arc::new(MemoryStore::with_rules(
+            zerodrop_core::RetentionRules::new(cfg.retention, cfg.retention_patterns()),
             cfg.idempotency_ttl_sec * 1000,
             sink,
             cfg.clock.clone(),
@@ -181,6 +181,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         StoreChoice::Sqlite => {
             let mut opts = SqliteOptions::new(cfg.data_dir.join(DB_FILE));
             opts.retention = cfg.retention;
+            opts.retention_patterns = cfg.retention_patterns();
             opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
             opts.clock = cfg.clock.clone();
             opts.synchronous = match cfg.sqlite_synchronous {
@@ -198,6 +199,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
         StoreChoice::Redis => {
             let mut opts = RedisOptions::new(&cfg.redis_url);
             opts.retention = cfg.retention;
+            opts.retention_patterns = cfg.retention_patterns();
             opts.idempotency_ttl_ms = cfg.idempotency_ttl_sec * 1000;
             opts.wait_replicas = cfg.redis_wait_replicas;
             opts.clock = cfg.clock.clone();
@@ -415,7 +417,7 @@ fn spawn_background(app: Arc<App>, stop: watch::Receiver<bool>) {
     });
     // Presence: members held here renewed, lapsed members (of any instance) swept, and the
     // gauges read from the store.
-    if !app.cfg.presence.patterns.is_empty() {
+    if app.cfg.presence_anywhere() {
         let (beat, sweep) = app.presence_periods();
         let a = app.clone();
         every(beat, stop.clone(), move || {

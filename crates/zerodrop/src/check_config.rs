@@ -239,6 +239,36 @@ fn render_named(c: &Config, out: &mut String) {
     }
 }
 
+/// The `[streams."<pattern>"]` tables (per-stream policy), as comment lines: each pattern with
+/// what its streams get, `(global)` marking a key the table leaves to the global setting.
+fn render_streams(c: &Config, out: &mut String) {
+    if c.streams.is_empty() {
+        let _ = writeln!(out, "# streams: no per-stream policy");
+        return;
+    }
+    fn or_global<T: std::fmt::Display>(set: Option<T>, global: T) -> String {
+        match set {
+            Some(v) => v.to_string(),
+            None => format!("{global} (global)"),
+        }
+    }
+    for (pattern, s) in c.streams.iter() {
+        let _ = writeln!(
+            out,
+            "# [streams.\"{pattern}\"] retention_max_events {}, retention_max_bytes {}, retention_max_age_sec {}, max_payload_bytes {}, presence {}, publish {}",
+            or_global(s.retention_max_events, c.retention.max_events),
+            or_global(s.retention_max_bytes, c.retention.max_bytes),
+            or_global(s.retention_max_age_sec, c.retention.max_age_ms / 1000),
+            or_global(s.max_payload_bytes, c.max_payload_bytes),
+            s.presence.map_or_else(
+                || "as --presence lists (global)".to_string(),
+                |p| p.to_string()
+            ),
+            or_global(s.publish.map(|p| p.as_str()), "any"),
+        );
+    }
+}
+
 fn render(
     c: &Config,
     matches: &ArgMatches,
@@ -276,6 +306,7 @@ fn render(
         }
     }
     render_named(c, &mut out);
+    render_streams(c, &mut out);
     let _ = writeln!(out, "# secrets (values are never printed):");
     let secrets_file = zerodrop_server::secrets::path_in(&c.data_dir);
     for (name, env, set) in secret_sources(&c.secrets) {

@@ -10,6 +10,7 @@
 pub mod authz;
 pub mod ds;
 mod durability;
+pub mod policy;
 pub mod presence;
 mod presence_hooks;
 pub mod revocation;
@@ -325,9 +326,11 @@ impl App {
     }
 
     /// What every event's `data` must be before it is stored or forwarded: see
-    /// [`check_data`], with `--max-payload-bytes`.
+    /// [`check_data`], with the largest payload any stream accepts (`--max-payload-bytes`,
+    /// or a `[streams."<pattern>"]` table's larger `max_payload_bytes`). The stream's own
+    /// limit is [`App::check_publish`]'s.
     pub fn check_data(&self, data: &str) -> Result<(), ApiError> {
-        check_data(data, self.cfg.max_payload_bytes)
+        check_data(data, self.cfg.largest_payload_bytes())
     }
 
     /// `--max-new-streams-per-minute`: a publish that would create `stream` counts for its
@@ -367,6 +370,7 @@ impl App {
         by: Publisher<'_>,
     ) -> Result<AppendOutcome, ApiError> {
         let data = zerodrop_core::json::compact(data.get());
+        self.check_publish(&stream, &data, by)?;
         self.check_data(&data)?;
         self.admit_new_stream(&stream, by).await?;
         let idempotency = idempotency_key.map(|key| IdempotencyKey {

@@ -127,7 +127,7 @@ fn presence_error(code: ErrorCode, message: String, stream: &StreamId) -> ApiErr
 impl App {
     /// Whether `stream` has presence.
     pub fn presence_on(&self, stream: &StreamId) -> bool {
-        self.cfg.presence.covers(stream.as_str())
+        self.cfg.policy(stream.as_str()).presence
     }
 
     /// The stream's presence, or a typed refusal for a stream without it.
@@ -323,7 +323,7 @@ impl App {
             .map(|(m, j, l)| serde_json::json!({"minute": m * 60_000, "joins": j, "leaves": l}))
             .collect();
         serde_json::json!({
-            "enabled": !self.cfg.presence.patterns.is_empty(),
+            "enabled": self.cfg.presence_anywhere(),
             "patterns": self.cfg.presence.patterns,
             "streams": s.streams,
             "members": s.members,

@@ -61,10 +61,26 @@ impl App {
                 idempotency,
             });
         }
+        // Each stream's policy (who may publish, its payload limit): a stream's part with an
+        // event it refuses is left out of the batch, each of its events answering the refusal
+        // (naming the first refused event's `index` in the request).
+        let mut refused: HashMap<usize, ApiError> = HashMap::new();
+        for (index, &(p, i)) in places.iter().enumerate() {
+            if refused.contains_key(&p) {
+                continue;
+            }
+            let part = &parts[p];
+            if let Err(e) = self.check_publish(&part.stream, &part.items[i].data, Publisher::ApiKey)
+            {
+                refused.insert(p, e.with("index", index as u64));
+            }
+        }
         // `--max-new-streams-per-minute` counts each new stream once; a refused one is left
         // out of the batch and answers its refusal.
-        let mut refused: HashMap<usize, ApiError> = HashMap::new();
         for (i, part) in parts.iter().enumerate() {
+            if refused.contains_key(&i) {
+                continue;
+            }
             if let Err(e) = self.admit_new_stream(&part.stream, Publisher::ApiKey).await {
                 refused.insert(i, e);
             }

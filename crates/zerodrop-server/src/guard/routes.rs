@@ -92,6 +92,9 @@ pub(crate) async fn webhook(
     if cfg.stream.is_some() {
         // The body becomes an event's data: refused before its message id is claimed, so a
         // corrected retry with the same id is not held up by a claim that never finishes.
+        if let Some(stream) = cfg.stream.as_deref().and_then(|s| StreamId::new(s).ok()) {
+            app.check_publish(&stream, &compact, crate::app::Publisher::ApiKey)?;
+        }
         app.check_data(&compact)?;
     }
     let fingerprint: [u8; 32] = Sha256::digest(compact.as_bytes()).into();

@@ -71,6 +71,10 @@ impl App {
         key: Option<String>,
         sub: &str,
     ) -> Result<ClientPublish, ApiError> {
+        // The stream's policy, before anything is appended or queued.
+        let compact = zerodrop_core::json::compact(data.get());
+        self.check_publish(&stream, &compact, Publisher::Subject(sub))?;
+        self.check_data(&compact)?;
         let Some((upstream, cfg)) = self.guard.cfg.bound_upstream(stream.as_str()) else {
             let out = self
                 .publish(stream, data, key, Publisher::Subject(sub))

@@ -3,10 +3,12 @@
 //!
 //! A batch is checked whole before anything is written: a body of the wrong shape, an empty
 //! batch, more than [`MAX_BATCH_EVENTS`] events, a bad stream id, `id` or `data` anywhere in
-//! it refuses the whole request (400/413, naming the item's `index`), so a client's mistake
-//! never leaves half a batch behind. What only the store can tell (a key reused with another
-//! body, a closed stream) refuses that stream's part of the batch, each of its events
-//! answering the error, while the other streams are written.
+//! it (`data` larger than any stream accepts included) refuses the whole request (400/413,
+//! naming the item's `index`), so a client's mistake never leaves half a batch behind. What
+//! one stream's policy refuses (its `max_payload_bytes`, who may publish to it) and what only
+//! the store can tell (a key reused with another body, a closed stream) refuse that stream's
+//! part of the batch, each of its events answering the error, while the other streams are
+//! written.
 //!
 //! Must not: decide what a batch does to the log (the app's and the store's).
 

@@ -119,10 +119,11 @@ pub(super) async fn stream_info(
     // Like a read: the api key, or a connect token that grants the stream (the SDKs' check).
     caller.may_read(&stream)?;
     let (info, hash) = app.digest(&stream).await?;
+    let policy = crate::app::policy::policy_json(&app.policy(&stream));
     Ok(Json(json!({
         "stream": info.stream, "epoch": info.epoch, "headSeq": info.head,
         "firstSeq": info.first_seq, "count": info.count, "bytes": info.bytes, "hash": hash,
-        "closed": info.closed,
+        "closed": info.closed, "policy": policy,
     })))
 }
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use zerodrop_core::RetentionRules;
 use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::hash::ChainHash;
 use zerodrop_core::retention::{Retention, plan_trim};
@@ -40,7 +41,7 @@ pub struct MemoryStore {
 
 pub(crate) struct Inner {
     epoch: Epoch,
-    retention: Retention,
+    retention: RetentionRules,
     pub(crate) idempotency_ttl_ms: u64,
     sink: Arc<dyn LiveSink>,
     /// What time it is for timestamps, the age limit, expiry and the session cap.
@@ -115,6 +116,18 @@ impl MemoryStore {
         sink: Arc<dyn LiveSink>,
         clock: Arc<dyn Clock>,
     ) -> MemoryStore {
+        let rules = RetentionRules::new(retention, Default::default());
+        Self::with_rules(rules, idempotency_ttl_ms, sink, clock)
+    }
+
+    /// A store whose streams keep what `retention` says for each (per-stream patterns over
+    /// the global limits), on `clock`'s time.
+    pub fn with_rules(
+        retention: RetentionRules,
+        idempotency_ttl_ms: u64,
+        sink: Arc<dyn LiveSink>,
+        clock: Arc<dyn Clock>,
+    ) -> MemoryStore {
         let presence = PresenceBook::new(sink.clone(), clock.clone());
         let inner = Arc::new(Inner {
             epoch: Epoch::generate(),
@@ -159,9 +172,9 @@ impl Inner {
 
     fn sweep(&self, now: u64) {
         let mut st = self.lock();
-        let age_cut = cutoff(now, self.retention.max_age_ms);
         let mut trims = Vec::new();
         for (id, s) in st.streams.iter_mut() {
+            let age_cut = cutoff(now, self.retention.for_stream(id.as_str()).max_age_ms);
             let mut n = 0;
             while s.events.front().is_some_and(|e| e.ts() < age_cut) {
                 if let Some(e) = s.events.pop_front() {
@@ -240,7 +253,8 @@ impl Inner {
     fn enforce_retention(&self, st: &mut State, stream: &StreamId) -> Option<(Seq, u64)> {
         let s = st.streams.get_mut(stream)?;
         let oldest = s.events.iter().map(|e| (e.seq(), e.json().len() as u64));
-        let t = plan_trim(s.events.len() as u64, s.bytes, &self.retention, oldest)?;
+        let limits = self.retention.for_stream(stream.as_str());
+        let t = plan_trim(s.events.len() as u64, s.bytes, limits, oldest)?;
         for _ in 0..t.count {
             s.events.pop_front();
         }

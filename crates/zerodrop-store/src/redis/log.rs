@@ -264,7 +264,7 @@ impl Shared {
             ),
             None => (vec![meta_key(&req.stream)], String::new(), ""),
         };
-        let r = &self.opts.retention;
+        let r = self.limits(&req.stream);
         let call = self
             .stream_call(&self.scripts.append, &req.stream, keys)
             .arg(req.data.as_str())
@@ -396,14 +396,16 @@ impl Shared {
         }
     }
 
-    /// Adds a stream to the age index (once per incarnation of its log).
+    /// Adds a stream to the age index (once per incarnation of its log), scored by its oldest
+    /// event's ts plus its [`Shared::age_shift`].
     pub(super) async fn index(&self, stream: &StreamId, ts: u64) -> StoreResult<()> {
         let mut conn = self.conn.clone();
+        let score = ts.saturating_add(self.age_shift(stream));
         self.run("index", async {
             ::redis::cmd("ZADD")
                 .arg(STREAMS_INDEX)
                 .arg("LT")
-                .arg(ts)
+                .arg(score)
                 .arg(stream.as_str())
                 .query_async::<Value>(&mut conn)
                 .await

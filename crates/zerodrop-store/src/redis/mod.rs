@@ -138,6 +138,7 @@ use ::redis::{Client, RedisError};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use zerodrop_core::PatternTable;
 use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
@@ -161,6 +162,9 @@ pub struct RedisOptions {
     /// follows the primary its sentinels name.
     pub urls: Vec<String>,
     pub retention: Retention,
+    /// Stream patterns that keep their own limits (`[streams."pattern"]`); the most specific
+    /// pattern matching a stream applies, else [`RedisOptions::retention`].
+    pub retention_patterns: PatternTable<Retention>,
     pub idempotency_ttl_ms: u64,
     /// Sessions are deleted this long after their reconnect window ends (and at least 60 s
     /// after their last create or touch). 0 (the default): the key's TTL is the window.
@@ -198,6 +202,7 @@ impl RedisOptions {
         RedisOptions {
             urls,
             retention: Retention::default(),
+            retention_patterns: PatternTable::new(),
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 0,
             wait_replicas: 0,

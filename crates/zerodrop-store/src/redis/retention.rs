@@ -1,6 +1,15 @@
 //! Age retention, at least every second: streams due (by the age index) are trimmed by the
 //! `AGE` script against the server's clock; and once a minute, ended sessions leave the stats
-//! index. (Count and size limits trim inside the append script.)
+//! index. (Count and size limits trim inside the append script, with each stream's own.)
+//!
+//! The age index scores a stream by its oldest event's ts plus its *age shift*: how much
+//! longer than the shortest age of any stream it keeps events (0 for every stream when all
+//! keep the same age). A stream is due once its score is older than the shortest age, i.e.
+//! exactly when its oldest event is older than its own age, so one range query finds the due
+//! streams whatever their ages. A score written under other settings is corrected by the
+//! stream's next sweep (a score too low makes it due early: the script finds nothing to trim
+//! and scores it again); after a pattern's age was shortened, a stream indexed under the
+//! longer age is trimmed when that older score falls due, or at its next new log.
 //!
 //! Must not: hold Redis for long: a sweep visits a bounded number of streams and events.
 
@@ -8,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
-use zerodrop_core::{Epoch, StreamId};
+use zerodrop_core::{Epoch, Retention, StreamId};
 
 use super::Shared;
 use super::conn::{Call, as_array, as_u64, unexpected};
@@ -52,6 +61,32 @@ pub(super) async fn sweep_loop(shared: Arc<Shared>) {
 }
 
 impl Shared {
+    /// The retention limits of `stream`: its most specific pattern's, else the global ones.
+    pub(super) fn limits(&self, stream: &StreamId) -> &Retention {
+        self.opts
+            .retention_patterns
+            .resolve(stream.as_str())
+            .map_or(&self.opts.retention, |r| r.value)
+    }
+
+    /// The shortest age any stream keeps.
+    fn shortest_age_ms(&self) -> u64 {
+        self.opts
+            .retention_patterns
+            .values()
+            .map(|r| r.max_age_ms)
+            .fold(self.opts.retention.max_age_ms, u64::min)
+    }
+
+    /// How much longer than the shortest age `stream` keeps events: added to its score in
+    /// the age index, so that the index orders streams by when they are due.
+    pub(super) fn age_shift(&self, stream: &StreamId) -> u64 {
+        if self.opts.retention_patterns.is_empty() {
+            return 0;
+        }
+        self.limits(stream).max_age_ms - self.shortest_age_ms()
+    }
+
     pub(super) async fn sweep_age(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         let (secs, micros): (u64, u64) = self
@@ -59,7 +94,7 @@ impl Shared {
                 ::redis::cmd("TIME").query_async(&mut conn).await
             })
             .await?;
-        let age_cut = cutoff(secs * 1000 + micros / 1000, self.opts.retention.max_age_ms);
+        let age_cut = cutoff(secs * 1000 + micros / 1000, self.shortest_age_ms());
         // Bounded: a sweep never runs longer than a few batches.
         for _ in 0..8 {
             let due: Vec<String> = self
@@ -94,14 +129,15 @@ impl Shared {
                     .arg(0)
                     .arg(if self.cluster { "0" } else { "1" })
                     .arg(CHANNEL)
-                    .arg(self.opts.retention.max_age_ms)
+                    .arg(self.limits(&stream).max_age_ms)
                     .arg(SWEEP_CAP);
                 let v = as_array(self.eval("age retention", &call).await?)
                     .ok_or_else(|| unexpected("age retention"))?;
                 let score = v
                     .first()
                     .and_then(as_u64)
-                    .ok_or_else(|| unexpected("age retention"))?;
+                    .ok_or_else(|| unexpected("age retention"))?
+                    .saturating_add(self.age_shift(&stream));
                 self.run("age index", async {
                     ::redis::cmd("ZADD")
                         .arg(STREAMS_INDEX)

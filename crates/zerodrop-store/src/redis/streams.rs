@@ -42,7 +42,7 @@ impl Shared {
                 });
             }
         }
-        let r = &self.opts.retention;
+        let r = self.limits(stream);
         let waits = self.opts.wait_replicas > 0;
         let mut call = self
             .stream_call(&self.scripts.append_batch, stream, keys)

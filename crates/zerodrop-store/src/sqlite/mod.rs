@@ -43,6 +43,7 @@ use tokio::sync::oneshot;
 use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
+use zerodrop_core::{PatternTable, RetentionRules};
 
 pub use self::checkpoint::CHECKPOINT_PAGES;
 use self::checkpoint::WalState;
@@ -88,6 +89,9 @@ pub enum Synchronous {
 pub struct SqliteOptions {
     pub path: PathBuf,
     pub retention: Retention,
+    /// Stream patterns that keep their own limits (`[streams."pattern"]`); the most specific
+    /// pattern matching a stream applies, else [`SqliteOptions::retention`].
+    pub retention_patterns: PatternTable<Retention>,
     pub synchronous: Synchronous,
     pub idempotency_ttl_ms: u64,
     /// Sessions are deleted this long after they expired (until then a late resume is told
@@ -106,6 +110,7 @@ impl SqliteOptions {
         SqliteOptions {
             path: path.into(),
             retention: Retention::default(),
+            retention_patterns: PatternTable::new(),
             synchronous: Synchronous::Full,
             idempotency_ttl_ms: 24 * 3600 * 1000,
             session_grace_ms: 3600 * 1000,
@@ -179,7 +184,8 @@ impl SqliteStore {
             epoch,
             health: health.clone(),
             default_max_pages,
-            retention: opts.retention,
+            retention: RetentionRules::new(opts.retention, opts.retention_patterns.clone()),
+            age_cursor: String::new(),
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
             sink,

@@ -1,10 +1,17 @@
 //! What the writer removes over time: the count and size limits after each batch's appends
-//! (`zerodrop_core::retention::plan_trim`), the age limit at least every second, and once a
-//! minute the expired idempotency keys, webhook records and sessions. Every trim is recorded
-//! in the batch, for the sink to hear after `COMMIT`.
+//! (`zerodrop_core::retention::plan_trim`, with each stream's own limits), the age limit at
+//! least every second, and once a minute the expired idempotency keys, webhook records and
+//! sessions. Every trim is recorded in the batch, for the sink to hear after `COMMIT`.
+//!
+//! The age limit is swept in two ways. The table's oldest rows (rowid order: `ts` never goes
+//! backwards) go once they are older than the longest age any stream keeps, whatever their
+//! stream. When stream patterns keep events for different ages, the streams with a shorter
+//! age than the longest are also visited one by one, [`AGE_SWEEP_STREAMS`] per sweep in name
+//! order, each trimmed to its own age: with many streams a shorter age is enforced within
+//! `streams / AGE_SWEEP_STREAMS` sweeps rather than within one.
 //!
 //! Must not: trim outside the writer's batch, or hold the writer for long (an age sweep removes
-//! at most [`MAX_AGE_SWEEP_ROWS`] rows).
+//! at most [`MAX_AGE_SWEEP_ROWS`] rows each way).
 
 use rusqlite::{OptionalExtension, params};
 use zerodrop_core::retention::plan_trim;
@@ -16,6 +23,8 @@ use crate::rules::cutoff;
 
 /// Rows removed per age sweep at most, so a sweep never holds the writer for long.
 const MAX_AGE_SWEEP_ROWS: i64 = 50_000;
+/// Streams visited per sweep by the stream-by-stream age sweep.
+const AGE_SWEEP_STREAMS: i64 = 1_000;
 
 impl Writer {
     /// Count and size limits, for the streams this batch appended to.
@@ -23,11 +32,12 @@ impl Writer {
         let touched: Vec<StreamId> = fx.touched.iter().cloned().collect();
         for stream in touched {
             loop {
+                let limits = *self.retention.for_stream(stream.as_str());
                 let m = self.meta(&stream)?.clone();
-                if m.count <= self.retention.max_events && m.bytes <= self.retention.max_bytes {
+                if m.count <= limits.max_events && m.bytes <= limits.max_bytes {
                     break;
                 }
-                let want = (m.count.saturating_sub(self.retention.max_events) as i64).max(64);
+                let want = (m.count.saturating_sub(limits.max_events) as i64).max(64);
                 let oldest: Vec<(Seq, u64)> = self
                     .conn
                     .prepare_cached(
@@ -39,7 +49,7 @@ impl Writer {
                     })?
                     .collect::<rusqlite::Result<_>>()?;
                 let fetched = oldest.len();
-                let Some(trim) = plan_trim(m.count, m.bytes, &self.retention, oldest) else {
+                let Some(trim) = plan_trim(m.count, m.bytes, &limits, oldest) else {
                     break;
                 };
                 self.conn
@@ -58,9 +68,83 @@ impl Writer {
         Ok(())
     }
 
-    /// Age limit: a prefix of the table in rowid order, because `ts` never goes backwards.
+    /// Age limit: the longest age over the whole table, then each shorter one stream by stream.
     pub(super) fn sweep_age(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
-        let age_cut = cutoff(self.clock.now_ms(), self.retention.max_age_ms) as i64;
+        self.sweep_age_prefix(fx)?;
+        if !self.retention.one_age() {
+            self.sweep_age_streams(fx)?;
+        }
+        Ok(())
+    }
+
+    /// The streams whose age is shorter than the longest, from the cursor on: each trimmed
+    /// (a prefix of its seqs, since its `ts` never goes backwards) to its own age.
+    fn sweep_age_streams(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
+        let now = self.clock.now_ms();
+        let longest = self.retention.longest_age_ms();
+        let names: Vec<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT stream FROM streams WHERE stream > ?1 AND count > 0
+                 ORDER BY stream LIMIT ?2",
+            )?
+            .query_map(params![self.age_cursor, AGE_SWEEP_STREAMS], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut removed = 0i64;
+        let mut last = String::new();
+        let full = names.len() as i64 == AGE_SWEEP_STREAMS;
+        for name in names {
+            if removed >= MAX_AGE_SWEEP_ROWS {
+                break;
+            }
+            last.clone_from(&name);
+            let age = self.retention.for_stream(&name).max_age_ms;
+            let Ok(stream) = StreamId::new(&name) else {
+                continue;
+            };
+            if age >= longest {
+                continue; // the prefix sweep keeps it
+            }
+            let cut = cutoff(now, age) as i64;
+            let first = self.meta(&stream)?.first as i64;
+            let expired: (i64, Option<i64>, Option<i64>) = self
+                .conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MAX(seq), SUM(length(json)) FROM events
+                     WHERE stream = ?1 AND seq >= ?2 AND seq < coalesce(
+                       (SELECT seq FROM events WHERE stream = ?1 AND seq >= ?2 AND ts >= ?3
+                        ORDER BY seq LIMIT 1), 9223372036854775807)",
+                )?
+                .query_row(params![name, first, cut], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            let (count, Some(max_seq), bytes) = expired else {
+                continue;
+            };
+            self.conn
+                .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
+                .execute(params![name, max_seq])?;
+            let meta = self.meta(&stream)?;
+            meta.first = meta.first.max(max_seq as u64 + 1);
+            meta.count = meta.count.saturating_sub(count as u64);
+            meta.bytes = meta.bytes.saturating_sub(bytes.unwrap_or(0) as u64);
+            let first = Seq(meta.first);
+            fx.touched.insert(stream.clone());
+            record_trim(fx, &stream, first, count as u64);
+            removed += count;
+        }
+        self.age_cursor = if full || removed >= MAX_AGE_SWEEP_ROWS {
+            last
+        } else {
+            String::new()
+        };
+        Ok(())
+    }
+
+    /// The longest age: a prefix of the table in rowid order, because `ts` never goes
+    /// backwards.
+    fn sweep_age_prefix(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
+        let age_cut = cutoff(self.clock.now_ms(), self.retention.longest_age_ms()) as i64;
         let oldest: Option<(i64, i64)> = self
             .conn
             .prepare_cached("SELECT id, ts FROM events ORDER BY id LIMIT 1")?

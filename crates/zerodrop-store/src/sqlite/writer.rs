@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
+use zerodrop_core::RetentionRules;
 use zerodrop_core::clock::Clock;
-use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Event, Seq, SessionId, StreamId};
 
 use super::health::{Health, fault_of};
@@ -103,7 +103,11 @@ pub(super) struct Writer {
     pub(super) health: Arc<Health>,
     /// `PRAGMA max_page_count` as SQLite set it, restored when a test lifts its cap.
     pub(super) default_max_pages: u64,
-    pub(super) retention: Retention,
+    /// The limits each stream keeps (the global ones, and the patterns that set their own).
+    pub(super) retention: RetentionRules,
+    /// Where the stream-by-stream age sweep goes on (the last stream it visited; empty: from
+    /// the first). Used only when some streams keep events for a shorter age than others.
+    pub(super) age_cursor: String,
     pub(super) idempotency_ttl_ms: u64,
     pub(super) session_grace_ms: u64,
     pub(super) sink: Arc<dyn LiveSink>,

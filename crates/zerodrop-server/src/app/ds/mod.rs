@@ -404,10 +404,10 @@ impl App {
             .map_err(Into::into)
     }
 
-    /// The largest byte chunk one event holds, its payload as base64 within
-    /// `--max-payload-bytes`.
-    fn ds_chunk(&self) -> usize {
-        (self.cfg.max_payload_bytes.saturating_sub(16) / 4) * 3
+    /// The largest byte chunk one event holds, its payload as base64 within the stream's
+    /// payload limit (`--max-payload-bytes`, or its `[streams."<pattern>"]` table's).
+    fn ds_chunk(&self, stream: &StreamId) -> usize {
+        (self.policy(stream).max_payload_bytes.saturating_sub(16) / 4) * 3
     }
 
     /// Appends `messages` (one commit), with a key per message when a producer sent them.
@@ -433,6 +433,8 @@ impl App {
         });
         let mut items = Vec::with_capacity(messages.len());
         for (i, data) in messages.into_iter().enumerate() {
+            // The stream's policy (who may publish, its payload limit), as for every publish.
+            self.check_publish(stream, &data, super::Publisher::ApiKey)?;
             self.check_data(&data)?;
             let idempotency = tag.as_ref().map(|t| IdempotencyKey {
                 key: format!("{t}:{i}"),

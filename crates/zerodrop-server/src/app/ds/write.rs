@@ -205,7 +205,12 @@ impl App {
             forks: 0,
             deleted: false,
         };
-        let msgs = messages(record.is_json(), req.body.bytes, self.ds_chunk(), true)?;
+        let msgs = messages(
+            record.is_json(),
+            req.body.bytes,
+            self.ds_chunk(stream),
+            true,
+        )?;
         // Whatever an earlier incarnation left (a log without a record) goes first.
         if self.store.stream_info(stream).await?.head != Seq(0) {
             self.store.delete_stream(stream).await?;
@@ -308,7 +313,12 @@ impl App {
         let msgs = if empty {
             Vec::new()
         } else {
-            messages(record.is_json(), req.body.bytes, self.ds_chunk(), false)?
+            messages(
+                record.is_json(),
+                req.body.bytes,
+                self.ds_chunk(stream),
+                false,
+            )?
         };
         let (last, duplicate) = self.ds_write(stream, msgs, req.producer.as_ref()).await?;
         let mut changed = req.close;
