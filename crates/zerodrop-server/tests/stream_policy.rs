@@ -327,37 +327,28 @@ async fn check_policies(s: &TestServer) {
     assert_eq!(bounds(&stored(&api, "chat:1").await).1, Some(9));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_on_sqlite() {
-    let s = TestServer::with(policies).await;
-    check_policies(&s).await;
-    s.stop().await;
+/// `$setup`, then `$check` on a server of each store: SQLite, a `redis-server` of its own,
+/// and memory.
+macro_rules! on_every_store {
+    ($setup:expr, $check:expr) => {{
+        let redis = RedisServer::start().expect("start redis-server");
+        for store in [StoreChoice::Sqlite, StoreChoice::Redis, StoreChoice::Memory] {
+            let url = redis.url();
+            let s = TestServer::with(|c| {
+                $setup(c);
+                c.store = store;
+                c.redis_url = url;
+            })
+            .await;
+            $check(&s).await;
+            s.stop().await;
+        }
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_on_redis() {
-    let redis = RedisServer::start().expect("start redis-server");
-    let url = redis.url();
-    let s = TestServer::with(|c| {
-        policies(c);
-        c.store = StoreChoice::Redis;
-        c.redis_url = url;
-    })
-    .await;
-    check_policies(&s).await;
-    s.stop().await;
-    drop(redis);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_on_memory() {
-    let s = TestServer::with(|c| {
-        policies(c);
-        c.store = StoreChoice::Memory;
-    })
-    .await;
-    check_policies(&s).await;
-    s.stop().await;
+async fn policies_on_every_store() {
+    on_every_store!(policies, check_policies);
 }
 
 /// The config file's tables: the policy they give, and each refusal's message.
@@ -483,34 +474,6 @@ fn longer_age(c: &mut Config) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn longer_age_than_global_on_sqlite() {
-    let s = TestServer::with(longer_age).await;
-    check_longer_age(&s).await;
-    s.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn longer_age_than_global_on_redis() {
-    let redis = RedisServer::start().expect("start redis-server");
-    let url = redis.url();
-    let s = TestServer::with(|c| {
-        longer_age(c);
-        c.store = StoreChoice::Redis;
-        c.redis_url = url;
-    })
-    .await;
-    check_longer_age(&s).await;
-    s.stop().await;
-    drop(redis);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn longer_age_than_global_on_memory() {
-    let s = TestServer::with(|c| {
-        longer_age(c);
-        c.store = StoreChoice::Memory;
-    })
-    .await;
-    check_longer_age(&s).await;
-    s.stop().await;
+async fn longer_age_than_global_on_every_store() {
+    on_every_store!(longer_age, check_longer_age);
 }

@@ -26,6 +26,7 @@ pub mod sentinel;
 pub mod server;
 pub mod sink;
 pub mod sse;
+pub mod tools;
 pub mod upstream;
 pub mod ws;
 

@@ -101,6 +101,26 @@ pub fn ms_at(h: &Histogram<u64>, q: f64) -> f64 {
 /// One request of a publisher: its path, its body, and how many events it carries.
 pub type PublishRequest = (String, String, u64);
 
+/// One append over HTTP of any kind: its path, content type, body, and how many events it
+/// carries.
+pub struct HttpAppend {
+    pub path: String,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub events: u64,
+}
+
+impl From<PublishRequest> for HttpAppend {
+    fn from((path, body, events): PublishRequest) -> HttpAppend {
+        HttpAppend {
+            path,
+            content_type: "application/json",
+            body: body.into_bytes(),
+            events,
+        }
+    }
+}
+
 /// Durable events/s over HTTP: one task per entry of `requests`, each cycling through its own
 /// requests (built before the clock starts) with the api key `key`, waiting for each 201
 /// before the next; counted for `secs` after a one-second warm-up.
@@ -110,6 +130,16 @@ pub async fn publish_rate(
     requests: Vec<Vec<PublishRequest>>,
     secs: u64,
 ) -> f64 {
+    let appends = requests
+        .into_iter()
+        .map(|mine| mine.into_iter().map(HttpAppend::from).collect())
+        .collect();
+    append_rate(url, key, appends, secs).await
+}
+
+/// [`publish_rate`] for appends of any content type: each answered 201 or 204 (a Durable
+/// Streams append) before the next.
+pub async fn append_rate(url: &str, key: &str, requests: Vec<Vec<HttpAppend>>, secs: u64) -> f64 {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(requests.len())
         .build()
@@ -123,17 +153,18 @@ pub async fn publish_rate(
         tasks.push(tokio::spawn(async move {
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
-                let (path, body, n) = &mine[round % mine.len()];
+                let a = &mine[round % mine.len()];
                 let r = client
-                    .post(format!("{url}{path}"))
+                    .post(format!("{url}{}", a.path))
                     .bearer_auth(&key)
-                    .body(body.clone())
+                    .header("content-type", a.content_type)
+                    .body(a.body.clone())
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(r.status().as_u16(), 201);
+                assert!(matches!(r.status().as_u16(), 201 | 204), "{}", r.status());
                 let _ = r.bytes().await;
-                count.fetch_add(*n, Ordering::Relaxed);
+                count.fetch_add(a.events, Ordering::Relaxed);
                 round += 1;
             }
         }));
@@ -149,6 +180,19 @@ pub async fn publish_rate(
         t.await.unwrap();
     }
     rate
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads started later inherit it).
+pub fn pin_all(pid: u32, cpu: usize) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // Every thread is pinned, even after one refused.
+    let pinned: Vec<bool> = tasks
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| pin(tid, cpu))
+        .collect();
+    pinned.iter().all(|ok| *ok)
 }
 
 /// Resident memory of process `pid` in bytes (`VmRSS`), 0 when it cannot be read.

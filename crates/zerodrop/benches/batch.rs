@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 use zerodrop_testkit::measure::{
-    PublishRequest, env_u64, median, pin, publish_rate, raw_sqlite_inserts,
+    PublishRequest, env_u64, median, pin, pin_all, publish_rate, raw_sqlite_inserts,
 };
 use zerodrop_testkit::redis::{RedisServer, xadd_baseline};
 use zerodrop_testkit::server::ServerProcess;
@@ -138,17 +138,4 @@ fn main() {
         "batch / raw one-transaction inserts: {:.2}x",
         b / r.max(1.0)
     );
-}
-
-/// Pins every thread of process `pid` to `cpu` (threads started later inherit it).
-fn pin_all(pid: u32, cpu: usize) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    // Every thread is pinned, even after one refused.
-    let pinned: Vec<bool> = tasks
-        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .map(|tid| pin(tid, cpu))
-        .collect();
-    pinned.iter().all(|ok| *ok)
 }

@@ -12,12 +12,9 @@
 //! median durable appends/s of each and their ratios to `/v1`.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use serde_json::json;
-use zerodrop_testkit::measure::{env_u64, median, pin};
+use zerodrop_testkit::measure::{HttpAppend, append_rate, env_u64, median, pin, pin_all};
 use zerodrop_testkit::server::ServerProcess;
 
 /// What one request sends: path, content type, body.
@@ -54,47 +51,22 @@ fn request(kind: Kind, stream: usize) -> Req {
 /// Appends/s: one task per publisher, each cycling over its streams, counted for `secs`
 /// after a one-second warm-up.
 async fn rate(url: &str, key: &str, kind: Kind, publishers: usize, secs: u64) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(publishers)
-        .build()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..publishers {
-        let mine: Vec<Req> = (0..16).map(|i| request(kind, (w + i * 7) % 100)).collect();
-        let (client, stop, count) = (client.clone(), stop.clone(), count.clone());
-        let (url, key) = (url.to_string(), key.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (path, ct, body) = &mine[i % mine.len()];
-                let r = client
-                    .post(format!("{url}{path}"))
-                    .bearer_auth(&key)
-                    .header("content-type", *ct)
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(matches!(r.status().as_u16(), 201 | 204), "{}", r.status());
-                let _ = r.bytes().await;
-                count.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let start_n = count.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let n = count.load(Ordering::Relaxed) - start_n;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    rate
+    let requests = (0..publishers)
+        .map(|w| {
+            (0..16)
+                .map(|i| {
+                    let (path, content_type, body) = request(kind, (w + i * 7) % 100);
+                    HttpAppend {
+                        path,
+                        content_type,
+                        body,
+                        events: 1,
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    append_rate(url, key, requests, secs).await
 }
 
 fn main() {
@@ -166,16 +138,4 @@ fn main() {
     );
     println!("/ds JSON / v1: {:.2}x", b / a.max(1.0));
     println!("/ds bytes / v1: {:.2}x", c / a.max(1.0));
-}
-
-/// Pins every thread of process `pid` to `cpu` (threads started later inherit it).
-fn pin_all(pid: u32, cpu: usize) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    let pinned: Vec<bool> = tasks
-        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .map(|tid| pin(tid, cpu))
-        .collect();
-    pinned.iter().all(|ok| *ok)
 }

@@ -19,6 +19,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
+use zerodrop_testkit::tools::{find_tool, run_within};
 
 mod support;
 
@@ -31,53 +32,16 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn tool(name: &str, install: &str) -> PathBuf {
-    let p = Path::new("/usr/bin").join(name);
-    if p.exists() {
-        return p;
-    }
-    // Anywhere on PATH.
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-    });
-    found.unwrap_or_else(|| {
-        panic!("`{name}` is required by the browser SDK tests and was not found; install it with `{install}`")
-    })
-}
-
-/// Runs a command to completion within `limit`, returning its output.
-fn run(mut cmd: Command, what: &str, limit: Duration) -> std::process::Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let until = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `tsc -p clients/js --outDir <temp>`: the module the page loads.
 fn compile() -> tempfile::TempDir {
-    let tsc = tool("tsc", "apt-get install -y node-typescript");
+    let tsc = find_tool("tsc", "apt-get install -y node-typescript");
     let out = tempfile::tempdir().expect("tempdir");
     let mut cmd = Command::new(tsc);
     cmd.arg("-p")
         .arg(repo().join("clients/js"))
         .arg("--outDir")
         .arg(out.path());
-    let o = run(cmd, "tsc", Duration::from_secs(120));
+    let o = run_within(cmd, "tsc", Duration::from_secs(120));
     assert!(
         o.status.success(),
         "tsc failed:\n{}{}",
@@ -468,7 +432,7 @@ async fn a_page_opens_sealed_events_and_ends_on_a_tampered_one() {
 #[test]
 fn the_compiled_sdk_passes_its_vector_tests_under_node() {
     let dist = compile();
-    let node = tool("node", "apt-get install -y nodejs");
+    let node = find_tool("node", "apt-get install -y nodejs");
     let tests: Vec<PathBuf> = std::fs::read_dir(repo().join("clients/js/test"))
         .expect("clients/js/test")
         .flatten()
@@ -480,7 +444,7 @@ fn the_compiled_sdk_passes_its_vector_tests_under_node() {
     cmd.arg("--test")
         .args(&tests)
         .env("ZERODROP_JS_DIST", dist.path());
-    let o = run(cmd, "node --test", LIMIT);
+    let o = run_within(cmd, "node --test", LIMIT);
     let out = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

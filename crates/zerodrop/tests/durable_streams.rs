@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use zerodrop_testkit::cluster::Cluster;
 use zerodrop_testkit::free_port;
+use zerodrop_testkit::tools::{find_tool, run_within};
 
 mod support;
 
@@ -30,61 +31,7 @@ fn dir() -> PathBuf {
 
 /// Where `name` is on `PATH`; a missing tool fails with how to install it.
 fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "`{name}` is required by the Durable Streams tests and was not found; \
-             install it with `apt-get install -y nodejs npm` (or run ./.ci/setup)"
-        )
-    })
-}
-
-/// Runs a command to completion within `limit`, returning its output.
-fn run(mut cmd: Command, what: &str, limit: Duration) -> std::process::Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    // Both pipes are read aside, so a chatty child never blocks on a full pipe.
-    let out = child.stdout.take().map(|mut s| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut s, &mut v);
-            v
-        })
-    });
-    let err = child.stderr.take().map(|mut s| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut s, &mut v);
-            v
-        })
-    });
-    let until = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
-        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    };
-    std::process::Output {
-        status,
-        stdout: join(out),
-        stderr: join(err),
-    }
+    find_tool(name, "apt-get install -y nodejs npm (or run ./.ci/setup)")
 }
 
 /// `npm ci` in `tests/ds` once (the exact versions of `package-lock.json`), again whenever
@@ -109,7 +56,7 @@ fn install() {
         let mut cmd = Command::new("npm");
         cmd.current_dir(&d)
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
-        let o = run(cmd, "npm ci", Duration::from_secs(600));
+        let o = run_within(cmd, "npm ci", Duration::from_secs(600));
         assert!(
             o.status.success(),
             "npm ci in {} failed:\n{}{}",
@@ -133,7 +80,7 @@ fn conformance(base: &str) -> Value {
         .arg(format!("--outputFile={}", report.path().display()))
         .env("DS_BASE_URL", base)
         .env("NO_COLOR", "1");
-    let o = run(cmd, "the conformance suite", Duration::from_secs(600));
+    let o = run_within(cmd, "the conformance suite", Duration::from_secs(600));
     let text = std::fs::read_to_string(report.path()).unwrap_or_default();
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
         panic!(

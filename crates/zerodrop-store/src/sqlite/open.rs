@@ -162,6 +162,11 @@ pub(super) fn open_or_quarantine(
         // Before anything is written to it: a damaged file is moved aside as it was found.
         quick_check(&conn)?;
         let epoch = init(&conn, opts.synchronous)?;
+        // A log left by a process that did not close its store (a crash, `kill -9`) is folded
+        // into the file now: from here on the file holds every page, so the scheduled damage
+        // check reads what is on disk rather than the log's copies, and the checkpointer
+        // starts from an empty log.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok((conn, epoch))
     };
     match attempt() {
