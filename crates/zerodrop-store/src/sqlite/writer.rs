@@ -179,7 +179,15 @@ impl Writer {
             match rx.recv_timeout(wait) {
                 Ok(cmd) => batch.push(cmd),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The store is closing: fold the whole log into the file even if another
+                    // connection (a reader still lent out) outlives this one, so the file alone
+                    // holds every page when the process ends.
+                    let _ = self
+                        .conn
+                        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                    return;
+                }
             }
             drain(&rx, &mut batch);
             if gathers(&batch) {
