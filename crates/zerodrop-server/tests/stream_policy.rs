@@ -96,6 +96,26 @@ async fn stored(api: &Api, stream: &str) -> Value {
            "hash": info["hash"], "events": events})
 }
 
+/// Waits (until `deadline`) for the age sweep to empty `stream`, which held two events: its
+/// bounds then say head 2, first 3.
+async fn trimmed_by_age(api: &Api, stream: &str, deadline: Instant) {
+    loop {
+        let info = api.info(stream).await;
+        if info["count"] == 0 {
+            assert_eq!(
+                (&info["headSeq"], &info["firstSeq"]),
+                (&json!(2), &json!(3))
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stream} was not trimmed by age: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn error_of(r: &Resp) -> (u16, &str) {
     (r.status, r.json["error"]["code"].as_str().unwrap_or(""))
 }
@@ -304,21 +324,7 @@ async fn check_policies(s: &TestServer) {
     api.publish("tmp:1", json!(2)).await;
     api.publish("keep:1", json!(1)).await;
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let info = api.info("tmp:1").await;
-        if info["count"] == 0 {
-            assert_eq!(
-                (&info["headSeq"], &info["firstSeq"]),
-                (&json!(2), &json!(3))
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tmp:1 was not trimmed by age: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    trimmed_by_age(&api, "tmp:1", deadline).await;
     let keep = stored(&api, "keep:1").await;
     assert_eq!(
         (&keep["count"], &keep["events"]),
@@ -436,21 +442,7 @@ async fn check_longer_age(s: &TestServer) {
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     for stream in ["gone:1", "gone:2"] {
-        loop {
-            let info = api.info(stream).await;
-            if info["count"] == 0 {
-                assert_eq!(
-                    (&info["headSeq"], &info["firstSeq"]),
-                    (&json!(2), &json!(3))
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{stream} was not trimmed: {info}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        trimmed_by_age(&api, stream, deadline).await;
     }
     let keep = stored(&api, "keep:1").await;
     assert_eq!(keep["events"], json!([[1, 1], [2, 2]]), "{keep}");
