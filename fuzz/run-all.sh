@@ -19,7 +19,7 @@ shift || true
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(client_frame publish_body resume_token connect_token config_toml last_event_id jwks)
+    targets=(client_frame client_binary_frame publish_body resume_token connect_token config_toml last_event_id jwks)
 fi
 export RUSTC_BOOTSTRAP="${RUSTC_BOOTSTRAP:-1}"
 rss_mb="${FUZZ_RSS_LIMIT_MB:-2048}"

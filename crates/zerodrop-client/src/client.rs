@@ -11,8 +11,8 @@
 //!   `lastAck` = the highest seq each subscription handled. A `reconnect` frame (a drain) is
 //!   followed at once (or after its `retryAfterMs`), without backoff.
 //! - **Acks.** An event is acked only after the application calls [`Received::handled`];
-//!   acks are batched, at most one frame every `ack_interval` (`zerodrop.v2`: one frame for
-//!   all streams; `zerodrop.v1`: one per stream), carrying the highest seq handled without a
+//!   acks are batched, at most one frame every `ack_interval` (`zerodrop.v2` and later: one
+//!   frame for all streams; `zerodrop.v1`: one per stream), carrying the highest seq handled without a
 //!   hole.
 //! - **Dedupe and gaps.** A seq at or below the last delivered is dropped; a seq more than one
 //!   past it makes the driver read the missing range with `GET …/events` (connect token)
@@ -44,7 +44,7 @@ use crate::presence::{Next as PresenceNext, PresenceView, Tracker};
 use crate::ws::{WsAuth, WsConnection};
 
 /// The subprotocols the SDK offers, current first.
-pub const OFFERED_PROTOCOLS: &str = "zerodrop.v2, zerodrop.v1";
+pub const OFFERED_PROTOCOLS: &str = "zerodrop.v3, zerodrop.v2, zerodrop.v1";
 
 /// How a [`Client`] behaves; [`ClientOptions::default`] has the documented defaults.
 #[derive(Clone, Debug)]
@@ -364,6 +364,13 @@ pub struct Received {
 }
 
 impl Received {
+    /// The payload's bytes when it is a byte payload (`{"$base64"}`: a Durable Streams
+    /// append, a binary publish), whichever frame carried it (a `zerodrop.v3` binary frame
+    /// or the text form).
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        zerodrop_core::payload::data_bytes(self.data.get())
+    }
+
     /// Marks the event handled: it may now be acked. Idempotent; events may be handled in any
     /// order (the ack carries the highest seq handled without a hole).
     pub fn handled(&self) {
@@ -1415,7 +1422,7 @@ impl Driver {
         if acks.is_empty() {
             return;
         }
-        if conn.protocol() == "zerodrop.v2" {
+        if conn.protocol() != crate::PROTOCOL {
             let _ = conn.send(&ClientFrame::Ack(Ack::batch(acks))).await;
         } else {
             for (stream, seq) in acks {

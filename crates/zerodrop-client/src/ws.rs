@@ -90,7 +90,7 @@ impl WsConnection {
     }
 
     /// [`WsConnection::connect`] offering `protocols` (a `Sec-WebSocket-Protocol` value, e.g.
-    /// `"zerodrop.v2, zerodrop.v1"`); [`WsConnection::protocol`] says which one the server
+    /// `"zerodrop.v3, zerodrop.v2, zerodrop.v1"`); [`WsConnection::protocol`] says which one the server
     /// chose.
     pub async fn connect_offering(
         base_url: &str,
@@ -220,7 +220,7 @@ impl WsConnection {
         &self.welcome
     }
 
-    /// The subprotocol the server chose (`zerodrop.v2` or `zerodrop.v1`).
+    /// The subprotocol the server chose (`zerodrop.v3`, `zerodrop.v2` or `zerodrop.v1`).
     pub fn protocol(&self) -> &str {
         &self.welcome.protocol
     }
@@ -276,6 +276,35 @@ impl WsConnection {
         .await
     }
 
+    /// Publishes `bytes` as a byte payload (stored as `{"$base64"}`): one binary frame on
+    /// `zerodrop.v3`, the `{"$base64"}` text form on the earlier versions. Answered by
+    /// `published` like [`WsConnection::publish`].
+    pub async fn publish_bytes(
+        &mut self,
+        stream: &str,
+        bytes: &[u8],
+        id: Option<String>,
+    ) -> Result<(), ClientError> {
+        let id = id.map(serde_json::Value::String);
+        if self.protocol() == zerodrop_core::frames::binary::PROTOCOL {
+            let frame = ClientFrame::publish_binary(stream, id, bytes);
+            return self
+                .ws
+                .send(Message::Binary(frame.into()))
+                .await
+                .map_err(ws_error);
+        }
+        let data =
+            serde_json::value::RawValue::from_string(zerodrop_core::payload::bytes_data(bytes))
+                .map_err(|e| ClientError::Protocol(format!("publish data: {e}")))?;
+        self.send(&ClientFrame::Publish(Publish {
+            stream: stream.to_string(),
+            data: Some(data),
+            id,
+        }))
+        .await
+    }
+
     /// The next frame from the server. `ping` is answered before it is returned; a close
     /// becomes [`ClientError::Closed`] with the server's close code. Cancel-safe.
     pub async fn recv(&mut self) -> Result<ServerFrame, ClientError> {
@@ -290,19 +319,20 @@ impl WsConnection {
                 Some(Err(e)) => return Err(ws_error(e)),
                 Some(Ok(m)) => m,
             };
-            let text = match msg {
-                Message::Text(t) => t,
+            let frame = match msg {
+                Message::Text(t) => ServerFrame::parse(t.as_str())?,
+                // `zerodrop.v3`: a byte payload's event, decoded to the frame its text form
+                // gives.
+                Message::Binary(b) => ServerFrame::parse_binary(&b)?,
                 Message::Close(c) => {
                     return Err(ClientError::Closed {
                         code: c.as_ref().map(|c| u16::from(c.code)),
                         reason: c.map(|c| c.reason.to_string()).unwrap_or_default(),
                     });
                 }
-                // Binary frames are not part of the protocol; control frames are handled
-                // by tungstenite.
+                // Control frames are handled by tungstenite.
                 _ => continue,
             };
-            let frame = ServerFrame::parse(text.as_str())?;
             match &frame {
                 ServerFrame::Ping(p) => {
                     let pong = ClientFrame::Pong(Ping::echo(p));

@@ -110,6 +110,19 @@ impl Event {
         s.push_str(body);
         s
     }
+
+    /// The `zerodrop.v3` binary `event` frame when the payload is bytes (`{"$base64"}`):
+    /// the `event` frame without `data`, LF, the bytes (`crate::frames::binary`).
+    pub fn ws_binary_frame(&self) -> Option<Vec<u8>> {
+        let bytes = crate::payload::data_bytes(self.data())?;
+        const DATA: &str = ",\"data\":";
+        let fields = self.json.get(1..self.data_start.checked_sub(DATA.len())?)?;
+        let mut header = String::with_capacity(fields.len() + 17);
+        header.push_str("{\"type\":\"event\",");
+        header.push_str(std::str::from_utf8(fields).ok()?);
+        header.push('}');
+        Some(crate::frames::binary::frame(&header, &bytes))
+    }
 }
 
 impl std::fmt::Debug for Event {

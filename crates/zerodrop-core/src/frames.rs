@@ -35,6 +35,10 @@ pub enum FrameError {
     /// An object without `type`.
     #[error("a frame needs a type")]
     NoType,
+    /// A `zerodrop.v3` binary frame without the LF that ends its header, or whose header is
+    /// not UTF-8, or of a type that is never binary.
+    #[error("invalid binary frame: {0}")]
+    Binary(&'static str),
     /// A `type` this side does not know (at most 32 characters of it are kept).
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
@@ -488,6 +492,122 @@ impl ServerFrame {
     }
 }
 
+/// `zerodrop.v3`'s binary frames, for byte payloads (`crate::payload`): the frame's header as
+/// one line of compact JSON (an `event` or `publish` frame without `data`), one LF, then the
+/// payload's bytes exactly. Compact JSON escapes every control character, so the first LF
+/// ends the header.
+pub mod binary {
+    use super::{ClientFrame, EventFrame, FrameError, ServerFrame};
+    use crate::payload::bytes_data;
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    /// The subprotocol that has binary frames.
+    pub const PROTOCOL: &str = "zerodrop.v3";
+
+    /// A binary frame: `header`, LF, `bytes`.
+    pub fn frame(header: &str, bytes: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(header.len() + 1 + bytes.len());
+        f.extend_from_slice(header.as_bytes());
+        f.push(b'\n');
+        f.extend_from_slice(bytes);
+        f
+    }
+
+    /// A binary frame's header and payload.
+    pub fn split(frame: &[u8]) -> Result<(&str, &[u8]), FrameError> {
+        let lf = frame
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(FrameError::Binary("no LF ends the header"))?;
+        let header = std::str::from_utf8(&frame[..lf])
+            .map_err(|_| FrameError::Binary("the header is not UTF-8"))?;
+        Ok((header, &frame[lf + 1..]))
+    }
+
+    /// The payload as the `data` every other form of the frame carries (`{"$base64"}`).
+    fn data(bytes: &[u8]) -> Box<RawValue> {
+        // `bytes_data` is always one valid JSON object.
+        RawValue::from_string(bytes_data(bytes)).expect("a byte payload's data is JSON")
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct EventHeader {
+        #[serde(rename = "type")]
+        _ty: String,
+        stream: String,
+        seq: u64,
+        #[serde(default)]
+        epoch: String,
+        #[serde(default)]
+        ts: u64,
+    }
+
+    impl ServerFrame {
+        /// Decodes a binary server frame: an `event` whose `data` is the payload as
+        /// `{"$base64"}`, the same frame a v2 text frame of that event gives.
+        pub fn parse_binary(frame: &[u8]) -> Result<ServerFrame, FrameError> {
+            let (header, bytes) = split(frame)?;
+            let ty = super::leading_tag(header)?;
+            if ty != "event" {
+                return Err(FrameError::Binary("only an event is a binary server frame"));
+            }
+            let h: EventHeader = serde_json::from_str(header)?;
+            Ok(ServerFrame::Event(EventFrame {
+                stream: h.stream,
+                seq: h.seq,
+                epoch: h.epoch,
+                ts: h.ts,
+                data: data(bytes),
+            }))
+        }
+    }
+
+    impl ClientFrame {
+        /// Decodes a binary client frame: a `publish` without `data` in its header, the
+        /// payload as its `data`.
+        pub fn parse_binary(frame: &[u8]) -> Result<ClientFrame, FrameError> {
+            let (header, bytes) = split(frame)?;
+            match ClientFrame::parse(header)? {
+                ClientFrame::Publish(mut p) if p.data.is_none() => {
+                    p.data = Some(data(bytes));
+                    Ok(ClientFrame::Publish(p))
+                }
+                ClientFrame::Publish(_) => Err(FrameError::Binary(
+                    "a binary publish carries its data after the header, not in it",
+                )),
+                _ => Err(FrameError::Binary(
+                    "only a publish is a binary client frame",
+                )),
+            }
+        }
+
+        /// A binary `publish` of `bytes` (`data` is ignored).
+        pub fn publish_binary(
+            stream: &str,
+            id: Option<serde_json::Value>,
+            bytes: &[u8],
+        ) -> Vec<u8> {
+            let header = ClientFrame::Publish(super::Publish {
+                stream: stream.to_string(),
+                data: None,
+                id,
+            })
+            .to_json();
+            frame(&header, bytes)
+        }
+    }
+
+    impl EventFrame {
+        /// The payload's bytes when it is a byte payload (`{"$base64"}`), whichever frame
+        /// carried it.
+        pub fn bytes(&self) -> Option<Vec<u8>> {
+            crate::payload::data_bytes(self.data.get())
+        }
+    }
+}
+
 fn to_json<T: Serialize>(frame: &T) -> String {
     // Strings, integers, raw JSON and maps with string keys always serialise; only
     // `ServerFrame::Unknown`, which is never built for sending, could fail.
@@ -655,5 +775,99 @@ mod tests {
             ClientFrame::parse(r#"{"type":"nope"}"#),
             Err(FrameError::UnknownType(t)) if t == "nope"
         ));
+    }
+
+    #[test]
+    fn binary_frames_carry_bytes_as_the_text_frames_do() {
+        use crate::event::Event;
+        use crate::{Epoch, Seq, StreamId};
+        let bytes = [0u8, b'\n', 0xff, b'{', b'"'];
+        let e = Event::encode(
+            StreamId::new("room:b").unwrap(),
+            Seq(7),
+            Epoch::parse("00000000000000aa").unwrap(),
+            5,
+            &crate::payload::bytes_data(&bytes),
+        );
+        let f = e.ws_binary_frame().expect("a byte payload is binary on v3");
+        let lf = f.iter().position(|&b| b == b'\n').unwrap();
+        assert_eq!(
+            std::str::from_utf8(&f[..lf]).unwrap(),
+            r#"{"type":"event","stream":"room:b","seq":7,"epoch":"00000000000000aa","ts":5}"#
+        );
+        assert_eq!(&f[lf + 1..], &bytes);
+        // Decoded, it is the frame the text form gives.
+        let (ServerFrame::Event(bin), ServerFrame::Event(text)) = (
+            ServerFrame::parse_binary(&f).unwrap(),
+            ServerFrame::parse(&e.ws_frame()).unwrap(),
+        ) else {
+            panic!("both are events")
+        };
+        assert_eq!(
+            (
+                bin.stream.as_str(),
+                bin.seq,
+                bin.epoch.as_str(),
+                bin.ts,
+                bin.data.get()
+            ),
+            (
+                text.stream.as_str(),
+                text.seq,
+                text.epoch.as_str(),
+                text.ts,
+                text.data.get()
+            )
+        );
+        assert_eq!(bin.bytes().unwrap(), bytes);
+        // Empty bytes; any other payload is never binary.
+        let empty = Event::encode(
+            StreamId::new("a").unwrap(),
+            Seq(1),
+            Epoch::parse("e").unwrap(),
+            1,
+            &crate::payload::bytes_data(b""),
+        );
+        assert!(empty.ws_binary_frame().unwrap().ends_with(b"}\n"));
+        for data in [
+            r#"{"n":1}"#,
+            r#"{"$base64":"!!"}"#,
+            r#"{"$base64":"AA==","x":1}"#,
+            "\"AA==\"",
+        ] {
+            let e = Event::encode(
+                StreamId::new("a").unwrap(),
+                Seq(1),
+                Epoch::parse("e").unwrap(),
+                1,
+                data,
+            );
+            assert!(e.ws_binary_frame().is_none(), "{data}");
+        }
+    }
+
+    #[test]
+    fn a_binary_publish_is_a_publish_of_the_bytes() {
+        let f = ClientFrame::publish_binary("room:b", Some(json!("p-1")), b"\x00\nhi");
+        assert!(f.starts_with(br#"{"type":"publish","stream":"room:b","id":"p-1"}"#));
+        let ClientFrame::Publish(p) = ClientFrame::parse_binary(&f).unwrap() else {
+            panic!("a publish")
+        };
+        assert_eq!(p.stream, "room:b");
+        assert_eq!(p.id, Some(json!("p-1")));
+        assert_eq!(
+            p.data.unwrap().get(),
+            crate::payload::bytes_data(b"\x00\nhi")
+        );
+        for bad in [
+            &b"no newline"[..],
+            b"not json\n\x00",
+            b"{\"type\":\"subscribe\",\"stream\":\"a\"}\n\x00",
+            b"{\"type\":\"publish\",\"stream\":\"a\",\"data\":1}\n\x00",
+            b"\xff\xfe\n",
+        ] {
+            assert!(ClientFrame::parse_binary(bad).is_err(), "{bad:?}");
+        }
+        assert!(ServerFrame::parse_binary(b"{\"type\":\"pong\"}\n").is_err());
     }
 }

@@ -35,6 +35,10 @@ pub const TARGETS: &[Target] = &[
         run: targets::client_frame,
     },
     Target {
+        name: "client_binary_frame",
+        run: targets::client_binary_frame,
+    },
+    Target {
         name: "resume_token",
         run: targets::resume_token,
     },

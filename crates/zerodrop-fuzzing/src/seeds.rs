@@ -23,6 +23,7 @@ const FIXTURES: &[&str] = &[
     include_str!("../../zerodrop-server/tests/fixtures/v2/resume_frame.jsonl"),
     include_str!("../../zerodrop-server/tests/fixtures/v2/resume_query.jsonl"),
     include_str!("../../zerodrop-server/tests/fixtures/v2/timers.jsonl"),
+    include_str!("../../zerodrop-server/tests/fixtures/v3/binary.jsonl"),
 ];
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/zerodrop.toml");
@@ -176,8 +177,36 @@ pub fn generate() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ])
         .collect();
 
+    // `zerodrop.v3` binary frames: the recorded ones (header, LF, bytes; or raw), and edges.
+    let binaries: Vec<Vec<u8>> = fixture_values("sendBinary")
+        .iter()
+        .map(|b| {
+            let bytes = |b64: &Value| {
+                let data = json!({ zerodrop_core::payload::BYTES_MEMBER: b64 }).to_string();
+                zerodrop_core::payload::data_bytes(&data).expect("recorded base64")
+            };
+            match b.get("raw") {
+                Some(raw) => bytes(raw),
+                None => zerodrop_core::frames::binary::frame(
+                    &b["header"].to_string(),
+                    &bytes(&b["base64"]),
+                ),
+            }
+        })
+        .chain([
+            b"{\"type\":\"publish\",\"stream\":\"a\"}\n".to_vec(),
+            b"{\"type\":\"publish\",\"stream\":\"a\",\"id\":{\"n\":[1]}}\n\n\n\xff".to_vec(),
+            format!(
+                "{{\"type\":\"publish\",\"stream\":\"a\",\"id\":{}}}\n",
+                nested(65)
+            )
+            .into_bytes(),
+        ])
+        .collect();
+
     vec![
         ("client_frame", frames),
+        ("client_binary_frame", binaries),
         (
             "resume_token",
             vec![

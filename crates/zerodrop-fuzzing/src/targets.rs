@@ -14,6 +14,35 @@ use zerodrop_server::auth::Auth;
 use zerodrop_server::config::Config;
 use zerodrop_server::secrets::Secrets;
 
+/// A `zerodrop.v3` binary client frame, as the server reads it
+/// (`zerodrop_server::ws::parse_binary_frame`).
+///
+/// Invariants: what parses is a `publish` whose `data` is the bytes after the first LF,
+/// exactly; encoding that publish again gives a frame that parses to the same publish.
+pub fn client_binary_frame(data: &[u8]) {
+    let Ok(frame) = zerodrop_server::ws::parse_binary_frame(data) else {
+        return;
+    };
+    let ClientFrame::Publish(p) = frame else {
+        panic!("a binary frame read as something else than a publish: {data:?}");
+    };
+    let lf = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a frame that parsed has an LF");
+    let stored = p.data.as_ref().expect("a binary publish has data").get();
+    let bytes = zerodrop_core::payload::data_bytes(stored).expect("its data is a byte payload");
+    assert_eq!(bytes, &data[lf + 1..], "the bytes of {data:?}");
+    let again = ClientFrame::publish_binary(&p.stream, p.id.clone(), &bytes);
+    let Ok(ClientFrame::Publish(q)) = zerodrop_server::ws::parse_binary_frame(&again) else {
+        panic!("{again:?} (from {data:?}) does not parse as a publish");
+    };
+    assert_eq!(q.stream, p.stream);
+    assert_eq!(q.data.as_ref().map(|d| d.get()), Some(stored));
+    let id = |id: &Option<Value>| id.clone().unwrap_or(Value::Null);
+    assert!(same_json(&id(&q.id), &id(&p.id)), "the id of {data:?}");
+}
+
 /// The resume-key ring of the targets (two keys: the second verifies only).
 pub const RESUME_KEYS: &str = "k2:fuzz-resume-key-two-0123456789,k1:fuzz-resume-key-one-0123456789";
 /// The key `k1` of [`RESUME_KEYS`], which signs the payloads of `resume_token`'s second mode.

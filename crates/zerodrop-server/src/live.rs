@@ -37,6 +37,8 @@ const LOG_READ_EVENTS: usize = 256;
 pub struct Delivery {
     pub event: Arc<Event>,
     ws: OnceLock<Utf8Bytes>,
+    /// `zerodrop.v3`'s binary frame, for a byte payload (`None` for any other).
+    ws_binary: OnceLock<Option<Bytes>>,
     sse: OnceLock<Bytes>,
 }
 
@@ -45,6 +47,7 @@ impl Delivery {
         Arc::new(Delivery {
             event,
             ws: OnceLock::new(),
+            ws_binary: OnceLock::new(),
             sse: OnceLock::new(),
         })
     }
@@ -57,6 +60,13 @@ impl Delivery {
     pub fn ws_frame(&self) -> Utf8Bytes {
         self.ws
             .get_or_init(|| Utf8Bytes::from(self.event.ws_frame()))
+            .clone()
+    }
+
+    /// The `zerodrop.v3` binary `event` frame (shared bytes) when the payload is bytes.
+    pub fn ws_binary_frame(&self) -> Option<Bytes> {
+        self.ws_binary
+            .get_or_init(|| self.event.ws_binary_frame().map(Bytes::from))
             .clone()
     }
 

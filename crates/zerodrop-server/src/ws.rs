@@ -8,7 +8,9 @@
 //! encodes with), each variant with its own handler (`on_subscribe`, `on_ack`, …). What the
 //! server says goes out as a `ServerFrame`, but for events, whose frame was built once at
 //! append and is shared by every subscriber; a burst of events costs one flush per
-//! subscriber, not one per event.
+//! subscriber, not one per event. On `zerodrop.v3` an event whose payload is bytes goes as a
+//! binary frame (built once too), and a binary frame from the client is a `publish` of bytes
+//! (`zerodrop_core::frames::binary`).
 //!
 //! The upgrade is answered here (the `101`, the subprotocol, `permessage-deflate` when offered
 //! and `--ws-deflate` is on), and tungstenite runs over the upgraded connection through
@@ -33,6 +35,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use governor::clock::DefaultClock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -45,9 +48,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 use zerodrop_core::checkpoint::{self, AckError};
+use zerodrop_core::frames::binary;
 use zerodrop_core::frames::{
-    self, Ack, ClientFrame, Closed, Ping, PresenceAt, Publish, Published, Reconnect, Refresh,
-    RefreshAsk, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
+    self, Ack, ClientFrame, Closed, FrameError, Ping, PresenceAt, Publish, Published, Reconnect,
+    Refresh, RefreshAsk, ServerFrame, Subscribe, Subscribed, Token, Unsubscribe, Welcome,
 };
 use zerodrop_core::{Epoch, ErrorCode, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::PresenceEntry;
@@ -66,9 +70,13 @@ use crate::http::extract::{Query, Upgrade};
 use crate::live::Delivery;
 use crate::metrics::Transport;
 
-/// Subprotocols this server speaks, newest first (the current one and the previous one).
-pub const PROTOCOLS: &[&str] = &["zerodrop.v2", "zerodrop.v1"];
+/// Subprotocols this server speaks, newest first (the current one, the previous one, and v1
+/// until its removal is announced).
+pub const PROTOCOLS: &[&str] = &[V3, "zerodrop.v2", V1];
 
+/// The current version: byte payloads travel as binary frames
+/// (`zerodrop_core::frames::binary`).
+const V3: &str = binary::PROTOCOL;
 /// The previous version: every frame keeps its v1 shape (no batched `acks`).
 const V1: &str = "zerodrop.v1";
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,10 +234,11 @@ impl WsWire {
 
 impl Wire for WsWire {
     async fn event(&mut self, d: &Delivery) -> Result<(), Exit> {
-        self.socket
-            .feed(Message::Text(d.ws_frame()))
-            .await
-            .map_err(write_error)
+        let frame = match (self.protocol == V3).then(|| d.ws_binary_frame()).flatten() {
+            Some(bytes) => Message::Binary(bytes),
+            None => Message::Text(d.ws_frame()),
+        };
+        self.socket.feed(frame).await.map_err(write_error)
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
@@ -660,10 +669,7 @@ impl Conn {
                     // Boxed: handling a client frame needs far more state than waiting does,
                     // and idle connections should not carry it.
                     Some(Ok(Message::Text(t))) => Box::pin(self.on_text(t)).await?,
-                    Some(Ok(Message::Binary(_))) => {
-                        self.send_error(ApiError::invalid("binary frames are not supported"))
-                            .await?;
-                    }
+                    Some(Ok(Message::Binary(b))) => Box::pin(self.on_binary(b)).await?,
                     Some(Ok(Message::Close(_))) => return Err(Exit::Gone("client closed")),
                     Some(Ok(_)) => {}
                 },
@@ -743,6 +749,26 @@ impl Conn {
             }
             Ok(ClientFrame::Resume(_)) => self.on_late_resume().await,
             Ok(ClientFrame::Refresh(f)) => self.on_refresh(f).await,
+        }
+    }
+
+    /// A binary frame: on `zerodrop.v3` a `publish` of bytes, limited like any text frame;
+    /// on the earlier versions, and of any other kind, `INVALID_REQUEST`.
+    async fn on_binary(&mut self, frame: Bytes) -> Result<(), Exit> {
+        if !self.admit().await? {
+            return Ok(());
+        }
+        if self.wire.protocol != V3 {
+            let e = ApiError::invalid(format!(
+                "binary frames need the {V3} subprotocol; this socket speaks {}",
+                self.wire.protocol
+            ));
+            return self.send_error(e).await;
+        }
+        match parse_binary_frame(&frame) {
+            Ok(ClientFrame::Publish(f)) => self.on_publish(f).await,
+            Ok(_) => unreachable!("a binary client frame is a publish"),
+            Err(e) => self.send_error(e).await,
         }
     }
 
@@ -1084,6 +1110,19 @@ impl Conn {
 /// `ping`'s `t`, which is echoed) may nest as deep as event data may, and no deeper. Public
 /// for the fuzz targets (`zerodrop-fuzzing`).
 pub fn parse_frame(text: &str) -> Result<ClientFrame, ApiError> {
+    check_depth(text)?;
+    ClientFrame::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// One `zerodrop.v3` binary client frame as the server reads it: a `publish` whose `data` is
+/// the bytes after its header line, the header under [`parse_frame`]'s depth rule.
+pub fn parse_binary_frame(frame: &[u8]) -> Result<ClientFrame, ApiError> {
+    let invalid = |e: FrameError| ApiError::invalid(e.to_string());
+    check_depth(binary::split(frame).map_err(invalid)?.0)?;
+    ClientFrame::parse_binary(frame).map_err(invalid)
+}
+
+fn check_depth(text: &str) -> Result<(), ApiError> {
     let depth = zerodrop_core::json::depth(text);
     if depth > zerodrop_core::json::MAX_DEPTH + 1 {
         return Err(ApiError::invalid(format!(
@@ -1091,7 +1130,7 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, ApiError> {
             zerodrop_core::json::MAX_DEPTH
         )));
     }
-    ClientFrame::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+    Ok(())
 }
 
 /// The clock of every connection's frame limiter, made once: making a clock probes the CPU

@@ -1,7 +1,8 @@
-//! N/N-1: recorded client sessions replayed against the current server, for both
-//! subprotocols it speaks: `tests/fixtures/v2/` (the current one) and `tests/fixtures/v1/`
-//! (the previous one). Between them they hold every frame type in both directions; the browser
-//! SDK's tests (`clients/js/test/fixtures.test.mjs`) hold it to the same recordings.
+//! N/N-1: recorded client sessions replayed against the current server, for every
+//! subprotocol it speaks: `tests/fixtures/v3/` (the current one), `tests/fixtures/v2/` (the
+//! previous one) and `tests/fixtures/v1/`. The v3 and v2 sets each hold every frame type in
+//! both directions (v3 its binary frames too); the browser SDK's tests
+//! (`clients/js/test/fixtures.test.mjs`) hold it to the same recordings.
 //!
 //! Each file is one session of a client of that version, one step per line:
 //!
@@ -12,6 +13,11 @@
 //! - `{"connect": {"streams", "publish"?, "expInSec"?}}`: a WebSocket offering only the set's
 //!   version, with a connect token (expiring in an hour, or in `expInSec`); `{"connect": "resume"}`: with `?resume=` and the newest resume token;
 //!   `{"connect": "bare"}`: no credential (a `resume` frame comes first);
+//! - `{"sendBinary": {"header", "base64"}}`: a `zerodrop.v3` binary client frame (the header's
+//!   compact JSON, LF, the bytes); `{"sendBinary": {"raw"}}`: a binary frame of exactly those
+//!   bytes (base64), for malformed ones;
+//! - `{"recvBinary": {"header", "base64"}}`: the next server frame is that binary frame
+//!   (header compared like `recv`);
 //! - `{"send": frame}`: a client frame (`"$resumeToken"` is the newest resume token, `"$t"`
 //!   the `t` of the last server `ping`, `"$connectToken"` a fresh connect token for the last
 //!   `connect`'s grants);
@@ -182,6 +188,16 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
                 .unwrap_or_else(|r| panic!("{at}: handshake refused: {r:?}"));
             assert_eq!(client.protocol.as_deref(), Some(protocol), "{at}");
             ws = Some(client);
+        } else if let Some(f) = step.get("sendBinary") {
+            let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
+            let frame = match f["raw"].as_str() {
+                Some(raw) => {
+                    zerodrop_core::payload::data_bytes(&json!({ "$base64": raw }).to_string())
+                        .unwrap_or_else(|| panic!("{at}: raw is not base64"))
+                }
+                None => zerodrop_testkit::ws::binary(&f["header"], f["base64"].as_str().unwrap()),
+            };
+            c.send_binary(frame).await;
         } else if let Some(f) = step.get("send") {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
             let held = Held {
@@ -194,9 +210,17 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
             .get("recv")
             .map(|w| ("recv", w))
             .or_else(|| step.get("await").map(|w| ("await", w)))
+            .or_else(|| step.get("recvBinary").map(|w| ("recvBinary", w)))
         {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
-            let got = if kind == "recv" {
+            let got = if kind == "recvBinary" {
+                let f = c.recv().await;
+                assert!(
+                    f["$binary"].is_object(),
+                    "{at}: expected a binary frame, got {f}"
+                );
+                f["$binary"].clone()
+            } else if kind == "recv" {
                 c.recv().await
             } else {
                 await_frame(c, &want["type"], &at).await
@@ -275,9 +299,10 @@ async fn run_set(set: &str, protocol: &str) -> Vec<Value> {
     for f in &files {
         let steps = replay(f, protocol, record).await;
         for s in &steps {
-            for kind in ["send", "recv", "await"] {
+            for kind in ["send", "recv", "await", "sendBinary", "recvBinary"] {
                 if let Some(frame) = s.get(kind) {
-                    frames.push(json!({ "dir": kind, "type": frame["type"] }));
+                    let ty = frame.get("header").unwrap_or(frame)["type"].clone();
+                    frames.push(json!({ "dir": kind, "type": ty }));
                 }
             }
         }
@@ -300,6 +325,27 @@ async fn recorded_v1_sessions_run_unchanged_against_the_current_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_server() {
     let frames = run_set("v2", "zerodrop.v2").await;
+    assert_every_frame_type("v2", &frames);
+}
+
+/// The current version's recordings hold every frame type too, and its binary frames both
+/// ways: byte payloads delivered and published, and malformed binary frames refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_v3_sessions_hold_every_frame_type_and_binary_frames_both_ways() {
+    let frames = run_set("v3", "zerodrop.v3").await;
+    assert_every_frame_type("v3", &frames);
+    let binary = |dir: &str, ty: &str| frames.iter().any(|f| f["dir"] == dir && f["type"] == ty);
+    assert!(
+        binary("recvBinary", "event"),
+        "no v3 fixture receives a binary event"
+    );
+    assert!(
+        binary("sendBinary", "publish"),
+        "no v3 fixture sends a binary publish"
+    );
+}
+
+fn assert_every_frame_type(set: &str, frames: &[Value]) {
     let has = |dir: &str, ty: &str| {
         frames
             .iter()
@@ -331,10 +377,10 @@ async fn recorded_v2_sessions_hold_every_frame_type_and_run_against_the_current_
         "closed",
     ];
     for ty in client {
-        assert!(has("send", ty), "no v2 fixture sends a {ty} frame");
+        assert!(has("send", ty), "no {set} fixture sends a {ty} frame");
     }
     for ty in server {
-        assert!(has("recv", ty), "no v2 fixture receives a {ty} frame");
+        assert!(has("recv", ty), "no {set} fixture receives a {ty} frame");
     }
 }
 

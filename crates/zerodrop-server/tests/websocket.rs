@@ -504,7 +504,7 @@ async fn handshake_and_session_level_errors() {
     let mut c = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &[])
         .await
         .unwrap();
-    assert_eq!(c.expect("welcome").await["protocol"], "zerodrop.v2");
+    assert_eq!(c.expect("welcome").await["protocol"], "zerodrop.v3");
     let c2 = WsClient::connect_with(
         &format!("{base}/v1/ws?token={tok}"),
         &["zerodrop.v0", "zerodrop.v1"],
@@ -512,16 +512,21 @@ async fn handshake_and_session_level_errors() {
     .await
     .unwrap();
     assert_eq!(c2.protocol.as_deref(), Some("zerodrop.v1"));
-    // Both offered: the server picks the current one, whatever the client's order.
-    let mut c3 = WsClient::connect_with(
-        &format!("{base}/v1/ws?token={tok}"),
-        &["zerodrop.v1", "zerodrop.v2"],
-    )
-    .await
-    .unwrap();
-    assert_eq!(c3.protocol.as_deref(), Some("zerodrop.v2"));
-    assert_eq!(c3.expect("welcome").await["protocol"], "zerodrop.v2");
-    c3.close().await;
+    // Several offered: the server picks the newest, whatever the client's order.
+    for (offered, chosen) in [
+        (&["zerodrop.v1", "zerodrop.v2"][..], "zerodrop.v2"),
+        (
+            &["zerodrop.v1", "zerodrop.v3", "zerodrop.v2"][..],
+            "zerodrop.v3",
+        ),
+    ] {
+        let mut c3 = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), offered)
+            .await
+            .unwrap();
+        assert_eq!(c3.protocol.as_deref(), Some(chosen));
+        assert_eq!(c3.expect("welcome").await["protocol"], chosen);
+        c3.close().await;
+    }
     let r = WsClient::connect_with(&format!("{base}/v1/ws?token={tok}"), &["zerodrop.v9"])
         .await
         .err()
@@ -857,4 +862,186 @@ async fn a_client_that_stops_reading_is_let_go_and_resumes_without_a_gap() {
     assert_eq!(m["ws_metrics"]["dropped_messages"], 0, "{m}");
     assert_eq!(m["ws_metrics"]["ws_active"], 1, "{m}");
     c.close().await;
+}
+
+/// `zerodrop.v3`: an event whose payload is bytes (a Durable Streams append, a binary
+/// publish, or any `{"$base64"}` data) is a binary frame on v3 and the `{"$base64"}` text
+/// frame on v2, live and replayed; a binary frame from a v3 client publishes bytes under the
+/// publish rules and limits; on v2 a binary frame is refused and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v3_carries_byte_payloads_as_binary_frames_both_ways() {
+    let s = TestServer::with(|c| {
+        c.max_payload_bytes = 1024;
+        c.max_frame_bytes = 4096;
+    })
+    .await;
+    let api = s.api();
+    let http = reqwest::Client::new();
+    let ds = format!("{}/ds/v1/stream/bin:1", s.url);
+    let append = |body: Vec<u8>| {
+        http.post(&ds)
+            .bearer_auth(&s.creds.api_key)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+    };
+    let r = http
+        .put(&ds)
+        .bearer_auth(&s.creds.api_key)
+        .header("content-type", "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(
+        append(vec![0, b'\n', 0xff, 7])
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    api.publish("bin:1", json!({"n": 1})).await;
+
+    let tok = s.creds.token("u1", &["bin:*"], &["bin:1"]);
+    let url = format!("{}/v1/ws?token={tok}", s.ws_url());
+    let mut v3 = WsClient::connect_with(&url, &["zerodrop.v3"])
+        .await
+        .unwrap();
+    let mut v2 = WsClient::connect_with(&url, &["zerodrop.v2"])
+        .await
+        .unwrap();
+    let resume = v3.expect("welcome").await["resumeToken"].clone();
+    v2.expect("welcome").await;
+    for c in [&mut v3, &mut v2] {
+        c.send(json!({"type":"subscribe","stream":"bin:1","after":0}))
+            .await;
+        assert_eq!(c.expect("subscribed").await["headSeq"], 2);
+    }
+    let header = |seq: u64| json!({"type": "event", "stream": "bin:1", "seq": seq});
+    let binary = |f: &Value, seq: u64, b64: &str| {
+        let h = &f["$binary"]["header"];
+        assert_eq!(
+            (&h["type"], &h["stream"], &h["seq"], &f["$binary"]["base64"]),
+            (
+                &header(seq)["type"],
+                &header(seq)["stream"],
+                &header(seq)["seq"],
+                &json!(b64)
+            ),
+            "{f}"
+        );
+        assert!(
+            h["epoch"].is_string() && h["ts"].is_u64() && h.get("data").is_none(),
+            "{f}"
+        );
+    };
+    // Replayed: a byte payload is binary on v3, the `{"$base64"}` object on v2; JSON is text.
+    binary(&v3.recv().await, 1, "AAr/Bw==");
+    assert_eq!(v3.recv().await["data"], json!({"n": 1}));
+    let f = v2.recv().await;
+    assert_eq!(
+        (&f["seq"], &f["data"]),
+        (&json!(1), &json!({"$base64": "AAr/Bw=="}))
+    );
+    assert_eq!(v2.recv().await["data"], json!({"n": 1}));
+
+    // A binary publish (v3) is stored as the byte payload and delivered live to both.
+    let frame =
+        |hdr: Value, bytes: &[u8]| zerodrop_core::frames::binary::frame(&hdr.to_string(), bytes);
+    v3.send_binary(frame(
+        json!({"type":"publish","stream":"bin:1","id":"b-1"}),
+        b"\x00hi\n",
+    ))
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(v3.recv().await);
+    }
+    got.sort_by_key(|f| f["$binary"].is_object());
+    assert_eq!(got[0]["type"], "published", "{got:?}");
+    assert_eq!((&got[0]["seq"], &got[0]["id"]), (&json!(3), &json!("b-1")));
+    binary(&got[1], 3, "AGhpCg==");
+    assert_eq!(v2.recv().await["data"], json!({"$base64": "AGhpCg=="}));
+    let page = api.read("bin:1", 2, 10).await.json;
+    assert_eq!(page["events"][0]["data"], json!({"$base64": "AGhpCg=="}));
+
+    // Refusals store nothing: bytes past the payload limit (base64 grows them by 4/3), a
+    // stream the token may not publish to, a header that is no publish, a frame with no LF.
+    let refusals = [
+        (
+            frame(
+                json!({"type":"publish","stream":"bin:1","id":"big"}),
+                &[1; 800],
+            ),
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            frame(json!({"type":"publish","stream":"bin:2"}), b"x"),
+            "FORBIDDEN",
+        ),
+        (
+            frame(json!({"type":"ack","stream":"bin:1","seq":1}), b"x"),
+            "INVALID_REQUEST",
+        ),
+        (b"no header line".to_vec(), "INVALID_REQUEST"),
+    ];
+    for (f, code) in refusals {
+        v3.send_binary(f).await;
+        assert_eq!(v3.expect("error").await["code"], code);
+    }
+    v2.send_binary(frame(json!({"type":"publish","stream":"bin:1"}), b"x"))
+        .await;
+    let e = v2.expect("error").await;
+    assert_eq!(e["code"], "INVALID_REQUEST");
+    assert!(
+        e["message"].as_str().unwrap().contains("zerodrop.v3"),
+        "{e}"
+    );
+    assert_eq!(api.info("bin:1").await["headSeq"], 3, "nothing stored");
+
+    // A resumed v3 socket replays from the log as binary frames too.
+    v3.abort();
+    let token = resume.as_str().unwrap();
+    let mut again = WsClient::connect_with(
+        &format!("{}/v1/ws?resume={token}", s.ws_url()),
+        &["zerodrop.v3"],
+    )
+    .await
+    .unwrap();
+    again.expect("welcome").await;
+    assert!(append(vec![9; 3]).await.unwrap().status().is_success());
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&4) {
+        let f = again.recv().await;
+        let seq = f["$binary"]["header"]["seq"].as_u64().or(f["seq"].as_u64());
+        if let Some(seq) = seq {
+            if seq == 4 {
+                binary(&f, 4, "CQkJ");
+            }
+            seqs.push(seq);
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // A binary frame over the frame limit closes with 1009.
+    again
+        .send_binary(frame(
+            json!({"type":"publish","stream":"bin:1"}),
+            &[0; 5000],
+        ))
+        .await;
+    let mut code = None;
+    loop {
+        match again.next_within(Duration::from_secs(5)).await {
+            Next::Frame(f) if f["type"] == "error" => assert_eq!(f["code"], "PAYLOAD_TOO_LARGE"),
+            Next::Frame(_) => {}
+            Next::Closed(c) => {
+                code = c;
+                break;
+            }
+            Next::Timeout => break,
+        }
+    }
+    assert_eq!(code, Some(1009));
+    assert_eq!(api.info("bin:1").await["headSeq"], 4, "stored data intact");
 }

@@ -126,7 +126,8 @@ impl WsClient {
         self.ws.send(Message::Binary(b.into())).await.expect("send");
     }
 
-    /// The next text frame (server pings included), a close, or a timeout after `within`.
+    /// The next frame (server pings included), a close, or a timeout after `within`. A
+    /// `zerodrop.v3` binary frame is `{"$binary":{"header":<its header>,"base64":<its bytes>}}`.
     pub async fn next_within(&mut self, within: Duration) -> Next {
         loop {
             match tokio::time::timeout(within, self.ws.next()).await {
@@ -144,6 +145,7 @@ impl WsClient {
                         serde_json::from_str(t.as_str()).expect("server frames are JSON"),
                     );
                 }
+                Ok(Some(Ok(Message::Binary(b)))) => return Next::Frame(binary_frame(&b)),
                 Ok(Some(Ok(_))) => continue,
             }
         }
@@ -248,4 +250,24 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
     }
+}
+
+/// A binary frame as [`WsClient::next_within`] shows it.
+fn binary_frame(frame: &[u8]) -> Value {
+    let (header, bytes) =
+        zerodrop_core::frames::binary::split(frame).expect("a binary frame has a header line");
+    let data: Value = serde_json::from_str(&zerodrop_core::payload::bytes_data(bytes))
+        .expect("a byte payload is JSON");
+    serde_json::json!({"$binary": {
+        "header": serde_json::from_str::<Value>(header).expect("a binary frame's header is JSON"),
+        "base64": data[zerodrop_core::payload::BYTES_MEMBER],
+    }})
+}
+
+/// A binary frame from its header and the base64 of its payload (the form
+/// [`WsClient::next_within`] shows).
+pub fn binary(header: &Value, base64: &str) -> Vec<u8> {
+    let data = serde_json::json!({ zerodrop_core::payload::BYTES_MEMBER: base64 }).to_string();
+    let bytes = zerodrop_core::payload::data_bytes(&data).expect("valid base64");
+    zerodrop_core::frames::binary::frame(&header.to_string(), &bytes)
 }

@@ -126,7 +126,7 @@ async fn every_event_once_across_a_kill9_and_acks_only_what_was_handled() {
     let client = Client::connect_with(&[&server.url], &token, opts())
         .await
         .unwrap();
-    assert_eq!(client.protocol(), "zerodrop.v2");
+    assert_eq!(client.protocol(), "zerodrop.v3");
     let mut sub = client.subscribe_with(stream, from_start());
 
     // Handled-then-acked: 1..=3 handled, 4 and 5 delivered but not handled.
@@ -175,7 +175,7 @@ async fn every_event_once_across_a_kill9_and_acks_only_what_was_handled() {
     assert_quiet(&mut sub).await;
     assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
     assert_eq!(sub.position().seq, 60);
-    assert_eq!(client.protocol(), "zerodrop.v2");
+    assert_eq!(client.protocol(), "zerodrop.v3");
     wait_stored_ack(&server.url, &client, stream, 60).await;
     client.close().await;
     // A closed client's subscription ends without an error.
@@ -805,5 +805,76 @@ async fn sub_presence_keeps_the_members_current_across_a_resume() {
         assert!(Instant::now() < deadline, "the client never resumed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    client.close().await;
+}
+
+/// Byte payloads: whatever carried them (a `zerodrop.v3` binary frame, a v2 text frame, a
+/// publish of `{"$base64"}` over HTTP), the client hands the same bytes out, and
+/// `publish_bytes` stores the same event on v3 (binary) as on v2 (text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_payloads_reach_the_application_as_the_same_bytes_on_every_version() {
+    use zerodrop_client::frames::ServerFrame;
+    use zerodrop_client::ws::{WsAuth, WsConnection};
+    let s = TestServer::start().await;
+    let stream = "bin:1";
+    let token = s.creds.token("app", &["bin:*"], &["bin:*"]);
+    let client = Client::connect_with(&[&s.url], &token, opts())
+        .await
+        .unwrap();
+    assert_eq!(client.protocol(), "zerodrop.v3");
+    let mut sub = client.subscribe_with(stream, from_start());
+    let payloads: [&[u8]; 3] = [b"\x00\n\xff", b"", b"{\"json\":\"no\"}"];
+    s.api().publish(stream, json!({"$base64": "AAr/"})).await;
+    for (protocol, bytes, id) in [
+        ("zerodrop.v3", payloads[1], "p-1"),
+        ("zerodrop.v2", payloads[2], "p-2"),
+    ] {
+        let auth = WsAuth::Token(token.clone());
+        let mut c = WsConnection::connect_offering(&s.url, auth, LIMIT, protocol)
+            .await
+            .unwrap();
+        assert_eq!(c.protocol(), protocol);
+        c.publish_bytes(stream, bytes, Some(id.into()))
+            .await
+            .unwrap();
+        loop {
+            match c.recv().await.unwrap() {
+                ServerFrame::Published(p) => {
+                    assert_eq!(p.id, Some(json!(id)));
+                    break;
+                }
+                ServerFrame::Error(e) => panic!("{protocol}: {e:?}"),
+                _ => {}
+            }
+        }
+        c.close().await;
+    }
+    for (seq, want) in (1..).zip(payloads) {
+        let e = next_within(&mut sub, LIMIT).await.unwrap().unwrap();
+        assert_eq!((e.seq, e.bytes().as_deref()), (seq, Some(want)));
+    }
+    // A bare v3 connection decodes the binary frames themselves (the client above could
+    // also have read a skipped event back over HTTP).
+    let auth = WsAuth::Token(token.clone());
+    let mut c = WsConnection::connect_offering(&s.url, auth, LIMIT, "zerodrop.v3")
+        .await
+        .unwrap();
+    c.subscribe(stream, Some(0), None).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < payloads.len() {
+        if let ServerFrame::Event(e) = c.recv().await.unwrap() {
+            got.push((e.seq, e.bytes().unwrap()));
+        }
+    }
+    let want: Vec<(u64, Vec<u8>)> = (1..).zip(payloads.map(<[u8]>::to_vec)).collect();
+    assert_eq!(got, want);
+    c.close().await;
+    // The same events read over HTTP are the `{"$base64"}` objects.
+    let page = s.api().read(stream, 0, 10).await.json;
+    assert_eq!(page["events"][1]["data"], json!({"$base64": ""}));
+    assert_eq!(
+        page["events"][2]["data"],
+        json!({"$base64": "eyJqc29uIjoibm8ifQ=="})
+    );
     client.close().await;
 }

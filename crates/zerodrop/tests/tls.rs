@@ -380,7 +380,7 @@ async fn the_client_subscribes_and_verifies_over_wss_and_https() {
     let client = Client::connect_with(&[&url], &tok, options(tls.clone()))
         .await
         .unwrap();
-    assert_eq!(client.protocol(), "zerodrop.v2");
+    assert_eq!(client.protocol(), "zerodrop.v3");
     let mut sub = client.subscribe_with(
         stream,
         SubscribeOptions {
