@@ -136,7 +136,8 @@ export interface ZerodropEvent {
   seq: number;
   epoch: string;
   ts: number;
-  /** The application data (opened, when it was sealed). */
+  /** The application data (opened, when it was sealed); a byte payload (`{"$base64"}` on
+   *  the wire, or a `zerodrop.v3` binary frame) is a `Uint8Array` of its bytes. */
   data: unknown;
   /** Whether `data` arrived sealed (docs/protocol.md, "End-to-end encrypted data"). */
   encrypted: boolean;
@@ -183,10 +184,21 @@ interface RawEvent {
 const enc = new TextEncoder();
 const dec = new TextDecoder("utf-8", { fatal: true });
 
-export function base64urlEncode(b: Uint8Array): string {
+/** `b` as a binary string (one char per byte), for `btoa`; in chunks, for large payloads. */
+function binaryString(b: Uint8Array): string {
   let s = "";
-  for (let i = 0; i < b.length; i++) s += String.fromCharCode(b[i]);
-  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  for (let i = 0; i < b.length; i += 0x8000) s += String.fromCharCode(...b.subarray(i, i + 0x8000));
+  return s;
+}
+
+function binaryBytes(bin: string): Uint8Array {
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+export function base64urlEncode(b: Uint8Array): string {
+  return btoa(binaryString(b)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
 export function base64urlDecode(s: string): Uint8Array | null {
@@ -198,9 +210,40 @@ export function base64urlDecode(s: string): Uint8Array | null {
   } catch {
     return null;
   }
-  const out = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-  return out;
+  return binaryBytes(bin);
+}
+
+/** Whether `v` is a JSON object (not an array, not bytes). */
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v) && !(v instanceof ArrayBuffer);
+}
+
+/** The bytes of `data` when it is bytes (a `Uint8Array` or `ArrayBuffer`); else null. */
+function asBytes(data: unknown): Uint8Array | null {
+  return data instanceof Uint8Array ? data : data instanceof ArrayBuffer ? new Uint8Array(data) : null;
+}
+
+/** `data` as JSON: bytes become the byte payload `{"$base64":"<standard base64>"}`. */
+function jsonOf(data: unknown): unknown {
+  const b = asBytes(data);
+  return b ? { $base64: btoa(binaryString(b)) } : data;
+}
+
+/** A byte payload's bytes: `data` that is exactly `{"$base64": <standard base64, padded>}`
+ *  decodes to a `Uint8Array` (docs/protocol.md, "Durable Streams"); anything else, an invalid
+ *  member included, is returned as is. */
+export function bytesOf(data: unknown): unknown {
+  if (!isObject(data)) return data;
+  const keys = Object.keys(data);
+  const b64 = data.$base64;
+  if (keys.length !== 1 || keys[0] !== "$base64" || typeof b64 !== "string") return data;
+  let bin: string;
+  try {
+    bin = atob(b64);
+  } catch {
+    return data;
+  }
+  return btoa(bin) === b64 ? binaryBytes(bin) : data; // only the canonical, padded form
 }
 
 function hex(b: Uint8Array): string {
@@ -232,7 +275,7 @@ function aad(stream: string, kid: string): Uint8Array {
 
 /** Whether `v` has the sealed shape: an object with exactly `e2e`, `kid`, `n`, `ct`. */
 export function isSealed(v: unknown): boolean {
-  if (typeof v !== "object" || v === null || Array.isArray(v)) return false;
+  if (!isObject(v)) return false;
   const keys = Object.keys(v).sort();
   return keys.length === 4 && keys.join(",") === "ct,e2e,kid,n";
 }
@@ -367,6 +410,30 @@ function errorFrom(o: Record<string, unknown>, stream?: string): ZerodropError {
     firstAvailableSeq: o.firstAvailableSeq as number | undefined,
     headSeq: o.headSeq as number | undefined,
   });
+}
+
+function textFrame(text: string): Record<string, unknown> | null {
+  try {
+    const f = JSON.parse(text) as unknown;
+    return isObject(f) ? f : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A `zerodrop.v3` binary frame: an `event` header (compact JSON), LF, the payload's bytes,
+ *  as the event frame with `data` the bytes; null when it is not one. */
+function binaryFrame(buf: ArrayBuffer): Record<string, unknown> | null {
+  const b = new Uint8Array(buf);
+  const lf = b.indexOf(0x0a);
+  if (lf < 0) return null;
+  let header: Record<string, unknown> | null;
+  try {
+    header = textFrame(dec.decode(b.subarray(0, lf)));
+  } catch {
+    return null; // not UTF-8
+  }
+  return header?.type === "event" ? { ...header, data: b.slice(lf + 1) } : null;
 }
 
 class HttpError extends Error {
@@ -695,7 +762,8 @@ export class Client {
     if (this.transport === "ws") this.openSocket();
   }
 
-  /** The negotiated WebSocket subprotocol (`zerodrop.v2` or `zerodrop.v1`), once connected. */
+  /** The negotiated WebSocket subprotocol (`zerodrop.v3`, `zerodrop.v2` or `zerodrop.v1`), once
+   *  connected. */
   get subprotocol(): string {
     return this.protocol;
   }
@@ -728,34 +796,47 @@ export class Client {
     this.publishKid = kid;
   }
 
-  /** Seals `data` for `stream` under the publish key. */
+  /** Seals `data` for `stream` under the publish key (bytes as their `{"$base64"}` object). */
   async seal(stream: string, data: unknown): Promise<Sealed> {
     const kid = this.publishKid;
     const key = kid ? this.keys.get(kid) : undefined;
     if (!kid || !key) throw new RangeError("no publish key: call setPublishKey(kid) first");
-    return sealText(key, kid, stream, JSON.stringify(data));
+    return sealText(key, kid, stream, JSON.stringify(jsonOf(data)));
   }
 
-  /** Opens event data: sealed data with a known key is decrypted, anything else returned as is. */
+  /** Opens event data: sealed data with a known key is decrypted, anything else returned as is;
+   *  a byte payload (`{"$base64"}`, sealed or not) is a `Uint8Array`. */
   async open(stream: string, data: unknown): Promise<{ data: unknown; encrypted: boolean; kid?: string }> {
-    if (!isSealed(data)) return { data, encrypted: false };
+    if (!isSealed(data)) return { data: bytesOf(data), encrypted: false };
     const p = parseSealed(data, stream);
     const key = this.keys.get(p.kid);
     if (!key) throw new ZerodropError("KEY_UNAVAILABLE", `no key for kid ${p.kid}`, { stream });
     const text = await openText(key, stream, data);
-    return { data: JSON.parse(text), encrypted: true, kid: p.kid };
+    return { data: bytesOf(JSON.parse(text)), encrypted: true, kid: p.kid };
   }
 
   /** Publishes over the WebSocket (the token needs the `publish` claim); sealed when a publish
-   *  key is set. Resolves with the seq. `id` makes it idempotent within the session. */
+   *  key is set. Resolves with the seq. `id` makes it idempotent within the session. Bytes (a
+   *  `Uint8Array` or `ArrayBuffer`) are a byte payload: one binary frame on `zerodrop.v3`, the
+   *  `{"$base64"}` object on v2/v1 and when sealed. */
   async publish(stream: string, data: unknown, id?: string): Promise<number> {
-    const body = this.publishKid ? await this.seal(stream, data) : data;
+    const bytes = this.publishKid ? null : asBytes(data);
+    const body = this.publishKid ? await this.seal(stream, data) : jsonOf(data);
     const pid = id ?? `p${Date.now().toString(36)}-${++this.publishCounter}`;
     for (let i = 0; i < 100; i++) {
       if (this.closed) throw new ZerodropError("CLOSED", "client closed");
       if (this.ws && this.welcomed && this.ws.readyState === WebSocket.OPEN) {
         const p = new Promise<number>((resolve, reject) => this.pendingPublish.set(pid, { resolve, reject }));
-        this.ws.send(JSON.stringify({ type: "publish", stream, data: body, id: pid }));
+        if (bytes && this.protocol === "zerodrop.v3") {
+          const header = enc.encode(JSON.stringify({ type: "publish", stream, id: pid }));
+          const frame = new Uint8Array(header.length + 1 + bytes.length);
+          frame.set(header);
+          frame[header.length] = 0x0a;
+          frame.set(bytes, header.length + 1);
+          this.ws.send(frame);
+        } else {
+          this.ws.send(JSON.stringify({ type: "publish", stream, data: body, id: pid }));
+        }
         try {
           return await p;
         } catch (e) {
@@ -898,11 +979,12 @@ export class Client {
     const url = this.resumeToken ? `${base}/v1/ws` : `${base}/v1/ws?token=${encodeURIComponent(this.token)}`;
     let ws: WebSocket;
     try {
-      ws = new WebSocket(url, ["zerodrop.v2", "zerodrop.v1"]);
+      ws = new WebSocket(url, ["zerodrop.v3", "zerodrop.v2", "zerodrop.v1"]);
     } catch {
       this.scheduleReconnect(false);
       return;
     }
+    ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.welcomed = false;
     this.lastSessionError = null;
@@ -929,14 +1011,9 @@ export class Client {
       }
     };
     ws.onmessage = (m) => {
-      if (this.ws !== ws || typeof m.data !== "string") return;
-      let f: Record<string, unknown>;
-      try {
-        f = JSON.parse(m.data) as Record<string, unknown>;
-      } catch {
-        return;
-      }
-      this.onFrame(ws, f);
+      if (this.ws !== ws) return;
+      const f = typeof m.data === "string" ? textFrame(m.data) : m.data instanceof ArrayBuffer ? binaryFrame(m.data) : null;
+      if (f) this.onFrame(ws, f); // a frame that is not one is ignored
     };
     ws.onclose = (c) => {
       if (this.ws !== ws) return;
@@ -1286,7 +1363,7 @@ export class Client {
           s.keyTimer = null;
         }
         s.waitingKeySince = null;
-        s.give(e, data, encrypted, kid);
+        s.give(e, bytesOf(data), encrypted, kid);
       }
     } finally {
       s.pumping = false;
@@ -1397,7 +1474,7 @@ export class Client {
       }
     }
     if (!any) return;
-    if (this.protocol === "zerodrop.v2") {
+    if (this.protocol === "zerodrop.v2" || this.protocol === "zerodrop.v3") {
       ws.send(JSON.stringify({ type: "ack", acks }));
     } else {
       for (const [stream, seq] of Object.entries(acks)) ws.send(JSON.stringify({ type: "ack", stream, seq }));

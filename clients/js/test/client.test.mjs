@@ -1,11 +1,12 @@
 // The client's delivery rules against a scripted WebSocket and fetch: ordering, dedupe, gap
-// repair, batched acks per subprotocol, resume, drain, typed errors, key buffering, verify.
+// repair, batched acks per subprotocol, resume, drain, typed errors, key buffering, verify,
+// byte payloads (v3 binary frames, `{"$base64"}` on every other path).
 // The scripted socket and the compiled SDK come from scripted.mjs.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import path from "node:path";
-import { E, FakeWebSocket, here, sleep, until, zd } from "./scripted.mjs";
+import { E, FakeWebSocket, binaryFrame, here, sleep, until, zd } from "./scripted.mjs";
 
 const e2e = JSON.parse(readFileSync(path.join(here, "..", "..", "..", "docs", "vectors", "e2e-aes256gcm.json"), "utf8"));
 const bytes = (h) => Uint8Array.from(h.match(/../g).map((x) => parseInt(x, 16)));
@@ -32,7 +33,7 @@ test("in order, once, gaps read over HTTP first, one batched v2 ack", async () =
   const a = collect();
   c.subscribe("s1", { after: 0, ...a.opts });
   const ws = last();
-  assert.deepEqual(ws.protocols, ["zerodrop.v2", "zerodrop.v1"]);
+  assert.deepEqual(ws.protocols, ["zerodrop.v3", "zerodrop.v2", "zerodrop.v1"]);
   assert.equal(ws.url, "ws://h1/v1/ws?token=tok1");
   ws.accept("zerodrop.v2");
   ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
@@ -570,5 +571,191 @@ test("history: backward and forward pages with the token, typed refusals, bounde
   fetchAnswer = () => ({ status: 503, body: { error: { code: "STORE_UNAVAILABLE", message: "down" } } });
   await assert.rejects(c.history("s", { last: 1 }), (e) => e.code === "UNAVAILABLE" && e.stream === "s");
   assert.deepEqual(fetches.slice(4).map((f) => new URL(f.url).host), ["h1", "h2", "h1"]);
+  c.close();
+});
+
+// ----------------------------------------------------------------------------- byte payloads
+
+const b64 = (b) => Buffer.from(b).toString("base64");
+const isBytes = (d, want) => d instanceof Uint8Array && Buffer.from(d).equals(Buffer.from(want));
+
+test("v3: a binary event is a Uint8Array of its exact bytes, in order among text events; acks, gap repair and resume go over it", async () => {
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "t", { ackInterval: 20, baseDelay: 10, maxDelay: 20 });
+  const a = collect();
+  const sub = c.subscribe("s", { after: 0, ...a.opts });
+  let ws = last();
+  assert.equal(ws.binaryType, "arraybuffer", "binary messages arrive as ArrayBuffers");
+  ws.accept("zerodrop.v3");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v3" });
+  ws.frame({ type: "subscribed", stream: "s", epoch: E, headSeq: 0, fromSeq: 1 });
+  const head = (seq) => ({ type: "event", stream: "s", seq, epoch: E, ts: 1 });
+  const odd = [0x00, 0x0a, 0xff, 0x0a, 0x41];
+  ws.frame(ev("s", 1));
+  ws.binary(head(2), Uint8Array.from(odd));
+  ws.binary(head(3)); // an empty payload
+  ws.frame(ev("s", 4));
+  ws.binary(head(2), Uint8Array.from([9])); // a replay: dropped
+  // Malformed binary frames are ignored like malformed text ones (a `closed` header too).
+  const te = new TextEncoder();
+  for (const bad of ["no newline", "not json\n\x00", "[1]\nx", '{"type":"closed","stream":"s","lastSeq":4}\n']) {
+    ws.binary(te.encode(bad));
+  }
+  ws.binary(Uint8Array.from([0xff, 0xfe, 0x0a, 1])); // a header that is not UTF-8
+  fetchAnswer = () => ({
+    status: 200,
+    body: { stream: "s", epoch: E, headSeq: 6, events: [{ stream: "s", seq: 5, epoch: E, ts: 1, data: { $base64: "AQI=" } }] },
+  });
+  ws.binary(head(6), Uint8Array.from([6])); // 5 is missing: read over HTTP first
+  await until("6 events", () => a.got.length >= 6);
+  await sleep(60);
+  assert.deepEqual(a.got.map((e) => e.seq), [1, 2, 3, 4, 5, 6]);
+  assert.deepEqual(a.got.map((e) => e.data instanceof Uint8Array), [false, true, true, false, true, true]);
+  assert.deepEqual(a.got[0].data, { n: 1 });
+  assert.ok(isBytes(a.got[1].data, odd));
+  assert.equal(a.got[1].data.buffer.byteLength, odd.length, "the payload has a buffer of its own");
+  assert.ok(isBytes(a.got[2].data, []));
+  assert.deepEqual(a.got[3].data, { n: 4 });
+  assert.ok(isBytes(a.got[4].data, [1, 2]), "a repaired gap's byte payload too");
+  assert.ok(isBytes(a.got[5].data, [6]));
+  assert.equal(sub.error, null);
+  assert.deepEqual(ws.sent.filter((f) => f.type === "ack"), [{ type: "ack", acks: { s: 6 } }]);
+  assert.deepEqual(sub.position, { epoch: E, seq: 6 });
+  ws.drop(1006);
+  await until("a second socket", () => FakeWebSocket.all.length === 2);
+  ws = last();
+  ws.accept("zerodrop.v3");
+  assert.deepEqual(ws.sent[0], { type: "resume", resumeToken: "r1", lastAck: { s: 6 } });
+  c.close();
+});
+
+test("v2: data that is exactly {$base64} is a Uint8Array (sealed too); other objects stay objects", async () => {
+  const v = e2e.cases[0];
+  const key = await zd.importKey(bytes(v.key));
+  const sealed = await zd.sealText(key, v.kid, v.stream, JSON.stringify({ $base64: "AP8=" }));
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "t", {});
+  await c.addKey(v.kid, bytes(v.key));
+  const a = collect();
+  c.subscribe(v.stream, { after: 0, ...a.opts });
+  const ws = last();
+  ws.accept("zerodrop.v2");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v2" });
+  ws.frame({ type: "subscribed", stream: v.stream, epoch: E, headSeq: 0, fromSeq: 1 });
+  const kept = [
+    { $base64: "AAEC/w==", x: 1 }, // another key beside it
+    { $base64: 5 },
+    { $base64: "!!" }, // not base64
+    { $base64: "AAEC/w" }, // not padded
+    [{ $base64: "AA==" }],
+    { a: { $base64: "AA==" } },
+    "AA==",
+  ];
+  [{ $base64: "AAEC/w==" }, { $base64: "" }, sealed, ...kept].forEach((d, i) => ws.frame(ev(v.stream, i + 1, d)));
+  await until("every event", () => a.got.length === 3 + kept.length);
+  assert.ok(isBytes(a.got[0].data, [0, 1, 2, 255]));
+  assert.ok(isBytes(a.got[1].data, []));
+  assert.ok(isBytes(a.got[2].data, [0, 255]), "a sealed {$base64} opens to bytes");
+  assert.deepEqual([a.got[2].encrypted, a.got[2].kid], [true, v.kid]);
+  assert.deepEqual(a.got.slice(3).map((e) => e.data), kept);
+  assert.equal(zd.bytesOf(kept[0]), kept[0]);
+  assert.ok(isBytes(zd.bytesOf({ $base64: "AQID" }), [1, 2, 3]));
+  c.close();
+});
+
+test("SSE and history: byte payloads are Uint8Array, on one stream and several, sealed or not", async () => {
+  FakeEventSource.all = [];
+  fetchAnswer = () => ({ status: 200, body: { events: [] } });
+  const v = e2e.cases[0];
+  const c = zd.connect("http://h1", "tk", { transport: "sse" });
+  await c.addKey(v.kid, bytes(v.key));
+  const [a, b] = [collect(), collect()];
+  c.subscribe("a", { after: 0, ...a.opts });
+  let es = FakeEventSource.all[0];
+  es.emit("event", ev("a", 1, { $base64: "AAr/" }));
+  await until("a's first event", () => a.got.length === 1);
+  c.subscribe("b", { after: 0, ...b.opts });
+  await until("reopened for a and b", () => FakeEventSource.all.some((e) => !e.closed && e.url.includes("streams=a,b&")));
+  es = FakeEventSource.all.find((e) => !e.closed);
+  es.emit("event", ev("b", 1, { $base64: "" }));
+  es.emit("event", ev("a", 2, { $base64: "AAr/", n: 2 }));
+  es.emit("event", ev("b", 2, { $base64: "/w==" }));
+  await until("4 events", () => a.got.length + b.got.length === 4);
+  assert.ok(isBytes(a.got[0].data, [0, 10, 255]));
+  assert.deepEqual(a.got[1].data, { $base64: "AAr/", n: 2 });
+  assert.ok(isBytes(b.got[0].data, []));
+  assert.ok(isBytes(b.got[1].data, [255]));
+
+  const key = await zd.importKey(bytes(v.key));
+  const sealed = await zd.sealText(key, v.kid, "s", JSON.stringify({ $base64: "AAEC" }));
+  const datas = [{ $base64: "AP8=" }, { $base64: "AP8=", n: 1 }, sealed, { n: 4 }];
+  fetchAnswer = () => ({
+    status: 200,
+    body: { stream: "s", epoch: E, headSeq: 4, firstSeq: 1, order: "asc", events: datas.map((d, i) => ev("s", i + 1, d)) },
+  });
+  const page = await c.history("s", { after: 0 });
+  assert.ok(isBytes(page.events[0].data, [0, 255]));
+  assert.deepEqual(page.events[1].data, { $base64: "AP8=", n: 1 });
+  assert.ok(isBytes(page.events[2].data, [0, 1, 2]));
+  assert.equal(page.events[2].encrypted, true);
+  assert.deepEqual(page.events[3].data, { n: 4 });
+  c.close();
+});
+
+test("publish: bytes are one binary frame (header, LF, bytes) on v3 resolving with the seq; the {$base64} text form on v2, v1 and when sealed", async () => {
+  const big = Uint8Array.from({ length: 100_000 }, (_, i) => (i * 7919) % 256);
+  const payloads = [Uint8Array.from([0, 10, 255, 10]), new Uint8Array(), Uint8Array.from([1, 2, 3]).buffer, big];
+  for (const protocol of ["zerodrop.v3", "zerodrop.v2", "zerodrop.v1"]) {
+    FakeWebSocket.all = [];
+    const c = zd.connect("http://h1", "t", {});
+    const ws = last();
+    ws.accept(protocol);
+    ws.frame({ type: "welcome", resumeToken: "r1", protocol });
+    const results = payloads.map((p, i) => c.publish("room:c", p, `b-${i}`));
+    const publishes = () => ws.sent.filter((f) => f.type === "publish");
+    await until("every publish", () => ws.sentBinary.length + publishes().length === payloads.length);
+    if (protocol === "zerodrop.v3") {
+      assert.deepEqual(publishes(), []);
+      ws.sentBinary.forEach(({ frame, header, bytes: got }, i) => {
+        assert.deepEqual(header, { type: "publish", stream: "room:c", id: `b-${i}` });
+        assert.ok(isBytes(got, new Uint8Array(payloads[i])), `payload ${i}`);
+        // Exactly: the compact JSON header, one LF, the bytes.
+        assert.ok(Buffer.from(frame).equals(Buffer.from(binaryFrame(header, got))), `frame ${i}`);
+      });
+    } else {
+      assert.deepEqual(ws.sentBinary, []);
+      assert.deepEqual(
+        publishes(),
+        payloads.map((p, i) => ({ type: "publish", stream: "room:c", data: { $base64: b64(new Uint8Array(p)) }, id: `b-${i}` })),
+      );
+    }
+    payloads.forEach((_, i) => ws.frame({ type: "published", stream: "room:c", seq: i + 1, id: `b-${i}` }));
+    assert.deepEqual(await Promise.all(results), [1, 2, 3, 4]);
+    // A refused bytes publish is typed like a refused text one.
+    const refused = c.publish("other:1", Uint8Array.from([0]), "b-9");
+    await until("the refused publish", () => ws.sentBinary.length + publishes().length === payloads.length + 1);
+    ws.frame({ type: "error", code: "FORBIDDEN", message: "x", stream: "other:1", id: "b-9" });
+    await assert.rejects(refused, (e) => e.code === "FORBIDDEN");
+    c.close();
+  }
+
+  // With a publish key, bytes are sealed as their {$base64} object, in a text frame.
+  const v = e2e.cases[0];
+  FakeWebSocket.all = [];
+  const c = zd.connect("http://h1", "t", {});
+  await c.addKey(v.kid, bytes(v.key));
+  c.setPublishKey(v.kid);
+  const ws = last();
+  ws.accept("zerodrop.v3");
+  ws.frame({ type: "welcome", resumeToken: "r1", protocol: "zerodrop.v3" });
+  const p = c.publish(v.stream, Uint8Array.from([0, 255]), "s-1");
+  await until("the sealed publish", () => ws.sent.some((f) => f.type === "publish"));
+  assert.deepEqual(ws.sentBinary, []);
+  const f = ws.sent.find((f) => f.type === "publish");
+  assert.ok(zd.isSealed(f.data));
+  assert.equal(await zd.openText(await zd.importKey(bytes(v.key)), v.stream, f.data), '{"$base64":"AP8="}');
+  assert.ok(isBytes((await c.open(v.stream, f.data)).data, [0, 255]));
+  ws.frame({ type: "published", stream: v.stream, seq: 7, id: "s-1" });
+  assert.equal(await p, 7);
   c.close();
 });
