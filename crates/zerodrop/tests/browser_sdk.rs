@@ -319,8 +319,8 @@ async fn kill9_scenario(transport: &str) {
     let pos = wait_position(&records, 60).await;
     if transport == "ws" {
         assert!(
-            pos["protocol"] == "zerodrop.v2",
-            "the browser negotiates zerodrop.v2: {pos}"
+            pos["protocol"] == "zerodrop.v3",
+            "the browser negotiates zerodrop.v3: {pos}"
         );
     }
     // The page's consistency check over the real server agrees with the server's digest.
@@ -344,6 +344,32 @@ async fn kill9_scenario(transport: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Byte payloads reach the page as bytes (a binary frame on zerodrop.v3, the
+    // `{"$base64"}` object over SSE), exactly, around a JSON event.
+    for data in [
+        json!({"$base64": "AAr/"}),
+        json!({"n": 62}),
+        json!({"$base64": ""}),
+    ] {
+        api.publish(&stream, data).await;
+    }
+    wait_for(&records, &stream, 63, LIMIT).await;
+    let recs = snapshot(&records);
+    let data = |seq: u64| {
+        recs.iter()
+            .find(|r| r["kind"] == "event" && r["stream"] == stream.as_str() && r["seq"] == seq)
+            .map(|r| r["data"].clone())
+    };
+    assert_eq!(
+        [data(61), data(62), data(63)],
+        [
+            Some(json!({"$bytes": [0, 10, 255]})),
+            Some(json!({"n": 62})),
+            Some(json!({"$bytes": []}))
+        ],
+        "{}",
+        summary(&recs, &stream)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
