@@ -98,7 +98,10 @@ pub fn planned_outcomes(
     for p in plan {
         let o = match p {
             Planned::Append => {
-                let (seq, epoch) = new.next().cloned().unwrap_or((Seq(0), Epoch::generate()));
+                let (seq, epoch) = new
+                    .next()
+                    .cloned()
+                    .unwrap_or_else(|| (Seq(0), Epoch::generate()));
                 AppendOutcome {
                     stream: stream.clone(),
                     seq,

@@ -106,12 +106,20 @@ local function bounds_reply(m, renewed)
 end
 
 -- Retention after appends, `zerodrop_core::retention::plan_trim` evaluated where the events
--- are: drop the oldest while over `max_events` or `max_bytes`, never the newest. Moves `m`'s
--- bounds; returns how many went.
+-- are: over `max_events` or `max_bytes`, drop the oldest until a step (1/64, at least one)
+-- below the limit that was exceeded, never the newest. Moves `m`'s bounds; returns how many
+-- went.
 local function trim(m, max_events, max_bytes)
   if max_events < 1 then max_events = 1 end
   local removed, removed_bytes, through = 0, 0, 0
-  local must = m.count - max_events
+  local must = 0
+  if m.count > max_events then
+    must = m.count - (max_events + 1 - math.max(math.floor(max_events / 64), 1))
+  end
+  local keep_bytes = max_bytes
+  if m.bytes > max_bytes then
+    keep_bytes = max_bytes - math.min(math.max(math.floor(max_bytes / 64), 1), max_bytes)
+  end
   if must > 0 or m.bytes > max_bytes then
     local cursor, done = m.first, false
     while not done do
@@ -120,7 +128,7 @@ local function trim(m, max_events, max_bytes)
       if #entries == 0 then break end
       for _, e in ipairs(entries) do
         local over_count = removed < must
-        local over_bytes = m.bytes - removed_bytes > max_bytes
+        local over_bytes = m.bytes - removed_bytes > keep_bytes
         if m.count - removed <= 1 or (not over_count and not over_bytes) then
           done = true
           break

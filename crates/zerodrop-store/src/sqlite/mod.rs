@@ -145,6 +145,7 @@ impl SqliteStore {
     /// Opens (or creates) the database, quarantining a file that is not a database.
     pub fn open(opts: SqliteOptions, sink: Arc<dyn LiveSink>) -> StoreResult<SqliteStore> {
         let (mut conn, epoch, quarantined) = open::open_or_quarantine(&opts)?;
+        open::writer_cache(&conn).map_err(unavailable)?;
         let synchronous = open::synchronous(&conn).map_err(unavailable)?;
         let health = Arc::new(Health::new(opts.path.clone()));
         let readers = Arc::new(Readers {

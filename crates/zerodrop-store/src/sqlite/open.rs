@@ -30,6 +30,18 @@ fn configure(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The writer's page cache, in KiB. SQLite's default (2 MiB) is smaller than what one of the
+/// writer's transactions touches under load (thousands of appends, and the trims of the
+/// streams at their retention limit), so dirty pages spilled to the WAL in the middle of the
+/// transaction, and the same pages were written again at `COMMIT`. The cache grows only as
+/// pages are used.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
+/// Sizes the writer's page cache ([`WRITER_CACHE_KIB`]).
+pub(super) fn writer_cache(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!("PRAGMA cache_size = -{WRITER_CACHE_KIB};"))
+}
+
 /// The checkpointer's own connection to the file: the same pragmas as the writer's (its
 /// `synchronous` is what syncs the file after a checkpoint).
 pub(super) fn checkpoint_connection(

@@ -14,7 +14,7 @@
 //! at most [`MAX_AGE_SWEEP_ROWS`] rows each way).
 
 use rusqlite::{OptionalExtension, params};
-use zerodrop_core::retention::plan_trim;
+use zerodrop_core::retention::{plan_trim, trim_reads};
 use zerodrop_core::{Seq, StreamId};
 
 use super::idempotency;
@@ -27,44 +27,86 @@ const MAX_AGE_SWEEP_ROWS: i64 = 50_000;
 const AGE_SWEEP_STREAMS: i64 = 1_000;
 
 impl Writer {
-    /// Count and size limits, for the streams this batch appended to.
+    /// Count and size limits, for the streams this batch appended to (`plan_trim`, from the
+    /// `trim_reads` oldest events, read again twice as far in the rare case a plan takes all
+    /// it was given).
     pub(super) fn enforce_retention(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
         let touched: Vec<StreamId> = fx.touched.iter().cloned().collect();
         for stream in touched {
-            loop {
-                let limits = *self.retention.for_stream(stream.as_str());
-                let m = self.meta(&stream)?.clone();
-                if m.count <= limits.max_events && m.bytes <= limits.max_bytes {
-                    break;
-                }
-                let want = (m.count.saturating_sub(limits.max_events) as i64).max(64);
+            let limits = *self.retention.for_stream(stream.as_str());
+            let m = self.meta(&stream)?.clone();
+            let mut want = trim_reads(m.count, m.bytes, &limits);
+            if want == 0 {
+                continue;
+            }
+            if m.bytes <= limits.max_bytes {
+                // Only the count limit binds (the common case of a busy stream): exactly the
+                // `want` oldest go, and their sizes are read as they are deleted.
+                self.trim_oldest(&stream, m.first, want, fx)?;
+                continue;
+            }
+            let trim = loop {
                 let oldest: Vec<(Seq, u64)> = self
                     .conn
                     .prepare_cached(
                         "SELECT seq, length(json) FROM events WHERE stream = ?1 AND seq >= ?2
                          ORDER BY seq LIMIT ?3",
                     )?
-                    .query_map(params![stream.as_str(), m.first as i64, want], |r| {
+                    .query_map(params![stream.as_str(), m.first as i64, want as i64], |r| {
                         Ok((Seq(r.get::<_, i64>(0)? as u64), r.get::<_, i64>(1)? as u64))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
-                let fetched = oldest.len();
-                let Some(trim) = plan_trim(m.count, m.bytes, &limits, oldest) else {
-                    break;
-                };
-                self.conn
-                    .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
-                    .execute(params![stream.as_str(), trim.through.0 as i64])?;
-                let meta = self.meta(&stream)?;
-                meta.first = trim.through.0 + 1;
-                meta.count -= trim.count;
-                meta.bytes -= trim.bytes;
-                record_trim(fx, &stream, Seq(meta.first), trim.count);
-                if (trim.count as usize) < fetched {
-                    break;
+                let fetched = oldest.len() as u64;
+                let trim = plan_trim(m.count, m.bytes, &limits, oldest);
+                if trim.is_none_or(|t| t.count < fetched) || fetched < want {
+                    break trim;
                 }
-            }
+                want *= 2;
+            };
+            let Some(trim) = trim else {
+                continue;
+            };
+            self.conn
+                .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
+                .execute(params![stream.as_str(), trim.through.0 as i64])?;
+            let meta = self.meta(&stream)?;
+            meta.first = trim.through.0 + 1;
+            meta.count -= trim.count;
+            meta.bytes -= trim.bytes;
+            record_trim(fx, &stream, Seq(meta.first), trim.count);
         }
+        Ok(())
+    }
+
+    /// Removes the `n` oldest events of `stream` (from `first` on), one statement that finds
+    /// them in the index alone and answers each one's seq and size.
+    fn trim_oldest(
+        &mut self,
+        stream: &StreamId,
+        first: u64,
+        n: u64,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<()> {
+        let gone: Vec<(i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM events WHERE stream = ?1 AND seq IN (
+                   SELECT seq FROM events WHERE stream = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3)
+                 RETURNING seq, length(json)",
+            )?
+            .query_map(params![stream.as_str(), first as i64, n as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let Some(through) = gone.iter().map(|g| g.0).max() else {
+            return Ok(());
+        };
+        let bytes: i64 = gone.iter().map(|g| g.1).sum();
+        let meta = self.meta(stream)?;
+        meta.first = through as u64 + 1;
+        meta.count = meta.count.saturating_sub(gone.len() as u64);
+        meta.bytes = meta.bytes.saturating_sub(bytes as u64);
+        record_trim(fx, stream, Seq(meta.first), gone.len() as u64);
         Ok(())
     }
 
