@@ -49,9 +49,31 @@ pub fn now_ms() -> u64 {
 /// Used for session ids, epochs, token ids and generated secrets. The OS source does not fail
 /// on any platform zerodrop supports; if it ever did, continuing with predictable ids would be
 /// worse than stopping, so this panics.
+///
+/// Small requests are served from a per-thread pool of OS randomness, refilled 512 bytes at a
+/// time: a publish on Redis asks for an epoch each time, and one system call each was a
+/// visible share of the request. Every byte is handed out once and wiped from the pool.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
+    const POOL: usize = 512;
+    thread_local! {
+        static RANDOM: std::cell::RefCell<(usize, [u8; POOL])> =
+            const { std::cell::RefCell::new((POOL, [0; POOL])) };
+    }
     let mut b = [0u8; N];
-    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    if N > POOL / 4 {
+        getrandom::fill(&mut b).expect("the operating system's random source failed");
+        return b;
+    }
+    RANDOM.with_borrow_mut(|(used, pool)| {
+        if *used + N > POOL {
+            getrandom::fill(pool).expect("the operating system's random source failed");
+            *used = 0;
+        }
+        let taken = &mut pool[*used..*used + N];
+        b.copy_from_slice(taken);
+        taken.fill(0);
+        *used += N;
+    });
     b
 }
 
@@ -75,6 +97,16 @@ pub fn utc_stamp(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn random_bytes_are_never_handed_out_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2_000 {
+            assert!(seen.insert(super::random_bytes::<8>()));
+        }
+        let big: [u8; 256] = super::random_bytes();
+        assert_ne!(big, [0; 256]);
+    }
+
     #[test]
     fn utc_stamps() {
         assert_eq!(super::utc_stamp(0), "19700101T000000Z");
