@@ -439,18 +439,7 @@ async fn bad_frames_get_typed_errors_and_the_socket_stays_open() {
         "x".repeat(5000)
     ))
     .await;
-    let mut code = None;
-    loop {
-        match c.next_within(Duration::from_secs(5)).await {
-            Next::Frame(f) => assert_eq!(f["code"], "PAYLOAD_TOO_LARGE"),
-            Next::Closed(c) => {
-                code = c;
-                break;
-            }
-            Next::Timeout => break,
-        }
-    }
-    assert_eq!(code, Some(1009));
+    assert_eq!(close_after_too_large(&mut c).await, Some(1009));
     assert_eq!(api.info("room:1").await["headSeq"], 2, "stored data intact");
 }
 
@@ -1030,18 +1019,19 @@ async fn v3_carries_byte_payloads_as_binary_frames_both_ways() {
             &[0; 5000],
         ))
         .await;
-    let mut code = None;
+    assert_eq!(close_after_too_large(&mut again).await, Some(1009));
+    assert_eq!(api.info("bin:1").await["headSeq"], 4, "stored data intact");
+}
+
+/// The close code that follows a frame over the limit (`None`: no close within 5 s); an
+/// `error` on the way must be `PAYLOAD_TOO_LARGE`, events may still arrive before it.
+async fn close_after_too_large(c: &mut WsClient) -> Option<u16> {
     loop {
-        match again.next_within(Duration::from_secs(5)).await {
+        match c.next_within(Duration::from_secs(5)).await {
             Next::Frame(f) if f["type"] == "error" => assert_eq!(f["code"], "PAYLOAD_TOO_LARGE"),
             Next::Frame(_) => {}
-            Next::Closed(c) => {
-                code = c;
-                break;
-            }
-            Next::Timeout => break,
+            Next::Closed(code) => return code,
+            Next::Timeout => return None,
         }
     }
-    assert_eq!(code, Some(1009));
-    assert_eq!(api.info("bin:1").await["headSeq"], 4, "stored data intact");
 }
