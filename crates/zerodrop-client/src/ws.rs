@@ -268,10 +268,21 @@ impl WsConnection {
     ) -> Result<(), ClientError> {
         let data = serde_json::value::to_raw_value(&data)
             .map_err(|e| ClientError::Protocol(format!("publish data: {e}")))?;
+        self.send_publish(stream, data, id.map(serde_json::Value::String))
+            .await
+    }
+
+    /// A text `publish` of `data` (raw JSON).
+    async fn send_publish(
+        &mut self,
+        stream: &str,
+        data: Box<serde_json::value::RawValue>,
+        id: Option<serde_json::Value>,
+    ) -> Result<(), ClientError> {
         self.send(&ClientFrame::Publish(Publish {
             stream: stream.to_string(),
             data: Some(data),
-            id: id.map(serde_json::Value::String),
+            id,
         }))
         .await
     }
@@ -294,15 +305,8 @@ impl WsConnection {
                 .await
                 .map_err(ws_error);
         }
-        let data =
-            serde_json::value::RawValue::from_string(zerodrop_core::payload::bytes_data(bytes))
-                .map_err(|e| ClientError::Protocol(format!("publish data: {e}")))?;
-        self.send(&ClientFrame::Publish(Publish {
-            stream: stream.to_string(),
-            data: Some(data),
-            id,
-        }))
-        .await
+        self.send_publish(stream, zerodrop_core::payload::bytes_value(bytes), id)
+            .await
     }
 
     /// The next frame from the server. `ping` is answered before it is returned; a close

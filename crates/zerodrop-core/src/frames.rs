@@ -498,9 +498,8 @@ impl ServerFrame {
 /// ends the header.
 pub mod binary {
     use super::{ClientFrame, EventFrame, FrameError, ServerFrame};
-    use crate::payload::bytes_data;
+    use crate::payload::bytes_value;
     use serde::Deserialize;
-    use serde_json::value::RawValue;
 
     /// The subprotocol that has binary frames.
     pub const PROTOCOL: &str = "zerodrop.v3";
@@ -523,12 +522,6 @@ pub mod binary {
         let header = std::str::from_utf8(&frame[..lf])
             .map_err(|_| FrameError::Binary("the header is not UTF-8"))?;
         Ok((header, &frame[lf + 1..]))
-    }
-
-    /// The payload as the `data` every other form of the frame carries (`{"$base64"}`).
-    fn data(bytes: &[u8]) -> Box<RawValue> {
-        // `bytes_data` is always one valid JSON object.
-        RawValue::from_string(bytes_data(bytes)).expect("a byte payload's data is JSON")
     }
 
     #[derive(Deserialize)]
@@ -559,7 +552,7 @@ pub mod binary {
                 seq: h.seq,
                 epoch: h.epoch,
                 ts: h.ts,
-                data: data(bytes),
+                data: bytes_value(bytes),
             }))
         }
     }
@@ -571,7 +564,7 @@ pub mod binary {
             let (header, bytes) = split(frame)?;
             match ClientFrame::parse(header)? {
                 ClientFrame::Publish(mut p) if p.data.is_none() => {
-                    p.data = Some(data(bytes));
+                    p.data = Some(bytes_value(bytes));
                     Ok(ClientFrame::Publish(p))
                 }
                 ClientFrame::Publish(_) => Err(FrameError::Binary(

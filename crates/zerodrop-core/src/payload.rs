@@ -22,9 +22,24 @@ pub fn bytes_data(bytes: &[u8]) -> String {
     s
 }
 
+/// [`bytes_data`] as raw JSON, for a frame's `data`.
+pub fn bytes_value(bytes: &[u8]) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(bytes_data(bytes))
+        .expect("a byte payload's data is one JSON object")
+}
+
 /// The bytes of a byte payload's `data`, or `None` when `data` is not one (any other JSON).
 pub fn data_bytes(data: &str) -> Option<Vec<u8>> {
-    let b64 = data.strip_prefix("{\"$base64\":\"")?.strip_suffix("\"}")?;
+    decode(data.strip_prefix("{\"$base64\":\"")?.strip_suffix("\"}")?)
+}
+
+/// The member's text for `bytes` (standard base64, padded).
+pub fn encode(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// The bytes of a member's text, or `None` when it is not standard padded base64.
+pub fn decode(b64: &str) -> Option<Vec<u8>> {
     STANDARD.decode(b64).ok()
 }
 

@@ -182,8 +182,8 @@ pub fn generate() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         .iter()
         .map(|b| {
             let bytes = |b64: &Value| {
-                let data = json!({ zerodrop_core::payload::BYTES_MEMBER: b64 }).to_string();
-                zerodrop_core::payload::data_bytes(&data).expect("recorded base64")
+                zerodrop_core::payload::decode(b64.as_str().unwrap_or_default())
+                    .expect("recorded base64")
             };
             match b.get("raw") {
                 Some(raw) => bytes(raw),

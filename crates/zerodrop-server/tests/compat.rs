@@ -191,10 +191,8 @@ async fn replay(path: &Path, protocol: &str, record: bool) -> Vec<Value> {
         } else if let Some(f) = step.get("sendBinary") {
             let c = ws.as_mut().unwrap_or_else(|| panic!("{at}: no socket"));
             let frame = match f["raw"].as_str() {
-                Some(raw) => {
-                    zerodrop_core::payload::data_bytes(&json!({ "$base64": raw }).to_string())
-                        .unwrap_or_else(|| panic!("{at}: raw is not base64"))
-                }
+                Some(raw) => zerodrop_core::payload::decode(raw)
+                    .unwrap_or_else(|| panic!("{at}: raw is not base64")),
                 None => zerodrop_testkit::ws::binary(&f["header"], f["base64"].as_str().unwrap()),
             };
             c.send_binary(frame).await;

@@ -256,18 +256,15 @@ impl WsClient {
 fn binary_frame(frame: &[u8]) -> Value {
     let (header, bytes) =
         zerodrop_core::frames::binary::split(frame).expect("a binary frame has a header line");
-    let data: Value = serde_json::from_str(&zerodrop_core::payload::bytes_data(bytes))
-        .expect("a byte payload is JSON");
     serde_json::json!({"$binary": {
         "header": serde_json::from_str::<Value>(header).expect("a binary frame's header is JSON"),
-        "base64": data[zerodrop_core::payload::BYTES_MEMBER],
+        "base64": zerodrop_core::payload::encode(bytes),
     }})
 }
 
 /// A binary frame from its header and the base64 of its payload (the form
 /// [`WsClient::next_within`] shows).
 pub fn binary(header: &Value, base64: &str) -> Vec<u8> {
-    let data = serde_json::json!({ zerodrop_core::payload::BYTES_MEMBER: base64 }).to_string();
-    let bytes = zerodrop_core::payload::data_bytes(&data).expect("valid base64");
+    let bytes = zerodrop_core::payload::decode(base64).expect("valid base64");
     zerodrop_core::frames::binary::frame(&header.to_string(), &bytes)
 }
