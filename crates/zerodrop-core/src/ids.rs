@@ -152,16 +152,21 @@ impl fmt::Debug for Epoch {
     }
 }
 
-/// A session id: 128 random bits, base64url without padding, prefixed `s_`.
+/// A session id: `s_`, the creation time (milliseconds since the Unix epoch, 12 hex digits),
+/// then 128 random bits (base64url without padding). The time first makes new ids sort after
+/// older ones, so a store's index takes each new session at its end (a few pages written per
+/// batch of sessions, not one page per session); the random bits make it unguessable.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SessionId(Arc<str>);
 
 impl SessionId {
     pub fn generate() -> SessionId {
+        use crate::clock::Clock;
+        let now = crate::clock::SystemClock.now_ms() & 0xFFFF_FFFF_FFFF;
         let raw = crate::random_bytes::<16>();
         let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        SessionId(Arc::from(format!("s_{enc}")))
+        SessionId(Arc::from(format!("s_{now:012x}{enc}")))
     }
 
     /// Accepts any plausible id (`[A-Za-z0-9_-]{1,64}`); unknown ids are the store's answer.
@@ -221,6 +226,11 @@ mod tests {
         let a = SessionId::generate();
         let b = SessionId::generate();
         assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 2 + 12 + 22);
+        // Later ids sort after earlier ones (the store's index appends them).
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let c = SessionId::generate();
+        assert!(c.as_str() > a.as_str() && c.as_str() > b.as_str());
         assert_eq!(SessionId::parse(a.as_str()), Some(a));
         let e = Epoch::generate();
         assert_eq!(e.as_str().len(), 16);

@@ -359,7 +359,9 @@ impl Core {
             }
             Some(Verdict::Disconnect) => {
                 self.app.metrics.connection_ended("disconnected");
-                Err(wire.drain(self.mint(), Leave::Disconnected).await)
+                Err(wire
+                    .drain(self.mint_written().await, Leave::Disconnected)
+                    .await)
             }
             None => Ok(()),
         }
@@ -409,8 +411,20 @@ impl Core {
         self.app.mint_token(&s.id, &s.sub, s.authority)
     }
 
+    /// A resume token for a client about to reconnect, perhaps to another instance: the
+    /// session is written first if it was not yet (`session::Unwritten`).
+    async fn mint_written(&self) -> Option<String> {
+        let s = self.session.as_ref()?;
+        if let Err(e) = self.app.write_unwritten(&s.id, None, false).await {
+            tracing::debug!(error = %e.message, "could not write a session before its reconnect");
+        }
+        self.mint()
+    }
+
+    /// At `debug`: a connect storm must not pay a log line per connection twice; the line at
+    /// its end (`info`) says who it was, how long it lasted and why it ended.
     pub(crate) fn log_opened(&self, stream: Option<&StreamId>) {
-        tracing::info!(
+        tracing::debug!(
             conn = self.id,
             transport = self.transport.as_str(),
             session = %self.sid_str(),
@@ -658,7 +672,7 @@ impl Core {
             }));
         }
         if self.timers.drain.is_some_and(|t| t <= now) {
-            return Err(wire.drain(self.mint(), Leave::Draining).await);
+            return Err(wire.drain(self.mint_written().await, Leave::Draining).await);
         }
         if self.timers.ask.is_some_and(|t| t <= now) {
             self.timers.ask = None;
@@ -682,7 +696,7 @@ impl Core {
             self.timers.refresh = now + refresh_every(&self.app);
             if let Some(s) = &self.session {
                 let id = s.id.clone();
-                self.app.touch(&id).await;
+                self.app.touch(&id, false).await;
                 if let Some(token) = self.mint() {
                     wire.token(token).await?;
                 }
@@ -893,7 +907,7 @@ impl Core {
         self.flush_acks().await;
         self.release_members().await;
         if let Some(s) = &self.session {
-            self.app.touch(&s.id).await;
+            self.app.touch(&s.id, true).await;
             self.app.release_session(&s.id, self.id);
         }
         self.log_closed(code, reason);
@@ -904,6 +918,7 @@ impl Core {
             conn = self.id,
             transport = self.transport.as_str(),
             session = %self.sid_str(),
+            sub = self.bearer.as_ref().map(|(s, _)| s.as_str()).unwrap_or(""),
             close_code = code,
             reason,
             duration_ms = self.opened.elapsed().as_millis() as u64,
@@ -932,7 +947,7 @@ impl Drop for Core {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     app.flush_acks(Some(&s.id)).await;
-                    app.touch(&s.id).await;
+                    app.touch(&s.id, true).await;
                     for stream in members {
                         app.release(conn, &s.id, &stream).await;
                     }

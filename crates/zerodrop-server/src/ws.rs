@@ -60,7 +60,7 @@ use crate::app::authz::Action;
 use crate::app::presence::presence_frame;
 use crate::app::{
     AckWrite, App, Asker, Authority, ConnSlot, Hole, Position, Resumed, StreamStart,
-    no_longer_granted,
+    is_session_cap, no_longer_granted,
 };
 use crate::auth::{ConnectClaims, bearer};
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
@@ -430,11 +430,8 @@ impl Conn {
                     .authorize(&claims.sub, &claims.grants(), Action::Connect, None)
                     .await
                     .map_err(Exit::error)?;
-                let (rec, _) = self
-                    .app()
-                    .open_session(&claims.sub, claims.grants(), &[])
-                    .await
-                    .map_err(Exit::error)?;
+                // Written with its first stream (see `session::Unwritten`).
+                let rec = self.app().open_unwritten(&claims.sub, claims.grants());
                 let authority = Authority {
                     exp: Some(claims.exp),
                     born_ms: rec.created_at_ms,
@@ -917,8 +914,11 @@ impl Conn {
         }
         let start = match app.subscribe_stream(&sid, &grants, &stream, position).await {
             Ok(start) => start,
-            // The store lost the session (restarted empty): a session-level error.
-            Err(e) if e.code == ErrorCode::SessionNotFound => return Err(Exit::error(e)),
+            // The store lost the session (restarted empty), or the subject is at its cap: a
+            // session-level error.
+            Err(e) if e.code == ErrorCode::SessionNotFound || is_session_cap(&e) => {
+                return Err(Exit::error(e));
+            }
             Err(e) => return self.send_error(e).await,
         };
         let prev = self.core.acks.get(&stream).copied().unwrap_or(Seq(0));

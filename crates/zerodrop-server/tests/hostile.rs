@@ -626,6 +626,9 @@ async fn duplicate_data_keys_and_session_floods_change_nothing() {
         let mut c = WsClient::connect(&format!("{}/v1/ws?token={flood}", s.ws_url()))
             .await
             .unwrap();
+        // The session is written with its first stream: refused there.
+        c.expect("welcome").await;
+        c.send(json!({"type":"subscribe","stream":"keep"})).await;
         let f = c.recv().await;
         assert_eq!(
             (&f["type"], &f["code"]),

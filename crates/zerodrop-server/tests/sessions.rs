@@ -634,9 +634,10 @@ async fn a_websocket_subscribe_after_a_snapshot_survives_a_drop_before_any_ack()
 }
 
 /// `--max-sessions-per-subject`: one subject holds at most that many live sessions, whichever
-/// way it opens them (HTTP or a WebSocket connect); beyond, 429 `RATE_LIMITED` with
-/// `Retry-After` (close 4429 after the `error` frame on a socket, before any `welcome`).
-/// Resuming a held session never counts; other subjects are not affected.
+/// way it opens them (HTTP, or a WebSocket connect, whose session is written with its first
+/// stream); beyond, 429 `RATE_LIMITED` with `Retry-After` (on a socket: the `error` frame
+/// answers the first `subscribe`, then close 4429). Resuming a held session never counts;
+/// other subjects are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subject_holds_at_most_its_cap_of_live_sessions() {
     assert_eq!(
@@ -659,6 +660,10 @@ async fn a_subject_holds_at_most_its_cap_of_live_sessions() {
         .await
         .unwrap();
     third.expect("welcome").await;
+    third
+        .send(json!({"type": "subscribe", "stream": "room:1"}))
+        .await;
+    third.expect("subscribed").await;
     // The cap is reached: HTTP and WebSocket opens are refused, typed.
     for _ in 0..5 {
         let r = api.post("/v1/sessions", Some(&tok), body.clone()).await;
@@ -671,6 +676,10 @@ async fn a_subject_holds_at_most_its_cap_of_live_sessions() {
     let mut refused = zerodrop_testkit::ws::WsClient::connect(&ws_url)
         .await
         .unwrap();
+    refused.expect("welcome").await;
+    refused
+        .send(json!({"type": "subscribe", "stream": "room:1"}))
+        .await;
     let f = refused.recv().await;
     assert_eq!(
         (&f["type"], &f["code"]),

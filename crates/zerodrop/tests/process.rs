@@ -309,6 +309,86 @@ async fn the_scheduled_check_stops_serving_a_damaged_file_and_a_restart_quaranti
     assert_eq!(p.api().get("/health/ready", None).await.status, 200);
 }
 
+/// A WebSocket session is written with its first stream (its `welcome` waits for no durable
+/// write): across a `kill -9`, a session that held a stream resumes with it and gets what was
+/// published meanwhile; one whose socket ended before the crash was written then and resumes;
+/// one that never held a stream and was still open answers `SESSION_NOT_FOUND` (nothing was
+/// in it: start a new one). A drain writes an unwritten session before its `reconnect`, so
+/// that token resumes on the next process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &["--drain-grace-sec", "3"], &[]);
+    let tok = p.creds.token("u1", &["room:*"], &[]);
+    let url = |p: &ServerProcess| format!("{}/v1/ws?token={tok}", p.ws_url());
+    let mut held = WsClient::connect(&url(&p)).await.unwrap();
+    let held_welcome = held.expect("welcome").await;
+    held.send(json!({"type":"subscribe","stream":"room:1"}))
+        .await;
+    held.expect("subscribed").await;
+    let mut open = WsClient::connect(&url(&p)).await.unwrap();
+    let open_welcome = open.expect("welcome").await;
+    let mut ended = WsClient::connect(&url(&p)).await.unwrap();
+    let ended_welcome = ended.expect("welcome").await;
+    ended.close().await;
+    p.api().publish("room:1", json!("missed")).await;
+    assert_eq!(held.expect("event").await["seq"], 1);
+    // The ended socket's session is written as its connection ends (in the background).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.kill9();
+    drop((held, open));
+
+    let mut p = spawn(dir.path(), &["--drain-grace-sec", "3"], &[]);
+    let resume = |p: &ServerProcess, w: &Value| {
+        format!(
+            "{}/v1/ws?resume={}",
+            p.ws_url(),
+            w["resumeToken"].as_str().unwrap()
+        )
+    };
+    let mut c = WsClient::connect(&resume(&p, &held_welcome)).await.unwrap();
+    assert_eq!(
+        c.expect("welcome").await["sessionId"],
+        held_welcome["sessionId"]
+    );
+    assert_eq!(c.expect("subscribed").await["fromSeq"], 1);
+    let e = c.expect("event").await;
+    assert_eq!(
+        (&e["seq"], &e["data"]),
+        (&json!(1), &json!("missed")),
+        "{e}"
+    );
+    c.abort();
+    let mut c = WsClient::connect(&resume(&p, &ended_welcome))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.expect("welcome").await["sessionId"],
+        ended_welcome["sessionId"]
+    );
+    c.abort();
+    let mut c = WsClient::connect(&resume(&p, &open_welcome)).await.unwrap();
+    let f = c.expect("error").await;
+    assert_eq!(f["code"], "SESSION_NOT_FOUND", "{f}");
+
+    // An unwritten session at a drain: written before its `reconnect` frame.
+    let mut d = WsClient::connect(&url(&p)).await.unwrap();
+    let d_welcome = d.expect("welcome").await;
+    let waiter = std::thread::spawn(move || p.terminate(Duration::from_secs(20)).map(|s| s.code()));
+    let f = d.expect("reconnect").await;
+    let token = f["resumeToken"].as_str().unwrap().to_string();
+    assert_eq!(d.expect_close().await, Some(1012));
+    assert_eq!(waiter.join().unwrap().unwrap(), Some(0));
+    let p = spawn(dir.path(), &[], &[]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?resume={token}", p.ws_url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.expect("welcome").await["sessionId"],
+        d_welcome["sessionId"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_websockets_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,8 +461,13 @@ async fn first_start_generates_private_secrets_and_logs_are_json_without_secrets
         logs.iter().any(|l| l.contains("secrets.json")),
         "the secrets' path is logged"
     );
-    assert!(logs.iter().any(|l| l.contains("connection opened")));
-    assert!(logs.iter().any(|l| l.contains("connection closed")));
+    // One line per connection at `info`, at its end, saying whose it was.
+    assert!(!logs.iter().any(|l| l.contains("connection opened")));
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("connection closed") && l.contains(r#""sub":"u1""#)),
+        "{logs:?}"
+    );
     assert!(
         logs.iter()
             .any(|l| l.contains("resume failed") && l.contains("INVALID_RESUME_TOKEN"))

@@ -19,7 +19,7 @@ pub mod streams;
 
 pub use session::{
     AckWrite, Asker, Authority, Hole, OpenAt, Placement, Position, Resumed, StreamStart,
-    authority_ended, no_longer_granted,
+    authority_ended, is_session_cap, no_longer_granted,
 };
 
 use std::collections::HashMap;
@@ -91,6 +91,8 @@ pub struct App {
     pub guard: crate::guard::Guard,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, Holder>>,
+    /// WebSocket sessions that hold no stream yet and are not written (`session.rs`).
+    unwritten: session::Unwritten,
     /// Names this process's connections in holder notices (instance ids may be reused).
     holder_prefix: String,
     /// Every open WebSocket/SSE connection's doorbell, so a drain reaches them all at once.
@@ -203,6 +205,7 @@ impl App {
             new_streams,
             guard,
             holders: Mutex::new(HashMap::new()),
+            unwritten: session::Unwritten::default(),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
@@ -299,7 +302,17 @@ impl App {
         Ok(ConnSlot { app: self.clone() })
     }
 
-    pub async fn touch(&self, sid: &SessionId) {
+    /// Starts `sid`'s reconnect window again (now); `ending`: its connection is over. A
+    /// session not written yet is written now (`session::Unwritten`).
+    pub async fn touch(&self, sid: &SessionId, ending: bool) {
+        match self.write_unwritten(sid, None, ending).await {
+            Ok(session::Pending::NotHere | session::Pending::WrittenMeanwhile) => {}
+            Ok(session::Pending::WrittenNow) => return,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "could not write a session");
+                return;
+            }
+        }
         let until = self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000;
         if let Err(e) = self.store.touch_session(sid, until).await {
             tracing::debug!(error = %e, "could not extend a session's reconnect window");

@@ -14,7 +14,8 @@
 //! Transports must not write sessions themselves (the store is private to `app`), decide a
 //! position rule, or count drops.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use zerodrop_core::checkpoint::AckUpdate;
 use zerodrop_core::window::{WindowError, newly_dropped, replay_window};
@@ -36,6 +37,39 @@ pub struct OpenAt {
     pub after: Option<Seq>,
     /// The epoch that position belongs to, when the client knows it.
     pub epoch: Option<Epoch>,
+}
+
+/// WebSocket sessions opened with a connect token that hold no stream yet. Such a session
+/// holds nothing a crash could lose, so it is not written when it opens (its `welcome` waits
+/// for no durable write): it is written with its first stream, in the one write that adds it
+/// (one durable write per connection), or, when none comes, as soon as anything else needs it
+/// in the store: its connection's end (which starts its reconnect window), a token refresh, a
+/// drain's or an order's `reconnect`, a resume here that takes it over. A session lost
+/// unwritten (a crash) is `SESSION_NOT_FOUND` on resume: start a new one, nothing was in it.
+#[derive(Default)]
+pub(crate) struct Unwritten(Mutex<HashMap<SessionId, Arc<UnwrittenSession>>>);
+
+struct UnwrittenSession {
+    rec: SessionRecord,
+    /// Held while it is written; `true` once it is.
+    written: tokio::sync::Mutex<bool>,
+}
+
+impl Unwritten {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<UnwrittenSession>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What [`App::write_unwritten`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// No unwritten session of that id on this instance: it is in the store, or nowhere.
+    NotHere,
+    /// It was unwritten and this call wrote it (with the stream it was given).
+    WrittenNow,
+    /// Another call wrote it meanwhile (without the stream this one was given).
+    WrittenMeanwhile,
 }
 
 /// Where a stream starts for a client.
@@ -176,6 +210,12 @@ impl Placement {
             Placement::Hole(h) => Err(h.error()),
         }
     }
+}
+
+/// The refusal of a session past its subject's cap (`--max-sessions-per-subject`).
+pub fn is_session_cap(e: &ApiError) -> bool {
+    e.code == ErrorCode::RateLimited
+        && e.extra.get("limit").and_then(|v| v.as_str()) == Some("sessions_per_subject")
 }
 
 fn not_in_session(stream: &StreamId) -> ApiError {
@@ -436,6 +476,16 @@ impl App {
             ack: start.after,
             dropped_through: Seq(0),
         };
+        match self
+            .write_unwritten(sid, Some((stream, state.clone())), false)
+            .await
+        {
+            Ok(Pending::WrittenNow) => return Ok(start),
+            Ok(Pending::NotHere | Pending::WrittenMeanwhile) => {}
+            // The subject's session cap: the session's error, as at a connect.
+            Err(e) if is_session_cap(&e) => return Err(e),
+            Err(e) => return Err(e.with("stream", stream.as_str())),
+        }
         match self.store.put_session_stream(sid, stream, state).await {
             Ok(()) => Ok(start),
             Err(StoreError::SessionNotFound) => Err(ApiError::from(StoreError::SessionNotFound)),
@@ -590,6 +640,78 @@ impl App {
         Ok((rec, heads))
     }
 
+    /// A WebSocket session for `sub` under `grants`, holding no stream: not written until it
+    /// is needed in the store (see [`Unwritten`]). The subject's cap is applied when it is
+    /// written.
+    pub fn open_unwritten(&self, sub: &str, grants: Grants) -> SessionRecord {
+        let now = self.clock().now_ms();
+        let rec = SessionRecord {
+            id: SessionId::generate(),
+            sub: sub.to_string(),
+            grants,
+            created_at_ms: now,
+            expires_at_ms: now + self.cfg.reconnect_window_sec * 1000,
+            streams: Default::default(),
+        };
+        let entry = UnwrittenSession {
+            rec: rec.clone(),
+            written: tokio::sync::Mutex::new(false),
+        };
+        self.unwritten
+            .lock()
+            .insert(rec.id.clone(), Arc::new(entry));
+        rec
+    }
+
+    /// Writes `sid` if it is an unwritten session of this instance, with `first` in it, its
+    /// reconnect window starting now. `ending`: its connection is over, so it leaves the
+    /// unwritten set whether or not the write succeeds (a later resume finds it in the store,
+    /// or gets `SESSION_NOT_FOUND`); otherwise a failed write leaves it unwritten, unless the
+    /// subject's cap refused it.
+    pub(crate) async fn write_unwritten(
+        &self,
+        sid: &SessionId,
+        first: Option<(&StreamId, SessionStream)>,
+        ending: bool,
+    ) -> Result<Pending, ApiError> {
+        let Some(entry) = self.unwritten.lock().get(sid).cloned() else {
+            return Ok(Pending::NotHere);
+        };
+        let mut written = entry.written.lock().await;
+        if *written {
+            return Ok(Pending::WrittenMeanwhile);
+        }
+        let mut rec = entry.rec.clone();
+        rec.expires_at_ms = self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000;
+        if let Some((stream, state)) = first {
+            rec.streams.insert(stream.clone(), state);
+        }
+        let cap = SessionCap(self.cfg.max_sessions_per_subject);
+        let result = self.store.create_session_within(rec, cap).await;
+        // Past the cap it is refused for good: its connection closes with that error.
+        let refused = matches!(result, Err(StoreError::TooManySessions { .. }));
+        if result.is_ok() || ending || refused {
+            *written = result.is_ok();
+            let mut map = self.unwritten.lock();
+            if map.get(sid).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                map.remove(sid);
+            }
+        }
+        match result {
+            Ok(()) => Ok(Pending::WrittenNow),
+            Err(e) => {
+                if matches!(e, StoreError::TooManySessions { .. }) {
+                    tracing::info!(
+                        sub = entry.rec.sub.as_str(),
+                        cap = cap.0,
+                        "session refused: the subject is at its cap"
+                    );
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Takes over a session with a resume token (and a fresh connect token when the client
     /// brings one: see [`App::session_for`]). Counts a failure (with its code) for
     /// `transport`; the caller counts the success once the connection is really resumed.
@@ -644,7 +766,14 @@ impl App {
         fresh: Option<&ConnectClaims>,
     ) -> Result<Resumed, ApiError> {
         let claims = self.auth.verify_resume(token, expected)?;
-        let mut session = self.store.load_session(&claims.sid).await?.ok_or_else(|| {
+        let mut found = self.store.load_session(&claims.sid).await?;
+        if found.is_none()
+            && self.write_unwritten(&claims.sid, None, false).await? != Pending::NotHere
+        {
+            // A session of a connection here that held no stream yet: written now.
+            found = self.store.load_session(&claims.sid).await?;
+        }
+        let mut session = found.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::SessionNotFound,
                 "no such session (the store may have restarted empty); start a new session",
@@ -726,6 +855,7 @@ impl App {
 
     /// Stores a session's grants from a fresher connect token.
     pub async fn regrant(&self, sid: &SessionId, grants: &Grants) -> Result<(), ApiError> {
+        self.write_unwritten(sid, None, false).await?;
         Ok(self.store.set_session_grants(sid, grants).await?)
     }
 
