@@ -53,6 +53,14 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::stall::StallGuard;
 
+/// Put in a 101 answer's extensions by a handler whose upgraded connection writes a frame at
+/// once (a WebSocket `welcome`): the 101 head is held back and leaves with that frame, in one
+/// send (one segment for the server's core and the client's to process instead of two). The
+/// first flush after the head is the one held back; any later write or flush sends it, so the
+/// bytes always leave in order, and at the latest with the connection's next write.
+#[derive(Clone, Copy, Debug)]
+pub struct FirstFrameFollows;
+
 /// The limits of [`serve`].
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
@@ -144,6 +152,7 @@ impl Connection {
             tcp: StallGuard::new(tcp, self.limits.write_stall),
             activity: activity.clone(),
             linger: None,
+            held: None,
         });
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = InFlight::begin(&activity);
@@ -157,6 +166,9 @@ impl Connection {
                 };
                 if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                     guard.0.upgraded.store(true, Ordering::Relaxed);
+                    if res.extensions().get::<FirstFrameFollows>().is_some() {
+                        guard.0.hold_head.store(true, Ordering::Relaxed);
+                    }
                 }
                 // Said when the request's body was left unread (see `crate::body`).
                 if res
@@ -232,6 +244,8 @@ struct Activity {
     served: AtomicBool,
     /// A WebSocket took the connection over.
     upgraded: AtomicBool,
+    /// The next write is a 101 head to hold back ([`FirstFrameFollows`]).
+    hold_head: AtomicBool,
     /// An answer said `Connection: close`: on closing, read what the client still sends.
     linger: AtomicBool,
     /// Milliseconds after `born` when the connection last went idle.
@@ -253,6 +267,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
+            hold_head: AtomicBool::new(false),
             linger: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
@@ -389,9 +404,56 @@ struct Watched {
     activity: Arc<Activity>,
     /// Set once the write side is shut and the connection lingers.
     linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+    /// A 101 head held back until the first frame ([`FirstFrameFollows`]); `Some(empty)` once
+    /// hyper's flush of it has been held back.
+    held: Option<(Vec<u8>, bool)>,
 }
 
 impl Watched {
+    /// Whether `bufs` are the 101 head to hold back: the first write after the service asked.
+    fn holds(&mut self, bufs: &[std::io::IoSlice<'_>]) -> bool {
+        if self.held.is_some()
+            || !self.activity.hold_head.load(Ordering::Relaxed)
+            || !self.activity.hold_head.swap(false, Ordering::Relaxed)
+        {
+            return false;
+        }
+        let head = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.held = Some((head, false));
+        true
+    }
+
+    /// Writes the held head with `bufs` after it; answers how many bytes of `bufs` went.
+    fn poll_write_held(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        while let Some((head, _)) = self.held.as_mut() {
+            if head.is_empty() {
+                self.held = None;
+                break;
+            }
+            let mut slices = Vec::with_capacity(bufs.len() + 1);
+            slices.push(std::io::IoSlice::new(head));
+            slices.extend(bufs.iter().map(|b| std::io::IoSlice::new(b)));
+            let n = std::task::ready!(Pin::new(&mut self.tcp).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            if n < head.len() {
+                head.drain(..n);
+                continue;
+            }
+            let of_bufs = n - head.len();
+            self.held = None;
+            if of_bufs > 0 || bufs.iter().all(|b| b.is_empty()) {
+                return Poll::Ready(Ok(of_bufs));
+            }
+        }
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
     /// After the FIN: reads until the client closes too (or the linger ends). Closing a socket
     /// with unread bytes resets it, and a reset can destroy the answer before the client has
     /// read it: a client still sending a body the server refused would see a transport error
@@ -443,7 +505,15 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let this = &mut *self;
+        let bufs = [std::io::IoSlice::new(buf)];
+        if this.holds(&bufs) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        if this.held.is_some() {
+            return this.poll_write_held(cx, &bufs);
+        }
+        Pin::new(&mut this.tcp).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -451,7 +521,14 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        if this.holds(bufs) {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        if this.held.is_some() {
+            return this.poll_write_held(cx, bufs);
+        }
+        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -459,11 +536,23 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        let this = &mut *self;
+        if let Some((_, flushed_once)) = this.held.as_mut() {
+            // hyper's flush of the head: held back once; any other sends it.
+            if !*flushed_once {
+                *flushed_once = true;
+                return Poll::Ready(Ok(()));
+            }
+            std::task::ready!(this.poll_write_held(cx, &[]))?;
+        }
+        Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.held.is_some() {
+            std::task::ready!(this.poll_write_held(cx, &[]))?;
+        }
         if this.linger.is_none() {
             std::task::ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
             if !this.activity.linger.load(Ordering::Relaxed) {

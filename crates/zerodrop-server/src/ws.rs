@@ -63,6 +63,7 @@ use crate::app::{
     is_session_cap, no_longer_granted,
 };
 use crate::auth::{ConnectClaims, bearer};
+use crate::conn::FirstFrameFollows;
 use crate::connection::{Core, Exit, Leave, Ready, Wire};
 use crate::deflate::{self, DeflateIo};
 use crate::error::ApiError;
@@ -187,6 +188,11 @@ fn upgrade(
             header::SEC_WEBSOCKET_EXTENSIONS,
             HeaderValue::from_static(deflate::ANSWER),
         );
+    }
+    // A connect answers `welcome` at once (unless an authorization hook is asked first): the
+    // 101 leaves with it, in one send.
+    if matches!(start, Start::Connect(_)) && !app.asks_hook(Action::Connect) {
+        res.extensions_mut().insert(FirstFrameFollows);
     }
     let on_upgrade = ws.on_upgrade;
     tokio::spawn(async move {

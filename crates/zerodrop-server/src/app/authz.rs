@@ -143,6 +143,13 @@ fn unavailable(why: &str) -> ApiError {
 }
 
 impl App {
+    /// Whether `action` is asked of an authorization hook (`--authz-upstream`, its actions).
+    pub fn asks_hook(&self, action: Action) -> bool {
+        self.hooks
+            .as_ref()
+            .is_some_and(|h| h.actions.contains(&action))
+    }
+
     /// Asks the hook (or its cache) whether `sub` may do `action` (on `stream`). `Ok(None)`:
     /// allowed (no hook for this action, or a verdict without `ttlSec`); `Ok(Some(t))`:
     /// allowed until `t`, when a live subscription is asked again; `Err`: `FORBIDDEN` (the
