@@ -641,7 +641,7 @@ impl App {
     }
 
     /// A WebSocket session for `sub` under `grants`, holding no stream: not written until it
-    /// is needed in the store (see [`Unwritten`]). The subject's cap is applied when it is
+    /// is needed in the store (see `Unwritten` in this module). The subject's cap is applied when it is
     /// written.
     pub fn open_unwritten(&self, sub: &str, grants: Grants) -> SessionRecord {
         let now = self.clock().now_ms();
