@@ -1088,6 +1088,15 @@ impl Conn {
             }
         };
         let sub = session.sub.clone();
+        // The key belongs to the session: the session is durable before the key is, so that
+        // a retry after a crash finds both (an unwritten session is written now).
+        if key.is_some()
+            && let Err(e) = self.core.app.ensure_written(&session.id).await
+        {
+            return self
+                .send_error(e.with("stream", stream.as_str()).with("id", id))
+                .await;
+        }
         match self
             .core
             .app

@@ -313,13 +313,14 @@ async fn the_scheduled_check_stops_serving_a_damaged_file_and_a_restart_quaranti
 /// write): across a `kill -9`, a session that held a stream resumes with it and gets what was
 /// published meanwhile; one whose socket ended before the crash was written then and resumes;
 /// one that never held a stream and was still open answers `SESSION_NOT_FOUND` (nothing was
-/// in it: start a new one). A drain writes an unwritten session before its `reconnect`, so
+/// in it: start a new one); one that published with an `id` was written before the publish, so
+/// the retry of that id is answered with the first publish. A drain writes an unwritten session before its `reconnect`, so
 /// that token resumes on the next process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = spawn(dir.path(), &["--drain-grace-sec", "3"], &[]);
-    let tok = p.creds.token("u1", &["room:*"], &[]);
+    let tok = p.creds.token("u1", &["room:*"], &["room:*"]);
     let url = |p: &ServerProcess| format!("{}/v1/ws?token={tok}", p.ws_url());
     let mut held = WsClient::connect(&url(&p)).await.unwrap();
     let held_welcome = held.expect("welcome").await;
@@ -331,12 +332,18 @@ async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_re
     let mut ended = WsClient::connect(&url(&p)).await.unwrap();
     let ended_welcome = ended.expect("welcome").await;
     ended.close().await;
+    // A publisher that never subscribes: its `id` is kept with its session.
+    let mut publisher = WsClient::connect(&url(&p)).await.unwrap();
+    let publisher_welcome = publisher.expect("welcome").await;
+    let publish = json!({"type":"publish","stream":"room:2","data":"once","id":"p1"});
+    publisher.send(publish.clone()).await;
+    assert_eq!(publisher.expect("published").await["seq"], 1);
     p.api().publish("room:1", json!("missed")).await;
     assert_eq!(held.expect("event").await["seq"], 1);
     // The ended socket's session is written as its connection ends (in the background).
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.kill9();
-    drop((held, open));
+    drop((held, open, publisher));
 
     let mut p = spawn(dir.path(), &["--drain-grace-sec", "3"], &[]);
     let resume = |p: &ServerProcess, w: &Value| {
@@ -366,6 +373,15 @@ async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_re
         c.expect("welcome").await["sessionId"],
         ended_welcome["sessionId"]
     );
+    c.abort();
+    let mut c = WsClient::connect(&resume(&p, &publisher_welcome))
+        .await
+        .unwrap();
+    c.expect("welcome").await;
+    c.send(publish).await;
+    let f = c.expect("published").await;
+    assert_eq!(f["seq"], 1, "the retry of id p1 is the first publish: {f}");
+    assert_eq!(p.api().info("room:2").await["headSeq"], 1);
     c.abort();
     let mut c = WsClient::connect(&resume(&p, &open_welcome)).await.unwrap();
     let f = c.expect("error").await;

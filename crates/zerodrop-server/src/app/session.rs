@@ -44,7 +44,8 @@ pub struct OpenAt {
 /// for no durable write): it is written with its first stream, in the one write that adds it
 /// (one durable write per connection), or, when none comes, as soon as anything else needs it
 /// in the store: its connection's end (which starts its reconnect window), a token refresh, a
-/// drain's or an order's `reconnect`, a resume here that takes it over. A session lost
+/// drain's or an order's `reconnect`, a resume here that takes it over, a `publish` with an
+/// `id` (its idempotency key belongs to the session). A session lost
 /// unwritten (a crash) is `SESSION_NOT_FOUND` on resume: start a new one, nothing was in it.
 #[derive(Default)]
 pub(crate) struct Unwritten(Mutex<HashMap<SessionId, Arc<UnwrittenSession>>>);
@@ -641,8 +642,8 @@ impl App {
     }
 
     /// A WebSocket session for `sub` under `grants`, holding no stream: not written until it
-    /// is needed in the store (see `Unwritten` in this module). The subject's cap is applied when it is
-    /// written.
+    /// is needed in the store (see `Unwritten` in this module). The subject's cap is applied
+    /// when it is written.
     pub fn open_unwritten(&self, sub: &str, grants: Grants) -> SessionRecord {
         let now = self.clock().now_ms();
         let rec = SessionRecord {
@@ -710,6 +711,12 @@ impl App {
                 Err(e.into())
             }
         }
+    }
+
+    /// Writes `sid` now if it is an unwritten session of this instance (before something
+    /// durable that belongs to it: a publish's idempotency key).
+    pub async fn ensure_written(&self, sid: &SessionId) -> Result<(), ApiError> {
+        self.write_unwritten(sid, None, false).await.map(|_| ())
     }
 
     /// Takes over a session with a resume token (and a fresh connect token when the client
