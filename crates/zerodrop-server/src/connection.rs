@@ -415,7 +415,7 @@ impl Core {
     /// session is written first if it was not yet (`session::Unwritten`).
     async fn mint_written(&self) -> Option<String> {
         let s = self.session.as_ref()?;
-        if let Err(e) = self.app.write_unwritten(&s.id, None, false).await {
+        if let Err(e) = self.app.ensure_written(&s.id).await {
             tracing::debug!(error = %e.message, "could not write a session before its reconnect");
         }
         self.mint()

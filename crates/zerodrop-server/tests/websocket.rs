@@ -1041,41 +1041,33 @@ async fn close_after_too_large(c: &mut WsClient) -> Option<u16> {
 /// first (a `resume` frame) gets its 101 at once, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_101_of_a_connect_leaves_with_its_welcome() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = TestServer::start().await;
-    let upgrade = |target: String| {
-        format!(
-            "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            s.addr
-        )
-    };
     for round in 0..20 {
         let tok = s.token("u1", &["room:*"]);
-        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        tcp.write_all(upgrade(format!("/v1/ws?token={tok}")).as_bytes())
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 16 * 1024];
-        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        let got = String::from_utf8_lossy(&buf[..n]);
+        let got = first_read_after_upgrade(&s, &format!("/v1/ws?token={tok}")).await;
         assert!(got.starts_with("HTTP/1.1 101"), "round {round}: {got}");
         assert!(got.contains(r#""type":"welcome""#), "round {round}: {got}");
     }
     // No credentials: the client speaks first, so its 101 is not held back.
+    let got = first_read_after_upgrade(&s, "/v1/ws").await;
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(!got.contains("welcome"), "{got}");
+}
+
+/// What one read returns after an upgrade request for `target` on a fresh connection.
+async fn first_read_after_upgrade(s: &TestServer, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.addr
+    );
     let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    tcp.write_all(upgrade("/v1/ws".into()).as_bytes())
-        .await
-        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 16 * 1024];
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
         .await
-        .expect("the 101 without waiting for a frame")
+        .expect("an answer")
         .unwrap();
-    let got = String::from_utf8_lossy(&buf[..n]);
-    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
-    assert!(!got.contains("welcome"), "{got}");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }

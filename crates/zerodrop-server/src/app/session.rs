@@ -45,8 +45,8 @@ pub struct OpenAt {
 /// (one durable write per connection), or, when none comes, as soon as anything else needs it
 /// in the store: its connection's end (which starts its reconnect window), a token refresh, a
 /// drain's or an order's `reconnect`, a resume here that takes it over, a `publish` with an
-/// `id` (its idempotency key belongs to the session). A session lost
-/// unwritten (a crash) is `SESSION_NOT_FOUND` on resume: start a new one, nothing was in it.
+/// `id` (its idempotency key belongs to the session). A session lost unwritten (a crash) is
+/// `SESSION_NOT_FOUND` on resume: start a new one, nothing was in it.
 #[derive(Default)]
 pub(crate) struct Unwritten(Mutex<HashMap<SessionId, Arc<UnwrittenSession>>>);
 
