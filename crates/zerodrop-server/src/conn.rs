@@ -404,8 +404,8 @@ struct Watched {
     activity: Arc<Activity>,
     /// Set once the write side is shut and the connection lingers.
     linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
-    /// A 101 head held back until the first frame ([`FirstFrameFollows`]); `Some(empty)` once
-    /// hyper's flush of it has been held back.
+    /// A 101 head held back until the first frame ([`FirstFrameFollows`]), and whether
+    /// hyper's flush of it has been held back already (the next flush sends it).
     held: Option<(Vec<u8>, bool)>,
 }
 

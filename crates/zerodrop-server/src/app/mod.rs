@@ -302,6 +302,11 @@ impl App {
         Ok(ConnSlot { app: self.clone() })
     }
 
+    /// When a reconnect window starting now ends (ms on [`App::clock`]).
+    pub fn window_end(&self) -> u64 {
+        self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000
+    }
+
     /// Starts `sid`'s reconnect window again (now); `ending`: its connection is over. A
     /// session not written yet is written now (`session::Unwritten`).
     pub async fn touch(&self, sid: &SessionId, ending: bool) {
@@ -313,8 +318,7 @@ impl App {
                 return;
             }
         }
-        let until = self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000;
-        if let Err(e) = self.store.touch_session(sid, until).await {
+        if let Err(e) = self.store.touch_session(sid, self.window_end()).await {
             tracing::debug!(error = %e, "could not extend a session's reconnect window");
         }
     }

@@ -596,14 +596,7 @@ impl App {
                 self.cfg.max_streams_per_session
             )));
         }
-        let mut rec = SessionRecord {
-            id: SessionId::generate(),
-            sub: sub.to_string(),
-            grants,
-            created_at_ms: self.clock().now_ms(),
-            expires_at_ms: self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000,
-            streams: Default::default(),
-        };
+        let mut rec = self.new_session(sub, grants);
         let mut heads = Vec::with_capacity(streams.len());
         for at in streams {
             let position = match at.after {
@@ -627,33 +620,44 @@ impl App {
                 },
             );
         }
-        let cap = SessionCap(self.cfg.max_sessions_per_subject);
-        if let Err(e) = self.store.create_session_within(rec.clone(), cap).await {
-            if matches!(e, StoreError::TooManySessions { .. }) {
-                tracing::info!(
-                    sub,
-                    cap = cap.0,
-                    "session refused: the subject is at its cap"
-                );
-            }
-            return Err(e.into());
-        }
+        self.create_within_cap(rec.clone()).await?;
         Ok((rec, heads))
+    }
+
+    /// A new session record for `sub` under `grants`, holding no stream, its reconnect window
+    /// starting now.
+    fn new_session(&self, sub: &str, grants: Grants) -> SessionRecord {
+        SessionRecord {
+            id: SessionId::generate(),
+            sub: sub.to_string(),
+            grants,
+            created_at_ms: self.clock().now_ms(),
+            expires_at_ms: self.window_end(),
+            streams: Default::default(),
+        }
+    }
+
+    /// Writes a new session, counted against its subject's cap (`--max-sessions-per-subject`)
+    /// in the same step; a refusal at the cap is logged.
+    async fn create_within_cap(&self, rec: SessionRecord) -> Result<(), StoreError> {
+        let cap = SessionCap(self.cfg.max_sessions_per_subject);
+        let sub = rec.sub.clone();
+        let result = self.store.create_session_within(rec, cap).await;
+        if let Err(StoreError::TooManySessions { .. }) = &result {
+            tracing::info!(
+                sub,
+                cap = cap.0,
+                "session refused: the subject is at its cap"
+            );
+        }
+        result
     }
 
     /// A WebSocket session for `sub` under `grants`, holding no stream: not written until it
     /// is needed in the store (see `Unwritten` in this module). The subject's cap is applied
     /// when it is written.
     pub fn open_unwritten(&self, sub: &str, grants: Grants) -> SessionRecord {
-        let now = self.clock().now_ms();
-        let rec = SessionRecord {
-            id: SessionId::generate(),
-            sub: sub.to_string(),
-            grants,
-            created_at_ms: now,
-            expires_at_ms: now + self.cfg.reconnect_window_sec * 1000,
-            streams: Default::default(),
-        };
+        let rec = self.new_session(sub, grants);
         let entry = UnwrittenSession {
             rec: rec.clone(),
             written: tokio::sync::Mutex::new(false),
@@ -683,12 +687,11 @@ impl App {
             return Ok(Pending::WrittenMeanwhile);
         }
         let mut rec = entry.rec.clone();
-        rec.expires_at_ms = self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000;
+        rec.expires_at_ms = self.window_end();
         if let Some((stream, state)) = first {
             rec.streams.insert(stream.clone(), state);
         }
-        let cap = SessionCap(self.cfg.max_sessions_per_subject);
-        let result = self.store.create_session_within(rec, cap).await;
+        let result = self.create_within_cap(rec).await;
         // Past the cap it is refused for good: its connection closes with that error.
         let refused = matches!(result, Err(StoreError::TooManySessions { .. }));
         if result.is_ok() || ending || refused {
@@ -698,19 +701,7 @@ impl App {
                 map.remove(sid);
             }
         }
-        match result {
-            Ok(()) => Ok(Pending::WrittenNow),
-            Err(e) => {
-                if matches!(e, StoreError::TooManySessions { .. }) {
-                    tracing::info!(
-                        sub = entry.rec.sub.as_str(),
-                        cap = cap.0,
-                        "session refused: the subject is at its cap"
-                    );
-                }
-                Err(e.into())
-            }
-        }
+        result.map(|()| Pending::WrittenNow).map_err(ApiError::from)
     }
 
     /// Writes `sid` now if it is an unwritten session of this instance (before something
@@ -747,10 +738,7 @@ impl App {
         // The new window is recorded in the background: a resume storm must not queue a
         // thousand durable writes in front of its replays.
         let store = Arc::clone(&self.store);
-        let (sid, until) = (
-            resumed.session.id.clone(),
-            self.clock().now_ms() + self.cfg.reconnect_window_sec * 1000,
-        );
+        let (sid, until) = (resumed.session.id.clone(), self.window_end());
         tokio::spawn(async move {
             if let Err(e) = store.touch_session(&sid, until).await {
                 tracing::debug!(error = %e, "could not extend a session's reconnect window");
@@ -862,7 +850,7 @@ impl App {
 
     /// Stores a session's grants from a fresher connect token.
     pub async fn regrant(&self, sid: &SessionId, grants: &Grants) -> Result<(), ApiError> {
-        self.write_unwritten(sid, None, false).await?;
+        self.ensure_written(sid).await?;
         Ok(self.store.set_session_grants(sid, grants).await?)
     }
 

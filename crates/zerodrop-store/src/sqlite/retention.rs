@@ -69,11 +69,7 @@ impl Writer {
             self.conn
                 .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
                 .execute(params![stream.as_str(), trim.through.0 as i64])?;
-            let meta = self.meta(&stream)?;
-            meta.first = trim.through.0 + 1;
-            meta.count -= trim.count;
-            meta.bytes -= trim.bytes;
-            record_trim(fx, &stream, Seq(meta.first), trim.count);
+            self.forget_oldest(&stream, trim.through.0, trim.count, trim.bytes, fx)?;
         }
         Ok(())
     }
@@ -102,11 +98,26 @@ impl Writer {
             return Ok(());
         };
         let bytes: i64 = gone.iter().map(|g| g.1).sum();
+        self.forget_oldest(stream, through as u64, gone.len() as u64, bytes as u64, fx)
+    }
+
+    /// The stream's record after its oldest events through `through` were deleted (`count`
+    /// of them, `bytes` in all): its bounds move, and the trim is told to the live path.
+    fn forget_oldest(
+        &mut self,
+        stream: &StreamId,
+        through: u64,
+        count: u64,
+        bytes: u64,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<()> {
         let meta = self.meta(stream)?;
-        meta.first = through as u64 + 1;
-        meta.count = meta.count.saturating_sub(gone.len() as u64);
-        meta.bytes = meta.bytes.saturating_sub(bytes as u64);
-        record_trim(fx, stream, Seq(meta.first), gone.len() as u64);
+        meta.first = meta.first.max(through + 1);
+        meta.count = meta.count.saturating_sub(count);
+        meta.bytes = meta.bytes.saturating_sub(bytes);
+        let first = Seq(meta.first);
+        fx.touched.insert(stream.clone());
+        record_trim(fx, stream, first, count);
         Ok(())
     }
 
@@ -166,13 +177,8 @@ impl Writer {
             self.conn
                 .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
                 .execute(params![name, max_seq])?;
-            let meta = self.meta(&stream)?;
-            meta.first = meta.first.max(max_seq as u64 + 1);
-            meta.count = meta.count.saturating_sub(count as u64);
-            meta.bytes = meta.bytes.saturating_sub(bytes.unwrap_or(0) as u64);
-            let first = Seq(meta.first);
-            fx.touched.insert(stream.clone());
-            record_trim(fx, &stream, first, count as u64);
+            let bytes = bytes.unwrap_or(0) as u64;
+            self.forget_oldest(&stream, max_seq as u64, count as u64, bytes, fx)?;
             removed += count;
         }
         self.age_cursor = if full || removed >= MAX_AGE_SWEEP_ROWS {
@@ -227,13 +233,7 @@ impl Writer {
             let Ok(stream) = StreamId::new(&stream) else {
                 continue;
             };
-            let meta = self.meta(&stream)?;
-            meta.first = meta.first.max(max_seq as u64 + 1);
-            meta.count = meta.count.saturating_sub(count as u64);
-            meta.bytes = meta.bytes.saturating_sub(bytes as u64);
-            let first = Seq(meta.first);
-            fx.touched.insert(stream.clone());
-            record_trim(fx, &stream, first, count as u64);
+            self.forget_oldest(&stream, max_seq as u64, count as u64, bytes as u64, fx)?;
         }
         Ok(())
     }
