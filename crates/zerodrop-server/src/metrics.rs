@@ -108,8 +108,10 @@ pub struct Metrics {
     process: Option<ProcessGauges>,
     rtt: Histogram,
     publish_to_deliver: Histogram,
-    dynamic: Mutex<HashMap<(String, String, String), Counter>>,
-    durations: Mutex<HashMap<(String, String), Histogram>>,
+    /// `zerodrop_http_requests_total` by route, method and status.
+    dynamic: Mutex<ByRoute<HashMap<u16, Counter>>>,
+    /// `zerodrop_http_request_duration_seconds` by route and method.
+    durations: Mutex<ByRoute<Histogram>>,
     failures: Mutex<HashMap<(Transport, ErrorCode), Counter>>,
     /// The guardrails' labelled series (`rate_limited_total`, `jobs_*`, `circuit_state`, …).
     labelled_counters: Mutex<HashMap<String, Counter>>,
@@ -503,16 +505,23 @@ impl Metrics {
     }
 
     /// One HTTP request, by route template (never the raw path).
+    /// One answered request. Its series are found by the borrowed names: a request allocates
+    /// nothing here unless it is the first of its route, method and status.
     pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
-        let status_s = status.to_string();
         let counter = {
             let mut map = lock(&self.dynamic);
-            map.entry((method.to_string(), route.to_string(), status_s.clone()))
+            let by_method = slot(&mut map, route, HashMap::new);
+            slot(by_method, method, HashMap::new)
+                .entry(status)
                 .or_insert_with(|| {
                     self.recorder.register_counter(
                         &key(
                             "zerodrop_http_requests_total",
-                            &[("method", method), ("route", route), ("status", &status_s)],
+                            &[
+                                ("method", method),
+                                ("route", route),
+                                ("status", &status.to_string()),
+                            ],
                         ),
                         &Metadata::new("zerodrop", metrics::Level::INFO, None),
                     )
@@ -522,26 +531,34 @@ impl Metrics {
         counter.increment(1);
         let hist = {
             let mut map = lock(&self.durations);
-            map.entry((method.to_string(), route.to_string()))
-                .or_insert_with(|| {
-                    self.recorder.register_histogram(
-                        &key(
-                            "zerodrop_http_request_duration_seconds",
-                            &[("method", method), ("route", route)],
-                        ),
-                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
-                    )
-                })
-                .clone()
+            let by_method = slot(&mut map, route, HashMap::new);
+            slot(by_method, method, || {
+                self.recorder.register_histogram(
+                    &key(
+                        "zerodrop_http_request_duration_seconds",
+                        &[("method", method), ("route", route)],
+                    ),
+                    &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                )
+            })
+            .clone()
         };
         hist.record(took.as_secs_f64());
         let mut routes = lock(&self.routes);
-        let r = routes
-            .entry(format!("{method} {route}"))
-            .or_insert_with(RouteStat::new);
-        r.count += 1;
-        *r.status.entry(status).or_insert(0) += 1;
-        let _ = r.latency_us.record(took.as_micros().max(1) as u64);
+        ROUTE_NAME.with_borrow_mut(|name| {
+            name.clear();
+            name.push_str(method);
+            name.push(' ');
+            name.push_str(route);
+            if !routes.contains_key(name.as_str()) {
+                routes.insert(name.clone(), RouteStat::new());
+            }
+            if let Some(r) = routes.get_mut(name.as_str()) {
+                r.count += 1;
+                *r.status.entry(status).or_insert(0) += 1;
+                let _ = r.latency_us.record(took.as_micros().max(1) as u64);
+            }
+        });
     }
 
     pub fn render_prometheus(&self) -> String {
@@ -731,6 +748,24 @@ fn process_start_time() -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| boot + ticks / hz as f64)
+}
+
+/// A series per route template, then per method.
+type ByRoute<V> = HashMap<String, HashMap<String, V>>;
+
+thread_local! {
+    /// `"METHOD route"`, the JSON view's name of a route, spelled here for each lookup.
+    static ROUTE_NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The value under `k`, made by `make` and stored under an owned copy of `k` on first use
+/// only.
+fn slot<'m, V>(map: &'m mut HashMap<String, V>, k: &str, make: impl FnOnce() -> V) -> &'m mut V {
+    if !map.contains_key(k) {
+        map.insert(k.to_string(), make());
+    }
+    map.get_mut(k)
+        .expect("present: inserted above if it was not")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -104,7 +104,10 @@ pub fn router(app: Arc<App>) -> Router {
             app.clone(),
             crate::body::settle,
         ))
-        .layer(middleware::from_fn_with_state(app.clone(), stamp))
+        .layer(middleware::from_fn_with_state(
+            Stamp::new(app.clone()),
+            stamp,
+        ))
         .layer(cors)
         .with_state(app)
 }
@@ -171,15 +174,12 @@ fn cors(origins: &str) -> CorsLayer {
 async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    // A clone of the template's shared string, not a copy of it.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let res = next.run(req).await;
     app.metrics.http_request(
         method.as_str(),
-        &route,
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
         res.status().as_u16(),
         started.elapsed(),
     );
@@ -238,7 +238,7 @@ async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
 /// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
 /// headers, 414 past [`MAX_URI_BYTES`] of request target.
 async fn head_limits(req: Request, next: Next) -> Response {
-    let uri = req.uri().to_string().len();
+    let uri = written_len(req.uri());
     let headers: usize = req
         .headers()
         .iter()
@@ -267,18 +267,46 @@ async fn head_limits(req: Request, next: Next) -> Response {
     res
 }
 
+/// How many bytes `v` displays as, counted without writing them anywhere.
+fn written_len(v: &impl std::fmt::Display) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = std::fmt::write(&mut n, format_args!("{v}"));
+    n.0
+}
+
 /// Every response names its instance (load balancers may keep affinity with it), and every
 /// typed error is counted by code.
-async fn stamp(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn stamp(State(stamp): State<Stamp>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     if let Some(code) = res.extensions().get::<ErrorCode>() {
-        app.metrics.error(*code);
+        stamp.app.metrics.error(*code);
     }
-    if let Ok(v) = HeaderValue::from_str(&app.instance) {
+    if let Some(v) = &stamp.instance {
         res.headers_mut()
-            .insert(HeaderName::from_static(INSTANCE_HEADER), v);
+            .insert(HeaderName::from_static(INSTANCE_HEADER), v.clone());
     }
     res
+}
+
+/// What [`stamp`] needs: the instance's header value is checked once, not per response.
+#[derive(Clone)]
+struct Stamp {
+    app: Arc<App>,
+    instance: Option<HeaderValue>,
+}
+
+impl Stamp {
+    fn new(app: Arc<App>) -> Stamp {
+        let instance = HeaderValue::from_str(&app.instance).ok();
+        Stamp { app, instance }
+    }
 }
 
 async fn not_found(State(app): State<Arc<App>>, method: Method) -> ApiError {
