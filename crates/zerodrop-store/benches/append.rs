@@ -5,25 +5,37 @@
 //!   transaction (the ceiling: one fsync for everything, no API at all);
 //! - raw-16: the same, committed every 16 inserts;
 //! - store-1 / store-64: `SqliteStore::append` from 1 and 64 concurrent tasks (each append
-//!   answered only after its group commit).
+//!   answered only after its group commit);
+//! - store-64 × 100: `SqliteStore::append_batch` from 64 concurrent tasks, each batch 100
+//!   events over the 100 streams (one per stream, as the HTTP batch bench sends them): the
+//!   store's own ceiling for `POST /v1/events`, with no HTTP in front of it.
 //!
-//! Each figure is the median of `ROUNDS` rounds (env, default 5); ratios are against raw.
+//! The whole process (the raw inserts, the store's writer and checkpointer, the tasks) runs on
+//! CPU 0, as the server does in the HTTP benches. Each figure is the median of `ROUNDS`
+//! rounds (env, default 5); ratios are against raw.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use zerodrop_core::StreamId;
-use zerodrop_store::{AppendRequest, NoSink, SqliteOptions, SqliteStore, Store};
-use zerodrop_testkit::measure::{median, payload, raw_sqlite_inserts as raw};
+use zerodrop_store::{
+    AppendRequest, BatchItem, NoSink, SqliteOptions, SqliteStore, Store, StreamBatch,
+};
+use zerodrop_testkit::measure::{median, payload, pin_all, raw_sqlite_inserts as raw};
 
 const STREAMS: usize = 100;
 
-async fn store(n: usize, concurrency: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
+/// A store on a fresh file with no retention limit (every round appends to empty streams).
+fn open_store(dir: &tempfile::TempDir) -> Arc<SqliteStore> {
     let mut opts = SqliteOptions::new(dir.path().join("z.db"));
     opts.retention.max_events = u64::MAX;
     opts.retention.max_bytes = u64::MAX;
-    let store = Arc::new(SqliteStore::open(opts, Arc::new(NoSink)).unwrap());
+    Arc::new(SqliteStore::open(opts, Arc::new(NoSink)).unwrap())
+}
+
+async fn store(n: usize, concurrency: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
     let data = payload();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -51,7 +63,49 @@ async fn store(n: usize, concurrency: usize) -> f64 {
     rate
 }
 
+/// `n` events in batches of `size` (one event per stream, streams in turn) from
+/// `concurrency` tasks, each waiting for its batch's commit before sending the next.
+async fn store_batches(n: usize, concurrency: usize, size: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    let data = payload();
+    let streams: Vec<StreamId> = (0..STREAMS)
+        .map(|i| StreamId::new(&format!("bench:{i}")).unwrap())
+        .collect();
+    let batches = n / size;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (store, data, streams) = (store.clone(), data.clone(), streams.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut b = w;
+            while b < batches {
+                let batch = (0..size)
+                    .map(|i| StreamBatch {
+                        stream: streams[(b + i) % STREAMS].clone(),
+                        items: vec![BatchItem {
+                            data: data.clone(),
+                            idempotency: None,
+                        }],
+                    })
+                    .collect();
+                let outcome = store.append_batch(batch).await.unwrap();
+                assert!(outcome.iter().all(|part| part.is_ok()));
+                b += concurrency;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = (batches * size) as f64 / started.elapsed().as_secs_f64();
+    store.close();
+    rate
+}
+
 fn main() {
+    // Threads started from here on (the runtime's, each store's) inherit this.
+    let pinned = pin_all(std::process::id(), 0);
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -66,19 +120,25 @@ fn main() {
         ("raw (commit/16)", vec![]),
         ("store, 1 appender", vec![]),
         ("store, 64 appenders", vec![]),
+        ("store, 64 × 100 batched", vec![]),
     ];
     for _ in 0..rounds {
         rows[0].1.push(raw(50_000, 50_000));
         rows[1].1.push(raw(20_000, 16));
         rows[2].1.push(rt.block_on(store(3_000, 1)));
         rows[3].1.push(rt.block_on(store(40_000, 64)));
+        rows[4].1.push(rt.block_on(store_batches(200_000, 64, 100)));
         std::thread::sleep(Duration::from_millis(200));
     }
     let base = median(rows[0].1.clone());
-    println!("durable appends/s, 200-byte events, {STREAMS} streams, median of {rounds} rounds");
-    println!("{:<22} {:>12} {:>10}", "case", "appends/s", "vs raw");
+    println!(
+        "durable appends/s, 200-byte events, {STREAMS} streams, median of {rounds} rounds; \
+         on CPU 0: {}",
+        if pinned { "pinned" } else { "NOT pinned" }
+    );
+    println!("{:<24} {:>12} {:>10}", "case", "appends/s", "vs raw");
     for (name, v) in rows {
         let m = median(v);
-        println!("{name:<22} {m:>12.0} {:>9.2}x", m / base);
+        println!("{name:<24} {m:>12.0} {:>9.2}x", m / base);
     }
 }

@@ -79,7 +79,9 @@ impl Writer {
         if let Some(k) = key {
             self.record_idempotent(stream, k, seq, &epoch, ts)?;
         }
-        fx.touched.insert(stream.clone());
+        if !fx.touched.contains(stream) {
+            fx.touched.insert(stream.clone());
+        }
         fx.events
             .push(Arc::new(event.with_committed_at(Instant::now())));
         Ok((seq, epoch))
