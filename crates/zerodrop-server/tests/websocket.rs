@@ -1054,12 +1054,45 @@ async fn the_101_of_a_connect_leaves_with_its_welcome() {
     assert!(!got.contains("welcome"), "{got}");
 }
 
+/// A browser's handshake carries `Origin`, yet CORS does not apply to a WebSocket: its 101
+/// carries no `Access-Control-*` header, while a plain request with the same `Origin` does.
+#[tokio::test]
+async fn a_websocket_handshake_is_answered_without_cors_headers() {
+    let s = TestServer::start().await;
+    let origin = "Origin: https://app.example\r\n";
+    let tok = s.token("u1", &["room:*"]);
+    for target in [format!("/v1/ws?token={tok}"), "/v1/ws".to_string()] {
+        let got = first_read_with(&s, &target, origin).await;
+        assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+        assert!(
+            !got.to_ascii_lowercase().contains("access-control-"),
+            "{got}"
+        );
+    }
+    let res = reqwest::Client::new()
+        .get(format!("{}/health", s.url))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.headers().contains_key("access-control-allow-origin"),
+        "{:?}",
+        res.headers()
+    );
+}
+
 /// What one read returns after an upgrade request for `target` on a fresh connection.
 async fn first_read_after_upgrade(s: &TestServer, target: &str) -> String {
+    first_read_with(s, target, "").await
+}
+
+/// [`first_read_after_upgrade`] with `extra` header lines (each ending in CRLF).
+async fn first_read_with(s: &TestServer, target: &str, extra: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
         s.addr
     );
     let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();

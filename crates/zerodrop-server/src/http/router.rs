@@ -7,6 +7,7 @@
 //! but start-up (`server.rs`), since it imports every HTTP-facing module.
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,7 +16,9 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use futures_util::future::Either;
+use tower::{Layer, Service};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use zerodrop_core::ErrorCode;
 
 use super::{admin, ds, streams, v1};
@@ -108,8 +111,60 @@ pub fn router(app: Arc<App>) -> Router {
             Stamp::new(app.clone()),
             stamp,
         ))
-        .layer(cors)
+        .layer(CorsUnlessUpgrade(cors))
         .with_state(app)
+}
+
+/// CORS on every answer but a WebSocket handshake's. Browsers apply no CORS to a WebSocket
+/// (they send `Origin` and read no `Access-Control-*` header of its answer), so on a 101 the
+/// headers would only be bytes for both sides, at every connect.
+#[derive(Clone)]
+struct CorsUnlessUpgrade(CorsLayer);
+
+impl<S: Clone> Layer<S> for CorsUnlessUpgrade {
+    type Service = CorsOrPlain<S>;
+
+    fn layer(&self, inner: S) -> CorsOrPlain<S> {
+        CorsOrPlain {
+            cors: self.0.layer(inner.clone()),
+            plain: inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct CorsOrPlain<S> {
+    cors: Cors<S>,
+    plain: S,
+}
+
+impl<S> Service<Request> for CorsOrPlain<S>
+where
+    S: Service<Request, Response = Response> + Clone,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Either<<Cors<S> as Service<Request>>::Future, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Both wrap the same inner service (a router, always ready).
+        match self.cors.poll_ready(cx) {
+            Poll::Ready(Ok(())) => self.plain.poll_ready(cx),
+            other => other,
+        }
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if upgrade {
+            Either::Right(self.plain.call(req))
+        } else {
+            Either::Left(self.cors.call(req))
+        }
+    }
 }
 
 fn cors(origins: &str) -> CorsLayer {
