@@ -1,7 +1,8 @@
 //! The one place the HTTP routes are assembled: every route (the `/v1` API, health,
 //! metrics, admin, and the guardrails' routes), the fallbacks, and the layers around them —
 //! route-template metrics, per-route rate limits, typed refusals of oversized request heads,
-//! bodies settled before the answer, the instance header, CORS.
+//! bodies settled before the answer, the instance header, CORS (but not on a WebSocket
+//! handshake's answer).
 //!
 //! Must not: handle a request itself (beyond the layers' refusals); be imported by anything
 //! but start-up (`server.rs`), since it imports every HTTP-facing module.
