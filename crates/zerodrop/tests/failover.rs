@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, watch};
 use zerodrop_testkit::http::Api;
+use zerodrop_testkit::redis::RedisServer;
 use zerodrop_testkit::sentinel::SentinelGroup;
 use zerodrop_testkit::server::ServerProcess;
 use zerodrop_testkit::ws::{Next, WsClient};
@@ -316,6 +317,13 @@ async fn run(wait: u32, fault: Fault) -> Run {
         }
     }
     let old = group.primary_port().expect("a primary");
+    // A failover before the fault (the sentinels judging a busy primary down after 1 s) would
+    // make the rest of this run test something else: say so, rather than blame what follows.
+    assert_eq!(
+        Some(old),
+        group.servers.first().map(RedisServer::port),
+        "the sentinels failed over before the fault: the primary is no longer the first server"
+    );
     // The waits below block their thread; the publisher and the client go on on the other.
     let (acked_at_kill, promoted) = tokio::task::block_in_place(|| {
         if fault == Fault::Switchover {
