@@ -504,9 +504,9 @@ impl Metrics {
         *lock(&self.errors).entry(code.as_str()).or_insert(0) += 1;
     }
 
-    /// One HTTP request, by route template (never the raw path).
-    /// One answered request. Its series are found by the borrowed names: a request allocates
-    /// nothing here unless it is the first of its route, method and status.
+    /// One HTTP request, by route template (never the raw path). Its series are found by the
+    /// borrowed names: a request allocates nothing here unless it is the first of its route,
+    /// method and status.
     pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
         let counter = {
             let mut map = lock(&self.dynamic);

@@ -314,8 +314,8 @@ async fn the_scheduled_check_stops_serving_a_damaged_file_and_a_restart_quaranti
 /// published meanwhile; one whose socket ended before the crash was written then and resumes;
 /// one that never held a stream and was still open answers `SESSION_NOT_FOUND` (nothing was
 /// in it: start a new one); one that published with an `id` was written before the publish, so
-/// the retry of that id is answered with the first publish. A drain writes an unwritten session before its `reconnect`, so
-/// that token resumes on the next process.
+/// the retry of that id is answered with the first publish. A drain writes an unwritten
+/// session before its `reconnect`, so that token resumes on the next process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_rest() {
     let dir = tempfile::tempdir().unwrap();
