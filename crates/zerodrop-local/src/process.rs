@@ -48,6 +48,7 @@ pub struct ServeCommand {
     env_remove: Vec<OsString>,
     keep_lines: usize,
     start_within: Duration,
+    cpu: Option<usize>,
 }
 
 impl ServeCommand {
@@ -63,6 +64,7 @@ impl ServeCommand {
             env_remove: Vec::new(),
             keep_lines: usize::MAX,
             start_within: Duration::from_secs(30),
+            cpu: None,
         }
     }
 
@@ -113,6 +115,13 @@ impl ServeCommand {
     /// How long the server has to log its address before it is killed and the start fails.
     pub fn start_within(mut self, limit: Duration) -> ServeCommand {
         self.start_within = limit;
+        self
+    }
+
+    /// Runs the server on CPU `cpu` alone, set before it starts, so that its runtime sizes
+    /// itself to that one core (as `taskset -c` would; for benchmarks "per core").
+    pub fn on_cpu(mut self, cpu: usize) -> ServeCommand {
+        self.cpu = Some(cpu);
         self
     }
 
@@ -172,6 +181,9 @@ impl ServeCommand {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some(cpu) = self.cpu {
+            pin_before_exec(&mut cmd, cpu);
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot run {} serve", self.bin.display()))?;
@@ -212,6 +224,33 @@ impl ServeCommand {
             },
             rx,
         ))
+    }
+}
+
+/// Pins process (or thread) `pid` (0: the caller) to CPU `cpu`; false when the machine has
+/// no such CPU or refuses.
+pub fn pin(pid: u32, cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it for cpu < 1024.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return false;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set) == 0
+    }
+}
+
+/// Makes `cmd`'s process start on CPU `cpu` alone (pinned between fork and exec). A machine
+/// without that CPU leaves it unpinned.
+pub fn pin_before_exec(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure makes one system call (sched_setaffinity) in the forked child.
+    unsafe {
+        cmd.pre_exec(move || {
+            pin(0, cpu);
+            Ok(())
+        });
     }
 }
 

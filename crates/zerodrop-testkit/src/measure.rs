@@ -62,19 +62,8 @@ pub fn raw_sqlite_inserts(n: usize, commit_every: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Pins process (or thread) `pid` (0: the caller) to CPU `cpu`; false when the machine has
-/// no such CPU or refuses.
-pub fn pin(pid: u32, cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it for cpu < 1024.
-    unsafe {
-        if cpu >= libc::CPU_SETSIZE as usize {
-            return false;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set) == 0
-    }
-}
+/// Pins process (or thread) `pid` (0: the caller) to CPU `cpu` (the spawner's, shared).
+pub use zerodrop_local::process::pin;
 
 /// The median of `v` (the upper one of an even count); 0 for none.
 pub fn median(mut v: Vec<f64>) -> f64 {

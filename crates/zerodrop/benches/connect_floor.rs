@@ -23,15 +23,16 @@
 //! release` beside the workspace); without it the bench says how to build it and stops.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use zerodrop_local::process::pin_before_exec;
+use zerodrop_local::{ServeChild, ServeCommand};
 use zerodrop_testkit::free_port;
-use zerodrop_testkit::measure::{cpu_secs, env_u64, median, pin};
+use zerodrop_testkit::measure::{cpu_secs, env_u64, median};
 use zerodrop_testkit::server::Creds;
 
 const FLOOR_ENV: &str = "CONNECT_FLOOR_LISTEN";
@@ -161,13 +162,7 @@ impl Drop for Reaped {
 
 /// `cmd` started on CPU `cpu` alone (set before it runs, so a runtime sizes itself to it).
 fn pinned(mut cmd: Command, cpu: usize) -> std::io::Result<Child> {
-    // SAFETY: the closure only makes one system call (sched_setaffinity) in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            pin(0, cpu);
-            Ok(())
-        });
-    }
+    pin_before_exec(&mut cmd, cpu);
     cmd.spawn()
 }
 
@@ -182,51 +177,64 @@ fn wait_port(port: u16, within: Duration) -> bool {
     false
 }
 
-/// The server's credentials, once its `secrets.json` is written in full.
-fn wait_creds(dir: &Path, within: Duration) -> Result<Creds, String> {
-    let end = Instant::now() + within;
-    loop {
-        match Creds::from_data_dir(dir) {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() >= end => return Err(e.to_string()),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+/// The server under test, stopped and reaped when dropped.
+enum Server {
+    Other(Reaped),
+    Zerodrop(ServeChild),
+}
+
+impl Server {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Server::Other(c) => Some(c.0.id()),
+            Server::Zerodrop(c) => c.pid(),
         }
     }
 }
 
-fn measure(t: Target, yardstick: &Path, limit: &Path, conns: u64) -> Result<Run, String> {
+/// `limit` or the floor on a free port, pinned to CPU 0, once it listens.
+fn start_other(t: Target, limit: &Path) -> Result<(Server, SocketAddr), String> {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cmd = match t {
         Target::Limit => {
             let mut c = Command::new(limit);
             c.args(["--listen", &listen]);
             c
         }
-        Target::Floor => {
+        _ => {
             let mut c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
             c.env(FLOOR_ENV, &listen);
             c
         }
-        Target::Zerodrop => {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_zerodrop"));
-            c.args(["serve", "--listen", &listen, "--data-dir"])
-                .arg(data.path())
-                .env("ZERODROP_MAX_CONNECTIONS", (conns + 1_000).to_string())
-                .env_remove("ZERODROP_API_KEY")
-                .env_remove("ZERODROP_JWT_SECRET");
-            c
-        }
     };
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let server = Reaped(pinned(cmd, 0).map_err(|e| format!("start: {e}"))?);
+    let server = Server::Other(Reaped(pinned(cmd, 0).map_err(|e| format!("start: {e}"))?));
     if !wait_port(port, Duration::from_secs(20)) {
         return Err("the server did not listen within 20 s".into());
     }
-    let creds = match t {
-        Target::Zerodrop => Some(wait_creds(data.path(), Duration::from_secs(10))?),
-        _ => None,
+    Ok((server, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+fn measure(t: Target, yardstick: &Path, limit: &Path, conns: u64) -> Result<Run, String> {
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (server, addr, creds) = match t {
+        Target::Zerodrop => {
+            let child = ServeCommand::new(Path::new(env!("CARGO_BIN_EXE_zerodrop")), data.path())
+                .without_inherited_secrets()
+                .env("ZERODROP_MAX_CONNECTIONS", (conns + 1_000).to_string())
+                .keep_last_lines(100)
+                .on_cpu(0)
+                .spawn()
+                .map_err(|e| format!("start: {e:#}"))?;
+            let creds = Creds::from_data_dir(data.path()).map_err(|e| e.to_string())?;
+            let addr = child.addr();
+            (Server::Zerodrop(child), addr, Some(creds))
+        }
+        other => {
+            let (server, addr) = start_other(other, limit)?;
+            (server, addr, None)
+        }
     };
     let mut args: Vec<String> = vec![
         "idle".into(),
@@ -237,7 +245,7 @@ fn measure(t: Target, yardstick: &Path, limit: &Path, conns: u64) -> Result<Run,
         }
         .into(),
         "--url".into(),
-        format!("http://{listen}"),
+        format!("http://{addr}"),
     ];
     match t {
         Target::Zerodrop => {
@@ -255,7 +263,7 @@ fn measure(t: Target, yardstick: &Path, limit: &Path, conns: u64) -> Result<Run,
         }
         Target::Limit => {}
     }
-    let sp = server.0.id();
+    let sp = server.pid().ok_or("the server is gone")?;
     args.extend(
         [
             "--conns",
