@@ -293,13 +293,15 @@ impl SqliteStore {
     /// Lets the writer finish what is queued, then stops it. Later calls fail with
     /// `Unavailable`.
     pub fn close(&self) {
-        drop(lock(&self.tx).take());
-        // Readers and the checkpointer first, so that the writer's connection is the last one
-        // and checkpoints the WAL into the main file as it closes.
+        // Readers and the checkpointer first, before the writer hears that the store closes,
+        // so that no other connection is open (or checkpointing) when the writer folds the
+        // log into the file and closes last: the file alone then holds every page, and the
+        // log is gone. The writer's own commits bound the log meanwhile.
         lock(&self.readers.pool).clear();
         if let Some(c) = lock(&self.checkpointer).take() {
             c.stop();
         }
+        drop(lock(&self.tx).take());
         if let Some(h) = lock(&self.writer).take() {
             let _ = h.join();
         }
