@@ -50,18 +50,25 @@ local function new_log(epoch, last_ts)
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
     'ts', int(last_ts))
-  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts}
+  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
+    ix = 0, pk = 0}
 end
 
 -- The stream's bounds, and whether its log got a new epoch just now. A log that is behind a
 -- head this instance saw in the same epoch, or events without bounds, or bounds that vanished
 -- while this instance knew the stream, cannot be trusted: positions in it would point at
 -- other events. Such a log starts again, empty, in a new epoch.
+--
+-- The bounds' flags come in the same read, as they stand before the caller writes: `closed`,
+-- `ix` (in the age index, 1 or 0), `pk` (in the set of streams with publish keys, 1 or 0) and
+-- `pub` (the doorbell's watermark, nil when unset).
 local function load_meta(create)
-  local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts')
+  local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
+    'closed', 'ix', 'pk', 'pub')
   if m[1] then
     local meta = {epoch = m[1], head = tonumber(m[2]), first = tonumber(m[3]),
-      count = tonumber(m[4]), bytes = tonumber(m[5]), ts = tonumber(m[6]) or 0}
+      count = tonumber(m[4]), bytes = tonumber(m[5]), ts = tonumber(m[6]) or 0,
+      closed = m[7] == '1', ix = m[8] and 1 or 0, pk = m[9] and 1 or 0, pub = tonumber(m[10])}
     if meta.epoch == known_epoch and meta.head < known_head then
       local fresh = new_log(candidate, meta.ts)
       redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. candidate)
@@ -79,7 +86,8 @@ local function load_meta(create)
   if create or lost or not basekey then
     return new_log(epoch, 0), renewed
   end
-  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0}, renewed
+  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0, closed = false,
+    ix = 0, pk = 0}, renewed
 end
 
 -- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
@@ -156,10 +164,6 @@ local function add_event(m, data, ts)
   m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
   return seq, json
 end
-
-local function is_closed()
-  return redis.call('HGET', KEYS[1], 'closed') == '1'
-end
 "#;
 
 /// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
@@ -171,7 +175,8 @@ end
 /// Only a keyed append pays for the key's bookkeeping: a duplicate counts itself in the hit
 /// counter (`INCR`, expiring with the record: `PTTL` + `PEXPIRE`); a new keyed event adds the
 /// key to the index (`ZADD`) and drops at most 64 expired entries from it (`ZCOUNT`, then
-/// `ZREMRANGEBYRANK` when there are any); both read the bounds' `pk` flag (`HEXISTS`). The
+/// `ZREMRANGEBYRANK` when there are any); both read the bounds' `pk` flag (a duplicate
+/// with `HEXISTS`, a new event in the bounds' one `HMGET`). The
 /// record keeps its format, so records written before the counter existed still answer
 /// duplicates (their count starts at 0).
 ///
@@ -213,7 +218,7 @@ if fp ~= '' then
   end
 end
 local m, renewed = load_meta(true)
-if is_closed() then return {'closed', m.head} end
+if m.closed then return {'closed', m.head} end
 local ts = math.max(now_ms(), m.ts)
 local seq, json = add_event(m, data, ts)
 local removed = trim(m, max_events, max_bytes)
@@ -223,14 +228,14 @@ redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count',
 local unlisted = 0
 if fp ~= '' then
   redis.call('SET', KEYS[3], fp .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX', idem_ttl)
-  unlisted = 1 - redis.call('HEXISTS', KEYS[1], 'pk')
+  unlisted = 1 - m.pk
   redis.call('ZADD', KEYS[5], int(ts), ARGV[14])
   local expired = redis.call('ZCOUNT', KEYS[5], '-inf', int(ts - tonumber(idem_ttl)))
   if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, math.min(expired, 64) - 1) end
 end
 if waits then
   -- The doorbell rings after WAIT, from PUBLISH_THROUGH; `pub` is the last seq it rang for.
-  if redis.call('HEXISTS', KEYS[1], 'pub') == 0 then
+  if not m.pub then
     redis.call('HSET', KEYS[1], 'pub', int(seq - 1))
   end
 else
@@ -240,7 +245,7 @@ end
 if removed > 0 then
   redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
 end
-return {'ok', seq, m.epoch, ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0,
+return {'ok', seq, m.epoch, ts, m.ix, renewed and 1 or 0,
   unlisted}
 "#;
 
@@ -380,7 +385,7 @@ local reply = {'ok', 0, 1, 0, 0, 0, ''}
 local seqs = {}
 if any_new then
   local m, renewed = load_meta(true)
-  if is_closed() then return {'closed', m.head} end
+  if m.closed then return {'closed', m.head} end
   local ts = math.max(now_ms(), m.ts)
   local events = {}
   for i = 1, n do
@@ -403,7 +408,7 @@ if any_new then
     if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, math.min(expired, 64) - 1) end
   end
   if waits then
-    if redis.call('HEXISTS', KEYS[1], 'pub') == 0 then
+    if not m.pub then
       redis.call('HSET', KEYS[1], 'pub', int(m.head - #events))
     end
   else
@@ -414,8 +419,7 @@ if any_new then
   if removed > 0 then
     redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
   end
-  reply = {'ok', ts, redis.call('HEXISTS', KEYS[1], 'ix'), renewed and 1 or 0, 0, m.head,
-    m.epoch}
+  reply = {'ok', ts, m.ix, renewed and 1 or 0, 0, m.head, m.epoch}
 end
 for i = 1, n do
   if plan[i][1] == 'dup' or plan[i][1] == 'same' then
@@ -468,7 +472,7 @@ return bounds_reply(fresh, true)
 const CLOSE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local m, renewed = load_meta(false)
-if not is_closed() then
+if not m.closed then
   redis.call('HSET', KEYS[1], 'closed', '1')
   redis.call('PUBLISH', channel, 'c|' .. stream .. '|' .. int(m.head))
 end
