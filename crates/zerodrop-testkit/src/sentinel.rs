@@ -136,6 +136,17 @@ impl RedisSentinel {
         reply.get(at + 1).cloned()
     }
 
+    /// The `+switch-master` lines of the sentinel's log: every failover it took part in or
+    /// learned of, oldest first (`<name> <old ip> <old port> <new ip> <new port>`).
+    pub fn switches(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("sentinel.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("+switch-master"))
+            .map(String::from)
+            .collect()
+    }
+
     /// The sentinel's log, for a failing test's message.
     pub fn log(&self) -> String {
         tail(&self.dir.path().join("sentinel.log"))
