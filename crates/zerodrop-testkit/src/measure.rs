@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rusqlite::{Connection, params};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
 /// Streams the raw inserts are spread over.
@@ -128,32 +129,37 @@ pub async fn publish_rate(
 
 /// [`publish_rate`] for appends of any content type: each answered 201 or 204 (a Durable
 /// Streams append) before the next.
+///
+/// Each publisher is one keep-alive connection that writes its requests' bytes, built before
+/// the clock starts, and reads each answer's head and `Content-Length` body: as little client
+/// work per request as `redis-benchmark` does per command, so that on a shared core the
+/// publishers take as little as they can from what they measure.
 pub async fn append_rate(url: &str, key: &str, requests: Vec<Vec<HttpAppend>>, secs: u64) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(requests.len())
-        .build()
-        .unwrap();
+    let addr = url
+        .strip_prefix("http://")
+        .expect("an http:// URL")
+        .trim_end_matches('/')
+        .to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for mine in requests {
-        let (client, stop, count) = (client.clone(), stop.clone(), count.clone());
-        let (url, key) = (url.to_string(), key.to_string());
+        let wire: Vec<(Vec<u8>, u64)> = mine
+            .iter()
+            .map(|a| (request_bytes(&addr, key, a), a.events))
+            .collect();
+        let (stop, count, addr) = (stop.clone(), count.clone(), addr.clone());
         tasks.push(tokio::spawn(async move {
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            conn.set_nodelay(true).unwrap();
+            let mut buf = Vec::with_capacity(4096);
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
-                let a = &mine[round % mine.len()];
-                let r = client
-                    .post(format!("{url}{}", a.path))
-                    .bearer_auth(&key)
-                    .header("content-type", a.content_type)
-                    .body(a.body.clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(matches!(r.status().as_u16(), 201 | 204), "{}", r.status());
-                let _ = r.bytes().await;
-                count.fetch_add(a.events, Ordering::Relaxed);
+                let (bytes, events) = &wire[round % wire.len()];
+                conn.write_all(bytes).await.unwrap();
+                let status = read_answer(&mut conn, &mut buf).await;
+                assert!(matches!(status, 201 | 204), "{status}");
+                count.fetch_add(*events, Ordering::Relaxed);
                 round += 1;
             }
         }));
@@ -169,6 +175,59 @@ pub async fn append_rate(url: &str, key: &str, requests: Vec<Vec<HttpAppend>>, s
         t.await.unwrap();
     }
     rate
+}
+
+/// One append as HTTP/1.1 bytes on a keep-alive connection.
+fn request_bytes(host: &str, key: &str, a: &HttpAppend) -> Vec<u8> {
+    let mut out = format!(
+        "POST {} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key}\r\n\
+         content-type: {}\r\ncontent-length: {}\r\n\r\n",
+        a.path,
+        a.content_type,
+        a.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&a.body);
+    out
+}
+
+/// Reads one answer (its head and its `Content-Length` body) and returns its status. `buf`
+/// carries what was read past it (nothing, with one request at a time).
+async fn read_answer(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> u16 {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 24];
+        let mut res = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = res.parse(buf).expect("an HTTP answer") {
+            let status = res.code.expect("a status");
+            let mut len = 0usize;
+            for h in res.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    len = std::str::from_utf8(h.value)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                }
+                assert!(
+                    !h.name.eq_ignore_ascii_case("transfer-encoding"),
+                    "a chunked answer"
+                );
+            }
+            while buf.len() < head + len {
+                read_more(conn, buf).await;
+            }
+            buf.drain(..head + len);
+            return status;
+        }
+        read_more(conn, buf).await;
+    }
+}
+
+async fn read_more(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let n = conn.read(&mut chunk).await.unwrap();
+    assert!(n > 0, "the server closed the connection");
+    buf.extend_from_slice(&chunk[..n]);
 }
 
 /// Pins every thread of process `pid` to `cpu` (threads started later inherit it).
