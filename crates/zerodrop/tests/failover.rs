@@ -223,6 +223,22 @@ struct Run {
     /// The failovers the sentinels made during the run, as their `+switch-master` lines; the
     /// fault is one.
     switches: Vec<String>,
+    /// Each server's replication log lines (port, lines), for a failure's message.
+    replication: Vec<(u16, Vec<String>)>,
+}
+
+impl Run {
+    /// What the sentinels and the servers said about the run, for a failure's message.
+    fn context(&self) -> String {
+        let mut out = format!("failovers: {:#?}", self.switches);
+        for (port, lines) in &self.replication {
+            out.push_str(&format!(
+                "\nredis :{port} replication log:\n{}",
+                lines.join("\n")
+            ));
+        }
+        out
+    }
 }
 
 /// The fault injected.
@@ -398,6 +414,11 @@ async fn run(wait: u32, fault: Fault) -> Run {
         .map(|s| s.switches())
         .max_by_key(Vec::len)
         .unwrap_or_default();
+    let replication = group
+        .servers
+        .iter()
+        .map(|s| (s.port(), s.replication_log()))
+        .collect();
     let r = Run {
         acknowledged: acks.len(),
         lost,
@@ -407,6 +428,7 @@ async fn run(wait: u32, fault: Fault) -> Run {
         acks,
         log,
         switches,
+        replication,
     };
     eprintln!(
         "failover: --redis-wait-replicas {wait}, {fault:?}: acknowledged={} lost={} \
@@ -452,13 +474,15 @@ fn check_common(r: &Run) {
         assert_eq!(
             events.get(a.seq as usize - 1),
             Some(&(a.seq, a.n)),
-            "acknowledged {a:?} is not in the log of its epoch"
+            "acknowledged {a:?} is not in the log of its epoch\n{}",
+            r.context()
         );
     }
     assert!(
         r.seen.faults.is_empty(),
-        "the client saw {:?}",
-        r.seen.faults
+        "the client saw {:?}\n{}",
+        r.seen.faults,
+        r.context()
     );
     let last_epoch: Vec<(u64, u64)> = r
         .seen
@@ -485,10 +509,11 @@ fn check_no_loss(r: &Run) {
     assert_eq!(
         r.lost,
         0,
-        "{} of {} acknowledged events lost, the first {:?}",
+        "{} of {} acknowledged events lost, the first {:?}\n{}",
         lost.len(),
         r.acknowledged,
-        lost.first()
+        lost.first(),
+        r.context()
     );
     assert_eq!(
         r.epoch_changed, 0,
