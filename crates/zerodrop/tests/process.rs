@@ -405,6 +405,51 @@ async fn kill_9_keeps_every_session_that_held_a_stream_and_a_drain_writes_the_re
     );
 }
 
+/// A revoked subject's resume token is refused as revoked even when its session is not in
+/// the store: here a session that never held a stream, lost unwritten to a `kill -9` (before
+/// the revocation it is `SESSION_NOT_FOUND`, as above). On several instances the same holds
+/// for a revoked connection whose end has not written its session yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_subjects_resume_token_is_refused_as_revoked_without_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path(), &[], &[]);
+    let tok = p.creds.token("quiet", &["room:*"], &[]);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?token={tok}", p.ws_url()))
+        .await
+        .unwrap();
+    let w = c.expect("welcome").await;
+    let (sid, resume) = (
+        w["sessionId"].as_str().unwrap().to_string(),
+        w["resumeToken"].as_str().unwrap().to_string(),
+    );
+    p.kill9();
+    drop(c);
+    let p = spawn(dir.path(), &[], &[]);
+    let api = p.api();
+    let r = api.reconnect(&sid, &resume).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (404, "SESSION_NOT_FOUND"),
+        "{}",
+        r.text
+    );
+    // Past the second of the token's `iat` (whole seconds), so the revocation covers it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let admin = p.creds.admin_token.clone();
+    let r = api
+        .post("/admin/revoke", Some(&admin), json!({"sub":"quiet"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = api.reconnect(&sid, &resume).await;
+    assert_eq!((r.status, r.code()), (401, "REVOKED"), "{}", r.text);
+    let mut c = WsClient::connect(&format!("{}/v1/ws?resume={resume}", p.ws_url()))
+        .await
+        .unwrap();
+    let f = c.expect("error").await;
+    assert_eq!(f["code"], "REVOKED", "{f}");
+    assert_eq!(c.expect_close().await, Some(4403));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_websockets_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();

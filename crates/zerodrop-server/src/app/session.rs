@@ -761,6 +761,19 @@ impl App {
         fresh: Option<&ConnectClaims>,
     ) -> Result<Resumed, ApiError> {
         let claims = self.auth.verify_resume(token, expected)?;
+        // A revoked subject's or session's token is refused as such whether or not its session
+        // is in the store yet (a session with no stream is written when its connection ends,
+        // and a revoked connection's end may still be writing it). The token was minted at or
+        // after its session's creation, within the second of its `iat`: a revocation made
+        // after that second covers the session too, as the check below would find.
+        let minted = Bearer {
+            sub: &claims.sub,
+            session: Some(&claims.sid),
+            issued_ms: claims.iat.saturating_mul(1000).saturating_add(999),
+        };
+        if let Some(e) = self.revocation_for(minted) {
+            return Err(e);
+        }
         let mut found = self.store.load_session(&claims.sid).await?;
         if found.is_none()
             && self.write_unwritten(&claims.sid, None, false).await? != Pending::NotHere
