@@ -90,29 +90,23 @@ impl RedisServer {
         self.dir.path()
     }
 
-    /// The process id while it runs (to pin or watch it).
     /// This server's log lines about replication (syncs, role changes, flushes), oldest first:
     /// what a failing failover test shows, so that a replica's full resync or an empty server's
     /// promotion can be told from a write the product lost.
     pub fn replication_log(&self) -> Vec<String> {
-        const WORDS: [&str; 8] = [
-            "MASTER",
-            "REPLICA",
-            "SYNC",
-            "sync",
-            "Flushing",
-            "Discarding",
-            "master",
-            "replica",
-        ];
+        const WORDS: [&str; 5] = ["master", "replica", "sync", "flushing", "discarding"];
         std::fs::read_to_string(log_path(self.dir()))
             .unwrap_or_default()
             .lines()
-            .filter(|l| WORDS.iter().any(|w| l.contains(w)) && !l.contains("overcommit"))
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                WORDS.iter().any(|w| l.contains(w)) && !l.contains("overcommit")
+            })
             .map(String::from)
             .collect()
     }
 
+    /// The process id while it runs (to pin or watch it).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -70,7 +70,7 @@ impl RedisSentinel {
                  sentinel parallel-syncs {name} 1\n",
                 port = self.port,
                 dir = dir.display(),
-                log = dir.join("sentinel.log").display(),
+                log = self.log_path().display(),
                 name = MASTER_NAME,
             ),
         )?;
@@ -92,7 +92,7 @@ impl RedisSentinel {
                 return Err(io::Error::other(format!(
                     "redis-server --sentinel on port {} exited with {status}; log: {}",
                     self.port,
-                    tail(&dir.join("sentinel.log"))
+                    tail(&self.log_path())
                 )));
             }
             if Instant::now() >= deadline {
@@ -139,7 +139,7 @@ impl RedisSentinel {
     /// The `+switch-master` lines of the sentinel's log: every failover it took part in or
     /// learned of, oldest first (`<name> <old ip> <old port> <new ip> <new port>`).
     pub fn switches(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("sentinel.log"))
+        std::fs::read_to_string(self.log_path())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("+switch-master"))
@@ -149,7 +149,11 @@ impl RedisSentinel {
 
     /// The sentinel's log, for a failing test's message.
     pub fn log(&self) -> String {
-        tail(&self.dir.path().join("sentinel.log"))
+        tail(&self.log_path())
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("sentinel.log")
     }
 }
 

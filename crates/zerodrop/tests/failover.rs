@@ -455,9 +455,9 @@ fn check_common(r: &Run) {
     assert_eq!(
         r.switches.len(),
         1,
-        "the sentinels failed over {} times, not once: {:#?}",
+        "the sentinels failed over {} times, not once\n{}",
         r.switches.len(),
-        r.switches
+        r.context()
     );
     let (epoch, events) = &r.log;
     let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();

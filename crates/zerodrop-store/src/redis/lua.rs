@@ -245,8 +245,7 @@ end
 if removed > 0 then
   redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
 end
-return {'ok', seq, m.epoch, ts, m.ix, renewed and 1 or 0,
-  unlisted}
+return {'ok', seq, m.epoch, ts, m.ix, renewed and 1 or 0, unlisted}
 "#;
 
 /// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
