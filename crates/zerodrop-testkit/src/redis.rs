@@ -161,11 +161,21 @@ impl RedisServer {
 
     /// Starts the server again on the same port as a replica of the server on `port` (a failed
     /// primary rejoining after a failover). Does nothing if it is running.
+    ///
+    /// It rejoins with `replica-priority 0`: it holds nothing until its first full sync (which
+    /// the primary delays by `repl-diskless-sync-delay`, 5 s), and Sentinel would promote it
+    /// meanwhile (it picks a replica whose link went down a moment ago, synced or not), so a
+    /// second, spurious failover would wipe the data set. A failover test meant to make one
+    /// failover thus makes one.
     pub fn start_again_as_replica_of(&mut self, port: u16) -> io::Result<()> {
         if self.is_running() {
             return Ok(());
         }
         self.config.replica_of = Some(port);
+        let never_promoted = ["--replica-priority".to_string(), "0".to_string()];
+        if !self.config.extra_args.ends_with(&never_promoted) {
+            self.config.extra_args.extend(never_promoted);
+        }
         self.launch()
     }
 

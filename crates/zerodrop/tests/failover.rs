@@ -449,9 +449,9 @@ async fn run(wait: u32, fault: Fault) -> Run {
 /// every acknowledged event of the final epoch is in it at its seq with its data; the client
 /// saw no gap, no silent epoch change and no other error, and ended holding exactly the log.
 fn check_common(r: &Run) {
-    // A second failover (a busy primary judged down after 1 s, or the rejoined empty server
-    // promoted before it synced) would make this run test something else: say so, rather
-    // than report its losses as the fault's.
+    // A second failover (a busy primary judged down after 1 s; the rejoined server, empty
+    // until it synced, is never promoted: `start_again_as_replica_of`) would make this run
+    // test something else: say so, rather than report its losses as the fault's.
     assert_eq!(
         r.switches.len(),
         1,
