@@ -13,50 +13,53 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-/// The bytes of valid JSON text that stand outside strings, with their offsets (the quotes
-/// and everything between them are skipped).
-fn outside_strings(json: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
-    let (mut in_str, mut esc) = (false, false);
-    json.bytes().enumerate().filter(move |&(_, b)| {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
-            false
-        } else if b == b'"' {
-            in_str = true;
-            false
-        } else {
-            true
-        }
-    })
-}
-
 fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// The offset of the closing quote of the string whose content starts at `from` (the text's
+/// length when it has none). String contents are skipped with `memchr`, not byte by byte:
+/// they are most of a typical payload.
+fn string_end(b: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < b.len() {
+        match memchr::memchr2(b'"', b'\\', &b[i..]) {
+            Some(k) if b[i + k] == b'"' => return i + k,
+            Some(k) => i += k + 2,
+            None => break,
+        }
+    }
+    b.len()
+}
+
 /// Removes insignificant whitespace from valid JSON text.
 pub fn compact(json: &str) -> Cow<'_, str> {
-    let mut spaces = outside_strings(json)
-        .filter(|&(_, b)| is_space(b))
-        .peekable();
-    if spaces.peek().is_none() {
-        return Cow::Borrowed(json);
+    let b = json.as_bytes();
+    let mut out: Option<String> = None;
+    let (mut from, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = string_end(b, i + 1) + 1;
+                continue;
+            }
+            // Whitespace is ASCII, so cutting at its offsets keeps the text valid UTF-8.
+            c if is_space(c) => {
+                let o = out.get_or_insert_with(|| String::with_capacity(json.len()));
+                o.push_str(&json[from..i]);
+                from = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
     }
-    // Whitespace is ASCII, so cutting at its offsets keeps the text valid UTF-8.
-    let mut out = String::with_capacity(json.len());
-    let mut from = 0;
-    for (i, _) in spaces {
-        out.push_str(&json[from..i]);
-        from = i + 1;
+    match out {
+        None => Cow::Borrowed(json),
+        Some(mut o) => {
+            o.push_str(&json[from..]);
+            Cow::Owned(o)
+        }
     }
-    out.push_str(&json[from..]);
-    Cow::Owned(out)
 }
 
 /// How deep event `data` may nest (arrays and objects). `serde_json` validates a `RawValue`
@@ -67,9 +70,14 @@ pub const MAX_DEPTH: usize = 64;
 
 /// The deepest nesting of arrays and objects in valid JSON text (0 for a scalar).
 pub fn depth(json: &str) -> usize {
-    let (mut depth, mut max) = (0usize, 0usize);
-    for (_, b) in outside_strings(json) {
-        match b {
+    let b = json.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = string_end(b, i + 1) + 1;
+                continue;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 max = max.max(depth);
@@ -77,53 +85,117 @@ pub fn depth(json: &str) -> usize {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     max
+}
+
+/// What [`inspect`] finds in valid JSON text, in one pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Findings<'a> {
+    /// The deepest nesting of arrays and objects (0 for a scalar), as [`depth`].
+    pub depth: usize,
+    /// The first object key met twice in the same object, as [`duplicate_key`].
+    pub duplicate_key: Option<String>,
+    /// The first number beyond a double's range, as [`number_out_of_range`].
+    pub out_of_range: Option<&'a str>,
+}
+
+/// Depth, a repeated key and a number out of range, found in one pass over valid JSON text
+/// (the checks every event's `data` passes before it is stored).
+pub fn inspect(json: &str) -> Findings<'_> {
+    let b = json.as_bytes();
+    let mut found = Findings::default();
+    // One entry per open array (`None`) or object (the keys seen so far in it).
+    let mut open: Vec<Option<Keys<'_>>> = Vec::new();
+    // The next string of the innermost object is a key (after `{` or `,`).
+    let mut expect_key = false;
+    let (mut depth, mut i) = (0usize, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let end = string_end(b, i + 1);
+                if expect_key
+                    && found.duplicate_key.is_none()
+                    && let Some(Some(keys)) = open.last_mut()
+                    && let Err(key) = keys.insert(decode_key(&b[i + 1..end]))
+                {
+                    found.duplicate_key = Some(String::from_utf8_lossy(&key).into_owned());
+                }
+                expect_key = false;
+                i = end + 1;
+                continue;
+            }
+            c @ (b'{' | b'[') => {
+                depth += 1;
+                found.depth = found.depth.max(depth);
+                expect_key = c == b'{';
+                open.push(expect_key.then(Keys::default));
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                open.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = matches!(open.last(), Some(Some(_))),
+            c if c.is_ascii_digit() || c == b'-' => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_digit() || matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E'))
+                {
+                    i += 1;
+                }
+                let number = &json[start..i];
+                if found.out_of_range.is_none() && overflows(number) {
+                    found.out_of_range = Some(number);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    found
+}
+
+/// An object's keys so far: a short list searched in order, a set once it is long (so an
+/// object of many keys is not quadratic, and the usual few keys allocate no table).
+#[derive(Default)]
+struct Keys<'a> {
+    few: Vec<Cow<'a, [u8]>>,
+    many: Option<HashSet<Cow<'a, [u8]>>>,
+}
+
+impl<'a> Keys<'a> {
+    const FEW: usize = 16;
+
+    /// Adds `key`, or gives it back when the object already has it.
+    fn insert(&mut self, key: Cow<'a, [u8]>) -> Result<(), Cow<'a, [u8]>> {
+        if let Some(set) = &mut self.many {
+            return match set.contains(&key) {
+                true => Err(key),
+                false => {
+                    set.insert(key);
+                    Ok(())
+                }
+            };
+        }
+        if self.few.contains(&key) {
+            return Err(key);
+        }
+        self.few.push(key);
+        if self.few.len() > Self::FEW {
+            self.many = Some(self.few.drain(..).collect());
+        }
+        Ok(())
+    }
 }
 
 /// The first object key that appears twice in the same object, at any depth, in valid JSON
 /// text (`None` when every object's keys are distinct). Keys are compared as the strings they
 /// stand for, escapes decoded: `"a"` and `"\u0061"` are the same key.
 pub fn duplicate_key(json: &str) -> Option<String> {
-    // One entry per open array (`None`) or object (the keys seen so far in it).
-    let mut open: Vec<Option<HashSet<Cow<'_, [u8]>>>> = Vec::new();
-    // The next string of the innermost object is a key (after `{` or `,`).
-    let mut expect_key = false;
-    let b = json.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                let end = string_end(b, i + 1);
-                if expect_key && let Some(Some(keys)) = open.last_mut() {
-                    let key = decode_key(&b[i + 1..end]);
-                    if keys.contains(&key) {
-                        return Some(String::from_utf8_lossy(&key).into_owned());
-                    }
-                    keys.insert(key);
-                }
-                expect_key = false;
-                i = end + 1;
-                continue;
-            }
-            b'{' => {
-                open.push(Some(HashSet::new()));
-                expect_key = true;
-            }
-            b'[' => {
-                open.push(None);
-                expect_key = false;
-            }
-            b']' | b'}' => {
-                open.pop();
-                expect_key = false;
-            }
-            b',' => expect_key = matches!(open.last(), Some(Some(_))),
-            _ => {}
-        }
-        i += 1;
-    }
-    None
+    inspect(json).duplicate_key
 }
 
 /// The first number in valid JSON text that is beyond the range of a double (`1e309`,
@@ -131,38 +203,14 @@ pub fn duplicate_key(json: &str) -> Option<String> {
 /// but a reader turns it into an error (`serde_json`: "number out of range") or into
 /// `Infinity` (`JSON.parse`), so it must not be stored. Numbers that round to 0 are fine.
 pub fn number_out_of_range(json: &str) -> Option<&str> {
-    let mut start = None;
-    let end = std::iter::once((json.len(), b' '));
-    for (i, b) in outside_strings(json).chain(end) {
-        let numeric = b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
-        match start {
-            None if b.is_ascii_digit() || b == b'-' => start = Some(i),
-            Some(s) if !numeric => {
-                start = None;
-                let number = &json[s..i];
-                // Only an exponent or more than 309 digits can leave the range.
-                let may_overflow = number.len() > 300 || number.bytes().any(|b| b | 0x20 == b'e');
-                if may_overflow && serde_json::from_str::<f64>(number).is_err() {
-                    return Some(number);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
+    inspect(json).out_of_range
 }
 
-/// The offset of the closing quote of the string whose content starts at `from`.
-fn string_end(b: &[u8], from: usize) -> usize {
-    let mut i = from;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return i,
-            _ => i += 1,
-        }
-    }
-    b.len()
+/// Whether a number's text is beyond a double's range. Only an exponent or more than 309
+/// digits can leave it.
+fn overflows(number: &str) -> bool {
+    let may = number.len() > 300 || number.bytes().any(|b| b | 0x20 == b'e');
+    may && serde_json::from_str::<f64>(number).is_err()
 }
 
 /// A key's content (between the quotes) as the bytes of the string it stands for: borrowed
@@ -336,6 +384,28 @@ mod tests {
         ] {
             assert_eq!(duplicate_key(ok), None, "{ok}");
         }
+    }
+
+    #[test]
+    fn inspect_finds_each_thing_once_in_one_pass() {
+        // Keys past the short list's length are found through the set, and escapes at a
+        // string's end do not end it early.
+        let keys: Vec<String> = (0..40).map(|i| format!("\"k{i}\\\\\":{i}")).collect();
+        let mut text = format!("{{{}}}", keys.join(","));
+        assert_eq!(duplicate_key(&text), None);
+        text.insert_str(text.len() - 1, r#","k33\\":[1e400,{"a":[[]]}]"#);
+        let found = inspect(&text);
+        assert_eq!(found.duplicate_key.as_deref(), Some("k33\\"));
+        assert_eq!(found.out_of_range, Some("1e400"));
+        assert_eq!(found.depth, 5);
+        assert_eq!(
+            inspect(r#"{"a":"\"}","b":-2.5E+3}"#),
+            Findings {
+                depth: 1,
+                duplicate_key: None,
+                out_of_range: None
+            }
+        );
     }
 
     /// A JSON text for `v`, with one object (the `dup`-th met in document order, if any)

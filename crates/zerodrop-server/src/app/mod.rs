@@ -552,20 +552,21 @@ pub fn check_data(data: &str, max_payload_bytes: usize) -> Result<(), ApiError> 
             ),
         ));
     }
-    let depth = zerodrop_core::json::depth(data);
+    let found = zerodrop_core::json::inspect(data);
+    let depth = found.depth;
     if depth > zerodrop_core::json::MAX_DEPTH {
         return Err(ApiError::invalid(format!(
             "data nests {depth} levels deep; the limit is {}",
             zerodrop_core::json::MAX_DEPTH
         )));
     }
-    if let Some(key) = zerodrop_core::json::duplicate_key(data) {
+    if let Some(key) = found.duplicate_key {
         return Err(ApiError::invalid(format!(
             "data has an object with the key {} twice; keys must be unique in each object",
             serde_json::Value::from(key)
         )));
     }
-    if let Some(n) = zerodrop_core::json::number_out_of_range(data) {
+    if let Some(n) = found.out_of_range {
         let n: String = n.chars().take(40).collect();
         return Err(ApiError::invalid(format!(
             "data has the number {n}, beyond the range of a double (about 1.8e308): clients \

@@ -64,35 +64,34 @@ impl App {
         // Each stream's policy (who may publish, its payload limit): a stream's part with an
         // event it refuses is left out of the batch, each of its events answering the refusal
         // (naming the first refused event's `index` in the request).
-        let mut refused: HashMap<usize, ApiError> = HashMap::new();
+        // Indexed by part.
+        let mut refused: Vec<Option<ApiError>> = vec![None; parts.len()];
         for (index, &(p, i)) in places.iter().enumerate() {
-            if refused.contains_key(&p) {
+            if refused[p].is_some() {
                 continue;
             }
             let part = &parts[p];
             if let Err(e) = self.check_publish(&part.stream, &part.items[i].data, Publisher::ApiKey)
             {
-                refused.insert(p, e.with("index", index as u64));
+                refused[p] = Some(e.with("index", index as u64));
             }
         }
         // `--max-new-streams-per-minute` counts each new stream once; a refused one is left
         // out of the batch and answers its refusal.
         for (i, part) in parts.iter().enumerate() {
-            if refused.contains_key(&i) {
+            if refused[i].is_some() {
                 continue;
             }
             if let Err(e) = self.admit_new_stream(&part.stream, Publisher::ApiKey).await {
-                refused.insert(i, e);
+                refused[i] = Some(e);
             }
         }
         let names: Vec<StreamId> = parts.iter().map(|p| p.stream.clone()).collect();
-        let sent: Vec<usize> = (0..parts.len())
-            .filter(|i| !refused.contains_key(i))
-            .collect();
+        let sent: Vec<usize> = (0..parts.len()).filter(|&i| refused[i].is_none()).collect();
         let batch: Vec<StreamBatch> = parts
             .into_iter()
             .enumerate()
-            .filter(|(i, _)| !refused.contains_key(i))
+            .filter(|(i, _)| refused[*i].is_none())
             .map(|(_, p)| p)
             .collect();
         let outcomes = if batch.is_empty() {
@@ -101,7 +100,7 @@ impl App {
             self.store.append_batch(batch).await?
         };
         if !outcomes.is_empty()
-            && refused.is_empty()
+            && refused.iter().all(Option::is_none)
             && outcomes
                 .iter()
                 .all(|o| matches!(o, Err(e) if e.is_unavailable()))
@@ -109,10 +108,14 @@ impl App {
         {
             return Err(ApiError::from(e.clone()));
         }
-        let mut by_part: HashMap<usize, Result<Vec<AppendOutcome>, StoreError>> =
-            sent.into_iter().zip(outcomes).collect();
+        let mut by_part: Vec<Option<Result<Vec<AppendOutcome>, StoreError>>> =
+            vec![None; names.len()];
+        for (p, o) in sent.into_iter().zip(outcomes) {
+            by_part[p] = Some(o);
+        }
         let published = by_part
-            .values()
+            .iter()
+            .flatten()
             .filter_map(|r| r.as_ref().ok())
             .flatten()
             .filter(|o| !o.duplicate)
@@ -122,7 +125,7 @@ impl App {
         }
         let mut out = Vec::with_capacity(places.len());
         for (p, i) in places {
-            let r = match (refused.get(&p), by_part.get_mut(&p)) {
+            let r = match (&refused[p], &by_part[p]) {
                 (Some(e), _) => Err(e.clone()),
                 (None, Some(Ok(v))) => v
                     .get(i)

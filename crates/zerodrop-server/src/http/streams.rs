@@ -12,6 +12,7 @@
 //!
 //! Must not: decide what a batch does to the log (the app's and the store's).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::Json;
@@ -48,7 +49,9 @@ struct BatchBody<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ItemBody<'a> {
-    stream: String,
+    /// Borrowed from the body unless it has escapes.
+    #[serde(borrow)]
+    stream: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
     #[serde(default)]
@@ -64,7 +67,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 /// stream, each with the same `data` and `id`).
 fn batch_events(app: &App, body: &[u8]) -> ApiResult<Vec<BatchEvent>> {
     let b: BatchBody = json(body, SHAPE)?;
-    let items: Vec<(String, &RawValue, Option<String>)> = match (b.events, b.streams) {
+    let items: Vec<(Cow<'_, str>, &RawValue, Option<String>)> = match (b.events, b.streams) {
         (Some(events), None) => {
             if b.data.is_some() || b.id.is_some() {
                 return Err(ApiError::invalid(
@@ -82,7 +85,7 @@ fn batch_events(app: &App, body: &[u8]) -> ApiResult<Vec<BatchEvent>> {
             })?;
             streams
                 .into_iter()
-                .map(|s| (s, data, b.id.clone()))
+                .map(|s| (Cow::Owned(s), data, b.id.clone()))
                 .collect()
         }
         (Some(_), Some(_)) => {
