@@ -21,9 +21,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http_body::{Frame, SizeHint};
@@ -34,9 +33,14 @@ use crate::app::App;
 use crate::error::ApiError;
 
 /// Middleware (outside every handler and every layer that may refuse a request).
-pub async fn settle(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// `inner` is what runs inside it: the next layers and the handler.
+pub async fn settle<F, Fut>(app: &App, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     if req.body().is_end_stream() {
-        return next.run(req).await;
+        return inner(req).await;
     }
     let limit = match req.uri().path() {
         // A batch publish has its own, larger limit (`--max-batch-bytes`).
@@ -70,7 +74,7 @@ pub async fn settle(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
         pause,
         timer: None,
     };
-    let mut res = next.run(Request::from_parts(parts, Body::new(paced))).await;
+    let mut res = inner(Request::from_parts(parts, Body::new(paced))).await;
     let left = {
         let mut r = lock(&rest);
         (!r.stalled).then(|| std::mem::take(&mut r.body))

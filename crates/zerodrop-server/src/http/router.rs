@@ -96,22 +96,14 @@ pub fn router(app: Arc<App>) -> Router {
             "/admin/jobs/dead-letters/{id}/requeue",
             post(guard::requeue),
         )
-        .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit))
-        .route_layer(middleware::from_fn_with_state(app.clone(), track))
+        // One layer each around the matched routes and around everything: every layer made
+        // with `from_fn` costs each request a boxed service and a boxed future.
+        .route_layer(middleware::from_fn_with_state(app.clone(), per_route))
         // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
         .layer(body_limit)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(head_limits))
-        // Outside every layer and handler that may answer before reading the body.
-        .layer(middleware::from_fn_with_state(
-            app.clone(),
-            crate::body::settle,
-        ))
-        .layer(middleware::from_fn_with_state(
-            Stamp::new(app.clone()),
-            stamp,
-        ))
+        .layer(middleware::from_fn_with_state(Edge::new(app.clone()), edge))
         .layer(CorsUnlessUpgrade(cors))
         .with_state(app)
 }
@@ -226,13 +218,23 @@ fn cors(origins: &str) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
+/// Around every matched route: its metrics ([`track`]) outside its rate limit
+/// ([`rate_limit`]).
+async fn per_route(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    track(&app, req, |req| rate_limit(&app, req, next)).await
+}
+
 /// Counts every matched request by route template.
-async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn track<F: Future<Output = Response>>(
+    app: &App,
+    req: Request,
+    inner: impl FnOnce(Request) -> F,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     // A clone of the template's shared string, not a copy of it.
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let res = next.run(req).await;
+    let res = inner(req).await;
     app.metrics.http_request(
         method.as_str(),
         route.as_ref().map_or("unmatched", MatchedPath::as_str),
@@ -244,7 +246,7 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
 
 /// Rate limits per `/v1` route and key (SPEC §7): 429 `RATE_LIMITED` with `Retry-After`.
 /// Health, metrics and admin routes are never limited, so operators are not locked out.
-async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn rate_limit(app: &App, req: Request, next: Next) -> Response {
     let Some(limits) = &app.limits else {
         return next.run(req).await;
     };
@@ -291,9 +293,25 @@ async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
     }
 }
 
+/// Around everything, fallbacks included, from the outside in: the instance header and
+/// the error count ([`stamp`]), the body settled before the answer
+/// ([`settle`](crate::body::settle): outside every layer and handler that may answer
+/// before reading the body), and the request head's limits ([`head_refusal`]).
+async fn edge(State(edge): State<Edge>, req: Request, next: Next) -> Response {
+    let mut res = crate::body::settle(&edge.app, req, |req| async move {
+        match head_refusal(&req) {
+            Some(refused) => refused,
+            None => next.run(req).await,
+        }
+    })
+    .await;
+    stamp(&edge, &mut res);
+    res
+}
+
 /// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
 /// headers, 414 past [`MAX_URI_BYTES`] of request target.
-async fn head_limits(req: Request, next: Next) -> Response {
+fn head_refusal(req: &Request) -> Option<Response> {
     let uri = written_len(req.uri());
     let headers: usize = req
         .headers()
@@ -315,12 +333,12 @@ async fn head_limits(req: Request, next: Next) -> Response {
             MAX_HEADER_BYTES,
         )
     } else {
-        return next.run(req).await;
+        return None;
     };
     let mut res = ApiError::invalid(format!("the {what} is {size} bytes; the limit is {limit}"))
         .into_response();
     *res.status_mut() = status;
-    res
+    Some(res)
 }
 
 /// How many bytes `v` displays as, counted without writing them anywhere.
@@ -339,29 +357,27 @@ fn written_len(v: &impl std::fmt::Display) -> usize {
 
 /// Every response names its instance (load balancers may keep affinity with it), and every
 /// typed error is counted by code.
-async fn stamp(State(stamp): State<Stamp>, req: Request, next: Next) -> Response {
-    let mut res = next.run(req).await;
+fn stamp(edge: &Edge, res: &mut Response) {
     if let Some(code) = res.extensions().get::<ErrorCode>() {
-        stamp.app.metrics.error(*code);
+        edge.app.metrics.error(*code);
     }
-    if let Some(v) = &stamp.instance {
+    if let Some(v) = &edge.instance {
         res.headers_mut()
             .insert(HeaderName::from_static(INSTANCE_HEADER), v.clone());
     }
-    res
 }
 
-/// What [`stamp`] needs: the instance's header value is checked once, not per response.
+/// What [`edge`] needs: the instance's header value is checked once, not per response.
 #[derive(Clone)]
-struct Stamp {
+struct Edge {
     app: Arc<App>,
     instance: Option<HeaderValue>,
 }
 
-impl Stamp {
-    fn new(app: Arc<App>) -> Stamp {
+impl Edge {
+    fn new(app: Arc<App>) -> Edge {
         let instance = HeaderValue::from_str(&app.instance).ok();
-        Stamp { app, instance }
+        Edge { app, instance }
     }
 }
 
