@@ -172,13 +172,11 @@ impl<'a> Keys<'a> {
     /// Adds `key`, or gives it back when the object already has it.
     fn insert(&mut self, key: Cow<'a, [u8]>) -> Result<(), Cow<'a, [u8]>> {
         if let Some(set) = &mut self.many {
-            return match set.contains(&key) {
-                true => Err(key),
-                false => {
-                    set.insert(key);
-                    Ok(())
-                }
-            };
+            if set.contains(&key) {
+                return Err(key);
+            }
+            set.insert(key);
+            return Ok(());
         }
         if self.few.contains(&key) {
             return Err(key);

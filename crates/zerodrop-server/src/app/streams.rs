@@ -63,8 +63,8 @@ impl App {
         }
         // Each stream's policy (who may publish, its payload limit): a stream's part with an
         // event it refuses is left out of the batch, each of its events answering the refusal
-        // (naming the first refused event's `index` in the request).
-        // Indexed by part.
+        // (naming the first refused event's `index` in the request). Indexed by part, as
+        // `by_part` below.
         let mut refused: Vec<Option<ApiError>> = vec![None; parts.len()];
         for (index, &(p, i)) in places.iter().enumerate() {
             if refused[p].is_some() {
