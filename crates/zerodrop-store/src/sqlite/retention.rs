@@ -74,8 +74,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the `n` oldest events of `stream` (from `first` on), one statement that finds
-    /// them in the index alone and answers each one's seq and size.
+    /// Removes the `n` oldest events of `stream` (from `first` on): one read finds the last
+    /// of them and their count and size (`length` of a blob reads only its record's header),
+    /// then one range delete. A `DELETE … RETURNING` of the same rows costs the writer about
+    /// a third more per event at the retention limit (docs/benchmarks.md).
     fn trim_oldest(
         &mut self,
         stream: &StreamId,
@@ -83,22 +85,23 @@ impl Writer {
         n: u64,
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
-        let gone: Vec<(i64, i64)> = self
+        let (through, count, bytes): (Option<i64>, i64, i64) = self
             .conn
             .prepare_cached(
-                "DELETE FROM events WHERE stream = ?1 AND seq IN (
-                   SELECT seq FROM events WHERE stream = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3)
-                 RETURNING seq, length(json)",
+                "SELECT max(seq), count(*), coalesce(sum(length(json)), 0) FROM (
+                   SELECT seq, json FROM events WHERE stream = ?1 AND seq >= ?2
+                   ORDER BY seq LIMIT ?3)",
             )?
-            .query_map(params![stream.as_str(), first as i64, n as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let Some(through) = gone.iter().map(|g| g.0).max() else {
+            .query_row(params![stream.as_str(), first as i64, n as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        let Some(through) = through else {
             return Ok(());
         };
-        let bytes: i64 = gone.iter().map(|g| g.1).sum();
-        self.forget_oldest(stream, through as u64, gone.len() as u64, bytes as u64, fx)
+        self.conn
+            .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq >= ?2 AND seq <= ?3")?
+            .execute(params![stream.as_str(), first as i64, through])?;
+        self.forget_oldest(stream, through as u64, count as u64, bytes as u64, fx)
     }
 
     /// The stream's record after its oldest events through `through` were deleted (`count`
