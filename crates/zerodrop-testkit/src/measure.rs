@@ -2,6 +2,7 @@
 //! with in the same run, a closed-loop HTTP publisher, pinning a process to one core (figures
 //! "per core"), and reading their settings and histograms.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -120,11 +121,24 @@ pub async fn publish_rate(
     requests: Vec<Vec<PublishRequest>>,
     secs: u64,
 ) -> f64 {
+    publish_rate_watched(url, key, requests, secs, &[]).await.0
+}
+
+/// [`publish_rate`], and what each process of `watch` spent per event over the counted
+/// seconds: its CPU time (user + system) in µs per event, per thread name
+/// ([`thread_cpu_secs`]).
+pub async fn publish_rate_watched(
+    url: &str,
+    key: &str,
+    requests: Vec<Vec<PublishRequest>>,
+    secs: u64,
+    watch: &[u32],
+) -> (f64, Vec<BTreeMap<String, f64>>) {
     let appends = requests
         .into_iter()
         .map(|mine| mine.into_iter().map(HttpAppend::from).collect())
         .collect();
-    append_rate(url, key, appends, secs).await
+    append_rate_watched(url, key, appends, secs, watch).await
 }
 
 /// [`publish_rate`] for appends of any content type: each answered 201 or 204 (a Durable
@@ -135,6 +149,18 @@ pub async fn publish_rate(
 /// work per request as `redis-benchmark` does per command, so that on a shared core the
 /// publishers take as little as they can from what they measure.
 pub async fn append_rate(url: &str, key: &str, requests: Vec<Vec<HttpAppend>>, secs: u64) -> f64 {
+    append_rate_watched(url, key, requests, secs, &[]).await.0
+}
+
+/// [`append_rate`], with the CPU per event of each process of `watch`, as
+/// [`publish_rate_watched`].
+async fn append_rate_watched(
+    url: &str,
+    key: &str,
+    requests: Vec<Vec<HttpAppend>>,
+    secs: u64,
+    watch: &[u32],
+) -> (f64, Vec<BTreeMap<String, f64>>) {
     let addr = url
         .strip_prefix("http://")
         .expect("an http:// URL")
@@ -165,16 +191,28 @@ pub async fn append_rate(url: &str, key: &str, requests: Vec<Vec<HttpAppend>>, s
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+    let cpu_before: Vec<_> = watch.iter().map(|&pid| thread_cpu_secs(pid)).collect();
     let start_n = count.load(Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let n = count.load(Ordering::Relaxed) - start_n;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    let per_event = watch
+        .iter()
+        .zip(cpu_before)
+        .map(|(&pid, before)| {
+            let mut after = thread_cpu_secs(pid);
+            for (name, secs) in after.iter_mut() {
+                *secs = (*secs - before.get(name).copied().unwrap_or(0.0)) * 1e6 / n.max(1) as f64;
+            }
+            after
+        })
+        .collect();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
-    rate
+    (rate, per_event)
 }
 
 /// One append as HTTP/1.1 bytes on a keep-alive connection.
@@ -257,9 +295,32 @@ pub fn rss_bytes(pid: u32) -> u64 {
 
 /// CPU time (user + system) process `pid` has used, in seconds; 0 when it cannot be read.
 pub fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(0.0, |stat| stat_cpu_secs(&stat))
+}
+
+/// CPU time (user + system) each of process `pid`'s live threads has used, in seconds, summed
+/// per thread name (`/proc/{pid}/task/*/comm`; a thread that ended is no longer counted).
+/// Empty when it cannot be read.
+pub fn thread_cpu_secs(pid: u32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
     };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        *out.entry(name.trim().to_string()).or_insert(0.0) += stat_cpu_secs(&stat);
+    }
+    out
+}
+
+/// utime + stime of a `/proc/…/stat` line, in seconds.
+fn stat_cpu_secs(stat: &str) -> f64 {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
         return 0.0;

@@ -16,12 +16,21 @@
 //! CPU 1 with the publishers, no persistence), and the ceiling is `redis-benchmark`'s `XADD`
 //! rate against that Redis at the same concurrency (`-c PUBLISHERS`, run from CPU 0 before the
 //! server is busy), as in the cluster bench.
+//!
+//! It also prints where the CPU went: per event over the counted seconds (median of the
+//! rounds, from `/proc`, 10 ms ticks), the server's threads by name (`zerodrop`: the request
+//! threads; `zerodrop-sqlite`: the writer and the checkpointer), Redis, and the publishers
+//! (this process); beside them the CPU per event that a 0.5x ratio leaves each core: what
+//! the raw inserts take on one core, or what `redis-benchmark` leaves when CPU 1 holds Redis
+//! and the publishers.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{Value, json};
 use zerodrop_testkit::measure::{
-    PublishRequest, env_u64, median, pin, pin_all, publish_rate, raw_sqlite_inserts,
+    PublishRequest, cpu_secs, env_u64, median, pin, pin_all, publish_rate_watched,
+    raw_sqlite_inserts,
 };
 use zerodrop_testkit::redis::{RedisServer, xadd_baseline};
 use zerodrop_testkit::server::ServerProcess;
@@ -68,13 +77,14 @@ fn main() {
     let redis = on_redis.then(|| RedisServer::start().expect("redis-server starts"));
     // The ceiling on Redis: `XADD` at the same concurrency, from the server's core while it
     // is still idle.
+    let redis_pid = redis.as_ref().and_then(|r| r.pid());
     let xadd = redis.as_ref().map(|r| {
-        let pinned = r.pid().is_some_and(|pid| pin_all(pid, 1)) && pin(0, 0);
+        let pinned = redis_pid.is_some_and(|pid| pin_all(pid, 1)) && pin(0, 0);
         let n = (publishers as u32 * 2_000).max(100_000);
-        (
-            xadd_baseline(r.port(), publishers as u32, n).expect("redis-benchmark"),
-            pinned,
-        )
+        let before = redis_pid.map_or(0.0, cpu_secs);
+        let rate = xadd_baseline(r.port(), publishers as u32, n).expect("redis-benchmark");
+        let redis_us = (redis_pid.map_or(0.0, cpu_secs) - before) * 1e6 / f64::from(n);
+        (rate, redis_us, pinned)
     });
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_zerodrop"));
@@ -87,7 +97,7 @@ fn main() {
     let p =
         ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &store, &[]).expect("server starts");
     // The server's threads so far and any it starts later inherit its pinning.
-    let pinned = pin_all(p.pid(), 0) && pin(0, 1) && xadd.as_ref().is_none_or(|x| x.1);
+    let pinned = pin_all(p.pid(), 0) && pin(0, 1) && xadd.as_ref().is_none_or(|x| x.2);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -96,10 +106,23 @@ fn main() {
     let mut single = Vec::new();
     let mut batched = Vec::new();
     let mut raw = Vec::new();
+    // Per round and phase: µs per event of each watched process, by thread name.
+    let mut cpu: [Vec<Cpu>; 2] = Default::default();
+    let mut watch = vec![p.pid(), std::process::id()];
+    watch.extend(redis_pid);
     for _ in 0..rounds {
         let key = &p.creds.api_key;
-        single.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, 0), secs)));
-        batched.push(rt.block_on(publish_rate(&p.url, key, requests(publishers, batch), secs)));
+        for (phase, n) in [0, batch].into_iter().enumerate() {
+            let (rate, per_event) = rt.block_on(publish_rate_watched(
+                &p.url,
+                key,
+                requests(publishers, n),
+                secs,
+                &watch,
+            ));
+            [&mut single, &mut batched][phase].push(rate);
+            cpu[phase].push(Cpu::of(&per_event));
+        }
         if xadd.is_none() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));
         }
@@ -120,13 +143,32 @@ fn main() {
         rounds_of(&batched)
     );
     println!("batch / single: {:.2}x", b / s.max(1.0));
-    if let Some((x, _)) = xadd {
+    println!(
+        "CPU per event, µs: {:>9} {:>16} {:>13} {:>11}",
+        "zerodrop", "zerodrop-sqlite", "redis-server", "publishers"
+    );
+    for (phase, label) in ["1 event each", "batched"].into_iter().enumerate() {
+        let m = |f: fn(&Cpu) -> f64| median(cpu[phase].iter().map(f).collect());
+        println!(
+            "  {label:<16} {:>9.2} {:>16.2} {:>13.2} {:>11.2}",
+            m(|c| c.requests),
+            m(|c| c.sqlite),
+            m(|c| c.redis),
+            m(|c| c.publishers)
+        );
+    }
+    if let Some((x, redis_us, _)) = xadd {
         println!(
             "{:<24} {x:>10.0}",
             format!("redis-benchmark XADD -c {publishers}")
         );
         println!("single / XADD: {:.2}x", s / x.max(1.0));
         println!("batch / XADD: {:.2}x", b / x.max(1.0));
+        println!(
+            "Redis CPU per XADD in that run: {redis_us:.2} µs; single / XADD 0.5x leaves \
+             {:.2} µs per publish on each core (CPU 0 the server, CPU 1 Redis and the publishers)",
+            2e6 / x.max(1.0)
+        );
         return;
     }
     let r = median(raw.clone());
@@ -139,6 +181,12 @@ fn main() {
         "batch / raw one-transaction inserts: {:.2}x",
         b / r.max(1.0)
     );
+    println!(
+        "raw inserts take {:.2} µs per event on one core; batch / raw 0.5x leaves the server's \
+         core {:.2} µs per event",
+        1e6 / r.max(1.0),
+        2e6 / r.max(1.0)
+    );
     // Round 1 alone: from round 2 on, with the defaults, every stream sits at its retention
     // limit (10,000 events) and commits also trim.
     if let (Some(s1), Some(b1), Some(r1)) = (single.first(), batched.first(), raw.first()) {
@@ -147,5 +195,36 @@ fn main() {
             b1 / s1.max(1.0),
             b1 / r1.max(1.0)
         );
+    }
+}
+
+/// Where one phase's CPU went, in µs per event: the server's request threads and its SQLite
+/// threads (writer and checkpointer), Redis, and the publishers (this process, every thread).
+#[derive(Default)]
+struct Cpu {
+    requests: f64,
+    sqlite: f64,
+    redis: f64,
+    publishers: f64,
+}
+
+impl Cpu {
+    /// From the per-thread-name figures of the watched processes: the server, this process,
+    /// then Redis when there is one.
+    fn of(per_event: &[BTreeMap<String, f64>]) -> Cpu {
+        let named = |i: usize, name: &str| {
+            per_event
+                .get(i)
+                .and_then(|m| m.get(name))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let all = |i: usize| per_event.get(i).map_or(0.0, |m| m.values().sum());
+        Cpu {
+            requests: named(0, "zerodrop"),
+            sqlite: named(0, "zerodrop-sqlite"),
+            redis: all(2),
+            publishers: all(1),
+        }
     }
 }
