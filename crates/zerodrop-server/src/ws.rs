@@ -371,11 +371,16 @@ impl Conn {
         Box::pin(self.finish(exit)).await;
     }
 
+    /// Ends the connection: the session's state first (acks, its reconnect window, and a
+    /// session that held no stream yet written), then the error and close frames, so that a
+    /// resume made once the client has read them finds the session stored and gets its answer
+    /// (`REVOKED` after a revocation's close, on any instance).
     async fn finish(&mut self, exit: Exit) {
         let (code, reason) = match &exit {
             Exit::Gone(r) => (None, *r),
             Exit::Close { code, reason, .. } => (Some(*code), *reason),
         };
+        self.core.close(code, reason).await;
         if let Exit::Close {
             code,
             reason,
@@ -403,7 +408,6 @@ impl Conn {
                 self.await_close_reply().await;
             }
         }
-        self.core.close(code, reason).await;
     }
 
     /// Reads (and discards) what the client still sends until its close frame, its end of the
