@@ -66,10 +66,7 @@ impl Writer {
             let Some(trim) = trim else {
                 continue;
             };
-            self.conn
-                .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
-                .execute(params![stream.as_str(), trim.through.0 as i64])?;
-            self.forget_oldest(&stream, trim.through.0, trim.count, trim.bytes, fx)?;
+            self.delete_through(&stream, trim.through.0, trim.count, trim.bytes, fx)?;
         }
         Ok(())
     }
@@ -98,10 +95,23 @@ impl Writer {
         let Some(through) = through else {
             return Ok(());
         };
+        self.delete_through(stream, through as u64, count as u64, bytes as u64, fx)
+    }
+
+    /// Deletes `stream`'s events through `through` (`count` of them, `bytes` in all: the
+    /// caller read them) in one range delete, and moves its record ([`Self::forget_oldest`]).
+    fn delete_through(
+        &mut self,
+        stream: &StreamId,
+        through: u64,
+        count: u64,
+        bytes: u64,
+        fx: &mut BatchEffects,
+    ) -> rusqlite::Result<()> {
         self.conn
-            .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq >= ?2 AND seq <= ?3")?
-            .execute(params![stream.as_str(), first as i64, through])?;
-        self.forget_oldest(stream, through as u64, count as u64, bytes as u64, fx)
+            .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
+            .execute(params![stream.as_str(), through as i64])?;
+        self.forget_oldest(stream, through, count, bytes, fx)
     }
 
     /// The stream's record after its oldest events through `through` were deleted (`count`
@@ -177,11 +187,8 @@ impl Writer {
             let (count, Some(max_seq), bytes) = expired else {
                 continue;
             };
-            self.conn
-                .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
-                .execute(params![name, max_seq])?;
             let bytes = bytes.unwrap_or(0) as u64;
-            self.forget_oldest(&stream, max_seq as u64, count as u64, bytes, fx)?;
+            self.delete_through(&stream, max_seq as u64, count as u64, bytes, fx)?;
             removed += count;
         }
         self.age_cursor = if full || removed >= MAX_AGE_SWEEP_ROWS {
