@@ -103,11 +103,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut single = Vec::new();
-    let mut batched = Vec::new();
-    let mut raw = Vec::new();
-    // Per round and phase: µs per event of each watched process, by thread name.
+    // Per phase (single, batched) and round: events/s, and where the CPU went.
+    let mut rates: [Vec<f64>; 2] = Default::default();
     let mut cpu: [Vec<Cpu>; 2] = Default::default();
+    let mut raw = Vec::new();
     let mut watch = vec![p.pid(), std::process::id()];
     watch.extend(redis_pid);
     for _ in 0..rounds {
@@ -120,13 +119,14 @@ fn main() {
                 secs,
                 &watch,
             ));
-            [&mut single, &mut batched][phase].push(rate);
+            rates[phase].push(rate);
             cpu[phase].push(Cpu::of(&per_event));
         }
         if xadd.is_none() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));
         }
     }
+    let [single, batched] = rates;
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();
     println!(
         "durable HTTP publish on {}, 200-byte events, 100 streams, {publishers} publishers, \
