@@ -11,8 +11,8 @@ use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, LiveSink, MemoryStore, NoSink, RedisOptions, RedisStore, SessionCap,
-    SessionRecord, SessionStream, Store, StoreError,
+    AppendRequest, BatchItem, IdempotencyKey, LiveSink, MemoryStore, NoSink, RedisOptions,
+    RedisStore, SessionCap, SessionRecord, SessionStream, Store, StoreError, StreamBatch,
 };
 use zerodrop_testkit::redis::{RedisCluster, RedisConfig, RedisServer};
 use zerodrop_testkit::sink::{Recorder, wait_until};
@@ -651,6 +651,98 @@ async fn stored_events_are_exactly_the_encoded_events() {
     let ts: Vec<u64> = r.events.iter().map(|e| e.ts()).collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]));
     assert!(ts[0].abs_diff(now_ms()) < 60_000);
+}
+
+/// On a single server a batch's parts go together, in calls of at most 256 items: a batch
+/// larger than that (a part of 200 items, one of 100, a refused one, one of 300 alone in its
+/// call, one with a duplicate) answers each part exactly as the memory store does (whole, contiguous, in request
+/// order, or refused whole: a closed stream, a key reused with another body), stores exactly
+/// that, and every new event reaches the live sink once, in seq order per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_several_calls_answers_each_part_as_the_memory_store_does() {
+    let server = RedisServer::start().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let redis = connect(&server, sink.clone()).await;
+    let memory = MemoryStore::new(big(), Arc::new(NoSink));
+    let key = |k: &str, body: u8| IdempotencyKey {
+        key: k.into(),
+        fingerprint: [body; 32],
+    };
+    let item = |i: usize, idempotency: Option<IdempotencyKey>| BatchItem {
+        data: format!("{{\"i\":{i}}}"),
+        idempotency,
+    };
+    let part = |stream: &str, items: Vec<BatchItem>| StreamBatch {
+        stream: sid(stream),
+        items,
+    };
+    for store in [&redis as &dyn Store, &memory] {
+        store.append(req("b:closed", "1")).await.unwrap();
+        store.close_stream(&sid("b:closed")).await.unwrap();
+        let first = vec![part("b:keys", vec![item(0, Some(key("k", 1)))])];
+        store.append_batch(first).await.unwrap().remove(0).unwrap();
+    }
+    let batch = vec![
+        part("b:a", (0..200).map(|i| item(i, None)).collect()),
+        part("b:b", (0..100).map(|i| item(i, None)).collect()),
+        part("b:closed", vec![item(0, None)]),
+        part("b:c", (0..300).map(|i| item(i, None)).collect()),
+        part("b:keys", vec![item(1, None), item(2, Some(key("k", 2)))]),
+        part(
+            "b:more",
+            vec![
+                item(3, Some(key("k2", 1))),
+                item(3, Some(key("k2", 1))),
+                item(4, None),
+            ],
+        ),
+    ];
+    let got = redis.append_batch(batch.clone()).await.unwrap();
+    let want = memory.append_batch(batch).await.unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        match (g, w) {
+            (Ok(g), Ok(w)) => {
+                let view = |o: &[zerodrop_store::AppendOutcome]| {
+                    o.iter()
+                        .map(|o| (o.stream.to_string(), o.seq.0, o.duplicate))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(view(g), view(w), "part {i}");
+            }
+            (Err(g), Err(w)) => assert_eq!(g, w, "part {i}"),
+            _ => panic!("part {i}: redis {g:?}, memory {w:?}"),
+        }
+    }
+    assert!(matches!(got[2], Err(StoreError::StreamClosed { .. })));
+    assert!(matches!(got[4], Err(StoreError::IdempotencyKeyReused)));
+    for stream in ["b:a", "b:b", "b:c", "b:keys", "b:more", "b:closed"] {
+        let r = redis.read(&sid(stream), Seq(0), 1_000).await.unwrap();
+        let m = memory.read(&sid(stream), Seq(0), 1_000).await.unwrap();
+        let datas = |r: &zerodrop_store::ReadResult| {
+            r.events
+                .iter()
+                .map(|e| (e.seq().0, e.data().to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(datas(&r), datas(&m), "{stream}");
+        assert_eq!(r.info.head, m.info.head, "{stream}");
+    }
+    // 1 + 1 before the batch, then 200 + 100 + 300 + 2 (the repeated key adds nothing).
+    wait_until(Duration::from_secs(5), "every event live", || {
+        sink.committed.lock().unwrap().len() == 604
+    })
+    .await;
+    let live = sink.committed.lock().unwrap().clone();
+    for stream in ["b:a", "b:b", "b:c", "b:keys", "b:more"] {
+        let seqs: Vec<u64> = live
+            .iter()
+            .filter(|(s, _)| s == stream)
+            .map(|(_, q)| *q)
+            .collect();
+        let head = redis.stream_info(&sid(stream)).await.unwrap().head.0;
+        assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "{stream}");
+    }
 }
 
 /// The same store on a three-node Redis Cluster: every script stays on its stream's slot,

@@ -89,6 +89,7 @@ impl Lua {
 pub(super) struct Scripts {
     pub(super) append: Lua,
     pub(super) append_batch: Lua,
+    pub(super) append_batches: Lua,
     pub(super) delete: Lua,
     pub(super) close: Lua,
     pub(super) info: Lua,
@@ -114,6 +115,7 @@ impl Scripts {
         Scripts {
             append: Lua::new(lua::append()),
             append_batch: Lua::new(lua::append_batch()),
+            append_batches: Lua::new(lua::append_batches()),
             delete: Lua::new(lua::delete()),
             close: Lua::new(lua::close()),
             info: Lua::new(lua::info()),
@@ -160,6 +162,15 @@ impl<'a> Call<'a> {
 
     pub(super) fn arg(mut self, a: impl ToRedisArgs) -> Self {
         self.args.extend(a.to_redis_args());
+        self
+    }
+
+    /// Another call's keys and arguments as one part of this one: the counts of its keys and
+    /// arguments, then the arguments; its keys follow the keys before it.
+    pub(super) fn part(mut self, other: Call<'_>) -> Self {
+        self = self.arg(other.keys.len()).arg(other.args.len());
+        self.keys.extend(other.keys);
+        self.args.extend(other.args);
         self
     }
 

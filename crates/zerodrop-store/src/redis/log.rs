@@ -70,8 +70,7 @@ pub(super) enum Appended {
 
 impl Shared {
     pub(super) async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
-        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let token = format!("{}-{n}", self.instance);
+        let token = self.origin_token();
         match self.append_once(&req, &token).await {
             Ok(Appended::New {
                 seq,
@@ -124,6 +123,12 @@ impl Shared {
             }),
             Err(e) => Err(e),
         }
+    }
+
+    /// A fresh token naming one append of this instance on the live channel.
+    pub(super) fn origin_token(&self) -> String {
+        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.instance)
     }
 
     pub(super) fn known(&self, stream: &StreamId) -> (String, u64) {

@@ -20,20 +20,33 @@
 //! and `c|<stream>|<last seq>` (the stream was closed).
 //!
 //! Must not: let a stream script touch a key outside its stream's slot (the base-epoch key
-//! aside), or spell out a shared rule without naming the Rust function it repeats.
+//! aside; `APPEND_BATCHES`, which runs only on a single server, binds several streams in
+//! turn), or spell out a shared rule without naming the Rust function it repeats.
 
 const PRELUDE: &str = r#"
-local stream, candidate, known_epoch = ARGV[1], ARGV[2], ARGV[3]
-local known_head = tonumber(ARGV[4])
-local channel = ARGV[6]
-local basekey = nil
-if ARGV[5] == '1' then basekey = KEYS[#KEYS] end
+-- The stream the functions below work on: its keys `K` and arguments `A`, the script's own
+-- `KEYS` and `ARGV` unless `APPEND_BATCHES` binds one part after another.
+local K, A, stream, candidate, known_epoch, known_head, channel, basekey
+local function bind(keys, args)
+  K, A = keys, args
+  stream, candidate, known_epoch = args[1], args[2], args[3]
+  known_head = tonumber(args[4])
+  channel = args[6]
+  basekey = nil
+  if args[5] == '1' then basekey = keys[#keys] end
+end
+bind(KEYS, ARGV)
 
 local function int(n) return string.format('%d', n) end
 
+-- Read once per script call: the parts of one call are stamped at the same instant.
+local clock_ms = nil
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
 end
 
 local function seq_of(id) return tonumber(string.sub(id, 3)) end
@@ -47,8 +60,8 @@ local function base_epoch()
 end
 
 local function new_log(epoch, last_ts)
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
+  redis.call('DEL', K[1], K[2])
+  redis.call('HSET', K[1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
     'ts', int(last_ts))
   return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
     ix = 0, pk = 0}
@@ -63,7 +76,7 @@ end
 -- `ix` (in the age index, 1 or 0), `pk` (in the set of streams with publish keys, 1 or 0) and
 -- `pub` (the doorbell's watermark, nil when unset).
 local function load_meta(create)
-  local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
+  local m = redis.call('HMGET', K[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
     'closed', 'ix', 'pk', 'pub')
   if m[1] then
     local meta = {epoch = m[1], head = tonumber(m[2]), first = tonumber(m[3]),
@@ -77,7 +90,7 @@ local function load_meta(create)
     return meta, false
   end
   local epoch = base_epoch()
-  local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', KEYS[2]) == 1
+  local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', K[2]) == 1
   if lost then epoch = candidate end
   local renewed = lost or (known_epoch ~= '' and epoch ~= known_epoch)
   if renewed then
@@ -98,7 +111,7 @@ end
 -- takes its seq, one that differs from what the log holds.
 local function visible(m, waits)
   if not waits then return m end
-  local p = tonumber(redis.call('HGET', KEYS[1], 'pub') or '')
+  local p = tonumber(redis.call('HGET', K[1], 'pub') or '')
   if not p then return m end
   local seen = 0
   if m.epoch == known_epoch then seen = known_head end
@@ -109,7 +122,7 @@ local function visible(m, waits)
 end
 
 local function bounds_reply(m, renewed)
-  local closed = redis.call('HGET', KEYS[1], 'closed') == '1' and 1 or 0
+  local closed = redis.call('HGET', K[1], 'closed') == '1' and 1 or 0
   return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
 end
 
@@ -132,7 +145,7 @@ local function trim(m, max_events, max_bytes)
     local cursor, done = m.first, false
     while not done do
       local want = math.max(must - removed, 0) + 16
-      local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(cursor), '+', 'COUNT', want)
+      local entries = redis.call('XRANGE', K[2], '0-' .. int(cursor), '+', 'COUNT', want)
       if #entries == 0 then break end
       for _, e in ipairs(entries) do
         local over_count = removed < must
@@ -148,7 +161,7 @@ local function trim(m, max_events, max_bytes)
       end
     end
     if removed > 0 then
-      redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. int(through + 1))
+      redis.call('XTRIM', K[2], 'MINID', '0-' .. int(through + 1))
       m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
     end
   end
@@ -160,7 +173,7 @@ local function add_event(m, data, ts)
   local seq = m.head + 1
   local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
     '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
-  redis.call('XADD', KEYS[2], '0-' .. int(seq), 't', int(ts), 'j', json)
+  redis.call('XADD', K[2], '0-' .. int(seq), 't', int(ts), 'j', json)
   m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
   return seq, json
 end
@@ -335,11 +348,12 @@ end
 return out
 "#;
 
-/// A batch's part for one stream, in one step: `crate::rules::plan_items` spelled out (a key
-/// seen before answers its duplicate, or refuses the whole part with another body; a key used
-/// twice in the part likewise; anything new for a closed stream refuses the part), then every
-/// new event appended in the part's order, the keys recorded, one trim, the bounds, and the
-/// doorbell as `APPEND` rings it. A change to the rule must change both.
+/// A batch's part for one stream, in one step (`batch_part`, over the keys and arguments
+/// `bind` chose): `crate::rules::plan_items` spelled out (a key seen before answers its
+/// duplicate, or refuses the whole part with another body; a key used twice in the part
+/// likewise; anything new for a closed stream refuses the part), then every new event
+/// appended in the part's order, the keys recorded, one trim, the bounds, and the doorbell as
+/// `APPEND` rings it. A change to the rule must change both.
 ///
 /// `KEYS[3]` the stream's key index, then per item `i` (1-based) `KEYS[3 + i]` its key's
 /// record and `KEYS[3 + n + i]` its hit counter (any key of the stream for an item without a
@@ -351,100 +365,124 @@ return out
 /// last new seq (0: none), epoch of the new events ('' if none)}` followed by `seq, epoch, dup`
 /// per item.
 const APPEND_BATCH: &str = r#"
-local idem_ttl, max_events, max_bytes = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
-local origin, waits, n = ARGV[10], ARGV[11] == '1', tonumber(ARGV[12])
-local function arg(i, k) return ARGV[12 + 3 * (i - 1) + k] end
-local plan, first_of, any_new, keyed = {}, {}, false, false
-for i = 1, n do
-  local fp, key = arg(i, 2), arg(i, 3)
-  if fp == '' then
-    plan[i] = {'new'}
-    any_new = true
-  else
-    keyed = true
-    local j = first_of[key]
-    if j then
-      if arg(j, 2) ~= fp then return {'reused'} end
-      if plan[j][1] == 'dup' then plan[i] = plan[j] else plan[i] = {'same', j} end
-    else
-      first_of[key] = i
-      local prev = redis.call('GET', KEYS[3 + i])
-      if prev then
-        local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
-        if pfp ~= fp then return {'reused'} end
-        plan[i] = {'dup', tonumber(pseq), pepoch}
-      else
-        plan[i] = {'new'}
-        any_new = true
-      end
-    end
-  end
-end
-local reply = {'ok', 0, 1, 0, 0, 0, ''}
-local seqs = {}
-if any_new then
-  local m, renewed = load_meta(true)
-  if m.closed then return {'closed', m.head} end
-  local ts = math.max(now_ms(), m.ts)
-  local events = {}
+local function batch_part()
+  local idem_ttl, max_events, max_bytes = A[7], tonumber(A[8]), tonumber(A[9])
+  local origin, waits, n = A[10], A[11] == '1', tonumber(A[12])
+  local function arg(i, k) return A[12 + 3 * (i - 1) + k] end
+  local plan, first_of, any_new, keyed = {}, {}, false, false
   for i = 1, n do
-    if plan[i][1] == 'new' then
-      local seq, json = add_event(m, arg(i, 1), ts)
-      seqs[i] = seq
-      events[#events + 1] = int(seq) .. '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json
-      if arg(i, 2) ~= '' then
-        redis.call('SET', KEYS[3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
-          idem_ttl)
-        redis.call('ZADD', KEYS[3], int(ts), arg(i, 3))
+    local fp, key = arg(i, 2), arg(i, 3)
+    if fp == '' then
+      plan[i] = {'new'}
+      any_new = true
+    else
+      keyed = true
+      local j = first_of[key]
+      if j then
+        if arg(j, 2) ~= fp then return {'reused'} end
+        if plan[j][1] == 'dup' then plan[i] = plan[j] else plan[i] = {'same', j} end
+      else
+        first_of[key] = i
+        local prev = redis.call('GET', K[3 + i])
+        if prev then
+          local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
+          if pfp ~= fp then return {'reused'} end
+          plan[i] = {'dup', tonumber(pseq), pepoch}
+        else
+          plan[i] = {'new'}
+          any_new = true
+        end
       end
     end
   end
-  local removed = trim(m, max_events, max_bytes)
-  redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count',
-    int(m.count), 'bytes', int(m.bytes), 'ts', int(ts))
-  if keyed then
-    local expired = redis.call('ZCOUNT', KEYS[3], '-inf', int(ts - tonumber(idem_ttl)))
-    if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, math.min(expired, 64) - 1) end
-  end
-  if waits then
-    if not m.pub then
-      redis.call('HSET', KEYS[1], 'pub', int(m.head - #events))
+  local reply = {'ok', 0, 1, 0, 0, 0, ''}
+  local seqs = {}
+  if any_new then
+    local m, renewed = load_meta(true)
+    if m.closed then return {'closed', m.head} end
+    local ts = math.max(now_ms(), m.ts)
+    local events = {}
+    for i = 1, n do
+      if plan[i][1] == 'new' then
+        local seq, json = add_event(m, arg(i, 1), ts)
+        seqs[i] = seq
+        events[#events + 1] = int(seq) .. '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json
+        if arg(i, 2) ~= '' then
+          redis.call('SET', K[3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
+            idem_ttl)
+          redis.call('ZADD', K[3], int(ts), arg(i, 3))
+        end
+      end
     end
-  else
-    for _, e in ipairs(events) do
-      redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. e)
+    local removed = trim(m, max_events, max_bytes)
+    redis.call('HSET', K[1], 'head', int(m.head), 'first', int(m.first), 'count',
+      int(m.count), 'bytes', int(m.bytes), 'ts', int(ts))
+    if keyed then
+      local expired = redis.call('ZCOUNT', K[3], '-inf', int(ts - tonumber(idem_ttl)))
+      if expired > 0 then redis.call('ZREMRANGEBYRANK', K[3], 0, math.min(expired, 64) - 1) end
+    end
+    if waits then
+      if not m.pub then
+        redis.call('HSET', K[1], 'pub', int(m.head - #events))
+      end
+    else
+      for _, e in ipairs(events) do
+        redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. e)
+      end
+    end
+    if removed > 0 then
+      redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+    end
+    reply = {'ok', ts, m.ix, renewed and 1 or 0, 0, m.head, m.epoch}
+  end
+  for i = 1, n do
+    if plan[i][1] == 'dup' or plan[i][1] == 'same' then
+      local left = redis.call('PTTL', K[3 + i])
+      redis.call('INCR', K[3 + n + i])
+      if left > 0 then redis.call('PEXPIRE', K[3 + n + i], left) end
     end
   end
-  if removed > 0 then
-    redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+  if keyed then reply[5] = 1 - redis.call('HEXISTS', K[1], 'pk') end
+  for i = 1, n do
+    local p = plan[i]
+    if p[1] == 'new' then
+      reply[#reply + 1] = seqs[i]
+      reply[#reply + 1] = reply[7]
+      reply[#reply + 1] = 0
+    elseif p[1] == 'dup' then
+      reply[#reply + 1] = p[2]
+      reply[#reply + 1] = p[3]
+      reply[#reply + 1] = 1
+    else
+      reply[#reply + 1] = seqs[p[2]]
+      reply[#reply + 1] = reply[7]
+      reply[#reply + 1] = 1
+    end
   end
-  reply = {'ok', ts, m.ix, renewed and 1 or 0, 0, m.head, m.epoch}
+  return reply
 end
-for i = 1, n do
-  if plan[i][1] == 'dup' or plan[i][1] == 'same' then
-    local left = redis.call('PTTL', KEYS[3 + i])
-    redis.call('INCR', KEYS[3 + n + i])
-    if left > 0 then redis.call('PEXPIRE', KEYS[3 + n + i], left) end
-  end
+"#;
+
+/// Several streams' parts of a batch in one call, on a single server (every key in one
+/// place) without `WAIT`: `ARGV[1]` the number of parts, then per part the count of its keys
+/// and of its arguments, followed by its arguments; the parts' keys follow each other in
+/// `KEYS`. Each part is an `APPEND_BATCH` call's keys and arguments (base-epoch key included),
+/// run by the same `batch_part` in the parts' order, so each answers exactly what its own
+/// `APPEND_BATCH` would have, and one refused part leaves the others as they are. Replies one
+/// `APPEND_BATCH` reply per part.
+const APPEND_BATCHES: &str = r#"
+local parts, ki, ai, out = tonumber(ARGV[1]), 1, 2, {}
+for p = 1, parts do
+  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+  ai = ai + 2
+  local k, a = {}, {}
+  for i = 1, nk do k[i] = KEYS[ki + i - 1] end
+  for i = 1, na do a[i] = ARGV[ai + i - 1] end
+  ki, ai = ki + nk, ai + na
+  bind(k, a)
+  out[p] = batch_part()
 end
-if keyed then reply[5] = 1 - redis.call('HEXISTS', KEYS[1], 'pk') end
-for i = 1, n do
-  local p = plan[i]
-  if p[1] == 'new' then
-    reply[#reply + 1] = seqs[i]
-    reply[#reply + 1] = reply[7]
-    reply[#reply + 1] = 0
-  elseif p[1] == 'dup' then
-    reply[#reply + 1] = p[2]
-    reply[#reply + 1] = p[3]
-    reply[#reply + 1] = 1
-  else
-    reply[#reply + 1] = seqs[p[2]]
-    reply[#reply + 1] = reply[7]
-    reply[#reply + 1] = 1
-  end
-end
-return reply
+return out
 "#;
 
 /// Erases a stream: its key records (named in the key index `KEYS[3]`; `ARGV[7]` and
@@ -652,7 +690,11 @@ pub fn append() -> String {
 }
 
 pub fn append_batch() -> String {
-    format!("{PRELUDE}{APPEND_BATCH}")
+    format!("{PRELUDE}{APPEND_BATCH}return batch_part()\n")
+}
+
+pub fn append_batches() -> String {
+    format!("{PRELUDE}{APPEND_BATCH}{APPEND_BATCHES}")
 }
 
 pub fn delete() -> String {
