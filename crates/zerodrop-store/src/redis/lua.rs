@@ -24,18 +24,19 @@
 //! turn), or spell out a shared rule without naming the Rust function it repeats.
 
 const PRELUDE: &str = r#"
--- The stream the functions below work on: its keys `K` and arguments `A`, the script's own
--- `KEYS` and `ARGV` unless `APPEND_BATCHES` binds one part after another.
-local K, A, stream, candidate, known_epoch, known_head, channel, basekey
-local function bind(keys, args)
-  K, A = keys, args
-  stream, candidate, known_epoch = args[1], args[2], args[3]
-  known_head = tonumber(args[4])
-  channel = args[6]
+-- The stream the functions below work on: its keys are `KEYS[ko + 1]` to `KEYS[ko + nk]` and
+-- its arguments start at `ARGV[ao + 1]` (all of the script's own unless `APPEND_BATCHES` binds
+-- one part after another).
+local ko, ao, stream, candidate, known_epoch, known_head, channel, basekey
+local function bind(key_offset, arg_offset, nk)
+  ko, ao = key_offset, arg_offset
+  stream, candidate, known_epoch = ARGV[ao + 1], ARGV[ao + 2], ARGV[ao + 3]
+  known_head = tonumber(ARGV[ao + 4])
+  channel = ARGV[ao + 6]
   basekey = nil
-  if args[5] == '1' then basekey = keys[#keys] end
+  if ARGV[ao + 5] == '1' then basekey = KEYS[ko + nk] end
 end
-bind(KEYS, ARGV)
+bind(0, 0, #KEYS)
 
 local function int(n) return string.format('%d', n) end
 
@@ -60,8 +61,8 @@ local function base_epoch()
 end
 
 local function new_log(epoch, last_ts)
-  redis.call('DEL', K[1], K[2])
-  redis.call('HSET', K[1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
+  redis.call('DEL', KEYS[ko + 1], KEYS[ko + 2])
+  redis.call('HSET', KEYS[ko + 1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
     'ts', int(last_ts))
   return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
     ix = 0, pk = 0}
@@ -76,7 +77,7 @@ end
 -- `ix` (in the age index, 1 or 0), `pk` (in the set of streams with publish keys, 1 or 0) and
 -- `pub` (the doorbell's watermark, nil when unset).
 local function load_meta(create)
-  local m = redis.call('HMGET', K[1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
+  local m = redis.call('HMGET', KEYS[ko + 1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
     'closed', 'ix', 'pk', 'pub')
   if m[1] then
     local meta = {epoch = m[1], head = tonumber(m[2]), first = tonumber(m[3]),
@@ -90,7 +91,7 @@ local function load_meta(create)
     return meta, false
   end
   local epoch = base_epoch()
-  local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', K[2]) == 1
+  local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', KEYS[ko + 2]) == 1
   if lost then epoch = candidate end
   local renewed = lost or (known_epoch ~= '' and epoch ~= known_epoch)
   if renewed then
@@ -111,7 +112,7 @@ end
 -- takes its seq, one that differs from what the log holds.
 local function visible(m, waits)
   if not waits then return m end
-  local p = tonumber(redis.call('HGET', K[1], 'pub') or '')
+  local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
   if not p then return m end
   local seen = 0
   if m.epoch == known_epoch then seen = known_head end
@@ -122,7 +123,7 @@ local function visible(m, waits)
 end
 
 local function bounds_reply(m, renewed)
-  local closed = redis.call('HGET', K[1], 'closed') == '1' and 1 or 0
+  local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
   return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
 end
 
@@ -145,7 +146,7 @@ local function trim(m, max_events, max_bytes)
     local cursor, done = m.first, false
     while not done do
       local want = math.max(must - removed, 0) + 16
-      local entries = redis.call('XRANGE', K[2], '0-' .. int(cursor), '+', 'COUNT', want)
+      local entries = redis.call('XRANGE', KEYS[ko + 2], '0-' .. int(cursor), '+', 'COUNT', want)
       if #entries == 0 then break end
       for _, e in ipairs(entries) do
         local over_count = removed < must
@@ -161,7 +162,7 @@ local function trim(m, max_events, max_bytes)
       end
     end
     if removed > 0 then
-      redis.call('XTRIM', K[2], 'MINID', '0-' .. int(through + 1))
+      redis.call('XTRIM', KEYS[ko + 2], 'MINID', '0-' .. int(through + 1))
       m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
     end
   end
@@ -173,7 +174,7 @@ local function add_event(m, data, ts)
   local seq = m.head + 1
   local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
     '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
-  redis.call('XADD', K[2], '0-' .. int(seq), 't', int(ts), 'j', json)
+  redis.call('XADD', KEYS[ko + 2], '0-' .. int(seq), 't', int(ts), 'j', json)
   m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
   return seq, json
 end
@@ -366,9 +367,10 @@ return out
 /// per item.
 const APPEND_BATCH: &str = r#"
 local function batch_part()
-  local idem_ttl, max_events, max_bytes = A[7], tonumber(A[8]), tonumber(A[9])
-  local origin, waits, n = A[10], A[11] == '1', tonumber(A[12])
-  local function arg(i, k) return A[12 + 3 * (i - 1) + k] end
+  local idem_ttl = ARGV[ao + 7]
+  local max_events, max_bytes = tonumber(ARGV[ao + 8]), tonumber(ARGV[ao + 9])
+  local origin, waits, n = ARGV[ao + 10], ARGV[ao + 11] == '1', tonumber(ARGV[ao + 12])
+  local function arg(i, k) return ARGV[ao + 12 + 3 * (i - 1) + k] end
   local plan, first_of, any_new, keyed = {}, {}, false, false
   for i = 1, n do
     local fp, key = arg(i, 2), arg(i, 3)
@@ -383,7 +385,7 @@ local function batch_part()
         if plan[j][1] == 'dup' then plan[i] = plan[j] else plan[i] = {'same', j} end
       else
         first_of[key] = i
-        local prev = redis.call('GET', K[3 + i])
+        local prev = redis.call('GET', KEYS[ko + 3 + i])
         if prev then
           local pfp, pseq, pepoch = string.match(prev, '^(%S+) (%d+) (%S+)$')
           if pfp ~= fp then return {'reused'} end
@@ -408,22 +410,24 @@ local function batch_part()
         seqs[i] = seq
         events[#events + 1] = int(seq) .. '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json
         if arg(i, 2) ~= '' then
-          redis.call('SET', K[3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
+          redis.call('SET', KEYS[ko + 3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
             idem_ttl)
-          redis.call('ZADD', K[3], int(ts), arg(i, 3))
+          redis.call('ZADD', KEYS[ko + 3], int(ts), arg(i, 3))
         end
       end
     end
     local removed = trim(m, max_events, max_bytes)
-    redis.call('HSET', K[1], 'head', int(m.head), 'first', int(m.first), 'count',
+    redis.call('HSET', KEYS[ko + 1], 'head', int(m.head), 'first', int(m.first), 'count',
       int(m.count), 'bytes', int(m.bytes), 'ts', int(ts))
     if keyed then
-      local expired = redis.call('ZCOUNT', K[3], '-inf', int(ts - tonumber(idem_ttl)))
-      if expired > 0 then redis.call('ZREMRANGEBYRANK', K[3], 0, math.min(expired, 64) - 1) end
+      local expired = redis.call('ZCOUNT', KEYS[ko + 3], '-inf', int(ts - tonumber(idem_ttl)))
+      if expired > 0 then
+        redis.call('ZREMRANGEBYRANK', KEYS[ko + 3], 0, math.min(expired, 64) - 1)
+      end
     end
     if waits then
       if not m.pub then
-        redis.call('HSET', K[1], 'pub', int(m.head - #events))
+        redis.call('HSET', KEYS[ko + 1], 'pub', int(m.head - #events))
       end
     else
       for _, e in ipairs(events) do
@@ -437,12 +441,12 @@ local function batch_part()
   end
   for i = 1, n do
     if plan[i][1] == 'dup' or plan[i][1] == 'same' then
-      local left = redis.call('PTTL', K[3 + i])
-      redis.call('INCR', K[3 + n + i])
-      if left > 0 then redis.call('PEXPIRE', K[3 + n + i], left) end
+      local left = redis.call('PTTL', KEYS[ko + 3 + i])
+      redis.call('INCR', KEYS[ko + 3 + n + i])
+      if left > 0 then redis.call('PEXPIRE', KEYS[ko + 3 + n + i], left) end
     end
   end
-  if keyed then reply[5] = 1 - redis.call('HEXISTS', K[1], 'pk') end
+  if keyed then reply[5] = 1 - redis.call('HEXISTS', KEYS[ko + 1], 'pk') end
   for i = 1, n do
     local p = plan[i]
     if p[1] == 'new' then
@@ -471,16 +475,12 @@ end
 /// `APPEND_BATCH` would have, and one refused part leaves the others as they are. Replies one
 /// `APPEND_BATCH` reply per part.
 const APPEND_BATCHES: &str = r#"
-local parts, ki, ai, out = tonumber(ARGV[1]), 1, 2, {}
+local parts, kat, aat, out = tonumber(ARGV[1]), 0, 1, {}
 for p = 1, parts do
-  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
-  ai = ai + 2
-  local k, a = {}, {}
-  for i = 1, nk do k[i] = KEYS[ki + i - 1] end
-  for i = 1, na do a[i] = ARGV[ai + i - 1] end
-  ki, ai = ki + nk, ai + na
-  bind(k, a)
+  local nk, na = tonumber(ARGV[aat + 1]), tonumber(ARGV[aat + 2])
+  bind(kat, aat + 2, nk)
   out[p] = batch_part()
+  kat, aat = kat + nk, aat + 2 + na
 end
 return out
 "#;
