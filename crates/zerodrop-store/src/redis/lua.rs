@@ -366,6 +366,7 @@ return out
 /// last new seq (0: none), epoch of the new events ('' if none)}` followed by `seq, epoch, dup`
 /// per item.
 const APPEND_BATCH: &str = r#"
+local NEW = {'new'}
 local function batch_part()
   local idem_ttl = ARGV[ao + 7]
   local max_events, max_bytes = tonumber(ARGV[ao + 8]), tonumber(ARGV[ao + 9])
@@ -375,7 +376,7 @@ local function batch_part()
   for i = 1, n do
     local fp, key = arg(i, 2), arg(i, 3)
     if fp == '' then
-      plan[i] = {'new'}
+      plan[i] = NEW
       any_new = true
     else
       keyed = true
@@ -391,7 +392,7 @@ local function batch_part()
           if pfp ~= fp then return {'reused'} end
           plan[i] = {'dup', tonumber(pseq), pepoch}
         else
-          plan[i] = {'new'}
+          plan[i] = NEW
           any_new = true
         end
       end
@@ -403,12 +404,16 @@ local function batch_part()
     local m, renewed = load_meta(true)
     if m.closed then return {'closed', m.head} end
     local ts = math.max(now_ms(), m.ts)
-    local events = {}
+    local added = 0
     for i = 1, n do
       if plan[i][1] == 'new' then
         local seq, json = add_event(m, arg(i, 1), ts)
         seqs[i] = seq
-        events[#events + 1] = int(seq) .. '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json
+        added = added + 1
+        if not waits then
+          redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) ..
+            '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json)
+        end
         if arg(i, 2) ~= '' then
           redis.call('SET', KEYS[ko + 3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
             idem_ttl)
@@ -425,14 +430,9 @@ local function batch_part()
         redis.call('ZREMRANGEBYRANK', KEYS[ko + 3], 0, math.min(expired, 64) - 1)
       end
     end
-    if waits then
-      if not m.pub then
-        redis.call('HSET', KEYS[ko + 1], 'pub', int(m.head - #events))
-      end
-    else
-      for _, e in ipairs(events) do
-        redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. e)
-      end
+    -- Without WAIT each new event was published after its XADD, as `APPEND` does.
+    if waits and not m.pub then
+      redis.call('HSET', KEYS[ko + 1], 'pub', int(m.head - added))
     end
     if removed > 0 then
       redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
