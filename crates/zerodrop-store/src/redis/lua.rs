@@ -40,6 +40,20 @@ bind(0, 0, #KEYS)
 
 local function int(n) return string.format('%d', n) end
 
+-- The live channel's messages about the bound stream (their format is in this module's doc).
+local function ring_event(origin, seq, epoch, ts, json)
+  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
+    epoch .. '|' .. int(ts) .. '|' .. json)
+end
+
+local function ring_trim(first, removed)
+  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(first) .. '|' .. int(removed))
+end
+
+local function ring_renewed(epoch)
+  redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
+end
+
 -- Read once per script call: the parts of one call are stamped at the same instant.
 local clock_ms = nil
 local function now_ms()
@@ -85,7 +99,7 @@ local function load_meta(create)
       closed = m[7] == '1', ix = m[8] and 1 or 0, pk = m[9] and 1 or 0, pub = tonumber(m[10])}
     if meta.epoch == known_epoch and meta.head < known_head then
       local fresh = new_log(candidate, meta.ts)
-      redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. candidate)
+      ring_renewed(candidate)
       return fresh, true
     end
     return meta, false
@@ -95,7 +109,7 @@ local function load_meta(create)
   if lost then epoch = candidate end
   local renewed = lost or (known_epoch ~= '' and epoch ~= known_epoch)
   if renewed then
-    redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
+    ring_renewed(epoch)
   end
   if create or lost or not basekey then
     return new_log(epoch, 0), renewed
@@ -253,11 +267,10 @@ if waits then
     redis.call('HSET', KEYS[1], 'pub', int(seq - 1))
   end
 else
-  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
-    m.epoch .. '|' .. int(ts) .. '|' .. json)
+  ring_event(origin, seq, m.epoch, ts, json)
 end
 if removed > 0 then
-  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+  ring_trim(m.first, removed)
 end
 return {'ok', seq, m.epoch, ts, m.ix, renewed and 1 or 0, unlisted}
 "#;
@@ -411,8 +424,7 @@ local function batch_part()
         seqs[i] = seq
         added = added + 1
         if not waits then
-          redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) ..
-            '|' .. m.epoch .. '|' .. int(ts) .. '|' .. json)
+          ring_event(origin, seq, m.epoch, ts, json)
         end
         if arg(i, 2) ~= '' then
           redis.call('SET', KEYS[ko + 3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
@@ -435,7 +447,7 @@ local function batch_part()
       redis.call('HSET', KEYS[ko + 1], 'pub', int(m.head - added))
     end
     if removed > 0 then
-      redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+      ring_trim(m.first, removed)
     end
     reply = {'ok', ts, m.ix, renewed and 1 or 0, 0, m.head, m.epoch}
   end
@@ -500,7 +512,7 @@ for _, k in ipairs(keys) do
 end
 redis.call('DEL', KEYS[3])
 local fresh = new_log(candidate, m.ts)
-redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. candidate)
+ring_renewed(candidate)
 return bounds_reply(fresh, true)
 "#;
 
@@ -554,7 +566,7 @@ if removed > 0 then
   m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
   redis.call('HSET', KEYS[1], 'first', int(m.first), 'count', int(m.count), 'bytes',
     int(m.bytes))
-  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(m.first) .. '|' .. int(removed))
+  ring_trim(m.first, removed)
 end
 return {score or now, removed}
 "#;
