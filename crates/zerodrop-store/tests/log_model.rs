@@ -1,6 +1,7 @@
 //! The log and checkpoint rules, property-tested against a model on the `memory` and
-//! `sqlite` stores: random appends (with count retention), reads from random positions and
-//! acks (stale, fresh and beyond head) on a few streams of one session. After every step the
+//! `sqlite` stores: random appends, one at a time and in batches (one commit each: on SQLite,
+//! one chunk that retention may reach into), with count retention, reads after and before
+//! random positions and acks (stale, fresh and beyond head) on a few streams of one session. After every step the
 //! store must agree with the model: contiguous seqs, the right retained window, reads that
 //! start exactly after the cursor when it is retained, acks that only move forward.
 
@@ -11,8 +12,8 @@ use proptest::prelude::*;
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Grants, Seq, SessionId, StreamId, now_ms};
 use zerodrop_store::{
-    AppendRequest, MemoryStore, NoSink, SessionRecord, SessionStream, SqliteOptions, SqliteStore,
-    Store, StoreError,
+    AppendRequest, BatchItem, MemoryStore, NoSink, ReadRange, SessionRecord, SessionStream,
+    SqliteOptions, SqliteStore, Store, StoreError, StreamBatch,
 };
 
 const STREAMS: usize = 3;
@@ -22,9 +23,18 @@ enum Op {
     Append {
         stream: usize,
     },
+    AppendMany {
+        stream: usize,
+        n: u64,
+    },
     Read {
         stream: usize,
         after: u64,
+        limit: usize,
+    },
+    ReadBefore {
+        stream: usize,
+        before: u64,
         limit: usize,
     },
     Ack {
@@ -36,8 +46,11 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..STREAMS).prop_map(|stream| Op::Append { stream }),
+        2 => (0..STREAMS, 1u64..12).prop_map(|(stream, n)| Op::AppendMany { stream, n }),
         2 => (0..STREAMS, 0u64..40, 1usize..12)
             .prop_map(|(stream, after, limit)| Op::Read { stream, after, limit }),
+        1 => (0..STREAMS, 0u64..60, 1usize..12)
+            .prop_map(|(stream, before, limit)| Op::ReadBefore { stream, before, limit }),
         2 => (0..STREAMS, 0u64..40).prop_map(|(stream, seq)| Op::Ack { stream, seq }),
     ]
 }
@@ -108,6 +121,52 @@ async fn check(store: Arc<dyn Store>, max_events: u64, ops: Vec<Op>) {
                 assert_eq!(o.seq, Seq(m.head() + 1), "seqs are contiguous");
                 assert!(!o.duplicate);
                 m.tags.insert(o.seq.0, tag);
+            }
+            Op::AppendMany { stream, n } => {
+                let m = &mut model[stream];
+                let tags: Vec<u64> = (0..n).map(|i| tag + 1 + i).collect();
+                tag += n;
+                let items = tags
+                    .iter()
+                    .map(|t| BatchItem {
+                        data: t.to_string(),
+                        idempotency: None,
+                    })
+                    .collect();
+                let mut out = store
+                    .append_batch(vec![StreamBatch {
+                        stream: sid(stream),
+                        items,
+                    }])
+                    .await
+                    .unwrap();
+                let outcomes = out.pop().unwrap().unwrap();
+                let seqs: Vec<u64> = outcomes.iter().map(|o| o.seq.0).collect();
+                let want: Vec<u64> = (m.head() + 1..=m.head() + n).collect();
+                assert_eq!(seqs, want, "a batch takes the next seqs, in order");
+                for (s, t) in seqs.into_iter().zip(tags) {
+                    m.tags.insert(s, t);
+                }
+            }
+            Op::ReadBefore {
+                stream,
+                before,
+                limit,
+            } => {
+                let m = &model[stream];
+                let (head, first) = (m.head(), m.first(max_events));
+                let r = store
+                    .read_range(&sid(stream), ReadRange::Before(Seq(before)), limit)
+                    .await
+                    .unwrap();
+                assert_eq!((r.info.head, r.info.first_seq), (Seq(head), Seq(first)));
+                let seqs: Vec<u64> = r.events.iter().map(|e| e.seq().0).collect();
+                let newest = before.saturating_sub(1).min(head);
+                let want: Vec<u64> = (first..=newest).rev().take(limit).collect();
+                assert_eq!(seqs, want, "before {before}: newest first, none trimmed");
+                for e in &r.events {
+                    assert_eq!(e.data(), m.tags[&e.seq().0].to_string());
+                }
             }
             Op::Read {
                 stream,

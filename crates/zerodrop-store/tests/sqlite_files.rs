@@ -471,3 +471,171 @@ async fn a_file_from_before_the_job_queue_gains_its_tables_and_keeps_its_keys() 
     );
     s.close();
 }
+
+fn batch(stream: &str, from: u64, n: u64) -> Vec<zerodrop_store::StreamBatch> {
+    vec![zerodrop_store::StreamBatch {
+        stream: StreamId::new(stream).unwrap(),
+        items: (from..from + n)
+            .map(|i| zerodrop_store::BatchItem {
+                data: format!("{{\"n\":{i}}}"),
+                idempotency: None,
+            })
+            .collect(),
+    }]
+}
+
+/// A file from before chunks (one `events` row per event) is read as it was: the same events,
+/// bounds and digest, and the log goes on from its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_one_row_per_event_is_migrated_to_chunks_and_keeps_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    for i in 0..5 {
+        s.append(req("a", i)).await.unwrap();
+    }
+    s.append_batch(batch("b", 0, 7)).await.unwrap();
+    let (a, b) = (StreamId::new("a").unwrap(), StreamId::new("b").unwrap());
+    let before = (s.digest(&a).await.unwrap(), s.digest(&b).await.unwrap());
+    s.close();
+    drop(s);
+    // Rewrite the file in the layout it had before chunks.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, stream TEXT NOT NULL,
+               seq INTEGER NOT NULL, ts INTEGER NOT NULL, json BLOB NOT NULL,
+               UNIQUE (stream, seq));",
+        )
+        .unwrap();
+        let chunks: Vec<(String, i64, Vec<u8>)> = c
+            .prepare("SELECT stream, seq, body FROM chunks ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (stream, first, body) in chunks {
+            let (mut at, mut seq) = (0, first);
+            while at < body.len() {
+                let ts = u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
+                let len = u32::from_le_bytes(body[at + 8..at + 12].try_into().unwrap()) as usize;
+                let json = &body[at + 12..at + 12 + len];
+                c.execute(
+                    "INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)",
+                    rusqlite::params![stream, seq, ts as i64, json],
+                )
+                .unwrap();
+                at += 12 + len;
+                seq += 1;
+            }
+        }
+        c.execute_batch("DROP TABLE chunks").unwrap();
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 12);
+    }
+    let s = SqliteStore::open(SqliteOptions::new(&path), Arc::new(NoSink)).unwrap();
+    assert!(s.quarantined().is_none());
+    assert_eq!(
+        (s.digest(&a).await.unwrap(), s.digest(&b).await.unwrap()),
+        before,
+        "same bounds and digest"
+    );
+    let r = s.read(&b, Seq(2), 100).await.unwrap();
+    let got: Vec<(u64, String)> = r
+        .events
+        .iter()
+        .map(|e| (e.seq().0, e.data().to_string()))
+        .collect();
+    let want: Vec<(u64, String)> = (3..=7)
+        .map(|i| (i, format!("{{\"n\":{}}}", i - 1)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(s.append(req("a", 5)).await.unwrap().seq, Seq(6));
+    s.close();
+    drop(s);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let tables: Vec<String> = c
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'chunks')",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, vec!["chunks".to_string()], "the old table is gone");
+}
+
+/// Retention that reaches into a batch's chunk hides the trimmed events from every read (after,
+/// before, since, the digest) and from the bounds' count and bytes, until the whole chunk goes;
+/// erasing the stream removes every chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_inside_a_chunk_hides_the_trimmed_events_from_every_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerodrop.db");
+    let mut opts = SqliteOptions::new(&path);
+    opts.retention.max_events = 4;
+    let s = SqliteStore::open(opts, Arc::new(NoSink)).unwrap();
+    let b = StreamId::new("b").unwrap();
+    s.append_batch(batch("b", 1, 10)).await.unwrap();
+    let chunk_rows = |c: &rusqlite::Connection| -> i64 {
+        c.query_row("SELECT count(*) FROM chunks WHERE stream = 'b'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let file = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(chunk_rows(&file), 1, "one batch, one chunk");
+    let seqs = |r: &zerodrop_store::ReadResult| -> Vec<u64> {
+        r.events.iter().map(|e| e.seq().0).collect()
+    };
+    let r = s.read(&b, Seq(0), 100).await.unwrap();
+    assert_eq!((r.info.first_seq, r.info.head), (Seq(7), Seq(10)));
+    assert_eq!(seqs(&r), vec![7, 8, 9, 10]);
+    let size: u64 = r.events.iter().map(|e| e.json().len() as u64).sum();
+    assert_eq!(
+        (r.info.count, r.info.bytes),
+        (4, size),
+        "hidden events are not counted"
+    );
+    let back = s
+        .read_range(&b, zerodrop_store::ReadRange::Before(Seq(9)), 100)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&back), vec![8, 7]);
+    let since = s
+        .read_range(&b, zerodrop_store::ReadRange::Since(0), 100)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&since), vec![7, 8, 9, 10]);
+    let mut h = zerodrop_core::hash::ChainHash::default();
+    for e in &r.events {
+        h.push(&e.json()[..]);
+    }
+    assert_eq!(
+        s.digest(&b).await.unwrap().1,
+        h.hex(),
+        "the digest covers only 7..=10"
+    );
+    // The next appends trim the rest of the first chunk: it goes as a whole.
+    for i in 11..=17 {
+        s.append(req("b", i)).await.unwrap();
+    }
+    let r = s.read(&b, Seq(0), 100).await.unwrap();
+    assert_eq!(seqs(&r), vec![14, 15, 16, 17]);
+    let oldest: i64 = file
+        .query_row("SELECT min(seq) FROM chunks WHERE stream = 'b'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(
+        oldest >= 11,
+        "the first chunk is gone once all of it is trimmed"
+    );
+    s.delete_stream(&b).await.unwrap();
+    assert_eq!(chunk_rows(&file), 0, "erasure removes every chunk");
+    s.close();
+}

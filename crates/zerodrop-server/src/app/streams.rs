@@ -6,8 +6,7 @@
 //! Must not: write a session, or decide a position rule of its own (the window rules are
 //! core's).
 
-use std::collections::HashMap;
-
+use foldhash::{HashMap as FastMap, HashMapExt};
 use sha2::{Digest, Sha256};
 use zerodrop_core::window::{WindowError, before_window, since_window};
 use zerodrop_core::{ErrorCode, Seq, StreamId};
@@ -40,8 +39,8 @@ impl App {
         events: Vec<BatchEvent>,
     ) -> Result<Vec<Result<AppendOutcome, ApiError>>, ApiError> {
         // The parts in the order their streams first appear; each event's place in its part.
-        let mut parts: Vec<StreamBatch> = Vec::new();
-        let mut part_of: HashMap<StreamId, usize> = HashMap::new();
+        let mut parts: Vec<StreamBatch> = Vec::with_capacity(events.len());
+        let mut part_of: FastMap<StreamId, usize> = FastMap::with_capacity(events.len());
         let mut places = Vec::with_capacity(events.len());
         for e in events {
             let p = *part_of.entry(e.stream.clone()).or_insert_with(|| {

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use zerodrop_core::hash::ChainHash;
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
 
+use super::chunk::{Stored, walk, walk_back};
 use super::readers::snapshot;
 use super::writer::{BatchEffects, Writer, meta_info};
 use crate::rules::{plan_items, planned_outcomes};
@@ -38,8 +39,9 @@ impl Writer {
                 last_seq: Seq(meta.head),
             }));
         }
+        let now = self.stamp();
         let (seq, epoch) =
-            self.append_event(&req.stream, &req.data, req.idempotency.as_ref(), fx)?;
+            self.append_event(&req.stream, &req.data, req.idempotency.as_ref(), now, fx)?;
         Ok(Ok(AppendOutcome {
             stream: req.stream,
             seq,
@@ -48,16 +50,22 @@ impl Writer {
         }))
     }
 
-    /// The next seq of `stream`: the event encoded once and inserted, its key recorded, in
-    /// this batch.
+    /// The clock, read once per command: every event a command appends has the same `ts`.
+    fn stamp(&self) -> (u64, Instant) {
+        (self.clock.now_ms(), Instant::now())
+    }
+
+    /// The next seq of `stream`: the event encoded once and added to the stream's chunk, its
+    /// key recorded, in this batch.
     fn append_event(
         &mut self,
         stream: &StreamId,
         data: &str,
         key: Option<&IdempotencyKey>,
+        (now_ms, now): (u64, Instant),
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<(Seq, Epoch)> {
-        let ts = self.clock.now_ms().max(self.last_ts);
+        let ts = now_ms.max(self.last_ts);
         self.last_ts = ts;
         let meta = self.meta(stream)?;
         let seq = Seq(meta.head + 1);
@@ -68,22 +76,14 @@ impl Writer {
         meta.count += 1;
         meta.bytes += len;
         meta.last_ts = ts;
-        self.conn
-            .prepare_cached("INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![
-                stream.as_str(),
-                seq.0 as i64,
-                ts as i64,
-                &event.json()[..]
-            ])?;
+        self.chunk_event(stream, seq.0, ts, event.json())?;
         if let Some(k) = key {
             self.record_idempotent(stream, k, seq, &epoch, ts)?;
         }
         if !fx.touched.contains(stream) {
             fx.touched.insert(stream.clone());
         }
-        fx.events
-            .push(Arc::new(event.with_committed_at(Instant::now())));
+        fx.events.push(Arc::new(event.with_committed_at(now)));
         Ok((seq, epoch))
     }
 
@@ -95,6 +95,7 @@ impl Writer {
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<StoreResult<BatchOutcome>> {
         let mut results = Vec::with_capacity(batch.len());
+        let now = self.stamp();
         for part in batch {
             let meta = self.meta(&part.stream)?;
             let closed = meta.closed.then_some(Seq(meta.head));
@@ -115,6 +116,7 @@ impl Writer {
                             &part.stream,
                             &item.data,
                             item.idempotency.as_ref(),
+                            now,
                             fx,
                         )?;
                         appended.push(at);
@@ -150,8 +152,10 @@ impl Writer {
         if !self.known(stream)? {
             return Ok(Ok(None));
         }
+        // This batch's events of the stream go with the rest.
+        self.open.remove(stream);
         self.conn
-            .prepare_cached("DELETE FROM events WHERE stream = ?1")?
+            .prepare_cached("DELETE FROM chunks WHERE stream = ?1")?
             .execute(params![stream.as_str()])?;
         self.conn
             .prepare_cached("DELETE FROM idempotency WHERE stream = ?1")?
@@ -197,47 +201,27 @@ pub(super) fn read_events(
     range: ReadRange,
     limit: usize,
 ) -> rusqlite::Result<ReadResult> {
-    let (sql, from) = match range {
-        ReadRange::After(s) => (
-            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            s.0,
-        ),
-        ReadRange::Before(s) => (
-            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-            s.0,
-        ),
-        ReadRange::Since(ts) => (
-            "SELECT seq, ts, json FROM events WHERE stream = ?1 AND ts >= ?2 ORDER BY seq LIMIT ?3",
-            ts,
-        ),
-    };
     snapshot(c, |c| {
         let info = read_info(c, stream, epoch)?;
         let mut events = Vec::new();
-        let mut stmt = c.prepare_cached(sql)?;
-        let rows = stmt.query_map(
-            params![
-                stream.as_str(),
-                from.min(i64::MAX as u64) as i64,
-                limit as i64
-            ],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
-            },
-        )?;
-        for row in rows {
-            let (seq, ts, json) = row?;
+        if limit == 0 {
+            return Ok(ReadResult { info, events });
+        }
+        let first = info.first_seq.0;
+        let mut add = |e: &Stored<'_>| {
             events.push(Arc::new(Event::from_stored(
                 stream.clone(),
-                Seq(seq as u64),
+                Seq(e.seq),
                 info.epoch.clone(),
-                ts as u64,
-                Bytes::from(json),
+                e.ts,
+                Bytes::copy_from_slice(e.json),
             )));
+            events.len() < limit
+        };
+        match range {
+            ReadRange::After(s) => walk(c, stream, s.0.saturating_add(1).max(first), add)?,
+            ReadRange::Before(s) => walk_back(c, stream, s.0, |e| e.seq >= first && add(e))?,
+            ReadRange::Since(ts) => walk(c, stream, first, |e| e.ts < ts || add(e))?,
         }
         Ok(ReadResult { info, events })
     })
@@ -286,12 +270,10 @@ pub(super) fn digest(
     snapshot(c, |c| {
         let info = read_info(c, stream, epoch)?;
         let mut h = ChainHash::default();
-        let mut stmt =
-            c.prepare_cached("SELECT json FROM events WHERE stream = ?1 ORDER BY seq")?;
-        let mut rows = stmt.query(params![stream.as_str()])?;
-        while let Some(r) = rows.next()? {
-            h.push(r.get_ref(0)?.as_blob()?);
-        }
+        walk(c, stream, info.first_seq.0, |e| {
+            h.push(e.json);
+            true
+        })?;
         Ok((info, h.hex()))
     })
 }

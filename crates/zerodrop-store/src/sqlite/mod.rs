@@ -57,6 +57,7 @@ use crate::{
 };
 
 mod checkpoint;
+mod chunk;
 mod guard;
 mod health;
 mod idempotency;
@@ -193,7 +194,8 @@ impl SqliteStore {
             clock: opts.clock.clone(),
             up: up.clone(),
             commits: commits.clone(),
-            cache: HashMap::new(),
+            cache: Default::default(),
+            open: Default::default(),
             last_ts,
             live_sessions_bound: HashMap::new(),
         };

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use zerodrop_core::{Epoch, now_ms, utc_stamp};
 
 use super::health::{is_corruption, quick_check};
-use super::{SqliteOptions, Synchronous, guard, unavailable};
+use super::{SqliteOptions, Synchronous, chunk, guard, unavailable};
 use crate::{StoreError, StoreResult};
 
 fn configure(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
@@ -71,13 +71,14 @@ CREATE TABLE IF NOT EXISTS streams (
     last_ts INTEGER NOT NULL,
     closed INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     stream TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    json BLOB NOT NULL,
-    UNIQUE (stream, seq)
+    last INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (stream, last)
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     stream TEXT NOT NULL,
@@ -133,7 +134,7 @@ fn init(conn: &Connection, sync: Synchronous) -> rusqlite::Result<Epoch> {
     }
     let epoch = Epoch::generate();
     conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?1), ('schema', '1')",
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?1), ('schema', '2')",
         params![epoch.as_str()],
     )?;
     Ok(epoch)
@@ -154,6 +155,26 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_closed {
         conn.execute_batch("ALTER TABLE streams ADD COLUMN closed INTEGER NOT NULL DEFAULT 0")?;
+    }
+    let has_event_rows = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'")?
+        .exists([])?;
+    if has_event_rows {
+        // A file from before chunks (`chunk.rs`): each event row becomes a chunk of one, in
+        // the same order, in one transaction.
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut rows = tx.prepare("SELECT stream, seq, ts, json FROM events ORDER BY id")?;
+            let mut rows = rows.query([])?;
+            while let Some(r) = rows.next()? {
+                let stream: String = r.get(0)?;
+                let seq = r.get::<_, i64>(1)?.max(0) as u64;
+                let ts = r.get::<_, i64>(2)?.max(0) as u64;
+                chunk::insert_one(&tx, &stream, seq, ts, r.get_ref(3)?.as_blob()?)?;
+            }
+        }
+        tx.execute_batch("DROP TABLE events; UPDATE meta SET value = '2' WHERE key = 'schema';")?;
+        tx.commit()?;
     }
     Ok(())
 }

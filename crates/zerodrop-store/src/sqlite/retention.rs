@@ -17,6 +17,7 @@ use rusqlite::{OptionalExtension, params};
 use zerodrop_core::retention::{plan_trim, trim_reads};
 use zerodrop_core::{Seq, StreamId};
 
+use super::chunk;
 use super::idempotency;
 use super::writer::{BatchEffects, Writer, record_trim};
 use crate::rules::cutoff;
@@ -46,16 +47,11 @@ impl Writer {
                 continue;
             }
             let trim = loop {
-                let oldest: Vec<(Seq, u64)> = self
-                    .conn
-                    .prepare_cached(
-                        "SELECT seq, length(json) FROM events WHERE stream = ?1 AND seq >= ?2
-                         ORDER BY seq LIMIT ?3",
-                    )?
-                    .query_map(params![stream.as_str(), m.first as i64, want as i64], |r| {
-                        Ok((Seq(r.get::<_, i64>(0)? as u64), r.get::<_, i64>(1)? as u64))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
+                let mut oldest: Vec<(Seq, u64)> = Vec::new();
+                chunk::walk(&self.conn, &stream, m.first, |e| {
+                    oldest.push((Seq(e.seq), e.json.len() as u64));
+                    (oldest.len() as u64) < want
+                })?;
                 let fetched = oldest.len() as u64;
                 let trim = plan_trim(m.count, m.bytes, &limits, oldest);
                 if trim.is_none_or(|t| t.count < fetched) || fetched < want {
@@ -71,10 +67,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the `n` oldest events of `stream` (from `first` on): one read finds the last
-    /// of them and their count and size (`length` of a blob reads only its record's header),
-    /// then one range delete. A `DELETE … RETURNING` of the same rows costs the writer about
-    /// a third more per event at the retention limit (docs/benchmarks.md).
+    /// Removes the `n` oldest events of `stream` (from `first` on): their sizes are read from
+    /// their chunks' headers, then the chunks they fill are deleted.
     fn trim_oldest(
         &mut self,
         stream: &StreamId,
@@ -82,24 +76,20 @@ impl Writer {
         n: u64,
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
-        let (through, count, bytes): (Option<i64>, i64, i64) = self
-            .conn
-            .prepare_cached(
-                "SELECT max(seq), count(*), coalesce(sum(length(json)), 0) FROM (
-                   SELECT seq, json FROM events WHERE stream = ?1 AND seq >= ?2
-                   ORDER BY seq LIMIT ?3)",
-            )?
-            .query_row(params![stream.as_str(), first as i64, n as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-        let Some(through) = through else {
+        let mut seen = 0;
+        let oldest = chunk::measure(&self.conn, stream, first, |_| {
+            seen += 1;
+            seen <= n
+        })?;
+        let Some((count, through, bytes)) = oldest else {
             return Ok(());
         };
-        self.delete_through(stream, through as u64, count as u64, bytes as u64, fx)
+        self.delete_through(stream, through, count, bytes, fx)
     }
 
     /// Deletes `stream`'s events through `through` (`count` of them, `bytes` in all: the
-    /// caller read them) in one range delete, and moves its record ([`Self::forget_oldest`]).
+    /// caller read them), whole chunks in one range delete, and moves its record
+    /// ([`Self::forget_oldest`]).
     fn delete_through(
         &mut self,
         stream: &StreamId,
@@ -108,9 +98,7 @@ impl Writer {
         bytes: u64,
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM events WHERE stream = ?1 AND seq <= ?2")?
-            .execute(params![stream.as_str(), through as i64])?;
+        chunk::delete_through(&self.conn, stream, through)?;
         self.forget_oldest(stream, through, count, bytes, fx)
     }
 
@@ -171,24 +159,14 @@ impl Writer {
             if age >= longest {
                 continue; // the prefix sweep keeps it
             }
-            let cut = cutoff(now, age) as i64;
-            let first = self.meta(&stream)?.first as i64;
-            let expired: (i64, Option<i64>, Option<i64>) = self
-                .conn
-                .prepare_cached(
-                    "SELECT COUNT(*), MAX(seq), SUM(length(json)) FROM events
-                     WHERE stream = ?1 AND seq >= ?2 AND seq < coalesce(
-                       (SELECT seq FROM events WHERE stream = ?1 AND seq >= ?2 AND ts >= ?3
-                        ORDER BY seq LIMIT 1), 9223372036854775807)",
-                )?
-                .query_row(params![name, first, cut], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?;
-            let (count, Some(max_seq), bytes) = expired else {
+            let cut = cutoff(now, age);
+            let first = self.meta(&stream)?.first;
+            let expired = chunk::measure(&self.conn, &stream, first, |e| e.ts < cut)?;
+            let Some((count, max_seq, bytes)) = expired else {
                 continue;
             };
-            let bytes = bytes.unwrap_or(0) as u64;
-            self.delete_through(&stream, max_seq as u64, count as u64, bytes, fx)?;
+            self.delete_through(&stream, max_seq, count, bytes, fx)?;
+            let count = count as i64;
             removed += count;
         }
         self.age_cursor = if full || removed >= MAX_AGE_SWEEP_ROWS {
@@ -199,13 +177,13 @@ impl Writer {
         Ok(())
     }
 
-    /// The longest age: a prefix of the table in rowid order, because `ts` never goes
-    /// backwards.
+    /// The longest age: a prefix of the table in rowid order (`last_ts` never goes backwards
+    /// from one batch's chunks to the next'), whole chunks whose newest event is past it.
     fn sweep_age_prefix(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
         let age_cut = cutoff(self.clock.now_ms(), self.retention.longest_age_ms()) as i64;
         let oldest: Option<(i64, i64)> = self
             .conn
-            .prepare_cached("SELECT id, ts FROM events ORDER BY id LIMIT 1")?
+            .prepare_cached("SELECT id, last_ts FROM chunks ORDER BY id LIMIT 1")?
             .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((first_id, first_ts)) = oldest else {
@@ -216,34 +194,39 @@ impl Writer {
         }
         let boundary: Option<i64> = self
             .conn
-            .prepare_cached("SELECT id FROM events WHERE ts >= ?1 ORDER BY id LIMIT 1")?
+            .prepare_cached("SELECT id FROM chunks WHERE last_ts >= ?1 ORDER BY id LIMIT 1")?
             .query_row(params![age_cut], |r| r.get(0))
             .optional()?;
         let last_expired = match boundary {
             Some(b) => b - 1,
             None => self
                 .conn
-                .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))?,
+                .query_row("SELECT MAX(id) FROM chunks", [], |r| r.get(0))?,
         };
         let upto = last_expired.min(first_id + MAX_AGE_SWEEP_ROWS);
-        let groups: Vec<(String, i64, i64, i64)> = self
+        let groups: Vec<(String, i64)> = self
             .conn
-            .prepare_cached(
-                "SELECT stream, MAX(seq), COUNT(*), SUM(length(json)) FROM events
-                 WHERE id <= ?1 GROUP BY stream",
-            )?
-            .query_map(params![upto], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
+            .prepare_cached("SELECT stream, MAX(last) FROM chunks WHERE id <= ?1 GROUP BY stream")?
+            .query_map(params![upto], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        self.conn
-            .prepare_cached("DELETE FROM events WHERE id <= ?1")?
-            .execute(params![upto])?;
-        for (stream, max_seq, count, bytes) in groups {
+        // Each stream's chunks in the prefix are its oldest: what they hold that is not hidden
+        // already is measured before they go.
+        let mut gone = Vec::with_capacity(groups.len());
+        for (stream, max_seq) in groups {
             let Ok(stream) = StreamId::new(&stream) else {
                 continue;
             };
-            self.forget_oldest(&stream, max_seq as u64, count as u64, bytes as u64, fx)?;
+            let first = self.meta(&stream)?.first;
+            let through = max_seq as u64;
+            if let Some(m) = chunk::measure(&self.conn, &stream, first, |e| e.seq <= through)? {
+                gone.push((stream, m));
+            }
+        }
+        self.conn
+            .prepare_cached("DELETE FROM chunks WHERE id <= ?1")?
+            .execute(params![upto])?;
+        for (stream, (count, through, bytes)) in gone {
+            self.forget_oldest(&stream, through, count, bytes, fx)?;
         }
         Ok(())
     }
