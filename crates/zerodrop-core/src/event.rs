@@ -66,6 +66,18 @@ impl Event {
         }
     }
 
+    /// The length of the JSON [`Event::encode`] makes of these fields and a `data` of
+    /// `data_len` bytes, without encoding it.
+    pub fn encoded_len(
+        stream: &StreamId,
+        seq: Seq,
+        epoch: &Epoch,
+        ts: u64,
+        data_len: usize,
+    ) -> usize {
+        prefix_len(stream, seq, epoch, ts) + data_len + 1
+    }
+
     pub fn with_committed_at(mut self, at: Instant) -> Event {
         self.committed_at = Some(at);
         self

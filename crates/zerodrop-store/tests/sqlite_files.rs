@@ -497,6 +497,7 @@ async fn a_file_with_one_row_per_event_is_migrated_to_chunks_and_keeps_its_log()
     s.append_batch(batch("b", 0, 7)).await.unwrap();
     let (a, b) = (StreamId::new("a").unwrap(), StreamId::new("b").unwrap());
     let before = (s.digest(&a).await.unwrap(), s.digest(&b).await.unwrap());
+    let epoch = s.epoch().clone();
     s.close();
     drop(s);
     // Rewrite the file in the layout it had before chunks.
@@ -520,10 +521,17 @@ async fn a_file_with_one_row_per_event_is_migrated_to_chunks_and_keeps_its_log()
             while at < body.len() {
                 let ts = u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
                 let len = u32::from_le_bytes(body[at + 8..at + 12].try_into().unwrap()) as usize;
-                let json = &body[at + 12..at + 12 + len];
+                let data = std::str::from_utf8(&body[at + 12..at + 12 + len]).unwrap();
+                let event = zerodrop_core::Event::encode(
+                    StreamId::new(&stream).unwrap(),
+                    Seq(seq as u64),
+                    epoch.clone(),
+                    ts,
+                    data,
+                );
                 c.execute(
                     "INSERT INTO events (stream, seq, ts, json) VALUES (?1, ?2, ?3, ?4)",
-                    rusqlite::params![stream, seq, ts as i64, json],
+                    rusqlite::params![stream, seq, ts as i64, &event.json()[..]],
                 )
                 .unwrap();
                 at += 12 + len;

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use zerodrop_core::hash::ChainHash;
 use zerodrop_core::{Epoch, Event, Seq, StreamId};
@@ -76,7 +75,7 @@ impl Writer {
         meta.count += 1;
         meta.bytes += len;
         meta.last_ts = ts;
-        self.chunk_event(stream, seq.0, ts, event.json())?;
+        self.chunk_event(stream, seq.0, ts, event.data().as_bytes())?;
         if let Some(k) = key {
             self.record_idempotent(stream, k, seq, &epoch, ts)?;
         }
@@ -208,22 +207,26 @@ pub(super) fn read_events(
             return Ok(ReadResult { info, events });
         }
         let first = info.first_seq.0;
-        let mut add = |e: &Stored<'_>| {
-            events.push(Arc::new(Event::from_stored(
-                stream.clone(),
-                Seq(e.seq),
-                info.epoch.clone(),
-                e.ts,
-                Bytes::copy_from_slice(e.json),
-            )));
-            events.len() < limit
+        let mut failed = None;
+        let mut add = |e: &Stored<'_>| match e.event(stream, &info.epoch) {
+            Ok(event) => {
+                events.push(Arc::new(event));
+                events.len() < limit
+            }
+            Err(err) => {
+                failed = Some(err);
+                false
+            }
         };
         match range {
             ReadRange::After(s) => walk(c, stream, s.0.saturating_add(1).max(first), add)?,
             ReadRange::Before(s) => walk_back(c, stream, s.0, |e| e.seq >= first && add(e))?,
             ReadRange::Since(ts) => walk(c, stream, first, |e| e.ts < ts || add(e))?,
         }
-        Ok(ReadResult { info, events })
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(ReadResult { info, events }),
+        }
     })
 }
 
@@ -270,10 +273,22 @@ pub(super) fn digest(
     snapshot(c, |c| {
         let info = read_info(c, stream, epoch)?;
         let mut h = ChainHash::default();
+        let mut failed = None;
         walk(c, stream, info.first_seq.0, |e| {
-            h.push(e.json);
-            true
+            match e.event(stream, &info.epoch) {
+                Ok(event) => {
+                    h.push(event.json());
+                    true
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    false
+                }
+            }
         })?;
-        Ok((info, h.hex()))
+        match failed {
+            Some(err) => Err(err),
+            None => Ok((info, h.hex())),
+        }
     })
 }

@@ -49,7 +49,7 @@ impl Writer {
             let trim = loop {
                 let mut oldest: Vec<(Seq, u64)> = Vec::new();
                 chunk::walk(&self.conn, &stream, m.first, |e| {
-                    oldest.push((Seq(e.seq), e.json.len() as u64));
+                    oldest.push((Seq(e.seq), e.json_len(&stream, &m.epoch)));
                     (oldest.len() as u64) < want
                 })?;
                 let fetched = oldest.len() as u64;
@@ -77,7 +77,8 @@ impl Writer {
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
         let mut seen = 0;
-        let oldest = chunk::measure(&self.conn, stream, first, |_| {
+        let epoch = self.meta(stream)?.epoch.clone();
+        let oldest = chunk::measure(&self.conn, stream, &epoch, first, |_| {
             seen += 1;
             seen <= n
         })?;
@@ -160,8 +161,9 @@ impl Writer {
                 continue; // the prefix sweep keeps it
             }
             let cut = cutoff(now, age);
-            let first = self.meta(&stream)?.first;
-            let expired = chunk::measure(&self.conn, &stream, first, |e| e.ts < cut)?;
+            let m = self.meta(&stream)?;
+            let (first, epoch) = (m.first, m.epoch.clone());
+            let expired = chunk::measure(&self.conn, &stream, &epoch, first, |e| e.ts < cut)?;
             let Some((count, max_seq, bytes)) = expired else {
                 continue;
             };
@@ -216,9 +218,12 @@ impl Writer {
             let Ok(stream) = StreamId::new(&stream) else {
                 continue;
             };
-            let first = self.meta(&stream)?.first;
+            let m = self.meta(&stream)?;
+            let (first, epoch) = (m.first, m.epoch.clone());
             let through = max_seq as u64;
-            if let Some(m) = chunk::measure(&self.conn, &stream, first, |e| e.seq <= through)? {
+            let measured =
+                chunk::measure(&self.conn, &stream, &epoch, first, |e| e.seq <= through)?;
+            if let Some(m) = measured {
                 gone.push((stream, m));
             }
         }
