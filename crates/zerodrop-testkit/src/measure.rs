@@ -21,9 +21,10 @@ pub fn payload() -> String {
     format!("{{\"text\":\"{}\"}}", "x".repeat(110))
 }
 
-/// Raw rusqlite inserts/s into a table shaped like the store's events (WAL,
-/// `synchronous=FULL`), `n` events over [`RAW_STREAMS`] streams, a commit every
-/// `commit_every` (`n`: all in one transaction, the ceiling with no durability per event).
+/// Raw rusqlite inserts/s of one row per event (WAL, `synchronous=FULL`; the store's layout
+/// before it kept a batch's events of a stream in one row, `sqlite/chunk.rs`), `n` events over
+/// [`RAW_STREAMS`] streams, a commit every `commit_every` (`n`: all in one transaction, the
+/// ceiling with no durability per event).
 pub fn raw_sqlite_inserts(n: usize, commit_every: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let conn = Connection::open(dir.path().join("raw.db")).unwrap();
