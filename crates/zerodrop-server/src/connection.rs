@@ -940,18 +940,21 @@ impl Drop for Core {
         }
         self.log_closed(None, "dropped");
         if let Some(s) = self.session.take() {
-            self.app.release_session(&s.id, self.id);
             let app = self.app.clone();
             let (conn, members) = (self.id, std::mem::take(&mut self.members));
-            // The reconnect window starts now, and so do the members' graces.
+            // The reconnect window starts now, and so do the members' graces. The session is
+            // let go once its acks are written, as `close` does (a resume waits for that).
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     app.flush_acks(Some(&s.id)).await;
+                    app.release_session(&s.id, conn);
                     app.touch(&s.id, true).await;
                     for stream in members {
                         app.release(conn, &s.id, &stream).await;
                     }
                 });
+            } else {
+                self.app.release_session(&s.id, self.id);
             }
         }
     }

@@ -42,6 +42,10 @@ use crate::error::ApiError;
 use crate::live::{Delivery, Fault, Hub, Signal, Subscription};
 use crate::metrics::{Metrics, StoreFacts};
 
+/// How long a resume waits for its session's previous connection here to end
+/// ([`App::await_release`]).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(1);
+
 /// Who publishes, for `--max-new-streams-per-minute`: backends with the api key share one
 /// bucket (HTTP publishes and webhooks); a WebSocket `publish` frame counts for its token's
 /// `sub`.
@@ -91,6 +95,8 @@ pub struct App {
     pub guard: crate::guard::Guard,
     /// Which connection on this instance holds each session, so a resume can take it over.
     holders: Mutex<HashMap<SessionId, Holder>>,
+    /// Told whenever a holder lets its session go ([`App::await_release`]).
+    released: tokio::sync::Notify,
     /// WebSocket sessions that hold no stream yet and are not written (`session.rs`).
     unwritten: session::Unwritten,
     /// Names this process's connections in holder notices (instance ids may be reused).
@@ -205,6 +211,7 @@ impl App {
             new_streams,
             guard,
             holders: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
             unwritten: session::Unwritten::default(),
             holder_prefix: hex::encode(zerodrop_core::random_bytes::<6>()),
             doorbells: Mutex::new(HashMap::new()),
@@ -439,6 +446,27 @@ impl App {
         let mut h = lock(&self.holders);
         if h.get(sid).is_some_and(|x| x.conn == conn) {
             h.remove(sid);
+            drop(h);
+            self.released.notify_waiters();
+        }
+    }
+
+    /// Before a resume reads its session: a connection here that still holds it is kicked and
+    /// awaited (at most [`TAKEOVER_WAIT`]), since its end writes the acks it received before
+    /// it lets go. A client that acks, closes and resumes at once (faster than its old
+    /// socket's end is handled) then resumes after those acks, not before them.
+    pub(crate) async fn await_release(&self, sid: &SessionId) {
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let released = self.released.notified();
+            match lock(&self.holders).get(sid) {
+                None => return,
+                Some(holder) => holder.signal.kick(),
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return;
+            }
         }
     }
 

@@ -720,7 +720,10 @@ impl App {
         fresh: Option<&ConnectClaims>,
         transport: Transport,
     ) -> Result<Resumed, ApiError> {
-        let r = self.resume_inner(token, expected, fresh).await;
+        // A WebSocket or SSE resume is a new connection for the session; an HTTP reconnect
+        // only reads what the session would replay and leaves a live connection alone.
+        let takeover = transport != Transport::Http;
+        let r = self.resume_inner(token, expected, fresh, takeover).await;
         if let Err(e) = &r {
             self.metrics.resume_failed(transport, e.code);
             tracing::info!(transport = transport.as_str(), code = %e.code, "resume failed");
@@ -733,8 +736,11 @@ impl App {
         token: &str,
         expected: Option<&SessionId>,
         fresh: Option<&ConnectClaims>,
+        takeover: bool,
     ) -> Result<Resumed, ApiError> {
-        let resumed = self.session_for(token, expected, fresh).await?;
+        let resumed = self
+            .session_checked(token, expected, fresh, takeover)
+            .await?;
         // The new window is recorded in the background: a resume storm must not queue a
         // thousand durable writes in front of its replays.
         let store = Arc::clone(&self.store);
@@ -760,6 +766,19 @@ impl App {
         expected: Option<&SessionId>,
         fresh: Option<&ConnectClaims>,
     ) -> Result<Resumed, ApiError> {
+        self.session_checked(token, expected, fresh, false).await
+    }
+
+    /// [`App::session_for`]; for a `takeover` (a resume: a new connection for the session),
+    /// once the token is good, a connection here still holding the session is ended first
+    /// ([`App::await_release`]), so what it wrote is what the session reads.
+    async fn session_checked(
+        &self,
+        token: &str,
+        expected: Option<&SessionId>,
+        fresh: Option<&ConnectClaims>,
+        takeover: bool,
+    ) -> Result<Resumed, ApiError> {
         let claims = self.auth.verify_resume(token, expected)?;
         // A revoked subject's or session's token is refused as such whether or not its session
         // is in the store yet (a session with no stream is written when its connection ends,
@@ -773,6 +792,9 @@ impl App {
         };
         if let Some(e) = self.revocation_for(minted) {
             return Err(e);
+        }
+        if takeover {
+            self.await_release(&claims.sid).await;
         }
         let mut found = self.store.load_session(&claims.sid).await?;
         if found.is_none()
