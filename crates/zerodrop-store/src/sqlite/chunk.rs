@@ -30,9 +30,9 @@ use zerodrop_core::{Epoch, Event, Seq, StreamId};
 use super::writer::Writer;
 
 /// Events in one chunk at most.
-pub(super) const CHUNK_MAX_EVENTS: u64 = 256;
+const CHUNK_MAX_EVENTS: u64 = 256;
 /// Body bytes in one chunk at most (an event larger than this is a chunk of its own).
-pub(super) const CHUNK_MAX_BYTES: usize = 32 * 1024;
+const CHUNK_MAX_BYTES: usize = 32 * 1024;
 
 const HEADER: usize = 12;
 
@@ -119,12 +119,12 @@ fn damaged() -> rusqlite::Error {
 }
 
 /// Calls `f` with each stored event of `stream` from seq `from` on, in seq order, until it
-/// answers `false` (events before `from`, hidden or asked past, are skipped).
+/// answers `false` or fails (events before `from`, hidden or asked past, are skipped).
 pub(super) fn walk(
     c: &Connection,
     stream: &StreamId,
     from: u64,
-    mut f: impl FnMut(&Stored<'_>) -> bool,
+    mut f: impl FnMut(&Stored<'_>) -> rusqlite::Result<bool>,
 ) -> rusqlite::Result<()> {
     let mut stmt = c.prepare_cached(
         "SELECT seq, body FROM chunks WHERE stream = ?1 AND last >= ?2 ORDER BY last",
@@ -134,7 +134,7 @@ pub(super) fn walk(
         let seq = r.get::<_, i64>(0)? as u64;
         for e in events(seq, r.get_ref(1)?.as_blob()?) {
             let e = e?;
-            if e.seq >= from && !f(&e) {
+            if e.seq >= from && !f(&e)? {
                 return Ok(());
             }
         }
@@ -143,12 +143,12 @@ pub(super) fn walk(
 }
 
 /// Calls `f` with each stored event of `stream` before seq `before`, newest first, until it
-/// answers `false`.
+/// answers `false` or fails.
 pub(super) fn walk_back(
     c: &Connection,
     stream: &StreamId,
     before: u64,
-    mut f: impl FnMut(&Stored<'_>) -> bool,
+    mut f: impl FnMut(&Stored<'_>) -> rusqlite::Result<bool>,
 ) -> rusqlite::Result<()> {
     if before == 0 {
         return Ok(());
@@ -169,7 +169,7 @@ pub(super) fn walk_back(
             chunk.push(e?);
         }
         for e in chunk.iter().rev() {
-            if e.seq < before && !f(e) {
+            if e.seq < before && !f(e)? {
                 return Ok(());
             }
         }
@@ -189,12 +189,12 @@ pub(super) fn measure(
     let (mut count, mut through, mut bytes) = (0, 0, 0);
     walk(c, stream, from, |e| {
         if !keep(e) {
-            return false;
+            return Ok(false);
         }
         count += 1;
         through = e.seq;
         bytes += e.json_len(stream, epoch);
-        true
+        Ok(true)
     })?;
     Ok((count > 0).then_some((count, through, bytes)))
 }

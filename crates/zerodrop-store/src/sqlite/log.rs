@@ -75,7 +75,7 @@ impl Writer {
         meta.count += 1;
         meta.bytes += len;
         meta.last_ts = ts;
-        self.chunk_event(stream, seq.0, ts, event.data().as_bytes())?;
+        self.chunk_event(stream, seq.0, ts, data.as_bytes())?;
         if let Some(k) = key {
             self.record_idempotent(stream, k, seq, &epoch, ts)?;
         }
@@ -207,26 +207,16 @@ pub(super) fn read_events(
             return Ok(ReadResult { info, events });
         }
         let first = info.first_seq.0;
-        let mut failed = None;
-        let mut add = |e: &Stored<'_>| match e.event(stream, &info.epoch) {
-            Ok(event) => {
-                events.push(Arc::new(event));
-                events.len() < limit
-            }
-            Err(err) => {
-                failed = Some(err);
-                false
-            }
+        let mut add = |e: &Stored<'_>| {
+            events.push(Arc::new(e.event(stream, &info.epoch)?));
+            Ok(events.len() < limit)
         };
         match range {
             ReadRange::After(s) => walk(c, stream, s.0.saturating_add(1).max(first), add)?,
-            ReadRange::Before(s) => walk_back(c, stream, s.0, |e| e.seq >= first && add(e))?,
-            ReadRange::Since(ts) => walk(c, stream, first, |e| e.ts < ts || add(e))?,
+            ReadRange::Before(s) => walk_back(c, stream, s.0, |e| Ok(e.seq >= first && add(e)?))?,
+            ReadRange::Since(ts) => walk(c, stream, first, |e| Ok(e.ts < ts || add(e)?))?,
         }
-        match failed {
-            Some(err) => Err(err),
-            None => Ok(ReadResult { info, events }),
-        }
+        Ok(ReadResult { info, events })
     })
 }
 
@@ -273,22 +263,10 @@ pub(super) fn digest(
     snapshot(c, |c| {
         let info = read_info(c, stream, epoch)?;
         let mut h = ChainHash::default();
-        let mut failed = None;
         walk(c, stream, info.first_seq.0, |e| {
-            match e.event(stream, &info.epoch) {
-                Ok(event) => {
-                    h.push(event.json());
-                    true
-                }
-                Err(err) => {
-                    failed = Some(err);
-                    false
-                }
-            }
+            h.push(e.event(stream, &info.epoch)?.json());
+            Ok(true)
         })?;
-        match failed {
-            Some(err) => Err(err),
-            None => Ok((info, h.hex())),
-        }
+        Ok((info, h.hex()))
     })
 }

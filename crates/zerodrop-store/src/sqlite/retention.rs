@@ -19,7 +19,7 @@ use zerodrop_core::{Seq, StreamId};
 
 use super::chunk;
 use super::idempotency;
-use super::writer::{BatchEffects, Writer, record_trim};
+use super::writer::{BatchEffects, Meta, Writer, record_trim};
 use crate::rules::cutoff;
 
 /// Rows removed per age sweep at most, so a sweep never holds the writer for long.
@@ -43,14 +43,14 @@ impl Writer {
             if m.bytes <= limits.max_bytes {
                 // Only the count limit binds (the common case of a busy stream): exactly the
                 // `want` oldest go, and their sizes are read as they are deleted.
-                self.trim_oldest(&stream, m.first, want, fx)?;
+                self.trim_oldest(&stream, &m, want, fx)?;
                 continue;
             }
             let trim = loop {
                 let mut oldest: Vec<(Seq, u64)> = Vec::new();
                 chunk::walk(&self.conn, &stream, m.first, |e| {
                     oldest.push((Seq(e.seq), e.json_len(&stream, &m.epoch)));
-                    (oldest.len() as u64) < want
+                    Ok((oldest.len() as u64) < want)
                 })?;
                 let fetched = oldest.len() as u64;
                 let trim = plan_trim(m.count, m.bytes, &limits, oldest);
@@ -67,18 +67,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the `n` oldest events of `stream` (from `first` on): their sizes are read from
-    /// their chunks' headers, then the chunks they fill are deleted.
+    /// Removes the `n` oldest events of `stream` (from its `first` on): their sizes are read
+    /// from their chunks' headers, then the chunks they fill are deleted.
     fn trim_oldest(
         &mut self,
         stream: &StreamId,
-        first: u64,
+        m: &Meta,
         n: u64,
         fx: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
         let mut seen = 0;
-        let epoch = self.meta(stream)?.epoch.clone();
-        let oldest = chunk::measure(&self.conn, stream, &epoch, first, |_| {
+        let oldest = chunk::measure(&self.conn, stream, &m.epoch, m.first, |_| {
             seen += 1;
             seen <= n
         })?;
@@ -168,8 +167,7 @@ impl Writer {
                 continue;
             };
             self.delete_through(&stream, max_seq, count, bytes, fx)?;
-            let count = count as i64;
-            removed += count;
+            removed += count as i64;
         }
         self.age_cursor = if full || removed >= MAX_AGE_SWEEP_ROWS {
             last
@@ -180,7 +178,7 @@ impl Writer {
     }
 
     /// The longest age: a prefix of the table in rowid order (`last_ts` never goes backwards
-    /// from one batch's chunks to the next'), whole chunks whose newest event is past it.
+    /// from one batch's chunks to the next), whole chunks whose newest event is past it.
     fn sweep_age_prefix(&mut self, fx: &mut BatchEffects) -> rusqlite::Result<()> {
         let age_cut = cutoff(self.clock.now_ms(), self.retention.longest_age_ms()) as i64;
         let oldest: Option<(i64, i64)> = self

@@ -10,13 +10,12 @@
 //! ([`gathers`]); hold an append back at all.
 
 use std::collections::HashMap;
-
-use foldhash::HashMap as FastMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap as FastMap;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 use zerodrop_core::RetentionRules;
