@@ -6,7 +6,10 @@
 //! `PUBLISHERS` (default 64) concurrent publishers sending one 200-byte event per
 //! `POST /v1/streams/{stream}/events`, then the same publishers sending `BATCH` (default 100)
 //! such events per `POST /v1/events`, spread over 100 streams (bodies built before the clock
-//! starts). Each publisher waits for its 201 before sending the next request. Then the raw
+//! starts). Each publisher waits for its 201 before sending the next request. Then the same
+//! single publishes with their one field misnamed (`datum` for `data`), each answered 400
+//! once its body is parsed: everything a publish costs the server but the append, so no
+//! single-publish rate in this harness can pass theirs. Then the raw
 //! ceiling in the same run: rusqlite inserts of the same events, all in one transaction
 //! (`zerodrop_testkit::measure`). Prints the median durable events/s of each, batch / single,
 //! and batch / raw, and those two ratios for round 1 alone (with the default retention, every
@@ -29,7 +32,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 use zerodrop_testkit::measure::{
-    PublishRequest, cpu_secs, env_u64, median, pin, pin_all, publish_rate_watched,
+    PublishRequest, answered_rate_watched, cpu_secs, env_u64, median, pin, pin_all,
     raw_sqlite_inserts,
 };
 use zerodrop_testkit::redis::{RedisServer, xadd_baseline};
@@ -42,9 +45,12 @@ fn env(name: &str, default: usize) -> usize {
 /// What one request of a publisher sends: its path, body, and how many events it carries.
 fn request(publisher: usize, round: usize, batch: usize) -> PublishRequest {
     let text = "x".repeat(110);
-    if batch == 0 {
+    if batch == 0 || batch == REFUSED {
         let stream = (publisher + round) % 100;
-        let body = json!({"data": {"text": text}}).to_string();
+        // Refused: the same request with its one field misnamed, answered 400 once its body
+        // is parsed.
+        let field = if batch == 0 { "data" } else { "datum" };
+        let body = json!({field: {"text": text}}).to_string();
         return (format!("/v1/streams/bench:{stream}/events"), body, 1);
     }
     let events: Vec<Value> = (0..batch)
@@ -59,6 +65,9 @@ fn request(publisher: usize, round: usize, batch: usize) -> PublishRequest {
 
 /// Distinct requests each publisher cycles through.
 const BODIES: usize = 16;
+
+/// [`request`]'s batch size for a single publish refused before it reaches the store.
+const REFUSED: usize = usize::MAX;
 
 /// Each publisher's requests, built before the clock starts (the client's JSON is not what is
 /// measured).
@@ -103,21 +112,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // Per phase (single, batched) and round: events/s, and where the CPU went.
-    let mut rates: [Vec<f64>; 2] = Default::default();
-    let mut cpu: [Vec<Cpu>; 2] = Default::default();
+    // Per phase (single, batched, refused) and round: events/s, and where the CPU went.
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<Cpu>; 3] = Default::default();
     let mut raw = Vec::new();
     let mut watch = vec![p.pid(), std::process::id()];
     watch.extend(redis_pid);
     for _ in 0..rounds {
         let key = &p.creds.api_key;
-        for (phase, n) in [0, batch].into_iter().enumerate() {
-            let (rate, per_event) = rt.block_on(publish_rate_watched(
+        for (phase, n) in [0, batch, REFUSED].into_iter().enumerate() {
+            let status = if n == REFUSED { 400 } else { 201 };
+            let (rate, per_event) = rt.block_on(answered_rate_watched(
                 &p.url,
                 key,
                 requests(publishers, n),
                 secs,
                 &watch,
+                status,
             ));
             rates[phase].push(rate);
             cpu[phase].push(Cpu::of(&per_event));
@@ -126,7 +137,7 @@ fn main() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));
         }
     }
-    let [single, batched] = rates;
+    let [single, batched, refused] = rates;
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();
     println!(
         "durable HTTP publish on {}, 200-byte events, 100 streams, {publishers} publishers, \
@@ -142,12 +153,21 @@ fn main() {
         format!("{batch} events each"),
         rounds_of(&batched)
     );
+    let f = median(refused.clone());
+    println!(
+        "{:<24} {f:>10.0}  {:?}",
+        "refused 400 (no store)",
+        rounds_of(&refused)
+    );
     println!("batch / single: {:.2}x", b / s.max(1.0));
     println!(
         "CPU per event, µs: {:>9} {:>16} {:>13} {:>11}",
         "zerodrop", "zerodrop-sqlite", "redis-server", "publishers"
     );
-    for (phase, label) in ["1 event each", "batched"].into_iter().enumerate() {
+    for (phase, label) in ["1 event each", "batched", "refused (per req)"]
+        .into_iter()
+        .enumerate()
+    {
         let m = |f: fn(&Cpu) -> f64| median(cpu[phase].iter().map(f).collect());
         println!(
             "  {label:<16} {:>9.2} {:>16.2} {:>13.2} {:>11.2}",
@@ -163,6 +183,11 @@ fn main() {
             format!("redis-benchmark XADD -c {publishers}")
         );
         println!("single / XADD: {:.2}x", s / x.max(1.0));
+        // A publish costs the server at least what the refused one does.
+        println!(
+            "refused / XADD: {:.2}x (above it single / XADD cannot go here)",
+            f / x.max(1.0)
+        );
         println!("batch / XADD: {:.2}x", b / x.max(1.0));
         println!(
             "Redis CPU per XADD in that run: {redis_us:.2} µs; single / XADD 0.5x leaves \
