@@ -41,9 +41,11 @@ bind(0, 0, #KEYS)
 local function int(n) return string.format('%d', n) end
 
 -- The live channel's messages about the bound stream (their format is in this module's doc).
-local function ring_event(origin, seq, epoch, ts, json)
-  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. int(seq) .. '|' ..
-    epoch .. '|' .. int(ts) .. '|' .. json)
+-- Numbers come as text where the caller already wrote them (`seq_s`, `ts_s`): each `int` is a
+-- `sprintf` inside Redis, and an append would otherwise write the same two numbers four times.
+local function ring_event(origin, seq_s, epoch, ts_s, json)
+  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. seq_s .. '|' ..
+    epoch .. '|' .. ts_s .. '|' .. json)
 end
 
 local function ring_trim(first, removed)
@@ -183,14 +185,28 @@ local function trim(m, max_events, max_bytes)
   return removed
 end
 
--- One event appended at the next seq (`XADD 0-<seq>`); `m` moves. Returns seq and json.
-local function add_event(m, data, ts)
+-- One event appended at the next seq (`XADD 0-<seq>`) at `ts` (`ts_s` its text); `m` moves.
+-- Returns seq, json and seq as text.
+local function add_event(m, data, ts, ts_s)
   local seq = m.head + 1
-  local json = '{"stream":"' .. stream .. '","seq":' .. int(seq) .. ',"epoch":"' .. m.epoch ..
-    '","ts":' .. int(ts) .. ',"data":' .. data .. '}'
-  redis.call('XADD', KEYS[ko + 2], '0-' .. int(seq), 't', int(ts), 'j', json)
+  local seq_s = int(seq)
+  local json = '{"stream":"' .. stream .. '","seq":' .. seq_s .. ',"epoch":"' .. m.epoch ..
+    '","ts":' .. ts_s .. ',"data":' .. data .. '}'
+  redis.call('XADD', KEYS[ko + 2], '0-' .. seq_s, 't', ts_s, 'j', json)
   m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
-  return seq, json
+  return seq, json, seq_s
+end
+
+-- The bounds written back after appends at `ts_s` that took the head to `head_s`; `first`
+-- only when a trim moved it.
+local function save_bounds(m, head_s, ts_s, removed)
+  if removed > 0 then
+    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'first', int(m.first), 'count',
+      int(m.count), 'bytes', int(m.bytes), 'ts', ts_s)
+  else
+    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'count', int(m.count), 'bytes',
+      int(m.bytes), 'ts', ts_s)
+  end
 end
 "#;
 
@@ -248,16 +264,15 @@ end
 local m, renewed = load_meta(true)
 if m.closed then return {'closed', m.head} end
 local ts = math.max(now_ms(), m.ts)
-local seq, json = add_event(m, data, ts)
+local ts_s = int(ts)
+local seq, json, seq_s = add_event(m, data, ts, ts_s)
 local removed = trim(m, max_events, max_bytes)
-
-redis.call('HSET', KEYS[1], 'head', int(m.head), 'first', int(m.first), 'count', int(m.count),
-  'bytes', int(m.bytes), 'ts', int(ts))
+save_bounds(m, seq_s, ts_s, removed)
 local unlisted = 0
 if fp ~= '' then
-  redis.call('SET', KEYS[3], fp .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX', idem_ttl)
+  redis.call('SET', KEYS[3], fp .. ' ' .. seq_s .. ' ' .. m.epoch, 'PX', idem_ttl)
   unlisted = 1 - m.pk
-  redis.call('ZADD', KEYS[5], int(ts), ARGV[14])
+  redis.call('ZADD', KEYS[5], ts_s, ARGV[14])
   local expired = redis.call('ZCOUNT', KEYS[5], '-inf', int(ts - tonumber(idem_ttl)))
   if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, math.min(expired, 64) - 1) end
 end
@@ -267,7 +282,7 @@ if waits then
     redis.call('HSET', KEYS[1], 'pub', int(seq - 1))
   end
 else
-  ring_event(origin, seq, m.epoch, ts, json)
+  ring_event(origin, seq_s, m.epoch, ts_s, json)
 end
 if removed > 0 then
   ring_trim(m.first, removed)
@@ -417,25 +432,25 @@ local function batch_part()
     local m, renewed = load_meta(true)
     if m.closed then return {'closed', m.head} end
     local ts = math.max(now_ms(), m.ts)
+    local ts_s = int(ts)
     local added = 0
     for i = 1, n do
       if plan[i][1] == 'new' then
-        local seq, json = add_event(m, arg(i, 1), ts)
+        local seq, json, seq_s = add_event(m, arg(i, 1), ts, ts_s)
         seqs[i] = seq
         added = added + 1
         if not waits then
-          ring_event(origin, seq, m.epoch, ts, json)
+          ring_event(origin, seq_s, m.epoch, ts_s, json)
         end
         if arg(i, 2) ~= '' then
-          redis.call('SET', KEYS[ko + 3 + i], arg(i, 2) .. ' ' .. int(seq) .. ' ' .. m.epoch, 'PX',
+          redis.call('SET', KEYS[ko + 3 + i], arg(i, 2) .. ' ' .. seq_s .. ' ' .. m.epoch, 'PX',
             idem_ttl)
-          redis.call('ZADD', KEYS[ko + 3], int(ts), arg(i, 3))
+          redis.call('ZADD', KEYS[ko + 3], ts_s, arg(i, 3))
         end
       end
     end
     local removed = trim(m, max_events, max_bytes)
-    redis.call('HSET', KEYS[ko + 1], 'head', int(m.head), 'first', int(m.first), 'count',
-      int(m.count), 'bytes', int(m.bytes), 'ts', int(ts))
+    save_bounds(m, int(m.head), ts_s, removed)
     if keyed then
       local expired = redis.call('ZCOUNT', KEYS[ko + 3], '-inf', int(ts - tonumber(idem_ttl)))
       if expired > 0 then
