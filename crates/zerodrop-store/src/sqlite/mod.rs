@@ -191,6 +191,7 @@ impl SqliteStore {
             idempotency_ttl_ms: opts.idempotency_ttl_ms,
             session_grace_ms: opts.session_grace_ms,
             sink,
+            runtime: tokio::runtime::Handle::try_current().ok(),
             clock: opts.clock.clone(),
             up: up.clone(),
             commits: commits.clone(),
