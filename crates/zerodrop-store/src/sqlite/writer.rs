@@ -1,6 +1,7 @@
 //! The writer thread: the only write connection. It drains its queue (up to [`MAX_BATCH`]
 //! commands), runs them in one `BEGIN IMMEDIATE … COMMIT` (one fsync for the whole batch), and
-//! only then answers each caller and hands the new events and trims to the sink. A statement
+//! only then answers each caller (several in one task on the callers' runtime: one wake-up per
+//! batch) and hands the new events and trims to the sink. A statement
 //! that fails rolls back the whole batch and answers every caller in it with the batch's
 //! error. It also keeps each stream's bounds (`Meta`) in memory and writes the changed ones
 //! back in the batch's commit.
@@ -273,9 +274,10 @@ impl Writer {
             Ok(()) => {
                 self.up.store(true, Ordering::Relaxed);
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                // Answer the callers first: a publisher's 201 must not queue behind the wake-ups
-                // of every subscriber (its next publish then overlaps this fan-out, and the
-                // subscribers find several events per write).
+                // Answer the callers first (their task is queued ahead of the subscribers'
+                // wake-ups): a publisher's 201 must not queue behind the wake-ups of every
+                // subscriber (its next publish then overlaps this fan-out, and the subscribers
+                // find several events per write).
                 self.answer(fx.done);
                 if !fx.events.is_empty() {
                     self.sink.committed(&fx.events);
