@@ -43,16 +43,23 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// What one request of a publisher sends: its path, body, and how many events it carries.
-fn request(publisher: usize, round: usize, batch: usize) -> PublishRequest {
+fn request(publisher: usize, round: usize, phase: Phase) -> PublishRequest {
     let text = "x".repeat(110);
-    if batch == 0 || batch == REFUSED {
-        let stream = (publisher + round) % 100;
-        // Refused: the same request with its one field misnamed, answered 400 once its body
-        // is parsed.
-        let field = if batch == 0 { "data" } else { "datum" };
-        let body = json!({field: {"text": text}}).to_string();
-        return (format!("/v1/streams/bench:{stream}/events"), body, 1);
-    }
+    let batch = match phase {
+        Phase::Batch(n) => n,
+        single => {
+            let stream = (publisher + round) % 100;
+            // Refused: the same request with its one field misnamed, answered 400 once its
+            // body is parsed.
+            let field = if single == Phase::Single {
+                "data"
+            } else {
+                "datum"
+            };
+            let body = json!({field: {"text": text}}).to_string();
+            return (format!("/v1/streams/bench:{stream}/events"), body, 1);
+        }
+    };
     let events: Vec<Value> = (0..batch)
         .map(|i| json!({"stream": format!("bench:{}", (publisher + round + i) % 100), "data": {"text": text}}))
         .collect();
@@ -66,14 +73,20 @@ fn request(publisher: usize, round: usize, batch: usize) -> PublishRequest {
 /// Distinct requests each publisher cycles through.
 const BODIES: usize = 16;
 
-/// [`request`]'s batch size for a single publish refused before it reaches the store.
-const REFUSED: usize = usize::MAX;
+/// What a phase's requests are: single publishes, batches of n events, or single publishes
+/// refused before they reach the store.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Single,
+    Batch(usize),
+    Refused,
+}
 
 /// Each publisher's requests, built before the clock starts (the client's JSON is not what is
 /// measured).
-fn requests(publishers: usize, batch: usize) -> Vec<Vec<PublishRequest>> {
+fn requests(publishers: usize, phase: Phase) -> Vec<Vec<PublishRequest>> {
     (0..publishers)
-        .map(|w| (0..BODIES).map(|r| request(w, r, batch)).collect())
+        .map(|w| (0..BODIES).map(|r| request(w, r, phase)).collect())
         .collect()
 }
 
@@ -120,18 +133,19 @@ fn main() {
     watch.extend(redis_pid);
     for _ in 0..rounds {
         let key = &p.creds.api_key;
-        for (phase, n) in [0, batch, REFUSED].into_iter().enumerate() {
-            let status = if n == REFUSED { 400 } else { 201 };
+        let phases = [Phase::Single, Phase::Batch(batch), Phase::Refused];
+        for (i, phase) in phases.into_iter().enumerate() {
+            let status = if phase == Phase::Refused { 400 } else { 201 };
             let (rate, per_event) = rt.block_on(answered_rate_watched(
                 &p.url,
                 key,
-                requests(publishers, n),
+                requests(publishers, phase),
                 secs,
                 &watch,
                 status,
             ));
-            rates[phase].push(rate);
-            cpu[phase].push(Cpu::of(&per_event));
+            rates[i].push(rate);
+            cpu[i].push(Cpu::of(&per_event));
         }
         if xadd.is_none() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use zerodrop_core::{ErrorCode, StreamId};
 
 use super::extract::{ApiKey, RawBody, StreamPath, json, valid_idempotency_key};
+use super::v1::json_response;
 use crate::app::App;
 use crate::app::streams::{BatchEvent, MAX_BATCH_EVENTS};
 use crate::error::{ApiError, ApiResult};
@@ -201,12 +202,7 @@ pub(super) async fn publish_batch(
             format!("cannot encode the answers: {e}"),
         )
     })?;
-    Ok((
-        StatusCode::CREATED,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response())
+    Ok(json_response(StatusCode::CREATED, body))
 }
 
 /// The answer to a batch, serialised straight from the outcomes (a batch of 1,000 events

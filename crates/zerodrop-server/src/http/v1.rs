@@ -76,8 +76,14 @@ fn push_events(s: &mut String, events: &[Arc<zerodrop_core::Event>]) {
     }
 }
 
-fn json_response(status: StatusCode, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+/// An answer whose body is JSON the handler already wrote.
+pub(super) fn json_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.into(),
+    )
+        .into_response()
 }
 
 // ---------------------------------------------------------------------------------- streams

@@ -228,19 +228,13 @@ impl Writer {
     /// one caller and parks again, once per reply. One task wakes it once per batch (measured:
     /// docs/benchmarks.md, "One wake per batch of replies").
     fn answer(&self, done: Vec<Done>) {
+        let many = done.len() > 1;
+        let send_all = move || done.into_iter().for_each(|d| d.send(None));
         match &self.runtime {
-            Some(rt) if done.len() > 1 => {
-                rt.spawn(async move {
-                    for d in done {
-                        d.send(None);
-                    }
-                });
+            Some(rt) if many => {
+                rt.spawn(async move { send_all() });
             }
-            _ => {
-                for d in done {
-                    d.send(None);
-                }
-            }
+            _ => send_all(),
         }
     }
 
