@@ -745,6 +745,93 @@ async fn a_batch_over_several_calls_answers_each_part_as_the_memory_store_does()
     }
 }
 
+/// Single appends made at the same time (many in flight on the multiplexed connection) each
+/// answer what they would have answered alone: seqs 1..=n per stream, each once; a key sent twenty times at once appended once and the others its
+/// duplicates; a reused key and a closed stream refused without touching their neighbours;
+/// every event live once, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_appends_answer_as_one_at_a_time() {
+    let server = RedisServer::start().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let redis = connect(&server, sink.clone()).await;
+    let keyed = |stream: &str, data: &str, k: &str, body: u8| AppendRequest {
+        idempotency: Some(IdempotencyKey {
+            key: k.into(),
+            fingerprint: [body; 32],
+        }),
+        ..req(stream, data)
+    };
+    redis.append(req("g:closed", "0")).await.unwrap();
+    redis.close_stream(&sid("g:closed")).await.unwrap();
+    redis.append(keyed("g:keys", "0", "k", 1)).await.unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..100 {
+        for s in 0..4 {
+            reqs.push(req(&format!("g:{s}"), &format!("{{\"i\":{i}}}")));
+        }
+        if i % 5 == 0 {
+            reqs.push(keyed("g:keys", "1", "once", 7));
+            reqs.push(req("g:closed", "1"));
+            reqs.push(keyed("g:keys", "2", "k", 2));
+        }
+    }
+    let outcomes = futures_util::future::join_all(reqs.into_iter().map(|r| redis.append(r))).await;
+    let (mut seqs, mut once, mut closed, mut reused) = (Vec::new(), Vec::new(), 0, 0);
+    for o in outcomes {
+        match o {
+            Ok(o) if o.stream.as_str() == "g:keys" => once.push((o.seq.0, o.duplicate)),
+            Ok(o) => seqs.push((o.stream.to_string(), o.seq.0, o.duplicate)),
+            Err(StoreError::StreamClosed { last_seq }) => {
+                assert_eq!(last_seq, Seq(1));
+                closed += 1;
+            }
+            Err(StoreError::IdempotencyKeyReused) => reused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((closed, reused), (20, 20));
+    assert_eq!(once.iter().filter(|(_, dup)| !dup).count(), 1, "{once:?}");
+    assert!(once.iter().all(|(seq, _)| *seq == 2), "{once:?}");
+    for s in 0..4 {
+        let stream = format!("g:{s}");
+        let mut mine: Vec<u64> = seqs
+            .iter()
+            .filter(|(st, _, dup)| *st == stream && !dup)
+            .map(|(_, q, _)| *q)
+            .collect();
+        mine.sort_unstable();
+        assert_eq!(mine, (1..=100).collect::<Vec<_>>(), "{stream}");
+        let stored = redis.read(&sid(&stream), Seq(0), 1_000).await.unwrap();
+        let mut datas: Vec<String> = stored.events.iter().map(|e| e.data().to_string()).collect();
+        datas.sort();
+        let mut want: Vec<String> = (0..100).map(|i| format!("{{\"i\":{i}}}")).collect();
+        want.sort();
+        assert_eq!(datas, want, "{stream}");
+    }
+    for (s, head) in [("g:keys", 2), ("g:closed", 1)] {
+        assert_eq!(
+            redis.stream_info(&sid(s)).await.unwrap().head,
+            Seq(head),
+            "{s}"
+        );
+    }
+    // 2 before (the closed stream's one and the first keyed), then 400 + 1.
+    wait_until(Duration::from_secs(5), "every event live", || {
+        sink.committed.lock().unwrap().len() == 403
+    })
+    .await;
+    let live = sink.committed.lock().unwrap().clone();
+    for s in ["g:0", "g:1", "g:2", "g:3", "g:keys"] {
+        let got: Vec<u64> = live
+            .iter()
+            .filter(|(st, _)| st == s)
+            .map(|(_, q)| *q)
+            .collect();
+        let n = if s == "g:keys" { 2 } else { 100 };
+        assert_eq!(got, (1..=n).collect::<Vec<_>>(), "{s}");
+    }
+}
+
 /// The same store on a three-node Redis Cluster: every script stays on its stream's slot,
 /// sessions on theirs, and the live path carries events from every node.
 /// The per-subject cap is counted in Redis: instances opening sessions for one subject at the
