@@ -45,21 +45,19 @@ fn env(name: &str, default: usize) -> usize {
 /// What one request of a publisher sends: its path, body, and how many events it carries.
 fn request(publisher: usize, round: usize, phase: Phase) -> PublishRequest {
     let text = "x".repeat(110);
-    let batch = match phase {
-        Phase::Batch(n) => n,
-        single => {
-            let stream = (publisher + round) % 100;
-            // Refused: the same request with its one field misnamed, answered 400 once its
-            // body is parsed.
-            let field = if single == Phase::Single {
-                "data"
-            } else {
-                "datum"
-            };
-            let body = json!({field: {"text": text}}).to_string();
-            return (format!("/v1/streams/bench:{stream}/events"), body, 1);
-        }
+    let field = match phase {
+        Phase::Single => "data",
+        // The same request with its one field misnamed, answered 400 once its body is parsed.
+        Phase::Refused => "datum",
+        Phase::Batch(n) => return batch_request(publisher, round, n, &text),
     };
+    let stream = (publisher + round) % 100;
+    let body = json!({field: {"text": text}}).to_string();
+    (format!("/v1/streams/bench:{stream}/events"), body, 1)
+}
+
+/// A `POST /v1/events` of `batch` events over the 100 streams.
+fn batch_request(publisher: usize, round: usize, batch: usize, text: &str) -> PublishRequest {
     let events: Vec<Value> = (0..batch)
         .map(|i| json!({"stream": format!("bench:{}", (publisher + round + i) % 100), "data": {"text": text}}))
         .collect();
@@ -75,11 +73,21 @@ const BODIES: usize = 16;
 
 /// What a phase's requests are: single publishes, batches of n events, or single publishes
 /// refused before they reach the store.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Phase {
     Single,
     Batch(usize),
     Refused,
+}
+
+impl Phase {
+    /// The status every answer in the phase must carry.
+    fn answered(self) -> u16 {
+        match self {
+            Phase::Refused => 400,
+            _ => 201,
+        }
+    }
 }
 
 /// Each publisher's requests, built before the clock starts (the client's JSON is not what is
@@ -135,14 +143,13 @@ fn main() {
         let key = &p.creds.api_key;
         let phases = [Phase::Single, Phase::Batch(batch), Phase::Refused];
         for (i, phase) in phases.into_iter().enumerate() {
-            let status = if phase == Phase::Refused { 400 } else { 201 };
             let (rate, per_event) = rt.block_on(answered_rate_watched(
                 &p.url,
                 key,
                 requests(publishers, phase),
                 secs,
                 &watch,
-                status,
+                phase.answered(),
             ));
             rates[i].push(rate);
             cpu[i].push(Cpu::of(&per_event));
