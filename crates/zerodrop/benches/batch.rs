@@ -8,8 +8,9 @@
 //! such events per `POST /v1/events`, spread over 100 streams (bodies built before the clock
 //! starts). Each publisher waits for its 201 before sending the next request. Then the same
 //! single publishes with their one field misnamed (`datum` for `data`), each answered 400
-//! once its body is parsed: everything a publish costs the server but the append, so no
-//! single-publish rate in this harness can pass theirs. Then the raw
+//! once its body is parsed: everything a publish costs the server but the append, with a
+//! typed error's answer in place of the 201's (which costs more to build). Then the same
+//! single publishes to the floor (below). Then the raw
 //! ceiling in the same run: rusqlite inserts of the same events, all in one transaction
 //! (`zerodrop_testkit::measure`). Prints the median durable events/s of each, batch / single,
 //! and batch / raw, and those two ratios for round 1 alone (with the default retention, every
@@ -19,6 +20,12 @@
 //! CPU 1 with the publishers, no persistence), and the ceiling is `redis-benchmark`'s `XADD`
 //! rate against that Redis at the same concurrency (`-c PUBLISHERS`, run from CPU 0 before the
 //! server is busy), as in the cluster bench.
+//!
+//! The floor is a server in this process: a one-route axum server on
+//! CPU 0 (a thread of its own) that reads each body, parses its JSON and answers 201 with a
+//! JSON body the size of a publish's answer, and nothing else: no credential, no store, no
+//! metrics. What the HTTP framework alone allows in this harness, printed beside `XADD`
+//! (or beside the single publishes on SQLite), so a target above it shows as such.
 //!
 //! It also prints where the CPU went: per event over the counted seconds (median of the
 //! rounds, from `/proc`, 10 ms ticks), the server's threads by name (`zerodrop`: the request
@@ -46,9 +53,9 @@ fn env(name: &str, default: usize) -> usize {
 fn request(publisher: usize, round: usize, phase: Phase) -> PublishRequest {
     let text = "x".repeat(110);
     let field = match phase {
-        Phase::Single => "data",
         // The same request with its one field misnamed, answered 400 once its body is parsed.
         Phase::Refused => "datum",
+        Phase::Single | Phase::Floor => "data",
         Phase::Batch(n) => return batch_request(publisher, round, n, &text),
     };
     let stream = (publisher + round) % 100;
@@ -71,13 +78,14 @@ fn batch_request(publisher: usize, round: usize, batch: usize, text: &str) -> Pu
 /// Distinct requests each publisher cycles through.
 const BODIES: usize = 16;
 
-/// What a phase's requests are: single publishes, batches of n events, or single publishes
-/// refused before they reach the store.
+/// What a phase's requests are: single publishes, batches of n events, single publishes
+/// refused before they reach the store, or single publishes to the floor server.
 #[derive(Clone, Copy)]
 enum Phase {
     Single,
     Batch(usize),
     Refused,
+    Floor,
 }
 
 impl Phase {
@@ -134,17 +142,27 @@ fn main() {
         .build()
         .unwrap();
     // Per phase (single, batched, refused) and round: events/s, and where the CPU went.
-    let mut rates: [Vec<f64>; 3] = Default::default();
-    let mut cpu: [Vec<Cpu>; 3] = Default::default();
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<Cpu>; 4] = Default::default();
+    let floor_url = floor_server();
     let mut raw = Vec::new();
     let mut watch = vec![p.pid(), std::process::id()];
     watch.extend(redis_pid);
     for _ in 0..rounds {
         let key = &p.creds.api_key;
-        let phases = [Phase::Single, Phase::Batch(batch), Phase::Refused];
+        let phases = [
+            Phase::Single,
+            Phase::Batch(batch),
+            Phase::Refused,
+            Phase::Floor,
+        ];
         for (i, phase) in phases.into_iter().enumerate() {
+            let url = match phase {
+                Phase::Floor => &floor_url,
+                _ => &p.url,
+            };
             let (rate, per_event) = rt.block_on(answered_rate_watched(
-                &p.url,
+                url,
                 key,
                 requests(publishers, phase),
                 secs,
@@ -158,7 +176,7 @@ fn main() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));
         }
     }
-    let [single, batched, refused] = rates;
+    let [single, batched, refused, floor] = rates;
     let rounds_of = |v: &[f64]| v.iter().map(|r| *r as u64).collect::<Vec<_>>();
     println!(
         "durable HTTP publish on {}, 200-byte events, 100 streams, {publishers} publishers, \
@@ -180,19 +198,33 @@ fn main() {
         "refused 400 (no store)",
         rounds_of(&refused)
     );
+    let fl = median(floor.clone());
+    println!(
+        "{:<24} {fl:>10.0}  {:?}",
+        "floor (axum, one route)",
+        rounds_of(&floor)
+    );
     println!("batch / single: {:.2}x", b / s.max(1.0));
+    println!("single / floor: {:.2}x", s / fl.max(1.0));
     println!(
         "CPU per event, µs: {:>9} {:>16} {:>13} {:>11}",
         "zerodrop", "zerodrop-sqlite", "redis-server", "publishers"
     );
-    for (phase, label) in ["1 event each", "batched", "refused (per req)"]
-        .into_iter()
-        .enumerate()
+    for (phase, label) in [
+        "1 event each",
+        "batched",
+        "refused (per req)",
+        "floor (server)",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let m = |f: fn(&Cpu) -> f64| median(cpu[phase].iter().map(f).collect());
+        // The floor's server is a thread of this process, not zerodrop.
+        let server = |c: &Cpu| if phase == 3 { c.floor } else { c.requests };
         println!(
             "  {label:<16} {:>9.2} {:>16.2} {:>13.2} {:>11.2}",
-            m(|c| c.requests),
+            median(cpu[phase].iter().map(server).collect()),
             m(|c| c.sqlite),
             m(|c| c.redis),
             m(|c| c.publishers)
@@ -204,12 +236,15 @@ fn main() {
             format!("redis-benchmark XADD -c {publishers}")
         );
         println!("single / XADD: {:.2}x", s / x.max(1.0));
-        // A publish costs the server at least what the refused one does.
         println!(
-            "refused / XADD: {:.2}x (above it single / XADD cannot go here)",
+            "refused / XADD: {:.2}x (the request path and a typed error, no store)",
             f / x.max(1.0)
         );
         println!("batch / XADD: {:.2}x", b / x.max(1.0));
+        println!(
+            "floor / XADD: {:.2}x (what the HTTP framework alone allows here)",
+            fl / x.max(1.0)
+        );
         println!(
             "Redis CPU per XADD in that run: {redis_us:.2} µs; single / XADD 0.5x leaves \
              {:.2} µs per publish on each core (CPU 0 the server, CPU 1 Redis and the publishers)",
@@ -245,12 +280,14 @@ fn main() {
 }
 
 /// Where one phase's CPU went, in µs per event: the server's request threads and its SQLite
-/// threads (writer and checkpointer), Redis, and the publishers (this process, every thread).
+/// threads (writer and checkpointer), Redis, the floor server's thread, and the publishers
+/// (this process's other threads).
 #[derive(Default)]
 struct Cpu {
     requests: f64,
     sqlite: f64,
     redis: f64,
+    floor: f64,
     publishers: f64,
 }
 
@@ -266,11 +303,56 @@ impl Cpu {
                 .unwrap_or(0.0)
         };
         let all = |i: usize| per_event.get(i).map_or(0.0, |m| m.values().sum());
+        let floor = named(1, FLOOR_THREAD);
         Cpu {
             requests: named(0, "zerodrop"),
             sqlite: named(0, "zerodrop-sqlite"),
             redis: all(2),
-            publishers: all(1),
+            floor,
+            publishers: all(1) - floor,
         }
     }
+}
+
+/// The floor server's thread name.
+const FLOOR_THREAD: &str = "publish-floor";
+
+/// Starts the floor: a one-route axum server on a thread of its own pinned to CPU 0 (one
+/// runtime thread), answering every `POST /v1/streams/{stream}/events` whose body parses as
+/// JSON with 201 and an answer shaped like a publish's. Returns its base URL.
+fn floor_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::Builder::new()
+        .name(FLOOR_THREAD.into())
+        .spawn(move || {
+            pin(0, 0);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/v1/streams/{stream}/events",
+                    axum::routing::post(floor_publish),
+                );
+                let l = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                axum::serve(l, app).await.expect("the floor serves");
+            });
+        })
+        .expect("the floor's thread");
+    url
+}
+
+async fn floor_publish(
+    axum::extract::Path(stream): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    let status = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) if v.get("data").is_some() => axum::http::StatusCode::CREATED,
+        _ => axum::http::StatusCode::BAD_REQUEST,
+    };
+    let answer = json!({"stream": stream, "seq": 12_345, "epoch": "e_0123456789abcdef", "ts": 1_765_000_000_000u64});
+    (status, axum::Json(answer))
 }
