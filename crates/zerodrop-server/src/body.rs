@@ -5,7 +5,8 @@
 //! limiter, 401, 404, 405, 414, 431, a drain's 503) would otherwise make hyper close the
 //! connection without saying so, and the client's next request on it — often a publish, a
 //! POST no client retries by itself — would fail with a transport error instead of getting
-//! its answer. So [`settle`] reads and discards what the handler left of the body, at most
+//! its answer. So around every request [`begin`] and [`Settling::finish`] read and discard
+//! what the handler left of the body, at most
 //! [`Config::max_body_bytes`](crate::config::Config::max_body_bytes) bytes within the header
 //! timeout; when the rest cannot be read within those bounds, the answer says
 //! `Connection: close` so the client knows not to reuse the connection. A body declared
@@ -32,15 +33,29 @@ use zerodrop_core::ErrorCode;
 use crate::app::App;
 use crate::error::ApiError;
 
-/// Middleware (outside every handler and every layer that may refuse a request).
-/// `inner` is what runs inside it: the next layers and the handler.
-pub async fn settle<F, Fut>(app: &App, req: Request, inner: F) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: Future<Output = Response>,
-{
+/// What [`begin`] kept of a request with a body, for [`Settling::finish`] once its answer is
+/// made: the body's unread rest and the bounds for reading it.
+pub struct Settling {
+    rest: Arc<Mutex<Rest>>,
+    limit: usize,
+    pause: Duration,
+    expects_continue: bool,
+}
+
+/// What [`begin`] made of a request.
+pub enum Begun {
+    /// Its body is declared past the limit: this is the answer.
+    Refused(Response),
+    /// The request to answer (its body paced by the header timeout) and, when it has a body,
+    /// what [`Settling::finish`] must do once it is answered.
+    Go(Request, Option<Settling>),
+}
+
+/// The first half of settling a request, run outside every handler and every layer that may
+/// refuse it.
+pub fn begin(app: &App, req: Request) -> Begun {
     if req.body().is_end_stream() {
-        return inner(req).await;
+        return Begun::Go(req, None);
     }
     let limit = match req.uri().path() {
         // A batch publish has its own, larger limit (`--max-batch-bytes`).
@@ -60,7 +75,7 @@ where
         )
         .into_response();
         close(&mut res);
-        return res;
+        return Begun::Refused(res);
     }
     // A client waiting for `100 Continue` is not sent one for a body nobody wants.
     let expects_continue = req.headers().contains_key(header::EXPECT);
@@ -74,23 +89,36 @@ where
         pause,
         timer: None,
     };
-    let mut res = inner(Request::from_parts(parts, Body::new(paced))).await;
-    let left = {
-        let mut r = lock(&rest);
-        (!r.stalled).then(|| std::mem::take(&mut r.body))
+    let settling = Settling {
+        rest,
+        limit,
+        pause,
+        expects_continue,
     };
-    let settled = match left {
-        None => false,
-        Some(b) if b.is_end_stream() => true,
-        // Refused for its size (a body without a declared length): not read any further.
-        Some(_) if res.status() == StatusCode::PAYLOAD_TOO_LARGE => false,
-        Some(_) if expects_continue => false,
-        Some(b) => discard(b, limit, pause).await,
-    };
-    if !settled {
-        close(&mut res);
+    Begun::Go(Request::from_parts(parts, Body::new(paced)), Some(settling))
+}
+
+impl Settling {
+    /// The second half: reads and discards what the handler left of the body (within the
+    /// limit and the timeout), or marks the answer `Connection: close` when it cannot.
+    pub async fn finish(self, mut res: Response) -> Response {
+        let left = {
+            let mut r = lock(&self.rest);
+            (!r.stalled).then(|| std::mem::take(&mut r.body))
+        };
+        let settled = match left {
+            None => false,
+            Some(b) if b.is_end_stream() => true,
+            // Refused for its size (a body without a declared length): not read any further.
+            Some(_) if res.status() == StatusCode::PAYLOAD_TOO_LARGE => false,
+            Some(_) if self.expects_continue => false,
+            Some(b) => discard(b, self.limit, self.pause).await,
+        };
+        if !settled {
+            close(&mut res);
+        }
+        res
     }
-    res
 }
 
 fn close(res: &mut Response) {

@@ -36,7 +36,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
 use axum::http::header::CONNECTION;
@@ -47,7 +46,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -85,10 +84,38 @@ impl ConnLimits {
     }
 }
 
+/// What [`serve`] answers requests with ([`crate::http::router`]): cloned for each request,
+/// so it must be cheap to clone.
+pub trait HttpService:
+    Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `router` on `listener` until `stop` turns true, then waits for every connection.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: impl HttpService,
     limits: ConnLimits,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
@@ -146,7 +173,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(mut self, tcp: TcpStream, peer: SocketAddr, router: Router) {
+    async fn run(mut self, tcp: TcpStream, peer: SocketAddr, router: impl HttpService) {
         let activity = self.activity.clone();
         let io = TokioIo::new(Watched {
             tcp: StallGuard::new(tcp, self.limits.write_stall),

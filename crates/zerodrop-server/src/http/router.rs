@@ -7,6 +7,8 @@
 //! Must not: handle a request itself (beyond the layers' refusals); be imported by anything
 //! but start-up (`server.rs`), since it imports every HTTP-facing module.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -25,6 +27,7 @@ use zerodrop_core::ErrorCode;
 use super::{admin, ds, streams, v1};
 use crate::app::App;
 use crate::auth::bearer;
+use crate::body::Begun;
 use crate::error::ApiError;
 use crate::guard::routes as guard;
 
@@ -34,10 +37,22 @@ pub const INSTANCE_HEADER: &str = "x-zerodrop-instance";
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 pub const MAX_URI_BYTES: usize = 16 * 1024;
 
-pub fn router(app: Arc<App>) -> Router {
+/// The HTTP service: the routes, with the layers around each matched route inside the
+/// router, and the layers around every request (fallbacks included) outside it. Those outer
+/// layers wrap the router once, not each route: a layer added with `Router::layer` wraps every
+/// route on its own, and each request then clones its route's whole stack of boxed services.
+pub fn router(
+    app: Arc<App>,
+) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static {
     let cors = cors(&app.cfg.cors_origins);
+    // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
     let body_limit = DefaultBodyLimit::max(app.cfg.max_body_bytes());
-    Router::new()
+    let edge = Edge::new(app.clone());
+    let routes = Router::new()
         .route(
             "/v1/streams/{stream}/events",
             post(v1::publish).get(v1::read_events),
@@ -96,16 +111,18 @@ pub fn router(app: Arc<App>) -> Router {
             "/admin/jobs/dead-letters/{id}/requeue",
             post(guard::requeue),
         )
-        // One layer each around the matched routes and around everything: every layer made
-        // with `from_fn` costs each request a boxed service and a boxed future.
+        // One layer around the matched routes: a layer made with `from_fn` costs each request
+        // a boxed service and a boxed future.
         .route_layer(middleware::from_fn_with_state(app.clone(), per_route))
-        // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
-        .layer(body_limit)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(Edge::new(app.clone()), edge))
-        .layer(CorsUnlessUpgrade(cors))
-        .with_state(app)
+        .with_state(app);
+    // A route's own body limit (`/v1/events`, `/ds/`) is set inside the router, after this
+    // one, and wins.
+    CorsUnlessUpgrade(cors).layer(Edged {
+        inner: body_limit.layer(routes),
+        edge,
+    })
 }
 
 /// CORS on every answer but a WebSocket handshake's. Browsers apply no CORS to a WebSocket
@@ -295,18 +312,50 @@ async fn rate_limit(app: &App, req: Request, next: Next) -> Response {
 
 /// Around everything, fallbacks included, from the outside in: the instance header and
 /// the error count ([`stamp`]), the body settled before the answer
-/// ([`settle`](crate::body::settle): outside every layer and handler that may answer
-/// before reading the body), and the request head's limits ([`head_refusal`]).
-async fn edge(State(edge): State<Edge>, req: Request, next: Next) -> Response {
-    let mut res = crate::body::settle(&edge.app, req, |req| async move {
-        match head_refusal(&req) {
-            Some(refused) => refused,
-            None => next.run(req).await,
-        }
-    })
-    .await;
-    stamp(&edge, &mut res);
-    res
+/// ([`begin`](crate::body::begin) and [`finish`](crate::body::Settling::finish): outside every
+/// layer and handler that may answer before reading the body), and the request head's limits
+/// ([`head_refusal`]). The inner service is called as the request arrives, so nothing is
+/// cloned for it.
+#[derive(Clone)]
+struct Edged<S> {
+    inner: S,
+    edge: Edge,
+}
+
+impl<S> Service<Request> for Edged<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let edge = self.edge.clone();
+        let (answer, settling) = match crate::body::begin(&edge.app, req) {
+            Begun::Refused(refused) => (Either::Left(refused), None),
+            Begun::Go(req, settling) => match head_refusal(&req) {
+                Some(refused) => (Either::Left(refused), settling),
+                None => (Either::Right(self.inner.call(req)), settling),
+            },
+        };
+        Box::pin(async move {
+            let mut res = match answer {
+                Either::Left(refused) => refused,
+                Either::Right(inner) => inner.await.unwrap_or_else(|never| match never {}),
+            };
+            if let Some(settling) = settling {
+                res = settling.finish(res).await;
+            }
+            stamp(&edge, &mut res);
+            Ok(res)
+        })
+    }
 }
 
 /// Refuses oversized request heads with a typed error: 431 past [`MAX_HEADER_BYTES`] of
@@ -367,7 +416,7 @@ fn stamp(edge: &Edge, res: &mut Response) {
     }
 }
 
-/// What [`edge`] needs: the instance's header value is checked once, not per response.
+/// What [`Edged`] needs: the instance's header value is checked once, not per response.
 #[derive(Clone)]
 struct Edge {
     app: Arc<App>,
