@@ -56,10 +56,16 @@ const KNOWN_ROUTES: &[(&str, u16)] = &[
     ("POST /v1/sessions/{id}/refresh", 200),
 ];
 
+/// One route template and method (`"METHOD route"`): its counts and latencies for the JSON
+/// view, and its Prometheus series (registered on first use).
 struct RouteStat {
     count: u64,
     status: BTreeMap<u16, u64>,
     latency_us: Hdr<u64>,
+    /// `zerodrop_http_requests_total` by status.
+    counters: Vec<(u16, Counter)>,
+    /// `zerodrop_http_request_duration_seconds`.
+    duration: Option<Histogram>,
 }
 
 impl RouteStat {
@@ -68,6 +74,8 @@ impl RouteStat {
             count: 0,
             status: BTreeMap::new(),
             latency_us: new_hdr(),
+            counters: Vec::new(),
+            duration: None,
         }
     }
 
@@ -108,10 +116,6 @@ pub struct Metrics {
     process: Option<ProcessGauges>,
     rtt: Histogram,
     publish_to_deliver: Histogram,
-    /// `zerodrop_http_requests_total` by route, method and status.
-    dynamic: Mutex<ByRoute<HashMap<u16, Counter>>>,
-    /// `zerodrop_http_request_duration_seconds` by route and method.
-    durations: Mutex<ByRoute<Histogram>>,
     failures: Mutex<HashMap<(Transport, ErrorCode), Counter>>,
     /// The guardrails' labelled series (`rate_limited_total`, `jobs_*`, `circuit_state`, …).
     labelled_counters: Mutex<HashMap<String, Counter>>,
@@ -131,7 +135,8 @@ pub struct Metrics {
     n_trimmed: AtomicU64,
     n_upgrades_blocked: AtomicU64,
     rtt_us: Mutex<Hdr<u64>>,
-    routes: Mutex<BTreeMap<String, RouteStat>>,
+    /// Every route's series, HTTP and JSON view, by `"METHOD route"`: one lookup a request.
+    routes: Mutex<HashMap<String, RouteStat>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -198,8 +203,6 @@ impl Metrics {
             upgrades_blocked: counter("zerodrop_upgrades_blocked_during_drain_total", &[]),
             rtt: hist("zerodrop_rtt_seconds"),
             publish_to_deliver: hist("zerodrop_publish_to_deliver_seconds"),
-            dynamic: Mutex::new(HashMap::new()),
-            durations: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             labelled_counters: Mutex::new(HashMap::new()),
             labelled_gauges: Mutex::new(HashMap::new()),
@@ -505,45 +508,9 @@ impl Metrics {
     }
 
     /// One HTTP request, by route template (never the raw path). Its series are found by the
-    /// borrowed names: a request allocates nothing here unless it is the first of its route,
-    /// method and status.
+    /// borrowed names in one lookup: a request allocates nothing here unless it is the first
+    /// of its route and method, or of its status there.
     pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
-        let counter = {
-            let mut map = lock(&self.dynamic);
-            let by_method = slot(&mut map, route, HashMap::new);
-            slot(by_method, method, HashMap::new)
-                .entry(status)
-                .or_insert_with(|| {
-                    self.recorder.register_counter(
-                        &key(
-                            "zerodrop_http_requests_total",
-                            &[
-                                ("method", method),
-                                ("route", route),
-                                ("status", &status.to_string()),
-                            ],
-                        ),
-                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
-                    )
-                })
-                .clone()
-        };
-        counter.increment(1);
-        let hist = {
-            let mut map = lock(&self.durations);
-            let by_method = slot(&mut map, route, HashMap::new);
-            slot(by_method, method, || {
-                self.recorder.register_histogram(
-                    &key(
-                        "zerodrop_http_request_duration_seconds",
-                        &[("method", method), ("route", route)],
-                    ),
-                    &Metadata::new("zerodrop", metrics::Level::INFO, None),
-                )
-            })
-            .clone()
-        };
-        hist.record(took.as_secs_f64());
         let mut routes = lock(&self.routes);
         ROUTE_NAME.with_borrow_mut(|name| {
             name.clear();
@@ -553,11 +520,42 @@ impl Metrics {
             if !routes.contains_key(name.as_str()) {
                 routes.insert(name.clone(), RouteStat::new());
             }
-            if let Some(r) = routes.get_mut(name.as_str()) {
-                r.count += 1;
-                *r.status.entry(status).or_insert(0) += 1;
-                let _ = r.latency_us.record(took.as_micros().max(1) as u64);
-            }
+            let Some(r) = routes.get_mut(name.as_str()) else {
+                return;
+            };
+            let counter = match r.counters.iter().find(|(s, _)| *s == status) {
+                Some((_, c)) => c,
+                None => {
+                    let c = self.recorder.register_counter(
+                        &key(
+                            "zerodrop_http_requests_total",
+                            &[
+                                ("method", method),
+                                ("route", route),
+                                ("status", &status.to_string()),
+                            ],
+                        ),
+                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                    );
+                    r.counters.push((status, c));
+                    &r.counters[r.counters.len() - 1].1
+                }
+            };
+            counter.increment(1);
+            r.duration
+                .get_or_insert_with(|| {
+                    self.recorder.register_histogram(
+                        &key(
+                            "zerodrop_http_request_duration_seconds",
+                            &[("method", method), ("route", route)],
+                        ),
+                        &Metadata::new("zerodrop", metrics::Level::INFO, None),
+                    )
+                })
+                .record(took.as_secs_f64());
+            r.count += 1;
+            *r.status.entry(status).or_insert(0) += 1;
+            let _ = r.latency_us.record(took.as_micros().max(1) as u64);
         });
     }
 
@@ -597,6 +595,7 @@ impl Metrics {
             ok as f64 / (ok + failed) as f64
         };
         let mut routes = Map::new();
+        // `Map` keeps its keys in order.
         for (name, r) in lock(&self.routes).iter() {
             let q = |p: f64| {
                 if r.latency_us.is_empty() {
@@ -750,22 +749,9 @@ fn process_start_time() -> Option<f64> {
     (hz > 0).then(|| boot + ticks / hz as f64)
 }
 
-/// A series per route template, then per method.
-type ByRoute<V> = HashMap<String, HashMap<String, V>>;
-
 thread_local! {
     /// `"METHOD route"`, the JSON view's name of a route, spelled here for each lookup.
     static ROUTE_NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-}
-
-/// The value under `k`, made by `make` and stored under an owned copy of `k` on first use
-/// only.
-fn slot<'m, V>(map: &'m mut HashMap<String, V>, k: &str, make: impl FnOnce() -> V) -> &'m mut V {
-    if !map.contains_key(k) {
-        map.insert(k.to_string(), make());
-    }
-    map.get_mut(k)
-        .expect("present: inserted above if it was not")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use futures_util::future::Either;
@@ -111,9 +111,7 @@ pub fn router(
             "/admin/jobs/dead-letters/{id}/requeue",
             post(guard::requeue),
         )
-        // One layer around the matched routes: a layer made with `from_fn` costs each request
-        // a boxed service and a boxed future.
-        .route_layer(middleware::from_fn_with_state(app.clone(), per_route))
+        .route_layer(PerRoute(app.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app);
@@ -235,43 +233,75 @@ fn cors(origins: &str) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// Around every matched route: its metrics ([`track`]) outside its rate limit
-/// ([`rate_limit`]).
-async fn per_route(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    track(&app, req, |req| rate_limit(&app, req, next)).await
+/// Around every matched route: its metrics (counted by route template, the rate limit's
+/// refusals included) outside its rate limit ([`rate_limited`]). A service of its own rather
+/// than a `from_fn` layer, which would box a clone of the route and a `Next` per request.
+#[derive(Clone)]
+struct PerRoute(Arc<App>);
+
+impl<S> Layer<S> for PerRoute {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Tracked<S> {
+        Tracked {
+            inner,
+            app: self.0.clone(),
+        }
+    }
 }
 
-/// Counts every matched request by route template.
-async fn track<F: Future<Output = Response>>(
-    app: &App,
-    req: Request,
-    inner: impl FnOnce(Request) -> F,
-) -> Response {
-    let started = Instant::now();
-    let method = req.method().clone();
-    // A clone of the template's shared string, not a copy of it.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let res = inner(req).await;
-    app.metrics.http_request(
-        method.as_str(),
-        route.as_ref().map_or("unmatched", MatchedPath::as_str),
-        res.status().as_u16(),
-        started.elapsed(),
-    );
-    res
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    app: Arc<App>,
+}
+
+impl<S> Service<Request> for Tracked<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = Instant::now();
+        let method = req.method().clone();
+        // A clone of the template's shared string, not a copy of it.
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let answer = match rate_limited(&self.app, &req) {
+            Some(refused) => Either::Left(refused),
+            None => Either::Right(self.inner.call(req)),
+        };
+        let app = self.app.clone();
+        Box::pin(async move {
+            let res = match answer {
+                Either::Left(refused) => refused,
+                Either::Right(inner) => inner.await.unwrap_or_else(|never| match never {}),
+            };
+            app.metrics.http_request(
+                method.as_str(),
+                route.as_ref().map_or("unmatched", MatchedPath::as_str),
+                res.status().as_u16(),
+                started.elapsed(),
+            );
+            Ok(res)
+        })
+    }
 }
 
 /// Rate limits per `/v1` route and key (SPEC §7): 429 `RATE_LIMITED` with `Retry-After`.
 /// Health, metrics and admin routes are never limited, so operators are not locked out.
-async fn rate_limit(app: &App, req: Request, next: Next) -> Response {
-    let Some(limits) = &app.limits else {
-        return next.run(req).await;
-    };
-    let Some(route) = req.extensions().get::<MatchedPath>().map(|m| m.as_str()) else {
-        return next.run(req).await;
-    };
+fn rate_limited(app: &App, req: &Request) -> Option<Response> {
+    let limits = app.limits.as_ref()?;
+    let route = req.extensions().get::<MatchedPath>()?.as_str();
     if !route.starts_with("/v1/") {
-        return next.run(req).await;
+        return None;
     }
     let bucket = format!("{} {route}", req.method());
     let credential = bearer(req.headers()).map(String::from).or_else(|| {
@@ -296,18 +326,16 @@ async fn rate_limit(app: &App, req: Request, next: Next) -> Response {
             None => crate::ratelimit::label(None),
         },
     };
-    match limits.check_key(&bucket, key) {
-        Ok(()) => next.run(req).await,
-        Err(wait) => {
-            app.metrics.rate_limited("http");
-            ApiError::new(
-                ErrorCode::RateLimited,
-                format!("too many requests to {bucket} from this key; retry after {wait} s"),
-            )
-            .retry_after(wait)
-            .into_response()
-        }
-    }
+    let wait = limits.check_key(&bucket, key).err()?;
+    app.metrics.rate_limited("http");
+    Some(
+        ApiError::new(
+            ErrorCode::RateLimited,
+            format!("too many requests to {bucket} from this key; retry after {wait} s"),
+        )
+        .retry_after(wait)
+        .into_response(),
+    )
 }
 
 /// Around everything, fallbacks included, from the outside in: the instance header and
