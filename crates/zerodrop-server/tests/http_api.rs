@@ -475,6 +475,50 @@ async fn cors_preflight_and_headers() {
         )
         .await;
     assert!(r.headers.get("access-control-allow-origin").is_none());
+    // A request without `Origin` (a backend's publish, a 404) gets the CORS headers the layer
+    // gives every such request: with `*`, the origin and the exposed headers, no `Vary`.
+    let key = s.creds.api_key.clone();
+    for (path, status) in [("/v1/streams/x/events", 201), ("/v1/nothing/here", 404)] {
+        let r = api
+            .request(
+                Method::POST,
+                path,
+                Some(&key),
+                Some(r#"{"data":1}"#.into()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, status, "{path}");
+        let h = |name: &str| {
+            r.headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(h("access-control-allow-origin"), "*", "{path}");
+        assert!(
+            h("access-control-expose-headers").contains("x-zerodrop-instance"),
+            "{path}: {}",
+            h("access-control-expose-headers")
+        );
+        assert!(r.headers.get("vary").is_none(), "{path}");
+    }
+    // With a list of origins: `Vary: Origin` (once), no allowed origin.
+    let key2 = s2.creds.api_key.clone();
+    let r = api2
+        .request(
+            Method::POST,
+            "/v1/streams/x/events",
+            Some(&key2),
+            Some(r#"{"data":1}"#.into()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let vary: Vec<_> = r.headers.get_all("vary").iter().collect();
+    assert_eq!(vary, ["origin"]);
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    assert!(r.headers.get("access-control-expose-headers").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
