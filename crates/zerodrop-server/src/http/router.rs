@@ -117,9 +117,9 @@ pub fn router(
         .with_state(app);
     // A route's own body limit (`/v1/events`, `/ds/`) is set inside the router, after this
     // one, and wins.
-    CorsUnlessUpgrade(cors).layer(Edged {
+    CorsUnlessUpgrade(cors).layer(Around {
         inner: body_limit.layer(routes),
-        edge,
+        steps: edge,
     })
 }
 
@@ -240,50 +240,26 @@ fn cors(origins: &str) -> CorsLayer {
 struct PerRoute(Arc<App>);
 
 impl<S> Layer<S> for PerRoute {
-    type Service = Tracked<S>;
+    type Service = Around<S, PerRoute>;
 
-    fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked {
+    fn layer(&self, inner: S) -> Around<S, PerRoute> {
+        Around {
             inner,
-            app: self.0.clone(),
+            steps: self.clone(),
         }
     }
 }
 
-#[derive(Clone)]
-struct Tracked<S> {
-    inner: S,
-    app: Arc<App>,
-}
-
-impl<S> Service<Request> for Tracked<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl Steps for PerRoute {
+    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer {
         let started = Instant::now();
         let method = req.method().clone();
         // A clone of the template's shared string, not a copy of it.
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let answer = match rate_limited(&self.app, &req) {
-            Some(refused) => Either::Left(refused),
-            None => Either::Right(self.inner.call(req)),
-        };
-        let app = self.app.clone();
+        let answer = answered(rate_limited(&self.0, &req), || inner.call(req));
+        let app = self.0.clone();
         Box::pin(async move {
-            let res = match answer {
-                Either::Left(refused) => refused,
-                Either::Right(inner) => inner.await.unwrap_or_else(|never| match never {}),
-            };
+            let Ok(res) = answer.await;
             app.metrics.http_request(
                 method.as_str(),
                 route.as_ref().map_or("unmatched", MatchedPath::as_str),
@@ -292,6 +268,56 @@ where
             );
             Ok(res)
         })
+    }
+}
+
+/// What a layer of [`Steps`] wraps: the router, or a route.
+trait Inner: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static> {}
+
+impl<S> Inner for S where
+    S: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+{
+}
+
+/// A refusal, answered at once.
+type Refused = std::future::Ready<Result<Response, Infallible>>;
+
+/// An answer on its way, boxed once for the layer it passes.
+type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// What a layer does around the service it wraps, for each request: calls it as the request
+/// arrives (or answers instead) and returns the answer on its way.
+trait Steps: Clone {
+    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer;
+}
+
+/// A service that runs `steps` around `inner`.
+#[derive(Clone)]
+struct Around<S, T> {
+    inner: S,
+    steps: T,
+}
+
+impl<S: Inner, T: Steps> Service<Request> for Around<S, T> {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Answer {
+        self.steps.call(&mut self.inner, req)
+    }
+}
+
+/// A refusal made before the inner service, or the inner service's answer: either way a
+/// future of the answer, awaited as it is.
+fn answered<F>(refused: Option<Response>, inner: impl FnOnce() -> F) -> Either<Refused, F> {
+    match refused {
+        Some(refused) => Either::Left(std::future::ready(Ok(refused))),
+        None => Either::Right(inner()),
     }
 }
 
@@ -344,39 +370,17 @@ fn rate_limited(app: &App, req: &Request) -> Option<Response> {
 /// layer and handler that may answer before reading the body), and the request head's limits
 /// ([`head_refusal`]). The inner service is called as the request arrives, so nothing is
 /// cloned for it.
-#[derive(Clone)]
-struct Edged<S> {
-    inner: S,
-    edge: Edge,
-}
-
-impl<S> Service<Request> for Edged<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let edge = self.edge.clone();
+impl Steps for Edge {
+    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer {
+        let edge = self.clone();
         let (answer, settling) = match crate::body::begin(&edge.app, req) {
-            Begun::Refused(refused) => (Either::Left(refused), None),
-            Begun::Go(req, settling) => match head_refusal(&req) {
-                Some(refused) => (Either::Left(refused), settling),
-                None => (Either::Right(self.inner.call(req)), settling),
-            },
+            Begun::Refused(refused) => (Either::Left(std::future::ready(Ok(refused))), None),
+            Begun::Go(req, settling) => {
+                (answered(head_refusal(&req), || inner.call(req)), settling)
+            }
         };
         Box::pin(async move {
-            let mut res = match answer {
-                Either::Left(refused) => refused,
-                Either::Right(inner) => inner.await.unwrap_or_else(|never| match never {}),
-            };
+            let Ok(mut res) = answer.await;
             if let Some(settling) = settling {
                 res = settling.finish(res).await;
             }
@@ -444,7 +448,8 @@ fn stamp(edge: &Edge, res: &mut Response) {
     }
 }
 
-/// What [`Edged`] needs: the instance's header value is checked once, not per response.
+/// What the steps around everything need: the instance's header value is checked once, not
+/// per response.
 #[derive(Clone)]
 struct Edge {
     app: Arc<App>,
