@@ -84,7 +84,7 @@ impl ConnLimits {
     }
 }
 
-/// What [`serve`] answers requests with ([`crate::http::router`]): cloned for each request,
+/// What [`serve`] answers requests with ([`crate::http::router()`]): cloned for each request,
 /// so it must be cheap to clone.
 pub trait HttpService:
     Service<
