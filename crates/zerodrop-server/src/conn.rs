@@ -84,8 +84,8 @@ impl ConnLimits {
     }
 }
 
-/// What [`serve`] answers requests with ([`crate::http::router()`]): cloned for each request,
-/// so it must be cheap to clone.
+/// What [`serve`] answers requests with ([`crate::http::router()`]), and what each of its
+/// layers wraps: cloned for each request, so it must be cheap to clone.
 pub trait HttpService:
     Service<
         axum::extract::Request,

@@ -141,7 +141,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // Per phase (single, batched, refused) and round: events/s, and where the CPU went.
+    // Per phase (single, batched, refused, floor) and round: events/s, and where the CPU went.
     let mut rates: [Vec<f64>; 4] = Default::default();
     let mut cpu: [Vec<Cpu>; 4] = Default::default();
     let floor_url = floor_server();
@@ -170,7 +170,7 @@ fn main() {
                 phase.answered(),
             ));
             rates[i].push(rate);
-            cpu[i].push(Cpu::of(&per_event));
+            cpu[i].push(Cpu::of(&per_event, phase));
         }
         if xadd.is_none() {
             raw.push(raw_sqlite_inserts(200_000, 200_000));
@@ -220,11 +220,9 @@ fn main() {
     .enumerate()
     {
         let m = |f: fn(&Cpu) -> f64| median(cpu[phase].iter().map(f).collect());
-        // The floor's server is a thread of this process, not zerodrop.
-        let server = |c: &Cpu| if phase == 3 { c.floor } else { c.requests };
         println!(
             "  {label:<16} {:>9.2} {:>16.2} {:>13.2} {:>11.2}",
-            median(cpu[phase].iter().map(server).collect()),
+            m(|c| c.server),
             m(|c| c.sqlite),
             m(|c| c.redis),
             m(|c| c.publishers)
@@ -279,22 +277,21 @@ fn main() {
     }
 }
 
-/// Where one phase's CPU went, in µs per event: the server's request threads and its SQLite
-/// threads (writer and checkpointer), Redis, the floor server's thread, and the publishers
-/// (this process's other threads).
+/// Where one phase's CPU went, in µs per event: the server's request threads (the floor's
+/// thread in the floor phase) and its SQLite threads (writer and checkpointer), Redis, and the
+/// publishers (this process's threads but the floor's).
 #[derive(Default)]
 struct Cpu {
-    requests: f64,
+    server: f64,
     sqlite: f64,
     redis: f64,
-    floor: f64,
     publishers: f64,
 }
 
 impl Cpu {
-    /// From the per-thread-name figures of the watched processes: the server, this process,
-    /// then Redis when there is one.
-    fn of(per_event: &[BTreeMap<String, f64>]) -> Cpu {
+    /// From the per-thread-name figures of the watched processes in `phase`: the server, this
+    /// process, then Redis when there is one.
+    fn of(per_event: &[BTreeMap<String, f64>], phase: Phase) -> Cpu {
         let named = |i: usize, name: &str| {
             per_event
                 .get(i)
@@ -305,10 +302,12 @@ impl Cpu {
         let all = |i: usize| per_event.get(i).map_or(0.0, |m| m.values().sum());
         let floor = named(1, FLOOR_THREAD);
         Cpu {
-            requests: named(0, "zerodrop"),
+            server: match phase {
+                Phase::Floor => floor,
+                _ => named(0, "zerodrop"),
+            },
             sqlite: named(0, "zerodrop-sqlite"),
             redis: all(2),
-            floor,
             publishers: all(1) - floor,
         }
     }

@@ -28,6 +28,7 @@ use super::{admin, ds, streams, v1};
 use crate::app::App;
 use crate::auth::bearer;
 use crate::body::Begun;
+use crate::conn::HttpService;
 use crate::error::ApiError;
 use crate::guard::routes as guard;
 
@@ -41,13 +42,7 @@ pub const MAX_URI_BYTES: usize = 16 * 1024;
 /// router, and the layers around every request (fallbacks included) outside it. Those outer
 /// layers wrap the router once, not each route: a layer added with `Router::layer` wraps every
 /// route on its own, and each request then clones its route's whole stack of boxed services.
-pub fn router(
-    app: Arc<App>,
-) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+pub fn router(app: Arc<App>) -> impl HttpService {
     let cors = cors(&app.cfg.cors_origins);
     // Bodies are read into memory: refuse (413) past a maximal payload and its envelope.
     let body_limit = DefaultBodyLimit::max(app.cfg.max_body_bytes());
@@ -251,12 +246,12 @@ impl<S> Layer<S> for PerRoute {
 }
 
 impl Steps for PerRoute {
-    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer {
+    fn call<S: HttpService>(&self, inner: &mut S, req: Request) -> Answer {
         let started = Instant::now();
         let method = req.method().clone();
         // A clone of the template's shared string, not a copy of it.
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let answer = answered(rate_limited(&self.0, &req), || inner.call(req));
+        let answer = answered(inner, rate_limited(&self.0, &req).map_or(Ok(req), Err));
         let app = self.0.clone();
         Box::pin(async move {
             let Ok(res) = answer.await;
@@ -271,24 +266,13 @@ impl Steps for PerRoute {
     }
 }
 
-/// What a layer of [`Steps`] wraps: the router, or a route.
-trait Inner: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static> {}
-
-impl<S> Inner for S where
-    S: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
-{
-}
-
-/// A refusal, answered at once.
-type Refused = std::future::Ready<Result<Response, Infallible>>;
-
 /// An answer on its way, boxed once for the layer it passes.
 type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
 /// What a layer does around the service it wraps, for each request: calls it as the request
 /// arrives (or answers instead) and returns the answer on its way.
 trait Steps: Clone {
-    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer;
+    fn call<S: HttpService>(&self, inner: &mut S, req: Request) -> Answer;
 }
 
 /// A service that runs `steps` around `inner`.
@@ -298,7 +282,7 @@ struct Around<S, T> {
     steps: T,
 }
 
-impl<S: Inner, T: Steps> Service<Request> for Around<S, T> {
+impl<S: HttpService, T: Steps> Service<Request> for Around<S, T> {
     type Response = Response;
     type Error = Infallible;
     type Future = Answer;
@@ -312,12 +296,15 @@ impl<S: Inner, T: Steps> Service<Request> for Around<S, T> {
     }
 }
 
-/// A refusal made before the inner service, or the inner service's answer: either way a
-/// future of the answer, awaited as it is.
-fn answered<F>(refused: Option<Response>, inner: impl FnOnce() -> F) -> Either<Refused, F> {
-    match refused {
-        Some(refused) => Either::Left(std::future::ready(Ok(refused))),
-        None => Either::Right(inner()),
+/// The inner service's answer to `req`, or the refusal made instead of calling it: either way
+/// a future of the answer, awaited as it is.
+fn answered<S: HttpService>(
+    inner: &mut S,
+    req: Result<Request, Response>,
+) -> Either<std::future::Ready<Result<Response, Infallible>>, S::Future> {
+    match req {
+        Ok(req) => Either::Right(inner.call(req)),
+        Err(refused) => Either::Left(std::future::ready(Ok(refused))),
     }
 }
 
@@ -371,14 +358,13 @@ fn rate_limited(app: &App, req: &Request) -> Option<Response> {
 /// ([`head_refusal`]). The inner service is called as the request arrives, so nothing is
 /// cloned for it.
 impl Steps for Edge {
-    fn call<S: Inner>(&self, inner: &mut S, req: Request) -> Answer {
+    fn call<S: HttpService>(&self, inner: &mut S, req: Request) -> Answer {
         let edge = self.clone();
-        let (answer, settling) = match crate::body::begin(&edge.app, req) {
-            Begun::Refused(refused) => (Either::Left(std::future::ready(Ok(refused))), None),
-            Begun::Go(req, settling) => {
-                (answered(head_refusal(&req), || inner.call(req)), settling)
-            }
+        let (req, settling) = match crate::body::begin(&edge.app, req) {
+            Begun::Refused(refused) => (Err(refused), None),
+            Begun::Go(req, settling) => (head_refusal(&req).map_or(Ok(req), Err), settling),
         };
+        let answer = answered(inner, req);
         Box::pin(async move {
             let Ok(mut res) = answer.await;
             if let Some(settling) = settling {
