@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, header};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, TokenData, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -181,7 +181,8 @@ impl Auth {
     /// signed with a JWKS key whose `kid` is not in the set read last causes one read of the
     /// set (at most every `--jwks-refresh-min-sec`). Nothing for HS256 tokens.
     pub async fn prepare(&self, token: &str) {
-        let (Some(jwks), Ok(h)) = (&self.jwks, jsonwebtoken::decode_header(token)) else {
+        let Some(jwks) = &self.jwks else { return };
+        let Ok(h) = jsonwebtoken::decode_header(token) else {
             return;
         };
         if let (true, Some(kid)) = (ASYMMETRIC.contains(&h.alg), h.kid.as_deref())
@@ -268,39 +269,58 @@ impl Auth {
     /// the JWT secret's, anything else must name (`kid`) a JWKS key pinned to that very
     /// algorithm; no other algorithm is accepted.
     fn decode_connect(&self, token: &str) -> Result<ConnectClaims, Refusal> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid(""))?;
-        let pinned;
-        let (key, validation) = if header.alg == Algorithm::HS256 {
-            (&self.jwt_decode, &self.validation)
-        } else {
-            let (_, validation) = self
-                .asymmetric
-                .iter()
-                .find(|(a, _)| *a == header.alg)
-                .ok_or(Refusal::Invalid(": unsupported alg"))?;
-            let jwks = self
-                .jwks
-                .as_ref()
-                .ok_or(Refusal::Invalid(": no JWKS is configured for this alg"))?;
-            let kid = header.kid.as_deref().ok_or(Refusal::Invalid(": no kid"))?;
-            pinned = jwks.get(kid).ok_or(Refusal::Invalid(": unknown kid"))?;
-            if pinned.alg != header.alg {
-                return Err(Refusal::Invalid(": the key is for another alg"));
-            }
-            (&pinned.key, validation)
+        use jsonwebtoken::errors::ErrorKind;
+        let decoded = match &self.jwks {
+            // Without JWKS only HS256 verifies, and `jsonwebtoken` reads the header itself:
+            // no read of our own first. A token of another alg is read again below, to say
+            // why it is refused.
+            None => match jsonwebtoken::decode(token, &self.jwt_decode, &self.validation) {
+                Err(e) if *e.kind() == ErrorKind::InvalidAlgorithm => self.decode_by_alg(token)?,
+                decoded => decoded,
+            },
+            Some(_) => self.decode_by_alg(token)?,
         };
-        let claims = jsonwebtoken::decode::<ConnectClaims>(token, key, validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
-                jsonwebtoken::errors::ErrorKind::InvalidIssuer => Refusal::Invalid(": wrong iss"),
-                jsonwebtoken::errors::ErrorKind::InvalidAudience => Refusal::Invalid(": wrong aud"),
-                _ => Refusal::Invalid(""),
-            })?;
+        let claims = decoded.map(|d| d.claims).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => Refusal::Expired,
+            ErrorKind::InvalidIssuer => Refusal::Invalid(": wrong iss"),
+            ErrorKind::InvalidAudience => Refusal::Invalid(": wrong aud"),
+            _ => Refusal::Invalid(""),
+        })?;
         if self.lapsed(claims.exp.saturating_add(LEEWAY_SEC).saturating_mul(1000)) {
             return Err(Refusal::Expired);
         }
         Ok(claims)
+    }
+
+    /// The token decoded with the key and rules its header's `alg` selects, or why no key
+    /// may verify it.
+    fn decode_by_alg(
+        &self,
+        token: &str,
+    ) -> Result<jsonwebtoken::errors::Result<TokenData<ConnectClaims>>, Refusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid(""))?;
+        if header.alg == Algorithm::HS256 {
+            return Ok(jsonwebtoken::decode(
+                token,
+                &self.jwt_decode,
+                &self.validation,
+            ));
+        }
+        let (_, validation) = self
+            .asymmetric
+            .iter()
+            .find(|(a, _)| *a == header.alg)
+            .ok_or(Refusal::Invalid(": unsupported alg"))?;
+        let jwks = self
+            .jwks
+            .as_ref()
+            .ok_or(Refusal::Invalid(": no JWKS is configured for this alg"))?;
+        let kid = header.kid.as_deref().ok_or(Refusal::Invalid(": no kid"))?;
+        let pinned = jwks.get(kid).ok_or(Refusal::Invalid(": unknown kid"))?;
+        if pinned.alg != header.alg {
+            return Err(Refusal::Invalid(": the key is for another alg"));
+        }
+        Ok(jsonwebtoken::decode(token, &pinned.key, validation))
     }
 
     /// Whether a wall-clock instant set by a token's issuer (ms) has passed: a forward jump of

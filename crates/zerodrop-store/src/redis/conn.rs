@@ -13,7 +13,8 @@ use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{
-    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, ToRedisArgs, Value,
+    Arg, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, ToRedisArgs,
+    Value,
 };
 
 use super::sentinel::Primary;
@@ -143,7 +144,8 @@ impl Scripts {
 pub(super) struct Call<'a> {
     lua: &'a Lua,
     keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    /// The arguments, one after another in one buffer (a `Cmd` used as a list of them).
+    args: Cmd,
 }
 
 impl<'a> Call<'a> {
@@ -151,7 +153,7 @@ impl<'a> Call<'a> {
         Call {
             lua,
             keys: Vec::new(),
-            args: Vec::new(),
+            args: Cmd::with_capacity(16, 512),
         }
     }
 
@@ -161,32 +163,46 @@ impl<'a> Call<'a> {
     }
 
     pub(super) fn arg(mut self, a: impl ToRedisArgs) -> Self {
-        self.args.extend(a.to_redis_args());
+        self.args.arg(a);
         self
+    }
+
+    fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> {
+        self.args.args_iter().map(|a| match a {
+            Arg::Simple(b) => b,
+            // Only `Cmd::cursor_arg` makes another kind, which no call uses.
+            _ => &[],
+        })
     }
 
     /// Another call's keys and arguments as one part of this one: the counts of its keys and
     /// arguments, then the arguments; its keys follow the keys before it.
     pub(super) fn part(mut self, other: Call<'_>) -> Self {
-        self = self.arg(other.keys.len()).arg(other.args.len());
+        self = self.arg(other.keys.len()).arg(other.args().len());
+        for a in other.args() {
+            self.args.arg(a);
+        }
         self.keys.extend(other.keys);
-        self.args.extend(other.args);
         self
     }
 
     pub(super) fn cmd(&self, by_hash: bool) -> Cmd {
-        let mut c = if by_hash {
-            let mut c = ::redis::cmd("EVALSHA");
-            c.arg(self.lua.script.get_hash());
-            c
+        // Sized once: the command is written without growing its buffers.
+        let (name, script) = if by_hash {
+            ("EVALSHA", self.lua.script.get_hash())
         } else {
-            let mut c = ::redis::cmd("EVAL");
-            c.arg(self.lua.body.as_str());
-            c
+            ("EVAL", self.lua.body.as_str())
         };
+        let bytes = name.len()
+            + script.len()
+            + 20
+            + self.keys.iter().map(String::len).sum::<usize>()
+            + self.args().map(<[u8]>::len).sum::<usize>();
+        let mut c = Cmd::with_capacity(3 + self.keys.len() + self.args().len(), bytes);
+        c.arg(name).arg(script);
         c.arg(self.keys.len()).arg(&self.keys);
-        for a in &self.args {
-            c.arg(&a[..]);
+        for a in self.args() {
+            c.arg(a);
         }
         c
     }

@@ -48,6 +48,34 @@ pub(super) fn parse_bounds(stream: &StreamId, v: &[Value]) -> Option<(StreamInfo
     Some((info, as_u64(v.get(5)?)? == 1))
 }
 
+/// The append script's reply for a new event, `ok <seq> <epoch> <ts> <indexed> <renewed>
+/// <unlisted>`, and whether the stream's log was renewed.
+fn parse_new(line: &str) -> Option<(Appended, bool)> {
+    let mut f = line.split(' ');
+    if f.next()? != "ok" {
+        return None;
+    }
+    let seq = f.next()?.parse().ok()?;
+    let epoch = Epoch::parse(f.next()?)?;
+    let ts = f.next()?.parse().ok()?;
+    let mut flag = || match f.next() {
+        Some("1") => Some(true),
+        Some("0") => Some(false),
+        _ => None,
+    };
+    let (indexed, renewed, unlisted) = (flag()?, flag()?, flag()?);
+    f.next().is_none().then_some((
+        Appended::New {
+            seq,
+            epoch,
+            ts,
+            indexed,
+            unlisted,
+        },
+        renewed,
+    ))
+}
+
 pub(super) enum Appended {
     New {
         seq: u64,
@@ -288,31 +316,16 @@ impl Shared {
             None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
             _ => self.eval_and_wait(&req.stream, &call).await?,
         };
+        if let Some(line) = as_str(&reply) {
+            let (appended, renewed) = parse_new(line).ok_or_else(|| unexpected("append"))?;
+            if renewed && let Appended::New { epoch, .. } = &appended {
+                tracing::warn!(stream = %req.stream, epoch = %epoch,
+                    "the stream's log was lost or went back; it starts again in a new epoch");
+            }
+            return Ok(appended);
+        }
         let v = as_array(reply).ok_or_else(|| unexpected("append"))?;
         match v.first().and_then(as_str) {
-            Some("ok") => {
-                let (Some(seq), Some(epoch), Some(ts), Some(indexed), Some(renewed), Some(keys)) = (
-                    v.get(1).and_then(as_u64),
-                    v.get(2).and_then(as_str).and_then(Epoch::parse),
-                    v.get(3).and_then(as_u64),
-                    v.get(4).and_then(as_u64),
-                    v.get(5).and_then(as_u64),
-                    v.get(6).and_then(as_u64),
-                ) else {
-                    return Err(unexpected("append"));
-                };
-                if renewed == 1 {
-                    tracing::warn!(stream = %req.stream, epoch = %epoch,
-                        "the stream's log was lost or went back; it starts again in a new epoch");
-                }
-                Ok(Appended::New {
-                    seq,
-                    epoch,
-                    ts,
-                    indexed: indexed == 1,
-                    unlisted: keys == 1,
-                })
-            }
             Some("dup") => {
                 let (Some(seq), Some(epoch), Some(unlisted)) = (
                     v.get(1).and_then(as_u64),
@@ -348,16 +361,16 @@ impl Shared {
         let (script, acked) = self.eval_waiting("append", &meta_key(stream), call).await?;
         let n = self.opts.wait_replicas;
         let timeout_ms = self.opts.wait_timeout.as_millis() as u64;
-        let kind = as_array(script.clone())
-            .as_deref()
-            .and_then(|v| v.first())
-            .and_then(as_str)
-            .map(String::from);
+        // A new event's reply is one string starting `ok `; the others are arrays.
+        let kind = match &script {
+            Value::Array(v) => v.first().and_then(as_str),
+            one => as_str(one).and_then(|s| s.split(' ').next()),
+        };
         // Every acknowledgement waits: a new event, and a duplicate as well, since the
         // original it points at may not be replicated yet (the script made a write after it
         // for this `WAIT` to cover).
         if acked < u64::from(n) {
-            match kind.as_deref() {
+            match kind {
                 Some("ok") => {
                     return Err(StoreError::Unavailable(format!(
                         "redis: the append reached {acked} of {n} replicas within {timeout_ms} ms \

@@ -229,8 +229,9 @@ end
 /// [`PUBLISH_THROUGH`] once `WAIT` confirmed the append: no instance shows an event live
 /// before N replicas hold it.
 ///
-/// Replies `{'ok', seq, epoch, ts, indexed, renewed, unlisted}`, `{'dup', seq, epoch,
-/// unlisted}` or `{'reused'}`. `unlisted` is 1 for a keyed append while the stream is not yet
+/// Replies `'ok <seq> <epoch> <ts> <indexed> <renewed> <unlisted>'` (one string, the
+/// flags `0` or `1`: the common reply, parsed as one value rather than seven), `{'dup', seq,
+/// epoch, unlisted}` or `{'reused'}`. `unlisted` is 1 for a keyed append while the stream is not yet
 /// known to be in the set of streams with publish keys (the bounds have no `pk` flag): the
 /// caller adds it there, then sets the flag ([`KEYS_LISTED`]). Until that succeeded every keyed
 /// append says so again.
@@ -287,7 +288,9 @@ end
 if removed > 0 then
   ring_trim(m.first, removed)
 end
-return {'ok', seq, m.epoch, ts, m.ix, renewed and 1 or 0, unlisted}
+-- One string, not a table: the caller parses one bulk string instead of seven values.
+return 'ok ' .. seq_s .. ' ' .. m.epoch .. ' ' .. ts_s .. ' ' .. m.ix .. ' ' ..
+  (renewed and '1' or '0') .. ' ' .. unlisted
 "#;
 
 /// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
