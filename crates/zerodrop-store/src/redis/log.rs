@@ -446,3 +446,48 @@ impl Shared {
         Ok((r.info, h.hex()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_events_reply_is_read_field_by_field() {
+        let (a, renewed) = parse_new("ok 42 e_1a2b 1765000000123 1 0 1").unwrap();
+        assert!(!renewed);
+        let Appended::New {
+            seq,
+            epoch,
+            ts,
+            indexed,
+            unlisted,
+        } = a
+        else {
+            panic!("not a new event");
+        };
+        assert_eq!(
+            (seq, epoch.as_str(), ts, indexed, unlisted),
+            (42, "e_1a2b", 1_765_000_000_123, true, true)
+        );
+        assert!(parse_new("ok 1 e 2 0 1 0").unwrap().1);
+    }
+
+    #[test]
+    fn a_reply_that_is_not_exactly_seven_fields_is_refused() {
+        for bad in [
+            "",
+            "ok",
+            "dup 1 e 2 0 0 0",
+            "ok 1 e 2 0 0",
+            "ok 1 e 2 0 0 0 0",
+            "ok x e 2 0 0 0",
+            "ok 1 e -2 0 0 0",
+            "ok 1 e 2 2 0 0",
+            "ok 1 e 2 0 yes 0",
+            "ok 1 e|x 2 0 0 0",
+            "ok  1 e 2 0 0 0",
+        ] {
+            assert!(parse_new(bad).is_none(), "{bad:?}");
+        }
+    }
+}
