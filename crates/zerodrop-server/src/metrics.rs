@@ -517,12 +517,7 @@ impl Metrics {
             name.push_str(method);
             name.push(' ');
             name.push_str(route);
-            if !routes.contains_key(name.as_str()) {
-                routes.insert(name.clone(), RouteStat::new());
-            }
-            let Some(r) = routes.get_mut(name.as_str()) else {
-                return;
-            };
+            let r = slot(&mut routes, name, RouteStat::new);
             let counter = match r.counters.iter().find(|(s, _)| *s == status) {
                 Some((_, c)) => c,
                 None => {
@@ -752,6 +747,16 @@ fn process_start_time() -> Option<f64> {
 thread_local! {
     /// `"METHOD route"`, the JSON view's name of a route, spelled here for each lookup.
     static ROUTE_NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The value under `k`, made by `make` and stored under an owned copy of `k` on first use
+/// only.
+fn slot<'m, V>(map: &'m mut HashMap<String, V>, k: &str, make: impl FnOnce() -> V) -> &'m mut V {
+    if !map.contains_key(k) {
+        map.insert(k.to_string(), make());
+    }
+    map.get_mut(k)
+        .expect("present: inserted above if it was not")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
