@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -345,6 +345,9 @@ pub struct Hub {
     /// Per stream, the connections receiving its presence frames: their doorbells and their
     /// "read the presence log again" marks.
     presence: Mutex<HashMap<StreamId, PresenceListeners>>,
+    /// The store that feeds this hub, told which streams have a topic here
+    /// ([`Store::watch`]): a shared store feeds only those. Unset, nothing is told.
+    feed: OnceLock<Weak<dyn Store>>,
 }
 
 type PresenceListeners = HashMap<u64, (Arc<Signal>, Arc<AtomicBool>)>;
@@ -371,7 +374,24 @@ impl Hub {
             marks,
             marks_rx: Mutex::new(Some(marks_rx)),
             presence: Mutex::new(HashMap::new()),
+            feed: OnceLock::new(),
         }
+    }
+
+    /// From now on `store` is told of every topic made here ([`Store::watch`]) and of every
+    /// topic swept ([`Store::unwatch`]), so that it feeds this hub the streams it serves.
+    /// Topics that already exist are watched at once.
+    pub fn follow(&self, store: &Arc<dyn Store>) {
+        let _ = self.feed.set(Arc::downgrade(store));
+        for shard in &self.shards {
+            for stream in lock(shard).keys() {
+                store.watch(stream);
+            }
+        }
+    }
+
+    fn feed(&self) -> Option<Arc<dyn Store>> {
+        self.feed.get().and_then(Weak::upgrade)
     }
 
     /// Connection `conn` receives `stream`'s presence frames: when its presence log grows,
@@ -440,10 +460,21 @@ impl Hub {
         signal: Arc<Signal>,
         session: Option<SessionId>,
     ) -> Subscription {
-        let topic = lock(self.shard(&stream))
-            .entry(stream.clone())
-            .or_insert_with(|| Arc::new(Topic::new()))
-            .clone();
+        let topic = {
+            let mut shard = lock(self.shard(&stream));
+            match shard.get(&stream) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Arc::new(Topic::new());
+                    shard.insert(stream.clone(), t.clone());
+                    // Under the shard's lock, so that a sweep's `unwatch` cannot come after it.
+                    if let Some(store) = self.feed() {
+                        store.watch(&stream);
+                    }
+                    t
+                }
+            }
+        };
         let listener = Arc::new(Listener {
             signal,
             cursor: AtomicU64::new(after.0),
@@ -480,10 +511,16 @@ impl Hub {
     pub fn sweep(&self) {
         let now = now_ms();
         let ttl = self.limits.idle_ttl.as_millis() as u64;
+        let feed = self.feed();
         for shard in &self.shards {
-            lock(shard).retain(|_, t| {
+            lock(shard).retain(|stream, t| {
                 let since = t.idle_since_ms.load(Ordering::Relaxed);
-                since == 0 || now.saturating_sub(since) < ttl || !lock(&t.listeners).is_empty()
+                let keep =
+                    since == 0 || now.saturating_sub(since) < ttl || !lock(&t.listeners).is_empty();
+                if !keep && let Some(store) = &feed {
+                    store.unwatch(stream);
+                }
+                keep
             });
         }
     }
@@ -558,6 +595,16 @@ impl LiveSink for Hub {
             return;
         };
         topic.set_closed(Some(last_seq));
+        topic.wake_all();
+    }
+
+    fn missed(&self, stream: &StreamId) {
+        let Some(topic) = self.get(stream) else {
+            return;
+        };
+        // The ring may have learnt a head from a log read made before the feed flowed, and
+        // events after it were not pushed: each cursor's next look reads the log.
+        write(&topic.ring).clear();
         topic.wake_all();
     }
 
@@ -859,6 +906,47 @@ mod tests {
         sub.pull(&store, 100, &mut out).await.unwrap();
         assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![4]);
         assert_eq!(hub.head(&s), Some((epoch, Seq(4))));
+    }
+
+    /// A feed that starts after the topic's first log read (a shared store subscribing to
+    /// the stream's channel) may have missed events the ring would wait for forever: told
+    /// `missed`, the hub wakes the subscriber, whose next pull reads them from the log.
+    #[tokio::test]
+    async fn a_feed_that_missed_events_makes_the_subscribers_read_the_log() {
+        let hub = Arc::new(Hub::new(HubLimits::default(), Arc::new(Metrics::new())));
+        // The hub hears nothing from this store: the feed has not started.
+        let store = MemoryStore::new(Retention::default(), Arc::new(zerodrop_store::NoSink));
+        let s = StreamId::new("late").unwrap();
+        let append = |data: &str| AppendRequest {
+            stream: s.clone(),
+            data: data.into(),
+            idempotency: None,
+        };
+        store.append(append("1")).await.unwrap();
+        let epoch = store.stream_info(&s).await.unwrap().epoch;
+        let signal = Signal::new();
+        let mut sub = hub.subscribe(s.clone(), epoch.clone(), Seq(0), signal.clone(), None);
+        let mut out = Vec::new();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            hub.head(&s),
+            Some((epoch.clone(), Seq(1))),
+            "learnt from the log"
+        );
+        signal.take();
+        store.append(append("2")).await.unwrap();
+        out.clear();
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert!(out.is_empty(), "the ring believes it is caught up");
+        hub.missed(&s);
+        assert!(
+            signal.pending.load(Ordering::Acquire),
+            "the subscriber is woken"
+        );
+        assert_eq!(hub.head(&s), None, "the ring forgot what it learnt");
+        sub.pull(&store, 100, &mut out).await.unwrap();
+        assert_eq!(out.iter().map(|d| d.seq().0).collect::<Vec<_>>(), vec![2]);
     }
 
     /// Leaving in any order keeps every remaining listener where its slot says, and each

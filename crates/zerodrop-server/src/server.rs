@@ -137,6 +137,10 @@ impl LiveSink for Sink {
         self.hub.closed(stream, last_seq);
     }
 
+    fn missed(&self, stream: &StreamId) {
+        self.hub.missed(stream);
+    }
+
     fn session_held(&self, id: &SessionId, holder: &str) {
         if let Some(app) = self.app.get().and_then(Weak::upgrade) {
             app.session_held(id, holder);
@@ -221,6 +225,8 @@ pub async fn build(cfg: Config) -> anyhow::Result<(Arc<App>, Option<Arc<SqliteSt
             Arc::new(s)
         }
     };
+    // A shared store feeds the hub the streams it has topics for.
+    hub.follow(&store);
     let jwks = match &cfg.jwks_url {
         Some(url) => Some(Arc::new(
             crate::jwks::Jwks::open(url, Duration::from_secs(cfg.jwks_refresh_min_sec)).await?,

@@ -78,6 +78,7 @@ async fn main() -> Result<(), String> {
     let sink = Arc::new(Count::default());
     let mut opts = RedisOptions::new(&server.url());
     opts.retention = Retention::default();
+    opts.every_stream = true;
     let store = Arc::new(
         RedisStore::connect(opts, sink.clone())
             .await

@@ -268,7 +268,9 @@ pub struct StoreStats {
 
 /// Receives what became durable, in commit order. Implemented by the server's live hub.
 pub trait LiveSink: Send + Sync + 'static {
-    /// Events that just became durable. Per stream, in seq order.
+    /// Events that just became durable. Per stream, in seq order. A store shared by several
+    /// instances (Redis) reports the events of the streams this instance watches
+    /// ([`Store::watch`]); the others report every stream's.
     fn committed(&self, events: &[Arc<Event>]);
     /// Retention removed `count` events of `stream`; the oldest retained is now `first_seq`.
     fn trimmed(&self, stream: &StreamId, first_seq: Seq, count: u64);
@@ -296,6 +298,13 @@ pub trait LiveSink: Send + Sync + 'static {
     /// every presence subscriber reads again.
     fn presence_changed(&self, stream: &StreamId) {
         let _ = stream;
+    }
+    /// The feed of `stream` may have missed events (it started after [`Store::watch`] was
+    /// called, or started again): what the sink caches of it is suspect, its subscribers
+    /// must re-read the log. By default, like [`LiveSink::reset`].
+    fn missed(&self, stream: &StreamId) {
+        let _ = stream;
+        self.reset();
     }
 }
 
@@ -465,6 +474,21 @@ pub trait Store: GuardStore + Send + Sync + 'static {
     async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {
         let _ = (id, holder);
         Ok(())
+    }
+
+    /// This instance serves `stream` live: from now until [`Store::unwatch`], the sink hears
+    /// of its new events ([`LiveSink::committed`]). A store whose sink hears of every
+    /// stream's events anyway (one process: memory, SQLite) ignores it. A store that feeds the
+    /// sink from elsewhere (Redis pub/sub) starts the stream's feed in the background and
+    /// tells the sink [`LiveSink::missed`] once it flows, since events appended in between
+    /// were not heard. Called once per stream until its `unwatch`; never blocks.
+    fn watch(&self, stream: &StreamId) {
+        let _ = stream;
+    }
+
+    /// This instance no longer serves `stream` live: the sink need not hear of its events.
+    fn unwatch(&self, stream: &StreamId) {
+        let _ = stream;
     }
 
     async fn stats(&self) -> StoreResult<StoreStats>;

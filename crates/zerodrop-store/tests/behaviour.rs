@@ -50,6 +50,8 @@ async fn redis(retention: Retention) -> Fixture {
     let sink = Arc::new(Recorder::default());
     let mut opts = RedisOptions::new(&server.url());
     opts.retention = retention;
+    // The fixture's sink checks every stream's events, as the other stores report them.
+    opts.every_stream = true;
     let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
     Fixture {
         store: Arc::new(store),

@@ -31,9 +31,11 @@ async fn every_store() -> Vec<Fixture> {
     )
     .unwrap();
     let server = RedisServer::start().expect("start redis-server");
-    let redis = RedisStore::connect(RedisOptions::new(&server.url()), sink.clone())
-        .await
-        .unwrap();
+    let opts = RedisOptions {
+        every_stream: true,
+        ..RedisOptions::new(&server.url())
+    };
+    let redis = RedisStore::connect(opts, sink.clone()).await.unwrap();
     vec![
         Fixture {
             name: "memory",

@@ -45,6 +45,7 @@ fn big() -> Retention {
 async fn connect(server: &RedisServer, sink: Arc<dyn LiveSink>) -> RedisStore {
     let mut opts = RedisOptions::new(&server.url());
     opts.retention = big();
+    opts.every_stream = true;
     RedisStore::connect(opts, sink).await.unwrap()
 }
 
@@ -91,6 +92,80 @@ fn session(id: &SessionId, stream: &str, epoch: &Epoch, ack: u64) -> SessionReco
         .into_iter()
         .collect(),
     }
+}
+
+/// Without `every_stream`, the sink hears the events of the watched streams only, from every
+/// instance, starting once the stream's channel is subscribed (told as `missed`), stopping at
+/// `unwatch`; after the live connection is lost and back, the watched streams are heard again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_hears_the_events_of_the_watched_streams_only() {
+    let mut server = RedisServer::start_durable().unwrap();
+    let mut opts = RedisOptions::new(&server.url());
+    opts.retention = big();
+    let other = RedisStore::connect(opts.clone(), Arc::new(NoSink))
+        .await
+        .unwrap();
+    let sink = Arc::new(Recorder::default());
+    let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
+    let heard = |s: &str| sink.seqs_of(s);
+    // Not watched: neither this instance's appends nor another's reach the sink.
+    store.append(req("w:1", "1")).await.unwrap();
+    other.append(req("w:1", "2")).await.unwrap();
+
+    store.watch(&sid("w:1"));
+    wait_until(Duration::from_secs(5), "w:1's feed", || {
+        sink.was_missed("w:1")
+    })
+    .await;
+    other.append(req("w:1", "3")).await.unwrap();
+    store.append(req("w:1", "4")).await.unwrap();
+    wait_until(Duration::from_secs(5), "seqs 3 and 4", || {
+        heard("w:1").len() == 2
+    })
+    .await;
+    assert_eq!(
+        heard("w:1"),
+        vec![3, 4],
+        "only what came after the feed started"
+    );
+
+    // Let go of w:1, watch w:2: one connection hears both channels in publication order, so
+    // once w:2's event is heard, an event of w:1 published before it would have been too.
+    store.unwatch(&sid("w:1"));
+    store.watch(&sid("w:2"));
+    wait_until(Duration::from_secs(5), "w:2's feed", || {
+        sink.was_missed("w:2")
+    })
+    .await;
+    other.append(req("w:1", "5")).await.unwrap();
+    other.append(req("w:2", "1")).await.unwrap();
+    wait_until(Duration::from_secs(5), "w:2's seq 1", || {
+        heard("w:2") == vec![1]
+    })
+    .await;
+    assert_eq!(heard("w:1"), vec![3, 4], "w:1 is no longer heard");
+    // Watching twice changes nothing; the store's own appends are heard like another's.
+    store.watch(&sid("w:2"));
+    store.append(req("w:2", "2")).await.unwrap();
+    wait_until(Duration::from_secs(5), "w:2's seq 2", || {
+        heard("w:2") == vec![1, 2]
+    })
+    .await;
+
+    // The live connection drops and comes back: the sink is reset, and the watched stream
+    // is heard again without being watched anew.
+    server.stop().unwrap();
+    server.start_again().unwrap();
+    wait_until(Duration::from_secs(10), "a reset", || {
+        sink.resets.load(Ordering::SeqCst) >= 1 && store.live_connected()
+    })
+    .await;
+    eventually(Duration::from_secs(10), || other.append(req("w:2", "3"))).await;
+    wait_until(Duration::from_secs(5), "w:2's seq 3", || {
+        heard("w:2") == vec![1, 2, 3]
+    })
+    .await;
+    assert_eq!(heard("w:1"), vec![3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,6 +551,7 @@ async fn with_wait_replicas_events_go_live_only_once_replicated() {
     let mut opts = RedisOptions::new(&primary.url());
     opts.wait_replicas = 1;
     opts.wait_timeout = Duration::from_millis(300);
+    opts.every_stream = true;
     let sinks = [Arc::new(Recorder::default()), Arc::new(Recorder::default())];
     let a = RedisStore::connect(opts.clone(), sinks[0].clone())
         .await
@@ -602,6 +678,7 @@ async fn trimming_agrees_with_plan_trim() {
         };
         let mut opts = RedisOptions::new(&server.url());
         opts.retention = retention;
+        opts.every_stream = true;
         let redis_sink = Arc::new(Recorder::default());
         let memory_sink = Arc::new(Recorder::default());
         let redis = RedisStore::connect(opts, redis_sink.clone()).await.unwrap();
@@ -900,6 +977,7 @@ async fn runs_on_a_redis_cluster() {
         max_bytes: 1 << 20,
         max_age_ms: 86_400_000,
     };
+    opts.every_stream = true;
     let store = RedisStore::connect(opts, sink.clone()).await.unwrap();
     // Enough streams to land on every node.
     let streams: Vec<String> = (0..12).map(|i| format!("room:{i}")).collect();
@@ -978,7 +1056,10 @@ async fn runs_on_a_redis_cluster() {
     // the slots instead of meeting MOVED for every stream that lives on another node.
     let seed_sink = Arc::new(Recorder::default());
     let seeded = RedisStore::connect(
-        RedisOptions::new(&cluster.nodes()[0].url()),
+        RedisOptions {
+            every_stream: true,
+            ..RedisOptions::new(&cluster.nodes()[0].url())
+        },
         seed_sink.clone(),
     )
     .await

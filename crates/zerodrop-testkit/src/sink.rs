@@ -14,6 +14,8 @@ pub struct Recorder {
     /// `(stream, first retained seq, count)` of every trim.
     pub trims: Mutex<Vec<(String, u64, u64)>>,
     pub resets: AtomicU64,
+    /// Streams whose feed started late or again ([`LiveSink::missed`]), in order.
+    pub missed: Mutex<Vec<String>>,
 }
 
 impl LiveSink for Recorder {
@@ -32,6 +34,11 @@ impl LiveSink for Recorder {
     fn reset(&self) {
         self.resets.fetch_add(1, Ordering::SeqCst);
     }
+
+    fn missed(&self, stream: &StreamId) {
+        let mut m = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        m.push(stream.to_string());
+    }
 }
 
 impl Recorder {
@@ -42,6 +49,12 @@ impl Recorder {
             .filter(|(s, _)| s == stream)
             .map(|(_, q)| *q)
             .collect()
+    }
+
+    /// Whether the sink was told that `stream`'s feed started ([`LiveSink::missed`]).
+    pub fn was_missed(&self, stream: &str) -> bool {
+        let m = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().any(|s| s == stream)
     }
 
     /// Events trimmed so far, over all streams.

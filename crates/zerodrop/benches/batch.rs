@@ -6,7 +6,9 @@
 //! `PUBLISHERS` (default 64) concurrent publishers sending one 200-byte event per
 //! `POST /v1/streams/{stream}/events`, then the same publishers sending `BATCH` (default 100)
 //! such events per `POST /v1/events`, spread over 100 streams (bodies built before the clock
-//! starts). Each publisher waits for its 201 before sending the next request. Then the same
+//! starts). Each publisher waits for its 201 before sending the next request; the publishers
+//! share one event loop, as `redis-benchmark`'s clients do (`PUBLISHER_THREADS`, default 1,
+//! for a runtime of more worker threads on the same core). Then the same
 //! single publishes with their one field misnamed (`datum` for `data`), each answered 400
 //! once its body is parsed: everything a publish costs the server but the append, with a
 //! typed error's answer in place of the 201's (which costs more to build). Then the same
@@ -136,11 +138,20 @@ fn main() {
         ServerProcess::spawn(bin, dir.path(), "127.0.0.1:0", &store, &[]).expect("server starts");
     // The server's threads so far and any it starts later inherit its pinning.
     let pinned = pin_all(p.pid(), 0) && pin(0, 1) && xadd.as_ref().is_none_or(|x| x.2);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // The publishers: one event loop on CPU 1, as `redis-benchmark` is one, unless
+    // `PUBLISHER_THREADS` asks for more (worker threads sharing that core).
+    let threads = env("PUBLISHER_THREADS", 1);
+    let rt = if threads > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .unwrap();
     // Per phase (single, batched, refused, floor) and round: events/s, and where the CPU went.
     let mut rates: [Vec<f64>; 4] = Default::default();
     let mut cpu: [Vec<Cpu>; 4] = Default::default();

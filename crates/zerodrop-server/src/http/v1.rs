@@ -111,10 +111,23 @@ pub(super) async fn publish(
     let out = app
         .publish(stream, data, key, crate::app::Publisher::ApiKey)
         .await?;
-    let body = json!({
-        "stream": out.stream, "seq": out.seq, "epoch": out.epoch, "duplicate": out.duplicate,
-    });
+    let body = Published {
+        duplicate: out.duplicate,
+        epoch: &out.epoch,
+        seq: out.seq,
+        stream: &out.stream,
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// A publish's answer, its fields in the order `json!` wrote them (sorted by name), without
+/// building a map of values first.
+#[derive(Serialize)]
+struct Published<'a> {
+    duplicate: bool,
+    epoch: &'a Epoch,
+    seq: Seq,
+    stream: &'a StreamId,
 }
 
 pub(super) async fn stream_info(

@@ -14,8 +14,17 @@ pub(super) const BASE_EPOCH_KEY: &str = "zd:epoch";
 pub(super) const STREAMS_INDEX: &str = "zd:streams";
 /// Sorted set: session id → delete-at time (ms).
 pub(super) const SESSIONS_INDEX: &str = "zd:sessions";
-/// The live doorbell.
+/// The live doorbell: trims, renewed epochs, closes, presence and holder notices of every
+/// stream, heard by every instance.
 pub(super) const CHANNEL: &str = "zd:live";
+/// The prefix of a stream's event channel ([`event_channel`]), as the scripts spell it
+/// (`channel .. ':e:' .. stream`), and the pattern that hears every stream's.
+pub(super) const EVENT_CHANNEL_PATTERN: &str = "zd:live:e:*";
+
+/// The channel of `s`'s new events, heard only by the instances that watch the stream.
+pub(super) fn event_channel(s: &StreamId) -> String {
+    format!("{CHANNEL}:e:{s}")
+}
 /// Hash: revocation id → the record (JSON); one slot with its version counter.
 pub(super) const REVOCATIONS: &str = "zd:{rev}:h";
 /// Bumped with every change of [`REVOCATIONS`].

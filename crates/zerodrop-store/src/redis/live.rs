@@ -1,23 +1,26 @@
-//! The live path: this instance's subscription to the live channel, the only feed of its sink
-//! (events of every instance, trims, renewed epochs, holder notices, in channel order), kept
-//! up by one task that resets the sink after any gap; and the holder notices this instance
-//! publishes.
+//! The live path: this instance's subscription to the live channel (trims, renewed epochs,
+//! closes, presence and holder notices of every stream) and to the event channels of the
+//! streams it watches (their events, from every instance), the only feed of its sink, in the
+//! order Redis published them; kept up by one task that resets the sink after any gap and
+//! follows the watched set; and the holder notices this instance publishes.
 //!
 //! Must not: decide what a subscriber receives (the log does; pub/sub is only a doorbell).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ::redis::aio::PubSubSink;
 use ::redis::{Client, RedisError, Value};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use zerodrop_core::{Epoch, Event, Seq, SessionId, StreamId};
 
-use super::Shared;
-use super::keys::CHANNEL;
+use super::keys::{CHANNEL, EVENT_CHANNEL_PATTERN, event_channel};
 use super::sentinel::Resolver;
+use super::{Shared, lock};
 use crate::{StoreError, StoreResult};
 
 /// The pub/sub connection is pinged this often; a silent one is replaced.
@@ -164,11 +167,15 @@ impl Shared {
     }
 }
 
-/// Keeps this instance subscribed to the live channel, feeding the sink. After any gap in the
-/// subscription the sink is reset, because events published meanwhile were not seen.
+/// Keeps this instance subscribed to the live channel and to the event channels of the
+/// streams it watches, feeding the sink. After any gap in the subscription the sink is reset,
+/// because messages published meanwhile were not heard; a stream watched while the
+/// subscription runs is told [`LiveSink::missed`] once its channel is subscribed, since its
+/// events until then were not heard either.
 pub(super) async fn live_loop(
     shared: Arc<Shared>,
     endpoints: Endpoints,
+    mut watch_rx: mpsc::UnboundedReceiver<StreamId>,
     ready: oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
@@ -179,10 +186,19 @@ pub(super) async fn live_loop(
         let at = attempt;
         attempt = attempt.wrapping_add(1);
         let timeout = shared.opts.connect_timeout;
+        // What the new subscription hears from its start: every stream watched now. Later
+        // changes arrive on `watch_rx` (those made meanwhile are still queued there).
+        let watched: HashSet<StreamId> = lock(&shared.watched).clone();
         let subscribed = tokio::time::timeout(timeout, async {
             let client = endpoints.client(at).await?;
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(CHANNEL).await?;
+            if shared.opts.every_stream {
+                ps.psubscribe(EVENT_CHANNEL_PATTERN).await?;
+            } else if !watched.is_empty() {
+                ps.subscribe(watched.iter().map(event_channel).collect::<Vec<_>>())
+                    .await?;
+            }
             Ok::<_, RedisError>(ps)
         })
         .await;
@@ -212,19 +228,37 @@ pub(super) async fn live_loop(
         shared.live_up.store(true, Ordering::Relaxed);
         if gap {
             shared.sink.reset();
+        } else {
+            for s in &watched {
+                shared.sink.missed(s);
+            }
         }
         if let Some(r) = ready.take() {
             let _ = r.send(());
         }
+        let mut hearing = watched;
         let (mut sink, mut stream) = ps.split();
         let mut ping = tokio::time::interval(LIVE_PING_EVERY);
         ping.tick().await;
+        let mut changed = Vec::new();
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
                     Some(msg) => shared.on_live(msg.get_payload_bytes()),
                     None => break,
                 },
+                n = watch_rx.recv_many(&mut changed, 1024) => {
+                    if n == 0 {
+                        return; // the store is gone
+                    }
+                    let follow = tokio::time::timeout(
+                        timeout,
+                        follow_watched(&shared, &mut sink, &mut hearing, &mut changed),
+                    );
+                    if !matches!(follow.await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
                 _ = ping.tick() => {
                     let pong = tokio::time::timeout(timeout, sink.ping::<Value>()).await;
                     if !matches!(pong, Ok(Ok(_))) {
@@ -240,6 +274,66 @@ pub(super) async fn live_loop(
             logged = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Brings the subscription's event channels (`hearing`) in line with the watched set for the
+/// streams named in `changed` (drained): subscribes the newly watched ones and tells the sink
+/// each [`LiveSink::missed`] once its channel is confirmed, unsubscribes the ones let go.
+async fn follow_watched(
+    shared: &Shared,
+    sink: &mut PubSubSink,
+    hearing: &mut HashSet<StreamId>,
+    changed: &mut Vec<StreamId>,
+) -> Result<(), RedisError> {
+    let (mut start, mut stop) = (Vec::new(), Vec::new());
+    {
+        let watched = lock(&shared.watched);
+        for s in changed.drain(..) {
+            match (watched.contains(&s), hearing.contains(&s)) {
+                (true, false) => {
+                    hearing.insert(s.clone());
+                    start.push(s);
+                }
+                (false, true) => {
+                    hearing.remove(&s);
+                    stop.push(s);
+                }
+                _ => {}
+            }
+        }
+    }
+    if !stop.is_empty() {
+        sink.unsubscribe(stop.iter().map(event_channel).collect::<Vec<_>>())
+            .await?;
+    }
+    if !start.is_empty() {
+        sink.subscribe(start.iter().map(event_channel).collect::<Vec<_>>())
+            .await?;
+        for s in &start {
+            shared.sink.missed(s);
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Adds `stream` to the watched set (`on`) or takes it out; the live task follows.
+    pub(super) fn watch(&self, stream: &StreamId, on: bool) {
+        if self.opts.every_stream {
+            return;
+        }
+        let changed = {
+            let mut w = lock(&self.watched);
+            if on {
+                w.insert(stream.clone())
+            } else {
+                w.remove(stream)
+            }
+        };
+        if changed {
+            let _ = self.watch_tx.send(stream.clone());
+        }
     }
 }
 

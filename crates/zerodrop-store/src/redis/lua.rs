@@ -12,12 +12,15 @@
 //!   `KEYS[#KEYS]` the base-epoch key when `ARGV[5] == '1'`.
 //! - `ARGV[1]` stream id, `ARGV[2]` a fresh random epoch to use if a new one is needed,
 //!   `ARGV[3]`/`ARGV[4]` the epoch and highest head this instance has seen for the stream
-//!   (`''`/`0` if none), `ARGV[5]` base-epoch flag, `ARGV[6]` the live pub/sub channel.
+//!   (`''`/`0` if none), `ARGV[5]` base-epoch flag, `ARGV[6]` the shared live channel
+//!   (events go to `<it>:e:<stream>`).
 //!
 //! Live messages (`PUBLISH`, fields separated by `|`, which neither stream ids nor epochs may
-//! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>`, `t|<stream>|<first>|<count>`
-//! (trimmed), `r|<stream>|<epoch>` (the stream got a new epoch: its log was lost, or erased)
-//! and `c|<stream>|<last seq>` (the stream was closed).
+//! contain): `e|<origin>|<stream>|<seq>|<epoch>|<ts>|<event json>` on the stream's own event
+//! channel (`<channel>:e:<stream>`, heard by the instances that watch the stream), and on the
+//! shared channel `t|<stream>|<first>|<count>` (trimmed), `r|<stream>|<epoch>` (the stream got
+//! a new epoch: its log was lost, or erased) and `c|<stream>|<last seq>` (the stream was
+//! closed).
 //!
 //! Must not: let a stream script touch a key outside its stream's slot (the base-epoch key
 //! aside; `APPEND_BATCHES`, which runs only on a single server, binds several streams in
@@ -44,7 +47,7 @@ local function int(n) return string.format('%d', n) end
 -- Numbers come as text where the caller already wrote them (`seq_s`, `ts_s`): each `int` is a
 -- `sprintf` inside Redis, and an append would otherwise write the same two numbers four times.
 local function ring_event(origin, seq_s, epoch, ts_s, json)
-  redis.call('PUBLISH', channel, 'e|' .. origin .. '|' .. stream .. '|' .. seq_s .. '|' ..
+  redis.call('PUBLISH', channel .. ':e:' .. stream, 'e|' .. origin .. '|' .. stream .. '|' .. seq_s .. '|' ..
     epoch .. '|' .. ts_s .. '|' .. json)
 end
 
@@ -296,7 +299,8 @@ return 'ok ' .. seq_s .. ' ' .. m.epoch .. ' ' .. ts_s .. ' ' .. m.ix .. ' ' ..
 /// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
 /// stream after the bounds' `pub` field up to `ARGV[3]`, and moves `pub` there. `KEYS[1]`
 /// bounds, `KEYS[2]` log; `ARGV[1]` stream, `ARGV[2]` the epoch the caller appended in (a
-/// log renewed since is left alone), `ARGV[3]` through seq, `ARGV[4]` channel, `ARGV[5]`
+/// log renewed since is left alone), `ARGV[3]` through seq, `ARGV[4]` the shared live channel
+/// (the events go to `<it>:e:<stream>`), `ARGV[5]`
 /// origin token, `ARGV[6]` most events published in one call (older ones are skipped; the
 /// live hub re-reads the log when a seq is skipped). Replies the number published.
 ///
@@ -313,7 +317,7 @@ local from = math.max(tonumber(m[4]) + 1, tonumber(m[3]), through - tonumber(ARG
 if from > through then return 0 end
 local entries = redis.call('XRANGE', KEYS[2], '0-' .. int(from), '0-' .. int(through))
 for _, e in ipairs(entries) do
-  redis.call('PUBLISH', ARGV[4], 'e|' .. ARGV[5] .. '|' .. ARGV[1] .. '|' ..
+  redis.call('PUBLISH', ARGV[4] .. ':e:' .. ARGV[1], 'e|' .. ARGV[5] .. '|' .. ARGV[1] .. '|' ..
     string.sub(e[1], 3) .. '|' .. m[1] .. '|' .. e[2][2] .. '|' .. e[2][4])
 end
 redis.call('HSET', KEYS[1], 'pub', int(through))

@@ -19,12 +19,20 @@
 //!   (a head lower than one this instance saw in the same epoch: a failover to a stale replica,
 //!   a lost AOF tail) starts again, empty, in a new epoch — clients are told `EPOCH_CHANGED`
 //!   instead of being handed a hole.
-//! - **Live path = pub/sub only.** The sink is fed solely from this instance's subscription to
-//!   the live channel, for events of every instance including its own; one channel delivered
-//!   in publication order keeps each stream in seq order. An append answers once the script
-//!   ran (the event is stored); the local sink hears of it a round trip later, like every
-//!   other instance. Pub/sub is only a doorbell: once it is subscribed again after a drop, the
-//!   sink is told to [`LiveSink::reset`] so subscribers re-read the log.
+//! - **Live path = pub/sub only.** The sink is fed solely from this instance's subscription,
+//!   for events of every instance including its own. A stream's events go to its own channel
+//!   (`zd:live:e:<stream>`), which only the instances that watch the stream
+//!   ([`Store::watch`]: the hub has subscribers for it) subscribe to: an instance hears
+//!   nothing of the streams it does not serve, and Redis writes each event to no more
+//!   subscribers than need it. Trims, renewed epochs, closes, presence and holder notices go
+//!   to the shared channel `zd:live`, which every instance hears. One connection hears both,
+//!   in the order Redis published them, which keeps each stream in seq order. An append
+//!   answers once the script ran (the event is stored); the local sink hears of it a round
+//!   trip later, like every other instance. Pub/sub is only a doorbell: once it is subscribed
+//!   again after a drop, the sink is told to [`LiveSink::reset`], and once a newly watched
+//!   stream's channel is subscribed, [`LiveSink::missed`] for it, so subscribers re-read the
+//!   log. An instance learns a stream's head (to notice a log that went back) from its own
+//!   appends and reads and from the events of the streams it watches.
 //! - **Holder notices.** [`Store::announce_holder`] publishes `h|<holder>|<session>` on the
 //!   same channel; every instance hears it in channel order ([`LiveSink::session_held`]) and
 //!   can close an older connection of a session that was resumed elsewhere. A notice lost in a
@@ -80,7 +88,8 @@
 //!   window), pruned and counted against the per-subject cap by the script that admits a new
 //!   session (`lua::SUBJECT_OPEN`), moved on by touches, expiring with its last window.
 //! - `zd:epoch` base epoch (single server), `zd:streams` age index, `zd:sessions` stats index,
-//!   `zd:live` the pub/sub channel (events, trims, renewed epochs, holder notices).
+//!   `zd:live` the shared pub/sub channel (trims, renewed epochs, closes, presence and holder
+//!   notices), `zd:live:e:<S>` a stream's event channel.
 //! - The job queue (`zd:{jobs}:…`) and the webhook idempotency records (`zd:{idem}:…`): see
 //!   `redis/guard.rs`.
 //! - Presence (`zd:{S}:p…`, `zd:presence`): see `redis/presence.rs`.
@@ -127,7 +136,7 @@ mod sentinel;
 mod sessions;
 mod streams;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,7 +145,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::{Client, RedisError};
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zerodrop_core::PatternTable;
 use zerodrop_core::clock::{Clock, SystemClock};
@@ -184,6 +193,10 @@ pub struct RedisOptions {
     /// ([`SystemClock`]) unless a test injects one. Events' timestamps and their age limit are
     /// the Redis server's (`TIME`), and key TTLs are handed to Redis as durations.
     pub clock: Arc<dyn Clock>,
+    /// The sink hears of every stream's events (one pattern subscription to every event
+    /// channel), not only of the streams watched ([`Store::watch`], which this makes a no-op).
+    /// For tools and tests that follow the store without a hub; `false` by default.
+    pub every_stream: bool,
 }
 
 impl RedisOptions {
@@ -211,6 +224,7 @@ impl RedisOptions {
             connect_timeout: Duration::from_secs(1),
             ping_timeout: Duration::from_millis(500),
             clock: SystemClock::shared(),
+            every_stream: false,
         }
     }
 }
@@ -247,6 +261,10 @@ struct Shared {
     config_refused: AtomicBool,
     /// Fewer replicas were connected than `WAIT` asks for at the last read.
     short_of_replicas: AtomicBool,
+    /// The streams whose event channels the live subscription should hear (`live.rs`).
+    watched: Mutex<HashSet<StreamId>>,
+    /// Names a stream whose place in `watched` changed, for the live task to follow.
+    watch_tx: mpsc::UnboundedSender<StreamId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -349,6 +367,7 @@ impl RedisStore {
         wait_conn: Option<Conn>,
         endpoints: Endpoints,
     ) -> RedisStore {
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             cluster,
             conn,
@@ -365,10 +384,12 @@ impl RedisStore {
             durability: Mutex::new(None),
             config_refused: AtomicBool::new(false),
             short_of_replicas: AtomicBool::new(false),
+            watched: Mutex::new(HashSet::new()),
+            watch_tx,
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
-        let live = tokio::spawn(live_loop(shared.clone(), endpoints, ready_tx));
+        let live = tokio::spawn(live_loop(shared.clone(), endpoints, watch_rx, ready_tx));
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
         // Subscribe before the first append, so that its event reaches the sink.
         let _ = tokio::time::timeout(shared.opts.command_timeout, ready_rx).await;
@@ -378,7 +399,8 @@ impl RedisStore {
         }
     }
 
-    /// Whether the live subscription is up (the sink gets events of every instance).
+    /// Whether the live subscription is up (the sink gets the events of the watched streams,
+    /// from every instance).
     pub fn live_connected(&self) -> bool {
         self.shared.live_up.load(Ordering::Relaxed)
     }
@@ -571,6 +593,14 @@ impl Store for RedisStore {
 
     async fn announce_holder(&self, id: &SessionId, holder: &str) -> StoreResult<()> {
         self.shared.announce_holder(id, holder).await
+    }
+
+    fn watch(&self, stream: &StreamId) {
+        self.shared.watch(stream, true);
+    }
+
+    fn unwatch(&self, stream: &StreamId) {
+        self.shared.watch(stream, false);
     }
 
     async fn stats(&self) -> StoreResult<StoreStats> {
