@@ -291,9 +291,11 @@ end
 if removed > 0 then
   ring_trim(m.first, removed)
 end
--- One string, not a table: the caller parses one bulk string instead of seven values.
-return 'ok ' .. seq_s .. ' ' .. m.epoch .. ' ' .. ts_s .. ' ' .. m.ix .. ' ' ..
-  (renewed and '1' or '0') .. ' ' .. unlisted
+-- One string, not a table: the caller parses one bulk string instead of seven values. The
+-- flags are written as the strings they are: a number in a concatenation is a `%.14g`
+-- `sprintf` inside Redis.
+return 'ok ' .. seq_s .. ' ' .. m.epoch .. ' ' .. ts_s .. ' ' .. (m.ix == 1 and '1' or '0') ..
+  ' ' .. (renewed and '1' or '0') .. ' ' .. (unlisted == 1 and '1' or '0')
 "#;
 
 /// The live doorbell of appends that `WAIT`: publishes, in seq order, every event of the
