@@ -94,6 +94,15 @@ fn session(id: &SessionId, stream: &str, epoch: &Epoch, ack: u64) -> SessionReco
     }
 }
 
+/// Watches `stream` and waits until its feed flows (the sink is told it `missed` events).
+async fn watch_until_heard(store: &RedisStore, sink: &Recorder, stream: &str) {
+    store.watch(&sid(stream));
+    wait_until(Duration::from_secs(5), "the stream's feed", || {
+        sink.was_missed(stream)
+    })
+    .await;
+}
+
 /// Without `every_stream`, the sink hears the events of the watched streams only, from every
 /// instance, starting once the stream's channel is subscribed (told as `missed`), stopping at
 /// `unwatch`; after the live connection is lost and back, the watched streams are heard again.
@@ -112,11 +121,7 @@ async fn the_sink_hears_the_events_of_the_watched_streams_only() {
     store.append(req("w:1", "1")).await.unwrap();
     other.append(req("w:1", "2")).await.unwrap();
 
-    store.watch(&sid("w:1"));
-    wait_until(Duration::from_secs(5), "w:1's feed", || {
-        sink.was_missed("w:1")
-    })
-    .await;
+    watch_until_heard(&store, &sink, "w:1").await;
     other.append(req("w:1", "3")).await.unwrap();
     store.append(req("w:1", "4")).await.unwrap();
     wait_until(Duration::from_secs(5), "seqs 3 and 4", || {
@@ -132,11 +137,7 @@ async fn the_sink_hears_the_events_of_the_watched_streams_only() {
     // Let go of w:1, watch w:2: one connection hears both channels in publication order, so
     // once w:2's event is heard, an event of w:1 published before it would have been too.
     store.unwatch(&sid("w:1"));
-    store.watch(&sid("w:2"));
-    wait_until(Duration::from_secs(5), "w:2's feed", || {
-        sink.was_missed("w:2")
-    })
-    .await;
+    watch_until_heard(&store, &sink, "w:2").await;
     other.append(req("w:1", "5")).await.unwrap();
     other.append(req("w:2", "1")).await.unwrap();
     wait_until(Duration::from_secs(5), "w:2's seq 1", || {
