@@ -285,33 +285,32 @@ impl Shared {
         req: &AppendRequest,
         token: &str,
     ) -> StoreResult<Appended> {
-        let (keys, fp, key) = match &req.idempotency {
-            Some(k) => (
-                vec![
-                    idem_key(&req.stream, &k.key),
-                    publish_hits_key(&req.stream, &k.key),
-                    publish_index_key(&req.stream),
-                ],
-                hex::encode(k.fingerprint),
-                k.key.as_str(),
-            ),
-            None => (vec![meta_key(&req.stream)], String::new(), ""),
+        let keys = match &req.idempotency {
+            Some(k) => vec![
+                idem_key(&req.stream, &k.key),
+                publish_hits_key(&req.stream, &k.key),
+                publish_index_key(&req.stream),
+            ],
+            None => Vec::new(),
         };
         let r = self.limits(&req.stream);
-        let call = self
+        let waits = self.opts.wait_replicas > 0;
+        // The trailing arguments only as far as this append needs them (`lua::APPEND`).
+        let mut call = self
             .stream_call(&self.scripts.append, &req.stream, keys)
             .arg(req.data.as_str())
-            .arg(fp)
-            .arg(self.opts.idempotency_ttl_ms.max(1))
             .arg(r.max_events)
             .arg(r.max_bytes)
-            .arg(token)
-            .arg(if self.opts.wait_replicas > 0 {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(key);
+            .arg(token);
+        if waits || req.idempotency.is_some() {
+            call = call.arg(if waits { "1" } else { "0" });
+        }
+        if let Some(k) = &req.idempotency {
+            call = call
+                .arg(hex::encode(k.fingerprint))
+                .arg(self.opts.idempotency_ttl_ms.max(1))
+                .arg(k.key.as_str());
+        }
         let reply = match &self.wait_conn {
             None if self.opts.wait_replicas == 0 => self.eval("append", &call).await?,
             _ => self.eval_and_wait(&req.stream, &call).await?,

@@ -51,14 +51,6 @@ local function ring_event(origin, seq_s, epoch, ts_s, json)
     epoch .. '|' .. ts_s .. '|' .. json)
 end
 
-local function ring_trim(first, removed)
-  redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(first) .. '|' .. int(removed))
-end
-
-local function ring_renewed(epoch)
-  redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
-end
-
 -- Read once per script call: the parts of one call are stamped at the same instant.
 local clock_ms = nil
 local function now_ms()
@@ -69,22 +61,107 @@ local function now_ms()
   return clock_ms
 end
 
-local function seq_of(id) return tonumber(string.sub(id, 3)) end
+-- What the common path of an append does not need, made on first use: an `EVAL` script's
+-- local functions are closures made anew at every call, each about 800 instructions inside
+-- Redis. Scripts call these as `cold().name(…)`.
+local cold_fns
+local function cold()
+  if cold_fns then return cold_fns end
+  local function ring_trim(first, removed)
+    redis.call('PUBLISH', channel, 't|' .. stream .. '|' .. int(first) .. '|' .. int(removed))
+  end
 
-local function base_epoch()
-  if not basekey then return candidate end
-  local e = redis.call('GET', basekey)
-  if e then return e end
-  redis.call('SET', basekey, candidate)
-  return candidate
-end
+  local function ring_renewed(epoch)
+    redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
+  end
 
-local function new_log(epoch, last_ts)
-  redis.call('DEL', KEYS[ko + 1], KEYS[ko + 2])
-  redis.call('HSET', KEYS[ko + 1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
-    'ts', int(last_ts))
-  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
-    ix = 0, pk = 0}
+  local function seq_of(id) return tonumber(string.sub(id, 3)) end
+
+  local function base_epoch()
+    if not basekey then return candidate end
+    local e = redis.call('GET', basekey)
+    if e then return e end
+    redis.call('SET', basekey, candidate)
+    return candidate
+  end
+
+  local function new_log(epoch, last_ts)
+    redis.call('DEL', KEYS[ko + 1], KEYS[ko + 2])
+    redis.call('HSET', KEYS[ko + 1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
+      'ts', int(last_ts))
+    return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
+      ix = 0, pk = 0}
+  end
+
+  -- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
+  -- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
+  -- instance already saw in this epoch (it is shown confirmed events only), never past the head.
+  -- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
+  -- a reader that had seen it would hold an event the new primary lacks — or, once a new append
+  -- takes its seq, one that differs from what the log holds.
+  local function visible(m, waits)
+    if not waits then return m end
+    local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
+    if not p then return m end
+    local seen = 0
+    if m.epoch == known_epoch then seen = known_head end
+    local head = math.min(m.head, math.max(p, seen))
+    if head >= m.head then return m end
+    return {epoch = m.epoch, head = head, first = m.first,
+      count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
+  end
+
+  local function bounds_reply(m, renewed)
+    local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
+    return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
+  end
+
+  -- Retention after appends, `zerodrop_core::retention::plan_trim` evaluated where the events
+  -- are: over `max_events` or `max_bytes`, drop the oldest until a step (1/64, at least one)
+  -- below the limit that was exceeded, never the newest. Moves `m`'s bounds; returns how many
+  -- went.
+  local function trim(m, max_events, max_bytes)
+    if max_events < 1 then max_events = 1 end
+    local removed, removed_bytes, through = 0, 0, 0
+    local must = 0
+    if m.count > max_events then
+      must = m.count - (max_events + 1 - math.max(math.floor(max_events / 64), 1))
+    end
+    local keep_bytes = max_bytes
+    if m.bytes > max_bytes then
+      keep_bytes = max_bytes - math.min(math.max(math.floor(max_bytes / 64), 1), max_bytes)
+    end
+    if must > 0 or m.bytes > max_bytes then
+      local cursor, done = m.first, false
+      while not done do
+        local want = math.max(must - removed, 0) + 16
+        local entries = redis.call('XRANGE', KEYS[ko + 2], '0-' .. int(cursor), '+', 'COUNT', want)
+        if #entries == 0 then break end
+        for _, e in ipairs(entries) do
+          local over_count = removed < must
+          local over_bytes = m.bytes - removed_bytes > keep_bytes
+          if m.count - removed <= 1 or (not over_count and not over_bytes) then
+            done = true
+            break
+          end
+          through = seq_of(e[1])
+          removed = removed + 1
+          removed_bytes = removed_bytes + #e[2][4]
+          cursor = through + 1
+        end
+      end
+      if removed > 0 then
+        redis.call('XTRIM', KEYS[ko + 2], 'MINID', '0-' .. int(through + 1))
+        m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
+      end
+    end
+    return removed
+  end
+
+  cold_fns = {ring_trim = ring_trim, ring_renewed = ring_renewed, seq_of = seq_of,
+    base_epoch = base_epoch, new_log = new_log, visible = visible, bounds_reply = bounds_reply,
+    trim = trim}
+  return cold_fns
 end
 
 -- The stream's bounds, and whether its log got a new epoch just now. A log that is behind a
@@ -103,89 +180,32 @@ local function load_meta(create)
       count = tonumber(m[4]), bytes = tonumber(m[5]), ts = tonumber(m[6]) or 0,
       closed = m[7] == '1', ix = m[8] and 1 or 0, pk = m[9] and 1 or 0, pub = tonumber(m[10])}
     if meta.epoch == known_epoch and meta.head < known_head then
-      local fresh = new_log(candidate, meta.ts)
-      ring_renewed(candidate)
+      local fresh = cold().new_log(candidate, meta.ts)
+      cold().ring_renewed(candidate)
       return fresh, true
     end
     return meta, false
   end
-  local epoch = base_epoch()
+  local epoch = cold().base_epoch()
   local lost = (known_head > 0 and epoch == known_epoch) or redis.call('EXISTS', KEYS[ko + 2]) == 1
   if lost then epoch = candidate end
   local renewed = lost or (known_epoch ~= '' and epoch ~= known_epoch)
   if renewed then
-    ring_renewed(epoch)
+    cold().ring_renewed(epoch)
   end
   if create or lost or not basekey then
-    return new_log(epoch, 0), renewed
+    return cold().new_log(epoch, 0), renewed
   end
   return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0, closed = false,
     ix = 0, pk = 0}, renewed
 end
 
--- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
--- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
--- instance already saw in this epoch (it is shown confirmed events only), never past the head.
--- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
--- a reader that had seen it would hold an event the new primary lacks — or, once a new append
--- takes its seq, one that differs from what the log holds.
-local function visible(m, waits)
-  if not waits then return m end
-  local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
-  if not p then return m end
-  local seen = 0
-  if m.epoch == known_epoch then seen = known_head end
-  local head = math.min(m.head, math.max(p, seen))
-  if head >= m.head then return m end
-  return {epoch = m.epoch, head = head, first = m.first,
-    count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
-end
-
-local function bounds_reply(m, renewed)
-  local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
-  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
-end
-
--- Retention after appends, `zerodrop_core::retention::plan_trim` evaluated where the events
--- are: over `max_events` or `max_bytes`, drop the oldest until a step (1/64, at least one)
--- below the limit that was exceeded, never the newest. Moves `m`'s bounds; returns how many
--- went.
+-- Retention after appends (`cold().trim`), called only when the bounds are over a limit.
 local function trim(m, max_events, max_bytes)
-  if max_events < 1 then max_events = 1 end
-  local removed, removed_bytes, through = 0, 0, 0
-  local must = 0
-  if m.count > max_events then
-    must = m.count - (max_events + 1 - math.max(math.floor(max_events / 64), 1))
+  if m.count > math.max(max_events, 1) or m.bytes > max_bytes then
+    return cold().trim(m, max_events, max_bytes)
   end
-  local keep_bytes = max_bytes
-  if m.bytes > max_bytes then
-    keep_bytes = max_bytes - math.min(math.max(math.floor(max_bytes / 64), 1), max_bytes)
-  end
-  if must > 0 or m.bytes > max_bytes then
-    local cursor, done = m.first, false
-    while not done do
-      local want = math.max(must - removed, 0) + 16
-      local entries = redis.call('XRANGE', KEYS[ko + 2], '0-' .. int(cursor), '+', 'COUNT', want)
-      if #entries == 0 then break end
-      for _, e in ipairs(entries) do
-        local over_count = removed < must
-        local over_bytes = m.bytes - removed_bytes > keep_bytes
-        if m.count - removed <= 1 or (not over_count and not over_bytes) then
-          done = true
-          break
-        end
-        through = seq_of(e[1])
-        removed = removed + 1
-        removed_bytes = removed_bytes + #e[2][4]
-        cursor = through + 1
-      end
-    end
-    if removed > 0 then
-      redis.call('XTRIM', KEYS[ko + 2], 'MINID', '0-' .. int(through + 1))
-      m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
-    end
-  end
-  return removed
+  return 0
 end
 
 -- One event appended at the next seq (`XADD 0-<seq>`) at `ts` (`ts_s` its text); `m` moves.
@@ -213,11 +233,13 @@ local function save_bounds(m, head_s, ts_s, removed)
 end
 "#;
 
-/// `ARGV[7]` data (compact JSON), `ARGV[8]` body fingerprint in hex or `''`, `ARGV[9]`
-/// idempotency TTL in ms, `ARGV[10]` max events, `ARGV[11]` max bytes, `ARGV[12]` origin
-/// token, `ARGV[13]` `'1'` when the caller follows with `WAIT`, `ARGV[14]` the
-/// `Idempotency-Key` (or `''`). With a key, `KEYS[3]` is its record, `KEYS[4]` its hit counter
-/// and `KEYS[5]` the stream's key index; without, `KEYS[3]` is any key of the stream.
+/// `ARGV[7]` data (compact JSON), `ARGV[8]` max events, `ARGV[9]` max bytes, `ARGV[10]`
+/// origin token, then only as far as needed (each argument costs Redis about 600
+/// instructions): `ARGV[11]` `'1'` when the caller follows with `WAIT` (absent: `'0'`), and
+/// with an `Idempotency-Key`, `ARGV[12]` the body's fingerprint in hex, `ARGV[13]` the
+/// idempotency TTL in ms and `ARGV[14]` the key. With a key, `KEYS[3]` is its record, `KEYS[4]`
+/// its hit counter and `KEYS[5]` the stream's key index; without, the stream's keys are the
+/// first two.
 ///
 /// Only a keyed append pays for the key's bookkeeping: a duplicate counts itself in the hit
 /// counter (`INCR`, expiring with the record: `PTTL` + `PEXPIRE`); a new keyed event adds the
@@ -251,9 +273,9 @@ end
 /// events are. The store's tests check it against the memory store, which calls `plan_trim`
 /// itself.
 const APPEND: &str = r#"
-local data, fp, idem_ttl = ARGV[7], ARGV[8], ARGV[9]
-local max_events, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
-local origin, waits = ARGV[12], ARGV[13] == '1'
+local data, max_events, max_bytes = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local origin, waits = ARGV[10], ARGV[11] == '1'
+local fp, idem_ttl = ARGV[12] or '', ARGV[13]
 if fp ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
@@ -289,7 +311,7 @@ else
   ring_event(origin, seq_s, m.epoch, ts_s, json)
 end
 if removed > 0 then
-  ring_trim(m.first, removed)
+  cold().ring_trim(m.first, removed)
 end
 -- One string, not a table: the caller parses one bulk string instead of seven values. The
 -- flags are written as the strings they are: a number in a concatenation is a `%.14g`
@@ -331,7 +353,7 @@ return #entries
 /// unconfirmed tail).
 const INFO: &str = r#"
 local m, renewed = load_meta(false)
-return bounds_reply(visible(m, ARGV[7] == '1'), renewed)
+return cold().bounds_reply(cold().visible(m, ARGV[7] == '1'), renewed)
 "#;
 
 /// `ARGV[7]` position, `ARGV[8]` limit (negative: all), `ARGV[9]` `'1'` when appends `WAIT`
@@ -343,8 +365,9 @@ return bounds_reply(visible(m, ARGV[7] == '1'), renewed)
 const READ: &str = r#"
 local after, limit, mode = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[10] or 'a'
 local m, renewed = load_meta(false)
-m = visible(m, ARGV[9] == '1')
-local out = bounds_reply(m, renewed)
+m = cold().visible(m, ARGV[9] == '1')
+local out = cold().bounds_reply(m, renewed)
+local seq_of = cold().seq_of
 local function push(entries)
   for _, e in ipairs(entries) do
     out[#out + 1] = seq_of(e[1])
@@ -471,7 +494,7 @@ local function batch_part()
       redis.call('HSET', KEYS[ko + 1], 'pub', int(m.head - added))
     end
     if removed > 0 then
-      ring_trim(m.first, removed)
+      cold().ring_trim(m.first, removed)
     end
     reply = {'ok', ts, m.ix, renewed and 1 or 0, 0, m.head, m.epoch}
   end
@@ -535,9 +558,9 @@ for _, k in ipairs(keys) do
   redis.call('DEL', ARGV[7] .. k, ARGV[8] .. k)
 end
 redis.call('DEL', KEYS[3])
-local fresh = new_log(candidate, m.ts)
-ring_renewed(candidate)
-return bounds_reply(fresh, true)
+local fresh = cold().new_log(candidate, m.ts)
+cold().ring_renewed(candidate)
+return cold().bounds_reply(fresh, true)
 "#;
 
 /// Closes a stream at its head (the bounds' `closed` field), announced once as
@@ -549,7 +572,7 @@ if not m.closed then
   redis.call('HSET', KEYS[1], 'closed', '1')
   redis.call('PUBLISH', channel, 'c|' .. stream .. '|' .. int(m.head))
 end
-return bounds_reply(m, renewed)
+return cold().bounds_reply(m, renewed)
 "#;
 
 /// Age retention for one stream. `ARGV[7]` max age in ms, `ARGV[8]` most events removed in
@@ -575,7 +598,7 @@ while removed < cap and not score do
       score = t
       break
     end
-    through = seq_of(e[1])
+    through = cold().seq_of(e[1])
     removed = removed + 1
     removed_bytes = removed_bytes + #e[2][4]
     cursor = through + 1
@@ -590,7 +613,7 @@ if removed > 0 then
   m.first, m.count, m.bytes = through + 1, m.count - removed, m.bytes - removed_bytes
   redis.call('HSET', KEYS[1], 'first', int(m.first), 'count', int(m.count), 'bytes',
     int(m.bytes))
-  ring_trim(m.first, removed)
+  cold().ring_trim(m.first, removed)
 end
 return {score or now, removed}
 "#;
