@@ -61,9 +61,34 @@ local function now_ms()
   return clock_ms
 end
 
--- What the common path of an append does not need, made on first use: an `EVAL` script's
--- local functions are closures made anew at every call, each about 800 instructions inside
--- Redis. Scripts call these as `cold().name(…)`.
+local function seq_of(id) return tonumber(string.sub(id, 3)) end
+
+-- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
+-- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
+-- instance already saw in this epoch (it is shown confirmed events only), never past the head.
+-- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
+-- a reader that had seen it would hold an event the new primary lacks — or, once a new append
+-- takes its seq, one that differs from what the log holds.
+local function visible(m, waits)
+  if not waits then return m end
+  local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
+  if not p then return m end
+  local seen = 0
+  if m.epoch == known_epoch then seen = known_head end
+  local head = math.min(m.head, math.max(p, seen))
+  if head >= m.head then return m end
+  return {epoch = m.epoch, head = head, first = m.first,
+    count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
+end
+
+local function bounds_reply(m, renewed)
+  local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
+  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
+end
+
+-- What the common path of an append does not need, made on first use (`cold()`): an `EVAL`
+-- script's local functions are closures made anew at every call, each about 800 instructions
+-- inside Redis. Scripts call these as `cold().name(…)`.
 local cold_fns
 local function cold()
   if cold_fns then return cold_fns end
@@ -74,8 +99,6 @@ local function cold()
   local function ring_renewed(epoch)
     redis.call('PUBLISH', channel, 'r|' .. stream .. '|' .. epoch)
   end
-
-  local function seq_of(id) return tonumber(string.sub(id, 3)) end
 
   local function base_epoch()
     if not basekey then return candidate end
@@ -91,29 +114,6 @@ local function cold()
       'ts', int(last_ts))
     return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
       ix = 0, pk = 0}
-  end
-
-  -- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
-  -- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
-  -- instance already saw in this epoch (it is shown confirmed events only), never past the head.
-  -- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
-  -- a reader that had seen it would hold an event the new primary lacks — or, once a new append
-  -- takes its seq, one that differs from what the log holds.
-  local function visible(m, waits)
-    if not waits then return m end
-    local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
-    if not p then return m end
-    local seen = 0
-    if m.epoch == known_epoch then seen = known_head end
-    local head = math.min(m.head, math.max(p, seen))
-    if head >= m.head then return m end
-    return {epoch = m.epoch, head = head, first = m.first,
-      count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
-  end
-
-  local function bounds_reply(m, renewed)
-    local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
-    return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
   end
 
   -- Retention after appends, `zerodrop_core::retention::plan_trim` evaluated where the events
@@ -158,9 +158,8 @@ local function cold()
     return removed
   end
 
-  cold_fns = {ring_trim = ring_trim, ring_renewed = ring_renewed, seq_of = seq_of,
-    base_epoch = base_epoch, new_log = new_log, visible = visible, bounds_reply = bounds_reply,
-    trim = trim}
+  cold_fns = {ring_trim = ring_trim, ring_renewed = ring_renewed, base_epoch = base_epoch,
+    new_log = new_log, trim = trim}
   return cold_fns
 end
 
@@ -353,7 +352,7 @@ return #entries
 /// unconfirmed tail).
 const INFO: &str = r#"
 local m, renewed = load_meta(false)
-return cold().bounds_reply(cold().visible(m, ARGV[7] == '1'), renewed)
+return bounds_reply(visible(m, ARGV[7] == '1'), renewed)
 "#;
 
 /// `ARGV[7]` position, `ARGV[8]` limit (negative: all), `ARGV[9]` `'1'` when appends `WAIT`
@@ -365,9 +364,8 @@ return cold().bounds_reply(cold().visible(m, ARGV[7] == '1'), renewed)
 const READ: &str = r#"
 local after, limit, mode = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[10] or 'a'
 local m, renewed = load_meta(false)
-m = cold().visible(m, ARGV[9] == '1')
-local out = cold().bounds_reply(m, renewed)
-local seq_of = cold().seq_of
+m = visible(m, ARGV[9] == '1')
+local out = bounds_reply(m, renewed)
 local function push(entries)
   for _, e in ipairs(entries) do
     out[#out + 1] = seq_of(e[1])
@@ -560,7 +558,7 @@ end
 redis.call('DEL', KEYS[3])
 local fresh = cold().new_log(candidate, m.ts)
 cold().ring_renewed(candidate)
-return cold().bounds_reply(fresh, true)
+return bounds_reply(fresh, true)
 "#;
 
 /// Closes a stream at its head (the bounds' `closed` field), announced once as
@@ -572,7 +570,7 @@ if not m.closed then
   redis.call('HSET', KEYS[1], 'closed', '1')
   redis.call('PUBLISH', channel, 'c|' .. stream .. '|' .. int(m.head))
 end
-return cold().bounds_reply(m, renewed)
+return bounds_reply(m, renewed)
 "#;
 
 /// Age retention for one stream. `ARGV[7]` max age in ms, `ARGV[8]` most events removed in
@@ -598,7 +596,7 @@ while removed < cap and not score do
       score = t
       break
     end
-    through = cold().seq_of(e[1])
+    through = seq_of(e[1])
     removed = removed + 1
     removed_bytes = removed_bytes + #e[2][4]
     cursor = through + 1
