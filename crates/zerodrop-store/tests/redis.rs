@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use zerodrop_core::clock::ManualClock;
 use zerodrop_core::retention::Retention;
 use zerodrop_core::window::{WindowError, replay_window};
 use zerodrop_core::{Epoch, Event, Grants, Seq, SessionId, StreamId, now_ms};
@@ -729,6 +730,48 @@ async fn stored_events_are_exactly_the_encoded_events() {
     let ts: Vec<u64> = r.events.iter().map(|e| e.ts()).collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]));
     assert!(ts[0].abs_diff(now_ms()) < 60_000);
+}
+
+/// Events are stamped on the Redis server's clock, not the instance's: the instance measures
+/// the offset between the two and sends its estimate with each append (`redis/clock.rs`). A
+/// stream's stamps never go back: an append after a stamp from the future takes that stamp,
+/// and a stamp of another length is compared as a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_stamped_on_the_redis_clock_and_never_go_back() {
+    let server = RedisServer::start().unwrap();
+    // This instance's time line is an hour behind the Redis server's clock (the same machine's).
+    let hour = 3_600_000u64;
+    let mut opts = RedisOptions::new(&server.url());
+    opts.retention = big();
+    opts.clock = Arc::new(ManualClock::new(now_ms() - hour));
+    let store = RedisStore::connect(opts, Arc::new(NoSink)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let offset = loop {
+        if let Some(o) = store.clock_offset_ms() {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "no clock offset measured");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(offset.abs_diff(hour as i64) < 10_000, "{offset}");
+    let stamps = || async { store.read(&sid("clock"), Seq(0), 10).await.unwrap().events };
+    store.append(req("clock", "1")).await.unwrap();
+    let first = stamps().await[0].ts();
+    assert!(first.abs_diff(now_ms()) < 10_000, "{first}");
+    // A stamp an hour ahead (another instance's, or Redis's clock stepped back since).
+    let ahead = now_ms() + hour;
+    server
+        .cmd(&["HSET", "zd:{clock}:m", "ts", &ahead.to_string()])
+        .unwrap();
+    store.append(req("clock", "2")).await.unwrap();
+    // A shorter stamp is an older one, whatever its first digits.
+    server
+        .cmd(&["HSET", "zd:{clock}:m", "ts", "999999"])
+        .unwrap();
+    store.append(req("clock", "3")).await.unwrap();
+    let ts: Vec<u64> = stamps().await.iter().map(|e| e.ts()).collect();
+    assert_eq!(ts[..2], [first, ahead]);
+    assert!(ts[2].abs_diff(now_ms()) < 10_000, "{ts:?}");
 }
 
 /// On a single server a batch's parts go together, in calls of at most 256 items: a batch

@@ -302,6 +302,10 @@ impl Shared {
             .arg(r.max_events)
             .arg(r.max_bytes)
             .arg(token);
+        call = match self.redis_now_ms() {
+            Some(ms) => call.arg(ms),
+            None => call.arg(""),
+        };
         if waits || req.idempotency.is_some() {
             call = call.arg(if waits { "1" } else { "0" });
         }

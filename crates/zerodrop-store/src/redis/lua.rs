@@ -61,31 +61,6 @@ local function now_ms()
   return clock_ms
 end
 
-local function seq_of(id) return tonumber(string.sub(id, 3)) end
-
--- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
--- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
--- instance already saw in this epoch (it is shown confirmed events only), never past the head.
--- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
--- a reader that had seen it would hold an event the new primary lacks — or, once a new append
--- takes its seq, one that differs from what the log holds.
-local function visible(m, waits)
-  if not waits then return m end
-  local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
-  if not p then return m end
-  local seen = 0
-  if m.epoch == known_epoch then seen = known_head end
-  local head = math.min(m.head, math.max(p, seen))
-  if head >= m.head then return m end
-  return {epoch = m.epoch, head = head, first = m.first,
-    count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
-end
-
-local function bounds_reply(m, renewed)
-  local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
-  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
-end
-
 -- What the common path of an append does not need, made on first use (`cold()`): an `EVAL`
 -- script's local functions are closures made anew at every call, each about 800 instructions
 -- inside Redis. Scripts call these as `cold().name(…)`.
@@ -111,7 +86,7 @@ local function cold()
   local function new_log(epoch, last_ts)
     redis.call('DEL', KEYS[ko + 1], KEYS[ko + 2])
     redis.call('HSET', KEYS[ko + 1], 'epoch', epoch, 'head', 0, 'first', 1, 'count', 0, 'bytes', 0,
-      'ts', int(last_ts))
+      'ts', last_ts)
     return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = last_ts, closed = false,
       ix = 0, pk = 0}
   end
@@ -144,7 +119,7 @@ local function cold()
             done = true
             break
           end
-          through = seq_of(e[1])
+          through = tonumber(string.sub(e[1], 3))
           removed = removed + 1
           removed_bytes = removed_bytes + #e[2][4]
           cursor = through + 1
@@ -170,13 +145,16 @@ end
 --
 -- The bounds' flags come in the same read, as they stand before the caller writes: `closed`,
 -- `ix` (in the age index, 1 or 0), `pk` (in the set of streams with publish keys, 1 or 0) and
--- `pub` (the doorbell's watermark, nil when unset).
-local function load_meta(create)
+-- `pub` (the doorbell's watermark, nil when unset). `ts`, the last stamp, stays text (see
+-- `above`); with `lean`, so does `first` (`first_s`; `trim` reads it when it must).
+local function load_meta(create, lean)
   local m = redis.call('HMGET', KEYS[ko + 1], 'epoch', 'head', 'first', 'count', 'bytes', 'ts',
     'closed', 'ix', 'pk', 'pub')
   if m[1] then
-    local meta = {epoch = m[1], head = tonumber(m[2]), first = tonumber(m[3]),
-      count = tonumber(m[4]), bytes = tonumber(m[5]), ts = tonumber(m[6]) or 0,
+    local first = nil
+    if not lean then first = tonumber(m[3]) end
+    local meta = {epoch = m[1], head = tonumber(m[2]), first = first, first_s = m[3],
+      count = tonumber(m[4]), bytes = tonumber(m[5]), ts = m[6] or '0',
       closed = m[7] == '1', ix = m[8] and 1 or 0, pk = m[9] and 1 or 0, pub = tonumber(m[10])}
     if meta.epoch == known_epoch and meta.head < known_head then
       local fresh = cold().new_log(candidate, meta.ts)
@@ -193,50 +171,105 @@ local function load_meta(create)
     cold().ring_renewed(epoch)
   end
   if create or lost or not basekey then
-    return cold().new_log(epoch, 0), renewed
+    return cold().new_log(epoch, '0'), renewed
   end
-  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = 0, closed = false,
+  return {epoch = epoch, head = 0, first = 1, count = 0, bytes = 0, ts = '0', closed = false,
     ix = 0, pk = 0}, renewed
+end
+
+"#;
+
+/// The functions of the scripts that read a log for a caller (`INFO`, `READ`, `DELETE`,
+/// `CLOSE`, `AGE`). A script's local functions are closures made at every call, so each
+/// script includes only the group it uses: the appends do not make these, nor the readers
+/// [`WRITERS`].
+const READERS: &str = r#"
+local function seq_of(id) return tonumber(string.sub(id, 3)) end
+
+-- With appends that WAIT, the bounds a reader may see: up to the doorbell's watermark `pub`
+-- (every event up to it was confirmed by WAIT before it was rung) or up to the head this
+-- instance already saw in this epoch (it is shown confirmed events only), never past the head.
+-- An append that WAIT has not confirmed stays out of sight: a failover may take it back, and
+-- a reader that had seen it would hold an event the new primary lacks — or, once a new append
+-- takes its seq, one that differs from what the log holds.
+local function visible(m, waits)
+  if not waits then return m end
+  local p = tonumber(redis.call('HGET', KEYS[ko + 1], 'pub') or '')
+  if not p then return m end
+  local seen = 0
+  if m.epoch == known_epoch then seen = known_head end
+  local head = math.min(m.head, math.max(p, seen))
+  if head >= m.head then return m end
+  return {epoch = m.epoch, head = head, first = m.first,
+    count = math.max(m.count - (m.head - head), 0), bytes = m.bytes, ts = m.ts}
+end
+
+local function bounds_reply(m, renewed)
+  local closed = redis.call('HGET', KEYS[ko + 1], 'closed') == '1' and 1 or 0
+  return {m.epoch, m.head, m.first, m.count, m.bytes, renewed and 1 or 0, closed}
+end
+"#;
+
+/// The functions of the scripts that append (`APPEND`, `APPEND_BATCH`, `APPEND_BATCHES`).
+const WRITERS: &str = r#"
+-- `a > b` for whole numbers written as decimal text (no sign, no leading zero), without a
+-- `tonumber` (a `strtod` inside Redis): the longer text, else the greater one.
+local function above(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+
+-- The appends' stamp (ms, as text): Redis's clock as the caller estimated it when it sent one
+-- (`clock_s`, set from the script's arguments), else read here once per call.
+local clock_s = nil
+local function now_s()
+  if not clock_s then clock_s = int(now_ms()) end
+  return clock_s
 end
 
 -- Retention after appends (`cold().trim`), called only when the bounds are over a limit.
 local function trim(m, max_events, max_bytes)
   if m.count > math.max(max_events, 1) or m.bytes > max_bytes then
+    if not m.first then m.first = tonumber(m.first_s) end
     return cold().trim(m, max_events, max_bytes)
   end
   return 0
 end
 
--- One event appended at the next seq (`XADD 0-<seq>`) at `ts` (`ts_s` its text); `m` moves.
--- Returns seq, json and seq as text.
-local function add_event(m, data, ts, ts_s)
+-- One event appended at the next seq (`XADD 0-<seq>`) stamped `ts_s`; `m` moves. Returns
+-- seq, json and seq as text.
+local function add_event(m, data, ts_s)
   local seq = m.head + 1
   local seq_s = int(seq)
   local json = '{"stream":"' .. stream .. '","seq":' .. seq_s .. ',"epoch":"' .. m.epoch ..
     '","ts":' .. ts_s .. ',"data":' .. data .. '}'
   redis.call('XADD', KEYS[ko + 2], '0-' .. seq_s, 't', ts_s, 'j', json)
-  m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts
+  m.head, m.count, m.bytes, m.ts = seq, m.count + 1, m.bytes + #json, ts_s
   return seq, json, seq_s
 end
 
 -- The bounds written back after appends at `ts_s` that took the head to `head_s`; `first`
--- only when a trim moved it.
-local function save_bounds(m, head_s, ts_s, removed)
+-- only when a trim moved it. `count_s` and `bytes_s`: the count and size as text when the
+-- caller already wrote them.
+local function save_bounds(m, head_s, ts_s, removed, count_s, bytes_s)
+  count_s, bytes_s = count_s or int(m.count), bytes_s or int(m.bytes)
   if removed > 0 then
-    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'first', int(m.first), 'count',
-      int(m.count), 'bytes', int(m.bytes), 'ts', ts_s)
+    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'first', int(m.first), 'count', count_s,
+      'bytes', bytes_s, 'ts', ts_s)
   else
-    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'count', int(m.count), 'bytes',
-      int(m.bytes), 'ts', ts_s)
+    redis.call('HSET', KEYS[ko + 1], 'head', head_s, 'count', count_s, 'bytes', bytes_s,
+      'ts', ts_s)
   end
 end
 "#;
 
 /// `ARGV[7]` data (compact JSON), `ARGV[8]` max events, `ARGV[9]` max bytes, `ARGV[10]`
-/// origin token, then only as far as needed (each argument costs Redis about 600
-/// instructions): `ARGV[11]` `'1'` when the caller follows with `WAIT` (absent: `'0'`), and
-/// with an `Idempotency-Key`, `ARGV[12]` the body's fingerprint in hex, `ARGV[13]` the
-/// idempotency TTL in ms and `ARGV[14]` the key. With a key, `KEYS[3]` is its record, `KEYS[4]`
+/// origin token, `ARGV[11]` the stamp: Redis's clock in ms as the caller estimates it (`''`:
+/// the script reads `TIME`), then only as far as needed (each argument costs Redis about 600
+/// instructions): `ARGV[12]` `'1'` when the caller follows with `WAIT` (absent: `'0'`), and
+/// with an `Idempotency-Key`, `ARGV[13]` the body's fingerprint in hex, `ARGV[14]` the
+/// idempotency TTL in ms and `ARGV[15]` the key. The event is stamped with the later of the
+/// stamp and the stream's last one. With a key, `KEYS[3]` is its record, `KEYS[4]`
 /// its hit counter and `KEYS[5]` the stream's key index; without, the stream's keys are the
 /// first two.
 ///
@@ -272,9 +305,9 @@ end
 /// events are. The store's tests check it against the memory store, which calls `plan_trim`
 /// itself.
 const APPEND: &str = r#"
-local data, max_events, max_bytes = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
-local origin, waits = ARGV[10], ARGV[11] == '1'
-local fp, idem_ttl = ARGV[12] or '', ARGV[13]
+local data, origin, waits = ARGV[7], ARGV[10], ARGV[12] == '1'
+local fp, idem_ttl = ARGV[13] or '', ARGV[14]
+if ARGV[11] ~= '' then clock_s = ARGV[11] end
 if fp ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
@@ -286,19 +319,25 @@ if fp ~= '' then
     return {'dup', tonumber(pseq), pepoch, 1 - redis.call('HEXISTS', KEYS[1], 'pk')}
   end
 end
-local m, renewed = load_meta(true)
+local m, renewed = load_meta(true, true)
 if m.closed then return {'closed', m.head} end
-local ts = math.max(now_ms(), m.ts)
-local ts_s = int(ts)
-local seq, json, seq_s = add_event(m, data, ts, ts_s)
-local removed = trim(m, max_events, max_bytes)
-save_bounds(m, seq_s, ts_s, removed)
+local ts_s = m.ts
+if above(now_s(), ts_s) then ts_s = now_s() end
+local seq, json, seq_s = add_event(m, data, ts_s)
+-- The limits are compared as text: they need numbers only when the log is over one.
+local count_s, bytes_s = int(m.count), int(m.bytes)
+local removed = 0
+if above(count_s, ARGV[8]) or above(bytes_s, ARGV[9]) then
+  removed = trim(m, tonumber(ARGV[8]), tonumber(ARGV[9]))
+  count_s, bytes_s = int(m.count), int(m.bytes)
+end
+save_bounds(m, seq_s, ts_s, removed, count_s, bytes_s)
 local unlisted = 0
 if fp ~= '' then
   redis.call('SET', KEYS[3], fp .. ' ' .. seq_s .. ' ' .. m.epoch, 'PX', idem_ttl)
   unlisted = 1 - m.pk
-  redis.call('ZADD', KEYS[5], ts_s, ARGV[14])
-  local expired = redis.call('ZCOUNT', KEYS[5], '-inf', int(ts - tonumber(idem_ttl)))
+  redis.call('ZADD', KEYS[5], ts_s, ARGV[15])
+  local expired = redis.call('ZCOUNT', KEYS[5], '-inf', int(tonumber(ts_s) - tonumber(idem_ttl)))
   if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, math.min(expired, 64) - 1) end
 end
 if waits then
@@ -461,12 +500,13 @@ local function batch_part()
   if any_new then
     local m, renewed = load_meta(true)
     if m.closed then return {'closed', m.head} end
-    local ts = math.max(now_ms(), m.ts)
-    local ts_s = int(ts)
+    local ts_s = m.ts
+    if above(now_s(), ts_s) then ts_s = now_s() end
+    local ts = tonumber(ts_s)
     local added = 0
     for i = 1, n do
       if plan[i][1] == 'new' then
-        local seq, json, seq_s = add_event(m, arg(i, 1), ts, ts_s)
+        local seq, json, seq_s = add_event(m, arg(i, 1), ts_s)
         seqs[i] = seq
         added = added + 1
         if not waits then
@@ -743,33 +783,33 @@ return 0
 "#;
 
 pub fn append() -> String {
-    format!("{PRELUDE}{APPEND}")
+    format!("{PRELUDE}{WRITERS}{APPEND}")
 }
 
 pub fn append_batch() -> String {
-    format!("{PRELUDE}{APPEND_BATCH}return batch_part()\n")
+    format!("{PRELUDE}{WRITERS}{APPEND_BATCH}return batch_part()\n")
 }
 
 pub fn append_batches() -> String {
-    format!("{PRELUDE}{APPEND_BATCH}{APPEND_BATCHES}")
+    format!("{PRELUDE}{WRITERS}{APPEND_BATCH}{APPEND_BATCHES}")
 }
 
 pub fn delete() -> String {
-    format!("{PRELUDE}{DELETE}")
+    format!("{PRELUDE}{READERS}{DELETE}")
 }
 
 pub fn close() -> String {
-    format!("{PRELUDE}{CLOSE}")
+    format!("{PRELUDE}{READERS}{CLOSE}")
 }
 
 pub fn info() -> String {
-    format!("{PRELUDE}{INFO}")
+    format!("{PRELUDE}{READERS}{INFO}")
 }
 
 pub fn read() -> String {
-    format!("{PRELUDE}{READ}")
+    format!("{PRELUDE}{READERS}{READ}")
 }
 
 pub fn age() -> String {
-    format!("{PRELUDE}{AGE}")
+    format!("{PRELUDE}{READERS}{AGE}")
 }

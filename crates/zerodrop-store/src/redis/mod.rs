@@ -96,8 +96,10 @@
 //! - `zd:{rev}:h` the revocations (id → record), `zd:{rev}:v` their version, bumped with
 //!   every change (`redis/revocations.rs`).
 //!
-//! Event timestamps come from the Redis server's clock (`TIME` inside the script), kept
-//! monotonic per stream, so instances with skewed clocks still agree. Needs Redis ≥ 6.2
+//! Event timestamps come from the Redis server's clock, kept monotonic per stream, so
+//! instances with skewed clocks still agree: an append sends Redis's clock as this instance
+//! estimates it (`redis/clock.rs`), or the script reads `TIME` when there is no estimate.
+//! Needs Redis ≥ 6.2
 //! (`XTRIM MINID`, `ZADD LT`); tested with 7.0.
 //!
 //! On a cluster there is no key every slot can read, so a stream's first epoch is its own
@@ -118,6 +120,7 @@
 //! Must not: re-send a command that may have run, or let the sink hear of an event from
 //! anywhere but the pub/sub subscription.
 
+mod clock;
 mod conn;
 mod durability;
 mod guard;
@@ -265,6 +268,8 @@ struct Shared {
     watched: Mutex<HashSet<StreamId>>,
     /// Names a stream whose place in `watched` changed, for the live task to follow.
     watch_tx: mpsc::UnboundedSender<StreamId>,
+    /// Redis's clock against this instance's time line (`clock.rs`).
+    clock_offset: clock::ClockOffset,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -386,6 +391,7 @@ impl RedisStore {
             short_of_replicas: AtomicBool::new(false),
             watched: Mutex::new(HashSet::new()),
             watch_tx,
+            clock_offset: clock::ClockOffset::new(),
             opts,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -403,6 +409,12 @@ impl RedisStore {
     /// from every instance).
     pub fn live_connected(&self) -> bool {
         self.shared.live_up.load(Ordering::Relaxed)
+    }
+
+    /// The Redis server's clock minus this instance's, in ms, once measured (appends send
+    /// their stamp from it; none on a cluster).
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.shared.clock_offset_ms()
     }
 }
 
