@@ -202,15 +202,18 @@ fn serve(args: ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode
         .context("cannot start the runtime")?;
     rt.block_on(async move {
         let grace = Duration::from_secs(cfg.drain_grace_sec);
+        // Listened for before the server accepts anyone: a signal that arrives once clients
+        // are connected always drains (without a handler, SIGINT would end the process).
+        let mut signals = ShutdownSignals::new();
         let running = zerodrop_server::start(cfg).await?;
-        shutdown_signal().await;
+        signals.recv().await;
         tracing::warn!(
             grace_sec = grace.as_secs(),
             "shutdown requested: draining (send the signal again to exit at once)"
         );
         tokio::select! {
             r = running.shutdown(grace) => r?,
-            _ = shutdown_signal() => {
+            _ = signals.recv() => {
                 // Every 201 is already durable, so exiting now loses no event; clients resume
                 // elsewhere (or here after a restart) from their acks.
                 tracing::warn!("second shutdown signal: exiting at once, without finishing the drain");
@@ -226,27 +229,45 @@ fn serve(args: ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode
 /// report an interrupted program).
 const EXIT_INTERRUPTED: i32 = 130;
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT, listened for from creation on: one that arrives before [`recv`] is
+/// asked is kept for it.
+///
+/// [`recv`]: ShutdownSignals::recv
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    fn new() -> ShutdownSignals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let unix = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            ShutdownSignals { unix }
+        }
+        #[cfg(not(unix))]
+        {
+            ShutdownSignals {}
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    /// The next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.unix {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }
