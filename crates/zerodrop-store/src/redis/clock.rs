@@ -15,13 +15,14 @@
 //! Must not: send an estimate made from a reading that took longer than
 //! [`CLOCK_ROUND_TRIP`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use super::Shared;
 
 /// How often the offset is measured again.
-pub(super) const CLOCK_EVERY: Duration = Duration::from_secs(10);
+const CLOCK_EVERY: Duration = Duration::from_secs(10);
 /// The longest round trip of a `TIME` reading that is kept.
 const CLOCK_ROUND_TRIP: u64 = 20;
 
@@ -35,7 +36,7 @@ impl ClockOffset {
         ClockOffset(AtomicI64::new(Self::UNKNOWN))
     }
 
-    fn get(&self) -> Option<i64> {
+    pub(super) fn get(&self) -> Option<i64> {
         Some(self.0.load(Ordering::Relaxed)).filter(|&o| o != Self::UNKNOWN)
     }
 }
@@ -51,17 +52,8 @@ impl Shared {
         )
     }
 
-    /// Redis's clock minus this instance's time line, in ms, when it was measured.
-    pub(super) fn clock_offset_ms(&self) -> Option<i64> {
-        self.clock_offset.get()
-    }
-
-    /// Reads `TIME` and keeps the offset when the round trip was short enough. A cluster
-    /// keeps none: its masters' clocks may differ.
-    pub(super) async fn read_clock(&self) {
-        if self.cluster {
-            return;
-        }
+    /// Reads `TIME` and keeps the offset when the round trip was short enough.
+    async fn read_clock(&self) {
         let mut conn = self.conn.clone();
         let before = self.opts.clock.now_ms();
         let cmd = ::redis::cmd("TIME");
@@ -78,5 +70,19 @@ impl Shared {
         let ours = before + (after - before) / 2;
         let offset = redis_ms as i64 - ours as i64;
         self.clock_offset.0.store(offset, Ordering::Relaxed);
+    }
+}
+
+/// Measures the offset at once and every [`CLOCK_EVERY`]. A cluster keeps none: its masters'
+/// clocks may differ.
+pub(super) async fn clock_loop(shared: Arc<Shared>) {
+    if shared.cluster {
+        return;
+    }
+    let mut tick = tokio::time::interval(CLOCK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.read_clock().await;
     }
 }

@@ -219,12 +219,14 @@ local function above(a, b)
   return a > b
 end
 
--- The appends' stamp (ms, as text): Redis's clock as the caller estimated it when it sent one
--- (`clock_s`, set from the script's arguments), else read here once per call.
+-- The stamp (ms, as text) of events appended after one stamped `last`: the later of `last`
+-- and the clock, which is Redis's as the caller estimated it when it sent one (`clock_s`, set
+-- from the script's arguments), else read here once per call. A stream's stamps never go back.
 local clock_s = nil
-local function now_s()
+local function stamp(last)
   if not clock_s then clock_s = int(now_ms()) end
-  return clock_s
+  if above(clock_s, last) then return clock_s end
+  return last
 end
 
 -- Retention after appends (`cold().trim`), called only when the bounds are over a limit.
@@ -321,8 +323,7 @@ if fp ~= '' then
 end
 local m, renewed = load_meta(true, true)
 if m.closed then return {'closed', m.head} end
-local ts_s = m.ts
-if above(now_s(), ts_s) then ts_s = now_s() end
+local ts_s = stamp(m.ts)
 local seq, json, seq_s = add_event(m, data, ts_s)
 -- The limits are compared as text: they need numbers only when the log is over one.
 local count_s, bytes_s = int(m.count), int(m.bytes)
@@ -500,8 +501,7 @@ local function batch_part()
   if any_new then
     local m, renewed = load_meta(true)
     if m.closed then return {'closed', m.head} end
-    local ts_s = m.ts
-    if above(now_s(), ts_s) then ts_s = now_s() end
+    local ts_s = stamp(m.ts)
     local ts = tonumber(ts_s)
     local added = 0
     for i = 1, n do

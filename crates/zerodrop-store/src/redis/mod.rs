@@ -155,6 +155,7 @@ use zerodrop_core::clock::{Clock, SystemClock};
 use zerodrop_core::retention::Retention;
 use zerodrop_core::{AckUpdate, Epoch, Seq, SessionId, StreamId};
 
+use self::clock::clock_loop;
 use self::conn::{Conn, Scripts};
 use self::keys::{SESSIONS_INDEX, STREAMS_INDEX};
 use self::live::{Endpoints, live_loop};
@@ -194,7 +195,8 @@ pub struct RedisOptions {
     pub ping_timeout: Duration,
     /// What time it is for session windows and the per-subject cap: the system's time line
     /// ([`SystemClock`]) unless a test injects one. Events' timestamps and their age limit are
-    /// the Redis server's (`TIME`), and key TTLs are handed to Redis as durations.
+    /// on the Redis server's clock (`TIME`, or this clock plus the measured offset to it:
+    /// `redis/clock.rs`), and key TTLs are handed to Redis as durations.
     pub clock: Arc<dyn Clock>,
     /// The sink hears of every stream's events (one pattern subscription to every event
     /// channel), not only of the streams watched ([`Store::watch`], which this makes a no-op).
@@ -397,11 +399,12 @@ impl RedisStore {
         let (ready_tx, ready_rx) = oneshot::channel();
         let live = tokio::spawn(live_loop(shared.clone(), endpoints, watch_rx, ready_tx));
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        let clock = tokio::spawn(clock_loop(shared.clone()));
         // Subscribe before the first append, so that its event reaches the sink.
         let _ = tokio::time::timeout(shared.opts.command_timeout, ready_rx).await;
         RedisStore {
             shared,
-            tasks: vec![live, sweeper],
+            tasks: vec![live, sweeper, clock],
         }
     }
 
@@ -414,7 +417,7 @@ impl RedisStore {
     /// The Redis server's clock minus this instance's, in ms, once measured (appends send
     /// their stamp from it; none on a cluster).
     pub fn clock_offset_ms(&self) -> Option<i64> {
-        self.shared.clock_offset_ms()
+        self.shared.clock_offset.get()
     }
 }
 

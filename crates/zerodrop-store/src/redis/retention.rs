@@ -20,7 +20,6 @@ use ::redis::Value;
 use zerodrop_core::{Epoch, Retention, StreamId};
 
 use super::Shared;
-use super::clock::CLOCK_EVERY;
 use super::conn::{Call, as_array, as_u64, unexpected};
 use super::keys::{BASE_EPOCH_KEY, CHANNEL, SESSIONS_INDEX, STREAMS_INDEX, log_key, meta_key};
 use crate::StoreResult;
@@ -39,13 +38,8 @@ pub(super) async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_session_sweep = Instant::now();
-    let mut next_clock_read = Instant::now();
     loop {
         tick.tick().await;
-        if Instant::now() >= next_clock_read {
-            next_clock_read = Instant::now() + CLOCK_EVERY;
-            shared.read_clock().await;
-        }
         if shared.sweep_age().await.is_err() {
             continue;
         }
